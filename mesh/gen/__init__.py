@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs: run `python proto/generate.py`."""

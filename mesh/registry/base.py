@@ -1,0 +1,110 @@
+"""The key-value interface under the registry, with two implementations of one semantics.
+
+``EtcdStore`` (production, aetcd) and ``MemoryStore`` (embedded single-process mode and tests)
+both implement :class:`KVStore`. The semantics are etcd's: a global revision that every write
+increments, per-key ``mod_revision`` for compare-and-swap, leases whose keys vanish when the lease
+expires, and prefix watches that start at a revision.
+
+Two things are added on top of raw etcd, because every caller needs them:
+
+* ``watch_prefix`` never ends on a disconnect: it resumes from the last revision it delivered + 1,
+  with backoff. If that revision was compacted away it relists and yields one :class:`WatchReset`
+  carrying the fresh snapshot, after which events continue.
+* Leases keep themselves alive (``Lease``'s keep-alive task refreshes at a third of the TTL), and set
+  ``Lease.lost`` when the store says the lease has expired, so the owner can re-publish.
+
+Keys are ``str`` (UTF-8 in etcd), values ``bytes``. Every method raises
+:class:`mesh.errors.RegistryUnavailable` when the store cannot be reached within its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int = 0
+    lease: int = 0
+
+
+class EventType(enum.Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    type: EventType
+    key: str
+    value: bytes  # empty for DELETE
+    mod_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class WatchReset:
+    """The watch lost history (compaction): replace everything known under the prefix."""
+
+    snapshot: list[KeyValue]
+    revision: int
+
+
+@dataclass(eq=False)
+class Lease:
+    """A granted lease. ``lost`` is set once the store reports it expired or revoked."""
+
+    id: int
+    ttl_s: int
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class KVStore(Protocol):
+    async def get(self, key: str) -> KeyValue | None: ...
+
+    async def get_prefix(
+        self, prefix: str, *, limit: int = 0, start_after: str = ""
+    ) -> tuple[list[KeyValue], int]:
+        """Items under ``prefix`` sorted by key (after ``start_after``, at most ``limit`` if > 0),
+        and the store revision they were read at."""
+        ...
+
+    async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
+        """Write unconditionally; returns the new revision."""
+        ...
+
+    async def create(self, key: str, value: bytes, *, lease: Lease | None = None) -> bool:
+        """Write only if ``key`` is absent; False if it exists."""
+        ...
+
+    async def replace(
+        self, key: str, value: bytes, *, expected_mod_revision: int, lease: Lease | None = None
+    ) -> bool:
+        """Compare-and-swap: write only if ``key``'s mod_revision is still the expected one."""
+        ...
+
+    async def delete(self, key: str, *, expected_mod_revision: int | None = None) -> bool:
+        """Delete (conditionally on mod_revision when given); True if a key was deleted."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int: ...
+
+    async def grant_lease(self, ttl_s: int) -> Lease:
+        """Grant a lease and start keeping it alive until revoked or the store closes."""
+        ...
+
+    async def revoke_lease(self, lease: Lease) -> None:
+        """Stop the keep-alive and revoke: the lease's keys disappear now."""
+        ...
+
+    def watch_prefix(
+        self, prefix: str, *, start_revision: int
+    ) -> AsyncIterator[WatchEvent | WatchReset]: ...
+
+    async def close(self) -> None: ...
