@@ -113,6 +113,11 @@ class InstanceRecord:
     version: str = ""
     shutting_down: bool = False
     started_ms: int = 0
+    # Cache counters since the instance started (for dashboards and `mesh demo`).
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
 
     def to_json(self) -> bytes:
         return _encode(self)

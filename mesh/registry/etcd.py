@@ -1,0 +1,412 @@
+"""The production registry: :class:`~mesh.registry.base.KVStore` over etcd v3 with aetcd 1.0.0.
+
+This is the only module that imports aetcd or talks gRPC to etcd. Nothing from aetcd or grpc leaves
+it: a store that cannot be reached within the call's deadline raises
+:class:`~mesh.errors.RegistryUnavailable` naming the endpoints and the reasons; a write bound to a
+lease etcd no longer has raises :class:`~mesh.errors.FailedPrecondition` and sets ``lease.lost``.
+
+Design decisions:
+
+* **Endpoints.** One aetcd client (one gRPC channel) per endpoint. Calls go to the current one; on a
+  connection failure the next endpoint is tried within the same deadline, and the current one moves on,
+  so the next call starts at a member that answered. A deadline is never retried on another member,
+  since the write may have been applied (a retried ``create`` would then wrongly answer False).
+* **Deadline.** ``timeout_s`` (default 2 s) bounds each public call as a whole, fail-over included.
+* **Keep-alive.** aetcd has no background keep-alive, so each lease gets a named task refreshing at
+  TTL/3. etcd answering TTL <= 0 means the lease is gone: ``lost`` is set and the task ends. Connection
+  errors are retried until the TTL has certainly run out since the last successful refresh (measured
+  from when its answer arrived), and only then is ``lost`` set: the owner re-publishes under a new lease.
+* **Watches** use etcd's Watch RPC directly (one stream per ``watch_prefix``, on the endpoint's
+  channel) rather than aetcd's shared watcher, whose stream can end without telling its subscribers.
+  A broken stream resumes from the last delivered ``mod_revision + 1`` with capped exponential backoff,
+  on the next endpoint. A compacted start revision relists the prefix in one Range (one consistent
+  revision) and yields a :class:`~mesh.registry.base.WatchReset`, then continues after its revision.
+* **Channel options**: reconnect backoff capped at 1 s (gRPC's default grows to 120 s, which would
+  keep us away from a restarted etcd), keepalive pings to notice a silently dead connection, and a
+  large receive limit because one watch response carries a whole revision (a range delete of 100k
+  keys is one revision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aetcd
+import aetcd.exceptions
+import grpc
+import structlog
+from aetcd import rpc
+
+from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryUnavailable
+from mesh.registry._tasks import cancel_and_wait, spawn
+from mesh.registry.base import EventType, KeyValue, Lease, WatchEvent, WatchReset
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+_CHANNEL_OPTIONS: dict[str, Any] = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1_000,
+    # etcd answers pings more frequent than every 5 s (--grpc-keepalive-min-time) with GOAWAY.
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.max_receive_message_length": 256 * 1024 * 1024,
+}
+# Codes meaning "this member could not serve the call now": try the next endpoint, else unavailable.
+_UNREACHABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_TRANSPORT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
+_KEEPALIVE_RETRY_S = 0.5
+
+
+def _range_end(prefix: bytes) -> bytes:
+    """The end of etcd's range for ``prefix`` (``\\0`` means "to the end", for the empty prefix)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\0"
+
+
+def _status_code(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status behind an aetcd or grpc exception (aetcd chains the original as __cause__)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, grpc.aio.AioRpcError):
+            return seen.code()
+        seen = seen.__cause__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.lease)
+
+
+class _WatchInterrupted(Exception):
+    """The watch stream ended or was refused; the watch resumes after a backoff."""
+
+
+class EtcdStore:
+    """:class:`~mesh.registry.base.KVStore` over one etcd cluster (one or more member endpoints)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout_s: float = 2.0,
+        watch_backoff_s: tuple[float, float] = (0.1, 2.0),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not endpoints:
+            raise InvalidArgument("EtcdStore needs at least one endpoint")
+        self.endpoints = list(endpoints)
+        self.url = "etcd://" + ",".join(self.endpoints)
+        self.timeout_s = timeout_s
+        self._backoff_initial, self._backoff_max = watch_backoff_s
+        self._clock = clock
+        self._clients = [self._client(e) for e in self.endpoints]
+        self._current = 0
+        self._keepalives: dict[int, asyncio.Task[None]] = {}
+        self._closed = False
+        self._closed_event = asyncio.Event()  # wakes watches sleeping in their backoff
+
+    def _client(self, endpoint: str) -> aetcd.Client:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise InvalidArgument(f"etcd endpoint {endpoint!r} is not host:port")
+        return aetcd.Client(host=host, port=int(port), timeout=self.timeout_s, options=_CHANNEL_OPTIONS)
+
+    # -- the call wrapper -----------------------------------------------------------------------
+
+    async def _call(
+        self, what: str, op: Callable[[aetcd.Client], Awaitable[T]], *, lease: Lease | None = None
+    ) -> T:
+        """Run ``op`` on the current endpoint, failing over on connection errors, within the deadline."""
+        if self._closed:
+            raise RegistryUnavailable(f"registry {self.url} unavailable: store closed")
+        failures: list[str] = []
+        start = index = self._current
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                for attempt in range(len(self._clients)):
+                    index = (start + attempt) % len(self._clients)
+                    try:
+                        result = await op(self._clients[index])
+                    except _TRANSPORT_ERRORS as exc:
+                        code = _status_code(exc)
+                        if code is not None and code not in _UNREACHABLE:
+                            raise self._translate(exc, code, what, lease) from None
+                        failures.append(f"{self.endpoints[index]}: {_reason(exc)}")
+                        self._rotate(index)
+                        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                            break  # may have been applied: do not repeat it elsewhere
+                        continue
+                    self._current = index
+                    return result
+        except TimeoutError:
+            failures.append(f"{self.endpoints[index]}: no answer within {self.timeout_s:g}s")
+            self._rotate(index)
+        raise RegistryUnavailable(f"registry {self.url} unavailable: {what}: {'; '.join(failures)}")
+
+    def _rotate(self, failed: int) -> None:
+        if self._current == failed:
+            self._current = (failed + 1) % len(self._clients)
+
+    def _translate(
+        self, exc: BaseException, code: grpc.StatusCode, what: str, lease: Lease | None
+    ) -> MeshError:
+        reason = _reason(exc)
+        if code is grpc.StatusCode.NOT_FOUND and "lease not found" in reason and lease is not None:
+            lease.lost.set()
+            return FailedPrecondition(f"lease {lease.id:x} not found (expired or revoked) in {what}")
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidArgument(f"registry {self.url} rejected {what}: {reason}")
+        return RegistryUnavailable(f"registry {self.url} unavailable: {what}: {reason}")
+
+    # -- key/value ------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> KeyValue | None:
+        result = await self._call(f"get {key}", lambda c: c.get(key.encode()))
+        return None if result is None else _kv(result)
+
+    async def get_prefix(
+        self, prefix: str, *, limit: int = 0, start_after: str = ""
+    ) -> tuple[list[KeyValue], int]:
+        # aetcd's get_prefix has no limit, so this builds the Range request itself.
+        start = raw = prefix.encode()
+        if start_after:
+            start = max(raw, start_after.encode() + b"\0")
+        request = rpc.RangeRequest(key=start, range_end=_range_end(raw), limit=limit)
+
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.kvstub.Range(request, timeout=self.timeout_s, metadata=c.metadata)
+
+        response = await self._call(f"list {prefix}", op)
+        return [_kv(kv) for kv in response.kvs], response.header.revision
+
+    async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
+        lease_id = lease.id if lease else 0
+        result = await self._call(f"put {key}", lambda c: c.put(key.encode(), value, lease=lease_id), lease=lease)
+        return int(result.header.revision)
+
+    async def create(self, key: str, value: bytes, *, lease: Lease | None = None) -> bool:
+        raw, lease_id = key.encode(), (lease.id if lease else 0)
+
+        async def op(c: aetcd.Client) -> tuple[bool, list[Any]]:
+            return await c.transaction(  # type: ignore[no-any-return]
+                compare=[c.transactions.create(raw) == 0],  # create_revision 0: the key is absent
+                success=[c.transactions.put(raw, value, lease=lease_id)],
+                failure=[],
+            )
+
+        succeeded, _ = await self._call(f"create {key}", op, lease=lease)
+        return bool(succeeded)
+
+    async def replace(
+        self, key: str, value: bytes, *, expected_mod_revision: int, lease: Lease | None = None
+    ) -> bool:
+        raw, lease_id = key.encode(), (lease.id if lease else 0)
+
+        async def op(c: aetcd.Client) -> tuple[bool, list[Any]]:
+            return await c.transaction(  # type: ignore[no-any-return]
+                compare=[c.transactions.mod(raw) == expected_mod_revision],
+                success=[c.transactions.put(raw, value, lease=lease_id)],
+                failure=[],
+            )
+
+        succeeded, _ = await self._call(f"replace {key}", op, lease=lease)
+        return bool(succeeded)
+
+    async def delete(self, key: str, *, expected_mod_revision: int | None = None) -> bool:
+        raw = key.encode()
+        if expected_mod_revision is None:
+            result = await self._call(f"delete {key}", lambda c: c.delete(raw))
+            return result is not None
+
+        async def op(c: aetcd.Client) -> tuple[bool, list[Any]]:
+            return await c.transaction(  # type: ignore[no-any-return]
+                compare=[c.transactions.mod(raw) == expected_mod_revision],
+                success=[c.transactions.delete(raw)],
+                failure=[],
+            )
+
+        succeeded, responses = await self._call(f"delete {key}", op)
+        return bool(succeeded) and responses[0].response_delete_range.deleted > 0
+
+    async def delete_prefix(self, prefix: str) -> int:
+        raw = prefix.encode()
+        result = await self._call(f"delete {prefix}*", lambda c: c.delete_range(raw, _range_end(raw)))
+        return int(result.deleted)
+
+    async def compact(self, revision: int) -> None:
+        """Forget history before ``revision`` (etcd compaction); older watches get a WatchReset."""
+        try:
+            await self._call(f"compact at {revision}", lambda c: c.compact(revision, physical=True))
+        except RegistryUnavailable as exc:
+            if "has been compacted" in str(exc):
+                return  # already compacted at or past it: the outcome the caller wanted
+            if "future revision" in str(exc):
+                raise InvalidArgument(f"cannot compact at {revision}: it is a future revision") from None
+            raise
+
+    # -- leases ---------------------------------------------------------------------------------
+
+    async def grant_lease(self, ttl_s: int) -> Lease:
+        granted = await self._call(f"grant a {ttl_s}s lease", lambda c: c.lease(ttl_s))
+        lease = Lease(id=granted.id, ttl_s=int(granted.ttl))
+        expires_at = self._clock() + lease.ttl_s
+        self._keepalives[lease.id] = spawn(self._keepalive(lease, expires_at), name=f"etcd-keepalive-{lease.id:x}")
+        return lease
+
+    async def revoke_lease(self, lease: Lease) -> None:
+        await cancel_and_wait(self._keepalives.pop(lease.id, None))
+        try:
+            await self._call(f"revoke lease {lease.id:x}", lambda c: c.revoke_lease(lease.id))
+        except RegistryUnavailable as exc:
+            if "lease not found" not in str(exc):
+                raise
+        lease.lost.set()
+
+    def stop_keepalive(self, lease: Lease) -> None:
+        """Test hook: stop refreshing ``lease`` without revoking it, as if its owner died."""
+        task = self._keepalives.pop(lease.id, None)
+        if task is not None:
+            task.cancel()
+
+    async def _keepalive(self, lease: Lease, expires_at: float) -> None:
+        interval = lease.ttl_s / 3
+        delay = interval
+        while True:
+            await asyncio.sleep(delay)
+
+            async def op(c: aetcd.Client) -> int | None:
+                reply = await c.refresh_lease(lease.id)
+                return None if reply is None else int(reply.TTL)
+
+            try:
+                ttl = await self._call(f"refresh lease {lease.id:x}", op)
+            except MeshError as exc:
+                if self._clock() >= expires_at:
+                    log.warning("lease lost: not refreshed within its TTL", lease=f"{lease.id:x}", error=str(exc))
+                    lease.lost.set()
+                    return
+                log.info("lease refresh failed, retrying", lease=f"{lease.id:x}", error=str(exc))
+                delay = min(interval, _KEEPALIVE_RETRY_S)
+                continue
+            if ttl is None:
+                delay = min(interval, _KEEPALIVE_RETRY_S)  # the stream closed without an answer
+                continue
+            if ttl <= 0:
+                log.warning("lease lost: etcd no longer has it", lease=f"{lease.id:x}")
+                lease.lost.set()
+                return
+            expires_at = self._clock() + ttl
+            delay = interval
+
+    # -- watch ----------------------------------------------------------------------------------
+
+    async def watch_prefix(
+        self, prefix: str, *, start_revision: int
+    ) -> AsyncIterator[WatchEvent | WatchReset]:
+        raw = prefix.encode()
+        next_rev = start_revision
+        backoff = self._backoff_initial
+        while not self._closed:
+            index = self._current
+            compacted = False
+            call: Any = None
+            try:
+                if next_rev <= 0:  # "from now": pin it, so that a resume cannot skip anything
+                    _, now = await self.get_prefix(prefix, limit=1)
+                    next_rev = now + 1
+                client = self._clients[index]
+                await client.connect()
+                call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+                create = rpc.WatchCreateRequest(key=raw, range_end=_range_end(raw), start_revision=next_rev)
+                async with asyncio.timeout(self.timeout_s):
+                    await call.write(rpc.WatchRequest(create_request=create))
+                    first = await call.read()
+                if first is grpc.aio.EOF or not first.created:
+                    raise _WatchInterrupted("etcd did not confirm the watch")
+                backoff = self._backoff_initial  # connected: the next failure starts the backoff over
+                while True:
+                    response = await call.read()
+                    if response is grpc.aio.EOF:
+                        raise _WatchInterrupted("etcd closed the watch stream")
+                    if response.compact_revision:
+                        compacted = True
+                        break
+                    if response.canceled:
+                        raise _WatchInterrupted(f"etcd cancelled the watch: {response.cancel_reason}")
+                    for ev in response.events:
+                        kv = ev.kv
+                        # A response holds whole revisions, so resuming after this one loses nothing.
+                        next_rev = kv.mod_revision + 1
+                        if ev.type == rpc.Event.DELETE:
+                            yield WatchEvent(EventType.DELETE, kv.key.decode(), b"", kv.mod_revision)
+                        else:
+                            yield WatchEvent(EventType.PUT, kv.key.decode(), kv.value, kv.mod_revision)
+            except (_WatchInterrupted, MeshError, TimeoutError, *_TRANSPORT_ERRORS) as exc:
+                if self._closed:
+                    return
+                log.warning(
+                    "registry watch interrupted, resuming",
+                    prefix=prefix, revision=next_rev, endpoint=self.endpoints[index],
+                    error=_reason(exc), retry_in_s=backoff,
+                )  # fmt: skip
+                self._rotate(index)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and task is not None and task.cancelling() == 0:
+                    return  # close() shut the channel under us; nobody cancelled the consumer
+                raise
+            finally:
+                if call is not None:
+                    call.cancel()
+            if compacted:
+                try:
+                    snapshot, revision = await self.get_prefix(prefix)
+                except RegistryUnavailable as exc:
+                    log.warning("registry watch relist failed", prefix=prefix, error=str(exc))
+                else:
+                    log.info("registry watch reset after compaction", prefix=prefix, revision=revision)
+                    yield WatchReset(snapshot, revision)
+                    next_rev = revision + 1
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed_event.wait(), backoff)
+            backoff = min(backoff * 2, self._backoff_max)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop keep-alives (the leases then expire by TTL), end the watches, close the channels."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closed_event.set()
+        tasks, self._keepalives = list(self._keepalives.values()), {}
+        for task in tasks:
+            await cancel_and_wait(task)
+        for client in self._clients:
+            await client.close()

@@ -1,0 +1,95 @@
+"""Typed access to the registry tables (models, vModels, instances, placements, failures).
+
+A thin layer over :class:`~mesh.registry.base.KVStore`: it owns the key layout and the record
+encoding, so that the router, runtime and controller never build keys or JSON themselves.
+Compare-and-swap loops live with their callers, which know what a conflict means.
+"""
+
+from __future__ import annotations
+
+from mesh.errors import AlreadyExists
+from mesh.registry.base import KeyValue, KVStore, Lease
+from mesh.registry.keys import Keys
+from mesh.registry.records import FailureRecord, ModelSpec, PlacementRecord, VModelRecord
+
+
+class Registry:
+    def __init__(self, store: KVStore, prefix: str = "/mesh/") -> None:
+        self.store = store
+        self.keys = Keys(prefix)
+
+    # --- models -------------------------------------------------------------------------------
+    async def get_model(self, model_id: str) -> ModelSpec | None:
+        kv = await self.store.get(self.keys.model(model_id))
+        return ModelSpec.from_json(kv.value) if kv else None
+
+    async def register_model(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
+        """Create the registration; (existing, False) if the same definition is already there.
+
+        Raises AlreadyExists when the ID is taken by a different definition (ModelMesh's rule).
+        """
+        key = self.keys.model(spec.model_id)
+        while True:
+            if await self.store.create(key, spec.to_json()):
+                return spec, True
+            kv = await self.store.get(key)
+            if kv is None:
+                continue  # deleted between our create and get: try again
+            existing = ModelSpec.from_json(kv.value)
+            if existing.same_definition(spec):
+                return existing, False
+            raise AlreadyExists(
+                f"model {spec.model_id!r} is already registered with a different definition "
+                f"(type={existing.type!r}, path={existing.path!r}); unregister it first or use a new ID")
+
+    async def delete_model(self, model_id: str) -> bool:
+        return await self.store.delete(self.keys.model(model_id))
+
+    async def list_models(self, *, prefix: str = "", limit: int = 0,
+                          start_after: str = "") -> list[ModelSpec]:
+        from mesh.registry.keys import _enc  # same encoding as the keys themselves
+
+        kvs, _ = await self.store.get_prefix(
+            self.keys.models + _enc(prefix), limit=limit,
+            start_after=self.keys.model(start_after) if start_after else "")
+        return [ModelSpec.from_json(kv.value) for kv in kvs]
+
+    # --- vModels ------------------------------------------------------------------------------
+    async def get_vmodel(self, vmodel_id: str) -> tuple[VModelRecord, int] | None:
+        """The record and its mod_revision (for compare-and-swap)."""
+        kv = await self.store.get(self.keys.vmodel(vmodel_id))
+        return (VModelRecord.from_json(kv.value), kv.mod_revision) if kv else None
+
+    async def put_vmodel(self, record: VModelRecord, *, expected_revision: int | None) -> bool:
+        """Create (expected_revision None) or compare-and-swap the vModel record."""
+        key = self.keys.vmodel(record.vmodel_id)
+        if expected_revision is None:
+            return await self.store.create(key, record.to_json())
+        return await self.store.replace(key, record.to_json(), expected_mod_revision=expected_revision)
+
+    async def delete_vmodel(self, vmodel_id: str, *, expected_revision: int | None = None) -> bool:
+        return await self.store.delete(self.keys.vmodel(vmodel_id), expected_mod_revision=expected_revision)
+
+    async def list_vmodels(self) -> list[VModelRecord]:
+        kvs, _ = await self.store.get_prefix(self.keys.vmodels)
+        return [VModelRecord.from_json(kv.value) for kv in kvs]
+
+    # --- placements and failures --------------------------------------------------------------
+    async def placements_of(self, model_id: str) -> list[PlacementRecord]:
+        kvs, _ = await self.store.get_prefix(self.keys.placements_of(model_id))
+        return [PlacementRecord.from_json(kv.value) for kv in kvs]
+
+    async def failures_of(self, model_id: str) -> list[FailureRecord]:
+        kvs, _ = await self.store.get_prefix(self.keys.failures_of(model_id))
+        return [FailureRecord.from_json(kv.value) for kv in kvs]
+
+    async def put_failure(self, record: FailureRecord, lease: Lease) -> None:
+        await self.store.put(self.keys.failure(record.model_id, record.instance_id),
+                             record.to_json(), lease=lease)
+
+    async def clear_failures(self, model_id: str) -> None:
+        await self.store.delete_prefix(self.keys.failures_of(model_id))
+
+
+def decode_spec(kv: KeyValue) -> ModelSpec:
+    return ModelSpec.from_json(kv.value)

@@ -1,0 +1,107 @@
+"""On-demand lookup of model registrations, cached, and kept fresh by a watch.
+
+Routers and runtimes must not hold every registration in memory (there may be millions); they
+need the ones they route or load. ``SpecCache`` fetches a registration on first use, keeps up to
+``max_entries`` of them (LRU, negative answers included so that a flood of requests for an unknown
+model does not become a flood of registry reads), and drops an entry whenever the watch on the
+``models/`` prefix reports a change to it. The watch delivers events only; nothing is stored for
+models that were never looked up. After a watch reset (compaction) the whole cache is dropped,
+since any entry might be stale.
+
+Subscribers (the runtime) are told about every change to a registration, so that a loaded copy
+of a model that was unregistered or redefined can be unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import cachetools
+import structlog
+
+from mesh.registry.base import EventType, KVStore, WatchReset
+from mesh.registry.keys import Keys
+from mesh.registry.records import ModelSpec
+from mesh.registry.registry import Registry
+
+log = structlog.get_logger(__name__)
+
+_MISSING = object()
+
+
+class SpecCache:
+    def __init__(self, registry: Registry, max_entries: int = 10_000) -> None:
+        self._registry = registry
+        self._store: KVStore = registry.store
+        self._keys: Keys = registry.keys
+        self._cache: cachetools.LRUCache[str, object] = cachetools.LRUCache(maxsize=max_entries)
+        self._inflight: dict[str, asyncio.Future[ModelSpec | None]] = {}
+        self._listeners: list[Callable[[str, ModelSpec | None], None]] = []
+        self._reset_listeners: list[Callable[[], None]] = []
+        self._start_revision = 0
+        self._generation = 0  # bumped on every change, so a lookup racing a change is not cached
+
+    def subscribe(self, on_change: Callable[[str, ModelSpec | None], None],
+                  on_reset: Callable[[], None] | None = None) -> None:
+        """``on_change(model_id, new_spec_or_None)`` on every change seen by the watch;
+        ``on_reset()`` when the watch lost history and every registration may have changed."""
+        self._listeners.append(on_change)
+        if on_reset is not None:
+            self._reset_listeners.append(on_reset)
+
+    async def start(self) -> None:
+        """Fix the revision the watch starts from; call before the first ``get``."""
+        _, revision = await self._store.get_prefix(self._keys.models, limit=1)
+        self._start_revision = revision + 1
+
+    async def run(self) -> None:
+        """The watch loop: a root task of its process (it ends only by cancellation)."""
+        async for event in self._store.watch_prefix(self._keys.models,
+                                                      start_revision=self._start_revision):
+            if isinstance(event, WatchReset):
+                self._generation += 1
+                self._cache.clear()
+                for reset_listener in self._reset_listeners:
+                    reset_listener()
+                continue
+            model_id = Keys.model_id_of(event.key, self._keys.models)
+            spec = ModelSpec.from_json(event.value) if event.type is EventType.PUT else None
+            self._invalidate(model_id, spec)
+
+    def peek(self, model_id: str) -> ModelSpec | None:
+        """The cached spec, without a registry read (None if unknown or not cached)."""
+        value = self._cache.get(model_id, _MISSING)
+        return value if isinstance(value, ModelSpec) else None
+
+    async def get(self, model_id: str) -> ModelSpec | None:
+        value = self._cache.get(model_id, _MISSING)
+        if value is not _MISSING:
+            return value if isinstance(value, ModelSpec) else None
+        pending = self._inflight.get(model_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[ModelSpec | None] = asyncio.get_running_loop().create_future()
+        self._inflight[model_id] = future
+        generation = self._generation
+        try:
+            spec = await self._registry.get_model(model_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, no "never retrieved" warning
+            raise
+        finally:
+            self._inflight.pop(model_id, None)
+        if generation == self._generation:
+            self._cache[model_id] = spec if spec is not None else None
+        future.set_result(spec)
+        return spec
+
+    def _invalidate(self, model_id: str, spec: ModelSpec | None) -> None:
+        self._generation += 1
+        self._cache.pop(model_id, None)
+        for listener in self._listeners:
+            try:
+                listener(model_id, spec)
+            except Exception:
+                log.exception("spec listener failed", model_id=model_id)

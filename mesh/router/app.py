@@ -1,0 +1,78 @@
+"""Assembles and runs one router process (``mesh serve router``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.registry import open_store
+from mesh.registry.mirror import PrefixMirror
+from mesh.registry.registry import Registry
+from mesh.registry.specs import SpecCache
+from mesh.router.forwarder import Forwarder
+from mesh.router.management import Management
+from mesh.router.runtime_client import RuntimeClient
+from mesh.router.servicer import ModelMeshServicer
+from mesh.router.view import ClusterView
+from mesh.settings import Settings
+from mesh.tasks import RootTasks, call_soon_safely
+from mesh.transport.server import ChannelPool, add_health, bind, new_server, set_serving
+
+log = structlog.get_logger(__name__)
+
+
+async def serve_router(settings: Settings, roots: RootTasks,
+                       on_ready: Callable[[str], None] | None = None) -> None:
+    rs = settings.router
+    store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s)
+    registry = Registry(store, prefix)
+    view = ClusterView(registry.keys)
+    keys = registry.keys
+    channels = ChannelPool(rs.max_message_bytes)
+    mirrors = [
+        # After a watch reset the mirrors replay the difference through these same callbacks.
+        PrefixMirror(store, keys.instances, view.put_instance, view.delete_instance),
+        PrefixMirror(store, keys.placements, view.put_placement, view.delete_placement),
+        PrefixMirror(store, keys.vmodels, view.put_vmodel, view.delete_vmodel),
+        PrefixMirror(store, keys.failures, view.put_failure, view.delete_failure),
+    ]
+    specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
+    forwarder = Forwarder(view=view, specs=specs, channels=channels, max_attempts=rs.max_attempts,
+                          default_timeout_s=rs.default_timeout_s, load_factor=rs.load_factor,
+                          ready=lambda: all(m.ready for m in mirrors) and bool(view.instances))
+    management = Management(registry=registry, view=view, runtimes=RuntimeClient(channels),
+                            load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s)
+
+    server = new_server(rs.max_message_bytes)
+    server.add_generic_rpc_handlers((forwarder.handler(),))
+    mm_grpc.add_ModelMeshServicer_to_server(ModelMeshServicer(management), server)
+    health = add_health(server)
+    port = bind(server, rs.host, rs.port)
+
+    for mirror in mirrors:
+        await mirror.start()
+    await specs.start()
+    roots.spawn(specs.run(), "spec-cache-watch")
+    roots.spawn(management.run_transitions(), "vmodel-transitions")
+    await server.start()
+    await set_serving(health, True)
+    endpoint = f"{rs.host}:{port}"
+    log.info("router serving", endpoint=endpoint, registry=settings.registry.url,
+             instances=len(view.instances))
+    if on_ready:
+        on_ready(endpoint)
+    try:
+        await roots.wait()
+    finally:
+        # Ordered shutdown: stop accepting and drain in-flight requests (they may be waiting on
+        # a cold load), then stop watching and close the connections.
+        await set_serving(health, False)
+        await server.stop(grace=5.0)
+        await roots.cancel_all()
+        for mirror in mirrors:
+            await call_soon_safely(mirror.stop, "stop mirror")
+        await channels.close()
+        await call_soon_safely(store.close, "close registry")
+        log.info("router stopped")

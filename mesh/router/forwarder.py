@@ -1,0 +1,229 @@
+"""The router's V2 data plane: forwards ModelInfer as bytes, answers the rest itself.
+
+``ModelInfer`` is registered through a generic handler with no (de)serializers: the request
+arrives as the client's bytes and leaves as the same bytes, and the response comes back the same
+way. The router reads the model ID from ``mm-model-id`` / ``mm-vmodel-id`` (or ``-bin``), else from
+field 1 of the request (``read_model_name``, which touches nothing else); without a header, a
+``model_name`` that names a vModel is resolved as one (as modelmesh-serving's clients expect: they
+address a Predictor by name).
+
+Per attempt: choose a target (``routing``), forward with the concrete ID in ``mm-model-id`` and,
+when the copy is believed loaded, ``mesh-load: deny``. A "not here" answer or a broken connection
+excludes that instance and the next attempt chooses again; any other answer (success or the
+runtime's own error) goes back to the client as it is.
+
+The hot path avoids work per request: one cached multicallable per endpoint, metadata built from
+a short tuple, no logging on success.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import grpc
+import structlog
+
+from mesh import __version__
+from mesh.errors import MeshError, ModelNotFound, Unavailable
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.registry.specs import SpecCache
+from mesh.router.routing import Target, pick_copy, pick_home
+from mesh.router.view import ClusterView
+from mesh.router.wire import read_model_name
+from mesh.runtime.service import check_model_id
+from mesh.transport.metadata import LOAD_MODE, MODEL_ID, VMODEL_ID, model_selection
+from mesh.transport.server import ChannelPool
+from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, status_of
+
+log = structlog.get_logger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+_STRIP = {MODEL_ID, MODEL_ID + "-bin", VMODEL_ID, VMODEL_ID + "-bin", LOAD_MODE}
+_DENY = ((LOAD_MODE, "deny"),)
+
+
+def _is_retryable(err: grpc.aio.AioRpcError) -> bool:
+    """"Not here", or no answer from the runtime at all (connection refused or reset)."""
+    trailers = err.trailing_metadata() or ()
+    origin = False
+    for key, _ in trailers:
+        if key == NOT_HERE_KEY:
+            return True
+        if key == ORIGIN_KEY:
+            origin = True
+    return not origin and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                         grpc.StatusCode.UNKNOWN)
+
+
+class Forwarder:
+    def __init__(self, *, view: ClusterView, specs: SpecCache, channels: ChannelPool,
+                 max_attempts: int, default_timeout_s: float, load_factor: float,
+                 ready: Callable[[], bool]) -> None:
+        self.view = view
+        self.specs = specs
+        self.channels = channels
+        self.max_attempts = max_attempts
+        self.default_timeout_s = default_timeout_s
+        self.load_factor = load_factor
+        self.ready = ready
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self._rng = random.Random()
+
+    # --- target selection ---------------------------------------------------------------------
+    def _resolve(self, requested: str, is_vmodel: bool, from_header: bool) -> str:
+        if is_vmodel:
+            active = self.view.resolve_vmodel(requested)
+            if active is None:
+                raise ModelNotFound(requested, what="vModel")
+            return active
+        if not from_header:
+            active = self.view.resolve_vmodel(requested)
+            if active is not None:
+                return active
+        return requested
+
+    async def choose(self, model_id: str, exclude: set[str]) -> Target:
+        target = pick_copy(self.view, model_id, exclude, self._rng)
+        if target is not None:
+            return target
+        spec = await self.specs.get(model_id)
+        if spec is None:
+            raise ModelNotFound(model_id)
+        # Copies may have appeared while the registration was read.
+        return pick_copy(self.view, model_id, exclude, self._rng) or pick_home(
+            self.view, spec, exclude, load_factor=self.load_factor)
+
+    def _call(self, endpoint: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        key = endpoint + method
+        call = self._calls.get(key)
+        if call is None:
+            call = self.channels.get(endpoint).unary_unary(method)
+            self._calls[key] = call
+        return call
+
+    def forget(self, endpoint: str) -> None:
+        for key in [k for k in self._calls if k.startswith(endpoint + "/")]:
+            del self._calls[key]
+
+    async def forward(self, method: str, model_id: str, body: bytes,
+                      metadata: tuple[tuple[str, str | bytes], ...],
+                      timeout: float) -> bytes:
+        """Send ``body`` to a copy of ``model_id``, retrying elsewhere; raises AioRpcError or
+        MeshError."""
+        deadline = time.monotonic() + timeout
+        exclude: set[str] = set()
+        last_error: grpc.aio.AioRpcError | None = None
+        base = ((MODEL_ID, model_id), *metadata)
+        for _ in range(self.max_attempts):
+            try:
+                target = await self.choose(model_id, exclude)
+            except MeshError:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            outgoing = base if target.allow_load else base + _DENY
+            inflight = self.view.inflight
+            inflight[target.instance_id] += 1
+            try:
+                return await self._call(target.endpoint, method)(body, metadata=outgoing,
+                                                                 timeout=remaining)
+            except grpc.aio.AioRpcError as err:
+                if not _is_retryable(err):
+                    raise
+                last_error = err
+                exclude.add(target.instance_id)
+            finally:
+                inflight[target.instance_id] -= 1
+        if last_error is not None:
+            raise last_error
+        raise Unavailable(f"model {model_id!r}: no instance answered within the deadline")
+
+    # --- handlers -----------------------------------------------------------------------------
+    def _selection(self, context: grpc.aio.ServicerContext, body_name: Callable[[], str]
+                   ) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
+        md = context.invocation_metadata() or ()
+        requested, is_vmodel, _ = model_selection(md)
+        from_header = requested is not None
+        if requested is None:
+            requested = body_name()
+        model_id = self._resolve(check_model_id(requested), is_vmodel, from_header)
+        passthrough = tuple((k, v) for k, v in md if k not in _STRIP and not k.startswith("grpc-"))
+        return model_id, passthrough
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self.default_timeout_s if remaining is None else remaining
+
+    async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            model_id, metadata = self._selection(context, lambda: read_model_name(body))
+            return await self.forward(f"/{SERVICE}/ModelInfer", model_id, body, metadata,
+                                      self._timeout(context))
+        except grpc.aio.AioRpcError as err:
+            await context.abort(err.code(), err.details() or "")
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        raise AssertionError("unreachable")
+
+    async def model_ready(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ModelReadyResponse:
+        try:
+            model_id, _ = self._selection(context, lambda: request.name)
+            if await self.specs.get(model_id) is None:
+                raise ModelNotFound(model_id)
+            ready = any(p.state == "loaded" and self.view.live_instance(i) is not None
+                        for i, p in self.view.copies(model_id).items())
+            return pb.ModelReadyResponse(ready=ready)
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        raise AssertionError("unreachable")
+
+    async def model_metadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+                             ) -> bytes:
+        try:
+            model_id, metadata = self._selection(context, lambda: request.name)
+            return await self.forward(f"/{SERVICE}/ModelMetadata", model_id,
+                                      request.SerializeToString(), metadata, self._timeout(context))
+        except grpc.aio.AioRpcError as err:
+            await context.abort(err.code(), err.details() or "")
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        raise AssertionError("unreachable")
+
+    async def server_live(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def server_ready(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready())
+
+    async def server_metadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="mesh-serving", version=__version__, extensions=[])
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def typed(fn, req):  # type: ignore[no-untyped-def]
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString,
+                response_serializer=lambda m: m.SerializeToString())
+
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            # bytes in, bytes out: no protobuf work on the router for inference
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
+            "ModelMetadata": grpc.unary_unary_rpc_method_handler(
+                self.model_metadata, request_deserializer=pb.ModelMetadataRequest.FromString),
+            "ModelReady": typed(self.model_ready, pb.ModelReadyRequest),
+            "ServerLive": typed(self.server_live, pb.ServerLiveRequest),
+            "ServerReady": typed(self.server_ready, pb.ServerReadyRequest),
+            "ServerMetadata": typed(self.server_metadata, pb.ServerMetadataRequest),
+        })
+

@@ -1,0 +1,370 @@
+"""The management API's logic (mmesh.ModelMesh), with ModelMesh's semantics, transport-neutral.
+
+Registrations are cheap writes to ``models/<id>``; loading is the runtimes' business and happens
+on demand (or at once with ``loadNow``). Like ModelMesh, a new registration enters caches "in the
+past" (1 h ago with loadNow, 6 h without) so that registering many models cannot evict the ones in
+use.
+
+vModels are aliases: requests go to the active model; setting a new target keeps serving the
+active one until the target has a loaded copy, then switches (compare-and-swap on the record).
+Transitions are driven by every router (``drive_transitions``), idempotently, so there is no
+leader to lose: whichever router sees the target loaded first makes the switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import structlog
+
+from mesh.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelNotFound,
+)
+from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec, VModelRecord
+from mesh.registry.registry import Registry
+from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
+from mesh.router.view import ClusterView
+from mesh.runtime.service import check_model_id
+
+log = structlog.get_logger(__name__)
+_rng = random.Random()
+
+HOUR_MS = 3_600_000
+DEFAULT_PAGE = 500
+MAX_PAGE = 5_000
+
+
+class RuntimeLoader(Protocol):
+    async def load(self, target: Target, spec: ModelSpec, last_used_ms: int, timeout_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelInfoData:
+    type: str
+    path: str = ""
+    key: str = ""
+    size_hint_bytes: int = 0
+    min_copies: int = 0
+    max_copies: int = 0
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CopyStatus:
+    instance_id: str
+    state: str  # LOADING, LOADED, FAILED
+    time_ms: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    status: str  # NOT_FOUND, NOT_LOADED, LOADING, LOADED, LOADING_FAILED
+    errors: list[str] = field(default_factory=list)
+    copies: list[CopyStatus] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VModelStatus:
+    status: str  # NOT_FOUND, DEFINED, TRANSITIONING, TRANSITION_FAILED
+    active_model_id: str = ""
+    target_model_id: str = ""
+    active: ModelStatus | None = None
+    target: ModelStatus | None = None
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    spec: ModelSpec
+    status: str
+    loaded_copies: int
+
+
+class Management:
+    def __init__(self, *, registry: Registry, view: ClusterView, runtimes: RuntimeLoader,
+                 load_factor: float, load_timeout_s: float = 120.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry
+        self.view = view
+        self.runtimes = runtimes
+        self.load_factor = load_factor
+        self.load_timeout_s = load_timeout_s
+        self.clock = clock
+        self._background: set[asyncio.Task[None]] = set()
+        self._last_ensure: dict[str, float] = {}
+
+    # --- models -------------------------------------------------------------------------------
+    async def register_model(self, model_id: str, info: ModelInfoData, *, load_now: bool = False,
+                             sync: bool = False, last_used_ms: int = 0) -> ModelStatus:
+        spec = self._spec(model_id, info, load_now=load_now, last_used_ms=last_used_ms)
+        spec, created = await self.registry.register_model(spec)
+        if created:
+            log.info("model registered", model_id=model_id, type=spec.type)
+        if load_now:
+            await self._ensure(spec, sync=sync, last_used_ms=spec.last_used_ms)
+        return await self.model_status(model_id)
+
+    def _spec(self, model_id: str, info: ModelInfoData, *, load_now: bool, last_used_ms: int) -> ModelSpec:
+        check_model_id(model_id)
+        if not info.type:
+            raise InvalidArgument(f"model {model_id!r}: modelInfo.type is required")
+        if info.max_copies and info.min_copies > info.max_copies:
+            raise InvalidArgument(f"model {model_id!r}: minCopies {info.min_copies} is above "
+                                  f"maxCopies {info.max_copies}")
+        now_ms = int(self.clock() * 1000)
+        offset = HOUR_MS if load_now else 6 * HOUR_MS
+        return ModelSpec(model_id=model_id, type=info.type, path=info.path, key=info.key,
+                         size_hint_bytes=info.size_hint_bytes, min_copies=info.min_copies,
+                         max_copies=info.max_copies, labels=tuple(info.labels), registered_ms=now_ms,
+                         last_used_ms=last_used_ms or now_ms - offset)
+
+    async def unregister_model(self, model_id: str) -> None:
+        referrers = self.view.referrers(model_id)
+        if referrers:
+            raise FailedPrecondition(f"model {model_id!r} is used by vModel(s) {', '.join(referrers)}; "
+                                     "delete or retarget them first")
+        if await self.registry.delete_model(model_id):
+            log.info("model unregistered", model_id=model_id)
+            await self.registry.clear_failures(model_id)
+        # Runtimes holding copies see the deletion through their watch and unload them.
+
+    def _status_from_view(self, model_id: str) -> ModelStatus:
+        copies = [CopyStatus(p.instance_id, p.state, p.loaded_ms, p.size_bytes)
+                  for p in self.view.copies(model_id).values()]
+        failures = list(self.view.failures.get(model_id, {}).values())
+        copies += [CopyStatus(f.instance_id, FAILED, f.time_ms, 0) for f in failures]
+        copies.sort(key=lambda c: c.time_ms, reverse=True)  # newest first, as ModelMesh does
+        states = {c.state for c in copies}
+        if LOADED in states:
+            status = "LOADED"
+        elif LOADING in states:
+            status = "LOADING"
+        elif failures:
+            status = "LOADING_FAILED"
+        else:
+            status = "NOT_LOADED"
+        return ModelStatus(status=status, errors=[f"{f.instance_id}: {f.reason}" for f in failures],
+                           copies=copies)
+
+    async def model_status(self, model_id: str) -> ModelStatus:
+        if await self.registry.get_model(model_id) is None:
+            return ModelStatus(status="NOT_FOUND")
+        return self._status_from_view(model_id)
+
+    async def ensure_loaded(self, model_id: str, *, sync: bool = False, last_used_ms: int = 0) -> ModelStatus:
+        spec = await self.registry.get_model(check_model_id(model_id))
+        if spec is None:
+            raise ModelNotFound(model_id)
+        await self._ensure(spec, sync=sync, last_used_ms=last_used_ms or int(self.clock() * 1000))
+        return self._status_from_view(model_id)
+
+    async def _ensure(self, spec: ModelSpec, *, sync: bool, last_used_ms: int) -> None:
+        if any(p.state == LOADED for p in self.view.copies(spec.model_id).values()):
+            return
+        target = pick_copy(self.view, spec.model_id, (), _rng) or pick_home(
+            self.view, spec, (), load_factor=self.load_factor)
+        load = self.runtimes.load(target, spec, last_used_ms, self.load_timeout_s)
+        if sync:
+            await load
+            await self._settle(spec.model_id, target.instance_id)
+        else:
+            self._spawn(load, f"ensure-loaded:{spec.model_id}")
+
+    async def _settle(self, model_id: str, instance_id: str, timeout_s: float = 5.0) -> None:
+        """After a sync load, wait (briefly) for the placement to reach this router's view, so
+        that the status returned right after says LOADED."""
+        deadline = self.clock() + timeout_s
+        while self.clock() < deadline:
+            placement = self.view.copies(model_id).get(instance_id)
+            if placement is not None and placement.state == LOADED:
+                return
+            await asyncio.sleep(0.01)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.warning("background load failed", task=name, error=str(exc))
+
+        task = asyncio.get_running_loop().create_task(guarded(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def list_models(self, *, prefix: str = "", page_size: int = 0,
+                          page_token: str = "") -> tuple[list[ListEntry], str]:
+        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+        specs = await self.registry.list_models(prefix=prefix, limit=size + 1, start_after=page_token)
+        more = len(specs) > size
+        specs = specs[:size]
+        entries = []
+        for spec in specs:
+            st = self._status_from_view(spec.model_id)
+            entries.append(ListEntry(spec, st.status, sum(c.state == LOADED for c in st.copies)))
+        return entries, (specs[-1].model_id if more and specs else "")
+
+    # --- vModels ------------------------------------------------------------------------------
+    async def set_vmodel(self, vmodel_id: str, target_model_id: str, *, owner: str = "",
+                         update_only: bool = False, info: ModelInfoData | None = None,
+                         auto_delete: bool = False, load_now: bool = False, force: bool = False,
+                         sync: bool = False, expected_target: str = "") -> VModelStatus:
+        check_model_id(vmodel_id)
+        check_model_id(target_model_id)
+        if info is not None:
+            spec, _ = await self.registry.register_model(
+                self._spec(target_model_id, info, load_now=load_now, last_used_ms=0))
+        else:
+            found = await self.registry.get_model(target_model_id)
+            if found is None:
+                raise ModelNotFound(target_model_id, what="target model")
+            spec = found
+        while True:  # compare-and-swap loop on the vModel record
+            current = await self.registry.get_vmodel(vmodel_id)
+            if current is None:
+                if update_only:
+                    raise ModelNotFound(vmodel_id, what="vModel")
+                if expected_target and expected_target != target_model_id:
+                    raise FailedPrecondition(f"vModel {vmodel_id!r} does not exist, so its target is not "
+                                             f"{expected_target!r}")
+                record = VModelRecord(vmodel_id=vmodel_id, active_model_id=target_model_id,
+                                      target_model_id=target_model_id, owner=owner,
+                                      auto_delete=auto_delete and info is not None,
+                                      updated_ms=int(self.clock() * 1000))
+                if await self.registry.put_vmodel(record, expected_revision=None):
+                    log.info("vModel created", vmodel_id=vmodel_id, model_id=target_model_id)
+                    break
+                continue
+            existing, revision = current
+            if owner and existing.owner and existing.owner != owner:
+                raise AlreadyExists(f"vModel {vmodel_id!r} is owned by {existing.owner!r}, not {owner!r}")
+            if expected_target and expected_target != existing.target_model_id:
+                raise FailedPrecondition(f"vModel {vmodel_id!r} targets {existing.target_model_id!r}, "
+                                         f"not the expected {expected_target!r}")
+            if existing.target_model_id == target_model_id and not force:
+                record = existing
+                break
+            switch_now = force or existing.active_model_id == target_model_id or self._loaded(
+                target_model_id) or not self.view.copies(existing.active_model_id)
+            record = replace(existing, target_model_id=target_model_id,
+                             active_model_id=target_model_id if switch_now else existing.active_model_id,
+                             owner=existing.owner or owner, failed=False,
+                             auto_delete=existing.auto_delete or (auto_delete and info is not None),
+                             updated_ms=int(self.clock() * 1000))
+            if await self.registry.put_vmodel(record, expected_revision=revision):
+                log.info("vModel retargeted", vmodel_id=vmodel_id, target=target_model_id,
+                         switched=switch_now)
+                await self._drop_orphans(existing, record)
+                break
+        if record.active_model_id != record.target_model_id or load_now:
+            await self._ensure(spec, sync=sync, last_used_ms=int(self.clock() * 1000))
+            if sync:
+                await self._wait_transition(vmodel_id)
+        return await self.vmodel_status(vmodel_id)
+
+    def _loaded(self, model_id: str) -> bool:
+        return any(p.state == LOADED for p in self.view.copies(model_id).values())
+
+    async def _wait_transition(self, vmodel_id: str) -> None:
+        deadline = self.clock() + self.load_timeout_s
+        while self.clock() < deadline:
+            await self.drive_transitions()
+            current = await self.registry.get_vmodel(vmodel_id)
+            if current is None or current[0].failed or (
+                    current[0].active_model_id == current[0].target_model_id):
+                return
+            await asyncio.sleep(0.05)
+
+    async def _drop_orphans(self, before: VModelRecord, after: VModelRecord | None) -> None:
+        """Auto-delete models that the change left unreferenced (only those created through an
+        auto-deleting setVModel)."""
+        if not before.auto_delete:
+            return
+        keep = {after.active_model_id, after.target_model_id} if after else set()
+        for model_id in {before.active_model_id, before.target_model_id} - keep:
+            others = [v for v in self.view.referrers(model_id) if v != before.vmodel_id]
+            if not others:
+                log.info("auto-deleting unreferenced model", model_id=model_id, vmodel_id=before.vmodel_id)
+                await self.registry.delete_model(model_id)
+                await self.registry.clear_failures(model_id)
+
+    async def vmodel_status(self, vmodel_id: str, owner: str = "") -> VModelStatus:
+        current = await self.registry.get_vmodel(vmodel_id)
+        if current is None or (owner and current[0].owner != owner):
+            return VModelStatus(status="NOT_FOUND", active=ModelStatus("NOT_FOUND"))
+        record = current[0]
+        if record.active_model_id == record.target_model_id:
+            status = "DEFINED"
+        else:
+            status = "TRANSITION_FAILED" if record.failed else "TRANSITIONING"
+        active = await self.model_status(record.active_model_id)
+        target = (await self.model_status(record.target_model_id)
+                  if record.target_model_id != record.active_model_id else None)
+        return VModelStatus(status=status, active_model_id=record.active_model_id,
+                            target_model_id=record.target_model_id, active=active, target=target,
+                            owner=record.owner)
+
+    async def delete_vmodel(self, vmodel_id: str, owner: str = "") -> None:
+        current = await self.registry.get_vmodel(vmodel_id)
+        if current is None:
+            return  # already gone: deleting is idempotent
+        record, revision = current
+        if owner and record.owner and record.owner != owner:
+            raise FailedPrecondition(f"vModel {vmodel_id!r} is owned by {record.owner!r}, not {owner!r}")
+        if await self.registry.delete_vmodel(vmodel_id, expected_revision=revision):
+            log.info("vModel deleted", vmodel_id=vmodel_id)
+            self.view.vmodels.pop(vmodel_id, None)  # do not count it as a referrer below
+            await self._drop_orphans(record, None)
+
+    async def drive_transitions(self) -> None:
+        """Advance pending vModel transitions; run periodically by every router."""
+        now = self.clock()
+        for record in list(self.view.vmodels.values()):
+            if record.active_model_id == record.target_model_id:
+                continue
+            target = record.target_model_id
+            if self._loaded(target):
+                current = await self.registry.get_vmodel(record.vmodel_id)
+                if current is None or current[0].target_model_id != target:
+                    continue
+                flipped = replace(current[0], active_model_id=target, failed=False,
+                                  updated_ms=int(now * 1000))
+                if await self.registry.put_vmodel(flipped, expected_revision=current[1]):
+                    log.info("vModel switched to its loaded target", vmodel_id=record.vmodel_id,
+                             model_id=target)
+                    await self._drop_orphans(current[0], flipped)
+                continue
+            failures = self.view.failures.get(target, {})
+            if len(failures) >= min(MAX_LOAD_FAILURES, max(len(self.view.instances), 1)):
+                if not record.failed:
+                    current = await self.registry.get_vmodel(record.vmodel_id)
+                    if current is not None and current[0].target_model_id == target:
+                        await self.registry.put_vmodel(replace(current[0], failed=True),
+                                                       expected_revision=current[1])
+                continue
+            if not self.view.copies(target) and now - self._last_ensure.get(target, 0) > 10:
+                self._last_ensure[target] = now
+                spec = await self.registry.get_model(target)
+                if spec is not None:
+                    try:
+                        await self._ensure(spec, sync=False, last_used_ms=int(now * 1000))
+                    except Exception as exc:
+                        log.warning("cannot load vModel target", model_id=target, error=str(exc))
+
+    async def run_transitions(self, interval_s: float = 1.0) -> None:
+        """Root task: drive transitions forever."""
+        while True:
+            try:
+                await self.drive_transitions()
+            except Exception as exc:
+                log.warning("driving vModel transitions failed; will retry", error=str(exc))
+            await asyncio.sleep(interval_s)
+

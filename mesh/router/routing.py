@@ -1,0 +1,112 @@
+"""Where a request goes: a loaded copy, a loading copy, or the model's home.
+
+1. Loaded copies on live instances: the one with the fewest requests in flight from this router
+   (with more than four copies, the better of two random ones: "power of two choices", which
+   keeps the choice O(1) and avoids herding on one copy).
+2. Else a copy still loading: the request joins that load rather than starting another.
+3. Else the model's home: rendezvous hashing of the model ID over the eligible instances, with
+   bounded load (``placement.hashing.choose_home``). Every router with the same view picks the
+   same home, with no coordination, so concurrent first requests arriving at different routers
+   still cause one load.
+
+Eligible means: not shutting down, supports the model's type, carries every label the model
+requires, fits the model at all, and has no unexpired load-failure record for it. A model that
+failed on ``max_load_failures`` instances fails fast with the recorded reason.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Container
+from dataclasses import dataclass
+
+from mesh.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from mesh.registry.records import LOADED, LOADING, InstanceRecord, ModelSpec
+from mesh.router.view import ClusterView
+from placement.hashing import Candidate, choose_home
+
+MAX_LOAD_FAILURES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    instance_id: str
+    endpoint: str
+    allow_load: bool  # False: the copy is believed loaded; a miss there answers "not here"
+
+
+def _least_busy(view: ClusterView, ids: list[str], rng: random.Random) -> str:
+    if len(ids) > 4:
+        ids = rng.sample(ids, 2)
+    return min(ids, key=lambda i: view.inflight[i])
+
+
+def pick_copy(view: ClusterView, model_id: str, exclude: Container[str],
+              rng: random.Random) -> Target | None:
+    """Steps 1 and 2: a loaded copy, else a loading one; None when there is neither."""
+    copies = view.placements.get(model_id)
+    if not copies:
+        return None
+    loaded: list[str] = []
+    loading: list[str] = []
+    for instance_id, placement in copies.items():
+        if instance_id in exclude or view.live_instance(instance_id) is None:
+            continue
+        if placement.state == LOADED:
+            loaded.append(instance_id)
+        elif placement.state == LOADING:
+            loading.append(instance_id)
+    if loaded:
+        chosen = _least_busy(view, loaded, rng)
+        return Target(chosen, view.instances[chosen].endpoint, allow_load=False)
+    if loading:
+        chosen = _least_busy(view, loading, rng)
+        return Target(chosen, view.instances[chosen].endpoint, allow_load=True)
+    return None
+
+
+def _device_capacity(record: InstanceRecord, spec: ModelSpec) -> int:
+    if "gpu" in spec.labels:
+        return max((d.capacity_bytes for d in record.devices if d.device.startswith("gpu")), default=0)
+    ram = record.device("ram")
+    return ram.capacity_bytes if ram else 0
+
+
+def eligible(view: ClusterView, spec: ModelSpec) -> list[InstanceRecord]:
+    model_type = spec.type.lower()
+    required = set(spec.labels)
+    return [r for r in view.instances.values()
+            if not r.shutting_down
+            and (not r.supported_types or model_type in r.supported_types)
+            and required.issubset(r.labels)]
+
+
+def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
+              load_factor: float) -> Target:
+    """Step 3, with a precise error when no instance can take the model."""
+    if not view.instances:
+        raise Unavailable("no runtime instances are registered; start one (mesh serve runtime)")
+    instances = eligible(view, spec)
+    if not instances:
+        labels = f" and labels {sorted(spec.labels)}" if spec.labels else ""
+        raise FailedPrecondition(
+            f"no instance can serve model {spec.model_id!r}: none supports type {spec.type!r}{labels}")
+    failures = view.failures.get(spec.model_id, {})
+    if len(failures) >= min(MAX_LOAD_FAILURES, len(instances)):
+        reason = next(iter(failures.values())).reason
+        raise FailedPrecondition(f"model {spec.model_id!r} failed to load on {len(failures)} "
+                                 f"instance(s): {reason}")
+    candidates = [
+        Candidate(node=r.instance_id, capacity_bytes=_device_capacity(r, spec),
+                  load=float(r.loading_count + view.inflight[r.instance_id]))
+        for r in instances if r.instance_id not in failures
+    ]
+    home = choose_home(spec.model_id, candidates, spec.size_hint_bytes,
+                       load_factor=load_factor, exclude=exclude)
+    if home is None:
+        if all(c.node in exclude for c in candidates):
+            raise Unavailable(f"model {spec.model_id!r}: every eligible instance was tried and "
+                              "none could serve it")
+        raise ResourceExhausted(f"model {spec.model_id!r} ({spec.size_hint_bytes} bytes) fits on "
+                                "no instance")
+    return Target(home, view.instances[home].endpoint, allow_load=True)

@@ -1,0 +1,108 @@
+"""The router's in-memory view of the cluster, fed by registry watches.
+
+Mirrored in full: instances, placements (one per loaded copy), vModels and load-failure records.
+All are bounded by what is *loaded* or aliased, not by what is registered, so router memory grows
+with loaded models. Model registrations are not mirrored (see ``SpecCache``).
+
+The hot path reads only this view: no registry call is made to route a request for a loaded
+model. The view may be a little stale; the forwarder's retries absorb that (a copy evicted a moment
+ago answers "not here" and the next choice is tried).
+
+Local state that no other router needs: the number of requests this router has in flight to each
+instance, for least-loaded choices among copies.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import structlog
+
+from mesh.registry.base import KeyValue
+from mesh.registry.keys import Keys
+from mesh.registry.records import FailureRecord, InstanceRecord, PlacementRecord, VModelRecord
+
+log = structlog.get_logger(__name__)
+
+
+class ClusterView:
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+        self.instances: dict[str, InstanceRecord] = {}
+        self.placements: dict[str, dict[str, PlacementRecord]] = {}
+        self.vmodels: dict[str, VModelRecord] = {}
+        self.failures: dict[str, dict[str, FailureRecord]] = {}
+        self.inflight: defaultdict[str, int] = defaultdict(int)
+        self.version = 0  # bumped on every change; lets callers cache derived data
+
+    # --- feeding from mirrors -----------------------------------------------------------------
+    def put_instance(self, kv: KeyValue) -> None:
+        record = InstanceRecord.from_json(kv.value)
+        self.instances[record.instance_id] = record
+        self.version += 1
+
+    def delete_instance(self, key: str) -> None:
+        instance_id = key[len(self.keys.instances):]
+        self.instances.pop(instance_id, None)
+        self.inflight.pop(instance_id, None)
+        self.version += 1
+
+
+    def put_placement(self, kv: KeyValue) -> None:
+        record = PlacementRecord.from_json(kv.value)
+        self.placements.setdefault(record.model_id, {})[record.instance_id] = record
+        self.version += 1
+
+    def delete_placement(self, key: str) -> None:
+        model_id, instance_id = Keys.split_pair(key, self.keys.placements)
+        copies = self.placements.get(model_id)
+        if copies is not None:
+            copies.pop(instance_id, None)
+            if not copies:
+                del self.placements[model_id]
+        self.version += 1
+
+
+    def put_vmodel(self, kv: KeyValue) -> None:
+        record = VModelRecord.from_json(kv.value)
+        self.vmodels[record.vmodel_id] = record
+        self.version += 1
+
+    def delete_vmodel(self, key: str) -> None:
+        self.vmodels.pop(Keys.model_id_of(key, self.keys.vmodels), None)
+        self.version += 1
+
+
+    def put_failure(self, kv: KeyValue) -> None:
+        record = FailureRecord.from_json(kv.value)
+        self.failures.setdefault(record.model_id, {})[record.instance_id] = record
+        self.version += 1
+
+    def delete_failure(self, key: str) -> None:
+        model_id, instance_id = Keys.split_pair(key, self.keys.failures)
+        records = self.failures.get(model_id)
+        if records is not None:
+            records.pop(instance_id, None)
+            if not records:
+                del self.failures[model_id]
+        self.version += 1
+
+
+    # --- queries ------------------------------------------------------------------------------
+    def live_instance(self, instance_id: str) -> InstanceRecord | None:
+        record = self.instances.get(instance_id)
+        if record is None or record.shutting_down:
+            return None
+        return record
+
+    def copies(self, model_id: str) -> dict[str, PlacementRecord]:
+        return self.placements.get(model_id, {})
+
+    def resolve_vmodel(self, vmodel_id: str) -> str | None:
+        record = self.vmodels.get(vmodel_id)
+        return record.active_model_id if record else None
+
+    def referrers(self, model_id: str) -> list[str]:
+        """vModels whose active or target model is ``model_id``."""
+        return [v.vmodel_id for v in self.vmodels.values()
+                if model_id in (v.active_model_id, v.target_model_id)]

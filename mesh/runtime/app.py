@@ -1,0 +1,120 @@
+"""Assembles and runs one runtime process (``mesh serve runtime``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from mesh import __version__
+from mesh.registry import open_store
+from mesh.registry.records import InstanceRecord
+from mesh.registry.registry import Registry
+from mesh.registry.session import RegistrySession
+from mesh.registry.specs import SpecCache
+from mesh.runtime.cache import DeviceBudget, ModelCache
+from mesh.runtime.capacity import device_capacities
+from mesh.runtime.loaders import supported_types
+from mesh.runtime.publisher import Publisher
+from mesh.runtime.service import (
+    RuntimeService,
+    SizePredictor,
+    choose_device,
+    load_model,
+    prepare_load,
+)
+from mesh.runtime.servicer import add_to_server
+from mesh.settings import Settings
+from mesh.tasks import RootTasks, call_soon_safely
+from mesh.transport.server import add_health, bind, new_server, set_serving
+from placement.policy import make_policy
+from placement.sizing import SizeEstimator
+
+log = structlog.get_logger(__name__)
+
+
+def new_instance_id() -> str:
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+async def serve_runtime(settings: Settings, roots: RootTasks,
+                        on_ready: Callable[[str], None] | None = None) -> None:
+    rs = settings.runtime
+    instance_id = rs.instance_id or new_instance_id()
+    structlog.contextvars.bind_contextvars(instance_id=instance_id)
+    store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s)
+    registry = Registry(store, prefix)
+    types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
+
+    capacities = device_capacities(rs)
+    budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=make_policy(rs.eviction_policy))
+               for d, c in capacities.items()]
+    sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
+                                        floor_bytes=rs.default_model_size_bytes))
+    load_pool = ThreadPoolExecutor(rs.max_concurrent_loads, thread_name_prefix="load")
+    infer_pool = ThreadPoolExecutor(rs.inference_threads, thread_name_prefix="infer")
+    cache = ModelCache(budgets=budgets, load_fn=load_model, predict_size=sizer.predict,
+                       observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
+                       max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
+                       prepare_fn=prepare_load)
+    specs = SpecCache(registry, max_entries=10_000)
+    service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
+                             infer_executor=infer_pool, sizer=sizer, types=types)
+
+    server = new_server(settings.router.max_message_bytes)
+    add_to_server(server, service, status={
+        "status": 1, "capacityInBytes": capacities["ram"],
+        "maxLoadingConcurrency": rs.max_concurrent_loads,
+        "modelLoadingTimeoutMs": int(rs.load_timeout_s * 1000),
+        "defaultModelSizeInBytes": rs.default_model_size_bytes, "runtimeVersion": __version__})
+    health = add_health(server)
+    port = bind(server, rs.host, rs.port)
+    endpoint = f"{rs.advertise_host or rs.host}:{port}"
+    labels = tuple(rs.labels) + (("gpu",) if any(d.startswith("gpu") for d in capacities) else ())
+    base = InstanceRecord(instance_id=instance_id, endpoint=endpoint, labels=labels, zone=rs.zone,
+                          supported_types=tuple(types), version=__version__,
+                          started_ms=int(time.time() * 1000))
+
+    session = RegistrySession(store, settings.registry.lease_ttl_s)
+    publisher = Publisher(registry=registry, session=session, instance=base, cache_ref=lambda: cache,
+                          requests=lambda: service.requests, publish_interval_s=rs.publish_interval_s,
+                          failure_ttl_s=settings.registry.failure_ttl_s)
+    cache.set_listener(publisher)
+
+    await session.start()
+    await specs.start()
+    roots.spawn(specs.run(), "spec-cache-watch")
+    roots.spawn(publisher.run(), "publisher")
+    await server.start()
+    await publisher.publish_instance(force=True)
+    service.ready = True
+    await set_serving(health, True)
+    log.info("runtime serving", endpoint=endpoint,
+             capacity={d: c for d, c in capacities.items()}, types=types)
+    if on_ready:
+        on_ready(endpoint)
+    try:
+        await roots.wait()
+    finally:
+        # Ordered shutdown:
+        # 1. Say we are leaving: routers stop choosing this instance for new requests and loads.
+        service.ready = False
+        publisher.shutting_down = True
+        await set_serving(health, False)
+        await call_soon_safely(lambda: publisher.publish_instance(force=True), "publish shutting-down")
+        # 2. Stop accepting and let in-flight requests finish, within a deadline.
+        await server.stop(grace=5.0)
+        # 3. Leave the registry: revoking the lease removes our instance and placements at once.
+        await call_soon_safely(lambda: session.close(revoke=True), "revoke lease")
+        # 4. Stop the background loops, release the models and threads.
+        await roots.cancel_all()
+        await call_soon_safely(cache.close, "unload models")
+        load_pool.shutdown(wait=False, cancel_futures=True)
+        infer_pool.shutdown(wait=False, cancel_futures=True)
+        await call_soon_safely(store.close, "close registry")
+        log.info("runtime stopped")

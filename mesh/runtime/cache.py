@@ -1,0 +1,434 @@
+"""The runtime's local model cache: single-flight loads, byte accounting, eviction by policy.
+
+Accounting. Every copy counts against the budget of its device (``ram`` or ``gpu<N>``) from the
+moment its load is admitted until its memory is really released: a loading copy counts with its
+*predicted* size, a loaded one with its *measured* size, and an evicted copy keeps counting while
+requests still use it and until its ``close`` returns (an "unload in progress"). So the sum never
+exceeds the capacity, whatever overlaps: ModelMesh's users saw pods OOM when evicted models that
+were still unloading were not counted (modelmesh-serving#455).
+
+Single flight. The first request for a cold model creates its entry synchronously (no await in
+between), so every concurrent request finds the entry and awaits the same future: 100 concurrent
+first requests cause one load.
+
+Eviction. Which copies give way is the policy's decision (``placement``); this module only asks
+for victims when a load needs room, skipping copies that are still loading. Victims stop taking
+new requests at once; their bytes are freed once their in-flight requests finish.
+
+Measured size. A model's size is measured after its load as the larger of two readings: the
+loader's accounting of the object it built (``footprint_bytes``) and the growth of the process's
+resident memory across the load when no other load overlapped it (the RSS reading is the honest
+one for native libraries whose memory Python cannot see; it is discarded when another load ran at
+the same time, since the growth could not be attributed).
+
+Time comes from an injected clock, so tests drive recency without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import psutil
+import structlog
+
+from mesh.errors import (
+    DeadlineExceeded,
+    MeshError,
+    ModelLoadError,
+    NotHere,
+    ResourceExhausted,
+)
+from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec
+from mesh.runtime.loaders.base import LoadedModel
+from placement.policy import EvictionPolicy
+
+log = structlog.get_logger(__name__)
+
+UNLOADING = "unloading"
+
+# (spec, device) -> loaded model; runs in a worker thread.
+LoadFn = Callable[[ModelSpec, str], LoadedModel]
+
+
+class CacheListener(Protocol):
+    """Told about every state change of a copy (publishes placements, counts metrics)."""
+
+    def on_change(self, entry: Entry, event: str) -> None:
+        """event: loading, loaded, failed, evicted, unloaded."""
+
+
+@dataclass(eq=False)
+class Entry:
+    spec: ModelSpec
+    device: str
+    state: str
+    reserved_bytes: int
+    ready: asyncio.Future[LoadedModel]
+    predicted_bytes: int = 0
+    model: LoadedModel | None = None
+    in_use: int = 0
+    created: float = 0.0
+    loaded_at: float = 0.0
+    last_used: float = 0.0
+    error: str = ""
+    load_ms: float = 0.0
+    initial_last_used: float | None = None  # enters the eviction order at this time, if set
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # memory released
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+
+@dataclass
+class DeviceBudget:
+    device: str
+    capacity_bytes: int
+    policy: EvictionPolicy
+    used_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    devices: dict[str, tuple[int, int]]  # device -> (capacity, used)
+    loaded: int
+    loading: int
+    lru_time: float | None
+    loads: int
+    evictions: int
+    hits: int
+    misses: int
+
+
+class ModelCache:
+    def __init__(
+        self,
+        *,
+        budgets: list[DeviceBudget],
+        load_fn: LoadFn,
+        predict_size: Callable[[ModelSpec], int],
+        observe_size: Callable[[ModelSpec, int], None],
+        choose_device: Callable[[ModelSpec, dict[str, DeviceBudget]], str],
+        executor: Executor,
+        max_concurrent_loads: int,
+        load_timeout_s: float,
+        clock: Callable[[], float] = time.time,
+        listener: CacheListener | None = None,
+        rss: Callable[[], int] | None = None,
+        prepare_fn: Callable[[ModelSpec], None] | None = None,
+    ) -> None:
+        self._budgets = {b.device: b for b in budgets}
+        self._load_fn = load_fn
+        self._predict_size = predict_size
+        self._observe_size = observe_size
+        self._choose_device = choose_device
+        self._executor = executor
+        self._load_slots = asyncio.Semaphore(max_concurrent_loads)
+        self._load_timeout_s = load_timeout_s
+        self._clock = clock
+        self._listener = listener
+        self._rss = rss or _process_rss()
+        self._prepare_fn = prepare_fn
+        self._entries: dict[str, Entry] = {}
+        self._unloading: set[Entry] = set()
+        self._space_freed = asyncio.Condition()
+        self._loads_running = 0
+        self._load_epoch = 0  # bumped at each load start: tells whether loads overlapped
+        self.loads = self.evictions = self.hits = self.misses = 0
+
+    def set_listener(self, listener: CacheListener) -> None:
+        self._listener = listener
+
+    # --- lookups ------------------------------------------------------------------------------
+    def get(self, model_id: str) -> Entry | None:
+        return self._entries.get(model_id)
+
+    def loaded(self, model_id: str) -> Entry | None:
+        """The loaded copy, touched as a hit; None on a miss (the hot path: no awaits)."""
+        entry = self._entries.get(model_id)
+        if entry is None or entry.state != LOADED:
+            return None
+        now = self._clock()
+        entry.last_used = now
+        self._budgets[entry.device].policy.touch(model_id, now)
+        self.hits += 1
+        return entry
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    # --- loading ------------------------------------------------------------------------------
+    async def acquire(self, spec: ModelSpec, *, allow_load: bool = True,
+                      last_used: float | None = None) -> Entry:
+        """The loaded copy of ``spec``'s model, loading it first if needed (single flight).
+
+        With ``allow_load=False`` a missing copy raises :class:`NotHere` instead (the router sent
+        the request here believing the copy was loaded; it was evicted meanwhile). ``last_used``
+        places a load made ahead of any request (ensureLoaded) at that time in the eviction order,
+        as ModelMesh does for new registrations, so it cannot push out models in use.
+        """
+        entry = self.loaded(spec.model_id)
+        if entry is not None:
+            return entry
+        entry = self._entries.get(spec.model_id)
+        if entry is None:
+            if not allow_load:
+                raise NotHere(f"model {spec.model_id!r} is not loaded on this instance")
+            self.misses += last_used is None
+            entry = self._start_load(spec, last_used)
+        # shield: one cancelled waiter must not cancel the load the others wait for
+        await asyncio.shield(entry.ready)
+        entry.last_used = self._clock()
+        return entry
+
+    def _start_load(self, spec: ModelSpec, last_used: float | None) -> Entry:
+        now = self._clock()
+        device = self._choose_device(spec, self._budgets)
+        budget = self._budgets[device]
+        predicted = self._predict_size(spec)
+        if predicted > budget.capacity_bytes:
+            raise ResourceExhausted(
+                f"model {spec.model_id!r} needs about {predicted} bytes but this instance's {device} "
+                f"capacity is {budget.capacity_bytes} bytes")
+        entry = Entry(spec=spec, device=device, state=LOADING, reserved_bytes=0,
+                      predicted_bytes=predicted, ready=asyncio.get_running_loop().create_future(),
+                      created=now, last_used=now, initial_last_used=last_used)
+        self._entries[spec.model_id] = entry
+        asyncio.create_task(self._load(entry), name=f"load:{spec.model_id}")
+        self._notify(entry, LOADING)
+        return entry
+
+    async def _load(self, entry: Entry) -> None:
+        try:
+            model = await self._load_guarded(entry)
+        except BaseException as exc:
+            if self._entries.get(entry.model_id) is entry:
+                del self._entries[entry.model_id]
+            self._release(entry)
+            entry.gone.set()
+            entry.state = FAILED
+            if isinstance(exc, asyncio.CancelledError):  # process shutdown
+                entry.ready.cancel()
+                raise
+            entry.error = exc.message if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, MeshError):
+                exc = ModelLoadError(f"{entry.spec.type}: loading {entry.model_id!r} failed: {entry.error}")
+            entry.ready.set_exception(exc)
+            entry.ready.exception()  # retrieved; waiters re-raise it
+            log.warning("load failed", model_id=entry.model_id, reason=entry.error)
+            self._notify(entry, FAILED)
+            await self._wake_space_waiters()
+            return
+        entry.model = model
+        entry.state = LOADED
+        entry.loaded_at = self._clock()
+        entry.ready.set_result(model)
+        self._notify(entry, LOADED)
+
+    async def _load_guarded(self, entry: Entry) -> LoadedModel:
+        spec, budget = entry.spec, self._budgets[entry.device]
+        async with self._load_slots:
+            await self._reserve(entry, budget, entry.predicted_bytes)
+            loop = asyncio.get_running_loop()
+            if self._prepare_fn is not None:
+                await loop.run_in_executor(self._executor, self._prepare_fn, spec)
+            self._load_epoch += 1
+            epoch, self._loads_running = self._load_epoch, self._loads_running + 1
+            rss_before = self._rss()
+            started = time.perf_counter()
+            future = loop.run_in_executor(self._executor, self._load_fn, spec, entry.device)
+            try:
+                model = await asyncio.wait_for(asyncio.shield(future), self._load_timeout_s)
+            except TimeoutError:
+                self._loads_running -= 1
+                self._abandon(entry, future)
+                raise DeadlineExceeded(
+                    f"loading model {spec.model_id!r} took longer than {self._load_timeout_s:g} s") from None
+            except BaseException:
+                self._loads_running -= 1
+                raise
+            entry.load_ms = (time.perf_counter() - started) * 1000
+            solo = self._loads_running == 1 and self._load_epoch == epoch
+            self._loads_running -= 1
+            rss_growth = self._rss() - rss_before if solo else 0
+        measured = max(model.footprint_bytes(), rss_growth, 1)
+        self._observe_size(spec, measured)
+        # Re-weigh with the measured size; evict more if the prediction was too low.
+        delta = measured - entry.reserved_bytes
+        if delta > 0:
+            if measured > budget.capacity_bytes:
+                await self._close_model(model)
+                raise ResourceExhausted(
+                    f"model {spec.model_id!r} measures {measured} bytes once loaded, more than this "
+                    f"instance's {entry.device} capacity of {budget.capacity_bytes} bytes")
+            self._evict_for(budget, budget.used_bytes + delta - budget.capacity_bytes,
+                            exclude=entry.model_id)
+            # The victims' bytes stay counted until they drain; the small overshoot is bounded by
+            # the prediction error and lasts only as long as their in-flight requests.
+        budget.used_bytes += delta
+        entry.reserved_bytes = measured
+        budget.policy.insert(spec.model_id, measured, self._clock(),
+                             last_used=entry.initial_last_used, cost=entry.load_ms)
+        log.info("model loaded", model_id=spec.model_id, device=entry.device, size_bytes=measured,
+                 predicted_bytes=entry.predicted_bytes, load_ms=round(entry.load_ms, 2))
+        self.loads += 1
+        return model
+
+    def _abandon(self, entry: Entry, future: asyncio.Future[LoadedModel]) -> None:
+        """A timed-out load keeps running in its thread: keep its bytes counted until it ends."""
+        zombie = Entry(spec=entry.spec, device=entry.device, state=UNLOADING,
+                       reserved_bytes=entry.reserved_bytes, ready=entry.ready)
+        entry.reserved_bytes = 0
+        self._unloading.add(zombie)
+
+        def finished(f: asyncio.Future[LoadedModel]) -> None:
+            async def cleanup() -> None:
+                if not f.cancelled() and f.exception() is None:
+                    await self._close_model(f.result())
+                self._unloading.discard(zombie)
+                self._release(zombie)
+                await self._wake_space_waiters()
+
+            asyncio.create_task(cleanup(), name=f"abandon:{entry.model_id}")
+
+        future.add_done_callback(finished)
+
+    async def _reserve(self, entry: Entry, budget: DeviceBudget, size: int) -> None:
+        """Count ``size`` bytes for ``entry``, evicting and then waiting for space as needed."""
+        deadline = asyncio.get_running_loop().time() + self._load_timeout_s
+        async with self._space_freed:
+            while True:
+                need = budget.used_bytes + size - budget.capacity_bytes
+                if need <= 0:
+                    budget.used_bytes += size
+                    entry.reserved_bytes = size
+                    return
+                self._evict_for(budget, need, exclude=entry.model_id)
+                if budget.used_bytes + size <= budget.capacity_bytes:
+                    continue
+                # Space is held by copies still loading or draining: wait for it to be freed.
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise ResourceExhausted(
+                        f"no room for model {entry.model_id!r} ({size} bytes) on {budget.device}: "
+                        f"{budget.used_bytes} of {budget.capacity_bytes} bytes are held by models "
+                        "loading or in use")
+                try:
+                    await asyncio.wait_for(self._space_freed.wait(), remaining)
+                except TimeoutError:
+                    continue
+
+    def _evict_for(self, budget: DeviceBudget, need: int, *, exclude: str) -> None:
+        if need <= 0:
+            return
+        protected = {mid for mid, e in self._entries.items() if e.state != LOADED} | {exclude}
+        for victim_id in budget.policy.victims(need, self._clock(), protected=protected):
+            victim = self._entries.get(victim_id)
+            if victim is None or victim.state != LOADED:
+                budget.policy.remove(victim_id)
+                continue
+            self._evict(victim, reason="capacity")
+
+    def _evict(self, entry: Entry, *, reason: str) -> None:
+        """Stop serving ``entry`` now; free its bytes when its in-flight requests are done."""
+        del self._entries[entry.model_id]
+        self._budgets[entry.device].policy.remove(entry.model_id)
+        entry.state = UNLOADING
+        self._unloading.add(entry)
+        self.evictions += reason == "capacity"
+        age_s = self._clock() - entry.last_used
+        log.info("model evicted" if reason == "capacity" else "model unloaded",
+                 model_id=entry.model_id, device=entry.device, reason=reason,
+                 size_bytes=entry.reserved_bytes, idle_s=round(age_s, 3))
+        self._notify(entry, "evicted" if reason == "capacity" else "unloaded")
+        asyncio.create_task(self._finish_unload(entry), name=f"unload:{entry.model_id}")
+
+    async def _finish_unload(self, entry: Entry) -> None:
+        if entry.in_use:
+            await entry.drained.wait()
+        if entry.model is not None:
+            await self._close_model(entry.model)
+            entry.model = None
+        self._unloading.discard(entry)
+        self._release(entry)
+        entry.gone.set()
+        await self._wake_space_waiters()
+
+    async def _close_model(self, model: LoadedModel) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, model.close)
+        except Exception:
+            log.warning("closing a model failed", model_id=model.model_id, exc_info=True)
+
+    def _release(self, entry: Entry) -> None:
+        if entry.reserved_bytes:
+            self._budgets[entry.device].used_bytes -= entry.reserved_bytes
+            entry.reserved_bytes = 0
+
+    async def _wake_space_waiters(self) -> None:
+        async with self._space_freed:
+            self._space_freed.notify_all()
+
+    # --- use and removal ----------------------------------------------------------------------
+    def begin_use(self, entry: Entry) -> None:
+        entry.in_use += 1
+        entry.drained.clear()
+
+    def end_use(self, entry: Entry) -> None:
+        entry.in_use -= 1
+        if entry.in_use == 0:
+            entry.drained.set()
+
+    async def unload(self, model_id: str, *, reason: str = "unloaded") -> bool:
+        """Remove a copy (SPI unloadModel, unregistration); waits for a load in progress first."""
+        entry = self._entries.get(model_id)
+        if entry is None:
+            return False
+        if entry.state == LOADING:
+            try:
+                await asyncio.shield(entry.ready)
+            except Exception:
+                return False
+            entry = self._entries.get(model_id)
+            if entry is None or entry.state != LOADED:
+                return False
+        self._evict(entry, reason=reason)
+        await entry.gone.wait()
+        return True
+
+    async def close(self) -> None:
+        """Unload everything (shutdown)."""
+        for entry in list(self._entries.values()):
+            await self.unload(entry.model_id, reason="shutdown")
+
+    def _notify(self, entry: Entry, event: str) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.on_change(entry, event)
+            except Exception:
+                log.exception("cache listener failed", model_id=entry.model_id, event=event)
+
+    # --- reporting ----------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        loaded = sum(1 for e in self._entries.values() if e.state == LOADED)
+        lru_times = [t for b in self._budgets.values() if (t := b.policy.oldest_last_used()) is not None]
+        return CacheStats(
+            devices={d: (b.capacity_bytes, b.used_bytes) for d, b in self._budgets.items()},
+            loaded=loaded, loading=len(self._entries) - loaded,
+            lru_time=min(lru_times) if lru_times else None,
+            loads=self.loads, evictions=self.evictions, hits=self.hits, misses=self.misses)
+
+    def budgets(self) -> dict[str, DeviceBudget]:
+        return self._budgets
+
+
+
+def _process_rss() -> Callable[[], int]:
+    process = psutil.Process()
+    return lambda: int(process.memory_info().rss)

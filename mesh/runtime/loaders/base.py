@@ -1,0 +1,257 @@
+"""What every built-in loader shares: model paths, the Loader / LoadedModel contracts, helpers.
+
+A **Loader** turns a model path into a **LoadedModel**. The runtime calls ``Loader.load`` in a
+loader thread and ``LoadedModel.predict`` in inference threads, several at once for one model, so
+each LoadedModel is either safe to call concurrently (all five built-ins rely on their library's
+documented thread-safe prediction, see each module) or holds its own lock.
+
+``Loader.load`` is a template method: it checks the device, finds the model file, and turns any
+exception of the library into a :class:`~mesh.errors.ModelLoadError` carrying the loader's reason
+("sklearn: cannot load /p/model.joblib: <exception text>"), which lands in the model's status. The
+subclasses only write ``_load``.
+
+``LoadedModel.predict`` is also a template method: it resolves the requested outputs (unknown name
+-> InvalidArgument; none requested -> the model's ``default_outputs``) before calling ``_predict``,
+so that a model computes only what was asked for (scikit-learn's ``predict_proba`` costs as much as
+``predict``) and every format answers an unknown output name the same way.
+
+Model paths are local: a path or a ``file://`` URI. Anything else (``s3://``, ``gs://``, ...) is
+refused with a clear reason rather than guessed at; fetching from object storage is the job of a
+puller in front of the runtime, as in ModelMesh. A path may name the model file itself, or a
+directory holding exactly one file with the loader's extensions (searched recursively, so Triton's
+``<model>/1/model.onnx`` layout works); hidden files are ignored.
+
+Security: sklearn models are pickles and TorchScript archives can carry code; load models only
+from storage you trust, as with every serving system that accepts these formats.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+
+from mesh.errors import InvalidArgument, MeshError, ModelLoadError, NotHere
+from mesh.runtime.tensors import TensorSpec
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_DEVICE = re.compile(r"^(ram|gpu(\d+))$")
+# Library exceptions can be long (xgboost appends a C++ stack trace); a status line stays readable.
+_MAX_REASON = 1000
+
+
+def resolve_path(path_or_uri: str) -> Path:
+    """A local model path from a path or ``file://`` URI; ModelLoadError for anything else."""
+    if not path_or_uri:
+        raise ModelLoadError("the model has no storage path")
+    m = _URI.match(path_or_uri)
+    if m:
+        scheme = m.group(1).lower()
+        if scheme != "file":
+            raise ModelLoadError(
+                f"unsupported storage URI scheme {scheme!r}; only local paths and file:// are supported"
+            )
+        parsed = urlparse(path_or_uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ModelLoadError(
+                f"file URI {path_or_uri!r} names host {parsed.netloc!r}; only local files are supported"
+            )
+        path = Path(unquote(parsed.path))
+    else:
+        path = Path(path_or_uri).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    return path
+
+
+def file_size(path: Path) -> int:
+    """Bytes on disk: the file's size, or the sum over a directory's files (0 if unreadable)."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def find_model_file(path: Path, extensions: Sequence[str], type_name: str) -> Path:
+    """``path`` itself if it is a file, else the single file under it with one of ``extensions``."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ModelLoadError(f"{type_name}: model path {str(path)!r} is neither a file nor a directory")
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in extensions
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    wanted = "/".join(extensions)
+    if not found:
+        raise ModelLoadError(f"{type_name}: no {wanted} file in {str(path)!r}")
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(path)) for p in found)
+        raise ModelLoadError(
+            f"{type_name}: {str(path)!r} holds several {wanted} files ({names}); "
+            f"point the model path at one of them"
+        )
+    return found[0]
+
+
+def gpu_index(device: str) -> int | None:
+    """The N of ``gpu<N>``, None for ``ram``; ModelLoadError for anything else."""
+    m = _DEVICE.match(device)
+    if m is None:
+        raise ModelLoadError(f"unknown device {device!r}; expected 'ram' or 'gpu<N>'")
+    return int(m.group(2)) if m.group(2) is not None else None
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as one readable status line: its text, or its type when it has none."""
+    text = str(exc).strip() or type(exc).__name__
+    text = text.split("\nStack trace:", 1)[0].strip()  # xgboost's C++ trace helps no operator
+    if len(text) > _MAX_REASON:
+        text = text[:_MAX_REASON] + "..."
+    return text
+
+
+class LoadedModel(abc.ABC):
+    """A model in memory, ready to predict.
+
+    ``inputs`` / ``outputs`` describe it for ModelMetadata; ``outputs`` lists every output the
+    model can produce and ``default_outputs`` those returned when a request names none.
+    """
+
+    platform: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        model_id: str,
+        type: str,
+        device: str,
+        inputs: list[TensorSpec],
+        outputs: list[TensorSpec],
+        default_outputs: list[str] | None = None,
+    ) -> None:
+        self.model_id = model_id
+        self.type = type
+        self.device = device
+        self.inputs = inputs
+        self.outputs = outputs
+        self.default_outputs = (
+            default_outputs if default_outputs is not None else [o.name for o in outputs]
+        )
+        self._closed = False
+
+    def predict(
+        self, inputs: Mapping[str, np.ndarray], requested: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """The requested outputs (``default_outputs`` when none), in requested order.
+
+        Synchronous and safe to call from several threads at once. Raises InvalidArgument for
+        inputs the model cannot take or an unknown output name, and NotHere after ``close()``
+        (the copy was unloaded under the request: the router retries elsewhere).
+        """
+        if self._closed:
+            raise NotHere(f"model {self.model_id!r} was unloaded from this instance")
+        names = list(dict.fromkeys(requested)) if requested else self.default_outputs
+        known = {o.name for o in self.outputs}
+        for name in names:
+            if name not in known:
+                raise InvalidArgument(
+                    f"unknown output {name!r}; model {self.model_id!r} has outputs {sorted(known)}"
+                )
+        result = self._predict(inputs, names)
+        return {name: result[name] for name in names}
+
+    @abc.abstractmethod
+    def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """Compute at least the outputs in ``names`` (all known to the model)."""
+
+    @abc.abstractmethod
+    def footprint_bytes(self) -> int:
+        """The memory the model's own objects hold, measured after the load (see each loader)."""
+
+    def close(self) -> None:
+        """Release the model's memory; idempotent. In-flight predictions finish normally."""
+        self._closed = True
+        self._release()
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Drop the references to the library's model objects."""
+
+
+class Loader(abc.ABC):
+    """Loads one model format. Instances are stateless and shared by all loads."""
+
+    type: ClassVar[str]
+    extensions: ClassVar[tuple[str, ...]]
+    # Whether ``load`` accepts ``gpu<N>``; the runtime should place other types in RAM.
+    supports_gpu: ClassVar[bool] = False
+
+    def load(self, model_id: str, path: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+        """Load the model at ``path`` (a file, or a directory holding one model file) onto ``device``.
+
+        ``key`` is the registration's parsed model key; the built-in loaders need nothing from it
+        and accept any. Raises ModelLoadError with the reason.
+        """
+        index = gpu_index(device)
+        if index is not None and not self.supports_gpu:
+            raise ModelLoadError(f"{self.type}: this loader runs models in RAM only, not on {device}")
+        file = find_model_file(path, self.extensions, self.type)
+        try:
+            return self._load(model_id, file, key, device)
+        except MeshError:
+            raise
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"{self.type}: the library for this model type is not installed ({reason(exc)}); "
+                f"install mesh-serving[runtimes]"
+            ) from exc
+        except Exception as exc:
+            raise ModelLoadError(f"{self.type}: cannot load {file}: {reason(exc)}") from exc
+
+    @abc.abstractmethod
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+        """Build the LoadedModel from ``file``; any exception becomes a ModelLoadError."""
+
+
+def tabular_input(
+    inputs: Mapping[str, np.ndarray], n_features: int | None, type_name: str
+) -> np.ndarray:
+    """The one 2-D numeric input of a tabular model (sklearn, xgboost, lightgbm), checked.
+
+    The name is free (clients name it "input", "X", "predict", ...): tabular models have one.
+    """
+    if len(inputs) != 1:
+        raise InvalidArgument(
+            f"{type_name} models take exactly one input, the request has {len(inputs)}: {list(inputs)}"
+        )
+    name, arr = next(iter(inputs.items()))
+    if arr.dtype.kind not in "biuf":
+        raise InvalidArgument(f"input {name!r}: {type_name} models take numbers, not {arr.dtype}")
+    if arr.ndim != 2:
+        raise InvalidArgument(
+            f"input {name!r}: {type_name} models take a 2-D input [rows, features], "
+            f"got shape {list(arr.shape)}"
+        )
+    if n_features is not None and arr.shape[1] != n_features:
+        raise InvalidArgument(
+            f"input {name!r}: model expects {n_features} features, input has {arr.shape[1]}"
+        )
+    return arr
+
+
+def held(obj: Any, model_id: str) -> Any:
+    """``obj`` if the model still holds it, else NotHere (it was closed while the request ran)."""
+    if obj is None:
+        raise NotHere(f"model {model_id!r} was unloaded from this instance")
+    return obj

@@ -1,0 +1,270 @@
+"""ONNX models (``.onnx``), run by onnxruntime.
+
+Inputs are matched **by name** with the session's inputs. One exception keeps single-input models
+easy to call: when the request has exactly one input and the model takes exactly one, the name is
+not checked. Each input is checked against the model's rank and fixed dimensions, then converted to
+the element type the model declares when that is safe or plainly intended:
+
+* to a float type: from any numeric type (FP64 -> FP32 included: clients send Python floats as
+  FP64, and ONNX models converted from scikit-learn take FP32);
+* to an integer type: from integers and BOOL whose values fit;
+* to string: from BYTES holding UTF-8;
+* anything else (floats into an integer input, numbers into a string input) is refused with a
+  message naming both types.
+
+Outputs: every tensor output of the session under its own name (skl2onnx classifiers give
+``label`` and ``probabilities``); all of them are returned when the request names none. Non-tensor
+outputs (skl2onnx's ZipMap, a sequence of maps) have no V2 form, so such a model fails to load with
+a hint to convert it with ``options={"zipmap": False}``.
+
+Device: ``ram`` uses the CPUExecutionProvider; ``gpu<N>`` uses the CUDAExecutionProvider on device N
+and fails the load when onnxruntime cannot provide it, rather than silently running on the CPU
+while the runtime accounts the model to GPU memory.
+
+Threads: each session gets ``intra_op_num_threads=1`` and ``inter_op_num_threads=1``. onnxruntime
+gives every session its own thread pools, sized to the machine by default; with hundreds of models
+per runtime that is thousands of threads, and the runtime already runs many requests at once. Large
+batches on one model lose some speed; multi-model serving sees mostly small ones.
+
+Thread safety: ``InferenceSession.run`` is thread-safe (onnxruntime documents it), so no lock.
+
+Footprint: the bytes of the model's weights, read with the ``onnx`` package: its initializers
+(element count x element size; sparse ones and subgraphs included) plus the tensors and number
+lists in node attributes, where the ``ai.onnx.ml`` operators of converted scikit-learn models keep
+their coefficients and trees. The file size when ``onnx`` is not installed or cannot parse the
+file, or when the model declares no weights at all. onnxruntime itself does not expose
+what it allocated; the runtime adds the process's RSS growth during the load to the picture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mesh.errors import InvalidArgument, MeshError, ModelLoadError
+from mesh.runtime.loaders.base import LoadedModel, Loader, file_size, gpu_index, held, reason
+from mesh.runtime.tensors import TensorSpec, datatype_for
+
+# ONNX element types that V2 can carry, as onnxruntime names them.
+_ONNX_TYPES: dict[str, np.dtype[Any]] = {
+    f"tensor({name})": np.dtype(dtype)
+    for name, dtype in (
+        ("bool", "?"),
+        ("uint8", "u1"),
+        ("uint16", "u2"),
+        ("uint32", "u4"),
+        ("uint64", "u8"),
+        ("int8", "i1"),
+        ("int16", "i2"),
+        ("int32", "i4"),
+        ("int64", "i8"),
+        ("float16", "f2"),
+        ("float", "f4"),
+        ("double", "f8"),
+        ("string", "O"),
+    )
+}
+
+
+class _Port:
+    """One session input or output: name, numpy dtype, shape with -1 for symbolic dims."""
+
+    __slots__ = ("dtype", "name", "onnx_type", "shape")
+
+    def __init__(self, arg: Any, side: str) -> None:
+        self.name: str = arg.name
+        self.onnx_type: str = arg.type
+        dtype = _ONNX_TYPES.get(arg.type)
+        if dtype is None:
+            hint = (
+                "; convert the model with the option zipmap=False"
+                if side == "output" and not arg.type.startswith("tensor(")
+                else ""
+            )
+            raise ModelLoadError(
+                f"onnx: {side} {arg.name!r} has type {arg.type}, which V2 tensors cannot carry{hint}"
+            )
+        self.dtype = dtype
+        dims = arg.shape if isinstance(arg.shape, list) else []
+        self.shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, datatype_for(self.dtype), self.shape)
+
+
+class OnnxModel(LoadedModel):
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, model_id: str, session: Any, device: str, footprint: int, ort_invalid: type) -> None:
+        self._in = [_Port(a, "input") for a in session.get_inputs()]
+        self._out = [_Port(a, "output") for a in session.get_outputs()]
+        super().__init__(
+            model_id=model_id,
+            type="onnx",
+            device=device,
+            inputs=[p.spec() for p in self._in],
+            outputs=[p.spec() for p in self._out],
+        )
+        self._session: Any = session
+        self._footprint = footprint
+        self._ort_invalid = ort_invalid
+
+    def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        session = held(self._session, self.model_id)
+        feeds = self._feeds(inputs)
+        try:
+            results = session.run(names, feeds)
+        except self._ort_invalid as exc:
+            raise InvalidArgument(f"onnx: the model refused the input: {reason(exc)}") from exc
+        return dict(zip(names, results, strict=True))
+
+    def _feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(inputs) == 1 and len(self._in) == 1:
+            (name, arr), port = next(iter(inputs.items())), self._in[0]
+            return {port.name: _convert(name, arr, port)}
+        wanted = {p.name for p in self._in}
+        extra = [n for n in inputs if n not in wanted]
+        if extra:
+            raise InvalidArgument(
+                f"unknown input {extra[0]!r}; the model takes {[p.name for p in self._in]}"
+            )
+        feeds: dict[str, np.ndarray] = {}
+        for port in self._in:
+            arr = inputs.get(port.name)
+            if arr is None:
+                raise InvalidArgument(
+                    f"missing input {port.name!r}; the model takes {[p.name for p in self._in]}, "
+                    f"the request has {list(inputs)}"
+                )
+            feeds[port.name] = _convert(port.name, arr, port)
+        return feeds
+
+    def footprint_bytes(self) -> int:
+        return self._footprint
+
+    def _release(self) -> None:
+        self._session = None
+
+
+def _convert(name: str, arr: np.ndarray, port: _Port) -> np.ndarray:
+    """``arr`` checked against the port's shape and converted to its dtype (module docstring)."""
+    what = f"input {name!r}"
+    if port.shape and (
+        arr.ndim != len(port.shape) or any(w not in (-1, g) for w, g in zip(port.shape, arr.shape, strict=True))
+    ):
+        raise InvalidArgument(
+            f"{what}: the model takes shape {list(port.shape)}, got {list(arr.shape)}"
+        )
+    want, have = port.dtype, arr.dtype
+    if have == want:
+        return arr
+    refused = InvalidArgument(
+        f"{what}: the model takes {port.onnx_type}, got {_v2_name(have)}; cannot convert"
+    )
+    if want.kind == "f":
+        if have.kind not in "biuf":
+            raise refused
+        return arr.astype(want)
+    if want.kind in "iu":
+        if have.kind not in "biu":
+            raise refused
+        if arr.size and not np.can_cast(have, want):
+            info = np.iinfo(want)
+            lo, hi = arr.min(), arr.max()
+            if lo < info.min or hi > info.max:
+                raise InvalidArgument(
+                    f"{what}: values [{lo}, {hi}] do not fit the model's {port.onnx_type}"
+                )
+        return arr.astype(want)
+    if want.kind == "O" and have.kind == "O":
+        try:
+            return np.array(
+                [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr.ravel()],
+                dtype=object,
+            ).reshape(arr.shape)
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{what}: BYTES element is not UTF-8 ({exc})") from None
+    raise refused
+
+
+def _v2_name(dtype: np.dtype[Any]) -> str:
+    try:
+        return datatype_for(dtype)
+    except MeshError:
+        return str(dtype)
+
+
+def weight_bytes(file: Path) -> int:
+    """The bytes of the model's weights, or the file size when the ``onnx`` package cannot tell.
+
+    Weights are the initializers (neural networks) and the tensors and number lists held in node
+    attributes: the ``ai.onnx.ml`` operators that skl2onnx emits (TreeEnsemble, LinearClassifier,
+    Scaler) keep their whole model there.
+    """
+    try:
+        import onnx
+        from onnx import helper
+
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception:  # no onnx package, or a file only onnxruntime understands
+        return file_size(file)
+
+    def tensor_bytes(t: Any) -> int:
+        if t.data_type == onnx.TensorProto.STRING:
+            return sum(len(s) for s in t.string_data)
+        try:
+            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except Exception:  # element types numpy lacks (bfloat16, float8): count their raw bytes
+            return len(t.raw_data)
+        return math.prod(t.dims) * itemsize
+
+    total = 0
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        total += sum(tensor_bytes(t) for t in graph.initializer)
+        total += sum(tensor_bytes(s.values) for s in graph.sparse_initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                # Floats are held as float32 and ints as int64 by the operators that read them.
+                total += 4 * len(attr.floats) + 8 * len(attr.ints) + sum(len(s) for s in attr.strings)
+                if attr.HasField("t"):
+                    total += tensor_bytes(attr.t)
+                total += sum(tensor_bytes(t) for t in attr.tensors)
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    return total or file_size(file)
+
+
+class OnnxLoader(Loader):
+    type = "onnx"
+    extensions = (".onnx",)
+    supports_gpu = True
+
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+        import onnxruntime as ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # see the module docstring
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: warnings per model flood a busy runtime's log
+        index = gpu_index(device)
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if index is not None:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelLoadError(
+                    f"onnx: {device} requested but this onnxruntime has no CUDAExecutionProvider "
+                    f"(available: {', '.join(ort.get_available_providers())})"
+                )
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        session = ort.InferenceSession(str(file), sess_options=options, providers=providers)
+        if index is not None and "CUDAExecutionProvider" not in session.get_providers():
+            # onnxruntime falls back to the CPU when CUDA fails to initialise; say so instead.
+            raise ModelLoadError(f"onnx: CUDAExecutionProvider failed to start on {device}")
+        return OnnxModel(model_id, session, device, weight_bytes(file), OrtInvalidArgument)

@@ -1,0 +1,265 @@
+"""The runtime's transport-neutral core: inference, the ModelRuntime SPI, and model lifecycle.
+
+The servicers in ``servicer.py`` decode gRPC and call this; tests call it directly.
+
+Which model a request is for: the ``mm-model-id`` header that the router sets (the concrete
+model, after vModel resolution), else the request's ``model_name``. Whether a miss may load: yes,
+unless the router marked the request hit-only (it chose this instance because it believed the
+copy was loaded; if the copy was evicted meanwhile the answer is "not here" and the router retries
+elsewhere, instead of this instance loading a model that is loaded elsewhere).
+
+Model registrations come from the registry, looked up on demand (``SpecCache``); when a
+registration is deleted or redefined, the copy loaded here is unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import Executor
+
+import structlog
+
+from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.registry.records import ModelSpec
+from mesh.registry.specs import SpecCache
+from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
+from mesh.runtime.loaders import get_loader, supported_types
+from mesh.runtime.loaders.base import LoadedModel, file_size, resolve_path
+from mesh.runtime.tensors import decode_inputs, encode_response
+from placement.sizing import SizeEstimator
+
+log = structlog.get_logger(__name__)
+
+MAX_MODEL_ID_BYTES = 1024
+
+
+def check_model_id(model_id: str) -> str:
+    if not model_id:
+        raise InvalidArgument("no model given: set the mm-model-id header or model_name")
+    if len(model_id.encode("utf-8", "surrogatepass")) > MAX_MODEL_ID_BYTES:
+        raise InvalidArgument(f"model ID is {len(model_id.encode('utf-8', 'surrogatepass'))} bytes long; "
+                              f"the limit is {MAX_MODEL_ID_BYTES}")
+    return model_id
+
+
+def parse_key(key: str) -> dict[str, object]:
+    """ModelInfo.key: a JSON object by convention; empty means no parameters."""
+    if not key:
+        return {}
+    try:
+        value = json.loads(key)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"model key is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError("model key must be a JSON object")
+    return value
+
+
+def wants_gpu(spec: ModelSpec) -> bool:
+    return "gpu" in spec.labels
+
+
+def load_model(spec: ModelSpec, device: str) -> LoadedModel:
+    """Runs in a loader thread: resolve the path and call the type's loader."""
+    loader = get_loader(spec.type)
+    path = resolve_path(spec.path)
+    return loader.load(spec.model_id, path, parse_key(spec.key), device)
+
+
+class SizePredictor:
+    """Predicted size before a load: the registration's hint, else file size x learned ratio."""
+
+    def __init__(self, estimator: SizeEstimator) -> None:
+        self.estimator = estimator
+        self._file_sizes: dict[str, int] = {}
+
+    def _file_size(self, spec: ModelSpec) -> int:
+        size = self._file_sizes.get(spec.path)
+        if size is None:
+            try:
+                size = file_size(resolve_path(spec.path))
+            except Exception:
+                size = 0  # unreadable now: the load will fail with the real reason
+            if len(self._file_sizes) > 100_000:
+                self._file_sizes.clear()
+            self._file_sizes[spec.path] = size
+        return size
+
+    def predict(self, spec: ModelSpec) -> int:
+        if spec.size_hint_bytes:
+            return spec.size_hint_bytes
+        return self.estimator.predict(spec.type.lower(), self._file_size(spec))
+
+    def observe(self, spec: ModelSpec, measured: int) -> None:
+        size = self._file_sizes.get(spec.path, 0)
+        if size:
+            self.estimator.observe(spec.type.lower(), size, measured)
+
+
+# Libraries imported before a model's load is measured, so that the first load of a type is not
+# charged with the library's own memory (tens of MB for scikit-learn's estimator modules).
+_WARM_IMPORTS = {
+    "sklearn": ("sklearn.linear_model", "sklearn.tree", "sklearn.ensemble", "sklearn.pipeline"),
+    "xgboost": ("xgboost",), "lightgbm": ("lightgbm",), "onnx": ("onnxruntime",),
+    "torchscript": ("torch",),
+}
+
+
+def prepare_load(spec: ModelSpec) -> None:
+    """Runs in a loader thread before the measured part of a load."""
+    import importlib
+
+    loader = get_loader(spec.type)
+    for module in _WARM_IMPORTS.get(loader.type, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass  # the load itself reports the missing library with a clear reason
+
+
+def choose_device(spec: ModelSpec, budgets: dict[str, DeviceBudget]) -> str:
+    """RAM, or the GPU with the most free budget for models labelled ``gpu`` whose loader can
+    use one."""
+    if wants_gpu(spec) and get_loader(spec.type).supports_gpu:
+        gpus = [b for d, b in budgets.items() if d.startswith("gpu")]
+        if gpus:
+            return max(gpus, key=lambda b: b.capacity_bytes - b.used_bytes).device
+    return "ram"
+
+
+class RuntimeService:
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        cache: ModelCache,
+        specs: SpecCache,
+        infer_executor: Executor,
+        sizer: SizePredictor,
+        types: list[str] | None = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.cache = cache
+        self.specs = specs
+        self.sizer = sizer
+        self.ready = False  # ServerReady: set once registered and serving, cleared when draining
+        self._executor = infer_executor
+        self.types = [t.lower() for t in (types or supported_types())]
+        self.requests = 0
+        specs.subscribe(self._registration_changed, self._registrations_reset)
+
+    # --- inference ----------------------------------------------------------------------------
+    async def _spec(self, model_id: str) -> ModelSpec:
+        spec = await self.specs.get(model_id)
+        if spec is None:
+            raise ModelNotFound(model_id)
+        return spec
+
+    async def _entry(self, model_id: str, allow_load: bool) -> Entry:
+        entry = self.cache.loaded(model_id)
+        if entry is None:
+            spec = await self._spec(model_id)
+            if spec.type.lower() not in self.types:
+                raise InvalidArgument(f"model {model_id!r} has type {spec.type!r}, which this runtime "
+                                      f"does not load (it loads: {', '.join(self.types)})")
+            entry = await self.cache.acquire(spec, allow_load=allow_load)
+        return entry
+
+    async def infer(self, model_id: str, request: pb.ModelInferRequest, *,
+                    allow_load: bool = True) -> pb.ModelInferResponse:
+        self.requests += 1
+        entry = await self._entry(check_model_id(model_id), allow_load)
+        self.cache.begin_use(entry)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, _run_inference, entry, request)
+        finally:
+            self.cache.end_use(entry)
+
+    async def model_ready(self, model_id: str) -> bool:
+        entry = self.cache.get(check_model_id(model_id))
+        if entry is not None:
+            return entry.state == "loaded"
+        await self._spec(model_id)  # NOT_FOUND for unknown models, like a V2 server
+        return False
+
+    async def model_metadata(self, model_id: str, *, allow_load: bool = True) -> pb.ModelMetadataResponse:
+        entry = await self._entry(check_model_id(model_id), allow_load)
+        model = entry.model
+        assert model is not None
+        response = pb.ModelMetadataResponse(name=model_id, versions=["1"], platform=model.platform)
+        for spec, target in ((model.inputs, response.inputs), (model.outputs, response.outputs)):
+            for t in spec:
+                target.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        return response
+
+    # --- the ModelRuntime SPI -----------------------------------------------------------------
+    async def spec_for(self, model_id: str, model_type: str, path: str, key: str) -> ModelSpec:
+        """The registered spec if there is one (it carries size hints and labels), else one
+        built from the SPI request (a ModelMesh driving this runtime has no registry of ours)."""
+        check_model_id(model_id)
+        spec = await self.specs.get(model_id)
+        if spec is not None:
+            return spec
+        if not model_type:
+            raise InvalidArgument(f"model {model_id!r} is not registered and the request has no modelType")
+        return ModelSpec(model_id=model_id, type=model_type, path=path, key=key)
+
+    async def load(self, spec: ModelSpec, *, last_used: float | None = None) -> Entry:
+        if spec.type.lower() not in self.types:
+            raise InvalidArgument(f"model type {spec.type!r} is not supported here "
+                                  f"(supported: {', '.join(self.types)})")
+        return await self.cache.acquire(spec, last_used=last_used)
+
+    async def unload(self, model_id: str) -> bool:
+        return await self.cache.unload(model_id)
+
+    def predict_size(self, spec: ModelSpec) -> int:
+        return self.sizer.predict(spec)
+
+    def model_size(self, model_id: str) -> int:
+        entry = self.cache.get(model_id)
+        if entry is None or entry.state != "loaded":
+            raise ModelNotFound(model_id, what="loaded model")
+        return entry.reserved_bytes
+
+    # --- registration changes -----------------------------------------------------------------
+    def _registration_changed(self, model_id: str, spec: ModelSpec | None) -> None:
+        entry = self.cache.get(model_id)
+        if entry is None or (spec is not None and spec.same_definition(entry.spec)):
+            return
+        why = "unregistered" if spec is None else "redefined"
+        log.info("registration changed; unloading the local copy", model_id=model_id, why=why)
+        asyncio.get_running_loop().create_task(self.cache.unload(model_id, reason=why),
+                                               name=f"unload-{why}:{model_id}")
+
+    def _registrations_reset(self) -> None:
+        """After a watch reset, re-check every local copy against the registry."""
+        async def recheck() -> None:
+            for entry in self.cache.entries():
+                try:
+                    spec = await self.specs.get(entry.model_id)
+                except Exception:
+                    log.warning("re-check after a watch reset failed", model_id=entry.model_id)
+                    continue
+                self._registration_changed(entry.model_id, spec)
+
+        asyncio.get_running_loop().create_task(recheck(), name="recheck-registrations")
+
+
+def _run_inference(entry: Entry, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """Decode, predict, encode: in an inference thread, off the event loop."""
+    model = entry.model
+    if model is None:  # evicted and closed between lookup and use cannot happen while in_use > 0
+        raise ModelLoadError(f"model {entry.model_id!r} is not loaded")
+    inputs = decode_inputs(request)
+    outputs = model.predict(inputs, [o.name for o in request.outputs])
+    raw = len(request.raw_input_contents) > 0
+    return encode_response(model_name=request.model_name or entry.model_id, model_version="1",
+                           request_id=request.id, outputs=outputs, raw=raw)
+
+
+__all__ = ["RuntimeService", "SizePredictor", "check_model_id", "choose_device", "load_model",
+           "wants_gpu"]

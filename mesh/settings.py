@@ -1,0 +1,230 @@
+"""One typed settings object, built once at start-up and passed in.
+
+Sources, later ones winning: the defaults below; a TOML config file (``--config FILE`` or
+``MESH_CONFIG``) with one table per group (``[registry]``, ``[router]``, ``[runtime]``, ``[log]``);
+environment variables ``MESH_<GROUP>_<FIELD>`` (``MESH_RUNTIME_CAPACITY_BYTES=2GiB``); explicit
+overrides from the command line. Unknown keys are errors, not silently ignored: a typo in a
+capacity setting should stop the process rather than run it with the default.
+
+Every field documents its unit, and why its default is what it is; ``mesh settings`` prints them.
+Byte sizes accept suffixes (``512MiB``, ``2GiB``, ``1.5GB``); durations are in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.errors import InvalidArgument
+
+_MIB = 1024 * 1024
+
+
+def _f(default: Any, doc: str, unit: str = "") -> Any:
+    return field(default=default, metadata={"doc": doc, "unit": unit})
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    url: str = _f("etcd://127.0.0.1:2379",
+                  "Registry address: etcd://host:port[,host:port...][/prefix], or memory:// for "
+                  "components that share one process. `mesh up` sets it to its private etcd.")
+    timeout_s: float = _f(2.0, "Deadline of one registry call; past it, management calls fail fast "
+                          "with UNAVAILABLE instead of hanging while etcd is down.", "s")
+    lease_ttl_s: int = _f(10, "TTL of each instance's lease. A dead instance's placements vanish "
+                          "this long after it dies (ModelMesh: 20 s, plus a reaper pass of minutes).", "s")
+    failure_ttl_s: int = _f(300, "How long a load-failure record lives; while it does, routers do not "
+                            "retry the load on that instance (ModelMesh keeps them 15 min).", "s")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    host: str = _f("127.0.0.1", "Address the router binds (0.0.0.0 in a pod).")
+    port: int = _f(8033, "gRPC port: V2 data plane and the mmesh.ModelMesh management API "
+                   "(ModelMesh's port).")
+    max_attempts: int = _f(4, "Forwarding attempts per request; each retry excludes the instance that "
+                           "answered 'not here' or was gone. Inference is treated as idempotent.")
+    default_timeout_s: float = _f(60.0, "Deadline applied to a request whose client set none; covers "
+                                  "a cold load on the way.", "s")
+    load_factor: float = _f(1.25, "Bounded-load factor for choosing a model's home: an instance busier "
+                            "than this times the mean is skipped (1.25 keeps homes stable while "
+                            "capping a hot spot at +25 %).")
+    spec_cache_entries: int = _f(10_000, "Registrations of not-loaded models cached in the router; "
+                                 "bounds router memory however many models are registered.")
+    max_message_bytes: int = _f(16 * _MIB, "Largest gRPC message accepted or forwarded (ModelMesh's "
+                                "default, 16 MiB).", "bytes")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    host: str = _f("127.0.0.1", "Address the runtime binds (0.0.0.0 in a pod).")
+    port: int = _f(8085, "gRPC port: V2 data plane and the mmesh.ModelRuntime SPI; 0 picks a free port.")
+    advertise_host: str = _f("", "Host published in the instance record for routers to dial; empty "
+                             "means the bind host (set it to the pod IP in Kubernetes).")
+    instance_id: str = _f("", "Stable instance ID; empty means <hostname>-<pid>-<random>.")
+    capacity_bytes: int = _f(0, "RAM budget for loaded models; 0 derives it from capacity_fraction.",
+                             "bytes")
+    capacity_fraction: float = _f(0.5, "Share of the memory limit (cgroup limit, else total RAM) given to "
+                                  "models when capacity_bytes is 0; the rest is the runtime's own "
+                                  "working memory and inference buffers.")
+    gpu_capacity_fraction: float = _f(0.9, "Share of each GPU's memory given to models (pynvml); the "
+                                      "rest is left for activations and the CUDA context.")
+    max_concurrent_loads: int = _f(2, "Loads running at once; more wait in line. Two overlap one slow "
+                                   "read with one deserialisation on a 2-core pod.")
+    load_timeout_s: float = _f(90.0, "A load taking longer fails with DEADLINE_EXCEEDED and its "
+                               "reservation is released (ModelMesh's default, 90 s).", "s")
+    eviction_policy: str = _f("lru", "Eviction policy from placement/ (lru: ModelMesh's behaviour).")
+    default_model_size_bytes: int = _f(1 * _MIB, "Floor of a model's predicted size before its load, "
+                                       "when the file is tiny or unreadable.", "bytes")
+    size_ratio: float = _f(1.25, "Initial in-memory/on-disk size ratio per model type, refined after "
+                           "each measured load (ModelMesh's adapters use a fixed 1.25).")
+    inference_threads: int = _f(4, "Threads running model predict calls, so that one slow model does "
+                                "not stall the event loop.")
+    labels: tuple[str, ...] = _f((), "Labels this instance offers; models requiring labels go only to "
+                                 "instances that carry them all.")
+    zone: str = _f("", "Failure zone of this instance, published for placement.")
+    supported_types: tuple[str, ...] = _f((), "Model types this instance loads; empty means every "
+                                          "built-in loader.")
+    publish_interval_s: float = _f(2.0, "How often the instance record is refreshed when it changed "
+                                   "(load and evict events publish at once).", "s")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = _f("info", "Log level: debug, info, warning, error.")
+    format: str = _f("auto", "auto (readable on a terminal, JSON otherwise), json or console.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    router: RouterSettings = field(default_factory=RouterSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "ki": 1024, "kib": 1024, "mi": 1024**2,
+          "mib": 1024**2, "gi": 1024**3, "gib": 1024**3, "ti": 1024**4, "tib": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MiB"`` -> 536870912; plain numbers are bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a byte size: {text!r} (examples: 1048576, 512MiB, 2GiB, 1.5GB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            low = str(value).strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError("not an integer")
+            if isinstance(value, int):
+                return value
+            return parse_bytes(str(value)) if name.endswith("_bytes") else int(str(value))
+        if tp is float:
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError(f"not a string: {value!r}")
+            return value
+        if typing.get_origin(tp) is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if isinstance(value, list | tuple):
+                return tuple(str(v) for v in value)
+            raise ValueError(f"not a list: {value!r}")
+    except ValueError as exc:
+        raise InvalidArgument(f"setting {name}: {exc}") from None
+    raise InvalidArgument(f"setting {name}: unsupported type {tp}")
+
+
+def _group_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Build the settings from defaults, file, environment and overrides (in that order)."""
+    env = os.environ if env is None else env
+    layers: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    path = config_file or env.get("MESH_CONFIG")
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument(f"config file {path}: {exc}") from None
+        layers.append((f"config file {path}", data))
+    groups = _group_types()
+    env_layer: dict[str, dict[str, Any]] = {}
+    for key, value in env.items():
+        if not key.startswith("MESH_") or key == "MESH_CONFIG":
+            continue
+        rest = key[5:].lower()
+        group = next((g for g in groups if rest.startswith(g + "_")), None)
+        if group is None:
+            continue  # MESH_* variables of other tools are not ours to reject
+        env_layer.setdefault(group, {})[rest[len(group) + 1:]] = value
+    layers.append(("environment", env_layer))
+    if overrides:
+        layers.append(("overrides", {g: dict(v) for g, v in overrides.items()}))
+
+    values: dict[str, dict[str, Any]] = {g: {} for g in groups}
+    for source, layer in layers:
+        for group, items in layer.items():
+            if group not in groups:
+                raise InvalidArgument(f"{source}: unknown settings group [{group}]; "
+                                      f"known: {', '.join(groups)}")
+            if not isinstance(items, dict):
+                raise InvalidArgument(f"{source}: [{group}] must be a table")
+            hints = typing.get_type_hints(groups[group])
+            for name, value in items.items():
+                if name not in hints:
+                    raise InvalidArgument(f"{source}: unknown setting {group}.{name}; known: "
+                                          f"{', '.join(hints)}")
+                values[group][name] = _coerce(hints[name], value, f"{group}.{name}")
+    return Settings(**{g: groups[g](**values[g]) for g in groups})
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(name, default, unit, doc) for every setting, for ``mesh settings`` and the README."""
+    rows = []
+    for group, cls in _group_types().items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else ""
+            rows.append((f"{group}.{f.name}", repr(default), f.metadata.get("unit", ""),
+                         f.metadata.get("doc", "")))
+    return rows
+
+
+def with_changes(settings: Settings, **groups: Mapping[str, Any]) -> Settings:
+    """A copy of ``settings`` with some fields of some groups replaced (used by `mesh up`)."""
+    changed = {g: dataclasses.replace(getattr(settings, g), **dict(v)) for g, v in groups.items()}
+    return dataclasses.replace(settings, **changed)
+
+
+__all__ = ["LogSettings", "RegistrySettings", "RouterSettings", "RuntimeSettings", "Settings",
+           "describe", "load_settings", "parse_bytes", "with_changes"]

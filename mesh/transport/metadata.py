@@ -1,0 +1,42 @@
+"""Reading the model selection headers: ``mm-model-id`` / ``mm-vmodel-id`` and their ``-bin`` forms.
+
+gRPC hands ``-bin`` header values over already base64-decoded, as bytes; they must be UTF-8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from mesh.errors import InvalidArgument
+
+MODEL_ID = "mm-model-id"
+VMODEL_ID = "mm-vmodel-id"
+# Set by the router on forwarded requests: "deny" means the copy was believed loaded here, so a
+# miss must answer "not here" instead of loading.
+LOAD_MODE = "mesh-load"
+
+_HEADERS = {MODEL_ID: (False, False), MODEL_ID + "-bin": (False, True),
+            VMODEL_ID: (True, False), VMODEL_ID + "-bin": (True, True)}
+
+
+def model_selection(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str | None, bool, bool]:
+    """(id, is_vmodel, load_allowed) from request metadata; id None when no header names one."""
+    model_id: str | None = None
+    is_vmodel = False
+    load_allowed = True
+    for key, value in metadata or ():
+        spec = _HEADERS.get(key)
+        if spec is not None:
+            vmodel, binary = spec
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidArgument(f"header {key}: value is not valid UTF-8") from None
+            elif binary:
+                raise InvalidArgument(f"header {key}: expected binary metadata")
+            if model_id is None or (vmodel and not is_vmodel):
+                model_id, is_vmodel = value, vmodel
+        elif key == LOAD_MODE:
+            load_allowed = value != "deny"
+    return model_id, is_vmodel, load_allowed

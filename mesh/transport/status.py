@@ -1,0 +1,76 @@
+"""The one place where errors become gRPC statuses.
+
+``MeshError`` subclasses map by their ``code``; anything else is a bug: it is logged with its
+traceback and the caller gets INTERNAL with a short message (never the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from mesh.errors import Code, MeshError, NotHere
+
+log = structlog.get_logger(__name__)
+
+GRPC_CODES: dict[Code, grpc.StatusCode] = {
+    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Code.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+    Code.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+MESH_CODES = {v: k for k, v in GRPC_CODES.items()}
+
+# Trailing metadata that marks an error as the runtime's own answer (as opposed to a broken
+# connection), and the specific "model not here" answer that the router retries elsewhere.
+ORIGIN_KEY = "mesh-origin"
+NOT_HERE_KEY = "mesh-not-here"
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, MeshError):
+        return GRPC_CODES[exc.code], exc.message
+    log.error("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__} (details in the server log)"
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, *, origin: str = "") -> None:
+    code, message = status_of(exc)
+    trailers: list[tuple[str, str]] = []
+    if origin:
+        trailers.append((ORIGIN_KEY, origin))
+    if isinstance(exc, NotHere):
+        trailers.append((NOT_HERE_KEY, "1"))
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
+    await context.abort(code, message)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def handled(origin: str = "") -> Callable[[F], F]:
+    """Decorate an async servicer method: MeshErrors and bugs become proper statuses."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        async def inner(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await fn(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # the one catch-all: map, log bugs, never crash the server
+                await abort(context, exc, origin=origin)
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
