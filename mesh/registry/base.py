@@ -103,6 +103,12 @@ class KVStore(Protocol):
         """Stop the keep-alive and revoke: the lease's keys disappear now."""
         ...
 
+    def stop_keepalive(self, lease: Lease) -> None:
+        """Stop refreshing ``lease`` without revoking it: its keys expire after its TTL. For
+        records that should expire on their own (load failures), and for tests that simulate an
+        owner that died."""
+        ...
+
     def watch_prefix(
         self, prefix: str, *, start_revision: int
     ) -> AsyncIterator[WatchEvent | WatchReset]: ...

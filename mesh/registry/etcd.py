@@ -70,15 +70,16 @@ _TRANSPORT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
 _KEEPALIVE_RETRY_S = 0.5
 
 
-def _range_end(prefix: bytes) -> bytes:
-    """The end of etcd's range for ``prefix`` (``\\0`` means "to the end", for the empty prefix)."""
-    end = bytearray(prefix)
+def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
+    """etcd's [key, range_end) for a prefix; the empty prefix is every key (``\\0``, ``\\0``)."""
+    key = prefix.encode()
+    end = bytearray(key)
     while end:
         if end[-1] < 0xFF:
             end[-1] += 1
-            return bytes(end)
+            return key, bytes(end)
         end.pop()
-    return b"\0"
+    return key or b"\0", b"\0"
 
 
 def _status_code(exc: BaseException) -> grpc.StatusCode | None:
@@ -192,21 +193,23 @@ class EtcdStore:
         self, prefix: str, *, limit: int = 0, start_after: str = ""
     ) -> tuple[list[KeyValue], int]:
         # aetcd's get_prefix has no limit, so this builds the Range request itself.
-        start = raw = prefix.encode()
+        start, end = _prefix_range(prefix)
         if start_after:
-            start = max(raw, start_after.encode() + b"\0")
-        request = rpc.RangeRequest(key=start, range_end=_range_end(raw), limit=limit)
+            start = max(start, start_after.encode() + b"\0")
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit)
 
         async def op(c: aetcd.Client) -> Any:
             await c.connect()
             return await c.kvstub.Range(request, timeout=self.timeout_s, metadata=c.metadata)
 
-        response = await self._call(f"list {prefix}", op)
+        response = await self._call(f"list {prefix}*", op)
         return [_kv(kv) for kv in response.kvs], response.header.revision
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         lease_id = lease.id if lease else 0
-        result = await self._call(f"put {key}", lambda c: c.put(key.encode(), value, lease=lease_id), lease=lease)
+        result = await self._call(
+            f"put {key}", lambda c: c.put(key.encode(), value, lease=lease_id), lease=lease
+        )
         return int(result.header.revision)
 
     async def create(self, key: str, value: bytes, *, lease: Lease | None = None) -> bool:
@@ -254,8 +257,8 @@ class EtcdStore:
         return bool(succeeded) and responses[0].response_delete_range.deleted > 0
 
     async def delete_prefix(self, prefix: str) -> int:
-        raw = prefix.encode()
-        result = await self._call(f"delete {prefix}*", lambda c: c.delete_range(raw, _range_end(raw)))
+        start, end = _prefix_range(prefix)
+        result = await self._call(f"delete {prefix}*", lambda c: c.delete_range(start, end))
         return int(result.deleted)
 
     async def compact(self, revision: int) -> None:
@@ -275,7 +278,9 @@ class EtcdStore:
         granted = await self._call(f"grant a {ttl_s}s lease", lambda c: c.lease(ttl_s))
         lease = Lease(id=granted.id, ttl_s=int(granted.ttl))
         expires_at = self._clock() + lease.ttl_s
-        self._keepalives[lease.id] = spawn(self._keepalive(lease, expires_at), name=f"etcd-keepalive-{lease.id:x}")
+        self._keepalives[lease.id] = spawn(
+            self._keepalive(lease, expires_at), name=f"etcd-keepalive-{lease.id:x}"
+        )
         return lease
 
     async def revoke_lease(self, lease: Lease) -> None:
@@ -307,7 +312,9 @@ class EtcdStore:
                 ttl = await self._call(f"refresh lease {lease.id:x}", op)
             except MeshError as exc:
                 if self._clock() >= expires_at:
-                    log.warning("lease lost: not refreshed within its TTL", lease=f"{lease.id:x}", error=str(exc))
+                    log.warning(
+                        "lease lost: not refreshed within its TTL", lease=f"{lease.id:x}", error=str(exc)
+                    )
                     lease.lost.set()
                     return
                 log.info("lease refresh failed, retrying", lease=f"{lease.id:x}", error=str(exc))
@@ -328,7 +335,7 @@ class EtcdStore:
     async def watch_prefix(
         self, prefix: str, *, start_revision: int
     ) -> AsyncIterator[WatchEvent | WatchReset]:
-        raw = prefix.encode()
+        key, end = _prefix_range(prefix)
         next_rev = start_revision
         backoff = self._backoff_initial
         while not self._closed:
@@ -342,7 +349,7 @@ class EtcdStore:
                 client = self._clients[index]
                 await client.connect()
                 call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
-                create = rpc.WatchCreateRequest(key=raw, range_end=_range_end(raw), start_revision=next_rev)
+                create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=next_rev)
                 async with asyncio.timeout(self.timeout_s):
                     await call.write(rpc.WatchRequest(create_request=create))
                     first = await call.read()

@@ -89,7 +89,9 @@ class EtcdProcess:
         stop_grace_s: float = 5.0,
     ) -> None:
         self._owns_dir = data_dir is None
-        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mesh-etcd-"))
+        self.data_dir = (
+            Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mesh-etcd-"))
+        )
         self.binary = binary or find_etcd_binary()
         self.name = name
         self.start_timeout_s = start_timeout_s
@@ -215,7 +217,7 @@ class EtcdProcess:
         ]  # fmt: skip
 
     def _launch(self) -> None:
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _release
+        self._log_file = open(self.log_path, "ab")  # closed in _release, when the process is reaped
         log_start = self._log_file.tell()
         self._proc = subprocess.Popen(
             self._command(),
@@ -240,7 +242,7 @@ class EtcdProcess:
     def _healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1.0) as resp:
-                return json.loads(resp.read()).get("health") == "true"
+                return bool(json.loads(resp.read()).get("health") == "true")
         except (OSError, urllib.error.URLError, ValueError):
             return False
 

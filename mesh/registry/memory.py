@@ -220,6 +220,7 @@ class MemoryBackend:
         self.wake_watchers()
 
     def wake_watchers(self) -> None:
+        """Wake every waiting watcher to re-check the history (and whether its store closed)."""
         for fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
@@ -347,8 +348,8 @@ class MemoryStore:
     async def watch_prefix(
         self, prefix: str, *, start_revision: int
     ) -> AsyncIterator[WatchEvent | WatchReset]:
-        backend = self._check_open()
-        async for item in backend.watch(prefix, start_revision, lambda: self._closed):
+        # Like EtcdStore: a watch on a closed store ends (its owner is shutting down), never raises.
+        async for item in self.backend.watch(prefix, start_revision, lambda: self._closed):
             yield item
 
     async def close(self) -> None:

@@ -10,7 +10,7 @@ Decisions:
   before it returns. After a :class:`~mesh.registry.base.WatchReset` (history compacted) the mirror
   diffs the snapshot against ``items`` and calls ``on_delete``/``on_put`` for what changed, then
   ``on_reset`` if given. So an owner that implements only ``on_put`` and ``on_delete`` is always right;
-  ``on_reset`` is a notification.
+  ``on_reset`` is a notification. A ``start()`` after ``stop()`` diffs the new listing the same way.
 * **Paged listing.** The initial list is read in pages (``page_size`` keys each) to bound the size of
   one response. Pages are read at different revisions, so the watch starts after the *first* page's
   revision and replays what changed during the listing; replayed events are recognised by
@@ -59,7 +59,9 @@ class PrefixMirror:
         restart_backoff_s: tuple[float, float] = (0.5, 10.0),
     ) -> None:
         if not keep_items and on_reset is None:
-            raise InvalidArgument("an events-only mirror needs on_reset: without items it cannot diff a reset")
+            raise InvalidArgument(
+                "an events-only mirror needs on_reset: without items it cannot diff a reset"
+            )
         self.store = store
         self.prefix = prefix
         self.keep_items = keep_items
@@ -86,9 +88,8 @@ class PrefixMirror:
         if self._task is not None:
             return
         if self.keep_items:
-            self.revision = await self._list()
-            for kv in sorted(self.items.values(), key=lambda kv: kv.key):
-                self._call(self._on_put, kv)
+            listed, self.revision = await self._list()
+            self._replace(listed)
         else:
             _, self.revision = await self.store.get_prefix(self.prefix, limit=1)
         self._ready = True
@@ -110,7 +111,9 @@ class PrefixMirror:
 
     # -- internals ------------------------------------------------------------------------------
 
-    async def _list(self) -> int:
+    async def _list(self) -> tuple[list[KeyValue], int]:
+        """Every item under the prefix, and the revision of the first page (see the module doc)."""
+        items: list[KeyValue] = []
         first_revision = 0
         start_after = ""
         while True:
@@ -118,10 +121,9 @@ class PrefixMirror:
                 self.prefix, limit=self._page_size, start_after=start_after
             )
             first_revision = first_revision or revision
-            for kv in page:
-                self.items[kv.key] = kv
+            items.extend(page)
             if len(page) < self._page_size:
-                return first_revision
+                return items, first_revision
             start_after = page[-1].key
 
     async def _run(self) -> None:
@@ -169,17 +171,21 @@ class PrefixMirror:
     def _reset(self, reset: WatchReset) -> None:
         self._log.info("mirror reset after compaction", revision=reset.revision, keys=len(reset.snapshot))
         if self.keep_items:
-            fresh = {kv.key: kv for kv in reset.snapshot}
-            for key in [k for k in self.items if k not in fresh]:
-                del self.items[key]
-                self._call(self._on_delete, key)
-            for kv in reset.snapshot:
-                old = self.items.get(kv.key)
-                if old is None or old.mod_revision != kv.mod_revision:
-                    self.items[kv.key] = kv
-                    self._call(self._on_put, kv)
+            self._replace(reset.snapshot)
         self._call(self._on_reset, reset.snapshot)
         self.revision = reset.revision
+
+    def _replace(self, snapshot: list[KeyValue]) -> None:
+        """Make ``items`` equal to ``snapshot``, calling back for each difference (in key order)."""
+        fresh = {kv.key: kv for kv in snapshot}
+        for key in [k for k in self.items if k not in fresh]:
+            del self.items[key]
+            self._call(self._on_delete, key)
+        for key in sorted(fresh):
+            kv, old = fresh[key], self.items.get(key)
+            if old is None or old.mod_revision != kv.mod_revision:
+                self.items[key] = kv
+                self._call(self._on_put, kv)
 
     def _call(self, callback: Callable[[_T], None] | None, arg: _T) -> None:
         if callback is None:
@@ -187,7 +193,9 @@ class PrefixMirror:
         try:
             callback(arg)
         except Exception:
-            self._log.exception("mirror callback failed", callback=getattr(callback, "__qualname__", callback))
+            self._log.exception(
+                "mirror callback failed", callback=getattr(callback, "__qualname__", callback)
+            )
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

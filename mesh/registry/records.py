@@ -149,6 +149,7 @@ class PlacementRecord:
     device: str = "ram"
     loaded_ms: int = 0  # when the state last changed
     last_used_ms: int = 0
+    load_ms: float = 0.0  # how long the loader took (LOADED only)
 
     def to_json(self) -> bytes:
         return _encode(self)

@@ -52,7 +52,8 @@ class RegistrySession:
         self._pending: set[str] = set()  # keys whose registry state may differ from _owned
         self._lock = asyncio.Lock()
         self._work = asyncio.Event()  # new pending keys for the background task
-        self._synced = asyncio.Event()  # set while nothing is pending and the lease is alive
+        self._synced = asyncio.Event()  # set while nothing is pending (see ``synced``)
+        self._changed = asyncio.Event()  # replaced on every state change, for wait_synced
         self._task: asyncio.Task[None] | None = None
         self._log = log.bind(session=name)
 
@@ -68,10 +69,13 @@ class RegistrySession:
     @property
     def synced(self) -> bool:
         """True when every owned key is written under the current, live lease."""
-        return self._synced.is_set()
+        lease = self._lease
+        return self._synced.is_set() and lease is not None and not lease.lost.is_set()
 
     async def wait_synced(self) -> None:
-        await self._synced.wait()
+        """Return once ``synced``: e.g. after a lost lease was replaced and the keys re-published."""
+        while not self.synced:
+            await self._changed.wait()
 
     async def start(self) -> None:
         """Grant the lease (raises RegistryUnavailable if the registry is down) and start the task."""
@@ -79,7 +83,7 @@ class RegistrySession:
             return
         self._lease = await self._store.grant_lease(self._ttl_s)
         self._log = log.bind(session=self.name, lease=f"{self._lease.id:x}")
-        self._synced.set()
+        self._set_synced()
         self._task = spawn(self._run(), name=f"registry-session {self.name}")
 
     async def put(self, key: str, value: bytes) -> None:
@@ -137,8 +141,16 @@ class RegistrySession:
 
     def _done(self, key: str) -> None:
         self._pending.discard(key)
-        if not self._pending and self._lease is not None and not self._lease.lost.is_set():
-            self._synced.set()
+        if not self._pending:
+            self._set_synced()
+
+    def _set_synced(self) -> None:
+        self._synced.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def _run(self) -> None:
         backoff = self._backoff_initial
@@ -155,7 +167,7 @@ class RegistrySession:
                     await asyncio.sleep(backoff)  # registry unreachable: nothing to wait on but time
                     backoff = min(backoff * 2, self._backoff_max)
                 continue
-            self._synced.set()
+            self._set_synced()
             await self._wait_for_work(lease)
 
     async def _wait_for_work(self, lease: Lease) -> None:
@@ -181,12 +193,15 @@ class RegistrySession:
                 new = await self._store.grant_lease(self._ttl_s)
                 break
             except MeshError as exc:
-                self._log.warning("registry lease lost; cannot grant a new one yet", error=str(exc), retry_in_s=backoff)
+                self._log.warning(
+                    "registry lease lost; cannot grant a new one yet", error=str(exc), retry_in_s=backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._backoff_max)
         async with self._lock:
             self._lease = new
             self._pending.update(self._owned)
+        self._notify()
         self._log = log.bind(session=self.name, lease=f"{new.id:x}")
         self._log.warning(
             "registry lease lost; re-publishing under a new lease",

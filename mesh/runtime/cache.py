@@ -173,19 +173,25 @@ class ModelCache:
         places a load made ahead of any request (ensureLoaded) at that time in the eviction order,
         as ModelMesh does for new registrations, so it cannot push out models in use.
         """
-        entry = self.loaded(spec.model_id)
-        if entry is not None:
-            return entry
-        entry = self._entries.get(spec.model_id)
-        if entry is None:
-            if not allow_load:
-                raise NotHere(f"model {spec.model_id!r} is not loaded on this instance")
-            self.misses += last_used is None
-            entry = self._start_load(spec, last_used)
-        # shield: one cancelled waiter must not cancel the load the others wait for
-        await asyncio.shield(entry.ready)
-        entry.last_used = self._clock()
-        return entry
+        # A waiter resumes a loop iteration after the load completes; in between, another load may
+        # have evicted the copy (a tiny cache under churn). Then look again: load anew if allowed.
+        for _ in range(3):
+            entry = self.loaded(spec.model_id)
+            if entry is not None:
+                return entry
+            entry = self._entries.get(spec.model_id)
+            if entry is None:
+                if not allow_load:
+                    raise NotHere(f"model {spec.model_id!r} is not loaded on this instance")
+                self.misses += last_used is None
+                entry = self._start_load(spec, last_used)
+            # shield: one cancelled waiter must not cancel the load the others wait for
+            await asyncio.shield(entry.ready)
+            if entry.state == LOADED:
+                entry.last_used = self._clock()
+                return entry
+        raise NotHere(f"model {spec.model_id!r} was evicted as soon as it loaded; the instance is "
+                      "too small for its working set")
 
     def _start_load(self, spec: ModelSpec, last_used: float | None) -> Entry:
         now = self._clock()

@@ -70,7 +70,8 @@ class Publisher:
             self._pending[entry.model_id] = PlacementRecord(
                 model_id=entry.model_id, instance_id=self._base.instance_id, state=state,
                 size_bytes=entry.reserved_bytes or entry.predicted_bytes, device=entry.device,
-                loaded_ms=now_ms, last_used_ms=int(entry.last_used * 1000))
+                loaded_ms=now_ms, last_used_ms=int(entry.last_used * 1000),
+                load_ms=round(entry.load_ms, 3))
         else:
             self._pending[entry.model_id] = None
             if event == FAILED:
@@ -119,7 +120,9 @@ class Publisher:
             wrote = True
         while self._failures:
             failure = self._failures[0]
-            lease = await self._registry.store.grant_lease(self._failure_ttl_s, keep_alive=False)
+            # A lease of its own, never refreshed: the record expires by itself after the TTL.
+            lease = await self._registry.store.grant_lease(self._failure_ttl_s)
+            self._registry.store.stop_keepalive(lease)
             await self._registry.put_failure(failure, lease)
             self._failures.pop(0)
             wrote = True

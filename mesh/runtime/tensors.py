@@ -226,9 +226,7 @@ def _checked_shape(what: str, dims: Iterable[int], max_elements: int) -> list[in
             )
     n = math.prod(shape)
     if n > max_elements:
-        raise InvalidArgument(
-            f"{what}: shape {shape} has {n} elements, over the limit of {max_elements}"
-        )
+        raise InvalidArgument(f"{what}: shape {shape} has {n} elements, over the limit of {max_elements}")
     return shape
 
 
@@ -439,8 +437,6 @@ def select_outputs(outputs: Mapping[str, np.ndarray], requested: Sequence[str]) 
     selected: dict[str, np.ndarray] = {}
     for name in requested:
         if name not in outputs:
-            raise InvalidArgument(
-                f"unknown output {name!r}; the model's outputs are {sorted(outputs)}"
-            )
+            raise InvalidArgument(f"unknown output {name!r}; the model's outputs are {sorted(outputs)}")
         selected[name] = outputs[name]
     return selected

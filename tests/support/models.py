@@ -61,7 +61,9 @@ def make_model(kind: str, directory: Path, seed: int) -> ModelArtifact:
     return makers[kind](model_dir, seed)
 
 
-def make_fleet(directory: Path, n: int, kinds: Sequence[str] = KINDS, first_seed: int = 0) -> list[ModelArtifact]:
+def make_fleet(
+    directory: Path, n: int, kinds: Sequence[str] = KINDS, first_seed: int = 0
+) -> list[ModelArtifact]:
     """``n`` models cycling through ``kinds``, with seeds ``first_seed``, ``first_seed + 1``, ..."""
     return [make_model(kinds[i % len(kinds)], directory, first_seed + i) for i in range(n)]
 

@@ -145,9 +145,7 @@ class LoadedModel(abc.ABC):
         self.device = device
         self.inputs = inputs
         self.outputs = outputs
-        self.default_outputs = (
-            default_outputs if default_outputs is not None else [o.name for o in outputs]
-        )
+        self.default_outputs = default_outputs if default_outputs is not None else [o.name for o in outputs]
         self._closed = False
 
     def predict(
@@ -224,9 +222,7 @@ class Loader(abc.ABC):
         """Build the LoadedModel from ``file``; any exception becomes a ModelLoadError."""
 
 
-def tabular_input(
-    inputs: Mapping[str, np.ndarray], n_features: int | None, type_name: str
-) -> np.ndarray:
+def tabular_input(inputs: Mapping[str, np.ndarray], n_features: int | None, type_name: str) -> np.ndarray:
     """The one 2-D numeric input of a tabular model (sklearn, xgboost, lightgbm), checked.
 
     The name is free (clients name it "input", "X", "predict", ...): tabular models have one.

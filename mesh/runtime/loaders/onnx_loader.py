@@ -99,7 +99,9 @@ class _Port:
 class OnnxModel(LoadedModel):
     platform = "onnxruntime_onnx"
 
-    def __init__(self, model_id: str, session: Any, device: str, footprint: int, ort_invalid: type) -> None:
+    def __init__(
+        self, model_id: str, session: Any, device: str, footprint: int, ort_invalid: type[Exception]
+    ) -> None:
         self._in = [_Port(a, "input") for a in session.get_inputs()]
         self._out = [_Port(a, "output") for a in session.get_outputs()]
         super().__init__(
@@ -124,14 +126,8 @@ class OnnxModel(LoadedModel):
 
     def _feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(inputs) == 1 and len(self._in) == 1:
-            (name, arr), port = next(iter(inputs.items())), self._in[0]
-            return {port.name: _convert(name, arr, port)}
-        wanted = {p.name for p in self._in}
-        extra = [n for n in inputs if n not in wanted]
-        if extra:
-            raise InvalidArgument(
-                f"unknown input {extra[0]!r}; the model takes {[p.name for p in self._in]}"
-            )
+            (name, only), port = next(iter(inputs.items())), self._in[0]
+            return {port.name: _convert(name, only, port)}
         feeds: dict[str, np.ndarray] = {}
         for port in self._in:
             arr = inputs.get(port.name)
@@ -141,6 +137,9 @@ class OnnxModel(LoadedModel):
                     f"the request has {list(inputs)}"
                 )
             feeds[port.name] = _convert(port.name, arr, port)
+        if len(feeds) != len(inputs):
+            extra = next(n for n in inputs if n not in feeds)
+            raise InvalidArgument(f"unknown input {extra!r}; the model takes {[p.name for p in self._in]}")
         return feeds
 
     def footprint_bytes(self) -> int:
@@ -154,11 +153,10 @@ def _convert(name: str, arr: np.ndarray, port: _Port) -> np.ndarray:
     """``arr`` checked against the port's shape and converted to its dtype (module docstring)."""
     what = f"input {name!r}"
     if port.shape and (
-        arr.ndim != len(port.shape) or any(w not in (-1, g) for w, g in zip(port.shape, arr.shape, strict=True))
+        arr.ndim != len(port.shape)
+        or any(w not in (-1, g) for w, g in zip(port.shape, arr.shape, strict=True))
     ):
-        raise InvalidArgument(
-            f"{what}: the model takes shape {list(port.shape)}, got {list(arr.shape)}"
-        )
+        raise InvalidArgument(f"{what}: the model takes shape {list(port.shape)}, got {list(arr.shape)}")
     want, have = port.dtype, arr.dtype
     if have == want:
         return arr
@@ -176,9 +174,7 @@ def _convert(name: str, arr: np.ndarray, port: _Port) -> np.ndarray:
             info = np.iinfo(want)
             lo, hi = arr.min(), arr.max()
             if lo < info.min or hi > info.max:
-                raise InvalidArgument(
-                    f"{what}: values [{lo}, {hi}] do not fit the model's {port.onnx_type}"
-                )
+                raise InvalidArgument(f"{what}: values [{lo}, {hi}] do not fit the model's {port.onnx_type}")
         return arr.astype(want)
     if want.kind == "O" and have.kind == "O":
         try:
@@ -220,7 +216,7 @@ def weight_bytes(file: Path) -> int:
             itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         except Exception:  # element types numpy lacks (bfloat16, float8): count their raw bytes
             return len(t.raw_data)
-        return math.prod(t.dims) * itemsize
+        return int(math.prod(t.dims)) * itemsize
 
     total = 0
     graphs = [model.graph]

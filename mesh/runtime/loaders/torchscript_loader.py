@@ -97,7 +97,9 @@ class TorchScriptModel(LoadedModel):
             with torch.inference_mode():
                 result = module(*tensors)
         except torch.cuda.OutOfMemoryError as exc:
-            raise ResourceExhausted(f"torchscript: out of GPU memory on {self.device}: {reason(exc)}") from exc
+            raise ResourceExhausted(
+                f"torchscript: out of GPU memory on {self.device}: {reason(exc)}"
+            ) from exc
         except RuntimeError as exc:
             raise InvalidArgument(f"torchscript: forward failed: {reason(exc)}") from exc
         values = list(result) if isinstance(result, tuple) else [result]
@@ -152,9 +154,10 @@ class TorchScriptLoader(Loader):
         if index is not None:
             if not torch.cuda.is_available() or index >= torch.cuda.device_count():
                 raise ModelLoadError(
-                    f"torchscript: {device} requested but torch sees {torch.cuda.device_count()} CUDA device(s)"
+                    f"torchscript: {device} requested but torch sees "
+                    f"{torch.cuda.device_count()} CUDA device(s)"
                 )
             torch_device = f"cuda:{index}"
-        module = torch.jit.load(str(file), map_location=torch_device)
+        module: Any = torch.jit.load(str(file), map_location=torch_device)  # type: ignore[no-untyped-call]
         module.eval()
         return TorchScriptModel(model_id, module, device, torch_device, torch)

@@ -18,9 +18,11 @@ transformed prediction, **not** class labels:
 Threading: ``inplace_predict`` is thread-safe for tree models (XGBoost >= 1.4, exercised by its own
 threaded tests) and keeps no prediction cache, so no lock. The loader runs one prediction before
 returning: XGBoost configures a Booster lazily on first use, and that should neither race between
-the first concurrent requests nor add its latency to the first one. Each model predicts with ``nthread=1``: the runtime gets its parallelism from
-serving many requests at once, and a per-request OpenMP fan-out over all cores only adds
-synchronisation to the small batches multi-model serving sees (large batches lose some speed).
+the first concurrent requests nor add its latency to the first one.
+
+Each model predicts with ``nthread=1``: the runtime gets its parallelism from serving many
+requests at once, and a per-request OpenMP fan-out over all cores only adds synchronisation to the
+small batches multi-model serving sees (large batches lose some speed).
 
 Footprint: ``len(booster.save_raw("ubj"))``, the serialized trees: a lower bound of the in-memory
 trees, which hold the same node data plus per-node bookkeeping. The runtime takes the larger of

@@ -1,0 +1,158 @@
+"""The processes a benchmark runs against: a private etcd, runtimes, a router, an echo server.
+
+Every component is started the way ``mesh up`` starts it (``python -m mesh serve <component>
+--ready-file F`` with ``MESH_*`` environment variables, port 0, bound to 127.0.0.1), each in its
+own process and session, with its output in a log file under a temporary work directory. The
+benchmark (the load generator) is the parent process and never runs inside a server.
+
+Stopping: :meth:`Cluster.close` stops what it started, by PID, in the order ``mesh up`` uses
+(router, then runtimes and other servers, then etcd): SIGTERM, then SIGKILL after a grace period,
+always reaped. Use the cluster as a context manager so that this happens on any exit; if the
+benchmark itself is SIGKILLed, the mesh components and the echo server notice that their parent
+is gone (``MESH_PARENT_PID``) and exit within a second or so, and only the etcd is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+from mesh.registry.etcd_server import EtcdProcess
+
+READY_TIMEOUT_S = 60.0
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Server:
+    """One server process we started; ``endpoint`` is what it wrote to its ready file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    endpoint: str = ""
+    _ps: psutil.Process | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def ps(self) -> psutil.Process:
+        if self._ps is None:
+            self._ps = psutil.Process(self.proc.pid)
+        return self._ps
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process (all its threads) so far."""
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class Cluster:
+    """A work directory, a private etcd, and the servers started in it."""
+
+    def __init__(self, *, log_level: str = "info") -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+        self.etcd = EtcdProcess(self.workdir / "etcd")
+        self.servers: list[Server] = []
+        self._env = dict(os.environ)
+        self._env.update({"MESH_PARENT_PID": str(os.getpid()), "MESH_LOG_FORMAT": "json",
+                          "MESH_LOG_LEVEL": log_level})
+
+    @property
+    def registry_url(self) -> str:
+        return self.etcd.url
+
+    def __enter__(self) -> Cluster:
+        self.etcd.start()
+        self._env["MESH_REGISTRY_URL"] = self.etcd.url
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- starting -----------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Server:
+        ready = self.workdir / f"{name}.ready"
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([*argv, "--ready-file", str(ready)], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)  # Ctrl-C reaches us; we stop them in order
+        server = Server(name, proc, log_path)
+        self.servers.append(server)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited during start-up (code {proc.returncode}):\n"
+                                   + server.log_tail())
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_S:.0f} s:\n" + server.log_tail())
+            time.sleep(0.02)  # polling a child's ready file: there is no event to wait on
+        server.endpoint = ready.read_text().strip()
+        return server
+
+    def start_runtime(self, name: str = "runtime-0", *, capacity_bytes: int = 512 * 2**20,
+                      extra_env: dict[str, str] | None = None) -> Server:
+        env = {**self._env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_CAPACITY_BYTES": str(capacity_bytes),
+               "MESH_RUNTIME_INSTANCE_ID": f"{name}-{os.getpid()}", **(extra_env or {})}
+        return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "runtime"], env)
+
+    def start_router(self, name: str = "router", *, extra_env: dict[str, str] | None = None) -> Server:
+        env = {**self._env, "MESH_ROUTER_PORT": "0", **(extra_env or {})}
+        return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "router"], env)
+
+    def start_echo(self, name: str = "echo") -> Server:
+        return self._spawn(name, [sys.executable, "-m", "loadtest.echo_server"], dict(self._env))
+
+    # --- stopping -----------------------------------------------------------------------------
+    def close(self) -> None:
+        # mesh up's order: routers stop accepting first; runtimes (and the echo server) drain and
+        # revoke their leases; etcd goes last. SIGTERM all of a kind at once so drains overlap.
+        routers = [s for s in self.servers if s.name.startswith("router")]
+        others = [s for s in self.servers if s not in routers]
+        for group in (routers, others):
+            for s in group:
+                if s.proc.poll() is None:
+                    s.proc.send_signal(signal.SIGTERM)
+            for s in group:
+                s.stop()
+        self.etcd.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in the benchmark, so that ``finally`` blocks stop the servers."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

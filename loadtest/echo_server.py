@@ -1,0 +1,67 @@
+"""A bare grpc.aio + uvloop echo server: the yardstick for the router's CPU per request.
+
+``python -m loadtest.echo_server [--ready-file F]`` binds 127.0.0.1 on a free port, writes
+``host:port`` to the ready file, and answers every unary call to ``/echo.Echo/Echo`` with the
+request's bytes. It has a generic handler with no (de)serializers, default server options, no
+interceptors, no logging and no health service: the least work a Python gRPC server can do per
+call. A byte-forwarding proxy does roughly two such halves per request (serve the client, call the
+backend), which is why the hop benchmark compares the router's CPU per request with this server's.
+
+It exits on SIGTERM/SIGINT, and by itself when ``MESH_PARENT_PID`` is set and that process is
+gone (the benchmark was killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import uvloop
+
+SERVICE = "echo.Echo"
+METHOD = f"/{SERVICE}/Echo"
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+async def serve(ready_file: Path | None, port: int = 0) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(f"127.0.0.1:{bound}")
+        tmp.replace(ready_file)
+    parent = int(os.environ.get("MESH_PARENT_PID", "0") or 0)
+    while not stop.is_set():
+        if parent and os.getppid() != parent:
+            break
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            pass
+    await server.stop(grace=1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ready-file", type=Path)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    uvloop.run(serve(args.ready_file, args.port))
+
+
+if __name__ == "__main__":
+    main()

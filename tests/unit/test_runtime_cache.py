@@ -1,0 +1,185 @@
+"""The runtime cache's promises: one load per cold model, bytes never over capacity (counting
+loads in flight and unloads in progress), eviction by policy, clear failures. The loader is a
+stand-in with controllable size and duration; the cache logic and its thread pool are real."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from mesh.errors import DeadlineExceeded, ModelLoadError, NotHere, ResourceExhausted
+from mesh.registry.records import ModelSpec
+from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
+from mesh.runtime.loaders.base import LoadedModel
+from placement.policy import make_policy
+
+
+class FakeModel(LoadedModel):
+    def __init__(self, model_id: str, size: int) -> None:
+        super().__init__(model_id=model_id, type="fake", device="ram", inputs=[], outputs=[])
+        self.size = size
+        self.closed = threading.Event()
+
+    def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        return {}
+
+    def footprint_bytes(self) -> int:
+        return self.size
+
+    def _release(self) -> None:
+        self.closed.set()
+
+
+class Harness:
+    def __init__(self, capacity: int, *, sizes: dict[str, int] | None = None, delay_s: float = 0.0,
+                 timeout_s: float = 5.0, concurrent: int = 2) -> None:
+        self.sizes = sizes or {}
+        self.delay_s = delay_s
+        self.calls: list[str] = []
+        self.fail: dict[str, Exception] = {}
+        self.events: list[tuple[str, str]] = []
+        self.now = 1000.0
+        self.max_used = 0
+        self.budget = DeviceBudget("ram", capacity, make_policy("lru"))
+        self.pool = ThreadPoolExecutor(4)
+        self.cache = ModelCache(
+            budgets=[self.budget], load_fn=self.load, predict_size=lambda s: self.sizes.get(s.model_id, 100),
+            observe_size=lambda s, n: None, choose_device=lambda s, b: "ram", executor=self.pool,
+            max_concurrent_loads=concurrent, load_timeout_s=timeout_s, clock=lambda: self.now,
+            listener=self, rss=lambda: 0)
+
+    def load(self, spec: ModelSpec, device: str) -> LoadedModel:
+        self.calls.append(spec.model_id)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if spec.model_id in self.fail:
+            raise self.fail[spec.model_id]
+        return FakeModel(spec.model_id, self.sizes.get(spec.model_id, 100))
+
+    def on_change(self, entry: Entry, event: str) -> None:
+        self.events.append((entry.model_id, event))
+        self.max_used = max(self.max_used, self.budget.used_bytes)
+
+    async def get(self, model_id: str, **kw: object) -> Entry:
+        self.now += 1
+        entry = await self.cache.acquire(ModelSpec(model_id=model_id, type="fake"), **kw)  # type: ignore[arg-type]
+        self.max_used = max(self.max_used, self.budget.used_bytes)
+        return entry
+
+
+async def test_concurrent_first_requests_cause_one_load() -> None:
+    h = Harness(10_000, delay_s=0.05)
+    entries = await asyncio.gather(*(h.get("m") for _ in range(100)))
+    assert h.calls == ["m"]
+    assert all(e is entries[0] for e in entries)
+    assert h.cache.stats().misses == 1
+
+
+async def test_measured_size_replaces_the_prediction() -> None:
+    h = Harness(10_000, sizes={"m": 300})
+    h.cache._predict_size = lambda s: 50  # type: ignore[method-assign]
+    entry = await h.get("m")
+    assert entry.reserved_bytes == 300
+    assert h.budget.used_bytes == 300
+
+
+async def test_least_recently_used_model_is_evicted_and_capacity_holds() -> None:
+    h = Harness(300, sizes={"a": 100, "b": 100, "c": 100, "d": 100})
+    for m in ("a", "b", "c"):
+        await h.get(m)
+    await h.get("a")  # a is now more recent than b
+    await h.get("d")
+    await asyncio.sleep(0.05)  # the evicted copy's close runs in the pool
+    assert h.cache.get("b") is None
+    assert {e.model_id for e in h.cache.entries()} == {"a", "c", "d"}
+    assert ("b", "evicted") in h.events
+    assert h.max_used <= 300
+    assert h.budget.used_bytes == 300
+
+
+async def test_evicted_copy_in_use_stays_counted_until_its_requests_finish() -> None:
+    h = Harness(200, sizes={"a": 100, "b": 100, "c": 100})
+    a = await h.get("a")
+    await h.get("b")
+    h.cache.begin_use(a)  # a request is running on a
+    load_c = asyncio.create_task(h.get("c"))
+    await asyncio.sleep(0.1)
+    # a was chosen as victim, stops taking requests, but its 100 bytes are still held: c waits.
+    assert h.cache.get("a") is None
+    assert not load_c.done()
+    assert h.budget.used_bytes <= 200
+    h.cache.end_use(a)
+    await asyncio.wait_for(load_c, 2)
+    assert h.max_used <= 200
+
+
+async def test_model_larger_than_capacity_is_refused() -> None:
+    h = Harness(100, sizes={"big": 500})
+    with pytest.raises(ResourceExhausted, match="capacity"):
+        await h.get("big")
+    assert h.calls == []
+
+
+async def test_model_measuring_larger_than_capacity_after_load_is_refused_and_released() -> None:
+    h = Harness(100, sizes={"big": 500})
+    h.cache._predict_size = lambda s: 10  # type: ignore[method-assign]
+    with pytest.raises(ResourceExhausted, match="once loaded"):
+        await h.get("big")
+    assert h.budget.used_bytes == 0
+    assert h.cache.get("big") is None
+
+
+async def test_failed_load_reports_reason_and_leaves_nothing_counted() -> None:
+    h = Harness(1000)
+    h.fail["bad"] = ModelLoadError("sklearn: cannot load /x: truncated file")
+    with pytest.raises(ModelLoadError, match="truncated file"):
+        await h.get("bad")
+    assert h.cache.get("bad") is None
+    assert h.budget.used_bytes == 0
+    assert ("bad", "failed") in h.events
+    # an unexpected exception from a loader is wrapped with the model and type
+    h.fail["odd"] = ValueError("boom")
+    with pytest.raises(ModelLoadError, match="'odd'.*boom"):
+        await h.get("odd")
+
+
+async def test_load_timeout_keeps_bytes_counted_until_the_thread_finishes() -> None:
+    h = Harness(1000, sizes={"slow": 400}, delay_s=0.4, timeout_s=0.1)
+    with pytest.raises(DeadlineExceeded, match="longer than 0.1 s"):
+        await h.get("slow")
+    assert h.budget.used_bytes == 400  # the loader thread is still running and holds memory
+    await asyncio.sleep(0.6)
+    assert h.budget.used_bytes == 0
+
+
+async def test_hit_only_request_for_missing_copy_answers_not_here() -> None:
+    h = Harness(1000)
+    with pytest.raises(NotHere):
+        await h.get("m", allow_load=False)
+    assert h.calls == []
+
+
+async def test_preloaded_model_enters_the_order_in_the_past() -> None:
+    h = Harness(300, sizes={"a": 100, "b": 100, "pre": 100, "c": 100})
+    await h.get("a")
+    await h.get("b")
+    await h.get("pre", last_used=h.now - 3600)  # ensureLoaded of a new registration
+    await h.get("c")
+    assert h.cache.get("pre") is None  # first to go, although loaded last
+    assert h.cache.get("a") is not None
+
+
+async def test_unload_waits_for_release() -> None:
+    h = Harness(1000)
+    entry = await h.get("m")
+    model = entry.model
+    assert await h.cache.unload("m") is True
+    assert isinstance(model, FakeModel) and model.closed.is_set()
+    assert h.budget.used_bytes == 0
+    assert await h.cache.unload("m") is False
