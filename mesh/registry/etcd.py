@@ -9,8 +9,10 @@ Design decisions:
 
 * **Endpoints.** One aetcd client (one gRPC channel) per endpoint. Calls go to the current one; on a
   connection failure the next endpoint is tried within the same deadline, and the current one moves on,
-  so the next call starts at a member that answered. A deadline is never retried on another member,
-  since the write may have been applied (a retried ``create`` would then wrongly answer False).
+  so the next call starts at a member that answered. Conditional writes (``create``, ``replace``,
+  ``delete``) move on only when the request was never sent (gRPC could not connect): after a timeout or
+  a dropped stream the write may have been applied, and a replayed ``create`` would wrongly answer
+  False. A deadline is never retried elsewhere, whatever the call.
 * **Deadline.** ``timeout_s`` (default 2 s) bounds each public call as a whole, fail-over included.
 * **Keep-alive.** aetcd has no background keep-alive, so each lease gets a named task refreshing at
   TTL/3. etcd answering TTL <= 0 means the lease is gone: ``lost`` is set and the task ends. Connection
@@ -32,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aetcd
@@ -98,6 +100,11 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """gRPC failed before sending: no connection could be made (the channel's pick failed)."""
+    return _status_code(exc) is grpc.StatusCode.UNAVAILABLE and "failed to connect" in _reason(exc)
+
+
 def _kv(kv: Any) -> KeyValue:
     return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.lease)
 
@@ -139,7 +146,12 @@ class EtcdStore:
     # -- the call wrapper -----------------------------------------------------------------------
 
     async def _call(
-        self, what: str, op: Callable[[aetcd.Client], Awaitable[T]], *, lease: Lease | None = None
+        self,
+        what: str,
+        op: Callable[[aetcd.Client], Awaitable[T]],
+        *,
+        lease: Lease | None = None,
+        idempotent: bool = True,
     ) -> T:
         """Run ``op`` on the current endpoint, failing over on connection errors, within the deadline."""
         if self._closed:
@@ -158,8 +170,8 @@ class EtcdStore:
                             raise self._translate(exc, code, what, lease) from None
                         failures.append(f"{self.endpoints[index]}: {_reason(exc)}")
                         self._rotate(index)
-                        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                            break  # may have been applied: do not repeat it elsewhere
+                        if code is grpc.StatusCode.DEADLINE_EXCEEDED or not (idempotent or _never_sent(exc)):
+                            break  # it may have been applied: do not repeat it elsewhere
                         continue
                     self._current = index
                     return result
@@ -222,7 +234,7 @@ class EtcdStore:
                 failure=[],
             )
 
-        succeeded, _ = await self._call(f"create {key}", op, lease=lease)
+        succeeded, _ = await self._call(f"create {key}", op, lease=lease, idempotent=False)
         return bool(succeeded)
 
     async def replace(
@@ -237,13 +249,13 @@ class EtcdStore:
                 failure=[],
             )
 
-        succeeded, _ = await self._call(f"replace {key}", op, lease=lease)
+        succeeded, _ = await self._call(f"replace {key}", op, lease=lease, idempotent=False)
         return bool(succeeded)
 
     async def delete(self, key: str, *, expected_mod_revision: int | None = None) -> bool:
         raw = key.encode()
         if expected_mod_revision is None:
-            result = await self._call(f"delete {key}", lambda c: c.delete(raw))
+            result = await self._call(f"delete {key}", lambda c: c.delete(raw), idempotent=False)
             return result is not None
 
         async def op(c: aetcd.Client) -> tuple[bool, list[Any]]:
@@ -253,7 +265,7 @@ class EtcdStore:
                 failure=[],
             )
 
-        succeeded, responses = await self._call(f"delete {key}", op)
+        succeeded, responses = await self._call(f"delete {key}", op, idempotent=False)
         return bool(succeeded) and responses[0].response_delete_range.deleted > 0
 
     async def delete_prefix(self, prefix: str) -> int:
@@ -334,7 +346,7 @@ class EtcdStore:
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int
-    ) -> AsyncIterator[WatchEvent | WatchReset]:
+    ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         key, end = _prefix_range(prefix)
         next_rev = start_revision
         backoff = self._backoff_initial

@@ -27,7 +27,7 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -228,7 +228,7 @@ class MemoryBackend:
 
     async def watch(
         self, prefix: str, start_revision: int, closed: Callable[[], bool]
-    ) -> AsyncIterator[WatchEvent | WatchReset]:
+    ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         next_rev = start_revision if start_revision > 0 else self.revision + 1
         while not closed():
             if next_rev < self.compact_revision:
@@ -347,7 +347,7 @@ class MemoryStore:
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int
-    ) -> AsyncIterator[WatchEvent | WatchReset]:
+    ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         # Like EtcdStore: a watch on a closed store ends (its owner is shutting down), never raises.
         async for item in self.backend.watch(prefix, start_revision, lambda: self._closed):
             yield item

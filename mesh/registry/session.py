@@ -87,14 +87,16 @@ class RegistrySession:
         self._task = spawn(self._run(), name=f"registry-session {self.name}")
 
     async def put(self, key: str, value: bytes) -> None:
-        lease = self._require_lease()
+        self._require_lease()
         async with self._lock:
+            lease = self._lease  # read under the lock: _renew may have replaced it while we waited
+            assert lease is not None
             self._owned[key] = value
             self._mark_pending(key)
             if lease.lost.is_set():
                 return  # the background task is about to re-grant and write it
             try:
-                await self._store.put(key, value, lease=self._lease)
+                await self._store.put(key, value, lease=lease)
             except FailedPrecondition:  # the store's answer to a write under a lost lease
                 self._log.info("put met a lost lease; will re-publish", key=key)
                 return
@@ -175,8 +177,8 @@ class RegistrySession:
         if self._pending:
             return
         waiters = {
-            asyncio.ensure_future(lease.lost.wait()),
-            asyncio.ensure_future(self._work.wait()),
+            asyncio.create_task(lease.lost.wait(), name=f"registry-session {self.name}: lease lost"),
+            asyncio.create_task(self._work.wait(), name=f"registry-session {self.name}: new work"),
         }
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

@@ -15,11 +15,15 @@ Eviction. Which copies give way is the policy's decision (``placement``); this m
 for victims when a load needs room, skipping copies that are still loading. Victims stop taking
 new requests at once; their bytes are freed once their in-flight requests finish.
 
-Measured size. A model's size is measured after its load as the larger of two readings: the
-loader's accounting of the object it built (``footprint_bytes``) and the growth of the process's
-resident memory across the load when no other load overlapped it (the RSS reading is the honest
-one for native libraries whose memory Python cannot see; it is discarded when another load ran at
-the same time, since the growth could not be attributed).
+Measured size. A model's size is measured after its load from two readings: the loader's
+accounting of the objects it built (``footprint_bytes``: arrays, trees, parameters, initializers)
+and the growth of the process's resident memory across the load. RSS growth catches native memory
+the loader cannot see, but it also catches process-wide, one-time growth that belongs to no model:
+the first ONNX session creates onnxruntime's environment (+24 MiB here), LightGBM starts its OpenMP
+pool (+15 MiB), allocator arenas grow in steps. Charging that to whichever model loaded at the time
+would make a 10 KiB model look like 24 MiB and evict dozens of others. So the RSS reading counts
+only up to ``2 x max(footprint, prediction) + 256 KiB``, and only when no other load overlapped it
+(otherwise the growth cannot be attributed at all): size = max(footprint, capped RSS growth).
 
 Time comes from an injected clock, so tests drive recency without sleeping.
 """
@@ -50,6 +54,7 @@ from placement.policy import EvictionPolicy
 log = structlog.get_logger(__name__)
 
 UNLOADING = "unloading"
+RSS_SLACK_BYTES = 256 * 1024
 
 # (spec, device) -> loaded model; runs in a worker thread.
 LoadFn = Callable[[ModelSpec, str], LoadedModel]
@@ -263,7 +268,9 @@ class ModelCache:
             solo = self._loads_running == 1 and self._load_epoch == epoch
             self._loads_running -= 1
             rss_growth = self._rss() - rss_before if solo else 0
-        measured = max(model.footprint_bytes(), rss_growth, 1)
+        footprint = model.footprint_bytes()
+        plausible = 2 * max(footprint, entry.predicted_bytes) + RSS_SLACK_BYTES
+        measured = max(footprint, min(rss_growth, plausible), 1)
         self._observe_size(spec, measured)
         # Re-weigh with the measured size; evict more if the prediction was too low.
         delta = measured - entry.reserved_bytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,9 +20,8 @@ from typing import TypeVar
 import pytest
 
 from mesh.errors import RegistryUnavailable
-from mesh.registry import open_store
+from mesh.registry import etcd_server, open_store
 from mesh.registry.etcd import EtcdStore
-from mesh.registry import etcd_server
 from mesh.registry.etcd_server import EtcdProcess, _free_ports
 from mesh.registry.keys import Keys
 from mesh.registry.mirror import PrefixMirror
@@ -245,6 +245,10 @@ async def test_fails_over_to_the_next_endpoint(etcd: EtcdProcess, silent_endpoin
     store, prefix = open_store(f"etcd://{refused},{etcd.endpoint}/app", timeout_s=1.0)
     try:
         assert prefix == "/app/"
+        # A conditional write fails over too when the request provably never left (no connection).
+        assert await store.create("/app/c", b"")
+        await store.close()
+        store, _ = open_store(f"etcd://{refused},{etcd.endpoint}/app", timeout_s=1.0)
         await store.put("/app/k", b"1")  # the refused member is skipped within the same call
         kv = await store.get("/app/k")
         assert kv is not None and kv.value == b"1"
@@ -262,8 +266,6 @@ async def test_fails_over_to_the_next_endpoint(etcd: EtcdProcess, silent_endpoin
 
 
 def test_etcd_process_retries_on_a_port_collision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()

@@ -278,13 +278,21 @@ def _torchscript(model_dir: Path, seed: int) -> ModelArtifact:
     from tests.support.torch_mlp import train
 
     name, x, y, target_names = _data(seed)
-    module = train(torch.from_numpy(x), torch.from_numpy(y), len(target_names), seed)
-    scripted = torch.jit.script(module)
-    file = model_dir / ("model.pt" if seed % 2 == 0 else "model.pth")
-    scripted.save(str(file))
-    sample = _sample_rows(x, seed)
-    with torch.inference_mode():
-        logits, probabilities = scripted(torch.from_numpy(sample))
+    # One torch thread while training: once xgboost, lightgbm and scikit-learn have started their
+    # OpenMP pools in this process, torch's own pool fights them for the cores and a 40-step
+    # training takes a second instead of 50 ms. The setting is process-wide, so it is restored.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module = train(torch.from_numpy(x), torch.from_numpy(y), len(target_names), seed)
+        scripted = torch.jit.script(module)
+        file = model_dir / ("model.pt" if seed % 2 == 0 else "model.pth")
+        scripted.save(str(file))
+        sample = _sample_rows(x, seed)
+        with torch.inference_mode():
+            logits, probabilities = scripted(torch.from_numpy(sample))
+    finally:
+        torch.set_num_threads(threads)
     return ModelArtifact(
         type="torchscript",
         path=model_dir,

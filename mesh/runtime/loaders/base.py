@@ -2,8 +2,8 @@
 
 A **Loader** turns a model path into a **LoadedModel**. The runtime calls ``Loader.load`` in a
 loader thread and ``LoadedModel.predict`` in inference threads, several at once for one model, so
-each LoadedModel is either safe to call concurrently (all five built-ins rely on their library's
-documented thread-safe prediction, see each module) or holds its own lock.
+each LoadedModel is either safe to call concurrently or holds its own lock (of the built-ins, only
+lightgbm needs one; each module says why).
 
 ``Loader.load`` is a template method: it checks the device, finds the model file, and turns any
 exception of the library into a :class:`~mesh.errors.ModelLoadError` carrying the loader's reason

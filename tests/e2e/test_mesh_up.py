@@ -1,0 +1,212 @@
+"""`mesh up` as a user runs it: a subprocess with a private etcd, a router and two runtime
+processes. 200 real models across the five formats, more than fits, each answered correctly;
+evictions seen; a runtime killed with SIGKILL while traffic flows, and every request still
+answered; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.runtime.tensors import decode_response, encode_request
+from tests.support.models import ModelArtifact, assert_outputs_match, make_fleet
+
+pytestmark = [pytest.mark.e2e]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MeshUp:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.output = tmp / "mesh-up.out"
+        self._out = open(self.output, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh", "up", "--port", str(self.port), *args],
+            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "MESH_LOG_LEVEL": "info"})
+        deadline = time.monotonic() + 90
+        while "mesh is up" not in self.text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"mesh up did not start:\n{self.text()}")
+            time.sleep(0.1)
+        match = re.search(r"registry (etcd://\S+)", self.text())
+        assert match, self.text()
+        self.registry = match.group(1)
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def runtime_pids(self) -> list[int]:
+        return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)
+                if "runtime" in " ".join(p.cmdline())]
+
+    def all_pids(self) -> list[int]:
+        return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> list[ModelArtifact]:
+    return make_fleet(tmp_path_factory.mktemp("fleet"), 200)
+
+
+@pytest.fixture
+def mesh_up(tmp_path: Path) -> Iterator[MeshUp]:
+    # 3 MiB of model memory per runtime (each load first reserves its predicted size, 1 MiB at least): far less than the 200 models need together.
+    up = MeshUp(tmp_path, "--runtimes", "2", "--capacity", "3MiB")
+    try:
+        yield up
+    finally:
+        pids = up.all_pids() if up.proc.poll() is None else []
+        up.stop()
+        for pid in pids:  # nothing may outlive `mesh up`
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def _infer(stub: pb_grpc.GRPCInferenceServiceStub, model_id: str, model: ModelArtifact) -> None:
+    response = await stub.ModelInfer(encode_request(model_name=model_id, inputs={"input-0": model.sample}),
+                                     metadata=(("mm-model-id", model_id),), timeout=60)
+    assert_outputs_match(decode_response(response), model.expected)
+
+
+async def _counters(registry: str) -> dict[str, int]:
+    from mesh.embedded.demo import cache_counters
+
+    return await cache_counters(registry)
+
+
+async def _scenario(up: MeshUp, fleet: list[ModelArtifact]) -> None:
+    async with grpc.aio.insecure_channel(up.address) as channel:
+        mesh = mm_grpc.ModelMeshStub(channel)
+        v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+        ids = [f"{m.type}-{i:03d}" for i, m in enumerate(fleet)]
+        for model_id, model in zip(ids, fleet, strict=True):
+            await mesh.registerModel(mm.RegisterModelRequest(
+                modelId=model_id, modelInfo=mm.ModelInfo(type=model.type, path=str(model.path))), timeout=10)
+
+        # Every model once, eight at a time: all answers must equal the model's own predict.
+        sem = asyncio.Semaphore(8)
+
+        async def one(model_id: str, model: ModelArtifact) -> None:
+            async with sem:
+                await _infer(v2, model_id, model)
+
+        await asyncio.gather(*(one(i, m) for i, m in zip(ids, fleet, strict=True)))
+        await asyncio.sleep(2.5)  # runtimes publish their counters every 2 s
+        counters = await _counters(up.registry)
+        assert counters["loads"] >= 200
+        assert counters["evictions"] > 0, counters
+        assert counters["loaded_now"] < 200, counters
+
+        # Kill one runtime with SIGKILL while 50 models are being asked for continuously.
+        hot = list(zip(ids, fleet, strict=True))[:50]
+        for model_id, model in hot:  # warm them up first
+            await _infer(v2, model_id, model)
+        failures: list[BaseException] = []
+        answered = 0
+        stop_at = time.monotonic() + 12
+
+        async def traffic(offset: int) -> None:
+            nonlocal answered
+            k = offset
+            while time.monotonic() < stop_at:
+                model_id, model = hot[k % len(hot)]
+                k += 7
+                try:
+                    await _infer(v2, model_id, model)
+                    answered += 1
+                except Exception as exc:  # recorded, asserted below
+                    failures.append(exc)
+
+        tasks = [asyncio.create_task(traffic(i)) for i in range(8)]
+        await asyncio.sleep(3)
+        victim = up.runtime_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        await asyncio.gather(*tasks)
+        assert not failures, f"{len(failures)} failed of {answered + len(failures)}: {failures[:3]}"
+        assert answered > 100
+        # The supervisor restarts the killed runtime, as a Deployment would.
+        deadline = time.monotonic() + 30
+        while len(up.runtime_pids()) < 2 or victim in up.runtime_pids():
+            assert time.monotonic() < deadline, up.text()
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_mesh_up_serves_200_models_in_five_formats_through_evictions_and_a_killed_runtime(
+        mesh_up: MeshUp, fleet: list[ModelArtifact]) -> None:
+    asyncio.run(_scenario(mesh_up, fleet))
+    assert "restarting" in mesh_up.text()
+    assert mesh_up.stop() == 0
+    assert "stopping" in mesh_up.text()
+
+
+def test_cli_register_infer_status_and_errors(mesh_up: MeshUp, fleet: list[ModelArtifact]) -> None:
+    model = fleet[0]  # sklearn
+    base = [sys.executable, "-m", "mesh"]
+    router = ["--router", mesh_up.address]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args, *router], capture_output=True, text=True, timeout=60)
+
+    r = cli("model", "register", "iris", "--type", "sklearn", "--path", str(model.path))
+    assert r.returncode == 0 and "registered iris" in r.stdout, r.stderr
+    rows = model.sample[:2].tolist()
+    r = cli("infer", "iris", "--input", str(rows), "--datatype", "FP32", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    answer = json.loads(r.stdout)
+    assert answer["outputs"]["predict"]["data"] == model.expected["predict"][:2].tolist()
+    r = cli("model", "status", "iris")
+    assert r.returncode == 0 and "LOADED" in r.stdout
+    r = cli("model", "list", "--json")
+    assert [m["modelId"] for m in json.loads(r.stdout)] == ["iris"]
+    r = cli("infer", "missing", "--input", "[[1, 2]]")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "missing" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli("infer", "iris", "--input", "[[1, 2")
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    r = cli("vmodel", "set", "prod", "iris")
+    assert r.returncode == 0 and "DEFINED" in r.stdout, r.stderr
+    r = cli("infer", "prod", "--vmodel", "--input", str(rows), "--datatype", "FP32")
+    assert r.returncode == 0 and "predict" in r.stdout, r.stderr
+    r = cli("model", "unregister", "iris")
+    assert r.returncode == 1 and "FAILED_PRECONDITION" in r.stderr  # prod still uses it
+    assert cli("vmodel", "delete", "prod").returncode == 0
+    assert cli("model", "unregister", "iris").returncode == 0
+    r = subprocess.run([*base, "model", "list", "--router", "127.0.0.1:1"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "cannot reach the router" in r.stderr
