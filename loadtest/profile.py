@@ -1,15 +1,25 @@
-"""Where a server process spends its time: py-spy sampling of a running PID, summarised.
+"""Where a server process spends its CPU: py-spy sampling of a running PID, summarised.
 
-``py-spy record --pid P --format raw`` writes one line per distinct stack, ``frame;frame;... N``
-(outermost first). The summary counts, per function (line numbers dropped), the samples where it is
-the innermost frame ("self") and the samples where it is anywhere on the stack ("total"). Idle
-samples (a thread blocked in epoll) are excluded by py-spy unless ``--idle`` is given, so the
-percentages are of the time the process was busy.
+``py-spy record --pid P --format raw --native`` writes one line per distinct stack,
+``frame;frame;... N`` (outermost first), Python frames interleaved with C and Cython ones (grpc's
+``cygrpc``, uvloop's ``loop.c``, CPython). Native frames are the point: a byte-forwarding proxy
+spends most of its time below Python, and a Python-only profile charges all of that to whatever
+Python frame is outermost (``Runner.run``), which says nothing.
 
-With ``native=True`` py-spy also unwinds C and Cython frames (grpc's ``cygrpc``, uvloop), which is
-where a byte-forwarding proxy spends most of its time; that mode pauses the process at each sample
-(py-spy cannot unwind native stacks without stopping the thread), so it runs in a phase of its own,
-never during a measured one.
+py-spy reports every sample in native mode, including threads blocked in ``epoll_wait``; the
+summary drops samples whose innermost frame is a blocking wait (:data:`IDLE_LEAVES`) and gives
+percentages of the remaining, *busy* samples. It then groups them three ways:
+
+* by thread: the event loop (main thread) and grpc's poller thread (grpc.aio runs a thread that
+  polls the C-core completion queue and wakes the loop);
+* by the innermost frame's layer (:func:`layer`): grpc C-core/Cython, kernel calls through libc,
+  uvloop, the CPython runtime, Python code of mesh, of grpc.aio, of asyncio/stdlib;
+* by Python function, inclusive: how much of the busy time is spent under each Python frame
+  (e.g. ``Forwarder.forward``), leaving out the entry frames that every sample shares.
+
+Native unwinding pauses the process at each sample (py-spy cannot unwind a running thread), so a
+profile runs in a phase of its own, never during a measured one. Cython frames of ``cygrpc`` show
+as addresses (the wheel is stripped); they are grouped by library.
 """
 
 from __future__ import annotations
@@ -18,22 +28,79 @@ import re
 import shutil
 import subprocess
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _LINENO = re.compile(r":\d+\)$")
+_FILE = re.compile(r"\((?P<file>[^()]*)\)$")
+
+IDLE_LEAVES = frozenset({
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect", "pselect6",
+    "nanosleep", "clock_nanosleep", "pthread_cond_wait", "pthread_cond_timedwait",
+    "__futex_abstimed_wait_common", "futex_wait", "sem_wait", "sem_timedwait", "accept", "accept4",
+})
+# Frames every main-thread or every thread sample shares: no information in their inclusive share.
+_ENTRY_FILES = ("<frozen runpy>", "mesh/__main__.py", "mesh/cli/main.py", "mesh/cli/serve.py",
+                "uvloop/__init__.py", "asyncio/runners.py", "threading.py")
+
+
+def _frame_name(frame: str) -> str:
+    return _LINENO.sub(")", frame.strip())
+
+
+def _function(frame: str) -> str:
+    return frame.split(" (", 1)[0]
+
+
+def _file(frame: str) -> str:
+    m = _FILE.search(frame)
+    return m["file"] if m else ""
+
+
+def layer(leaf: str) -> str:
+    """The layer the innermost frame belongs to."""
+    file = _file(leaf)
+    if "cygrpc" in file or "libgrpc" in file:
+        return "grpc C-core / Cython (cygrpc)"
+    if file.startswith("libc.so") or file.startswith("libpthread"):
+        return "kernel calls via libc (send/recv/write/futex)"
+    if file in ("loop.c", "handles", "core.c", "linux.c", "loop-watcher.c", "stream.c", "queue.h") \
+            or "uvloop" in file:
+        return "uvloop / libuv"
+    if file.endswith(".py"):
+        if file.startswith("mesh/") or "/mesh/" in file or file in ("forwarder.py", "routing.py", "view.py",
+                                                                    "wire.py", "metadata.py"):
+            return "Python: mesh code"
+        if file.startswith("grpc/") or "/grpc/" in file:
+            return "Python: grpc.aio layer"
+        return "Python: asyncio / stdlib"
+    return "CPython runtime (interpreter, asyncio C, allocator)"
 
 
 @dataclass
 class Profile:
-    samples: int
-    self_counts: Counter[str]
-    total_counts: Counter[str]
+    samples: int = 0
+    idle: int = 0
+    by_thread: Counter[str] = field(default_factory=Counter)
+    by_layer: Counter[str] = field(default_factory=Counter)
+    self_counts: Counter[str] = field(default_factory=Counter)
+    python_total: Counter[str] = field(default_factory=Counter)
 
-    def top(self, n: int = 15, *, by: str = "self") -> list[tuple[str, int, float]]:
-        counts = self.self_counts if by == "self" else self.total_counts
-        return [(frame, c, 100.0 * c / max(self.samples, 1)) for frame, c in counts.most_common(n)]
+    @property
+    def busy(self) -> int:
+        return self.samples - self.idle
+
+    def pct(self, count: int) -> float:
+        return 100.0 * count / max(self.busy, 1)
+
+    def top(self, counter: Counter[str], n: int) -> list[tuple[str, float]]:
+        return [(k, round(self.pct(c), 1)) for k, c in counter.most_common(n)]
+
+    def as_dict(self, n: int = 15) -> dict[str, object]:
+        return {"samples": self.samples, "busy": self.busy,
+                "by_thread": self.top(self.by_thread, 5), "by_layer": self.top(self.by_layer, 10),
+                "self": self.top(self.self_counts, n), "python_inclusive": self.top(self.python_total, n)}
 
 
 def available() -> bool:
@@ -41,7 +108,7 @@ def available() -> bool:
 
 
 def start_record(pid: int, output: Path, *, duration_s: float, rate: int = 250,
-                 native: bool = False) -> subprocess.Popen[bytes]:
+                 native: bool = True) -> subprocess.Popen[bytes]:
     """Start ``py-spy record`` on ``pid`` in the background; wait on the returned process."""
     argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(output),
             "--duration", str(max(1, round(duration_s))), "--rate", str(rate)]
@@ -49,14 +116,8 @@ def start_record(pid: int, output: Path, *, duration_s: float, rate: int = 250,
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _frame_name(frame: str) -> str:
-    return _LINENO.sub(")", frame.strip())
-
-
 def parse_raw(text: str) -> Profile:
-    self_counts: Counter[str] = Counter()
-    total_counts: Counter[str] = Counter()
-    samples = 0
+    prof = Profile()
     for line in text.splitlines():
         m = _LINE.match(line.strip())
         if not m:
@@ -65,17 +126,29 @@ def parse_raw(text: str) -> Profile:
         frames = [_frame_name(f) for f in m["stack"].split(";") if f.strip()]
         if not frames:
             continue
-        samples += count
-        self_counts[frames[-1]] += count
-        for frame in set(frames):
-            total_counts[frame] += count
-    return Profile(samples, self_counts, total_counts)
+        prof.samples += count
+        leaf = frames[-1]
+        if _function(leaf) in IDLE_LEAVES:
+            prof.idle += count
+            continue
+        thread = ("grpc poller / other thread" if any(f.startswith("Thread.run (") for f in frames)
+                  else "event loop (main thread)")
+        prof.by_thread[thread] += count
+        prof.by_layer[layer(leaf)] += count
+        prof.self_counts[leaf] += count
+        for frame in {f for f in frames if _file(f).endswith(".py") and not _file(f).endswith(_ENTRY_FILES)
+                      and not _file(f).startswith("<frozen")}:
+            prof.python_total[frame] += count
+    return prof
 
 
-def format_top(profile: Profile, n: int = 15) -> str:
-    lines = [f"{profile.samples} busy samples"]
-    for by in ("self", "total"):
-        lines.append(f"top {n} by {by} time:")
-        for frame, count, pct in profile.top(n, by=by):
-            lines.append(f"  {pct:5.1f}%  {count:6d}  {frame}")
+def format_summary(prof: Profile, n: int = 15) -> str:
+    lines = [f"{prof.samples} samples, {prof.busy} busy ({prof.idle} idle waits left out); "
+             "percentages of busy samples"]
+    for title, counter, k in (("by thread", prof.by_thread, 5), ("by layer of the innermost frame",
+                                                                  prof.by_layer, 10),
+                              ("Python functions, inclusive", prof.python_total, n),
+                              ("innermost frames (self)", prof.self_counts, n)):
+        lines.append(f"{title}:")
+        lines += [f"  {pct:5.1f}%  {name}" for name, pct in prof.top(counter, k)]
     return "\n".join(lines)

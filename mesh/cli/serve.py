@@ -19,7 +19,7 @@ Serve = Callable[[Settings, RootTasks, Callable[[str], None] | None], Coroutine[
 
 async def _watch_parent(parent: int) -> None:
     """Under `mesh up`: exit when the supervising process is gone (even if it was SIGKILLed)."""
-    while os.getppid() == parent:
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event exists for a parent's death
         await asyncio.sleep(1.0)
     raise RuntimeError(f"parent process {parent} is gone")
 

@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.logging import configure
 from mesh.registry.etcd_server import EtcdProcess
 from mesh.runtime.capacity import memory_limit_bytes
-from mesh.logging import configure
 from mesh.settings import LogSettings, parse_bytes
 
 STOP_GRACE_S = 10.0
@@ -56,7 +56,7 @@ class Child:
 
     def start(self) -> None:
         self.ready_file.unlink(missing_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", "serve", self.component, "--ready-file", str(self.ready_file)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

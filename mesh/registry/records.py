@@ -177,6 +177,13 @@ class FailureRecord:
 
 
 __all__ = [
-    "DeviceUsage", "FailureRecord", "InstanceRecord", "ModelSpec", "PlacementRecord",
-    "VModelRecord", "LOADING", "LOADED", "FAILED",
+    "FAILED",
+    "LOADED",
+    "LOADING",
+    "DeviceUsage",
+    "FailureRecord",
+    "InstanceRecord",
+    "ModelSpec",
+    "PlacementRecord",
+    "VModelRecord",
 ]

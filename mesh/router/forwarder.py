@@ -28,11 +28,11 @@ import structlog
 from mesh import __version__
 from mesh.errors import MeshError, ModelNotFound, Unavailable
 from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.ids import check_model_id
 from mesh.registry.specs import SpecCache
 from mesh.router.routing import Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
 from mesh.router.wire import read_model_name
-from mesh.runtime.service import check_model_id
 from mesh.transport.metadata import LOAD_MODE, MODEL_ID, VMODEL_ID, model_selection
 from mesh.transport.server import ChannelPool
 from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, status_of

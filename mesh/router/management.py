@@ -28,11 +28,11 @@ from mesh.errors import (
     InvalidArgument,
     ModelNotFound,
 )
+from mesh.ids import check_model_id
 from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec, VModelRecord
 from mesh.registry.registry import Registry
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
-from mesh.runtime.service import check_model_id
 
 log = structlog.get_logger(__name__)
 _rng = random.Random()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import grpc
+
 from mesh.errors import MeshError
 from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
 from mesh.registry.records import ModelSpec
 from mesh.router.routing import Target
-from mesh.runtime.servicer import LAST_USED_KEY
+from mesh.transport.metadata import LAST_USED
 from mesh.transport.server import ChannelPool
 from mesh.transport.status import MESH_CODES
-
-import grpc
 
 
 class RuntimeClient:
@@ -24,7 +24,7 @@ class RuntimeClient:
                                        modelPath=spec.path, modelKey=spec.key)
         try:
             await stub.loadModel(request, timeout=timeout_s,
-                                 metadata=((LAST_USED_KEY, str(last_used_ms)),))
+                                 metadata=((LAST_USED, str(last_used_ms)),))
         except grpc.aio.AioRpcError as err:
             error = MeshError(f"loading {spec.model_id!r} on {target.instance_id}: {err.details()}")
             error.code = MESH_CODES.get(err.code(), error.code)

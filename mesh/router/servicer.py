@@ -43,29 +43,29 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
         self._m = management
 
     @handled(ORIGIN)
-    async def registerModel(self, request: mm.RegisterModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def registerModel(self, request: mm.RegisterModelRequest, context: grpc.aio.ServicerContext):
         status = await self._m.register_model(request.modelId, _info(request.modelInfo),
                                               load_now=request.loadNow, sync=request.sync,
                                               last_used_ms=request.lastUsedTime)
         return model_status_pb(status)
 
     @handled(ORIGIN)
-    async def unregisterModel(self, request: mm.UnregisterModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def unregisterModel(self, request: mm.UnregisterModelRequest, context: grpc.aio.ServicerContext):
         await self._m.unregister_model(request.modelId)
         return mm.UnregisterModelResponse()
 
     @handled(ORIGIN)
-    async def getModelStatus(self, request: mm.GetStatusRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def getModelStatus(self, request: mm.GetStatusRequest, context: grpc.aio.ServicerContext):
         return model_status_pb(await self._m.model_status(request.modelId))
 
     @handled(ORIGIN)
-    async def ensureLoaded(self, request: mm.EnsureLoadedRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def ensureLoaded(self, request: mm.EnsureLoadedRequest, context: grpc.aio.ServicerContext):
         status = await self._m.ensure_loaded(request.modelId, sync=request.sync,
                                              last_used_ms=request.lastUsedTime)
         return model_status_pb(status)
 
     @handled(ORIGIN)
-    async def setVModel(self, request: mm.SetVModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def setVModel(self, request: mm.SetVModelRequest, context: grpc.aio.ServicerContext):
         status = await self._m.set_vmodel(
             request.vModelId, request.targetModelId, owner=request.owner,
             update_only=request.updateOnly,
@@ -75,16 +75,16 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
         return vmodel_status_pb(status)
 
     @handled(ORIGIN)
-    async def getVModelStatus(self, request: mm.GetVModelStatusRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def getVModelStatus(self, request: mm.GetVModelStatusRequest, context: grpc.aio.ServicerContext):
         return vmodel_status_pb(await self._m.vmodel_status(request.vModelId, request.owner))
 
     @handled(ORIGIN)
-    async def deleteVModel(self, request: mm.DeleteVModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def deleteVModel(self, request: mm.DeleteVModelRequest, context: grpc.aio.ServicerContext):
         await self._m.delete_vmodel(request.vModelId, request.owner)
         return mm.DeleteVModelResponse()
 
     @handled(ORIGIN)
-    async def listModels(self, request: mm.ListModelsRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def listModels(self, request: mm.ListModelsRequest, context: grpc.aio.ServicerContext):
         entries, token = await self._m.list_models(prefix=request.prefix, page_size=request.pageSize,
                                                    page_token=request.pageToken)
         out = mm.ListModelsResponse(nextPageToken=token)

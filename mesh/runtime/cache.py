@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import psutil
 import structlog
@@ -141,11 +141,19 @@ class ModelCache:
         self._rss = rss or _process_rss()
         self._prepare_fn = prepare_fn
         self._entries: dict[str, Entry] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._unloading: set[Entry] = set()
         self._space_freed = asyncio.Condition()
         self._loads_running = 0
         self._load_epoch = 0  # bumped at each load start: tells whether loads overlapped
         self.loads = self.evictions = self.hits = self.misses = 0
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A short-lived task the cache owns (loads, unloads): referenced until done, so it cannot
+        be garbage-collected mid-flight; the coroutines handle their own errors."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def set_listener(self, listener: CacheListener) -> None:
         self._listener = listener
@@ -211,7 +219,7 @@ class ModelCache:
                       predicted_bytes=predicted, ready=asyncio.get_running_loop().create_future(),
                       created=now, last_used=now, initial_last_used=last_used)
         self._entries[spec.model_id] = entry
-        asyncio.create_task(self._load(entry), name=f"load:{spec.model_id}")
+        self._spawn(self._load(entry), f"load:{spec.model_id}")
         self._notify(entry, LOADING)
         return entry
 
@@ -308,7 +316,7 @@ class ModelCache:
                 self._release(zombie)
                 await self._wake_space_waiters()
 
-            asyncio.create_task(cleanup(), name=f"abandon:{entry.model_id}")
+            self._spawn(cleanup(), f"abandon:{entry.model_id}")
 
         future.add_done_callback(finished)
 
@@ -360,7 +368,7 @@ class ModelCache:
                  model_id=entry.model_id, device=entry.device, reason=reason,
                  size_bytes=entry.reserved_bytes, idle_s=round(age_s, 3))
         self._notify(entry, "evicted" if reason == "capacity" else "unloaded")
-        asyncio.create_task(self._finish_unload(entry), name=f"unload:{entry.model_id}")
+        self._spawn(self._finish_unload(entry), f"unload:{entry.model_id}")
 
     async def _finish_unload(self, entry: Entry) -> None:
         if entry.in_use:

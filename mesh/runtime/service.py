@@ -22,6 +22,7 @@ import structlog
 
 from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound
 from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.ids import check_model_id
 from mesh.registry.records import ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
@@ -31,18 +32,6 @@ from mesh.runtime.tensors import decode_inputs, encode_response
 from placement.sizing import SizeEstimator
 
 log = structlog.get_logger(__name__)
-
-MAX_MODEL_ID_BYTES = 1024
-
-
-def check_model_id(model_id: str) -> str:
-    if not model_id:
-        raise InvalidArgument("no model given: set the mm-model-id header or model_name")
-    if len(model_id.encode("utf-8", "surrogatepass")) > MAX_MODEL_ID_BYTES:
-        raise InvalidArgument(f"model ID is {len(model_id.encode('utf-8', 'surrogatepass'))} bytes long; "
-                              f"the limit is {MAX_MODEL_ID_BYTES}")
-    return model_id
-
 
 def parse_key(key: str) -> dict[str, object]:
     """ModelInfo.key: a JSON object by convention; empty means no parameters."""
@@ -261,5 +250,4 @@ def _run_inference(entry: Entry, request: pb.ModelInferRequest) -> pb.ModelInfer
                            request_id=request.id, outputs=outputs, raw=raw)
 
 
-__all__ = ["RuntimeService", "SizePredictor", "check_model_id", "choose_device", "load_model",
-           "wants_gpu"]
+__all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "wants_gpu"]

@@ -11,7 +11,7 @@ from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
 from mesh.runtime.service import RuntimeService
-from mesh.transport.metadata import model_selection
+from mesh.transport.metadata import LAST_USED, model_selection
 from mesh.transport.status import handled
 
 ORIGIN = "runtime"
@@ -21,27 +21,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: RuntimeService) -> None:
         self._service = service
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext):
         return pb.ServerReadyResponse(ready=self._service.ready)
 
     @handled(ORIGIN)
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext):
         model_id, _, _ = model_selection(context.invocation_metadata())
         return pb.ModelReadyResponse(ready=await self._service.model_ready(model_id or request.name))
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext):
         return pb.ServerMetadataResponse(name="mesh-serving-runtime", version=__version__, extensions=[])
 
     @handled(ORIGIN)
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext):
         model_id, _, allow = model_selection(context.invocation_metadata())
         return await self._service.model_metadata(model_id or request.name, allow_load=allow)
 
     @handled(ORIGIN)
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
         model_id, _, allow = model_selection(context.invocation_metadata())
         return await self._service.infer(model_id or request.model_name, request, allow_load=allow)
 
@@ -52,7 +52,7 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
         self._status = status
 
     @handled(ORIGIN)
-    async def loadModel(self, request: spi.LoadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def loadModel(self, request: spi.LoadModelRequest, context: grpc.aio.ServicerContext):
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
         last_used = _last_used_from(context)
@@ -60,35 +60,32 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
         return spi.LoadModelResponse(sizeInBytes=entry.reserved_bytes)
 
     @handled(ORIGIN)
-    async def unloadModel(self, request: spi.UnloadModelRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def unloadModel(self, request: spi.UnloadModelRequest, context: grpc.aio.ServicerContext):
         await self._service.unload(request.modelId)
         return spi.UnloadModelResponse()
 
     @handled(ORIGIN)
-    async def predictModelSize(self, request: spi.PredictModelSizeRequest,  # noqa: N802
+    async def predictModelSize(self, request: spi.PredictModelSizeRequest,
                                context: grpc.aio.ServicerContext):
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
         return spi.PredictModelSizeResponse(sizeInBytes=self._service.predict_size(spec))
 
     @handled(ORIGIN)
-    async def modelSize(self, request: spi.ModelSizeRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+    async def modelSize(self, request: spi.ModelSizeRequest, context: grpc.aio.ServicerContext):
         return spi.ModelSizeResponse(sizeInBytes=self._service.model_size(request.modelId))
 
     @handled(ORIGIN)
-    async def runtimeStatus(self, request: spi.RuntimeStatusRequest,  # noqa: N802
+    async def runtimeStatus(self, request: spi.RuntimeStatusRequest,
                             context: grpc.aio.ServicerContext):
         # Unlike ModelMesh's runtimes this one does not purge its models here: it publishes its
         # own placements, so there is no outside state that a restart could leave inconsistent.
         return spi.RuntimeStatusResponse(**self._status)  # type: ignore[arg-type]
 
 
-LAST_USED_KEY = "mesh-last-used-ms"
-
-
 def _last_used_from(context: grpc.aio.ServicerContext) -> float | None:
     for key, value in context.invocation_metadata() or ():
-        if key == LAST_USED_KEY:
+        if key == LAST_USED:
             try:
                 return int(value) / 1000
             except ValueError:

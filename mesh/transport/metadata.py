@@ -14,6 +14,9 @@ VMODEL_ID = "mm-vmodel-id"
 # Set by the router on forwarded requests: "deny" means the copy was believed loaded here, so a
 # miss must answer "not here" instead of loading.
 LOAD_MODE = "mesh-load"
+# On SPI loadModel calls from a router: where the copy enters the runtime's eviction order (ms since
+# the epoch), so that loads made ahead of traffic do not push out models in use.
+LAST_USED = "mesh-last-used-ms"
 
 _HEADERS = {MODEL_ID: (False, False), MODEL_ID + "-bin": (False, True),
             VMODEL_ID: (True, False), VMODEL_ID + "-bin": (True, True)}

@@ -20,7 +20,6 @@ import grpc
 import psutil
 import pytest
 
-from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
@@ -41,7 +40,7 @@ class MeshUp:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.output = tmp / "mesh-up.out"
-        self._out = open(self.output, "wb")  # noqa: SIM115
+        self._out = open(self.output, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", "up", "--port", str(self.port), *args],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -84,7 +83,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> list[ModelArtifact]:
 
 @pytest.fixture
 def mesh_up(tmp_path: Path) -> Iterator[MeshUp]:
-    # 3 MiB of model memory per runtime (each load first reserves its predicted size, 1 MiB at least): far less than the 200 models need together.
+    # 3 MiB of model memory per runtime (each load first reserves its predicted size, 1 MiB at
+    # least): far less than the 200 models need together.
     up = MeshUp(tmp_path, "--runtimes", "2", "--capacity", "3MiB")
     try:
         yield up

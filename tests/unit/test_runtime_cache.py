@@ -145,13 +145,13 @@ async def test_failed_load_reports_reason_and_leaves_nothing_counted() -> None:
     assert ("bad", "failed") in h.events
     # an unexpected exception from a loader is wrapped with the model and type
     h.fail["odd"] = ValueError("boom")
-    with pytest.raises(ModelLoadError, match="'odd'.*boom"):
+    with pytest.raises(ModelLoadError, match=r"'odd'.*boom"):
         await h.get("odd")
 
 
 async def test_load_timeout_keeps_bytes_counted_until_the_thread_finishes() -> None:
     h = Harness(1000, sizes={"slow": 400}, delay_s=0.4, timeout_s=0.1)
-    with pytest.raises(DeadlineExceeded, match="longer than 0.1 s"):
+    with pytest.raises(DeadlineExceeded, match=r"longer than 0\.1 s"):
         await h.get("slow")
     assert h.budget.used_bytes == 400  # the loader thread is still running and holds memory
     await asyncio.sleep(0.6)
