@@ -133,6 +133,10 @@ class Cluster:
     def start_echo(self, name: str = "echo") -> Server:
         return self._spawn(name, [sys.executable, "-m", "loadtest.echo_server"], dict(self._env))
 
+    def start_naive_proxy(self, backend: str, name: str = "naive-proxy") -> Server:
+        return self._spawn(name, [sys.executable, "-m", "loadtest.naive_proxy", "--backend", backend],
+                           dict(self._env))
+
     # --- stopping -----------------------------------------------------------------------------
     def close(self) -> None:
         # mesh up's order: routers stop accepting first; runtimes (and the echo server) drain and

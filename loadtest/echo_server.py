@@ -14,13 +14,12 @@ gone (the benchmark was killed).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import signal
 from pathlib import Path
 
 import grpc
 import uvloop
+
+from loadtest._serving import wait_for_stop, write_ready
 
 SERVICE = "echo.Echo"
 METHOD = f"/{SERVICE}/Echo"
@@ -36,22 +35,8 @@ async def serve(ready_file: Path | None, port: int = 0) -> None:
         SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}),))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(f"127.0.0.1:{bound}")
-        tmp.replace(ready_file)
-    parent = int(os.environ.get("MESH_PARENT_PID", "0") or 0)
-    while not stop.is_set():
-        if parent and os.getppid() != parent:
-            break
-        try:
-            await asyncio.wait_for(stop.wait(), 1.0)
-        except TimeoutError:
-            pass
+    write_ready(ready_file, f"127.0.0.1:{bound}")
+    await wait_for_stop()
     await server.stop(grace=1.0)
 
 

@@ -39,6 +39,7 @@ import asyncio
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,191 +71,236 @@ def log(message: str) -> None:
 
 
 class CpuMeter:
-    """CPU seconds of some processes between ``start`` and ``stop`` (used as phase hooks)."""
+    """CPU seconds (user, system) used by some processes, summed over the measured segments."""
 
     def __init__(self, **procs: psutil.Process) -> None:
         self.procs = procs
-        self._before: dict[str, float] = {}
-        self.used: dict[str, float] = {}
+        self._before: dict[str, tuple[float, float]] = {}
+        self.user: dict[str, float] = dict.fromkeys(procs, 0.0)
+        self.system: dict[str, float] = dict.fromkeys(procs, 0.0)
 
     @staticmethod
-    def _cpu(p: psutil.Process) -> float:
+    def _cpu(p: psutil.Process) -> tuple[float, float]:
         t = p.cpu_times()
-        return t.user + t.system
+        return t.user, t.system
 
     def start(self) -> None:
         self._before = {k: self._cpu(p) for k, p in self.procs.items()}
 
     def stop(self) -> None:
-        self.used = {k: self._cpu(p) - self._before[k] for k, p in self.procs.items()}
+        for k, p in self.procs.items():
+            user, system = self._cpu(p)
+            self.user[k] += user - self._before[k][0]
+            self.system[k] += system - self._before[k][1]
 
 
-async def _phase(call: grpc.aio.UnaryUnaryMultiCallable, body: bytes, md: tuple[tuple[str, str], ...],
-                 name: str, concurrency: int, args: argparse.Namespace,
-                 meter: CpuMeter | None = None) -> PhaseResult:
-    log(f"phase {name} (c={concurrency}, {args.warmup:g} s warm-up + {args.duration:g} s)")
-    result = await closed_loop(call, body, md, name=name, concurrency=concurrency,
-                               duration_s=args.duration, warmup_s=args.warmup,
-                               on_start=meter.start if meter else None,
-                               on_end=meter.stop if meter else None)
-    if meter is not None and result.requests:
-        for k, used in meter.used.items():
-            result.extra[f"{k}_cpu_ms_per_req"] = used / result.requests * 1000
-    if result.errors:
-        log(f"  errors: {result.errors}")
-    return result
+@dataclass
+class Target:
+    """One way to the model (or to the echo server) and whose CPU to meter on it."""
+
+    name: str
+    call: grpc.aio.UnaryUnaryMultiCallable
+    metadata: tuple[tuple[str, str], ...]
+    procs: dict[str, psutil.Process]
 
 
-async def _profile(call: grpc.aio.UnaryUnaryMultiCallable, body: bytes, md: tuple[tuple[str, str], ...],
-                   router: Server, concurrency: int, seconds: float, workdir: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for native in (False, True):
-        kind = "native" if native else "python"
-        path = workdir / f"router-{kind}.raw"
-        log(f"profiling the router ({kind} frames, {seconds:g} s under routed c={concurrency})")
-        spy = prof.start_record(router.pid, path, duration_s=seconds, native=native)
-        await asyncio.sleep(0.5)  # let py-spy attach before the load starts
-        await closed_loop(call, body, md, name=f"profile-{kind}", concurrency=concurrency,
-                          duration_s=seconds, warmup_s=0)
-        _, err = await asyncio.to_thread(spy.communicate, timeout=seconds + 30)
-        if spy.returncode != 0 or not path.exists():
-            out[kind] = {"error": (err or b"").decode(errors="replace").strip()[-500:]}
-            log(f"  py-spy failed: {out[kind]['error']}")
-            continue
-        summary = prof.parse_raw(path.read_text(errors="replace"))
-        out[kind] = {"samples": summary.samples,
-                     "self": [(f, round(p, 1)) for f, _, p in summary.top(20, by="self")],
-                     "total": [(f, round(p, 1)) for f, _, p in summary.top(25, by="total")]}
-        out[kind + "_text"] = prof.format_top(summary, 20)
-    return out
+async def interleaved(targets: list[Target], body: bytes, concurrency: int,
+                      args: argparse.Namespace) -> dict[str, PhaseResult]:
+    """``args.rounds`` rounds; in each, every target gets one segment of duration/rounds seconds
+    (after its own warm-up), in alternating order, so that drift on a shared machine hits every
+    target alike. Segments of a target are summed into one result."""
+    seg = args.duration / args.rounds
+    results: dict[str, PhaseResult] = {}
+    meters = {t.name: CpuMeter(**t.procs) for t in targets}
+    log(f"c={concurrency}: {', '.join(t.name for t in targets)}; {args.rounds} rounds of "
+        f"{args.warmup:g} s warm-up + {seg:g} s each")
+    for r in range(args.rounds):
+        for t in (targets if r % 2 == 0 else targets[::-1]):
+            meter = meters[t.name]
+            res = await closed_loop(t.call, body, t.metadata, name=f"{t.name} c={concurrency}",
+                                    concurrency=concurrency, duration_s=seg, warmup_s=args.warmup,
+                                    on_start=meter.start, on_end=meter.stop)
+            if t.name in results:
+                results[t.name].add(res)
+            else:
+                results[t.name] = res
+    for t in targets:
+        res = results[t.name]
+        if res.requests:
+            meter = meters[t.name]
+            for k in meter.procs:
+                res.extra[f"{k}_cpu_ms_per_req"] = (meter.user[k] + meter.system[k]) / res.requests * 1000
+                res.extra[f"{k}_sys_ms_per_req"] = meter.system[k] / res.requests * 1000
+        if res.errors:
+            log(f"  {res.name}: errors {res.errors}")
+    return results
+
+
+async def _profile(target: Target, body: bytes, router: Server, concurrency: int, seconds: float,
+                   workdir: Path) -> dict[str, Any]:
+    path = workdir / "router-native.raw"
+    log(f"profiling the router with py-spy (native frames, {seconds:g} s under routed c={concurrency})")
+    spy = prof.start_record(router.pid, path, duration_s=seconds, native=True)
+    await asyncio.sleep(1.0)  # let py-spy attach before the load starts
+    await closed_loop(target.call, body, target.metadata, name="profile", concurrency=concurrency,
+                      duration_s=seconds, warmup_s=0)
+    _, err = await asyncio.to_thread(spy.communicate, timeout=seconds + 30)
+    if spy.returncode != 0 or not path.exists():
+        message = (err or b"").decode(errors="replace").strip()[-500:]
+        log(f"  py-spy failed: {message}")
+        return {"error": message}
+    summary = prof.parse_raw(path.read_text(errors="replace"))
+    return {**summary.as_dict(20), "text": prof.format_summary(summary, 20)}
 
 
 async def run(args: argparse.Namespace, cluster: Cluster, model: TrainedModel,
-              runtime: Server, router: Server, echo: Server) -> dict[str, Any]:
+              servers: dict[str, Server]) -> dict[str, Any]:
     body = infer_body(model)
     md = (("mm-model-id", MODEL_ID),)
-    options = [("grpc.max_receive_message_length", 16 * 2**20)]
-    async with grpc.aio.insecure_channel(router.endpoint, options=options) as to_router, \
-            grpc.aio.insecure_channel(runtime.endpoint, options=options) as to_runtime, \
-            grpc.aio.insecure_channel(echo.endpoint, options=options) as to_echo:
-        await register(mm_grpc.ModelMeshStub(to_router), MODEL_ID, str(model.path))
-        routed, direct, echoed = bytes_call(to_router, INFER), bytes_call(to_runtime, INFER), \
-            bytes_call(to_echo, ECHO_METHOD)
+    me = psutil.Process()
+    runtime, router, echo = servers["runtime"], servers["router"], servers["echo"]
+    channels = {name: grpc.aio.insecure_channel(s.endpoint) for name, s in servers.items()}
+    try:
+        mesh = mm_grpc.ModelMeshStub(channels["router"])
+        await register(mesh, MODEL_ID, str(model.path))
         started = time.perf_counter()
+        routed = bytes_call(channels["router"], INFER)
         first = await routed(body, metadata=md, timeout=60)  # loads the model on the runtime
         first_ms = (time.perf_counter() - started) * 1000
-        await wait_loaded(mm_grpc.ModelMeshStub(to_router), MODEL_ID)
+        await wait_loaded(mesh, MODEL_ID)  # routed requests now take the loaded-copy path
         import joblib
 
         expected = joblib.load(model.path).predict(model.sample)
+        direct = bytes_call(channels["runtime"], INFER)
         for raw in (first, await direct(body, metadata=md, timeout=10)):
             got = decode_response(pb.ModelInferResponse.FromString(raw))["predict"]
             if not np.array_equal(got, expected):
                 raise RuntimeError(f"wrong answer from the mesh: {got} != {expected}")
-        assert await echoed(body, timeout=10) == body
+        echoed = bytes_call(channels["echo"], ECHO_METHOD)
+        if await echoed(body, timeout=10) != body:
+            raise RuntimeError("the echo server did not echo")
 
-        me = psutil.Process()
+        targets = [Target("direct", direct, md, {"runtime": runtime.ps, "client": me})]
+        if "naive" in servers:
+            targets.append(Target("naive proxy", bytes_call(channels["naive"], INFER), md,
+                                  {"proxy": servers["naive"].ps, "runtime": runtime.ps, "client": me}))
+        targets.append(Target("routed", routed, md,
+                              {"proxy": router.ps, "runtime": runtime.ps, "client": me}))
+        echo_target = Target("echo", echoed, (), {"proxy": echo.ps, "client": me})
         c = args.concurrency
-        phases = {
-            "direct_c1": await _phase(direct, body, md, "direct c=1", 1, args),
-            "routed_c1": await _phase(routed, body, md, "routed c=1", 1, args),
-            "direct_cN": await _phase(direct, body, md, f"direct c={c}", c, args,
-                                      CpuMeter(runtime=runtime.ps, client=me)),
-            "routed_cN": await _phase(routed, body, md, f"routed c={c}", c, args,
-                                      CpuMeter(router=router.ps, runtime=runtime.ps, client=me)),
-            "echo_cN": await _phase(echoed, body, (), f"echo c={c}", c, args,
-                                    CpuMeter(echo=echo.ps, client=me)),
-        }
+        low = await interleaved(targets, body, 1, args)
+        high = await interleaved([*targets, echo_target], body, c, args)
         profile: dict[str, Any] = {}
         if args.profile_seconds > 0:
             if prof.available():
-                profile = await _profile(routed, body, md, router, c, args.profile_seconds, cluster.workdir)
+                profile = await _profile(targets[-1], body, router, c, args.profile_seconds,
+                                         cluster.workdir)
             else:
                 profile = {"error": "py-spy is not installed (pip install py-spy)"}
-    p = phases
-    added = p["routed_c1"].p(50) - p["direct_c1"].p(50)
-    router_cpu = p["routed_cN"].extra.get("router_cpu_ms_per_req", float("nan"))
-    echo_cpu = p["echo_cN"].extra.get("echo_cpu_ms_per_req", float("nan"))
-    ratio = p["routed_cN"].throughput_rps / p["direct_cN"].throughput_rps
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    added = low["routed"].p(50) - low["direct"].p(50)
+    router_cpu = high["routed"].extra.get("proxy_cpu_ms_per_req", float("nan"))
+    echo_cpu = high["echo"].extra.get("proxy_cpu_ms_per_req", float("nan"))
+    ratio = high["routed"].throughput_rps / high["direct"].throughput_rps
+    phases = {f"{k} c=1": v.summary() for k, v in low.items()}
+    phases.update({f"{k} c={c}": v.summary() for k, v in high.items()})
+    reference: dict[str, float] = {}
+    if "naive proxy" in low:
+        reference = {
+            "naive_added_p50_ms": round(low["naive proxy"].p(50) - low["direct"].p(50), 3),
+            "naive_cpu_vs_echo": round(high["naive proxy"].extra.get("proxy_cpu_ms_per_req", 0) / echo_cpu, 2),
+            "naive_throughput_ratio": round(high["naive proxy"].throughput_rps
+                                            / high["direct"].throughput_rps, 3)}
     return {
         "machine": machine(),
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": c,
-                     "request_bytes": len(body), "first_request_ms": round(first_ms, 1)},
-        "phases": {k: v.summary() for k, v in phases.items()},
+        "settings": {"duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
+                     "concurrency": c, "request_bytes": len(body), "first_request_ms": round(first_ms, 1)},
+        "phases": phases,
         "targets": {
             "added_p50_ms": {"value": round(added, 3), "target": f"<= {TARGET_ADDED_P50_MS}",
                              "met": added <= TARGET_ADDED_P50_MS},
-            "router_cpu_vs_echo": {"value": round(router_cpu / echo_cpu, 2), "target": f"<= {TARGET_CPU_RATIO}",
+            "router_cpu_vs_echo": {"value": round(router_cpu / echo_cpu, 2),
+                                   "target": f"<= {TARGET_CPU_RATIO}",
                                    "router_cpu_ms_per_req": round(router_cpu, 4),
                                    "echo_cpu_ms_per_req": round(echo_cpu, 4),
                                    "met": router_cpu / echo_cpu <= TARGET_CPU_RATIO},
             "throughput_ratio": {"value": round(ratio, 3), "target": f">= {TARGET_THROUGHPUT_RATIO}",
                                  "met": ratio >= TARGET_THROUGHPUT_RATIO},
         },
+        "naive_proxy_reference": reference,
         "profile": profile,
     }
 
 
 def render(result: dict[str, Any]) -> str:
-    ph = result["phases"]
     rows = []
-    for key in ("direct_c1", "routed_c1", "direct_cN", "routed_cN", "echo_cN"):
-        s = ph[key]
+    for s in result["phases"].values():
         rows.append([s["name"], s["requests"], s["throughput_rps"], s["p50_ms"], s["p99_ms"],
                      s.get("client_cpu_ms_per_req", float("nan")),
                      s.get("runtime_cpu_ms_per_req", float("nan")),
-                     s.get("router_cpu_ms_per_req", s.get("echo_cpu_ms_per_req", float("nan")))])
+                     s.get("proxy_cpu_ms_per_req", float("nan"))])
     t = result["targets"]
+    ref = result.get("naive_proxy_reference") or {}
+    c = result["settings"]["concurrency"]
     out = [machine_line(result["machine"]), "",
-           table(["phase", "requests", "req/s", "p50 ms", "p99 ms", "client CPU ms/req",
-                  "runtime CPU ms/req", "router (echo) CPU ms/req"], rows), "",
-           table(["target", "measured", "target", "verdict"], [
-               ["added p50 latency, c=1 (ms)", t["added_p50_ms"]["value"], t["added_p50_ms"]["target"],
+           table(["path", "requests", "req/s", "p50 ms", "p99 ms", "client CPU ms/req",
+                  "runtime CPU ms/req", "router / proxy / echo CPU ms/req"], rows), "",
+           table(["target", "router", "naive proxy (same run)", "target", "verdict"], [
+               ["added p50 latency, c=1 (ms)", t["added_p50_ms"]["value"],
+                ref.get("naive_added_p50_ms", "-"), t["added_p50_ms"]["target"],
                 verdict(t["added_p50_ms"]["met"])],
-               ["router CPU per forwarded request / echo server's", t["router_cpu_vs_echo"]["value"],
-                t["router_cpu_vs_echo"]["target"], verdict(t["router_cpu_vs_echo"]["met"])],
-               ["routed / direct throughput, c=" + str(result["settings"]["concurrency"]),
-                t["throughput_ratio"]["value"], t["throughput_ratio"]["target"],
+               [f"CPU per forwarded request / echo server's, c={c}", t["router_cpu_vs_echo"]["value"],
+                ref.get("naive_cpu_vs_echo", "-"), t["router_cpu_vs_echo"]["target"],
+                verdict(t["router_cpu_vs_echo"]["met"])],
+               [f"routed / direct throughput, c={c}", t["throughput_ratio"]["value"],
+                ref.get("naive_throughput_ratio", "-"), t["throughput_ratio"]["target"],
                 verdict(t["throughput_ratio"]["met"])],
            ])]
-    for kind in ("python", "native"):
-        text = result["profile"].get(kind + "_text")
-        if text:
-            out += ["", f"router profile ({kind} frames):", text]
-        elif kind in result["profile"]:
-            out += ["", f"router profile ({kind} frames): {result['profile'][kind]}"]
+    profile = result.get("profile") or {}
+    if "text" in profile:
+        out += ["", f"router profile (py-spy, native frames, routed c={c}):", profile["text"]]
+    elif profile:
+        out += ["", f"router profile: {profile}"]
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.hop", description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per phase (default 8)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase")
-    parser.add_argument("--concurrency", type=int, default=32, help="workers in the throughput phases")
-    parser.add_argument("--profile-seconds", type=float, default=5.0,
-                        help="seconds of py-spy per profile of the router (0: no profile)")
+    parser.add_argument("--duration", type=float, default=8.0,
+                        help="measured seconds per path and concurrency, over all rounds (default 8)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="unmeasured seconds before each segment (default 0.5)")
+    parser.add_argument("--concurrency", type=int, default=32, help="workers in the throughput phase")
+    parser.add_argument("--profile-seconds", type=float, default=6.0,
+                        help="seconds of py-spy on the router after the measurements (0: none)")
+    parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy reference")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args(argv)
     raise_on_sigterm()
     log("training the model...")
-    model = train_logistic(MODEL_ID, Path(tempfile.mkdtemp(prefix="mesh-bench-models-")),
-                           n_features=256, seed=256)
+    model_dir = Path(tempfile.mkdtemp(prefix="mesh-bench-models-"))
+    import shutil
+
     import uvloop
 
-    with Cluster() as cluster:
-        try:
-            log("starting runtime, router and echo server...")
-            runtime = cluster.start_runtime(capacity_bytes=256 * 2**20)
-            router = cluster.start_router()
-            echo = cluster.start_echo()
-            result = uvloop.run(run(args, cluster, model, runtime, router, echo))
-        finally:
-            import shutil
-
-            shutil.rmtree(model.path.parent, ignore_errors=True)
+    try:
+        model = train_logistic(MODEL_ID, model_dir, n_features=256, seed=256)
+        with Cluster() as cluster:
+            log("starting runtime, router, echo server and naive proxy...")
+            servers = {"runtime": cluster.start_runtime(capacity_bytes=256 * 2**20)}
+            servers["router"] = cluster.start_router()
+            servers["echo"] = cluster.start_echo()
+            if not args.no_naive:
+                servers["naive"] = cluster.start_naive_proxy(servers["runtime"].endpoint)
+            result = uvloop.run(run(args, cluster, model, servers))
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
     print(render(result))
     if args.json:
-        result["profile"] = {k: v for k, v in result["profile"].items() if not k.endswith("_text")}
+        result["profile"].pop("text", None)
         print(dump_json(result))
     return 0
 

@@ -48,6 +48,14 @@ class PhaseResult:
     def p(self, q: float) -> float:
         return percentile_ms(self.latencies_s, q)
 
+    def add(self, other: PhaseResult) -> None:
+        """Fold another segment of the same phase into this one (interleaved rounds)."""
+        self.requests += other.requests
+        self.seconds += other.seconds
+        self.latencies_s.extend(other.latencies_s)
+        for code, n in other.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
+
     def summary(self) -> dict[str, object]:
         return {"name": self.name, "concurrency": self.concurrency, "requests": self.requests,
                 "seconds": round(self.seconds, 3), "throughput_rps": round(self.throughput_rps, 1),

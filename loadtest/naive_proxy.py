@@ -12,13 +12,12 @@ It exits on SIGTERM/SIGINT, and by itself when ``MESH_PARENT_PID`` is set and th
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import signal
 from pathlib import Path
 
 import grpc
 import uvloop
+
+from loadtest._serving import wait_for_stop, write_ready
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -40,22 +39,8 @@ async def serve(backend: str, ready_file: Path | None) -> None:
         SERVICE, {"ModelInfer": grpc.unary_unary_rpc_method_handler(forward)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(f"127.0.0.1:{port}")
-        tmp.replace(ready_file)
-    parent = int(os.environ.get("MESH_PARENT_PID", "0") or 0)
-    while not stop.is_set():
-        if parent and os.getppid() != parent:
-            break
-        try:
-            await asyncio.wait_for(stop.wait(), 1.0)
-        except TimeoutError:
-            pass
+    write_ready(ready_file, f"127.0.0.1:{port}")
+    await wait_for_stop()
     await server.stop(grace=1.0)
     await channel.close()
 

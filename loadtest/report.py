@@ -8,6 +8,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,49 @@ def _module_argv() -> list[str]:
     return [name, *sys.argv[1:]]
 
 
+class ForeignLoad:
+    """CPU used on this machine by processes other than ours while a benchmark ran.
+
+    On a shared machine another job's CPU use is the largest source of error; we cannot stop it,
+    but we can say how much there was: machine-wide busy CPU time minus our own process tree's,
+    and the hypervisor's steal time. Create it before starting any server and read ``result()``
+    after every server has been stopped and reaped: a reaped child's CPU time is then in our
+    ``children_user``/``children_system``, so our tree's time is exact.
+    """
+
+    def __init__(self) -> None:
+        self._start = time.monotonic()
+        self._busy, self._steal = self._machine()
+        self._ours = self._our_tree()
+
+    @staticmethod
+    def _machine() -> tuple[float, float]:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        return busy, getattr(t, "steal", 0.0)
+
+    @staticmethod
+    def _our_tree() -> float:
+        t = psutil.Process().cpu_times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def result(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        busy, steal = self._machine()
+        foreign = (busy - self._busy) - (self._our_tree() - self._ours)
+        return {"seconds": round(elapsed, 1), "other_processes_cores": round(max(foreign, 0.0) / elapsed, 2),
+                "steal_cores": round((steal - self._steal) / elapsed, 2)}
+
+
 def machine_line(facts: dict[str, Any]) -> str:
-    return (f"{facts['cpu']}, {facts['cores']} cores, {facts['ram_gib']} GiB RAM, Python {facts['python']}, "
+    line = (f"{facts['cpu']}, {facts['cores']} cores, {facts['ram_gib']} GiB RAM, Python {facts['python']}, "
             f"grpcio {facts['grpcio']}; commit {facts['commit']}; {facts['date']}\n"
             f"command: {facts['command']}")
+    foreign = facts.get("foreign_load")
+    if foreign:
+        line += (f"\nother processes on the machine used {foreign['other_processes_cores']} cores on average "
+                 f"during the {foreign['seconds']} s run (steal {foreign['steal_cores']})")
+    return line
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -81,8 +81,9 @@ class RuntimeSettings:
     load_timeout_s: float = _f(90.0, "A load taking longer fails with DEADLINE_EXCEEDED and its "
                                "reservation is released (ModelMesh's default, 90 s).", "s")
     eviction_policy: str = _f("lru", "Eviction policy from placement/ (lru: ModelMesh's behaviour).")
-    default_model_size_bytes: int = _f(1 * _MIB, "Floor of a model's predicted size before its load, "
-                                       "when the file is tiny or unreadable.", "bytes")
+    default_model_size_bytes: int = _f(64 * 1024, "Floor of a model's predicted size before its load "
+                                       "(guards empty or unreadable files); the prediction itself is "
+                                       "file size x the ratio learned for the type.", "bytes")
     size_ratio: float = _f(1.25, "Initial in-memory/on-disk size ratio per model type, refined after "
                            "each measured load (ModelMesh's adapters use a fixed 1.25).")
     inference_threads: int = _f(4, "Threads running model predict calls, so that one slow model does "

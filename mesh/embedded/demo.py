@@ -4,7 +4,7 @@ Trains per-tenant classifiers on the datasets bundled with scikit-learn (no down
 under ``~/.cache/mesh-serving/demo`` so a second run starts at once), registers them, sends Zipf
 traffic at them through the router for a while, checks every answer against the model's own
 ``predict``, and prints throughput, latency percentiles and the runtimes' cache hits, misses and
-evictions. Unless ``--capacity`` is given the runtimes get room for about a third of the models, so
+evictions. Unless ``--capacity`` is given the runtimes get room for about half of the models, so
 that loads and evictions happen.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 if TYPE_CHECKING:
     from mesh.embedded.up import Mesh
 
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"
 
 
 @dataclass
@@ -31,7 +31,8 @@ class DemoModel:
     model_id: str
     path: Path
     dataset: int
-    size: int
+    size: int  # bytes on disk
+    footprint: int  # bytes in memory (the same measure the sklearn loader reports)
 
 
 def _datasets() -> list[tuple[np.ndarray, np.ndarray]]:
@@ -45,7 +46,11 @@ def train_models(count: int, directory: Path) -> list[DemoModel]:
     import joblib
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     from sklearn.tree import DecisionTreeClassifier
+
+    from mesh.runtime.loaders.sizing import deep_nbytes
 
     directory.mkdir(parents=True, exist_ok=True)
     data = _datasets()
@@ -58,16 +63,20 @@ def train_models(count: int, directory: Path) -> list[DemoModel]:
             rows = rng.choice(len(x), size=min(len(x), 120), replace=False)
             kind = i % 4
             if kind == 0:
-                model: Any = LogisticRegression(max_iter=3000)
+                model: Any = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
             elif kind == 1:
                 model = DecisionTreeClassifier(max_depth=4 + i % 5, random_state=i)
             else:
-                model = RandomForestClassifier(n_estimators=20 + (i % 7) * 10, random_state=i)
+                # Forests of varying size, so that the models' memory footprints differ.
+                model = RandomForestClassifier(n_estimators=5 + (i % 6) * 5, random_state=i)
             model.fit(x[rows], y[rows])
             tmp = path.with_suffix(".tmp")
             joblib.dump(model, tmp)
             tmp.replace(path)
-        models.append(DemoModel(f"tenant-{i:04d}", path, i % 3, path.stat().st_size))
+        else:
+            model = joblib.load(path)
+        models.append(DemoModel(f"tenant-{i:04d}", path, i % 3, path.stat().st_size,
+                                deep_nbytes(model)))
     return models
 
 

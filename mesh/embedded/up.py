@@ -211,9 +211,9 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
         print(f"training {args.models} per-tenant classifiers (cached in {directory})...", flush=True)
         trained = train_models(args.models, directory)
         if capacity is None:
-            # Room for about a third of the models: enough for the hot ones, so that the cold
+            # Room for about half of the models: enough for the hot ones, so that the cold
             # ones are loaded and evicted as traffic moves.
-            capacity = max(4 * 2**20, int(sum(m.size for m in trained) * 1.25 / 3 / args.runtimes))
+            capacity = max(512 * 1024, sum(m.footprint for m in trained) // 2 // args.runtimes)
     mesh = Mesh(runtimes=args.runtimes, port=args.port, registry=args.registry, capacity=capacity,
                 data_dir=args.data_dir, config=args.config)
     stop = {"flag": False}

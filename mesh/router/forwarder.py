@@ -44,17 +44,23 @@ _STRIP = {MODEL_ID, MODEL_ID + "-bin", VMODEL_ID, VMODEL_ID + "-bin", LOAD_MODE}
 _DENY = ((LOAD_MODE, "deny"),)
 
 
-def _is_retryable(err: grpc.aio.AioRpcError) -> bool:
-    """"Not here", or no answer from the runtime at all (connection refused or reset)."""
-    trailers = err.trailing_metadata() or ()
+NOT_HERE, GONE, FINAL = "not-here", "gone", "final"
+
+
+def _classify(err: grpc.aio.AioRpcError) -> str:
+    """NOT_HERE: the runtime answered that the copy is not there (evicted meanwhile); GONE: no
+    answer from the runtime at all (connection refused or reset); FINAL: the runtime's own answer,
+    passed back to the client."""
     origin = False
-    for key, _ in trailers:
+    for key, _ in err.trailing_metadata() or ():
         if key == NOT_HERE_KEY:
-            return True
+            return NOT_HERE
         if key == ORIGIN_KEY:
             origin = True
-    return not origin and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                         grpc.StatusCode.UNKNOWN)
+    if not origin and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                     grpc.StatusCode.UNKNOWN):
+        return GONE
+    return FINAL
 
 
 class Forwarder:
@@ -84,16 +90,19 @@ class Forwarder:
                 return active
         return requested
 
-    async def choose(self, model_id: str, exclude: set[str]) -> Target:
-        target = pick_copy(self.view, model_id, exclude, self._rng)
+    async def choose(self, model_id: str, gone: set[str], stale: set[str]) -> Target:
+        """A copy not known to be stale on an instance not known to be gone, else the home among
+        the instances not gone (a stale copy's instance may well load the model again)."""
+        skip = gone | stale if stale else gone
+        target = pick_copy(self.view, model_id, skip, self._rng)
         if target is not None:
             return target
         spec = await self.specs.get(model_id)
         if spec is None:
             raise ModelNotFound(model_id)
         # Copies may have appeared while the registration was read.
-        return pick_copy(self.view, model_id, exclude, self._rng) or pick_home(
-            self.view, spec, exclude, load_factor=self.load_factor)
+        return pick_copy(self.view, model_id, skip, self._rng) or pick_home(
+            self.view, spec, gone, load_factor=self.load_factor)
 
     def _call(self, endpoint: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
         key = endpoint + method
@@ -113,12 +122,13 @@ class Forwarder:
         """Send ``body`` to a copy of ``model_id``, retrying elsewhere; raises AioRpcError or
         MeshError."""
         deadline = time.monotonic() + timeout
-        exclude: set[str] = set()
+        gone: set[str] = set()
+        stale: set[str] = set()
         last_error: grpc.aio.AioRpcError | None = None
         base = ((MODEL_ID, model_id), *metadata)
         for _ in range(self.max_attempts):
             try:
-                target = await self.choose(model_id, exclude)
+                target = await self.choose(model_id, gone, stale)
             except MeshError:
                 if last_error is not None:
                     raise last_error from None
@@ -133,10 +143,17 @@ class Forwarder:
                 return await self._call(target.endpoint, method)(body, metadata=outgoing,
                                                                  timeout=remaining)
             except grpc.aio.AioRpcError as err:
-                if not _is_retryable(err):
+                kind = _classify(err)
+                if kind == FINAL:
                     raise
                 last_error = err
-                exclude.add(target.instance_id)
+                if kind == GONE:
+                    gone.add(target.instance_id)
+                else:
+                    stale.add(target.instance_id)
+                    # Do not send the next requests to the same stale copy while the registry's
+                    # deletion of it is on its way to this router.
+                    self.view.forget_copy(model_id, target.instance_id)
             finally:
                 inflight[target.instance_id] -= 1
         if last_error is not None:

@@ -88,6 +88,14 @@ class ClusterView:
         self.version += 1
 
 
+    def forget_copy(self, model_id: str, instance_id: str) -> None:
+        """Drop a copy that its instance says it no longer holds (the watch will confirm)."""
+        copies = self.placements.get(model_id)
+        if copies is not None and copies.pop(instance_id, None) is not None:
+            if not copies:
+                del self.placements[model_id]
+            self.version += 1
+
     # --- queries ------------------------------------------------------------------------------
     def live_instance(self, instance_id: str) -> InstanceRecord | None:
         record = self.instances.get(instance_id)

@@ -1,0 +1,264 @@
+"""Cold start: what a model's first request costs beyond the load itself (issue 2, target 2).
+
+``python -m loadtest.coldstart [--models N] [--burst B] [--single S] [--warm W] [--json]``
+
+Method. One private etcd, one runtime and one router, separate processes on 127.0.0.1. We train
+``N + S + 1`` small scikit-learn LogisticRegressions (20 features, distinct seeds, about 1 KB on
+disk each) and register them all through the router. Then, one model at a time:
+
+* ``N`` burst models: ``B`` (100) concurrent first requests through the router on one channel.
+  *First answer* is the time from just before the first call is issued to the first response;
+  *last answer* the time to the last one.
+* ``S`` single models: one first request alone, the same measure without the burst.
+
+After each cold request we send ``W`` sequential warm requests to the same model and take their
+median, and read the model's placement record (``placements/<model>/<instance>``) for ``load_ms``,
+the loader's own time as the runtime measured it (``joblib.load`` and building the model, in the
+loader thread). Then
+
+    overhead = first answer - load_ms - median warm latency
+
+is everything the cold path adds: the router's registry read of the registration, choosing the
+home, the runtime's own registry read, size prediction, the load slot and thread hand-offs, the
+wake-up of the waiting requests, and (in a burst) serving the other 99 requests that arrived at the
+same time on a 2-core machine.
+
+Exactly one load per model is checked two ways: the runtime's ``model loaded`` log events counted
+per model ID, and its published ``InstanceRecord.loads`` counter (refreshed every 2 s), which must
+equal the number of models requested.
+
+A first model (not counted) is sent before the others: the first load of a type in a fresh runtime
+also imports scikit-learn's estimator modules (outside ``load_ms``, about a second), a once per
+process cost reported on its own line.
+
+Caveats. The client and the servers share the machine's cores; the first-answer time of a burst
+includes the client issuing 100 calls and the router and runtime receiving them, all on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from loadtest.cluster import Cluster, Server, raise_on_sigterm
+from loadtest.load import bytes_call
+from loadtest.management import instances, placements, register_many
+from loadtest.models import TrainedModel, infer_body, train_logistic
+from loadtest.report import dump_json, machine, machine_line, table, verdict
+from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+TARGET_OVERHEAD_MS = 10.0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class ColdResult:
+    model_id: str
+    kind: str  # "burst", "single" or "first"
+    requests: int
+    first_ms: float
+    last_ms: float
+    errors: int
+    load_ms: float
+    warm_ms: float
+
+    @property
+    def overhead_ms(self) -> float:
+        return self.first_ms - self.load_ms - self.warm_ms
+
+
+async def _cold(call: grpc.aio.UnaryUnaryMultiCallable, model: TrainedModel, requests: int,
+                registry_url: str, warm: int, kind: str) -> ColdResult:
+    body = infer_body(model)
+    md = (("mm-model-id", model.model_id),)
+    errors = 0
+
+    async def one() -> float | None:
+        nonlocal errors
+        try:
+            await call(body, metadata=md, timeout=60)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            return None
+        return time.perf_counter()
+
+    started = time.perf_counter()
+    done = [t for t in await asyncio.gather(*(one() for _ in range(requests))) if t is not None]
+    first = (min(done) - started) * 1000 if done else float("nan")
+    last = (max(done) - started) * 1000 if done else float("nan")
+    warm_times = []
+    for _ in range(warm):
+        t0 = time.perf_counter()
+        await call(body, metadata=md, timeout=10)
+        warm_times.append((time.perf_counter() - t0) * 1000)
+    load_ms = await _load_ms(registry_url, model.model_id)
+    return ColdResult(model.model_id, kind, requests, first, last, errors, load_ms,
+                      statistics.median(warm_times) if warm_times else 0.0)
+
+
+async def _load_ms(registry_url: str, model_id: str, timeout_s: float = 10.0) -> float:
+    """The loader's time from the placement record (published asynchronously: poll for it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        loaded = [p for p in await placements(registry_url, model_id) if p.state == "loaded"]
+        if loaded:
+            if len(loaded) > 1:
+                log(f"  {model_id}: {len(loaded)} loaded copies (expected one)")
+            return loaded[0].load_ms
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"no loaded placement record for {model_id!r} after {timeout_s} s")
+
+
+def _loads_in_log(runtime: Server) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for line in runtime.log_path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "model loaded":
+            counts[str(event.get("model_id"))] += 1
+    return counts
+
+
+async def _published_loads(registry_url: str, expected: int, timeout_s: float = 8.0) -> int:
+    """The runtimes' published load counters, polled until they reach ``expected`` (or time out)."""
+    deadline = time.monotonic() + timeout_s
+    total = 0
+    while time.monotonic() < deadline:
+        total = sum(r.loads for r in await instances(registry_url))
+        if total >= expected:
+            break
+        await asyncio.sleep(0.25)
+    return total
+
+
+async def run(args: argparse.Namespace, cluster: Cluster, models: list[TrainedModel],
+              runtime: Server, router: Server) -> dict[str, Any]:
+    first_model, burst_models = models[0], models[1:1 + args.models]
+    single_models = models[1 + args.models:]
+    async with grpc.aio.insecure_channel(router.endpoint) as channel:
+        registered, errors = await register_many(mm_grpc.ModelMeshStub(channel),
+                                                 ((m.model_id, str(m.path)) for m in models), in_flight=32)
+        if errors:
+            raise RuntimeError(f"registration failed: {errors}")
+        log(f"registered {registered} models")
+        call = bytes_call(channel, INFER)
+        results = [await _cold(call, first_model, 1, cluster.registry_url, args.warm, "first")]
+        log(f"{args.models} models x {args.burst} concurrent first requests...")
+        for m in burst_models:
+            results.append(await _cold(call, m, args.burst, cluster.registry_url, args.warm, "burst"))
+        log(f"{len(single_models)} models x 1 first request...")
+        for m in single_models:
+            results.append(await _cold(call, m, 1, cluster.registry_url, args.warm, "single"))
+        published = await _published_loads(cluster.registry_url, len(models))
+    logged = _loads_in_log(runtime)
+    per_model = [logged.get(m.model_id, 0) for m in models]
+    summary: dict[str, Any] = {}
+    for kind in ("burst", "single"):
+        rs = [r for r in results if r.kind == kind]
+        if not rs:
+            continue
+        summary[kind] = {
+            "models": len(rs), "requests_per_model": rs[0].requests,
+            "errors": sum(r.errors for r in rs),
+            **{f"{name}_{stat}": round(fn([getattr(r, name) for r in rs]), 2)
+               for name in ("first_ms", "last_ms", "load_ms", "warm_ms", "overhead_ms")
+               for stat, fn in (("p50", statistics.median), ("max", max))},
+        }
+    first = results[0]
+    return {
+        "machine": machine(),
+        "settings": {"models": args.models, "burst": args.burst, "single": args.single, "warm": args.warm},
+        "first_model": {"first_ms": round(first.first_ms, 1), "load_ms": round(first.load_ms, 2),
+                        "warm_ms": round(first.warm_ms, 3)},
+        "summary": summary,
+        "loads": {"models_requested": len(models), "published_loads": published,
+                  "log_loads_min": min(per_model), "log_loads_max": max(per_model),
+                  "log_loads_total": sum(logged.values())},
+        "per_model": [{"model": r.model_id, "kind": r.kind, "first_ms": round(r.first_ms, 2),
+                       "last_ms": round(r.last_ms, 2), "load_ms": round(r.load_ms, 2),
+                       "warm_ms": round(r.warm_ms, 3), "overhead_ms": round(r.overhead_ms, 2),
+                       "errors": r.errors} for r in results],
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = []
+    for kind, s in result["summary"].items():
+        rows.append([f"{kind} ({s['models']} models x {s['requests_per_model']} req)",
+                     s["first_ms_p50"], s["first_ms_max"], s["last_ms_p50"], s["load_ms_p50"],
+                     s["load_ms_max"], s["warm_ms_p50"], s["overhead_ms_p50"], s["overhead_ms_max"],
+                     s["errors"]])
+    loads = result["loads"]
+    one_each = loads["log_loads_min"] == loads["log_loads_max"] == 1 \
+        and loads["published_loads"] == loads["models_requested"]
+    burst = result["summary"].get("burst", {})
+    fm = result["first_model"]
+    return "\n".join([
+        machine_line(result["machine"]), "",
+        table(["cold requests", "first p50 ms", "first max ms", "last p50 ms", "load_ms p50",
+               "load_ms max", "warm p50 ms", "overhead p50 ms", "overhead max ms", "errors"], rows), "",
+        f"first model of a fresh runtime (library import, not counted): first answer {fm['first_ms']} ms, "
+        f"load_ms {fm['load_ms']}", "",
+        table(["target", "measured", "target", "verdict"], [
+            ["overhead beyond load_ms, burst, p50 (ms)", burst.get("overhead_ms_p50", "-"),
+             f"<= {TARGET_OVERHEAD_MS:g}", verdict(burst.get("overhead_ms_p50", 1e9) <= TARGET_OVERHEAD_MS)],
+            ["overhead beyond load_ms, burst, max (ms)", burst.get("overhead_ms_max", "-"),
+             f"<= {TARGET_OVERHEAD_MS:g}", verdict(burst.get("overhead_ms_max", 1e9) <= TARGET_OVERHEAD_MS)],
+            ["loads per cold model (runtime log: min-max)",
+             f"{loads['log_loads_min']}-{loads['log_loads_max']}", "exactly 1", verdict(one_each)],
+            ["published InstanceRecord.loads / models requested",
+             f"{loads['published_loads']} / {loads['models_requested']}", "equal", verdict(one_each)],
+        ]),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.coldstart",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=int, default=30, help="models hit by a burst (default 30)")
+    parser.add_argument("--burst", type=int, default=100, help="concurrent first requests (default 100)")
+    parser.add_argument("--single", type=int, default=10, help="models hit by one first request (default 10)")
+    parser.add_argument("--warm", type=int, default=20, help="warm requests per model for the median")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    args = parser.parse_args(argv)
+    raise_on_sigterm()
+    model_dir = Path(tempfile.mkdtemp(prefix="mesh-bench-models-"))
+    import uvloop
+
+    try:
+        log(f"training {1 + args.models + args.single} models...")
+        models = [train_logistic(f"cold-{i:03d}", model_dir, n_features=20, seed=1000 + i, rows=200)
+                  for i in range(1 + args.models + args.single)]
+        with Cluster() as cluster:
+            log("starting runtime and router...")
+            runtime = cluster.start_runtime(capacity_bytes=512 * 2**20)
+            router = cluster.start_router()
+            result = uvloop.run(run(args, cluster, models, runtime, router))
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    print(render(result))
+    if args.json:
+        print(dump_json(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
