@@ -153,8 +153,13 @@ class Cluster:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit in the benchmark, so that ``finally`` blocks stop the servers."""
+def prepare_benchmark_process() -> None:
+    """In the benchmark process: SIGTERM becomes SystemExit, so that ``finally`` blocks stop the
+    servers; and the mesh library code we call (etcd start-up, registry reads) logs warnings only."""
+    from mesh.logging import configure
+    from mesh.settings import LogSettings
+
+    configure(LogSettings(level="warning", format="console"), component="loadtest")
 
     def handler(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)

@@ -48,12 +48,12 @@ import numpy as np
 import psutil
 
 from loadtest import profile as prof
-from loadtest.cluster import Cluster, Server, raise_on_sigterm
+from loadtest.cluster import Cluster, Server, prepare_benchmark_process
 from loadtest.echo_server import METHOD as ECHO_METHOD
 from loadtest.load import PhaseResult, bytes_call, closed_loop
 from loadtest.management import register, wait_loaded
 from loadtest.models import TrainedModel, infer_body, train_logistic
-from loadtest.report import dump_json, machine, machine_line, table, verdict
+from loadtest.report import ForeignLoad, dump_json, machine, machine_line, table, verdict
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.runtime.tensors import decode_response
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy reference")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     args = parser.parse_args(argv)
-    raise_on_sigterm()
+    prepare_benchmark_process()
+    foreign = ForeignLoad()
     log("training the model...")
     model_dir = Path(tempfile.mkdtemp(prefix="mesh-bench-models-"))
     import shutil
@@ -298,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             result = uvloop.run(run(args, cluster, model, servers))
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
+    result["machine"]["foreign_load"] = foreign.result()
     print(render(result))
     if args.json:
         result["profile"].pop("text", None)

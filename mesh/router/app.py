@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import structlog
 
-from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry import open_store
 from mesh.registry.mirror import PrefixMirror
 from mesh.registry.registry import Registry
@@ -18,6 +18,7 @@ from mesh.router.servicer import ModelMeshServicer
 from mesh.router.view import ClusterView
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
+from mesh.transport.handlers import generic_handler
 from mesh.transport.server import ChannelPool, add_health, bind, new_server, set_serving
 
 log = structlog.get_logger(__name__)
@@ -46,8 +47,10 @@ async def serve_router(settings: Settings, roots: RootTasks,
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s)
 
     server = new_server(rs.max_message_bytes)
-    server.add_generic_rpc_handlers((forwarder.handler(),))
-    mm_grpc.add_ModelMeshServicer_to_server(ModelMeshServicer(management), server)
+    server.add_generic_rpc_handlers((
+        forwarder.handler(),
+        generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"], ModelMeshServicer(management)),
+    ))
     health = add_health(server)
     port = bind(server, rs.host, rs.port)
 

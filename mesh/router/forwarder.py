@@ -33,6 +33,7 @@ from mesh.registry.specs import SpecCache
 from mesh.router.routing import Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
 from mesh.router.wire import read_model_name
+from mesh.transport.handlers import generic_handler
 from mesh.transport.metadata import LOAD_MODE, MODEL_ID, VMODEL_ID, model_selection
 from mesh.transport.server import ChannelPool
 from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, status_of
@@ -188,7 +189,8 @@ class Forwarder:
             await context.abort(code, message)
         raise AssertionError("unreachable")
 
-    async def model_ready(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ModelReadyResponse:
         try:
             model_id, _ = self._selection(context, lambda: request.name)
@@ -202,12 +204,11 @@ class Forwarder:
             await context.abort(code, message)
         raise AssertionError("unreachable")
 
-    async def model_metadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
-                             ) -> bytes:
+    async def model_metadata_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            model_id, metadata = self._selection(context, lambda: request.name)
-            return await self.forward(f"/{SERVICE}/ModelMetadata", model_id,
-                                      request.SerializeToString(), metadata, self._timeout(context))
+            model_id, metadata = self._selection(context, lambda: read_model_name(body))
+            return await self.forward(f"/{SERVICE}/ModelMetadata", model_id, body, metadata,
+                                      self._timeout(context))
         except grpc.aio.AioRpcError as err:
             await context.abort(err.code(), err.details() or "")
         except Exception as exc:
@@ -215,32 +216,25 @@ class Forwarder:
             await context.abort(code, message)
         raise AssertionError("unreachable")
 
-    async def server_live(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.ready())
 
-    async def server_metadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
                               ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="mesh-serving", version=__version__, extensions=[])
 
     def handler(self) -> grpc.GenericRpcHandler:
-        def typed(fn, req):  # type: ignore[no-untyped-def]
-            return grpc.unary_unary_rpc_method_handler(
-                fn, request_deserializer=req.FromString,
-                response_serializer=lambda m: m.SerializeToString())
-
-        return grpc.method_handlers_generic_handler(SERVICE, {
+        return generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], self, raw={
             # bytes in, bytes out: no protobuf work on the router for inference
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
-            "ModelMetadata": grpc.unary_unary_rpc_method_handler(
-                self.model_metadata, request_deserializer=pb.ModelMetadataRequest.FromString),
-            "ModelReady": typed(self.model_ready, pb.ModelReadyRequest),
-            "ServerLive": typed(self.server_live, pb.ServerLiveRequest),
-            "ServerReady": typed(self.server_ready, pb.ServerReadyRequest),
-            "ServerMetadata": typed(self.server_metadata, pb.ServerMetadataRequest),
+            "ModelMetadata": grpc.unary_unary_rpc_method_handler(self.model_metadata_raw),
         })
 

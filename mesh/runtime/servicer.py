@@ -11,6 +11,7 @@ from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
 from mesh.runtime.service import RuntimeService
+from mesh.transport.handlers import generic_handler
 from mesh.transport.metadata import LAST_USED, model_selection
 from mesh.transport.status import handled
 
@@ -94,5 +95,7 @@ def _last_used_from(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict[str, object]) -> None:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
-    spi_grpc.add_ModelRuntimeServicer_to_server(RuntimeSpiServicer(service, status), server)
+    server.add_generic_rpc_handlers((
+        generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], InferenceServicer(service)),
+        generic_handler(spi.DESCRIPTOR.services_by_name["ModelRuntime"], RuntimeSpiServicer(service, status)),
+    ))
