@@ -183,3 +183,23 @@ async def test_unload_waits_for_release() -> None:
     assert isinstance(model, FakeModel) and model.closed.is_set()
     assert h.budget.used_bytes == 0
     assert await h.cache.unload("m") is False
+
+
+async def test_loads_run_at_most_max_concurrent_loads_at_once() -> None:
+    h = Harness(10_000, delay_s=0.1, concurrent=2)
+    running = peak = 0
+    inner = h.load
+
+    def counting(spec: ModelSpec, device: str) -> LoadedModel:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return inner(spec, device)
+        finally:
+            running -= 1
+
+    h.cache._load_fn = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(h.get(f"m{i}") for i in range(6)))
+    assert peak == 2
+    assert len(h.calls) == 6
