@@ -45,7 +45,7 @@ def test_mistakes_are_errors_that_name_the_setting(env: dict[str, str], message:
 def test_bad_config_file_is_reported(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[runtime\n")
-    with pytest.raises(InvalidArgument, match="bad.toml"):
+    with pytest.raises(InvalidArgument, match=r"bad\.toml"):
         load_settings(bad, env={})
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("[cache]\nsize = 1\n")
