@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import random
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +75,16 @@ def model_id(i: int) -> str:
     return f"tenant-{i:06d}"
 
 
-async def _gather_limited(coros: list[Any], limit: int) -> list[Any]:
+async def _gather_limited(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
+    """Run the calls with at most ``limit`` in flight (a grpc.aio call starts when it is created,
+    so each is created only when its turn comes)."""
     semaphore = asyncio.Semaphore(limit)
 
-    async def guarded(c: Any) -> Any:
+    async def guarded(make: Callable[[], Awaitable[Any]]) -> Any:
         async with semaphore:
-            return await c
+            return await make()
 
-    return await asyncio.gather(*(guarded(c) for c in coros))
+    return await asyncio.gather(*(guarded(c) for c in calls))
 
 
 async def _warm_up(mesh: mm_grpc.ModelMeshStub, infer: pb_grpc.GRPCInferenceServiceStub) -> None:
@@ -138,16 +142,17 @@ async def run(args: argparse.Namespace, router: Server) -> dict[str, Any]:
 
         picks = [model_id(rng.randrange(args.models)) for _ in range(args.status)]
         t0 = time.perf_counter()
-        statuses = await _gather_limited([mesh.getModelStatus(mm.GetStatusRequest(modelId=m), timeout=30)
-                                          for m in picks], 50)
+        statuses = await _gather_limited([
+            functools.partial(mesh.getModelStatus, mm.GetStatusRequest(modelId=m), timeout=30)
+            for m in picks], 50)
         not_loaded = mm.ModelStatusInfo.ModelStatus.Value("NOT_LOADED")
         steps["status"] = {"requests": len(picks), "not_loaded": sum(s.status == not_loaded for s in statuses),
                            "seconds": round(time.perf_counter() - t0, 1)}
 
         picks = [model_id(i) for i in rng.sample(range(args.models), min(args.ready, args.models))]
         t0 = time.perf_counter()
-        ready = await _gather_limited([infer.ModelReady(pb.ModelReadyRequest(name=m), timeout=30)
-                                       for m in picks], 50)
+        ready = await _gather_limited([
+            functools.partial(infer.ModelReady, pb.ModelReadyRequest(name=m), timeout=30) for m in picks], 50)
         steps["model_ready"] = {"requests": len(picks), "ready": sum(r.ready for r in ready),
                                 "seconds": round(time.perf_counter() - t0, 1)}
         log(f"listed {listed:,} in {pages} pages, {len(statuses):,} statuses, {len(ready):,} ModelReady; "

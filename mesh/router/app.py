@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import structlog
@@ -9,6 +10,7 @@ import structlog
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry import open_store
 from mesh.registry.mirror import PrefixMirror
+from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
 from mesh.registry.specs import SpecCache
 from mesh.router.forwarder import Forwarder
@@ -43,6 +45,16 @@ async def serve_router(settings: Settings, roots: RootTasks,
     forwarder = Forwarder(view=view, specs=specs, channels=channels, max_attempts=rs.max_attempts,
                           default_timeout_s=rs.default_timeout_s, load_factor=rs.load_factor,
                           ready=lambda: all(m.ready for m in mirrors) and bool(view.instances))
+    background: set[asyncio.Task[None]] = set()
+
+    def close_channel(record: InstanceRecord) -> None:
+        forwarder.forget(record.endpoint)
+        task = asyncio.get_running_loop().create_task(channels.discard(record.endpoint),
+                                                      name=f"close-channel:{record.endpoint}")
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    view.on_instance_gone.append(close_channel)
     management = Management(registry=registry, view=view, runtimes=RuntimeClient(channels),
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s)
 

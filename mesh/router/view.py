@@ -15,6 +15,7 @@ instance, for least-loaded choices among copies.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import structlog
 
@@ -34,6 +35,8 @@ class ClusterView:
         self.failures: dict[str, dict[str, FailureRecord]] = {}
         self.inflight: defaultdict[str, int] = defaultdict(int)
         self.version = 0  # bumped on every change; lets callers cache derived data
+        # Called with the record of an instance that left (to close connections to it).
+        self.on_instance_gone: list[Callable[[InstanceRecord], None]] = []
 
     # --- feeding from mirrors -----------------------------------------------------------------
     def put_instance(self, kv: KeyValue) -> None:
@@ -43,9 +46,15 @@ class ClusterView:
 
     def delete_instance(self, key: str) -> None:
         instance_id = key[len(self.keys.instances):]
-        self.instances.pop(instance_id, None)
+        record = self.instances.pop(instance_id, None)
         self.inflight.pop(instance_id, None)
         self.version += 1
+        if record is not None and not any(r.endpoint == record.endpoint for r in self.instances.values()):
+            for callback in self.on_instance_gone:
+                try:
+                    callback(record)
+                except Exception:
+                    log.exception("instance-gone callback failed", instance_id=instance_id)
 
 
     def put_placement(self, kv: KeyValue) -> None:
