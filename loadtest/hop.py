@@ -1,35 +1,44 @@
 """Hop overhead: what the router adds between a client and a runtime (issue 2, target 1).
 
-``python -m loadtest.hop [--duration S] [--warmup S] [--concurrency N] [--profile-seconds S] [--json]``
+``python -m loadtest.hop [--duration S] [--rounds R] [--warmup S] [--concurrency N]
+[--profile-seconds S] [--no-naive] [--json]``
 
-Method. One private etcd, one runtime, one router and one bare grpc.aio echo server
-(``loadtest.echo_server``), each a separate process on 127.0.0.1, started as ``mesh up`` starts
-them. The model is a scikit-learn LogisticRegression over 256 features trained here on synthetic
-data; its request is one FP32 row sent raw, 1,052 bytes serialized. The load generator is this
-process: a closed-loop grpc.aio client on uvloop with the request pre-encoded (``loadtest.load``),
-one channel per server, the model chosen by the ``mm-model-id`` header on both paths. After a
-warm-up (the first request loads the model; then we wait until the router's view shows the copy
-loaded, so routed requests take the steady-state path), each phase runs ``--duration`` seconds
-after ``--warmup`` seconds of unmeasured traffic:
+Method. One private etcd, one runtime, one router, a bare grpc.aio echo server
+(``loadtest.echo_server``) and the naive proxy of the issue (``loadtest.naive_proxy``, forwarding
+to the same runtime), each a separate process on 127.0.0.1; the mesh components are started as
+``mesh up`` starts them. The model is a scikit-learn LogisticRegression over 256 features trained
+here on synthetic data; its request is one FP32 row sent raw, 1,059 bytes serialized. The load
+generator is this process (never a server process): a closed-loop grpc.aio client on uvloop with
+the request pre-encoded (``loadtest.load``), one channel per server, the model chosen by the
+``mm-model-id`` header on every path. The first request loads the model; we then wait until the
+router's view shows the copy loaded, so that routed requests take the steady-state path, and check
+that both paths answer what the model itself predicts.
 
-1. direct c=1 and routed c=1: latency p50/p99; added p50 = routed p50 - direct p50;
-2. direct c=N and routed c=N (N=32): throughput; ratio = routed / direct;
-3. echo c=N: 1 KB (the same request bytes) echoed by the bare server.
+Paths: *direct* (client -> runtime), *naive proxy* (client -> naive proxy -> runtime), *routed*
+(client -> router -> runtime), and *echo* (client -> echo server, the same 1,059 request bytes
+echoed back). Two blocks, each ``--rounds`` (4) interleaved rounds in alternating order so that
+drift on a shared machine hits every path alike; in a round each path gets ``--warmup`` (0.5 s) of
+unmeasured traffic and then duration/rounds seconds measured (8 s per path in all):
 
-CPU per request is the process's user+system CPU (psutil, all threads) over the measured part of
-a phase divided by the requests answered in it; the measured part begins and ends with nothing in
-flight. Router CPU per forwarded request comes from phase 2 (routed), the echo server's from
-phase 3, both at c=N.
+1. c=1: latency p50/p99 of direct, naive and routed; added p50 = routed p50 - direct p50;
+2. c=N (32): throughput of all four; ratio = routed / direct.
 
-Then, unless ``--profile-seconds 0``, the router is profiled under routed c=N load with py-spy
-(Python frames without pausing the process, then native frames, which pauses it at each sample),
-in extra phases that are not part of the measured numbers.
+CPU per request is a process's user+system CPU time (psutil, all threads) over the measured
+segments divided by the requests answered in them; each measured segment begins and ends with
+nothing in flight. The router's CPU per forwarded request and the echo server's CPU per echoed
+request both come from block 2 (c=N). The naive proxy's figures are a reference measured in the
+same run: the targets were set against a naive proxy measured earlier on this machine.
+
+Then, unless ``--profile-seconds 0``, the router is profiled with py-spy (native frames, which
+pauses it at each sample) under routed c=N load, in an extra phase that is not part of the measured
+numbers (``loadtest.profile`` explains the summary).
 
 Caveats. Everything shares this machine's cores (two on the reference machine): the client, the
-router and the runtime compete for CPU, so the routed throughput is bounded by the sum of the three
-processes' CPU per request, not by the router alone, and the direct path has one process fewer to
-feed. The client is itself Python and costs about as much CPU per request as a server; its CPU is
-reported too. Numbers are from one run; run-to-run spread on a shared VM is several percent.
+proxy and the runtime compete for CPU, so a throughput is bounded by the sum of the CPU per
+request of all processes on the path, not by the router alone, and the direct path has one process
+fewer to feed. The client is itself Python and costs about as much CPU per request as a server;
+its CPU is reported too. Other jobs on the machine disturb the numbers; the CPU they used during
+the run is reported (``ForeignLoad``). Numbers are from one run.
 """
 
 from __future__ import annotations
@@ -258,6 +267,10 @@ def render(result: dict[str, Any]) -> str:
                 ref.get("naive_throughput_ratio", "-"), t["throughput_ratio"]["target"],
                 verdict(t["throughput_ratio"]["met"])],
            ])]
+    routed = result["phases"].get(f"routed c={c}", {})
+    if "proxy_sys_ms_per_req" in routed:
+        out.append(f"router CPU per forwarded request at c={c}: {routed['proxy_cpu_ms_per_req']:.3f} ms, "
+                   f"of which {routed['proxy_sys_ms_per_req']:.3f} ms in the kernel (system time)")
     profile = result.get("profile") or {}
     if "text" in profile:
         out += ["", f"router profile (py-spy, native frames, routed c={c}):", profile["text"]]

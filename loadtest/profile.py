@@ -45,8 +45,15 @@ _ENTRY_FILES = ("<frozen runpy>", "mesh/__main__.py", "mesh/cli/main.py", "mesh/
                 "uvloop/__init__.py", "asyncio/runners.py", "threading.py")
 
 
+REPO_ROOT = str(Path(__file__).resolve().parent.parent) + "/"
+_SHORTEN = re.compile(r"\((?:[^()]*/(?:site-packages|dist-packages|lib/python3\.\d+)/|" + re.escape(REPO_ROOT) + r")")
+
+
 def _frame_name(frame: str) -> str:
-    return _LINENO.sub(")", frame.strip())
+    """``func (file:line)`` -> ``func (file)``, files shown relative to site-packages, the standard
+    library or this repository (py-spy runs with ``--full-filenames`` so that ``mesh/...`` is
+    told apart from other packages' modules of the same name)."""
+    return _SHORTEN.sub("(", _LINENO.sub(")", frame.strip()))
 
 
 def _function(frame: str) -> str:
@@ -58,21 +65,24 @@ def _file(frame: str) -> str:
     return m["file"] if m else ""
 
 
+_UV_FILES = frozenset({"loop.c", "handles.c", "core.c", "linux.c", "loop-watcher.c", "stream.c", "queue.h",
+                       "tcp.c", "poll.c", "async.c", "timer.c"})
+
+
 def layer(leaf: str) -> str:
     """The layer the innermost frame belongs to."""
     file = _file(leaf)
-    if "cygrpc" in file or "libgrpc" in file:
+    base = file.rsplit("/", 1)[-1]
+    if "cygrpc" in base or "libgrpc" in base:
         return "grpc C-core / Cython (cygrpc)"
-    if file.startswith("libc.so") or file.startswith("libpthread"):
+    if base.startswith(("libc.so", "libc-", "libpthread")):
         return "kernel calls via libc (send/recv/write/futex)"
-    if file in ("loop.c", "handles", "core.c", "linux.c", "loop-watcher.c", "stream.c", "queue.h") \
-            or "uvloop" in file:
+    if base in _UV_FILES or "uvloop" in file:
         return "uvloop / libuv"
     if file.endswith(".py"):
-        if file.startswith("mesh/") or "/mesh/" in file or file in ("forwarder.py", "routing.py", "view.py",
-                                                                    "wire.py", "metadata.py"):
+        if file.startswith(("mesh/", "placement/")):
             return "Python: mesh code"
-        if file.startswith("grpc/") or "/grpc/" in file:
+        if file.startswith("grpc/"):
             return "Python: grpc.aio layer"
         return "Python: asyncio / stdlib"
     return "CPython runtime (interpreter, asyncio C, allocator)"
@@ -111,7 +121,7 @@ def start_record(pid: int, output: Path, *, duration_s: float, rate: int = 250,
                  native: bool = True) -> subprocess.Popen[bytes]:
     """Start ``py-spy record`` on ``pid`` in the background; wait on the returned process."""
     argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(output),
-            "--duration", str(max(1, round(duration_s))), "--rate", str(rate)]
+            "--duration", str(max(1, round(duration_s))), "--rate", str(rate), "--full-filenames"]
     argv += ["--native"] if native else ["--nonblocking"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -123,4 +123,15 @@ def verdict(ok: bool) -> str:
 
 
 def dump_json(data: dict[str, Any]) -> str:
-    return json.dumps(data, indent=2, default=str)
+    """Indented JSON; NaN (a figure that does not apply) becomes null, so that strict parsers read it."""
+    return json.dumps(_nan_to_none(data), indent=2, default=str, allow_nan=False)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
