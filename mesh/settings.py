@@ -51,8 +51,9 @@ class RouterSettings:
                    "(ModelMesh's port).")
     max_attempts: int = _f(4, "Forwarding attempts per request; each retry excludes the instance that "
                            "answered 'not here' or was gone. Inference is treated as idempotent.")
-    default_timeout_s: float = _f(60.0, "Deadline applied to a request whose client set none; covers "
-                                  "a cold load on the way.", "s")
+    default_timeout_s: float = _f(60.0, "Deadline of loads the router asks for itself (ensureLoaded, "
+                                  "vModel targets). Inference carries the client's own deadline "
+                                  "to the runtime, or none if the client set none.", "s")
     load_factor: float = _f(1.25, "Bounded-load factor for choosing a model's home: an instance busier "
                             "than this times the mean is skipped (1.25 keeps homes stable while "
                             "capping a hot spot at +25 %).")

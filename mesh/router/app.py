@@ -43,7 +43,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     ]
     specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
     forwarder = Forwarder(view=view, specs=specs, channels=channels, max_attempts=rs.max_attempts,
-                          default_timeout_s=rs.default_timeout_s, load_factor=rs.load_factor,
+                          load_factor=rs.load_factor,
                           ready=lambda: all(m.ready for m in mirrors) and bool(view.instances))
     background: set[asyncio.Task[None]] = set()
 

@@ -41,7 +41,11 @@ from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, status_of
 log = structlog.get_logger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
-_STRIP = {MODEL_ID, MODEL_ID + "-bin", VMODEL_ID, VMODEL_ID + "-bin", LOAD_MODE}
+# Headers not passed on: the model selection (replaced by the concrete ID), the load mode (ours to
+# set), and the transport's own headers, which grpc sets anew on the outgoing call.
+_STRIP = frozenset({MODEL_ID, MODEL_ID + "-bin", VMODEL_ID, VMODEL_ID + "-bin", LOAD_MODE, "user-agent",
+                    "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "grpc-trace-bin",
+                    "grpc-tags-bin"})
 _DENY = ((LOAD_MODE, "deny"),)
 
 
@@ -66,13 +70,12 @@ def _classify(err: grpc.aio.AioRpcError) -> str:
 
 class Forwarder:
     def __init__(self, *, view: ClusterView, specs: SpecCache, channels: ChannelPool,
-                 max_attempts: int, default_timeout_s: float, load_factor: float,
+                 max_attempts: int, load_factor: float,
                  ready: Callable[[], bool]) -> None:
         self.view = view
         self.specs = specs
         self.channels = channels
         self.max_attempts = max_attempts
-        self.default_timeout_s = default_timeout_s
         self.load_factor = load_factor
         self.ready = ready
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
@@ -119,23 +122,50 @@ class Forwarder:
 
     async def forward(self, method: str, model_id: str, body: bytes,
                       metadata: tuple[tuple[str, str | bytes], ...],
-                      timeout: float) -> bytes:
+                      timeout: float | None) -> bytes:
         """Send ``body`` to a copy of ``model_id``, retrying elsewhere; raises AioRpcError or
-        MeshError."""
-        deadline = time.monotonic() + timeout
+        MeshError. ``timeout`` None: the client set no deadline, so none is imposed downstream
+        either (a deadline timer per call is measurable on this path)."""
+        view = self.view
+        inflight = view.inflight
+        base = ((MODEL_ID, model_id), *metadata)
+        # Fast path: a loaded copy in the view, and it answers.
+        target = pick_copy(view, model_id, (), self._rng)
+        if target is not None and not target.allow_load:
+            inflight[target.instance_id] += 1
+            try:
+                return await self._call(target.endpoint, method)(body, metadata=base + _DENY,
+                                                                 timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                first_error: grpc.aio.AioRpcError | None = err
+                first_target: Target | None = target
+                if _classify(err) == FINAL:
+                    raise
+            finally:
+                inflight[target.instance_id] -= 1
+        else:
+            first_error = first_target = None
+        return await self._forward_slow(method, model_id, body, base, timeout, first_target, first_error)
+
+    async def _forward_slow(self, method: str, model_id: str, body: bytes,
+                            base: tuple[tuple[str, str | bytes], ...], timeout: float | None,
+                            failed: Target | None, last_error: grpc.aio.AioRpcError | None) -> bytes:
+        deadline = None if timeout is None else time.monotonic() + timeout
         gone: set[str] = set()
         stale: set[str] = set()
-        last_error: grpc.aio.AioRpcError | None = None
-        base = ((MODEL_ID, model_id), *metadata)
-        for _ in range(self.max_attempts):
+        attempts = self.max_attempts
+        if failed is not None and last_error is not None:
+            self._exclude(model_id, failed, last_error, gone, stale)
+            attempts -= 1
+        for _ in range(attempts):
             try:
                 target = await self.choose(model_id, gone, stale)
             except MeshError:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 break
             outgoing = base if target.allow_load else base + _DENY
             inflight = self.view.inflight
@@ -144,22 +174,25 @@ class Forwarder:
                 return await self._call(target.endpoint, method)(body, metadata=outgoing,
                                                                  timeout=remaining)
             except grpc.aio.AioRpcError as err:
-                kind = _classify(err)
-                if kind == FINAL:
+                if _classify(err) == FINAL:
                     raise
                 last_error = err
-                if kind == GONE:
-                    gone.add(target.instance_id)
-                else:
-                    stale.add(target.instance_id)
-                    # Do not send the next requests to the same stale copy while the registry's
-                    # deletion of it is on its way to this router.
-                    self.view.forget_copy(model_id, target.instance_id)
+                self._exclude(model_id, target, err, gone, stale)
             finally:
                 inflight[target.instance_id] -= 1
         if last_error is not None:
             raise last_error
         raise Unavailable(f"model {model_id!r}: no instance answered within the deadline")
+
+    def _exclude(self, model_id: str, target: Target, err: grpc.aio.AioRpcError,
+                 gone: set[str], stale: set[str]) -> None:
+        if _classify(err) == GONE:
+            gone.add(target.instance_id)
+        else:
+            stale.add(target.instance_id)
+            # Do not send the next requests to the same stale copy while the registry's deletion
+            # of it is on its way to this router.
+            self.view.forget_copy(model_id, target.instance_id)
 
     # --- handlers -----------------------------------------------------------------------------
     def _selection(self, context: grpc.aio.ServicerContext, body_name: Callable[[], str]
@@ -170,12 +203,12 @@ class Forwarder:
         if requested is None:
             requested = body_name()
         model_id = self._resolve(check_model_id(requested), is_vmodel, from_header)
-        passthrough = tuple((k, v) for k, v in md if k not in _STRIP and not k.startswith("grpc-"))
+        passthrough = tuple((k, v) for k, v in md if k not in _STRIP)
         return model_id, passthrough
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        remaining = context.time_remaining()
-        return self.default_timeout_s if remaining is None else remaining
+    @staticmethod
+    def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+        return context.time_remaining()
 
     async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:

@@ -16,6 +16,9 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # The mesh retries at its own level (excluding the instance that failed); grpc's
+        # transparent retries would only add per-call bookkeeping in the C core.
+        ("grpc.enable_retries", 0),
     ]
 
 
