@@ -54,6 +54,10 @@ class RouterSettings:
     default_timeout_s: float = _f(60.0, "Deadline of loads the router asks for itself (ensureLoaded, "
                                   "vModel targets). Inference carries the client's own deadline "
                                   "to the runtime, or none if the client set none.", "s")
+    streams_per_runtime: int = _f(2, "Long-lived streams to each runtime carrying forwarded inference "
+                                  "(many requests per stream: half the runtime's CPU per request "
+                                  "of one unary call each); 0 forwards each request as its own "
+                                  "unary call.")
     load_factor: float = _f(1.25, "Bounded-load factor for choosing a model's home: an instance busier "
                             "than this times the mean is skipped (1.25 keeps homes stable while "
                             "capping a hot spot at +25 %).")

@@ -43,7 +43,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     ]
     specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
     forwarder = Forwarder(view=view, specs=specs, channels=channels, max_attempts=rs.max_attempts,
-                          load_factor=rs.load_factor,
+                          load_factor=rs.load_factor, streams_per_runtime=rs.streams_per_runtime,
                           ready=lambda: all(m.ready for m in mirrors) and bool(view.instances))
     background: set[asyncio.Task[None]] = set()
 
@@ -88,6 +88,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
         await roots.cancel_all()
         for mirror in mirrors:
             await call_soon_safely(mirror.stop, "stop mirror")
+        if forwarder.multiplex is not None:
+            forwarder.multiplex.close()
         await channels.close()
         await call_soon_safely(store.close, "close registry")
         log.info("router stopped")

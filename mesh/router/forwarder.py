@@ -32,11 +32,12 @@ from mesh.ids import check_model_id
 from mesh.registry.specs import SpecCache
 from mesh.router.routing import Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
-from mesh.router.wire import read_model_name
 from mesh.transport.handlers import generic_handler
 from mesh.transport.metadata import LOAD_MODE, MODEL_ID, VMODEL_ID, model_selection
+from mesh.transport.multiplex import MAX_FRAME_BODY, MultiplexPool, StreamError, StreamGone
 from mesh.transport.server import ChannelPool
 from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, status_of
+from mesh.transport.wire import read_model_name
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +51,25 @@ _DENY = ((LOAD_MODE, "deny"),)
 
 
 NOT_HERE, GONE, FINAL = "not-here", "gone", "final"
+INFER = f"/{SERVICE}/ModelInfer"
+
+
+class RemoteError(Exception):
+    """A status to return to the client as it is (the runtime's own answer, or the last failure)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Retry(Exception):
+    """This instance cannot serve the request (gone, or its copy is not there): try another."""
+
+    def __init__(self, kind: str, error: RemoteError) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.error = error
 
 
 def _classify(err: grpc.aio.AioRpcError) -> str:
@@ -71,7 +91,7 @@ def _classify(err: grpc.aio.AioRpcError) -> str:
 class Forwarder:
     def __init__(self, *, view: ClusterView, specs: SpecCache, channels: ChannelPool,
                  max_attempts: int, load_factor: float,
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool], streams_per_runtime: int = 2) -> None:
         self.view = view
         self.specs = specs
         self.channels = channels
@@ -79,6 +99,7 @@ class Forwarder:
         self.load_factor = load_factor
         self.ready = ready
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        self.multiplex = MultiplexPool(streams_per_runtime) if streams_per_runtime > 0 else None
         self._rng = random.Random()
 
     # --- target selection ---------------------------------------------------------------------
@@ -119,74 +140,91 @@ class Forwarder:
     def forget(self, endpoint: str) -> None:
         for key in [k for k in self._calls if k.startswith(endpoint + "/")]:
             del self._calls[key]
+        if self.multiplex is not None:
+            self.multiplex.discard(endpoint)
+
+    async def _attempt(self, target: Target, method: str, model_id: str, body: bytes,
+                       metadata: tuple[tuple[str, str | bytes], ...], timeout: float | None) -> bytes:
+        """One try on one instance. Raises ``Retry`` (gone / not here) or ``RemoteError``."""
+        inflight = self.view.inflight
+        inflight[target.instance_id] += 1
+        try:
+            if self.multiplex is not None and method == INFER and len(body) <= MAX_FRAME_BODY:
+                return await self.multiplex.call(target.endpoint, self.channels.get(target.endpoint),
+                                                 model_id, target.allow_load, metadata, body, timeout)
+            outgoing = ((MODEL_ID, model_id), *metadata)
+            if not target.allow_load:
+                outgoing += _DENY
+            return await self._call(target.endpoint, method)(body, metadata=outgoing, timeout=timeout)
+        except StreamError as err:
+            if err.not_here:
+                raise Retry(NOT_HERE, RemoteError(err.code, err.message)) from None
+            raise RemoteError(err.code, err.message) from None
+        except StreamGone as err:
+            raise Retry(GONE, RemoteError(grpc.StatusCode.UNAVAILABLE,
+                                          f"runtime {target.instance_id}: {err}")) from None
+        except TimeoutError:
+            raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"model {model_id!r}: deadline exceeded") from None
+        except grpc.aio.AioRpcError as err:
+            kind = _classify(err)
+            remote = RemoteError(err.code(), err.details() or "")
+            if kind == FINAL:
+                raise remote from None
+            raise Retry(kind, remote) from None
+        finally:
+            inflight[target.instance_id] -= 1
 
     async def forward(self, method: str, model_id: str, body: bytes,
                       metadata: tuple[tuple[str, str | bytes], ...],
                       timeout: float | None) -> bytes:
-        """Send ``body`` to a copy of ``model_id``, retrying elsewhere; raises AioRpcError or
-        MeshError. ``timeout`` None: the client set no deadline, so none is imposed downstream
-        either (a deadline timer per call is measurable on this path)."""
-        view = self.view
-        inflight = view.inflight
-        base = ((MODEL_ID, model_id), *metadata)
+        """Send ``body`` to a copy of ``model_id``, retrying elsewhere on "gone" or "not here".
+
+        Raises ``RemoteError`` (the runtime's answer, or the last failure once retries run out)
+        or MeshError (nowhere to send it). ``timeout`` None: the client set no deadline, so none
+        is imposed downstream either."""
         # Fast path: a loaded copy in the view, and it answers.
-        target = pick_copy(view, model_id, (), self._rng)
+        target = pick_copy(self.view, model_id, (), self._rng)
+        failed: Target | None = None
+        retry: Retry | None = None
         if target is not None and not target.allow_load:
-            inflight[target.instance_id] += 1
             try:
-                return await self._call(target.endpoint, method)(body, metadata=base + _DENY,
-                                                                 timeout=timeout)
-            except grpc.aio.AioRpcError as err:
-                first_error: grpc.aio.AioRpcError | None = err
-                first_target: Target | None = target
-                if _classify(err) == FINAL:
-                    raise
-            finally:
-                inflight[target.instance_id] -= 1
-        else:
-            first_error = first_target = None
-        return await self._forward_slow(method, model_id, body, base, timeout, first_target, first_error)
+                return await self._attempt(target, method, model_id, body, metadata, timeout)
+            except Retry as exc:
+                failed, retry = target, exc
+        return await self._forward_slow(method, model_id, body, metadata, timeout, failed, retry)
 
     async def _forward_slow(self, method: str, model_id: str, body: bytes,
-                            base: tuple[tuple[str, str | bytes], ...], timeout: float | None,
-                            failed: Target | None, last_error: grpc.aio.AioRpcError | None) -> bytes:
+                            metadata: tuple[tuple[str, str | bytes], ...], timeout: float | None,
+                            failed: Target | None, retry: Retry | None) -> bytes:
         deadline = None if timeout is None else time.monotonic() + timeout
         gone: set[str] = set()
         stale: set[str] = set()
         attempts = self.max_attempts
-        if failed is not None and last_error is not None:
-            self._exclude(model_id, failed, last_error, gone, stale)
+        if failed is not None and retry is not None:
+            self._exclude(model_id, failed, retry.kind, gone, stale)
             attempts -= 1
         for _ in range(attempts):
             try:
                 target = await self.choose(model_id, gone, stale)
             except MeshError:
-                if last_error is not None:
-                    raise last_error from None
+                if retry is not None:
+                    raise retry.error from None
                 raise
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
-            outgoing = base if target.allow_load else base + _DENY
-            inflight = self.view.inflight
-            inflight[target.instance_id] += 1
             try:
-                return await self._call(target.endpoint, method)(body, metadata=outgoing,
-                                                                 timeout=remaining)
-            except grpc.aio.AioRpcError as err:
-                if _classify(err) == FINAL:
-                    raise
-                last_error = err
-                self._exclude(model_id, target, err, gone, stale)
-            finally:
-                inflight[target.instance_id] -= 1
-        if last_error is not None:
-            raise last_error
+                return await self._attempt(target, method, model_id, body, metadata, remaining)
+            except Retry as exc:
+                retry = exc
+                self._exclude(model_id, target, exc.kind, gone, stale)
+        if retry is not None:
+            raise retry.error
         raise Unavailable(f"model {model_id!r}: no instance answered within the deadline")
 
-    def _exclude(self, model_id: str, target: Target, err: grpc.aio.AioRpcError,
-                 gone: set[str], stale: set[str]) -> None:
-        if _classify(err) == GONE:
+    def _exclude(self, model_id: str, target: Target, kind: str, gone: set[str], stale: set[str]) -> None:
+        if kind == GONE:
             gone.add(target.instance_id)
         else:
             stale.add(target.instance_id)
@@ -213,10 +251,9 @@ class Forwarder:
     async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             model_id, metadata = self._selection(context, lambda: read_model_name(body))
-            return await self.forward(f"/{SERVICE}/ModelInfer", model_id, body, metadata,
-                                      self._timeout(context))
-        except grpc.aio.AioRpcError as err:
-            await context.abort(err.code(), err.details() or "")
+            return await self.forward(INFER, model_id, body, metadata, self._timeout(context))
+        except RemoteError as err:
+            await context.abort(err.code, err.message)
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)
@@ -242,8 +279,8 @@ class Forwarder:
             model_id, metadata = self._selection(context, lambda: read_model_name(body))
             return await self.forward(f"/{SERVICE}/ModelMetadata", model_id, body, metadata,
                                       self._timeout(context))
-        except grpc.aio.AioRpcError as err:
-            await context.abort(err.code(), err.details() or "")
+        except RemoteError as err:
+            await context.abort(err.code, err.message)
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)

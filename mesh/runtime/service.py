@@ -19,6 +19,7 @@ import json
 from concurrent.futures import Executor
 
 import structlog
+from google.protobuf.message import DecodeError
 
 from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound
 from mesh.gen.inference import grpc_service_pb2 as pb
@@ -29,6 +30,7 @@ from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.loaders import get_loader, supported_types
 from mesh.runtime.loaders.base import LoadedModel, file_size, resolve_path
 from mesh.runtime.tensors import decode_inputs, encode_response
+from mesh.transport.wire import read_model_name
 from placement.sizing import SizeEstimator
 
 log = structlog.get_logger(__name__)
@@ -164,14 +166,19 @@ class RuntimeService:
             entry = await self.cache.acquire(spec, allow_load=allow_load)
         return entry
 
-    async def infer(self, model_id: str, request: pb.ModelInferRequest, *,
-                    allow_load: bool = True) -> pb.ModelInferResponse:
+    async def infer(self, model_id: str | None, body: bytes, *, allow_load: bool = True) -> bytes:
+        """One inference: a serialized ModelInferRequest in, a serialized response out.
+
+        Decoding, the prediction and encoding all run on an inference thread, so the event loop
+        only routes bytes. ``model_id`` None means: the request's ``model_name``."""
         self.requests += 1
+        if model_id is None:
+            model_id = read_model_name(body)
         entry = await self._entry(check_model_id(model_id), allow_load)
         self.cache.begin_use(entry)
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, _run_inference, entry, request)
+                self._executor, _run_inference, entry, body)
         finally:
             self.cache.end_use(entry)
 
@@ -246,16 +253,21 @@ class RuntimeService:
         asyncio.get_running_loop().create_task(recheck(), name="recheck-registrations")
 
 
-def _run_inference(entry: Entry, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+def _run_inference(entry: Entry, body: bytes) -> bytes:
     """Decode, predict, encode: in an inference thread, off the event loop."""
     model = entry.model
-    if model is None:  # evicted and closed between lookup and use cannot happen while in_use > 0
+    if model is None:  # cannot happen while in_use > 0, but never predict on a released model
         raise ModelLoadError(f"model {entry.model_id!r} is not loaded")
+    try:
+        request = pb.ModelInferRequest.FromString(body)
+    except (DecodeError, RuntimeError, ValueError):
+        raise InvalidArgument("malformed request: not a valid inference.ModelInferRequest message") from None
     inputs = decode_inputs(request)
     outputs = model.predict(inputs, [o.name for o in request.outputs])
-    raw = len(request.raw_input_contents) > 0
-    return encode_response(model_name=request.model_name or entry.model_id, model_version="1",
-                           request_id=request.id, outputs=outputs, raw=raw)
+    response = encode_response(model_name=request.model_name or entry.model_id, model_version="1",
+                               request_id=request.id, outputs=outputs,
+                               raw=len(request.raw_input_contents) > 0)
+    return response.SerializeToString()
 
 
 __all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "wants_gpu"]

@@ -13,6 +13,7 @@ from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
 from mesh.runtime.service import RuntimeService
 from mesh.transport.handlers import generic_handler
 from mesh.transport.metadata import LAST_USED, model_selection
+from mesh.transport.multiplex import RequestFrame, stream_handler
 from mesh.transport.status import handled
 
 ORIGIN = "runtime"
@@ -42,9 +43,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._service.model_metadata(model_id or request.name, allow_load=allow)
 
     @handled(ORIGIN)
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext):
+    async def model_infer_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         model_id, _, allow = model_selection(context.invocation_metadata())
-        return await self._service.infer(model_id or request.model_name, request, allow_load=allow)
+        return await self._service.infer(model_id, body, allow_load=allow)
 
 
 class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
@@ -95,7 +96,15 @@ def _last_used_from(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict[str, object]) -> None:
+    inference = InferenceServicer(service)
+
+    async def multiplexed(frame: RequestFrame) -> bytes:
+        return await service.infer(frame.model_id, frame.body, allow_load=frame.allow_load)
+
     server.add_generic_rpc_handlers((
-        generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], InferenceServicer(service)),
+        generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], inference, raw={
+            # bytes in, bytes out: the request is decoded on the inference thread
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(inference.model_infer_raw)}),
+        stream_handler(multiplexed),
         generic_handler(spi.DESCRIPTOR.services_by_name["ModelRuntime"], RuntimeSpiServicer(service, status)),
     ))
