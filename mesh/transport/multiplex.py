@@ -7,7 +7,10 @@ cuts the router's by a fifth; on this 2-core machine the added latency of the ho
 +0.61 ms to +0.33 ms at concurrency 1 (measured with an echo backend; see BENCHMARKS.md). Clients
 still talk unary V2 gRPC to the router, and to runtimes directly; only the internal hop changes.
 
-Method: ``/mesh.internal.Multiplex/Stream``, bytes in both directions, one frame per message.
+Method: ``/mesh.internal.Multiplex/Stream``, bytes in both directions. Each stream message is a
+batch: one or more frames, each prefixed by its u32 length. A writer sends every frame queued at
+that moment in one message, so under load many requests share one HTTP/2 DATA frame and one
+``sendmsg`` (at concurrency 1 a batch holds one frame and nothing waits for company).
 
 Request frame (little-endian)::
 
@@ -49,8 +52,50 @@ MAX_FRAME_BODY = 1 << 20
 _REQ = struct.Struct("<QBI")
 _RESP = struct.Struct("<QBBI")
 _U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+MAX_BATCH_BYTES = 256 * 1024
 _ALLOW_LOAD = 1
 _NOT_HERE = 1
+
+
+def pack_batch(frames: list[bytes]) -> bytes:
+    parts = []
+    for frame in frames:
+        parts.append(_U32.pack(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
+
+
+def unpack_batch(message: bytes) -> list[bytes]:
+    frames, pos, end = [], 0, len(message)
+    while pos < end:
+        (n,) = _U32.unpack_from(message, pos)
+        pos += 4
+        if pos + n > end:
+            raise ValueError("truncated frame in a multiplexed batch")
+        frames.append(message[pos:pos + n])
+        pos += n
+    return frames
+
+
+async def batches(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    """Messages for a stream: everything queued when the writer is ready, as one batch; ends at
+    the ``None`` sentinel."""
+    while True:
+        first = await queue.get()
+        if first is None:
+            return
+        frames, size, closing = [first], len(first), False
+        while not queue.empty() and size < MAX_BATCH_BYTES:
+            frame = queue.get_nowait()
+            if frame is None:
+                closing = True
+                break
+            frames.append(frame)
+            size += len(frame)
+        yield pack_batch(frames)
+        if closing:
+            return
 
 
 # --- frames -----------------------------------------------------------------------------------
@@ -132,20 +177,27 @@ def stream_handler(handle: Handler) -> grpc.GenericRpcHandler:
                                                    message, b""))
 
         async def read() -> None:
+            loop = asyncio.get_running_loop()
             try:
-                async for raw in frames:
-                    task = asyncio.get_running_loop().create_task(one(raw))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                async for message in frames:
+                    try:
+                        batch = unpack_batch(message)
+                    except (struct.error, ValueError):
+                        log.warning("malformed multiplexed batch dropped")
+                        continue
+                    for raw in batch:
+                        task = loop.create_task(one(raw))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
             finally:
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
-                answers.put_nowait(None)
+                answers.put_nowait(None)  # the router closed its side: end ours once answered
 
         reader = asyncio.get_running_loop().create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
-                yield answer
+            async for batch in batches(answers):
+                yield batch
         finally:
             reader.cancel()
 
@@ -173,35 +225,35 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 class _Stream:
     def __init__(self, channel: grpc.aio.Channel, on_close: Callable[[_Stream], None]) -> None:
-        self._outgoing: asyncio.Queue[bytes] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._on_close = on_close
         self.closed = False
-        self._call = channel.stream_stream(METHOD)(self._frames())
+        self._call = channel.stream_stream(METHOD)(batches(self._outgoing))
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="multiplex-reader")
-
-    async def _frames(self) -> AsyncIterator[bytes]:
-        while True:
-            yield await self._outgoing.get()
 
     async def _read(self) -> None:
         try:
-            async for frame in self._call:
-                request_id, code, not_here, message, body = decode_response(frame)
-                future = self._pending.pop(request_id, None)
-                if future is None or future.done():
-                    continue  # the caller gave up (deadline or cancellation)
-                if code == 0:
-                    future.set_result(body)
-                else:
-                    future.set_exception(StreamError(_CODES.get(code, grpc.StatusCode.UNKNOWN),
-                                                     message, not_here))
+            async for batch in self._call:
+                for frame in unpack_batch(batch):
+                    self._answer(frame)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         except Exception:
             log.exception("multiplexed stream reader failed")
         finally:
             self.close()
+
+    def _answer(self, frame: bytes) -> None:
+        request_id, code, not_here, message, body = decode_response(frame)
+        future = self._pending.pop(request_id, None)
+        if future is None or future.done():
+            return  # the caller gave up (deadline or cancellation)
+        if code == 0:
+            future.set_result(body)
+        else:
+            future.set_exception(StreamError(_CODES.get(code, grpc.StatusCode.UNKNOWN),
+                                             message, not_here))
 
     def close(self) -> None:
         if self.closed:
