@@ -269,15 +269,23 @@ class _Stream:
     async def send(self, request_id: int, frame: bytes, timeout: float | None) -> bytes:
         if self.closed:
             raise StreamGone("stream to the runtime closed")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         self._pending[request_id] = future
         self._outgoing.put_nowait(frame)
+        # A timer handle rather than asyncio.wait_for, which costs a task per request.
+        timer = loop.call_later(timeout, _expire, future) if timeout is not None else None
         try:
-            if timeout is None:
-                return await future
-            return await asyncio.wait_for(future, timeout)
+            return await future
         finally:
             self._pending.pop(request_id, None)
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class MultiplexPool:

@@ -1,0 +1,102 @@
+"""The router-to-runtime multiplexed stream, over a real grpc.aio server on 127.0.0.1 with a
+stand-in handler: answers reach the right caller, errors keep their status, deadlines fire, and a
+broken stream fails what was pending on it as "gone" so that the router can retry elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from mesh.errors import InvalidArgument, NotHere
+from mesh.transport.multiplex import (
+    MultiplexPool,
+    RequestFrame,
+    StreamError,
+    StreamGone,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+    pack_batch,
+    stream_handler,
+    unpack_batch,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_frames_round_trip() -> None:
+    raw = encode_request(7, "tenant/é", False, 1500, (("traceparent", "00-ab"),), b"\x00body")
+    frame = decode_request(raw)
+    assert (frame.id, frame.model_id, frame.allow_load, frame.timeout_ms) == (7, "tenant/é", False, 1500)
+    assert frame.metadata == (("traceparent", "00-ab"),) and frame.body == b"\x00body"
+    assert decode_response(encode_response(9, 5, True, "gone", b"x")) == (9, 5, True, "gone", b"x")
+    frames = [b"", b"a", b"bc" * 1000]
+    assert unpack_batch(pack_batch(frames)) == frames
+    with pytest.raises(ValueError):
+        unpack_batch(pack_batch([b"abc"])[:-1])
+
+
+async def _serve(handle):  # type: ignore[no-untyped-def]
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((stream_handler(handle),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_answers_errors_and_deadlines() -> None:
+    async def handle(frame: RequestFrame) -> bytes:
+        if frame.model_id == "slow":
+            await asyncio.sleep(2)
+        if frame.model_id == "bad":
+            raise InvalidArgument("input 'x' is wrong")
+        if frame.model_id == "evicted":
+            raise NotHere("not loaded here")
+        return frame.model_id.encode() + frame.body
+
+    server, endpoint = await _serve(handle)
+    pool = MultiplexPool(2)
+    channel = grpc.aio.insecure_channel(endpoint)
+    try:
+        answers = await asyncio.gather(*(pool.call(endpoint, channel, f"m{i}", True, (), b"!%d" % i, None)
+                                         for i in range(200)))
+        assert answers == [b"m%d!%d" % (i, i) for i in range(200)]
+        with pytest.raises(StreamError) as err:
+            await pool.call(endpoint, channel, "bad", True, (), b"", None)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "input 'x'" in err.value.message
+        with pytest.raises(StreamError) as err:
+            await pool.call(endpoint, channel, "evicted", False, (), b"", None)
+        assert err.value.not_here
+        with pytest.raises(TimeoutError):
+            await pool.call(endpoint, channel, "slow", True, (), b"", 0.1)
+        # the stream is still usable after a caller gave up
+        assert await pool.call(endpoint, channel, "m", True, (), b"!", None) == b"m!"
+    finally:
+        pool.close()
+        await channel.close()
+        await server.stop(None)
+
+
+async def test_broken_stream_fails_pending_requests_as_gone() -> None:
+    started = asyncio.Event()
+
+    async def handle(frame: RequestFrame) -> bytes:
+        started.set()
+        await asyncio.sleep(30)
+        return b""
+
+    server, endpoint = await _serve(handle)
+    pool = MultiplexPool(1)
+    channel = grpc.aio.insecure_channel(endpoint)
+    try:
+        pending = asyncio.create_task(pool.call(endpoint, channel, "m", True, (), b"", None))
+        await asyncio.wait_for(started.wait(), 5)
+        await server.stop(None)  # the runtime goes away mid-request
+        with pytest.raises(StreamGone):
+            await asyncio.wait_for(pending, 5)
+    finally:
+        pool.close()
+        await channel.close()
