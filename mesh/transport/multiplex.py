@@ -8,9 +8,10 @@ cuts the router's by a fifth; on this 2-core machine the added latency of the ho
 still talk unary V2 gRPC to the router, and to runtimes directly; only the internal hop changes.
 
 Method: ``/mesh.internal.Multiplex/Stream``, bytes in both directions. Each stream message is a
-batch: one or more frames, each prefixed by its u32 length. A writer sends every frame queued at
-that moment in one message, so under load many requests share one HTTP/2 DATA frame and one
-``sendmsg`` (at concurrency 1 a batch holds one frame and nothing waits for company).
+batch: one or more frames, each prefixed by its u32 length. Frames that arrive while a write is in
+flight go out together in the next message (``CombiningWriter``), so under load many requests
+share one HTTP/2 DATA frame and one ``sendmsg``, while at concurrency 1 a frame is written at once
+by the request's own coroutine, with no queue and no task hop.
 
 Request frame (little-endian)::
 
@@ -53,7 +54,6 @@ _REQ = struct.Struct("<QBI")
 _RESP = struct.Struct("<QBBI")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-MAX_BATCH_BYTES = 256 * 1024
 _ALLOW_LOAD = 1
 _NOT_HERE = 1
 
@@ -78,24 +78,27 @@ def unpack_batch(message: bytes) -> list[bytes]:
     return frames
 
 
-async def batches(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
-    """Messages for a stream: everything queued when the writer is ready, as one batch; ends at
-    the ``None`` sentinel."""
-    while True:
-        first = await queue.get()
-        if first is None:
+class CombiningWriter:
+    """Writes frames to a stream: the first caller to find the stream idle writes directly (no
+    task hop, which matters at concurrency 1); frames that arrive while a write is in flight are
+    sent together by that writer as one batch when it finishes (which matters under load)."""
+
+    def __init__(self, write: Callable[[bytes], Awaitable[None]]) -> None:
+        self._write = write
+        self._pending: list[bytes] = []
+        self._busy = False
+
+    async def send(self, frame: bytes) -> None:
+        self._pending.append(frame)
+        if self._busy:
             return
-        frames, size, closing = [first], len(first), False
-        while not queue.empty() and size < MAX_BATCH_BYTES:
-            frame = queue.get_nowait()
-            if frame is None:
-                closing = True
-                break
-            frames.append(frame)
-            size += len(frame)
-        yield pack_batch(frames)
-        if closing:
-            return
+        self._busy = True
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._write(pack_batch(batch))
+        finally:
+            self._busy = False
 
 
 # --- frames -----------------------------------------------------------------------------------
@@ -149,10 +152,16 @@ def stream_handler(handle: Handler) -> grpc.GenericRpcHandler:
     """Serve the multiplexed stream: each frame is handled concurrently by ``handle`` (which
     returns the serialized response or raises), answers are written as they complete."""
 
-    async def serve(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-                    ) -> AsyncIterator[bytes]:
-        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+    async def serve(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        writer = CombiningWriter(context.write)
         tasks: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+
+        async def answer(frame: bytes) -> None:
+            try:
+                await writer.send(frame)
+            except Exception:  # the stream is gone; the router has failed the request already
+                log.debug("multiplexed answer not delivered", exc_info=True)
 
         async def one(raw: bytes) -> None:
             try:
@@ -166,40 +175,31 @@ def stream_handler(handle: Handler) -> grpc.GenericRpcHandler:
                         body = await handle(frame)
                 else:
                     body = await handle(frame)
-                answers.put_nowait(encode_response(frame.id, 0, False, "", body))
+                reply = encode_response(frame.id, 0, False, "", body)
             except TimeoutError:
-                answers.put_nowait(encode_response(
+                reply = encode_response(
                     frame.id, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], False,
-                    f"model {frame.model_id!r}: deadline of {frame.timeout_ms} ms exceeded in the runtime", b""))
+                    f"model {frame.model_id!r}: deadline of {frame.timeout_ms} ms exceeded in the runtime", b"")
             except Exception as exc:
                 code, message = status_of(exc)
-                answers.put_nowait(encode_response(frame.id, code.value[0], isinstance(exc, NotHere),
-                                                   message, b""))
+                reply = encode_response(frame.id, code.value[0], isinstance(exc, NotHere), message, b"")
+            await answer(reply)
 
-        async def read() -> None:
-            loop = asyncio.get_running_loop()
-            try:
-                async for message in frames:
-                    try:
-                        batch = unpack_batch(message)
-                    except (struct.error, ValueError):
-                        log.warning("malformed multiplexed batch dropped")
-                        continue
-                    for raw in batch:
-                        task = loop.create_task(one(raw))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-            finally:
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                answers.put_nowait(None)  # the router closed its side: end ours once answered
-
-        reader = asyncio.get_running_loop().create_task(read())
         try:
-            async for batch in batches(answers):
-                yield batch
+            async for message in frames:
+                try:
+                    batch = unpack_batch(message)
+                except (struct.error, ValueError):
+                    log.warning("malformed multiplexed batch dropped")
+                    continue
+                for raw in batch:
+                    task = loop.create_task(one(raw))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
         finally:
-            reader.cancel()
+            # The router closed its side (or went away): finish what was asked, then end.
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     return grpc.method_handlers_generic_handler(SERVICE, {
         "Stream": grpc.stream_stream_rpc_method_handler(serve)})
@@ -225,11 +225,11 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 class _Stream:
     def __init__(self, channel: grpc.aio.Channel, on_close: Callable[[_Stream], None]) -> None:
-        self._outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._on_close = on_close
         self.closed = False
-        self._call = channel.stream_stream(METHOD)(batches(self._outgoing))
+        self._call = channel.stream_stream(METHOD)()
+        self._writer = CombiningWriter(self._call.write)
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="multiplex-reader")
 
     async def _read(self) -> None:
@@ -272,7 +272,12 @@ class _Stream:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         self._pending[request_id] = future
-        self._outgoing.put_nowait(frame)
+        try:
+            await self._writer.send(frame)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self._pending.pop(request_id, None)
+            self.close()
+            raise StreamGone(f"stream to the runtime broke: {exc}") from None
         # A timer handle rather than asyncio.wait_for, which costs a task per request.
         timer = loop.call_later(timeout, _expire, future) if timeout is not None else None
         try:
