@@ -27,6 +27,7 @@ from types import TracebackType
 
 import psutil
 
+from mesh.embedded.up import terminate
 from mesh.registry.etcd_server import EtcdProcess
 
 READY_TIMEOUT_S = 60.0
@@ -65,14 +66,7 @@ class Server:
             return "(no log)"
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        terminate(self.proc, grace_s)
 
 
 class Cluster:

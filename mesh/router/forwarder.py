@@ -248,20 +248,28 @@ class Forwarder:
     def _timeout(context: grpc.aio.ServicerContext) -> float | None:
         return context.time_remaining()
 
-    async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def _relay(self, method: str, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Forward a byte body (ModelInfer, ModelMetadata: both name the model in field 1) and map
+        every failure to a status for the client."""
         try:
             model_id, metadata = self._selection(context, lambda: read_model_name(body))
-            return await self.forward(INFER, model_id, body, metadata, self._timeout(context))
+            return await self.forward(method, model_id, body, metadata, self._timeout(context))
         except RemoteError as err:
             await context.abort(err.code, err.message)
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: abort raises")
+
+    async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._relay(INFER, body, context)
+
+    async def model_metadata_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._relay(f"/{SERVICE}/ModelMetadata", body, context)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
-                          ) -> pb.ModelReadyResponse:
+    ) -> pb.ModelReadyResponse:
         try:
             model_id, _ = self._selection(context, lambda: request.name)
             if await self.specs.get(model_id) is None:
@@ -272,19 +280,7 @@ class Forwarder:
         except Exception as exc:
             code, message = status_of(exc)
             await context.abort(code, message)
-        raise AssertionError("unreachable")
-
-    async def model_metadata_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        try:
-            model_id, metadata = self._selection(context, lambda: read_model_name(body))
-            return await self.forward(f"/{SERVICE}/ModelMetadata", model_id, body, metadata,
-                                      self._timeout(context))
-        except RemoteError as err:
-            await context.abort(err.code, err.message)
-        except Exception as exc:
-            code, message = status_of(exc)
-            await context.abort(code, message)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: abort raises")
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
