@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from mesh.errors import MeshError
 from mesh.logging import configure
 from mesh.settings import Settings
 from mesh.tasks import RootTasks
@@ -52,9 +53,12 @@ def run_component(component: str, settings: Settings, ready_file: Path | None = 
     else:
         print(f"mesh serve: unknown component {component!r} (router, runtime)", file=sys.stderr)
         return 2
-    try:
-        import uvloop
+    import uvloop
 
+    try:
         return uvloop.run(_main(serve, settings, ready_file))
-    except ImportError:  # pragma: no cover - uvloop is a dependency, but Windows lacks it
-        return asyncio.run(_main(serve, settings, ready_file))
+    except MeshError as exc:
+        # A start-up failure the user can act on (port taken, registry unreachable, bad setting):
+        # one line, no traceback.
+        print(f"mesh serve {component}: {exc.message}", file=sys.stderr)
+        return 1

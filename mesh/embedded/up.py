@@ -143,8 +143,8 @@ class Mesh:
             for c in children:
                 if not c.alive():
                     raise RuntimeError(f"{c.name} exited during start-up (exit code "
-                                       f"{c.proc.returncode if c.proc else '?'}); its log:\n"
-                                       + _tail(c.log_path))
+                                       f"{c.proc.returncode if c.proc else '?'}): "
+                                       + _tail(c.log_path, lines=1))
             if time.monotonic() > deadline:
                 raise RuntimeError(f"components not ready after {READY_TIMEOUT_S:.0f} s")
             time.sleep(0.05)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from mesh.errors import Unavailable
+
 
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
@@ -50,9 +52,13 @@ async def set_serving(servicer: health.aio.HealthServicer, serving: bool) -> Non
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     """Bind insecurely; returns the port (useful with port 0)."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise Unavailable(f"cannot listen on {host}:{port}: the port is in use or the address is not "
+                          "this machine's; choose another (--port, or the port setting)")
     return bound
 
 
