@@ -1,12 +1,14 @@
 """On-demand lookup of model registrations, cached, and kept fresh by a watch.
 
 Routers and runtimes must not hold every registration in memory (there may be millions); they
-need the ones they route or load. ``SpecCache`` fetches a registration on first use, keeps up to
-``max_entries`` of them (LRU, negative answers included so that a flood of requests for an unknown
-model does not become a flood of registry reads), and drops an entry whenever the watch on the
-``models/`` prefix reports a change to it. The watch delivers events only; nothing is stored for
-models that were never looked up. After a watch reset (compaction) the whole cache is dropped,
-since any entry might be stale.
+need the ones they route or load. ``SpecCache`` fetches a registration on first use and keeps up
+to ``max_entries`` of them (LRU, negative answers included so that a flood of requests for an
+unknown model does not become a flood of registry reads). The watch on the ``models/`` prefix
+keeps cached entries current: an event's value replaces the cached one. The watch delivers events
+only; nothing is stored for models that were never looked up. After a watch reset (compaction)
+the whole cache is dropped, since any entry might be stale. A process that writes a registration
+(the router) or is handed one (a runtime, by the router on a cold request) primes the cache with
+it, so the first request for a new model needs no registry read.
 
 Subscribers (the runtime) are told about every change to a registration, so that a loaded copy
 of a model that was unregistered or redefined can be unloaded.
@@ -97,9 +99,17 @@ class SpecCache:
         future.set_result(spec)
         return spec
 
+    def prime(self, spec: ModelSpec, *, replace: bool = True) -> None:
+        """Cache a registration this process just wrote or was handed (no registry read)."""
+        if replace or spec.model_id not in self._cache:
+            self._cache[spec.model_id] = spec
+
     def _invalidate(self, model_id: str, spec: ModelSpec | None) -> None:
         self._generation += 1
-        self._cache.pop(model_id, None)
+        # The event carries the new value: keep a cached entry current instead of dropping it, so
+        # that a model in use is not read again (and a primed entry survives its own write's event).
+        if model_id in self._cache:
+            self._cache[model_id] = spec
         for listener in self._listeners:
             try:
                 listener(model_id, spec)

@@ -56,7 +56,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
 
     view.on_instance_gone.append(close_channel)
     management = Management(registry=registry, view=view, runtimes=RuntimeClient(channels),
-                            load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s)
+                            load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs)
 
     server = new_server(rs.max_message_bytes)
     server.add_generic_rpc_handlers((

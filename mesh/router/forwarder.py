@@ -29,6 +29,7 @@ from mesh import __version__
 from mesh.errors import MeshError, ModelNotFound, Unavailable
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
+from mesh.registry.records import ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.router.routing import Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
@@ -115,19 +116,19 @@ class Forwarder:
                 return active
         return requested
 
-    async def choose(self, model_id: str, gone: set[str], stale: set[str]) -> Target:
+    async def choose(self, model_id: str, gone: set[str], stale: set[str]) -> tuple[Target, ModelSpec | None]:
         """A copy not known to be stale on an instance not known to be gone, else the home among
         the instances not gone (a stale copy's instance may well load the model again)."""
         skip = gone | stale if stale else gone
         target = pick_copy(self.view, model_id, skip, self._rng)
-        if target is not None:
-            return target
+        if target is not None and not target.allow_load:
+            return target, None
         spec = await self.specs.get(model_id)
         if spec is None:
             raise ModelNotFound(model_id)
         # Copies may have appeared while the registration was read.
         return pick_copy(self.view, model_id, skip, self._rng) or pick_home(
-            self.view, spec, gone, load_factor=self.load_factor)
+            self.view, spec, gone, load_factor=self.load_factor), spec
 
     def _call(self, endpoint: str, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
         key = endpoint + method
@@ -144,14 +145,18 @@ class Forwarder:
             self.multiplex.discard(endpoint)
 
     async def _attempt(self, target: Target, method: str, model_id: str, body: bytes,
-                       metadata: tuple[tuple[str, str | bytes], ...], timeout: float | None) -> bytes:
+                       metadata: tuple[tuple[str, str | bytes], ...], timeout: float | None,
+                       spec: ModelSpec | None = None) -> bytes:
         """One try on one instance. Raises ``Retry`` (gone / not here) or ``RemoteError``."""
         inflight = self.view.inflight
         inflight[target.instance_id] += 1
         try:
             if self.multiplex is not None and method == INFER and len(body) <= MAX_FRAME_BODY:
+                # A request that may load carries the registration, saving the runtime a read.
+                spec_json = spec.to_json() if spec is not None and target.allow_load else b""
                 return await self.multiplex.call(target.endpoint, self.channels.get(target.endpoint),
-                                                 model_id, target.allow_load, metadata, body, timeout)
+                                                 model_id, target.allow_load, metadata, body, timeout,
+                                                 spec_json)
             outgoing = ((MODEL_ID, model_id), *metadata)
             if not target.allow_load:
                 outgoing += _DENY
@@ -206,7 +211,7 @@ class Forwarder:
             attempts -= 1
         for _ in range(attempts):
             try:
-                target = await self.choose(model_id, gone, stale)
+                target, spec = await self.choose(model_id, gone, stale)
             except MeshError:
                 if retry is not None:
                     raise retry.error from None
@@ -215,7 +220,7 @@ class Forwarder:
             if remaining is not None and remaining <= 0:
                 break
             try:
-                return await self._attempt(target, method, model_id, body, metadata, remaining)
+                return await self._attempt(target, method, model_id, body, metadata, remaining, spec)
             except Retry as exc:
                 retry = exc
                 self._exclude(model_id, target, exc.kind, gone, stale)

@@ -31,6 +31,7 @@ from mesh.errors import (
 from mesh.ids import check_model_id
 from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec, VModelRecord
 from mesh.registry.registry import Registry
+from mesh.registry.specs import SpecCache
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
 
@@ -92,8 +93,9 @@ class ListEntry:
 class Management:
     def __init__(self, *, registry: Registry, view: ClusterView, runtimes: RuntimeLoader,
                  load_factor: float, load_timeout_s: float = 120.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, specs: SpecCache | None = None) -> None:
         self.registry = registry
+        self.specs = specs
         self.view = view
         self.runtimes = runtimes
         self.load_factor = load_factor
@@ -109,6 +111,8 @@ class Management:
         spec, created = await self.registry.register_model(spec)
         if created:
             log.info("model registered", model_id=model_id, type=spec.type)
+        if self.specs is not None:
+            self.specs.prime(spec)  # its first request needs no registry read on this router
         if load_now:
             await self._ensure(spec, sync=sync, last_used_ms=spec.last_used_ms)
         return await self.model_status(model_id)

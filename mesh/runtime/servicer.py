@@ -10,6 +10,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
+from mesh.registry.records import ModelSpec
 from mesh.runtime.service import RuntimeService
 from mesh.transport.handlers import generic_handler
 from mesh.transport.metadata import LAST_USED, model_selection
@@ -99,6 +100,10 @@ def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict
     inference = InferenceServicer(service)
 
     async def multiplexed(frame: RequestFrame) -> bytes:
+        if frame.spec:
+            # The router's copy of the registration: used only if ours is not cached; our registry
+            # watch keeps what we cache current either way.
+            service.specs.prime(ModelSpec.from_json(frame.spec), replace=False)
         return await service.infer(frame.model_id, frame.body, allow_load=frame.allow_load)
 
     server.add_generic_rpc_handlers((

@@ -17,6 +17,8 @@ Request frame (little-endian)::
 
     u64 id | u8 flags (bit 0: load allowed) | u32 timeout_ms (0: none)
     | u16 len | model ID (UTF-8) | u16 len | metadata (JSON list of [key, value], may be empty)
+    | u32 len | registration (the model's registry record as JSON; only on cold-path requests,
+              so that the runtime need not read it from the registry before loading)
     | body (a serialized ModelInferRequest)
 
 Response frame::
@@ -103,11 +105,11 @@ class CombiningWriter:
 
 # --- frames -----------------------------------------------------------------------------------
 def encode_request(request_id: int, model_id: str, allow_load: bool, timeout_ms: int,
-                   metadata: tuple[tuple[str, str | bytes], ...], body: bytes) -> bytes:
+                   metadata: tuple[tuple[str, str | bytes], ...], body: bytes, spec: bytes = b"") -> bytes:
     mid = model_id.encode()
     md = json.dumps([[k, v] for k, v in metadata if isinstance(v, str)]).encode() if metadata else b""
     return b"".join((_REQ.pack(request_id, _ALLOW_LOAD if allow_load else 0, timeout_ms),
-                     _U16.pack(len(mid)), mid, _U16.pack(len(md)), md, body))
+                     _U16.pack(len(mid)), mid, _U16.pack(len(md)), md, _U32.pack(len(spec)), spec, body))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,7 @@ class RequestFrame:
     timeout_ms: int
     metadata: tuple[tuple[str, str], ...]
     body: bytes
+    spec: bytes = b""
 
 
 def decode_request(frame: bytes) -> RequestFrame:
@@ -129,8 +132,11 @@ def decode_request(frame: bytes) -> RequestFrame:
     (n,) = _U16.unpack_from(frame, pos)
     md = json.loads(frame[pos + 2:pos + 2 + n]) if n else ()
     pos += 2 + n
+    (n,) = _U32.unpack_from(frame, pos)
+    spec = frame[pos + 4:pos + 4 + n]
+    pos += 4 + n
     return RequestFrame(request_id, model_id, bool(flags & _ALLOW_LOAD), timeout_ms,
-                        tuple((str(k), str(v)) for k, v in md), frame[pos:])
+                        tuple((str(k), str(v)) for k, v in md), frame[pos:], spec)
 
 
 def encode_response(request_id: int, code: int, not_here: bool, message: str, body: bytes) -> bytes:
@@ -317,10 +323,10 @@ class MultiplexPool:
 
     async def call(self, endpoint: str, channel: grpc.aio.Channel, model_id: str, allow_load: bool,
                    metadata: tuple[tuple[str, str | bytes], ...], body: bytes,
-                   timeout: float | None) -> bytes:
+                   timeout: float | None, spec: bytes = b"") -> bytes:
         request_id = next(self._ids)
         frame = encode_request(request_id, model_id, allow_load,
-                               int(timeout * 1000) if timeout else 0, metadata, body)
+                               int(timeout * 1000) if timeout else 0, metadata, body, spec)
         return await self._stream(endpoint, channel).send(request_id, frame, timeout)
 
     def discard(self, endpoint: str) -> None:
