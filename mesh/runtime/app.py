@@ -64,7 +64,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                        prepare_fn=prepare_load)
     specs = SpecCache(registry, max_entries=10_000)
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
-                             infer_executor=infer_pool, sizer=sizer, types=types)
+                             infer_executor=infer_pool, sizer=sizer, types=types,
+                             inline_predict_ms=rs.inline_predict_ms)
 
     server = new_server(settings.router.max_message_bytes)
     add_to_server(server, service, status={

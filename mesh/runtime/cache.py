@@ -82,6 +82,7 @@ class Entry:
     last_used: float = 0.0
     error: str = ""
     load_ms: float = 0.0
+    predict_ms: float = -1.0  # recent inference time (decode + predict + encode), -1 until measured
     initial_last_used: float | None = None  # enters the eviction order at this time, if set
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # memory released

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import Executor
 
 import structlog
@@ -138,11 +139,13 @@ class RuntimeService:
         infer_executor: Executor,
         sizer: SizePredictor,
         types: list[str] | None = None,
+        inline_predict_ms: float = 0.0,
     ) -> None:
         self.instance_id = instance_id
         self.cache = cache
         self.specs = specs
         self.sizer = sizer
+        self.inline_predict_ms = inline_predict_ms
         self.ready = False  # ServerReady: set once registered and serving, cleared when draining
         self._executor = infer_executor
         self.types = [t.lower() for t in (types or supported_types())]
@@ -175,6 +178,10 @@ class RuntimeService:
         if model_id is None:
             model_id = read_model_name(body)
         entry = await self._entry(check_model_id(model_id), allow_load)
+        if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY:
+            # Small and known to be quick: no thread hand-off (the copy cannot be evicted and
+            # closed in between, since nothing awaits before the work is done).
+            return _run_inference(entry, body)
         self.cache.begin_use(entry)
         try:
             return await asyncio.get_running_loop().run_in_executor(
@@ -253,8 +260,21 @@ class RuntimeService:
         asyncio.get_running_loop().create_task(recheck(), name="recheck-registrations")
 
 
+INLINE_MAX_BODY = 64 * 1024  # larger requests always go to a thread: decoding them takes time
+_EWMA = 0.2
+
+
 def _run_inference(entry: Entry, body: bytes) -> bytes:
-    """Decode, predict, encode: in an inference thread, off the event loop."""
+    """Decode, predict, encode; usually on an inference thread (see ``infer``)."""
+    started = time.perf_counter()
+    response = _infer(entry, body)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    previous = entry.predict_ms
+    entry.predict_ms = elapsed_ms if previous < 0 else previous + _EWMA * (elapsed_ms - previous)
+    return response
+
+
+def _infer(entry: Entry, body: bytes) -> bytes:
     model = entry.model
     if model is None:  # cannot happen while in_use > 0, but never predict on a released model
         raise ModelLoadError(f"model {entry.model_id!r} is not loaded")

@@ -226,3 +226,21 @@ async def test_server_metadata_and_readiness(mesh: InProcessMesh, sklearn_model:
     meta = await mesh.v2.ModelMetadata(pb.ModelMetadataRequest(name="meta"))
     assert meta.inputs and meta.outputs
     assert (await mesh.v2.ModelReady(pb.ModelReadyRequest(name="meta"))).ready
+
+
+async def test_inline_inference_answers_the_same(sklearn_model: ModelArtifact) -> None:
+    """runtime.inline_predict_ms > 0: quick models are predicted on the event loop after their
+    first (threaded, measured) inference; answers must not change."""
+    m = await InProcessMesh(memory_url(), runtime_overrides={"inline_predict_ms": 100.0}).start(runtimes=1)
+    try:
+        await m.register("inline", "sklearn", str(sklearn_model.path))
+        for _ in range(5):
+            out = decode_response(await m.infer("inline", request_for(sklearn_model)))
+            np.testing.assert_array_equal(out["predict"], sklearn_model.expected["predict"])
+        bad = request_for(sklearn_model)
+        bad.raw_input_contents[0] = b"\x00"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await m.infer("inline", bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await m.stop()
