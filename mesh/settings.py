@@ -61,6 +61,16 @@ class RouterSettings:
     load_factor: float = _f(1.25, "Bounded-load factor for choosing a model's home: an instance busier "
                             "than this times the mean is skipped (1.25 keeps homes stable while "
                             "capping a hot spot at +25 %).")
+    scale_rps_threshold: float = _f(2000 / 60, "Requests per second per copy above which a hot model gets "
+                                    "another copy (ModelMesh's 2000 per minute). Measured per router: "
+                                    "with several routers each applies it to its share.", "req/s")
+    scale_queue_threshold: float = _f(4.0, "Requests in flight per copy above which a model gets another "
+                                      "copy, whatever its rate (slow models queue before their rate "
+                                      "looks high).")
+    scale_max_copies: int = _f(8, "Most copies of one model (a registration's maxCopies lowers it).")
+    scale_hold_s: float = _f(120.0, "How long an added copy is kept ahead of the runtime's eviction "
+                             "order, and how long a model must stay cool before an extra copy is "
+                             "released to the cache policy.", "s")
     spec_cache_entries: int = _f(10_000, "Registrations of not-loaded models cached in the router; "
                                  "bounds router memory however many models are registered.")
     max_message_bytes: int = _f(16 * _MIB, "Largest gRPC message accepted or forwarded (ModelMesh's "

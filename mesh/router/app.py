@@ -15,6 +15,7 @@ from mesh.registry.registry import Registry
 from mesh.registry.specs import SpecCache
 from mesh.router.forwarder import Forwarder
 from mesh.router.management import Management
+from mesh.router.replicas import CopyScaler
 from mesh.router.runtime_client import RuntimeClient
 from mesh.router.servicer import ModelMeshServicer
 from mesh.router.view import ClusterView
@@ -22,6 +23,7 @@ from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.transport.handlers import generic_handler
 from mesh.transport.server import ChannelPool, add_health, bind, new_server, set_serving
+from placement.scaling import ScalingConfig
 
 log = structlog.get_logger(__name__)
 
@@ -42,8 +44,14 @@ async def serve_router(settings: Settings, roots: RootTasks,
         PrefixMirror(store, keys.failures, view.put_failure, view.delete_failure),
     ]
     specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
+    runtime_client = RuntimeClient(channels)
+    scaler = CopyScaler(view=view, specs=specs, runtimes=runtime_client, load_timeout_s=rs.default_timeout_s,
+                        config=ScalingConfig(rps_threshold=rs.scale_rps_threshold,
+                                             queue_threshold=rs.scale_queue_threshold,
+                                             max_copies=rs.scale_max_copies, hold_s=rs.scale_hold_s))
     forwarder = Forwarder(view=view, specs=specs, channels=channels, max_attempts=rs.max_attempts,
                           load_factor=rs.load_factor, streams_per_runtime=rs.streams_per_runtime,
+                          scaler=scaler,
                           ready=lambda: all(m.ready for m in mirrors) and bool(view.instances))
     background: set[asyncio.Task[None]] = set()
 
@@ -55,7 +63,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
         task.add_done_callback(background.discard)
 
     view.on_instance_gone.append(close_channel)
-    management = Management(registry=registry, view=view, runtimes=RuntimeClient(channels),
+    management = Management(registry=registry, view=view, runtimes=runtime_client,
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs)
 
     server = new_server(rs.max_message_bytes)
@@ -71,6 +79,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     await specs.start()
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(management.run_transitions(), "vmodel-transitions")
+    roots.spawn(scaler.run(), "copy-scaling")
     await server.start()
     await set_serving(health, True)
     endpoint = f"{rs.host}:{port}"

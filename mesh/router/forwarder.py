@@ -31,6 +31,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
 from mesh.registry.records import ModelSpec
 from mesh.registry.specs import SpecCache
+from mesh.router.replicas import CopyScaler
 from mesh.router.routing import Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
 from mesh.transport.handlers import generic_handler
@@ -92,7 +93,8 @@ def _classify(err: grpc.aio.AioRpcError) -> str:
 class Forwarder:
     def __init__(self, *, view: ClusterView, specs: SpecCache, channels: ChannelPool,
                  max_attempts: int, load_factor: float,
-                 ready: Callable[[], bool], streams_per_runtime: int = 2) -> None:
+                 ready: Callable[[], bool], streams_per_runtime: int = 2,
+                 scaler: CopyScaler | None = None) -> None:
         self.view = view
         self.specs = specs
         self.channels = channels
@@ -101,6 +103,7 @@ class Forwarder:
         self.ready = ready
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
         self.multiplex = MultiplexPool(streams_per_runtime) if streams_per_runtime > 0 else None
+        self.scaler = scaler
         self._rng = random.Random()
 
     # --- target selection ---------------------------------------------------------------------
@@ -188,6 +191,17 @@ class Forwarder:
         Raises ``RemoteError`` (the runtime's answer, or the last failure once retries run out)
         or MeshError (nowhere to send it). ``timeout`` None: the client set no deadline, so none
         is imposed downstream either."""
+        scaler = self.scaler
+        if scaler is None or method != INFER:
+            return await self._forward(method, model_id, body, metadata, timeout)
+        scaler.begin(model_id)
+        try:
+            return await self._forward(method, model_id, body, metadata, timeout)
+        finally:
+            scaler.end(model_id)
+
+    async def _forward(self, method: str, model_id: str, body: bytes,
+                       metadata: tuple[tuple[str, str | bytes], ...], timeout: float | None) -> bytes:
         # Fast path: a loaded copy in the view, and it answers.
         target = pick_copy(self.view, model_id, (), self._rng)
         failed: Target | None = None

@@ -244,3 +244,28 @@ async def test_inline_inference_answers_the_same(sklearn_model: ModelArtifact) -
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await m.stop()
+
+
+async def test_a_hot_model_gets_a_second_copy_on_its_next_instance(sklearn_model: ModelArtifact) -> None:
+    """Copy scaling in the real router: past the rate threshold a second copy is loaded on the other
+    runtime; a model asked for once stays at one copy."""
+    m = InProcessMesh(memory_url(), router_overrides={"scale_rps_threshold": 5.0})
+    await m.start(runtimes=2)
+    try:
+        await m.register("hot", "sklearn", str(sklearn_model.path))
+        request = request_for(sklearn_model)
+
+        async def two_copies() -> bool:
+            await asyncio.gather(*(m.infer("hot", request) for _ in range(10)))
+            status = await m.mesh.getModelStatus(mm.GetStatusRequest(modelId="hot"))
+            return sum(c.copyStatus == ST.LOADED for c in status.modelCopyInfos) == 2
+
+        await m.wait_for(two_copies, timeout=20)
+        cold_model = "cold"
+        await m.register(cold_model, "sklearn", str(sklearn_model.path))
+        await m.infer(cold_model, request)
+        await asyncio.sleep(1.5)  # a scaling round passes: one request does not make a model hot
+        status = await m.mesh.getModelStatus(mm.GetStatusRequest(modelId=cold_model))
+        assert sum(c.copyStatus == ST.LOADED for c in status.modelCopyInfos) == 1
+    finally:
+        await m.stop()

@@ -1,0 +1,128 @@
+"""Copies of hot models: the router applies ``placement.scaling``'s decisions.
+
+Every forwarded request is observed (its model's rate EWMA and requests in flight); once a second
+a root task asks the scaling policy about each model seen since, or held, and loads the copies it
+wants on the next instances of the model's rendezvous order (``copy_order``), so that replicas, like
+homes, land where every router would put them. A copy the scaling adds enters the runtime's
+eviction order ``hold_s`` in the future (ModelMesh does the same with +20 s), so a burst of cold
+misses on that instance cannot evict it before it takes its share of the traffic; when the model
+cools down, that advance runs out and the copy gives way through the runtime's policy like any
+other. Nothing is unloaded explicitly.
+
+Each router sees only the traffic it forwards: with several routers, the threshold applies to each
+router's share, so replicas come a little later than with one router (ModelMesh's pods have the
+same property with their own rpm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import structlog
+
+from mesh.registry.records import ModelSpec
+from mesh.registry.specs import SpecCache
+from mesh.router.management import RuntimeLoader
+from mesh.router.routing import Target, eligible
+from mesh.router.view import ClusterView
+from placement.hashing import copy_order
+from placement.scaling import ScalingConfig, ScalingPolicy
+
+log = structlog.get_logger(__name__)
+
+
+class CopyScaler:
+    def __init__(self, *, view: ClusterView, specs: SpecCache, runtimes: RuntimeLoader,
+                 config: ScalingConfig, load_timeout_s: float,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.view = view
+        self.specs = specs
+        self.runtimes = runtimes
+        self.policy = ScalingPolicy(config)
+        self.load_timeout_s = load_timeout_s
+        self.clock = clock
+        self.wall = wall
+        self.inflight: defaultdict[str, int] = defaultdict(int)
+        self._seen: set[str] = set()
+        self._loading: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.copies_added = 0
+
+    # --- the hot path: two dict operations and an EWMA update per request ---------------------
+    def begin(self, model_id: str) -> None:
+        inflight = self.inflight[model_id] + 1
+        self.inflight[model_id] = inflight
+        self.policy.observe(model_id, self.clock(), inflight)
+        self._seen.add(model_id)
+
+    def end(self, model_id: str) -> None:
+        inflight = self.inflight[model_id] - 1
+        if inflight:
+            self.inflight[model_id] = inflight
+        else:
+            del self.inflight[model_id]
+        self.policy.set_inflight(model_id, inflight)
+
+    # --- decisions ----------------------------------------------------------------------------
+    def _copies(self, model_id: str) -> list[str]:
+        return [i for i in self.view.copies(model_id) if self.view.live_instance(i) is not None]
+
+    async def tick(self) -> None:
+        now = self.clock()
+        models, self._seen = self._seen | set(self.policy.held_models()), set()
+        for model_id in models:
+            holders = self._copies(model_id)
+            if not holders:
+                continue  # nothing loaded yet: the home's load comes first
+            spec = await self.specs.get(model_id)  # cached; a loaded model may not have been looked up
+            if spec is None:
+                continue  # unregistered meanwhile
+            candidates = [r.instance_id for r in eligible(self.view, spec)]
+            limit = min(len(candidates), spec.max_copies) if spec.max_copies else len(candidates)
+            decision = self.policy.decide(model_id, now, len(holders), limit=limit)
+            if decision.add <= 0:
+                continue
+            order = copy_order(model_id, candidates, exclude=set(holders))
+            for instance_id in order[:decision.add]:
+                if (model_id, instance_id) in self._loading:
+                    continue
+                self._add_copy(spec, instance_id)
+
+    def _add_copy(self, spec: ModelSpec, instance_id: str) -> None:
+        record = self.view.live_instance(instance_id)
+        if record is None:
+            return
+        model_id = spec.model_id
+        hold_ms = int((self.wall() + self.policy.config.hold_s) * 1000)
+        key = (model_id, instance_id)
+        self._loading.add(key)
+        log.info("adding a copy of a hot model", model_id=model_id, instance_id=instance_id,
+                 rate_rps=round(self.policy.rate(model_id, self.clock()), 2),
+                 copies=len(self._copies(model_id)))
+
+        async def load() -> None:
+            try:
+                await self.runtimes.load(Target(instance_id, record.endpoint, True), spec, hold_ms,
+                                         self.load_timeout_s)
+                self.copies_added += 1
+            except Exception as exc:
+                log.warning("adding a copy failed", model_id=model_id, instance_id=instance_id,
+                            error=str(exc))
+            finally:
+                self._loading.discard(key)
+
+        task = asyncio.get_running_loop().create_task(load(), name=f"add-copy:{model_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        """Root task: decide once per interval."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("copy scaling round failed; continuing")
