@@ -349,7 +349,10 @@ class ModelCache:
     def _evict_for(self, budget: DeviceBudget, need: int, *, exclude: str) -> None:
         if need <= 0:
             return
-        protected = {mid for mid, e in self._entries.items() if e.state != LOADED} | {exclude}
+        # Never proposed as victims: copies still loading, and pinned models (registered with
+        # minCopies > 0: the operator asked for them to stay loaded).
+        protected = {mid for mid, e in self._entries.items()
+                     if e.state != LOADED or e.spec.min_copies > 0} | {exclude}
         for victim_id in budget.policy.victims(need, self._clock(), protected=protected):
             victim = self._entries.get(victim_id)
             if victim is None or victim.state != LOADED:

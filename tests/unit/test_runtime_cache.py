@@ -203,3 +203,13 @@ async def test_loads_run_at_most_max_concurrent_loads_at_once() -> None:
     await asyncio.gather(*(h.get(f"m{i}") for i in range(6)))
     assert peak == 2
     assert len(h.calls) == 6
+
+
+async def test_pinned_models_are_never_evicted() -> None:
+    h = Harness(300, sizes={"pinned": 100, "b": 100, "c": 100, "d": 100})
+    await h.cache.acquire(ModelSpec(model_id="pinned", type="fake", min_copies=1))
+    for m in ("b", "c", "d"):
+        await h.get(m)
+    await asyncio.sleep(0.05)
+    assert h.cache.get("pinned") is not None  # the least recently used, yet it stayed
+    assert h.cache.get("b") is None
