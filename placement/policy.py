@@ -18,12 +18,31 @@ Design choices, made so that one interface fits LRU, GreedyDual-Size-Frequency, 
 - ``protected`` keys (pinned, serving a request, still loading) are skipped, not reordered, so they keep
   their place for when they become evictable again.
 - ``admit`` is the admission-control hook (a churn guard, TinyLFU, S3-FIFO's ghost queue); LRU admits
-  everything. It is asked before a load, so a refused model costs no load at all.
+  everything. It is asked before a load. A refused model is not cached, but its request is still
+  served: it is loaded, served and dropped (a pass-through, what the simulator counts as ``bypassed``),
+  so a refusal does not save that load; it saves the models the newcomer would have evicted.
 - ``cost`` (seconds to load, or any positive figure) is what cost-aware policies weigh against size;
   policies that do not use it ignore it.
 - Unknown keys are ignored by ``touch``, ``resize`` and ``remove``: a request may finish after its
   model was evicted, and removal is idempotent like the runtime SPI's ``unloadModel``.
 - Policies are not thread-safe; the runtime calls them from its one event loop.
+
+Names in the registry (``make_policy(name, **params)``; ``policy_names()`` lists them):
+
+- eviction policies: ``lru`` (ModelMesh's, by last-used timestamps; no parameters), ``gdsf``
+  (GreedyDual-Size-Frequency weighing load cost against bytes: ``size_exponent=1.0``,
+  ``cost_floor=1.0``, ``freq_halflife=None``), ``s3fifo`` (small + main FIFO + ghost: ``capacity=None``,
+  ``small_ratio=0.1``, ``ghost_ratio=0.9``, ``move_to_main_threshold=2``), ``sieve`` (no parameters);
+- ``<policy>+<filter>``: an eviction policy behind an admission filter, which takes the policy's
+  parameters and its own, and requires ``capacity`` (the cache's bytes, given to the policy too when
+  it takes one): ``+tinylfu`` (a frequency sketch admits a newcomer only if it is requested more than
+  every model it displaces: ``expected_entries=None``, ``sample_factor=10``, ``doorkeeper=True``,
+  ``seed=0``) and ``+churnguard`` (ModelMesh's: a full cache whose oldest model is younger than
+  ``min_churn_age=300.0`` seconds refuses new loads). E.g. ``lru+churnguard`` is ModelMesh's cache,
+  ``gdsf+tinylfu`` a cost-aware cache with frequency admission. A refused model is served and not
+  kept (a pass-through; see ``placement.admission``).
+
+Each module's docstring gives the algorithm, its source, the deviations and the complexity.
 """
 
 from __future__ import annotations
@@ -32,7 +51,11 @@ import inspect
 from collections.abc import Callable, Container
 from typing import Protocol, runtime_checkable
 
+from placement.admission import AdmissionFactory, ChurnGuard, TinyLFUAdmission
+from placement.gdsf import GDSFPolicy
 from placement.lru import LRUPolicy
+from placement.s3fifo import S3FIFOPolicy
+from placement.sieve import SievePolicy
 
 __all__ = ["EvictionPolicy", "make_policy", "policy_names"]
 
@@ -56,7 +79,8 @@ class EvictionPolicy(Protocol):
         ...
 
     def admit(self, key: str, size: int, now: float) -> bool:
-        """Whether ``key`` may be loaded at all; asked before the load, so that a refusal is free."""
+        """Whether ``key`` may stay in the cache once loaded; asked before the load. A refused model is
+        served by a load that does not stay (a pass-through), and nothing is evicted for it."""
         ...
 
     def insert(
@@ -104,10 +128,20 @@ class EvictionPolicy(Protocol):
         ...
 
 
-# One line per built-in policy; the name is the one operators write in the settings. Typing the table
+# One line per eviction policy; the name is the one operators write in the settings. Typing the table
 # as factories of EvictionPolicy makes mypy check each class against the Protocol.
-_FACTORIES: dict[str, Callable[..., EvictionPolicy]] = {
+_EVICTION: dict[str, Callable[..., EvictionPolicy]] = {
     LRUPolicy.name: LRUPolicy,
+    GDSFPolicy.name: GDSFPolicy,
+    S3FIFOPolicy.name: S3FIFOPolicy,
+    SievePolicy.name: SievePolicy,
+}
+# Every eviction policy also comes behind each admission filter, as "<policy>+<filter>".
+_ADMISSION = (TinyLFUAdmission, ChurnGuard)
+_FACTORIES: dict[str, Callable[..., EvictionPolicy]] = {
+    **_EVICTION,
+    **{f"{name}+{wrapper.suffix}": AdmissionFactory(wrapper, factory)
+       for name, factory in _EVICTION.items() for wrapper in _ADMISSION},
 }
 
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from mesh import __version__
+from mesh.errors import InvalidArgument
 from mesh.registry import open_store
 from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
@@ -32,10 +33,23 @@ from mesh.runtime.servicer import add_to_server
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.transport.server import add_health, bind, new_server, set_serving
-from placement.policy import make_policy
+from placement.policy import EvictionPolicy, make_policy
 from placement.sizing import SizeEstimator
 
 log = structlog.get_logger(__name__)
+
+
+def device_policy(name: str, capacity_bytes: int) -> EvictionPolicy:
+    """The configured eviction policy for one device's budget. Admission filters (``+tinylfu``,
+    ``+churnguard``) and S3-FIFO size themselves from the capacity; the others take none."""
+    try:
+        return make_policy(name, capacity=capacity_bytes)
+    except ValueError:
+        pass
+    try:
+        return make_policy(name)
+    except ValueError as exc:
+        raise InvalidArgument(f"setting runtime.eviction_policy: {exc}") from None
 
 
 def new_instance_id() -> str:
@@ -52,7 +66,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
 
     capacities = device_capacities(rs)
-    budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=make_policy(rs.eviction_policy))
+    budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
                for d, c in capacities.items()]
     sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
                                         floor_bytes=rs.default_model_size_bytes))
