@@ -8,16 +8,29 @@ cluster and act on the answers; that split lets the policies be simulated and pr
 - ``policy``: the eviction policy Protocol and the registry of policies by name.
 - ``lru``: ModelMesh's LRU by explicit last-used timestamps, weighted by bytes.
 - ``sizing``: the in-memory size of a model before its load, learned per model type.
+- ``gdsf``, ``s3fifo``, ``sieve``: further eviction policies; ``admission``: TinyLFU and churn-guard
+  filters that wrap any policy (registered as ``<policy>+tinylfu`` / ``<policy>+churnguard``).
+- ``belady``: offline references (exact Belady/MIN for uniform sizes; Belady-Size heuristic and the
+  PFOO-L lower bound for variable sizes and costs).
+- ``scaling``: when a hot model gets another copy and when an extra copy gives way.
+- ``request``, ``traces``, ``generators``: the trace record, its CSV format, and workload generators.
 """
 
 from placement.hashing import Candidate, choose_home, copy_order, hrw_weight, rendezvous_order
 from placement.lru import LRUPolicy
 from placement.policy import EvictionPolicy, make_policy, policy_names
+from placement.request import Request
+from placement.scaling import Decision, ModelRule, ScalingConfig, ScalingPolicy
 from placement.sizing import SizeEstimator
 
 __all__ = [
     "Candidate",
+    "Decision",
     "EvictionPolicy",
+    "ModelRule",
+    "Request",
+    "ScalingConfig",
+    "ScalingPolicy",
     "LRUPolicy",
     "SizeEstimator",
     "choose_home",
