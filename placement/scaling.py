@@ -319,6 +319,22 @@ class ScalingPolicy:
         """Copies beyond the first held over all models (what ``max_extra_copies`` caps)."""
         return self._held_extra
 
+    def prune(self, now: float, *, below_rps: float = 0.001) -> int:
+        """Drop the state of models that hold nothing and whose rate has faded under ``below_rps``
+        (default: under one request in about 17 minutes); returns how many. A long-running router
+        calls it now and then, so that its memory follows the models in use, not every model ever
+        requested. A pruned model starts from a rate of 0 on its next request, which is what its
+        faded rate nearly was."""
+        gone = [m for m, st in self._states.items()
+                if st.target <= 1 and self.rate(m, now) < below_rps and now - st.last_add >= self._config.cooldown_s]
+        for m in gone:
+            del self._states[m]
+        return len(gone)
+
+    def tracked(self) -> int:
+        """How many models have state (see ``prune``)."""
+        return len(self._states)
+
     def forget(self, model_id: str) -> None:
         """Drop the model's state (unregistered). Its pin or minimum, from the config, stays."""
         state = self._states.pop(model_id, None)

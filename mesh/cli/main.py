@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("settings", help="list every setting with its default, unit and meaning")
     p.add_argument("--json", action="store_true")
+
+    from mesh.cli.sim import add_sim_parser
+
+    add_sim_parser(sub)  # mesh sim gen|run: offline traces and the placement simulator
     return parser
 
 
@@ -137,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
             return run_up(args, example=args.command == "demo" or args.example)
         if args.command == "settings":
             return settings_command(args)
+        if args.command == "sim":
+            from mesh.cli.sim import sim_command
+
+            return sim_command(args)
         client = RouterClient(args.router, args.timeout)
         try:
             handler = {"model": model_command, "vmodel": vmodel_command, "infer": infer_command}

@@ -185,6 +185,17 @@ def test_decisions_stay_within_bounds(steps: list[tuple[float, int, int]]) -> No
         assert 0 <= p.held_extra() <= 6
 
 
+def test_prune_drops_faded_models_but_keeps_held_ones() -> None:
+    p = ScalingPolicy(CFG)
+    t = feed(p, "hot", 25.0, 0.0, 100.0)
+    feed(p, "cold", 1.0, t - 10.0, t)
+    assert p.decide("hot", t, copies=1).add == 2
+    assert p.prune(t) == 0  # cold's rate has not faded yet
+    later = t + 200.0  # 20 half-lives: cold reads ~1e-6 req/s; hot still holds its copies
+    assert p.prune(later) == 1 and p.tracked() == 1
+    assert p.rate("cold", later) == 0.0 and p.kept("hot") == 3
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="rps_threshold"):
         ScalingConfig(rps_threshold=0.0)
