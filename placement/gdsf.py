@@ -52,6 +52,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush
 
+from placement._sized import SizedEntries
 from placement.lru import LRUPolicy
 
 __all__ = ["GDSFPolicy"]
@@ -79,7 +80,7 @@ def _check_size(size: int) -> None:
         raise ValueError(f"size must be >= 0 bytes, got {size}")
 
 
-class GDSFPolicy:
+class GDSFPolicy(SizedEntries):
     """Evicts the entry with the lowest ``L + freq * cost / size ** beta`` first; admits everything.
 
     Implements ``placement.policy.EvictionPolicy``; see that Protocol for the contract of each method.
@@ -117,10 +118,6 @@ class GDSFPolicy:
     # -- queries ------------------------------------------------------------------------------
 
     @property
-    def total_size(self) -> int:
-        return self._total
-
-    @property
     def inflation(self) -> float:
         """L: the priority of the last victim removed; new and touched entries start above it."""
         return self._inflation
@@ -130,18 +127,8 @@ class GDSFPolicy:
         entry = self._entries.get(key)
         return None if entry is None or entry.cold else entry.h
 
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def oldest_last_used(self) -> float | None:
         return self._recency.oldest_last_used()
-
-    def size_of(self, key: str) -> int | None:
-        entry = self._entries.get(key)
-        return None if entry is None else entry.size
 
     def admit(self, key: str, size: int, now: float) -> bool:
         # Size and cost decide what leaves, not what enters; admission control is a wrapper's job.

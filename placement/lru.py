@@ -29,6 +29,8 @@ from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from heapq import merge
 
+from placement._sized import SizedEntries
+
 __all__ = ["LRUPolicy"]
 
 
@@ -51,7 +53,7 @@ def _check_time(t: float) -> None:
         raise ValueError(f"time must be a finite number of seconds, got {t!r}")
 
 
-class LRUPolicy:
+class LRUPolicy(SizedEntries):
     """Evicts the model with the oldest last-used timestamp first; admits everything.
 
     Implements ``placement.policy.EvictionPolicy``; see that Protocol for the contract of each method.
@@ -71,16 +73,6 @@ class LRUPolicy:
 
     # -- queries ------------------------------------------------------------------------------
 
-    @property
-    def total_size(self) -> int:
-        return self._total
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def oldest_last_used(self) -> float | None:
         oldest: float | None = None
         if self._main:
@@ -88,10 +80,6 @@ class LRUPolicy:
         if self._side and (oldest is None or self._side[0][0] < oldest):
             oldest = self._side[0][0]
         return oldest
-
-    def size_of(self, key: str) -> int | None:
-        entry = self._entries.get(key)
-        return None if entry is None else entry.size
 
     def last_used(self, key: str) -> float | None:
         """The last-used timestamp of ``key``, or ``None`` when it is not tracked."""

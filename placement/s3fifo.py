@@ -52,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Container
 from dataclasses import dataclass
 
+from placement._sized import SizedEntries
 from placement.lru import LRUPolicy
 
 __all__ = ["S3FIFOPolicy"]
@@ -72,7 +73,7 @@ def _check_size(size: int) -> None:
         raise ValueError(f"size must be >= 0 bytes, got {size}")
 
 
-class S3FIFOPolicy:
+class S3FIFOPolicy(SizedEntries):
     """S3-FIFO eviction; admits everything (the ghost queue decides *where* a model enters, not whether).
 
     Implements ``placement.policy.EvictionPolicy``; see that Protocol for the contract of each method.
@@ -123,22 +124,8 @@ class S3FIFOPolicy:
 
     # -- queries ------------------------------------------------------------------------------
 
-    @property
-    def total_size(self) -> int:
-        return self._total
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def oldest_last_used(self) -> float | None:
         return self._recency.oldest_last_used()
-
-    def size_of(self, key: str) -> int | None:
-        entry = self._entries.get(key)
-        return None if entry is None else entry.size
 
     def queue_of(self, key: str) -> str | None:
         """Where ``key`` is: ``"small"``, ``"main"``, ``"cold"``, ``"ghost"`` or ``None``."""

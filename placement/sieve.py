@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Container
 from dataclasses import dataclass
 
+from placement._sized import SizedEntries
 from placement.lru import LRUPolicy
 
 __all__ = ["SievePolicy"]
@@ -58,7 +59,7 @@ def _check_size(size: int) -> None:
         raise ValueError(f"size must be >= 0 bytes, got {size}")
 
 
-class SievePolicy:
+class SievePolicy(SizedEntries):
     """SIEVE eviction; admits everything.
 
     Implements ``placement.policy.EvictionPolicy``; see that Protocol for the contract of each method.
@@ -78,22 +79,8 @@ class SievePolicy:
 
     # -- queries ------------------------------------------------------------------------------
 
-    @property
-    def total_size(self) -> int:
-        return self._total
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def oldest_last_used(self) -> float | None:
         return self._recency.oldest_last_used()
-
-    def size_of(self, key: str) -> int | None:
-        entry = self._entries.get(key)
-        return None if entry is None else entry.size
 
     def visited(self, key: str) -> bool | None:
         """The visited bit of ``key`` (``None`` when untracked)."""
