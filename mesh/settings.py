@@ -71,6 +71,8 @@ class RouterSettings:
     scale_hold_s: float = _f(120.0, "How long an added copy is kept ahead of the runtime's eviction "
                              "order, and how long a model must stay cool before an extra copy is "
                              "released to the cache policy.", "s")
+    min_copies_check_s: float = _f(5.0, "How often the router reads the registrations with minCopies > 0 "
+                                   "and loads the copies they lack, traffic or not.", "s")
     spec_cache_entries: int = _f(10_000, "Registrations of not-loaded models cached in the router; "
                                  "bounds router memory however many models are registered.")
     max_message_bytes: int = _f(16 * _MIB, "Largest gRPC message accepted or forwarded (ModelMesh's "

@@ -31,19 +31,31 @@ class Registry:
         key = self.keys.model(spec.model_id)
         while True:
             if await self.store.create(key, spec.to_json()):
+                await self._index_pin(spec)
                 return spec, True
             kv = await self.store.get(key)
             if kv is None:
                 continue  # deleted between our create and get: try again
             existing = ModelSpec.from_json(kv.value)
             if existing.same_definition(spec):
+                await self._index_pin(existing)  # repairs an index write lost to a crash
                 return existing, False
             raise AlreadyExists(
                 f"model {spec.model_id!r} is already registered with a different definition "
                 f"(type={existing.type!r}, path={existing.path!r}); unregister it first or use a new ID")
 
     async def delete_model(self, model_id: str) -> bool:
+        await self.store.delete(self.keys.pin(model_id))
         return await self.store.delete(self.keys.model(model_id))
+
+    async def _index_pin(self, spec: ModelSpec) -> None:
+        if spec.min_copies > 0:
+            await self.store.put(self.keys.pin(spec.model_id), str(spec.min_copies).encode())
+
+    async def pinned_models(self) -> dict[str, int]:
+        """Model ID -> min copies, for every model registered with ``min_copies > 0``."""
+        kvs, _ = await self.store.get_prefix(self.keys.pinned)
+        return {Keys.model_id_of(kv.key, self.keys.pinned): int(kv.value) for kv in kvs}
 
     async def list_models(self, *, prefix: str = "", limit: int = 0,
                           start_after: str = "") -> list[ModelSpec]:

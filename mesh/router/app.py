@@ -46,6 +46,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
     runtime_client = RuntimeClient(channels)
     scaler = CopyScaler(view=view, specs=specs, runtimes=runtime_client, load_timeout_s=rs.default_timeout_s,
+                        pinned=registry.pinned_models, pin_check_s=rs.min_copies_check_s,
                         config=ScalingConfig(rps_threshold=rs.scale_rps_threshold,
                                              queue_threshold=rs.scale_queue_threshold,
                                              max_copies=rs.scale_max_copies, hold_s=rs.scale_hold_s))

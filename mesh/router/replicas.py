@@ -9,6 +9,12 @@ misses on that instance cannot evict it before it takes its share of the traffic
 cools down, that advance runs out and the copy gives way through the runtime's policy like any
 other. Nothing is unloaded explicitly.
 
+Models registered with ``min_copies > 0`` are kept at that many loaded copies whether or not they
+get traffic: every ``pin_check_s`` the scaler reads the registry's ``pinned/`` index and loads the
+missing copies on the first instances of each such model's rendezvous order (every router picks
+the same ones, and a runtime loads a model once however many routers ask). Runtimes never evict
+such a model.
+
 Each router sees only the traffic it forwards: with several routers, the threshold applies to each
 router's share, so replicas come a little later than with one router (ModelMesh's pods have the
 same property with their own rpm).
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -37,6 +43,7 @@ log = structlog.get_logger(__name__)
 class CopyScaler:
     def __init__(self, *, view: ClusterView, specs: SpecCache, runtimes: RuntimeLoader,
                  config: ScalingConfig, load_timeout_s: float,
+                 pinned: Callable[[], Awaitable[dict[str, int]]] | None = None, pin_check_s: float = 5.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.view = view
         self.specs = specs
@@ -49,6 +56,9 @@ class CopyScaler:
         self._seen: set[str] = set()
         self._loading: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pinned = pinned
+        self.pin_check_s = pin_check_s
+        self._next_pin_check = 0.0
         self.copies_added = 0
 
     # --- the hot path: two dict operations and an EWMA update per request ---------------------
@@ -91,7 +101,28 @@ class CopyScaler:
                     continue
                 self._add_copy(spec, instance_id)
 
-    def _add_copy(self, spec: ModelSpec, instance_id: str) -> None:
+    async def keep_min_copies(self) -> int:
+        """Load the missing copies of every model registered with ``min_copies > 0``; how many
+        loads were started."""
+        if self._pinned is None:
+            return 0
+        started = 0
+        for model_id, wanted in (await self._pinned()).items():
+            holders = self._copies(model_id)
+            pending = sum(1 for m, _ in self._loading if m == model_id)
+            if len(holders) + pending >= wanted:
+                continue
+            spec = await self.specs.get(model_id)
+            if spec is None:
+                continue  # an index entry outliving its model (see mesh.registry.keys)
+            candidates = [r.instance_id for r in eligible(self.view, spec)]
+            busy = set(holders) | {i for m, i in self._loading if m == model_id}
+            for instance_id in copy_order(model_id, candidates, exclude=busy)[:wanted - len(holders) - pending]:
+                self._add_copy(spec, instance_id, reason="min copies")
+                started += 1
+        return started
+
+    def _add_copy(self, spec: ModelSpec, instance_id: str, *, reason: str = "hot") -> None:
         record = self.view.live_instance(instance_id)
         if record is None:
             return
@@ -99,7 +130,7 @@ class CopyScaler:
         hold_ms = int((self.wall() + self.policy.config.hold_s) * 1000)
         key = (model_id, instance_id)
         self._loading.add(key)
-        log.info("adding a copy of a hot model", model_id=model_id, instance_id=instance_id,
+        log.info("adding a copy", reason=reason, model_id=model_id, instance_id=instance_id,
                  rate_rps=round(self.policy.rate(model_id, self.clock()), 2),
                  copies=len(self._copies(model_id)))
 
@@ -124,5 +155,8 @@ class CopyScaler:
             await asyncio.sleep(interval_s)
             try:
                 await self.tick()
+                if self.clock() >= self._next_pin_check:
+                    self._next_pin_check = self.clock() + self.pin_check_s
+                    await self.keep_min_copies()
             except Exception:
                 log.exception("copy scaling round failed; continuing")

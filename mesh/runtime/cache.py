@@ -15,6 +15,14 @@ Eviction. Which copies give way is the policy's decision (``placement``); this m
 for victims when a load needs room, skipping copies that are still loading. Victims stop taking
 new requests at once; their bytes are freed once their in-flight requests finish.
 
+Admission. A demand load first asks the policy whether the model may enter (``admit``: TinyLFU,
+the churn guard). A refused model is still loaded and serves its requests, as in the simulator's
+pass-through, but it enters the eviction order ``REFUSED_AGE_S`` in the past, behind every model in
+use, so it is the first to give way unless it is used again: a run of refused newcomers takes
+turns in the room the first of them made instead of evicting the models the filter judged more
+valuable. Loads made ahead of any request (ensureLoaded: proactive loads, scale-out copies) were
+asked for and are not filtered.
+
 Measured size. A model's size is measured after its load from two readings: the loader's
 accounting of the objects it built (``footprint_bytes``: arrays, trees, parameters, initializers)
 and the growth of the process's resident memory across the load. RSS growth catches native memory
@@ -55,6 +63,9 @@ log = structlog.get_logger(__name__)
 
 UNLOADING = "unloading"
 RSS_SLACK_BYTES = 256 * 1024
+# A refused model enters the eviction order this far in the past: older than ModelMesh's
+# registration offsets (1 h, 6 h), so it goes before models that were loaded ahead of traffic.
+REFUSED_AGE_S = 24 * 3600.0
 
 # (spec, device) -> loaded model; runs in a worker thread.
 LoadFn = Callable[[ModelSpec, str], LoadedModel]
@@ -110,6 +121,7 @@ class CacheStats:
     evictions: int
     hits: int
     misses: int
+    refused: int = 0
 
 
 class ModelCache:
@@ -147,7 +159,7 @@ class ModelCache:
         self._space_freed = asyncio.Condition()
         self._loads_running = 0
         self._load_epoch = 0  # bumped at each load start: tells whether loads overlapped
-        self.loads = self.evictions = self.hits = self.misses = 0
+        self.loads = self.evictions = self.hits = self.misses = self.refused = 0
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A short-lived task the cache owns (loads, unloads): referenced until done, so it cannot
@@ -216,6 +228,12 @@ class ModelCache:
             raise ResourceExhausted(
                 f"model {spec.model_id!r} needs about {predicted} bytes but this instance's {device} "
                 f"capacity is {budget.capacity_bytes} bytes")
+        if last_used is None and not budget.policy.admit(spec.model_id, predicted, now):
+            # Served, then first to go (see "Admission" above).
+            last_used = now - REFUSED_AGE_S
+            self.refused += 1
+            log.info("admission refused: serving without displacing others", model_id=spec.model_id,
+                     device=device, policy=budget.policy.name)
         entry = Entry(spec=spec, device=device, state=LOADING, reserved_bytes=0,
                       predicted_bytes=predicted, ready=asyncio.get_running_loop().create_future(),
                       created=now, last_used=now, initial_last_used=last_used)
@@ -447,7 +465,8 @@ class ModelCache:
             devices={d: (b.capacity_bytes, b.used_bytes) for d, b in self._budgets.items()},
             loaded=loaded, loading=len(self._entries) - loaded,
             lru_time=min(lru_times) if lru_times else None,
-            loads=self.loads, evictions=self.evictions, hits=self.hits, misses=self.misses)
+            loads=self.loads, evictions=self.evictions, hits=self.hits, misses=self.misses,
+            refused=self.refused)
 
     def budgets(self) -> dict[str, DeviceBudget]:
         return self._budgets

@@ -13,6 +13,8 @@ import pytest
 
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.registry import open_store
+from mesh.registry.registry import Registry
 from mesh.runtime.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import ModelArtifact, make_model
@@ -267,5 +269,32 @@ async def test_a_hot_model_gets_a_second_copy_on_its_next_instance(sklearn_model
         await asyncio.sleep(1.5)  # a scaling round passes: one request does not make a model hot
         status = await m.mesh.getModelStatus(mm.GetStatusRequest(modelId=cold_model))
         assert sum(c.copyStatus == ST.LOADED for c in status.modelCopyInfos) == 1
+    finally:
+        await m.stop()
+
+
+async def test_min_copies_are_loaded_without_traffic_and_never_evicted(sklearn_model: ModelArtifact) -> None:
+    """A registration with minCopies=2 gets two loaded copies although nobody sends it a request, on
+    the first two instances of its rendezvous order; unregistering it drops the router's duty."""
+    m = InProcessMesh(memory_url(), router_overrides={"min_copies_check_s": 0.2})
+    await m.start(runtimes=3)
+    try:
+        await m.register("kept", "sklearn", str(sklearn_model.path), minCopies=2)
+
+        async def copies() -> int:
+            status = await m.mesh.getModelStatus(mm.GetStatusRequest(modelId="kept"))
+            return sum(c.copyStatus == ST.LOADED for c in status.modelCopyInfos)
+
+        async def two() -> bool:
+            return await copies() == 2
+
+        await m.wait_for(two, timeout=20)
+        await asyncio.sleep(1.0)  # later rounds see two copies and add none
+        assert await copies() == 2
+        store, prefix = open_store(m.registry_url)
+        registry = Registry(store, prefix)
+        assert await registry.pinned_models() == {"kept": 2}
+        await m.mesh.unregisterModel(mm.UnregisterModelRequest(modelId="kept"))
+        assert await registry.pinned_models() == {}
     finally:
         await m.stop()

@@ -578,3 +578,22 @@ def test_open_store_rejects_bad_urls(url: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         open_store(url)
     assert repr(url) in str(info.value)
+
+
+async def test_min_copies_index_follows_registrations(h: Harness) -> None:
+    """``pinned/`` lists exactly the models registered with min_copies > 0, under IDs that need
+    encoding too, and a repeated registration repairs an index entry lost between the two writes."""
+    from mesh.registry.records import ModelSpec
+    from mesh.registry.registry import Registry
+
+    registry = Registry(h.store, "/t/")
+    await registry.register_model(ModelSpec(model_id="a/b c", type="sklearn", min_copies=2))
+    await registry.register_model(ModelSpec(model_id="plain", type="sklearn"))
+    assert await registry.pinned_models() == {"a/b c": 2}
+    await h.store.delete(registry.keys.pin("a/b c"))  # as if the process died between the writes
+    _, created = await registry.register_model(ModelSpec(model_id="a/b c", type="sklearn", min_copies=2))
+    assert not created
+    assert await registry.pinned_models() == {"a/b c": 2}
+    assert await registry.delete_model("a/b c")
+    assert await registry.pinned_models() == {}
+    assert await registry.get_model("a/b c") is None

@@ -38,7 +38,8 @@ class FakeModel(LoadedModel):
 
 class Harness:
     def __init__(self, capacity: int, *, sizes: dict[str, int] | None = None, delay_s: float = 0.0,
-                 timeout_s: float = 5.0, concurrent: int = 2) -> None:
+                 timeout_s: float = 5.0, concurrent: int = 2, policy: str = "lru",
+                 policy_params: Mapping[str, object] | None = None) -> None:
         self.sizes = sizes or {}
         self.delay_s = delay_s
         self.calls: list[str] = []
@@ -46,7 +47,7 @@ class Harness:
         self.events: list[tuple[str, str]] = []
         self.now = 1000.0
         self.max_used = 0
-        self.budget = DeviceBudget("ram", capacity, make_policy("lru"))
+        self.budget = DeviceBudget("ram", capacity, make_policy(policy, **(policy_params or {})))
         self.pool = ThreadPoolExecutor(4)
         self.cache = ModelCache(
             budgets=[self.budget], load_fn=self.load, predict_size=lambda s: self.sizes.get(s.model_id, 100),
@@ -213,3 +214,31 @@ async def test_pinned_models_are_never_evicted() -> None:
     await asyncio.sleep(0.05)
     assert h.cache.get("pinned") is not None  # the least recently used, yet it stayed
     assert h.cache.get("b") is None
+
+
+async def test_a_refused_newcomer_is_served_and_then_goes_first() -> None:
+    """ModelMesh's churn guard on a full cache whose models are all in recent use: the newcomer is
+    served, but it enters the eviction order behind the models in use, so the next load displaces it
+    rather than one of them."""
+    h = Harness(300, sizes={m: 100 for m in "abcxy"}, policy="lru+churnguard",
+                policy_params={"capacity": 300, "min_churn_age": 600.0})
+    for m in "abc":
+        await h.get(m)
+    assert (await h.get("x")).model_id == "x"  # refused, yet served
+    assert h.cache.stats().refused == 1
+    await h.get("y")  # the oldest model is now the refused one: evicting it is no churn, y is admitted
+    await asyncio.sleep(0.05)
+    assert [m for m, event in h.events if event == "evicted"] == ["a", "x"]
+    assert {e.model_id for e in h.cache.entries()} == {"b", "c", "y"}
+    assert h.cache.stats().refused == 1
+    assert h.max_used <= 300
+
+
+async def test_loads_asked_for_ahead_of_traffic_skip_admission() -> None:
+    h = Harness(200, sizes={m: 100 for m in "abc"}, policy="lru+churnguard",
+                policy_params={"capacity": 200, "min_churn_age": 600.0})
+    for m in "ab":
+        await h.get(m)
+    await h.get("c", last_used=h.now + 20)  # a scale-out copy, stamped ahead
+    assert h.cache.stats().refused == 0
+    assert h.cache.get("c") is not None
