@@ -36,7 +36,7 @@ Names in the registry (``make_policy(name, **params)``; ``policy_names()`` lists
 - ``<policy>+<filter>``: an eviction policy behind an admission filter, which takes the policy's
   parameters and its own, and requires ``capacity`` (the cache's bytes, given to the policy too when
   it takes one): ``+tinylfu`` (a frequency sketch admits a newcomer only if it is requested more than
-  every model it displaces: ``expected_entries=None``, ``sample_factor=10``, ``doorkeeper=True``,
+  every model it displaces: ``expected_entries=None``, ``sample_factor=4``, ``doorkeeper=True``,
   ``seed=0``) and ``+churnguard`` (ModelMesh's: a full cache whose oldest model is younger than
   ``min_churn_age=300.0`` seconds refuses new loads). E.g. ``lru+churnguard`` is ModelMesh's cache,
   ``gdsf+tinylfu`` a cost-aware cache with frequency admission. A refused model is served and not

@@ -520,6 +520,11 @@ class _Protection:
         self._cluster = cluster
         self._node = node
 
+    def __bool__(self) -> bool:
+        """Whether any key can be protected (an empty protection is falsy, like an empty set)."""
+        scaling = self._cluster.scaling
+        return scaling is not None and bool(scaling.protected())
+
     def __contains__(self, key: object) -> bool:
         scaling = self._cluster.scaling
         if scaling is None or not isinstance(key, str) or key not in scaling.protected():

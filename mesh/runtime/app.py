@@ -33,21 +33,18 @@ from mesh.runtime.servicer import add_to_server
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.transport.server import add_health, bind, new_server, set_serving
-from placement.policy import EvictionPolicy, make_policy
+from placement.policy import EvictionPolicy
+from placement.simulator import build_policy
 from placement.sizing import SizeEstimator
 
 log = structlog.get_logger(__name__)
 
 
 def device_policy(name: str, capacity_bytes: int) -> EvictionPolicy:
-    """The configured eviction policy for one device's budget. Admission filters (``+tinylfu``,
-    ``+churnguard``) and S3-FIFO size themselves from the capacity; the others take none."""
+    """The configured eviction policy for one device's budget (admission filters and S3-FIFO size
+    themselves from the capacity)."""
     try:
-        return make_policy(name, capacity=capacity_bytes)
-    except ValueError:
-        pass
-    try:
-        return make_policy(name)
+        return build_policy(name, capacity_bytes)
     except ValueError as exc:
         raise InvalidArgument(f"setting runtime.eviction_policy: {exc}") from None
 

@@ -3,6 +3,8 @@ policy's own behaviour on small worked examples (GDSF, SIEVE, S3-FIFO, TinyLFU, 
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -644,3 +646,27 @@ def test_churn_guard_and_tinylfu_wrap_any_policy() -> None:
         p.insert("b", 10, 0.0)
         assert not p.admit("c", 10, 30.0)
         assert p.admit("c", 10, 90.0)
+
+
+def test_tinylfu_hands_its_proposal_to_the_callers_next_victims_call() -> None:
+    """admit() asks the wrapped policy for victims; the caller's victims() with the same arguments right
+    after gets that list without a second walk, and anything else in between makes it walk again."""
+    calls: list[int] = []
+
+    class Counting(LRUPolicy):
+        def victims(self, need: int, now: float, *, protected: Container[str] = ()) -> list[str]:
+            calls.append(need)
+            return super().victims(need, now, protected=protected)
+
+    p = TinyLFUAdmission(Counting(), capacity=30)
+    for i, key in enumerate("abc"):
+        p.insert(key, 10, float(i))
+    assert p.admit("d", 10, 5.0)  # "a" was never counted, so "d" (counted once) beats it
+    assert calls == [10]
+    assert p.victims(10, 5.0) == ["a"] and calls == [10]  # handed over, no second walk
+    assert p.victims(10, 5.0) == ["a"] and calls == [10, 10]  # used once only
+    assert p.admit("e", 10, 6.0)
+    p.touch("b", 6.0)
+    assert p.victims(10, 6.0) == ["a"] and calls == [10, 10, 10, 10]  # a touch in between: walk again
+    assert p.admit("f", 10, 7.0)
+    assert p.victims(10, 7.0, protected={"a"}) == ["c"] and len(calls) == 6  # other arguments: walk again
