@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"the candidate default policy (default {DEFAULT_CANDIDATE})")
     parser.add_argument("--policy", action="append", help="only these policies besides LRU and the default")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the serial replay-speed pass (for a quiet machine), as a table")
     parser.add_argument("--no-robust", action="store_true",
                         help="only the Zipf grid: skip the churn, sweeps, bursty and Azure-like workloads")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
@@ -355,6 +357,16 @@ def main(argv: list[str] | None = None) -> int:
               for regime in REGIMES for alpha in ALPHAS for share in SHARES]
     if not args.no_robust:
         points += [(w, "uniform", share, n_requests, tuple(chosen)) for w in ROBUST for share in SHARES]
+    if args.speed_only:
+        foreign = ForeignLoad()
+        speed = run_speed(n_requests, chosen)
+        load = foreign.result()
+        print(f"# Serial replay speed, Zipf {SPEED_POINT[0]} at {SPEED_POINT[1]:.0%}, {n_requests:,} requests\n")
+        print(machine_line({**machine(), "foreign_load": load}) + "\n")
+        print(table(["policy", "uniform req/s", "skewed req/s", "verdict (>= 200,000 at both)"],
+                    [[n, v["uniform"], v["skewed"], verdict(min(v.values()) >= MIN_SPEED)]
+                     for n, v in speed.items()]))
+        return 0
     started = time.perf_counter()
     foreign = ForeignLoad()
     log(f"{len(points)} points x {len(chosen)} policies, {n_requests:,} requests per trace, {args.jobs} jobs")
