@@ -1,7 +1,8 @@
 """One typed settings object, built once at start-up and passed in.
 
 Sources, later ones winning: the defaults below; a TOML config file (``--config FILE`` or
-``MESH_CONFIG``) with one table per group (``[registry]``, ``[router]``, ``[runtime]``, ``[log]``);
+``MESH_CONFIG``) with one table per group (``[registry]``, ``[router]``, ``[runtime]``, ``[controller]``,
+``[log]``);
 environment variables ``MESH_<GROUP>_<FIELD>`` (``MESH_RUNTIME_CAPACITY_BYTES=2GiB``); explicit
 overrides from the command line. Unknown keys are errors, not silently ignored: a typo in a
 capacity setting should stop the process rather than run it with the default.
@@ -123,6 +124,29 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class ControllerSettings:
+    router_endpoint: str = _f("127.0.0.1:8033", "Router the controller registers Predictors with (mmesh.ModelMesh "
+                              "API), host:port; in Kubernetes, the router Service.")
+    namespace: str = _f("", "Namespace whose Predictors are served; empty watches every namespace "
+                        "(vModel IDs are Predictor names, so names must then be unique across "
+                        "namespaces: a clash is reported in the second Predictor's status).")
+    kubeconfig: str = _f("", "kubeconfig file; empty uses the in-cluster service account when "
+                         "KUBERNETES_SERVICE_HOST is set, else ~/.kube/config (or KUBECONFIG).")
+    api_server: str = _f("", "Plain http(s) URL of a Kubernetes API server used without "
+                         "authentication (tests and local development); overrides kubeconfig.")
+    resync_s: float = _f(30.0, "How often every Predictor's status is refreshed from the mesh and "
+                         "lost registrations are restored (a wiped registry heals within this).", "s")
+    owner: str = _f("mesh-controller", "Owner recorded on the vModels the controller creates (with the "
+                    "namespace appended); vModels of other owners are never changed.")
+    pvc_mount_root: str = _f("/models", "Where runtime pods mount PersistentVolumeClaims: a Predictor's "
+                             "PVC path becomes <root>/<claimName>/<path>.")
+    watch_timeout_s: int = _f(300, "Length of one watch request; the watch then resumes from its last "
+                              "resourceVersion (API servers end watches after 5-10 min anyway).", "s")
+    backoff_max_s: float = _f(30.0, "Cap of the exponential back-off after failed API-server or "
+                              "router calls (it starts at 0.5 s and doubles).", "s")
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = _f("info", "Log level: debug, info, warning, error.")
     format: str = _f("auto", "auto (readable on a terminal, JSON otherwise), json or console.")
@@ -133,6 +157,7 @@ class Settings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     router: RouterSettings = field(default_factory=RouterSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -252,5 +277,5 @@ def with_changes(settings: Settings, **groups: Mapping[str, Any]) -> Settings:
     return dataclasses.replace(settings, **changed)
 
 
-__all__ = ["LogSettings", "RegistrySettings", "RouterSettings", "RuntimeSettings", "Settings",
+__all__ = ["ControllerSettings", "LogSettings", "RegistrySettings", "RouterSettings", "RuntimeSettings", "Settings",
            "describe", "load_settings", "parse_bytes", "with_changes"]

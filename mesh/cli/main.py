@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--models", type=int, default=100, help="models for --example")
 
     serve = sub.add_parser("serve", help="run one component in the foreground (production)")
-    serve.add_argument("component", choices=["router", "runtime"])
+    serve.add_argument("component", choices=["router", "runtime", "controller"])
     serve.add_argument("--config", type=Path, help="settings file (TOML); env MESH_CONFIG")
     serve.add_argument("--registry", help="registry URL (overrides registry.url)")
     serve.add_argument("--port", type=int, help="gRPC port (overrides router.port / runtime.port)")
@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from mesh.cli.commands import fail
     from mesh.cli.serve import run_component
     from mesh.settings import load_settings
 
@@ -167,6 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.registry:
         overrides["registry"] = {"url": args.registry}
     if args.port is not None:
+        if args.component == "controller":
+            return fail("--port does not apply to the controller (it serves no port)", 2)
         overrides[args.component] = {"port": args.port}
     settings = load_settings(args.config, overrides=overrides)
     return run_component(args.component, settings, args.ready_file)

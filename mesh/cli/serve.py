@@ -1,4 +1,4 @@
-"""``mesh serve router|runtime``: one component in the foreground, until SIGTERM or Ctrl-C."""
+"""``mesh serve router|runtime|controller``: one component in the foreground, until SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from mesh.errors import MeshError
+from mesh.errors import InvalidArgument, MeshError
 from mesh.logging import configure
 from mesh.settings import Settings
 from mesh.tasks import RootTasks
@@ -50,8 +50,10 @@ def run_component(component: str, settings: Settings, ready_file: Path | None = 
         from mesh.router.app import serve_router as serve
     elif component == "runtime":
         from mesh.runtime.app import serve_runtime as serve
+    elif component == "controller":
+        from mesh.controller.app import serve_controller as serve
     else:
-        print(f"mesh serve: unknown component {component!r} (router, runtime)", file=sys.stderr)
+        print(f"mesh serve: unknown component {component!r} (router, runtime, controller)", file=sys.stderr)
         return 2
     import uvloop
 
@@ -59,6 +61,6 @@ def run_component(component: str, settings: Settings, ready_file: Path | None = 
         return uvloop.run(_main(serve, settings, ready_file))
     except MeshError as exc:
         # A start-up failure the user can act on (port taken, registry unreachable, bad setting):
-        # one line, no traceback.
+        # one line, no traceback; exit code 2 for configuration errors (as the CLI's usage errors).
         print(f"mesh serve {component}: {exc.message}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, InvalidArgument) else 1

@@ -41,7 +41,8 @@ def test_placement_is_a_pure_library() -> None:
 
 
 def test_grpc_is_imported_only_at_the_transport_edge() -> None:
-    allowed_names = {"servicer.py", "forwarder.py", "runtime_client.py", "client.py", "demo.py", "etcd.py"}
+    allowed_names = {"servicer.py", "forwarder.py", "runtime_client.py", "router_client.py", "client.py", "demo.py",
+                     "etcd.py"}
     offenders = {
         path: hits for path, hits in _importing("mesh", ("grpc", "grpc_health")).items()
         if not path.startswith("mesh/transport/") and Path(path).name not in allowed_names
@@ -52,6 +53,10 @@ def test_grpc_is_imported_only_at_the_transport_edge() -> None:
 
 def test_etcd_client_is_confined_to_the_etcd_store() -> None:
     assert set(_importing("mesh", ("aetcd",))) == {"mesh/registry/etcd.py"}
+
+
+def test_kubernetes_client_is_confined_to_the_controllers_kube_module() -> None:
+    assert set(_importing("mesh", ("kubernetes",))) == {"mesh/controller/kube.py"}
 
 
 def test_router_does_not_depend_on_the_runtime() -> None:

@@ -1,0 +1,79 @@
+"""Assembles and runs the controller process (``mesh serve controller``).
+
+It watches ``Predictor`` resources (serving.kserve.io/v1alpha1) and keeps one vModel per Predictor
+in the mesh through a router's management API, like modelmesh-serving's controller; see
+:mod:`mesh.controller.reconciler` for what a reconcile does and :mod:`mesh.controller.predictor`
+for the mapping. It needs no registry access of its own: the router is its only way into the mesh.
+
+Start-up: a configuration that cannot be loaded (bad kubeconfig) stops it at once with a one-line
+error (exit code 2). An unreachable router or API server does not: both are retried with back-off
+and logged, as either may start after the controller. Ready (``on_ready``) once the first list of
+Predictors has been queued for reconciling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from mesh.controller.events import WatchEvent
+from mesh.controller.kube import PredictorApi, PredictorWatcher, api_client
+from mesh.controller.reconciler import PredictorController
+from mesh.controller.router_client import RouterClient
+from mesh.settings import Settings
+from mesh.tasks import RootTasks, call_soon_safely
+
+log = structlog.get_logger(__name__)
+
+
+class _ThreadedStatusWriter:
+    """The blocking Kubernetes client's status patch, off the event loop."""
+
+    def __init__(self, api: PredictorApi) -> None:
+        self.api = api
+
+    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.api.patch_status, namespace, name, patch)
+
+
+async def serve_controller(settings: Settings, roots: RootTasks,
+                           on_ready: Callable[[str], None] | None = None) -> None:
+    cs = settings.controller
+    api = PredictorApi(api_client(cs), cs.namespace)  # KubeConfigError: a one-line start-up error
+    router = RouterClient(cs.router_endpoint)
+    controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
+                                     poll_s=min(1.0, cs.resync_s))
+    loop = asyncio.get_running_loop()
+
+    def deliver(event: WatchEvent) -> None:  # called on the watch thread
+        try:
+            loop.call_soon_threadsafe(controller.on_event, event)
+        except RuntimeError:
+            pass  # the loop is closed: we are shutting down
+
+    watcher = PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s, backoff_max_s=cs.backoff_max_s)
+    roots.spawn(controller.run(), "predictor-reconcile")
+    watcher.start()
+    scope = f"namespace {cs.namespace}" if cs.namespace else "all namespaces"
+    try:
+        synced = asyncio.ensure_future(controller.synced.wait())
+        stopping = asyncio.ensure_future(roots.stopping.wait())
+        await asyncio.wait({synced, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        synced.cancel()
+        stopping.cancel()
+        if controller.synced.is_set() and not roots.stopping.is_set():
+            log.info("controller running", api_server=api.host, scope=scope, router=cs.router_endpoint,
+                     predictors=len(controller.cache))
+            if on_ready:
+                on_ready(api.host)
+        await roots.wait()
+    finally:
+        # Ordered shutdown: stop watching (no new work), stop the workers, then close the clients.
+        await asyncio.to_thread(watcher.stop)
+        await roots.cancel_all()
+        await call_soon_safely(router.close, "close router channel")
+        await asyncio.to_thread(api.close)
+        log.info("controller stopped")

@@ -1,0 +1,210 @@
+"""The Kubernetes side of the controller: the only module that imports ``kubernetes``.
+
+The official client is synchronous, so the watch runs in a thread of its own (:class:`PredictorWatcher`)
+and hands events to the event loop through a callback (``loop.call_soon_threadsafe``); the few
+other calls (status patches) run in worker threads (``asyncio.to_thread``).
+
+The watch is the usual list-then-watch: list (which gives the collection's resourceVersion), hand
+the whole list over as one SYNC event (the controller compares it with what it knew, so deletions
+missed while not watching are noticed), then watch from that version with bookmarks, so that a
+resumed watch starts from a recent version even when nothing changed. Watches end by design (the
+server's timeout, ``watch_timeout_s``, or a dropped connection): the next one resumes from the last
+version seen. A version too old for the server (410 Gone, as an ERROR event or an HTTP status)
+means events were lost: relist. Any other failure is retried after an exponential back-off capped
+at ``backoff_max_s``, logged once per failure, never fatal: the API server being away for a while
+is normal. ``stop()`` ends the thread within a second or so: it sets a flag and shuts down the open
+watch's socket (``Watch.stop``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from mesh.controller.events import WatchEvent
+from mesh.controller.queue import Backoff
+from mesh.errors import InvalidArgument, Unavailable
+from mesh.settings import ControllerSettings
+
+log = structlog.get_logger(__name__)
+
+GROUP = "serving.kserve.io"
+VERSION = "v1alpha1"
+PLURAL = "predictors"
+_CALL_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds of one ordinary API call
+
+
+class KubeConfigError(InvalidArgument):
+    """The Kubernetes client configuration cannot be loaded (a start-up error, exit code 2)."""
+
+
+class KubeApiError(Unavailable):
+    """The API server failed a call or could not be reached (retried with back-off)."""
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (410): relist."""
+
+
+def api_client(settings: ControllerSettings) -> client.ApiClient:
+    """A client configured from, in this order: ``api_server`` (no authentication), an explicit
+    ``kubeconfig``, the in-cluster service account (``KUBERNETES_SERVICE_HOST`` set), the default
+    kubeconfig (``KUBECONFIG`` or ``~/.kube/config``)."""
+    conf = client.Configuration()
+    if settings.api_server:
+        source = f"api_server {settings.api_server}"
+        conf.host = settings.api_server.rstrip("/")
+    else:
+        try:
+            if settings.kubeconfig:
+                source = f"kubeconfig {settings.kubeconfig}"
+                config.load_kube_config(config_file=settings.kubeconfig, client_configuration=conf)
+            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+                source = "in-cluster service account"
+                config.load_incluster_config(client_configuration=conf)
+            else:
+                source = "default kubeconfig"
+                config.load_kube_config(client_configuration=conf)
+        except Exception as exc:  # the loaders raise many kinds (ConfigException, OSError, YAML errors...)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise KubeConfigError(f"cannot load the Kubernetes configuration ({source}): {first}") from None
+    return client.ApiClient(conf)
+
+
+class PredictorApi:
+    """Blocking calls on Predictors in one namespace ("" = all namespaces); run them in threads."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str = "") -> None:
+        self._client = api_client
+        self._api = client.CustomObjectsApi(api_client)
+        self.namespace = namespace
+
+    @property
+    def host(self) -> str:
+        return str(self._client.configuration.host)
+
+    def _list_call(self, **kwargs: Any) -> Any:
+        if self.namespace:
+            return self._api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, **kwargs)
+        return self._api.list_custom_object_for_all_namespaces(GROUP, VERSION, PLURAL, **kwargs)
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        """Every Predictor, and the collection's resourceVersion to watch from."""
+        result = self._list_call(_request_timeout=_CALL_TIMEOUT)
+        return list(result.get("items") or []), str(result["metadata"]["resourceVersion"])
+
+    def watch(self, w: watch.Watch, resource_version: str, timeout_s: int) -> Any:
+        """The events of one watch request (a generator); raises :class:`Gone` on 410."""
+        stream = w.stream(self._list_call, resource_version=resource_version, allow_watch_bookmarks=True,
+                          timeout_seconds=timeout_s, _request_timeout=(_CALL_TIMEOUT[0], timeout_s + 30.0))
+        try:
+            yield from stream
+        except ApiException as exc:
+            if exc.status == 410:
+                raise Gone(str(exc.reason)) from None
+            raise
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the status subresource; None if the Predictor is gone."""
+        try:
+            result = self._api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, patch, _request_timeout=_CALL_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise KubeApiError(f"status of {namespace}/{name}: the API server answered {exc.status} "
+                               f"{exc.reason}: {_message(exc)}") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise KubeApiError(f"status of {namespace}/{name}: API server {self.host} unreachable: {exc}") from None
+        return result if isinstance(result, dict) else None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _message(exc: ApiException) -> str:
+    """The message of the Status body, if the error has one."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        return f"the API server answered {exc.status} {exc.reason}: {_message(exc)}"
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0]
+
+
+class PredictorWatcher:
+    """A thread that lists and watches Predictors forever and delivers :class:`WatchEvent` s."""
+
+    def __init__(self, api: PredictorApi, deliver: Callable[[WatchEvent], None], *, timeout_s: int = 300,
+                 backoff_max_s: float = 30.0) -> None:
+        self.api = api
+        self.deliver = deliver
+        self.timeout_s = max(1, int(timeout_s))
+        self.backoff = Backoff(0.5, backoff_max_s)
+        self._stopped = threading.Event()
+        self._watch = watch.Watch()  # reused: each stream() is one watch request
+        self._thread = threading.Thread(target=self._run, name="predictor-watch", daemon=True)
+        self.relists = 0  # how many lists since start (1 + recoveries from 410 or errors)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopped.set()
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            self._watch.stop()  # shuts the open watch's socket down (again, if one started meanwhile)
+            self._thread.join(0.1)
+
+    def _run(self) -> None:
+        version: str | None = None
+        while not self._stopped.is_set():
+            try:
+                if version is None:
+                    items, version = self.api.list()
+                    self.relists += 1
+                    self.deliver(WatchEvent("SYNC", objects=items))
+                version = self._watch_once(version)
+                self.backoff.reset()
+            except Gone as exc:
+                log.info("watch version expired; listing again", reason=str(exc))
+                version = None
+            except Exception as exc:
+                if self._stopped.is_set():
+                    break
+                delay = self.backoff.next()
+                log.warning("Predictor list/watch failed; retrying", error=_describe(exc), retry_in_s=delay,
+                            api_server=self.api.host)
+                # Resume from the last version seen (a 410 then says whether events were lost).
+                self._stopped.wait(delay)
+
+    def _watch_once(self, version: str) -> str:
+        """One watch request, to its end; the last version seen (BOOKMARKs included)."""
+        for event in self.api.watch(self._watch, version, self.timeout_s):
+            if self._stopped.is_set():
+                break
+            kind = event.get("type")
+            obj = event.get("raw_object") or {}
+            seen = (obj.get("metadata") or {}).get("resourceVersion")
+            if seen:
+                version = str(seen)
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                self.deliver(WatchEvent(kind, object=obj))
+        return version
+
+
+__all__ = ["GROUP", "PLURAL", "VERSION", "Gone", "KubeConfigError", "PredictorApi", "PredictorWatcher",
+           "WatchEvent", "api_client"]

@@ -1,0 +1,277 @@
+"""Reconciles Predictors with the mesh: the controller's core, transport-neutral.
+
+Inputs are watch events (:meth:`PredictorController.on_event`) and a periodic resync; each only
+queues the Predictor's key, and a worker reconciles it against the latest object:
+
+- **Predictor present, spec valid**: ``setVModel`` to its concrete model when the controller has
+  not yet set that model (new Predictor, spec change, controller restart, an earlier failure);
+  otherwise ``getVModelStatus``, and ``setVModel`` again if the mesh lost the registration (a
+  wiped registry: the resync restores every Predictor within ``resync_s``). Then the status is
+  computed and written if it differs (a merge patch of ``.status``; nothing else is ever written).
+- **Spec invalid** (unsupported model type, no path...): the registration is left as it is, so a
+  bad edit does not take down the model that serves now (modelmesh-serving does the same); the
+  status says ``transitionStatus: InvalidSpec`` with reason ``InvalidPredictorSpec``, and the
+  states of whatever is registered.
+- **Predictor gone** (DELETED event, or missing from a relist): ``deleteVModel``; the mesh deletes
+  the models it auto-created.
+
+No write loops: the controller's own status writes come back as MODIFIED events with an unchanged
+``metadata.generation``, and those only refresh the cached object; only a new object, a new
+generation or a resync queue a reconcile, and a reconcile writes only a status that differs (the
+status of an unchanged mesh is the same, failure times included). The mesh sends no events, so
+loads and transitions in progress are polled every ``poll_s`` until they settle.
+
+Errors: refusals the user must act on (no runtime for the type, a name owned by another
+namespace, a spec the router rejects) go into the status; anything else (router unreachable, the
+API server failing) is retried per Predictor with an exponential back-off up to ``backoff_max_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from mesh.controller.events import WatchEvent
+from mesh.controller.predictor import (
+    INVALID_PREDICTOR_SPEC,
+    MODEL_LOAD_FAILED,
+    NO_SUPPORTING_RUNTIME,
+    PENDING,
+    RUNTIME_NOT_RECOGNIZED,
+    RUNTIME_UNHEALTHY,
+    STANDBY,
+    Failure,
+    InvalidPredictor,
+    Key,
+    Registration,
+    VModelState,
+    concrete_model_id,
+    key_of,
+    load_now,
+    needs_registration,
+    predictor_status,
+    registration,
+    requeue_after,
+    status_patch,
+)
+from mesh.controller.queue import Backoff, WorkQueue
+from mesh.errors import Code, MeshError
+from mesh.settings import ControllerSettings
+
+log = structlog.get_logger(__name__)
+
+RUNTIME_WAIT_S = 3.0  # retry a Predictor waiting for its first runtime this often (modelmesh-serving: 3 s)
+# After asking for a load, keep polling a model still Pending/Standby this long: the load may not
+# have started yet when setVModel answers. Past it, the periodic resync takes over.
+SETTLE_S = 60.0
+
+
+class MeshApi(Protocol):
+    async def set_vmodel(self, reg: Registration, *, owner: str, load_now: bool) -> VModelState: ...
+
+    async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState: ...
+
+    async def delete_vmodel(self, vmodel_id: str, *, owner: str) -> None: ...
+
+
+class StatusWriter(Protocol):
+    async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
+
+
+def refusal(exc: MeshError, reg: Registration) -> Failure | None:
+    """A router refusal to show in the status, or None for an error worth retrying as is."""
+    message = exc.message
+    if exc.code is Code.UNAVAILABLE and message.startswith("no runtime instances"):
+        return Failure(RUNTIME_UNHEALTHY, f"Waiting for a runtime instance to become available: {message}",
+                       reg.model_id)
+    if exc.code is Code.FAILED_PRECONDITION and message.startswith("no instance can serve"):
+        runtime = next((label[3:] for label in reg.labels if label.startswith("rt:")), "")
+        if runtime:
+            return Failure(RUNTIME_NOT_RECOGNIZED, f"No runtime instance is labelled rt:{runtime}: {message}",
+                           reg.model_id)
+        return Failure(NO_SUPPORTING_RUNTIME, f"No runtime instance supports the model: {message}", reg.model_id)
+    if exc.code in (Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED):
+        # failed on every instance it may go to (until the failure records expire), or fits on none
+        return Failure(MODEL_LOAD_FAILED, message, reg.model_id)
+    if exc.code is Code.ALREADY_EXISTS:
+        return Failure(INVALID_PREDICTOR_SPEC, f"The name is taken in the mesh: {message}", reg.model_id)
+    if exc.code is Code.INVALID_ARGUMENT:
+        return Failure(INVALID_PREDICTOR_SPEC, message, reg.model_id)
+    return None
+
+
+class PredictorController:
+    def __init__(self, settings: ControllerSettings, *, mesh: MeshApi, kube: StatusWriter,
+                 workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.mesh = mesh
+        self.kube = kube
+        self.workers = workers
+        self.poll_s = poll_s
+        self.clock = clock
+        self.cache: dict[Key, dict[str, Any]] = {}  # the latest object of every Predictor, from the watch
+        self.registered: dict[Key, str] = {}  # model ID the controller last set for each Predictor
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.synced = asyncio.Event()  # set once the first list has been queued
+        self._backoff: dict[Key, Backoff] = {}
+        self._settling: dict[Key, float] = {}  # key -> until when a requested load is polled
+        self.grpc_endpoint = f"grpc://{settings.router_endpoint}"
+
+    def owner(self, namespace: str) -> str:
+        return f"{self.settings.owner}/{namespace}"
+
+    # --- events (on the event loop; cheap: they only queue keys) --------------------------------
+    def on_event(self, event: WatchEvent) -> None:
+        if event.type == "SYNC":
+            listed = {key_of(o): o for o in event.objects}
+            for key in set(self.cache) - set(listed):
+                del self.cache[key]  # deleted while the watch was down
+                self.queue.add(key)
+            for key, obj in listed.items():
+                self._observe(key, obj)
+            self.synced.set()
+            return
+        if event.object is None:
+            return
+        key = key_of(event.object)
+        if event.type == "DELETED":
+            self.cache.pop(key, None)
+            self.queue.add(key)
+        else:
+            self._observe(key, event.object)
+
+    def _observe(self, key: Key, obj: dict[str, Any]) -> None:
+        before = self.cache.get(key)
+        self.cache[key] = obj
+        if before is None or _generation(before) != _generation(obj):
+            self.queue.add(key)
+
+    # --- work -----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Root task: the workers and the periodic resync."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(self.workers):
+                    group.create_task(self._work(), name=f"predictor-worker-{i}")
+                group.create_task(self._resync(), name="predictor-resync")
+        finally:
+            self.queue.close()
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_s)
+            for key in list(self.cache):
+                self.queue.add(key)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                delay = await self.reconcile(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                backoff = self._backoff.setdefault(key, Backoff(0.5, self.settings.backoff_max_s))
+                delay = backoff.next()
+                level = log.warning if isinstance(exc, MeshError) else log.error
+                level("reconcile failed; will retry", namespace=key[0], predictor=key[1], retry_in_s=delay,
+                      error=f"{type(exc).__name__}: {exc}", exc_info=not isinstance(exc, MeshError))
+            else:
+                self._backoff.pop(key, None)
+            finally:
+                self.queue.done(key)
+            if delay is not None:
+                self.queue.add(key, delay)
+
+    async def reconcile(self, key: Key) -> float | None:
+        """Bring the mesh and the status in line with the Predictor; when to look again (or None)."""
+        namespace, name = key
+        owner = self.owner(namespace)
+        obj = self.cache.get(key)
+        if obj is None:
+            try:
+                await self.mesh.delete_vmodel(name, owner=owner)
+            except MeshError as exc:
+                if exc.code is not Code.FAILED_PRECONDITION:
+                    raise
+                log.warning("vModel not deleted: another owner has it", predictor=name, error=exc.message)
+            self._settling.pop(key, None)
+            if self.registered.pop(key, None) is not None:
+                log.info("Predictor deleted; vModel removed", namespace=namespace, predictor=name)
+            return None
+        status = obj.get("status") or {}
+        try:
+            reg = registration(obj, pvc_mount_root=self.settings.pvc_mount_root)
+        except InvalidPredictor as exc:
+            state = await self.mesh.vmodel_status(name, owner=owner)
+            spec = obj.get("spec")
+            invalid = Failure(INVALID_PREDICTOR_SPEC, exc.message,
+                              concrete_model_id(namespace, name, spec if isinstance(spec, Mapping) else {}))
+            await self._write(key, obj, predictor_status(state, previous=status, failure=invalid,
+                                                         now_ms=self._now_ms(), grpc_endpoint=self.grpc_endpoint))
+            return None
+
+        failure: Failure | None = None
+        try:
+            if self.registered.get(key) != reg.model_id:
+                loading = load_now(status)
+                state = await self.mesh.set_vmodel(reg, owner=owner, load_now=loading)
+                if loading:
+                    self._settling[key] = self.clock() + SETTLE_S
+                if self.registered.get(key) is None:
+                    log.info("Predictor registered", namespace=namespace, predictor=name, model_id=reg.model_id)
+                else:
+                    log.info("Predictor changed; moving to a new model", namespace=namespace, predictor=name,
+                             model_id=reg.model_id, previous=self.registered[key])
+                self.registered[key] = reg.model_id
+            else:
+                state = await self.mesh.vmodel_status(name, owner=owner)
+                if needs_registration(state, reg):
+                    log.warning("registration missing in the mesh; restoring it", namespace=namespace,
+                                predictor=name, model_id=reg.model_id, vmodel_status=state.status)
+                    state = await self.mesh.set_vmodel(reg, owner=owner, load_now=True)
+                    self._settling[key] = self.clock() + SETTLE_S
+        except MeshError as exc:
+            failure = refusal(exc, reg)
+            if failure is None:
+                raise
+            self.registered.pop(key, None)  # try setVModel again next time
+            log.warning("the mesh refused the Predictor", namespace=namespace, predictor=name,
+                        reason=failure.reason, error=exc.message)
+            state = await self.mesh.vmodel_status(name, owner=owner)
+        new = predictor_status(state, previous=status, failure=failure, now_ms=self._now_ms(),
+                               grpc_endpoint=self.grpc_endpoint)
+        await self._write(key, obj, new)
+        delay = requeue_after(new, poll_s=self.poll_s, runtime_wait_s=RUNTIME_WAIT_S)
+        if delay is None and self.clock() < self._settling.get(key, 0.0) and (
+                new["activeModelState"] in (PENDING, STANDBY) or new["targetModelState"] in (PENDING, STANDBY)):
+            delay = self.poll_s
+        if delay is None:
+            self._settling.pop(key, None)
+        return delay
+
+    async def _write(self, key: Key, obj: dict[str, Any], status: dict[str, Any]) -> None:
+        patch = status_patch(obj.get("status"), status)
+        if patch is None:
+            return
+        updated = await self.kube.patch_status(key[0], key[1], patch)
+        cached = self.cache.get(key)
+        if updated is not None and cached is not None:
+            # Only the status: the spec in the cache must stay what the watch last delivered, or a
+            # spec change racing with this write could be taken as already seen.
+            self.cache[key] = {**cached, "status": updated.get("status") or {}}
+        log.info("Predictor status updated", namespace=key[0], predictor=key[1],
+                 available=status["available"], active=status["activeModelState"],
+                 target=status["targetModelState"], transition=status["transitionStatus"])
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+
+def _generation(obj: Mapping[str, Any]) -> Any:
+    meta = obj.get("metadata") or {}
+    return meta.get("generation"), meta.get("uid")

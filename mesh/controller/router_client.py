@@ -1,0 +1,86 @@
+"""The controller's client of the router's management API (``mmesh.ModelMesh``): the gRPC edge.
+
+Three calls, as modelmesh-serving's controller makes them: ``setVModel`` (with the model's info,
+``autoDeleteTargetModel`` and ``loadNow``), ``getVModelStatus`` and ``deleteVModel``, each with the
+controller's owner string. Answers become the transport-neutral states of
+:mod:`mesh.controller.predictor`; errors become :class:`RouterError` carrying the router's own
+code and message (its answers are marked with the ``mesh-origin`` trailer), or
+:class:`RouterUnreachable` when no router answered at all (retried by the reconciler, never fatal:
+the controller may start before the routers do).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from mesh.controller.predictor import CopyInfo, ModelState, Registration, VModelState
+from mesh.errors import Code, MeshError, Unavailable
+from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.transport.status import MESH_CODES, ORIGIN_KEY
+
+_MODEL = mm.ModelStatusInfo.ModelStatus
+_VMODEL = mm.VModelStatusInfo.VModelStatus
+
+
+class RouterError(MeshError):
+    """The router refused a call; ``code`` is its status."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RouterUnreachable(Unavailable):
+    """No router answered (not started yet, restarting, or a network problem)."""
+
+
+def _model_state(msg: mm.ModelStatusInfo) -> ModelState:
+    return ModelState(status=_MODEL.Name(msg.status), errors=tuple(msg.errors),
+                      copies=tuple(CopyInfo(c.location, _MODEL.Name(c.copyStatus), c.time)
+                                   for c in msg.modelCopyInfos))
+
+
+def vmodel_state(msg: mm.VModelStatusInfo) -> VModelState:
+    return VModelState(
+        status=_VMODEL.Name(msg.status), active_model_id=msg.activeModelId, target_model_id=msg.targetModelId,
+        active=_model_state(msg.activeModelStatus) if msg.HasField("activeModelStatus") else None,
+        target=_model_state(msg.targetModelStatus) if msg.HasField("targetModelStatus") else None,
+        owner=msg.owner)
+
+
+class RouterClient:
+    def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(endpoint)
+        self._stub = mm_grpc.ModelMeshStub(self._channel)
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            details = err.details() or err.code().name
+            # grpc.aio.Metadata iterates as (key, value) pairs
+            if not any(key == ORIGIN_KEY for key, _ in (err.trailing_metadata() or ())):
+                raise RouterUnreachable(f"router {self.endpoint}: {err.code().name}: {details}") from None
+            raise RouterError(MESH_CODES.get(err.code(), Code.INTERNAL), details) from None
+
+    async def set_vmodel(self, reg: Registration, *, owner: str, load_now: bool) -> VModelState:
+        request = mm.SetVModelRequest(
+            vModelId=reg.vmodel_id, targetModelId=reg.model_id, owner=owner, autoDeleteTargetModel=True,
+            loadNow=load_now, modelInfo=mm.ModelInfo(type=reg.type, path=reg.path, key=reg.key,
+                                                     labels=list(reg.labels)))
+        return vmodel_state(await self._call(self._stub.setVModel, request))
+
+    async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState:
+        request = mm.GetVModelStatusRequest(vModelId=vmodel_id, owner=owner)
+        return vmodel_state(await self._call(self._stub.getVModelStatus, request))
+
+    async def delete_vmodel(self, vmodel_id: str, *, owner: str) -> None:
+        await self._call(self._stub.deleteVModel, mm.DeleteVModelRequest(vModelId=vmodel_id, owner=owner))
+
+    async def close(self) -> None:
+        await self._channel.close()

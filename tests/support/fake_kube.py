@@ -1,0 +1,574 @@
+"""A FAKE Kubernetes API server for the ``Predictor`` custom resource, for tests only.
+
+Why a fake: no kube-apiserver (nor etcd-backed control plane such as kind or k3s) can be installed
+on the machines these tests run on, yet the controller must be tested through the real client
+library (the official ``kubernetes`` package) speaking the real REST paths and watch protocol.
+This server implements just enough of the API server for that, in one process, on 127.0.0.1.
+
+What it implements (``serving.kserve.io/v1alpha1``, plural ``predictors``, namespaced):
+
+- ``GET /apis/serving.kserve.io/v1alpha1[/namespaces/{ns}]/predictors``: a ``PredictorList`` whose
+  ``metadata.resourceVersion`` is a global revision counter (like etcd's), as a string.
+- The same with ``watch=true|1``: newline-delimited JSON events (ADDED, MODIFIED, DELETED,
+  BOOKMARK, ERROR) in a chunked response. With ``resourceVersion=N`` it replays every change after
+  N, then follows live changes; without one (or ``0``) it first sends an ADDED event per existing
+  object. It ends after ``timeoutSeconds`` (capped by ``max_watch_s``), as real servers end
+  watches. ``allowWatchBookmarks=true`` adds a BOOKMARK (only ``metadata.resourceVersion``) every
+  ``bookmark_interval_s``. A version older than the compacted history gets one ERROR event with a
+  410 ``Expired`` Status, and the stream ends (what a real server does on an HTTP 200 watch).
+- ``GET/POST/PUT/PATCH/DELETE`` on ``.../namespaces/{ns}/predictors[/{name}]``: POST sets uid,
+  creationTimestamp, generation 1 and resourceVersion; a spec change bumps generation; writes to
+  the main resource ignore ``.status`` (the CRD has the status subresource); PUT needs
+  ``metadata.resourceVersion`` and a stale one is 409 Conflict; PATCH takes JSON merge patches
+  (``application/merge-patch+json``; also plain ``application/json``), and honours a
+  ``metadata.resourceVersion`` in the patch as a precondition. Errors are ``Status`` bodies with
+  the real reasons (NotFound, AlreadyExists, Conflict, Invalid, BadRequest, Expired).
+- ``.../predictors/{name}/status`` GET/PUT/PATCH: only ``.status`` changes; resourceVersion moves,
+  generation does not.
+- Schema validation (``validate=True``, the default): if ``deploy/crd/serving.kserve.io_predictors.yaml``
+  exists, every written object is checked against its ``openAPIV3Schema`` with ``jsonschema``
+  (422 ``Invalid`` when it fails); without the file anything is accepted.
+
+What it does not: authentication and RBAC, other resources or API discovery, JSON patch and
+server-side apply, label/field selectors, paginated lists (``limit``/``continue``), finalizers and
+graceful deletion (DELETE removes at once), schema defaulting and pruning, protobuf encoding.
+
+Test hooks: :meth:`compact` (forget history: older versions get 410), :meth:`end_watches` (close
+open watch streams now), :meth:`hold_watches` (no watch runs inside the block), :meth:`fail_next`
+(the next requests answer an error), :attr:`requests` (every request's method, path, query and
+body), :meth:`objects` (a snapshot of the stored objects), and :meth:`put` / :meth:`delete` to
+change objects without going through HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+GROUP = "serving.kserve.io"
+VERSION = "v1alpha1"
+PLURAL = "predictors"
+KIND = "Predictor"
+API_VERSION = f"{GROUP}/{VERSION}"
+CRD_FILE = Path(__file__).resolve().parents[2] / "deploy" / "crd" / "serving.kserve.io_predictors.yaml"
+_PREFIX = f"/apis/{GROUP}/{VERSION}"
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any = None  # the parsed JSON body of writes
+    injected: int = 0  # the error code fail_next() made it answer, 0 if none
+
+
+class ApiError(Exception):
+    """Answered as a ``Status`` body with this HTTP code and reason."""
+
+    def __init__(self, code: int, reason: str, message: str, name: str = "") -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message, self.name = code, reason, message, name
+
+    def status(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                "message": self.message, "reason": self.reason, "code": self.code}
+        if self.name:
+            body["details"] = {"name": self.name, "group": GROUP, "kind": PLURAL}
+        return body
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _load_schema(validate: bool) -> dict[str, Any] | None:
+    if not validate or not CRD_FILE.exists():
+        return None
+    import yaml
+
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    for version in crd["spec"]["versions"]:
+        if version["name"] == VERSION:
+            return version["schema"]["openAPIV3Schema"]
+    return None
+
+
+class FakeKubeApiServer:
+    """Start with :meth:`start` (or ``with FakeKubeApiServer() as api:``); :attr:`url` is its address."""
+
+    def __init__(self, *, validate: bool = True, bookmark_interval_s: float = 1.0,
+                 max_watch_s: float = 60.0) -> None:
+        self.bookmark_interval_s = bookmark_interval_s
+        self.max_watch_s = max_watch_s
+        self._schema = _load_schema(validate)
+        self._cond = threading.Condition()
+        self._rv = 1
+        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self._history: list[tuple[int, str, dict[str, Any]]] = []  # (rv, event type, object)
+        self._oldest_rv = 1  # watches from an older version get 410 Gone
+        self._watch_epoch = 0
+        self._watches_held = False
+        self._stopping = False
+        self._failures: list[tuple[int, str, str]] = []  # (code, method, path suffix)
+        self._requests: list[Request] = []
+        self._sockets: set[socket.socket] = set()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- life cycle ---------------------------------------------------------------------------
+    def start(self) -> FakeKubeApiServer:
+        handler = type("Handler", (_Handler,), {"api": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-kube-apiserver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            sockets = list(self._sockets)
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        for sock in sockets:  # idle keep-alive connections and watches end now, not at exit
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> FakeKubeApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # --- test hooks ---------------------------------------------------------------------------
+    def compact(self) -> None:
+        """Forget the history: watches from any version before now get 410 Gone."""
+        with self._cond:
+            self._history.clear()
+            self._oldest_rv = self._rv
+
+    def end_watches(self) -> None:
+        """Close every open watch stream (clients must resume or relist)."""
+        with self._cond:
+            self._watch_epoch += 1
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def hold_watches(self) -> Iterator[None]:
+        """Inside the block, open watches are ended and new ones wait (as in a network partition):
+        changes made meanwhile reach watchers only when the block ends, or never if compacted."""
+        with self._cond:
+            self._watches_held = True
+            self._watch_epoch += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._watches_held = False
+                self._cond.notify_all()
+
+    def fail_next(self, n: int, code: int = 500, *, method: str = "", path_suffix: str = "") -> None:
+        """The next ``n`` requests (watches included; only those with this method and path ending,
+        when given) answer ``code`` with a Status body."""
+        with self._cond:
+            self._failures.extend([(code, method.upper(), path_suffix)] * n)
+
+    @property
+    def requests(self) -> list[Request]:
+        with self._cond:
+            return list(self._requests)
+
+    def count(self, method: str, path_suffix: str = "", since: int = 0) -> int:
+        """Requests with this method whose path ends with ``path_suffix``, from index ``since`` on."""
+        return sum(1 for r in self.requests[since:] if r.method == method and r.path.endswith(path_suffix))
+
+    def objects(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return [copy.deepcopy(o) for _, o in sorted(self._objects.items())]
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._cond:
+            obj = self._objects.get((namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    @property
+    def resource_version(self) -> int:
+        with self._cond:
+            return self._rv
+
+    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace (unconditionally) an object, as if a user applied it."""
+        meta = obj.get("metadata", {})
+        ns, name = meta.get("namespace", "default"), meta["name"]
+        with self._cond:
+            current = self._objects.get((ns, name))
+            if current is None:
+                return self._create(ns, obj)
+            body = copy.deepcopy(obj)
+            body.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
+            return self._replace(ns, name, body, status_only=False)
+
+    def delete(self, namespace: str, name: str) -> None:
+        with self._cond:
+            self._delete(namespace, name)
+
+    # --- store (called with the lock held) ----------------------------------------------------
+    def _record(self, kind: str, obj: dict[str, Any]) -> None:
+        self._history.append((self._rv, kind, copy.deepcopy(obj)))
+        self._cond.notify_all()
+
+    def _bump(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _validate(self, obj: dict[str, Any]) -> None:
+        if self._schema is None:
+            return
+        import jsonschema
+
+        errors = sorted(jsonschema.Draft7Validator(self._schema).iter_errors(obj), key=lambda e: list(e.path))
+        if errors:
+            name = obj.get("metadata", {}).get("name", "")
+            causes = "; ".join(f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}" for e in errors)
+            raise ApiError(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: {causes}', name)
+
+    def _create(self, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body.get("metadata") or {}
+        name = meta.get("name")
+        if not name:
+            raise ApiError(422, "Invalid", f"{KIND}.{GROUP} is invalid: metadata.name: Required value")
+        if meta.get("namespace", ns) != ns:
+            raise ApiError(400, "BadRequest", "the namespace of the provided object does not match "
+                                              "the namespace sent on the request")
+        if (ns, name) in self._objects:
+            raise ApiError(409, "AlreadyExists", f'{PLURAL}.{GROUP} "{name}" already exists', name)
+        obj = copy.deepcopy(body)
+        obj["apiVersion"], obj["kind"] = API_VERSION, KIND
+        obj.pop("status", None)  # status is written through the subresource only
+        keep = {k: v for k, v in meta.items() if k in ("labels", "annotations")}
+        obj["metadata"] = {**keep, "name": name, "namespace": ns, "uid": str(uuid.uuid4()), "generation": 1,
+                           "creationTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        self._validate(obj)
+        obj["metadata"]["resourceVersion"] = self._bump()
+        self._objects[(ns, name)] = obj
+        self._record("ADDED", obj)
+        return obj
+
+    def _existing(self, ns: str, name: str) -> dict[str, Any]:
+        obj = self._objects.get((ns, name))
+        if obj is None:
+            raise ApiError(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+        return obj
+
+    def _replace(self, ns: str, name: str, body: dict[str, Any], *, status_only: bool) -> dict[str, Any]:
+        current = self._existing(ns, name)
+        wanted = (body.get("metadata") or {}).get("resourceVersion")
+        if not wanted:
+            raise ApiError(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: metadata.resourceVersion: '
+                                           "Invalid value: 0x0: must be specified for an update", name)
+        return self._update(current, body, status_only=status_only, expected_rv=str(wanted))
+
+    def _update(self, current: dict[str, Any], body: dict[str, Any], *, status_only: bool,
+                expected_rv: str | None) -> dict[str, Any]:
+        name = current["metadata"]["name"]
+        if expected_rv is not None and expected_rv != current["metadata"]["resourceVersion"]:
+            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {PLURAL}.{GROUP} "{name}": the '
+                                            "object has been modified; please apply your changes to the latest "
+                                            "version and try again", name)
+        obj = copy.deepcopy(current)
+        if status_only:
+            if "status" in body and body["status"] is not None:
+                obj["status"] = copy.deepcopy(body["status"])
+            else:
+                obj.pop("status", None)
+        else:
+            if "spec" in body:
+                obj["spec"] = copy.deepcopy(body["spec"])
+            else:
+                obj.pop("spec", None)
+            meta = body.get("metadata") or {}
+            for key in ("labels", "annotations"):
+                if key in meta and meta[key] is not None:
+                    obj["metadata"][key] = copy.deepcopy(meta[key])
+                else:
+                    obj["metadata"].pop(key, None)
+            if obj.get("spec") != current.get("spec"):
+                obj["metadata"]["generation"] = current["metadata"]["generation"] + 1
+        if obj == current:
+            return obj  # a no-op write changes nothing, not even the resourceVersion (as etcd)
+        self._validate(obj)
+        obj["metadata"]["resourceVersion"] = self._bump()
+        self._objects[(obj["metadata"]["namespace"], name)] = obj
+        self._record("MODIFIED", obj)
+        return obj
+
+    def _patch(self, ns: str, name: str, patch: Any, *, status_only: bool) -> dict[str, Any]:
+        current = self._existing(ns, name)
+        if not isinstance(patch, dict):
+            raise ApiError(400, "BadRequest", "a merge patch must be a JSON object", name)
+        expected = (patch.get("metadata") or {}).get("resourceVersion")
+        merged = merge_patch(current, patch)
+        return self._update(current, merged, status_only=status_only,
+                            expected_rv=str(expected) if expected else None)
+
+    def _delete(self, ns: str, name: str) -> dict[str, Any]:
+        obj = copy.deepcopy(self._existing(ns, name))
+        del self._objects[(ns, name)]
+        obj["metadata"]["resourceVersion"] = self._bump()
+        self._record("DELETED", obj)
+        return obj
+
+    def _list(self, ns: str | None) -> dict[str, Any]:
+        items = [copy.deepcopy(o) for (n, _), o in sorted(self._objects.items()) if ns is None or n == ns]
+        return {"apiVersion": API_VERSION, "kind": f"{KIND}List",
+                "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+
+    # --- watch ----------------------------------------------------------------------------------
+    def _watch(self, ns: str | None, query: dict[str, str]) -> Iterator[dict[str, Any]]:
+        """Events for one watch request; ends on timeout, end_watches(), stop() or 410."""
+        timeout = min(float(query.get("timeoutSeconds") or self.max_watch_s), self.max_watch_s)
+        bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        start = time.monotonic()
+        deadline = start + timeout
+        next_bookmark = start + self.bookmark_interval_s
+        rv_text = query.get("resourceVersion", "")
+        with self._cond:
+            while self._watches_held and not self._stopping:
+                self._cond.wait(0.1)
+            epoch = self._watch_epoch
+            if rv_text in ("", "0"):
+                backlog = [{"type": "ADDED", "object": o} for o in self._list(ns)["items"]]
+                sent = self._rv
+            else:
+                try:
+                    sent = int(rv_text)
+                except ValueError:
+                    backlog = [_error(400, "BadRequest", f"invalid resource version: {rv_text!r}")]
+                    sent = -1
+                else:
+                    backlog = []
+                    if sent < self._oldest_rv:
+                        backlog = [_error(410, "Expired", f"too old resource version: {sent} ({self._oldest_rv})")]
+                        sent = -1
+        yield from backlog
+        if sent < 0:
+            return
+        while True:
+            expired = ""
+            with self._cond:
+                while True:
+                    if self._stopping or self._watch_epoch != epoch:
+                        return
+                    if sent < self._oldest_rv:  # compacted before this watch was sent what it missed
+                        expired = f"too old resource version: {sent} ({self._oldest_rv})"
+                        break
+                    events = [(kind, o) for rv, kind, o in self._history if rv > sent
+                              and (ns is None or o["metadata"]["namespace"] == ns)]
+                    sent = self._rv  # every change in scope up to now is in ``events``
+                    now = time.monotonic()
+                    if events or now >= deadline or (bookmarks and now >= next_bookmark):
+                        break
+                    wake = min(deadline, next_bookmark) if bookmarks else deadline
+                    self._cond.wait(max(0.0, wake - now))
+            if expired:
+                yield _error(410, "Expired", expired)
+                return
+            for kind, obj in events:
+                yield {"type": kind, "object": obj}
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            if bookmarks and now >= next_bookmark:
+                next_bookmark = now + self.bookmark_interval_s
+                yield {"type": "BOOKMARK", "object": {"kind": KIND, "apiVersion": API_VERSION,
+                                                      "metadata": {"resourceVersion": str(sent)}}}
+
+
+def _error(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                        "status": "Failure", "reason": reason, "code": code, "message": message}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: FakeKubeApiServer
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # an idle keep-alive connection is closed after this
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read the request log instead
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.api._cond:
+            self.api._sockets.add(self.connection)
+
+    def finish(self) -> None:
+        with self.api._cond:
+            self.api._sockets.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def _send(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, "BadRequest", f"the request body is not JSON: {exc}") from None
+
+    def _serve(self, method: str) -> None:
+        api = self.api
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        try:
+            body = self._body() if method in ("POST", "PUT", "PATCH") else None
+        except ApiError as exc:
+            self._send(exc.code, exc.status())
+            return
+        with api._cond:
+            failure = None
+            for i, (code, only_method, suffix) in enumerate(api._failures):
+                if (not only_method or only_method == method) and parts.path.endswith(suffix):
+                    failure = code
+                    del api._failures[i]
+                    break
+            api._requests.append(Request(method, parts.path, query, body, failure or 0))
+        try:
+            if failure is not None:
+                raise ApiError(failure, "InternalError" if failure >= 500 else "BadRequest",
+                               f"injected failure {failure}")
+            ns, name, sub = self._route(parts.path)
+            if method == "GET" and name is None and query.get("watch", "").lower() in ("true", "1"):
+                self._stream(api._watch(ns, query))
+                return
+            code, result = self._dispatch(method, ns, name, sub, body)
+        except ApiError as exc:
+            code, result = exc.code, exc.status()
+        self._send(code, result)
+
+    @staticmethod
+    def _route(path: str) -> tuple[str | None, str | None, str | None]:
+        """(namespace or None for all, name or None for the collection, subresource or None)."""
+        if not path.startswith(_PREFIX + "/"):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        parts = path[len(_PREFIX) + 1:].strip("/").split("/")
+        if parts == [PLURAL]:
+            return None, None, None
+        if len(parts) >= 3 and parts[0] == "namespaces" and parts[2] == PLURAL and len(parts) <= 5:
+            name = parts[3] if len(parts) >= 4 else None
+            sub = parts[4] if len(parts) == 5 else None
+            if sub not in (None, "status"):
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            return parts[1], name, sub
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    def _dispatch(self, method: str, ns: str | None, name: str | None, sub: str | None,
+                  body: Any) -> tuple[int, dict[str, Any]]:
+        api = self.api
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        with api._cond:
+            if name is None:
+                if method == "GET":
+                    return 200, api._list(ns)
+                if method == "POST" and ns is not None:
+                    if not isinstance(body, dict):
+                        raise ApiError(400, "BadRequest", "the request body must be an object")
+                    return 201, api._create(ns, body)
+                raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on the collection")
+            assert ns is not None
+            if method == "GET":
+                return 200, copy.deepcopy(api._existing(ns, name))
+            if method == "DELETE" and sub is None:
+                return 200, api._delete(ns, name)
+            if method == "PUT":
+                if not isinstance(body, dict):
+                    raise ApiError(400, "BadRequest", "the request body must be an object")
+                return 200, copy.deepcopy(api._replace(ns, name, body, status_only=sub == "status"))
+            if method == "PATCH":
+                if content_type not in ("application/merge-patch+json", "application/json"):
+                    raise ApiError(415, "UnsupportedMediaType",
+                                   f"the fake API server takes merge patches only, not {content_type!r}")
+                return 200, copy.deepcopy(api._patch(ns, name, body, status_only=sub == "status"))
+        raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+
+    def _stream(self, events: Iterator[dict[str, Any]]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.close_connection = True  # one watch per connection, as simple as it gets
+        try:
+            for event in events:
+                line = json.dumps(event).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            pass  # the client went away
+
+
+__all__ = ["API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "FakeKubeApiServer", "Request", "merge_patch"]

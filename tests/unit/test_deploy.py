@@ -1,0 +1,466 @@
+"""deploy/: the Predictor CRD, its examples, and the kustomize base that runs the whole mesh.
+
+The CRD's schema is checked as the API server applies it: the examples validate, and malformed
+Predictors fail with an error naming the field. One rule is made explicit here: the API server
+rejects unknown fields through strict field validation (`kubectl apply`'s default), because a
+structural schema may not say ``additionalProperties: false``; so before validating, each object
+schema with properties is closed. That the schema stays structural is checked too, since the API
+server refuses a CRD that is not.
+
+The manifests are checked on what ``kubectl kustomize`` builds, not on the files: names the
+generator rewrites (the config's hash suffix) and the namespace are then the ones a cluster sees.
+kubectl is required (.ci/run installs Debian's kubernetes-client): without it these tests fail
+rather than skip.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from mesh.runtime.loaders import get_loader
+from mesh.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CRD_FILE = DEPLOY / "crd" / "serving.kserve.io_predictors.yaml"
+EXAMPLES = sorted((DEPLOY / "examples").glob("*.yaml"))
+NAMESPACE = "mesh-serving"
+MESH_IMAGE = "ghcr.io/mesh-serving/mesh"
+
+Doc = dict[str, Any]
+
+
+# --- the CRD's schema ------------------------------------------------------------------------
+
+def _crd() -> Doc:
+    crd: Doc = yaml.safe_load(CRD_FILE.read_text())
+    return crd
+
+
+def _schema() -> Doc:
+    (version,) = [v for v in _crd()["spec"]["versions"] if v["name"] == "v1alpha1"]
+    schema: Doc = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _strict(node: Any) -> Any:
+    """The schema with every object that lists its properties closed to others (strict field
+    validation) and the Kubernetes extensions dropped."""
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node:
+        out["additionalProperties"] = False
+    return out
+
+
+def _validator(schema: Doc | None = None) -> Draft202012Validator:
+    schema = _strict(_schema() if schema is None else schema)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def _error_text(errors: list[Any]) -> str:
+    """Every error's location and message, with the branches of anyOf failures."""
+    parts = []
+    for e in errors:
+        parts.append(f"{e.json_path}: {e.message}")
+        parts.append(_error_text(list(e.context or ())))
+    return "\n".join(p for p in parts if p)
+
+
+_JUNCTORS = ("anyOf", "allOf", "oneOf", "not")
+
+
+def _structural_problems(node: Doc, path: str, skeleton: Doc | None = None) -> list[str]:
+    """The API server's structural-schema rules that a hand-written schema can break. ``skeleton``
+    is, inside anyOf/allOf/oneOf/not, the schema outside them at the same place."""
+    in_junctor = skeleton is not None
+    outer = node if skeleton is None else skeleton
+    problems = []
+    if "properties" in node and "additionalProperties" in node:
+        problems.append(f"{path}: properties and additionalProperties are mutually exclusive")
+    if in_junctor:
+        for key in ("type", "description", "default", "additionalProperties", "nullable"):
+            if key in node:
+                problems.append(f"{path}: {key} is not allowed inside anyOf/allOf/oneOf/not")
+    elif "type" not in node:
+        problems.append(f"{path}: every schema outside anyOf/allOf/oneOf/not needs a type")
+    if node.get("type") not in (None, "object") and "properties" in node:
+        problems.append(f"{path}: properties on a {node['type']}")
+    for name, sub in node.get("properties", {}).items():
+        if name not in outer.get("properties", {}):
+            problems.append(f"{path}.{name}: inside a junctor but not in the schema outside it")
+            continue
+        problems += _structural_problems(sub, f"{path}.{name}", outer["properties"][name] if in_junctor else None)
+    if isinstance(node.get("additionalProperties"), dict):
+        problems += _structural_problems(node["additionalProperties"], f"{path}[*]")
+    for key in _JUNCTORS:
+        branches = node.get(key, [])
+        for i, branch in enumerate(branches if isinstance(branches, list) else [branches]):
+            problems += _structural_problems(branch, f"{path}.{key}[{i}]", outer)
+    return problems
+
+
+def test_crd_defines_the_modelmesh_serving_predictor() -> None:
+    crd = _crd()
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert crd["metadata"]["name"] == "predictors.serving.kserve.io"
+    spec = crd["spec"]
+    assert spec["group"] == "serving.kserve.io"
+    assert spec["scope"] == "Namespaced"
+    assert (spec["names"]["kind"], spec["names"]["plural"]) == ("Predictor", "predictors")
+    (version,) = spec["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    assert version["subresources"] == {"status": {}}
+    assert "x-kubernetes-preserve-unknown-fields" not in CRD_FILE.read_text()
+
+
+def test_printer_columns_match_modelmesh_serving() -> None:
+    (version,) = _crd()["spec"]["versions"]
+    assert version["additionalPrinterColumns"] == [
+        {"name": "Type", "type": "string", "jsonPath": ".spec.modelType.name"},
+        {"name": "Available", "type": "boolean", "jsonPath": ".status.available"},
+        {"name": "ActiveModel", "type": "string", "jsonPath": ".status.activeModelState"},
+        {"name": "TargetModel", "type": "string", "jsonPath": ".status.targetModelState"},
+        {"name": "Transition", "type": "string", "jsonPath": ".status.transitionStatus"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+def test_schema_is_structural_and_its_defaults_are_valid() -> None:
+    schema = _schema()
+    assert _structural_problems(schema, "openAPIV3Schema") == []
+    status = schema["properties"]["status"]
+    assert list(_validator(status).iter_errors(status["default"])) == []
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_is_a_valid_predictor(path: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs, f"{path.name} holds no document"
+    spec_validator = _validator(_schema()["properties"]["spec"])
+    for doc in docs:
+        assert (doc["apiVersion"], doc["kind"]) == ("serving.kserve.io/v1alpha1", "Predictor")
+        # The controller watches its own namespace: `kubectl apply -f` must land there.
+        assert doc["metadata"]["namespace"] == NAMESPACE
+        assert _error_text(list(_validator().iter_errors(doc))) == ""
+        assert _error_text(list(spec_validator.iter_errors(doc["spec"]))) == ""
+
+
+def test_examples_cover_each_model_type_and_storage_form() -> None:
+    specs = [d["spec"] for p in EXAMPLES for d in yaml.safe_load_all(p.read_text()) if d]
+    types = {s["modelType"]["name"] for s in specs}
+    assert types >= {"sklearn", "xgboost", "lightgbm", "onnx", "pytorch"}
+    for name in types:
+        get_loader(name)  # every example's type has a built-in loader (pytorch is torchscript's alias)
+    storages = [s.get("storage", {}) for s in specs]
+    assert any("s3" in st and "path" in s for s, st in zip(specs, storages, strict=True))
+    assert any("persistentVolumeClaim" in st for st in storages)
+    assert any({"key", "path"} <= set(st) for st in storages)
+    assert any("parameters" in st for st in storages)
+
+
+def _predictor() -> Doc:
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "Predictor",
+        "metadata": {"name": "m", "namespace": NAMESPACE},
+        "spec": {"modelType": {"name": "sklearn"}, "storage": {"key": "store", "path": "m.joblib"}},
+        "status": {"available": False, "activeModelState": "Pending", "targetModelState": "",
+                   "transitionStatus": "UpToDate", "failedCopies": 0, "totalCopies": 0},
+    }
+
+
+_DELETE = object()
+
+
+def _changed(dotted: str, value: Any) -> Doc:
+    doc = _predictor()
+    *parents, last = dotted.split(".")
+    node = doc
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = copy.deepcopy(value)
+    return doc
+
+
+def test_the_reference_predictor_is_valid() -> None:
+    assert _error_text(list(_validator().iter_errors(_predictor()))) == ""
+
+
+@pytest.mark.parametrize(("dotted", "value", "field"), [
+    ("spec", _DELETE, "spec"),
+    ("spec.modelType", _DELETE, "modelType"),
+    ("spec.modelType", "sklearn", "modelType"),
+    ("spec.modelType.name", "", "modelType.name"),
+    ("spec.modelType.name", 3, "modelType.name"),
+    ("spec.path", 7, "spec.path"),
+    ("spec.storage.path", _DELETE, "path"),  # no path anywhere
+    ("spec.storage.path", "", "path"),
+    ("spec.storage.parameters", {"bucket": 1}, "parameters.bucket"),
+    ("spec.storage.persistentVolumeClaim", {"readOnly": True}, "claimName"),
+    ("spec.storage.s3", {"bucket": "models"}, "secretKey"),
+    ("spec.runtime", {}, "runtime"),
+    ("spec.protocolVersion", "grpc-v3", "protocolVersion"),
+    ("spec.gpu", True, "gpu"),  # modelmesh-serving's GpuRequest: "required" or "preferred"
+    ("spec.replicas", 2, "replicas"),  # unknown spec field
+    ("spec.storage.bucket", "models", "bucket"),  # unknown storage field
+    ("status.available", "yes", "available"),
+    ("status.activeModelState", "Ready", "activeModelState"),
+    ("status.transitionStatus", "Done", "transitionStatus"),
+    ("status.totalCopies", -1, "totalCopies"),
+    ("status.failedCopies", -2, "failedCopies"),
+    ("status.lastFailureInfo", {"reason": "OutOfMemory"}, "reason"),
+])
+def test_malformed_predictor_is_rejected_naming_the_field(dotted: str, value: Any, field: str) -> None:
+    errors = list(_validator().iter_errors(_changed(dotted, value)))
+    assert errors, f"{dotted} = {value!r} was accepted"
+    assert field in _error_text(errors)
+
+
+# --- the kustomize base ----------------------------------------------------------------------
+
+def _kustomize(path: Path) -> list[Doc]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed (CI installs Debian's kubernetes-client, see .ci/run)")
+    done = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[Doc]:
+    return _kustomize(DEPLOY)
+
+
+def _one(docs: list[Doc], kind: str, name: str) -> Doc:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def _workloads(docs: list[Doc]) -> list[Doc]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def _container(workload: Doc) -> Doc:
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: Doc) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels and matchExpressions, or a Service's plain map) against labels."""
+    plain = {k: v for k, v in selector.items() if k not in ("matchLabels", "matchExpressions")}
+    wanted = {**plain, **selector.get("matchLabels", {})}
+    if any(labels.get(k) != v for k, v in wanted.items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+def test_base_deploys_every_part(base: list[Doc]) -> None:
+    kinds = {d["kind"] for d in base}
+    assert kinds >= {"CustomResourceDefinition", "Namespace", "StatefulSet", "Deployment", "Service",
+                     "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "PodDisruptionBudget"}
+    assert _one(base, "CustomResourceDefinition", "predictors.serving.kserve.io") == _crd()
+    for kind, name in [("StatefulSet", "mesh-etcd"), ("StatefulSet", "mesh-runtime"),
+                       ("Deployment", "mesh-router"), ("Deployment", "mesh-controller"),
+                       ("Service", "mesh-etcd"), ("Service", "mesh-router"), ("Service", "mesh-runtime"),
+                       ("PodDisruptionBudget", "mesh-router"), ("PodDisruptionBudget", "mesh-runtime")]:
+        _one(base, kind, name)
+    for doc in base:
+        if doc["kind"] not in ("CustomResourceDefinition", "Namespace"):
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_controller_role_grants_only_predictor_reads_and_status_writes(base: list[Doc]) -> None:
+    role = _one(base, "Role", "mesh-controller")
+    assert role["rules"] == [
+        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors/status"],
+         "verbs": ["get", "patch", "update"]},
+    ]
+    assert not [d for d in base if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    binding = _one(base, "RoleBinding", "mesh-controller")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mesh-controller"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mesh-controller", "namespace": NAMESPACE}]
+    _one(base, "ServiceAccount", "mesh-controller")
+    for workload in _workloads(base):
+        pod = workload["spec"]["template"]["spec"]
+        if workload["metadata"]["name"] == "mesh-controller":
+            assert pod["serviceAccountName"] == "mesh-controller"
+        else:  # nothing else talks to the Kubernetes API, so nothing else holds a token
+            assert pod.get("automountServiceAccountToken") is False, workload["metadata"]["name"]
+
+
+def test_mesh_pods_run_mesh_serve_with_the_shared_config(base: list[Doc]) -> None:
+    config_maps = {d["metadata"]["name"] for d in base if d["kind"] == "ConfigMap"}
+    components = set()
+    for workload in _workloads(base):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            if not container["image"].startswith(MESH_IMAGE + ":"):
+                continue
+            assert container["command"][:2] == ["mesh", "serve"], workload["metadata"]["name"]
+            components.add(container["command"][2])
+            config = Path(_env(container)["MESH_CONFIG"])
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(config.parent)]
+            (volume,) = [v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+            assert volume["configMap"]["name"] in config_maps
+            assert volume["configMap"]["name"].startswith("mesh-config")
+    assert components == {"router", "runtime", "controller"}
+
+
+def _mesh_toml(base: list[Doc]) -> str:
+    (config,) = [d for d in base if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("mesh-config")]
+    text: str = config["data"]["mesh.toml"]
+    return text
+
+
+def test_config_parses_with_the_settings_loader(base: list[Doc], tmp_path: Path) -> None:
+    config = tmp_path / "mesh.toml"
+    config.write_text(_mesh_toml(base))
+    settings = load_settings(config, env={})
+    assert settings.router.host == "0.0.0.0"
+    assert settings.runtime.host == "0.0.0.0"
+    assert settings.runtime.capacity_fraction == 0.5
+    assert settings.runtime.capacity_bytes == 0  # capacity comes from the memory limit
+    # The registry is the etcd client Service.
+    assert settings.registry.url == "etcd://mesh-etcd:2379/mesh/"
+    assert [p["port"] for p in _one(base, "Service", "mesh-etcd")["spec"]["ports"]] == [2379]
+    # The ports the settings bind are the ones the pods declare.
+    assert {p["containerPort"] for p in _container(_one(base, "Deployment", "mesh-router"))["ports"]} \
+        == {settings.router.port, 2112}
+    assert {p["containerPort"] for p in _container(_one(base, "StatefulSet", "mesh-runtime"))["ports"]} \
+        == {settings.runtime.port, 2112}
+
+
+def test_pod_environment_names_known_settings(base: list[Doc], tmp_path: Path) -> None:
+    config = tmp_path / "mesh.toml"
+    config.write_text(_mesh_toml(base))
+    for workload in _workloads(base):
+        container = _container(workload)
+        if container["image"].startswith(MESH_IMAGE + ":"):
+            # Values from the downward API are strings in the pod: any string stands in for them.
+            env = {k: v if isinstance(v, str) else "10.0.0.1" for k, v in _env(container).items()}
+            load_settings(config, env=env)  # an unknown MESH_<GROUP>_<FIELD> raises
+
+
+def test_runtime_capacity_comes_from_its_memory_limit(base: list[Doc]) -> None:
+    runtime = _one(base, "StatefulSet", "mesh-runtime")
+    pod = runtime["spec"]["template"]["spec"]
+    container = _container(runtime)
+    assert runtime["spec"]["replicas"] == 3
+    limit = container["resources"]["limits"]["memory"]
+    assert _bytes(limit) >= 1 << 30
+    assert container["resources"]["requests"]["memory"] == limit  # not evicted for what it was promised
+    env = _env(container)
+    assert env["MESH_RUNTIME_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["MESH_RUNTIME_INSTANCE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert container["readinessProbe"]["grpc"]["port"] == 8085
+    assert container["livenessProbe"]["grpc"]["port"] == 8085
+    assert pod["terminationGracePeriodSeconds"] == 60
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    (models,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
+    assert container["workingDir"] == models["mountPath"]
+    assert [v for v in pod["volumes"] if v["name"] == "models"] == [{"name": "models", "emptyDir": {}}]
+
+
+def test_router_and_controller(base: list[Doc]) -> None:
+    router = _one(base, "Deployment", "mesh-router")
+    assert router["spec"]["replicas"] == 2
+    container = _container(router)
+    assert container["readinessProbe"]["grpc"]["port"] == 8033
+    assert container["livenessProbe"]["grpc"]["port"] == 8033
+    assert container["resources"]["limits"]["memory"]
+    service = _one(base, "Service", "mesh-router")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8033, "metrics": 2112}
+
+    controller = _one(base, "Deployment", "mesh-controller")
+    assert controller["spec"]["replicas"] == 1
+    env = _env(_container(controller))
+    assert env["MESH_CONTROLLER_ROUTER_ENDPOINT"] == "mesh-router:8033"
+    assert env["MESH_CONTROLLER_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_etcd_keeps_its_data_and_is_probed(base: list[Doc]) -> None:
+    etcd = _one(base, "StatefulSet", "mesh-etcd")
+    assert etcd["spec"]["replicas"] == 1
+    headless = _one(base, "Service", etcd["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    container = _container(etcd)
+    assert container["image"] == "quay.io/coreos/etcd:v3.5.17"
+    (claim,) = etcd["spec"]["volumeClaimTemplates"]
+    assert any(m["name"] == claim["metadata"]["name"] for m in container["volumeMounts"])
+    assert {"startupProbe", "livenessProbe", "readinessProbe"} <= set(container)
+    assert any(a.startswith("--initial-cluster=mesh-etcd-0=") for a in container["command"])
+
+
+def test_services_and_budgets_select_their_pods(base: list[Doc]) -> None:
+    pods = {w["metadata"]["name"]: w["spec"]["template"] for w in _workloads(base)}
+    for workload in _workloads(base):
+        labels = pods[workload["metadata"]["name"]]["metadata"]["labels"]
+        assert _selects(workload["spec"]["selector"], labels), workload["metadata"]["name"]
+    for service in [d for d in base if d["kind"] == "Service"]:
+        chosen = [n for n, t in pods.items() if _selects(service["spec"]["selector"], t["metadata"]["labels"])]
+        assert len(chosen) == 1, f"Service/{service['metadata']['name']} selects {chosen}"
+        ports = {p["name"] for c in pods[chosen[0]]["spec"]["containers"] for p in c["ports"]}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in ports, f"Service/{service['metadata']['name']}: {port}"
+    for budget in [d for d in base if d["kind"] == "PodDisruptionBudget"]:
+        chosen = [n for n, t in pods.items() if _selects(budget["spec"]["selector"], t["metadata"]["labels"])]
+        assert chosen == [budget["metadata"]["name"]]
+    assert _one(base, "PodDisruptionBudget", "mesh-router")["spec"]["maxUnavailable"] == 1
+    assert _one(base, "PodDisruptionBudget", "mesh-runtime")["spec"]["maxUnavailable"] == 1
+
+
+def test_monitoring_scrapes_routers_and_runtimes_and_ships_the_dashboard(base: list[Doc]) -> None:
+    monitoring = _kustomize(DEPLOY / "monitoring")
+    (monitor,) = [d for d in monitoring if d["kind"] == "ServiceMonitor"]
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    scraped = {s["metadata"]["name"] for s in base
+               if s["kind"] == "Service" and _selects(monitor["spec"]["selector"], s["metadata"]["labels"])}
+    assert scraped == {"mesh-router", "mesh-runtime"}
+    for name in scraped:
+        ports = {p["name"]: p["port"] for p in _one(base, "Service", name)["spec"]["ports"]}
+        assert ports["metrics"] == 2112
+
+    (dashboard,) = [d for d in monitoring if d["kind"] == "ConfigMap"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == NAMESPACE
+    (text,) = dashboard["data"].values()
+    assert json.loads(text) == json.loads((DEPLOY / "grafana" / "mesh-dashboard.json").read_text())
+    assert json.loads(text)["uid"] == "mesh-serving"
