@@ -18,7 +18,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from tests.support.fake_kube import CRD_FILE, GROUP, PLURAL, VERSION, FakeKubeApiServer
+from tests.support.fake_kube import GROUP, PLURAL, VERSION, FakeKubeApiServer
 
 NS = "default"
 
@@ -120,7 +120,6 @@ def test_put_with_a_stale_resource_version_is_a_conflict(crs: client.CustomObjec
     assert replaced["spec"]["modelType"]["name"] == "onnx" and replaced["metadata"]["generation"] == 3
 
 
-@pytest.mark.skipif(not CRD_FILE.exists(), reason="the Predictor CRD is not in deploy/crd yet")
 def test_objects_are_validated_against_the_crd_schema(crs: client.CustomObjectsApi, api: FakeKubeApiServer) -> None:
     bad = predictor("a")
     bad["spec"]["gpu"] = "always"
