@@ -116,12 +116,13 @@ class Cluster:
 
     def start_runtime(self, name: str = "runtime-0", *, capacity_bytes: int = 512 * 2**20,
                       extra_env: dict[str, str] | None = None) -> Server:
-        env = {**self._env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_CAPACITY_BYTES": str(capacity_bytes),
+        env = {**self._env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_METRICS_PORT": "0",
+               "MESH_RUNTIME_CAPACITY_BYTES": str(capacity_bytes),
                "MESH_RUNTIME_INSTANCE_ID": f"{name}-{os.getpid()}", **(extra_env or {})}
         return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "runtime"], env)
 
     def start_router(self, name: str = "router", *, extra_env: dict[str, str] | None = None) -> Server:
-        env = {**self._env, "MESH_ROUTER_PORT": "0", **(extra_env or {})}
+        env = {**self._env, "MESH_ROUTER_PORT": "0", "MESH_ROUTER_METRICS_PORT": "0", **(extra_env or {})}
         return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "router"], env)
 
     def start_echo(self, name: str = "echo") -> Server:

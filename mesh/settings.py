@@ -50,6 +50,12 @@ class RouterSettings:
     host: str = _f("127.0.0.1", "Address the router binds (0.0.0.0 in a pod).")
     port: int = _f(8033, "gRPC port: V2 data plane and the mmesh.ModelMesh management API "
                    "(ModelMesh's port).")
+    metrics_host: str = _f("127.0.0.1", "Address the Prometheus metrics endpoint binds (0.0.0.0 in a pod, "
+                           "for the scraper).")
+    metrics_port: int = _f(2112, "HTTP port serving Prometheus metrics at /metrics (ModelMesh's port); 0 "
+                           "picks a free port (logged), -1 turns metrics off.")
+    per_model_metrics: bool = _f(False, "Label request metrics with the model ID (and vModel ID): one "
+                                 "series per model, so off by default, as in ModelMesh (docs/metrics.md).")
     max_attempts: int = _f(4, "Forwarding attempts per request; each retry excludes the instance that "
                            "answered 'not here' or was gone. Inference is treated as idempotent.")
     default_timeout_s: float = _f(60.0, "Deadline of loads the router asks for itself (ensureLoaded, "
@@ -84,6 +90,12 @@ class RouterSettings:
 class RuntimeSettings:
     host: str = _f("127.0.0.1", "Address the runtime binds (0.0.0.0 in a pod).")
     port: int = _f(8085, "gRPC port: V2 data plane and the mmesh.ModelRuntime SPI; 0 picks a free port.")
+    metrics_host: str = _f("127.0.0.1", "Address the Prometheus metrics endpoint binds (0.0.0.0 in a pod, "
+                           "for the scraper).")
+    metrics_port: int = _f(2112, "HTTP port serving Prometheus metrics at /metrics (ModelMesh's port); 0 "
+                           "picks a free port (logged), -1 turns metrics off.")
+    per_model_metrics: bool = _f(False, "Label inference, cache and load metrics with the model ID: one "
+                                 "series per model, so off by default, as in ModelMesh (docs/metrics.md).")
     advertise_host: str = _f("", "Host published in the instance record for routers to dial; empty "
                              "means the bind host (set it to the pod IP in Kubernetes).")
     instance_id: str = _f("", "Stable instance ID; empty means <hostname>-<pid>-<random>.")
@@ -150,6 +162,13 @@ class ControllerSettings:
 class LogSettings:
     level: str = _f("info", "Log level: debug, info, warning, error.")
     format: str = _f("auto", "auto (readable on a terminal, JSON otherwise), json or console.")
+    access_log: bool = _f(False, "One line per request: at the router per forwarded request (method, model, "
+                          "code, duration, request id, bytes in/out), at a runtime per inference, at info level. "
+                          "Off by default: at thousands of requests per second it is most of the log volume.")
+    tracing: str = _f("off", "off, or otel: a span per forwarded request at the router and per inference at "
+                      "the runtime (needs the `tracing` extra; spans go to the OpenTelemetry SDK's console "
+                      "exporter unless the process installed its own tracer provider). W3C traceparent "
+                      "headers are passed on either way.")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from mesh.runtime.capacity import memory_limit_bytes
 from mesh.settings import LogSettings, parse_bytes
 
 STOP_GRACE_S = 10.0
+METRICS_PORT = 2112  # ModelMesh's, the router's default
 READY_TIMEOUT_S = 60.0
 
 
@@ -106,12 +108,20 @@ class Mesh:
             env["MESH_CONFIG"] = str(config)
         per_runtime = capacity or int(memory_limit_bytes() * 0.4 / max(runtimes, 1))
         self.capacity = per_runtime
-        self.children = [Child("router", "router", {**env, "MESH_ROUTER_PORT": str(port)},
+        # Prometheus metrics: the router on ModelMesh's port when it is free, else on a free port;
+        # the runtimes (several on one machine) on free ports. Each logs where; a port set in the
+        # environment wins.
+        self.metrics_port = env.get("MESH_ROUTER_METRICS_PORT") or str(
+            METRICS_PORT if _port_free(METRICS_PORT) else 0)
+        runtime_metrics = env.get("MESH_RUNTIME_METRICS_PORT") or "0"
+        self.children = [Child("router", "router", {**env, "MESH_ROUTER_PORT": str(port),
+                                                    "MESH_ROUTER_METRICS_PORT": self.metrics_port},
                                self.workdir, self.workdir / "router.log")]
         for i in range(runtimes):
             self.children.append(Child(
                 f"runtime-{i}", "runtime",
                 {**env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_CAPACITY_BYTES": str(per_runtime),
+                 "MESH_RUNTIME_METRICS_PORT": runtime_metrics,
                  "MESH_RUNTIME_INSTANCE_ID": f"runtime-{i}-{os.getpid()}"},
                 self.workdir, self.workdir / f"runtime-{i}.log"))
 
@@ -184,6 +194,15 @@ class Mesh:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "unknown status"
@@ -237,6 +256,8 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
         print(f"mesh is up: router {mesh.router.endpoint}, {len(mesh.runtimes)} runtime(s) with "
               f"{mesh.capacity / 2**20:.0f} MiB of model memory each, registry {mesh.registry}")
         print(f"logs: {mesh.workdir}")
+        if mesh.metrics_port not in ("0", "-1"):
+            print(f"metrics: http://127.0.0.1:{mesh.metrics_port}/metrics (router; runtimes: see their logs)")
         if example:
             from mesh.embedded.demo import run_demo
 

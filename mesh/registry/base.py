@@ -66,6 +66,12 @@ class Lease:
 
 
 class KVStore(Protocol):
+    @property
+    def connected(self) -> bool:
+        """False while the store cannot be reached (a call failed or a watch broke) until it answers
+        again; readiness follows it. Never raises, never waits."""
+        ...
+
     async def get(self, key: str) -> KeyValue | None: ...
 
     async def get_prefix(

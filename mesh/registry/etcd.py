@@ -23,6 +23,11 @@ Design decisions:
   A broken stream resumes from the last delivered ``mod_revision + 1`` with capped exponential backoff,
   on the next endpoint. A compacted start revision relists the prefix in one Range (one consistent
   revision) and yields a :class:`~mesh.registry.base.WatchReset`, then continues after its revision.
+* **Connectivity** (``connected``, for readiness): false from the first call that finds no member
+  reachable, or the first broken watch stream, until a call is answered or a watch is confirmed
+  again. Watches break at once when etcd goes away (the connection resets) and resume within
+  ``watch_backoff_s``, so an idle process notices both transitions within about two seconds; each
+  transition is logged once.
 * **Channel options**: reconnect backoff capped at 1 s (gRPC's default grows to 120 s, which would
   keep us away from a restarted etcd), keepalive pings to notice a silently dead connection, and a
   large receive limit because one watch response carries a whole revision (a range delete of 100k
@@ -136,6 +141,21 @@ class EtcdStore:
         self._keepalives: dict[int, asyncio.Task[None]] = {}
         self._closed = False
         self._closed_event = asyncio.Event()  # wakes watches sleeping in their backoff
+        self._connected = True
+
+    @property
+    def connected(self) -> bool:
+        """False while etcd cannot be reached (see the module docstring)."""
+        return self._connected
+
+    def _set_connected(self, connected: bool, reason: str = "") -> None:
+        if connected == self._connected or self._closed:
+            return
+        self._connected = connected
+        if connected:
+            log.info("registry connection restored", registry=self.url)
+        else:
+            log.warning("registry connection lost", registry=self.url, error=reason)
 
     def _client(self, endpoint: str) -> aetcd.Client:
         host, sep, port = endpoint.rpartition(":")
@@ -167,6 +187,7 @@ class EtcdStore:
                     except _TRANSPORT_ERRORS as exc:
                         code = _status_code(exc)
                         if code is not None and code not in _UNREACHABLE:
+                            self._set_connected(True)  # etcd answered, with an error
                             raise self._translate(exc, code, what, lease) from None
                         failures.append(f"{self.endpoints[index]}: {_reason(exc)}")
                         self._rotate(index)
@@ -174,10 +195,12 @@ class EtcdStore:
                             break  # it may have been applied: do not repeat it elsewhere
                         continue
                     self._current = index
+                    self._set_connected(True)
                     return result
         except TimeoutError:
             failures.append(f"{self.endpoints[index]}: no answer within {self.timeout_s:g}s")
             self._rotate(index)
+        self._set_connected(False, failures[-1] if failures else what)
         raise RegistryUnavailable(f"registry {self.url} unavailable: {what}: {'; '.join(failures)}")
 
     def _rotate(self, failed: int) -> None:
@@ -367,6 +390,7 @@ class EtcdStore:
                     first = await call.read()
                 if first is grpc.aio.EOF or not first.created:
                     raise _WatchInterrupted("etcd did not confirm the watch")
+                self._set_connected(True)
                 backoff = self._backoff_initial  # connected: the next failure starts the backoff over
                 while True:
                     response = await call.read()
@@ -388,6 +412,7 @@ class EtcdStore:
             except (_WatchInterrupted, MeshError, TimeoutError, *_TRANSPORT_ERRORS) as exc:
                 if self._closed:
                     return
+                self._set_connected(False, f"watch {prefix}: {_reason(exc)}")
                 log.warning(
                     "registry watch interrupted, resuming",
                     prefix=prefix, revision=next_rev, endpoint=self.endpoints[index],

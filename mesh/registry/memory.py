@@ -272,6 +272,11 @@ class MemoryStore:
     def revision(self) -> int:
         return self.backend.revision
 
+    @property
+    def connected(self) -> bool:
+        """In-process: reachable for as long as this handle is open."""
+        return not self._closed
+
     def _check_open(self) -> MemoryBackend:
         if self._closed:
             raise RegistryUnavailable(f"registry {self.backend.name} unavailable: store closed")

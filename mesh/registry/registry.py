@@ -66,6 +66,16 @@ class Registry:
             start_after=self.keys.model(start_after) if start_after else "")
         return [ModelSpec.from_json(kv.value) for kv in kvs]
 
+    async def count_models(self, page: int = 1000) -> int:
+        """Registered models, read a page at a time (the store has no count-only read)."""
+        total, after = 0, ""
+        while True:
+            kvs, _ = await self.store.get_prefix(self.keys.models, limit=page, start_after=after)
+            total += len(kvs)
+            if len(kvs) < page:
+                return total
+            after = kvs[-1].key
+
     # --- vModels ------------------------------------------------------------------------------
     async def get_vmodel(self, vmodel_id: str) -> tuple[VModelRecord, int] | None:
         """The record and its mod_revision (for compare-and-swap)."""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import structlog
 
 from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.observability.metrics import RouterMetrics
 from mesh.registry import open_store
 from mesh.registry.mirror import PrefixMirror
 from mesh.registry.records import InstanceRecord
@@ -21,8 +22,10 @@ from mesh.router.servicer import ModelMeshServicer
 from mesh.router.view import ClusterView
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
+from mesh.tracing import tracer_for
 from mesh.transport.handlers import generic_handler
-from mesh.transport.server import ChannelPool, add_health, bind, new_server, set_serving
+from mesh.transport.health import HealthReporter
+from mesh.transport.server import ChannelPool, bind, new_server
 from placement.scaling import ScalingConfig
 
 log = structlog.get_logger(__name__)
@@ -50,10 +53,23 @@ async def serve_router(settings: Settings, roots: RootTasks,
                         config=ScalingConfig(rps_threshold=rs.scale_rps_threshold,
                                              queue_threshold=rs.scale_queue_threshold,
                                              max_copies=rs.scale_max_copies, hold_s=rs.scale_hold_s))
+
+    def not_ready() -> str | None:
+        """Readiness (health service and V2 ServerReady): None when ready, else why not."""
+        if not all(m.ready for m in mirrors):
+            return "registry not mirrored yet"
+        if not store.connected:
+            return "registry unreachable"
+        if not any(not r.shutting_down for r in view.instances.values()):
+            return "no runtime instance in the registry"
+        return None
+
+    metrics = RouterMetrics(per_model=rs.per_model_metrics)
     forwarder = Forwarder(view=view, specs=specs, channels=channels, max_attempts=rs.max_attempts,
                           load_factor=rs.load_factor, streams_per_runtime=rs.streams_per_runtime,
-                          scaler=scaler,
-                          ready=lambda: all(m.ready for m in mirrors) and bool(view.instances))
+                          scaler=scaler, ready=lambda: not_ready() is None,
+                          access_log=settings.log.access_log, tracer=tracer_for(settings.log, "router"),
+                          metrics=metrics)
     background: set[asyncio.Task[None]] = set()
 
     def close_channel(record: InstanceRecord) -> None:
@@ -70,10 +86,13 @@ async def serve_router(settings: Settings, roots: RootTasks,
     server = new_server(rs.max_message_bytes)
     server.add_generic_rpc_handlers((
         forwarder.handler(),
-        generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"], ModelMeshServicer(management)),
+        generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],
+                        metrics.metered(ModelMeshServicer(management))),
     ))
-    health = add_health(server)
+    health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelMesh"))
     port = bind(server, rs.host, rs.port)
+    # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
+    stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "router")
 
     for mirror in mirrors:
         await mirror.start()
@@ -81,8 +100,12 @@ async def serve_router(settings: Settings, roots: RootTasks,
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(management.run_transitions(), "vmodel-transitions")
     roots.spawn(scaler.run(), "copy-scaling")
+    if rs.metrics_port >= 0:  # state gauges, and a registry read every 30 s: only when scraped
+        metrics.attach(view, scaler.copies_asked)
+        roots.spawn(metrics.count_managed(registry.count_models), "count-registered-models")
+    await health.start()
     await server.start()
-    await set_serving(health, True)
+    roots.spawn(health.follow(not_ready), "readiness")
     endpoint = f"{rs.host}:{port}"
     log.info("router serving", endpoint=endpoint, registry=settings.registry.url,
              instances=len(view.instances))
@@ -93,7 +116,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     finally:
         # Ordered shutdown: stop accepting and drain in-flight requests (they may be waiting on
         # a cold load), then stop watching and close the connections.
-        await set_serving(health, False)
+        await health.leave()
         await server.stop(grace=5.0)
         await roots.cancel_all()
         for mirror in mirrors:
@@ -102,4 +125,6 @@ async def serve_router(settings: Settings, roots: RootTasks,
             forwarder.multiplex.close()
         await channels.close()
         await call_soon_safely(store.close, "close registry")
+        if stop_metrics is not None:  # last, so that metrics can be read until the end
+            await asyncio.to_thread(stop_metrics)
         log.info("router stopped")

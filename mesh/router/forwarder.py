@@ -13,11 +13,16 @@ excludes that instance and the next attempt chooses again; any other answer (suc
 runtime's own error) goes back to the client as it is.
 
 The hot path avoids work per request: one cached multicallable per endpoint, metadata built from
-a short tuple, no logging on success.
+a short tuple, no logging on success. The client's metadata, ``traceparent``, ``tracestate`` and
+``x-request-id`` included, goes on to the runtime as it is; the request's log context is one object
+in a context variable (``mesh.logging``). The access log and spans (``log.access_log``,
+``log.tracing``) take a second relay function, chosen once at start, so that with both off the
+hot path does not even test for them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -29,11 +34,14 @@ from mesh import __version__
 from mesh.errors import MeshError, ModelNotFound, Unavailable
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
+from mesh.logging import REQUEST_ID, bind_request, current_request, header, new_request_id
+from mesh.observability.metrics import RouterMetrics
 from mesh.registry.records import ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.router.replicas import CopyScaler
 from mesh.router.routing import Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
+from mesh.tracing import Tracer
 from mesh.transport.handlers import generic_handler
 from mesh.transport.metadata import LOAD_MODE, MODEL_ID, VMODEL_ID, model_selection
 from mesh.transport.multiplex import MAX_FRAME_BODY, MultiplexPool, StreamError, StreamGone
@@ -42,6 +50,7 @@ from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, status_of
 from mesh.transport.wire import read_model_name
 
 log = structlog.get_logger(__name__)
+access = structlog.get_logger("mesh.access")
 
 SERVICE = "inference.GRPCInferenceService"
 # Headers not passed on: the model selection (replaced by the concrete ID), the load mode (ours to
@@ -94,8 +103,10 @@ class Forwarder:
     def __init__(self, *, view: ClusterView, specs: SpecCache, channels: ChannelPool,
                  max_attempts: int, load_factor: float,
                  ready: Callable[[], bool], streams_per_runtime: int = 2,
-                 scaler: CopyScaler | None = None) -> None:
+                 scaler: CopyScaler | None = None, access_log: bool = False,
+                 tracer: Tracer | None = None, metrics: RouterMetrics | None = None) -> None:
         self.view = view
+        self.metrics = metrics or RouterMetrics()
         self.specs = specs
         self.channels = channels
         self.max_attempts = max_attempts
@@ -105,6 +116,10 @@ class Forwarder:
         self.multiplex = MultiplexPool(streams_per_runtime) if streams_per_runtime > 0 else None
         self.scaler = scaler
         self._rng = random.Random()
+        self.access_log = access_log
+        self.tracer = tracer
+        if access_log or tracer is not None:
+            self._relay = self._relay_observed  # type: ignore[method-assign]
 
     # --- target selection ---------------------------------------------------------------------
     def _resolve(self, requested: str, is_vmodel: bool, from_header: bool) -> str:
@@ -153,6 +168,9 @@ class Forwarder:
         """One try on one instance. Raises ``Retry`` (gone / not here) or ``RemoteError``."""
         inflight = self.view.inflight
         inflight[target.instance_id] += 1
+        ctx = current_request()
+        if ctx is not None:
+            ctx.instance_id = target.instance_id  # for log lines about this attempt
         try:
             if self.multiplex is not None and method == INFER and len(body) <= MAX_FRAME_BODY:
                 # A request that may load carries the registration, saving the runtime a read.
@@ -272,6 +290,7 @@ class Forwarder:
         every failure to a status for the client."""
         try:
             model_id, metadata = self._selection(context, lambda: read_model_name(body))
+            bind_request(model_id, metadata)
             return await self.forward(method, model_id, body, metadata, self._timeout(context))
         except RemoteError as err:
             await context.abort(err.code, err.message)
@@ -279,6 +298,42 @@ class Forwarder:
             code, message = status_of(exc)
             await context.abort(code, message)
         raise AssertionError("unreachable: abort raises")
+
+    async def _relay_observed(self, method: str, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``_relay`` with the access log line and/or the router's span around it."""
+        started = time.perf_counter()
+        ctx = bind_request("", context.invocation_metadata() or ())  # the client's ids, if it fails early
+        code, message, response, span = grpc.StatusCode.OK, "", b"", None
+        try:
+            try:
+                model_id, metadata = self._selection(context, lambda: read_model_name(body))
+                ctx.model_id, ctx.metadata = model_id, metadata
+                if self.access_log and header(metadata, REQUEST_ID) is None:
+                    # Made here rather than on first use so that the runtime logs the same id.
+                    ctx.request_id = request_id = new_request_id()
+                    metadata += ((REQUEST_ID, request_id),)
+                if self.tracer is not None:
+                    span = self.tracer.start(method, metadata, model_id)
+                    ctx.trace_id = self.tracer.trace_id(span)
+                    metadata = self.tracer.onward(metadata, span)
+                response = await self.forward(method, model_id, body, metadata, self._timeout(context))
+                return response
+            except RemoteError as err:
+                code, message = err.code, err.message
+            except asyncio.CancelledError:
+                code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+            await context.abort(code, message)
+            raise AssertionError("unreachable: abort raises")
+        finally:
+            if span is not None and self.tracer is not None:
+                self.tracer.end(span, code.value[0], code.name, message, ctx.instance_id)
+            if self.access_log:
+                access.info("request", method=method.rpartition("/")[2], code=code.name,
+                            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                            bytes_in=len(body), bytes_out=len(response))
 
     async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._relay(INFER, body, context)
@@ -316,10 +371,27 @@ class Forwarder:
                               ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="mesh-serving", version=__version__, extensions=[])
 
+    def _model_labels(self, body: bytes, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        """(model ID, vModel ID) of a relayed request, for per-model metrics only (it resolves the
+        selection a second time)."""
+        requested = ""
+        try:
+            selected, is_vmodel, _ = model_selection(context.invocation_metadata() or ())
+            requested = selected if selected is not None else read_model_name(body)
+            model_id = self._resolve(requested, is_vmodel, selected is not None)
+        except Exception:
+            return requested, ""
+        return model_id, (requested if requested != model_id else "")
+
     def handler(self) -> grpc.GenericRpcHandler:
-        return generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], self, raw={
+        # Every method records modelmesh_api_request_milliseconds (and ModelInfer its sizes).
+        timed = self.metrics.timed
+        return generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+                               self.metrics.metered(self), raw={
             # bytes in, bytes out: no protobuf work on the router for inference
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(self.model_infer),
-            "ModelMetadata": grpc.unary_unary_rpc_method_handler(self.model_metadata_raw),
+            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+                timed("ModelInfer", self.model_infer, self._model_labels)),
+            "ModelMetadata": grpc.unary_unary_rpc_method_handler(
+                timed("ModelMetadata", self.model_metadata_raw, self._model_labels)),
         })
 

@@ -60,6 +60,7 @@ class CopyScaler:
         self.pin_check_s = pin_check_s
         self._next_pin_check = 0.0
         self.copies_added = 0
+        self.copies_asked: defaultdict[str, int] = defaultdict(int)  # by reason: hot, min_copies
 
     # --- the hot path: two dict operations and an EWMA update per request ---------------------
     def begin(self, model_id: str) -> None:
@@ -93,13 +94,19 @@ class CopyScaler:
             candidates = [r.instance_id for r in eligible(self.view, spec)]
             limit = min(len(candidates), spec.max_copies) if spec.max_copies else len(candidates)
             decision = self.policy.decide(model_id, now, len(holders), limit=limit)
+            if decision.release:
+                # Nothing to do: the held copy's advance in the eviction order runs out by itself.
+                log.info("releasing a copy to the cache policy", reason="cooled down", model_id=model_id,
+                         rate_rps=round(self.policy.rate(model_id, now), 2), copies=len(holders))
             if decision.add <= 0:
                 continue
+            per_copy = self.policy.rate(model_id, now) / len(holders)
+            reason = "hot: rate" if per_copy > self.policy.config.rps_threshold else "hot: queue"
             order = copy_order(model_id, candidates, exclude=set(holders))
             for instance_id in order[:decision.add]:
                 if (model_id, instance_id) in self._loading:
                     continue
-                self._add_copy(spec, instance_id)
+                self._add_copy(spec, instance_id, reason=reason)
 
     async def keep_min_copies(self) -> int:
         """Load the missing copies of every model registered with ``min_copies > 0``; how many
@@ -118,7 +125,7 @@ class CopyScaler:
             candidates = [r.instance_id for r in eligible(self.view, spec)]
             busy = set(holders) | {i for m, i in self._loading if m == model_id}
             for instance_id in copy_order(model_id, candidates, exclude=busy)[:wanted - len(holders) - pending]:
-                self._add_copy(spec, instance_id, reason="min copies")
+                self._add_copy(spec, instance_id, reason="min_copies")
                 started += 1
         return started
 
@@ -130,9 +137,10 @@ class CopyScaler:
         hold_ms = int((self.wall() + self.policy.config.hold_s) * 1000)
         key = (model_id, instance_id)
         self._loading.add(key)
+        self.copies_asked[reason] += 1
         log.info("adding a copy", reason=reason, model_id=model_id, instance_id=instance_id,
                  rate_rps=round(self.policy.rate(model_id, self.clock()), 2),
-                 copies=len(self._copies(model_id)))
+                 inflight=self.inflight.get(model_id, 0), copies=len(self._copies(model_id)))
 
         async def load() -> None:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -13,6 +14,7 @@ import structlog
 
 from mesh import __version__
 from mesh.errors import InvalidArgument
+from mesh.observability.metrics import RuntimeMetrics
 from mesh.registry import open_store
 from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
@@ -32,7 +34,9 @@ from mesh.runtime.service import (
 from mesh.runtime.servicer import add_to_server
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
-from mesh.transport.server import add_health, bind, new_server, set_serving
+from mesh.tracing import tracer_for
+from mesh.transport.health import HealthReporter
+from mesh.transport.server import bind, new_server
 from placement.policy import EvictionPolicy
 from placement.simulator import build_policy
 from placement.sizing import SizeEstimator
@@ -74,18 +78,22 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                        max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
                        prepare_fn=prepare_load)
     specs = SpecCache(registry, max_entries=10_000)
+    metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
                              infer_executor=infer_pool, sizer=sizer, types=types,
-                             inline_predict_ms=rs.inline_predict_ms)
+                             inline_predict_ms=rs.inline_predict_ms, metrics=metrics)
 
     server = new_server(settings.router.max_message_bytes)
     add_to_server(server, service, status={
         "status": 1, "capacityInBytes": capacities["ram"],
         "maxLoadingConcurrency": rs.max_concurrent_loads,
         "modelLoadingTimeoutMs": int(rs.load_timeout_s * 1000),
-        "defaultModelSizeInBytes": rs.default_model_size_bytes, "runtimeVersion": __version__})
-    health = add_health(server)
+        "defaultModelSizeInBytes": rs.default_model_size_bytes, "runtimeVersion": __version__},
+        access_log=settings.log.access_log, tracer=tracer_for(settings.log, "runtime"))
+    health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelRuntime"))
     port = bind(server, rs.host, rs.port)
+    # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
+    stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "runtime")
     endpoint = f"{rs.advertise_host or rs.host}:{port}"
     labels = tuple(rs.labels) + (("gpu",) if any(d.startswith("gpu") for d in capacities) else ())
     base = InstanceRecord(instance_id=instance_id, endpoint=endpoint, labels=labels, zone=rs.zone,
@@ -97,15 +105,28 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                           requests=lambda: service.requests, publish_interval_s=rs.publish_interval_s,
                           failure_ttl_s=settings.registry.failure_ttl_s)
     cache.set_listener(publisher)
+    metrics.attach(cache)
+
+    def not_ready() -> str | None:
+        """Readiness (health service): None when ready, else why not."""
+        if not service.ready:
+            return "not registered yet"
+        lease = session.lease
+        if lease is None or lease.lost.is_set():
+            return "registry lease lost"
+        if not store.connected:
+            return "registry unreachable"
+        return None
 
     await session.start()
     await specs.start()
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(publisher.run(), "publisher")
+    await health.start()
     await server.start()
     await publisher.publish_instance(force=True)
     service.ready = True
-    await set_serving(health, True)
+    roots.spawn(health.follow(not_ready), "readiness")
     log.info("runtime serving", endpoint=endpoint,
              capacity={d: c for d, c in capacities.items()}, types=types)
     if on_ready:
@@ -117,7 +138,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         # 1. Say we are leaving: routers stop choosing this instance for new requests and loads.
         service.ready = False
         publisher.shutting_down = True
-        await set_serving(health, False)
+        await health.leave()
         await call_soon_safely(lambda: publisher.publish_instance(force=True), "publish shutting-down")
         # 2. Stop accepting and let in-flight requests finish, within a deadline.
         await server.stop(grace=5.0)
@@ -129,4 +150,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         load_pool.shutdown(wait=False, cancel_futures=True)
         infer_pool.shutdown(wait=False, cancel_futures=True)
         await call_soon_safely(store.close, "close registry")
+        # 5. Metrics last, so that they can be read until the end.
+        if stop_metrics is not None:
+            await asyncio.to_thread(stop_metrics)
         log.info("runtime stopped")

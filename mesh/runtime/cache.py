@@ -75,7 +75,8 @@ class CacheListener(Protocol):
     """Told about every state change of a copy (publishes placements, counts metrics)."""
 
     def on_change(self, entry: Entry, event: str) -> None:
-        """event: loading, loaded, failed, evicted, unloaded."""
+        """event: loading, loaded, failed, evicted (for capacity), unloaded (any other reason:
+        ``entry.unload_reason``), released (an evicted or unloaded copy's memory is free)."""
 
 
 @dataclass(eq=False)
@@ -95,6 +96,14 @@ class Entry:
     load_ms: float = 0.0
     predict_ms: float = -1.0  # recent inference time (decode + predict + encode), -1 until measured
     initial_last_used: float | None = None  # enters the eviction order at this time, if set
+    # Set when the copy is removed: why (capacity, requested, unregistered, redefined, shutdown),
+    # how long it had been idle (cache clock), when (perf_counter), and whether its close raised.
+    unload_reason: str = ""
+    idle_s: float = 0.0
+    unload_started: float = 0.0
+    unload_failed: bool = False
+    load_reason: str = ""  # why it was loaded: "request" (a miss) or "loadModel" (asked ahead of traffic)
+    admitted: bool = True  # False: the admission filter refused it (served, then first to go)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # memory released
 
@@ -150,7 +159,7 @@ class ModelCache:
         self._load_slots = asyncio.Semaphore(max_concurrent_loads)
         self._load_timeout_s = load_timeout_s
         self._clock = clock
-        self._listener = listener
+        self._listeners: list[CacheListener] = [listener] if listener is not None else []
         self._rss = rss or _process_rss()
         self._prepare_fn = prepare_fn
         self._entries: dict[str, Entry] = {}
@@ -169,7 +178,10 @@ class ModelCache:
         task.add_done_callback(self._tasks.discard)
 
     def set_listener(self, listener: CacheListener) -> None:
-        self._listener = listener
+        self._listeners = [listener]
+
+    def add_listener(self, listener: CacheListener) -> None:
+        self._listeners.append(listener)
 
     # --- lookups ------------------------------------------------------------------------------
     def get(self, model_id: str) -> Entry | None:
@@ -191,7 +203,7 @@ class ModelCache:
 
     # --- loading ------------------------------------------------------------------------------
     async def acquire(self, spec: ModelSpec, *, allow_load: bool = True,
-                      last_used: float | None = None) -> Entry:
+                      last_used: float | None = None, reason: str = "request") -> Entry:
         """The loaded copy of ``spec``'s model, loading it first if needed (single flight).
 
         With ``allow_load=False`` a missing copy raises :class:`NotHere` instead (the router sent
@@ -210,7 +222,7 @@ class ModelCache:
                 if not allow_load:
                     raise NotHere(f"model {spec.model_id!r} is not loaded on this instance")
                 self.misses += last_used is None
-                entry = self._start_load(spec, last_used)
+                entry = self._start_load(spec, last_used, reason)
             # shield: one cancelled waiter must not cancel the load the others wait for
             await asyncio.shield(entry.ready)
             if entry.state == LOADED:
@@ -219,7 +231,7 @@ class ModelCache:
         raise NotHere(f"model {spec.model_id!r} was evicted as soon as it loaded; the instance is "
                       "too small for its working set")
 
-    def _start_load(self, spec: ModelSpec, last_used: float | None) -> Entry:
+    def _start_load(self, spec: ModelSpec, last_used: float | None, reason: str = "request") -> Entry:
         now = self._clock()
         device = self._choose_device(spec, self._budgets)
         budget = self._budgets[device]
@@ -228,15 +240,15 @@ class ModelCache:
             raise ResourceExhausted(
                 f"model {spec.model_id!r} needs about {predicted} bytes but this instance's {device} "
                 f"capacity is {budget.capacity_bytes} bytes")
-        if last_used is None and not budget.policy.admit(spec.model_id, predicted, now):
-            # Served, then first to go (see "Admission" above).
+        admitted = last_used is not None or budget.policy.admit(spec.model_id, predicted, now)
+        if not admitted:
+            # Served, then first to go (see "Admission" above); said in the load's one log line.
             last_used = now - REFUSED_AGE_S
             self.refused += 1
-            log.info("admission refused: serving without displacing others", model_id=spec.model_id,
-                     device=device, policy=budget.policy.name)
         entry = Entry(spec=spec, device=device, state=LOADING, reserved_bytes=0,
                       predicted_bytes=predicted, ready=asyncio.get_running_loop().create_future(),
-                      created=now, last_used=now, initial_last_used=last_used)
+                      created=now, last_used=now, initial_last_used=last_used, load_reason=reason,
+                      admitted=admitted)
         self._entries[spec.model_id] = entry
         self._spawn(self._load(entry), f"load:{spec.model_id}")
         self._notify(entry, LOADING)
@@ -259,7 +271,7 @@ class ModelCache:
                 exc = ModelLoadError(f"{entry.spec.type}: loading {entry.model_id!r} failed: {entry.error}")
             entry.ready.set_exception(exc)
             entry.ready.exception()  # retrieved; waiters re-raise it
-            log.warning("load failed", model_id=entry.model_id, reason=entry.error)
+            log.warning("load failed", model_id=entry.model_id, reason=entry.load_reason, error=entry.error)
             self._notify(entry, FAILED)
             await self._wake_space_waiters()
             return
@@ -315,8 +327,9 @@ class ModelCache:
         entry.reserved_bytes = measured
         budget.policy.insert(spec.model_id, measured, self._clock(),
                              last_used=entry.initial_last_used, cost=entry.load_ms)
-        log.info("model loaded", model_id=spec.model_id, device=entry.device, size_bytes=measured,
-                 predicted_bytes=entry.predicted_bytes, load_ms=round(entry.load_ms, 2))
+        log.info("model loaded", model_id=spec.model_id, reason=entry.load_reason, device=entry.device,
+                 size_bytes=measured, predicted_bytes=entry.predicted_bytes, load_ms=round(entry.load_ms, 2),
+                 **({} if entry.admitted else {"admission": f"refused by {budget.policy.name}: first to go"}))
         self.loads += 1
         return model
 
@@ -386,6 +399,7 @@ class ModelCache:
         self._unloading.add(entry)
         self.evictions += reason == "capacity"
         age_s = self._clock() - entry.last_used
+        entry.unload_reason, entry.idle_s, entry.unload_started = reason, age_s, time.perf_counter()
         log.info("model evicted" if reason == "capacity" else "model unloaded",
                  model_id=entry.model_id, device=entry.device, reason=reason,
                  size_bytes=entry.reserved_bytes, idle_s=round(age_s, 3))
@@ -396,18 +410,22 @@ class ModelCache:
         if entry.in_use:
             await entry.drained.wait()
         if entry.model is not None:
-            await self._close_model(entry.model)
+            entry.unload_failed = not await self._close_model(entry.model)
             entry.model = None
         self._unloading.discard(entry)
         self._release(entry)
         entry.gone.set()
+        self._notify(entry, "released")
         await self._wake_space_waiters()
 
-    async def _close_model(self, model: LoadedModel) -> None:
+    async def _close_model(self, model: LoadedModel) -> bool:
+        """Close ``model``; False if its close raised (logged; its memory is counted as free)."""
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, model.close)
         except Exception:
             log.warning("closing a model failed", model_id=model.model_id, exc_info=True)
+            return False
+        return True
 
     def _release(self, entry: Entry) -> None:
         if entry.reserved_bytes:
@@ -428,7 +446,7 @@ class ModelCache:
         if entry.in_use == 0:
             entry.drained.set()
 
-    async def unload(self, model_id: str, *, reason: str = "unloaded") -> bool:
+    async def unload(self, model_id: str, *, reason: str = "requested") -> bool:
         """Remove a copy (SPI unloadModel, unregistration); waits for a load in progress first."""
         entry = self._entries.get(model_id)
         if entry is None:
@@ -451,9 +469,9 @@ class ModelCache:
             await self.unload(entry.model_id, reason="shutdown")
 
     def _notify(self, entry: Entry, event: str) -> None:
-        if self._listener is not None:
+        for listener in self._listeners:
             try:
-                self._listener.on_change(entry, event)
+                listener.on_change(entry, event)
             except Exception:
                 log.exception("cache listener failed", model_id=entry.model_id, event=event)
 

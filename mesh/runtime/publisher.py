@@ -64,6 +64,8 @@ class Publisher:
 
     # --- CacheListener ------------------------------------------------------------------------
     def on_change(self, entry: Entry, event: str) -> None:
+        if event == "released":
+            return  # the copy's placement went when it was evicted; its bytes show in the next record
         now_ms = int(time.time() * 1000)
         if event in ("loading", "loaded"):
             state = LOADING if event == "loading" else LOADED

@@ -22,9 +22,10 @@ from concurrent.futures import Executor
 import structlog
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound
+from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound, NotHere
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
+from mesh.observability.metrics import RuntimeMetrics, status_name
 from mesh.registry.records import ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
@@ -140,8 +141,10 @@ class RuntimeService:
         sizer: SizePredictor,
         types: list[str] | None = None,
         inline_predict_ms: float = 0.0,
+        metrics: RuntimeMetrics | None = None,
     ) -> None:
         self.instance_id = instance_id
+        self.metrics = metrics or RuntimeMetrics()
         self.cache = cache
         self.specs = specs
         self.sizer = sizer
@@ -159,14 +162,40 @@ class RuntimeService:
             raise ModelNotFound(model_id)
         return spec
 
+    async def _loadable_spec(self, model_id: str) -> ModelSpec:
+        spec = await self._spec(model_id)
+        if spec.type.lower() not in self.types:
+            raise InvalidArgument(f"model {model_id!r} has type {spec.type!r}, which this runtime "
+                                  f"does not load (it loads: {', '.join(self.types)})")
+        return spec
+
     async def _entry(self, model_id: str, allow_load: bool) -> Entry:
         entry = self.cache.loaded(model_id)
         if entry is None:
-            spec = await self._spec(model_id)
-            if spec.type.lower() not in self.types:
-                raise InvalidArgument(f"model {model_id!r} has type {spec.type!r}, which this runtime "
-                                      f"does not load (it loads: {', '.join(self.types)})")
+            entry = await self.cache.acquire(await self._loadable_spec(model_id), allow_load=allow_load)
+        return entry
+
+    async def _miss(self, model_id: str, allow_load: bool) -> Entry:
+        """The copy for an inference whose model was not loaded at its arrival, counted as a miss
+        with its reason: ``routed_elsewhere`` (not here and not ours to load), ``load_failed``,
+        else ``evicted`` (loaded here before) or ``cold``. Requests for unregistered models, or of
+        a type this runtime does not load, are no cache requests at all."""
+        spec = await self._loadable_spec(model_id)
+        entry = self.cache.loaded(model_id)
+        if entry is not None:  # loaded while the registration was read
+            self.metrics.hit(model_id)
+            return entry
+        reason = self.metrics.miss_reason(model_id)
+        waited_since = time.perf_counter()
+        try:
             entry = await self.cache.acquire(spec, allow_load=allow_load)
+        except NotHere:
+            self.metrics.miss(model_id, "routed_elsewhere")
+            raise
+        except Exception:
+            self.metrics.miss(model_id, "load_failed")
+            raise
+        self.metrics.miss(model_id, reason, waited_since)
         return entry
 
     async def infer(self, model_id: str | None, body: bytes, *, allow_load: bool = True) -> bytes:
@@ -174,20 +203,32 @@ class RuntimeService:
 
         Decoding, the prediction and encoding all run on an inference thread, so the event loop
         only routes bytes. ``model_id`` None means: the request's ``model_name``."""
+        started = time.perf_counter()
         self.requests += 1
-        if model_id is None:
-            model_id = read_model_name(body)
-        entry = await self._entry(check_model_id(model_id), allow_load)
-        if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY:
-            # Small and known to be quick: no thread hand-off (the copy cannot be evicted and
-            # closed in between, since nothing awaits before the work is done).
-            return _run_inference(entry, body)
-        self.cache.begin_use(entry)
+        code = "OK"
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, _run_inference, entry, body)
+            if model_id is None:
+                model_id = read_model_name(body)
+            entry = self.cache.loaded(check_model_id(model_id))
+            if entry is None:
+                entry = await self._miss(model_id, allow_load)
+            else:
+                self.metrics.hit(model_id)
+            if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY:
+                # Small and known to be quick: no thread hand-off (the copy cannot be evicted and
+                # closed in between, since nothing awaits before the work is done).
+                return _run_inference(entry, body)
+            self.cache.begin_use(entry)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _run_inference, entry, body)
+            finally:
+                self.cache.end_use(entry)
+        except BaseException as exc:
+            code = status_name(exc)
+            raise
         finally:
-            self.cache.end_use(entry)
+            self.metrics.invoked(code, started, model_id)
 
     async def model_ready(self, model_id: str) -> bool:
         entry = self.cache.get(check_model_id(model_id))
@@ -222,10 +263,10 @@ class RuntimeService:
         if spec.type.lower() not in self.types:
             raise InvalidArgument(f"model type {spec.type!r} is not supported here "
                                   f"(supported: {', '.join(self.types)})")
-        return await self.cache.acquire(spec, last_used=last_used)
+        return await self.cache.acquire(spec, last_used=last_used, reason="loadModel")
 
     async def unload(self, model_id: str) -> bool:
-        return await self.cache.unload(model_id)
+        return await self.cache.unload(model_id, reason="unloadModel")
 
     def predict_size(self, spec: ModelSpec) -> int:
         return self.sizer.predict(spec)
@@ -242,7 +283,7 @@ class RuntimeService:
         if entry is None or (spec is not None and spec.same_definition(entry.spec)):
             return
         why = "unregistered" if spec is None else "redefined"
-        log.info("registration changed; unloading the local copy", model_id=model_id, why=why)
+        # The cache logs the unload, with this reason: one line per unload.
         asyncio.get_running_loop().create_task(self.cache.unload(model_id, reason=why),
                                                name=f"unload-{why}:{model_id}")
 

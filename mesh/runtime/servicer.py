@@ -1,28 +1,80 @@
 """gRPC edge of the runtime: the V2 data plane and the mmesh.ModelRuntime SPI, thin over
-:class:`~mesh.runtime.service.RuntimeService`."""
+:class:`~mesh.runtime.service.RuntimeService`.
+
+Each inference binds its log context (model id; request and trace ids from the ``x-request-id``
+and ``traceparent`` metadata that the router passes on). With ``log.access_log`` or
+``log.tracing`` on, inference goes through :class:`ObservedInference` instead: one access log
+line and one span (load wait + predict) per inference.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
+import structlog
 
 from mesh import __version__
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
+from mesh.logging import Metadata, bind_request
 from mesh.registry.records import ModelSpec
 from mesh.runtime.service import RuntimeService
+from mesh.tracing import Tracer
 from mesh.transport.handlers import generic_handler
 from mesh.transport.metadata import LAST_USED, model_selection
 from mesh.transport.multiplex import RequestFrame, stream_handler
-from mesh.transport.status import handled
+from mesh.transport.status import code_of, handled
+from mesh.transport.wire import read_model_name
 
 ORIGIN = "runtime"
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+access = structlog.get_logger("mesh.access")
+
+
+class ObservedInference:
+    """``RuntimeService.infer`` with an access log line and/or a span around it (built only when
+    ``log.access_log`` or ``log.tracing`` is on)."""
+
+    def __init__(self, service: RuntimeService, *, access_log: bool, tracer: Tracer | None) -> None:
+        self._service = service
+        self.access_log = access_log
+        self.tracer = tracer
+
+    async def infer(self, model_id: str, body: bytes, allow_load: bool, metadata: Metadata) -> bytes:
+        ctx = bind_request(model_id, metadata)
+        started = time.perf_counter()
+        code, message, response, span = grpc.StatusCode.OK, "", b"", None
+        if self.tracer is not None:
+            span = self.tracer.start(INFER, metadata, model_id)
+            ctx.trace_id = self.tracer.trace_id(span)
+        try:
+            response = await self._service.infer(model_id, body, allow_load=allow_load)
+            return response
+        except asyncio.CancelledError:
+            # The router's deadline ran out (multiplexed requests carry it) or the caller left.
+            code, message = grpc.StatusCode.CANCELLED, "cancelled: deadline exceeded or the caller left"
+            raise
+        except Exception as exc:
+            code = code_of(exc)
+            message = getattr(exc, "message", "") or type(exc).__name__
+            raise
+        finally:
+            if span is not None and self.tracer is not None:
+                self.tracer.end(span, code.value[0], code.name, message, self._service.instance_id)
+            if self.access_log:
+                access.info("inference", code=code.name, allow_load=allow_load,
+                            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                            bytes_in=len(body), bytes_out=len(response))
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: RuntimeService) -> None:
+    def __init__(self, service: RuntimeService, observed: ObservedInference | None = None) -> None:
         self._service = service
+        self._observed = observed
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):
         return pb.ServerLiveResponse(live=True)
@@ -45,7 +97,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handled(ORIGIN)
     async def model_infer_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        model_id, _, allow = model_selection(context.invocation_metadata())
+        metadata = context.invocation_metadata() or ()
+        model_id, _, allow = model_selection(metadata)
+        model_id = model_id or read_model_name(body)
+        if self._observed is not None:
+            return await self._observed.infer(model_id, body, allow, metadata)
+        bind_request(model_id, metadata)
         return await self._service.infer(model_id, body, allow_load=allow)
 
 
@@ -96,14 +153,20 @@ def _last_used_from(context: grpc.aio.ServicerContext) -> float | None:
     return None
 
 
-def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict[str, object]) -> None:
-    inference = InferenceServicer(service)
+def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict[str, object], *,
+                  access_log: bool = False, tracer: Tracer | None = None) -> None:
+    observed = (ObservedInference(service, access_log=access_log, tracer=tracer)
+                if access_log or tracer is not None else None)
+    inference = InferenceServicer(service, observed)
 
     async def multiplexed(frame: RequestFrame) -> bytes:
         if frame.spec:
             # The router's copy of the registration: used only if ours is not cached; our registry
             # watch keeps what we cache current either way.
             service.specs.prime(ModelSpec.from_json(frame.spec), replace=False)
+        if observed is not None:
+            return await observed.infer(frame.model_id, frame.body, frame.allow_load, frame.metadata)
+        bind_request(frame.model_id, frame.metadata)
         return await service.infer(frame.model_id, frame.body, allow_load=frame.allow_load)
 
     server.add_generic_rpc_handlers((

@@ -26,6 +26,13 @@ Response frame::
     u64 id | u8 code (0: OK, else a gRPC status code) | u8 flags (bit 0: not here)
     | u32 len | message (UTF-8) | body (a serialized ModelInferResponse when OK)
 
+The metadata field carries the client's text headers that the router passes on, among them the
+W3C trace context (``traceparent``, ``tracestate``) and ``x-request-id``, which the runtime binds to
+its log context (``mesh.logging``, ``mesh.tracing``). Carrying them there rather than in new frame
+fields keeps the format unchanged, so routers and runtimes of either version still understand
+each other during a rolling upgrade; and a request without such headers still pays nothing (an
+empty field, no JSON).
+
 A broken stream fails every request pending on it as "gone" (the router retries elsewhere, as for
 a refused connection) and the next request opens a new stream. Frames larger than
 ``MAX_FRAME_BODY`` go as ordinary unary calls, so one large message cannot hold up the others.
@@ -44,6 +51,7 @@ import grpc
 import structlog
 
 from mesh.errors import NotHere
+from mesh.logging import clear_request
 from mesh.transport.status import status_of
 
 log = structlog.get_logger(__name__)
@@ -239,6 +247,7 @@ class _Stream:
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="multiplex-reader")
 
     async def _read(self) -> None:
+        clear_request()  # created while serving the stream's first request: not that request's lines
         try:
             async for batch in self._call:
                 for frame in unpack_batch(batch):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from mesh.errors import Unavailable
 
@@ -38,16 +38,10 @@ def new_server(max_message_bytes: int) -> grpc.aio.Server:
 
 
 def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
-    """The standard grpc.health.v1 service; the caller flips it with ``set_serving``."""
+    """The standard grpc.health.v1 service; ``mesh.transport.health.HealthReporter`` sets it."""
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return servicer
-
-
-async def set_serving(servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
-    await servicer.set("", status)
 
 
 def bind(server: grpc.aio.Server, host: str, port: int) -> int:

@@ -36,6 +36,11 @@ ORIGIN_KEY = "mesh-origin"
 NOT_HERE_KEY = "mesh-not-here"
 
 
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    """The status ``exc`` will be answered with, without logging it (for access logs and spans)."""
+    return GRPC_CODES[exc.code] if isinstance(exc, MeshError) else grpc.StatusCode.INTERNAL
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, MeshError):
         return GRPC_CODES[exc.code], exc.message

@@ -39,7 +39,7 @@ async def etcd_mesh(etcd: EtcdProcess) -> AsyncIterator[InProcessMesh]:
 
 def _runtime_process(registry: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     ready = tmp / "runtime.ready"
-    env = {**os.environ, "MESH_REGISTRY_URL": registry, "MESH_RUNTIME_PORT": "0",
+    env = {**os.environ, "MESH_REGISTRY_URL": registry, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_METRICS_PORT": "0",
            "MESH_REGISTRY_LEASE_TTL_S": "2", "MESH_RUNTIME_INSTANCE_ID": "doomed",
            "MESH_RUNTIME_SUPPORTED_TYPES": "sklearn"}
     proc = subprocess.Popen([sys.executable, "-m", "mesh", "serve", "runtime", "--ready-file", str(ready)],

@@ -54,6 +54,7 @@ class InProcessMesh:
     registry_url: str
     runtime_overrides: dict[str, Any] = field(default_factory=dict)
     router_overrides: dict[str, Any] = field(default_factory=dict)
+    log_overrides: dict[str, Any] = field(default_factory=dict)
     router: Component | None = None
     runtimes: list[Component] = field(default_factory=list)
     channel: grpc.aio.Channel | None = None
@@ -61,9 +62,10 @@ class InProcessMesh:
     def settings(self, **runtime: Any) -> Settings:
         return load_settings(env={}, overrides={
             "registry": {"url": self.registry_url, "lease_ttl_s": 2, "failure_ttl_s": 30},
-            "router": {"port": 0, "default_timeout_s": 20.0, **self.router_overrides},
-            "runtime": {"port": 0, "publish_interval_s": 0.2, **self.runtime_overrides, **runtime},
-            "log": {"level": "warning"},
+            "router": {"port": 0, "metrics_port": 0, "default_timeout_s": 20.0, **self.router_overrides},
+            "runtime": {"port": 0, "metrics_port": 0, "publish_interval_s": 0.2, **self.runtime_overrides,
+                        **runtime},
+            "log": {"level": "warning", **self.log_overrides},
         })
 
     async def add_runtime(self, **overrides: Any) -> Component:

@@ -390,7 +390,7 @@ def test_runtime_capacity_comes_from_its_memory_limit(base: list[Doc]) -> None:
     assert env["MESH_RUNTIME_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["MESH_RUNTIME_INSTANCE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert container["readinessProbe"]["grpc"]["port"] == 8085
-    assert container["livenessProbe"]["grpc"]["port"] == 8085
+    assert container["livenessProbe"]["grpc"] == {"port": 8085, "service": "liveness"}
     assert pod["terminationGracePeriodSeconds"] == 60
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
     (models,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
@@ -403,7 +403,7 @@ def test_router_and_controller(base: list[Doc]) -> None:
     assert router["spec"]["replicas"] == 2
     container = _container(router)
     assert container["readinessProbe"]["grpc"]["port"] == 8033
-    assert container["livenessProbe"]["grpc"]["port"] == 8033
+    assert container["livenessProbe"]["grpc"] == {"port": 8033, "service": "liveness"}
     assert container["resources"]["limits"]["memory"]
     service = _one(base, "Service", "mesh-router")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8033, "metrics": 2112}

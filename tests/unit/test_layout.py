@@ -59,6 +59,10 @@ def test_kubernetes_client_is_confined_to_the_controllers_kube_module() -> None:
     assert set(_importing("mesh", ("kubernetes",))) == {"mesh/controller/kube.py"}
 
 
+def test_prometheus_client_is_confined_to_the_metrics_module() -> None:
+    assert set(_importing("mesh", ("prometheus_client",))) == {"mesh/observability/metrics.py"}
+
+
 def test_router_does_not_depend_on_the_runtime() -> None:
     for path in _modules("mesh/router"):
         assert not any(n.startswith("mesh.runtime") for n in _imports(path)), path

@@ -1,0 +1,77 @@
+"""Readiness and liveness on the standard ``grpc.health.v1`` service.
+
+Service names and what they mean:
+
+* ``""`` (the server as a whole) and each service the component serves (for the router
+  ``inference.GRPCInferenceService`` and ``mmesh.ModelMesh``) follow *readiness*: SERVING only while
+  the component can do its job. The component says what that takes (the router: registry mirrors
+  listed and watched, the registry reachable, a runtime instance in its view; a runtime: serving,
+  its lease alive, the registry reachable). Before the first check and from the start of shutdown
+  they are NOT_SERVING.
+* ``liveness`` is SERVING for as long as the process serves at all. Liveness probes belong there
+  (Kubernetes: ``grpc: {port: 8033, service: liveness}``): an etcd outage then takes pods out of
+  the Service's endpoints without having them restarted, which would not bring etcd back.
+
+Readiness is re-evaluated by a root task every ``interval_s`` (0.5 s): the conditions are a few
+attribute reads, and polling them keeps the registry code free of callbacks into the health
+service. Each change is logged once, with the reason when not ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2
+
+from mesh.transport.server import add_health
+
+log = structlog.get_logger(__name__)
+
+LIVENESS = "liveness"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Returns None when ready, else why not (logged on the change).
+Check = Callable[[], str | None]
+
+
+class HealthReporter:
+    def __init__(self, server: grpc.aio.Server, services: Sequence[str]) -> None:
+        self.servicer = add_health(server)
+        self._names = ("", *services)
+        self.ready: bool | None = None
+        self._leaving = False
+
+    async def start(self) -> None:
+        """Before the server starts: alive, not ready (the health servicer's default is SERVING)."""
+        await self.servicer.set(LIVENESS, _SERVING)
+        for name in self._names:
+            await self.servicer.set(name, _NOT_SERVING)
+
+    async def update(self, why_not: str | None) -> None:
+        ready = why_not is None and not self._leaving
+        if ready == self.ready:
+            return
+        self.ready = ready
+        for name in self._names:
+            await self.servicer.set(name, _SERVING if ready else _NOT_SERVING)
+        if ready:
+            log.info("readiness: serving")
+        elif self._leaving:
+            log.info("readiness: not serving", reason="shutting down")
+        else:
+            log.warning("readiness: not serving", reason=why_not)
+
+    async def follow(self, check: Check, interval_s: float = 0.5) -> None:
+        """Root task: keep the readiness names in line with ``check``."""
+        while True:
+            await self.update(check())
+            await asyncio.sleep(interval_s)
+
+    async def leave(self) -> None:
+        """Start of shutdown: NOT_SERVING for good (liveness stays until the server stops)."""
+        self._leaving = True
+        await self.update("shutting down")
