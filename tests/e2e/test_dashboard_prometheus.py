@@ -135,7 +135,7 @@ async def test_every_dashboard_query_returns_data(tmp_path: Path, ports: dict[st
     mesh = InProcessMesh(memory_url(),
                          router_overrides={"metrics_port": ports["router"], "per_model_metrics": True,
                                            "scale_rps_threshold": 5.0, "min_copies_check_s": 0.5},
-                         runtime_overrides={"capacity_bytes": 256 * 1024, "per_model_metrics": True})
+                         runtime_overrides={"capacity_bytes": 640 * 1024, "per_model_metrics": True})
     await mesh.add_runtime(metrics_port=ports["runtime-a"])
     await mesh.add_runtime(metrics_port=ports["runtime-b"])
     await mesh.start(runtimes=0)
@@ -144,7 +144,7 @@ async def test_every_dashboard_query_returns_data(tmp_path: Path, ports: dict[st
                                        "runtime-b": f"127.0.0.1:{ports['runtime-b']}"})
     try:
         await asyncio.to_thread(prometheus.wait_ready)
-        n_models = 40
+        n_models = 80
         for i in range(n_models):
             await mesh.register(f"tenant-{i}", "sklearn", str(models[i % 3].path))
         await mesh.register("pinned", "sklearn", str(models[0].path), minCopies=1)

@@ -1,0 +1,162 @@
+"""A small driver for the peers: V2 JSON over HTTP (Ray Serve) or V2 gRPC (MLServer), N models.
+
+Closed loop (``concurrency`` workers, each sending its next request when the last answered) or
+open loop (``rps`` arrivals per second at fixed spacing, at most ``max_in_flight`` outstanding;
+an arrival that finds the cap reached is counted as error ``DROPPED``, not queued, so a slow peer
+shows up as errors rather than as a silently lower offered rate). Models are chosen by cycling
+through ``order`` (indices into ``models``; default round-robin), so both peers see the same
+sequence of model IDs. Bodies are encoded once per model before the clock starts.
+
+Results are :class:`loadtest.load.PhaseResult`; ``extra["peak_rss_mb"]`` is the peak of the summed
+RSS of the peer's process tree during the measured part (sampled every 0.25 s by ``_proc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from loadtest.load import PhaseResult
+from loadtest.peers._proc import PeerProcess
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass(frozen=True)
+class Target:
+    model_id: str
+    sample: np.ndarray  # FP32 [rows, features]
+
+
+Send = Callable[[int], Awaitable[str | None]]  # model index -> None when OK, else an error name
+
+
+async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float,
+               rps: float | None, max_in_flight: int, order: Sequence[int] | None,
+               latencies: list[float] | None, errors: dict[str, int]) -> int:
+    picks = itertools.cycle(order or range(n_models))
+    clock = time.perf_counter
+    end = clock() + duration_s
+    done = 0
+
+    async def one() -> None:
+        nonlocal done
+        started = clock()
+        err = await send(next(picks))
+        if err is not None:
+            errors[err] = errors.get(err, 0) + 1
+            return
+        if latencies is not None:
+            latencies.append(clock() - started)
+        done += 1
+
+    if rps is None:
+        async def worker() -> None:
+            while clock() < end:
+                await one()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done
+
+    in_flight: set[asyncio.Task[None]] = set()
+    gap = 1.0 / rps
+    next_at = clock()
+    while next_at < end:
+        await asyncio.sleep(max(0.0, next_at - clock()))
+        next_at += gap
+        if len(in_flight) >= max_in_flight:
+            errors["DROPPED"] = errors.get("DROPPED", 0) + 1
+            continue
+        task = asyncio.create_task(one())
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.gather(*in_flight)
+    return done
+
+
+async def _phase(name: str, send: Send, n_models: int, *, concurrency: int, duration_s: float,
+                 warmup_s: float, rps: float | None, max_in_flight: int,
+                 order: Sequence[int] | None, proc: PeerProcess | None) -> PhaseResult:
+    kw = dict(concurrency=concurrency, rps=rps, max_in_flight=max_in_flight, order=order)
+    if warmup_s > 0:
+        await _run(send, n_models, duration_s=warmup_s, latencies=None, errors={}, **kw)
+    if proc is not None:
+        proc.reset_peak()
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    started = time.perf_counter()
+    done = await _run(send, n_models, duration_s=duration_s, latencies=latencies, errors=errors,
+                      **kw)
+    elapsed = time.perf_counter() - started
+    result = PhaseResult(name, concurrency, done, elapsed, latencies, errors)
+    if proc is not None:
+        result.extra["peak_rss_mb"] = max(proc.peak_rss_bytes, proc.rss_bytes()) / 2**20
+    return result
+
+
+def v2_json_body(sample: np.ndarray, input_name: str = "input") -> bytes:
+    return json.dumps({"inputs": [{"name": input_name, "shape": list(sample.shape),
+                                   "datatype": "FP32",
+                                   "data": sample.astype(np.float32).ravel().tolist()}]}).encode()
+
+
+async def drive_http(base_url: str, models: Sequence[Target], *, name: str = "http",
+                     concurrency: int = 8, duration_s: float = 10.0, warmup_s: float = 1.0,
+                     rps: float | None = None, max_in_flight: int = 256,
+                     order: Sequence[int] | None = None, proc: PeerProcess | None = None,
+                     timeout_s: float = 30.0) -> PhaseResult:
+    """POST ``{base_url}/v2/models/{id}/infer`` with ``serve_multiplexed_model_id: {id}``."""
+    import aiohttp
+
+    reqs = [(f"{base_url}/v2/models/{m.model_id}/infer", v2_json_body(m.sample),
+             {"content-type": "application/json", "serve_multiplexed_model_id": m.model_id})
+            for m in models]
+    limit = max(concurrency, max_in_flight if rps else concurrency)
+    connector = aiohttp.TCPConnector(limit=limit)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def send(i: int) -> str | None:
+            url, body, headers = reqs[i]
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    return None if resp.status == 200 else f"HTTP_{resp.status}"
+            except (TimeoutError, aiohttp.ClientError) as err:
+                return type(err).__name__
+
+        return await _phase(name, send, len(models), concurrency=concurrency,
+                            duration_s=duration_s, warmup_s=warmup_s, rps=rps,
+                            max_in_flight=max_in_flight, order=order, proc=proc)
+
+
+async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc",
+                     concurrency: int = 8, duration_s: float = 10.0, warmup_s: float = 1.0,
+                     rps: float | None = None, max_in_flight: int = 256,
+                     order: Sequence[int] | None = None, proc: PeerProcess | None = None,
+                     timeout_s: float = 30.0, raw: bool = True) -> PhaseResult:
+    """V2 gRPC ``ModelInfer`` with pre-serialized requests (MLServer, or our own router)."""
+    import grpc
+
+    from mesh.runtime.tensors import encode_request
+
+    bodies = [encode_request(model_name=m.model_id, inputs={"input-0": m.sample.astype(np.float32)},
+                             raw=raw).SerializeToString() for m in models]
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(MODEL_INFER)
+
+        async def send(i: int) -> str | None:
+            try:
+                await call(bodies[i], timeout=timeout_s)
+            except grpc.aio.AioRpcError as err:
+                return err.code().name
+            return None
+
+        return await _phase(name, send, len(models), concurrency=concurrency,
+                            duration_s=duration_s, warmup_s=warmup_s, rps=rps,
+                            max_in_flight=max_in_flight, order=order, proc=proc)
