@@ -1,7 +1,9 @@
 """A small driver for the peers: V2 JSON over HTTP (Ray Serve) or V2 gRPC (MLServer), N models.
 
 Closed loop (``concurrency`` workers, each sending its next request when the last answered) or
-open loop (``rps`` arrivals per second at fixed spacing, at most ``max_in_flight`` outstanding;
+open loop (``rps`` arrivals per second at fixed spacing, or at the precomputed send times
+``arrivals`` (seconds from the start, e.g. Poisson from ``loadtest.arrivals``), at most
+``max_in_flight`` outstanding;
 an arrival that finds the cap reached is counted as error ``DROPPED``, not queued, so a slow peer
 shows up as errors rather than as a silently lower offered rate). Models are chosen by cycling
 through ``order`` (indices into ``models``; default round-robin), so both peers see the same
@@ -39,7 +41,8 @@ Send = Callable[[int], Awaitable[str | None]]  # model index -> None when OK, el
 
 async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float,
                rps: float | None, max_in_flight: int, order: Sequence[int] | None,
-               latencies: list[float] | None, errors: dict[str, int]) -> int:
+               latencies: list[float] | None, errors: dict[str, int],
+               arrivals: Sequence[float] | None = None) -> int:
     picks = itertools.cycle(order or range(n_models))
     clock = time.perf_counter
     end = clock() + duration_s
@@ -56,7 +59,7 @@ async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float
             latencies.append(clock() - started)
         done += 1
 
-    if rps is None:
+    if rps is None and arrivals is None:
         async def worker() -> None:
             while clock() < end:
                 await one()
@@ -64,11 +67,14 @@ async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float
         return done
 
     in_flight: set[asyncio.Task[None]] = set()
-    gap = 1.0 / rps
-    next_at = clock()
-    while next_at < end:
-        await asyncio.sleep(max(0.0, next_at - clock()))
-        next_at += gap
+    start = clock()
+    if arrivals is None:
+        assert rps is not None
+        arrivals = np.arange(0.0, duration_s, 1.0 / rps)
+    for at in arrivals:
+        if at >= duration_s:
+            break
+        await asyncio.sleep(max(0.0, start + at - clock()))
         if len(in_flight) >= max_in_flight:
             errors["DROPPED"] = errors.get("DROPPED", 0) + 1
             continue
@@ -82,8 +88,10 @@ async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float
 
 async def _phase(name: str, send: Send, n_models: int, *, concurrency: int, duration_s: float,
                  warmup_s: float, rps: float | None, max_in_flight: int,
-                 order: Sequence[int] | None, proc: PeerProcess | None) -> PhaseResult:
-    kw = dict(concurrency=concurrency, rps=rps, max_in_flight=max_in_flight, order=order)
+                 order: Sequence[int] | None, proc: PeerProcess | None,
+                 arrivals: Sequence[float] | None = None) -> PhaseResult:
+    kw = dict(concurrency=concurrency, rps=rps, max_in_flight=max_in_flight, order=order,
+              arrivals=arrivals)
     if warmup_s > 0:
         await _run(send, n_models, duration_s=warmup_s, latencies=None, errors={}, **kw)
     if proc is not None:
@@ -110,14 +118,16 @@ async def drive_http(base_url: str, models: Sequence[Target], *, name: str = "ht
                      concurrency: int = 8, duration_s: float = 10.0, warmup_s: float = 1.0,
                      rps: float | None = None, max_in_flight: int = 256,
                      order: Sequence[int] | None = None, proc: PeerProcess | None = None,
-                     timeout_s: float = 30.0) -> PhaseResult:
+                     timeout_s: float = 30.0,
+                     arrivals: Sequence[float] | None = None) -> PhaseResult:
     """POST ``{base_url}/v2/models/{id}/infer`` with ``serve_multiplexed_model_id: {id}``."""
     import aiohttp
 
     reqs = [(f"{base_url}/v2/models/{m.model_id}/infer", v2_json_body(m.sample),
              {"content-type": "application/json", "serve_multiplexed_model_id": m.model_id})
             for m in models]
-    limit = max(concurrency, max_in_flight if rps else concurrency)
+    open_loop = rps is not None or arrivals is not None
+    limit = max(concurrency, max_in_flight if open_loop else concurrency)
     connector = aiohttp.TCPConnector(limit=limit)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -132,14 +142,16 @@ async def drive_http(base_url: str, models: Sequence[Target], *, name: str = "ht
 
         return await _phase(name, send, len(models), concurrency=concurrency,
                             duration_s=duration_s, warmup_s=warmup_s, rps=rps,
-                            max_in_flight=max_in_flight, order=order, proc=proc)
+                            max_in_flight=max_in_flight, order=order, proc=proc,
+                            arrivals=arrivals)
 
 
 async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc",
                      concurrency: int = 8, duration_s: float = 10.0, warmup_s: float = 1.0,
                      rps: float | None = None, max_in_flight: int = 256,
                      order: Sequence[int] | None = None, proc: PeerProcess | None = None,
-                     timeout_s: float = 30.0, raw: bool = True) -> PhaseResult:
+                     timeout_s: float = 30.0, raw: bool = True,
+                     arrivals: Sequence[float] | None = None) -> PhaseResult:
     """V2 gRPC ``ModelInfer`` with pre-serialized requests (MLServer, or our own router)."""
     import grpc
 
@@ -159,4 +171,5 @@ async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc
 
         return await _phase(name, send, len(models), concurrency=concurrency,
                             duration_s=duration_s, warmup_s=warmup_s, rps=rps,
-                            max_in_flight=max_in_flight, order=order, proc=proc)
+                            max_in_flight=max_in_flight, order=order, proc=proc,
+                            arrivals=arrivals)

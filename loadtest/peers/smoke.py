@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from loadtest.peers import setup
 from loadtest.peers.drive import Target, drive_grpc, drive_http
@@ -83,24 +84,32 @@ def netns_prefix() -> list[str]:
                                         'ip link set lo up && exec "$@"', "netns"]
 
 
-def run_child(peer: str, models_dir: Path, args: argparse.Namespace) -> dict[str, object]:
+def run_isolated(module: str, system: str, flags: list[str], *, limit_s: float,
+                 allow_wildcard: bool) -> dict[str, Any]:
+    """Run ``python -m module --phase system *flags`` in a loopback-only network namespace (when
+    possible) and return the JSON of its ``RESULT`` line, with ``netns`` added."""
     prefix = netns_prefix()
-    if not prefix and peer == "ray" and not args.allow_wildcard:
+    if not prefix and system == "ray" and not allow_wildcard:
         raise RuntimeError("Ray binds 0.0.0.0 and no network namespace is available "
                            "(needs root + unshare); pass --allow-wildcard to run it anyway")
-    argv = [*prefix, sys.executable, "-m", "loadtest.peers.smoke", "--phase", peer,
-            "--models-dir", str(models_dir), "--models", str(args.models),
-            "--duration", str(args.duration), "--warmup", str(args.warmup),
-            "--concurrency", str(args.concurrency), "--max-models", str(args.max_models)]
-    limit = 180 + args.warmup + args.duration
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    argv = [*prefix, sys.executable, "-m", module, "--phase", system, *flags]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=limit_s)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            out = json.loads(line[len("RESULT "):])
+            out: dict[str, Any] = json.loads(line[len("RESULT "):])
             out["netns"] = bool(prefix)
             return out
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-    raise RuntimeError(f"{peer} phase failed (rc {proc.returncode}):\n{tail}")
+    raise RuntimeError(f"{system} phase failed (rc {proc.returncode}):\n{tail}")
+
+
+def run_child(peer: str, models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    flags = ["--models-dir", str(models_dir), "--models", str(args.models),
+             "--duration", str(args.duration), "--warmup", str(args.warmup),
+             "--concurrency", str(args.concurrency), "--max-models", str(args.max_models)]
+    return run_isolated("loadtest.peers.smoke", peer, flags,
+                        limit_s=180 + args.warmup + args.duration,
+                        allow_wildcard=args.allow_wildcard)
 
 
 def smoke(*, models: int, duration: float, warmup: float = 1.0, concurrency: int = 8,
