@@ -3,6 +3,7 @@ and tables in Markdown (so that the output can be pasted into BENCHMARKS.md as i
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -52,7 +53,14 @@ def _module_argv() -> list[str]:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     name = spec.name if spec is not None else sys.argv[0]
-    return [name, *sys.argv[1:]]
+    args, shown = sys.argv[1:], []
+    while args:  # ``--out FILE`` is where mesh-bench collects the result, not part of the run
+        arg = args.pop(0)
+        if arg == "--out":
+            args = args[1:]
+        elif not arg.startswith("--out="):
+            shown.append(arg)
+    return [name, *shown]
 
 
 class ForeignLoad:
@@ -120,6 +128,24 @@ def _fmt(value: object) -> str:
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """``--json`` (print the raw results after the tables) and ``--out FILE`` (what ``mesh-bench``
+    reads: one JSON object with the Markdown and the raw results)."""
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    parser.add_argument("--out", type=Path, metavar="FILE",
+                        help="write {markdown, result} as JSON to FILE (used by mesh-bench)")
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], markdown: str) -> None:
+    """Print a benchmark's tables (and its JSON with ``--json``); write ``--out`` if asked."""
+    print(markdown)
+    if getattr(args, "json", False):
+        print(dump_json(result))
+    out: Path | None = getattr(args, "out", None)
+    if out is not None:
+        out.write_text(dump_json({"markdown": markdown, "result": result}) + "\n")
 
 
 def dump_json(data: dict[str, Any]) -> str:

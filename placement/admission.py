@@ -31,7 +31,7 @@ reference anchors' weighted W-TinyLFU uses). The sketch is:
   and Caffeine use 10; the default here is 4, because with 10 a filter in front of a large cache
   (2,000 models) forgot a reshuffled popularity order too slowly: on the churn workload at 20 %
   capacity ``s3fifo+tinylfu`` missed 0.236 against LRU's 0.235, with 4 it misses 0.230, at a cost of
-  under one point of miss ratio on stationary Zipf (``python -m loadtest.placement_bench``).
+  under one point of miss ratio on stationary Zipf (``python -m loadtest.scenarios.placement``).
 
 Hashing is keyed BLAKE2b of the key (``seed`` selects the hash functions), so runs are deterministic
 across processes (Python's ``hash`` of a string is not). The hashed positions of recent keys are

@@ -1,6 +1,6 @@
 """Hop overhead: what the router adds between a client and a runtime (issue 2, target 1).
 
-``python -m loadtest.hop [--duration S] [--rounds R] [--warmup S] [--concurrency N]
+``python -m loadtest.scenarios.hop [--duration S] [--rounds R] [--warmup S] [--concurrency N]
 [--profile-seconds S] [--no-naive] [--json]``
 
 Method. One private etcd, one runtime, one router, a bare grpc.aio echo server
@@ -62,7 +62,7 @@ from loadtest.echo_server import METHOD as ECHO_METHOD
 from loadtest.load import PhaseResult, bytes_call, closed_loop
 from loadtest.management import register, wait_loaded
 from loadtest.models import TrainedModel, infer_body, train_logistic
-from loadtest.report import ForeignLoad, dump_json, machine, machine_line, table, verdict
+from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table, verdict
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.runtime.tensors import decode_response
@@ -280,7 +280,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.hop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtest.scenarios.hop", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0,
                         help="measured seconds per path and concurrency, over all rounds (default 8)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-seconds", type=float, default=6.0,
                         help="seconds of py-spy on the router after the measurements (0: none)")
     parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy reference")
-    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     prepare_benchmark_process()
     foreign = ForeignLoad()
@@ -313,10 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     result["machine"]["foreign_load"] = foreign.result()
-    print(render(result))
-    if args.json:
-        result["profile"].pop("text", None)
-        print(dump_json(result))
+    markdown = render(result)
+    result["profile"].pop("text", None)
+    emit(args, result, markdown)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Eviction policies against LRU and the offline optimum, and the simulator's speed (issue 3 targets).
 
-``python -m loadtest.placement_bench [--requests N] [--quick] [--default NAME] [--jobs J] [--json]``
+``python -m loadtest.scenarios.placement [--requests N] [--quick] [--default NAME] [--jobs J] [--json]``
 
 Method. The issue's grid: Zipf popularity with alpha 0.8, 1.0 and 1.2 over 10,000 models
 (``placement.generators.zipf_trace``, Poisson arrivals at 100 requests/s, seed 1), a cache of 5%, 10%
@@ -51,7 +51,7 @@ from functools import lru_cache
 from itertools import islice
 from typing import Any
 
-from loadtest.report import ForeignLoad, dump_json, machine, machine_line, table, verdict
+from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table, verdict
 from placement.generators import SizeModel, azure_trace, synthetic_azure_counts, zipf_trace
 from placement.policy import policy_names
 from placement.request import Request
@@ -334,7 +334,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.placement_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtest.scenarios.placement", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1_000_000, help="requests per trace (default 1,000,000)")
     parser.add_argument("--quick", action="store_true", help="200,000 requests per trace, no cluster section")
     parser.add_argument("--default", default=DEFAULT_CANDIDATE,
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the serial replay-speed pass (for a quiet machine), as a table")
     parser.add_argument("--no-robust", action="store_true",
                         help="only the Zipf grid: skip the churn, sweeps, bursty and Azure-like workloads")
-    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     n_requests = 200_000 if args.quick else args.requests
     known = policy_names()
@@ -389,9 +389,7 @@ def main(argv: list[str] | None = None) -> int:
               "points": results, "cluster": cluster, "verdicts": judge(results, speed, args.default),
               "seconds": time.perf_counter() - started}
     result["machine"]["foreign_load"] = foreign.result()
-    print(render(result))
-    if args.json:
-        print(dump_json(result))
+    emit(args, result, render(result))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Router memory with many registered, unloaded models (issue 2, target 3).
 
-``python -m loadtest.router_memory [--models N] [--in-flight K] [--ready R] [--status S] [--json]``
+``python -m loadtest.scenarios.router_memory [--models N] [--in-flight K] [--ready R] [--status S] [--json]``
 
 Method. One private etcd, one runtime (so that the router has an instance and is ready) and one
 router, separate processes on 127.0.0.1. The router's memory is read with psutil: RSS, USS
@@ -45,7 +45,7 @@ import psutil
 
 from loadtest.cluster import Cluster, Server, prepare_benchmark_process
 from loadtest.management import register_many
-from loadtest.report import ForeignLoad, dump_json, machine, machine_line, table, verdict
+from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table, verdict
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
@@ -209,13 +209,13 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.router_memory",
+    parser = argparse.ArgumentParser(prog="python -m loadtest.scenarios.router_memory",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=100_000, help="models to register (default 100,000)")
     parser.add_argument("--in-flight", type=int, default=200, help="registrations in flight (default 200)")
     parser.add_argument("--status", type=int, default=2_000, help="random getModelStatus calls")
     parser.add_argument("--ready", type=int, default=5_000, help="random ModelReady calls")
-    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     prepare_benchmark_process()
     foreign = ForeignLoad()
@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         router = cluster.start_router()
         result = uvloop.run(run(args, router))
     result["machine"]["foreign_load"] = foreign.result()
-    print(render(result))
-    if args.json:
-        print(dump_json(result))
+    emit(args, result, render(result))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``python -m loadtest.peers_bench`` end to end with tiny settings: our mesh, MLServer and Ray Serve
+"""``python -m loadtest.scenarios.peers`` end to end with tiny settings: our mesh, MLServer and Ray Serve
 each serve the same requests with no error, and no process of any of them survives.
 
 Slow: starts three systems one after the other (about 45 s on two cores once the peer venvs exist).
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_three_systems_serve_the_same_trace_and_leave_no_process() -> None:
-    from loadtest.peers_bench import SYSTEMS, bench, render
+    from loadtest.scenarios.peers import SYSTEMS, bench, render
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     out = bench(models=5, rate=50.0, concurrency=4, duration=2.0, warmup=0.5)

@@ -1,6 +1,6 @@
 """Cold start: what a model's first request costs beyond the load itself (issue 2, target 2).
 
-``python -m loadtest.coldstart [--models N] [--burst B] [--single S] [--warm W] [--json]``
+``python -m loadtest.scenarios.coldstart [--models N] [--burst B] [--single S] [--warm W] [--json]``
 
 Method. One private etcd, one runtime and one router, separate processes on 127.0.0.1. We train
 ``N + S + 1`` small scikit-learn LogisticRegressions (20 features, distinct seeds, about 1 KB on
@@ -69,7 +69,7 @@ from loadtest.cluster import Cluster, Server, prepare_benchmark_process
 from loadtest.load import bytes_call
 from loadtest.management import instances, placements, register_many
 from loadtest.models import TrainedModel, infer_body, train_logistic
-from loadtest.report import ForeignLoad, dump_json, machine, machine_line, table, verdict
+from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table, verdict
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
@@ -350,7 +350,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.coldstart",
+    parser = argparse.ArgumentParser(prog="python -m loadtest.scenarios.coldstart",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=int, default=30, help="models hit by a burst (default 30)")
     parser.add_argument("--burst", type=int, default=100, help="concurrent first requests (default 100)")
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm", type=int, default=20, help="warm requests per model for the median")
     parser.add_argument("--probes", type=int, default=10,
                         help="registered, never-used models per component for the registry-read probe")
-    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     prepare_benchmark_process()
     foreign = ForeignLoad()
@@ -377,9 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     result["machine"]["foreign_load"] = foreign.result()
-    print(render(result))
-    if args.json:
-        print(dump_json(result))
+    emit(args, result, render(result))
     return 0
 
 

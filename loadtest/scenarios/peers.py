@@ -1,6 +1,6 @@
 """Our mesh, MLServer and Ray Serve side by side: same machine, same models, same requests, one run.
 
-    python -m loadtest.peers_bench --models 50 --rate 200 --concurrency 16 --duration 20 --json
+    python -m loadtest.scenarios.peers --models 50 --rate 200 --concurrency 16 --duration 20 --json
 
 The schedule is made once, in this process, before any system starts: a Zipf(1.0) sequence of
 model indices and Poisson send times (``loadtest.arrivals``, fixed seed), saved next to the models.
@@ -40,7 +40,7 @@ from loadtest.arrivals import poisson_times, zipf_weights
 from loadtest.peers import setup
 from loadtest.peers.smoke import make_models, run_isolated
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("mesh", "mlserver", "ray")
 MESH_CAPACITY = "256MiB"  # per runtime; 50 small sklearn models need a few MiB, so all fit
 SCHEDULE = "schedule.npz"
@@ -140,7 +140,7 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
 def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     flags = ["--work", str(work), "--models", str(args.models), "--warmup", str(args.warmup),
              "--duration", str(args.duration), "--concurrency", str(args.concurrency)]
-    return run_isolated("loadtest.peers_bench", system, flags,
+    return run_isolated("loadtest.scenarios.peers", system, flags,
                         limit_s=240 + 3 * (args.warmup + args.duration),
                         allow_wildcard=args.allow_wildcard)
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system", choices=SYSTEMS, action="append", help="default: all three")
     parser.add_argument("--allow-wildcard", action="store_true",
                         help="run Ray even where no loopback-only network namespace is possible")
-    parser.add_argument("--json", action="store_true", help="print the raw results too")
+    report.add_output_args(parser)
     parser.add_argument("--phase", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                        systems=tuple(args.system or SYSTEMS), allow_wildcard=args.allow_wildcard)
     except (setup.SetupError, RuntimeError, subprocess.TimeoutExpired) as err:
         sys.exit(f"error: {err}")
-    print(render(result))
-    if args.json:
-        print(report.dump_json(result))
+    report.emit(args, result, render(result))
     bad = {n: r["survivors"] for n, r in result["systems"].items() if r["survivors"]}
     if bad:
         sys.exit(f"error: processes survived: {bad}")
