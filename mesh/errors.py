@@ -24,6 +24,8 @@ class Code(enum.Enum):
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     INTERNAL = "INTERNAL"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
 
 
 class MeshError(Exception):
@@ -50,6 +52,18 @@ class ModelNotFound(MeshError):
 
 class AlreadyExists(MeshError):
     code = Code.ALREADY_EXISTS
+
+
+class Unauthenticated(MeshError):
+    """No bearer token, or one that is not in the tokens file (the message never repeats it)."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(MeshError):
+    """A known token asked for something its role or its model-ID prefixes do not allow."""
+
+    code = Code.PERMISSION_DENIED
 
 
 class FailedPrecondition(MeshError):

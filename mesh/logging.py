@@ -131,6 +131,18 @@ def add_request_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mut
     return event
 
 
+# Last line of defence for secrets (docs/security.md): a field with one of these names is never
+# printed, whoever logs it. The first lines are that tokens and passwords are never passed to a
+# logger, and that the router strips the client's ``authorization`` header before forwarding.
+SECRET_FIELDS = frozenset({"authorization", "password", "token", "secret", "private_key"})
+
+
+def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in SECRET_FIELDS.intersection(event):
+        event[key] = "[redacted]"
+    return event
+
+
 def configure(settings: LogSettings, *, component: str) -> None:
     level = getattr(logging, settings.level.upper(), None)
     if not isinstance(level, int):
@@ -146,6 +158,7 @@ def configure(settings: LogSettings, *, component: str) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             add_request_context,
+            redact_secrets,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

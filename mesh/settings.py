@@ -2,7 +2,7 @@
 
 Sources, later ones winning: the defaults below; a TOML config file (``--config FILE`` or
 ``MESH_CONFIG``) with one table per group (``[registry]``, ``[router]``, ``[runtime]``, ``[controller]``,
-``[log]``);
+``[tls]``, ``[auth]``, ``[log]``);
 environment variables ``MESH_<GROUP>_<FIELD>`` (``MESH_RUNTIME_CAPACITY_BYTES=2GiB``); explicit
 overrides from the command line. Unknown keys are errors, not silently ignored: a typo in a
 capacity setting should stop the process rather than run it with the default.
@@ -43,6 +43,19 @@ class RegistrySettings:
                           "this long after it dies (ModelMesh: 20 s, plus a reaper pass of minutes).", "s")
     failure_ttl_s: int = _f(300, "How long a load-failure record lives; while it does, routers do not "
                             "retry the load on that instance (ModelMesh keeps them 15 min).", "s")
+    # etcd security (docs/security.md). TLS is on when ca_file is set; the credentials are etcd's own
+    # users (`etcdctl user add`, `auth enable`). None of these ever appears in a log line or the URL.
+    ca_file: str = _f("", "PEM CA bundle etcd's server certificate is verified with; setting it turns TLS "
+                      "on for every etcd endpoint (empty: plaintext, etcd's default).")
+    cert_file: str = _f("", "PEM client certificate for etcd started with --client-cert-auth (needs ca_file "
+                        "and key_file).")
+    key_file: str = _f("", "PEM private key of cert_file.")
+    username: str = _f("", "etcd user (etcd auth enabled); empty: no authentication.")
+    password: str = field(default="", repr=False, metadata={
+        "doc": "Password of username. Prefer the environment (MESH_REGISTRY_PASSWORD) or password_file "
+               "to a config file; it is never logged.", "unit": ""})
+    password_file: str = _f("", "File holding the password of username (a mounted Secret); trailing "
+                            "newline ignored. Used when password is empty.")
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,56 @@ class ControllerSettings:
                               "resourceVersion (API servers end watches after 5-10 min anyway).", "s")
     backoff_max_s: float = _f(30.0, "Cap of the exponential back-off after failed API-server or "
                               "router calls (it starts at 0.5 s and doubles).", "s")
+    router_ca_file: str = _f("", "CA bundle the router's certificate is verified with; setting it makes "
+                             "the controller dial the router over TLS (empty: plaintext).")
+    router_cert_file: str = _f("", "Client certificate presented to a router that requires one (tls."
+                               "client_auth = require); needs router_key_file and router_ca_file.")
+    router_key_file: str = _f("", "Private key of router_cert_file.")
+    router_server_name: str = _f("", "Name expected in the router's certificate instead of the host of "
+                                 "router_endpoint. Empty: that host.")
+    router_token_file: str = _f("", "File holding the bearer token the controller sends to a router with "
+                                "auth.tokens_file set (a write token; mount it from a Secret). Read once at "
+                                "start-up, never logged. Empty: no token.")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS of this process's gRPC port (the router's or a runtime's: the V2 data plane, the management
+    API or the runtime SPI, and grpc.health.v1 on the same port), and of the router's connections to
+    runtimes. Everything empty: plaintext, as before (docs/security.md). Files are PEM, read once at
+    start-up; a missing or unreadable one stops the start with one line naming the setting."""
+
+    cert_file: str = _f("", "Certificate chain this process's gRPC port presents; empty serves plaintext. "
+                        "Needs key_file.")
+    key_file: str = _f("", "Private key of cert_file.")
+    client_ca_file: str = _f("", "CA bundle client certificates are verified with; required by "
+                             "client_auth = require.")
+    client_auth: str = _f("none", "none: any client may connect (tokens, if any, decide what it may do); "
+                          "require: only clients with a certificate signed by client_ca_file (mTLS). "
+                          "require on runtimes keeps everyone but the routers off the runtime port.")
+    runtime_ca_file: str = _f("", "At the router: CA bundle runtimes' certificates are verified with; "
+                              "setting it makes the router dial runtimes over TLS (empty: plaintext, for "
+                              "runtimes serving without cert_file).")
+    runtime_cert_file: str = _f("", "At the router: client certificate presented to runtimes that require "
+                                "one (mTLS); needs runtime_key_file.")
+    runtime_key_file: str = _f("", "Private key of runtime_cert_file.")
+    runtime_server_name: str = _f("", "Name expected in runtimes' certificates instead of the host the "
+                                  "router dials (runtimes advertise pod IPs; certificates usually name a "
+                                  "Service or a wildcard). Empty: the dialled host.")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Bearer-token authorization at the router (docs/security.md). Off unless tokens_file is set."""
+
+    tokens_file: str = _f("", "Tokens file (TOML: [[token]] tables with sha256 or token, name, role = "
+                          "read|write, optional prefixes). Set: every management call needs "
+                          "`authorization: Bearer <token>`. Empty: no authorization, anyone who can "
+                          "reach the port may manage models (the default, as in ModelMesh).")
+    data_plane: bool = _f(False, "Also require a token for the V2 data plane at the router (inference, "
+                          "model metadata/readiness; ServerLive/ServerReady and grpc.health.v1 stay "
+                          "open). Off by default: inference is usually kept inside the cluster network "
+                          "and a token check costs every request. Needs tokens_file.")
 
 
 @dataclass(frozen=True)
@@ -177,6 +240,8 @@ class Settings:
     router: RouterSettings = field(default_factory=RouterSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
 
@@ -296,5 +361,5 @@ def with_changes(settings: Settings, **groups: Mapping[str, Any]) -> Settings:
     return dataclasses.replace(settings, **changed)
 
 
-__all__ = ["ControllerSettings", "LogSettings", "RegistrySettings", "RouterSettings", "RuntimeSettings", "Settings",
-           "describe", "load_settings", "parse_bytes", "with_changes"]
+__all__ = ["AuthSettings", "ControllerSettings", "LogSettings", "RegistrySettings", "RouterSettings",
+           "RuntimeSettings", "Settings", "TlsSettings", "describe", "load_settings", "parse_bytes", "with_changes"]

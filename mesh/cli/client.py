@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,21 +24,50 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
+def _read(option: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"{option}: cannot read {path}: {exc.strerror or exc}", exit_code=2) from None
+
+
+def channel_credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS to the router when any of --tls-ca/--tls-cert/--tls-key is given (no --tls-ca: the system's
+    roots); None: plaintext."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise CliError("--tls-cert and --tls-key go together (a client certificate and its key)", exit_code=2)
+    return grpc.ssl_channel_credentials(root_certificates=_read("--tls-ca", ca) if ca else None,
+                                        private_key=_read("--tls-key", key) if key else None,
+                                        certificate_chain=_read("--tls-cert", cert) if cert else None)
+
+
 class RouterClient:
-    def __init__(self, address: str, timeout_s: float) -> None:
+    def __init__(self, address: str, timeout_s: float, *, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        self.channel = (grpc.secure_channel(address, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(address, options=options))
+        # The token travels as metadata on every call; it is never printed, not even in errors.
+        self._auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.mesh = mm_grpc.ModelMeshStub(self.channel)
         self.infer_stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def call(self, method: Any, request: Any, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
         try:
-            return method(request, timeout=self.timeout_s, metadata=metadata)
+            return method(request, timeout=self.timeout_s, metadata=self._auth + metadata)
         except grpc.RpcError as err:
             code = err.code()  # type: ignore[attr-defined]
             details = err.details()  # type: ignore[attr-defined]
+            lowered = (details or "").lower()
+            if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in ("ssl", "handshake", "certificate")):
+                raise CliError(f"TLS with the router at {self.address} failed (check --tls-ca, --tls-cert, "
+                               f"--tls-key): {details}", exit_code=2) from None
             if code == grpc.StatusCode.UNAVAILABLE and ("connect" in (details or "").lower()
                                                         or "failed to" in (details or "").lower()):
                 raise CliError(f"cannot reach the router at {self.address}: is it running? "
@@ -76,4 +106,4 @@ def parse_input(text: str, datatype: str | None) -> np.ndarray:
     return array
 
 
-__all__ = ["CliError", "RouterClient", "mm", "parse_input"]
+__all__ = ["CliError", "RouterClient", "channel_credentials", "mm", "parse_input"]

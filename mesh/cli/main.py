@@ -18,6 +18,17 @@ def _client_options(p: argparse.ArgumentParser) -> None:
                    help="router address host:port (default %(default)s, env MESH_ROUTER)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--token", default=None,
+                   help="bearer token for a router with auth.tokens_file (default: env MESH_TOKEN)")
+    p.add_argument("--tls-ca", default=os.environ.get("MESH_TLS_CA"),
+                   help="CA file verifying the router's certificate; any --tls-* option means TLS "
+                   "(env MESH_TLS_CA)")
+    p.add_argument("--tls-cert", default=os.environ.get("MESH_TLS_CERT"),
+                   help="client certificate, for a router with tls.client_auth = require (env MESH_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("MESH_TLS_KEY"),
+                   help="private key of --tls-cert (env MESH_TLS_KEY)")
+    p.add_argument("--tls-server-name", default=None,
+                   help="name expected in the router's certificate, when it differs from the --router host")
 
 
 def _model_info_options(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh.cli.client import CliError, RouterClient
+    from mesh.cli.client import CliError, RouterClient, channel_credentials
     from mesh.cli.commands import fail, infer_command, model_command, settings_command, vmodel_command
 
     try:
@@ -145,7 +156,12 @@ def run(args: argparse.Namespace) -> int:
             from mesh.cli.sim import sim_command
 
             return sim_command(args)
-        client = RouterClient(args.router, args.timeout)
+        # The token is read from the environment here rather than as the option's default, so that
+        # `--help` never prints it.
+        token = args.token or os.environ.get("MESH_TOKEN") or None
+        client = RouterClient(args.router, args.timeout, token=token,
+                              credentials=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
+                              server_name=args.tls_server_name)
         try:
             handler = {"model": model_command, "vmodel": vmodel_command, "infer": infer_command}
             return handler[args.command](args, client)

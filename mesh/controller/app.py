@@ -43,7 +43,7 @@ async def serve_controller(settings: Settings, roots: RootTasks,
                            on_ready: Callable[[str], None] | None = None) -> None:
     cs = settings.controller
     api = PredictorApi(api_client(cs), cs.namespace)  # KubeConfigError: a one-line start-up error
-    router = RouterClient(cs.router_endpoint)
+    router = RouterClient.from_settings(cs)  # InvalidArgument: a one-line start-up error
     controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
                                      poll_s=min(1.0, cs.resync_s))
     loop = asyncio.get_running_loop()

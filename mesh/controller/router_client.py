@@ -11,15 +11,18 @@ the controller may start before the routers do).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from mesh.controller.predictor import CopyInfo, ModelState, Registration, VModelState
-from mesh.errors import Code, MeshError, Unavailable
+from mesh.errors import Code, InvalidArgument, MeshError, Unavailable
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.settings import ControllerSettings
 from mesh.transport.status import MESH_CODES, ORIGIN_KEY
+from mesh.transport.tls import ChannelSecurity, channel_security
 
 _MODEL = mm.ModelStatusInfo.ModelStatus
 _VMODEL = mm.VModelStatusInfo.VModelStatus
@@ -52,15 +55,43 @@ def vmodel_state(msg: mm.VModelStatusInfo) -> VModelState:
 
 
 class RouterClient:
-    def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
+    """``security``: TLS to the router (default plaintext); ``token``: the bearer token sent on every
+    call to a router with ``auth.tokens_file`` set (never logged, not even in errors)."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 10.0, *,
+                 security: ChannelSecurity | None = None, token: str = "") -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(endpoint)
+        security = security or ChannelSecurity()
+        if security.credentials is None:
+            self._channel = grpc.aio.insecure_channel(endpoint)
+        else:
+            options = ([("grpc.ssl_target_name_override", security.server_name)]
+                       if security.server_name else [])
+            self._channel = grpc.aio.secure_channel(endpoint, security.credentials, options=options)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = mm_grpc.ModelMeshStub(self._channel)
+
+    @classmethod
+    def from_settings(cls, cs: ControllerSettings) -> RouterClient:
+        """The client ``controller.router_*`` describe; InvalidArgument (a one-line start-up error)
+        for a bad certificate or an unreadable token file."""
+        security = channel_security("controller.router_", cs.router_ca_file, cs.router_cert_file,
+                                    cs.router_key_file, cs.router_server_name)
+        token = ""
+        if cs.router_token_file:
+            try:
+                token = Path(cs.router_token_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as err:
+                raise InvalidArgument(f"setting controller.router_token_file: cannot read "
+                                      f"{cs.router_token_file}: {type(err).__name__}") from None
+            if not token:
+                raise InvalidArgument(f"setting controller.router_token_file: {cs.router_token_file} is empty")
+        return cls(cs.router_endpoint, security=security, token=token)
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self.timeout_s)
+            return await method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             details = err.details() or err.code().name
             # grpc.aio.Metadata iterates as (key, value) pairs

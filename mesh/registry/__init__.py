@@ -20,6 +20,7 @@ from __future__ import annotations
 from mesh.errors import InvalidArgument
 from mesh.registry.base import EventType, KeyValue, KVStore, Lease, WatchEvent, WatchReset
 from mesh.registry.memory import MemoryBackend, MemoryStore
+from mesh.registry.security import EtcdSecurity
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -41,14 +42,19 @@ _USAGE = "use memory://[name][/prefix] or etcd://host:port[,host:port...][/prefi
 _memory_backends: dict[str, MemoryBackend] = {}
 
 
-def open_store(url: str, *, timeout_s: float = 2.0) -> tuple[KVStore, str]:
-    """The store named by ``url`` and the key prefix to use in it."""
+def open_store(url: str, *, timeout_s: float = 2.0,
+               security: EtcdSecurity | None = None) -> tuple[KVStore, str]:
+    """The store named by ``url`` and the key prefix to use in it; ``security``: etcd's TLS and
+    credentials (``mesh.registry.security.etcd_security``)."""
     scheme, sep, rest = url.strip().partition("://")
     if not sep:
         raise InvalidArgument(f"registry URL {url!r} has no scheme: {_USAGE}")
     if "?" in rest or "#" in rest:
         raise InvalidArgument(f"registry URL {url!r} must not have a query or fragment: {_USAGE}")
     authority, _, path = rest.partition("/")
+    if "@" in authority:  # the error must not repeat the URL: it may hold a password
+        raise InvalidArgument("registry URL must not carry credentials (user:password@): set registry.username "
+                              "and registry.password (or MESH_REGISTRY_PASSWORD) instead")
     prefix = "/" + path.strip("/") + "/" if path.strip("/") else DEFAULT_PREFIX
     scheme = scheme.lower()
     if scheme == "memory":
@@ -63,7 +69,7 @@ def open_store(url: str, *, timeout_s: float = 2.0) -> tuple[KVStore, str]:
         endpoints = [_endpoint(e, url) for e in authority.split(",")]
         from mesh.registry.etcd import EtcdStore
 
-        return EtcdStore(endpoints, timeout_s=timeout_s), prefix
+        return EtcdStore(endpoints, timeout_s=timeout_s, security=security), prefix
     raise InvalidArgument(f"registry URL {url!r} has an unsupported scheme {scheme!r}: {_USAGE}")
 
 

@@ -28,6 +28,12 @@ Design decisions:
   again. Watches break at once when etcd goes away (the connection resets) and resume within
   ``watch_backoff_s``, so an idle process notices both transitions within about two seconds; each
   transition is logged once.
+* **Security** (``mesh.registry.security``): TLS with the CA, and a client certificate for etcd's
+  ``--client-cert-auth``; an etcd user and password. aetcd 1.0.0 accepts a user and password but
+  dials plaintext only, so ``_Client`` opens the channel itself (TLS when configured). etcd's auth
+  tokens expire (``--auth-token-ttl``, 5 min by default) and aetcd never renews them: a call
+  answered "invalid auth token" re-authenticates and is sent once more. The password and the
+  token are never logged; wrong credentials are an ``InvalidArgument`` naming the user.
 * **Channel options**: reconnect backoff capped at 1 s (gRPC's default grows to 120 s, which would
   keep us away from a restarted etcd), keepalive pings to notice a silently dead connection, and a
   large receive limit because one watch response carries a whole revision (a range delete of 100k
@@ -46,11 +52,12 @@ import aetcd
 import aetcd.exceptions
 import grpc
 import structlog
-from aetcd import rpc
+from aetcd import rpc, watcher
 
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryUnavailable
 from mesh.registry._tasks import cancel_and_wait, spawn
 from mesh.registry.base import EventType, KeyValue, Lease, WatchEvent, WatchReset
+from mesh.registry.security import EtcdSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -114,6 +121,60 @@ def _kv(kv: Any) -> KeyValue:
     return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.lease)
 
 
+def _auth_expired(exc: BaseException) -> bool:
+    return _status_code(exc) is grpc.StatusCode.UNAUTHENTICATED or "invalid auth token" in _reason(exc)
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no types
+    """aetcd's client, dialling TLS when configured (aetcd 1.0.0 dials plaintext only), and able to
+    renew its auth token."""
+
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        """aetcd's ``connect`` (1.0.0), with the channel's credentials."""
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            options = list(self._options.items())
+            self.channel = (rpc.secure_channel(target, self._credentials, options=options)
+                            if self._credentials is not None else rpc.insecure_channel(target, options=options))
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                await self._authenticate()
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                            metadata=self.metadata)  # type: ignore[has-type]
+            self._connected.set()
+        except rpc.AioRpcError as exc:
+            if self.channel is not None:
+                await self.channel.close()
+            self._init_channel_attrs()
+            aetcd.exceptions._handle_exception(exc)
+        finally:
+            self._is_connecting = False
+
+    async def _authenticate(self) -> None:
+        request = rpc.AuthenticateRequest(name=self._username, password=self._password)
+        response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+        self.metadata = (("token", response.token),)
+
+    async def reauthenticate(self) -> None:
+        """A fresh auth token on the same channel (the old one expired)."""
+        if self.auth_stub is not None:
+            await self._authenticate()
+
+
 class _WatchInterrupted(Exception):
     """The watch stream ended or was refused; the watch resumes after a backoff."""
 
@@ -128,11 +189,16 @@ class EtcdStore:
         timeout_s: float = 2.0,
         watch_backoff_s: tuple[float, float] = (0.1, 2.0),
         clock: Callable[[], float] = time.monotonic,
+        security: EtcdSecurity | None = None,
     ) -> None:
         if not endpoints:
             raise InvalidArgument("EtcdStore needs at least one endpoint")
         self.endpoints = list(endpoints)
-        self.url = "etcd://" + ",".join(self.endpoints)
+        self.url = "etcd://" + ",".join(self.endpoints)  # never credentials: safe to log
+        self._security = security
+        self._credentials = (grpc.ssl_channel_credentials(root_certificates=security.ca, private_key=security.key,
+                                                          certificate_chain=security.cert)
+                             if security is not None and security.tls else None)
         self.timeout_s = timeout_s
         self._backoff_initial, self._backoff_max = watch_backoff_s
         self._clock = clock
@@ -161,7 +227,10 @@ class EtcdStore:
         host, sep, port = endpoint.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise InvalidArgument(f"etcd endpoint {endpoint!r} is not host:port")
-        return aetcd.Client(host=host, port=int(port), timeout=self.timeout_s, options=_CHANNEL_OPTIONS)
+        user = self._security.username if self._security is not None else None
+        password = self._security.password if self._security is not None else None
+        return _Client(host=host, port=int(port), username=user, password=password, timeout=self.timeout_s,
+                       options=_CHANNEL_OPTIONS, credentials=self._credentials)
 
     # -- the call wrapper -----------------------------------------------------------------------
 
@@ -183,7 +252,14 @@ class EtcdStore:
                 for attempt in range(len(self._clients)):
                     index = (start + attempt) % len(self._clients)
                     try:
-                        result = await op(self._clients[index])
+                        try:
+                            result = await op(self._clients[index])
+                        except _TRANSPORT_ERRORS as exc:
+                            if not (self._security is not None and self._security.username and _auth_expired(exc)):
+                                raise
+                            # etcd refused the token before doing anything: renew it and send once more.
+                            await self._clients[index].reauthenticate()
+                            result = await op(self._clients[index])
                     except _TRANSPORT_ERRORS as exc:
                         code = _status_code(exc)
                         if code is not None and code not in _UNREACHABLE:
@@ -214,6 +290,11 @@ class EtcdStore:
         if code is grpc.StatusCode.NOT_FOUND and "lease not found" in reason and lease is not None:
             lease.lost.set()
             return FailedPrecondition(f"lease {lease.id:x} not found (expired or revoked) in {what}")
+        if ("authentication failed" in reason or "user name is empty" in reason
+                or code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)):
+            user = self._security.username if self._security is not None else None
+            who = f"user {user!r}" if user else "no user (set registry.username and registry.password)"
+            return InvalidArgument(f"registry {self.url} refused {what} for {who}: {reason}")
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidArgument(f"registry {self.url} rejected {what}: {reason}")
         return RegistryUnavailable(f"registry {self.url} unavailable: {what}: {reason}")
@@ -239,6 +320,17 @@ class EtcdStore:
 
         response = await self._call(f"list {prefix}*", op)
         return [_kv(kv) for kv in response.kvs], response.header.revision
+
+    async def count_prefix(self, prefix: str) -> int:
+        start, end = _prefix_range(prefix)
+        request = rpc.RangeRequest(key=start, range_end=end, count_only=True)
+
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.kvstub.Range(request, timeout=self.timeout_s, metadata=c.metadata)
+
+        response = await self._call(f"count {prefix}*", op)
+        return int(response.count)
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         lease_id = lease.id if lease else 0
@@ -413,6 +505,9 @@ class EtcdStore:
                 if self._closed:
                     return
                 self._set_connected(False, f"watch {prefix}: {_reason(exc)}")
+                if self._security is not None and self._security.username and "auth" in _reason(exc):
+                    with contextlib.suppress(*_TRANSPORT_ERRORS):
+                        await self._clients[index].reauthenticate()
                 log.warning(
                     "registry watch interrupted, resuming",
                     prefix=prefix, revision=next_rev, endpoint=self.endpoints[index],

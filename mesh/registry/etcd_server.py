@@ -13,6 +13,9 @@ Design:
 * The server's output goes to ``etcd.log`` inside the data dir, never the terminal. etcd warns once
   about the unexpected file there and carries on.
 * We signal only the process we started, by its PID, and always reap it.
+* Optional TLS on the client URL (``EtcdTls``: server certificate, and client certificates verified
+  against a CA with ``client_cert_auth``), for the security tests; readiness is then read from the
+  metrics URL, which stays plain HTTP on 127.0.0.1 and serves the same ``/health``.
 
 The class is synchronous (``subprocess``): starting takes a fraction of a second; async callers can
 use ``asyncio.to_thread``.
@@ -30,6 +33,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -40,6 +44,14 @@ log = structlog.get_logger(__name__)
 
 _START_ATTEMPTS = 4  # fresh ports each time; collisions are rare, four in a row means something else
 _POLL_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    cert_file: Path
+    key_file: Path
+    trusted_ca_file: Path | None = None
+    client_cert_auth: bool = False
 
 
 class EtcdStartError(RuntimeError):
@@ -87,7 +99,9 @@ class EtcdProcess:
         name: str = "mesh",
         start_timeout_s: float = 15.0,
         stop_grace_s: float = 5.0,
+        tls: EtcdTls | None = None,
     ) -> None:
+        self.tls = tls
         self._owns_dir = data_dir is None
         self.data_dir = (
             Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mesh-etcd-"))
@@ -198,10 +212,17 @@ class EtcdProcess:
     # -- internals ------------------------------------------------------------------------------
 
     def _command(self) -> list[str]:
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls: list[str] = []
+        if self.tls is not None:
+            tls = ["--cert-file", str(self.tls.cert_file), "--key-file", str(self.tls.key_file)]
+            if self.tls.trusted_ca_file is not None:
+                tls += ["--trusted-ca-file", str(self.tls.trusted_ca_file)]
+            if self.tls.client_cert_auth:
+                tls.append("--client-cert-auth")
         return [
-            str(self.binary),
+            str(self.binary), *tls,
             "--name", self.name,
             "--data-dir", str(self.data_dir),
             "--listen-client-urls", client,
@@ -241,7 +262,8 @@ class EtcdProcess:
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1.0) as resp:
+            where = f"127.0.0.1:{self.metrics_port}" if self.tls is not None else self.endpoint
+            with urllib.request.urlopen(f"http://{where}/health", timeout=1.0) as resp:
                 return bool(json.loads(resp.read()).get("health") == "true")
         except (OSError, urllib.error.URLError, ValueError):
             return False

@@ -13,6 +13,7 @@ from mesh.registry import open_store
 from mesh.registry.mirror import PrefixMirror
 from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
+from mesh.registry.security import etcd_security
 from mesh.registry.specs import SpecCache
 from mesh.router.forwarder import Forwarder
 from mesh.router.management import Management
@@ -23,9 +24,11 @@ from mesh.router.view import ClusterView
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
+from mesh.transport.auth import interceptors_for
 from mesh.transport.handlers import generic_handler
 from mesh.transport.health import HealthReporter
 from mesh.transport.server import ChannelPool, bind, new_server
+from mesh.transport.tls import runtime_channel_security, server_credentials
 from placement.scaling import ScalingConfig
 
 log = structlog.get_logger(__name__)
@@ -34,11 +37,15 @@ log = structlog.get_logger(__name__)
 async def serve_router(settings: Settings, roots: RootTasks,
                        on_ready: Callable[[str], None] | None = None) -> None:
     rs = settings.router
-    store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s)
+    # Security settings first: a missing or bad file stops the start here, before anything listens.
+    server_tls = server_credentials(settings.tls)
+    interceptors = interceptors_for(settings.auth)
+    channels = ChannelPool(rs.max_message_bytes, runtime_channel_security(settings.tls))
+    store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
+                               security=etcd_security(settings.registry))
     registry = Registry(store, prefix)
     view = ClusterView(registry.keys)
     keys = registry.keys
-    channels = ChannelPool(rs.max_message_bytes)
     mirrors = [
         # After a watch reset the mirrors replay the difference through these same callbacks.
         PrefixMirror(store, keys.instances, view.put_instance, view.delete_instance),
@@ -83,14 +90,14 @@ async def serve_router(settings: Settings, roots: RootTasks,
     management = Management(registry=registry, view=view, runtimes=runtime_client,
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs)
 
-    server = new_server(rs.max_message_bytes)
+    server = new_server(rs.max_message_bytes, interceptors)
     server.add_generic_rpc_handlers((
         forwarder.handler(),
         generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],
                         metrics.metered(ModelMeshServicer(management))),
     ))
     health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelMesh"))
-    port = bind(server, rs.host, rs.port)
+    port = bind(server, rs.host, rs.port, server_tls)
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "router")
 
@@ -108,7 +115,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
     roots.spawn(health.follow(not_ready), "readiness")
     endpoint = f"{rs.host}:{port}"
     log.info("router serving", endpoint=endpoint, registry=settings.registry.url,
-             instances=len(view.instances))
+             instances=len(view.instances), tls=server_tls is not None, client_auth=settings.tls.client_auth,
+             auth="off" if not interceptors else ("management+data" if settings.auth.data_plane else "management"))
     if on_ready:
         on_ready(endpoint)
     try:

@@ -54,10 +54,11 @@ access = structlog.get_logger("mesh.access")
 
 SERVICE = "inference.GRPCInferenceService"
 # Headers not passed on: the model selection (replaced by the concrete ID), the load mode (ours to
-# set), and the transport's own headers, which grpc sets anew on the outgoing call.
+# set), the transport's own headers, which grpc sets anew on the outgoing call, and the client's
+# bearer token (checked here; a runtime has no use for it, and it must not reach a runtime's logs).
 _STRIP = frozenset({MODEL_ID, MODEL_ID + "-bin", VMODEL_ID, VMODEL_ID + "-bin", LOAD_MODE, "user-agent",
                     "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "grpc-trace-bin",
-                    "grpc-tags-bin"})
+                    "grpc-tags-bin", "authorization"})
 _DENY = ((LOAD_MODE, "deny"),)
 
 

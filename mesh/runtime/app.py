@@ -18,6 +18,7 @@ from mesh.observability.metrics import RuntimeMetrics
 from mesh.registry import open_store
 from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
+from mesh.registry.security import etcd_security
 from mesh.registry.session import RegistrySession
 from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, ModelCache
@@ -37,6 +38,7 @@ from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
 from mesh.transport.health import HealthReporter
 from mesh.transport.server import bind, new_server
+from mesh.transport.tls import server_credentials
 from placement.policy import EvictionPolicy
 from placement.simulator import build_policy
 from placement.sizing import SizeEstimator
@@ -62,7 +64,11 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     rs = settings.runtime
     instance_id = rs.instance_id or new_instance_id()
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
-    store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s)
+    # Security settings first: a missing or bad file stops the start here, before anything listens.
+    # (Runtimes check no tokens: routers strip them; tls.client_auth = require keeps others out.)
+    server_tls = server_credentials(settings.tls)
+    store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
+                               security=etcd_security(settings.registry))
     registry = Registry(store, prefix)
     types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
 
@@ -91,7 +97,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         "defaultModelSizeInBytes": rs.default_model_size_bytes, "runtimeVersion": __version__},
         access_log=settings.log.access_log, tracer=tracer_for(settings.log, "runtime"))
     health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelRuntime"))
-    port = bind(server, rs.host, rs.port)
+    port = bind(server, rs.host, rs.port, server_tls)
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "runtime")
     endpoint = f"{rs.advertise_host or rs.host}:{port}"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from mesh.errors import Unavailable
+from mesh.transport.tls import ChannelSecurity
 
 
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -33,8 +36,9 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def new_server(max_message_bytes: int) -> grpc.aio.Server:
-    return grpc.aio.server(options=server_options(max_message_bytes))
+def new_server(max_message_bytes: int,
+               interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=list(interceptors) or None)
 
 
 def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
@@ -44,10 +48,15 @@ def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
     return servicer
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Bind insecurely; returns the port (useful with port 0)."""
+def bind(server: grpc.aio.Server, host: str, port: int,
+         credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind with TLS when ``credentials`` are given (``mesh.transport.tls``), else in plaintext;
+    returns the port (useful with port 0)."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is not None:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -59,14 +68,21 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
 class ChannelPool:
     """One long-lived channel per endpoint; channels of instances that left are closed."""
 
-    def __init__(self, max_message_bytes: int) -> None:
-        self._options = message_options(max_message_bytes)
+    def __init__(self, max_message_bytes: int, security: ChannelSecurity | None = None) -> None:
+        self._options: list[tuple[str, int | str]] = [*message_options(max_message_bytes)]
+        self._credentials = security.credentials if security is not None else None
+        if security is not None and security.server_name:
+            # Runtimes advertise IPs; their certificates name a Service (or a wildcard).
+            self._options.append(("grpc.ssl_target_name_override", security.server_name))
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, endpoint: str) -> grpc.aio.Channel:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=self._options)
+            if self._credentials is not None:
+                channel = grpc.aio.secure_channel(endpoint, self._credentials, options=self._options)
+            else:
+                channel = grpc.aio.insecure_channel(endpoint, options=self._options)
             self._channels[endpoint] = channel
         return channel
 

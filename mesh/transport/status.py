@@ -27,6 +27,8 @@ GRPC_CODES: dict[Code, grpc.StatusCode] = {
     Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Code.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
     Code.INTERNAL: grpc.StatusCode.INTERNAL,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Code.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 MESH_CODES = {v: k for k, v in GRPC_CODES.items()}
 

@@ -55,18 +55,23 @@ class InProcessMesh:
     runtime_overrides: dict[str, Any] = field(default_factory=dict)
     router_overrides: dict[str, Any] = field(default_factory=dict)
     log_overrides: dict[str, Any] = field(default_factory=dict)
+    # Further settings by group (tls, auth, registry security), merged over the ones above.
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     router: Component | None = None
     runtimes: list[Component] = field(default_factory=list)
     channel: grpc.aio.Channel | None = None
 
     def settings(self, **runtime: Any) -> Settings:
-        return load_settings(env={}, overrides={
+        overrides: dict[str, dict[str, Any]] = {
             "registry": {"url": self.registry_url, "lease_ttl_s": 2, "failure_ttl_s": 30},
             "router": {"port": 0, "metrics_port": 0, "default_timeout_s": 20.0, **self.router_overrides},
             "runtime": {"port": 0, "metrics_port": 0, "publish_interval_s": 0.2, **self.runtime_overrides,
                         **runtime},
             "log": {"level": "warning", **self.log_overrides},
-        })
+        }
+        for group, values in self.extra.items():
+            overrides[group] = {**overrides.get(group, {}), **values}
+        return load_settings(env={}, overrides=overrides)
 
     async def add_runtime(self, **overrides: Any) -> Component:
         component = await start(serve_runtime, self.settings(**overrides))

@@ -1,0 +1,186 @@
+"""Bearer tokens, roles and model-ID prefixes: who may call what (pure logic, no gRPC).
+
+The tokens file (``auth.tokens_file``, TOML) lists one ``[[token]]`` table per token::
+
+    [[token]]
+    name = "deployer-team-a"      # shown in errors and logs instead of the token
+    role = "write"                # read | write
+    sha256 = "<64 hex digits>"    # sha256 of the token (preferred: the file then holds no secret)
+    # token = "..."               # or the token itself (development only)
+    prefixes = ["team-a/"]        # optional: model and vModel IDs this token may touch
+
+Decisions:
+
+* **Roles.** ``read`` may call the management API's reading methods (getModelStatus,
+  getVModelStatus, listModels) and, when the data plane is protected, infer. ``write`` may also call
+  the methods that change state or load models (``WRITE_METHODS``); a method not listed as reading
+  counts as writing, so an RPC added later is denied to readers until someone decides otherwise.
+* **Prefixes.** With prefixes, every model or vModel ID named by a call (a vModel's target too)
+  must start with one of them; ``listModels`` must ask for a prefix inside one of them. Without
+  prefixes, a token may touch every ID.
+* **Comparison.** Only sha256 digests are kept in memory; the presented token's digest is compared
+  with every entry with ``hmac.compare_digest`` and no early exit, so the time taken says nothing
+  about which entry (or how much of one) matched.
+* **Secrets.** No message built here contains a token or a digest; entries are named by ``name``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
+
+READ, WRITE = "read", "write"
+# Management methods a read token may call; every other method of mmesh.ModelMesh needs write.
+READ_METHODS = frozenset({"getModelStatus", "getVModelStatus", "listModels"})
+WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "setVModel", "deleteVModel"})
+INVALID_TOKEN = "missing or invalid bearer token"
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_KEYS = {"name", "role", "sha256", "token", "prefixes"}
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def bearer_token(value: str | bytes | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` value (scheme case-insensitive), else None."""
+    if value is None or isinstance(value, bytes):
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A token's identity and rights (never its secret)."""
+
+    name: str
+    role: str
+    prefixes: tuple[str, ...] = ()
+
+    def check_method(self, method: str) -> None:
+        """``method`` is a management method name (``registerModel``)."""
+        if self.role != WRITE and method not in READ_METHODS:
+            raise PermissionDenied(f"token {self.name!r} has role {self.role}: it may not call {method} "
+                                   "(needs role write)")
+
+    def allows(self, model_id: str) -> bool:
+        return not self.prefixes or any(model_id.startswith(p) for p in self.prefixes)
+
+    def check_model(self, model_id: str, what: str = "model") -> None:
+        if not self.allows(model_id):
+            raise PermissionDenied(f"token {self.name!r} may not access {what} {model_id!r}: outside its "
+                                   f"model-ID prefixes ({', '.join(self.prefixes)})")
+
+    def check_list_prefix(self, prefix: str) -> None:
+        """listModels: the requested prefix must lie inside one of the token's prefixes."""
+        if self.prefixes and not any(prefix.startswith(p) for p in self.prefixes):
+            raise PermissionDenied(f"token {self.name!r} may not list models with prefix {prefix!r}: ask "
+                                   f"for one inside its model-ID prefixes ({', '.join(self.prefixes)})")
+
+
+class TokenTable:
+    """The tokens of one tokens file, by digest."""
+
+    def __init__(self, entries: Iterable[tuple[bytes, Principal]]) -> None:
+        self._entries = list(entries)
+        if not self._entries:
+            raise InvalidArgument("no tokens: the tokens file must list at least one [[token]]")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def authenticate(self, token: str | None) -> Principal:
+        """The principal of ``token``; Unauthenticated when it is missing or unknown."""
+        if not token:
+            raise Unauthenticated(INVALID_TOKEN)
+        digest = token_digest(token)
+        found: Principal | None = None
+        for known, principal in self._entries:  # no early exit: constant time over the table
+            if hmac.compare_digest(digest, known):
+                found = principal
+        if found is None:
+            raise Unauthenticated(INVALID_TOKEN)
+        return found
+
+    @classmethod
+    def parse(cls, text: str, source: str = "tokens file") -> TokenTable:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"{source}: not valid TOML: {exc}") from None
+        unknown = set(data) - {"token"}
+        if unknown:
+            raise InvalidArgument(f"{source}: unknown table(s) {', '.join(sorted(unknown))}; "
+                                  "expected [[token]] entries")
+        items = data.get("token", [])
+        if not isinstance(items, list):
+            raise InvalidArgument(f"{source}: 'token' must be an array of tables ([[token]])")
+        entries: list[tuple[bytes, Principal]] = []
+        names: set[str] = set()
+        for i, item in enumerate(items, 1):
+            entry = _entry(item, f"{source}: token #{i}")
+            if entry[1].name in names:
+                raise InvalidArgument(f"{source}: token #{i}: duplicate name {entry[1].name!r}")
+            if any(hmac.compare_digest(entry[0], d) for d, _ in entries):
+                raise InvalidArgument(f"{source}: token #{i} ({entry[1].name!r}): same token as another entry")
+            names.add(entry[1].name)
+            entries.append(entry)
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenTable:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgument(f"setting auth.tokens_file: cannot read {path}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+        return cls.parse(text, f"tokens file {path}")
+
+
+def _entry(item: object, where: str) -> tuple[bytes, Principal]:
+    if not isinstance(item, dict):
+        raise InvalidArgument(f"{where}: must be a table")
+    unknown = set(item) - _KEYS
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(_KEYS))}")
+    name = item.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidArgument(f"{where}: 'name' is required (a label for logs and errors)")
+    where = f"{where} ({name!r})"
+    role = item.get("role")
+    if role not in (READ, WRITE):
+        raise InvalidArgument(f"{where}: 'role' must be \"read\" or \"write\"")
+    has_hash, has_token = "sha256" in item, "token" in item
+    if has_hash == has_token:
+        raise InvalidArgument(f"{where}: give exactly one of 'sha256' (hex digest of the token) or 'token'")
+    if has_hash:
+        value = item["sha256"]
+        if not isinstance(value, str) or not _HEX64.match(value):
+            raise InvalidArgument(f"{where}: 'sha256' must be 64 hex digits (sha256 of the token)")
+        digest = bytes.fromhex(value)
+    else:
+        value = item["token"]
+        if not isinstance(value, str) or len(value) < 16:
+            raise InvalidArgument(f"{where}: 'token' must be a string of at least 16 characters")
+        digest = token_digest(value)
+    prefixes = item.get("prefixes", [])
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) and p for p in prefixes):
+        raise InvalidArgument(f"{where}: 'prefixes' must be a list of non-empty strings")
+    return digest, Principal(name=name, role=role, prefixes=tuple(prefixes))
+
+
+__all__ = ["INVALID_TOKEN", "READ", "READ_METHODS", "WRITE", "WRITE_METHODS", "Principal", "TokenTable",
+           "bearer_token", "token_digest"]
