@@ -77,6 +77,10 @@ from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 TARGET_OVERHEAD_MS = 10.0
 WARM_BURSTS = 3
+# mesh-bench's standard suite (loadtest.bench): the full default run (bursts of 100, as the target is
+# defined), which is cheap: 14 s on a quiet 2-core machine (BENCHMARKS.md).
+SUITE_ARGS: tuple[str, ...] = ()
+SUITE_SECONDS = 20
 
 
 def log(message: str) -> None:

@@ -73,6 +73,10 @@ MODEL_ID = "hop-lr-256"
 TARGET_ADDED_P50_MS = 0.55
 TARGET_CPU_RATIO = 2.0
 TARGET_THROUGHPUT_RATIO = 0.45
+# mesh-bench's standard suite (loadtest.bench): the same phases, shorter (3 s per path and concurrency
+# over 2 rounds), no profile. About 32 s on 2 cores: ~7 s start-up (a tiny run took 14.8 s) + 7 segments x 3.5 s.
+SUITE_ARGS = ("--duration", "3", "--rounds", "2", "--warmup", "0.25", "--profile-seconds", "0")
+SUITE_SECONDS = 35
 
 
 def log(message: str) -> None:

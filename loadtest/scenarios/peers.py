@@ -44,6 +44,11 @@ ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("mesh", "mlserver", "ray")
 MESH_CAPACITY = "256MiB"  # per runtime; 50 small sklearn models need a few MiB, so all fit
 SCHEDULE = "schedule.npz"
+# mesh-bench's standard suite (loadtest.bench): all three systems, 5 s per phase after 1 s of warm-up.
+# About 66 s: 3 systems x 2 phases x 6 s + ~30 s of start-up and shutdown (the full run: 166.5 s for 138 s of
+# phases; the 2 s test run: ~45 s).
+SUITE_ARGS = ("--duration", "5", "--warmup", "1")
+SUITE_SECONDS = 75
 
 
 def make_schedule(work: Path, *, models: int, rate: float, warmup_s: float, duration_s: float,

@@ -101,6 +101,11 @@ class KVStore(Protocol):
 
     async def delete_prefix(self, prefix: str) -> int: ...
 
+    async def count_prefix(self, prefix: str) -> int:
+        """How many keys are under ``prefix``, without reading them (etcd's ``count_only`` range:
+        the count of a million registrations is one small answer, not a million values)."""
+        ...
+
     async def grant_lease(self, ttl_s: int) -> Lease:
         """Grant a lease and start keeping it alive until revoked or the store closes."""
         ...

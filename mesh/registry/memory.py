@@ -88,6 +88,13 @@ class MemoryBackend:
         entry = self._data.get(key)
         return None if entry is None else _kv(key, entry)
 
+    def count(self, prefix: str) -> int:
+        keys = self._keys
+        lo = hi = bisect.bisect_left(keys, prefix)
+        while hi < len(keys) and keys[hi].startswith(prefix):
+            hi += 1
+        return hi - lo
+
     def range(self, prefix: str, limit: int = 0, start_after: str = "") -> list[KeyValue]:
         keys = self._keys
         lo = bisect.bisect_left(keys, prefix)
@@ -319,6 +326,9 @@ class MemoryStore:
         if expected_mod_revision is not None and current.mod_revision != expected_mod_revision:
             return False
         return backend.delete_keys([key]) == 1
+
+    async def count_prefix(self, prefix: str) -> int:
+        return self._check_open().count(prefix)
 
     async def delete_prefix(self, prefix: str) -> int:
         backend = self._check_open()

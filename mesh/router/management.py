@@ -115,7 +115,10 @@ class Management:
             self.specs.prime(spec)  # its first request needs no registry read on this router
         if load_now:
             await self._ensure(spec, sync=sync, last_used_ms=spec.last_used_ms)
-        return await self.model_status(model_id)
+        # The registration exists (we just wrote it or found the same one), so the status comes
+        # from the view alone: ``model_status`` would read ``models/<id>`` back from the registry,
+        # a second etcd round trip per registration for an answer we already have.
+        return self._status_from_view(model_id)
 
     def _spec(self, model_id: str, info: ModelInfoData, *, load_now: bool, last_used_ms: int) -> ModelSpec:
         check_model_id(model_id)

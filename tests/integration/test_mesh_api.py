@@ -298,3 +298,30 @@ async def test_min_copies_are_loaded_without_traffic_and_never_evicted(sklearn_m
         assert await registry.pinned_models() == {}
     finally:
         await m.stop()
+
+
+async def test_register_answers_from_the_view_with_unchanged_semantics(mesh: InProcessMesh,
+                                                                      tmp_path: Path) -> None:
+    """registerModel builds its answer from the router's view (no read-back of the registration):
+    NOT_LOADED for a new or identical registration, the copies of a loaded one, ALREADY_EXISTS for a
+    different definition."""
+    model = make_model("sklearn", tmp_path, seed=3)
+    first = await mesh.register("pinned", "sklearn", str(model.path))
+    assert first.status == ST.NOT_LOADED and not first.modelCopyInfos
+    again = await mesh.register("pinned", "sklearn", str(model.path))
+    assert again.status == ST.NOT_LOADED
+    loaded = await mesh.mesh.ensureLoaded(mm.EnsureLoadedRequest(modelId="pinned", sync=True), timeout=30)
+    assert loaded.status == ST.LOADED
+    # Registering the same definition of a loaded model reports its copies, as getModelStatus does.
+    again = await mesh.register("pinned", "sklearn", str(model.path))
+    status = await mesh.mesh.getModelStatus(mm.GetStatusRequest(modelId="pinned"))
+    assert again.status == status.status == ST.LOADED
+    assert [c.location for c in again.modelCopyInfos] == [c.location for c in status.modelCopyInfos]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.register("pinned", "sklearn", "/elsewhere/model.joblib")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # loadNow + sync still answers LOADED once the copy is in the view
+    now = await mesh.mesh.registerModel(mm.RegisterModelRequest(
+        modelId="pinned-now", modelInfo=mm.ModelInfo(type="sklearn", path=str(model.path)),
+        loadNow=True, sync=True), timeout=30)
+    assert now.status == ST.LOADED
