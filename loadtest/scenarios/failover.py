@@ -500,7 +500,7 @@ def render_run(r: dict[str, Any]) -> str:
     placed = r["placements_before"]
     where = (f"placements after warm-up: copies per model {placed['copies_per_model']}, models per instance "
              f"{placed['models_per_instance']}")
-    return "\n".join([f"### {r['signal']}: SIG{r['signal'].upper()} at {v['kill_s']:.1f} s", "", where, "",
+    return "\n".join([f"#### {r['signal']}: SIG{r['signal'].upper()} at {v['kill_s']:.1f} s", "", where, "",
                       summary, "", _timeline(r), *_log_lines(r)])
 
 

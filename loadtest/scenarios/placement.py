@@ -80,6 +80,7 @@ CLUSTER_SHARE = 0.05
 CLUSTER_RPS = 200.0
 # mesh-bench's standard suite (loadtest.bench): every section, 50,000 requests per trace. ``--quick``
 # (200,000, no cluster) would take ~170 s here; 50,000 took 47 s with 0.85 cores used by other processes.
+JUDGED_REQUESTS = 1_000_000  # the trace length, on which the targets are judged
 SUITE_ARGS = ("--requests", "50000")
 SUITE_SECONDS = 60
 CLUSTER_SCALING = ScalingConfig(rps_threshold=5.0)
@@ -263,17 +264,26 @@ def render(result: dict[str, Any]) -> str:
     points = result["points"]
     verdicts = result["verdicts"]
     policies = _ordered(result["policy_names"], default)
-    out = [f"# Placement policies vs LRU and the offline optimum ({result['requests']:,} requests per trace)",
+    short = "not judged (short traces)" if result["requests"] < JUDGED_REQUESTS else ""
+    out = [f"**Placement policies vs LRU and the offline optimum ({result['requests']:,} requests per trace)**",
            "", machine_line(result["machine"]), ""]
+    if result["requests"] < JUDGED_REQUESTS:
+        # 10,000 models and a short trace: most misses are first requests, which no policy avoids
+        # and which the optimum pays too, so every gap closed shrinks; the targets are the issue's,
+        # on 1,000,000-request traces.
+        out += [f"Short traces: the gap targets are judged on {JUDGED_REQUESTS:,}-request traces "
+                f"(`python -m loadtest.scenarios.placement`); with {result['requests']:,} requests "
+                "first-time misses dominate and the gaps below are indicative only.", ""]
     out.append(table(["target", "result", "verdict"], [
         [f"{default}: miss ratio <= LRU's at every point (skewed: also cost-weighted)",
          "yes" if verdicts["not_worse_than_lru"] else "no", verdict(verdicts["not_worse_than_lru"])],
         [f"{default}: >= 40% of the LRU-to-Belady gap, uniform sizes (worst point)",
-         _pct(verdicts["min_gap_uniform"]), verdict(verdicts["gap_uniform_met"])],
+         _pct(verdicts["min_gap_uniform"]), short or verdict(verdicts["gap_uniform_met"])],
         [f"{default}: >= 30% of the cost-weighted gap, skewed sizes (worst point; vs PFOO-L..vs Belady-Size)",
          _range(verdicts["min_cost_gap_skewed_lo"], verdicts["min_cost_gap_skewed_hi"]),
-         verdict(verdicts["cost_gap_met"]) + ("" if verdicts["cost_gap_met"] == verdicts["cost_gap_met_hi"]
-                                              else f" (vs Belady-Size: {verdict(verdicts['cost_gap_met_hi'])})")],
+         short or (verdict(verdicts["cost_gap_met"])
+                   + ("" if verdicts["cost_gap_met"] == verdicts["cost_gap_met_hi"]
+                      else f" (vs Belady-Size: {verdict(verdicts['cost_gap_met_hi'])})"))],
         [f"{default}: miss ratio <= LRU's on churn, sweeps, bursty and Azure-like traffic, every capacity "
          "(churn-fast not judged)",
          "yes" if verdicts["robust_not_worse_than_lru"] else "no",
@@ -286,7 +296,7 @@ def render(result: dict[str, Any]) -> str:
     for alpha in sorted({p["alpha"] for p in points}):
         uni = sorted((p for p in points if p["alpha"] == alpha and p["regime"] == "uniform"), key=lambda p: p["share"])
         if uni:
-            out += ["", f"## Uniform sizes, Zipf {alpha}: miss ratio and gap closed (vs exact Belady)", ""]
+            out += ["", f"#### Uniform sizes, Zipf {alpha}: miss ratio and gap closed (vs exact Belady)", ""]
             header = ["policy"] + [h for p in uni for h in (f"miss@{p['share']:.0%}", f"gap@{p['share']:.0%}")]
             rows = [[name] + [c for p in uni for c in (p["policies"][name]["miss_ratio"],
                                                        _pct(p["policies"][name]["gap"]))] for name in policies]
@@ -294,7 +304,7 @@ def render(result: dict[str, Any]) -> str:
             out.append(table(header, rows))
         skw = sorted((p for p in points if p["alpha"] == alpha and p["regime"] == "skewed"), key=lambda p: p["share"])
         if skw:
-            out += ["", f"## Skewed sizes and costs, Zipf {alpha}: cost-weighted miss ratio and its gap closed "
+            out += ["", f"#### Skewed sizes and costs, Zipf {alpha}: cost-weighted miss ratio and its gap closed "
                     "(lo vs PFOO-L .. hi vs Belady-Size); request miss ratio", ""]
             header = ["policy"] + [h for p in skw for h in (f"cost miss@{p['share']:.0%}", f"cost gap@{p['share']:.0%}",
                                                             f"miss@{p['share']:.0%}")]
@@ -310,13 +320,13 @@ def render(result: dict[str, Any]) -> str:
         pts = sorted((p for p in robust if p["workload"] == workload), key=lambda p: p["share"])
         if not pts:
             continue
-        out += ["", f"## Robustness, {workload} (uniform sizes): miss ratio and gap closed (vs exact Belady)", ""]
+        out += ["", f"#### Robustness, {workload} (uniform sizes): miss ratio and gap closed (vs exact Belady)", ""]
         header = ["policy"] + [h for p in pts for h in (f"miss@{p['share']:.0%}", f"gap@{p['share']:.0%}")]
         rows = [[name] + [c for p in pts for c in (p["policies"][name]["miss_ratio"],
                                                    _pct(p["policies"][name]["gap"]))] for name in policies]
         rows.append(["Belady (OPT)"] + [c for p in pts for c in (p["opt"]["miss_ratio"], "100%")])
         out.append(table(header, rows))
-    out += ["", "## Replay speed (requests per CPU second of the replaying thread)", "",
+    out += ["", "#### Replay speed (requests per CPU second of the replaying thread)", "",
             f"Serial pass: one replay at a time, Zipf {SPEED_POINT[0]} at {SPEED_POINT[1]:.0%} (the points with "
             "the most misses). Grid: all 18 points, two worker processes at once on the 2 cores.", ""]
     speed = verdicts["speed"]
@@ -324,7 +334,7 @@ def render(result: dict[str, Any]) -> str:
                      [[n, speed[n].get("uniform", math.nan), speed[n].get("skewed", math.nan),
                        speed[n]["median"], speed[n]["min"]] for n in policies]))
     if result.get("cluster"):
-        out += ["", f"## Cluster: {CLUSTER_INSTANCES} instances x {CLUSTER_SHARE:.0%} of the working set, 2 load "
+        out += ["", f"#### Cluster: {CLUSTER_INSTANCES} instances x {CLUSTER_SHARE:.0%} of the working set, 2 load "
                 f"slots each, Zipf 1.0 uniform at {CLUSTER_RPS:.0f} req/s; copy scaling at "
                 f"{CLUSTER_SCALING.rps_threshold:g} req/s per copy", ""]
         out.append(table(["policy", "copy scaling", "miss ratio", "joined", "loads/s", "p50 ms", "p99 ms", "max ms",
