@@ -14,6 +14,7 @@ is gone (``MESH_PARENT_PID``) and exit within a second or so, and only the etcd 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psutil
 
@@ -64,6 +66,18 @@ class Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """The server's JSON log events called ``name`` (servers started here log JSON lines)."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and event.get("event") == name:
+                found.append(event)
+        return found
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         terminate(self.proc, grace_s)

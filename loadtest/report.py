@@ -130,6 +130,13 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def error_line(exc: BaseException) -> str:
+    """A scenario's own failure (not the system's it measures) as one line, no traceback: the
+    first line of the message and, for a server that failed to start, the last one (its reason)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return f"error: {lines[0]}" + (f" {lines[-1]}" if len(lines) > 1 else "")
+
+
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     """``--json`` (print the raw results after the tables) and ``--out FILE`` (what ``mesh-bench``
     reads: one JSON object with the Markdown and the raw results)."""

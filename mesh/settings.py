@@ -97,6 +97,17 @@ class RouterSettings:
                                  "bounds router memory however many models are registered.")
     max_message_bytes: int = _f(16 * _MIB, "Largest gRPC message accepted or forwarded (ModelMesh's "
                                 "default, 16 MiB).", "bytes")
+    max_pending_requests: int = _f(4096, "Calls that have arrived but that the server has not yet started "
+                                   "(router and runtime ports). Past it gRPC sheds new calls at random "
+                                   "with CANCELLED, and all of them past twice it, which bounds memory "
+                                   "under a flood. gRPC's own default (1,000) sheds a burst of 2,000 "
+                                   "concurrent calls on one connection; 4,096 takes such bursts while "
+                                   "holding at most a flow-control window per call.")
+    unreachable_probe_s: float = _f(0.5, "How often the router probes an instance it marked unreachable "
+                                    "(no answer at the connection level) to take it back; until then no "
+                                    "request goes there first. Half a second: a killed runtime costs each "
+                                    "router at most a couple of retried requests per probe, while one that "
+                                    "blipped is back within a second.", "s")
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,12 @@ class RuntimeSettings:
                                    "read with one deserialisation on a 2-core pod.")
     load_timeout_s: float = _f(90.0, "A load taking longer fails with DEADLINE_EXCEEDED and its "
                                "reservation is released (ModelMesh's default, 90 s).", "s")
+    warm_imports_timeout_s: float = _f(60.0, "Bound on importing the loader libraries of the supported "
+                                       "types at start-up, before the instance reports ready, so that "
+                                       "a first load measures the model, not the library (torch takes "
+                                       "4-10 s on a busy 2-core pod); an import still running then "
+                                       "finishes in the background, a failed one disables its type.",
+                                       "s")
     eviction_policy: str = _f("s3fifo+tinylfu", "Eviction policy from placement/ (`mesh sim run` compares "
                               "them on your traffic). The default missed least across the simulator's "
                               "Zipf grid, churn, sweeps, bursts and Azure-like traffic, never more than "
@@ -146,6 +163,18 @@ class RuntimeSettings:
                                           "built-in loader.")
     publish_interval_s: float = _f(2.0, "How often the instance record is refreshed when it changed "
                                    "(load and evict events publish at once).", "s")
+    rehome_timeout_s: float = _f(20.0, "On SIGTERM, how long the runtime waits for copies of its "
+                                 "recently used models to load on other instances before it drains and "
+                                 "exits. 20 s + drain_timeout_s + unloading fits the pod's 60 s grace "
+                                 "period (deploy/base/runtime.yaml) with its 5 s preStop.", "s")
+    rehome_recent_s: float = _f(300.0, "Models used within this long before SIGTERM are re-homed "
+                                "(loaded elsewhere before exit); older ones load elsewhere on their next "
+                                "request. Five minutes: the models whose cold miss a client would notice.",
+                                "s")
+    rehome_max_models: int = _f(200, "Most models re-homed on one shutdown, most recently used first: "
+                                "bounds the load storm on the survivors.")
+    drain_timeout_s: float = _f(10.0, "On SIGTERM, after re-homing, how long in-flight requests may run "
+                                "before the server stops (the slowest inference a client waits for).", "s")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ from loadtest.histogram import Histogram
 from loadtest.load import bytes_call
 from loadtest.management import register_many, wait_loaded
 from loadtest.models import TrainedModel, infer_body, train_logistic
-from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table
+from loadtest.report import ForeignLoad, add_output_args, emit, error_line, machine, machine_line, table
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.registry import open_store
 from mesh.registry.base import KVStore
@@ -572,9 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the scenario failed, not the system it measures: one line, no traceback
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
-        # A server that failed to start: its message, then the last line of its log (the reason).
-        print(f"error: {lines[0]}" + (f" {lines[-1]}" if len(lines) > 1 else ""), file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return 1
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)

@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import math
 import shutil
 import statistics
@@ -239,29 +238,16 @@ async def snapshot(runtime_urls: Sequence[str], router_url: str) -> Snapshot:
         copies_added=_total(router, "mesh_copy_changes_total"))
 
 
-def _events(server: Server, name: str) -> list[dict[str, Any]]:
-    """The server's JSON log events called ``name``."""
-    found = []
-    for line in server.log_path.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("event") == name:
-            found.append(event)
-    return found
-
-
 def metrics_url(server: Server) -> str:
     """The /metrics URL the server logged at start-up (it was started with a metrics port of 0)."""
-    for event in _events(server, "metrics serving"):
+    for event in server.events("metrics serving"):
         return str(event["url"])
     raise RuntimeError(f"{server.name} logged no metrics URL")
 
 
 def load_sizes(runtimes: Sequence[Server]) -> list[int]:
     """The measured size of every load the runtimes logged (``model loaded``), in bytes."""
-    return [int(e.get("size_bytes", 0)) for r in runtimes for e in _events(r, "model loaded")]
+    return [int(e.get("size_bytes", 0)) for r in runtimes for e in r.events("model loaded")]
 
 
 # --- models ------------------------------------------------------------------------------------

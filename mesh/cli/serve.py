@@ -12,6 +12,7 @@ from typing import Any
 
 from mesh.errors import InvalidArgument, MeshError
 from mesh.logging import configure
+from mesh.malloc import limit_arenas
 from mesh.settings import Settings
 from mesh.tasks import RootTasks
 
@@ -45,6 +46,7 @@ async def _main(serve: Serve, settings: Settings, ready_file: Path | None) -> in
 
 
 def run_component(component: str, settings: Settings, ready_file: Path | None = None) -> int:
+    limit_arenas()  # before gRPC's and the loaders' threads exist (mesh.malloc says why)
     configure(settings.log, component=component)
     if component == "router":
         from mesh.router.app import serve_router as serve

@@ -44,6 +44,10 @@ log = structlog.get_logger(__name__)
 
 _START_ATTEMPTS = 4  # fresh ports each time; collisions are rare, four in a row means something else
 _POLL_INTERVAL_S = 0.05
+# History older than an hour is compacted away (as deploy/base/etcd.yaml does). An hour is far
+# longer than any watch stays behind (a broken watch resumes within seconds; one that falls behind
+# a compaction relists: mesh.registry.mirror), and short enough that the history stays small.
+AUTO_COMPACTION = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h")
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,9 @@ class EtcdProcess:
             # in ~0.3 s instead of ~1.5 s, which matters for tests and for `mesh up` start-up.
             "--heartbeat-interval", "25",
             "--election-timeout", "250",
+            # etcd keeps every revision until told otherwise: without compaction a long-lived
+            # `mesh up` grows its database with each placement and instance refresh, forever.
+            *AUTO_COMPACTION,
         ]  # fmt: skip
 
     def _launch(self) -> None:

@@ -17,6 +17,7 @@ from mesh.registry.security import etcd_security
 from mesh.registry.specs import SpecCache
 from mesh.router.forwarder import Forwarder
 from mesh.router.management import Management
+from mesh.router.reachability import Reachability
 from mesh.router.replicas import CopyScaler
 from mesh.router.runtime_client import RuntimeClient
 from mesh.router.servicer import ModelMeshServicer
@@ -77,6 +78,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
                           scaler=scaler, ready=lambda: not_ready() is None,
                           access_log=settings.log.access_log, tracer=tracer_for(settings.log, "router"),
                           metrics=metrics)
+    reachability = Reachability(view, channels, rs.unreachable_probe_s)
+    forwarder.on_gone = reachability.mark
     background: set[asyncio.Task[None]] = set()
 
     def close_channel(record: InstanceRecord) -> None:
@@ -90,7 +93,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     management = Management(registry=registry, view=view, runtimes=runtime_client,
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs)
 
-    server = new_server(rs.max_message_bytes, interceptors)
+    server = new_server(rs.max_message_bytes, interceptors, max_pending_requests=rs.max_pending_requests)
     server.add_generic_rpc_handlers((
         forwarder.handler(),
         generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],
@@ -107,6 +110,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(management.run_transitions(), "vmodel-transitions")
     roots.spawn(scaler.run(), "copy-scaling")
+    roots.spawn(reachability.run(), "unreachable-probe")
     if rs.metrics_port >= 0:  # state gauges, and a registry read every 30 s: only when scraped
         metrics.attach(view, scaler.copies_asked)
         roots.spawn(metrics.count_managed(registry.count_models), "count-registered-models")

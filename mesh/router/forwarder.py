@@ -9,8 +9,9 @@ address a Predictor by name).
 
 Per attempt: choose a target (``routing``), forward with the concrete ID in ``mm-model-id`` and,
 when the copy is believed loaded, ``mesh-load: deny``. A "not here" answer or a broken connection
-excludes that instance and the next attempt chooses again; any other answer (success or the
-runtime's own error) goes back to the client as it is.
+excludes that instance and the next attempt chooses again; so does a failed load, until the
+model has failed on ``MAX_LOAD_FAILURES`` instances (``_try_load_elsewhere``); any other answer
+(success or the runtime's own error) goes back to the client as it is.
 
 The hot path avoids work per request: one cached multicallable per endpoint, metadata built from
 a short tuple, no logging on success. The client's metadata, ``traceparent``, ``tracestate`` and
@@ -39,7 +40,7 @@ from mesh.observability.metrics import RouterMetrics
 from mesh.registry.records import ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.router.replicas import CopyScaler
-from mesh.router.routing import Target, pick_copy, pick_home
+from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
 from mesh.tracing import Tracer
 from mesh.transport.handlers import generic_handler
@@ -121,6 +122,8 @@ class Forwarder:
         self.tracer = tracer
         if access_log or tracer is not None:
             self._relay = self._relay_observed  # type: ignore[method-assign]
+        # Told of each instance found gone, so that later requests route around it too.
+        self.on_gone: Callable[[str], None] | None = None
 
     # --- target selection ---------------------------------------------------------------------
     def _resolve(self, requested: str, is_vmodel: bool, from_header: bool) -> str:
@@ -238,6 +241,7 @@ class Forwarder:
         deadline = None if timeout is None else time.monotonic() + timeout
         gone: set[str] = set()
         stale: set[str] = set()
+        load_failed: set[str] = set()
         attempts = self.max_attempts
         if failed is not None and retry is not None:
             self._exclude(model_id, failed, retry.kind, gone, stale)
@@ -257,13 +261,32 @@ class Forwarder:
             except Retry as exc:
                 retry = exc
                 self._exclude(model_id, target, exc.kind, gone, stale)
+            except RemoteError as exc:
+                if not self._try_load_elsewhere(model_id, target, exc, load_failed):
+                    raise
+                retry = Retry(FINAL, exc)
+                gone.add(target.instance_id)  # not gone, but no place for this model now
         if retry is not None:
             raise retry.error
         raise Unavailable(f"model {model_id!r}: no instance answered within the deadline")
 
+    def _try_load_elsewhere(self, model_id: str, target: Target, err: RemoteError, failed: set[str]) -> bool:
+        """Whether a failed load is tried on the next instance within the same request: the answer
+        was a failed load (a runtime's only FAILED_PRECONDITION is ModelLoadError) and fewer than
+        ``MAX_LOAD_FAILURES`` instances have failed it, this request's and the view's failure
+        records together. So a bad model costs a client one quick error, after at most that many
+        loads, and the runtimes' own memory of failures (``mesh.runtime.failures``) keeps
+        concurrent requests from loading it again before the records reach this router."""
+        if not target.allow_load or err.code is not grpc.StatusCode.FAILED_PRECONDITION:
+            return False
+        failed.add(target.instance_id)
+        return len(failed | self.view.failures.get(model_id, {}).keys()) < MAX_LOAD_FAILURES
+
     def _exclude(self, model_id: str, target: Target, kind: str, gone: set[str], stale: set[str]) -> None:
         if kind == GONE:
             gone.add(target.instance_id)
+            if self.on_gone is not None:
+                self.on_gone(target.instance_id)
         else:
             stale.add(target.instance_id)
             # Do not send the next requests to the same stale copy while the registry's deletion

@@ -9,6 +9,10 @@
    same home, with no coordination, so concurrent first requests arriving at different routers
    still cause one load.
 
+Instances marked unreachable (``mesh.router.reachability``) are skipped while any other instance
+can serve; a loaded copy on an instance that is shutting down serves only while no other loaded
+copy exists (its re-homing).
+
 Eligible means: not shutting down, supports the model's type, carries every label the model
 requires, fits the model at all, and has no unexpired load-failure record for it. A model that
 failed on ``max_load_failures`` instances fails fast with the recorded reason.
@@ -48,16 +52,26 @@ def pick_copy(view: ClusterView, model_id: str, exclude: Container[str],
     if not copies:
         return None
     loaded: list[str] = []
+    leaving: list[str] = []
     loading: list[str] = []
+    unreachable = view.unreachable
     for instance_id, placement in copies.items():
-        if instance_id in exclude or view.live_instance(instance_id) is None:
+        if instance_id in exclude or instance_id in unreachable:
+            continue
+        record = view.instances.get(instance_id)
+        if record is None:
             continue
         if placement.state == LOADED:
-            loaded.append(instance_id)
-        elif placement.state == LOADING:
+            (leaving if record.shutting_down else loaded).append(instance_id)
+        elif placement.state == LOADING and not record.shutting_down:
             loading.append(instance_id)
     if loaded:
         chosen = _least_busy(view, loaded, rng)
+        return Target(chosen, view.instances[chosen].endpoint, allow_load=False)
+    if leaving:
+        # A copy on an instance that is shutting down still serves (hit-only) until the copy it
+        # re-homes elsewhere is loaded: its clients see no cold miss (mesh.runtime.rehome).
+        chosen = _least_busy(view, leaving, rng)
         return Target(chosen, view.instances[chosen].endpoint, allow_load=False)
     if loading:
         chosen = _least_busy(view, loading, rng)
@@ -75,10 +89,15 @@ def _device_capacity(record: InstanceRecord, spec: ModelSpec) -> int:
 def eligible(view: ClusterView, spec: ModelSpec) -> list[InstanceRecord]:
     model_type = spec.type.lower()
     required = set(spec.labels)
-    return [r for r in view.instances.values()
-            if not r.shutting_down
-            and (not r.supported_types or model_type in r.supported_types)
-            and required.issubset(r.labels)]
+    found = [r for r in view.instances.values()
+             if not r.shutting_down
+             and (not r.supported_types or model_type in r.supported_types)
+             and required.issubset(r.labels)]
+    if view.unreachable:
+        reachable = [r for r in found if r.instance_id not in view.unreachable]
+        if reachable:  # never exclude every instance: a blip of the network is not a dead fleet
+            return reachable
+    return found
 
 
 def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
@@ -107,6 +126,7 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
         if all(c.node in exclude for c in candidates):
             raise Unavailable(f"model {spec.model_id!r}: every eligible instance was tried and "
                               "none could serve it")
-        raise ResourceExhausted(f"model {spec.model_id!r} ({spec.size_hint_bytes} bytes) fits on "
-                                "no instance")
+        largest = max((c.capacity_bytes for c in candidates), default=0)
+        raise ResourceExhausted(f"model {spec.model_id!r} ({spec.size_hint_bytes} bytes) fits on no "
+                                f"instance: the largest capacity is {largest} bytes")
     return Target(home, view.instances[home].endpoint, allow_load=True)

@@ -34,6 +34,9 @@ class ClusterView:
         self.vmodels: dict[str, VModelRecord] = {}
         self.failures: dict[str, dict[str, FailureRecord]] = {}
         self.inflight: defaultdict[str, int] = defaultdict(int)
+        # Instances that did not answer at the connection level, for every request until a probe
+        # gets an answer or their lease expires (``mesh.router.reachability``).
+        self.unreachable: set[str] = set()
         self.version = 0  # bumped on every change; lets callers cache derived data
         # Called with the record of an instance that left (to close connections to it).
         self.on_instance_gone: list[Callable[[InstanceRecord], None]] = []
@@ -48,6 +51,7 @@ class ClusterView:
         instance_id = key[len(self.keys.instances):]
         record = self.instances.pop(instance_id, None)
         self.inflight.pop(instance_id, None)
+        self.unreachable.discard(instance_id)
         self.version += 1
         if record is not None and not any(r.endpoint == record.endpoint for r in self.instances.values()):
             for callback in self.on_instance_gone:
@@ -111,6 +115,9 @@ class ClusterView:
         if record is None or record.shutting_down:
             return None
         return record
+
+    def reachable(self, instance_id: str) -> bool:
+        return instance_id not in self.unreachable
 
     def copies(self, model_id: str) -> dict[str, PlacementRecord]:
         return self.placements.get(model_id, {})

@@ -23,22 +23,25 @@ from mesh.registry.session import RegistrySession
 from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, ModelCache
 from mesh.runtime.capacity import device_capacities
+from mesh.runtime.failures import RecentFailures, RememberingCache
 from mesh.runtime.loaders import supported_types
 from mesh.runtime.publisher import Publisher
+from mesh.runtime.rehome import drain, rehome
 from mesh.runtime.service import (
     RuntimeService,
     SizePredictor,
     choose_device,
     load_model,
     prepare_load,
+    warm_imports,
 )
 from mesh.runtime.servicer import add_to_server
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
 from mesh.transport.health import HealthReporter
-from mesh.transport.server import bind, new_server
-from mesh.transport.tls import server_credentials
+from mesh.transport.server import ChannelPool, bind, new_server
+from mesh.transport.tls import runtime_channel_security, server_credentials
 from placement.policy import EvictionPolicy
 from placement.simulator import build_policy
 from placement.sizing import SizeEstimator
@@ -53,6 +56,28 @@ def device_policy(name: str, capacity_bytes: int) -> EvictionPolicy:
         return build_policy(name, capacity_bytes)
     except ValueError as exc:
         raise InvalidArgument(f"setting runtime.eviction_policy: {exc}") from None
+
+
+# Nothing is in flight when the server stops (``drain``); this covers a request that raced it.
+STOP_GRACE_S = 0.5
+
+
+async def _rehome(settings: Settings, registry: Registry, cache: ModelCache, instance_id: str) -> None:
+    rs = settings.runtime
+    channels = ChannelPool(settings.router.max_message_bytes, runtime_channel_security(settings.tls))
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(rs.rehome_timeout_s):
+            result = await rehome(instance_id=instance_id, registry=registry, cache=cache,
+                                  channels=channels, load_factor=settings.router.load_factor,
+                                  recent_s=rs.rehome_recent_s, max_models=rs.rehome_max_models,
+                                  timeout_s=rs.rehome_timeout_s)
+        log.info("re-homed models", seconds=round(time.monotonic() - started, 3), **vars(result))
+    except TimeoutError:
+        log.warning("re-homing not finished before its deadline; exiting anyway",
+                    timeout_s=rs.rehome_timeout_s)
+    finally:
+        await channels.close()
 
 
 def new_instance_id() -> str:
@@ -71,6 +96,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                                security=etcd_security(settings.registry))
     registry = Registry(store, prefix)
     types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
+    # Before anything is published: a type whose library fails to import is not advertised.
+    types = await warm_imports(types, rs.warm_imports_timeout_s)
 
     capacities = device_capacities(rs)
     budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
@@ -79,17 +106,19 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                                         floor_bytes=rs.default_model_size_bytes))
     load_pool = ThreadPoolExecutor(rs.max_concurrent_loads, thread_name_prefix="load")
     infer_pool = ThreadPoolExecutor(rs.inference_threads, thread_name_prefix="infer")
-    cache = ModelCache(budgets=budgets, load_fn=load_model, predict_size=sizer.predict,
-                       observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
-                       max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
-                       prepare_fn=prepare_load)
+    cache = RememberingCache(budgets=budgets, load_fn=load_model, predict_size=sizer.predict,
+                             observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
+                             max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
+                             prepare_fn=prepare_load, size_floor_bytes=rs.default_model_size_bytes,
+                             failures=RecentFailures(settings.registry.failure_ttl_s))
     specs = SpecCache(registry, max_entries=10_000)
     metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
                              infer_executor=infer_pool, sizer=sizer, types=types,
                              inline_predict_ms=rs.inline_predict_ms, metrics=metrics)
 
-    server = new_server(settings.router.max_message_bytes)
+    server = new_server(settings.router.max_message_bytes,
+                        max_pending_requests=settings.router.max_pending_requests)
     add_to_server(server, service, status={
         "status": 1, "capacityInBytes": capacities["ram"],
         "maxLoadingConcurrency": rs.max_concurrent_loads,
@@ -143,20 +172,29 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         # Ordered shutdown:
         # 1. Say we are leaving: routers stop choosing this instance for new requests and loads.
         service.ready = False
+        service.leaving = True  # refuse loads at once: a runtime leaving with us may be re-homing
         publisher.shutting_down = True
         await health.leave()
         await call_soon_safely(lambda: publisher.publish_instance(force=True), "publish shutting-down")
-        # 2. Stop accepting and let in-flight requests finish, within a deadline.
-        await server.stop(grace=5.0)
-        # 3. Leave the registry: revoking the lease removes our instance and placements at once.
+        # 2. Re-home the hot models: load them on other instances while our copies still serve
+        #    (bounded by rehome_timeout_s; see mesh.runtime.rehome for why the runtime does it).
+        await call_soon_safely(lambda: _rehome(settings, registry, cache, instance_id), "re-home models")
+        # 3. Withdraw our placements (routers send nothing more here), let in-flight requests
+        #    finish, then stop. The routers' streams never end by themselves, so rather than
+        #    wait a fixed grace for them, stop once nothing is in flight.
+        await call_soon_safely(publisher.withdraw, "withdraw placements")
+        left = await drain(lambda: service.inflight, lambda: service.last_started, rs.drain_timeout_s)
+        log.info("drained", in_flight_left=left)
+        await server.stop(grace=STOP_GRACE_S)
+        # 4. Leave the registry: revoking the lease removes our instance and placements at once.
         await call_soon_safely(lambda: session.close(revoke=True), "revoke lease")
-        # 4. Stop the background loops, release the models and threads.
+        # 5. Stop the background loops, release the models and threads.
         await roots.cancel_all()
         await call_soon_safely(cache.close, "unload models")
         load_pool.shutdown(wait=False, cancel_futures=True)
         infer_pool.shutdown(wait=False, cancel_futures=True)
         await call_soon_safely(store.close, "close registry")
-        # 5. Metrics last, so that they can be read until the end.
+        # 6. Metrics last, so that they can be read until the end.
         if stop_metrics is not None:
             await asyncio.to_thread(stop_metrics)
         log.info("runtime stopped")

@@ -30,8 +30,15 @@ the loader cannot see, but it also catches process-wide, one-time growth that be
 the first ONNX session creates onnxruntime's environment (+24 MiB here), LightGBM starts its OpenMP
 pool (+15 MiB), allocator arenas grow in steps. Charging that to whichever model loaded at the time
 would make a 10 KiB model look like 24 MiB and evict dozens of others. So the RSS reading counts
-only up to ``2 x max(footprint, prediction) + 256 KiB``, and only when no other load overlapped it
-(otherwise the growth cannot be attributed at all): size = max(footprint, capped RSS growth).
+only up to ``2 x basis + min(256 KiB, basis)``, where the basis is ``max(footprint, prediction)``,
+and only when no other load overlapped it (otherwise the growth cannot be attributed at all):
+size = max(footprint, capped RSS growth). A prediction at the sizer's floor is no estimate of this
+model (it is what every unknown model gets), so then the basis is the footprint alone: otherwise a
+2.7 KB model was charged 266 KB (one allocator step) and refused by a small runtime.
+
+Capacity holds at every step: a load reserves its prediction before it starts, and when the
+measured size is larger, the difference is reserved the same way (evicting, or waiting for copies
+that are unloading) before it is counted; a load that cannot get it fails with RESOURCE_EXHAUSTED.
 
 Time comes from an injected clock, so tests drive recency without sleeping.
 """
@@ -149,7 +156,9 @@ class ModelCache:
         listener: CacheListener | None = None,
         rss: Callable[[], int] | None = None,
         prepare_fn: Callable[[ModelSpec], None] | None = None,
+        size_floor_bytes: int = 0,
     ) -> None:
+        self._size_floor = size_floor_bytes  # the sizer's floor: a prediction at it is no estimate
         self._budgets = {b.device: b for b in budgets}
         self._load_fn = load_fn
         self._predict_size = predict_size
@@ -307,24 +316,25 @@ class ModelCache:
             solo = self._loads_running == 1 and self._load_epoch == epoch
             self._loads_running -= 1
             rss_growth = self._rss() - rss_before if solo else 0
-        footprint = model.footprint_bytes()
-        plausible = 2 * max(footprint, entry.predicted_bytes) + RSS_SLACK_BYTES
-        measured = max(footprint, min(rss_growth, plausible), 1)
+        measured = measured_size(model.footprint_bytes(), rss_growth, entry.predicted_bytes,
+                                 self._size_floor)
         self._observe_size(spec, measured)
-        # Re-weigh with the measured size; evict more if the prediction was too low.
+        # Re-weigh with the measured size; reserve more (evicting, or waiting for copies that are
+        # draining) if the prediction was too low, so that the sum never passes the capacity.
         delta = measured - entry.reserved_bytes
         if delta > 0:
-            if measured > budget.capacity_bytes:
+            try:
+                if measured > budget.capacity_bytes:
+                    raise ResourceExhausted(
+                        f"model {spec.model_id!r} measures {measured} bytes once loaded, more than "
+                        f"this instance's {entry.device} capacity of {budget.capacity_bytes} bytes")
+                await self._reserve(entry, budget, delta, top_up=True)
+            except BaseException:
                 await self._close_model(model)
-                raise ResourceExhausted(
-                    f"model {spec.model_id!r} measures {measured} bytes once loaded, more than this "
-                    f"instance's {entry.device} capacity of {budget.capacity_bytes} bytes")
-            self._evict_for(budget, budget.used_bytes + delta - budget.capacity_bytes,
-                            exclude=entry.model_id)
-            # The victims' bytes stay counted until they drain; the small overshoot is bounded by
-            # the prediction error and lasts only as long as their in-flight requests.
-        budget.used_bytes += delta
-        entry.reserved_bytes = measured
+                raise
+        else:
+            budget.used_bytes += delta
+            entry.reserved_bytes = measured
         budget.policy.insert(spec.model_id, measured, self._clock(),
                              last_used=entry.initial_last_used, cost=entry.load_ms)
         log.info("model loaded", model_id=spec.model_id, reason=entry.load_reason, device=entry.device,
@@ -352,21 +362,27 @@ class ModelCache:
 
         future.add_done_callback(finished)
 
-    async def _reserve(self, entry: Entry, budget: DeviceBudget, size: int) -> None:
-        """Count ``size`` bytes for ``entry``, evicting and then waiting for space as needed."""
+    async def _reserve(self, entry: Entry, budget: DeviceBudget, size: int, *, top_up: bool = False) -> None:
+        """Count ``size`` more bytes for ``entry``, evicting and then waiting for space as needed.
+
+        ``top_up``: the measured size of a loaded model exceeds its reservation. Then wait only for
+        copies that are unloading: waiting for loads in progress could deadlock two loads that
+        each wait for the other's reservation, so with none unloading the load fails at once."""
         deadline = asyncio.get_running_loop().time() + self._load_timeout_s
         async with self._space_freed:
             while True:
                 need = budget.used_bytes + size - budget.capacity_bytes
                 if need <= 0:
                     budget.used_bytes += size
-                    entry.reserved_bytes = size
+                    entry.reserved_bytes += size
                     return
                 self._evict_for(budget, need, exclude=entry.model_id)
                 if budget.used_bytes + size <= budget.capacity_bytes:
                     continue
                 # Space is held by copies still loading or draining: wait for it to be freed.
                 remaining = deadline - asyncio.get_running_loop().time()
+                if top_up and not any(u.device == budget.device for u in self._unloading):
+                    remaining = 0.0
                 if remaining <= 0:
                     raise ResourceExhausted(
                         f"no room for model {entry.model_id!r} ({size} bytes) on {budget.device}: "
@@ -489,6 +505,17 @@ class ModelCache:
     def budgets(self) -> dict[str, DeviceBudget]:
         return self._budgets
 
+
+
+def measured_size(footprint: int, rss_growth: int, predicted: int, floor: int) -> int:
+    """A loaded model's size from its footprint and the RSS growth across its load (module
+    docstring, "Measured size"): RSS growth counts only up to twice the basis plus a slack for
+    allocator steps, and the slack is at most the basis itself, so a few-KB model is charged a
+    few KB, not one 256 KiB arena step."""
+    informed = predicted if predicted > floor or footprint <= 0 else 0
+    basis = max(footprint, informed)
+    plausible = 2 * basis + min(RSS_SLACK_BYTES, basis)
+    return max(footprint, min(rss_growth, plausible), 1)
 
 
 def _process_rss() -> Callable[[], int]:

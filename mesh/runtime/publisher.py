@@ -61,6 +61,7 @@ class Publisher:
         self._last_requests = 0
         self._last_time = time.monotonic()
         self.shutting_down = False
+        self.withdrawn = False
 
     # --- CacheListener ------------------------------------------------------------------------
     def on_change(self, entry: Entry, event: str) -> None:
@@ -68,6 +69,8 @@ class Publisher:
             return  # the copy's placement went when it was evicted; its bytes show in the next record
         now_ms = int(time.time() * 1000)
         if event in ("loading", "loaded"):
+            if self.withdrawn:
+                return  # leaving: no new copy is advertised
             state = LOADING if event == "loading" else LOADED
             self._pending[entry.model_id] = PlacementRecord(
                 model_id=entry.model_id, instance_id=self._base.instance_id, state=state,
@@ -106,6 +109,14 @@ class Publisher:
             return
         await self._session.put(self._keys.instance(record.instance_id), record.to_json())
         self._last_record = record
+
+    async def withdraw(self) -> None:
+        """Shutting down, after re-homing: delete every placement of ours, so that routers send
+        nothing more here (the copies still answer what is already on its way)."""
+        self.withdrawn = True
+        for entry in self._cache_ref().entries():
+            self._pending[entry.model_id] = None
+        await self._flush()
 
     async def _flush(self) -> None:
         # An item leaves the queue only once written (and only if no newer state replaced it

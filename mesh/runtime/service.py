@@ -22,7 +22,7 @@ from concurrent.futures import Executor
 import structlog
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound, NotHere
+from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound, NotHere, Unavailable
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
 from mesh.observability.metrics import RuntimeMetrics, status_name
@@ -120,6 +120,37 @@ def prepare_load(spec: ModelSpec) -> None:
             torch.set_num_threads(1)
 
 
+def _import_type(model_type: str) -> None:
+    import importlib
+
+    for module in _WARM_IMPORTS.get(model_type, ()):
+        importlib.import_module(module)
+
+
+async def warm_imports(types: list[str], timeout_s: float) -> list[str]:
+    """Import the loader libraries of ``types`` now (start-up, before the instance is ready), so
+    that a fresh runtime's first load neither makes every request wait for the import nor charges
+    the library's memory to the model. The types whose library fails to import are left out, with
+    a log line; a type still importing after ``timeout_s`` stays (its import goes on in its thread
+    and the first load waits for it, as before)."""
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    usable: list[str] = []
+    for model_type in types:
+        remaining = timeout_s - (time.perf_counter() - started)
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, _import_type, model_type), max(remaining, 0.001))
+        except TimeoutError:
+            log.warning("loader library still importing at start-up", model_type=model_type,
+                        timeout_s=timeout_s)
+        except Exception as exc:
+            log.warning("model type disabled: its library does not import", model_type=model_type,
+                        error=f"{type(exc).__name__}: {exc}")
+            continue
+        usable.append(model_type)
+    return usable
+
+
 def choose_device(spec: ModelSpec, budgets: dict[str, DeviceBudget]) -> str:
     """RAM, or the GPU with the most free budget for models labelled ``gpu`` whose loader can
     use one."""
@@ -153,6 +184,9 @@ class RuntimeService:
         self._executor = infer_executor
         self.types = [t.lower() for t in (types or supported_types())]
         self.requests = 0
+        self.inflight = 0  # inferences running now, for the drain on shutdown
+        self.last_started = 0.0  # perf_counter of the last inference's arrival, ditto
+        self.leaving = False  # shutting down: loads asked of this instance are refused
         specs.subscribe(self._registration_changed, self._registrations_reset)
 
     # --- inference ----------------------------------------------------------------------------
@@ -203,8 +237,9 @@ class RuntimeService:
 
         Decoding, the prediction and encoding all run on an inference thread, so the event loop
         only routes bytes. ``model_id`` None means: the request's ``model_name``."""
-        started = time.perf_counter()
+        started = self.last_started = time.perf_counter()
         self.requests += 1
+        self.inflight += 1
         code = "OK"
         try:
             if model_id is None:
@@ -228,6 +263,7 @@ class RuntimeService:
             code = status_name(exc)
             raise
         finally:
+            self.inflight -= 1
             self.metrics.invoked(code, started, model_id)
 
     async def model_ready(self, model_id: str) -> bool:
@@ -260,6 +296,9 @@ class RuntimeService:
         return ModelSpec(model_id=model_id, type=model_type, path=path, key=key)
 
     async def load(self, spec: ModelSpec, *, last_used: float | None = None) -> Entry:
+        if self.leaving:
+            # Another runtime re-homing its models must not put them on one that leaves too.
+            raise Unavailable(f"instance {self.instance_id} is shutting down; load {spec.model_id!r} elsewhere")
         if spec.type.lower() not in self.types:
             raise InvalidArgument(f"model type {spec.type!r} is not supported here "
                                   f"(supported: {', '.join(self.types)})")
@@ -331,4 +370,4 @@ def _infer(entry: Entry, body: bytes) -> bytes:
     return response.SerializeToString()
 
 
-__all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "wants_gpu"]
+__all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "wants_gpu", "warm_imports"]

@@ -27,18 +27,23 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def server_options(max_message_bytes: int, max_pending_requests: int = 4096) -> list[tuple[str, int]]:
     return [
         *message_options(max_message_bytes),
+        # gRPC core sheds calls the application has not picked up yet (CANCELLED) past the soft
+        # limit, at random, and all of them past the hard one (settings: router.max_pending_requests).
+        ("grpc.server.max_pending_requests", max_pending_requests),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_requests),
         ("grpc.so_reuseport", 0),
         # Accept the client keepalive pings above without GOAWAY(too_many_pings).
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ]
 
 
-def new_server(max_message_bytes: int,
-               interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=list(interceptors) or None)
+def new_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *,
+               max_pending_requests: int = 4096) -> grpc.aio.Server:
+    return grpc.aio.server(options=server_options(max_message_bytes, max_pending_requests),
+                           interceptors=list(interceptors) or None)
 
 
 def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:

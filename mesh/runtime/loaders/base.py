@@ -115,6 +115,8 @@ def gpu_index(device: str) -> int | None:
 def reason(exc: BaseException) -> str:
     """An exception as one readable status line: its text, or its type when it has none."""
     text = str(exc).strip() or type(exc).__name__
+    if not any(c.isalpha() for c in text):  # KeyError(0) from a garbage pickle reads "0"
+        text = f"{type(exc).__name__}: {text}"
     text = text.split("\nStack trace:", 1)[0].strip()  # xgboost's C++ trace helps no operator
     if len(text) > _MAX_REASON:
         text = text[:_MAX_REASON] + "..."

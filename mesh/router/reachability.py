@@ -1,0 +1,79 @@
+"""Instances that stopped answering, as this router sees them, across requests.
+
+Why. A runtime killed with SIGKILL keeps its instance record and placements until its lease
+expires (``registry.lease_ttl_s``, seconds). The forwarder's retry excludes a dead instance only
+for the request that found it dead; without a memory across requests, every new request for a
+model held there would try it first and pay a failed attempt until the lease expired.
+
+How. The forwarder calls :meth:`Reachability.mark` when an attempt fails at the connection level
+("gone": refused, reset, stream broken). The instance joins ``view.unreachable``: routing skips it
+(copies and homes) while any other instance can serve. It leaves the set when a probe
+(``ServerLive``, every ``router.unreachable_probe_s``) gets an answer, or when its lease expires and
+the view drops it. Routing never excludes *every* instance this way (``routing.eligible`` falls back
+to all of them), so a network blip that marks the whole fleet costs retries, not an outage.
+
+Per router and local: no other router needs to agree, and each learns the same fact from its own
+failed attempt within a request or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import structlog
+
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.router.view import ClusterView
+from mesh.transport.server import ChannelPool
+
+log = structlog.get_logger(__name__)
+
+LIVE = "/inference.GRPCInferenceService/ServerLive"
+
+
+class Reachability:
+    def __init__(self, view: ClusterView, channels: ChannelPool, probe_s: float) -> None:
+        self.view = view
+        self.channels = channels
+        self.probe_s = probe_s
+        self._wake = asyncio.Event()
+
+    def mark(self, instance_id: str) -> None:
+        """An attempt on ``instance_id`` got no answer at all: skip it until it answers again."""
+        if instance_id in self.view.instances and instance_id not in self.view.unreachable:
+            self.view.unreachable.add(instance_id)
+            self.view.version += 1
+            log.warning("instance unreachable; routing around it until it answers or its lease expires",
+                        instance_id=instance_id)
+            self._wake.set()
+
+    async def _answers(self, endpoint: str) -> bool:
+        call = self.channels.get(endpoint).unary_unary(
+            LIVE, request_serializer=pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=pb.ServerLiveResponse.FromString)
+        try:
+            await call(pb.ServerLiveRequest(), timeout=max(self.probe_s, 0.2))
+        except (TimeoutError, grpc.aio.AioRpcError):
+            return False
+        return True
+
+    async def probe_once(self) -> None:
+        for instance_id in list(self.view.unreachable):
+            record = self.view.instances.get(instance_id)
+            if record is None:  # its lease expired meanwhile: the view forgot it
+                self.view.unreachable.discard(instance_id)
+                continue
+            if await self._answers(record.endpoint):
+                self.view.unreachable.discard(instance_id)
+                self.view.version += 1
+                log.info("instance answers again", instance_id=instance_id)
+
+    async def run(self) -> None:
+        """Root task: probe the unreachable instances while there are any."""
+        while True:
+            if not self.view.unreachable:
+                self._wake.clear()
+                await self._wake.wait()
+            await asyncio.sleep(self.probe_s)
+            await self.probe_once()

@@ -1,0 +1,151 @@
+"""Graceful shutdown of a runtime: re-home its hot models, then drain its in-flight requests.
+
+Order (``serve_runtime``'s ``finally``): publish shutting-down; :func:`rehome`; withdraw our
+placements; :func:`drain`; stop the server; revoke the lease.
+
+Who re-homes: the leaving runtime itself, not the routers. It alone knows which of its copies are
+hot (its cache's last-used times; routers see only their own share of the traffic), there is one of
+it, so each model is asked for once (every router sees the shutting-down event, and N routers
+reacting to it would send N loads per model: the thundering herd), and it must wait for the copies
+anyway before it may exit. Where a copy goes: the model's home by the routers' own rule, rendezvous
+hashing with bounded load over the other eligible instances (``placement.hashing.choose_home``), so
+that the copy lands where the routers would have sent the model's next cold request; the target's
+cache is single-flight per model, so a load a router triggers meanwhile joins ours.
+
+While re-homing, routers still send requests for a copy held only here (``routing.pick_copy``
+uses a shutting-down instance's loaded copies as a last resort, hit-only), so clients see no cold
+miss; once the copy elsewhere is loaded they go there. Models unused for ``rehome_recent_s`` are not
+re-homed: their next request loads them elsewhere, as after any eviction.
+
+The wait is bounded (``runtime.rehome_timeout_s``), and the drain after it too
+(``runtime.drain_timeout_s``), so that the whole shutdown fits the pod's grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from mesh.gen.mmesh import model_runtime_pb2 as spi
+from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
+from mesh.registry.records import LOADED, InstanceRecord, PlacementRecord
+from mesh.registry.registry import Registry
+from mesh.runtime.cache import Entry, ModelCache
+from mesh.transport.metadata import LAST_USED
+from mesh.transport.server import ChannelPool
+from placement.hashing import Candidate, choose_home
+
+log = structlog.get_logger(__name__)
+
+PARALLEL_LOADS = 4  # loads asked at once, over all targets (each target queues its own beyond its limit)
+POLL_S = 0.1  # registry polling while waiting for the copies' placements
+QUIET_S = 0.2  # drain: no new request for this long (routers have seen the withdrawal)
+
+
+@dataclass
+class RehomeResult:
+    hot: int = 0  # recently used models held here
+    elsewhere: int = 0  # of them, already loaded on another instance
+    asked: int = 0  # loads asked of other instances
+    loaded: int = 0  # of them, loaded and published before the deadline
+    failed: int = 0
+    no_target: int = 0  # no other instance could take it
+
+
+def hot_entries(cache: ModelCache, recent_s: float, max_models: int, now: float) -> list[Entry]:
+    """Loaded copies used within ``recent_s``, most recent first, at most ``max_models``."""
+    hot = [e for e in cache.entries() if e.state == LOADED and now - e.last_used <= recent_s]
+    hot.sort(key=lambda e: e.last_used, reverse=True)
+    return hot[:max_models]
+
+
+def _target(entry: Entry, others: list[InstanceRecord], load_factor: float) -> InstanceRecord | None:
+    spec = entry.spec
+    model_type, required = spec.type.lower(), set(spec.labels)
+    fit = {r.instance_id: r for r in others
+           if (not r.supported_types or model_type in r.supported_types) and required.issubset(r.labels)}
+    device = "gpu" if entry.device.startswith("gpu") else "ram"
+    candidates = [Candidate(node=r.instance_id, load=float(r.loading_count),
+                            capacity_bytes=max((d.capacity_bytes for d in r.devices if d.device.startswith(device)),
+                                               default=0))
+                  for r in fit.values()]
+    home = choose_home(spec.model_id, candidates, entry.reserved_bytes, load_factor=load_factor)
+    return fit.get(home) if home is not None else None
+
+
+async def _load(channels: ChannelPool, target: InstanceRecord, entry: Entry, timeout_s: float) -> None:
+    spec = entry.spec
+    stub = spi_grpc.ModelRuntimeStub(channels.get(target.endpoint))  # type: ignore[no-untyped-call]
+    await stub.loadModel(spi.LoadModelRequest(modelId=spec.model_id, modelType=spec.type,
+                                              modelPath=spec.path, modelKey=spec.key),
+                         timeout=max(timeout_s, 0.1),
+                         metadata=((LAST_USED, str(int(entry.last_used * 1000))),))
+
+
+async def rehome(*, instance_id: str, registry: Registry, cache: ModelCache, channels: ChannelPool,
+                 load_factor: float, recent_s: float, max_models: int, timeout_s: float) -> RehomeResult:
+    """Load this instance's hot models on other instances; return when each has a published
+    loaded copy elsewhere, or at the deadline (the caller bounds nothing else)."""
+    deadline = time.monotonic() + timeout_s
+    result = RehomeResult()
+    hot = hot_entries(cache, recent_s, max_models, time.time())
+    result.hot = len(hot)
+    if not hot:
+        return result
+    keys = registry.keys
+    instances = [InstanceRecord.from_json(kv.value) for kv in (await registry.store.get_prefix(keys.instances))[0]]
+    others = [r for r in instances if r.instance_id != instance_id and not r.shutting_down]
+
+    async def copies_elsewhere() -> set[str]:
+        kvs, _ = await registry.store.get_prefix(keys.placements)
+        live = {r.instance_id for r in others}
+        return {p.model_id for p in (PlacementRecord.from_json(kv.value) for kv in kvs)
+                if p.state == LOADED and p.instance_id in live}
+
+    wanted = {e.model_id for e in hot}
+    have = await copies_elsewhere() & wanted
+    result.elsewhere = len(have)
+    todo = [e for e in hot if e.model_id not in have]
+    gate = asyncio.Semaphore(PARALLEL_LOADS)
+    asked: set[str] = set()  # loaded elsewhere at our request (a failed load is not waited for)
+
+    async def one(entry: Entry) -> None:
+        target = _target(entry, others, load_factor)
+        if target is None:
+            result.no_target += 1
+            return
+        async with gate:
+            result.asked += 1
+            try:
+                await _load(channels, target, entry, deadline - time.monotonic())
+                asked.add(entry.model_id)
+            except grpc.aio.AioRpcError as err:
+                result.failed += 1
+                log.warning("re-homing a model failed", model_id=entry.model_id, target=target.instance_id,
+                            code=err.code().name, reason=err.details())
+
+    await asyncio.gather(*(one(e) for e in todo))
+    # Loaded is not yet routable: wait for the targets to publish the copies' placements.
+    while asked and time.monotonic() < deadline:
+        published = await copies_elsewhere() & asked
+        result.loaded = len(published)
+        if published == asked:
+            break
+        await asyncio.sleep(POLL_S)
+    return result
+
+
+async def drain(inflight: Callable[[], int], last_started: Callable[[], float], timeout_s: float) -> int:
+    """Wait until no request is in flight and none arrived for ``QUIET_S``, or the deadline;
+    returns the requests still in flight then."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if inflight() == 0 and time.perf_counter() - last_started() >= QUIET_S:
+            return 0
+        await asyncio.sleep(0.02)
+    return inflight()

@@ -1,0 +1,59 @@
+"""Routing around unreachable and leaving instances (issue 7, items 1 and 2), on a hand-built view."""
+
+from __future__ import annotations
+
+import random
+
+from mesh.registry.keys import Keys
+from mesh.registry.records import LOADED, LOADING, DeviceUsage, InstanceRecord, ModelSpec, PlacementRecord
+from mesh.router.routing import eligible, pick_copy, pick_home
+from mesh.router.view import ClusterView
+
+RAM = (DeviceUsage("ram", 1 << 30, 0),)
+
+
+def _view(*ids: str, leaving: tuple[str, ...] = ()) -> ClusterView:
+    view = ClusterView(Keys())
+    for i in ids:
+        view.instances[i] = InstanceRecord(instance_id=i, endpoint=f"127.0.0.1:{1000 + len(view.instances)}",
+                                           devices=RAM, shutting_down=i in leaving)
+    return view
+
+
+def _place(view: ClusterView, model: str, instance: str, state: str = LOADED) -> None:
+    view.placements.setdefault(model, {})[instance] = PlacementRecord(model_id=model, instance_id=instance,
+                                                                      state=state)
+
+
+def test_unreachable_copy_is_skipped_and_the_home_avoids_it() -> None:
+    view = _view("a", "b", "c")
+    _place(view, "m", "a")
+    view.unreachable.add("a")
+    assert pick_copy(view, "m", (), random.Random(0)) is None
+    spec = ModelSpec(model_id="m", type="sklearn")
+    for _ in range(20):
+        assert pick_home(view, spec, (), load_factor=1.25).instance_id != "a"
+
+
+def test_unreachable_everywhere_falls_back_to_every_instance() -> None:
+    view = _view("a", "b")
+    view.unreachable.update({"a", "b"})
+    assert {r.instance_id for r in eligible(view, ModelSpec(model_id="m", type="sklearn"))} == {"a", "b"}
+
+
+def test_leaving_copy_serves_until_a_live_copy_is_loaded() -> None:
+    view = _view("a", "b", leaving=("a",))
+    _place(view, "m", "a")
+    _place(view, "m", "b", LOADING)
+    target = pick_copy(view, "m", (), random.Random(0))
+    assert target is not None and (target.instance_id, target.allow_load) == ("a", False)
+    _place(view, "m", "b", LOADED)
+    target = pick_copy(view, "m", (), random.Random(0))
+    assert target is not None and target.instance_id == "b"
+
+
+def test_deleted_instance_is_no_longer_unreachable() -> None:
+    view = _view("a")
+    view.unreachable.add("a")
+    view.delete_instance(view.keys.instances + "a")
+    assert view.unreachable == set()
