@@ -19,7 +19,6 @@ from mesh.router.forwarder import Forwarder
 from mesh.router.management import Management
 from mesh.router.reachability import Reachability
 from mesh.router.replicas import CopyScaler
-from mesh.router.runtime_client import RuntimeClient
 from mesh.router.servicer import ModelMeshServicer
 from mesh.router.view import ClusterView
 from mesh.settings import Settings
@@ -28,6 +27,7 @@ from mesh.tracing import tracer_for
 from mesh.transport.auth import interceptors_for
 from mesh.transport.handlers import generic_handler
 from mesh.transport.health import HealthReporter
+from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.server import ChannelPool, bind, new_server
 from mesh.transport.tls import runtime_channel_security, server_credentials
 from placement.scaling import ScalingConfig
@@ -78,7 +78,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
                           scaler=scaler, ready=lambda: not_ready() is None,
                           access_log=settings.log.access_log, tracer=tracer_for(settings.log, "router"),
                           metrics=metrics)
-    reachability = Reachability(view, channels, rs.unreachable_probe_s)
+    reachability = Reachability(view, runtime_client, rs.unreachable_probe_s)
     forwarder.on_gone = reachability.mark
     background: set[asyncio.Task[None]] = set()
 

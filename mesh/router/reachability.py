@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import structlog
 
-from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.router.view import ClusterView
-from mesh.transport.server import ChannelPool
+from mesh.transport.runtime_client import RuntimeClient
 
 log = structlog.get_logger(__name__)
 
-LIVE = "/inference.GRPCInferenceService/ServerLive"
-
 
 class Reachability:
-    def __init__(self, view: ClusterView, channels: ChannelPool, probe_s: float) -> None:
+    def __init__(self, view: ClusterView, runtimes: RuntimeClient, probe_s: float) -> None:
         self.view = view
-        self.channels = channels
+        self.runtimes = runtimes
         self.probe_s = probe_s
         self._wake = asyncio.Event()
 
@@ -48,23 +44,13 @@ class Reachability:
                         instance_id=instance_id)
             self._wake.set()
 
-    async def _answers(self, endpoint: str) -> bool:
-        call = self.channels.get(endpoint).unary_unary(
-            LIVE, request_serializer=pb.ServerLiveRequest.SerializeToString,
-            response_deserializer=pb.ServerLiveResponse.FromString)
-        try:
-            await call(pb.ServerLiveRequest(), timeout=max(self.probe_s, 0.2))
-        except (TimeoutError, grpc.aio.AioRpcError):
-            return False
-        return True
-
     async def probe_once(self) -> None:
         for instance_id in list(self.view.unreachable):
             record = self.view.instances.get(instance_id)
             if record is None:  # its lease expired meanwhile: the view forgot it
                 self.view.unreachable.discard(instance_id)
                 continue
-            if await self._answers(record.endpoint):
+            if await self.runtimes.live(record.endpoint, max(self.probe_s, 0.2)):
                 self.view.unreachable.discard(instance_id)
                 self.view.version += 1
                 log.info("instance answers again", instance_id=instance_id)

@@ -40,6 +40,7 @@ from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
 from mesh.transport.health import HealthReporter
+from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.server import ChannelPool, bind, new_server
 from mesh.transport.tls import runtime_channel_security, server_credentials
 from placement.policy import EvictionPolicy
@@ -69,7 +70,7 @@ async def _rehome(settings: Settings, registry: Registry, cache: ModelCache, ins
     try:
         async with asyncio.timeout(rs.rehome_timeout_s):
             result = await rehome(instance_id=instance_id, registry=registry, cache=cache,
-                                  channels=channels, load_factor=settings.router.load_factor,
+                                  runtimes=RuntimeClient(channels), load_factor=settings.router.load_factor,
                                   recent_s=rs.rehome_recent_s, max_models=rs.rehome_max_models,
                                   timeout_s=rs.rehome_timeout_s)
         log.info("re-homed models", seconds=round(time.monotonic() - started, 3), **vars(result))

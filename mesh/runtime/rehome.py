@@ -28,16 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 import structlog
 
-from mesh.gen.mmesh import model_runtime_pb2 as spi
-from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
+from mesh.errors import MeshError
 from mesh.registry.records import LOADED, InstanceRecord, PlacementRecord
 from mesh.registry.registry import Registry
 from mesh.runtime.cache import Entry, ModelCache
-from mesh.transport.metadata import LAST_USED
-from mesh.transport.server import ChannelPool
+from mesh.transport.runtime_client import RuntimeClient
 from placement.hashing import Candidate, choose_home
 
 log = structlog.get_logger(__name__)
@@ -78,16 +75,7 @@ def _target(entry: Entry, others: list[InstanceRecord], load_factor: float) -> I
     return fit.get(home) if home is not None else None
 
 
-async def _load(channels: ChannelPool, target: InstanceRecord, entry: Entry, timeout_s: float) -> None:
-    spec = entry.spec
-    stub = spi_grpc.ModelRuntimeStub(channels.get(target.endpoint))  # type: ignore[no-untyped-call]
-    await stub.loadModel(spi.LoadModelRequest(modelId=spec.model_id, modelType=spec.type,
-                                              modelPath=spec.path, modelKey=spec.key),
-                         timeout=max(timeout_s, 0.1),
-                         metadata=((LAST_USED, str(int(entry.last_used * 1000))),))
-
-
-async def rehome(*, instance_id: str, registry: Registry, cache: ModelCache, channels: ChannelPool,
+async def rehome(*, instance_id: str, registry: Registry, cache: ModelCache, runtimes: RuntimeClient,
                  load_factor: float, recent_s: float, max_models: int, timeout_s: float) -> RehomeResult:
     """Load this instance's hot models on other instances; return when each has a published
     loaded copy elsewhere, or at the deadline (the caller bounds nothing else)."""
@@ -122,12 +110,13 @@ async def rehome(*, instance_id: str, registry: Registry, cache: ModelCache, cha
         async with gate:
             result.asked += 1
             try:
-                await _load(channels, target, entry, deadline - time.monotonic())
+                # The copy keeps our recency, so the target does not take it for a cold newcomer.
+                await runtimes.load(target, entry.spec, int(entry.last_used * 1000), deadline - time.monotonic())
                 asked.add(entry.model_id)
-            except grpc.aio.AioRpcError as err:
+            except MeshError as err:
                 result.failed += 1
                 log.warning("re-homing a model failed", model_id=entry.model_id, target=target.instance_id,
-                            code=err.code().name, reason=err.details())
+                            code=err.code.name, reason=err.message)
 
     await asyncio.gather(*(one(e) for e in todo))
     # Loaded is not yet routable: wait for the targets to publish the copies' placements.

@@ -83,9 +83,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> list[ModelArtifact]:
 
 @pytest.fixture
 def mesh_up(tmp_path: Path) -> Iterator[MeshUp]:
-    # 3 MiB of model memory per runtime (each load first reserves its predicted size, 1 MiB at
-    # least): far less than the 200 models need together.
-    up = MeshUp(tmp_path, "--runtimes", "2", "--capacity", "3MiB")
+    # 384 KiB of model memory per runtime: the 200 models are charged their measured size, 0.1 to
+    # 13 KB each (footprints of the five formats, 6 KB on average, 1.2 MB or more together), so
+    # they cannot all stay; a load reserves its prediction first (64 KiB at least), so several
+    # loads still fit at once.
+    up = MeshUp(tmp_path, "--runtimes", "2", "--capacity", "384KiB")
     try:
         yield up
     finally:

@@ -41,7 +41,7 @@ def test_placement_is_a_pure_library() -> None:
 
 
 def test_grpc_is_imported_only_at_the_transport_edge() -> None:
-    allowed_names = {"servicer.py", "forwarder.py", "runtime_client.py", "router_client.py", "client.py", "demo.py",
+    allowed_names = {"servicer.py", "forwarder.py", "router_client.py", "client.py", "demo.py",
                      "etcd.py"}
     offenders = {
         path: hits for path, hits in _importing("mesh", ("grpc", "grpc_health")).items()

@@ -1,0 +1,63 @@
+"""Calls to runtimes: the ModelRuntime SPI's loadModel (a router's ensureLoaded, vModel targets and
+copies; a leaving runtime re-homing its models) and the V2 ServerLive probe (a router taking back
+an instance it found unreachable). gRPC stays here; callers see MeshError and booleans."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import grpc
+
+from mesh.errors import MeshError
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.gen.mmesh import model_runtime_pb2 as spi
+from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
+from mesh.registry.records import ModelSpec
+from mesh.transport.metadata import LAST_USED
+from mesh.transport.server import ChannelPool
+from mesh.transport.status import MESH_CODES
+
+LIVE = "/inference.GRPCInferenceService/ServerLive"
+
+
+class Instance(Protocol):
+    """Where a call goes: a routing target or an instance record."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def endpoint(self) -> str: ...
+
+
+class RuntimeClient:
+    def __init__(self, channels: ChannelPool) -> None:
+        self._channels = channels
+
+    async def load(self, target: Instance, spec: ModelSpec, last_used_ms: int, timeout_s: float) -> None:
+        """Load ``spec`` on ``target`` (returns once loaded); a failure is a MeshError with the
+        runtime's status code and message."""
+        stub = spi_grpc.ModelRuntimeStub(self._channels.get(target.endpoint))
+        request = spi.LoadModelRequest(modelId=spec.model_id, modelType=spec.type,
+                                       modelPath=spec.path, modelKey=spec.key)
+        try:
+            await stub.loadModel(request, timeout=max(timeout_s, 0.1),
+                                 metadata=((LAST_USED, str(last_used_ms)),))
+        except grpc.aio.AioRpcError as err:
+            error = MeshError(f"loading {spec.model_id!r} on {target.instance_id}: {err.details()}")
+            error.code = MESH_CODES.get(err.code(), error.code)
+            raise error from None
+
+    async def live(self, endpoint: str, timeout_s: float) -> bool:
+        """Whether the server at ``endpoint`` answers ServerLive within ``timeout_s``."""
+        call = self._channels.get(endpoint).unary_unary(
+            LIVE, request_serializer=pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=pb.ServerLiveResponse.FromString)
+        try:
+            await call(pb.ServerLiveRequest(), timeout=timeout_s)
+        except (TimeoutError, grpc.aio.AioRpcError):
+            return False
+        return True
+
+
+__all__ = ["Instance", "RuntimeClient"]
