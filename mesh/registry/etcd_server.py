@@ -44,10 +44,13 @@ log = structlog.get_logger(__name__)
 
 _START_ATTEMPTS = 4  # fresh ports each time; collisions are rare, four in a row means something else
 _POLL_INTERVAL_S = 0.05
-# History older than an hour is compacted away (as deploy/base/etcd.yaml does). An hour is far
-# longer than any watch stays behind (a broken watch resumes within seconds; one that falls behind
-# a compaction relists: mesh.registry.mirror), and short enough that the history stays small.
-AUTO_COMPACTION = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h")
+# History older than five minutes is compacted away, every five minutes (as deploy/base/etcd.yaml
+# does, and as the Kubernetes API server compacts its etcd). Placements change with every load and
+# eviction, so history grows with churn: the soak (BENCHMARKS.md, section 7: 25 loads and 25
+# evictions a second) grew etcd's RSS by 100 MB in 10 minutes with an hour's retention. Five
+# minutes is still far longer than a watch stays behind (a broken watch resumes within seconds;
+# one that falls behind a compaction relists: mesh.registry.mirror).
+AUTO_COMPACTION = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m")
 
 
 @dataclass(frozen=True)
