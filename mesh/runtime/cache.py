@@ -289,6 +289,9 @@ class ModelCache:
         entry.loaded_at = self._clock()
         entry.ready.set_result(model)
         self._notify(entry, LOADED)
+        # Loads waiting for room may go on now: this copy is measured (usually smaller than its
+        # reservation, which is given back) and evictable, neither of which it was while loading.
+        await self._wake_space_waiters()
 
     async def _load_guarded(self, entry: Entry) -> LoadedModel:
         spec, budget = entry.spec, self._budgets[entry.device]

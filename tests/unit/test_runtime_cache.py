@@ -39,8 +39,10 @@ class FakeModel(LoadedModel):
 class Harness:
     def __init__(self, capacity: int, *, sizes: dict[str, int] | None = None, delay_s: float = 0.0,
                  timeout_s: float = 5.0, concurrent: int = 2, policy: str = "lru",
-                 policy_params: Mapping[str, object] | None = None) -> None:
+                 policy_params: Mapping[str, object] | None = None,
+                 predictions: dict[str, int] | None = None) -> None:
         self.sizes = sizes or {}
+        predicted = predictions or self.sizes
         self.delay_s = delay_s
         self.calls: list[str] = []
         self.fail: dict[str, Exception] = {}
@@ -50,7 +52,7 @@ class Harness:
         self.budget = DeviceBudget("ram", capacity, make_policy(policy, **(policy_params or {})))
         self.pool = ThreadPoolExecutor(4)
         self.cache = ModelCache(
-            budgets=[self.budget], load_fn=self.load, predict_size=lambda s: self.sizes.get(s.model_id, 100),
+            budgets=[self.budget], load_fn=self.load, predict_size=lambda s: predicted.get(s.model_id, 100),
             observe_size=lambda s, n: None, choose_device=lambda s, b: "ram", executor=self.pool,
             max_concurrent_loads=concurrent, load_timeout_s=timeout_s, clock=lambda: self.now,
             listener=self, rss=lambda: 0)
@@ -88,6 +90,17 @@ async def test_measured_size_replaces_the_prediction() -> None:
     entry = await h.get("m")
     assert entry.reserved_bytes == 300
     assert h.budget.used_bytes == 300
+
+
+async def test_a_load_waiting_for_room_starts_when_a_loading_copy_shrinks_to_its_measured_size() -> None:
+    # Each load reserves 64 (its prediction) and measures 10: b cannot reserve while a is loading
+    # (a's 64 is not evictable), and fits once a is measured. It must start then, not wait out the
+    # 30 s load timeout (which once made clients give up with DEADLINE_EXCEEDED).
+    h = Harness(100, sizes={"a": 10, "b": 10}, predictions={"a": 64, "b": 64}, delay_s=0.05, timeout_s=30)
+    a, b = await asyncio.wait_for(asyncio.gather(h.get("a"), h.get("b")), 10)
+    assert (a.reserved_bytes, b.reserved_bytes) == (10, 10)
+    assert h.calls == ["a", "b"] and h.max_used <= 100
+    assert h.budget.used_bytes == 20
 
 
 async def test_least_recently_used_model_is_evicted_and_capacity_holds() -> None:
