@@ -8,6 +8,8 @@ an arrival that finds the cap reached is counted as error ``DROPPED``, not queue
 shows up as errors rather than as a silently lower offered rate). Models are chosen by cycling
 through ``order`` (indices into ``models``; default round-robin), so both peers see the same
 sequence of model IDs. Bodies are encoded once per model before the clock starts.
+``on_measure``, if given, is awaited between the warm-up and the measured part (the scenario reads
+its load counters there, so that a phase's figures exclude its warm-up).
 
 Results are :class:`loadtest.load.PhaseResult`; ``extra["peak_rss_mb"]`` is the peak of the summed
 RSS of the peer's process tree during the measured part (sampled every 0.25 s by ``_proc``).
@@ -37,6 +39,7 @@ class Target:
 
 
 Send = Callable[[int], Awaitable[str | None]]  # model index -> None when OK, else an error name
+OnMeasure = Callable[[], Awaitable[None]]
 
 
 async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float,
@@ -89,11 +92,14 @@ async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float
 async def _phase(name: str, send: Send, n_models: int, *, concurrency: int, duration_s: float,
                  warmup_s: float, rps: float | None, max_in_flight: int,
                  order: Sequence[int] | None, proc: PeerProcess | None,
-                 arrivals: Sequence[float] | None = None) -> PhaseResult:
+                 arrivals: Sequence[float] | None = None,
+                 on_measure: OnMeasure | None = None) -> PhaseResult:
     kw = dict(concurrency=concurrency, rps=rps, max_in_flight=max_in_flight, order=order,
               arrivals=arrivals)
     if warmup_s > 0:
         await _run(send, n_models, duration_s=warmup_s, latencies=None, errors={}, **kw)
+    if on_measure is not None:
+        await on_measure()
     if proc is not None:
         proc.reset_peak()
     latencies: list[float] = []
@@ -119,7 +125,8 @@ async def drive_http(base_url: str, models: Sequence[Target], *, name: str = "ht
                      rps: float | None = None, max_in_flight: int = 256,
                      order: Sequence[int] | None = None, proc: PeerProcess | None = None,
                      timeout_s: float = 30.0,
-                     arrivals: Sequence[float] | None = None) -> PhaseResult:
+                     arrivals: Sequence[float] | None = None,
+                     on_measure: OnMeasure | None = None) -> PhaseResult:
     """POST ``{base_url}/v2/models/{id}/infer`` with ``serve_multiplexed_model_id: {id}``."""
     import aiohttp
 
@@ -143,7 +150,7 @@ async def drive_http(base_url: str, models: Sequence[Target], *, name: str = "ht
         return await _phase(name, send, len(models), concurrency=concurrency,
                             duration_s=duration_s, warmup_s=warmup_s, rps=rps,
                             max_in_flight=max_in_flight, order=order, proc=proc,
-                            arrivals=arrivals)
+                            arrivals=arrivals, on_measure=on_measure)
 
 
 async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc",
@@ -151,7 +158,8 @@ async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc
                      rps: float | None = None, max_in_flight: int = 256,
                      order: Sequence[int] | None = None, proc: PeerProcess | None = None,
                      timeout_s: float = 30.0, raw: bool = True,
-                     arrivals: Sequence[float] | None = None) -> PhaseResult:
+                     arrivals: Sequence[float] | None = None,
+                     on_measure: OnMeasure | None = None) -> PhaseResult:
     """V2 gRPC ``ModelInfer`` with pre-serialized requests (MLServer, or our own router)."""
     import grpc
 
@@ -172,4 +180,4 @@ async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc
         return await _phase(name, send, len(models), concurrency=concurrency,
                             duration_s=duration_s, warmup_s=warmup_s, rps=rps,
                             max_in_flight=max_in_flight, order=order, proc=proc,
-                            arrivals=arrivals)
+                            arrivals=arrivals, on_measure=on_measure)

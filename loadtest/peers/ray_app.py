@@ -9,6 +9,11 @@ K joblib models per replica), writes a ready file, and on SIGTERM shuts Serve an
 Requests: ``POST /v2/models/{id}/infer`` with the V2 JSON body for one FP32 tensor, and the
 ``serve_multiplexed_model_id: {id}`` header, which Serve's router uses to prefer a replica that
 holds the model. The handler takes the ID from the header and falls back to the path.
+
+Loads counted: with ``--loads-file F`` the multiplexed loader appends one line (the model ID) to
+``F`` for every model it loads. Serve calls the loader only on a miss of its LRU, one load at a
+time per replica (its model-cache lock, which also makes concurrent misses for one model a single
+load), so the line count is the number of loads; ``RayPeer.loads()`` reads it.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def _v2_datatype(arr) -> str:  # arr: a numpy array (numpy is imported only in t
             "bool": "BOOL"}.get(str(arr.dtype), "FP64")
 
 
-def build_app(models_dir: str, max_models: int, max_ongoing: int):
+def build_app(models_dir: str, max_models: int, max_ongoing: int, loads_file: str = ""):
     import joblib
     import numpy as np
     from ray import serve
@@ -49,6 +54,8 @@ def build_app(models_dir: str, max_models: int, max_ongoing: int):
     class Multiplexed:
         def __init__(self) -> None:
             self.loads = 0
+            # Line-buffered, appending: each load's line is in the file as soon as it is written.
+            self._loads_out = open(loads_file, "a", buffering=1) if loads_file else None
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def get_model(self, model_id: str):
@@ -56,8 +63,11 @@ def build_app(models_dir: str, max_models: int, max_ongoing: int):
             files = sorted(folder.glob("model.joblib")) or sorted(folder.glob("model.*"))
             if not files:
                 raise FileNotFoundError(f"no model file in {folder}")
+            model = joblib.load(files[0])
             self.loads += 1
-            return joblib.load(files[0])
+            if self._loads_out is not None:  # one short write per load, nothing next to the load
+                self._loads_out.write(model_id + "\n")
+            return model
 
         async def __call__(self, request: Request) -> JSONResponse:
             parts = request.url.path.strip("/").split("/")
@@ -90,6 +100,7 @@ def serve_main(argv: list[str]) -> None:
     parser.add_argument("--max-ongoing", type=int, default=16)
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--temp-dir", required=True)
+    parser.add_argument("--loads-file", default="", help="append one line per model load here")
     args = parser.parse_args(argv)
 
     import ray
@@ -102,7 +113,7 @@ def serve_main(argv: list[str]) -> None:
              _temp_dir=args.temp_dir, configure_logging=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        serve.run(build_app(args.models_dir, args.max_models, args.max_ongoing),
+        serve.run(build_app(args.models_dir, args.max_models, args.max_ongoing, args.loads_file),
                   name="peer", route_prefix="/")
         Path(args.ready_file).write_text(json.dumps({"port": args.port}))
         stop.wait()
@@ -122,6 +133,14 @@ class RayPeer:
     proc: object  # _proc.PeerProcess
     url: str  # http://127.0.0.1:PORT
     work_dir: Path
+    loads_file: Path  # one line per model the replica loaded
+
+    def loads(self) -> int:
+        """Models loaded so far (the loader's lines; 0 before the first)."""
+        try:
+            return self.loads_file.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
 
     def stop(self) -> list[int]:
         return self.proc.stop(grace_s=20.0)  # type: ignore[attr-defined]
@@ -136,6 +155,7 @@ def start(models_dir: Path, *, max_models: int = 20, max_ongoing: int = 16,
     # Ray's socket paths must stay short (AF_UNIX 107-char limit): a fresh dir under /tmp.
     work = work_dir or Path(tempfile.mkdtemp(prefix="rayp-"))
     ready = work / "ready.json"
+    loads_file = work / "loads.txt"
     port = free_port()
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -144,14 +164,15 @@ def start(models_dir: Path, *, max_models: int = 20, max_ongoing: int = 16,
     }
     argv = [str(python), str(HERE), "serve", "--models-dir", str(models_dir), "--port", str(port),
             "--max-models", str(max_models), "--max-ongoing", str(max_ongoing),
-            "--ready-file", str(ready), "--temp-dir", str(work / "t")]
+            "--ready-file", str(ready), "--temp-dir", str(work / "t"),
+            "--loads-file", str(loads_file)]
     proc = PeerProcess("ray", argv, env=env, log_path=work / "ray.log")
     try:
         wait_until(ready.exists, timeout_s=ready_timeout_s, what="Ray Serve ready", proc=proc)
     except BaseException:
         proc.stop(grace_s=10.0)
         raise
-    return RayPeer(proc, f"http://127.0.0.1:{port}", work)
+    return RayPeer(proc, f"http://127.0.0.1:{port}", work, loads_file)
 
 
 if __name__ == "__main__":

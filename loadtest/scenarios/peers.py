@@ -19,6 +19,33 @@ namespace when possible (as ``loadtest.peers.smoke`` does; needed for Ray, kept 
 they run alike). The child starts the system as a process tree it watches (peak RSS of the whole
 tree, every 0.25 s), drives it, stops it, checks that no process of the tree survives and prints
 one ``RESULT {json}`` line. The systems run one after the other, never together.
+
+Fit mode (``--fit F``, 0 < F < 1; the default 1.0 is the run above, where every system holds all
+the models and nothing is ever evicted). Only ``K = max(1, round(F x models))`` models have room,
+so the Zipf tail keeps missing and each system loads (and evicts) while it is measured:
+
+    python -m loadtest.scenarios.peers --fit 0.2 --json
+
+- Ray Serve: ``@serve.multiplexed(max_num_models_per_replica=K)``, one replica (an LRU of K).
+- Our mesh: ``mesh up --runtimes 2 --capacity C`` with C sized so that the two runtimes hold about K
+  of these models. The runtimes charge models their measured size, so C is measured, not guessed:
+  ``loadtest.scenarios.many_models.calibrate`` loads 24 of the benchmark's own model files on a
+  private runtime first, and ``C = P + (K - 1) / 2 x s`` (``loadtest.peers.fit`` says why: ``s`` the
+  measured model size, ``P`` the size a load reserves until it is measured). C, s, P and the
+  calibration's sizes are in the result's ``settings.mesh_room``.
+- MLServer cannot evict (it loads every model it is given at start-up), so it is not a system of
+  the fit mode by default and the output says so; ``--system mlserver`` adds it, holding all models.
+
+Each system then also reports the model loads during the two measured parts (read just before and
+just after each, so no warm-up's loads count) and, for our mesh, the cache hit ratio. Our mesh:
+the runtimes' Prometheus counters (``modelmesh_loadmodel_milliseconds_count``,
+``mesh_cache_requests_total``, ``mesh_evictions_total``), at the metrics URLs the runtimes log.
+Ray: the multiplexed loader appends a line per load to a file in its work dir (``ray_app``), read
+by the child. Shown as "n/a": Ray's hit ratio (Serve counts ``get_model`` calls only in its own
+metrics, exported through Ray's metrics agent, which this benchmark does not read; and
+``1 - loads / requests`` would be an estimate, not a count) and both of MLServer's figures (it has
+no lazy loading and no eviction, and exports no load counter we read: its loads all happen at
+start-up, before anything is measured).
 """
 
 from __future__ import annotations
@@ -37,11 +64,15 @@ import numpy as np
 
 from loadtest import report
 from loadtest.arrivals import poisson_times, zipf_weights
+from loadtest.peers import fit as fitmode
 from loadtest.peers import setup
 from loadtest.peers.smoke import make_models, run_isolated
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("mesh", "mlserver", "ray")
+FIT_SYSTEMS = ("mesh", "ray")  # fit mode's default: MLServer cannot evict
+MLSERVER_ABSENT = ("MLServer is not in this run: it cannot evict (it loads every model it is given), so "
+                   "it has no share of room to hold; --system mlserver adds it, holding all {n} models.")
 MESH_CAPACITY = "256MiB"  # per runtime; 50 small sklearn models need a few MiB, so all fit
 SCHEDULE = "schedule.npz"
 # mesh-bench's standard suite (loadtest.bench): all three systems, 5 s per phase after 1 s of warm-up.
@@ -63,30 +94,35 @@ def make_schedule(work: Path, *, models: int, rate: float, warmup_s: float, dura
 
 # -- child: one system -------------------------------------------------------------------------
 
-def _start(system: str, work: Path, models: list[Any]) -> tuple[Any, Any]:
-    """Start ``system``; returns (PeerProcess, how to drive it: coroutine factory kwargs)."""
+def _start(system: str, work: Path, models: list[Any], *, max_models: int,
+           mesh_capacity: str, count: bool) -> tuple[Any, Any, fitmode.Counter | None]:
+    """Start ``system``; returns (PeerProcess, (protocol, address), its load counter when ``count``
+    and the system has one)."""
     from loadtest.peers import mlserver_app, ray_app
     from loadtest.peers._proc import PeerProcess, free_port, wait_until
 
     if system == "ray":
-        handle = ray_app.start(work / "models", max_models=len(models), max_ongoing=32)
-        return handle.proc, ("http", handle.url)
+        ray = ray_app.start(work / "models", max_models=max_models, max_ongoing=32)
+        return ray.proc, ("http", ray.url), fitmode.RayCounter(ray) if count else None
     if system == "mlserver":
-        handle = mlserver_app.start({t.model_id: f for t, f in models})
-        return handle.proc, ("grpc", handle.grpc_target)
+        mls = mlserver_app.start({t.model_id: f for t, f in models})
+        return mls.proc, ("grpc", mls.grpc_target), None
     port = free_port()
     log = work / "mesh-up.log"
+    # Unbuffered: the readiness line and the logs directory are read from this file while it runs.
     proc = PeerProcess("mesh", [sys.executable, "-m", "mesh", "up", "--runtimes", "2", "--port",
-                                str(port), "--capacity", MESH_CAPACITY],
-                       env={"MESH_ROUTER_METRICS_PORT": "0"}, cwd=ROOT, log_path=log)
+                                str(port), "--capacity", mesh_capacity],
+                       env={"MESH_ROUTER_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}, cwd=ROOT,
+                       log_path=log)
     try:
         wait_until(lambda: "mesh is up" in log.read_text(errors="replace"), timeout_s=90,
                    what="mesh up ready", proc=proc)
+        counter = fitmode.MeshCounter(log) if count else None
         asyncio.run(_register(f"127.0.0.1:{port}", [(t.model_id, str(f)) for t, f in models]))
     except BaseException:
         proc.stop(grace_s=10.0)
         raise
-    return proc, ("grpc", f"127.0.0.1:{port}")
+    return proc, ("grpc", f"127.0.0.1:{port}"), counter
 
 
 async def _register(target: str, items: list[tuple[str, str]]) -> None:
@@ -103,41 +139,68 @@ async def _register(target: str, items: list[tuple[str, str]]) -> None:
 
 async def _drive(kind: str, address: str, targets: list[Any], sched: Any, proc: Any, *,
                  system: str, warmup_s: float, duration_s: float,
-                 concurrency: int) -> dict[str, Any]:
+                 concurrency: int, marks: fitmode.Marks | None = None) -> dict[str, Any]:
     from loadtest.peers.drive import drive_grpc, drive_http
 
     drive = drive_http if kind == "http" else drive_grpc
     order = [int(i) for i in sched["order"]]
+    mark = marks.mark if marks is not None else None
     # Open loop: warm up on the warm-up times, then the measured times, each from order[0].
     if warmup_s > 0:
         await drive(address, targets, name=system, duration_s=warmup_s, warmup_s=0,
                     arrivals=sched["warm"], order=order, proc=None)
+    if mark is not None:
+        await mark()
     opened = await drive(address, targets, name=system, duration_s=duration_s, warmup_s=0,
                          arrivals=sched["measured"], order=order, proc=proc)
+    if mark is not None:
+        await mark()
+    # The closed loop's warm-up runs inside drive(): its counters are read after it (on_measure).
     closed = await drive(address, targets, name=system, concurrency=concurrency,
-                         duration_s=duration_s, warmup_s=warmup_s, order=order, proc=proc)
+                         duration_s=duration_s, warmup_s=warmup_s, order=order, proc=proc,
+                         on_measure=mark)
+    if mark is not None:
+        await mark()
     return {"open": {**opened.summary(), "offered": len(sched["measured"])},
             "closed": closed.summary(),
             "peak_rss_mb": round(max(opened.extra["peak_rss_mb"], closed.extra["peak_rss_mb"]), 1)}
 
 
 def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: float,
-              concurrency: int) -> dict[str, Any]:
+              concurrency: int, fit: float = 1.0,
+              mesh_capacity: str = MESH_CAPACITY) -> dict[str, Any]:
     models = make_models(work / "models", n)  # deterministic: the same files as the parent's
     targets = [t for t, _ in models]
     sched = dict(np.load(work / SCHEDULE))
+    fitting = fit < 1.0
+    k = fitmode.k_models(fit, n) if fitting else n
     t0 = time.monotonic()
-    proc, (kind, address) = _start(system, work, models)
+    proc, (kind, address), counter = _start(system, work, models, max_models=k,
+                                            mesh_capacity=mesh_capacity, count=fitting)
     startup_s = time.monotonic() - t0
+    marks = fitmode.Marks(counter) if fitting else None
     try:
         out = asyncio.run(_drive(kind, address, targets, sched, proc, system=system,
                                  warmup_s=warmup_s, duration_s=duration_s,
-                                 concurrency=concurrency))
+                                 concurrency=concurrency, marks=marks))
         n_procs = len(proc.tree())
     finally:
         killed = proc.stop(grace_s=30.0)
+    if marks is not None:  # fit mode only: the default result keeps its shape
+        out = {**out, "holds": _holds(system, k, n, mesh_capacity), "cache": marks.summary()}
+        if system == "ray":
+            out["max_num_models_per_replica"] = k
     return {**out, "startup_s": round(startup_s, 1), "processes": n_procs, "sigkilled": killed,
             "survivors": [p.pid for p in proc.survivors()]}
+
+
+def _holds(system: str, k: int, n: int, mesh_capacity: str) -> str:
+    """What ``system`` has room for in the fit mode, as the table shows it."""
+    if system == "mesh":
+        return f"about {k} ({int(mesh_capacity):,} B per runtime)"
+    if system == "ray":
+        return f"{k} (LRU per replica)"
+    return f"all {n} (no eviction)"
 
 
 # -- parent ------------------------------------------------------------------------------------
@@ -145,26 +208,44 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
 def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     flags = ["--work", str(work), "--models", str(args.models), "--warmup", str(args.warmup),
              "--duration", str(args.duration), "--concurrency", str(args.concurrency)]
+    if args.fit < 1.0:
+        flags += ["--fit", repr(args.fit), "--mesh-capacity", args.mesh_capacity]
     return run_isolated("loadtest.scenarios.peers", system, flags,
                         limit_s=240 + 3 * (args.warmup + args.duration),
                         allow_wildcard=args.allow_wildcard)
 
 
 def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup: float,
-          seed: int = 0, systems: tuple[str, ...] = SYSTEMS,
-          allow_wildcard: bool = False) -> dict[str, Any]:
+          seed: int = 0, systems: tuple[str, ...] | None = None,
+          allow_wildcard: bool = False, fit: float = 1.0) -> dict[str, Any]:
+    """Run ``systems`` (default: all three, or our mesh and Ray with ``fit`` < 1) one by one."""
+    fitting = fit < 1.0
+    systems = systems or (FIT_SYSTEMS if fitting else SYSTEMS)
     args = argparse.Namespace(models=models, warmup=warmup, duration=duration,
-                              concurrency=concurrency, allow_wildcard=allow_wildcard)
+                              concurrency=concurrency, allow_wildcard=allow_wildcard, fit=fit,
+                              mesh_capacity=MESH_CAPACITY)
     setup.ensure_all([s for s in systems if s != "mesh"])
     facts = report.machine()
     foreign = report.ForeignLoad()
     results: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="peers-bench-") as tmp:
         work = Path(tmp)
         (work / "models").mkdir()
-        make_models(work / "models", models)
+        files = make_models(work / "models", models)
         make_schedule(work, models=models, rate=rate, warmup_s=warmup, duration_s=duration,
                       seed=seed)
+        if fitting:
+            k = fitmode.k_models(fit, models)
+            extra = {"fit": fit, "k": k, "ray_max_num_models_per_replica": k}
+            if "mesh" in systems:
+                print(f"[peers-bench] calibrating our mesh's capacity for {k} models...",
+                      file=sys.stderr, flush=True)
+                room = fitmode.measure_room(files, k)
+                args.mesh_capacity = str(room.capacity_bytes)
+                extra["mesh_room"] = room.to_dict()
+            extra["mlserver"] = ("holds all models (cannot evict)" if "mlserver" in systems
+                                 else "absent: cannot evict")
         for system in systems:
             print(f"[peers-bench] {system}...", file=sys.stderr, flush=True)
             results[system] = run_child(system, work, args)
@@ -172,7 +253,8 @@ def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup
     return {"machine": facts, "settings": {"models": models, "rate": rate, "zipf": 1.0,
                                            "concurrency": concurrency, "duration_s": duration,
                                            "warmup_s": warmup, "seed": seed,
-                                           "mesh_capacity_per_runtime": MESH_CAPACITY},
+                                           "mesh_capacity_per_runtime": args.mesh_capacity,
+                                           **extra},
             "systems": results}
 
 
@@ -192,8 +274,27 @@ def render(out: dict[str, Any]) -> str:
     title = (f"{s['models']} sklearn models, Zipf {s['zipf']}, open loop Poisson {s['rate']} req/s, "
              f"closed loop c={s['concurrency']}, {s['duration_s']} s each after {s['warmup_s']} s "
              f"warm-up")
-    return "\n".join([report.machine_line(out["machine"]), "", title, "",
-                      report.table(header, rows)])
+    if "fit" not in s:  # the default mode: today's table, unchanged
+        return "\n".join([report.machine_line(out["machine"]), "", title, "",
+                          report.table(header, rows)])
+    header += ["holds", "loads", "hit ratio"]
+    for row, r in zip(rows, out["systems"].values(), strict=True):
+        cache = r["cache"]
+        row += [r["holds"], _or_na(cache["loads"]), _or_na(cache["hit_ratio"])]
+    room = s.get("mesh_room")
+    mesh = (f"; our mesh 2 runtimes x {room['capacity_bytes_per_runtime']:,} B, about K: "
+            f"P {room['predicted_bytes']:,} B + (K - 1) / 2 x s {room['size_bytes']:,} B"
+            if room else "")
+    title += (f"; fit {s['fit']:g}: room for K = {s['k']} models (Ray max_num_models_per_replica = "
+              f"{s['k']}{mesh}); loads and hits counted in the measured parts only")
+    lines = [report.machine_line(out["machine"]), "", title, "", report.table(header, rows)]
+    if "mlserver" not in out["systems"]:
+        lines += ["", MLSERVER_ABSENT.format(n=s["models"])]
+    return "\n".join(lines)
+
+
+def _or_na(value: object) -> object:
+    return "n/a" if value is None else value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,22 +305,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per phase")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before each phase")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--system", choices=SYSTEMS, action="append", help="default: all three")
+    parser.add_argument("--fit", type=float, default=1.0,
+                        help="share of the models that fit, 0 < F <= 1 (default 1: all fit; below 1 "
+                             "Ray and our mesh have room for round(F x models) models)")
+    parser.add_argument("--system", choices=SYSTEMS, action="append",
+                        help="default: all three (with --fit below 1: mesh and ray)")
     parser.add_argument("--allow-wildcard", action="store_true",
                         help="run Ray even where no loopback-only network namespace is possible")
     report.add_output_args(parser)
     parser.add_argument("--phase", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--mesh-capacity", default=MESH_CAPACITY, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not 0 < args.fit <= 1:  # also false for NaN
+        parser.error(f"--fit must be in (0, 1], got {args.fit:g}")
+    if args.fit < 1 and not args.phase:
+        # The calibration starts servers here: SIGTERM must run their cleanup, and the mesh
+        # library's start-up logs go to stderr (warnings only), not into the printed results.
+        from loadtest.cluster import prepare_benchmark_process
+
+        prepare_benchmark_process()
     if args.phase:
         out = run_phase(args.phase, args.work, args.models, warmup_s=args.warmup,
-                        duration_s=args.duration, concurrency=args.concurrency)
+                        duration_s=args.duration, concurrency=args.concurrency, fit=args.fit,
+                        mesh_capacity=args.mesh_capacity)
         print("RESULT " + json.dumps(out), flush=True)
         return
     try:
         result = bench(models=args.models, rate=args.rate, concurrency=args.concurrency,
                        duration=args.duration, warmup=args.warmup, seed=args.seed,
-                       systems=tuple(args.system or SYSTEMS), allow_wildcard=args.allow_wildcard)
+                       systems=tuple(args.system) if args.system else None,
+                       allow_wildcard=args.allow_wildcard, fit=args.fit)
     except (setup.SetupError, RuntimeError, subprocess.TimeoutExpired) as err:
         sys.exit(f"error: {err}")
     report.emit(args, result, render(result))
