@@ -46,10 +46,11 @@ _START_ATTEMPTS = 4  # fresh ports each time; collisions are rare, four in a row
 _POLL_INTERVAL_S = 0.05
 # History older than five minutes is compacted away, every five minutes (as deploy/base/etcd.yaml
 # does, and as the Kubernetes API server compacts its etcd). Placements change with every load and
-# eviction, so history grows with churn: the soak (BENCHMARKS.md, section 7: 25 loads and 25
-# evictions a second) grew etcd's RSS by 100 MB in 10 minutes with an hour's retention. Five
-# minutes is still far longer than a watch stays behind (a broken watch resumes within seconds;
-# one that falls behind a compaction relists: mesh.registry.mirror).
+# eviction (the soak, BENCHMARKS.md section 7, makes 25 of each a second), so history grows with
+# churn; five minutes of it is still far longer than a watch stays behind (a broken watch resumes
+# within seconds; one that falls behind a compaction relists: mesh.registry.mirror). It does not
+# bound etcd's RSS by itself: the soak's etcd grew about 100 MB in 10 minutes with a 5-minute and
+# with an hour's retention alike (section 7 has the open question).
 AUTO_COMPACTION = ("--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m")
 
 
