@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 PARALLEL_LOADS = 4  # loads asked at once, over all targets (each target queues its own beyond its limit)
 POLL_S = 0.1  # registry polling while waiting for the copies' placements
+SETTLE_S = 2.0  # no new copy published for this long: the rest were evicted by their targets
 QUIET_S = 0.2  # drain: no new request for this long (routers have seen the withdrawal)
 
 
@@ -119,11 +120,19 @@ async def rehome(*, instance_id: str, registry: Registry, cache: ModelCache, run
                             code=err.code.name, reason=err.message)
 
     await asyncio.gather(*(one(e) for e in todo))
-    # Loaded is not yet routable: wait for the targets to publish the copies' placements.
+    # Loaded is not yet routable: wait for the targets to publish the copies' placements. A copy
+    # seen published once counts even if its target evicts it later (on a full fleet it will:
+    # waiting for it to come back would only run out the deadline), and once nothing new has
+    # been published for SETTLE_S, the rest were evicted before we saw them.
+    seen: set[str] = set()
+    last_news = time.monotonic()
     while asked and time.monotonic() < deadline:
         published = await copies_elsewhere() & asked
-        result.loaded = len(published)
-        if published == asked:
+        if published - seen:
+            seen |= published
+            last_news = time.monotonic()
+        result.loaded = len(seen)
+        if seen == asked or time.monotonic() - last_news >= SETTLE_S:
             break
         await asyncio.sleep(POLL_S)
     return result
