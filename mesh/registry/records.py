@@ -132,6 +132,20 @@ class InstanceRecord:
                 return d
         return None
 
+    def can_serve(self, spec: ModelSpec) -> bool:
+        """Supports the model's type and carries every label it requires (routing's rule, and
+        re-homing's: both must pick the same home)."""
+        return ((not self.supported_types or spec.type.lower() in self.supported_types)
+                and set(spec.labels).issubset(self.labels))
+
+    def capacity_for(self, spec: ModelSpec) -> int:
+        """The capacity the model would be placed in: the largest GPU's for models labelled
+        ``gpu``, else RAM's."""
+        if "gpu" in spec.labels:
+            return max((d.capacity_bytes for d in self.devices if d.device.startswith("gpu")), default=0)
+        ram = self.device("ram")
+        return ram.capacity_bytes if ram else 0
+
 
 LOADING = "loading"
 LOADED = "loaded"

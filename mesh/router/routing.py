@@ -79,20 +79,8 @@ def pick_copy(view: ClusterView, model_id: str, exclude: Container[str],
     return None
 
 
-def _device_capacity(record: InstanceRecord, spec: ModelSpec) -> int:
-    if "gpu" in spec.labels:
-        return max((d.capacity_bytes for d in record.devices if d.device.startswith("gpu")), default=0)
-    ram = record.device("ram")
-    return ram.capacity_bytes if ram else 0
-
-
 def eligible(view: ClusterView, spec: ModelSpec) -> list[InstanceRecord]:
-    model_type = spec.type.lower()
-    required = set(spec.labels)
-    found = [r for r in view.instances.values()
-             if not r.shutting_down
-             and (not r.supported_types or model_type in r.supported_types)
-             and required.issubset(r.labels)]
+    found = [r for r in view.instances.values() if not r.shutting_down and r.can_serve(spec)]
     if view.unreachable:
         reachable = [r for r in found if r.instance_id not in view.unreachable]
         if reachable:  # never exclude every instance: a blip of the network is not a dead fleet
@@ -116,7 +104,7 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
         raise FailedPrecondition(f"model {spec.model_id!r} failed to load on {len(failures)} "
                                  f"instance(s): {reason}")
     candidates = [
-        Candidate(node=r.instance_id, capacity_bytes=_device_capacity(r, spec),
+        Candidate(node=r.instance_id, capacity_bytes=r.capacity_for(spec),
                   load=float(r.loading_count + view.inflight[r.instance_id]))
         for r in instances if r.instance_id not in failures
     ]

@@ -63,14 +63,11 @@ def hot_entries(cache: ModelCache, recent_s: float, max_models: int, now: float)
 
 
 def _target(entry: Entry, others: list[InstanceRecord], load_factor: float) -> InstanceRecord | None:
+    """The model's home among the others, by the routers' rule (``routing.pick_home``), sized by
+    its measured size, which this instance knows and the routers do not."""
     spec = entry.spec
-    model_type, required = spec.type.lower(), set(spec.labels)
-    fit = {r.instance_id: r for r in others
-           if (not r.supported_types or model_type in r.supported_types) and required.issubset(r.labels)}
-    device = "gpu" if entry.device.startswith("gpu") else "ram"
-    candidates = [Candidate(node=r.instance_id, load=float(r.loading_count),
-                            capacity_bytes=max((d.capacity_bytes for d in r.devices if d.device.startswith(device)),
-                                               default=0))
+    fit = {r.instance_id: r for r in others if r.can_serve(spec)}
+    candidates = [Candidate(node=r.instance_id, load=float(r.loading_count), capacity_bytes=r.capacity_for(spec))
                   for r in fit.values()]
     home = choose_home(spec.model_id, candidates, entry.reserved_bytes, load_factor=load_factor)
     return fit.get(home) if home is not None else None
