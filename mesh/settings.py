@@ -128,8 +128,20 @@ class RuntimeSettings:
     capacity_fraction: float = _f(0.5, "Share of the memory limit (cgroup limit, else total RAM) given to "
                                   "models when capacity_bytes is 0; the rest is the runtime's own "
                                   "working memory and inference buffers.")
-    gpu_capacity_fraction: float = _f(0.9, "Share of each GPU's memory given to models (pynvml); the "
-                                      "rest is left for activations and the CUDA context.")
+    gpu_capacity_fraction: float = _f(0.9, "Upper bound of each GPU's model budget as a share of its "
+                                      "total memory (NVML), when gpu_capacity_bytes is 0.")
+    gpu_capacity_bytes: int = _f(0, "Upper bound of each GPU's model budget; 0 uses gpu_capacity_fraction. "
+                                 "The budget is also never more than the device's total minus "
+                                 "gpu_reserve_bytes minus what is held outside this runtime's models "
+                                 "(other processes, the CUDA context, activations), read from NVML "
+                                 "every gpu_refresh_s.", "bytes")
+    gpu_reserve_bytes: int = _f(1024 * _MIB, "GPU memory kept free of models on each device, for the "
+                                "activations and workspaces of predictions in flight. 1 GiB holds a "
+                                "batch of a mid-sized network's activations; raise it for large batches.",
+                                "bytes")
+    gpu_refresh_s: float = _f(2.0, "How often each GPU's budget is recomputed from NVML. When another "
+                              "process takes memory the budget shrinks and copies on that GPU (only) "
+                              "are evicted to fit.", "s")
     max_concurrent_loads: int = _f(2, "Loads running at once; more wait in line. Two overlap one slow "
                                    "read with one deserialisation on a 2-core pod.")
     load_timeout_s: float = _f(90.0, "A load taking longer fails with DEADLINE_EXCEEDED and its "

@@ -103,8 +103,13 @@ def choose_home(
     *,
     load_factor: float = 1.25,
     exclude: Container[str] = (),
+    prefer: Container[str] = (),
 ) -> str | None:
     """The instance that should load ``key``: the first in its HRW order that can take it.
+
+    ``prefer``: when any of these nodes is eligible, the answer is chosen among them alone (with the
+    same rule); the others are the fallback. Callers use it for a tier of better nodes, such as the
+    instances with a GPU for a model that prefers one.
 
     A candidate is *eligible* when it is not in ``exclude`` and ``capacity_bytes >= size_bytes``. The
     result is the first eligible candidate in HRW order whose ``load`` is at most
@@ -122,6 +127,12 @@ def choose_home(
     eligible = [c for c in candidates if c.node not in exclude and c.capacity_bytes >= size_bytes]
     if not eligible:
         return None
+    preferred = [c for c in eligible if c.node in prefer]
+    return _bounded_first(key, preferred or eligible, load_factor)
+
+
+def _bounded_first(key: str, eligible: Sequence[Candidate], load_factor: float) -> str:
+    """The first of ``eligible`` (not empty) in HRW order whose load is under the bound."""
     mean = sum(c.load for c in eligible) / len(eligible)
     bound = max(1.0, load_factor * mean)
     prefix = _key_prefix(key)

@@ -68,6 +68,11 @@ class SizeEstimator:
         self._ratios: dict[str, float] = {}
         self._counts: dict[str, int] = {}
 
+    @property
+    def floor_bytes(self) -> int:
+        """The smallest prediction."""
+        return self._floor
+
     def ratio(self, model_type: str) -> float:
         """The current in-memory / on-disk ratio for ``model_type``."""
         return self._ratios.get(model_type, self._default_ratio)

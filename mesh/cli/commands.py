@@ -28,6 +28,7 @@ def _status_text(info: mm.ModelStatusInfo, model_id: str) -> str:
     lines = [f"{model_id}: {status}"]
     for copy in info.modelCopyInfos:
         size = f", {copy.sizeBytes} bytes" if copy.sizeBytes else ""
+        size += f" in {copy.device}" if copy.device else ""
         lines.append(f"  copy on {copy.location}: "
                      f"{mm.ModelStatusInfo.ModelStatus.Name(copy.copyStatus)}{size}")
     lines += [f"  error: {e}" for e in info.errors]
@@ -44,7 +45,8 @@ def _model_info(args: argparse.Namespace) -> mm.ModelInfo:
     except ValueError as exc:
         raise InvalidArgument(f"--size-hint: {exc}") from None
     return mm.ModelInfo(type=args.type, path=args.path or "", key=args.key or "", sizeHintBytes=size,
-                        minCopies=args.min_copies, maxCopies=args.max_copies, labels=args.label or [])
+                        minCopies=args.min_copies, maxCopies=args.max_copies, labels=args.label or [],
+                        gpu=args.gpu or "")
 
 
 def model_command(args: argparse.Namespace, client: RouterClient) -> int:

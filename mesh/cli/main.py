@@ -40,6 +40,9 @@ def _model_info_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--min-copies", type=int, default=0)
     p.add_argument("--max-copies", type=int, default=0)
     p.add_argument("--label", action="append", help="label an instance must carry (repeatable)")
+    p.add_argument("--gpu", choices=("required", "preferred"), default="",
+                   help="run on a GPU: only there (required), or when one has room (preferred); "
+                        "onnx and torchscript models")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,8 +27,10 @@ exactly as modelmesh-serving's controller does:
   ``ModelInfo.key`` (JSON, the field names modelmesh-serving uses) for adapters that pull models;
   the built-in loaders ignore them. URIs of other schemes (``s3://``) are an invalid spec: no runtime
   here can open them.
-- **Placement labels**: ``gpu: required`` -> the ``gpu`` label (GPU runtimes carry it);
-  ``gpu: preferred`` adds nothing (placement has no preferences); ``runtime.name: X`` -> the label
+- **GPU**: ``gpu: required`` and ``gpu: preferred`` -> ``ModelInfo.gpu`` with the same value (a
+  required model runs only on a GPU of a runtime that loads its type there; a preferred one on such
+  a GPU when it has room, else in RAM).
+- **Placement labels**: ``runtime.name: X`` -> the label
   ``rt:X``, so such a Predictor goes only to runtimes started with that label (as modelmesh-serving
   sends it only to the named ServingRuntime), and fails with ``RuntimeNotRecognized`` if none has it.
 
@@ -110,6 +112,7 @@ class Registration:
     path: str
     key: str = ""
     labels: tuple[str, ...] = ()
+    gpu: str = ""  # "", "required", "preferred"
 
 
 def concrete_model_id(namespace: str, name: str, spec: Mapping[str, Any]) -> str:
@@ -192,13 +195,11 @@ def registration(obj: Mapping[str, Any], *, pvc_mount_root: str = "/models") -> 
     gpu = _text(spec.get("gpu"), "spec.gpu").lower()
     if gpu not in ("", "required", "preferred"):
         raise InvalidPredictor(f"spec.gpu must be 'required' or 'preferred', not {gpu!r}")
-    if gpu == "required":
-        labels.append("gpu")
     runtime = _text(_object(spec.get("runtime"), "spec.runtime").get("name"), "spec.runtime.name")
     if runtime:
         labels.append(f"rt:{runtime}")
     return Registration(vmodel_id=name, model_id=concrete_model_id(namespace, name, spec), type=mesh_type,
-                        path=path, key=json.dumps(key, sort_keys=True), labels=tuple(labels))
+                        path=path, key=json.dumps(key, sort_keys=True), labels=tuple(labels), gpu=gpu)
 
 
 # --- status -------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ class RouterClient:
         request = mm.SetVModelRequest(
             vModelId=reg.vmodel_id, targetModelId=reg.model_id, owner=owner, autoDeleteTargetModel=True,
             loadNow=load_now, modelInfo=mm.ModelInfo(type=reg.type, path=reg.path, key=reg.key,
-                                                     labels=list(reg.labels)))
+                                                     labels=list(reg.labels), gpu=reg.gpu))
         return vmodel_state(await self._call(self._stub.setVModel, request))
 
     async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState:

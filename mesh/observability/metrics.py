@@ -51,6 +51,7 @@ from mesh.registry.records import LOADED
 if TYPE_CHECKING:
     from mesh.router.view import ClusterView
     from mesh.runtime.cache import Entry, ModelCache
+    from mesh.runtime.capacity import GpuMemory
 
 log = structlog.get_logger(__name__)
 
@@ -367,6 +368,7 @@ class RuntimeMetrics(_ComponentMetrics):
         self._invoke: dict[str, Any] = {}  # code -> bound child
         self._hit = None if per_model else self.cache_requests.labels("hit", "")
         self._policies: dict[str, str] = {}  # device -> eviction policy name
+        self._gpus: GpuMemory | None = None
         # Model IDs removed from this instance since it started, oldest first (insertion order):
         # a later miss on one of them is "evicted", on any other "cold".
         self._evicted: dict[str, None] = {}
@@ -428,8 +430,10 @@ class RuntimeMetrics(_ComponentMetrics):
             del evicted[next(iter(evicted))]  # forgotten: a later miss reads as cold
 
     # --- state --------------------------------------------------------------------------------
-    def attach(self, cache: ModelCache) -> None:
-        """Listen to ``cache``'s events and read its accounting (on the running loop) when scraped."""
+    def attach(self, cache: ModelCache, gpus: GpuMemory | None = None) -> None:
+        """Listen to ``cache``'s events and read its accounting (on the running loop) when scraped;
+        with ``gpus``, also each GPU's memory as NVML last reported it."""
+        self._gpus = gpus
         self._policies = {device: b.policy.name for device, b in cache.budgets().items()}
         for name in set(self._policies.values()):
             for reason in EVICTION_REASONS:  # every series exists from the start, at 0
@@ -450,9 +454,16 @@ class RuntimeMetrics(_ComponentMetrics):
                                      labels=["device"])
         used = GaugeMetricFamily("mesh_device_used_bytes", "Bytes held by models on each device (loaded, "
                                  "loading, unloading)", labels=["device"])
+        models = GaugeMetricFamily("mesh_device_models", "Copies loaded on each device", labels=["device"])
         for device, (cap, held) in stats.devices.items():
             capacity.add_metric([device], cap)
             used.add_metric([device], held)
+            models.add_metric([device], stats.loaded_by_device.get(device, 0))
+        physical = GaugeMetricFamily("mesh_gpu_memory_bytes", "Memory of each GPU as NVML reports it: "
+                                     "total, and used by every process", labels=["device", "kind"])
+        for device, info in (self._gpus.last if self._gpus is not None else {}).items():
+            physical.add_metric([device, "total"], info.total_bytes)
+            physical.add_metric([device, "used"], info.used_bytes)
         refused = CounterMetricFamily("mesh_admission_refused", "Demand loads the admission filter "
                                       "refused (served, then first to go)", labels=["policy"])
         # One policy setting for every device: the count is the cache's, across devices.
@@ -464,7 +475,7 @@ class RuntimeMetrics(_ComponentMetrics):
                    "all devices", sum(u for _, u in stats.devices.values())),
             lru, lru_age,
             _gauge("modelmesh_instance_models_total", "Models loaded on the instance", stats.loaded),
-            capacity, used, refused,
+            capacity, used, models, physical, refused,
         ]
 
 

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+GPU_LABEL = "gpu"  # carried by instances with a GPU, required by models with gpu "required"
+GPU_REQUIRED = "required"
+GPU_PREFERRED = "preferred"
+GPU_MODES = ("", GPU_REQUIRED, GPU_PREFERRED)
 
 
 def _encode(record: Any) -> bytes:
@@ -51,6 +57,10 @@ class ModelSpec:
     # Initial recency for caches: ModelMesh registers new models "1 h ago" (6 h without loadNow)
     # so that a burst of registrations cannot push out models that are in use.
     last_used_ms: int = 0
+    # GPU: "" (RAM), "required" (only on a GPU; also carries the ``gpu`` label) or "preferred"
+    # (a GPU with room, else RAM). Registrations written before this field say "required" with
+    # the ``gpu`` label alone.
+    gpu: str = ""
 
     def to_json(self) -> bytes:
         return _encode(self)
@@ -59,12 +69,17 @@ class ModelSpec:
     def from_json(cls, raw: bytes) -> ModelSpec:
         return _decode(cls, raw)
 
+    @property
+    def gpu_mode(self) -> str:
+        """"", "required" or "preferred" (see ``gpu``)."""
+        return self.gpu or (GPU_REQUIRED if GPU_LABEL in self.labels else "")
+
     def same_definition(self, other: ModelSpec) -> bool:
         """Whether two registrations describe the same model (re-registering is then a no-op)."""
         return (self.type, self.path, self.key, self.size_hint_bytes, self.min_copies,
-                self.max_copies, tuple(self.labels)) == (
+                self.max_copies, tuple(self.labels), self.gpu_mode) == (
             other.type, other.path, other.key, other.size_hint_bytes, other.min_copies,
-            other.max_copies, tuple(other.labels))
+            other.max_copies, tuple(other.labels), other.gpu_mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +125,7 @@ class InstanceRecord:
     labels: tuple[str, ...] = ()
     zone: str = ""
     supported_types: tuple[str, ...] = ()
+    gpu_types: tuple[str, ...] = ()  # the supported types it can load on its GPUs (none: no GPU)
     version: str = ""
     shutting_down: bool = False
     started_ms: int = 0
@@ -133,18 +149,42 @@ class InstanceRecord:
         return None
 
     def can_serve(self, spec: ModelSpec) -> bool:
-        """Supports the model's type and carries every label it requires (routing's rule, and
-        re-homing's: both must pick the same home)."""
-        return ((not self.supported_types or spec.type.lower() in self.supported_types)
-                and set(spec.labels).issubset(self.labels))
+        """Supports the model's type, carries every label it requires, and for a model that
+        requires a GPU, can load its type on one (routing's rule, and re-homing's: both must pick
+        the same home). Records of runtimes older than ``gpu_types`` say it with the label alone."""
+        model_type = spec.type.lower()
+        return ((not self.supported_types or model_type in self.supported_types)
+                and set(spec.labels).issubset(self.labels)
+                and (spec.gpu_mode != GPU_REQUIRED or not self.gpu_types or model_type in self.gpu_types))
+
+    def gpu_capacity(self) -> int:
+        """The largest GPU budget of the instance (0 without a GPU)."""
+        return max((d.capacity_bytes for d in self.devices if d.device.startswith("gpu")), default=0)
+
+    def gpu_for(self, spec: ModelSpec) -> bool:
+        """Whether the model would run on a GPU here: it asks for one and the instance can load
+        its type on one."""
+        return bool(spec.gpu_mode) and spec.type.lower() in self.gpu_types and self.gpu_capacity() > 0
 
     def capacity_for(self, spec: ModelSpec) -> int:
-        """The capacity the model would be placed in: the largest GPU's for models labelled
-        ``gpu``, else RAM's."""
-        if "gpu" in spec.labels:
-            return max((d.capacity_bytes for d in self.devices if d.device.startswith("gpu")), default=0)
+        """The capacity the model would be placed in: the largest GPU's for a model that requires
+        one; for one that prefers one, the larger of that and RAM's; else RAM's."""
         ram = self.device("ram")
-        return ram.capacity_bytes if ram else 0
+        ram_bytes = ram.capacity_bytes if ram else 0
+        if spec.gpu_mode == GPU_REQUIRED:
+            return self.gpu_capacity()
+        if self.gpu_for(spec):  # preferred, and possible here
+            return max(ram_bytes, self.gpu_capacity())
+        return ram_bytes
+
+
+def gpu_tier(spec: ModelSpec, instances: Iterable[InstanceRecord]) -> set[str]:
+    """The instances a model that prefers a GPU is homed among first: those that can run it on
+    one (their runtime still falls back to RAM when the GPU has no room). Empty for other models.
+    Routing and re-homing both use it, so that they pick the same home."""
+    if spec.gpu_mode != GPU_PREFERRED:
+        return set()
+    return {r.instance_id for r in instances if r.gpu_for(spec)}
 
 
 LOADING = "loading"
@@ -192,6 +232,10 @@ class FailureRecord:
 
 __all__ = [
     "FAILED",
+    "GPU_LABEL",
+    "GPU_MODES",
+    "GPU_PREFERRED",
+    "GPU_REQUIRED",
     "LOADED",
     "LOADING",
     "DeviceUsage",
@@ -200,4 +244,5 @@ __all__ = [
     "ModelSpec",
     "PlacementRecord",
     "VModelRecord",
+    "gpu_tier",
 ]

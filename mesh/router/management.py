@@ -29,7 +29,17 @@ from mesh.errors import (
     ModelNotFound,
 )
 from mesh.ids import check_model_id
-from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec, VModelRecord
+from mesh.registry.records import (
+    FAILED,
+    GPU_LABEL,
+    GPU_MODES,
+    GPU_PREFERRED,
+    GPU_REQUIRED,
+    LOADED,
+    LOADING,
+    ModelSpec,
+    VModelRecord,
+)
 from mesh.registry.registry import Registry
 from mesh.registry.specs import SpecCache
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
@@ -56,6 +66,7 @@ class ModelInfoData:
     min_copies: int = 0
     max_copies: int = 0
     labels: tuple[str, ...] = ()
+    gpu: str = ""  # "", "required", "preferred"
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class CopyStatus:
     state: str  # LOADING, LOADED, FAILED
     time_ms: int
     size_bytes: int
+    device: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,12 +139,22 @@ class Management:
         if info.max_copies and info.min_copies > info.max_copies:
             raise InvalidArgument(f"model {model_id!r}: minCopies {info.min_copies} is above "
                                   f"maxCopies {info.max_copies}")
+        gpu = info.gpu.strip().lower()
+        if gpu not in GPU_MODES:
+            raise InvalidArgument(f"model {model_id!r}: modelInfo.gpu must be 'required', 'preferred' or "
+                                  f"empty, not {info.gpu[:40]!r}")
+        labels = tuple(info.labels)
+        # One way to say "required" in the registry: the field and the label the GPU instances carry.
+        if GPU_LABEL in labels and gpu != GPU_PREFERRED:
+            gpu = GPU_REQUIRED
+        elif gpu == GPU_REQUIRED:
+            labels += (GPU_LABEL,)
         now_ms = int(self.clock() * 1000)
         offset = HOUR_MS if load_now else 6 * HOUR_MS
         return ModelSpec(model_id=model_id, type=info.type, path=info.path, key=info.key,
                          size_hint_bytes=info.size_hint_bytes, min_copies=info.min_copies,
-                         max_copies=info.max_copies, labels=tuple(info.labels), registered_ms=now_ms,
-                         last_used_ms=last_used_ms or now_ms - offset)
+                         max_copies=info.max_copies, labels=labels, registered_ms=now_ms,
+                         last_used_ms=last_used_ms or now_ms - offset, gpu=gpu)
 
     async def unregister_model(self, model_id: str) -> None:
         referrers = self.view.referrers(model_id)
@@ -145,7 +167,7 @@ class Management:
         # Runtimes holding copies see the deletion through their watch and unload them.
 
     def _status_from_view(self, model_id: str) -> ModelStatus:
-        copies = [CopyStatus(p.instance_id, p.state, p.loaded_ms, p.size_bytes)
+        copies = [CopyStatus(p.instance_id, p.state, p.loaded_ms, p.size_bytes, p.device)
                   for p in self.view.copies(model_id).values()]
         failures = list(self.view.failures.get(model_id, {}).values())
         copies += [CopyStatus(f.instance_id, FAILED, f.time_ms, 0) for f in failures]

@@ -14,7 +14,9 @@ can serve; a loaded copy on an instance that is shutting down serves only while 
 copy exists (its re-homing).
 
 Eligible means: not shutting down, supports the model's type, carries every label the model
-requires, fits the model at all, and has no unexpired load-failure record for it. A model that
+requires (a model with ``gpu: required`` needs an instance that loads its type on a GPU), fits the
+model at all (on the device it would use), and has no unexpired load-failure record for it. A model
+with ``gpu: preferred`` is homed among the eligible instances with such a GPU when there are any. A model that
 failed on ``max_load_failures`` instances fails fast with the recorded reason.
 """
 
@@ -25,7 +27,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 
 from mesh.errors import FailedPrecondition, ResourceExhausted, Unavailable
-from mesh.registry.records import LOADED, LOADING, InstanceRecord, ModelSpec
+from mesh.registry.records import GPU_REQUIRED, LOADED, LOADING, InstanceRecord, ModelSpec, gpu_tier
 from mesh.router.view import ClusterView
 from placement.hashing import Candidate, choose_home
 
@@ -95,6 +97,9 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
         raise Unavailable("no runtime instances are registered; start one (mesh serve runtime)")
     instances = eligible(view, spec)
     if not instances:
+        if spec.gpu_mode == GPU_REQUIRED:
+            raise FailedPrecondition(f"no instance can serve model {spec.model_id!r}: it requires a GPU, "
+                                     f"and no instance can load type {spec.type!r} on a GPU")
         labels = f" and labels {sorted(spec.labels)}" if spec.labels else ""
         raise FailedPrecondition(
             f"no instance can serve model {spec.model_id!r}: none supports type {spec.type!r}{labels}")
@@ -108,8 +113,8 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
                   load=float(r.loading_count + view.inflight[r.instance_id]))
         for r in instances if r.instance_id not in failures
     ]
-    home = choose_home(spec.model_id, candidates, spec.size_hint_bytes,
-                       load_factor=load_factor, exclude=exclude)
+    home = choose_home(spec.model_id, candidates, spec.size_hint_bytes, load_factor=load_factor,
+                       exclude=exclude, prefer=gpu_tier(spec, instances))
     if home is None:
         if all(c.node in exclude for c in candidates):
             raise Unavailable(f"model {spec.model_id!r}: every eligible instance was tried and "

@@ -14,7 +14,8 @@ ORIGIN = "router"
 
 def _info(msg: mm.ModelInfo) -> ModelInfoData:
     return ModelInfoData(type=msg.type, path=msg.path, key=msg.key, size_hint_bytes=msg.sizeHintBytes,
-                         min_copies=msg.minCopies, max_copies=msg.maxCopies, labels=tuple(msg.labels))
+                         min_copies=msg.minCopies, max_copies=msg.maxCopies, labels=tuple(msg.labels),
+                         gpu=msg.gpu)
 
 
 def model_status_pb(status: ModelStatus) -> mm.ModelStatusInfo:
@@ -23,7 +24,7 @@ def model_status_pb(status: ModelStatus) -> mm.ModelStatusInfo:
     for copy in status.copies:
         out.modelCopyInfos.add(location=copy.instance_id, copyStatus=enum.Value(
             {"loading": "LOADING", "loaded": "LOADED", "failed": "LOADING_FAILED"}.get(copy.state, "UNKNOWN")),
-            time=copy.time_ms, sizeBytes=copy.size_bytes)
+            time=copy.time_ms, sizeBytes=copy.size_bytes, device=copy.device)
     return out
 
 
@@ -91,6 +92,7 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
         for e in entries:
             out.models.add(modelId=e.spec.model_id, modelInfo=mm.ModelInfo(
                 type=e.spec.type, path=e.spec.path, key=e.spec.key, sizeHintBytes=e.spec.size_hint_bytes,
-                minCopies=e.spec.min_copies, maxCopies=e.spec.max_copies, labels=list(e.spec.labels)),
+                minCopies=e.spec.min_copies, maxCopies=e.spec.max_copies, labels=list(e.spec.labels),
+                gpu=e.spec.gpu_mode),
                 status=mm.ModelStatusInfo.ModelStatus.Value(e.status), loadedCopies=e.loaded_copies)
         return out

@@ -16,14 +16,15 @@ from mesh import __version__
 from mesh.errors import InvalidArgument
 from mesh.observability.metrics import RuntimeMetrics
 from mesh.registry import open_store
-from mesh.registry.records import InstanceRecord
+from mesh.registry.records import GPU_LABEL, InstanceRecord
 from mesh.registry.registry import Registry
 from mesh.registry.security import etcd_security
 from mesh.registry.session import RegistrySession
 from mesh.registry.specs import SpecCache
-from mesh.runtime.cache import DeviceBudget, ModelCache
-from mesh.runtime.capacity import device_capacities
+from mesh.runtime.cache import DeviceBudget, LoadFn, ModelCache
+from mesh.runtime.capacity import GpuMemory, device_capacities, ram_capacity
 from mesh.runtime.failures import RecentFailures, RememberingCache
+from mesh.runtime.gpu import nvml_reader
 from mesh.runtime.loaders import supported_types
 from mesh.runtime.publisher import Publisher
 from mesh.runtime.rehome import drain, rehome
@@ -86,7 +87,10 @@ def new_instance_id() -> str:
 
 
 async def serve_runtime(settings: Settings, roots: RootTasks,
-                        on_ready: Callable[[str], None] | None = None) -> None:
+                        on_ready: Callable[[str], None] | None = None, *,
+                        gpus: GpuMemory | None = None, load_fn: LoadFn = load_model) -> None:
+    """Run one runtime until ``roots`` stops. ``gpus`` and ``load_fn`` replace the machine's GPUs
+    (NVML) and the built-in loaders: tests pass stand-ins for a GPU this machine lacks."""
     rs = settings.runtime
     instance_id = rs.instance_id or new_instance_id()
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
@@ -99,19 +103,23 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
     # Before anything is published: a type whose library fails to import is not advertised.
     types = await warm_imports(types, rs.warm_imports_timeout_s)
+    # Then the GPUs: which types can use them, with the CUDA context created before the budgets
+    # are read (it is nobody's model). A GPU no supported type can use gets no budget.
+    gpus = gpus or GpuMemory(nvml_reader(), rs)
+    gpu_types = await gpus.usable_types(types)
 
-    capacities = device_capacities(rs)
+    capacities = device_capacities(rs, gpus) if gpu_types else {"ram": ram_capacity(rs)}
     budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
                for d, c in capacities.items()]
     sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
                                         floor_bytes=rs.default_model_size_bytes))
     load_pool = ThreadPoolExecutor(rs.max_concurrent_loads, thread_name_prefix="load")
     infer_pool = ThreadPoolExecutor(rs.inference_threads, thread_name_prefix="infer")
-    cache = RememberingCache(budgets=budgets, load_fn=load_model, predict_size=sizer.predict,
+    cache = RememberingCache(budgets=budgets, load_fn=load_fn, predict_size=sizer.predict,
                              observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
                              max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
                              prepare_fn=prepare_load, size_floor_bytes=rs.default_model_size_bytes,
-                             failures=RecentFailures(settings.registry.failure_ttl_s))
+                             failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage)
     specs = SpecCache(registry, max_entries=10_000)
     metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
@@ -131,9 +139,11 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "runtime")
     endpoint = f"{rs.advertise_host or rs.host}:{port}"
-    labels = tuple(rs.labels) + (("gpu",) if any(d.startswith("gpu") for d in capacities) else ())
+    has_gpu = len(capacities) > 1
+    labels = tuple(rs.labels) + ((GPU_LABEL,) if has_gpu and GPU_LABEL not in rs.labels else ())
     base = InstanceRecord(instance_id=instance_id, endpoint=endpoint, labels=labels, zone=rs.zone,
-                          supported_types=tuple(types), version=__version__,
+                          supported_types=tuple(types), gpu_types=tuple(gpu_types if has_gpu else ()),
+                          version=__version__,
                           started_ms=int(time.time() * 1000))
 
     session = RegistrySession(store, settings.registry.lease_ttl_s)
@@ -141,7 +151,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                           requests=lambda: service.requests, publish_interval_s=rs.publish_interval_s,
                           failure_ttl_s=settings.registry.failure_ttl_s)
     cache.set_listener(publisher)
-    metrics.attach(cache)
+    metrics.attach(cache, gpus if has_gpu else None)
 
     def not_ready() -> str | None:
         """Readiness (health service): None when ready, else why not."""
@@ -158,13 +168,15 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     await specs.start()
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(publisher.run(), "publisher")
+    if has_gpu:
+        roots.spawn(gpus.follow(cache), "gpu-budgets")
     await health.start()
     await server.start()
     await publisher.publish_instance(force=True)
     service.ready = True
     roots.spawn(health.follow(not_ready), "readiness")
     log.info("runtime serving", endpoint=endpoint,
-             capacity={d: c for d, c in capacities.items()}, types=types)
+             capacity={d: c for d, c in capacities.items()}, types=types, gpu_types=list(base.gpu_types))
     if on_ready:
         on_ready(endpoint)
     try:

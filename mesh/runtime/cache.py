@@ -36,6 +36,16 @@ size = max(footprint, capped RSS growth). A prediction at the sizer's floor is n
 model (it is what every unknown model gets), so then the basis is the footprint alone: otherwise a
 2.7 KB model was charged 266 KB (one allocator step) and refused by a small runtime.
 
+On a GPU the size is the device's growth across the load, read from NVML (``GpuMemory.usage``: the
+process's bytes on the device) before and after it, with one load at a time per GPU, so the growth
+is that model's alone: its weights plus whatever its library allocates for it (an ONNX Runtime
+session's arena and cuBLAS workspace, the caching allocator's rounding). The footprint (parameter
+bytes) is only the floor. The CUDA context, the one large one-time growth, is created at start-up
+before the budgets are read (``mesh.runtime.service.warm_gpus``), so no model is charged with it.
+Growth beyond ``2 x basis + 256 MiB`` is not believed (another process allocating meanwhile, where
+NVML cannot tell processes apart). A GPU copy is charged to its GPU's budget only, and evictions
+for it come from that GPU only: a GPU model never evicts a RAM model, nor the reverse.
+
 Capacity holds at every step: a load reserves its prediction before it starts, and when the
 measured size is larger, the difference is reserved the same way (evicting, or waiting for copies
 that are unloading) before it is counted; a load that cannot get it fails with RESOURCE_EXHAUSTED.
@@ -70,12 +80,17 @@ log = structlog.get_logger(__name__)
 
 UNLOADING = "unloading"
 RSS_SLACK_BYTES = 256 * 1024
+# A GPU copy may legitimately take this much beyond twice its weights: its library's workspaces
+# (cuBLAS, cuDNN) and the allocator's rounding.
+GPU_SLACK_BYTES = 256 * 1024 * 1024
 # A refused model enters the eviction order this far in the past: older than ModelMesh's
 # registration offsets (1 h, 6 h), so it goes before models that were loaded ahead of traffic.
 REFUSED_AGE_S = 24 * 3600.0
 
 # (spec, device) -> loaded model; runs in a worker thread.
 LoadFn = Callable[[ModelSpec, str], LoadedModel]
+# (spec, device) -> predicted bytes of the model on that device.
+PredictFn = Callable[[ModelSpec, str], int]
 
 
 class CacheListener(Protocol):
@@ -138,6 +153,7 @@ class CacheStats:
     hits: int
     misses: int
     refused: int = 0
+    loaded_by_device: dict[str, int] = field(default_factory=dict)
 
 
 class ModelCache:
@@ -146,9 +162,9 @@ class ModelCache:
         *,
         budgets: list[DeviceBudget],
         load_fn: LoadFn,
-        predict_size: Callable[[ModelSpec], int],
-        observe_size: Callable[[ModelSpec, int], None],
-        choose_device: Callable[[ModelSpec, dict[str, DeviceBudget]], str],
+        predict_size: PredictFn,
+        observe_size: Callable[[ModelSpec, str, int], None],
+        choose_device: Callable[[ModelSpec, dict[str, DeviceBudget], PredictFn], str],
         executor: Executor,
         max_concurrent_loads: int,
         load_timeout_s: float,
@@ -157,6 +173,7 @@ class ModelCache:
         rss: Callable[[], int] | None = None,
         prepare_fn: Callable[[ModelSpec], None] | None = None,
         size_floor_bytes: int = 0,
+        gpu_usage: Callable[[str], int] | None = None,
     ) -> None:
         self._size_floor = size_floor_bytes  # the sizer's floor: a prediction at it is no estimate
         self._budgets = {b.device: b for b in budgets}
@@ -170,6 +187,10 @@ class ModelCache:
         self._clock = clock
         self._listeners: list[CacheListener] = [listener] if listener is not None else []
         self._rss = rss or _process_rss()
+        self._gpu_usage = gpu_usage  # this process's bytes on a GPU now (GpuMemory.usage)
+        # One load at a time per GPU, so that the device's growth across a load is that model's.
+        self._device_locks = {d: asyncio.Lock() for d in self._budgets if d != "ram"}
+        self._device_loading: set[str] = set()
         self._prepare_fn = prepare_fn
         self._entries: dict[str, Entry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -242,9 +263,9 @@ class ModelCache:
 
     def _start_load(self, spec: ModelSpec, last_used: float | None, reason: str = "request") -> Entry:
         now = self._clock()
-        device = self._choose_device(spec, self._budgets)
+        device = self._choose_device(spec, self._budgets, self._predict_size)
         budget = self._budgets[device]
-        predicted = self._predict_size(spec)
+        predicted = self._predict_size(spec, device)
         if predicted > budget.capacity_bytes:
             raise ResourceExhausted(
                 f"model {spec.model_id!r} needs about {predicted} bytes but this instance's {device} "
@@ -294,7 +315,19 @@ class ModelCache:
         await self._wake_space_waiters()
 
     async def _load_guarded(self, entry: Entry) -> LoadedModel:
+        lock = self._device_locks.get(entry.device)
+        if lock is None:
+            return await self._load_measured(entry)
+        async with lock:  # a GPU: one load at a time (see __init__)
+            self._device_loading.add(entry.device)
+            try:
+                return await self._load_measured(entry)
+            finally:
+                self._device_loading.discard(entry.device)
+
+    async def _load_measured(self, entry: Entry) -> LoadedModel:
         spec, budget = entry.spec, self._budgets[entry.device]
+        gpu_usage = self._gpu_usage if entry.device != "ram" else None
         async with self._load_slots:
             await self._reserve(entry, budget, entry.predicted_bytes)
             loop = asyncio.get_running_loop()
@@ -303,6 +336,7 @@ class ModelCache:
             self._load_epoch += 1
             epoch, self._loads_running = self._load_epoch, self._loads_running + 1
             rss_before = self._rss()
+            gpu_before = gpu_usage(entry.device) if gpu_usage else 0
             started = time.perf_counter()
             future = loop.run_in_executor(self._executor, self._load_fn, spec, entry.device)
             try:
@@ -319,9 +353,13 @@ class ModelCache:
             solo = self._loads_running == 1 and self._load_epoch == epoch
             self._loads_running -= 1
             rss_growth = self._rss() - rss_before if solo else 0
-        measured = measured_size(model.footprint_bytes(), rss_growth, entry.predicted_bytes,
-                                 self._size_floor)
-        self._observe_size(spec, measured)
+            gpu_growth = gpu_usage(entry.device) - gpu_before if gpu_usage else 0
+        if entry.device == "ram":
+            measured = measured_size(model.footprint_bytes(), rss_growth, entry.predicted_bytes,
+                                     self._size_floor)
+        else:
+            measured = gpu_measured_size(model.footprint_bytes(), gpu_growth, entry.predicted_bytes)
+        self._observe_size(spec, entry.device, measured)
         # Re-weigh with the measured size; reserve more (evicting, or waiting for copies that are
         # draining) if the prediction was too low, so that the sum never passes the capacity.
         delta = measured - entry.reserved_bytes
@@ -494,16 +532,46 @@ class ModelCache:
             except Exception:
                 log.exception("cache listener failed", model_id=entry.model_id, event=event)
 
+    # --- capacity -----------------------------------------------------------------------------
+    def resident_bytes(self, device: str) -> int:
+        """Bytes of the copies on ``device`` that are in memory: loaded, or still unloading."""
+        loaded = sum(e.reserved_bytes for e in self._entries.values() if e.device == device and e.state == LOADED)
+        return loaded + sum(e.reserved_bytes for e in self._unloading if e.device == device)
+
+    def loading_on(self, device: str) -> bool:
+        """Whether a load is in progress on ``device`` (a GPU: its growth is not yet measured)."""
+        return device in self._device_loading
+
+    async def set_capacity(self, device: str, capacity_bytes: int) -> None:
+        """A new budget for ``device`` (a GPU whose free memory changed). When what it holds no
+        longer fits, copies of *that device* are evicted by its policy until they do; copies in
+        use finish their requests first, and pinned or loading ones stay (logged)."""
+        budget = self._budgets[device]
+        budget.capacity_bytes = capacity_bytes
+        need = budget.used_bytes - capacity_bytes
+        if need > 0:
+            self._evict_for(budget, need, exclude="")
+            # Evicted copies count until their memory is released; what stays is what could not go.
+            staying = budget.used_bytes - sum(e.reserved_bytes for e in self._unloading if e.device == device)
+            if staying > capacity_bytes:
+                log.warning("device over its budget: the rest is held by copies loading or pinned",
+                            device=device, used_bytes=staying, capacity_bytes=capacity_bytes)
+        await self._wake_space_waiters()
+
     # --- reporting ----------------------------------------------------------------------------
     def stats(self) -> CacheStats:
-        loaded = sum(1 for e in self._entries.values() if e.state == LOADED)
+        by_device = dict.fromkeys(self._budgets, 0)
+        for e in self._entries.values():
+            if e.state == LOADED:
+                by_device[e.device] += 1
+        loaded = sum(by_device.values())
         lru_times = [t for b in self._budgets.values() if (t := b.policy.oldest_last_used()) is not None]
         return CacheStats(
             devices={d: (b.capacity_bytes, b.used_bytes) for d, b in self._budgets.items()},
             loaded=loaded, loading=len(self._entries) - loaded,
             lru_time=min(lru_times) if lru_times else None,
             loads=self.loads, evictions=self.evictions, hits=self.hits, misses=self.misses,
-            refused=self.refused)
+            refused=self.refused, loaded_by_device=by_device)
 
     def budgets(self) -> dict[str, DeviceBudget]:
         return self._budgets
@@ -519,6 +587,15 @@ def measured_size(footprint: int, rss_growth: int, predicted: int, floor: int) -
     basis = max(footprint, informed)
     plausible = 2 * basis + min(RSS_SLACK_BYTES, basis)
     return max(footprint, min(rss_growth, plausible), 1)
+
+
+def gpu_measured_size(footprint: int, growth: int, predicted: int) -> int:
+    """A GPU copy's size: the device's growth across its load (module docstring, "Measured size"),
+    at least the footprint, and at most ``2 x basis + GPU_SLACK_BYTES``: growth that large is not
+    this model's (another process allocating at the same time, where NVML cannot tell processes
+    apart)."""
+    basis = max(footprint, predicted)
+    return max(footprint, min(growth, 2 * basis + GPU_SLACK_BYTES), 1)
 
 
 def _process_rss() -> Callable[[], int]:

@@ -99,7 +99,8 @@ class Publisher:
             model_count=stats.loaded, loading_count=stats.loading,
             lru_time_ms=int(stats.lru_time * 1000) if stats.lru_time else 0,
             rate_rps=round(rate, 2), labels=self._base.labels, zone=self._base.zone,
-            supported_types=self._base.supported_types, version=self._base.version,
+            supported_types=self._base.supported_types, gpu_types=self._base.gpu_types,
+            version=self._base.version,
             shutting_down=self.shutting_down, started_ms=self._base.started_ms,
             hits=stats.hits, misses=stats.misses, loads=stats.loads, evictions=stats.evictions)
 
@@ -169,6 +170,8 @@ def _similar(a: InstanceRecord, b: InstanceRecord) -> bool:
     if (a.hits, a.misses, a.loads, a.evictions) != (b.hits, b.misses, b.loads, b.evictions):
         return False  # at most one refresh per publish interval while traffic flows
     for da, db in zip(a.devices, b.devices, strict=False):
+        if da.capacity_bytes != db.capacity_bytes:  # a GPU's budget moved (rare; routers size homes by it)
+            return False
         if abs(da.used_bytes - db.used_bytes) > 0.02 * max(db.capacity_bytes, 1):
             return False
     return abs(a.lru_time_ms - b.lru_time_ms) < 60_000

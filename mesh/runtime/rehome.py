@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import structlog
 
 from mesh.errors import MeshError
-from mesh.registry.records import LOADED, InstanceRecord, PlacementRecord
+from mesh.registry.records import LOADED, InstanceRecord, PlacementRecord, gpu_tier
 from mesh.registry.registry import Registry
 from mesh.runtime.cache import Entry, ModelCache
 from mesh.transport.runtime_client import RuntimeClient
@@ -69,7 +69,8 @@ def _target(entry: Entry, others: list[InstanceRecord], load_factor: float) -> I
     fit = {r.instance_id: r for r in others if r.can_serve(spec)}
     candidates = [Candidate(node=r.instance_id, load=float(r.loading_count), capacity_bytes=r.capacity_for(spec))
                   for r in fit.values()]
-    home = choose_home(spec.model_id, candidates, entry.reserved_bytes, load_factor=load_factor)
+    home = choose_home(spec.model_id, candidates, entry.reserved_bytes, load_factor=load_factor,
+                       prefer=gpu_tier(spec, fit.values()))
     return fit.get(home) if home is not None else None
 
 

@@ -17,19 +17,20 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 
 import structlog
 from google.protobuf.message import DecodeError
 
-from mesh.errors import InvalidArgument, ModelLoadError, ModelNotFound, NotHere, Unavailable
+from mesh.errors import FailedPrecondition, InvalidArgument, ModelLoadError, ModelNotFound, NotHere, Unavailable
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
 from mesh.observability.metrics import RuntimeMetrics, status_name
-from mesh.registry.records import ModelSpec
+from mesh.registry.records import GPU_REQUIRED, ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
-from mesh.runtime.loaders import get_loader, supported_types
+from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, file_size, resolve_path
 from mesh.runtime.tensors import decode_inputs, encode_response
 from mesh.transport.wire import read_model_name
@@ -50,10 +51,6 @@ def parse_key(key: str) -> dict[str, object]:
     return value
 
 
-def wants_gpu(spec: ModelSpec) -> bool:
-    return "gpu" in spec.labels
-
-
 def load_model(spec: ModelSpec, device: str) -> LoadedModel:
     """Runs in a loader thread: resolve the path and call the type's loader."""
     loader = get_loader(spec.type)
@@ -62,11 +59,21 @@ def load_model(spec: ModelSpec, device: str) -> LoadedModel:
 
 
 class SizePredictor:
-    """Predicted size before a load: the registration's hint, else file size x learned ratio."""
+    """Predicted size before a load: the registration's hint, else learned from measured loads.
+
+    In RAM: file size x a ratio learned per type (``placement.sizing``). On a GPU: file size plus
+    an *extra* learned per type (a moving average of measured minus file size). Weights sit on a GPU
+    about as they sit in the file, and what comes on top is mostly fixed per copy (a session's
+    cuBLAS/cuDNN workspace, the allocator's rounding), so a ratio would be far off for small models
+    (a 10 KB network with a 30 MB workspace) and too large for big ones. Until a type has been
+    measured on a GPU, its extra is the default ratio's (``file x (ratio - 1)``)."""
+
+    GPU_ALPHA = 0.2  # weight of a new observation in the extra's moving average
 
     def __init__(self, estimator: SizeEstimator) -> None:
         self.estimator = estimator
         self._file_sizes: dict[str, int] = {}
+        self._gpu_extra: dict[str, float] = {}  # per model type: few keys
 
     def _file_size(self, spec: ModelSpec) -> int:
         size = self._file_sizes.get(spec.path)
@@ -80,15 +87,28 @@ class SizePredictor:
             self._file_sizes[spec.path] = size
         return size
 
-    def predict(self, spec: ModelSpec) -> int:
+    def predict(self, spec: ModelSpec, device: str = "ram") -> int:
         if spec.size_hint_bytes:
             return spec.size_hint_bytes
-        return self.estimator.predict(spec.type.lower(), self._file_size(spec))
+        model_type, size = spec.type.lower(), self._file_size(spec)
+        if device == "ram":
+            return self.estimator.predict(model_type, size)
+        extra = self._gpu_extra.get(model_type)
+        if extra is None:
+            return self.estimator.predict(f"{model_type}@gpu", size)  # the default ratio
+        return max(self.estimator.floor_bytes, int(size + extra))
 
-    def observe(self, spec: ModelSpec, measured: int) -> None:
+    def observe(self, spec: ModelSpec, device: str, measured: int) -> None:
         size = self._file_sizes.get(spec.path, 0)
-        if size:
-            self.estimator.observe(spec.type.lower(), size, measured)
+        if not size:
+            return
+        model_type = spec.type.lower()
+        if device == "ram":
+            self.estimator.observe(model_type, size, measured)
+            return
+        extra = float(max(0, measured - size))
+        known = self._gpu_extra.get(model_type)
+        self._gpu_extra[model_type] = extra if known is None else known + self.GPU_ALPHA * (extra - known)
 
 
 # Libraries imported before a model's load is measured, so that the first load of a type is not
@@ -127,6 +147,49 @@ def _import_type(model_type: str) -> None:
         importlib.import_module(module)
 
 
+def _gpu_ready(model_type: str, indices: list[int]) -> bool:
+    """Whether ``model_type``'s library can put models on the GPUs ``indices``. For torch, also
+    creates what every model on a GPU shares, once per process: the CUDA context and cuBLAS's
+    handle and workspace (several hundred MiB), so that no model's measured size includes them."""
+    if model_type == "torchscript":
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.device_count() <= max(indices):
+            return False
+        for index in indices:
+            x = torch.ones((64, 64), device=f"cuda:{index}")
+            (x @ x).sum().item()
+            del x
+        torch.cuda.empty_cache()
+        return True
+    if model_type == "onnx":
+        from mesh.runtime.loaders.onnx_loader import cuda_provider_available
+
+        return cuda_provider_available()
+    return False
+
+
+async def warm_gpus(types: list[str], indices: list[int]) -> list[str]:
+    """Of ``types``, those that this runtime can load on its GPUs ``indices`` (start-up, after
+    :func:`warm_imports` and before the GPU budgets are read: see :func:`_gpu_ready`)."""
+    if not indices:
+        return []
+    usable: list[str] = []
+    for model_type in (t for t in types if get_loader(t).supports_gpu):
+        try:
+            ready = await asyncio.to_thread(_gpu_ready, model_type, indices)
+        except Exception as exc:
+            log.warning("GPU unusable for a model type", model_type=model_type,
+                        error=f"{type(exc).__name__}: {exc}")
+            continue
+        if ready:
+            usable.append(model_type)
+        else:
+            log.warning("GPU unusable for a model type: its library sees no CUDA device here",
+                        model_type=model_type)
+    return usable
+
+
 async def warm_imports(types: list[str], timeout_s: float) -> list[str]:
     """Import the loader libraries of ``types`` now (start-up, before the instance is ready), so
     that a fresh runtime's first load neither makes every request wait for the import nor charges
@@ -151,14 +214,38 @@ async def warm_imports(types: list[str], timeout_s: float) -> list[str]:
     return usable
 
 
-def choose_device(spec: ModelSpec, budgets: dict[str, DeviceBudget]) -> str:
-    """RAM, or the GPU with the most free budget for models labelled ``gpu`` whose loader can
-    use one."""
-    if wants_gpu(spec) and get_loader(spec.type).supports_gpu:
-        gpus = [b for d, b in budgets.items() if d.startswith("gpu")]
-        if gpus:
-            return max(gpus, key=lambda b: b.capacity_bytes - b.used_bytes).device
-    return "ram"
+def choose_device(spec: ModelSpec, budgets: dict[str, DeviceBudget],
+                  predict: Callable[[ModelSpec, str], int]) -> str:
+    """The device a copy loads on.
+
+    ``gpu: required``: the GPU with the most free budget among those large enough for its
+    predicted size (it evicts there if it must), or
+    FAILED_PRECONDITION when this instance has none or the type cannot run on one (routers send
+    such models only to instances that can; this answers a direct SPI call). ``gpu: preferred``:
+    that GPU if the predicted size fits in its free budget now, without evicting anything, else
+    RAM (so a preferred model never pushes a GPU model out). Otherwise RAM."""
+    mode = spec.gpu_mode
+    if not mode:
+        return "ram"
+    gpus = [b for d, b in budgets.items() if d != "ram"]
+    capable = get_loader(spec.type).supports_gpu
+    if mode == GPU_REQUIRED:
+        if not capable:
+            raise FailedPrecondition(f"model {spec.model_id!r} requires a GPU, but type {spec.type!r} "
+                                     f"runs in RAM only (GPU types: {', '.join(gpu_types())})")
+        if not gpus:
+            raise FailedPrecondition(f"model {spec.model_id!r} requires a GPU and this instance has none")
+    if not capable or not gpus:
+        return "ram"
+    size = predict(spec, gpus[0].device)  # the same on every GPU (learned per kind of device)
+
+    def free(b: DeviceBudget) -> int:
+        return b.capacity_bytes - b.used_bytes
+
+    if mode == GPU_REQUIRED:  # the freest GPU that can hold it at all
+        return max([b for b in gpus if b.capacity_bytes >= size] or gpus, key=free).device
+    best = max(gpus, key=free)
+    return best.device if free(best) >= size else "ram"
 
 
 class RuntimeService:
@@ -370,4 +457,4 @@ def _infer(entry: Entry, body: bytes) -> bytes:
     return response.SerializeToString()
 
 
-__all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "wants_gpu", "warm_imports"]
+__all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "warm_gpus", "warm_imports"]

@@ -32,14 +32,14 @@ class Component:
         await asyncio.wait_for(self.task, 30)
 
 
-async def start(serve: Callable[..., Awaitable[None]], settings: Settings) -> Component:
+async def start(serve: Callable[..., Awaitable[None]], settings: Settings, **serve_kwargs: Any) -> Component:
     roots = RootTasks()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def on_ready(endpoint: str) -> None:
         ready.set_result(endpoint)
 
-    task = asyncio.create_task(serve(settings, roots, on_ready))
+    task = asyncio.create_task(serve(settings, roots, on_ready, **serve_kwargs))
     done, _ = await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # raises the start-up error
@@ -73,8 +73,9 @@ class InProcessMesh:
             overrides[group] = {**overrides.get(group, {}), **values}
         return load_settings(env={}, overrides=overrides)
 
-    async def add_runtime(self, **overrides: Any) -> Component:
-        component = await start(serve_runtime, self.settings(**overrides))
+    async def add_runtime(self, *, serve_kwargs: dict[str, Any] | None = None, **overrides: Any) -> Component:
+        """A runtime with these runtime settings; ``serve_kwargs`` go to ``serve_runtime`` (stand-ins)."""
+        component = await start(serve_runtime, self.settings(**overrides), **(serve_kwargs or {}))
         self.runtimes.append(component)
         return component
 

@@ -100,8 +100,8 @@ async def _scenario(plan: list[tuple[str, Any]], sizes: dict[str, tuple[int, int
             raise RuntimeError("corrupt model file")
         return SizedModel(spec.model_id, actual)
 
-    cache = ModelCache(budgets=[budget], load_fn=load, predict_size=lambda s: sizes[s.model_id][0],
-                       observe_size=lambda s, n: None, choose_device=lambda s, b: "ram",
+    cache = ModelCache(budgets=[budget], load_fn=load, predict_size=lambda s, d: sizes[s.model_id][0],
+                       observe_size=lambda s, d, n: None, choose_device=lambda s, b, p: "ram",
                        executor=executor, max_concurrent_loads=2, load_timeout_s=30.0,
                        clock=lambda: now[0], rss=lambda: 0)
     requests: list[asyncio.Task[Entry]] = []

@@ -101,11 +101,13 @@ def test_storage_forms(spec: dict[str, Any], path: str, key: dict[str, Any]) -> 
     assert json.loads(reg.key) == {"model_type": {"name": "sklearn"}, **key}
 
 
-def test_gpu_and_runtime_become_placement_labels() -> None:
-    assert registration(predictor(SKLEARN)).labels == ()
-    assert registration(predictor({**SKLEARN, "gpu": "preferred"})).labels == ()
-    assert registration(predictor({**SKLEARN, "gpu": "required", "runtime": {"name": "triton"}})).labels == (
-        "gpu", "rt:triton")
+def test_gpu_becomes_model_info_gpu_and_runtime_a_placement_label() -> None:
+    plain = registration(predictor(SKLEARN))
+    assert (plain.labels, plain.gpu) == ((), "")
+    preferred = registration(predictor({**SKLEARN, "gpu": "preferred"}))
+    assert (preferred.labels, preferred.gpu) == ((), "preferred")
+    required = registration(predictor({**SKLEARN, "gpu": "Required", "runtime": {"name": "triton"}}))
+    assert (required.labels, required.gpu) == (("rt:triton",), "required")
 
 
 @pytest.mark.parametrize(("spec", "message"), [

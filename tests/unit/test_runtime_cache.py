@@ -52,8 +52,8 @@ class Harness:
         self.budget = DeviceBudget("ram", capacity, make_policy(policy, **(policy_params or {})))
         self.pool = ThreadPoolExecutor(4)
         self.cache = ModelCache(
-            budgets=[self.budget], load_fn=self.load, predict_size=lambda s: predicted.get(s.model_id, 100),
-            observe_size=lambda s, n: None, choose_device=lambda s, b: "ram", executor=self.pool,
+            budgets=[self.budget], load_fn=self.load, predict_size=lambda s, d: predicted.get(s.model_id, 100),
+            observe_size=lambda s, d, n: None, choose_device=lambda s, b, p: "ram", executor=self.pool,
             max_concurrent_loads=concurrent, load_timeout_s=timeout_s, clock=lambda: self.now,
             listener=self, rss=lambda: 0)
 
@@ -86,7 +86,7 @@ async def test_concurrent_first_requests_cause_one_load() -> None:
 
 async def test_measured_size_replaces_the_prediction() -> None:
     h = Harness(10_000, sizes={"m": 300})
-    h.cache._predict_size = lambda s: 50  # type: ignore[method-assign]
+    h.cache._predict_size = lambda s, d: 50  # type: ignore[method-assign]
     entry = await h.get("m")
     assert entry.reserved_bytes == 300
     assert h.budget.used_bytes == 300
@@ -142,7 +142,7 @@ async def test_model_larger_than_capacity_is_refused() -> None:
 
 async def test_model_measuring_larger_than_capacity_after_load_is_refused_and_released() -> None:
     h = Harness(100, sizes={"big": 500})
-    h.cache._predict_size = lambda s: 10  # type: ignore[method-assign]
+    h.cache._predict_size = lambda s, d: 10  # type: ignore[method-assign]
     with pytest.raises(ResourceExhausted, match="once loaded"):
         await h.get("big")
     assert h.budget.used_bytes == 0

@@ -67,8 +67,8 @@ async def test_the_cache_loads_a_bad_model_once_per_ttl_and_names_it() -> None:
     with ThreadPoolExecutor(2) as pool:
         cache = RememberingCache(
             failures=RecentFailures(10, clock), budgets=[DeviceBudget("ram", 10_000, make_policy("lru"))],
-            load_fn=load, predict_size=lambda s: 100, observe_size=lambda s, n: None,
-            choose_device=lambda s, b: "ram", executor=pool, max_concurrent_loads=2, load_timeout_s=5,
+            load_fn=load, predict_size=lambda s, d: 100, observe_size=lambda s, d, n: None,
+            choose_device=lambda s, b, p: "ram", executor=pool, max_concurrent_loads=2, load_timeout_s=5,
             clock=clock, rss=lambda: 0)
         for _ in range(2):
             results = await asyncio.gather(*(cache.acquire(SPEC) for _ in range(5)), return_exceptions=True)

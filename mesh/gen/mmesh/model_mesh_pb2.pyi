@@ -22,7 +22,7 @@ class RegisterModelRequest(_message.Message):
     def __init__(self, modelId: _Optional[str] = ..., modelInfo: _Optional[_Union[ModelInfo, _Mapping]] = ..., loadNow: _Optional[bool] = ..., sync: _Optional[bool] = ..., lastUsedTime: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("type", "path", "key", "sizeHintBytes", "minCopies", "maxCopies", "labels")
+    __slots__ = ("type", "path", "key", "sizeHintBytes", "minCopies", "maxCopies", "labels", "gpu")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class ModelInfo(_message.Message):
     MINCOPIES_FIELD_NUMBER: _ClassVar[int]
     MAXCOPIES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
     type: str
     path: str
     key: str
@@ -37,7 +38,8 @@ class ModelInfo(_message.Message):
     minCopies: int
     maxCopies: int
     labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, type: _Optional[str] = ..., path: _Optional[str] = ..., key: _Optional[str] = ..., sizeHintBytes: _Optional[int] = ..., minCopies: _Optional[int] = ..., maxCopies: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    gpu: str
+    def __init__(self, type: _Optional[str] = ..., path: _Optional[str] = ..., key: _Optional[str] = ..., sizeHintBytes: _Optional[int] = ..., minCopies: _Optional[int] = ..., maxCopies: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., gpu: _Optional[str] = ...) -> None: ...
 
 class ModelStatusInfo(_message.Message):
     __slots__ = ("status", "errors", "modelCopyInfos")
@@ -56,16 +58,18 @@ class ModelStatusInfo(_message.Message):
     LOADING_FAILED: ModelStatusInfo.ModelStatus
     UNKNOWN: ModelStatusInfo.ModelStatus
     class ModelCopyInfo(_message.Message):
-        __slots__ = ("location", "copyStatus", "time", "sizeBytes")
+        __slots__ = ("location", "copyStatus", "time", "sizeBytes", "device")
         LOCATION_FIELD_NUMBER: _ClassVar[int]
         COPYSTATUS_FIELD_NUMBER: _ClassVar[int]
         TIME_FIELD_NUMBER: _ClassVar[int]
         SIZEBYTES_FIELD_NUMBER: _ClassVar[int]
+        DEVICE_FIELD_NUMBER: _ClassVar[int]
         location: str
         copyStatus: ModelStatusInfo.ModelStatus
         time: int
         sizeBytes: int
-        def __init__(self, location: _Optional[str] = ..., copyStatus: _Optional[_Union[ModelStatusInfo.ModelStatus, str]] = ..., time: _Optional[int] = ..., sizeBytes: _Optional[int] = ...) -> None: ...
+        device: str
+        def __init__(self, location: _Optional[str] = ..., copyStatus: _Optional[_Union[ModelStatusInfo.ModelStatus, str]] = ..., time: _Optional[int] = ..., sizeBytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     MODELCOPYINFOS_FIELD_NUMBER: _ClassVar[int]

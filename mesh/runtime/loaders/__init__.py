@@ -37,6 +37,11 @@ def supported_types() -> list[str]:
     return sorted(_LOADERS)
 
 
+def gpu_types() -> list[str]:
+    """The canonical types whose loader can place a model on a GPU, sorted."""
+    return sorted(t for t, loader in _LOADERS.items() if loader.supports_gpu)
+
+
 def get_loader(model_type: str) -> Loader:
     """The loader for ``model_type`` (case-insensitive, aliases allowed); InvalidArgument if unknown."""
     name = model_type.strip().lower()
@@ -50,4 +55,4 @@ def get_loader(model_type: str) -> Loader:
     return loader
 
 
-__all__ = ["LoadedModel", "Loader", "get_loader", "supported_types"]
+__all__ = ["LoadedModel", "Loader", "get_loader", "gpu_types", "supported_types"]

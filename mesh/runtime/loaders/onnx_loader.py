@@ -19,7 +19,15 @@ a hint to convert it with ``options={"zipmap": False}``.
 
 Device: ``ram`` uses the CPUExecutionProvider; ``gpu<N>`` uses the CUDAExecutionProvider on device N
 and fails the load when onnxruntime cannot provide it, rather than silently running on the CPU
-while the runtime accounts the model to GPU memory.
+while the runtime accounts the model to GPU memory. The CUDA libraries onnxruntime-gpu needs
+(cuBLAS, cuDNN...) are found the way its own ``preload_dlls`` finds them: in the ``nvidia-*`` wheels
+of the environment, or already loaded by torch. On a GPU the session's memory arena grows by what
+is requested (``kSameAsRequested``), not by powers of two: the runtime measures each session's
+growth on the device as the model's size, and a doubling arena would charge a model up to twice its
+weights. The load ends with one prediction on zeros (when every input is numeric; symbolic
+dimensions set to 1), so that the session's lazily created workspaces (cuBLAS handles, the arena's
+first activations) are part of what the load measured rather than appearing later as memory of no
+model; a model that refuses zeros loads anyway.
 
 Threads: each session gets ``intra_op_num_threads=1`` and ``inter_op_num_threads=1``. onnxruntime
 gives every session its own thread pools, sized to the machine by default; with hundreds of models
@@ -237,6 +245,45 @@ def weight_bytes(file: Path) -> int:
     return total or file_size(file)
 
 
+_cuda_preloaded = False
+
+
+def cuda_provider_available() -> bool:
+    """Whether this onnxruntime can run sessions on CUDA (onnxruntime-gpu with its libraries)."""
+    import onnxruntime as ort
+
+    _preload_cuda(ort)
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _preload_cuda(ort: Any) -> None:
+    global _cuda_preloaded
+    if _cuda_preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _cuda_preloaded = True
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return  # a CPU build: nothing to preload (and preload_dlls would print a warning)
+    try:
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, when they are installed
+    except Exception:  # nothing to preload (CPU build) or not found: the session says what is missing
+        pass
+
+
+def _warm_up(session: Any) -> None:
+    """One prediction on zeros (module docstring, "Device"); skipped for non-numeric inputs."""
+    feeds: dict[str, np.ndarray] = {}
+    for arg in session.get_inputs():
+        dtype = _ONNX_TYPES.get(arg.type)
+        if dtype is None or dtype.kind == "O":
+            return
+        dims = arg.shape if isinstance(arg.shape, list) else []
+        feeds[arg.name] = np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in dims], dtype=dtype)
+    try:
+        session.run(None, feeds)
+    except Exception:
+        pass  # the model's own checks refused zeros: its workspaces are created by its first request
+
+
 class OnnxLoader(Loader):
     type = "onnx"
     extensions = (".onnx",)
@@ -253,14 +300,18 @@ class OnnxLoader(Loader):
         index = gpu_index(device)
         providers: list[Any] = ["CPUExecutionProvider"]
         if index is not None:
+            _preload_cuda(ort)
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ModelLoadError(
                     f"onnx: {device} requested but this onnxruntime has no CUDAExecutionProvider "
                     f"(available: {', '.join(ort.get_available_providers())})"
                 )
-            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+            providers = [("CUDAExecutionProvider", {"device_id": index, "arena_extend_strategy": "kSameAsRequested"}),
+                         "CPUExecutionProvider"]
         session = ort.InferenceSession(str(file), sess_options=options, providers=providers)
         if index is not None and "CUDAExecutionProvider" not in session.get_providers():
             # onnxruntime falls back to the CPU when CUDA fails to initialise; say so instead.
             raise ModelLoadError(f"onnx: CUDAExecutionProvider failed to start on {device}")
+        if index is not None:
+            _warm_up(session)
         return OnnxModel(model_id, session, device, weight_bytes(file), OrtInvalidArgument)
