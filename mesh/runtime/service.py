@@ -175,7 +175,8 @@ async def warm_gpus(types: list[str], indices: list[int]) -> list[str]:
     if not indices:
         return []
     usable: list[str] = []
-    for model_type in (t for t in types if get_loader(t).supports_gpu):
+    # torch first: it loads the CUDA libraries (cuBLAS, cuDNN) that onnxruntime-gpu looks for too.
+    for model_type in sorted((t for t in types if get_loader(t).supports_gpu), key=lambda t: t != "torchscript"):
         try:
             ready = await asyncio.to_thread(_gpu_ready, model_type, indices)
         except Exception as exc:

@@ -227,7 +227,7 @@ async def test_when_another_process_takes_memory_the_budget_shrinks_and_that_gpu
     h = GpuHarness(gpus, settings=settings)
     start = h.cache.budgets()["gpu0"].capacity_bytes
     assert start == 4 * GIB - 512 * MIB - 300 * MIB  # the context is held outside the models
-    for i, m in enumerate(("a", "b", "c", "d")):
+    for m in ("a", "b", "c", "d"):
         h.footprint[m] = 500 * MIB
         await h.get(m)
     await h.get("r", "sklearn", gpu="")
@@ -332,7 +332,7 @@ def test_registration_gpu_field_is_checked_and_says_required_one_way() -> None:
     assert spec_of(ModelInfoData("onnx", labels=("gpu",))).gpu == "required"  # the label alone
     preferred = spec_of(ModelInfoData("onnx", gpu="preferred"))
     assert (preferred.gpu, preferred.labels) == ("preferred", ())
-    with pytest.raises(InvalidArgument, match="modelInfo.gpu must be 'required', 'preferred' or empty"):
+    with pytest.raises(InvalidArgument, match=r"modelInfo\.gpu must be 'required', 'preferred' or empty"):
         spec_of(ModelInfoData("onnx", gpu="always"))
     assert not spec_of(ModelInfoData("onnx", gpu="preferred")).same_definition(
         spec_of(ModelInfoData("onnx", gpu="required")))
