@@ -139,6 +139,14 @@ class RuntimeSettings:
                                 "activations and workspaces of predictions in flight. 1 GiB holds a "
                                 "batch of a mid-sized network's activations; raise it for large batches.",
                                 "bytes")
+    gpu_inference_threads: int = _f(1, "Threads running the predictions of each GPU's copies. cuBLAS and "
+                                    "cuDNN keep a handle and workspace per thread (onnxruntime per session "
+                                    "and thread: tens of MiB each on recent GPUs), so with one thread a "
+                                    "copy's memory is what its load and warm-up measured; every further "
+                                    "thread adds that much per copy, outside its measured size (the GPU "
+                                    "budget then shrinks to make up for it). One GPU runs its kernels one "
+                                    "after another anyway; raise it when host-side work (decoding, copies) "
+                                    "limits a GPU's throughput.")
     gpu_refresh_s: float = _f(2.0, "How often each GPU's budget is recomputed from NVML. When another "
                               "process takes memory the budget shrinks and copies on that GPU (only) "
                               "are evicted to fit.", "s")

@@ -17,7 +17,9 @@ three scikit-learn models for RAM. Then, against the runtime's own numbers:
    copy), its weight bytes, the NVML growth of the runtime process, the copies the load evicted and
    what NVML shows freed. A load that evicted nothing must grow NVML by its measured size; one that
    evicted must shrink NVML by what the evicted copies were charged. Every answer is checked
-   against the same MLP computed with NumPy (FP64), to 1e-2 relative.
+   against the same MLP computed with NumPy (FP64), to 1e-2 relative. Five more predictions follow
+   each first answer, and the NVML growth they cause is shown beside it (memory outside every
+   copy's measured size: activations the allocator keeps).
 3. *The allocator agrees*: the first TorchScript file is also loaded here, in the check's own
    process, and ``torch.cuda.memory_allocated`` before and after gives the bytes the allocator
    holds for it; the runtime's measured size must be at least that and within the tolerance.
@@ -123,6 +125,7 @@ class Row:
     first_answer_ms: float = 0.0
     load_ms: float = 0.0
     warm_ms: float = 0.0
+    predict_growth: int = 0  # NVML growth over 5 more predictions, after the first answer
     agrees: bool = True
 
 
@@ -367,21 +370,22 @@ async def _flow(platform: Platform, sizes: Sizes, workdir: Path, mesh: Mesh, rep
         first_ms = (time.perf_counter() - t0) * 1000
         name = next(iter(out))
         right = bool(np.allclose(out[name], f.expected(x), rtol=1e-2, atol=1e-2))
+        await wait_until(lambda m=model_id: _has_copy(mesh, m), sizes.timeout_s, f"{model_id} loaded")
+        copy = (await mesh.copies(model_id))[0]
+        after = await steady(platform, sizes)  # also time for the evictions to reach the router's view
         warm = []
         for _ in range(5):
             t0 = time.perf_counter()
             await mesh.infer(model_id, x, sizes.timeout_s)
             warm.append((time.perf_counter() - t0) * 1000)
-        await wait_until(lambda m=model_id: _has_copy(mesh, m), sizes.timeout_s, f"{model_id} loaded")
-        copy = (await mesh.copies(model_id))[0]
-        after = await steady(platform, sizes)  # also time for the evictions to reach the router's view
+        predicted = await steady(platform, sizes)
         evicted = sorted([m for m in resident_before if not await mesh.copies(m)])
         freed = sum(charged[m] for m in evicted)
         charged[model_id] = copy.sizeBytes
         placement = [p for p in await placements(platform.registry_url, model_id) if p.state == "loaded"]
         row = Row(model_id, f.type, copy.device, f.weight_bytes, copy.sizeBytes, after - before, evicted, freed,
                   round(first_ms, 1), round(placement[0].load_ms if placement else 0.0, 1),
-                  round(statistics.median(warm), 2))
+                  round(statistics.median(warm), 2), predicted - after)
         row.agrees = agree(row.nvml_delta, row.measured - freed, sizes)
         report.rows.append(row)
         report.check(f"{model_id} on {copy.device}, answers right", right and copy.device == "gpu0",
@@ -433,12 +437,11 @@ async def _flow(platform: Platform, sizes: Sizes, workdir: Path, mesh: Mesh, rep
                  f"device {device}, GPU copies kept {len(kept)}/{len(resident)}")
     before = await steady(platform, sizes)
     dropped = sorted(resident)[:2]
+    freed = sum(charged.pop(m) for m in dropped)
     for m in dropped:
         await mesh.unregister(m)
-        charged.pop(m)
     await wait_until(lambda: _gone(mesh, dropped), sizes.timeout_s, "unregistered copies gone")
     after = await steady(platform, sizes)
-    freed = sum(r.measured for r in report.rows if r.model_id in dropped)
     report.check("unregistering frees the device (NVML)", agree(before - after, freed, sizes),
                  f"NVML {-(before - after) / MIB:+.1f} MiB for {freed / MIB:.1f} MiB charged")
     await mesh.register("preferred-room", small.type, small.path, gpu="preferred")
@@ -532,13 +535,13 @@ async def _gone(mesh: Mesh, models: list[str]) -> bool:
 
 def table(report: Report) -> str:
     lines = ["| model | type | device | weights MiB | measured MiB | NVML growth MiB | evicted (charged MiB) "
-             "| first answer ms | load ms | warm p50 ms | agrees |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| first answer ms | load ms | warm p50 ms | growth over 5 predictions MiB | agrees |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
         evicted = f"{', '.join(r.evicted)} ({r.evicted_bytes / MIB:.1f})" if r.evicted else "-"
         lines.append(f"| {r.model_id} | {r.type} | {r.device} | {r.weights / MIB:.1f} | {r.measured / MIB:.1f} | "
                      f"{r.nvml_delta / MIB:+.1f} | {evicted} | {r.first_answer_ms:.0f} | {r.load_ms:.0f} | "
-                     f"{r.warm_ms:.2f} | {'yes' if r.agrees else 'NO'} |")
+                     f"{r.warm_ms:.2f} | {r.predict_growth / MIB:+.1f} | {'yes' if r.agrees else 'NO'} |")
     lines.append("")
     lines += [f"- [{'ok' if ok else 'FAIL'}] {name}: {detail}" for name, ok, detail in report.checks]
     return "\n".join(lines)

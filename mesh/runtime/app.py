@@ -107,6 +107,13 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     # are read (it is nobody's model). A GPU no supported type can use gets no budget.
     gpus = gpus or GpuMemory(nvml_reader(), rs)
     gpu_types = await gpus.usable_types(types)
+    # Each GPU's copies predict on threads of their own (RuntimeSettings.gpu_inference_threads),
+    # whose per-thread cuBLAS state is created now, before the budgets are read, too.
+    gpu_devices = [f"gpu{info.index}" for info in gpus.reader.devices()] if gpu_types else []
+    device_pools = {d: ThreadPoolExecutor(max(1, rs.gpu_inference_threads), thread_name_prefix=f"infer-{d}")
+                    for d in gpu_devices}
+    for device, pool in device_pools.items():
+        await asyncio.get_running_loop().run_in_executor(pool, gpus.warm_thread, device, gpu_types)
 
     capacities = device_capacities(rs, gpus) if gpu_types else {"ram": ram_capacity(rs)}
     budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
@@ -119,12 +126,14 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                              observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
                              max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
                              prepare_fn=prepare_load, size_floor_bytes=rs.default_model_size_bytes,
-                             failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage)
+                             failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage,
+                             device_executors=device_pools)
     specs = SpecCache(registry, max_entries=10_000)
     metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
                              infer_executor=infer_pool, sizer=sizer, types=types,
-                             inline_predict_ms=rs.inline_predict_ms, metrics=metrics)
+                             inline_predict_ms=rs.inline_predict_ms, metrics=metrics,
+                             device_executors=device_pools)
 
     server = new_server(settings.router.max_message_bytes,
                         max_pending_requests=settings.router.max_pending_requests)
@@ -206,6 +215,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await call_soon_safely(cache.close, "unload models")
         load_pool.shutdown(wait=False, cancel_futures=True)
         infer_pool.shutdown(wait=False, cancel_futures=True)
+        for pool in device_pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
         await call_soon_safely(store.close, "close registry")
         # 6. Metrics last, so that they can be read until the end.
         if stop_metrics is not None:

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -174,6 +174,7 @@ class ModelCache:
         prepare_fn: Callable[[ModelSpec], None] | None = None,
         size_floor_bytes: int = 0,
         gpu_usage: Callable[[str], int] | None = None,
+        device_executors: Mapping[str, Executor] | None = None,
     ) -> None:
         self._size_floor = size_floor_bytes  # the sizer's floor: a prediction at it is no estimate
         self._budgets = {b.device: b for b in budgets}
@@ -188,6 +189,8 @@ class ModelCache:
         self._listeners: list[CacheListener] = [listener] if listener is not None else []
         self._rss = rss or _process_rss()
         self._gpu_usage = gpu_usage  # this process's bytes on a GPU now (GpuMemory.usage)
+        # Where each GPU's copies run their predictions (RuntimeService): warm-ups run there too.
+        self._device_executors = dict(device_executors or {})
         # One load at a time per GPU, so that the device's growth across a load is that model's.
         self._device_locks = {d: asyncio.Lock() for d in self._budgets if d != "ram"}
         self._device_loading: set[str] = set()
@@ -349,6 +352,9 @@ class ModelCache:
             except BaseException:
                 self._loads_running -= 1
                 raise
+            warm_executor = self._device_executors.get(entry.device)
+            if warm_executor is not None:
+                await self._warm_up(model, warm_executor)
             entry.load_ms = (time.perf_counter() - started) * 1000
             solo = self._loads_running == 1 and self._load_epoch == epoch
             self._loads_running -= 1
@@ -383,6 +389,15 @@ class ModelCache:
                  **({} if entry.admitted else {"admission": f"refused by {budget.policy.name}: first to go"}))
         self.loads += 1
         return model
+
+    async def _warm_up(self, model: LoadedModel, executor: Executor) -> None:
+        """``model.warm_up`` on its prediction thread, within the load timeout; a failure is not the
+        load's (the first prediction will meet it)."""
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(executor, model.warm_up),
+                                   self._load_timeout_s)
+        except Exception:
+            log.info("warm-up after load failed", model_id=model.model_id, exc_info=True)
 
     def _abandon(self, entry: Entry, future: asyncio.Future[LoadedModel]) -> None:
         """A timed-out load keeps running in its thread: keep its bytes counted until it ends."""

@@ -88,6 +88,14 @@ class GpuMemory:
         indices = [info.index for info in await asyncio.to_thread(self.reader.devices)]
         return await warm_gpus(types, indices)
 
+    def warm_thread(self, device: str, gpu_types: list[str]) -> None:
+        """On one of ``device``'s prediction threads, before any prediction: the per-thread state
+        of the libraries (``mesh.runtime.service.warm_device_thread``)."""
+        if "torchscript" in gpu_types:
+            from mesh.runtime.service import warm_device_thread
+
+            warm_device_thread(device)
+
     def capacities(self, resident: Mapping[str, int] | None = None) -> dict[str, int]:
         """``{"gpu0": bytes, ...}`` now, given the bytes our copies hold on each device."""
         self.last = {f"gpu{info.index}": info for info in self.reader.devices()}

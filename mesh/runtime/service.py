@@ -169,6 +169,16 @@ def _gpu_ready(model_type: str, indices: list[int]) -> bool:
     return False
 
 
+def warm_device_thread(device: str) -> None:
+    """On a GPU's prediction thread, before any prediction: create torch's per-thread cuBLAS handle
+    and workspace for that device now, so that no model's first prediction pays for them (time, and
+    memory appearing outside every measured copy)."""
+    import torch
+
+    x = torch.ones((64, 64), device=f"cuda:{device.removeprefix('gpu')}")
+    (x @ x).sum().item()
+
+
 async def warm_gpus(types: list[str], indices: list[int]) -> list[str]:
     """Of ``types``, those that this runtime can load on its GPUs ``indices`` (start-up, after
     :func:`warm_imports` and before the GPU budgets are read: see :func:`_gpu_ready`)."""
@@ -261,6 +271,7 @@ class RuntimeService:
         types: list[str] | None = None,
         inline_predict_ms: float = 0.0,
         metrics: RuntimeMetrics | None = None,
+        device_executors: dict[str, Executor] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.metrics = metrics or RuntimeMetrics()
@@ -270,6 +281,8 @@ class RuntimeService:
         self.inline_predict_ms = inline_predict_ms
         self.ready = False  # ServerReady: set once registered and serving, cleared when draining
         self._executor = infer_executor
+        # GPU copies predict on their device's own thread(s) (RuntimeSettings.gpu_inference_threads).
+        self._device_executors = device_executors or {}
         self.types = [t.lower() for t in (types or supported_types())]
         self.requests = 0
         self.inflight = 0  # inferences running now, for the drain on shutdown
@@ -343,8 +356,9 @@ class RuntimeService:
                 return _run_inference(entry, body)
             self.cache.begin_use(entry)
             try:
-                return await asyncio.get_running_loop().run_in_executor(
-                    self._executor, _run_inference, entry, body)
+                executor = self._executor if entry.device == "ram" else \
+                    self._device_executors.get(entry.device, self._executor)
+                return await asyncio.get_running_loop().run_in_executor(executor, _run_inference, entry, body)
             finally:
                 self.cache.end_use(entry)
         except BaseException as exc:
@@ -458,4 +472,5 @@ def _infer(entry: Entry, body: bytes) -> bytes:
     return response.SerializeToString()
 
 
-__all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "warm_gpus", "warm_imports"]
+__all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "warm_device_thread", "warm_gpus",
+           "warm_imports"]

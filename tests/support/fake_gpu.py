@@ -78,6 +78,9 @@ class StandInGpuMemory(GpuMemory):
             return []
         return [t for t in types if get_loader(t).supports_gpu]
 
+    def warm_thread(self, device: str, gpu_types: list[str]) -> None:
+        pass  # no CUDA state to create on a stand-in
+
 
 class _OnStandInGpu(LoadedModel):
     def __init__(self, inner: LoadedModel, gpus: FakeGpus, index: int, size: int, device: str) -> None:

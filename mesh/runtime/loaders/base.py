@@ -179,6 +179,11 @@ class LoadedModel(abc.ABC):
     def footprint_bytes(self) -> int:
         """The memory the model's own objects hold, measured after the load (see each loader)."""
 
+    def warm_up(self) -> None:  # noqa: B027 (a hook: most formats have nothing to warm)
+        """Make the library create, now, what it creates lazily at a first prediction (on a GPU: a
+        session's per-thread cuBLAS/cuDNN handles and workspaces), so that it belongs to the load's
+        measured size. Runs on the thread that will run the copy's predictions. Default: nothing."""
+
     def close(self) -> None:
         """Release the model's memory; idempotent. In-flight predictions finish normally."""
         self._closed = True

@@ -24,10 +24,11 @@ while the runtime accounts the model to GPU memory. The CUDA libraries onnxrunti
 of the environment, or already loaded by torch. On a GPU the session's memory arena grows by what
 is requested (``kSameAsRequested``), not by powers of two: the runtime measures each session's
 growth on the device as the model's size, and a doubling arena would charge a model up to twice its
-weights. The load ends with one prediction on zeros (when every input is numeric; symbolic
-dimensions set to 1), so that the session's lazily created workspaces (cuBLAS handles, the arena's
-first activations) are part of what the load measured rather than appearing later as memory of no
-model; a model that refuses zeros loads anyway.
+weights. A GPU copy is warmed up with one prediction on zeros (``warm_up``: when every input is
+numeric; symbolic dimensions set to 1) on the thread that will run its predictions: onnxruntime
+creates a cuBLAS/cuDNN context per session *and thread* at the first run, and the arena keeps the
+first activations, so this memory is part of what the load measured rather than appearing later as
+memory of no model; a model that refuses zeros loads anyway.
 
 Threads: each session gets ``intra_op_num_threads=1`` and ``inter_op_num_threads=1``. onnxruntime
 gives every session its own thread pools, sized to the machine by default; with hundreds of models
@@ -152,6 +153,10 @@ class OnnxModel(LoadedModel):
 
     def footprint_bytes(self) -> int:
         return self._footprint
+
+    def warm_up(self) -> None:
+        if self.device != "ram" and self._session is not None:
+            _warm_up(self._session)
 
     def _release(self) -> None:
         self._session = None
@@ -312,6 +317,4 @@ class OnnxLoader(Loader):
         if index is not None and "CUDAExecutionProvider" not in session.get_providers():
             # onnxruntime falls back to the CPU when CUDA fails to initialise; say so instead.
             raise ModelLoadError(f"onnx: CUDAExecutionProvider failed to start on {device}")
-        if index is not None:
-            _warm_up(session)
         return OnnxModel(model_id, session, device, weight_bytes(file), OrtInvalidArgument)
