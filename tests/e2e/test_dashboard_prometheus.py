@@ -8,6 +8,9 @@ unknown model, a hot model that gets a second copy and a pinned model, then eval
 expression of `deploy/grafana/mesh-dashboard.json` through Prometheus' HTTP API and asserts that
 each parses and returns data. Grafana's own variables are replaced the way Grafana would with
 "All" selected (`$namespace`, `$instance`, `$model` -> `.*`, `$__rate_interval` -> `30s`).
+
+This machine has no GPU: runtime-b is given a stand-in GPU (``tests.support.fake_gpu``: NVML
+answered by the test), so that the per-GPU panels have series to show.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import pytest
 
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.runtime.tensors import encode_request
+from tests.support.fake_gpu import FakeGpus, StandInGpuMemory, stand_in_load
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import make_model
 
@@ -137,7 +141,10 @@ async def test_every_dashboard_query_returns_data(tmp_path: Path, ports: dict[st
                                            "scale_rps_threshold": 5.0, "min_copies_check_s": 0.5},
                          runtime_overrides={"capacity_bytes": 640 * 1024, "per_model_metrics": True})
     await mesh.add_runtime(metrics_port=ports["runtime-a"])
-    await mesh.add_runtime(metrics_port=ports["runtime-b"])
+    gpus = FakeGpus([64 * 1024 * 1024])
+    stand_in = StandInGpuMemory(gpus, mesh.settings().runtime)
+    await mesh.add_runtime(metrics_port=ports["runtime-b"],
+                           serve_kwargs={"gpus": stand_in, "load_fn": stand_in_load(gpus)})
     await mesh.start(runtimes=0)
     prometheus = Prometheus(tmp_path, {"router": f"127.0.0.1:{ports['router']}",
                                        "runtime-a": f"127.0.0.1:{ports['runtime-a']}",
