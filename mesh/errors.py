@@ -70,6 +70,11 @@ class FailedPrecondition(MeshError):
     code = Code.FAILED_PRECONDITION
 
 
+class BadRecord(FailedPrecondition):
+    """A registry value that does not decode as the record its key says (written by hand, by a
+    buggy or hostile writer): skipped by watches, an error for the request that needs it."""
+
+
 class ResourceExhausted(MeshError):
     code = Code.RESOURCE_EXHAUSTED
 

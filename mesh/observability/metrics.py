@@ -46,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mesh.errors import MeshError, Unavailable
-from mesh.registry.records import LOADED
+from mesh.registry.records import LOADED, bad_records
 
 if TYPE_CHECKING:
     from mesh.router.view import ClusterView
@@ -142,6 +142,20 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class _CallbackCollector(Collector):
+    """Families computed at scrape time from thread-safe reads (no event loop needed)."""
+
+    def __init__(self, build: Callable[[], list[Metric]]) -> None:
+        self._build = build
+
+    def collect(self) -> Iterable[Metric]:
+        return self._build()
+
+
 class _ComponentMetrics:
     def __init__(self, per_model: bool) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series (ModelMesh has none)
@@ -150,6 +164,9 @@ class _ComponentMetrics:
         # The process's own figures (CPU, memory, file descriptors, GC), as the default registry has.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(collector)
+        self.registry.register(_CallbackCollector(lambda: [_counter(
+            "mesh_registry_bad_records", "Registry values this process could not decode (skipped)",
+            bad_records())]))
 
     def serve(self, host: str, port: int, component: str) -> Callable[[], None] | None:
         """Start serving (``port`` -1: metrics off); the stop function, or None."""

@@ -106,6 +106,13 @@ def _status_code(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
+def _too_large(exc: BaseException) -> bool:
+    """etcd's answer to a request over its size limit: "request is too large", or gRPC's
+    RESOURCE_EXHAUSTED "received message larger than max" before etcd saw it."""
+    text = _reason(exc)
+    return "request is too large" in text or "larger than max" in text
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
@@ -262,6 +269,10 @@ class EtcdStore:
                             result = await op(self._clients[index])
                     except _TRANSPORT_ERRORS as exc:
                         code = _status_code(exc)
+                        if _too_large(exc):  # a permanent error of this call, not of the registry
+                            self._set_connected(True)
+                            raise InvalidArgument(f"registry {self.url} refused {what}: larger than etcd "
+                                                  "accepts in one request (--max-request-bytes)") from None
                         if code is not None and code not in _UNREACHABLE:
                             self._set_connected(True)  # etcd answered, with an error
                             raise self._translate(exc, code, what, lease) from None

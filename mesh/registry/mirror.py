@@ -32,7 +32,7 @@ from typing import TypeVar
 
 import structlog
 
-from mesh.errors import InvalidArgument
+from mesh.errors import BadRecord, InvalidArgument
 from mesh.registry._tasks import cancel_and_wait, spawn
 from mesh.registry.base import EventType, KeyValue, KVStore, WatchEvent, WatchReset
 
@@ -192,6 +192,9 @@ class PrefixMirror:
             return
         try:
             callback(arg)
+        except BadRecord as exc:  # a malformed value in the registry: skipped, counted where decoded
+            key = arg.key if isinstance(arg, KeyValue) else ""
+            self._log.warning("malformed registry record skipped", key=key[:300], reason=exc.message)
         except Exception:
             self._log.exception(
                 "mirror callback failed", callback=getattr(callback, "__qualname__", callback)

@@ -3,6 +3,11 @@
 Records are frozen dataclasses; ``to_json`` / ``from_json`` are the only (de)serialisation.
 Unknown JSON fields are ignored and missing ones take their defaults, so that a newer writer and an
 older reader (a rolling upgrade) get along.
+
+Decoding checks every known field's type (str, int, float, bool, tuples of str or of DeviceUsage):
+a value that is not a JSON object of such fields raises :class:`~mesh.errors.BadRecord`, and is
+counted (:func:`bad_records`). Anyone who can write etcd can write anything there; a bad value
+must cost the one model or instance it describes, never a process (the watches skip it).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from mesh.errors import BadRecord
 
 T = TypeVar("T")
 
@@ -25,20 +32,59 @@ def _encode(record: Any) -> bytes:
     return json.dumps(dataclasses.asdict(record), separators=(",", ":")).encode()
 
 
+_bad_records = 0
+
+
+def bad_records() -> int:
+    """Registry values this process could not decode since it started (a metric)."""
+    return _bad_records
+
+
+def _field_value(cls: type, name: str, declared: str, value: Any) -> Any:
+    ok: bool
+    if declared == "str":
+        ok = isinstance(value, str)
+    elif declared == "bool":
+        ok = isinstance(value, bool)
+    elif declared == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif declared == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif declared == "tuple[str, ...]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    elif declared == "tuple[DeviceUsage, ...]":
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        value = tuple(_decode_fields(DeviceUsage, v) for v in value) if ok else value
+    else:  # a field type this decoder does not know: a programming error, caught by the tests
+        raise TypeError(f"{cls.__name__}.{name}: undecodable field type {declared}")
+    if not ok:
+        raise BadRecord(f"{cls.__name__} field {name!r} should be {declared}, not {type(value).__name__}")
+    return value
+
+
+def _decode_fields(cls: type[T], data: Any) -> T:
+    if not isinstance(data, dict):
+        raise BadRecord(f"{cls.__name__} should be a JSON object, not {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {name: _field_value(cls, name, str(fields[name].type), value)
+              for name, value in data.items() if name in fields}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise BadRecord(f"{cls.__name__}: {exc}") from None
+
+
 def _decode(cls: type[T], raw: bytes) -> T:
-    data = json.loads(raw)
-    names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        f = names.get(name)
-        if f is None:
-            continue
-        if name == "devices":
-            value = tuple(DeviceUsage(**d) for d in value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
+    global _bad_records
+    try:
+        return _decode_fields(cls, json.loads(raw))
+    except (ValueError, RecursionError, BadRecord) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        _bad_records += 1
+        if isinstance(exc, BadRecord):
+            raise
+        raise BadRecord(f"{cls.__name__} is not valid JSON: {str(exc)[:200]}") from None
 
 
 @dataclass(frozen=True, slots=True)

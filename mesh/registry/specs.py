@@ -22,6 +22,7 @@ from collections.abc import Callable
 import cachetools
 import structlog
 
+from mesh.errors import BadRecord
 from mesh.registry.base import EventType, KVStore, WatchReset
 from mesh.registry.keys import Keys
 from mesh.registry.records import ModelSpec
@@ -68,7 +69,13 @@ class SpecCache:
                     reset_listener()
                 continue
             model_id = Keys.model_id_of(event.key, self._keys.models)
-            spec = ModelSpec.from_json(event.value) if event.type is EventType.PUT else None
+            try:
+                spec = ModelSpec.from_json(event.value) if event.type is EventType.PUT else None
+            except BadRecord as exc:
+                # Not this process's to fix, and no reason to stop: forget the model (a copy
+                # loaded here goes); a request for it reads the record and gets the reason.
+                log.warning("malformed registration skipped", model_id=model_id[:200], reason=exc.message)
+                spec = None
             self._invalidate(model_id, spec)
 
     def peek(self, model_id: str) -> ModelSpec | None:

@@ -214,7 +214,9 @@ class Forwarder:
         or MeshError (nowhere to send it). ``timeout`` None: the client set no deadline, so none
         is imposed downstream either."""
         scaler = self.scaler
-        if scaler is None or method != INFER:
+        # Rates are kept only for models with a copy in the view: copy scaling has nothing to do
+        # for the others, and a client naming endless unknown IDs must not grow this state.
+        if scaler is None or method != INFER or model_id not in self.view.placements:
             return await self._forward(method, model_id, body, metadata, timeout)
         scaler.begin(model_id)
         try:

@@ -102,6 +102,39 @@ class ListEntry:
     loaded_copies: int
 
 
+# Bounds on what one registration may hold: every router and runtime keeps registrations in memory
+# and etcd refuses requests over 1.5 MiB, so a field over its bound is refused here, by name, with
+# INVALID_ARGUMENT (a permanent error), instead of failing in etcd as "unavailable".
+MAX_TYPE_CHARS = 64
+MAX_PATH_BYTES = 4096  # PATH_MAX
+MAX_KEY_BYTES = 16 * 1024  # modelmesh-serving's storage JSON is a few hundred bytes
+MAX_LABELS = 32
+MAX_LABEL_CHARS = 253  # a Kubernetes label's prefix + name
+MAX_COPIES = 64  # minCopies and maxCopies: copies of one model in one fleet
+MAX_OWNER_CHARS = 256
+
+
+def check_model_info(model_id: str, info: ModelInfoData) -> None:
+    def over(what: str, size: int, limit: int, unit: str) -> InvalidArgument:
+        return InvalidArgument(f"model {model_id[:100]!r}: modelInfo.{what} is {size} {unit}; the limit is {limit}")
+
+    if len(info.type) > MAX_TYPE_CHARS:
+        raise over("type", len(info.type), MAX_TYPE_CHARS, "characters")
+    for what, value, limit in (("path", info.path, MAX_PATH_BYTES), ("key", info.key, MAX_KEY_BYTES)):
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise over(what, size, limit, "bytes")
+    if len(info.labels) > MAX_LABELS:
+        raise over("labels", len(info.labels), MAX_LABELS, "labels")
+    for label in info.labels:
+        if not label or len(label) > MAX_LABEL_CHARS:
+            raise InvalidArgument(f"model {model_id[:100]!r}: a label must have 1 to {MAX_LABEL_CHARS} "
+                                  f"characters, not {len(label)}")
+    for what, copies in (("minCopies", info.min_copies), ("maxCopies", info.max_copies)):
+        if copies > MAX_COPIES:
+            raise over(what, copies, MAX_COPIES, "copies")
+
+
 class Management:
     def __init__(self, *, registry: Registry, view: ClusterView, runtimes: RuntimeLoader,
                  load_factor: float, load_timeout_s: float = 120.0,
@@ -136,6 +169,7 @@ class Management:
         check_model_id(model_id)
         if not info.type:
             raise InvalidArgument(f"model {model_id!r}: modelInfo.type is required")
+        check_model_info(model_id, info)
         if info.max_copies and info.min_copies > info.max_copies:
             raise InvalidArgument(f"model {model_id!r}: minCopies {info.min_copies} is above "
                                   f"maxCopies {info.max_copies}")
@@ -248,6 +282,8 @@ class Management:
                          sync: bool = False, expected_target: str = "") -> VModelStatus:
         check_model_id(vmodel_id)
         check_model_id(target_model_id)
+        if len(owner) > MAX_OWNER_CHARS:
+            raise InvalidArgument(f"vModel owner is {len(owner)} characters; the limit is {MAX_OWNER_CHARS}")
         if info is not None:
             spec, _ = await self.registry.register_model(
                 self._spec(target_model_id, info, load_now=load_now, last_used_ms=0))
@@ -380,6 +416,8 @@ class Management:
                                                        expected_revision=current[1])
                 continue
             if not self.view.copies(target) and now - self._last_ensure.get(target, 0) > 10:
+                if len(self._last_ensure) > 10_000:  # old targets: keep only the recent attempts
+                    self._last_ensure = {t: at for t, at in self._last_ensure.items() if now - at <= 10}
                 self._last_ensure[target] = now
                 spec = await self.registry.get_model(target)
                 if spec is not None:

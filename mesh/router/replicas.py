@@ -163,6 +163,7 @@ class CopyScaler:
             await asyncio.sleep(interval_s)
             try:
                 await self.tick()
+                self.policy.prune(self.clock())  # the state of models gone cold: memory follows use
                 if self.clock() >= self._next_pin_check:
                     self._next_pin_check = self.clock() + self.pin_check_s
                     await self.keep_min_copies()

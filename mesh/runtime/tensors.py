@@ -47,6 +47,11 @@ from mesh.errors import InvalidArgument, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
 
 DEFAULT_MAX_ELEMENTS = 50_000_000
+MAX_DIMS = 64  # numpy's limit (NPY_MAXDIMS): a shape with more dimensions has no array
+# BYTES elements per request, over all its BYTES tensors. Each decodes to a Python bytes object
+# (33 bytes and up, plus its slot): 4 request bytes for an empty element become about 41, so the
+# element count, not the request size, bounds the memory a BYTES request takes (1 Mi: ~45 MB).
+MAX_BYTES_ELEMENTS = 1 << 20
 
 # A BYTES element's length prefix: 4 bytes, unsigned, little-endian.
 _LENGTH = struct.Struct("<I")
@@ -181,16 +186,22 @@ def _decode_tensors(
             f"it needs one per {side}, in the order of the {side}s"
         )
     out: dict[str, np.ndarray] = {}
+    bytes_elements = 0
     for i, tensor in enumerate(tensors):
         name = tensor.name
         if not name:
             raise InvalidArgument(f"{side} #{i} has no name")
-        what = f"{side} {name!r}"
+        what = f"{side} {name[:100]!r}"
         if name in out:
             raise InvalidArgument(f"{what} appears more than once")
         dt = _lookup(tensor.datatype, what)
         shape = _checked_shape(what, tensor.shape, max_elements)
         n = math.prod(shape)
+        if dt.name == "BYTES":
+            bytes_elements += n
+            if bytes_elements > MAX_BYTES_ELEMENTS:
+                raise InvalidArgument(f"{what}: the request's BYTES tensors have {bytes_elements} elements or "
+                                      f"more, over the limit of {MAX_BYTES_ELEMENTS}")
         if use_raw:
             if tensor.HasField("contents") and tensor.contents.ListFields():
                 raise InvalidArgument(
@@ -216,6 +227,8 @@ def _lookup(name: str, what: str) -> Datatype:
 
 def _checked_shape(what: str, dims: Iterable[int], max_elements: int) -> list[int]:
     shape = list(dims)
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(f"{what}: shape has {len(shape)} dimensions, over the limit of {MAX_DIMS}")
     for d in shape:
         if d < 0:
             raise InvalidArgument(f"{what}: shape {shape} has a negative dimension")

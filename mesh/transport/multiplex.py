@@ -112,6 +112,18 @@ class CombiningWriter:
 
 
 # --- frames -----------------------------------------------------------------------------------
+MAX_TIMEOUT_MS = 0xFFFFFFFF  # the frame's u32: 49.7 days
+
+
+def frame_timeout_ms(timeout_s: float | None) -> int:
+    """A client's remaining time as the frame's u32 milliseconds: 0 (none) for no deadline and for
+    deadlines past what the field holds (49.7 days is no deadline in practice), at least 1 ms for a
+    deadline that is all but spent (0 would read as none)."""
+    if timeout_s is None or timeout_s * 1000 >= MAX_TIMEOUT_MS:
+        return 0
+    return max(1, int(timeout_s * 1000))
+
+
 def encode_request(request_id: int, model_id: str, allow_load: bool, timeout_ms: int,
                    metadata: tuple[tuple[str, str | bytes], ...], body: bytes, spec: bytes = b"") -> bytes:
     mid = model_id.encode()
@@ -334,8 +346,7 @@ class MultiplexPool:
                    metadata: tuple[tuple[str, str | bytes], ...], body: bytes,
                    timeout: float | None, spec: bytes = b"") -> bytes:
         request_id = next(self._ids)
-        frame = encode_request(request_id, model_id, allow_load,
-                               int(timeout * 1000) if timeout else 0, metadata, body, spec)
+        frame = encode_request(request_id, model_id, allow_load, frame_timeout_ms(timeout), metadata, body, spec)
         return await self._stream(endpoint, channel).send(request_id, frame, timeout)
 
     def discard(self, endpoint: str) -> None:
