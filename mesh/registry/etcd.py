@@ -69,6 +69,7 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     # etcd answers pings more frequent than every 5 s (--grpc-keepalive-min-time) with GOAWAY.
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.http2.ping_timeout_ms": 5_000,  # what grpc 1.85 times the ping out by (60 s otherwise)
     "grpc.max_receive_message_length": 256 * 1024 * 1024,
 }
 # Codes meaning "this member could not serve the call now": try the next endpoint, else unavailable.

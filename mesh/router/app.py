@@ -78,8 +78,9 @@ async def serve_router(settings: Settings, roots: RootTasks,
                           scaler=scaler, ready=lambda: not_ready() is None,
                           access_log=settings.log.access_log, tracer=tracer_for(settings.log, "router"),
                           metrics=metrics)
-    reachability = Reachability(view, runtime_client, rs.unreachable_probe_s)
+    reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=forwarder.forget)
     forwarder.on_gone = reachability.mark
+    forwarder.on_missed_deadline = reachability.suspect
     background: set[asyncio.Task[None]] = set()
 
     def close_channel(record: InstanceRecord) -> None:

@@ -124,6 +124,7 @@ class Forwarder:
             self._relay = self._relay_observed  # type: ignore[method-assign]
         # Told of each instance found gone, so that later requests route around it too.
         self.on_gone: Callable[[str], None] | None = None
+        self.on_missed_deadline: Callable[[str], None] | None = None
 
     # --- target selection ---------------------------------------------------------------------
     def _resolve(self, requested: str, is_vmodel: bool, from_header: bool) -> str:
@@ -194,12 +195,19 @@ class Forwarder:
             raise Retry(GONE, RemoteError(grpc.StatusCode.UNAVAILABLE,
                                           f"runtime {target.instance_id}: {err}")) from None
         except TimeoutError:
+            # No answer at all before the client's deadline (a runtime's own DEADLINE_EXCEEDED
+            # arrives as a StreamError): is the runtime still there?
+            if self.on_missed_deadline is not None:
+                self.on_missed_deadline(target.instance_id)
             raise RemoteError(grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"model {model_id!r}: deadline exceeded") from None
         except grpc.aio.AioRpcError as err:
             kind = _classify(err)
             remote = RemoteError(err.code(), err.details() or "")
             if kind == FINAL:
+                if (err.code() is grpc.StatusCode.DEADLINE_EXCEEDED and self.on_missed_deadline is not None
+                        and not any(key == ORIGIN_KEY for key, _ in err.trailing_metadata() or ())):
+                    self.on_missed_deadline(target.instance_id)  # the unary path's missed deadline
                 raise remote from None
             raise Retry(kind, remote) from None
         finally:

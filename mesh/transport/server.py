@@ -10,6 +10,14 @@ from grpc_health.v1 import health, health_pb2_grpc
 from mesh.errors import Unavailable
 from mesh.transport.tls import ChannelSecurity
 
+# Channels between mesh components (router -> runtime, runtime -> runtime) ping every second and
+# give up on a peer that does not answer a ping within a second: a runtime that is stopped
+# (SIGSTOP, a frozen VM) or unplugged is noticed in about 2 s, with or without requests in flight,
+# instead of at lease expiry. HTTP/2 pings are answered by gRPC's core, not the application, so a
+# runtime whose event loop is stuck still answers them: the router notices that by a missed
+# deadline and a ServerLive probe (mesh.router.reachability).
+PEER_KEEPALIVE_MS = 1_000
+
 
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
@@ -35,8 +43,9 @@ def server_options(max_message_bytes: int, max_pending_requests: int = 4096) -> 
         ("grpc.server.max_pending_requests", max_pending_requests),
         ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_requests),
         ("grpc.so_reuseport", 0),
-        # Accept the client keepalive pings above without GOAWAY(too_many_pings).
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # Accept the client keepalive pings above, and the mesh's own every PEER_KEEPALIVE_MS,
+        # without GOAWAY(too_many_pings) (half the interval: pings jitter).
+        ("grpc.http2.min_ping_interval_without_data_ms", PEER_KEEPALIVE_MS // 2),
     ]
 
 
@@ -74,7 +83,12 @@ class ChannelPool:
     """One long-lived channel per endpoint; channels of instances that left are closed."""
 
     def __init__(self, max_message_bytes: int, security: ChannelSecurity | None = None) -> None:
-        self._options: list[tuple[str, int | str]] = [*message_options(max_message_bytes)]
+        self._options: list[tuple[str, int | str]] = [
+            *[o for o in message_options(max_message_bytes) if not o[0].startswith("grpc.keepalive_")],
+            ("grpc.keepalive_time_ms", PEER_KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", PEER_KEEPALIVE_MS),
+            # grpc 1.85 times a keepalive ping out after this, not keepalive_timeout_ms (60 s otherwise)
+            ("grpc.http2.ping_timeout_ms", PEER_KEEPALIVE_MS),
+            ("grpc.keepalive_permit_without_calls", 1)]
         self._credentials = security.credentials if security is not None else None
         if security is not None and security.server_name:
             # Runtimes advertise IPs; their certificates name a Service (or a wildcard).

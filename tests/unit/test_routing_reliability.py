@@ -57,3 +57,39 @@ def test_deleted_instance_is_no_longer_unreachable() -> None:
     view.unreachable.add("a")
     view.delete_instance(view.keys.instances + "a")
     assert view.unreachable == set()
+
+
+class _Runtimes:
+    """Stands in for the RuntimeClient's ServerLive probe: ``alive`` says who answers."""
+
+    def __init__(self, alive: set[str]) -> None:
+        self.alive = alive
+        self.probed: list[str] = []
+
+    async def live(self, endpoint: str, timeout_s: float) -> bool:
+        self.probed.append(endpoint)
+        return endpoint in self.alive
+
+
+async def test_a_missed_deadline_probes_and_marks_a_runtime_that_does_not_answer() -> None:
+    """A runtime whose event loop is stuck answers HTTP/2 pings but not ServerLive: the first missed
+    deadline probes it, marks it unreachable and drops its streams (their requests retry)."""
+    import asyncio
+
+    from mesh.router.reachability import Reachability
+
+    view = _view("stuck", "slow")
+    endpoints = {i: r.endpoint for i, r in view.instances.items()}
+    runtimes = _Runtimes(alive={endpoints["slow"]})
+    dropped: list[str] = []
+    reach = Reachability(view, runtimes, probe_s=0.2, on_unreachable=dropped.append)  # type: ignore[arg-type]
+    for _ in range(5):  # many requests miss their deadline at once: one probe each
+        reach.suspect("stuck")
+        reach.suspect("slow")
+    await asyncio.sleep(0.05)
+    assert sorted(runtimes.probed) == sorted(endpoints.values())
+    assert view.unreachable == {"stuck"}  # a slow model's runtime still answers: not marked
+    assert dropped == [endpoints["stuck"]]
+    reach.suspect("stuck")  # already marked: the periodic probe takes it back when it answers
+    await asyncio.sleep(0.05)
+    assert len(runtimes.probed) == 2
