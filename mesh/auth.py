@@ -8,6 +8,7 @@ The tokens file (``auth.tokens_file``, TOML) lists one ``[[token]]`` table per t
     sha256 = "<64 hex digits>"    # sha256 of the token (preferred: the file then holds no secret)
     # token = "..."               # or the token itself (development only)
     prefixes = ["team-a/"]        # optional: model and vModel IDs this token may touch
+    paths = ["/models/team-a/"]   # optional: where the models it registers may be read from
 
 Decisions:
 
@@ -16,8 +17,12 @@ Decisions:
   the methods that change state or load models (``WRITE_METHODS``); a method not listed as reading
   counts as writing, so an RPC added later is denied to readers until someone decides otherwise.
 * **Prefixes.** With prefixes, every model or vModel ID named by a call (a vModel's target too)
-  must start with one of them; ``listModels`` must ask for a prefix inside one of them. Without
+  must start with one of them at a boundary (``team-a`` covers ``team-a/x``, not ``team-ab/x``:
+  ``mesh.paths.under_prefix``); ``listModels`` must ask for a prefix inside one of them. Without
   prefixes, a token may touch every ID.
+* **Paths.** With paths, the file a registration names (``modelInfo.path``, made absolute under
+  the model roots: ``mesh.paths.confine``) must lie under one of them: a tenant's token registers
+  models from its tenant's directory only, whatever IDs it may use.
 * **Comparison.** Only sha256 digests are kept in memory; the presented token's digest is compared
   with every entry with ``hmac.compare_digest`` and no early exit, so the time taken says nothing
   about which entry (or how much of one) matched.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import posixpath
 import re
 import tomllib
 from collections.abc import Iterable
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from mesh.paths import as_directory, shown, under_prefix
 
 READ, WRITE = "read", "write"
 # Management methods a read token may call; every other method of mmesh.ModelMesh needs write.
@@ -43,7 +50,7 @@ WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "
 INVALID_TOKEN = "missing or invalid bearer token"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_KEYS = {"name", "role", "sha256", "token", "prefixes"}
+_KEYS = {"name", "role", "sha256", "token", "prefixes", "paths"}
 
 
 def token_digest(token: str) -> bytes:
@@ -68,6 +75,7 @@ class Principal:
     name: str
     role: str
     prefixes: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
 
     def check_method(self, method: str) -> None:
         """``method`` is a management method name (``registerModel``)."""
@@ -76,7 +84,17 @@ class Principal:
                                    "(needs role write)")
 
     def allows(self, model_id: str) -> bool:
-        return not self.prefixes or any(model_id.startswith(p) for p in self.prefixes)
+        return not self.prefixes or any(under_prefix(model_id, p) for p in self.prefixes)
+
+    def check_path(self, path: str) -> None:
+        """``path`` (absolute, as confine gives it) must lie under one of the token's paths."""
+        if not self.paths:
+            return
+        inside = path.startswith("/") and ".." not in path.split("/") and any(
+            under_prefix(posixpath.normpath(path), as_directory(p)) for p in self.paths)
+        if not inside:
+            raise PermissionDenied(f"token {self.name!r} may not register a model from {shown(path)}: outside "
+                                   f"its paths ({', '.join(self.paths)})")
 
     def check_model(self, model_id: str, what: str = "model") -> None:
         if not self.allows(model_id):
@@ -85,7 +103,7 @@ class Principal:
 
     def check_list_prefix(self, prefix: str) -> None:
         """listModels: the requested prefix must lie inside one of the token's prefixes."""
-        if self.prefixes and not any(prefix.startswith(p) for p in self.prefixes):
+        if self.prefixes and not any(under_prefix(prefix, p) for p in self.prefixes):
             raise PermissionDenied(f"token {self.name!r} may not list models with prefix {prefix!r}: ask "
                                    f"for one inside its model-ID prefixes ({', '.join(self.prefixes)})")
 
@@ -179,7 +197,10 @@ def _entry(item: object, where: str) -> tuple[bytes, Principal]:
     prefixes = item.get("prefixes", [])
     if not isinstance(prefixes, list) or not all(isinstance(p, str) and p for p in prefixes):
         raise InvalidArgument(f"{where}: 'prefixes' must be a list of non-empty strings")
-    return digest, Principal(name=name, role=role, prefixes=tuple(prefixes))
+    paths = item.get("paths", [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith("/") for p in paths):
+        raise InvalidArgument(f"{where}: 'paths' must be a list of absolute directories")
+    return digest, Principal(name=name, role=role, prefixes=tuple(prefixes), paths=tuple(paths))
 
 
 __all__ = ["INVALID_TOKEN", "READ", "READ_METHODS", "WRITE", "WRITE_METHODS", "Principal", "TokenTable",

@@ -154,6 +154,22 @@ class RuntimeSettings:
                                    "read with one deserialisation on a 2-core pod.")
     load_timeout_s: float = _f(90.0, "A load taking longer fails with DEADLINE_EXCEEDED and its "
                                "reservation is released (ModelMesh's default, 90 s).", "s")
+    model_roots: tuple[str, ...] = _f((), "Directories model files may be read from (comma-separated in "
+                                      "the environment). A registration's path must lie under one (a "
+                                      "relative one is taken under the first): routers check it at "
+                                      "registration, runtimes again at load on the real path (no '..', "
+                                      "no symbolic link out, regular files only). Empty: not confined "
+                                      "(the embedded mesh up); deploy/ sets /models.")
+    allow_code_formats: bool = _f(True, "Load formats that run code when loaded: pickled scikit-learn "
+                                  "models (.joblib, .pkl) and TorchScript. false refuses them: "
+                                  "scikit-learn models must then be skops files (.skops).")
+    skops_trusted_types: tuple[str, ...] = _f((), "Types a .skops file may hold beyond those skops trusts by "
+                                              "default (e.g. sklearn.tree._tree.Tree for tree models: skops "
+                                              "does not trust their unchecked node indices).")
+    max_stuck_loads: int = _f(4, "Loads abandoned at load_timeout_s whose threads have not returned (a "
+                              "stuck mount, a hung library) after which the runtime takes no more loads "
+                              "and reports not ready: it serves what it holds, and routers load "
+                              "elsewhere. Each stuck load holds a thread and its reserved memory.")
     warm_imports_timeout_s: float = _f(60.0, "Bound on importing the loader libraries of the supported "
                                        "types at start-up, before the instance reports ready, so that "
                                        "a first load measures the model, not the library (torch takes "

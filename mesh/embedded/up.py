@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.logging import configure
-from mesh.registry.etcd_server import EtcdProcess
+from mesh.procs import die_with_parent
+from mesh.registry.etcd_server import EtcdProcess, EtcdStartError
 from mesh.runtime.capacity import memory_limit_bytes
 from mesh.settings import LogSettings, parse_bytes
 
@@ -62,7 +63,8 @@ class Child:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", "serve", self.component, "--ready-file", str(self.ready_file)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)  # Ctrl-C reaches the supervisor only; it stops children in order
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+            preexec_fn=die_with_parent())  # and a supervisor killed by SIGKILL takes them along
         log.close()
         self.started_at = time.monotonic()
         self.endpoint = ""
@@ -99,6 +101,7 @@ class Mesh:
                  data_dir: Path | None, config: Path | None) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="mesh-up-"))
         self.etcd: EtcdProcess | None = None
+        self._etcd_restart_at = 0.0  # when a dead etcd is started again (0: none pending)
         self.registry = registry
         self.data_dir = data_dir
         env = dict(os.environ)
@@ -135,7 +138,7 @@ class Mesh:
 
     def start(self) -> None:
         if self.registry is None:
-            self.etcd = EtcdProcess(self.data_dir)
+            self.etcd = EtcdProcess(self.data_dir, die_with_parent=True)
             self.etcd.start()
             self.registry = self.etcd.url
         for child in self.children:
@@ -160,9 +163,23 @@ class Mesh:
             time.sleep(0.05)
 
     def supervise_once(self) -> list[str]:
-        """Restart children that died; returns what happened, for the console."""
+        """Restart children (and our etcd) that died; returns what happened, for the console."""
         events = []
         now = time.monotonic()
+        if self.etcd is not None and not self.etcd.running:
+            # Same data directory and ports: the registry comes back with everything it held, and
+            # the components' watches and leases resume by themselves (they retry etcd).
+            if self._etcd_restart_at == 0.0:
+                self._etcd_restart_at = now + 0.5
+                events.append(f"etcd exited ({_describe_exit(self.etcd.returncode)}); restarting")
+            elif now >= self._etcd_restart_at:
+                self._etcd_restart_at = 0.0
+                try:
+                    self.etcd.restart()
+                    events.append(f"etcd restarted ({self.etcd.url})")
+                except EtcdStartError as exc:
+                    self._etcd_restart_at = now + 5.0
+                    events.append(f"etcd did not restart: {exc}; retrying in 5 s")
         for child in self.children:
             if child.alive():
                 child.poll_ready()

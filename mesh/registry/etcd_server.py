@@ -40,6 +40,8 @@ from typing import IO
 
 import structlog
 
+from mesh.procs import die_with_parent
+
 log = structlog.get_logger(__name__)
 
 _START_ATTEMPTS = 4  # fresh ports each time; collisions are rare, four in a row means something else
@@ -108,8 +110,12 @@ class EtcdProcess:
         start_timeout_s: float = 15.0,
         stop_grace_s: float = 5.0,
         tls: EtcdTls | None = None,
+        die_with_parent: bool = False,
     ) -> None:
+        """``die_with_parent``: etcd gets SIGTERM when this process dies (``mesh.procs``): for a
+        supervisor whose etcd must not outlive it (``mesh up``)."""
         self.tls = tls
+        self.die_with_parent = die_with_parent
         self._owns_dir = data_dir is None
         self.data_dir = (
             Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="mesh-etcd-"))
@@ -146,6 +152,11 @@ class EtcdProcess:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of the last process (None while running or never started)."""
+        return self._proc.returncode if self._proc is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -256,6 +267,7 @@ class EtcdProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent() if self.die_with_parent else None,
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:

@@ -174,6 +174,7 @@ class InstanceRecord:
     gpu_types: tuple[str, ...] = ()  # the supported types it can load on its GPUs (none: no GPU)
     version: str = ""
     shutting_down: bool = False
+    accepts_loads: bool = True  # False: its loads are stuck (it serves what it holds, loads nothing)
     started_ms: int = 0
     # Cache counters since the instance started (for dashboards and `mesh demo`).
     hits: int = 0

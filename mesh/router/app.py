@@ -40,7 +40,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     rs = settings.router
     # Security settings first: a missing or bad file stops the start here, before anything listens.
     server_tls = server_credentials(settings.tls)
-    interceptors = interceptors_for(settings.auth)
+    interceptors = interceptors_for(settings.auth, settings.runtime.model_roots)
     channels = ChannelPool(rs.max_message_bytes, runtime_channel_security(settings.tls))
     store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
                                security=etcd_security(settings.registry))
@@ -92,7 +92,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
 
     view.on_instance_gone.append(close_channel)
     management = Management(registry=registry, view=view, runtimes=runtime_client,
-                            load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs)
+                            load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs,
+                            model_roots=settings.runtime.model_roots)
 
     server = new_server(rs.max_message_bytes, interceptors, max_pending_requests=rs.max_pending_requests)
     server.add_generic_rpc_handlers((

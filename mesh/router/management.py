@@ -29,6 +29,7 @@ from mesh.errors import (
     ModelNotFound,
 )
 from mesh.ids import check_model_id
+from mesh.paths import confine
 from mesh.registry.records import (
     FAILED,
     GPU_LABEL,
@@ -138,7 +139,8 @@ def check_model_info(model_id: str, info: ModelInfoData) -> None:
 class Management:
     def __init__(self, *, registry: Registry, view: ClusterView, runtimes: RuntimeLoader,
                  load_factor: float, load_timeout_s: float = 120.0,
-                 clock: Callable[[], float] = time.time, specs: SpecCache | None = None) -> None:
+                 clock: Callable[[], float] = time.time, specs: SpecCache | None = None,
+                 model_roots: tuple[str, ...] = ()) -> None:
         self.registry = registry
         self.specs = specs
         self.view = view
@@ -146,6 +148,7 @@ class Management:
         self.load_factor = load_factor
         self.load_timeout_s = load_timeout_s
         self.clock = clock
+        self.model_roots = model_roots  # runtime.model_roots: registrations must name files under them
         self._background: set[asyncio.Task[None]] = set()
         self._last_ensure: dict[str, float] = {}
 
@@ -183,9 +186,12 @@ class Management:
             gpu = GPU_REQUIRED
         elif gpu == GPU_REQUIRED:
             labels += (GPU_LABEL,)
+        # The path the runtimes will read, checked against the model roots (mesh.paths): refused
+        # here, permanently, rather than at every load.
+        path = confine(info.path, self.model_roots) if info.path and self.model_roots else info.path
         now_ms = int(self.clock() * 1000)
         offset = HOUR_MS if load_now else 6 * HOUR_MS
-        return ModelSpec(model_id=model_id, type=info.type, path=info.path, key=info.key,
+        return ModelSpec(model_id=model_id, type=info.type, path=path, key=info.key,
                          size_hint_bytes=info.size_hint_bytes, min_copies=info.min_copies,
                          max_copies=info.max_copies, labels=labels, registered_ms=now_ms,
                          last_used_ms=last_used_ms or now_ms - offset, gpu=gpu)

@@ -82,7 +82,7 @@ def pick_copy(view: ClusterView, model_id: str, exclude: Container[str],
 
 
 def eligible(view: ClusterView, spec: ModelSpec) -> list[InstanceRecord]:
-    found = [r for r in view.instances.values() if not r.shutting_down and r.can_serve(spec)]
+    found = [r for r in view.instances.values() if not r.shutting_down and r.accepts_loads and r.can_serve(spec)]
     if view.unreachable:
         reachable = [r for r in found if r.instance_id not in view.unreachable]
         if reachable:  # never exclude every instance: a blip of the network is not a dead fleet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import socket
@@ -26,6 +27,7 @@ from mesh.runtime.capacity import GpuMemory, device_capacities, ram_capacity
 from mesh.runtime.failures import RecentFailures, RememberingCache
 from mesh.runtime.gpu import nvml_reader
 from mesh.runtime.loaders import supported_types
+from mesh.runtime.loaders.base import LoadPolicy
 from mesh.runtime.publisher import Publisher
 from mesh.runtime.rehome import drain, rehome
 from mesh.runtime.service import (
@@ -88,7 +90,7 @@ def new_instance_id() -> str:
 
 async def serve_runtime(settings: Settings, roots: RootTasks,
                         on_ready: Callable[[str], None] | None = None, *,
-                        gpus: GpuMemory | None = None, load_fn: LoadFn = load_model) -> None:
+                        gpus: GpuMemory | None = None, load_fn: LoadFn | None = None) -> None:
     """Run one runtime until ``roots`` stops. ``gpus`` and ``load_fn`` replace the machine's GPUs
     (NVML) and the built-in loaders: tests pass stand-ins for a GPU this machine lacks."""
     rs = settings.runtime
@@ -118,14 +120,21 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     capacities = device_capacities(rs, gpus) if gpu_types else {"ram": ram_capacity(rs)}
     budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
                for d, c in capacities.items()]
+    policy = LoadPolicy(roots=rs.model_roots, allow_code_formats=rs.allow_code_formats,
+                        trusted_types=rs.skops_trusted_types)
+    if not rs.model_roots:
+        log.warning("model paths are not confined: a registration may name any file this process can "
+                    "read; set runtime.model_roots (docs/security.md)")
+    load_fn = load_fn or functools.partial(load_model, policy=policy)
     sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
-                                        floor_bytes=rs.default_model_size_bytes))
+                                        floor_bytes=rs.default_model_size_bytes), roots=rs.model_roots)
     load_pool = ThreadPoolExecutor(rs.max_concurrent_loads, thread_name_prefix="load")
     infer_pool = ThreadPoolExecutor(rs.inference_threads, thread_name_prefix="infer")
     cache = RememberingCache(budgets=budgets, load_fn=load_fn, predict_size=sizer.predict,
                              observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
                              max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
-                             prepare_fn=prepare_load, size_floor_bytes=rs.default_model_size_bytes,
+                             prepare_fn=prepare_load, estimate_fn=sizer.prepare,
+                             max_stuck_loads=rs.max_stuck_loads, size_floor_bytes=rs.default_model_size_bytes,
                              failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage,
                              device_executors=device_pools)
     specs = SpecCache(registry, max_entries=10_000)
@@ -159,6 +168,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     publisher = Publisher(registry=registry, session=session, instance=base, cache_ref=lambda: cache,
                           requests=lambda: service.requests, publish_interval_s=rs.publish_interval_s,
                           failure_ttl_s=settings.registry.failure_ttl_s)
+    publisher.max_stuck_loads = rs.max_stuck_loads
     cache.set_listener(publisher)
     metrics.attach(cache, gpus if has_gpu else None)
 
@@ -171,6 +181,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
             return "registry lease lost"
         if not store.connected:
             return "registry unreachable"
+        if len(cache.stuck_loads) >= rs.max_stuck_loads:
+            return f"{len(cache.stuck_loads)} loads are stuck; no more loads until they end or a restart"
         return None
 
     await session.start()

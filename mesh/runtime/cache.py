@@ -56,6 +56,7 @@ Time comes from an injected clock, so tests drive recency without sleeping.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
@@ -71,6 +72,7 @@ from mesh.errors import (
     ModelLoadError,
     NotHere,
     ResourceExhausted,
+    Unavailable,
 )
 from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec
 from mesh.runtime.loaders.base import LoadedModel
@@ -172,6 +174,8 @@ class ModelCache:
         listener: CacheListener | None = None,
         rss: Callable[[], int] | None = None,
         prepare_fn: Callable[[ModelSpec], None] | None = None,
+        estimate_fn: Callable[[ModelSpec], None] | None = None,
+        max_stuck_loads: int = 4,
         size_floor_bytes: int = 0,
         gpu_usage: Callable[[str], int] | None = None,
         device_executors: Mapping[str, Executor] | None = None,
@@ -195,6 +199,9 @@ class ModelCache:
         self._device_locks = {d: asyncio.Lock() for d in self._budgets if d != "ram"}
         self._device_loading: set[str] = set()
         self._prepare_fn = prepare_fn
+        self._estimate_fn = estimate_fn  # reads the model's files for predict_size (SizePredictor.prepare)
+        self._max_stuck_loads = max_stuck_loads
+        self._stuck: dict[int, str] = {}  # abandoned load steps still running -> their model
         self._entries: dict[str, Entry] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._unloading: set[Entry] = set()
@@ -265,7 +272,25 @@ class ModelCache:
                       "too small for its working set")
 
     def _start_load(self, spec: ModelSpec, last_used: float | None, reason: str = "request") -> Entry:
+        """The entry of a new load, created at once (single flight); what the load needs to know
+        about the model's files (its size, so its device and reservation) is read in its thread."""
+        if len(self._stuck) >= self._max_stuck_loads:
+            raise Unavailable(
+                f"{len(self._stuck)} loads on this instance never returned (a stuck mount or a hung "
+                f"library: {', '.join(self.stuck_loads[:3])}); it takes no more loads until they "
+                "end or it restarts")
         now = self._clock()
+        entry = Entry(spec=spec, device="", state=LOADING, reserved_bytes=0,
+                      ready=asyncio.get_running_loop().create_future(),
+                      created=now, last_used=now, initial_last_used=last_used, load_reason=reason)
+        self._entries[spec.model_id] = entry
+        self._spawn(self._load(entry), f"load:{spec.model_id}")
+        return entry
+
+    def _place(self, entry: Entry) -> None:
+        """Choose the copy's device and reservation (its files were read: no I/O here), ask the
+        admission filter, and announce the load."""
+        spec, now = entry.spec, self._clock()
         device = self._choose_device(spec, self._budgets, self._predict_size)
         budget = self._budgets[device]
         predicted = self._predict_size(spec, device)
@@ -273,19 +298,13 @@ class ModelCache:
             raise ResourceExhausted(
                 f"model {spec.model_id!r} needs about {predicted} bytes but this instance's {device} "
                 f"capacity is {budget.capacity_bytes} bytes")
-        admitted = last_used is not None or budget.policy.admit(spec.model_id, predicted, now)
-        if not admitted:
+        entry.device, entry.predicted_bytes = device, predicted
+        if entry.initial_last_used is None and not budget.policy.admit(spec.model_id, predicted, now):
             # Served, then first to go (see "Admission" above); said in the load's one log line.
-            last_used = now - REFUSED_AGE_S
+            entry.initial_last_used = now - REFUSED_AGE_S
+            entry.admitted = False
             self.refused += 1
-        entry = Entry(spec=spec, device=device, state=LOADING, reserved_bytes=0,
-                      predicted_bytes=predicted, ready=asyncio.get_running_loop().create_future(),
-                      created=now, last_used=now, initial_last_used=last_used, load_reason=reason,
-                      admitted=admitted)
-        self._entries[spec.model_id] = entry
-        self._spawn(self._load(entry), f"load:{spec.model_id}")
         self._notify(entry, LOADING)
-        return entry
 
     async def _load(self, entry: Entry) -> None:
         try:
@@ -318,48 +337,60 @@ class ModelCache:
         await self._wake_space_waiters()
 
     async def _load_guarded(self, entry: Entry) -> LoadedModel:
-        lock = self._device_locks.get(entry.device)
-        if lock is None:
-            return await self._load_measured(entry)
-        async with lock:  # a GPU: one load at a time (see __init__)
-            self._device_loading.add(entry.device)
-            try:
+        async with self._load_slots:
+            # First what the load needs from the model's files (their size; the loader's library
+            # imported), in the load's own thread and within its deadline: a stuck mount costs
+            # this load its deadline, never the event loop or another load's slot.
+            await self._timed(entry, self._prepare, entry.spec, what="reading the files of")
+            self._place(entry)
+            lock = self._device_locks.get(entry.device)
+            if lock is None:
                 return await self._load_measured(entry)
-            finally:
-                self._device_loading.discard(entry.device)
+            async with lock:  # a GPU: one load at a time (see __init__)
+                self._device_loading.add(entry.device)
+                try:
+                    return await self._load_measured(entry)
+                finally:
+                    self._device_loading.discard(entry.device)
+
+    def _prepare(self, spec: ModelSpec) -> None:
+        if self._estimate_fn is not None:
+            self._estimate_fn(spec)
+        if self._prepare_fn is not None:
+            self._prepare_fn(spec)
+
+    async def _timed(self, entry: Entry, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+        """``fn(*args)`` in a thread of its own, within the load timeout. Past it the thread is
+        abandoned (Python cannot stop it): its load slot is released at once, and the load counts
+        as stuck until the thread returns; bytes reserved for it stay counted until then."""
+        future = _in_thread(fn, *args, name=f"load:{entry.model_id[:60]}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._load_timeout_s)
+        except TimeoutError:
+            self._abandon(entry, future)
+            raise DeadlineExceeded(f"{what} model {entry.model_id!r} took longer than "
+                                   f"{self._load_timeout_s:g} s (runtime.load_timeout_s)") from None
 
     async def _load_measured(self, entry: Entry) -> LoadedModel:
         spec, budget = entry.spec, self._budgets[entry.device]
         gpu_usage = self._gpu_usage if entry.device != "ram" else None
-        async with self._load_slots:
-            await self._reserve(entry, budget, entry.predicted_bytes)
-            loop = asyncio.get_running_loop()
-            if self._prepare_fn is not None:
-                await loop.run_in_executor(self._executor, self._prepare_fn, spec)
-            self._load_epoch += 1
-            epoch, self._loads_running = self._load_epoch, self._loads_running + 1
-            rss_before = self._rss()
-            gpu_before = gpu_usage(entry.device) if gpu_usage else 0
-            started = time.perf_counter()
-            future = loop.run_in_executor(self._executor, self._load_fn, spec, entry.device)
-            try:
-                model = await asyncio.wait_for(asyncio.shield(future), self._load_timeout_s)
-            except TimeoutError:
-                self._loads_running -= 1
-                self._abandon(entry, future)
-                raise DeadlineExceeded(
-                    f"loading model {spec.model_id!r} took longer than {self._load_timeout_s:g} s") from None
-            except BaseException:
-                self._loads_running -= 1
-                raise
-            warm_executor = self._device_executors.get(entry.device)
-            if warm_executor is not None:
-                await self._warm_up(model, warm_executor)
-            entry.load_ms = (time.perf_counter() - started) * 1000
-            solo = self._loads_running == 1 and self._load_epoch == epoch
+        await self._reserve(entry, budget, entry.predicted_bytes)
+        self._load_epoch += 1
+        epoch, self._loads_running = self._load_epoch, self._loads_running + 1
+        rss_before = self._rss()
+        gpu_before = gpu_usage(entry.device) if gpu_usage else 0
+        started = time.perf_counter()
+        try:
+            model = await self._timed(entry, self._load_fn, spec, entry.device, what="loading")
+        finally:
             self._loads_running -= 1
-            rss_growth = self._rss() - rss_before if solo else 0
-            gpu_growth = gpu_usage(entry.device) - gpu_before if gpu_usage else 0
+        warm_executor = self._device_executors.get(entry.device)
+        if warm_executor is not None:
+            await self._warm_up(model, warm_executor)
+        entry.load_ms = (time.perf_counter() - started) * 1000
+        solo = self._loads_running == 0 and self._load_epoch == epoch
+        rss_growth = self._rss() - rss_before if solo else 0
+        gpu_growth = gpu_usage(entry.device) - gpu_before if gpu_usage else 0
         if entry.device == "ram":
             measured = measured_size(model.footprint_bytes(), rss_growth, entry.predicted_bytes,
                                      self._size_floor)
@@ -399,16 +430,21 @@ class ModelCache:
         except Exception:
             log.info("warm-up after load failed", model_id=model.model_id, exc_info=True)
 
-    def _abandon(self, entry: Entry, future: asyncio.Future[LoadedModel]) -> None:
-        """A timed-out load keeps running in its thread: keep its bytes counted until it ends."""
+    def _abandon(self, entry: Entry, future: asyncio.Future[Any]) -> None:
+        """A timed-out step of a load keeps running in its thread: the load is stuck until it
+        ends, and its bytes stay counted until then."""
         zombie = Entry(spec=entry.spec, device=entry.device, state=UNLOADING,
                        reserved_bytes=entry.reserved_bytes, ready=entry.ready)
         entry.reserved_bytes = 0
         self._unloading.add(zombie)
+        self._stuck[id(zombie)] = entry.model_id
+        log.warning("load abandoned at its deadline; its thread goes on", model_id=entry.model_id,
+                    stuck_loads=len(self._stuck), timeout_s=self._load_timeout_s)
 
-        def finished(f: asyncio.Future[LoadedModel]) -> None:
+        def finished(f: asyncio.Future[Any]) -> None:
             async def cleanup() -> None:
-                if not f.cancelled() and f.exception() is None:
+                self._stuck.pop(id(zombie), None)
+                if not f.cancelled() and f.exception() is None and isinstance(f.result(), LoadedModel):
                     await self._close_model(f.result())
                 self._unloading.discard(zombie)
                 self._release(zombie)
@@ -417,6 +453,11 @@ class ModelCache:
             self._spawn(cleanup(), f"abandon:{entry.model_id}")
 
         future.add_done_callback(finished)
+
+    @property
+    def stuck_loads(self) -> list[str]:
+        """Models whose abandoned load threads have not returned yet."""
+        return sorted(self._stuck.values())
 
     async def _reserve(self, entry: Entry, budget: DeviceBudget, size: int, *, top_up: bool = False) -> None:
         """Count ``size`` more bytes for ``entry``, evicting and then waiting for space as needed.
@@ -602,6 +643,35 @@ def measured_size(footprint: int, rss_growth: int, predicted: int, floor: int) -
     basis = max(footprint, informed)
     plausible = 2 * basis + min(RSS_SLACK_BYTES, basis)
     return max(footprint, min(rss_growth, plausible), 1)
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any, name: str) -> asyncio.Future[Any]:
+    """``fn(*args)`` in a new daemon thread; its outcome on a future of the running loop. A thread
+    per load rather than a pool: a load that never returns must not hold a pool thread that later
+    loads wait for (the load slots bound how many run at once)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # delivered to the awaiting coroutine
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop closed meanwhile (process exit)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def gpu_measured_size(footprint: int, growth: int, predicted: int) -> int:

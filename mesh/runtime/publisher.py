@@ -61,6 +61,7 @@ class Publisher:
         self._last_requests = 0
         self._last_time = time.monotonic()
         self.shutting_down = False
+        self.max_stuck_loads = 4  # the runtime's setting (the app sets it)
         self.withdrawn = False
 
     # --- CacheListener ------------------------------------------------------------------------
@@ -85,6 +86,9 @@ class Publisher:
                                                     reason=entry.error, time_ms=now_ms))
         self._wake.set()
 
+    def _accepts_loads(self) -> bool:
+        return len(self._cache_ref().stuck_loads) < self.max_stuck_loads
+
     # --- records ------------------------------------------------------------------------------
     def instance_record(self) -> InstanceRecord:
         stats = self._cache_ref().stats()
@@ -102,6 +106,7 @@ class Publisher:
             supported_types=self._base.supported_types, gpu_types=self._base.gpu_types,
             version=self._base.version,
             shutting_down=self.shutting_down, started_ms=self._base.started_ms,
+            accepts_loads=self._accepts_loads(),
             hits=stats.hits, misses=stats.misses, loads=stats.loads, evictions=stats.evictions)
 
     async def publish_instance(self, *, force: bool = False) -> None:
@@ -163,7 +168,8 @@ class Publisher:
 
 def _similar(a: InstanceRecord, b: InstanceRecord) -> bool:
     """Skip a refresh when nothing an operator or a router acts on has moved."""
-    if (a.model_count, a.loading_count, a.shutting_down) != (b.model_count, b.loading_count, b.shutting_down):
+    if (a.model_count, a.loading_count, a.shutting_down, a.accepts_loads) != (
+            b.model_count, b.loading_count, b.shutting_down, b.accepts_loads):
         return False
     if abs(a.rate_rps - b.rate_rps) > max(1.0, 0.1 * b.rate_rps):
         return False

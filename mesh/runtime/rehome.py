@@ -66,7 +66,7 @@ def _target(entry: Entry, others: list[InstanceRecord], load_factor: float) -> I
     """The model's home among the others, by the routers' rule (``routing.pick_home``), sized by
     its measured size, which this instance knows and the routers do not."""
     spec = entry.spec
-    fit = {r.instance_id: r for r in others if r.can_serve(spec)}
+    fit = {r.instance_id: r for r in others if r.accepts_loads and r.can_serve(spec)}
     candidates = [Candidate(node=r.instance_id, load=float(r.loading_count), capacity_bytes=r.capacity_for(spec))
                   for r in fit.values()]
     home = choose_home(spec.model_id, candidates, entry.reserved_bytes, load_factor=load_factor,

@@ -31,7 +31,7 @@ from mesh.registry.records import GPU_REQUIRED, ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
-from mesh.runtime.loaders.base import LoadedModel, file_size, resolve_path
+from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
 from mesh.runtime.tensors import decode_inputs, encode_response
 from mesh.transport.wire import read_model_name
 from placement.sizing import SizeEstimator
@@ -51,11 +51,14 @@ def parse_key(key: str) -> dict[str, object]:
     return value
 
 
-def load_model(spec: ModelSpec, device: str) -> LoadedModel:
-    """Runs in a loader thread: resolve the path and call the type's loader."""
+UNCONFINED = LoadPolicy()
+
+
+def load_model(spec: ModelSpec, device: str, policy: LoadPolicy = UNCONFINED) -> LoadedModel:
+    """Runs in a loader thread: resolve the path (confined by ``policy``) and call the type's loader."""
     loader = get_loader(spec.type)
-    path = resolve_path(spec.path)
-    return loader.load(spec.model_id, path, parse_key(spec.key), device)
+    path = resolve_path(spec.path, policy.roots)
+    return loader.load(spec.model_id, path, parse_key(spec.key), device, policy)
 
 
 class SizePredictor:
@@ -70,22 +73,27 @@ class SizePredictor:
 
     GPU_ALPHA = 0.2  # weight of a new observation in the extra's moving average
 
-    def __init__(self, estimator: SizeEstimator) -> None:
+    def __init__(self, estimator: SizeEstimator, roots: tuple[str, ...] = ()) -> None:
         self.estimator = estimator
+        self.roots = roots  # runtime.model_roots: files outside them are not even measured
         self._file_sizes: dict[str, int] = {}
         self._gpu_extra: dict[str, float] = {}  # per model type: few keys
 
+    def prepare(self, spec: ModelSpec) -> None:
+        """Read the size of the model's files (filesystem work: in the load's thread, never on the
+        event loop); ``predict`` then uses it."""
+        if spec.path in self._file_sizes:
+            return
+        try:
+            size = file_size(resolve_path(spec.path, self.roots))
+        except Exception:
+            size = 0  # unreadable now: the load will fail with the real reason
+        if len(self._file_sizes) > 100_000:
+            self._file_sizes.clear()
+        self._file_sizes[spec.path] = size
+
     def _file_size(self, spec: ModelSpec) -> int:
-        size = self._file_sizes.get(spec.path)
-        if size is None:
-            try:
-                size = file_size(resolve_path(spec.path))
-            except Exception:
-                size = 0  # unreadable now: the load will fail with the real reason
-            if len(self._file_sizes) > 100_000:
-                self._file_sizes.clear()
-            self._file_sizes[spec.path] = size
-        return size
+        return self._file_sizes.get(spec.path, 0)  # 0 (unknown: the floor) until prepared
 
     def predict(self, spec: ModelSpec, device: str = "ram") -> int:
         if spec.size_hint_bytes:
@@ -409,7 +417,8 @@ class RuntimeService:
     async def unload(self, model_id: str) -> bool:
         return await self.cache.unload(model_id, reason="unloadModel")
 
-    def predict_size(self, spec: ModelSpec) -> int:
+    async def predict_size(self, spec: ModelSpec) -> int:
+        await asyncio.to_thread(self.sizer.prepare, spec)  # reads files: off the event loop
         return self.sizer.predict(spec)
 
     def model_size(self, model_id: str) -> int:

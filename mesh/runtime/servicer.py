@@ -129,7 +129,7 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
                                context: grpc.aio.ServicerContext):
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
-        return spi.PredictModelSizeResponse(sizeInBytes=self._service.predict_size(spec))
+        return spi.PredictModelSizeResponse(sizeInBytes=await self._service.predict_size(spec))
 
     @handled(ORIGIN)
     async def modelSize(self, request: spi.ModelSizeRequest, context: grpc.aio.ServicerContext):

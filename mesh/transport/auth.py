@@ -36,6 +36,7 @@ from mesh.auth import Principal, TokenTable, bearer_token
 from mesh.errors import InvalidArgument, MeshError, Unauthenticated
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.paths import confine
 from mesh.settings import AuthSettings
 from mesh.transport.metadata import model_selection
 from mesh.transport.status import abort
@@ -61,14 +62,15 @@ def _token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     return None
 
 
-def _management_check(method: str, request_cls: type[Message]) -> Check:
+def _management_check(method: str, request_cls: type[Message], roots: tuple[str, ...]) -> Check:
     fields = {f.name for f in request_cls.DESCRIPTOR.fields}
     id_fields = [(name, what) for name, what in _ID_FIELDS if name in fields]
     is_list = method == "listModels"
+    with_info = "modelInfo" in fields
 
     def check(principal: Principal, request: Any, _: Iterable[tuple[str, str | bytes]]) -> None:
         principal.check_method(method)
-        if not principal.prefixes:
+        if not principal.prefixes and not principal.paths:
             return
         if isinstance(request, bytes | bytearray):
             try:
@@ -81,6 +83,8 @@ def _management_check(method: str, request_cls: type[Message]) -> Check:
             value = getattr(request, name)
             if value:  # an empty ID is the handler's INVALID_ARGUMENT, not a permission question
                 principal.check_model(value, what)
+        if with_info and principal.paths and request.HasField("modelInfo") and request.modelInfo.path:
+            principal.check_path(confine(request.modelInfo.path, roots))
 
     return check
 
@@ -107,13 +111,13 @@ class _Rule:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, tokens: TokenTable, *, data_plane: bool) -> None:
+    def __init__(self, tokens: TokenTable, *, data_plane: bool, model_roots: tuple[str, ...] = ()) -> None:
         self._tokens = tokens
         self._rules: dict[str, _Rule] = {}
         service = mm.DESCRIPTOR.services_by_name["ModelMesh"]
         for m in service.methods:
             self._rules[f"/{service.full_name}/{m.name}"] = _Rule(
-                m.name, _management_check(m.name, GetMessageClass(m.input_type)))
+                m.name, _management_check(m.name, GetMessageClass(m.input_type), model_roots))
         if data_plane:
             service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
             for m in service.methods:
@@ -162,13 +166,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 
-def interceptors_for(auth: AuthSettings) -> list[grpc.aio.ServerInterceptor]:
-    """The router's interceptors for ``auth`` (none when it is off); reads the tokens file once."""
+def interceptors_for(auth: AuthSettings, model_roots: tuple[str, ...] = ()) -> list[grpc.aio.ServerInterceptor]:
+    """The router's interceptors for ``auth`` (none when it is off); reads the tokens file once.
+    ``model_roots`` makes registration paths absolute for tokens bound to paths."""
     if not auth.tokens_file:
         if auth.data_plane:
             raise InvalidArgument("setting auth.data_plane needs auth.tokens_file (the tokens to accept)")
         return []
-    return [AuthInterceptor(TokenTable.load(auth.tokens_file), data_plane=auth.data_plane)]
+    return [AuthInterceptor(TokenTable.load(auth.tokens_file), data_plane=auth.data_plane, model_roots=model_roots)]
 
 
 __all__ = ["AUTHORIZATION", "AuthInterceptor", "interceptors_for"]

@@ -212,3 +212,62 @@ def test_cli_register_infer_status_and_errors(mesh_up: MeshUp, fleet: list[Model
     r = subprocess.run([*base, "model", "list", "--router", "127.0.0.1:1"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "cannot reach the router" in r.stderr
+
+
+def _etcd_pid(up: MeshUp) -> int:
+    return next(p.pid for p in psutil.Process(up.proc.pid).children() if "etcd" in p.name())
+
+
+def _gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def _register_and_list(address: str, model_id: str, path: str) -> list[str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        mesh = mm_grpc.ModelMeshStub(channel)
+        await mesh.registerModel(mm.RegisterModelRequest(
+            modelId=model_id, modelInfo=mm.ModelInfo(type="sklearn", path=path)), timeout=10)
+        listed = await mesh.listModels(mm.ListModelsRequest(), timeout=10)
+        return [m.modelId for m in listed.models]
+
+
+def test_mesh_up_restarts_its_etcd_and_takes_its_children_along_when_killed(tmp_path: Path) -> None:
+    """etcd SIGKILLed under `mesh up`: the supervisor says so on the console and starts it again on
+    the same data and ports, and the registry (with what it held) answers again. Then `mesh up`
+    itself SIGKILLed: no process it started outlives it (parent-death signal, mesh.procs)."""
+    up = MeshUp(tmp_path, "--runtimes", "1")
+    try:
+        model = tmp_path / "m.joblib"
+        from loadtest.models import train_logistic
+
+        model = train_logistic("m", tmp_path, n_features=4, seed=1).path
+        assert asyncio.run(_register_and_list(up.address, "before", str(model))) == ["before"]
+        first = _etcd_pid(up)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "etcd restarted" not in up.text():
+            assert time.monotonic() < deadline, up.text()
+            time.sleep(0.1)
+        assert "etcd exited (killed by SIGKILL); restarting" in up.text()
+        assert _etcd_pid(up) != first
+
+        async def management_back() -> list[str]:
+            for _ in range(100):  # the router's registry client reconnects within a few seconds
+                try:
+                    return await _register_and_list(up.address, "after", str(model))
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.2)
+            raise AssertionError("management did not come back:\n" + up.text())
+
+        assert asyncio.run(management_back()) == ["after", "before"]  # the data survived the restart
+
+        children = up.all_pids()
+        assert len(children) == 3  # etcd, router, runtime
+        up.proc.kill()
+        up.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in children):
+            assert time.monotonic() < deadline, [pid for pid in children if not _gone(pid)]
+            time.sleep(0.2)
+    finally:
+        up.stop()

@@ -419,7 +419,7 @@ def test_file_uri_is_percent_decoded(tmp_path: Path) -> None:
 
 def test_directory_without_or_with_several_model_files(tmp_path: Path, models_dir: Path) -> None:
     (tmp_path / "README.txt").write_text("not a model")
-    with pytest.raises(ModelLoadError, match=r"sklearn: no \.joblib/\.pkl/\.pickle file in"):
+    with pytest.raises(ModelLoadError, match=r"sklearn: no \.joblib/\.pkl/\.pickle/\.skops file in"):
         get_loader("sklearn").load("m", tmp_path, {}, "ram")
     a = artifact(models_dir, "onnx", 0)
     for name in ("a.onnx", "nested/b.onnx"):

@@ -323,6 +323,7 @@ def test_prefer_falls_back_when_no_preferred_node_is_eligible() -> None:
 def spec_of(info: ModelInfoData) -> ModelSpec:
     management = Management.__new__(Management)
     management.clock = lambda: 1000.0
+    management.model_roots = ()
     return management._spec("m", info, load_now=False, last_used_ms=0)
 
 

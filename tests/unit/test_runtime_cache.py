@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mesh.errors import DeadlineExceeded, ModelLoadError, NotHere, ResourceExhausted
+from mesh.errors import DeadlineExceeded, ModelLoadError, NotHere, ResourceExhausted, Unavailable
 from mesh.registry.records import ModelSpec
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.loaders.base import LoadedModel
@@ -170,6 +170,43 @@ async def test_load_timeout_keeps_bytes_counted_until_the_thread_finishes() -> N
     assert h.budget.used_bytes == 400  # the loader thread is still running and holds memory
     await asyncio.sleep(0.6)
     assert h.budget.used_bytes == 0
+
+
+async def test_hung_loads_release_their_slots_and_too_many_stop_loading() -> None:
+    """Loads that never return (a stuck mount, a hung library) give their slot back at the
+    deadline, so the next model loads at once; past ``max_stuck_loads`` the cache refuses loads
+    (UNAVAILABLE, naming them) until their threads end, and their bytes stay counted until then."""
+    release = threading.Event()
+    h = Harness(10_000, sizes={"hang-1": 300, "hang-2": 300, "hang-3": 300, "ok": 100}, timeout_s=0.2,
+                concurrent=2)
+    h.cache._max_stuck_loads = 3
+    real_load = h.load
+
+    def load(spec: ModelSpec, device: str) -> LoadedModel:
+        if spec.model_id.startswith("hang"):
+            release.wait(10)
+        return real_load(spec, device)
+
+    h.cache._load_fn = load
+    for m in ("hang-1", "hang-2"):
+        with pytest.raises(DeadlineExceeded, match=r"took longer than 0\.2 s"):
+            await h.get(m)
+    started = time.perf_counter()
+    await h.get("ok")  # both slots were given back; a thread pool of 2 would be full here
+    assert time.perf_counter() - started < 0.15
+    assert h.cache.stuck_loads == ["hang-1", "hang-2"]
+    assert h.budget.used_bytes == 300 + 300 + 100  # the hung loads' reservations stay
+    with pytest.raises(DeadlineExceeded):
+        await h.get("hang-3")
+    with pytest.raises(Unavailable, match="3 loads on this instance never returned"):
+        await h.get("another")
+    release.set()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not h.cache.stuck_loads:
+            break
+    assert h.cache.stuck_loads == [] and h.budget.used_bytes == 100
+    await h.get("another")
 
 
 async def test_hit_only_request_for_missing_copy_answers_not_here() -> None:

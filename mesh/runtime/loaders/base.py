@@ -19,84 +19,150 @@ Model paths are local: a path or a ``file://`` URI. Anything else (``s3://``, ``
 refused with a clear reason rather than guessed at; fetching from object storage is the job of a
 puller in front of the runtime, as in ModelMesh. A path may name the model file itself, or a
 directory holding exactly one file with the loader's extensions (searched recursively, so Triton's
-``<model>/1/model.onnx`` layout works); hidden files are ignored.
+``<model>/1/model.onnx`` layout works, within ``MAX_WALK_ENTRIES`` entries); hidden files are
+ignored. The file must be a regular file with one of the loader's extensions.
 
-Security: sklearn models are pickles and TorchScript archives can carry code; load models only
-from storage you trust, as with every serving system that accepts these formats.
+Confinement (:class:`LoadPolicy`, from the runtime's settings; ``mesh.paths`` has the rule): with
+model roots, a path is read only if its real path (symbolic links resolved) lies under a root's
+real path, and so is every file a directory's walk would load.
+
+Code on load: a pickle (sklearn's ``.joblib``/``.pkl``) runs code when it is loaded, and a
+TorchScript archive runs its own graph, which can read files. A runtime with
+``runtime.allow_code_formats = false`` refuses both, and serves scikit-learn models saved with
+skops (``.skops``), which loads only types it trusts (``runtime.skops_trusted_types`` adds more).
+Loading these formats from storage you do not trust is safe only in a process that holds nothing
+worth stealing (docs/security.md).
 """
 
 from __future__ import annotations
 
 import abc
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 
 from mesh.errors import InvalidArgument, MeshError, ModelLoadError, NotHere
+from mesh.paths import as_directory, confine, shown, under_prefix
 from mesh.runtime.tensors import TensorSpec
 
-_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _DEVICE = re.compile(r"^(ram|gpu(\d+))$")
 # Library exceptions can be long (xgboost appends a C++ stack trace); a status line stays readable.
 _MAX_REASON = 1000
 
 
-def resolve_path(path_or_uri: str) -> Path:
-    """A local model path from a path or ``file://`` URI; ModelLoadError for anything else."""
-    if not path_or_uri:
-        raise ModelLoadError("the model has no storage path")
-    m = _URI.match(path_or_uri)
-    if m:
-        scheme = m.group(1).lower()
-        if scheme != "file":
-            raise ModelLoadError(
-                f"unsupported storage URI scheme {scheme!r}; only local paths and file:// are supported"
-            )
-        parsed = urlparse(path_or_uri)
-        if parsed.netloc not in ("", "localhost"):
-            raise ModelLoadError(
-                f"file URI {path_or_uri!r} names host {parsed.netloc!r}; only local files are supported"
-            )
-        path = Path(unquote(parsed.path))
-    else:
-        path = Path(path_or_uri).expanduser()
+# A directory is walked for its model file (or its size) up to this many entries: a registration
+# naming /usr must cost a bounded walk, not seconds of the load's time.
+MAX_WALK_ENTRIES = 10_000
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What a runtime lets a load read and run (settings ``runtime.model_roots``,
+    ``allow_code_formats``, ``skops_trusted_types``); the default confines nothing."""
+
+    roots: tuple[str, ...] = ()
+    allow_code_formats: bool = True
+    trusted_types: tuple[str, ...] = ()
+
+
+def resolve_path(path_or_uri: str, roots: Sequence[str] = ()) -> Path:
+    """The local path to read for a registration's path or ``file://`` URI, confined to ``roots``
+    on its real path (module docstring); ModelLoadError with the reason otherwise."""
+    try:
+        confined = confine(path_or_uri, roots)
+    except InvalidArgument as exc:
+        raise ModelLoadError(exc.message) from None
+    path = Path(confined).expanduser() if not roots else Path(confined)
+    if roots:
+        real = Path(os.path.realpath(path))
+        if not _inside(real, roots):
+            raise ModelLoadError(f"model path {shown(confined)} leads outside the model roots "
+                                 f"({', '.join(roots)}) through a symbolic link")
+        path = real
     if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+        raise ModelLoadError(f"model path {shown(str(path))} does not exist")
     return path
 
 
-def file_size(path: Path) -> int:
-    """Bytes on disk: the file's size, or the sum over a directory's files (0 if unreadable)."""
+def _mode(path: Path) -> int:
     try:
-        if path.is_dir():
-            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        return path.stat().st_size
+        return path.stat().st_mode
     except OSError:
         return 0
 
 
-def find_model_file(path: Path, extensions: Sequence[str], type_name: str) -> Path:
-    """``path`` itself if it is a file, else the single file under it with one of ``extensions``."""
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise ModelLoadError(f"{type_name}: model path {str(path)!r} is neither a file nor a directory")
-    found = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in extensions
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+def _inside(real: Path, roots: Sequence[str]) -> bool:
+    text = str(real)
+    return any(under_prefix(text, as_directory(os.path.realpath(root))) for root in roots)
+
+
+def _walk(path: Path) -> list[Path]:
+    """The regular files under ``path`` (no hidden parts, symbolic links not followed into
+    directories), at most ``MAX_WALK_ENTRIES`` entries visited; ModelLoadError past that."""
+    found: list[Path] = []
+    visited = 0
+    stack = [path]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            visited += 1
+            if visited > MAX_WALK_ENTRIES:
+                raise ModelLoadError(f"model directory {shown(str(path))} holds more than {MAX_WALK_ENTRIES} "
+                                     "entries; point the model path at the model's own directory or file")
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file():
+                found.append(Path(entry.path))
+    return found
+
+
+def file_size(path: Path) -> int:
+    """Bytes on disk: the file's size, or the sum over a directory's files (0 if unreadable or too
+    many to walk)."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in _walk(path))
+        return path.stat().st_size
+    except (OSError, ModelLoadError):
+        return 0
+
+
+def find_model_file(path: Path, extensions: Sequence[str], type_name: str, roots: Sequence[str] = ()) -> Path:
+    """``path`` itself if it is a file, else the single file under it with one of ``extensions``;
+    a regular file (under ``roots`` by its real path, when there are roots) with such an
+    extension, else ModelLoadError."""
     wanted = "/".join(extensions)
+    if path.is_dir():
+        found = sorted(p for p in _walk(path) if p.suffix.lower() in extensions)
+    elif stat.S_ISREG(_mode(path)):
+        if path.suffix.lower() not in extensions:
+            raise ModelLoadError(f"{type_name}: {shown(path.name)} is not a {wanted} file (its extension decides "
+                                 "how it is read)")
+        found = [path]
+    else:
+        raise ModelLoadError(f"{type_name}: model path {shown(str(path))} is neither a regular file nor a "
+                             "directory")
+    if roots:
+        outside = [p for p in found if not _inside(Path(os.path.realpath(p)), roots)]
+        if outside:
+            raise ModelLoadError(f"{type_name}: {shown(str(outside[0]))} leads outside the model roots "
+                                 f"({', '.join(roots)}) through a symbolic link")
     if not found:
-        raise ModelLoadError(f"{type_name}: no {wanted} file in {str(path)!r}")
+        raise ModelLoadError(f"{type_name}: no {wanted} file in {shown(str(path))}")
     if len(found) > 1:
-        names = ", ".join(str(p.relative_to(path)) for p in found)
+        names = ", ".join(str(p.relative_to(path)) for p in found[:10])
         raise ModelLoadError(
             f"{type_name}: {str(path)!r} holds several {wanted} files ({names}); "
             f"point the model path at one of them"
@@ -201,19 +267,27 @@ class Loader(abc.ABC):
     extensions: ClassVar[tuple[str, ...]]
     # Whether ``load`` accepts ``gpu<N>``; the runtime should place other types in RAM.
     supports_gpu: ClassVar[bool] = False
+    # Extensions whose files run code when loaded (refused by LoadPolicy.allow_code_formats=False).
+    code_extensions: ClassVar[tuple[str, ...]] = ()
 
-    def load(self, model_id: str, path: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+    def load(self, model_id: str, path: Path, key: Mapping[str, Any], device: str,
+             policy: LoadPolicy | None = None) -> LoadedModel:
         """Load the model at ``path`` (a file, or a directory holding one model file) onto ``device``.
 
         ``key`` is the registration's parsed model key; the built-in loaders need nothing from it
         and accept any. Raises ModelLoadError with the reason.
         """
+        policy = policy or LoadPolicy()
         index = gpu_index(device)
         if index is not None and not self.supports_gpu:
             raise ModelLoadError(f"{self.type}: this loader runs models in RAM only, not on {device}")
-        file = find_model_file(path, self.extensions, self.type)
+        file = find_model_file(path, self.extensions, self.type, policy.roots)
+        if not policy.allow_code_formats and file.suffix.lower() in self.code_extensions:
+            raise ModelLoadError(
+                f"{self.type}: {file.suffix} files run code when they are loaded, and this runtime refuses "
+                f"them (runtime.allow_code_formats = false){self.safe_format_hint}")
         try:
-            return self._load(model_id, file, key, device)
+            return self._load(model_id, file, key, device, policy)
         except MeshError:
             raise
         except ImportError as exc:
@@ -224,8 +298,11 @@ class Loader(abc.ABC):
         except Exception as exc:
             raise ModelLoadError(f"{self.type}: cannot load {file}: {reason(exc)}") from exc
 
+    safe_format_hint: ClassVar[str] = ""  # what to use instead of a code format, for the error
+
     @abc.abstractmethod
-    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str,
+              policy: LoadPolicy) -> LoadedModel:
         """Build the LoadedModel from ``file``; any exception becomes a ModelLoadError."""
 
 

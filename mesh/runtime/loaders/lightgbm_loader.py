@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh.runtime.loaders.base import LoadedModel, Loader, held, tabular_input
+from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, held, tabular_input
 from mesh.runtime.tensors import TensorSpec
 
 
@@ -68,7 +68,8 @@ class LightGBMLoader(Loader):
     type = "lightgbm"
     extensions = (".txt",)
 
-    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str,
+              policy: LoadPolicy) -> LoadedModel:
         import lightgbm
 
         return LightGBMModel(model_id, lightgbm.Booster(model_file=str(file)))

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from mesh.errors import InvalidArgument, MeshError, ModelLoadError
-from mesh.runtime.loaders.base import LoadedModel, Loader, file_size, gpu_index, held, reason
+from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, file_size, gpu_index, held, reason
 from mesh.runtime.tensors import TensorSpec, datatype_for
 
 # ONNX element types that V2 can carry, as onnxruntime names them.
@@ -294,7 +294,8 @@ class OnnxLoader(Loader):
     extensions = (".onnx",)
     supports_gpu = True
 
-    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str,
+              policy: LoadPolicy) -> LoadedModel:
         import onnxruntime as ort
         from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 

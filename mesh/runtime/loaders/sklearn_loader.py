@@ -1,4 +1,6 @@
-"""scikit-learn models: an estimator or pipeline saved with ``joblib.dump`` (``.joblib`` / ``.pkl``).
+"""scikit-learn models: an estimator or pipeline saved with ``joblib.dump`` (``.joblib`` / ``.pkl``),
+or with skops (``.skops``: ``skops.io.dump``), the format that runs no code when it is loaded (only
+the types skops trusts, and those in ``runtime.skops_trusted_types``, are rebuilt).
 
 Input: one 2-D numeric tensor [rows, features], under any name (tabular models have exactly one
 input, and clients name it variously); FP32 or FP64 as a rule, integers and BOOL are accepted too
@@ -32,9 +34,22 @@ from typing import Any
 import numpy as np
 
 from mesh.errors import InvalidArgument, ModelLoadError
-from mesh.runtime.loaders.base import LoadedModel, Loader, held, reason, tabular_input
+from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, held, reason, tabular_input
 from mesh.runtime.loaders.sizing import deep_nbytes
 from mesh.runtime.tensors import TensorSpec, datatype_for
+
+
+def _load_skops(file: Path, trusted: tuple[str, ...]) -> Any:
+    """A skops file, loading only the types skops trusts by default and ``trusted``: a type it
+    does not trust is refused by name, with the setting that would admit it."""
+    from skops.io import get_untrusted_types, load
+
+    untrusted = [t for t in get_untrusted_types(file=file) if t not in trusted]
+    if untrusted:
+        raise ModelLoadError(
+            f"sklearn: {file.name} holds types skops does not trust by default ({', '.join(untrusted[:5])}); "
+            "load it only if you trust where it comes from, by adding them to runtime.skops_trusted_types")
+    return load(file, trusted=list(trusted) or None)
 
 
 class SklearnModel(LoadedModel):
@@ -92,12 +107,18 @@ def _predict_spec(estimator: Any) -> TensorSpec:
 
 class SklearnLoader(Loader):
     type = "sklearn"
-    extensions = (".joblib", ".pkl", ".pickle")
+    extensions = (".joblib", ".pkl", ".pickle", ".skops")
+    code_extensions = (".joblib", ".pkl", ".pickle")
+    safe_format_hint = "; save the model with skops (skops.io.dump, a .skops file), which loads no code"
 
-    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
-        import joblib
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str,
+              policy: LoadPolicy) -> LoadedModel:
+        if file.suffix.lower() == ".skops":
+            estimator = _load_skops(file, policy.trusted_types)
+        else:
+            import joblib
 
-        estimator = joblib.load(file)
+            estimator = joblib.load(file)
         if not callable(getattr(estimator, "predict", None)):
             raise ModelLoadError(
                 f"sklearn: {file} holds a {type(estimator).__name__}, which has no predict()"

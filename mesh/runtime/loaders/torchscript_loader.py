@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from mesh.errors import InvalidArgument, MeshError, ModelLoadError, ResourceExhausted
-from mesh.runtime.loaders.base import LoadedModel, Loader, gpu_index, held, reason
+from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, gpu_index, held, reason
 from mesh.runtime.tensors import TensorSpec
 
 
@@ -145,8 +145,11 @@ class TorchScriptLoader(Loader):
     type = "torchscript"
     extensions = (".pt", ".pth")
     supports_gpu = True
+    code_extensions = (".pt", ".pth")  # a TorchScript graph can read files (torch.from_file)
+    safe_format_hint = "; export the model to ONNX instead"
 
-    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str,
+              policy: LoadPolicy) -> LoadedModel:
         import torch
 
         index = gpu_index(device)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mesh.runtime.loaders.base import LoadedModel, Loader, held, tabular_input
+from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, held, tabular_input
 from mesh.runtime.tensors import TensorSpec
 
 
@@ -80,7 +80,8 @@ class XGBoostLoader(Loader):
     type = "xgboost"
     extensions = (".json", ".ubj")
 
-    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str) -> LoadedModel:
+    def _load(self, model_id: str, file: Path, key: Mapping[str, Any], device: str,
+              policy: LoadPolicy) -> LoadedModel:
         import xgboost
 
         booster = xgboost.Booster()

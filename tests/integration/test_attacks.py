@@ -1,0 +1,218 @@
+"""Attacks on where model files come from, against a real router and runtime on 127.0.0.1.
+
+The runtime reads models only under its model roots (``runtime.model_roots``): a pickle whose
+``__reduce__`` would create a marker file is placed outside them and reached by every path a client
+could try (absolute, ``..``, ``~``, a ``file://`` URI, a symbolic link inside the roots, a directory
+holding a link, the runtime's SPI directly): the marker never appears. A runtime that refuses code
+formats (``allow_code_formats = false``) refuses pickles and TorchScript even inside the roots, and
+serves a skops file. A token bound to a path prefix cannot register models from another tenant's
+directory; a model-ID prefix stops at a boundary. A file whose extension is not its type's, or a
+directory too large to walk, is refused with the reason, while other models keep answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+
+import grpc
+import joblib
+import numpy as np
+import pytest
+
+from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.gen.mmesh import model_runtime_pb2 as rt
+from mesh.gen.mmesh import model_runtime_pb2_grpc as rt_grpc
+from mesh.runtime.tensors import decode_response, encode_request
+from tests.support.inprocess import InProcessMesh, memory_url
+from tests.support.models import make_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+class Evil:
+    """Unpickling this creates ``marker``: the proof that a pickle's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    roots = tmp_path / "models"
+    (roots / "team-a").mkdir(parents=True)
+    (roots / "team-b").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    marker = tmp_path / "pwned"
+    joblib.dump(Evil(marker), outside / "evil.joblib")
+    (roots / "team-a" / "link.joblib").symlink_to(outside / "evil.joblib")
+    (roots / "team-a" / "linkdir").mkdir()
+    (roots / "team-a" / "linkdir" / "model.joblib").symlink_to(outside / "evil.joblib")
+    return {"roots": roots, "outside": outside, "marker": marker, "tmp": tmp_path}
+
+
+async def _status(mesh: InProcessMesh, model_id: str, path: str) -> tuple[grpc.StatusCode, str]:
+    try:
+        await mesh.register(model_id, "sklearn", path)
+        await mesh.infer(model_id, encode_request(model_name=model_id, inputs={"x": np.zeros((1, 4), np.float32)}))
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_a_pickle_outside_the_model_roots_never_runs(layout: dict[str, Path]) -> None:
+    roots, outside, marker = layout["roots"], layout["outside"], layout["marker"]
+    mesh = await InProcessMesh(memory_url(), runtime_overrides={"model_roots": (str(roots),)}).start(runtimes=1)
+    try:
+        evil = str(outside / "evil.joblib")
+        at_registration = {
+            "absolute": evil,
+            "dotdot": "team-a/../../elsewhere/evil.joblib",
+            "dotdot-absolute": f"{roots}/team-a/../../elsewhere/evil.joblib",
+            "home": "~/evil.joblib",
+            "uri": (outside / "evil.joblib").as_uri(),
+            "s3": "s3://bucket/evil.joblib",
+        }
+        for model_id, path in at_registration.items():
+            code, message = await _status(mesh, model_id, path)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (model_id, code, message)
+            assert "model roots" in message or "'..'" in message or "'~'" in message or "scheme" in message
+        for model_id, path in {"symlink": "team-a/link.joblib", "symlink-dir": "team-a/linkdir"}.items():
+            code, message = await _status(mesh, model_id, path)  # lexically inside: refused at load
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (model_id, code, message)
+            assert "outside the model roots" in message and "symbolic link" in message
+        # The runtime's SPI, called directly with a path of the caller's choosing.
+        async with grpc.aio.insecure_channel(mesh.runtimes[0].endpoint) as channel:
+            spi = rt_grpc.ModelRuntimeStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await spi.loadModel(rt.LoadModelRequest(modelId="spi-evil", modelType="sklearn", modelPath=evil),
+                                    timeout=10)
+            assert "outside the model roots" in (caught.value.details() or "")
+        assert not marker.exists()
+        # A model inside the roots still loads and answers.
+        good = make_model("sklearn", roots / "team-a", seed=1)
+        await mesh.register("good", "sklearn", str(good.path.relative_to(roots)))
+        out = decode_response(await mesh.infer("good", encode_request(model_name="good", inputs={"x": good.sample})))
+        np.testing.assert_array_equal(out["predict"], good.expected["predict"])
+    finally:
+        await mesh.stop()
+
+
+async def test_a_runtime_refusing_code_formats_serves_skops_only(layout: dict[str, Path]) -> None:
+    import skops.io as skops_io
+    from sklearn.linear_model import LogisticRegression
+
+    roots, marker = layout["roots"], layout["marker"]
+    joblib.dump(Evil(marker), roots / "team-a" / "inside.joblib")
+    torch_model = make_model("torchscript", roots / "team-a", seed=2)
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    estimator = LogisticRegression().fit(x, (x[:, 0] > 0).astype(np.int64))
+    skops_io.dump(estimator, roots / "team-a" / "safe.skops")
+    mesh = await InProcessMesh(memory_url(), runtime_overrides={
+        "model_roots": (str(roots),), "allow_code_formats": False}).start(runtimes=1)
+    try:
+        code, message = await _status(mesh, "pickle", "team-a/inside.joblib")
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "run code when they are loaded" in message and "skops" in message
+        await mesh.register("ts", "torchscript", str(torch_model.path))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mesh.infer("ts", encode_request(model_name="ts", inputs={"x": torch_model.sample}))
+        assert "allow_code_formats = false" in (caught.value.details() or "")
+        assert not marker.exists()
+        await mesh.register("safe", "sklearn", "team-a/safe.skops")
+        out = decode_response(await mesh.infer("safe", encode_request(model_name="safe", inputs={"x": x[:5]})))
+        np.testing.assert_array_equal(out["predict"], estimator.predict(x[:5]))
+    finally:
+        await mesh.stop()
+
+
+async def test_tokens_bound_to_paths_and_prefixes_keep_tenants_apart(layout: dict[str, Path]) -> None:
+    roots = layout["roots"]
+    team_a = "team-a-token-0123456789"
+    tokens = layout["tmp"] / "tokens.toml"
+    tokens.write_text(f'''
+[[token]]
+name = "team-a"
+role = "write"
+sha256 = "{hashlib.sha256(team_a.encode()).hexdigest()}"
+prefixes = ["team-a"]
+paths = ["{roots}/team-a"]
+''')
+    b_model = make_model("sklearn", roots / "team-b", seed=3)
+    a_model = make_model("sklearn", roots / "team-a", seed=4)
+    mesh = await InProcessMesh(memory_url(), runtime_overrides={"model_roots": (str(roots),)},
+                               extra={"auth": {"tokens_file": str(tokens)}}).start(runtimes=1)
+    auth = (("authorization", f"Bearer {team_a}"),)
+    try:
+        async def register(model_id: str, path: str) -> grpc.StatusCode:
+            try:
+                await mesh.mesh.registerModel(mm.RegisterModelRequest(
+                    modelId=model_id, modelInfo=mm.ModelInfo(type="sklearn", path=path)), metadata=auth, timeout=10)
+            except grpc.aio.AioRpcError as err:
+                return err.code()
+            return grpc.StatusCode.OK
+
+        assert await register("team-a/mine", str(a_model.path.relative_to(roots))) == grpc.StatusCode.OK
+        # Team B's file, under team A's model ID: by absolute path, relative path, and through '..'.
+        assert await register("team-a/theirs", str(b_model.path)) == grpc.StatusCode.PERMISSION_DENIED
+        assert await register("team-a/theirs", str(b_model.path.relative_to(roots))) == \
+            grpc.StatusCode.PERMISSION_DENIED
+        assert await register("team-a/theirs", f"team-a/../team-b/{b_model.path.name}") == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        # A model-ID prefix stops at a boundary: "team-a" does not cover "team-ab/...".
+        assert await register("team-ab/x", str(a_model.path.relative_to(roots))) == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await mesh.stop()
+
+
+async def test_wrong_extensions_and_huge_directories_are_refused_without_stalling_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory walk is made slow (a slow mount, 1.5 s) to show where it runs: requests for
+    another model answer meanwhile, which they could not if it ran on the event loop."""
+    from mesh.runtime.loaders import base
+
+    walk_fast = base._walk
+
+    def walk_slow(path: Path) -> list[Path]:
+        time.sleep(1.5)
+        return walk_fast(path)
+
+    monkeypatch.setattr(base, "_walk", walk_slow)
+    mesh = await InProcessMesh(memory_url()).start(runtimes=1)
+    try:
+        good = make_model("sklearn", tmp_path, seed=5)
+        await mesh.register("good", "sklearn", str(good.path))
+        request = encode_request(model_name="good", inputs={"x": good.sample})
+        await mesh.infer("good", request)
+        text = tmp_path / "notes.txt"
+        text.write_text("not a model")
+        code, message = await _status(mesh, "txt", str(text))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "is not a .joblib/.pkl/.pickle/.skops file" in message
+        big = tmp_path / "big"
+        big.mkdir()
+        for i in range(10_050):
+            (big / f"f{i}").touch()
+
+        async def walk() -> tuple[grpc.StatusCode, str]:
+            return await _status(mesh, "big", str(big))
+
+        async def meanwhile() -> float:
+            await asyncio.sleep(0.3)  # the walk has begun
+            slowest = 0.0
+            for _ in range(10):
+                started = time.perf_counter()
+                await mesh.infer("good", request)
+                slowest = max(slowest, time.perf_counter() - started)
+            return slowest
+
+        (code, message), slowest = await asyncio.gather(walk(), meanwhile())
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "holds more than 10000 entries" in message
+        assert slowest < 1.0  # never waited for the 1.5 s walk: it ran in the load's thread
+    finally:
+        await mesh.stop()
