@@ -43,9 +43,9 @@ def load_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     calls: Counter[str] = Counter()
     real = runtime_app.load_model
 
-    def counting(spec: ModelSpec, device: str) -> object:
+    def counting(spec: ModelSpec, device: str, **kw: object) -> object:
         calls[spec.model_id] += 1
-        return real(spec, device)
+        return real(spec, device, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(runtime_app, "load_model", counting)
     return calls
