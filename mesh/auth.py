@@ -36,6 +36,7 @@ import hmac
 import posixpath
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,19 @@ INVALID_TOKEN = "missing or invalid bearer token"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 _KEYS = {"name", "role", "sha256", "token", "prefixes", "paths"}
+
+
+# Refused calls since the process started, by outcome ("unauthenticated", "permission_denied",
+# "invalid"): counted here (pure), exported by the router's metrics (mesh_auth_failures_total).
+_failures: Counter[str] = Counter()
+
+
+def count_failure(kind: str) -> None:
+    _failures[kind] += 1
+
+
+def failure_counts() -> dict[str, int]:
+    return dict(_failures)
 
 
 def token_digest(token: str) -> bytes:

@@ -1,21 +1,29 @@
-"""Root tasks of a process: named, supervised, and fatal when they fail.
+"""Every task a process starts has an owner: the one mechanism for background work.
 
-A component's long-running loops (registry watches, lease keep-alive, publishers, rate trackers)
-run as root tasks of its process under :func:`run_root_tasks`. A root task that crashes is logged
-with its traceback and stops the whole process (after the given grace period for clean-up), rather
-than leaving a process that looks alive but no longer watches or publishes: an orchestrator then
-restarts it. This is the shape of kopf's reactor and of ``asyncio.TaskGroup``.
+* **Root tasks** (:class:`RootTasks`): a component's long-running loops (registry watches,
+  publishers, rate trackers). One that crashes is logged with its traceback and stops the whole
+  process (after a grace period for clean-up), rather than leaving a process that looks alive but
+  no longer watches or publishes: an orchestrator then restarts it. This is the shape of kopf's
+  reactor and of ``asyncio.TaskGroup``.
+* **Background tasks** (:class:`Background`): short-lived work a component starts and does not
+  await (a load, an unload, a probe, a copy being added). Its owner keeps a reference until the
+  task ends (asyncio keeps only weak ones: an unreferenced task can vanish mid-flight), the task is
+  named, its failure is logged with its traceback, and the owner cancels what is left at shutdown.
+* :func:`spawn` is the primitive both use: a named task whose crash is logged. A task whose death
+  must change the process's state (the lease keep-alive) says so in its own ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class RootTasks:
@@ -58,6 +66,57 @@ class RootTasks:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
         self._tasks.clear()
+
+
+def spawn(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    """A named task whose exception, if any, is logged with its traceback. The caller keeps the
+    returned task and ends it with :func:`cancel_and_wait`."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    task.add_done_callback(_log_crash)
+    return task
+
+
+def _log_crash(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("background task crashed", task=task.get_name(), exc_info=exc)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait for it to finish; its own crash was already logged."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    if task is asyncio.current_task():
+        return  # a task closing its own owner: it ends when it next awaits
+    # wait() neither raises the task's outcome nor swallows our own cancellation.
+    await asyncio.wait({task})
+
+
+class Background:
+    """The short-lived tasks of one owner (module docstring)."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = spawn(coro, name=f"{self.owner}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def cancel_all(self, grace_s: float = 5.0) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
 
 
 async def call_soon_safely(fn: Callable[[], Awaitable[Any]], what: str) -> None:

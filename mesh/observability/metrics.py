@@ -45,6 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mesh.auth import failure_counts
 from mesh.errors import MeshError, Unavailable
 from mesh.registry.records import LOADED, bad_records
 
@@ -156,6 +157,15 @@ class _CallbackCollector(Collector):
         return self._build()
 
 
+def _auth_failures() -> list[Metric]:
+    family = CounterMetricFamily("mesh_auth_failures", "Calls the router refused for their token: "
+                                 "unauthenticated, permission_denied, invalid", labels=["kind"])
+    counts = failure_counts()
+    for kind in ("unauthenticated", "permission_denied", "invalid"):
+        family.add_metric([kind], counts.get(kind, 0))
+    return [family]
+
+
 class _ComponentMetrics:
     def __init__(self, per_model: bool) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series (ModelMesh has none)
@@ -167,6 +177,8 @@ class _ComponentMetrics:
         self.registry.register(_CallbackCollector(lambda: [_counter(
             "mesh_registry_bad_records", "Registry values this process could not decode (skipped)",
             bad_records())]))
+        if isinstance(self, RouterMetrics):
+            self.registry.register(_CallbackCollector(_auth_failures))
 
     def serve(self, host: str, port: int, component: str) -> Callable[[], None] | None:
         """Start serving (``port`` -1: metrics off); the stop function, or None."""

@@ -55,9 +55,9 @@ import structlog
 from aetcd import rpc, watcher
 
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryUnavailable
-from mesh.registry._tasks import cancel_and_wait, spawn
 from mesh.registry.base import EventType, KeyValue, Lease, WatchEvent, WatchReset
 from mesh.registry.security import EtcdSecurity
+from mesh.tasks import cancel_and_wait, spawn
 
 log = structlog.get_logger(__name__)
 
@@ -438,6 +438,19 @@ class EtcdStore:
             task.cancel()
 
     async def _keepalive(self, lease: Lease, expires_at: float) -> None:
+        """Refresh ``lease`` until cancelled. If this task dies of anything else, the lease is
+        lost from that moment (nobody refreshes it): say so at once, so that readiness turns off
+        and the session grants a new lease, rather than at expiry or never."""
+        try:
+            await self._refresh_forever(lease, expires_at)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.error("lease keep-alive died; the lease counts as lost", lease=f"{lease.id:x}", exc_info=True)
+            lease.lost.set()
+            raise
+
+    async def _refresh_forever(self, lease: Lease, expires_at: float) -> None:
         interval = lease.ttl_s / 3
         delay = interval
         while True:

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from mesh.errors import FailedPrecondition, InvalidArgument, RegistryUnavailable
-from mesh.registry._tasks import spawn
 from mesh.registry.base import EventType, KeyValue, Lease, WatchEvent, WatchReset
+from mesh.tasks import spawn
 
 log = structlog.get_logger(__name__)
 

@@ -33,8 +33,8 @@ from typing import TypeVar
 import structlog
 
 from mesh.errors import BadRecord, InvalidArgument
-from mesh.registry._tasks import cancel_and_wait, spawn
 from mesh.registry.base import EventType, KeyValue, KVStore, WatchEvent, WatchReset
+from mesh.tasks import cancel_and_wait, spawn
 
 log = structlog.get_logger(__name__)
 

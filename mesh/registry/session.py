@@ -28,8 +28,8 @@ from types import MappingProxyType
 import structlog
 
 from mesh.errors import FailedPrecondition, MeshError, RegistryUnavailable
-from mesh.registry._tasks import cancel_and_wait, spawn
 from mesh.registry.base import KVStore, Lease
+from mesh.tasks import cancel_and_wait, spawn
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ from mesh.router.replicas import CopyScaler
 from mesh.router.servicer import ModelMeshServicer
 from mesh.router.view import ClusterView
 from mesh.settings import Settings
-from mesh.tasks import RootTasks, call_soon_safely
+from mesh.tasks import Background, RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
 from mesh.transport.auth import interceptors_for
 from mesh.transport.handlers import generic_handler
@@ -81,14 +81,11 @@ async def serve_router(settings: Settings, roots: RootTasks,
     reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=forwarder.forget)
     forwarder.on_gone = reachability.mark
     forwarder.on_missed_deadline = reachability.suspect
-    background: set[asyncio.Task[None]] = set()
+    background = Background("router")
 
     def close_channel(record: InstanceRecord) -> None:
         forwarder.forget(record.endpoint)
-        task = asyncio.get_running_loop().create_task(channels.discard(record.endpoint),
-                                                      name=f"close-channel:{record.endpoint}")
-        background.add(task)
-        task.add_done_callback(background.discard)
+        background.spawn(channels.discard(record.endpoint), f"close-channel:{record.endpoint}")
 
     view.on_instance_gone.append(close_channel)
     management = Management(registry=registry, view=view, runtimes=runtime_client,

@@ -45,6 +45,7 @@ from mesh.registry.registry import Registry
 from mesh.registry.specs import SpecCache
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
+from mesh.tasks import Background
 
 log = structlog.get_logger(__name__)
 _rng = random.Random()
@@ -149,7 +150,7 @@ class Management:
         self.load_timeout_s = load_timeout_s
         self.clock = clock
         self.model_roots = model_roots  # runtime.model_roots: registrations must name files under them
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background("management")
         self._last_ensure: dict[str, float] = {}
 
     # --- models -------------------------------------------------------------------------------
@@ -265,9 +266,7 @@ class Management:
             except Exception as exc:
                 log.warning("background load failed", task=name, error=str(exc))
 
-        task = asyncio.get_running_loop().create_task(guarded(), name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(guarded(), name)
 
     async def list_models(self, *, prefix: str = "", page_size: int = 0,
                           page_token: str = "") -> tuple[list[ListEntry], str]:

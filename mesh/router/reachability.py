@@ -29,6 +29,7 @@ from collections.abc import Callable
 import structlog
 
 from mesh.router.view import ClusterView
+from mesh.tasks import spawn
 from mesh.transport.runtime_client import RuntimeClient
 
 log = structlog.get_logger(__name__)
@@ -74,7 +75,7 @@ class Reachability:
             finally:
                 self._suspects.pop(instance_id, None)
 
-        self._suspects[instance_id] = asyncio.get_running_loop().create_task(probe(), name=f"probe:{instance_id}")
+        self._suspects[instance_id] = spawn(probe(), name=f"probe:{instance_id}")
 
     async def probe_once(self) -> None:
         for instance_id in list(self.view.unreachable):

@@ -34,6 +34,7 @@ from mesh.registry.specs import SpecCache
 from mesh.router.management import RuntimeLoader
 from mesh.router.routing import Target, eligible
 from mesh.router.view import ClusterView
+from mesh.tasks import Background
 from placement.hashing import copy_order
 from placement.scaling import ScalingConfig, ScalingPolicy
 
@@ -55,7 +56,7 @@ class CopyScaler:
         self.inflight: defaultdict[str, int] = defaultdict(int)
         self._seen: set[str] = set()
         self._loading: set[tuple[str, str]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background("copy-scaler")
         self._pinned = pinned
         self.pin_check_s = pin_check_s
         self._next_pin_check = 0.0
@@ -153,9 +154,7 @@ class CopyScaler:
             finally:
                 self._loading.discard(key)
 
-        task = asyncio.get_running_loop().create_task(load(), name=f"add-copy:{model_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(load(), f"add-copy:{model_id}")
 
     async def run(self, interval_s: float = 1.0) -> None:
         """Root task: decide once per interval."""

@@ -76,6 +76,7 @@ from mesh.errors import (
 )
 from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec
 from mesh.runtime.loaders.base import LoadedModel
+from mesh.tasks import Background
 from placement.policy import EvictionPolicy
 
 log = structlog.get_logger(__name__)
@@ -203,7 +204,7 @@ class ModelCache:
         self._max_stuck_loads = max_stuck_loads
         self._stuck: dict[int, str] = {}  # abandoned load steps still running -> their model
         self._entries: dict[str, Entry] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Background("cache")  # loads and unloads in progress
         self._unloading: set[Entry] = set()
         self._space_freed = asyncio.Condition()
         self._loads_running = 0
@@ -211,11 +212,8 @@ class ModelCache:
         self.loads = self.evictions = self.hits = self.misses = self.refused = 0
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        """A short-lived task the cache owns (loads, unloads): referenced until done, so it cannot
-        be garbage-collected mid-flight; the coroutines handle their own errors."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """A load or unload (the coroutines handle their own errors; mesh.tasks.Background)."""
+        self._tasks.spawn(coro, name)
 
     def set_listener(self, listener: CacheListener) -> None:
         self._listeners = [listener]

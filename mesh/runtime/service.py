@@ -33,6 +33,7 @@ from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
 from mesh.runtime.tensors import decode_inputs, encode_response
+from mesh.tasks import Background
 from mesh.transport.wire import read_model_name
 from placement.sizing import SizeEstimator
 
@@ -296,6 +297,7 @@ class RuntimeService:
         self.inflight = 0  # inferences running now, for the drain on shutdown
         self.last_started = 0.0  # perf_counter of the last inference's arrival, ditto
         self.leaving = False  # shutting down: loads asked of this instance are refused
+        self._background = Background("runtime-service")  # unloads after registration changes
         specs.subscribe(self._registration_changed, self._registrations_reset)
 
     # --- inference ----------------------------------------------------------------------------
@@ -434,8 +436,7 @@ class RuntimeService:
             return
         why = "unregistered" if spec is None else "redefined"
         # The cache logs the unload, with this reason: one line per unload.
-        asyncio.get_running_loop().create_task(self.cache.unload(model_id, reason=why),
-                                               name=f"unload-{why}:{model_id}")
+        self._background.spawn(self.cache.unload(model_id, reason=why), f"unload-{why}:{model_id[:100]}")
 
     def _registrations_reset(self) -> None:
         """After a watch reset, re-check every local copy against the registry."""
@@ -448,7 +449,7 @@ class RuntimeService:
                     continue
                 self._registration_changed(entry.model_id, spec)
 
-        asyncio.get_running_loop().create_task(recheck(), name="recheck-registrations")
+        self._background.spawn(recheck(), "recheck-registrations")
 
 
 INLINE_MAX_BODY = 64 * 1024  # larger requests always go to a thread: decoding them takes time

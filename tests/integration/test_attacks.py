@@ -216,3 +216,44 @@ async def test_wrong_extensions_and_huge_directories_are_refused_without_stallin
         assert slowest < 1.0  # never waited for the 1.5 s walk: it ran in the load's thread
     finally:
         await mesh.stop()
+
+
+async def test_refused_tokens_are_counted_and_logged(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reader = "a-reader-token-0123456789"
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'''
+[[token]]
+name = "reader"
+role = "read"
+sha256 = "{hashlib.sha256(reader.encode()).hexdigest()}"
+''')
+    mesh = await InProcessMesh(memory_url(), router_overrides={"metrics_port": port},
+                               extra={"auth": {"tokens_file": str(tokens)}}).start(runtimes=1)
+    try:
+        info = mm.ModelInfo(type="sklearn", path="/m.joblib")
+        for metadata in [(), (("authorization", "Bearer wrong-token-000000000"),)] * 3:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await mesh.mesh.registerModel(mm.RegisterModelRequest(modelId="m", modelInfo=info),
+                                              metadata=metadata, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mesh.mesh.registerModel(mm.RegisterModelRequest(modelId="m", modelInfo=info),
+                                          metadata=(("authorization", f"Bearer {reader}"),), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                return r.read().decode()
+
+        text = await asyncio.to_thread(scrape)
+        counts = {line.split('"')[1]: float(line.split()[-1]) for line in text.splitlines()
+                  if line.startswith("mesh_auth_failures_total{")}
+        assert counts["unauthenticated"] >= 6 and counts["permission_denied"] >= 1, counts
+    finally:
+        await mesh.stop()

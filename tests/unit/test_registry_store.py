@@ -597,3 +597,22 @@ async def test_min_copies_index_follows_registrations(h: Harness) -> None:
     assert await registry.delete_model("a/b c")
     assert await registry.pinned_models() == {}
     assert await registry.get_model("a/b c") is None
+
+
+async def test_a_keepalive_that_dies_marks_its_lease_lost_at_once(etcd: EtcdProcess) -> None:
+    """A bug or an unexpected error that ends the keep-alive task must not leave a process that
+    looks registered (readiness green) while nobody refreshes its lease."""
+    store = EtcdStore([etcd.endpoint])
+    try:
+        lease = await store.grant_lease(3)
+        real_call = store._call
+
+        async def failing_refresh(what, op, **kw):  # type: ignore[no-untyped-def]
+            if what.startswith("refresh lease"):
+                raise RuntimeError("a bug in the keep-alive")
+            return await real_call(what, op, **kw)
+
+        store._call = failing_refresh  # type: ignore[method-assign]
+        await asyncio.wait_for(lease.lost.wait(), WAIT_S)  # at the first refresh (1 s), not at expiry
+    finally:
+        await store.close()
