@@ -261,6 +261,12 @@ class TlsSettings:
     client_auth: str = _f("none", "none: any client may connect (tokens, if any, decide what it may do); "
                           "require: only clients with a certificate signed by client_ca_file (mTLS). "
                           "require on runtimes keeps everyone but the routers off the runtime port.")
+    allowed_peers: tuple[str, ...] = _f((), "With client_auth = require: the certificate names (common name "
+                                        "or DNS name) of the clients this port accepts; any other client "
+                                        "certificate, even one client_ca_file signed, gets PERMISSION_DENIED. "
+                                        "On runtimes, the routers' (and runtimes', which re-home to each "
+                                        "other) names: then runtimes also trust the registration a router "
+                                        "sends with a cold request. Empty: any certificate the CA signed.")
     runtime_ca_file: str = _f("", "At the router: CA bundle runtimes' certificates are verified with; "
                               "setting it makes the router dial runtimes over TLS (empty: plaintext, for "
                               "runtimes serving without cert_file).")

@@ -158,10 +158,11 @@ class _CallbackCollector(Collector):
 
 
 def _auth_failures() -> list[Metric]:
-    family = CounterMetricFamily("mesh_auth_failures", "Calls the router refused for their token: "
-                                 "unauthenticated, permission_denied, invalid", labels=["kind"])
+    family = CounterMetricFamily("mesh_auth_failures", "Calls refused for who made them: a missing or "
+                                 "unknown token, a token without the right, an unreadable request, a "
+                                 "client certificate not in tls.allowed_peers", labels=["kind"])
     counts = failure_counts()
-    for kind in ("unauthenticated", "permission_denied", "invalid"):
+    for kind in ("unauthenticated", "permission_denied", "invalid", "peer_refused"):
         family.add_metric([kind], counts.get(kind, 0))
     return [family]
 
@@ -177,8 +178,7 @@ class _ComponentMetrics:
         self.registry.register(_CallbackCollector(lambda: [_counter(
             "mesh_registry_bad_records", "Registry values this process could not decode (skipped)",
             bad_records())]))
-        if isinstance(self, RouterMetrics):
-            self.registry.register(_CallbackCollector(_auth_failures))
+        self.registry.register(_CallbackCollector(_auth_failures))
 
     def serve(self, host: str, port: int, component: str) -> Callable[[], None] | None:
         """Start serving (``port`` -1: metrics off); the stop function, or None."""

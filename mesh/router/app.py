@@ -29,7 +29,7 @@ from mesh.transport.handlers import generic_handler
 from mesh.transport.health import HealthReporter
 from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.server import ChannelPool, bind, new_server
-from mesh.transport.tls import runtime_channel_security, server_credentials
+from mesh.transport.tls import peer_interceptors, runtime_channel_security, server_credentials
 from placement.scaling import ScalingConfig
 
 log = structlog.get_logger(__name__)
@@ -92,7 +92,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs,
                             model_roots=settings.runtime.model_roots)
 
-    server = new_server(rs.max_message_bytes, interceptors, max_pending_requests=rs.max_pending_requests)
+    server = new_server(rs.max_message_bytes, [*peer_interceptors(settings.tls), *interceptors],
+                        max_pending_requests=rs.max_pending_requests)
     server.add_generic_rpc_handlers((
         forwarder.handler(),
         generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],

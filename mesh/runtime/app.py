@@ -45,7 +45,7 @@ from mesh.tracing import tracer_for
 from mesh.transport.health import HealthReporter
 from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.server import ChannelPool, bind, new_server
-from mesh.transport.tls import runtime_channel_security, server_credentials
+from mesh.transport.tls import peer_interceptors, runtime_channel_security, server_credentials
 from placement.policy import EvictionPolicy
 from placement.simulator import build_policy
 from placement.sizing import SizeEstimator
@@ -144,14 +144,18 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                              inline_predict_ms=rs.inline_predict_ms, metrics=metrics,
                              device_executors=device_pools)
 
-    server = new_server(settings.router.max_message_bytes,
+    # Only the mesh's routers (and re-homing runtimes) may call the runtime port, when their
+    # certificate names are configured; then their frames' registrations are trusted too.
+    peers = peer_interceptors(settings.tls)
+    server = new_server(settings.router.max_message_bytes, peers,
                         max_pending_requests=settings.router.max_pending_requests)
     add_to_server(server, service, status={
         "status": 1, "capacityInBytes": capacities["ram"],
         "maxLoadingConcurrency": rs.max_concurrent_loads,
         "modelLoadingTimeoutMs": int(rs.load_timeout_s * 1000),
         "defaultModelSizeInBytes": rs.default_model_size_bytes, "runtimeVersion": __version__},
-        access_log=settings.log.access_log, tracer=tracer_for(settings.log, "runtime"))
+        access_log=settings.log.access_log, tracer=tracer_for(settings.log, "runtime"),
+        trust_frame_specs=bool(peers))
     health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelRuntime"))
     port = bind(server, rs.host, rs.port, server_tls)
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.

@@ -397,15 +397,13 @@ class RuntimeService:
 
     # --- the ModelRuntime SPI -----------------------------------------------------------------
     async def spec_for(self, model_id: str, model_type: str, path: str, key: str) -> ModelSpec:
-        """The registered spec if there is one (it carries size hints and labels), else one
-        built from the SPI request (a ModelMesh driving this runtime has no registry of ours)."""
+        """The registered spec: what an SPI call may load is what the registry holds, never a type
+        and path of the caller's choosing (the port may be reachable by more than the routers)."""
         check_model_id(model_id)
         spec = await self.specs.get(model_id)
-        if spec is not None:
-            return spec
-        if not model_type:
-            raise InvalidArgument(f"model {model_id!r} is not registered and the request has no modelType")
-        return ModelSpec(model_id=model_id, type=model_type, path=path, key=key)
+        if spec is None:
+            raise ModelNotFound(model_id)
+        return spec
 
     async def load(self, spec: ModelSpec, *, last_used: float | None = None) -> Entry:
         if self.leaving:

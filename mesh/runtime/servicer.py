@@ -16,6 +16,7 @@ import grpc
 import structlog
 
 from mesh import __version__
+from mesh.errors import BadRecord
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as spi
@@ -154,16 +155,24 @@ def _last_used_from(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict[str, object], *,
-                  access_log: bool = False, tracer: Tracer | None = None) -> None:
+                  access_log: bool = False, tracer: Tracer | None = None, trust_frame_specs: bool = False) -> None:
+    """``trust_frame_specs``: the port admits routers only (``tls.allowed_peers``), so the
+    registration a router sends with a cold request may be used instead of a registry read. On an
+    open port it is ignored: anyone could send one, for any model ID (a substitution)."""
     observed = (ObservedInference(service, access_log=access_log, tracer=tracer)
                 if access_log or tracer is not None else None)
     inference = InferenceServicer(service, observed)
 
     async def multiplexed(frame: RequestFrame) -> bytes:
-        if frame.spec:
-            # The router's copy of the registration: used only if ours is not cached; our registry
-            # watch keeps what we cache current either way.
-            service.specs.prime(ModelSpec.from_json(frame.spec), replace=False)
+        if frame.spec and trust_frame_specs:
+            # The router's copy of the registration, for this very model only: used if ours is not
+            # cached; our registry watch keeps what we cache current either way.
+            try:
+                spec = ModelSpec.from_json(frame.spec)
+            except BadRecord:
+                spec = None
+            if spec is not None and spec.model_id == frame.model_id:
+                service.specs.prime(spec, replace=False)
         if observed is not None:
             return await observed.infer(frame.model_id, frame.body, frame.allow_load, frame.metadata)
         bind_request(frame.model_id, frame.metadata)

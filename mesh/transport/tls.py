@@ -12,15 +12,90 @@ runtimes drain on SIGTERM).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import structlog
 
+from mesh.auth import count_failure
 from mesh.errors import InvalidArgument
 from mesh.pem import check_ca, check_cert_and_key
 from mesh.settings import TlsSettings
 
+log = structlog.get_logger(__name__)
+
 CLIENT_AUTH_MODES = ("none", "require")
+
+
+def peer_names(context: grpc.aio.ServicerContext) -> set[str]:
+    """The names the caller's verified certificate carries (common name, DNS names); empty
+    without a client certificate."""
+    auth = context.auth_context() or {}
+    names: set[str] = set()
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        names.update(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in auth.get(key, ()))
+    return names
+
+
+class PeerCheck(grpc.aio.ServerInterceptor):
+    """Only the clients named in ``tls.allowed_peers`` (by their verified certificate) may call this
+    port; grpc.health.v1 stays open to any client the TLS handshake admitted (probes)."""
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = frozenset(allowed)
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        allowed = self.allowed
+
+        def checked(inner: Any) -> Any:
+            if inspect.isasyncgenfunction(inner):  # a streaming handler that yields its replies
+                async def replies(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    await _require_peer(context, allowed, details.method)
+                    async for reply in inner(request, context):
+                        yield reply
+
+                return replies
+
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:  # returns or writes
+                await _require_peer(context, allowed, details.method)
+                return await inner(request, context)
+
+            return call
+
+        kind = next((k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+                     if getattr(handler, k) is not None), None)
+        if kind is None:
+            return handler
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(checked(getattr(handler, kind)), request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+async def _require_peer(context: grpc.aio.ServicerContext, allowed: frozenset[str], method: str) -> None:
+    names = peer_names(context)
+    if names & allowed:
+        return
+    count_failure("peer_refused")
+    log.warning("call from a peer not in tls.allowed_peers refused", method=method,
+                peer_names=sorted(names)[:5], peer=context.peer())
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                        "this port accepts calls from the mesh's routers only (tls.allowed_peers)")
+
+
+def peer_interceptors(tls: TlsSettings) -> list[grpc.aio.ServerInterceptor]:
+    """The port's peer check (none unless ``tls.allowed_peers`` is set); refuses allowed_peers
+    without client certificates, which could never be checked."""
+    if not tls.allowed_peers:
+        return []
+    if tls.client_auth != "require":
+        raise InvalidArgument("setting tls.allowed_peers needs tls.client_auth = require (the names are read "
+                              "from client certificates)")
+    return [PeerCheck(tls.allowed_peers)]
 
 
 def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:

@@ -27,6 +27,8 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.gen.mmesh import model_runtime_pb2 as rt
+from mesh.gen.mmesh import model_runtime_pb2_grpc as rt_grpc
 from mesh.logging import add_request_context, redact_secrets
 from mesh.registry import open_store
 from mesh.registry.etcd_server import EtcdProcess, EtcdTls
@@ -166,6 +168,40 @@ async def test_plaintext_no_certificate_and_foreign_ca_clients_are_refused(
     await expect_refused(tls_channel(endpoint, pki, pki.stranger), model)  # a certificate of another CA
     # Runtimes are closed to anyone without a certificate of the mesh's CA as well.
     await expect_refused(tls_channel(tls_mesh.runtimes[0].endpoint, pki, None), model)
+
+
+async def test_runtimes_accept_only_the_named_peers(pki: Pki, model: ModelArtifact, tmp_path: Path) -> None:
+    """With tls.allowed_peers, a certificate the mesh's CA signed is not enough: only the routers'
+    name may call a runtime (SPI, inference, the multiplexed stream); health stays open to probes.
+    The router (certificate "client") serves through the runtime; an intruder with a certificate of
+    the same CA gets PERMISSION_DENIED on every runtime method, and cannot load a path of its own."""
+    intruder = pki.ca.issue("intruder")
+    m = await InProcessMesh(memory_url(), extra={"tls": {**tls_settings(pki), "allowed_peers": "client"}}
+                            ).start(runtimes=1)
+    assert m.router is not None
+    router = tls_channel(m.router.endpoint, pki, pki.client)
+    runtime = tls_channel(m.runtimes[0].endpoint, pki, intruder)
+    try:
+        await mm_grpc.ModelMeshStub(router).registerModel(mm.RegisterModelRequest(
+            modelId="iris", modelInfo=mm.ModelInfo(type="sklearn", path=str(model.path))), timeout=10)
+        np.testing.assert_array_equal(await infer(router, "iris", model), model.expected["predict"])
+        calls = [
+            lambda: infer(runtime, "iris", model),
+            lambda: rt_grpc.ModelRuntimeStub(runtime).loadModel(rt.LoadModelRequest(
+                modelId="mine", modelType="sklearn", modelPath=str(tmp_path)), timeout=10),
+            lambda: rt_grpc.ModelRuntimeStub(runtime).unloadModel(rt.UnloadModelRequest(modelId="iris"), timeout=10),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+        health = await health_pb2_grpc.HealthStub(runtime).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        np.testing.assert_array_equal(await infer(router, "iris", model), model.expected["predict"])
+    finally:
+        await router.close()
+        await runtime.close()
+        await m.stop()
 
 
 async def test_server_only_tls_accepts_clients_without_certificates(pki: Pki, model: ModelArtifact) -> None:
