@@ -316,6 +316,11 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
 
 
+# Variables of the CLI's own (mesh model/infer...: mesh.cli.main), not settings: a shell that exports
+# them for the CLI must still be able to run `mesh serve` and `mesh up`.
+CLI_VARIABLES = frozenset({"MESH_CONFIG", "MESH_ROUTER", "MESH_TOKEN", "MESH_TOKEN_FILE", "MESH_TLS_CA",
+                           "MESH_TLS_CERT", "MESH_TLS_KEY", "MESH_TLS_SERVER_NAME", "MESH_PARENT_PID"})
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "ki": 1024, "kib": 1024, "mi": 1024**2,
@@ -387,7 +392,7 @@ def load_settings(
     groups = _group_types()
     env_layer: dict[str, dict[str, Any]] = {}
     for key, value in env.items():
-        if not key.startswith("MESH_") or key == "MESH_CONFIG":
+        if not key.startswith("MESH_") or key in CLI_VARIABLES:
             continue
         rest = key[5:].lower()
         group = next((g for g in groups if rest.startswith(g + "_")), None)

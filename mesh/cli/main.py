@@ -13,13 +13,30 @@ from mesh.errors import MeshError
 DEFAULT_ROUTER = os.environ.get("MESH_ROUTER", "127.0.0.1:8033")
 
 
+def _token_file(path: str | None) -> str | None:
+    from mesh.cli.client import CliError
+
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise CliError(f"--token-file {path}: {exc.strerror or exc}", 2) from None
+    if not token:
+        raise CliError(f"--token-file {path}: the file is empty", 2)
+    return token
+
+
 def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", default=DEFAULT_ROUTER,
                    help="router address host:port (default %(default)s, env MESH_ROUTER)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--token", default=None,
-                   help="bearer token for a router with auth.tokens_file (default: env MESH_TOKEN)")
+                   help="bearer token for a router with auth.tokens_file (default: env MESH_TOKEN); other "
+                   "users can read it in the process list: prefer --token-file or MESH_TOKEN")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the bearer token (default: env MESH_TOKEN_FILE)")
     p.add_argument("--tls-ca", default=os.environ.get("MESH_TLS_CA"),
                    help="CA file verifying the router's certificate; any --tls-* option means TLS "
                    "(env MESH_TLS_CA)")
@@ -161,7 +178,11 @@ def run(args: argparse.Namespace) -> int:
             return sim_command(args)
         # The token is read from the environment here rather than as the option's default, so that
         # `--help` never prints it.
-        token = args.token or os.environ.get("MESH_TOKEN") or None
+        token = args.token or _token_file(args.token_file or os.environ.get("MESH_TOKEN_FILE")) \
+            or os.environ.get("MESH_TOKEN") or None
+        if args.token:
+            print("mesh: --token is visible to other users in the process list; prefer --token-file or "
+                  "MESH_TOKEN", file=sys.stderr)
         client = RouterClient(args.router, args.timeout, token=token,
                               credentials=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
                               server_name=args.tls_server_name)

@@ -59,7 +59,9 @@ SERVICE = "inference.GRPCInferenceService"
 # bearer token (checked here; a runtime has no use for it, and it must not reach a runtime's logs).
 _STRIP = frozenset({MODEL_ID, MODEL_ID + "-bin", VMODEL_ID, VMODEL_ID + "-bin", LOAD_MODE, "user-agent",
                     "grpc-accept-encoding", "grpc-encoding", "grpc-timeout", "grpc-trace-bin",
-                    "grpc-tags-bin", "authorization"})
+                    "grpc-tags-bin",
+                    # Credentials of the client, which runtimes never need (and must not see).
+                    "authorization", "proxy-authorization", "cookie", "x-api-key", "x-auth-token"})
 _DENY = ((LOAD_MODE, "deny"),)
 
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from mesh.errors import Code, MeshError, NotHere
+from mesh.errors import Code, MeshError, NotHere, RegistryUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -38,12 +38,20 @@ ORIGIN_KEY = "mesh-origin"
 NOT_HERE_KEY = "mesh-not-here"
 
 
+REGISTRY_UNAVAILABLE = ("the registry is unavailable; calls that need it fail until it is back (the "
+                        "component's log has the details)")
+
+
 def code_of(exc: BaseException) -> grpc.StatusCode:
     """The status ``exc`` will be answered with, without logging it (for access logs and spans)."""
     return GRPC_CODES[exc.code] if isinstance(exc, MeshError) else grpc.StatusCode.INTERNAL
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RegistryUnavailable):
+        # The reason names etcd's endpoints and the store's errors: for the log, not for a client.
+        log.warning("registry unavailable", error=exc.message)
+        return GRPC_CODES[exc.code], REGISTRY_UNAVAILABLE
     if isinstance(exc, MeshError):
         return GRPC_CODES[exc.code], exc.message
     log.error("unexpected error", exc_info=exc)

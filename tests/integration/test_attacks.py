@@ -259,3 +259,32 @@ sha256 = "{hashlib.sha256(reader.encode()).hexdigest()}"
         assert counts["unauthenticated"] >= 6 and counts["permission_denied"] >= 1, counts
     finally:
         await mesh.stop()
+
+
+async def test_client_credentials_never_reach_a_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers that carry a client's credentials (authorization, cookies, API keys) stop at the
+    router; what a runtime receives is only what it needs."""
+    from mesh.runtime import servicer
+
+    seen: list[tuple[tuple[str, object], ...]] = []
+    real_bind = servicer.bind_request
+
+    def recording(model_id: str, metadata):  # type: ignore[no-untyped-def]
+        seen.append(tuple(metadata))
+        return real_bind(model_id, metadata)
+
+    monkeypatch.setattr(servicer, "bind_request", recording)
+    mesh = await InProcessMesh(memory_url()).start(runtimes=1)
+    try:
+        model = make_model("sklearn", tmp_path, seed=6)
+        await mesh.register("m", "sklearn", str(model.path))
+        secrets = (("authorization", "Bearer abc"), ("cookie", "session=xyz"), ("x-api-key", "k123"),
+                   ("proxy-authorization", "Basic zz"), ("x-request-id", "r-1"))
+        await mesh.v2.ModelInfer(encode_request(model_name="m", inputs={"x": model.sample}),
+                                 metadata=(("mm-model-id", "m"), *secrets), timeout=10)
+        assert seen, "the runtime saw no request"
+        keys = {k for md in seen for k, _ in md}
+        assert keys.isdisjoint({"authorization", "cookie", "x-api-key", "proxy-authorization"}), keys
+        assert "x-request-id" in keys  # what is not a credential still passes
+    finally:
+        await mesh.stop()

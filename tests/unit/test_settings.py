@@ -57,3 +57,14 @@ def test_every_setting_is_documented() -> None:
     rows = describe()
     assert len(rows) > 20
     assert all(doc for _, _, _, doc in rows)
+
+
+def test_the_cli_variables_do_not_stop_a_component() -> None:
+    """A shell that exports MESH_TLS_CA, MESH_TOKEN... for `mesh model` can still run `mesh serve`:
+    they are the CLI's, not settings (they used to be read as the unknown setting tls.ca)."""
+    env = {"MESH_TLS_CA": "/ca.pem", "MESH_TLS_CERT": "/c.pem", "MESH_TLS_KEY": "/k.pem",
+           "MESH_TLS_SERVER_NAME": "router", "MESH_TOKEN": "t" * 20, "MESH_TOKEN_FILE": "/t",
+           "MESH_ROUTER": "127.0.0.1:8033", "MESH_RUNTIME_CAPACITY_BYTES": "1MiB"}
+    settings = load_settings(env=env)
+    assert settings.runtime.capacity_bytes == 1024 * 1024
+    assert settings.tls.cert_file == ""
