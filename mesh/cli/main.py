@@ -180,9 +180,6 @@ def run(args: argparse.Namespace) -> int:
         # `--help` never prints it.
         token = args.token or _token_file(args.token_file or os.environ.get("MESH_TOKEN_FILE")) \
             or os.environ.get("MESH_TOKEN") or None
-        if args.token:
-            print("mesh: --token is visible to other users in the process list; prefer --token-file or "
-                  "MESH_TOKEN", file=sys.stderr)
         client = RouterClient(args.router, args.timeout, token=token,
                               credentials=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
                               server_name=args.tls_server_name)

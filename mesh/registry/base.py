@@ -121,7 +121,11 @@ class KVStore(Protocol):
         ...
 
     def watch_prefix(
-        self, prefix: str, *, start_revision: int
-    ) -> AsyncIterator[WatchEvent | WatchReset]: ...
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+    ) -> AsyncIterator[WatchEvent | WatchReset]:
+        """Events from ``start_revision`` on; after a compaction a WatchReset with the prefix's
+        items (read in pages), or with none when ``snapshot_on_reset`` is False (a consumer that
+        only drops what it derived: no need to read a million keys)."""
+        ...
 
     async def close(self) -> None: ...

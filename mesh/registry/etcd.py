@@ -83,6 +83,8 @@ _UNREACHABLE = {
 }
 _TRANSPORT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
 _KEEPALIVE_RETRY_S = 0.5
+_REQUIRE_LEADER = ("hasleader", "true")  # etcd's rpctypes.MetadataRequireLeaderKey
+RELIST_PAGE = 10_000  # keys per page when a watch relists after compaction
 
 
 def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
@@ -318,13 +320,13 @@ class EtcdStore:
         return None if result is None else _kv(result)
 
     async def get_prefix(
-        self, prefix: str, *, limit: int = 0, start_after: str = ""
+        self, prefix: str, *, limit: int = 0, start_after: str = "", revision: int = 0
     ) -> tuple[list[KeyValue], int]:
         # aetcd's get_prefix has no limit, so this builds the Range request itself.
         start, end = _prefix_range(prefix)
         if start_after:
             start = max(start, start_after.encode() + b"\0")
-        request = rpc.RangeRequest(key=start, range_end=end, limit=limit)
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
 
         async def op(c: aetcd.Client) -> Any:
             await c.connect()
@@ -484,8 +486,22 @@ class EtcdStore:
 
     # -- watch ----------------------------------------------------------------------------------
 
+    async def _relist(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """The whole prefix at one revision, read in pages of ``RELIST_PAGE`` keys (one response
+        of a million keys would hold hundreds of MB in the client and in etcd at once)."""
+        page, revision = await self.get_prefix(prefix, limit=RELIST_PAGE)
+        items = list(page)
+        while len(page) == RELIST_PAGE:
+            page, _ = await self.get_prefix(prefix, limit=RELIST_PAGE, start_after=page[-1].key, revision=revision)
+            items.extend(page)
+        return items, revision
+
+    async def _revision_only(self, prefix: str) -> tuple[list[KeyValue], int]:
+        _, revision = await self.get_prefix(prefix, limit=1)
+        return [], revision
+
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         key, end = _prefix_range(prefix)
         next_rev = start_revision
@@ -500,8 +516,12 @@ class EtcdStore:
                     next_rev = now + 1
                 client = self._clients[index]
                 await client.connect()
-                call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
-                create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=next_rev)
+                # hasleader: a member cut off from its cluster's leader cancels the watch ("no
+                # leader") instead of serving a view that silently stops changing; progress_notify:
+                # etcd says where the watch stands even when nothing changes.
+                call = rpc.WatchStub(client.channel).Watch(metadata=(*(client.metadata or ()), _REQUIRE_LEADER))
+                create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=next_rev,
+                                                progress_notify=True)
                 async with asyncio.timeout(self.timeout_s):
                     await call.write(rpc.WatchRequest(create_request=create))
                     first = await call.read()
@@ -518,6 +538,9 @@ class EtcdStore:
                         break
                     if response.canceled:
                         raise _WatchInterrupted(f"etcd cancelled the watch: {response.cancel_reason}")
+                    if not response.events:  # a progress notification: everything up to it was sent
+                        next_rev = max(next_rev, response.header.revision + 1)
+                        continue
                     for ev in response.events:
                         kv = ev.kv
                         # A response holds whole revisions, so resuming after this one loses nothing.
@@ -549,7 +572,8 @@ class EtcdStore:
                     call.cancel()
             if compacted:
                 try:
-                    snapshot, revision = await self.get_prefix(prefix)
+                    snapshot, revision = await (self._relist(prefix) if snapshot_on_reset
+                                                else self._revision_only(prefix))
                 except RegistryUnavailable as exc:
                     log.warning("registry watch relist failed", prefix=prefix, error=str(exc))
                 else:

@@ -361,10 +361,12 @@ class MemoryStore:
         self._check_open().compact(revision)
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         # Like EtcdStore: a watch on a closed store ends (its owner is shutting down), never raises.
         async for item in self.backend.watch(prefix, start_revision, lambda: self._closed):
+            if isinstance(item, WatchReset) and not snapshot_on_reset:
+                item = WatchReset([], item.revision)
             yield item
 
     async def close(self) -> None:

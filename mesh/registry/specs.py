@@ -60,8 +60,9 @@ class SpecCache:
 
     async def run(self) -> None:
         """The watch loop: a root task of its process (it ends only by cancellation)."""
-        async for event in self._store.watch_prefix(self._keys.models,
-                                                      start_revision=self._start_revision):
+        # After a compaction only the cache is dropped: no relist of every registration.
+        async for event in self._store.watch_prefix(self._keys.models, start_revision=self._start_revision,
+                                                      snapshot_on_reset=False):
             if isinstance(event, WatchReset):
                 self._generation += 1
                 self._cache.clear()

@@ -40,10 +40,20 @@ class ClusterView:
         self.version = 0  # bumped on every change; lets callers cache derived data
         # Called with the record of an instance that left (to close connections to it).
         self.on_instance_gone: list[Callable[[InstanceRecord], None]] = []
+        self.duplicates: set[str] = set()  # instance IDs seen written by two processes (logged once)
 
     # --- feeding from mirrors -----------------------------------------------------------------
     def put_instance(self, kv: KeyValue) -> None:
         record = InstanceRecord.from_json(kv.value)
+        old = self.instances.get(record.instance_id)
+        if old is not None and (old.endpoint, old.started_ms) != (record.endpoint, record.started_ms) \
+                and record.instance_id not in self.duplicates:
+            # Two live processes writing one instance key (a copied instance ID): each overwrites
+            # the other's record, and placements cannot be told apart. Runtimes refuse to start
+            # with an ID in use (mesh.runtime.app); this catches the ones that raced.
+            self.duplicates.add(record.instance_id)
+            log.error("two runtimes share one instance ID; give each its own runtime.instance_id",
+                      instance_id=record.instance_id, endpoints=sorted({old.endpoint, record.endpoint}))
         self.instances[record.instance_id] = record
         self.version += 1
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 
 from mesh import __version__
-from mesh.errors import InvalidArgument
+from mesh.errors import BadRecord, InvalidArgument
 from mesh.observability.metrics import RuntimeMetrics
 from mesh.registry import open_store
 from mesh.registry.records import GPU_LABEL, InstanceRecord
@@ -82,6 +82,31 @@ async def _rehome(settings: Settings, registry: Registry, cache: ModelCache, ins
                     timeout_s=rs.rehome_timeout_s)
     finally:
         await channels.close()
+
+
+async def claim_instance_id(registry: Registry, instance_id: str, endpoint: str, lease_ttl_s: float) -> None:
+    """Refuse to start under an instance ID another live runtime holds: two processes writing one
+    instance key overwrite each other's records and placements. A record left by this instance's
+    previous life (same endpoint), or one whose owner died, is not in the way: the latter vanishes
+    with its lease, which is waited for (a restarted pod keeps its name, so its ID)."""
+    key = registry.keys.instance(instance_id)
+    deadline = time.monotonic() + lease_ttl_s + 2.0
+    while True:
+        found = await registry.store.get(key)
+        if found is None:
+            return
+        try:
+            holder = InstanceRecord.from_json(found.value)
+        except BadRecord:
+            return  # not a runtime's record: ours overwrites it
+        if holder.endpoint == endpoint:
+            return
+        if time.monotonic() > deadline:
+            raise InvalidArgument(f"instance ID {instance_id!r} is in use by the runtime at {holder.endpoint}; "
+                                  "give each runtime its own runtime.instance_id")
+        log.info("instance ID in use; waiting for the holder's lease to expire", instance_id=instance_id,
+                 holder=holder.endpoint)
+        await asyncio.sleep(0.5)
 
 
 def new_instance_id() -> str:
@@ -189,6 +214,14 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
             return f"{len(cache.stuck_loads)} loads are stuck; no more loads until they end or a restart"
         return None
 
+    # Before anything of ours is published (the publisher would overwrite the holder's record).
+    try:
+        await claim_instance_id(registry, instance_id, endpoint, settings.registry.lease_ttl_s)
+    except BaseException:
+        if stop_metrics is not None:
+            await asyncio.to_thread(stop_metrics)
+        await call_soon_safely(store.close, "close registry")
+        raise
     await session.start()
     await specs.start()
     roots.spawn(specs.run(), "spec-cache-watch")

@@ -147,3 +147,21 @@ def _free_port() -> int:
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()
+
+
+async def test_a_second_runtime_with_the_same_instance_id_refuses_to_start() -> None:
+    """Two processes with one instance ID would overwrite each other's records and placements: the
+    second waits for the first's lease (it could be its own previous life) and then refuses, naming
+    the holder; the first keeps serving."""
+    from mesh.errors import InvalidArgument
+
+    mesh = InProcessMesh(memory_url())
+    first = await mesh.add_runtime(instance_id="runtime-0")
+    await mesh.start(runtimes=0)
+    try:
+        in_use = f"instance ID 'runtime-0' is in use by the runtime at {first.endpoint}"
+        with pytest.raises(InvalidArgument, match=in_use):
+            await mesh.add_runtime(instance_id="runtime-0")
+        assert not first.task.done()
+    finally:
+        await mesh.stop()

@@ -388,7 +388,7 @@ async def test_data_plane_auth_is_optional(auth_mesh: AuthMesh, model: ModelArti
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_cli_with_a_token_works_and_without_prints_one_line(auth_mesh: AuthMesh) -> None:
+async def test_cli_with_a_token_works_and_without_prints_one_line(auth_mesh: AuthMesh, tmp_path: Path) -> None:
     async def mesh_cli(*args: str, token: str | None = None) -> tuple[int, str, str]:
         env = {k: v for k, v in os.environ.items() if k != "MESH_TOKEN"}
         if token:
@@ -403,6 +403,12 @@ async def test_cli_with_a_token_works_and_without_prints_one_line(auth_mesh: Aut
     assert rc == 0 and "team-a/iris" in out, err
     rc, out, err = await mesh_cli("model", "status", "team-a/iris", token=READER)  # env MESH_TOKEN
     assert rc == 0, err
+    token_file = tmp_path / "reader-token"
+    token_file.write_text(READER + "\n")
+    rc, out, err = await mesh_cli("model", "status", "team-a/iris", "--token-file", str(token_file))
+    assert rc == 0, err  # not in the process list
+    rc, out, err = await mesh_cli("model", "status", "team-a/iris", "--token-file", str(token_file) + ".missing")
+    assert rc == 2 and err.strip().count("\n") == 0 and "--token-file" in err
     rc, out, err = await mesh_cli("model", "status", "team-a/iris")
     assert rc != 0
     assert err.strip().splitlines() == ["mesh: error: UNAUTHENTICATED: missing or invalid bearer token"]

@@ -262,6 +262,27 @@ async def test_compaction_gives_a_reset_with_the_snapshot(h: Harness) -> None:
     assert await collect(s, "/r/", compacted_at, 1) == [event]
 
 
+async def test_a_reset_reads_its_snapshot_in_pages_or_not_at_all(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a compaction the snapshot is read in pages at one revision (etcd: RELIST_PAGE keys per
+    request, made 3 here), whole; a consumer that asks for no snapshot gets none."""
+    from mesh.registry import etcd as etcd_module
+
+    monkeypatch.setattr(etcd_module, "RELIST_PAGE", 3)
+    s = h.store
+    start = await revision(s) + 1
+    for i in range(10):
+        await s.put(f"/p/{i:02d}", str(i).encode())
+    compacted_at = await s.put("/other", b"")
+    await s.compact(compacted_at)
+    async with aclosing(s.watch_prefix("/p/", start_revision=start)) as stale:
+        reset = await asyncio.wait_for(anext(stale), WAIT_S)
+        assert isinstance(reset, WatchReset)
+        assert [kv.key for kv in reset.snapshot] == [f"/p/{i:02d}" for i in range(10)]
+    async with aclosing(s.watch_prefix("/p/", start_revision=start, snapshot_on_reset=False)) as bare:
+        reset = await asyncio.wait_for(anext(bare), WAIT_S)
+        assert isinstance(reset, WatchReset) and reset.snapshot == [] and reset.revision >= compacted_at
+
+
 async def test_encoded_model_ids_do_not_leak_across_prefixes(h: Harness) -> None:
     s = h.store
     keys = Keys("/mesh/")
