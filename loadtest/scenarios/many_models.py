@@ -85,11 +85,12 @@ from loadtest.cluster import Cluster, Server, prepare_benchmark_process
 from loadtest.driver import Window, WorkerConfig, WorkerFailed, WorkerResult, start_delay_s
 from loadtest.driver import run as run_driver
 from loadtest.load import bytes_call
-from loadtest.management import placements, register_many
+from loadtest.management import placements, register, register_many
 from loadtest.models import TrainedModel, infer_body, train_logistic
 from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table
 from loadtest.scrape import CacheCounts
 from loadtest.scrape import parse as parse_cache
+from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as rt_pb
 from mesh.gen.mmesh import model_runtime_pb2_grpc as rt_grpc
@@ -266,11 +267,18 @@ def popularity(s: Settings) -> Popularity:
     return Popularity(weights=zipf_weights(s.models, s.zipf))
 
 
-async def warm_runtimes(runtimes: Sequence[Server], model: TrainedModel) -> None:
+async def warm_runtimes(runtimes: Sequence[Server], model: TrainedModel, router: Server) -> None:
     """Each runtime loads and unloads one throwaway model (ModelRuntime SPI) before anything is
     measured: a fresh process's first load imports scikit-learn (about a second, all requests
     waiting) and grows the allocator (charged to that model), which a long-running runtime has
-    behind it. A load refused for being bigger than the runtime (that growth) is fine here."""
+    behind it. A load refused for being bigger than the runtime (that growth) is fine here. The
+    throwaway models are registered first (runtimes load registered models only) and unregistered
+    after."""
+    async with grpc.aio.insecure_channel(router.endpoint) as channel:
+        stub = mm_grpc.ModelMeshStub(channel)  # type: ignore[no-untyped-call]
+        for k in range(len(runtimes)):
+            await register(stub, f"warmup-{k}", str(model.path))
+
     async def warm(k: int, runtime: Server) -> None:
         model_id = f"warmup-{k}"
         async with grpc.aio.insecure_channel(runtime.endpoint) as channel:
@@ -284,6 +292,10 @@ async def warm_runtimes(runtimes: Sequence[Server], model: TrainedModel) -> None
             await spi.unloadModel(rt_pb.UnloadModelRequest(modelId=model_id), timeout=30)
 
     await asyncio.gather(*(warm(k, r) for k, r in enumerate(runtimes)))
+    async with grpc.aio.insecure_channel(router.endpoint) as channel:
+        stub = mm_grpc.ModelMeshStub(channel)  # type: ignore[no-untyped-call]
+        for k in range(len(runtimes)):
+            await stub.unregisterModel(mm.UnregisterModelRequest(modelId=f"warmup-{k}"), timeout=30)
 
 
 # --- calibration -------------------------------------------------------------------------------
@@ -300,7 +312,7 @@ async def _loaded_size(registry_url: str, model_id: str, timeout_s: float = 10.0
 async def _calibrate(files: Sequence[TrainedModel], cluster: Cluster, runtime: Server, router: Server
                      ) -> Calibration:
     picks = [dataclasses.replace(file_of(k, files), model_id=f"calibrate-{k}") for k in range(CALIBRATION_LOADS)]
-    await warm_runtimes([runtime], files[0])
+    await warm_runtimes([runtime], files[0], router)
     async with grpc.aio.insecure_channel(router.endpoint) as channel, \
             grpc.aio.insecure_channel(runtime.endpoint) as to_runtime:
         _, errors = await register_many(mm_grpc.ModelMeshStub(channel),  # type: ignore[no-untyped-call]
@@ -357,7 +369,7 @@ async def _run_policy(s: Settings, policy: str, files: Sequence[TrainedModel], r
     ids = model_ids(s)
     runtime_urls = [metrics_url(r) for r in runtimes]
     router_url = metrics_url(router)
-    await warm_runtimes(runtimes, files[0])
+    await warm_runtimes(runtimes, files[0], router)
     limit_s = max(60.0, s.models / 50)
     async with grpc.aio.insecure_channel(router.endpoint) as channel:
         stub = mm_grpc.ModelMeshStub(channel)  # type: ignore[no-untyped-call]

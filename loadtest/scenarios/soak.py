@@ -388,7 +388,7 @@ async def _setup(cluster: Cluster, args: argparse.Namespace, files: list[Trained
     runtimes = [cluster.start_runtime(f"runtime-{k}", capacity_bytes=capacity) for k in range(args.runtimes)]
     routers = [cluster.start_router(f"router-{k}") for k in range(args.routers)]
     router = routers[0]
-    await warm_runtimes(runtimes, files[0])
+    await warm_runtimes(runtimes, files[0], router)
     ids = [f"soak-{i}" for i in range(args.models)]
     targets = {f"vm-{k}": ids[k] for k in range(args.vmodels)}
     async with grpc.aio.insecure_channel(router.endpoint) as channel:
