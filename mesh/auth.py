@@ -38,6 +38,7 @@ import re
 import tomllib
 from collections import Counter
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def count_failure(kind: str) -> None:
 
 def failure_counts() -> dict[str, int]:
     return dict(_failures)
+
+
+# Who is calling, for the handler of the call: set by the router's auth interceptor (None with auth off).
+_caller: ContextVar[Principal | None] = ContextVar("mesh_caller", default=None)
+
+
+def current_caller() -> Principal | None:
+    return _caller.get()
+
+
+def set_caller(principal: Principal | None) -> None:
+    _caller.set(principal)
 
 
 def token_digest(token: str) -> bytes:

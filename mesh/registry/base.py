@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,6 +54,25 @@ class WatchReset:
 
     snapshot: list[KeyValue]
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """One condition of a transaction: ``key`` is ``absent``, ``present``, at ``mod_revision``
+    ``revision``, or (``prefix_empty``) no key starts with it."""
+
+    kind: str  # absent | present | mod_revision | prefix_empty
+    key: str
+    revision: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One write of a transaction: ``put`` (value), ``delete`` a key, or ``delete_prefix``."""
+
+    kind: str  # put | delete | delete_prefix
+    key: str
+    value: bytes = b""
 
 
 @dataclass(eq=False)
@@ -100,6 +119,10 @@ class KVStore(Protocol):
         ...
 
     async def delete_prefix(self, prefix: str) -> int: ...
+
+    async def txn(self, compares: Sequence[Compare], ops: Sequence[Op]) -> bool:
+        """Apply every op atomically if every compare holds; False (nothing written) otherwise."""
+        ...
 
     async def count_prefix(self, prefix: str) -> int:
         """How many keys are under ``prefix``, without reading them (etcd's ``count_only`` range:

@@ -55,7 +55,7 @@ import structlog
 from aetcd import rpc, watcher
 
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryUnavailable
-from mesh.registry.base import EventType, KeyValue, Lease, WatchEvent, WatchReset
+from mesh.registry.base import Compare, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
 from mesh.registry.security import EtcdSecurity
 from mesh.tasks import cancel_and_wait, spawn
 
@@ -107,6 +107,33 @@ def _status_code(exc: BaseException) -> grpc.StatusCode | None:
             return seen.code()
         seen = seen.__cause__
     return None
+
+
+def _compare(c: Compare) -> Any:
+    """etcd's Compare for ours. ``prefix_empty`` compares create_revision == 0 over the whole range:
+    etcd checks every key in it, and an empty range holds (it compares an absent key)."""
+    key = c.key.encode()
+    if c.kind in ("absent", "present"):
+        result = rpc.Compare.EQUAL if c.kind == "absent" else rpc.Compare.GREATER
+        return rpc.Compare(result=result, target=rpc.Compare.CREATE, key=key, create_revision=0)
+    if c.kind == "mod_revision":
+        return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=key, mod_revision=c.revision)
+    if c.kind == "prefix_empty":
+        start, end = _prefix_range(c.key)
+        return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=start, range_end=end,
+                           create_revision=0)
+    raise InvalidArgument(f"unknown transaction compare {c.kind!r}")
+
+
+def _request_op(o: Op) -> Any:
+    if o.kind == "put":
+        return rpc.RequestOp(request_put=rpc.PutRequest(key=o.key.encode(), value=o.value))
+    if o.kind == "delete":
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=o.key.encode()))
+    if o.kind == "delete_prefix":
+        start, end = _prefix_range(o.key)
+        return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=start, range_end=end))
+    raise InvalidArgument(f"unknown transaction op {o.kind!r}")
 
 
 def _too_large(exc: BaseException) -> bool:
@@ -401,6 +428,17 @@ class EtcdStore:
         start, end = _prefix_range(prefix)
         result = await self._call(f"delete {prefix}*", lambda c: c.delete_range(start, end))
         return int(result.deleted)
+
+    async def txn(self, compares: Sequence[Compare], ops: Sequence[Op]) -> bool:
+        request = rpc.TxnRequest(compare=[_compare(c) for c in compares], success=[_request_op(o) for o in ops])
+
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.kvstub.Txn(request, timeout=self.timeout_s, metadata=c.metadata)
+
+        what = f"transaction on {ops[0].key if ops else compares[0].key}"
+        response = await self._call(what, op, idempotent=False)
+        return bool(response.succeeded)
 
     async def compact(self, revision: int) -> None:
         """Forget history before ``revision`` (etcd compaction); older watches get a WatchReset."""

@@ -9,6 +9,12 @@ Beyond DESIGN.md's tables, ``pinned/<id>`` indexes the models registered with ``
 registration. It is derived data: written after the model and removed before it, and rewritten by
 a repeated registration, so a crash in between leaves at worst an entry for a missing model, which
 readers skip.
+
+``refs/<model>/<vmodel>`` indexes which vModels refer to a model (as active or target), written in
+the same transaction as the vModel record. It is what makes deletion safe: a model is deleted
+(unregistered, or auto-deleted) only in a transaction that requires ``refs/<model>/`` to be empty,
+so a vModel created or retargeted at the same moment, by any router, either sees the model or
+keeps it. Routers repair the index for vModels written before it existed (``Registry.repair_refs``).
 """
 
 from __future__ import annotations
@@ -29,12 +35,19 @@ class Keys:
         self.placements = self.prefix + "placements/"
         self.failures = self.prefix + "failures/"
         self.pinned = self.prefix + "pinned/"
+        self.refs = self.prefix + "refs/"
 
     def model(self, model_id: str) -> str:
         return self.models + _enc(model_id)
 
     def pin(self, model_id: str) -> str:
         return self.pinned + _enc(model_id)
+
+    def refs_of(self, model_id: str) -> str:
+        return f"{self.refs}{_enc(model_id)}/"
+
+    def ref(self, model_id: str, vmodel_id: str) -> str:
+        return self.refs_of(model_id) + _enc(vmodel_id)
 
     def vmodel(self, vmodel_id: str) -> str:
         return self.vmodels + _enc(vmodel_id)

@@ -27,13 +27,13 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from mesh.errors import FailedPrecondition, InvalidArgument, RegistryUnavailable
-from mesh.registry.base import EventType, KeyValue, Lease, WatchEvent, WatchReset
+from mesh.registry.base import Compare, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
 from mesh.tasks import spawn
 
 log = structlog.get_logger(__name__)
@@ -333,6 +333,30 @@ class MemoryStore:
     async def delete_prefix(self, prefix: str) -> int:
         backend = self._check_open()
         return backend.delete_keys([kv.key for kv in backend.range(prefix)])
+
+    async def txn(self, compares: Sequence[Compare], ops: Sequence[Op]) -> bool:
+        # One event loop and no await in between: atomic, as etcd's transactions are.
+        backend = self._check_open()
+        for c in compares:
+            current = backend.get(c.key)
+            held = {"absent": current is None, "present": current is not None,
+                    "mod_revision": (current.mod_revision if current else 0) == c.revision,
+                    "prefix_empty": not backend.range(c.key, 1)}.get(c.kind)
+            if held is None:
+                raise InvalidArgument(f"unknown transaction compare {c.kind!r}")
+            if not held:
+                return False
+        for op in ops:
+            if op.kind == "put":
+                backend.put(op.key, op.value, None)
+            elif op.kind == "delete":
+                if backend.get(op.key) is not None:
+                    backend.delete_keys([op.key])
+            elif op.kind == "delete_prefix":
+                backend.delete_keys([kv.key for kv in backend.range(op.key)])
+            else:
+                raise InvalidArgument(f"unknown transaction op {op.kind!r}")
+        return True
 
     async def grant_lease(self, ttl_s: int) -> Lease:
         if ttl_s < 1:

@@ -136,7 +136,12 @@ class VModelRecord:
     active_model_id: str
     target_model_id: str
     owner: str = ""
-    auto_delete: bool = False  # delete the target model when no vModel refers to it any more
+    # Deleted when no vModel refers to them any more: the models an auto-deleting setVModel of this
+    # vModel created itself (never one it found registered). ``auto_delete`` says the vModel was
+    # made that way; records older than ``created_models`` auto-delete nothing.
+    auto_delete: bool = False
+    created_models: tuple[str, ...] = ()
+    owner_token: str = ""  # with auth on: the token that created it (only it, or an unscoped token, may change it)
     failed: bool = False  # the target failed to load: the transition is blocked
     updated_ms: int = 0
 

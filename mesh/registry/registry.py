@@ -7,8 +7,8 @@ Compare-and-swap loops live with their callers, which know what a conflict means
 
 from __future__ import annotations
 
-from mesh.errors import AlreadyExists
-from mesh.registry.base import KeyValue, KVStore, Lease
+from mesh.errors import AlreadyExists, FailedPrecondition
+from mesh.registry.base import Compare, KeyValue, KVStore, Lease, Op
 from mesh.registry.keys import Keys
 from mesh.registry.records import FailureRecord, ModelSpec, PlacementRecord, VModelRecord
 
@@ -45,8 +45,24 @@ class Registry:
                 f"(type={existing.type!r}, path={existing.path!r}); unregister it first or use a new ID")
 
     async def delete_model(self, model_id: str) -> bool:
-        await self.store.delete(self.keys.pin(model_id))
-        return await self.store.delete(self.keys.model(model_id))
+        """Delete the registration unless a vModel refers to it (FailedPrecondition naming them),
+        in one transaction with that check (module ``keys``: ``refs/``); False if it was absent."""
+        key = self.keys.model(model_id)
+        deleted = await self.store.txn(
+            [Compare("present", key), Compare("prefix_empty", self.keys.refs_of(model_id))],
+            [Op("delete", self.keys.pin(model_id)), Op("delete", key)])
+        if deleted:
+            return True
+        if await self.store.get(key) is None:
+            return False
+        referrers = await self.referrers(model_id)
+        raise FailedPrecondition(f"model {model_id!r} is used by vModel(s) {', '.join(referrers[:10])}; "
+                                 "delete or retarget them first")
+
+    async def referrers(self, model_id: str) -> list[str]:
+        """The vModels that refer to ``model_id`` (from the refs index)."""
+        kvs, _ = await self.store.get_prefix(self.keys.refs_of(model_id))
+        return [Keys.model_id_of(kv.key, self.keys.refs_of(model_id)) for kv in kvs]
 
     async def _index_pin(self, spec: ModelSpec) -> None:
         if spec.min_copies > 0:
@@ -78,15 +94,39 @@ class Registry:
         kv = await self.store.get(self.keys.vmodel(vmodel_id))
         return (VModelRecord.from_json(kv.value), kv.mod_revision) if kv else None
 
-    async def put_vmodel(self, record: VModelRecord, *, expected_revision: int | None) -> bool:
-        """Create (expected_revision None) or compare-and-swap the vModel record."""
+    async def put_vmodel(self, record: VModelRecord, *, expected_revision: int | None,
+                         previous: VModelRecord | None = None) -> bool:
+        """Create (expected_revision None) or compare-and-swap the vModel record, with its refs
+        (``previous``: the record it replaces, whose refs no longer needed are dropped), only if
+        the models it refers to are registered: one transaction (module ``keys``)."""
         key = self.keys.vmodel(record.vmodel_id)
-        if expected_revision is None:
-            return await self.store.create(key, record.to_json())
-        return await self.store.replace(key, record.to_json(), expected_mod_revision=expected_revision)
+        now = {record.active_model_id, record.target_model_id}
+        before = {previous.active_model_id, previous.target_model_id} if previous else set()
+        compares = [Compare("absent", key) if expected_revision is None
+                    else Compare("mod_revision", key, expected_revision)]
+        compares += [Compare("present", self.keys.model(m)) for m in sorted(now - before)]
+        ops = [Op("put", key, record.to_json())]
+        ops += [Op("put", self.keys.ref(m, record.vmodel_id)) for m in sorted(now)]
+        ops += [Op("delete", self.keys.ref(m, record.vmodel_id)) for m in sorted(before - now)]
+        return await self.store.txn(compares, ops)
 
-    async def delete_vmodel(self, vmodel_id: str, *, expected_revision: int | None = None) -> bool:
-        return await self.store.delete(self.keys.vmodel(vmodel_id), expected_mod_revision=expected_revision)
+    async def delete_vmodel(self, record: VModelRecord, *, expected_revision: int) -> bool:
+        """Delete the vModel record and its refs, if it is still at ``expected_revision``."""
+        ops = [Op("delete", self.keys.vmodel(record.vmodel_id))]
+        ops += [Op("delete", self.keys.ref(m, record.vmodel_id))
+                for m in sorted({record.active_model_id, record.target_model_id})]
+        return await self.store.txn([Compare("mod_revision", self.keys.vmodel(record.vmodel_id), expected_revision)],
+                                    ops)
+
+    async def repair_refs(self) -> int:
+        """Write the refs of every vModel whose refs are missing (written before the index
+        existed); how many were written."""
+        written = 0
+        for vmodel in await self.list_vmodels():
+            for m in {vmodel.active_model_id, vmodel.target_model_id}:
+                if await self.store.create(self.keys.ref(m, vmodel.vmodel_id), b""):
+                    written += 1
+        return written
 
     async def list_vmodels(self) -> list[VModelRecord]:
         kvs, _ = await self.store.get_prefix(self.keys.vmodels)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import structlog
 
+from mesh.errors import Unavailable
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.observability.metrics import RouterMetrics
 from mesh.registry import open_store
@@ -107,6 +108,15 @@ async def serve_router(settings: Settings, roots: RootTasks,
     for mirror in mirrors:
         await mirror.start()
     await specs.start()
+    # vModels written before the refs index existed get their refs now (idempotent, one registry
+    # write per missing ref): deletions check the index, not this router's view.
+    try:
+        repaired = await registry.repair_refs()
+    except Unavailable as exc:  # the registry is down: the next start repairs; serving goes on
+        log.warning("vModel refs not repaired", error=exc.message)
+    else:
+        if repaired:
+            log.info("vModel refs repaired", written=repaired)
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(management.run_transitions(), "vmodel-transitions")
     roots.spawn(scaler.run(), "copy-scaling")

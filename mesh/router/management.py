@@ -22,11 +22,13 @@ from typing import Protocol
 
 import structlog
 
+from mesh.auth import Principal, current_caller
 from mesh.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     ModelNotFound,
+    PermissionDenied,
 )
 from mesh.ids import check_model_id
 from mesh.paths import confine
@@ -137,6 +139,23 @@ def check_model_info(model_id: str, info: ModelInfoData) -> None:
             raise over(what, copies, MAX_COPIES, "copies")
 
 
+def _check_owner(record: VModelRecord, owner: str, caller: Principal | None, *, deleting: bool = False) -> None:
+    """Who may change or delete a vModel. An owned vModel only by a call naming its owner (an
+    empty owner is not a wildcard) and, with auth on, made with the token that created it or with a
+    token that has no prefixes (an operator's). An unowned one is never adopted by an owner."""
+    what = "delete" if deleting else "change"
+    if record.owner != owner:
+        # ModelMesh's codes: ALREADY_EXISTS for a setVModel, FAILED_PRECONDITION for a delete.
+        error = FailedPrecondition if deleting else AlreadyExists
+        if record.owner:
+            raise error(f"vModel {record.vmodel_id!r} is owned by {record.owner!r}: name that owner to {what} it")
+        raise error(f"vModel {record.vmodel_id!r} exists without an owner; a call for owner {owner[:100]!r} "
+                    f"may not {what} it")
+    if record.owner_token and caller is not None and caller.prefixes and caller.name != record.owner_token:
+        raise PermissionDenied(f"vModel {record.vmodel_id!r} was created with token {record.owner_token!r}; "
+                               f"token {caller.name!r} may not {what} it")
+
+
 class Management:
     def __init__(self, *, registry: Registry, view: ClusterView, runtimes: RuntimeLoader,
                  load_factor: float, load_timeout_s: float = 120.0,
@@ -198,10 +217,8 @@ class Management:
                          last_used_ms=last_used_ms or now_ms - offset, gpu=gpu)
 
     async def unregister_model(self, model_id: str) -> None:
-        referrers = self.view.referrers(model_id)
-        if referrers:
-            raise FailedPrecondition(f"model {model_id!r} is used by vModel(s) {', '.join(referrers)}; "
-                                     "delete or retarget them first")
+        # The registry refuses in the same transaction as the delete when a vModel refers to the
+        # model (this router's view could be behind another router's setVModel).
         if await self.registry.delete_model(model_id):
             log.info("model unregistered", model_id=model_id)
             await self.registry.clear_failures(model_id)
@@ -289,8 +306,10 @@ class Management:
         check_model_id(target_model_id)
         if len(owner) > MAX_OWNER_CHARS:
             raise InvalidArgument(f"vModel owner is {len(owner)} characters; the limit is {MAX_OWNER_CHARS}")
+        caller = current_caller()
+        created = False
         if info is not None:
-            spec, _ = await self.registry.register_model(
+            spec, created = await self.registry.register_model(
                 self._spec(target_model_id, info, load_now=load_now, last_used_ms=0))
         else:
             found = await self.registry.get_model(target_model_id)
@@ -308,14 +327,16 @@ class Management:
                 record = VModelRecord(vmodel_id=vmodel_id, active_model_id=target_model_id,
                                       target_model_id=target_model_id, owner=owner,
                                       auto_delete=auto_delete and info is not None,
+                                      created_models=(target_model_id,) if auto_delete and created else (),
+                                      owner_token=caller.name if caller is not None else "",
                                       updated_ms=int(self.clock() * 1000))
                 if await self.registry.put_vmodel(record, expected_revision=None):
                     log.info("vModel created", vmodel_id=vmodel_id, model_id=target_model_id)
                     break
+                await self._target_still_registered(target_model_id)
                 continue
             existing, revision = current
-            if owner and existing.owner and existing.owner != owner:
-                raise AlreadyExists(f"vModel {vmodel_id!r} is owned by {existing.owner!r}, not {owner!r}")
+            _check_owner(existing, owner, caller)
             if expected_target and expected_target != existing.target_model_id:
                 raise FailedPrecondition(f"vModel {vmodel_id!r} targets {existing.target_model_id!r}, "
                                          f"not the expected {expected_target!r}")
@@ -324,16 +345,18 @@ class Management:
                 break
             switch_now = force or existing.active_model_id == target_model_id or self._loaded(
                 target_model_id) or not self.view.copies(existing.active_model_id)
+            ours = (target_model_id,) if auto_delete and created else ()
             record = replace(existing, target_model_id=target_model_id,
                              active_model_id=target_model_id if switch_now else existing.active_model_id,
-                             owner=existing.owner or owner, failed=False,
-                             auto_delete=existing.auto_delete or (auto_delete and info is not None),
+                             failed=False, auto_delete=existing.auto_delete or (auto_delete and info is not None),
+                             created_models=tuple(dict.fromkeys((*existing.created_models, *ours))),
                              updated_ms=int(self.clock() * 1000))
-            if await self.registry.put_vmodel(record, expected_revision=revision):
+            if await self.registry.put_vmodel(record, expected_revision=revision, previous=existing):
                 log.info("vModel retargeted", vmodel_id=vmodel_id, target=target_model_id,
                          switched=switch_now)
                 await self._drop_orphans(existing, record)
                 break
+            await self._target_still_registered(target_model_id)
         if record.active_model_id != record.target_model_id or load_now:
             await self._ensure(spec, sync=sync, last_used_ms=int(self.clock() * 1000))
             if sync:
@@ -353,17 +376,25 @@ class Management:
                 return
             await asyncio.sleep(0.05)
 
+    async def _target_still_registered(self, model_id: str) -> None:
+        """After a vModel write lost its transaction: go round again, unless it lost because its
+        target was unregistered meanwhile."""
+        if await self.registry.get_model(model_id) is None:
+            raise ModelNotFound(model_id, what="target model")
+
     async def _drop_orphans(self, before: VModelRecord, after: VModelRecord | None) -> None:
-        """Auto-delete models that the change left unreferenced (only those created through an
-        auto-deleting setVModel)."""
-        if not before.auto_delete:
-            return
+        """Auto-delete the models this vModel's own calls created and the change left behind.
+        Never a model the call found registered (another tenant's base model), and never one any
+        other vModel still refers to: the registry deletes only if its refs are gone, in the same
+        transaction (another router may be pointing a vModel at it this very moment)."""
         keep = {after.active_model_id, after.target_model_id} if after else set()
-        for model_id in {before.active_model_id, before.target_model_id} - keep:
-            others = [v for v in self.view.referrers(model_id) if v != before.vmodel_id]
-            if not others:
-                log.info("auto-deleting unreferenced model", model_id=model_id, vmodel_id=before.vmodel_id)
-                await self.registry.delete_model(model_id)
+        for model_id in {before.active_model_id, before.target_model_id} & set(before.created_models) - keep:
+            try:
+                deleted = await self.registry.delete_model(model_id)
+            except FailedPrecondition:
+                continue  # another vModel refers to it: it stays
+            if deleted:
+                log.info("auto-deleted unreferenced model", model_id=model_id, vmodel_id=before.vmodel_id)
                 await self.registry.clear_failures(model_id)
 
     async def vmodel_status(self, vmodel_id: str, owner: str = "") -> VModelStatus:
@@ -387,9 +418,8 @@ class Management:
         if current is None:
             return  # already gone: deleting is idempotent
         record, revision = current
-        if owner and record.owner and record.owner != owner:
-            raise FailedPrecondition(f"vModel {vmodel_id!r} is owned by {record.owner!r}, not {owner!r}")
-        if await self.registry.delete_vmodel(vmodel_id, expected_revision=revision):
+        _check_owner(record, owner, current_caller(), deleting=True)
+        if await self.registry.delete_vmodel(record, expected_revision=revision):
             log.info("vModel deleted", vmodel_id=vmodel_id)
             self.view.vmodels.pop(vmodel_id, None)  # do not count it as a referrer below
             await self._drop_orphans(record, None)
@@ -407,7 +437,7 @@ class Management:
                     continue
                 flipped = replace(current[0], active_model_id=target, failed=False,
                                   updated_ms=int(now * 1000))
-                if await self.registry.put_vmodel(flipped, expected_revision=current[1]):
+                if await self.registry.put_vmodel(flipped, expected_revision=current[1], previous=current[0]):
                     log.info("vModel switched to its loaded target", vmodel_id=record.vmodel_id,
                              model_id=target)
                     await self._drop_orphans(current[0], flipped)
@@ -418,7 +448,7 @@ class Management:
                     current = await self.registry.get_vmodel(record.vmodel_id)
                     if current is not None and current[0].target_model_id == target:
                         await self.registry.put_vmodel(replace(current[0], failed=True),
-                                                       expected_revision=current[1])
+                                                       expected_revision=current[1], previous=current[0])
                 continue
             if not self.view.copies(target) and now - self._last_ensure.get(target, 0) > 10:
                 if len(self._last_ensure) > 10_000:  # old targets: keep only the recent attempts

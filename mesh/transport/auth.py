@@ -33,7 +33,7 @@ import structlog
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from mesh.auth import Principal, TokenTable, bearer_token, count_failure
+from mesh.auth import Principal, TokenTable, bearer_token, count_failure, set_caller
 from mesh.errors import InvalidArgument, MeshError, Unauthenticated
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2 as mm
@@ -187,6 +187,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 # Marked as the router's own answer (mesh-origin), like every other refusal of
                 # the router: clients (the controller) tell it from an unreachable router by that.
                 await abort(context, exc, origin=ORIGIN)
+            set_caller(principal)  # this call's task only: the handler checks ownership with it
             return await inner(request, context)
 
         return guarded

@@ -637,3 +637,23 @@ async def test_a_keepalive_that_dies_marks_its_lease_lost_at_once(etcd: EtcdProc
         await asyncio.wait_for(lease.lost.wait(), WAIT_S)  # at the first refresh (1 s), not at expiry
     finally:
         await store.close()
+
+
+async def test_transactions_write_all_or_nothing_on_their_conditions(h: Harness) -> None:
+    from mesh.registry.base import Compare, Op
+
+    s = h.store
+    await s.put("/t/model", b"m")
+    # An empty prefix holds; a key under it breaks the condition, and nothing is written.
+    assert await s.txn([Compare("prefix_empty", "/t/refs/m/"), Compare("present", "/t/model")],
+                       [Op("put", "/t/a", b"1"), Op("delete", "/t/model")])
+    assert await s.get("/t/model") is None and (await s.get("/t/a")) is not None
+    await s.put("/t/refs/m/v1", b"")
+    assert not await s.txn([Compare("prefix_empty", "/t/refs/m/")], [Op("put", "/t/b", b"2")])
+    assert await s.get("/t/b") is None
+    a = await s.get("/t/a")
+    assert a is not None
+    assert not await s.txn([Compare("mod_revision", "/t/a", a.mod_revision + 1)], [Op("put", "/t/c", b"")])
+    assert await s.txn([Compare("mod_revision", "/t/a", a.mod_revision), Compare("absent", "/t/c")],
+                       [Op("put", "/t/c", b"3"), Op("delete_prefix", "/t/refs/")])
+    assert (await s.get("/t/c")) is not None and (await s.get_prefix("/t/refs/"))[0] == []
