@@ -118,6 +118,9 @@ class RuntimeSettings:
                            "for the scraper).")
     metrics_port: int = _f(2112, "HTTP port serving Prometheus metrics at /metrics (ModelMesh's port); 0 "
                            "picks a free port (logged), -1 turns metrics off.")
+    health_port: int = _f(0, "Plaintext port serving grpc.health.v1 only, for probes that cannot speak "
+                          "TLS (Kubernetes' gRPC probe) when the gRPC port requires client certificates; "
+                          "0: off (health is always on the gRPC port too).")
     per_model_metrics: bool = _f(False, "Label inference, cache and load metrics with the model ID: one "
                                  "series per model, so off by default, as in ModelMesh (docs/metrics.md).")
     advertise_host: str = _f("", "Host published in the instance record for routers to dial; empty "

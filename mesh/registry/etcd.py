@@ -334,7 +334,12 @@ class EtcdStore:
         if ("authentication failed" in reason or "user name is empty" in reason
                 or code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)):
             user = self._security.username if self._security is not None else None
-            who = f"user {user!r}" if user else "no user (set registry.username and registry.password)"
+            if user:
+                who = f"user {user!r}"
+            elif self._security is not None and self._security.cert is not None:
+                who = "the user its client certificate names (registry.cert_file's common name)"
+            else:
+                who = "no user (set registry.username and registry.password, or registry.cert_file)"
             return InvalidArgument(f"registry {self.url} refused {what} for {who}: {reason}")
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidArgument(f"registry {self.url} rejected {what}: {reason}")

@@ -229,6 +229,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     if has_gpu:
         roots.spawn(gpus.follow(cache), "gpu-budgets")
     await health.start()
+    health_server = await health.serve_plaintext(rs.host, rs.health_port)
     await server.start()
     await publisher.publish_instance(force=True)
     service.ready = True
@@ -257,6 +258,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         left = await drain(lambda: service.inflight, lambda: service.last_started, rs.drain_timeout_s)
         log.info("drained", in_flight_left=left)
         await server.stop(grace=STOP_GRACE_S)
+        if health_server is not None:
+            await health_server.stop(grace=None)
         # 4. Leave the registry: revoking the lease removes our instance and placements at once.
         await call_soon_safely(lambda: session.close(revoke=True), "revoke lease")
         # 5. Stop the background loops, release the models and threads.

@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh.transport.server import add_health
+from mesh.transport.server import add_health, bind
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +44,19 @@ class HealthReporter:
         self._names = ("", *services)
         self.ready: bool | None = None
         self._leaving = False
+
+    async def serve_plaintext(self, host: str, port: int) -> grpc.aio.Server | None:
+        """The same health answers on a plaintext port of their own (``health_port``): Kubernetes'
+        gRPC probes cannot speak TLS, and a port that requires client certificates would fail them.
+        It carries nothing but health. None when ``port`` is 0 (off)."""
+        if port == 0:
+            return None
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        bound = bind(server, host, port)
+        await server.start()
+        log.info("health serving in plaintext", port=bound)
+        return server
 
     async def start(self) -> None:
         """Before the server starts: alive, not ready (the health servicer's default is SERVING)."""

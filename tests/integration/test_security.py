@@ -92,6 +92,14 @@ prefixes = ["team-a/"]
     return path
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
@@ -176,8 +184,9 @@ async def test_runtimes_accept_only_the_named_peers(pki: Pki, model: ModelArtifa
     The router (certificate "client") serves through the runtime; an intruder with a certificate of
     the same CA gets PERMISSION_DENIED on every runtime method, and cannot load a path of its own."""
     intruder = pki.ca.issue("intruder")
-    m = await InProcessMesh(memory_url(), extra={"tls": {**tls_settings(pki), "allowed_peers": "client"}}
-                            ).start(runtimes=1)
+    health_port = _free_port()
+    m = await InProcessMesh(memory_url(), extra={"tls": {**tls_settings(pki), "allowed_peers": "client"}},
+                            runtime_overrides={"health_port": health_port}).start(runtimes=1)
     assert m.router is not None
     router = tls_channel(m.router.endpoint, pki, pki.client)
     runtime = tls_channel(m.runtimes[0].endpoint, pki, intruder)
@@ -197,6 +206,14 @@ async def test_runtimes_accept_only_the_named_peers(pki: Pki, model: ModelArtifa
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
         health = await health_pb2_grpc.HealthStub(runtime).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # Kubernetes' gRPC probe speaks no TLS: the plaintext health port answers it, and only it.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as probe:
+            reply = await health_pb2_grpc.HealthStub(probe).Check(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await rt_grpc.ModelRuntimeStub(probe).unloadModel(rt.UnloadModelRequest(modelId="iris"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         np.testing.assert_array_equal(await infer(router, "iris", model), model.expected["predict"])
     finally:
         await router.close()
