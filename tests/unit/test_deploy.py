@@ -364,7 +364,13 @@ def test_config_parses_with_the_settings_loader(base: list[Doc], tmp_path: Path)
     assert {p["containerPort"] for p in _container(_one(base, "Deployment", "mesh-router"))["ports"]} \
         == {settings.router.port, 2112}
     assert {p["containerPort"] for p in _container(_one(base, "StatefulSet", "mesh-runtime"))["ports"]} \
-        == {settings.runtime.port, 2112}
+        == {settings.runtime.port, settings.runtime.health_port, 2112}
+    # Confined model files, metrics reachable by Prometheus, etcd over TLS with the pod's certificate.
+    assert settings.runtime.model_roots == ("/models",)
+    assert settings.router.metrics_host == settings.runtime.metrics_host == "0.0.0.0"
+    assert (settings.registry.ca_file, settings.registry.cert_file) == ("/etc/mesh-pki/ca.crt",
+                                                                       "/etc/mesh-pki/tls.crt")
+    assert settings.tls.runtime_server_name == "mesh-runtime"
 
 
 def test_pod_environment_names_known_settings(base: list[Doc], tmp_path: Path) -> None:
@@ -389,13 +395,17 @@ def test_runtime_capacity_comes_from_its_memory_limit(base: list[Doc]) -> None:
     env = _env(container)
     assert env["MESH_RUNTIME_ADVERTISE_HOST"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["MESH_RUNTIME_INSTANCE_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert container["readinessProbe"]["grpc"]["port"] == 8085
-    assert container["livenessProbe"]["grpc"] == {"port": 8085, "service": "liveness"}
+    # Probes on the plaintext health port: the gRPC port requires client certificates.
+    assert container["readinessProbe"]["grpc"]["port"] == 8086
+    assert container["livenessProbe"]["grpc"] == {"port": 8086, "service": "liveness"}
+    assert env["MESH_TLS_CLIENT_AUTH"] == "require"
+    assert env["MESH_TLS_ALLOWED_PEERS"] == "mesh-router,mesh-runtime"
     assert pod["terminationGracePeriodSeconds"] == 60
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
     (models,) = [m for m in container["volumeMounts"] if m["name"] == "models"]
     assert container["workingDir"] == models["mountPath"]
-    assert [v for v in pod["volumes"] if v["name"] == "models"] == [{"name": "models", "emptyDir": {}}]
+    (models_volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert models_volume["emptyDir"]["sizeLimit"]
 
 
 def test_router_and_controller(base: list[Doc]) -> None:
@@ -464,3 +474,71 @@ def test_monitoring_scrapes_routers_and_runtimes_and_ships_the_dashboard(base: l
     (text,) = dashboard["data"].values()
     assert json.loads(text) == json.loads((DEPLOY / "grafana" / "mesh-dashboard.json").read_text())
     assert json.loads(text)["uid"] == "mesh-serving"
+
+
+def _pods(base: list[Doc]) -> list[tuple[str, Doc]]:
+    """(name, pod template spec) of every workload, the bootstrap Job's included."""
+    return [(d["metadata"]["name"], d["spec"]["template"]) for d in base if d["kind"] in ("Deployment",
+                                                                                           "StatefulSet", "Job")]
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard(base: list[Doc]) -> None:
+    namespace = _one(base, "Namespace", NAMESPACE)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for name, template in _pods(base):
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert context["readOnlyRootFilesystem"] is True, name
+        for volume in pod.get("volumes", []):
+            if "emptyDir" in volume:
+                assert volume["emptyDir"].get("sizeLimit"), f"{name}: emptyDir {volume['name']} without a limit"
+
+
+def test_network_policies_cover_every_pod_and_name_real_ports(base: list[Doc]) -> None:
+    policies = [d for d in base if d["kind"] == "NetworkPolicy"]
+    for name, template in _pods(base):
+        labels = template["metadata"]["labels"]
+        mine = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
+        assert len(mine) == 1, f"{name}: {len(mine)} policies"
+        ports = {port["name"] for c in template["spec"]["containers"] for port in c.get("ports", [])}
+        for rule in mine[0]["spec"]["ingress"]:
+            for port in rule.get("ports", []):
+                assert port["port"] in ports, f"{name}: policy names port {port['port']}, pod has {ports}"
+    runtime = _one(base, "NetworkPolicy", "mesh-runtime")["spec"]["ingress"]
+    (grpc_rule,) = [r for r in runtime if {"port": "grpc"} in r.get("ports", [])]
+    callers = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in grpc_rule["from"]}
+    assert callers == {"mesh-router", "mesh-runtime"}
+    etcd = _one(base, "NetworkPolicy", "mesh-etcd")["spec"]["ingress"]
+    (client_rule,) = [r for r in etcd if {"port": "client"} in r.get("ports", [])]
+    callers = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in client_rule["from"]}
+    assert callers == {"mesh-router", "mesh-runtime", "mesh-etcd-bootstrap"}
+    assert _one(base, "NetworkPolicy", "mesh-controller")["spec"]["ingress"] == []
+
+
+def test_certificates_name_the_etcd_users_and_the_allowed_peers(base: list[Doc]) -> None:
+    from mesh.registry.bootstrap import PERMISSIONS
+
+    certificates = {d["spec"]["secretName"]: d["spec"] for d in base if d["kind"] == "Certificate"}
+    secrets = {}
+    for name, template in _pods(base):
+        for volume in template["spec"].get("volumes", []):
+            if "secret" in volume:
+                secrets[name] = volume["secret"]["secretName"]
+    common_names = {name: certificates[secret]["commonName"] for name, secret in secrets.items()}
+    # The mesh's components are etcd users with the bootstrap's roles; the Job is root.
+    assert common_names["mesh-router"] in PERMISSIONS and common_names["mesh-runtime"] in PERMISSIONS
+    assert common_names["mesh-etcd-bootstrap"] == "root"
+    assert "mesh-controller" not in secrets  # no etcd user, no certificate: it talks to routers
+    env = _env(_container(_one(base, "StatefulSet", "mesh-runtime")))
+    assert set(env["MESH_TLS_ALLOWED_PEERS"].split(",")) == {common_names["mesh-router"],
+                                                             common_names["mesh-runtime"]}
+    # Routers dial runtimes by pod IP and check this name in their certificate.
+    assert "mesh-runtime" in certificates["mesh-runtime-tls"]["dnsNames"]
+    etcd = _container(_one(base, "StatefulSet", "mesh-etcd"))["command"]
+    assert "--client-cert-auth=true" in etcd and "--peer-client-cert-auth=true" in etcd
+    assert all(not a.startswith("--listen-client-urls=http:") for a in etcd)
