@@ -2,10 +2,11 @@
 
 Hypothesis writes the requests (derandomized: the same cases every run, so a failure reproduces):
 wrong datatypes and shapes for the model, raw contents of the wrong size, contents and raw both
-present, BYTES tensors, messages over the size limit (set to 256 KiB here), unknown models, empty
-and 10 KB IDs in ``mm-model-id`` / ``mm-vmodel-id`` / ``model_name``, invalid UTF-8 in ``-bin``
-headers. Every case goes to the router and to the runtime directly; then both must still answer a
-valid request correctly.
+present, more than 64 dimensions, BYTES tensors (also ones claiming millions of elements, and ones
+with tens of thousands of empty elements), messages over the size limit (set to 256 KiB here),
+unknown models, many distinct model IDs, empty and 10 KB IDs in ``mm-model-id`` /
+``mm-vmodel-id`` / ``model_name``, invalid UTF-8 in ``-bin`` headers. Every case goes to the
+router and to the runtime directly; then both must still answer a valid request correctly.
 
 The flood runs against real processes (a private etcd, a runtime, a router, started as ``mesh up``
 does): 2,000 concurrent requests mixing those cases with valid ones; every answer is a status from
@@ -61,10 +62,14 @@ def _tensor(draw: st.DrawFn, n_features: int) -> tuple[pb.ModelInferRequest.Infe
     datatype = draw(st.sampled_from([*DATATYPES, "", "FP8", "fp32", "STRING"]))
     shape = draw(st.one_of(st.just([2, n_features]),
                            st.lists(st.integers(-2, 2**40), max_size=4),
-                           st.lists(st.integers(0, 6), min_size=1, max_size=3)))
+                           st.lists(st.integers(0, 6), min_size=1, max_size=3),
+                           # more dimensions than any model has (the bound is 64)
+                           st.lists(st.integers(1, 2), min_size=65, max_size=90),
+                           # a BYTES tensor claiming millions of elements from a few bytes
+                           st.just([2**21]), st.just([1024, 1025])))
     tensor = pb.ModelInferRequest.InferInputTensor(name=draw(st.sampled_from(["x", "", "other"])),
                                                    datatype=datatype, shape=shape)
-    fill = draw(st.sampled_from(["fp32", "int", "bytes", "bool", "none", "raw", "both"]))
+    fill = draw(st.sampled_from(["fp32", "int", "bytes", "many-bytes", "bool", "none", "raw", "both"]))
     values = draw(st.lists(st.floats(allow_nan=True, width=32), max_size=24))
     if fill in ("fp32", "both"):
         tensor.contents.fp32_contents.extend(values)
@@ -73,6 +78,8 @@ def _tensor(draw: st.DrawFn, n_features: int) -> tuple[pb.ModelInferRequest.Infe
                                             for v in values)
     elif fill == "bytes":
         tensor.contents.bytes_contents.extend(draw(st.lists(st.binary(max_size=16), max_size=8)))
+    elif fill == "many-bytes":  # many tiny elements: per-element cost, not size, is the attack
+        tensor.contents.bytes_contents.extend([b""] * draw(st.sampled_from([4096, 70_000])))
     elif fill == "bool":
         tensor.contents.bool_contents.extend(draw(st.lists(st.booleans(), max_size=24)))
     raw = draw(st.binary(max_size=200)) if fill in ("raw", "both") else None
@@ -81,7 +88,8 @@ def _tensor(draw: st.DrawFn, n_features: int) -> tuple[pb.ModelInferRequest.Infe
 
 @st.composite
 def cases(draw: st.DrawFn, n_features: int) -> Case:
-    name = draw(st.sampled_from(IDS))
+    # Fixed IDs, and many distinct ones (each unknown ID must cost the servers nothing lasting).
+    name = draw(st.one_of(st.sampled_from(IDS), st.text(max_size=300)))
     tensor, raw, what = _tensor(draw, n_features)
     request = pb.ModelInferRequest(model_name=name, inputs=[tensor])
     if raw is not None:
@@ -157,6 +165,9 @@ async def test_fuzzed_requests_get_proper_statuses_at_router_and_runtime(tmp_pat
                 answers = [await send(channel, case) for case in generated]
                 check(answers, generated, where)
                 assert {c for c, _ in answers} - {OK}, "the fuzzer produced no bad request at all"
+                details = " ".join(d for _, d in answers)
+                # The new bounds were reached, not just the cheap checks in front of them.
+                assert "dimensions" in details and "BYTES" in details, (where, Counter(d[:60] for _, d in answers))
                 await valid_answer(channel, model)
         async with grpc.aio.insecure_channel(mesh.router.endpoint) as channel:  # type: ignore[union-attr]
             await valid_answer(channel, model, header="mm-vmodel-id")
