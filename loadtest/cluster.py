@@ -132,7 +132,8 @@ class Cluster:
                       extra_env: dict[str, str] | None = None) -> Server:
         env = {**self._env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_METRICS_PORT": "0",
                "MESH_RUNTIME_CAPACITY_BYTES": str(capacity_bytes),
-               "MESH_RUNTIME_INSTANCE_ID": f"{name}-{os.getpid()}", **(extra_env or {})}
+               "MESH_RUNTIME_INSTANCE_ID": f"{name}-{os.getpid()}",
+               "MESH_RUNTIME_STATE_DIR": str(self.workdir / f"{name}.state"), **(extra_env or {})}
         return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "runtime"], env)
 
     def start_router(self, name: str = "router", *, extra_env: dict[str, str] | None = None) -> Server:

@@ -43,6 +43,10 @@ class RegistrySettings:
                           "this long after it dies (ModelMesh: 20 s, plus a reaper pass of minutes).", "s")
     failure_ttl_s: int = _f(300, "How long a load-failure record lives; while it does, routers do not "
                             "retry the load on that instance (ModelMesh keeps them 15 min).", "s")
+    crash_quarantine_s: int = _f(60, "A runtime that dies while loading a model quarantines that model: no "
+                                 "runtime loads it for this long. A runtime that restarts and finds the "
+                                 "load crashed it (a fatal signal in the loader) makes the quarantine last "
+                                 "until the model is registered again (docs/security.md).", "s")
     # etcd security (docs/security.md). TLS is on when ca_file is set; the credentials are etcd's own
     # users (`etcdctl user add`, `auth enable`). None of these ever appears in a log line or the URL.
     ca_file: str = _f("", "PEM CA bundle etcd's server certificate is verified with; setting it turns TLS "
@@ -103,6 +107,19 @@ class RouterSettings:
                                    "under a flood. gRPC's own default (1,000) sheds a burst of 2,000 "
                                    "concurrent calls on one connection; 4,096 takes such bursts while "
                                    "holding at most a flow-control window per call.")
+    max_inflight_bytes: int = _f(1024 * _MIB, "Request bytes in flight in one process (router, and runtime "
+                                 "inference): a call that would pass it is answered RESOURCE_EXHAUSTED at "
+                                 "once (mesh.transport.inflight).", "bytes")
+    max_inflight_requests: int = _f(20_000, "Calls in flight in one process (router, and runtime inference); "
+                                    "past it, RESOURCE_EXHAUSTED.")
+    max_connection_inflight_bytes: int = _f(256 * _MIB, "Request bytes in flight on one client connection to "
+                                            "a router; past it, RESOURCE_EXHAUSTED (0: no bound).", "bytes")
+    max_streams_per_connection: int = _f(0, "Calls open at once on one connection (HTTP/2 "
+                                         "MAX_CONCURRENT_STREAMS, router and runtime ports); 0: no limit "
+                                         "(gRPC's default). Bounds the messages gRPC reads at once for one "
+                                         "connection, before any handler can refuse them; gRPC clients queue "
+                                         "the calls past it, but a burst on a new connection can have some "
+                                         "refused (UNAVAILABLE, retryable).")
     unreachable_probe_s: float = _f(0.5, "How often the router probes an instance it marked unreachable "
                                     "(no answer at the connection level) to take it back; until then no "
                                     "request goes there first. Half a second: a killed runtime costs each "
@@ -173,6 +190,10 @@ class RuntimeSettings:
                               "stuck mount, a hung library) after which the runtime takes no more loads "
                               "and reports not ready: it serves what it holds, and routers load "
                               "elsewhere. Each stuck load holds a thread and its reserved memory.")
+    state_dir: str = _f("", "Where the runtime writes down the loads in progress and any fatal crash, so "
+                        "that after a restart it can say which model killed it (empty: "
+                        "<temp dir>/mesh-runtime/<instance_id>; it must survive a restart of the "
+                        "process, as an emptyDir survives a container restart).")
     warm_imports_timeout_s: float = _f(60.0, "Bound on importing the loader libraries of the supported "
                                        "types at start-up, before the instance reports ready, so that "
                                        "a first load measures the model, not the library (torch takes "

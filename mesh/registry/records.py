@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -242,6 +242,7 @@ def gpu_tier(spec: ModelSpec, instances: Iterable[InstanceRecord]) -> set[str]:
 LOADING = "loading"
 LOADED = "loaded"
 FAILED = "failed"
+CRASH = "crash"  # FailureRecord.kind: the instance died while loading the model
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,12 +268,18 @@ class PlacementRecord:
 
 @dataclass(frozen=True, slots=True)
 class FailureRecord:
-    """A failed load (``failures/<model>/<iid>``), on a short lease so that it expires by itself."""
+    """A failed load (``failures/<model>/<iid>``), on a short lease so that it expires by itself.
+
+    ``kind`` CRASH: the instance died while loading the model. That quarantines the model on every
+    instance (``quarantine``): on the lease of ``registry.crash_quarantine_s`` when a caller saw the
+    death, with no lease (until the model is unregistered) when the restarted instance found that
+    the loader itself raised a fatal signal (``mesh.runtime.journal``)."""
 
     model_id: str
     instance_id: str
     reason: str
     time_ms: int = 0
+    kind: str = ""  # "" (the loader raised; this instance only) or CRASH
 
     def to_json(self) -> bytes:
         return _encode(self)
@@ -282,7 +289,13 @@ class FailureRecord:
         return _decode(cls, raw)
 
 
+def quarantine(failures: Mapping[str, FailureRecord]) -> FailureRecord | None:
+    """The crash record among a model's failure records, if any: no instance may load it."""
+    return next((f for f in failures.values() if f.kind == CRASH), None)
+
+
 __all__ = [
+    "CRASH",
     "FAILED",
     "GPU_LABEL",
     "GPU_MODES",
@@ -297,4 +310,5 @@ __all__ = [
     "PlacementRecord",
     "VModelRecord",
     "gpu_tier",
+    "quarantine",
 ]

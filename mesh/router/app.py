@@ -11,6 +11,7 @@ from mesh.errors import Unavailable
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.observability.metrics import RouterMetrics
 from mesh.registry import open_store
+from mesh.registry.crashes import CrashWitness
 from mesh.registry.mirror import PrefixMirror
 from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
@@ -28,6 +29,7 @@ from mesh.tracing import tracer_for
 from mesh.transport.auth import interceptors_for
 from mesh.transport.handlers import generic_handler
 from mesh.transport.health import HealthReporter
+from mesh.transport.inflight import InflightLimit, trim_soon
 from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.server import ChannelPool, bind, new_server
 from mesh.transport.tls import peer_interceptors, runtime_channel_security, server_credentials
@@ -56,7 +58,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
         PrefixMirror(store, keys.failures, view.put_failure, view.delete_failure),
     ]
     specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
-    runtime_client = RuntimeClient(channels)
+    witness = CrashWitness(registry, settings.registry.crash_quarantine_s, on_record=view.add_failure)
+    runtime_client = RuntimeClient(channels, witness)
     scaler = CopyScaler(view=view, specs=specs, runtimes=runtime_client, load_timeout_s=rs.default_timeout_s,
                         pinned=registry.pinned_models, pin_check_s=rs.min_copies_check_s,
                         config=ScalingConfig(rps_threshold=rs.scale_rps_threshold,
@@ -78,9 +81,14 @@ async def serve_router(settings: Settings, roots: RootTasks,
                           load_factor=rs.load_factor, streams_per_runtime=rs.streams_per_runtime,
                           scaler=scaler, ready=lambda: not_ready() is None,
                           access_log=settings.log.access_log, tracer=tracer_for(settings.log, "router"),
-                          metrics=metrics)
+                          metrics=metrics,
+                          inflight=InflightLimit(max_bytes=rs.max_inflight_bytes,
+                                                 max_requests=rs.max_inflight_requests,
+                                                 max_connection_bytes=rs.max_connection_inflight_bytes,
+                                                 on_burst=trim_soon()))
     reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=forwarder.forget)
     forwarder.on_gone = reachability.mark
+    forwarder.witness = witness
     forwarder.on_missed_deadline = reachability.suspect
     background = Background("router")
 
@@ -94,7 +102,9 @@ async def serve_router(settings: Settings, roots: RootTasks,
                             model_roots=settings.runtime.model_roots)
 
     server = new_server(rs.max_message_bytes, [*peer_interceptors(settings.tls), *interceptors],
-                        max_pending_requests=rs.max_pending_requests)
+                        max_pending_requests=rs.max_pending_requests,
+                        max_streams_per_connection=rs.max_streams_per_connection,
+                        max_calls=rs.max_inflight_requests)
     server.add_generic_rpc_handlers((
         forwarder.handler(),
         generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],

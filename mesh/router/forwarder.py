@@ -11,7 +11,9 @@ Per attempt: choose a target (``routing``), forward with the concrete ID in ``mm
 when the copy is believed loaded, ``mesh-load: deny``. A "not here" answer or a broken connection
 excludes that instance and the next attempt chooses again; so does a failed load, until the
 model has failed on ``MAX_LOAD_FAILURES`` instances (``_try_load_elsewhere``); any other answer
-(success or the runtime's own error) goes back to the client as it is.
+(success or the runtime's own error) goes back to the client as it is. A runtime that dies while
+loading the model is the exception: the crash witness quarantines the model (FAILED_PRECONDITION,
+no other runtime tried: ``mesh.registry.crashes``).
 
 The hot path avoids work per request: one cached multicallable per endpoint, metadata built from
 a short tuple, no logging on success. The client's metadata, ``traceparent``, ``tracestate`` and
@@ -32,11 +34,12 @@ import grpc
 import structlog
 
 from mesh import __version__
-from mesh.errors import MeshError, ModelNotFound, Unavailable
+from mesh.errors import MeshError, ModelNotFound, ResourceExhausted, Unavailable
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
 from mesh.logging import REQUEST_ID, bind_request, current_request, header, new_request_id
 from mesh.observability.metrics import RouterMetrics
+from mesh.registry.crashes import CrashWitness
 from mesh.registry.records import ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.router.replicas import CopyScaler
@@ -44,10 +47,11 @@ from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
 from mesh.tracing import Tracer
 from mesh.transport.handlers import generic_handler
+from mesh.transport.inflight import InflightLimit
 from mesh.transport.metadata import LOAD_MODE, MODEL_ID, VMODEL_ID, model_selection
 from mesh.transport.multiplex import MAX_FRAME_BODY, MultiplexPool, StreamError, StreamGone
 from mesh.transport.server import ChannelPool
-from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, status_of
+from mesh.transport.status import NOT_HERE_KEY, ORIGIN_KEY, lost_peer, status_of
 from mesh.transport.wire import read_model_name
 
 log = structlog.get_logger(__name__)
@@ -91,16 +95,9 @@ def _classify(err: grpc.aio.AioRpcError) -> str:
     """NOT_HERE: the runtime answered that the copy is not there (evicted meanwhile); GONE: no
     answer from the runtime at all (connection refused or reset); FINAL: the runtime's own answer,
     passed back to the client."""
-    origin = False
-    for key, _ in err.trailing_metadata() or ():
-        if key == NOT_HERE_KEY:
-            return NOT_HERE
-        if key == ORIGIN_KEY:
-            origin = True
-    if not origin and err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                     grpc.StatusCode.UNKNOWN):
-        return GONE
-    return FINAL
+    if any(key == NOT_HERE_KEY for key, _ in err.trailing_metadata() or ()):
+        return NOT_HERE
+    return GONE if lost_peer(err) else FINAL
 
 
 class Forwarder:
@@ -108,7 +105,8 @@ class Forwarder:
                  max_attempts: int, load_factor: float,
                  ready: Callable[[], bool], streams_per_runtime: int = 2,
                  scaler: CopyScaler | None = None, access_log: bool = False,
-                 tracer: Tracer | None = None, metrics: RouterMetrics | None = None) -> None:
+                 tracer: Tracer | None = None, metrics: RouterMetrics | None = None,
+                 inflight: InflightLimit | None = None) -> None:
         self.view = view
         self.metrics = metrics or RouterMetrics()
         self.specs = specs
@@ -127,6 +125,9 @@ class Forwarder:
         # Told of each instance found gone, so that later requests route around it too.
         self.on_gone: Callable[[str], None] | None = None
         self.on_missed_deadline: Callable[[str], None] | None = None
+        # Told when a runtime dies under a request that made it load (mesh.registry.crashes).
+        self.witness: CrashWitness | None = None
+        self.inflight = inflight or InflightLimit(max_bytes=1 << 30, max_requests=20_000)
 
     # --- target selection ---------------------------------------------------------------------
     def _resolve(self, requested: str, is_vmodel: bool, from_header: bool) -> str:
@@ -271,6 +272,12 @@ class Forwarder:
             try:
                 return await self._attempt(target, method, model_id, body, metadata, remaining, spec)
             except Retry as exc:
+                if exc.kind == GONE and target.allow_load and self.witness is not None:
+                    # Did it die loading this model? Then no other runtime is tried with it.
+                    crash = await self.witness.lost(model_id, target.instance_id)
+                    if crash is not None:
+                        raise RemoteError(grpc.StatusCode.FAILED_PRECONDITION,
+                                          f"model {model_id!r} is quarantined: {crash.reason}") from None
                 retry = exc
                 self._exclude(model_id, target, exc.kind, gone, stale)
             except RemoteError as exc:
@@ -372,7 +379,18 @@ class Forwarder:
                             bytes_in=len(body), bytes_out=len(response))
 
     async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._relay(INFER, body, context)
+        size = len(body)
+        try:
+            connection = self.inflight.enter(size, context.peer())
+            refused = ""
+        except ResourceExhausted as exc:
+            refused = exc.message
+        if refused:  # aborted outside the except block: no cycle keeps the body (mesh.malloc.trim)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        try:
+            return await self._relay(INFER, body, context)
+        finally:
+            self.inflight.leave(size, connection)
 
     async def model_metadata_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return await self._relay(f"/{SERVICE}/ModelMetadata", body, context)

@@ -42,6 +42,7 @@ from mesh.registry.records import (
     LOADING,
     ModelSpec,
     VModelRecord,
+    quarantine,
 )
 from mesh.registry.registry import Registry
 from mesh.registry.specs import SpecCache
@@ -233,6 +234,8 @@ class Management:
         states = {c.state for c in copies}
         if LOADED in states:
             status = "LOADED"
+        elif quarantine(self.view.failures.get(model_id, {})) is not None:
+            status = "LOADING_FAILED"  # the dead runtime's "loading" placement outlives it a while
         elif LOADING in states:
             status = "LOADING"
         elif failures:
@@ -443,7 +446,8 @@ class Management:
                     await self._drop_orphans(current[0], flipped)
                 continue
             failures = self.view.failures.get(target, {})
-            if len(failures) >= min(MAX_LOAD_FAILURES, max(len(self.view.instances), 1)):
+            if (quarantine(failures) is not None
+                    or len(failures) >= min(MAX_LOAD_FAILURES, max(len(self.view.instances), 1))):
                 if not record.failed:
                     current = await self.registry.get_vmodel(record.vmodel_id)
                     if current is not None and current[0].target_model_id == target:

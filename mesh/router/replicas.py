@@ -29,10 +29,10 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from mesh.registry.records import ModelSpec
+from mesh.registry.records import ModelSpec, quarantine
 from mesh.registry.specs import SpecCache
 from mesh.router.management import RuntimeLoader
-from mesh.router.routing import Target, eligible
+from mesh.router.routing import MAX_LOAD_FAILURES, Target, eligible
 from mesh.router.view import ClusterView
 from mesh.tasks import Background
 from placement.hashing import copy_order
@@ -99,11 +99,12 @@ class CopyScaler:
                 # Nothing to do: the held copy's advance in the eviction order runs out by itself.
                 log.info("releasing a copy to the cache policy", reason="cooled down", model_id=model_id,
                          rate_rps=round(self.policy.rate(model_id, now), 2), copies=len(holders))
-            if decision.add <= 0:
+            failures = self.view.failures.get(model_id, {})
+            if decision.add <= 0 or quarantine(failures) is not None:
                 continue
             per_copy = self.policy.rate(model_id, now) / len(holders)
             reason = "hot: rate" if per_copy > self.policy.config.rps_threshold else "hot: queue"
-            order = copy_order(model_id, candidates, exclude=set(holders))
+            order = copy_order(model_id, candidates, exclude=set(holders) | failures.keys())
             for instance_id in order[:decision.add]:
                 if (model_id, instance_id) in self._loading:
                     continue
@@ -120,11 +121,16 @@ class CopyScaler:
             pending = sum(1 for m, _ in self._loading if m == model_id)
             if len(holders) + pending >= wanted:
                 continue
+            failures = self.view.failures.get(model_id, {})
+            if quarantine(failures) is not None:
+                continue  # a runtime died loading it (mesh.registry.crashes): no copy is pinned
             spec = await self.specs.get(model_id)
             if spec is None:
                 continue  # an index entry outliving its model (see mesh.registry.keys)
             candidates = [r.instance_id for r in eligible(self.view, spec)]
-            busy = set(holders) | {i for m, i in self._loading if m == model_id}
+            if len(failures) >= min(MAX_LOAD_FAILURES, len(candidates)):
+                continue  # it fails to load: the failure records say why, until they expire
+            busy = set(holders) | {i for m, i in self._loading if m == model_id} | failures.keys()
             for instance_id in copy_order(model_id, candidates, exclude=busy)[:wanted - len(holders) - pending]:
                 self._add_copy(spec, instance_id, reason="min_copies")
                 started += 1

@@ -17,7 +17,8 @@ Eligible means: not shutting down, supports the model's type, carries every labe
 requires (a model with ``gpu: required`` needs an instance that loads its type on a GPU), fits the
 model at all (on the device it would use), and has no unexpired load-failure record for it. A model
 with ``gpu: preferred`` is homed among the eligible instances with such a GPU when there are any. A model that
-failed on ``max_load_failures`` instances fails fast with the recorded reason.
+failed on ``max_load_failures`` instances fails fast with the recorded reason; so does a model
+quarantined because a runtime died loading it (``mesh.registry.crashes``), on the first death.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from collections.abc import Container
 from dataclasses import dataclass
 
 from mesh.errors import FailedPrecondition, ResourceExhausted, Unavailable
-from mesh.registry.records import GPU_REQUIRED, LOADED, LOADING, InstanceRecord, ModelSpec, gpu_tier
+from mesh.registry.records import (
+    GPU_REQUIRED,
+    LOADED,
+    LOADING,
+    InstanceRecord,
+    ModelSpec,
+    gpu_tier,
+    quarantine,
+)
 from mesh.router.view import ClusterView
 from placement.hashing import Candidate, choose_home
 
@@ -104,6 +113,9 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
         raise FailedPrecondition(
             f"no instance can serve model {spec.model_id!r}: none supports type {spec.type!r}{labels}")
     failures = view.failures.get(spec.model_id, {})
+    crash = quarantine(failures)
+    if crash is not None:  # a runtime died loading it: no other is tried (mesh.registry.crashes)
+        raise FailedPrecondition(f"model {spec.model_id!r} is quarantined: {crash.reason}")
     if len(failures) >= min(MAX_LOAD_FAILURES, len(instances)):
         reason = next(iter(failures.values())).reason
         raise FailedPrecondition(f"model {spec.model_id!r} failed to load on {len(failures)} "

@@ -97,7 +97,10 @@ class ClusterView:
 
 
     def put_failure(self, kv: KeyValue) -> None:
-        record = FailureRecord.from_json(kv.value)
+        self.add_failure(FailureRecord.from_json(kv.value))
+
+    def add_failure(self, record: FailureRecord) -> None:
+        """Also this router's own crash records, taken before its watch brings them back."""
         self.failures.setdefault(record.model_id, {})[record.instance_id] = record
         self.version += 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import functools
 import os
 import secrets
@@ -10,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import structlog
 
@@ -17,7 +19,8 @@ from mesh import __version__
 from mesh.errors import BadRecord, InvalidArgument
 from mesh.observability.metrics import RuntimeMetrics
 from mesh.registry import open_store
-from mesh.registry.records import GPU_LABEL, InstanceRecord
+from mesh.registry.crashes import CrashWitness, record_leftovers
+from mesh.registry.records import GPU_LABEL, InstanceRecord, ModelSpec
 from mesh.registry.registry import Registry
 from mesh.registry.security import etcd_security
 from mesh.registry.session import RegistrySession
@@ -26,8 +29,9 @@ from mesh.runtime.cache import DeviceBudget, LoadFn, ModelCache
 from mesh.runtime.capacity import GpuMemory, device_capacities, ram_capacity
 from mesh.runtime.failures import RecentFailures, RememberingCache
 from mesh.runtime.gpu import nvml_reader
+from mesh.runtime.journal import LoadJournal, default_state_dir
 from mesh.runtime.loaders import supported_types
-from mesh.runtime.loaders.base import LoadPolicy
+from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
 from mesh.runtime.publisher import Publisher
 from mesh.runtime.rehome import drain, rehome
 from mesh.runtime.service import (
@@ -43,6 +47,7 @@ from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
 from mesh.transport.health import HealthReporter
+from mesh.transport.inflight import InflightLimit, trim_soon
 from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.server import ChannelPool, bind, new_server
 from mesh.transport.tls import peer_interceptors, runtime_channel_security, server_credentials
@@ -66,14 +71,15 @@ def device_policy(name: str, capacity_bytes: int) -> EvictionPolicy:
 STOP_GRACE_S = 0.5
 
 
-async def _rehome(settings: Settings, registry: Registry, cache: ModelCache, instance_id: str) -> None:
+async def _rehome(settings: Settings, registry: Registry, cache: ModelCache, instance_id: str,
+                  witness: CrashWitness) -> None:
     rs = settings.runtime
     channels = ChannelPool(settings.router.max_message_bytes, runtime_channel_security(settings.tls))
     started = time.monotonic()
     try:
         async with asyncio.timeout(rs.rehome_timeout_s):
             result = await rehome(instance_id=instance_id, registry=registry, cache=cache,
-                                  runtimes=RuntimeClient(channels), load_factor=settings.router.load_factor,
+                                  runtimes=RuntimeClient(channels, witness), load_factor=settings.router.load_factor,
                                   recent_s=rs.rehome_recent_s, max_models=rs.rehome_max_models,
                                   timeout_s=rs.rehome_timeout_s)
         log.info("re-homed models", seconds=round(time.monotonic() - started, 3), **vars(result))
@@ -107,6 +113,14 @@ async def claim_instance_id(registry: Registry, instance_id: str, endpoint: str,
         log.info("instance ID in use; waiting for the holder's lease to expire", instance_id=instance_id,
                  holder=holder.endpoint)
         await asyncio.sleep(0.5)
+
+
+def journaled(load_fn: LoadFn, journal: LoadJournal) -> LoadFn:
+    """``load_fn`` with its call written down in the journal, in the load's own thread."""
+    def load(spec: ModelSpec, device: str) -> LoadedModel:
+        with journal.during(spec):
+            return load_fn(spec, device)
+    return load
 
 
 def new_instance_id() -> str:
@@ -151,6 +165,13 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         log.warning("model paths are not confined: a registration may name any file this process can "
                     "read; set runtime.model_roots (docs/security.md)")
     load_fn = load_fn or functools.partial(load_model, policy=policy)
+    # The loads in progress, written down before each starts: after a crash, the restarted
+    # runtime says which model killed it (mesh.runtime.journal).
+    journal = LoadJournal(Path(rs.state_dir) if rs.state_dir else default_state_dir(instance_id))
+    leftovers = await asyncio.to_thread(journal.recover)
+    if not faulthandler.is_enabled():  # a process of its own (under pytest, pytest holds it)
+        journal.watch_fatal_signals()
+    load_fn = journaled(load_fn, journal)
     sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
                                         floor_bytes=rs.default_model_size_bytes), roots=rs.model_roots)
     load_pool = ThreadPoolExecutor(rs.max_concurrent_loads, thread_name_prefix="load")
@@ -161,19 +182,25 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                              prepare_fn=prepare_load, estimate_fn=sizer.prepare,
                              max_stuck_loads=rs.max_stuck_loads, size_floor_bytes=rs.default_model_size_bytes,
                              failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage,
-                             device_executors=device_pools)
+                             device_executors=device_pools,
+                             before_load=lambda entry: publisher.announce(entry))
     specs = SpecCache(registry, max_entries=10_000)
     metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
                              infer_executor=infer_pool, sizer=sizer, types=types,
                              inline_predict_ms=rs.inline_predict_ms, metrics=metrics,
+                             limit=InflightLimit(max_bytes=settings.router.max_inflight_bytes,
+                                                 max_requests=settings.router.max_inflight_requests,
+                                                 on_burst=trim_soon()),
                              device_executors=device_pools)
 
     # Only the mesh's routers (and re-homing runtimes) may call the runtime port, when their
     # certificate names are configured; then their frames' registrations are trusted too.
     peers = peer_interceptors(settings.tls)
     server = new_server(settings.router.max_message_bytes, peers,
-                        max_pending_requests=settings.router.max_pending_requests)
+                        max_pending_requests=settings.router.max_pending_requests,
+                        max_streams_per_connection=settings.router.max_streams_per_connection,
+                        max_calls=settings.router.max_inflight_requests)
     add_to_server(server, service, status={
         "status": 1, "capacityInBytes": capacities["ram"],
         "maxLoadingConcurrency": rs.max_concurrent_loads,
@@ -224,6 +251,12 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         raise
     await session.start()
     await specs.start()
+    witness = CrashWitness(registry, settings.registry.crash_quarantine_s)
+    if leftovers:
+        written = await record_leftovers(witness, instance_id, leftovers)
+        log.warning("the last run of this runtime died while loading models", models=[
+            {"model_id": left.model_id, "guilty": left.guilty, "fatal": left.fatal} for left in leftovers[:20]],
+            quarantined=written)
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(publisher.run(), "publisher")
     if has_gpu:
@@ -250,7 +283,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await call_soon_safely(lambda: publisher.publish_instance(force=True), "publish shutting-down")
         # 2. Re-home the hot models: load them on other instances while our copies still serve
         #    (bounded by rehome_timeout_s; see mesh.runtime.rehome for why the runtime does it).
-        await call_soon_safely(lambda: _rehome(settings, registry, cache, instance_id), "re-home models")
+        await call_soon_safely(lambda: _rehome(settings, registry, cache, instance_id, witness),
+                               "re-home models")
         # 3. Withdraw our placements (routers send nothing more here), let in-flight requests
         #    finish, then stop. The routers' streams never end by themselves, so rather than
         #    wait a fixed grace for them, stop once nothing is in flight.
@@ -266,6 +300,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await roots.cancel_all()
         await call_soon_safely(cache.close, "unload models")
         load_pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(journal.close)
         infer_pool.shutdown(wait=False, cancel_futures=True)
         for pool in device_pools.values():
             pool.shutdown(wait=False, cancel_futures=True)

@@ -58,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -180,7 +180,11 @@ class ModelCache:
         size_floor_bytes: int = 0,
         gpu_usage: Callable[[str], int] | None = None,
         device_executors: Mapping[str, Executor] | None = None,
+        before_load: Callable[[Entry], Awaitable[None]] | None = None,
     ) -> None:
+        # Awaited just before the loader runs: the runtime writes down that the load is starting
+        # (Publisher.announce), so that if the loader kills the process its callers know why.
+        self._before_load = before_load
         self._size_floor = size_floor_bytes  # the sizer's floor: a prediction at it is no estimate
         self._budgets = {b.device: b for b in budgets}
         self._load_fn = load_fn
@@ -373,6 +377,8 @@ class ModelCache:
         spec, budget = entry.spec, self._budgets[entry.device]
         gpu_usage = self._gpu_usage if entry.device != "ram" else None
         await self._reserve(entry, budget, entry.predicted_bytes)
+        if self._before_load is not None:
+            await self._before_load(entry)
         self._load_epoch += 1
         epoch, self._loads_running = self._load_epoch, self._loads_running + 1
         rss_before = self._rss()

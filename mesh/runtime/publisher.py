@@ -33,6 +33,8 @@ from mesh.runtime.cache import Entry, ModelCache
 
 log = structlog.get_logger(__name__)
 
+ANNOUNCE_TIMEOUT_S = 2.0
+
 
 class Publisher:
     def __init__(
@@ -85,6 +87,25 @@ class Publisher:
                                                     instance_id=self._base.instance_id,
                                                     reason=entry.error, time_ms=now_ms))
         self._wake.set()
+
+    async def announce(self, entry: Entry) -> None:
+        """Write the copy's ``loading`` placement now, before its loader runs (ModelCache's
+        ``before_load``): if the loader kills the process, a caller that loses its call reads it
+        and knows which model did (``mesh.registry.crashes``). Bounded, and best effort: with
+        the registry unreachable the load goes on (the restarted runtime's journal still tells)."""
+        record = self._pending.get(entry.model_id)
+        if record is None or record.state != LOADING or self.withdrawn:
+            return
+        try:
+            await asyncio.wait_for(
+                self._session.put(self._keys.placement(entry.model_id, self._base.instance_id),
+                                  record.to_json()), ANNOUNCE_TIMEOUT_S)
+        except Exception as exc:
+            log.info("could not announce a load before it starts", model_id=entry.model_id,
+                     error=str(exc) or type(exc).__name__)
+            return
+        if self._pending.get(entry.model_id) is record:
+            self._pending.pop(entry.model_id, None)
 
     def _accepts_loads(self) -> bool:
         return len(self._cache_ref().stuck_loads) < self.max_stuck_loads

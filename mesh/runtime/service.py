@@ -23,7 +23,15 @@ from concurrent.futures import Executor
 import structlog
 from google.protobuf.message import DecodeError
 
-from mesh.errors import FailedPrecondition, InvalidArgument, ModelLoadError, ModelNotFound, NotHere, Unavailable
+from mesh.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ModelLoadError,
+    ModelNotFound,
+    NotHere,
+    ResourceExhausted,
+    Unavailable,
+)
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
 from mesh.observability.metrics import RuntimeMetrics, status_name
@@ -34,6 +42,7 @@ from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
 from mesh.runtime.tensors import decode_inputs, encode_response
 from mesh.tasks import Background
+from mesh.transport.inflight import InflightLimit
 from mesh.transport.wire import read_model_name
 from placement.sizing import SizeEstimator
 
@@ -280,10 +289,12 @@ class RuntimeService:
         types: list[str] | None = None,
         inline_predict_ms: float = 0.0,
         metrics: RuntimeMetrics | None = None,
+        limit: InflightLimit | None = None,
         device_executors: dict[str, Executor] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.metrics = metrics or RuntimeMetrics()
+        self.limit = limit or InflightLimit(max_bytes=1 << 30, max_requests=20_000)
         self.cache = cache
         self.specs = specs
         self.sizer = sizer
@@ -350,8 +361,14 @@ class RuntimeService:
         only routes bytes. ``model_id`` None means: the request's ``model_name``."""
         started = self.last_started = time.perf_counter()
         self.requests += 1
-        self.inflight += 1
         code = "OK"
+        size = len(body)
+        try:
+            self.limit.enter(size)  # ResourceExhausted past router.max_inflight_* (mesh.transport.inflight)
+        except ResourceExhausted:
+            self.metrics.invoked("RESOURCE_EXHAUSTED", started, model_id)
+            raise
+        self.inflight += 1
         try:
             if model_id is None:
                 model_id = read_model_name(body)
@@ -376,6 +393,7 @@ class RuntimeService:
             raise
         finally:
             self.inflight -= 1
+            self.limit.leave(size, None)
             self.metrics.invoked(code, started, model_id)
 
     async def model_ready(self, model_id: str) -> bool:

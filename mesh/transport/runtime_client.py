@@ -1,6 +1,8 @@
 """Calls to runtimes: the ModelRuntime SPI's loadModel (a router's ensureLoaded, vModel targets and
 copies; a leaving runtime re-homing its models) and the V2 ServerLive probe (a router taking back
-an instance it found unreachable). gRPC stays here; callers see MeshError and booleans."""
+an instance it found unreachable). gRPC stays here; callers see MeshError and booleans. A load
+whose runtime dies under it is reported to the crash witness, and a crash quarantines the model
+(FAILED_PRECONDITION, not retried elsewhere: ``mesh.registry.crashes``)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,15 @@ from typing import Protocol
 
 import grpc
 
-from mesh.errors import MeshError
+from mesh.errors import FailedPrecondition, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
+from mesh.registry.crashes import CrashWitness
 from mesh.registry.records import ModelSpec
 from mesh.transport.metadata import LAST_USED
 from mesh.transport.server import ChannelPool
-from mesh.transport.status import MESH_CODES
+from mesh.transport.status import MESH_CODES, lost_peer
 
 LIVE = "/inference.GRPCInferenceService/ServerLive"
 
@@ -31,8 +34,9 @@ class Instance(Protocol):
 
 
 class RuntimeClient:
-    def __init__(self, channels: ChannelPool) -> None:
+    def __init__(self, channels: ChannelPool, witness: CrashWitness | None = None) -> None:
         self._channels = channels
+        self._witness = witness  # told when a load loses its runtime (mesh.registry.crashes)
 
     async def load(self, target: Instance, spec: ModelSpec, last_used_ms: int, timeout_s: float) -> None:
         """Load ``spec`` on ``target`` (returns once loaded); a failure is a MeshError with the
@@ -44,6 +48,10 @@ class RuntimeClient:
             await stub.loadModel(request, timeout=max(timeout_s, 0.1),
                                  metadata=((LAST_USED, str(last_used_ms)),))
         except grpc.aio.AioRpcError as err:
+            if self._witness is not None and lost_peer(err):
+                crash = await self._witness.lost(spec.model_id, target.instance_id)
+                if crash is not None:
+                    raise FailedPrecondition(f"model {spec.model_id!r} is quarantined: {crash.reason}") from None
             error = MeshError(f"loading {spec.model_id!r} on {target.instance_id}: {err.details()}")
             error.code = MESH_CODES.get(err.code(), error.code)
             raise error from None

@@ -35,9 +35,13 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def server_options(max_message_bytes: int, max_pending_requests: int = 4096) -> list[tuple[str, int]]:
+def server_options(max_message_bytes: int, max_pending_requests: int = 4096,
+                   max_streams_per_connection: int = 0) -> list[tuple[str, int]]:
     return [
         *message_options(max_message_bytes),
+        # Calls open at once on one connection: bounds the messages gRPC reads for one client
+        # before a handler can refuse them (mesh.transport.inflight). 0: gRPC's default (none).
+        *([("grpc.max_concurrent_streams", max_streams_per_connection)] if max_streams_per_connection > 0 else []),
         # gRPC core sheds calls the application has not picked up yet (CANCELLED) past the soft
         # limit, at random, and all of them past the hard one (settings: router.max_pending_requests).
         ("grpc.server.max_pending_requests", max_pending_requests),
@@ -50,9 +54,12 @@ def server_options(max_message_bytes: int, max_pending_requests: int = 4096) -> 
 
 
 def new_server(max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor] = (), *,
-               max_pending_requests: int = 4096) -> grpc.aio.Server:
-    return grpc.aio.server(options=server_options(max_message_bytes, max_pending_requests),
-                           interceptors=list(interceptors) or None)
+               max_pending_requests: int = 4096, max_streams_per_connection: int = 0,
+               max_calls: int | None = None) -> grpc.aio.Server:
+    """``max_calls``: calls running at once in the process; gRPC answers the ones past it
+    RESOURCE_EXHAUSTED before reading their messages (router.max_inflight_requests)."""
+    return grpc.aio.server(options=server_options(max_message_bytes, max_pending_requests, max_streams_per_connection),
+                           interceptors=list(interceptors) or None, maximum_concurrent_rpcs=max_calls)
 
 
 def add_health(server: grpc.aio.Server) -> health.aio.HealthServicer:

@@ -38,6 +38,14 @@ ORIGIN_KEY = "mesh-origin"
 NOT_HERE_KEY = "mesh-not-here"
 
 
+def lost_peer(err: grpc.aio.AioRpcError) -> bool:
+    """No answer from the runtime at all (connection refused or reset, the process gone): not
+    the runtime's own status, which carries ``ORIGIN_KEY``."""
+    if any(key == ORIGIN_KEY for key, _ in err.trailing_metadata() or ()):
+        return False
+    return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+
+
 REGISTRY_UNAVAILABLE = ("the registry is unavailable; calls that need it fail until it is back (the "
                         "component's log has the details)")
 

@@ -489,11 +489,12 @@ async def test_etcd_with_tls_and_credentials(secure_etcd: EtcdProcess, pki: Pki,
         assert "wrong-password-123" not in err.value.message
     finally:
         await store.close()
-    # no credentials at all
+    # no user and password: etcd takes the client certificate's common name as the user, which
+    # has no role here
     anonymous = registry_settings(secure_etcd, pki, username="", password="")
     store, _ = open_store(anonymous.url, timeout_s=2.0, security=etcd_security(anonymous))
     try:
-        with pytest.raises(InvalidArgument, match=r"refused .* for no user"):
+        with pytest.raises(InvalidArgument, match=r"refused .* for the user its client certificate names"):
             await store.get("/t/k")
     finally:
         await store.close()

@@ -1,0 +1,163 @@
+"""What a runtime is loading, written down before each load starts, so that a model that kills
+the process is known after the fact.
+
+A corrupt model file can abort the process that parses it (LightGBM 4.x calls ``std::terminate``
+on a truncated text model: SIGABRT), and nothing in the process survives to say so. Two
+witnesses are left:
+
+- The caller that lost its call (a router's stream or ``loadModel``, a re-homing peer) reads the
+  copy's placement: ``loading`` there means the runtime died during that load (the runtime writes
+  it before the loader runs: ``Publisher.announce``). It records a crash on the lease of
+  ``registry.crash_quarantine_s`` (``mesh.registry.crashes``): the model is quarantined, and no
+  other runtime is tried with it.
+- The runtime itself, restarted under the same instance ID (a pod keeps its name; ``mesh up``
+  keeps its IDs). This journal holds one small file per load in progress (model, registration,
+  the loading thread) and ``faulthandler``'s report of a fatal signal (SIGSEGV, SIGABRT, SIGBUS,
+  SIGFPE, SIGILL) with the crashing thread's ID. On start, ``recover`` returns the loads the last
+  life left behind; the one on the crashing thread is proven guilty (its quarantine lasts until
+  the model is registered again), the others were only in progress when it died (SIGKILL, the
+  OOM killer, a crash elsewhere): the caller's time-limited quarantine covers them.
+
+Writes are a few hundred bytes to a local directory in the load's own thread; nothing here
+touches the event loop. A directory that cannot be written turns the journal off with a warning
+(the callers' witness still works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import hashlib
+import json
+import os
+import re
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import structlog
+
+from mesh.registry.crashes import Leftover
+from mesh.registry.records import ModelSpec
+
+log = structlog.get_logger(__name__)
+
+FATAL_LOG = "fatal.log"
+MAX_ENTRIES = 1_000  # loads in progress at once are a handful; a bound on what recover reads
+MAX_FATAL_BYTES = 64 * 1024
+# all_threads=True: every thread's stack, the crashing one headed "Current thread 0x<ident>".
+_CURRENT_THREAD = re.compile(r"^Current thread (0x[0-9a-f]+) \(most recent call first\)", re.M)
+_FATAL_LINE = re.compile(r"^Fatal Python error: (.{1,200})$", re.M)
+
+
+def default_state_dir(instance_id: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", instance_id)[:80]
+    digest = hashlib.sha256(instance_id.encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / "mesh-runtime" / f"{safe}-{digest}"
+
+
+class LoadJournal:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.enabled = True
+        self._fatal_file: IO[str] | None = None
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            st = os.lstat(directory)
+            # In a shared temp dir, someone else's directory (or a link to one) is not ours to trust.
+            problem = ("not a directory of this user" if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
+                       else "")
+        except OSError as exc:
+            problem = exc.strerror or type(exc).__name__
+        if problem:
+            log.warning("load journal off: its directory is unusable (runtime.state_dir); a model that "
+                        "crashes this process is still quarantined by the router that sees it",
+                        directory=str(directory), error=problem)
+            self.enabled = False
+
+    # --- the previous life ----------------------------------------------------------------------
+    def recover(self) -> list[Leftover]:
+        """The loads left in progress by the previous process, then forget them."""
+        if not self.enabled:
+            return []
+        fatal_text = ""
+        fatal_path = self.directory / FATAL_LOG
+        with contextlib.suppress(OSError):
+            with open(fatal_path, "rb") as f:
+                fatal_text = f.read(MAX_FATAL_BYTES).decode("utf-8", "replace")
+            fatal_path.unlink()
+        headline = _FATAL_LINE.search(fatal_text)
+        crashed = _CURRENT_THREAD.search(fatal_text) if headline else None
+        crashed_thread = int(crashed.group(1), 16) if crashed else None
+        out = []
+        for path in sorted(self.directory.glob("load-*.json"))[:MAX_ENTRIES]:
+            try:
+                with open(path, "rb") as f:
+                    data = json.loads(f.read(8192))
+                path.unlink()
+                out.append(Leftover(model_id=str(data["model_id"]), registered_ms=int(data["registered_ms"]),
+                                    started_ms=int(data["started_ms"]),
+                                    guilty=crashed_thread is not None and data.get("thread") == crashed_thread,
+                                    fatal=headline.group(1).strip() if headline else ""))
+            except (OSError, ValueError, KeyError, TypeError):
+                with contextlib.suppress(OSError):
+                    path.unlink()  # half-written at the moment of death, or not ours
+        return out
+
+    def watch_fatal_signals(self) -> None:
+        """Have ``faulthandler`` write the crashing thread's stack here on a fatal signal. For a
+        runtime process of its own (``mesh serve runtime``): faulthandler holds one file per process."""
+        if not self.enabled:
+            return
+        try:
+            self._fatal_file = open(self.directory / FATAL_LOG, "w")  # held for the process's life
+        except OSError as exc:
+            log.warning("fatal-signal log off", directory=str(self.directory), error=exc.strerror)
+            return
+        faulthandler.enable(file=self._fatal_file, all_threads=True)
+
+    def close(self) -> None:
+        """A clean exit: nothing to report next time. The directory goes too once empty (a load
+        thread that never returned leaves its entry, and the next start reports it)."""
+        if not self.enabled:
+            return
+        if self._fatal_file is not None:
+            faulthandler.disable()
+            self._fatal_file.close()
+            self._fatal_file = None
+        with contextlib.suppress(OSError):
+            (self.directory / FATAL_LOG).unlink()
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()  # only if empty
+
+    # --- this life ------------------------------------------------------------------------------
+    def _entry(self, model_id: str) -> Path:
+        return self.directory / f"load-{hashlib.sha256(model_id.encode()).hexdigest()[:32]}.json"
+
+    @contextlib.contextmanager
+    def during(self, spec: ModelSpec) -> Iterator[None]:
+        """Around the loader's call, in the thread that makes it."""
+        path = self._entry(spec.model_id) if self.enabled else None
+        if path is not None:
+            record = {"model_id": spec.model_id, "registered_ms": spec.registered_ms,
+                      "started_ms": int(time.time() * 1000), "thread": threading.get_ident(),
+                      "pid": os.getpid()}
+            try:
+                # No fsync: what must survive is the process, not the machine (the page cache does).
+                path.write_text(json.dumps(record))
+            except OSError as exc:
+                log.warning("could not write the load journal", error=exc.strerror)
+                path = None
+        try:
+            yield
+        finally:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+__all__ = ["FATAL_LOG", "LoadJournal", "default_state_dir"]
