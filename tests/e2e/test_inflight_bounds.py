@@ -3,7 +3,8 @@ the memory comes back after the burst.
 
 Real processes (``loadtest.cluster``): a private etcd, a runtime and a router, each configured as
 an operator who accepts large messages would (``router.max_message_bytes`` 20 MiB, 256 MiB in
-flight per process and 128 MiB per client connection, 16 calls open per connection). The client
+flight per process, 48 MiB at the runtime, and 128 MiB per client connection, 16 calls open per
+connection). The client
 sends the 200 bodies at once over four connections, first to the router, then to the runtime
 directly: each body is a valid request for a small scikit-learn model, 524,288 rows of 8 FP32
 features, which keeps the admitted calls in flight while the runtime predicts.
@@ -122,7 +123,8 @@ async def _register(endpoint: str, model: TrainedModel) -> None:
 def test_concurrent_large_bodies_are_bounded_at_router_and_runtime(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model = train_logistic("big", tmp_path, n_features=FEATURES, seed=0, rows=100)
     with Cluster(log_level="warning") as cluster:
-        runtime = cluster.start_runtime(extra_env=ENV)
+        # A runtime predicts quickly: a smaller process bound (three bodies) to see it refuse.
+        runtime = cluster.start_runtime(extra_env={**ENV, "MESH_ROUTER_MAX_INFLIGHT_BYTES": str(48 * MIB)})
         router = cluster.start_router(extra_env=ENV)
         asyncio.run(_register(router.endpoint, model))
         _check(router)
