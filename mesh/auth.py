@@ -9,6 +9,8 @@ The tokens file (``auth.tokens_file``, TOML) lists one ``[[token]]`` table per t
     # token = "..."               # or the token itself (development only)
     prefixes = ["team-a/"]        # optional: model and vModel IDs this token may touch
     paths = ["/models/team-a/"]   # optional: where the models it registers may be read from
+    max_models = 1000             # optional quota: models registered under its prefixes
+    max_pinned_copies = 20        # optional quota: the sum of minCopies over those models
 
 Decisions:
 
@@ -23,6 +25,11 @@ Decisions:
 * **Paths.** With paths, the file a registration names (``modelInfo.path``, made absolute under
   the model roots: ``mesh.paths.confine``) must lie under one of them: a tenant's token registers
   models from its tenant's directory only, whatever IDs it may use.
+* **Quotas.** ``max_models`` bounds the models registered under the token's prefixes (all models,
+  without prefixes), whoever registered them; ``max_pinned_copies`` bounds the sum of their
+  ``minCopies`` (copies loaded whether used or not). A registration past either answers
+  RESOURCE_EXHAUSTED; registering a model that already exists with the same definition is free.
+  Two concurrent registrations may pass a quota by one each (the check reads, then writes).
 * **Comparison.** Only sha256 digests are kept in memory; the presented token's digest is compared
   with every entry with ``hmac.compare_digest`` and no early exit, so the time taken says nothing
   about which entry (or how much of one) matched.
@@ -52,7 +59,7 @@ WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "
 INVALID_TOKEN = "missing or invalid bearer token"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_KEYS = {"name", "role", "sha256", "token", "prefixes", "paths"}
+_KEYS = {"name", "role", "sha256", "token", "prefixes", "paths", "max_models", "max_pinned_copies"}
 
 
 # Refused calls since the process started, by outcome ("unauthenticated", "permission_denied",
@@ -103,6 +110,8 @@ class Principal:
     role: str
     prefixes: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
+    max_models: int = 0  # 0: no quota
+    max_pinned_copies: int = 0
 
     def check_method(self, method: str) -> None:
         """``method`` is a management method name (``registerModel``)."""
@@ -227,7 +236,13 @@ def _entry(item: object, where: str) -> tuple[bytes, Principal]:
     paths = item.get("paths", [])
     if not isinstance(paths, list) or not all(isinstance(p, str) and p.startswith("/") for p in paths):
         raise InvalidArgument(f"{where}: 'paths' must be a list of absolute directories")
-    return digest, Principal(name=name, role=role, prefixes=tuple(prefixes), paths=tuple(paths))
+    quotas = {}
+    for key in ("max_models", "max_pinned_copies"):
+        value = item.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10**9:
+            raise InvalidArgument(f"{where}: {key!r} must be a whole number from 0 (no quota) to 10^9")
+        quotas[key] = value
+    return digest, Principal(name=name, role=role, prefixes=tuple(prefixes), paths=tuple(paths), **quotas)
 
 
 __all__ = ["INVALID_TOKEN", "READ", "READ_METHODS", "WRITE", "WRITE_METHODS", "Principal", "TokenTable",

@@ -29,6 +29,7 @@ from mesh.errors import (
     InvalidArgument,
     ModelNotFound,
     PermissionDenied,
+    ResourceExhausted,
 )
 from mesh.ids import check_model_id
 from mesh.paths import confine
@@ -177,7 +178,7 @@ class Management:
     async def register_model(self, model_id: str, info: ModelInfoData, *, load_now: bool = False,
                              sync: bool = False, last_used_ms: int = 0) -> ModelStatus:
         spec = self._spec(model_id, info, load_now=load_now, last_used_ms=last_used_ms)
-        spec, created = await self.registry.register_model(spec)
+        spec, created = await self._register(spec)
         if created:
             log.info("model registered", model_id=model_id, type=spec.type)
         if self.specs is not None:
@@ -188,6 +189,40 @@ class Management:
         # from the view alone: ``model_status`` would read ``models/<id>`` back from the registry,
         # a second etcd round trip per registration for an answer we already have.
         return self._status_from_view(model_id)
+
+    async def _register(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
+        """Register ``spec`` within the caller's quotas (mesh.auth: max_models, max_pinned_copies)."""
+        caller = current_caller()
+        if caller is not None and (caller.max_models or caller.max_pinned_copies):
+            existing = await self.registry.get_model(spec.model_id)
+            if existing is None or not existing.same_definition(spec):  # the same one again is free
+                await self._check_quota(caller, spec)
+        return await self.registry.register_model(spec)
+
+    async def _count_under(self, prefix: str) -> int:
+        """Models whose ID is ``prefix`` or starts with it at a boundary (mesh.paths.under_prefix)."""
+        keys, store = self.registry.keys, self.registry.store
+        if not prefix or prefix.endswith("/"):
+            return await store.count_prefix(keys.model(prefix))
+        exact = await store.get(keys.model(prefix))
+        return (exact is not None) + await store.count_prefix(keys.model(prefix + "/"))
+
+    async def _check_quota(self, caller: Principal, spec: ModelSpec) -> None:
+        if caller.max_models:
+            registered = 0
+            for prefix in caller.prefixes or ("",):
+                registered += await self._count_under(prefix)
+            if registered >= caller.max_models:
+                where = f"under its prefixes ({', '.join(caller.prefixes)})" if caller.prefixes else "in the mesh"
+                raise ResourceExhausted(f"token {caller.name!r} may have at most {caller.max_models} models "
+                                        f"registered {where}; {registered} are (unregister some first)")
+        if caller.max_pinned_copies and spec.min_copies:
+            pinned = sum(copies for model_id, copies in (await self.registry.pinned_models()).items()
+                         if caller.allows(model_id) and model_id != spec.model_id)
+            if pinned + spec.min_copies > caller.max_pinned_copies:
+                raise ResourceExhausted(
+                    f"token {caller.name!r} may pin at most {caller.max_pinned_copies} copies (minCopies summed "
+                    f"over its models); {pinned} are pinned, and this registration asks for {spec.min_copies}")
 
     def _spec(self, model_id: str, info: ModelInfoData, *, load_now: bool, last_used_ms: int) -> ModelSpec:
         check_model_id(model_id)
@@ -312,7 +347,7 @@ class Management:
         caller = current_caller()
         created = False
         if info is not None:
-            spec, created = await self.registry.register_model(
+            spec, created = await self._register(
                 self._spec(target_model_id, info, load_now=load_now, last_used_ms=0))
         else:
             found = await self.registry.get_model(target_model_id)

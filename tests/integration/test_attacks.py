@@ -173,6 +173,61 @@ paths = ["{roots}/team-a"]
         await mesh.stop()
 
 
+async def test_token_quotas_bound_registered_models_and_pinned_copies(layout: dict[str, Path]) -> None:
+    roots = layout["roots"]
+    tenant, admin = "team-a-token-0123456789", "admin-token-0123456789"
+    tokens = layout["tmp"] / "tokens.toml"
+    tokens.write_text(f'''
+[[token]]
+name = "team-a"
+role = "write"
+sha256 = "{hashlib.sha256(tenant.encode()).hexdigest()}"
+prefixes = ["team-a"]
+max_models = 2
+max_pinned_copies = 2
+
+[[token]]
+name = "admin"
+role = "write"
+token = "{admin}"
+''')
+    path = str(make_model("sklearn", roots / "team-a", seed=5).path.relative_to(roots))
+    mesh = await InProcessMesh(memory_url(), runtime_overrides={"model_roots": (str(roots),)},
+                               extra={"auth": {"tokens_file": str(tokens)}}).start(runtimes=1)
+
+    async def register(token: str, model_id: str, min_copies: int = 0) -> tuple[grpc.StatusCode, str]:
+        try:
+            await mesh.mesh.registerModel(mm.RegisterModelRequest(
+                modelId=model_id, modelInfo=mm.ModelInfo(type="sklearn", path=path, minCopies=min_copies)),
+                metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details() or ""
+        return grpc.StatusCode.OK, ""
+
+    try:
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await register(admin, "team-ab/x"))[0] == grpc.StatusCode.OK  # not under "team-a"
+        assert (await register(tenant, "team-a/1"))[0] == grpc.StatusCode.OK
+        assert (await register(tenant, "team-a/2", min_copies=2))[0] == grpc.StatusCode.OK
+        code, details = await register(tenant, "team-a/3")
+        assert code == exhausted and "at most 2 models" in details and "2 are" in details, details
+        assert (await register(tenant, "team-a/1"))[0] == grpc.StatusCode.OK  # the same again is free
+        # setVModel with a modelInfo registers too, within the same quota.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await mesh.mesh.setVModel(mm.SetVModelRequest(
+                vModelId="team-a/v", targetModelId="team-a/4", modelInfo=mm.ModelInfo(type="sklearn", path=path)),
+                metadata=(("authorization", f"Bearer {tenant}"),), timeout=10)
+        assert err.value.code() == exhausted
+        await mesh.mesh.unregisterModel(mm.UnregisterModelRequest(modelId="team-a/1"),
+                                        metadata=(("authorization", f"Bearer {tenant}"),), timeout=10)
+        code, details = await register(tenant, "team-a/3", min_copies=1)
+        assert code == exhausted and "at most 2 copies" in details, details
+        assert (await register(tenant, "team-a/3"))[0] == grpc.StatusCode.OK
+        assert (await register(admin, "team-a/5"))[0] == grpc.StatusCode.OK  # quotas are the tenant's
+    finally:
+        await mesh.stop()
+
+
 async def test_wrong_extensions_and_huge_directories_are_refused_without_stalling_others(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The directory walk is made slow (a slow mount, 1.5 s) to show where it runs: requests for

@@ -107,6 +107,9 @@ def test_prefixes_bound_the_model_ids(table: TokenTable) -> None:
     ('[[token]]\nname = "x"\nrole = "read"\ntoken = "0123456789abcdef"\n'
      '[[token]]\nname = "y"\nrole = "read"\ntoken = "0123456789abcdef"', "same token"),
     ("[[token]\n", "not valid TOML"),
+    ('[[token]]\nname = "x"\nrole = "write"\ntoken = "0123456789abcdef"\nmax_models = -1', "'max_models' must be"),
+    ('[[token]]\nname = "x"\nrole = "write"\ntoken = "0123456789abcdef"\nmax_pinned_copies = "9"',
+     "'max_pinned_copies' must be"),
 ])
 def test_bad_tokens_files_are_one_clear_error_without_the_secret(text: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message) as err:
