@@ -134,6 +134,40 @@ async def test_a_runtime_refusing_code_formats_serves_skops_only(layout: dict[st
         await mesh.stop()
 
 
+LEAK = """
+import sys, torch
+class Leak(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_file({secret!r}, shared=False, size=28, dtype=torch.uint8)
+torch.jit.script(Leak()).save(sys.argv[1])
+"""
+
+
+async def test_a_torchscript_model_reading_a_secret_file_is_refused(layout: dict[str, Path]) -> None:
+    """The issue's attack: a 3-line scripted module whose output is a file it reads (torch.from_file
+    maps any regular file the process can read). A runtime refusing code formats never runs it."""
+    import subprocess
+    import sys
+
+    roots, tmp = layout["roots"], layout["tmp"]
+    secret = layout["outside"] / "credentials"
+    secret.write_text("etcd-password=hunter2-secret")
+    (tmp / "leak.py").write_text(LEAK.format(secret=str(secret)))  # TorchScript compiles from source
+    await asyncio.to_thread(subprocess.run, [sys.executable, str(tmp / "leak.py"), str(roots / "team-a" / "leak.pt")],
+                            check=True, capture_output=True, timeout=120)
+    mesh = await InProcessMesh(memory_url(), runtime_overrides={
+        "model_roots": (str(roots),), "allow_code_formats": False}).start(runtimes=1)
+    try:
+        await mesh.register("leak", "torchscript", "team-a/leak.pt")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await mesh.infer("leak", encode_request(model_name="leak", inputs={"x": np.zeros((1, 1), np.float32)}))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "allow_code_formats = false" in (caught.value.details() or "")
+        assert "hunter2" not in (caught.value.details() or "")
+    finally:
+        await mesh.stop()
+
+
 async def test_tokens_bound_to_paths_and_prefixes_keep_tenants_apart(layout: dict[str, Path]) -> None:
     roots = layout["roots"]
     team_a = "team-a-token-0123456789"
