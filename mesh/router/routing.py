@@ -106,6 +106,12 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
         raise Unavailable("no runtime instances are registered; start one (mesh serve runtime)")
     instances = eligible(view, spec)
     if not instances:
+        able = [r for r in view.instances.values() if r.can_serve(spec)]
+        if able:  # they exist, but none takes a load now: a capacity problem, retryable
+            why = ("are shutting down" if all(r.shutting_down for r in able)
+                   else "take no loads now (stuck loads or shutting down)")
+            raise Unavailable(f"no instance can load model {spec.model_id!r} now: the {len(able)} "
+                              f"that could serve type {spec.type!r} {why}")
         if spec.gpu_mode == GPU_REQUIRED:
             raise FailedPrecondition(f"no instance can serve model {spec.model_id!r}: it requires a GPU, "
                                      f"and no instance can load type {spec.type!r} on a GPU")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
+import pytest
+
+from mesh.errors import FailedPrecondition, Unavailable
 from mesh.registry.keys import Keys
 from mesh.registry.records import LOADED, LOADING, DeviceUsage, InstanceRecord, ModelSpec, PlacementRecord
 from mesh.router.routing import eligible, pick_copy, pick_home
@@ -93,3 +97,20 @@ async def test_a_missed_deadline_probes_and_marks_a_runtime_that_does_not_answer
     reach.suspect("stuck")  # already marked: the periodic probe takes it back when it answers
     await asyncio.sleep(0.05)
     assert len(runtimes.probed) == 2
+
+
+def test_no_home_while_every_able_instance_refuses_loads_is_unavailable_not_unsupported() -> None:
+    """Instances that could serve the type but take no loads now (stuck loads, shutting down) are
+    a retryable capacity problem, not an unsupported type."""
+    view = _view("a", "b", leaving=("b",))
+    view.instances["a"] = dataclasses.replace(view.instances["a"], accepts_loads=False)
+    spec = ModelSpec(model_id="m", type="sklearn")
+    with pytest.raises(Unavailable, match="the 2 that could serve type 'sklearn' take no loads now"):
+        pick_home(view, spec, (), load_factor=1.25)
+    view.instances["a"] = dataclasses.replace(view.instances["a"], shutting_down=True)
+    with pytest.raises(Unavailable, match="are shutting down"):
+        pick_home(view, spec, (), load_factor=1.25)
+    for i in ("a", "b"):
+        view.instances[i] = dataclasses.replace(view.instances[i], supported_types=("sklearn",))
+    with pytest.raises(FailedPrecondition, match="none supports type 'onnx'"):
+        pick_home(view, ModelSpec(model_id="m", type="onnx"), (), load_factor=1.25)
