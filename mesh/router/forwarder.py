@@ -115,7 +115,8 @@ class Forwarder:
         self.load_factor = load_factor
         self.ready = ready
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
-        self.multiplex = MultiplexPool(streams_per_runtime) if streams_per_runtime > 0 else None
+        self.multiplex = (MultiplexPool(streams_per_runtime, channels.max_message_bytes)
+                          if streams_per_runtime > 0 else None)
         self.scaler = scaler
         self._rng = random.Random()
         self.access_log = access_log

@@ -49,7 +49,7 @@ from mesh.tracing import tracer_for
 from mesh.transport.health import HealthReporter
 from mesh.transport.inflight import InflightLimit, trim_soon
 from mesh.transport.runtime_client import RuntimeClient
-from mesh.transport.server import ChannelPool, bind, new_server
+from mesh.transport.server import FRAME_HEADROOM, ChannelPool, bind, new_server
 from mesh.transport.tls import peer_interceptors, runtime_channel_security, server_credentials
 from placement.policy import EvictionPolicy
 from placement.simulator import build_policy
@@ -197,7 +197,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     # Only the mesh's routers (and re-homing runtimes) may call the runtime port, when their
     # certificate names are configured; then their frames' registrations are trusted too.
     peers = peer_interceptors(settings.tls)
-    server = new_server(settings.router.max_message_bytes, peers,
+    server = new_server(settings.router.max_message_bytes + FRAME_HEADROOM, peers,
                         max_pending_requests=settings.router.max_pending_requests,
                         max_streams_per_connection=settings.router.max_streams_per_connection,
                         max_calls=settings.router.max_inflight_requests)
@@ -206,6 +206,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         "maxLoadingConcurrency": rs.max_concurrent_loads,
         "modelLoadingTimeoutMs": int(rs.load_timeout_s * 1000),
         "defaultModelSizeInBytes": rs.default_model_size_bytes, "runtimeVersion": __version__},
+        max_message_bytes=settings.router.max_message_bytes,
         access_log=settings.log.access_log, tracer=tracer_for(settings.log, "runtime"),
         trust_frame_specs=bool(peers))
     health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelRuntime"))

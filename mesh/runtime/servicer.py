@@ -16,7 +16,7 @@ import grpc
 import structlog
 
 from mesh import __version__
-from mesh.errors import BadRecord
+from mesh.errors import BadRecord, ResourceExhausted
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as spi
@@ -73,9 +73,13 @@ class ObservedInference:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: RuntimeService, observed: ObservedInference | None = None) -> None:
+    def __init__(self, service: RuntimeService, observed: ObservedInference | None = None,
+                 max_message_bytes: int | None = None) -> None:
         self._service = service
         self._observed = observed
+        # The port takes FRAME_HEADROOM more than this (for multiplexed frames); a direct call
+        # keeps the router's limit.
+        self._max_body = max_message_bytes
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):
         return pb.ServerLiveResponse(live=True)
@@ -98,6 +102,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @handled(ORIGIN)
     async def model_infer_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        if self._max_body is not None and len(body) > self._max_body:
+            raise ResourceExhausted(f"the request is {len(body)} bytes; the limit is {self._max_body} "
+                                    "(router.max_message_bytes)")
         metadata = context.invocation_metadata() or ()
         model_id, _, allow = model_selection(metadata)
         model_id = model_id or read_model_name(body)
@@ -155,13 +162,17 @@ def _last_used_from(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict[str, object], *,
-                  access_log: bool = False, tracer: Tracer | None = None, trust_frame_specs: bool = False) -> None:
-    """``trust_frame_specs``: the port admits routers only (``tls.allowed_peers``), so the
+                  max_message_bytes: int, access_log: bool = False, tracer: Tracer | None = None,
+                  trust_frame_specs: bool = False) -> None:
+    """``max_message_bytes``: the router's limit, for a request and a response (the server itself
+    takes ``FRAME_HEADROOM`` more, for multiplexed frames).
+
+    ``trust_frame_specs``: the port admits routers only (``tls.allowed_peers``), so the
     registration a router sends with a cold request may be used instead of a registry read. On an
     open port it is ignored: anyone could send one, for any model ID (a substitution)."""
     observed = (ObservedInference(service, access_log=access_log, tracer=tracer)
                 if access_log or tracer is not None else None)
-    inference = InferenceServicer(service, observed)
+    inference = InferenceServicer(service, observed, max_message_bytes)
 
     async def multiplexed(frame: RequestFrame) -> bytes:
         if frame.spec and trust_frame_specs:
@@ -182,6 +193,6 @@ def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict
         generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], inference, raw={
             # bytes in, bytes out: the request is decoded on the inference thread
             "ModelInfer": grpc.unary_unary_rpc_method_handler(inference.model_infer_raw)}),
-        stream_handler(multiplexed),
+        stream_handler(multiplexed, max_message_bytes),
         generic_handler(spi.DESCRIPTOR.services_by_name["ModelRuntime"], RuntimeSpiServicer(service, status)),
     ))

@@ -11,7 +11,10 @@ Method: ``/mesh.internal.Multiplex/Stream``, bytes in both directions. Each stre
 batch: one or more frames, each prefixed by its u32 length. Frames that arrive while a write is in
 flight go out together in the next message (``CombiningWriter``), so under load many requests
 share one HTTP/2 DATA frame and one ``sendmsg``, while at concurrency 1 a frame is written at once
-by the request's own coroutine, with no queue and no task hop.
+by the request's own coroutine, with no queue and no task hop. A batch holds at most
+``router.max_message_bytes`` (a larger frame goes alone; the stream's channel and the runtime's
+port take a message up to that plus ``FRAME_HEADROOM``): a batch over the limit would break the
+stream and every request on it, as a flood of requests near the limit once did.
 
 Request frame (little-endian)::
 
@@ -88,13 +91,33 @@ def unpack_batch(message: bytes) -> list[bytes]:
     return frames
 
 
+def split_batches(frames: list[bytes], max_batch_bytes: int) -> list[list[bytes]]:
+    """Frames in order, in batches of at most ``max_batch_bytes`` packed (a larger frame alone):
+    a batch over the stream's message limit would break the stream and every request on it."""
+    batches: list[list[bytes]] = []
+    batch: list[bytes] = []
+    size = 0
+    for frame in frames:
+        n = len(frame) + _U32.size
+        if batch and size + n > max_batch_bytes:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(frame)
+        size += n
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 class CombiningWriter:
     """Writes frames to a stream: the first caller to find the stream idle writes directly (no
     task hop, which matters at concurrency 1); frames that arrive while a write is in flight are
-    sent together by that writer as one batch when it finishes (which matters under load)."""
+    sent together by that writer, in batches of up to ``max_batch_bytes``, when it finishes
+    (which matters under load)."""
 
-    def __init__(self, write: Callable[[bytes], Awaitable[None]]) -> None:
+    def __init__(self, write: Callable[[bytes], Awaitable[None]], max_batch_bytes: int) -> None:
         self._write = write
+        self._max_batch_bytes = max_batch_bytes
         self._pending: list[bytes] = []
         self._busy = False
 
@@ -105,8 +128,9 @@ class CombiningWriter:
         self._busy = True
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
-                await self._write(pack_batch(batch))
+                pending, self._pending = self._pending, []
+                for batch in split_batches(pending, self._max_batch_bytes):
+                    await self._write(pack_batch(batch))
         finally:
             self._busy = False
 
@@ -174,12 +198,14 @@ def decode_response(frame: bytes) -> tuple[int, int, bool, str, bytes]:
 Handler = Callable[[RequestFrame], Awaitable[bytes]]
 
 
-def stream_handler(handle: Handler) -> grpc.GenericRpcHandler:
+def stream_handler(handle: Handler, max_message_bytes: int) -> grpc.GenericRpcHandler:
     """Serve the multiplexed stream: each frame is handled concurrently by ``handle`` (which
-    returns the serialized response or raises), answers are written as they complete."""
+    returns the serialized response or raises), answers are written as they complete. A response
+    over ``max_message_bytes`` is answered RESOURCE_EXHAUSTED, as on a unary call: written, it
+    would break the stream and fail every request on it."""
 
     async def serve(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        writer = CombiningWriter(context.write)
+        writer = CombiningWriter(context.write, max_message_bytes)
         tasks: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
 
@@ -201,7 +227,13 @@ def stream_handler(handle: Handler) -> grpc.GenericRpcHandler:
                         body = await handle(frame)
                 else:
                     body = await handle(frame)
-                reply = encode_response(frame.id, 0, False, "", body)
+                if len(body) > max_message_bytes:
+                    reply = encode_response(
+                        frame.id, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], False,
+                        f"model {frame.model_id!r}: the response is {len(body)} bytes; the limit is "
+                        f"{max_message_bytes} (router.max_message_bytes)", b"")
+                else:
+                    reply = encode_response(frame.id, 0, False, "", body)
             except TimeoutError:
                 reply = encode_response(
                     frame.id, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], False,
@@ -250,12 +282,13 @@ _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class _Stream:
-    def __init__(self, channel: grpc.aio.Channel, on_close: Callable[[_Stream], None]) -> None:
+    def __init__(self, channel: grpc.aio.Channel, on_close: Callable[[_Stream], None],
+                 max_batch_bytes: int) -> None:
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._on_close = on_close
         self.closed = False
         self._call = channel.stream_stream(METHOD)()
-        self._writer = CombiningWriter(self._call.write)
+        self._writer = CombiningWriter(self._call.write, max_batch_bytes)
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="multiplex-reader")
 
     async def _read(self) -> None:
@@ -323,8 +356,11 @@ def _expire(future: asyncio.Future[bytes]) -> None:
 class MultiplexPool:
     """A few streams per runtime endpoint, opened on first use and reopened after a break."""
 
-    def __init__(self, streams_per_endpoint: int) -> None:
+    def __init__(self, streams_per_endpoint: int, max_batch_bytes: int) -> None:
+        """``max_batch_bytes``: the router's ``max_message_bytes`` (the channels take a frame up to
+        that plus ``FRAME_HEADROOM``, so a body the router accepted always fits alone)."""
         self.size = streams_per_endpoint
+        self.max_batch_bytes = max_batch_bytes
         self._streams: dict[str, list[_Stream]] = {}
         self._ids = itertools.count(1)
         self._turn = itertools.count()
@@ -332,7 +368,7 @@ class MultiplexPool:
     def _stream(self, endpoint: str, channel: grpc.aio.Channel) -> _Stream:
         streams = self._streams.setdefault(endpoint, [])
         if len(streams) < self.size:
-            stream = _Stream(channel, lambda s: self._drop(endpoint, s))
+            stream = _Stream(channel, lambda s: self._drop(endpoint, s), self.max_batch_bytes)
             streams.append(stream)
             return stream
         return streams[next(self._turn) % len(streams)]

@@ -19,6 +19,13 @@ from mesh.transport.tls import ChannelSecurity
 PEER_KEEPALIVE_MS = 1_000
 
 
+# Room for a multiplexed frame's header beyond its body (mesh.transport.multiplex): the model ID
+# and the metadata (u16 lengths each) and the registration (bounded by mesh.router.management).
+# Router-to-runtime channels and the runtime's port take a message up to max_message_bytes plus
+# this, so that a body the router accepted always fits in a frame.
+FRAME_HEADROOM = 256 * 1024
+
+
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -90,8 +97,9 @@ class ChannelPool:
     """One long-lived channel per endpoint; channels of instances that left are closed."""
 
     def __init__(self, max_message_bytes: int, security: ChannelSecurity | None = None) -> None:
+        self.max_message_bytes = max_message_bytes
         self._options: list[tuple[str, int | str]] = [
-            *[o for o in message_options(max_message_bytes) if not o[0].startswith("grpc.keepalive_")],
+            *[o for o in message_options(max_message_bytes + FRAME_HEADROOM) if not o[0].startswith("grpc.keepalive_")],
             ("grpc.keepalive_time_ms", PEER_KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", PEER_KEEPALIVE_MS),
             # grpc 1.85 times a keepalive ping out after this, not keepalive_timeout_ms (60 s otherwise)
             ("grpc.http2.ping_timeout_ms", PEER_KEEPALIVE_MS),

@@ -1,6 +1,8 @@
 """The router-to-runtime multiplexed stream, over a real grpc.aio server on 127.0.0.1 with a
 stand-in handler: answers reach the right caller, errors keep their status, deadlines fire, and a
-broken stream fails what was pending on it as "gone" so that the router can retry elsewhere."""
+broken stream fails what was pending on it as "gone" so that the router can retry elsewhere; under
+load, frames near the message limit travel in batches that fit it, and a response over the limit
+fails only its own request."""
 
 from __future__ import annotations
 
@@ -20,9 +22,11 @@ from mesh.transport.multiplex import (
     encode_request,
     encode_response,
     pack_batch,
+    split_batches,
     stream_handler,
     unpack_batch,
 )
+from mesh.transport.server import FRAME_HEADROOM, ChannelPool, message_options
 
 pytestmark = pytest.mark.integration
 
@@ -39,9 +43,20 @@ def test_frames_round_trip() -> None:
         unpack_batch(pack_batch([b"abc"])[:-1])
 
 
-async def _serve(handle):  # type: ignore[no-untyped-def]
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((stream_handler(handle),))
+LIMIT = 16 * 2**20
+
+
+def test_batches_fit_the_limit_and_keep_the_order() -> None:
+    frames = [b"a" * 60, b"b" * 30, b"c" * 30, b"d" * 200, b"e"]
+    batches = split_batches(frames, 100)
+    assert [f for batch in batches for f in batch] == frames
+    assert batches == [[b"a" * 60, b"b" * 30], [b"c" * 30], [b"d" * 200], [b"e"]]  # a large one alone
+    assert all(len(pack_batch(b)) <= 100 for b in batches if len(b) > 1)
+
+
+async def _serve(handle, limit: int = LIMIT):  # type: ignore[no-untyped-def]
+    server = grpc.aio.server(options=message_options(limit + FRAME_HEADROOM))
+    server.add_generic_rpc_handlers((stream_handler(handle, limit),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
@@ -58,7 +73,7 @@ async def test_answers_errors_and_deadlines() -> None:
         return frame.model_id.encode() + frame.body
 
     server, endpoint = await _serve(handle)
-    pool = MultiplexPool(2)
+    pool = MultiplexPool(2, LIMIT)
     channel = grpc.aio.insecure_channel(endpoint)
     try:
         answers = await asyncio.gather(*(pool.call(endpoint, channel, f"m{i}", True, (), b"!%d" % i, None)
@@ -89,7 +104,7 @@ async def test_broken_stream_fails_pending_requests_as_gone() -> None:
         return b""
 
     server, endpoint = await _serve(handle)
-    pool = MultiplexPool(1)
+    pool = MultiplexPool(1, LIMIT)
     channel = grpc.aio.insecure_channel(endpoint)
     try:
         pending = asyncio.create_task(pool.call(endpoint, channel, "m", True, (), b"", None))
@@ -100,3 +115,33 @@ async def test_broken_stream_fails_pending_requests_as_gone() -> None:
     finally:
         pool.close()
         await channel.close()
+
+
+async def test_frames_near_the_limit_under_load_keep_the_stream() -> None:
+    """With the real channel and server options and a 64 KiB limit, 300 concurrent requests of
+    60 KiB each: combined into one batch they would be 17 MiB, over the limit, and the broken
+    stream would fail them all as gone. A 100 KiB response fails its own request only."""
+    limit = 64 * 1024
+
+    async def handle(frame: RequestFrame) -> bytes:
+        await asyncio.sleep(0)
+        return b"r" * (100 * 1024) if frame.model_id == "huge" else frame.body[:8]
+
+    server, endpoint = await _serve(handle, limit)
+    pool = MultiplexPool(1, limit)
+    channels = ChannelPool(limit)
+    channel = channels.get(endpoint)
+    try:
+        bodies = [b"%08d" % i + b"x" * (60 * 1024) for i in range(300)]
+        calls = [pool.call(endpoint, channel, f"m{i}", True, (("k", "v" * 500),), body, 30)
+                 for i, body in enumerate(bodies)]
+        calls.insert(150, pool.call(endpoint, channel, "huge", True, (), b"", 30))
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        huge = answers.pop(150)
+        assert answers == [b"%08d" % i for i in range(300)]
+        assert isinstance(huge, StreamError) and huge.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the response is 102400 bytes; the limit is 65536" in huge.message
+    finally:
+        pool.close()
+        await channels.close()
+        await server.stop(None)
