@@ -191,9 +191,9 @@ class RuntimeSettings:
                               "and reports not ready: it serves what it holds, and routers load "
                               "elsewhere. Each stuck load holds a thread and its reserved memory.")
     state_dir: str = _f("", "Where the runtime writes down the loads in progress and any fatal crash, so "
-                        "that after a restart it can say which model killed it (empty: "
-                        "<temp dir>/mesh-runtime/<instance_id>; it must survive a restart of the "
-                        "process, as an emptyDir survives a container restart).")
+                        "that after a restart it can say which model killed it, in a folder per instance ID "
+                        "(runtimes may share it; empty: <temp dir>/mesh-runtime). It must survive a "
+                        "restart of the process, as an emptyDir survives a container restart.")
     warm_imports_timeout_s: float = _f(60.0, "Bound on importing the loader libraries of the supported "
                                        "types at start-up, before the instance reports ready, so that "
                                        "a first load measures the model, not the library (torch takes "

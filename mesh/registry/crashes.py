@@ -9,9 +9,10 @@ Who writes a crash record (``failures/<model>/<iid>``, ``kind`` CRASH):
 - ``CrashWitness.lost``: whoever loses a call that made a runtime load (a router's forwarded
   request or ``loadModel``, a re-homing runtime). Before its loader runs the runtime writes the
   copy's ``loading`` placement (``Publisher.announce``), and the placement outlives the process
-  by the lease TTL; so a lost call whose model reads ``loading`` on the dead instance means the
-  runtime died during that load. The record lives ``registry.crash_quarantine_s``: it may be the
-  operator's SIGKILL or a lost node rather than the model, and then the model comes back by itself.
+  by the lease TTL; so a lost call whose model reads ``loading`` on an instance that no longer
+  answers (``live``: a dead process refuses at once) means the runtime died during that load.
+  The record lives ``registry.crash_quarantine_s``: it may be the operator's SIGKILL or a lost
+  node rather than the model, and then the model comes back by itself.
 - ``record_leftovers``: the runtime itself, restarted under its instance ID, from its journal
   (``mesh.runtime.journal``). When the fatal signal came from that load's own thread, the record
   has no lease: the model stays quarantined until it is unregistered (and registered again,
@@ -26,17 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 
 from mesh.registry.records import CRASH, LOADING, FailureRecord, PlacementRecord
 from mesh.registry.registry import Registry
+from mesh.tasks import spawn
 
 log = structlog.get_logger(__name__)
 
 MAX_RECENT = 1_000
+# Calls lost with one death arrive within a few seconds; later ones are checked again (the model
+# may have been registered again since, and a new death must be recorded).
+SAME_DEATH_S = 5.0
+# A dead process refuses the probe at once; a stopped one (SIGSTOP) or a stuck event loop does
+# not answer within this and counts as dead (a load that stalls the runtime this long is suspect).
+LIVE_PROBE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -51,44 +59,39 @@ class Leftover:
 
 
 class CrashWitness:
+    """``live(endpoint, timeout_s)``: whether the runtime still answers (``RuntimeClient.live``).
+    A call can be lost without a death (a missed deadline, a refused stream, a reset connection);
+    a runtime that answers is alive, and its loads are not blamed."""
+
     def __init__(self, registry: Registry, quarantine_s: int,
-                 on_record: Callable[[FailureRecord], None] | None = None) -> None:
+                 on_record: Callable[[FailureRecord], None] | None = None,
+                 live: Callable[[str, float], Awaitable[bool]] | None = None) -> None:
         self.registry = registry
         self.quarantine_s = quarantine_s
         self.on_record = on_record  # a router's view takes it at once, before its watch does
-        self._checks: dict[tuple[str, str], asyncio.Future[FailureRecord | None]] = {}
+        self.live = live
+        self._checks: dict[tuple[str, str], asyncio.Task[FailureRecord | None]] = {}
         self._recent: dict[tuple[str, str], tuple[FailureRecord, float]] = {}
         self.recorded = 0
 
-    async def lost(self, model_id: str, instance_id: str) -> FailureRecord | None:
+    async def lost(self, model_id: str, instance_id: str, endpoint: str = "") -> FailureRecord | None:
         """A call that made ``instance_id`` load ``model_id`` lost its runtime: the crash record
-        written if the copy was loading there, else None (the runtime went for another reason).
-        One registry read and record per (model, instance) however many calls were lost with it."""
+        written if the copy was loading there and the runtime no longer answers, else None (it
+        went for another reason). One check per (model, instance) however many calls were lost
+        with it; the check is a task of its own, so a caller that gives up (its deadline, a
+        cancel) does not take the answer from the others."""
         key = (model_id, instance_id)
         known = self._recent.get(key)
-        if known is not None and time.monotonic() - known[1] < self.quarantine_s:
-            return known[0]  # the other calls lost with it, arriving later
-        pending = self._checks.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[FailureRecord | None] = asyncio.get_running_loop().create_future()
-        self._checks[key] = future
-        try:
-            record = await self._check(model_id, instance_id)
-            if record is not None:
-                if len(self._recent) >= MAX_RECENT:
-                    self._recent.pop(next(iter(self._recent)))  # the oldest
-                self._recent[key] = (record, time.monotonic())
-            future.set_result(record)
-            return record
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: the other waiters re-raise it
-            raise
-        finally:
-            del self._checks[key]
+        if known is not None and time.monotonic() - known[1] < SAME_DEATH_S:
+            return known[0]  # the other calls lost with the same death, arriving later
+        task = self._checks.get(key)
+        if task is None:
+            task = spawn(self._check(model_id, instance_id, endpoint), name=f"crash-check:{model_id[:100]}")
+            self._checks[key] = task
+            task.add_done_callback(lambda _: self._checks.pop(key, None))
+        return await asyncio.shield(task)
 
-    async def _check(self, model_id: str, instance_id: str) -> FailureRecord | None:
+    async def _check(self, model_id: str, instance_id: str, endpoint: str) -> FailureRecord | None:
         try:
             kv = await self.registry.store.get(self.registry.keys.placement(model_id, instance_id))
             placement = PlacementRecord.from_json(kv.value) if kv is not None else None
@@ -98,9 +101,18 @@ class CrashWitness:
             return None
         if placement is None or placement.state != LOADING:
             return None
+        if endpoint and self.live is not None and await self.live(endpoint, LIVE_PROBE_S):
+            log.info("a call that made a runtime load was lost, but the runtime answers: not a crash",
+                     model_id=model_id, instance_id=instance_id)
+            return None
         reason = (f"runtime {instance_id} died while loading this model; no runtime loads "
                   f"it for {self.quarantine_s} s (unregister and register it again to retry sooner)")
-        return await self.record(model_id, instance_id, reason, durable=False)
+        record = await self.record(model_id, instance_id, reason, durable=False)
+        if record is not None:
+            if len(self._recent) >= MAX_RECENT:
+                self._recent.pop(next(iter(self._recent)))  # the oldest
+            self._recent[(model_id, instance_id)] = (record, time.monotonic())
+        return record
 
     async def record(self, model_id: str, instance_id: str, reason: str, *, durable: bool) -> FailureRecord | None:
         record = FailureRecord(model_id=model_id, instance_id=instance_id, reason=reason,

@@ -58,7 +58,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
         PrefixMirror(store, keys.failures, view.put_failure, view.delete_failure),
     ]
     specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
-    witness = CrashWitness(registry, settings.registry.crash_quarantine_s, on_record=view.add_failure)
+    witness = CrashWitness(registry, settings.registry.crash_quarantine_s, on_record=view.add_failure,
+                           live=RuntimeClient(channels).live)
     runtime_client = RuntimeClient(channels, witness)
     scaler = CopyScaler(view=view, specs=specs, runtimes=runtime_client, load_timeout_s=rs.default_timeout_s,
                         pinned=registry.pinned_models, pin_check_s=rs.min_copies_check_s,

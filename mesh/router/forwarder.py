@@ -275,7 +275,7 @@ class Forwarder:
             except Retry as exc:
                 if exc.kind == GONE and target.allow_load and self.witness is not None:
                     # Did it die loading this model? Then no other runtime is tried with it.
-                    crash = await self.witness.lost(model_id, target.instance_id)
+                    crash = await self.witness.lost(model_id, target.instance_id, target.endpoint)
                     if crash is not None:
                         raise RemoteError(grpc.StatusCode.FAILED_PRECONDITION,
                                           f"model {model_id!r} is quarantined: {crash.reason}") from None
@@ -380,6 +380,14 @@ class Forwarder:
                             bytes_in=len(body), bytes_out=len(response))
 
     async def model_infer(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await self._bounded(INFER, body, context)
+
+    async def model_metadata_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # Counted like an inference: its body may be as large, and it may wait for a load.
+        return await self._bounded(f"/{SERVICE}/ModelMetadata", body, context)
+
+    async def _bounded(self, method: str, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """``_relay`` within the in-flight bounds (mesh.transport.inflight)."""
         size = len(body)
         try:
             connection = self.inflight.enter(size, context.peer())
@@ -389,12 +397,9 @@ class Forwarder:
         if refused:  # aborted outside the except block: no cycle keeps the body (mesh.malloc.trim)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
         try:
-            return await self._relay(INFER, body, context)
+            return await self._relay(method, body, context)
         finally:
             self.inflight.leave(size, connection)
-
-    async def model_metadata_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._relay(f"/{SERVICE}/ModelMetadata", body, context)
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext

@@ -172,6 +172,7 @@ class Management:
         self.clock = clock
         self.model_roots = model_roots  # runtime.model_roots: registrations must name files under them
         self._background = Background("management")
+        self._quota_locks: dict[str, asyncio.Lock] = {}  # by token name: the tokens file bounds it
         self._last_ensure: dict[str, float] = {}
 
     # --- models -------------------------------------------------------------------------------
@@ -193,11 +194,14 @@ class Management:
     async def _register(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
         """Register ``spec`` within the caller's quotas (mesh.auth: max_models, max_pinned_copies)."""
         caller = current_caller()
-        if caller is not None and (caller.max_models or caller.max_pinned_copies):
-            existing = await self.registry.get_model(spec.model_id)
-            if existing is None or not existing.same_definition(spec):  # the same one again is free
+        if caller is None or not (caller.max_models or caller.max_pinned_copies):
+            return await self.registry.register_model(spec)
+        # One check-and-write at a time per token on this router: a burst of concurrent calls
+        # cannot all read the same count and all pass (across routers, one each may: docs/security.md).
+        async with self._quota_locks.setdefault(caller.name, asyncio.Lock()):
+            if await self.registry.get_model(spec.model_id) is None:  # an ID taken is free, or ALREADY_EXISTS
                 await self._check_quota(caller, spec)
-        return await self.registry.register_model(spec)
+            return await self.registry.register_model(spec)
 
     async def _count_under(self, prefix: str) -> int:
         """Models whose ID is ``prefix`` or starts with it at a boundary (mesh.paths.under_prefix)."""

@@ -104,6 +104,9 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
     """Step 3, with a precise error when no instance can take the model."""
     if not view.instances:
         raise Unavailable("no runtime instances are registered; start one (mesh serve runtime)")
+    crash = quarantine(view.failures.get(spec.model_id, {}))
+    if crash is not None:  # a runtime died loading it: no other is tried (mesh.registry.crashes)
+        raise FailedPrecondition(f"model {spec.model_id!r} is quarantined: {crash.reason}")
     instances = eligible(view, spec)
     if not instances:
         able = [r for r in view.instances.values() if r.can_serve(spec)]
@@ -119,9 +122,6 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
         raise FailedPrecondition(
             f"no instance can serve model {spec.model_id!r}: none supports type {spec.type!r}{labels}")
     failures = view.failures.get(spec.model_id, {})
-    crash = quarantine(failures)
-    if crash is not None:  # a runtime died loading it: no other is tried (mesh.registry.crashes)
-        raise FailedPrecondition(f"model {spec.model_id!r} is quarantined: {crash.reason}")
     if len(failures) >= min(MAX_LOAD_FAILURES, len(instances)):
         reason = next(iter(failures.values())).reason
         raise FailedPrecondition(f"model {spec.model_id!r} failed to load on {len(failures)} "

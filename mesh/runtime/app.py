@@ -11,7 +11,6 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import structlog
 
@@ -29,7 +28,7 @@ from mesh.runtime.cache import DeviceBudget, LoadFn, ModelCache
 from mesh.runtime.capacity import GpuMemory, device_capacities, ram_capacity
 from mesh.runtime.failures import RecentFailures, RememberingCache
 from mesh.runtime.gpu import nvml_reader
-from mesh.runtime.journal import LoadJournal, default_state_dir
+from mesh.runtime.journal import LoadJournal, journal_dir
 from mesh.runtime.loaders import supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
 from mesh.runtime.publisher import Publisher
@@ -71,10 +70,11 @@ def device_policy(name: str, capacity_bytes: int) -> EvictionPolicy:
 STOP_GRACE_S = 0.5
 
 
-async def _rehome(settings: Settings, registry: Registry, cache: ModelCache, instance_id: str,
-                  witness: CrashWitness) -> None:
+async def _rehome(settings: Settings, registry: Registry, cache: ModelCache, instance_id: str) -> None:
     rs = settings.runtime
     channels = ChannelPool(settings.router.max_message_bytes, runtime_channel_security(settings.tls))
+    # A peer that dies loading a re-homed copy quarantines the model, as a router's call would.
+    witness = CrashWitness(registry, settings.registry.crash_quarantine_s, live=RuntimeClient(channels).live)
     started = time.monotonic()
     try:
         async with asyncio.timeout(rs.rehome_timeout_s):
@@ -167,10 +167,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     load_fn = load_fn or functools.partial(load_model, policy=policy)
     # The loads in progress, written down before each starts: after a crash, the restarted
     # runtime says which model killed it (mesh.runtime.journal).
-    journal = LoadJournal(Path(rs.state_dir) if rs.state_dir else default_state_dir(instance_id))
-    leftovers = await asyncio.to_thread(journal.recover)
-    if not faulthandler.is_enabled():  # a process of its own (under pytest, pytest holds it)
-        journal.watch_fatal_signals()
+    # Read after the instance ID is claimed: a start that fails leaves it for the next.
+    journal = LoadJournal(journal_dir(instance_id, rs.state_dir))
     load_fn = journaled(load_fn, journal)
     sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
                                         floor_bytes=rs.default_model_size_bytes), roots=rs.model_roots)
@@ -246,10 +244,17 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     try:
         await claim_instance_id(registry, instance_id, endpoint, settings.registry.lease_ttl_s)
     except BaseException:
+        journal.release()
         if stop_metrics is not None:
             await asyncio.to_thread(stop_metrics)
         await call_soon_safely(store.close, "close registry")
         raise
+    leftovers = await asyncio.to_thread(journal.recover)
+    if not faulthandler.is_enabled():  # a process of its own (under pytest, pytest holds it)
+        journal.watch_fatal_signals()
+    elif journal.enabled and os.environ.get("PYTHONFAULTHANDLER"):
+        log.warning("fatal-signal log off: PYTHONFAULTHANDLER has faulthandler write to stderr; a model "
+                    "that crashes this process is quarantined for registry.crash_quarantine_s only")
     await session.start()
     await specs.start()
     witness = CrashWitness(registry, settings.registry.crash_quarantine_s)
@@ -284,7 +289,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await call_soon_safely(lambda: publisher.publish_instance(force=True), "publish shutting-down")
         # 2. Re-home the hot models: load them on other instances while our copies still serve
         #    (bounded by rehome_timeout_s; see mesh.runtime.rehome for why the runtime does it).
-        await call_soon_safely(lambda: _rehome(settings, registry, cache, instance_id, witness),
+        await call_soon_safely(lambda: _rehome(settings, registry, cache, instance_id),
                                "re-home models")
         # 3. Withdraw our placements (routers send nothing more here), let in-flight requests
         #    finish, then stop. The routers' streams never end by themselves, so rather than

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import fcntl
 import hashlib
 import json
 import os
@@ -48,16 +49,21 @@ log = structlog.get_logger(__name__)
 
 FATAL_LOG = "fatal.log"
 MAX_ENTRIES = 1_000  # loads in progress at once are a handful; a bound on what recover reads
-MAX_FATAL_BYTES = 64 * 1024
+MAX_FATAL_BYTES = 1 << 20  # every thread's stack: tens of threads, up to 100 frames each
+LOCK_FILE = ".lock"
 # all_threads=True: every thread's stack, the crashing one headed "Current thread 0x<ident>".
 _CURRENT_THREAD = re.compile(r"^Current thread (0x[0-9a-f]+) \(most recent call first\)", re.M)
 _FATAL_LINE = re.compile(r"^Fatal Python error: (.{1,200})$", re.M)
 
 
-def default_state_dir(instance_id: str) -> Path:
+def journal_dir(instance_id: str, state_dir: str = "") -> Path:
+    """The instance's own folder under ``runtime.state_dir`` (default: the temp dir's
+    ``mesh-runtime``): runtimes that share a state_dir (``mesh up`` gives all its runtimes one
+    configuration) never read each other's journals."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", instance_id)[:80]
     digest = hashlib.sha256(instance_id.encode()).hexdigest()[:8]
-    return Path(tempfile.gettempdir()) / "mesh-runtime" / f"{safe}-{digest}"
+    base = Path(state_dir) if state_dir else Path(tempfile.gettempdir()) / "mesh-runtime"
+    return base / f"{safe}-{digest}"
 
 
 class LoadJournal:
@@ -65,12 +71,15 @@ class LoadJournal:
         self.directory = directory
         self.enabled = True
         self._fatal_file: IO[str] | None = None
+        self._lock: int | None = None
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             st = os.lstat(directory)
             # In a shared temp dir, someone else's directory (or a link to one) is not ours to trust.
             problem = ("not a directory of this user" if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
                        else "")
+            if not problem:
+                problem = self._take_lock()
         except OSError as exc:
             problem = exc.strerror or type(exc).__name__
         if problem:
@@ -78,6 +87,19 @@ class LoadJournal:
                         "crashes this process is still quarantined by the router that sees it",
                         directory=str(directory), error=problem)
             self.enabled = False
+
+    def _take_lock(self) -> str:
+        """One live process per journal: a second process under the same instance ID (started by
+        mistake; the registry refuses it next) must not read and delete the live one's entries.
+        The kernel releases the lock when the process dies, however it dies."""
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return "another live process holds it (the same instance ID twice?)"
+        self._lock = fd
+        return ""
 
     # --- the previous life ----------------------------------------------------------------------
     def recover(self) -> list[Leftover]:
@@ -125,18 +147,32 @@ class LoadJournal:
         thread that never returned leaves its entry, and the next start reports it)."""
         if not self.enabled:
             return
+        self.enabled = False
         if self._fatal_file is not None:
             faulthandler.disable()
             self._fatal_file.close()
             self._fatal_file = None
         with contextlib.suppress(OSError):
             (self.directory / FATAL_LOG).unlink()
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.directory / LOCK_FILE).unlink()
+        self.release()
         with contextlib.suppress(OSError):
             self.directory.rmdir()  # only if empty
 
+    def release(self) -> None:
+        """A start that failed: the lock goes, what the last life left stays for the next."""
+        self.enabled = False
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     # --- this life ------------------------------------------------------------------------------
     def _entry(self, model_id: str) -> Path:
-        return self.directory / f"load-{hashlib.sha256(model_id.encode()).hexdigest()[:32]}.json"
+        # One per load: a stuck load and the model's next load (another thread) keep their own.
+        digest = hashlib.sha256(model_id.encode()).hexdigest()[:32]
+        return self.directory / f"load-{digest}-{threading.get_ident():x}.json"
 
     @contextlib.contextmanager
     def during(self, spec: ModelSpec) -> Iterator[None]:
@@ -160,4 +196,4 @@ class LoadJournal:
                     path.unlink()
 
 
-__all__ = ["FATAL_LOG", "LoadJournal", "default_state_dir"]
+__all__ = ["FATAL_LOG", "LoadJournal", "journal_dir"]

@@ -49,7 +49,7 @@ class RuntimeClient:
                                  metadata=((LAST_USED, str(last_used_ms)),))
         except grpc.aio.AioRpcError as err:
             if self._witness is not None and lost_peer(err):
-                crash = await self._witness.lost(spec.model_id, target.instance_id)
+                crash = await self._witness.lost(spec.model_id, target.instance_id, target.endpoint)
                 if crash is not None:
                     raise FailedPrecondition(f"model {spec.model_id!r} is quarantined: {crash.reason}") from None
             error = MeshError(f"loading {spec.model_id!r} on {target.instance_id}: {err.details()}")

@@ -31,7 +31,7 @@ from mesh.registry.records import (
 from mesh.registry.registry import Registry
 from mesh.router.routing import pick_home
 from mesh.router.view import ClusterView
-from mesh.runtime.journal import LoadJournal
+from mesh.runtime.journal import LoadJournal, journal_dir
 
 # A process that loads two models on two threads through the journal; the load of "guilty" dies
 # of the given signal (SIGABRT as LightGBM's std::terminate, or SIGKILL from outside).
@@ -69,17 +69,38 @@ def _die(directory: Path, how: str) -> int:
 
 def test_the_journal_names_the_load_whose_thread_raised_the_fatal_signal(tmp_path: Path) -> None:
     assert _die(tmp_path, "abort") == -signal.SIGABRT
-    found = {left.model_id: left for left in LoadJournal(tmp_path).recover()}
+    journal = LoadJournal(tmp_path)  # the lock of the dead process went with it
+    assert journal.enabled
+    found = {left.model_id: left for left in journal.recover()}
     assert set(found) == {"innocent", "guilty"}  # "finished" ended before the death
     assert found["guilty"].guilty and found["guilty"].fatal == "Aborted"
     assert not found["innocent"].guilty and found["innocent"].fatal == "Aborted"
     assert found["guilty"].registered_ms == 7
-    assert LoadJournal(tmp_path).recover() == []  # reported once
+    journal.release()
+    again = LoadJournal(tmp_path)
+    assert again.enabled and again.recover() == []  # reported once
+    again.release()
+
+
+def test_a_second_process_under_the_same_id_leaves_the_live_journal_alone(tmp_path: Path) -> None:
+    """Runtimes sharing runtime.state_dir get a folder each; a second process under the same
+    instance ID finds the folder locked and reads (and deletes) nothing of the live one's."""
+    assert journal_dir("runtime-0", str(tmp_path)) != journal_dir("runtime-1", str(tmp_path))
+    assert journal_dir("runtime-0", str(tmp_path)).parent == tmp_path
+    live = LoadJournal(journal_dir("runtime-0", str(tmp_path)))
+    with live.during(ModelSpec(model_id="m", type="sklearn")):
+        twin = LoadJournal(journal_dir("runtime-0", str(tmp_path)))
+        assert not twin.enabled and twin.recover() == []
+        assert len(list(live.directory.glob("load-*.json"))) == 1  # still there
+    live.close()
+    assert LoadJournal(journal_dir("runtime-0", str(tmp_path))).enabled  # free again
 
 
 def test_a_killed_process_leaves_its_loads_but_no_guilty_one(tmp_path: Path) -> None:
     assert _die(tmp_path, "kill") == -signal.SIGKILL
-    found = LoadJournal(tmp_path).recover()
+    journal = LoadJournal(tmp_path)
+    found = journal.recover()
+    journal.release()
     assert {(left.model_id, left.guilty, left.fatal) for left in found} == {
         ("innocent", False, ""), ("guilty", False, "")}
 
@@ -123,6 +144,39 @@ async def test_the_witness_quarantines_only_a_model_that_was_loading_on_the_dead
     assert stored.kind == CRASH and "died while loading" in stored.reason
     kv = await registry.store.get(registry.keys.failure("m", "r1"))
     assert kv is not None and kv.lease != 0  # time-limited: it may have been a SIGKILL
+
+
+async def test_a_runtime_that_still_answers_is_not_blamed_and_a_cancelled_caller_keeps_the_others() -> None:
+    """A call lost without a death (a missed deadline, a refused stream) leaves the loading model
+    alone when the runtime answers its probe; the check is its own task, so the first caller
+    cancelled (its client left) does not cancel the others waiting on the same check."""
+    registry = _registry()
+    await _put_placement(registry, LOADING)
+    answers = {"127.0.0.1:1": True, "127.0.0.1:2": False}
+    probed = asyncio.Event()
+    release = asyncio.Event()
+
+    async def live(endpoint: str, timeout_s: float) -> bool:
+        probed.set()
+        await release.wait()
+        return answers[endpoint]
+
+    witness = CrashWitness(registry, quarantine_s=60, live=live)
+    release.set()
+    assert await witness.lost("m", "r1", "127.0.0.1:1") is None  # alive: not a crash
+    assert witness.recorded == 0 and await registry.failures_of("m") == []
+
+    release.clear()
+    probed.clear()
+    first = asyncio.create_task(witness.lost("m", "r1", "127.0.0.1:2"))
+    second = asyncio.create_task(witness.lost("m", "r1", "127.0.0.1:2"))
+    await asyncio.wait_for(probed.wait(), 5)
+    first.cancel()
+    release.set()
+    record = await asyncio.wait_for(second, 5)
+    assert record is not None and record.kind == CRASH and witness.recorded == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
 
 
 async def test_a_restarted_runtime_makes_a_guilty_load_durable_and_skips_a_new_registration() -> None:
