@@ -288,8 +288,25 @@ class _Stream:
         self._on_close = on_close
         self.closed = False
         self._call = channel.stream_stream(METHOD)()
-        self._writer = CombiningWriter(self._call.write, max_batch_bytes)
+        self._opened = False
+        self._writer = CombiningWriter(self._write, max_batch_bytes)
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="multiplex-reader")
+
+    async def _write(self, message: bytes) -> None:
+        if self._opened:
+            await self._call.write(message)
+            return
+        # grpc.aio's first write waits for the call's initial metadata to be sent, and a call that
+        # fails before that (the runtime died as the stream opened) never sends it: the write
+        # would wait forever, holding its request to the client's deadline. So the first write
+        # races the reader, which ends when the call does.
+        write = asyncio.ensure_future(self._call.write(message))
+        done, _ = await asyncio.wait({write, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        if write not in done:
+            write.cancel()
+            raise StreamGone("stream to the runtime closed as it opened")
+        write.result()
+        self._opened = True
 
     async def _read(self) -> None:
         clear_request()  # created while serving the stream's first request: not that request's lines
@@ -334,10 +351,12 @@ class _Stream:
         self._pending[request_id] = future
         try:
             await self._writer.send(frame)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, StreamGone) as exc:
             self._pending.pop(request_id, None)
             self.close()
-            raise StreamGone(f"stream to the runtime broke: {exc}") from None
+            if future.done() and not future.cancelled():
+                future.exception()  # close() may have failed it already: retrieved here
+            raise exc if isinstance(exc, StreamGone) else StreamGone(f"stream to the runtime broke: {exc}") from None
         # A timer handle rather than asyncio.wait_for, which costs a task per request.
         timer = loop.call_later(timeout, _expire, future) if timeout is not None else None
         try:

@@ -145,3 +145,30 @@ async def test_frames_near_the_limit_under_load_keep_the_stream() -> None:
         pool.close()
         await channels.close()
         await server.stop(None)
+
+
+async def test_a_stream_discarded_while_it_opens_fails_its_request_as_gone() -> None:
+    """A runtime that dies as a stream opens leaves the call queued on a connecting channel; the
+    router then discards the endpoint (reachability) and the call is cancelled before its first
+    message is sent. grpc.aio's write waits for initial metadata that never goes: the request hung
+    to its client's deadline (one in 12,000 when a runtime was SIGKILLed under load). Here the
+    endpoint accepts TCP and never answers HTTP/2, so the channel stays connecting."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+    pool = MultiplexPool(1, LIMIT)
+    channel = grpc.aio.insecure_channel(endpoint)
+    try:
+        pending = asyncio.create_task(pool.call(endpoint, channel, "m", True, (), b"x", None))
+        await asyncio.sleep(0.3)
+        assert not pending.done()
+        pool.discard(endpoint)
+        with pytest.raises(StreamGone):
+            await asyncio.wait_for(pending, 5)
+    finally:
+        pool.close()
+        await channel.close()
+        listener.close()
