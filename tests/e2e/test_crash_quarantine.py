@@ -1,7 +1,7 @@
 """A model that kills the process loading it is quarantined on the first death.
 
 The corrupt file is a real LightGBM text model cut to 1,000 bytes: LightGBM 4.x aborts the process
-that parses it (SIGABRT, ``std::terminate``). Real processes (``loadtest.cluster``): a private
+that parses it (SIGABRT, ``std::terminate``; now and then SIGSEGV). Real processes (``loadtest.cluster``): a private
 etcd, three runtimes and a router (``router.min_copies_check_s`` 1 s).
 
 While a client keeps 4 requests in flight on 6 healthy scikit-learn models (each loaded on its
@@ -23,6 +23,7 @@ Marked slow (five processes and a restart).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -140,7 +141,9 @@ async def _scenario(cluster: Cluster, endpoint: str, runtimes: list[Server], hea
     try:
         record, lease = await _crash_record(cluster.registry_url, "corrupt")
         assert record.kind == CRASH and lease == 0, (record, lease)
-        assert "fatal signal in the loader: Aborted" in record.reason, record.reason
+        # LightGBM aborts on the cut file, or (depending on where the cut falls in its parse)
+        # reads past it: either is a fatal signal raised by the load's own thread.
+        assert re.search(r"fatal signal in the loader: (Aborted|Segmentation fault)", record.reason), record.reason
     finally:
         assert restarted.proc.poll() is None
 
