@@ -211,6 +211,10 @@ class RuntimeSettings:
                            "each measured load (ModelMesh's adapters use a fixed 1.25).")
     inference_threads: int = _f(4, "Threads running model predict calls, so that one slow model does "
                                 "not stall the event loop.")
+    workers: int = _f(0, "Model worker processes that load and run the models, apart from the runtime, "
+                      "which keeps the registry session and credentials (mesh.runtime.workers): a model "
+                      "that crashes takes only its worker, and several workers predict on several "
+                      "cores. 0: models run in the runtime's own process.")
     inline_predict_ms: float = _f(0.0, "Models whose recent inferences took less than this run on the "
                                   "event loop instead of an inference thread (0: never). For clients "
                                   "that call runtimes directly, 1.0 gave +31 % throughput with small "

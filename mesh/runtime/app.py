@@ -42,6 +42,7 @@ from mesh.runtime.service import (
     warm_imports,
 )
 from mesh.runtime.servicer import add_to_server
+from mesh.runtime.workers import MAX_WORKERS, RemoteModel, WorkerPool
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
@@ -164,6 +165,22 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     if not rs.model_roots:
         log.warning("model paths are not confined: a registration may name any file this process can "
                     "read; set runtime.model_roots (docs/security.md)")
+    workers: WorkerPool | None = None
+    if not 0 <= rs.workers <= MAX_WORKERS:
+        raise InvalidArgument(f"runtime.workers must be 0 to {MAX_WORKERS}, not {rs.workers}")
+    if rs.workers and load_fn is None:  # a stand-in load_fn (tests) stays in process
+        # Model code runs in workers that hold no credentials (mesh.runtime.workers); a worker
+        # that dies takes only its models, which are unloaded here (placements withdrawn).
+        async def lost(model_ids: list[str]) -> None:
+            for model_id in model_ids:
+                entry = cache.get(model_id)
+                if entry is not None and isinstance(entry.model, RemoteModel) and entry.model.lost:
+                    await call_soon_safely(lambda m=model_id: cache.unload(m, reason="its worker died"),
+                                           f"unload {model_id[:100]}")
+
+        workers = WorkerPool(rs.workers, policy, load_timeout_s=rs.load_timeout_s, warm=tuple(types), on_lost=lost)
+        await asyncio.to_thread(workers.start)
+        load_fn = workers.load
     load_fn = load_fn or functools.partial(load_model, policy=policy)
     # The loads in progress, written down before each starts: after a crash, the restarted
     # runtime says which model killed it (mesh.runtime.journal).
@@ -265,6 +282,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
             quarantined=written)
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(publisher.run(), "publisher")
+    if workers is not None:
+        roots.spawn(workers.supervise(), "model-workers")
     if has_gpu:
         roots.spawn(gpus.follow(cache), "gpu-budgets")
     await health.start()
@@ -305,6 +324,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         # 5. Stop the background loops, release the models and threads.
         await roots.cancel_all()
         await call_soon_safely(cache.close, "unload models")
+        if workers is not None:
+            await asyncio.to_thread(workers.close)
         load_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(journal.close)
         infer_pool.shutdown(wait=False, cancel_futures=True)

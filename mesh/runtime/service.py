@@ -21,7 +21,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 
 import structlog
-from google.protobuf.message import DecodeError
 
 from mesh.errors import (
     FailedPrecondition,
@@ -40,7 +39,8 @@ from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
-from mesh.runtime.tensors import decode_inputs, encode_response
+from mesh.runtime.tensors import infer_bytes
+from mesh.runtime.workers import RemoteModel, WorkerGone
 from mesh.tasks import Background
 from mesh.transport.inflight import InflightLimit
 from mesh.transport.wire import read_model_name
@@ -377,17 +377,22 @@ class RuntimeService:
                 entry = await self._miss(model_id, allow_load)
             else:
                 self.metrics.hit(model_id)
-            if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY:
+            if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY \
+                    and not isinstance(entry.model, RemoteModel):
                 # Small and known to be quick: no thread hand-off (the copy cannot be evicted and
                 # closed in between, since nothing awaits before the work is done).
                 return _run_inference(entry, body)
-            self.cache.begin_use(entry)
             try:
-                executor = self._executor if entry.device == "ram" else \
-                    self._device_executors.get(entry.device, self._executor)
-                return await asyncio.get_running_loop().run_in_executor(executor, _run_inference, entry, body)
-            finally:
-                self.cache.end_use(entry)
+                return await self._predict(entry, body)
+            except WorkerGone:
+                if not allow_load:
+                    raise
+                # Its worker died (mesh.runtime.workers): load it again, in a worker that runs,
+                # and answer this request from there rather than fail it.
+                if self.cache.get(model_id) is entry:
+                    await self.cache.unload(model_id, reason="its worker died")
+                entry = await self._miss(model_id, allow_load)
+                return await self._predict(entry, body)
         except BaseException as exc:
             code = status_name(exc)
             raise
@@ -395,6 +400,15 @@ class RuntimeService:
             self.inflight -= 1
             self.limit.leave(size, None)
             self.metrics.invoked(code, started, model_id)
+
+    async def _predict(self, entry: Entry, body: bytes) -> bytes:
+        self.cache.begin_use(entry)
+        try:
+            executor = self._executor if entry.device == "ram" else \
+                self._device_executors.get(entry.device, self._executor)
+            return await asyncio.get_running_loop().run_in_executor(executor, _run_inference, entry, body)
+        finally:
+            self.cache.end_use(entry)
 
     async def model_ready(self, model_id: str) -> bool:
         entry = self.cache.get(check_model_id(model_id))
@@ -486,16 +500,9 @@ def _infer(entry: Entry, body: bytes) -> bytes:
     model = entry.model
     if model is None:  # cannot happen while in_use > 0, but never predict on a released model
         raise ModelLoadError(f"model {entry.model_id!r} is not loaded")
-    try:
-        request = pb.ModelInferRequest.FromString(body)
-    except (DecodeError, RuntimeError, ValueError):
-        raise InvalidArgument("malformed request: not a valid inference.ModelInferRequest message") from None
-    inputs = decode_inputs(request)
-    outputs = model.predict(inputs, [o.name for o in request.outputs])
-    response = encode_response(model_name=request.model_name or entry.model_id, model_version="1",
-                               request_id=request.id, outputs=outputs,
-                               raw=len(request.raw_input_contents) > 0)
-    return response.SerializeToString()
+    if isinstance(model, RemoteModel):  # a model worker's copy: the worker decodes and predicts
+        return model.infer_bytes(body)
+    return infer_bytes(model, entry.model_id, body)
 
 
 __all__ = ["RuntimeService", "SizePredictor", "choose_device", "load_model", "warm_device_thread", "warm_gpus",

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from numpy.typing import DTypeLike
 
 from mesh.errors import InvalidArgument, MeshError
@@ -433,6 +434,20 @@ def _pack_bytes(what: str, items: list[bytes]) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # requested outputs
+
+
+def infer_bytes(model: Any, model_id: str, body: bytes) -> bytes:
+    """One inference on a loaded model (``LoadedModel``), bytes to bytes: decode the serialized
+    ``ModelInferRequest``, predict the requested outputs, encode the response. The runtime's
+    inference threads call it for in-process models, a model worker for its own."""
+    try:
+        request = pb.ModelInferRequest.FromString(body)
+    except (DecodeError, RuntimeError, ValueError):
+        raise InvalidArgument("malformed request: not a valid inference.ModelInferRequest message") from None
+    outputs = model.predict(decode_inputs(request), [o.name for o in request.outputs])
+    response = encode_response(model_name=request.model_name or model_id, model_version="1",
+                               request_id=request.id, outputs=outputs, raw=len(request.raw_input_contents) > 0)
+    return response.SerializeToString()
 
 
 def requested_outputs(req: pb.ModelInferRequest) -> list[str]:

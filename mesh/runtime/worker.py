@@ -1,0 +1,210 @@
+"""A model worker: the process that runs model code, apart from the runtime (issue 13).
+
+The runtime (``mesh.runtime.workers``) starts it with a minimal environment: no registry
+address or credentials, no tokens, no ``MESH_*`` settings, a home directory of its own. It
+listens on a Unix socket in a directory only the runtime's user can enter, and answers four
+operations on any number of connections, a thread per connection (the runtime's load and
+inference threads each hold one):
+
+- LOAD: a registration (JSON) and a device; the built-in loader runs here, confined by the load
+  policy the runtime passed on the command line. The answer is the model's metadata, its own
+  footprint, and the growth of this process's RSS across the load when no other load ran
+  meanwhile (else 0): what the runtime's cache charges.
+- INFER: a model ID and a serialized ``ModelInferRequest``; decoding, predicting and encoding
+  happen here, and the answer is the serialized response. The runtime forwards the bytes it got.
+- UNLOAD: a model ID.
+- PING.
+
+Frames (little-endian): a request is ``u32 length | u8 op | payload``, an answer ``u32 length |
+u8 code | payload`` with code 0 (OK, the payload is the result) or a gRPC status code (the
+payload is the message). A model that raises answers its precise status; a model that kills the
+process kills only this worker: the runtime restarts it and re-homes nothing but its models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+from typing import Any
+
+from mesh.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MeshError,
+    ModelLoadError,
+    ModelNotFound,
+    NotHere,
+    ResourceExhausted,
+    Unavailable,
+)
+from mesh.registry.records import ModelSpec
+from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
+from mesh.runtime.tensors import infer_bytes
+
+OP_LOAD, OP_INFER, OP_UNLOAD, OP_PING = 1, 2, 3, 4
+# An error crosses as its class (the runtime treats NotHere and ModelLoadError apart): the tag is
+# 1 + its index here, the most specific first; anything else is a MeshError (INTERNAL).
+ERRORS: tuple[type[MeshError], ...] = (NotHere, ModelLoadError, InvalidArgument, ModelNotFound, DeadlineExceeded,
+                                       ResourceExhausted, FailedPrecondition, Unavailable, MeshError)
+
+
+def error_tag(exc: MeshError) -> int:
+    return 1 + next(i for i, cls in enumerate(ERRORS) if isinstance(exc, cls))
+
+
+def error_of(tag: int, message: str) -> MeshError:
+    cls = ERRORS[tag - 1] if 0 < tag <= len(ERRORS) else MeshError
+    return cls(message)
+HEADER = struct.Struct("<IB")
+U16 = struct.Struct("<H")
+MAX_FRAME = 1 << 31  # the runtime's message bound is far below; a corrupt length stops here
+
+
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or EOFError when the peer closed (a dead worker, or the runtime leaving)."""
+    view = bytearray(n)
+    got = 0
+    while got < n:
+        chunk = sock.recv_into(memoryview(view)[got:], n - got)
+        if chunk == 0:
+            raise EOFError("connection closed")
+        got += chunk
+    return bytes(view)
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    length, tag = HEADER.unpack(read_exact(sock, HEADER.size))
+    if length > MAX_FRAME:
+        raise EOFError(f"frame of {length} bytes")
+    return tag, read_exact(sock, length) if length else b""
+
+
+def write_frame(sock: socket.socket, tag: int, payload: bytes) -> None:
+    header = HEADER.pack(len(payload), tag)
+    if len(payload) < 65536:
+        sock.sendall(header + payload)  # one write: a small copy beats a second system call
+    else:
+        sock.sendall(header)
+        sock.sendall(payload)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Worker:
+    def __init__(self, policy: LoadPolicy) -> None:
+        self.policy = policy
+        self.models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self._loads = 0
+        self._epoch = 0
+
+    def handle(self, op: int, payload: bytes) -> bytes:
+        if op == OP_INFER:
+            (n,) = U16.unpack_from(payload, 0)
+            model_id = payload[2:2 + n].decode()
+            model = self.models.get(model_id)
+            if model is None:
+                raise NotHere(f"model {model_id!r} is not loaded in this worker")
+            return infer_bytes(model, model_id, payload[2 + n:])
+        if op == OP_LOAD:
+            return self._load(json.loads(payload))
+        if op == OP_UNLOAD:
+            model = self.models.pop(payload.decode(), None)
+            if model is not None:
+                model.close()
+            return b""
+        if op == OP_PING:
+            return b""
+        raise ValueError(f"unknown operation {op}")
+
+    def _load(self, request: dict[str, Any]) -> bytes:
+        from mesh.runtime.service import load_model  # the loaders' imports: here, not at start-up
+
+        spec = ModelSpec.from_json(request["spec"].encode())
+        with self._lock:
+            self._loads += 1
+            self._epoch += 1
+            epoch = self._epoch
+        before = _rss()
+        try:
+            model = load_model(spec, request["device"], self.policy)
+        finally:
+            with self._lock:
+                self._loads -= 1
+                solo = self._loads == 0 and self._epoch == epoch
+        growth = max(0, _rss() - before) if solo else 0
+        old = self.models.get(spec.model_id)
+        self.models[spec.model_id] = model
+        if old is not None and old is not model:
+            old.close()
+        return json.dumps({
+            "platform": model.platform,
+            "inputs": [[t.name, t.datatype, list(t.shape)] for t in model.inputs],
+            "outputs": [[t.name, t.datatype, list(t.shape)] for t in model.outputs],
+            "default_outputs": list(model.default_outputs),
+            "footprint": model.footprint_bytes(), "rss_growth": growth,
+        }).encode()
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    op, payload = read_frame(conn)
+                except (EOFError, OSError):
+                    return
+                try:
+                    tag, answer = 0, self.handle(op, payload)
+                except MeshError as exc:
+                    tag, answer = error_tag(exc), exc.message.encode("utf-8", "replace")
+                except Exception as exc:  # a bug of the model's own code: said, not a traceback
+                    error = MeshError(f"model code failed: {type(exc).__name__}: {exc}"[:1000])
+                    tag, answer = error_tag(error), error.message.encode("utf-8", "replace")
+                try:
+                    write_frame(conn, tag, answer)
+                except OSError:
+                    return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mesh.runtime.worker")
+    parser.add_argument("--listen", required=True, help="the Unix socket to listen on")
+    parser.add_argument("--policy", default="{}", help="the load policy as JSON (roots, allow_code_formats, "
+                                                       "trusted_types)")
+    parser.add_argument("--warm", default="", help="model types whose libraries to import before listening")
+    args = parser.parse_args(argv)
+    faulthandler.enable(all_threads=True)  # to stderr: the runtime's log
+    from mesh.runtime.service import _import_type
+
+    for model_type in filter(None, args.warm.split(",")):
+        try:  # a first load then neither waits for the import nor is charged the library's memory
+            _import_type(model_type)
+        except Exception as exc:  # the runtime left the type out already if its library fails
+            print(f"worker: {model_type} does not import: {exc}", file=sys.stderr)
+    raw = json.loads(args.policy)
+    policy = LoadPolicy(roots=tuple(raw.get("roots", ())), allow_code_formats=bool(raw.get("allow_code_formats", True)),
+                        trusted_types=tuple(raw.get("trusted_types", ())))
+    worker = Worker(policy)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(args.listen)
+    listener.listen(64)
+    print("ready", flush=True)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return 1
+        threading.Thread(target=worker.serve, args=(conn,), daemon=True, name="conn").start()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

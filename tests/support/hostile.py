@@ -1,0 +1,36 @@
+"""Model objects whose code misbehaves, for the model-worker tests (pickled with joblib; a worker
+unpickles them, so this module must be importable there: the tests put the repository on the
+workers' PYTHONPATH)."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+
+import numpy as np
+
+
+class CrashesOnPredict:
+    """A scikit-learn-shaped model whose predict kills its process with SIGSEGV."""
+
+    n_features_in_ = 2
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        ctypes.string_at(0)  # a read of address 0 in this thread: a real segmentation fault
+        return np.zeros(len(x))
+
+
+class RaisesOnPredict:
+    """A model whose own code raises: the client gets its message, not a traceback."""
+
+    n_features_in_ = 2
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        raise ZeroDivisionError("the model divided by zero")
+
+
+class Hangs:
+    """Unpickling never returns within a test (a hung load)."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (time.sleep, (600,))
