@@ -215,6 +215,10 @@ class RuntimeSettings:
                       "which keeps the registry session and credentials (mesh.runtime.workers): a model "
                       "that crashes takes only its worker, and several workers predict on several "
                       "cores. 0: models run in the runtime's own process.")
+    worker_memory_bytes: int = _f(0, "Memory one model worker's models may take beyond the libraries it "
+                                  "imports (RLIMIT_DATA): a model that balloons while loading fails its "
+                                  "own load instead of getting the pod OOM-killed. 0: the runtime's model "
+                                  "capacity in RAM.", "bytes")
     inline_predict_ms: float = _f(0.0, "Models whose recent inferences took less than this run on the "
                                   "event loop instead of an inference thread (0: never). For clients "
                                   "that call runtimes directly, 1.0 gave +31 % throughput with small "

@@ -42,7 +42,7 @@ from mesh.runtime.service import (
     warm_imports,
 )
 from mesh.runtime.servicer import add_to_server
-from mesh.runtime.workers import MAX_WORKERS, RemoteModel, WorkerPool
+from mesh.runtime.workers import MAX_WORKERS, RemoteModel, WorkerPool, set_dumpable
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
@@ -178,7 +178,11 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                     await call_soon_safely(lambda m=model_id: cache.unload(m, reason="its worker died"),
                                            f"unload {model_id[:100]}")
 
-        workers = WorkerPool(rs.workers, policy, load_timeout_s=rs.load_timeout_s, warm=tuple(types), on_lost=lost)
+        if not set_dumpable(False):
+            log.warning("could not make the runtime non-dumpable: model workers running as its user can read "
+                        "its /proc environment")
+        workers = WorkerPool(rs.workers, policy, load_timeout_s=rs.load_timeout_s, warm=tuple(types),
+                             max_model_bytes=rs.worker_memory_bytes or capacities["ram"], on_lost=lost)
         await asyncio.to_thread(workers.start)
         load_fn = workers.load
     load_fn = load_fn or functools.partial(load_model, policy=policy)
@@ -326,6 +330,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await call_soon_safely(cache.close, "unload models")
         if workers is not None:
             await asyncio.to_thread(workers.close)
+            set_dumpable(True)
         load_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(journal.close)
         infer_pool.shutdown(wait=False, cancel_futures=True)

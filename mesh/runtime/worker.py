@@ -27,6 +27,7 @@ import argparse
 import faulthandler
 import json
 import os
+import resource
 import socket
 import struct
 import sys
@@ -95,6 +96,20 @@ def write_frame(sock: socket.socket, tag: int, payload: bytes) -> None:
         sock.sendall(payload)
 
 
+def bound_memory(max_model_bytes: int) -> None:
+    """Cap this process's data segment (RLIMIT_DATA: heap and private anonymous mappings, which
+    is where models live) at what it holds now, the libraries imported, plus ``max_model_bytes``.
+    A model that balloons while loading then fails its own load (MemoryError, or its library's
+    allocation failure) instead of getting the pod OOM-killed."""
+    data = 0
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmData:"):
+                data = int(line.split()[1]) * 1024
+    limit = data + max_model_bytes
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def _rss() -> int:
     with open("/proc/self/statm", "rb") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -138,6 +153,9 @@ class Worker:
         before = _rss()
         try:
             model = load_model(spec, request["device"], self.policy)
+        except MemoryError:
+            raise ResourceExhausted(f"model {spec.model_id!r} needs more memory than its worker may take "
+                                    "(runtime.worker_memory_bytes)") from None
         finally:
             with self._lock:
                 self._loads -= 1
@@ -181,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="{}", help="the load policy as JSON (roots, allow_code_formats, "
                                                        "trusted_types)")
     parser.add_argument("--warm", default="", help="model types whose libraries to import before listening")
+    parser.add_argument("--max-model-bytes", type=int, default=0,
+                        help="memory the models may add beyond the libraries imported at start (0: no bound)")
     args = parser.parse_args(argv)
     faulthandler.enable(all_threads=True)  # to stderr: the runtime's log
     from mesh.runtime.service import _import_type
@@ -197,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(args.listen)
     listener.listen(64)
+    if args.max_model_bytes > 0:
+        bound_memory(args.max_model_bytes)
     print("ready", flush=True)
     while True:
         try:

@@ -9,6 +9,9 @@ bytes to its worker; sizes, eviction, single flight, timeouts and the load journ
 - **Isolation.** A worker is started with a minimal environment (``PATH``, a locale, a home of its
   own, the thread settings of the BLAS libraries): no registry address or password, no tokens, no
   ``MESH_*`` settings. It listens on a Unix socket in a directory of mode 0700.
+- **The runtime's memory.** With workers, the runtime makes itself non-dumpable
+  (``set_dumpable``): a worker's code, running as the same user, cannot read the runtime's
+  ``/proc/<pid>/environ`` or memory. Workers still read what that user may read on disk.
 - **Spreading.** A load goes to the worker holding the fewest bytes (ties: the fewest models), so
   the models, and with them the inference work, spread over the workers: with several, predictions
   of different models run on different cores instead of sharing one interpreter's GIL.
@@ -19,6 +22,9 @@ bytes to its worker; sizes, eviction, single flight, timeouts and the load journ
   copies are unloaded from the cache (placements withdrawn), requests in flight on them answer
   "not here" and the router retries them elsewhere (or reloads them). The runtime, its lease and
   the other workers' models stay up.
+- **Memory.** Each worker caps its data segment (RLIMIT_DATA) at what its libraries took plus
+  ``runtime.worker_memory_bytes`` (default: the runtime's RAM capacity for models), so a model
+  that balloons while loading fails its own load instead of getting the pod OOM-killed.
 - **A load that hangs** past ``runtime.load_timeout_s`` ends its worker (the only way to stop
   model code for sure); the worker's other models are lost with it, as for a crash.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -59,6 +66,23 @@ PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "OMP_
               "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")
 
 
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+
+
+def set_dumpable(dumpable: bool) -> bool:
+    """``set_dumpable(False)``: this process's ``/proc/<pid>/environ``, ``mem`` and file
+    descriptors become root's, so model code in a worker running as the same user cannot read the
+    runtime's environment (the registry password) or memory through /proc, nor ptrace it. Linux
+    only; False where prctl is unavailable. Children start dumpable again at exec; the runtime
+    sets it back when it stops (its process may go on: tests run runtimes in process)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) == 0 and \
+            libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == int(dumpable)
+    except (OSError, AttributeError):
+        return False
+
+
 class WorkerGone(NotHere):
     """The worker holding the model died under the request: the router retries elsewhere."""
 
@@ -66,9 +90,11 @@ class WorkerGone(NotHere):
 class WorkerProcess:
     """One worker: its process, and a connection per calling thread."""
 
-    def __init__(self, index: int, directory: Path, policy: LoadPolicy, warm: tuple[str, ...] = ()) -> None:
+    def __init__(self, index: int, directory: Path, policy: LoadPolicy, warm: tuple[str, ...] = (),
+                 max_model_bytes: int = 0) -> None:
         self.index = index
         self.warm = warm
+        self.max_model_bytes = max_model_bytes
         self.socket_path = directory / f"worker-{index}.sock"
         self.home = directory / f"home-{index}"
         self.policy = policy
@@ -100,7 +126,7 @@ class WorkerProcess:
                              "trusted_types": list(self.policy.trusted_types)})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh.runtime.worker", "--listen", str(self.socket_path), "--policy", policy,
-             "--warm", ",".join(self.warm)],
+             "--warm", ",".join(self.warm), "--max-model-bytes", str(self.max_model_bytes)],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=None, env=self.env(), cwd=self.home,
             start_new_session=False)
         assert self.proc.stdout is not None
@@ -221,13 +247,14 @@ class WorkerPool:
     ``on_lost(model_ids)`` is told of the models a dead worker took with it."""
 
     def __init__(self, count: int, policy: LoadPolicy, *, load_timeout_s: float, warm: tuple[str, ...] = (),
+                 max_model_bytes: int = 0,
                  on_lost: Callable[[list[str]], Awaitable[None]] | None = None,
                  directory: Path | None = None) -> None:
         self._own_dir = directory is None
         self.directory = directory or Path(tempfile.mkdtemp(prefix="mesh-workers-"))
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)  # the sockets answer anyone who can reach them
-        self.workers = [WorkerProcess(i, self.directory, policy, warm) for i in range(count)]
+        self.workers = [WorkerProcess(i, self.directory, policy, warm, max_model_bytes) for i in range(count)]
         self.load_timeout_s = load_timeout_s
         self.on_lost = on_lost
         self.restarts = 0
@@ -318,4 +345,4 @@ class WorkerPool:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.serving()]
 
 
-__all__ = ["MAX_WORKERS", "RemoteModel", "WorkerGone", "WorkerPool", "WorkerProcess"]
+__all__ = ["MAX_WORKERS", "RemoteModel", "WorkerGone", "WorkerPool", "WorkerProcess", "set_dumpable"]

@@ -13,6 +13,7 @@ worker instead of holding a thread forever.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 from pathlib import Path
@@ -172,7 +173,8 @@ async def test_a_load_that_hangs_ends_its_worker(pool: WorkerPool, tmp_path: Pat
 async def test_a_worker_killed_under_load_fails_no_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Through a real router: two runtimes with two workers each, 8 clients on 8 models; one
     worker gets SIGKILL mid-run. Its models' requests answer "not here" once, and the router
-    retries them (elsewhere, or reloaded in the restarted worker): no client sees a failure."""
+    retries them (elsewhere, or reloaded in the restarted worker): no client sees a failure. The
+    runtimes run in this process, which they make non-dumpable."""
     from mesh.runtime.tensors import encode_request as encode
     from tests.support.inprocess import InProcessMesh, memory_url
 
@@ -189,6 +191,7 @@ async def test_a_worker_killed_under_load_fails_no_request(monkeypatch: pytest.M
         workers = [p for p in psutil.Process().children(recursive=True)
                    if "mesh.runtime.worker" in " ".join(p.cmdline())]
         assert len(workers) == 4
+        assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 0  # PR_GET_DUMPABLE: the runtime is not dumpable
         failures: list[str] = []
         answered = 0
         stop = asyncio.Event()
@@ -217,3 +220,22 @@ async def test_a_worker_killed_under_load_fails_no_request(monkeypatch: pytest.M
         assert answered > 200
     finally:
         await mesh.stop()
+    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 1  # dumpable again once the runtimes stopped
+
+
+def test_a_model_that_balloons_fails_its_own_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A worker's models may take ``max_model_bytes`` (256 MiB here) beyond its libraries: a
+    pickle that allocates 2 GiB while loading fails that load, and the worker serves on."""
+    monkeypatch.setenv("PYTHONPATH", REPO)
+    pool = WorkerPool(1, LoadPolicy(), load_timeout_s=30, max_model_bytes=256 << 20, directory=tmp_path / "w")
+    pool.start()
+    try:
+        with pytest.raises(ModelLoadError, match="MemoryError"):
+            pool.load(_spec("balloon", "sklearn", _pickle(tmp_path, "balloon", hostile.Balloons())), "ram")
+        healthy = make_model("sklearn", tmp_path / "healthy", seed=5)
+        model = pool.load(_spec("healthy", "sklearn", healthy.path), "ram")
+        answer = decode_response(pb.ModelInferResponse.FromString(model.infer_bytes(_body("healthy", healthy.sample))))
+        np.testing.assert_array_equal(answer["predict"], healthy.expected["predict"])
+        assert len(pool.pids()) == 1 and pool.restarts == 0
+    finally:
+        pool.close()

@@ -34,3 +34,10 @@ class Hangs:
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (time.sleep, (600,))
+
+
+class Balloons:
+    """Unpickling allocates 2 GiB (a model that balloons while loading)."""
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (bytearray, (2 << 30,))
