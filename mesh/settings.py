@@ -219,6 +219,9 @@ class RuntimeSettings:
                                   "imports (RLIMIT_DATA): a model that balloons while loading fails its "
                                   "own load instead of getting the pod OOM-killed. 0: the runtime's model "
                                   "capacity in RAM.", "bytes")
+    predict_timeout_s: float = _f(60.0, "With model workers: a prediction taking longer ends its worker (the "
+                                  "only way to stop model code that hangs or holds the interpreter) and "
+                                  "answers DEADLINE_EXCEEDED; the worker's other models are lost with it.", "s")
     inline_predict_ms: float = _f(0.0, "Models whose recent inferences took less than this run on the "
                                   "event loop instead of an inference thread (0: never). For clients "
                                   "that call runtimes directly, 1.0 gave +31 % throughput with small "

@@ -182,7 +182,9 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
             log.warning("could not make the runtime non-dumpable: model workers running as its user can read "
                         "its /proc environment")
         workers = WorkerPool(rs.workers, policy, load_timeout_s=rs.load_timeout_s, warm=tuple(types),
-                             max_model_bytes=rs.worker_memory_bytes or capacities["ram"], on_lost=lost)
+                             max_model_bytes=rs.worker_memory_bytes or capacities["ram"],
+                             predict_timeout_s=rs.predict_timeout_s,
+                             max_answer_bytes=settings.router.max_message_bytes, on_lost=lost)
         await asyncio.to_thread(workers.start)
         load_fn = workers.load
     load_fn = load_fn or functools.partial(load_model, policy=policy)

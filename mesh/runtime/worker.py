@@ -32,6 +32,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from typing import Any
 
 from mesh.errors import (
@@ -63,16 +64,29 @@ def error_tag(exc: MeshError) -> int:
 def error_of(tag: int, message: str) -> MeshError:
     cls = ERRORS[tag - 1] if 0 < tag <= len(ERRORS) else MeshError
     return cls(message)
+
+
 HEADER = struct.Struct("<IB")
 U16 = struct.Struct("<H")
-MAX_FRAME = 1 << 31  # the runtime's message bound is far below; a corrupt length stops here
+U64 = struct.Struct("<Q")
+MAX_FRAME = 1 << 31  # what the worker takes from the runtime (which bounds it far below)
 
 
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    """``n`` bytes, or EOFError when the peer closed (a dead worker, or the runtime leaving)."""
+class FrameTooLarge(EOFError):
+    """A frame announced more bytes than the reader takes: the connection is out of step."""
+
+
+def read_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """``n`` bytes, or EOFError when the peer closed (a dead worker, or the runtime leaving);
+    TimeoutError past ``deadline`` (``time.monotonic``), however the bytes trickle in."""
     view = bytearray(n)
     got = 0
     while got < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer before the deadline")
+            sock.settimeout(left)
         chunk = sock.recv_into(memoryview(view)[got:], n - got)
         if chunk == 0:
             raise EOFError("connection closed")
@@ -80,11 +94,14 @@ def read_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(view)
 
 
-def read_frame(sock: socket.socket) -> tuple[int, bytes]:
-    length, tag = HEADER.unpack(read_exact(sock, HEADER.size))
-    if length > MAX_FRAME:
-        raise EOFError(f"frame of {length} bytes")
-    return tag, read_exact(sock, length) if length else b""
+def read_frame(sock: socket.socket, limit: int = MAX_FRAME, deadline: float | None = None) -> tuple[int, bytes]:
+    """One frame; FrameTooLarge, before reading or allocating it, when it announces more than
+    ``limit`` bytes (the runtime reads a worker's answers with a limit: a worker's code may write
+    anything to its connections)."""
+    length, tag = HEADER.unpack(read_exact(sock, HEADER.size, deadline))
+    if length > limit:
+        raise FrameTooLarge(f"a frame of {length} bytes, over the limit of {limit}")
+    return tag, read_exact(sock, length, deadline) if length else b""
 
 
 def write_frame(sock: socket.socket, tag: int, payload: bytes) -> None:
@@ -118,7 +135,7 @@ def _rss() -> int:
 class Worker:
     def __init__(self, policy: LoadPolicy) -> None:
         self.policy = policy
-        self.models: dict[str, LoadedModel] = {}
+        self.models: dict[str, tuple[int, LoadedModel]] = {}  # model -> (its copy's token, the copy)
         self._lock = threading.Lock()
         self._loads = 0
         self._epoch = 0
@@ -127,16 +144,21 @@ class Worker:
         if op == OP_INFER:
             (n,) = U16.unpack_from(payload, 0)
             model_id = payload[2:2 + n].decode()
-            model = self.models.get(model_id)
-            if model is None:
+            held = self.models.get(model_id)
+            if held is None:
                 raise NotHere(f"model {model_id!r} is not loaded in this worker")
-            return infer_bytes(model, model_id, payload[2 + n:])
+            return infer_bytes(held[1], model_id, payload[2 + n:])
         if op == OP_LOAD:
             return self._load(json.loads(payload))
         if op == OP_UNLOAD:
-            model = self.models.pop(payload.decode(), None)
-            if model is not None:
-                model.close()
+            (copy,) = U64.unpack_from(payload, 0)
+            model_id = payload[U64.size:].decode()
+            with self._lock:  # only that copy: a newer load of the same model stays
+                held = self.models.get(model_id)
+                if held is not None and held[0] == copy:
+                    del self.models[model_id]
+            if held is not None and held[0] == copy:
+                held[1].close()
             return b""
         if op == OP_PING:
             return b""
@@ -161,17 +183,23 @@ class Worker:
                 self._loads -= 1
                 solo = self._loads == 0 and self._epoch == epoch
         growth = max(0, _rss() - before) if solo else 0
-        old = self.models.get(spec.model_id)
-        self.models[spec.model_id] = model
-        if old is not None and old is not model:
-            old.close()
-        return json.dumps({
-            "platform": model.platform,
-            "inputs": [[t.name, t.datatype, list(t.shape)] for t in model.inputs],
-            "outputs": [[t.name, t.datatype, list(t.shape)] for t in model.outputs],
-            "default_outputs": list(model.default_outputs),
-            "footprint": model.footprint_bytes(), "rss_growth": growth,
-        }).encode()
+        try:
+            answer = json.dumps({
+                "platform": str(model.platform),
+                "inputs": [[t.name, t.datatype, list(t.shape)] for t in model.inputs],
+                "outputs": [[t.name, t.datatype, list(t.shape)] for t in model.outputs],
+                "default_outputs": list(model.default_outputs),
+                "footprint": int(model.footprint_bytes()), "rss_growth": growth,
+            }).encode()
+        except Exception:
+            model.close()
+            raise
+        with self._lock:
+            old = self.models.get(spec.model_id)
+            self.models[spec.model_id] = (int(request["copy"]), model)
+        if old is not None:
+            old[1].close()  # its runtime copy was evicted; a request still on it answers "not here"
+        return answer
 
     def serve(self, conn: socket.socket) -> None:
         with conn:
@@ -191,6 +219,13 @@ class Worker:
                     write_frame(conn, tag, answer)
                 except OSError:
                     return
+
+
+def _die_with_parent(parent: int) -> None:
+    """A runtime that dies (SIGKILL) leaves no worker behind holding its models' memory."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,12 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_model_bytes > 0:
         bound_memory(args.max_model_bytes)
     print("ready", flush=True)
+    os.dup2(2, 1)  # the runtime stops reading stdout: a model's print() goes to its log instead
+    parent = os.getppid()
+    threading.Thread(target=_die_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
     while True:
         try:
             conn, _ = listener.accept()
         except OSError:
             return 1
-        threading.Thread(target=worker.serve, args=(conn,), daemon=True, name="conn").start()
+        try:
+            threading.Thread(target=worker.serve, args=(conn,), daemon=True, name="conn").start()
+        except RuntimeError:  # no thread to be had: this connection is refused, the others go on
+            conn.close()
 
 
 if __name__ == "__main__":

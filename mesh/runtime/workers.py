@@ -25,8 +25,15 @@ bytes to its worker; sizes, eviction, single flight, timeouts and the load journ
 - **Memory.** Each worker caps its data segment (RLIMIT_DATA) at what its libraries took plus
   ``runtime.worker_memory_bytes`` (default: the runtime's RAM capacity for models), so a model
   that balloons while loading fails its own load instead of getting the pod OOM-killed.
-- **A load that hangs** past ``runtime.load_timeout_s`` ends its worker (the only way to stop
-  model code for sure); the worker's other models are lost with it, as for a crash.
+- **A load that hangs** past ``runtime.load_timeout_s``, or a prediction past
+  ``runtime.predict_timeout_s``, ends its worker (the only way to stop model code for sure); the
+  worker's other models are lost with it, as for a crash. A worker's answer is read only within
+  the message limit (``router.max_message_bytes``; 1 MiB for the others), so a worker cannot make
+  the runtime allocate what it announces.
+- **Copies.** Each load carries a token; an evicted copy's unload removes only that copy, never a
+  newer one of the same model loaded meanwhile in the same worker.
+- **Not yet** (docs/security.md): workers run as the runtime's user, so they are a guard against
+  crashes and accidents rather than against hostile model code.
 """
 
 from __future__ import annotations
@@ -34,8 +41,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import json
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,16 +59,29 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from mesh.errors import DeadlineExceeded, MeshError, NotHere, Unavailable
+from mesh.errors import DeadlineExceeded, MeshError, ModelLoadError, NotHere, ResourceExhausted, Unavailable
 from mesh.registry.records import ModelSpec
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
 from mesh.runtime.tensors import TensorSpec
-from mesh.runtime.worker import OP_INFER, OP_LOAD, OP_PING, OP_UNLOAD, U16, error_of, read_frame, write_frame
+from mesh.runtime.worker import (
+    OP_INFER,
+    OP_LOAD,
+    OP_UNLOAD,
+    U16,
+    U64,
+    FrameTooLarge,
+    error_of,
+    read_frame,
+    write_frame,
+)
 
 log = structlog.get_logger(__name__)
 
 POLL_S = 0.2
 MAX_WORKERS = 64
+SMALL_ANSWER = 1 << 20  # a LOAD's metadata, UNLOAD, PING
+MAX_BACKOFF_S = 30.0  # a worker that dies right after each start is restarted at most this rarely
+_copies = itertools.count(1)  # a token per copy: an old copy's unload never removes a newer one
 START_TIMEOUT_S = 60.0
 # What a worker inherits from the runtime's environment: nothing secret, only what libraries need.
 PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS",
@@ -100,14 +123,14 @@ class WorkerProcess:
         self.policy = policy
         self.proc: subprocess.Popen[bytes] | None = None
         self.generation = 0
-        self.models: dict[str, int] = {}  # model -> bytes charged
+        self.models: dict[str, tuple[int, int]] = {}  # model -> (its copy's token, bytes charged)
         self._local = threading.local()
         self._lock = threading.Lock()
         self.ready = threading.Event()  # listening; cleared while it (re)starts
 
     @property
     def bytes(self) -> int:
-        return sum(self.models.values())
+        return sum(size for _, size in self.models.values())
 
     def env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
@@ -117,29 +140,35 @@ class WorkerProcess:
         return env
 
     def start(self) -> None:
-        """Start (or restart) the process and wait until it listens; blocking."""
+        """Start (or restart) the process and wait until it listens; blocking. The home starts
+        empty each time: nothing a model wrote there outlives its worker."""
         self.ready.clear()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
-        self.home.mkdir(mode=0o700, exist_ok=True)
+        shutil.rmtree(self.home, ignore_errors=True)
+        self.home.mkdir(mode=0o700)
         policy = json.dumps({"roots": list(self.policy.roots), "allow_code_formats": self.policy.allow_code_formats,
                              "trusted_types": list(self.policy.trusted_types)})
+        # -P: no working directory on the import path; -s: no user site-packages under its home
+        # (a model could plant a module there for the next worker to import).
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.runtime.worker", "--listen", str(self.socket_path), "--policy", policy,
-             "--warm", ",".join(self.warm), "--max-model-bytes", str(self.max_model_bytes)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=None, env=self.env(), cwd=self.home,
-            start_new_session=False)
+            [sys.executable, "-P", "-s", "-m", "mesh.runtime.worker", "--listen", str(self.socket_path),
+             "--policy", policy, "--warm", ",".join(self.warm), "--max-model-bytes", str(self.max_model_bytes)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=None, env=self.env(), cwd="/")
         assert self.proc.stdout is not None
         deadline = time.monotonic() + START_TIMEOUT_S
-        line = b""
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            line = self.proc.stdout.readline()
-            if line.strip() == b"ready":
-                break
-        if line.strip() != b"ready":
-            self.kill()
-            raise Unavailable(f"model worker {self.index} did not start")
+        seen = b""
+        while b"ready\n" not in seen and self.proc.poll() is None and time.monotonic() < deadline:
+            readable, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if readable:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                seen = (seen + chunk)[-4096:]
         self.proc.stdout.close()
+        if b"ready\n" not in seen:
+            self.kill()
+            raise Unavailable(f"model worker {self.index} did not start within {START_TIMEOUT_S:g} s")
         with self._lock:
             self.generation += 1
         self.ready.set()
@@ -176,17 +205,23 @@ class WorkerProcess:
         self._local.conn = (self.generation, conn)
         return conn
 
-    def call(self, op: int, payload: bytes, timeout: float | None = None) -> bytes:
+    def call(self, op: int, payload: bytes, timeout: float | None = None, limit: int = SMALL_ANSWER) -> bytes:
         """One operation on this thread's connection; blocking. The worker's error as its
-        MeshError; WorkerGone when the worker died (or was ended) under the call."""
+        MeshError; TimeoutError past ``timeout`` (the answer whole, however it trickles in);
+        ResourceExhausted for an answer over ``limit`` bytes (read no further: the connection is
+        dropped); WorkerGone when the worker died (or was ended) under the call."""
         conn = self._connection()
+        deadline = time.monotonic() + timeout if timeout is not None else None
         conn.settimeout(timeout)
         try:
             write_frame(conn, op, payload)
-            tag, answer = read_frame(conn)
+            tag, answer = read_frame(conn, limit, deadline)
         except TimeoutError:
             self._drop_connection()
             raise
+        except FrameTooLarge as exc:
+            self._drop_connection()
+            raise ResourceExhausted(f"model worker {self.index} answered {exc}") from None
         except (EOFError, OSError):
             self._drop_connection()
             raise WorkerGone(f"model worker {self.index} died during the call") from None
@@ -204,17 +239,23 @@ class WorkerProcess:
 class RemoteModel(LoadedModel):
     """A model loaded in a worker; the runtime forwards inference bytes (``infer_bytes``)."""
 
-    def __init__(self, worker: WorkerProcess, generation: int, spec: ModelSpec, device: str,
-                 meta: Mapping[str, object]) -> None:
+    def __init__(self, worker: WorkerProcess, generation: int, copy: int, spec: ModelSpec, device: str,
+                 meta: Mapping[str, object], *, predict_timeout_s: float, max_answer_bytes: int) -> None:
+        """``meta``: the worker's answer to the load; ValueError, KeyError or TypeError when it is
+        not the shape a worker writes (a worker's code may write anything)."""
         def tensors(rows: object) -> list[TensorSpec]:
             return [TensorSpec(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in rows]  # type: ignore[attr-defined]
 
         super().__init__(model_id=spec.model_id, type=spec.type, device=device, inputs=tensors(meta["inputs"]),
-                         outputs=tensors(meta["outputs"]), default_outputs=list(meta["default_outputs"]))  # type: ignore[call-overload]
+                         outputs=tensors(meta["outputs"]),
+                         default_outputs=[str(o) for o in meta["default_outputs"]])  # type: ignore[attr-defined]
         self.platform = str(meta["platform"])  # type: ignore[misc]
         self.worker = worker
         self.generation = generation
-        self._footprint = max(int(meta["footprint"]), int(meta["rss_growth"]))  # type: ignore[call-overload]
+        self.copy = copy
+        self.predict_timeout_s = predict_timeout_s
+        self.max_answer_bytes = max_answer_bytes
+        self._footprint = max(int(meta["footprint"]), int(meta["rss_growth"]), 1)  # type: ignore[call-overload]
         self._prefix = U16.pack(len(spec.model_id.encode())) + spec.model_id.encode()
 
     @property
@@ -223,11 +264,22 @@ class RemoteModel(LoadedModel):
         return self.worker.generation != self.generation or not self.worker.alive()
 
     def infer_bytes(self, body: bytes) -> bytes:
+        """The answer from the worker. A prediction past ``runtime.predict_timeout_s`` ends the
+        worker (a predict that hangs, or holds the interpreter, cannot be stopped otherwise):
+        DEADLINE_EXCEEDED here, and the worker's other models are lost as in a crash."""
         if self._closed:
             raise NotHere(f"model {self.model_id!r} was unloaded from this instance")
         if self.lost:
             raise WorkerGone(f"model {self.model_id!r} was lost with its worker")
-        return self.worker.call(OP_INFER, self._prefix + body)
+        try:
+            return self.worker.call(OP_INFER, self._prefix + body, timeout=self.predict_timeout_s,
+                                    limit=self.max_answer_bytes)
+        except TimeoutError:
+            log.warning("a prediction passed its deadline; ending its model worker", model_id=self.model_id,
+                        worker=self.worker.index, timeout_s=self.predict_timeout_s)
+            self.worker.kill()
+            raise DeadlineExceeded(f"model {self.model_id!r} took longer than {self.predict_timeout_s:g} s to "
+                                   "predict (runtime.predict_timeout_s); its worker was ended") from None
 
     def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         raise MeshError("a worker's model answers infer_bytes only")
@@ -236,10 +288,13 @@ class RemoteModel(LoadedModel):
         return self._footprint
 
     def _release(self) -> None:
-        self.worker.models.pop(self.model_id, None)
+        with self.worker._lock:
+            held = self.worker.models.get(self.model_id)
+            if held is not None and held[0] == self.copy:
+                del self.worker.models[self.model_id]
         if self.worker.generation == self.generation:
             with contextlib.suppress(MeshError, OSError, TimeoutError):
-                self.worker.call(OP_UNLOAD, self.model_id.encode(), timeout=30)
+                self.worker.call(OP_UNLOAD, U64.pack(self.copy) + self.model_id.encode(), timeout=30)
 
 
 class WorkerPool:
@@ -247,7 +302,7 @@ class WorkerPool:
     ``on_lost(model_ids)`` is told of the models a dead worker took with it."""
 
     def __init__(self, count: int, policy: LoadPolicy, *, load_timeout_s: float, warm: tuple[str, ...] = (),
-                 max_model_bytes: int = 0,
+                 max_model_bytes: int = 0, predict_timeout_s: float = 60.0, max_answer_bytes: int = 16 << 20,
                  on_lost: Callable[[list[str]], Awaitable[None]] | None = None,
                  directory: Path | None = None) -> None:
         self._own_dir = directory is None
@@ -256,89 +311,112 @@ class WorkerPool:
         os.chmod(self.directory, 0o700)  # the sockets answer anyone who can reach them
         self.workers = [WorkerProcess(i, self.directory, policy, warm, max_model_bytes) for i in range(count)]
         self.load_timeout_s = load_timeout_s
+        self.predict_timeout_s = predict_timeout_s
+        self.max_answer_bytes = max_answer_bytes
         self.on_lost = on_lost
         self.restarts = 0
         self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
 
-    def _pick(self, model_id: str) -> WorkerProcess:
+    def _pick(self, model_id: str, copy: int) -> WorkerProcess:
         with self._lock:
             for worker in self.workers:  # a copy again (after an eviction): where it was
                 if model_id in worker.models:
-                    return worker
-            serving = [w for w in self.workers if w.serving()] or self.workers  # none: wait for a restart
-            worker = min(serving, key=lambda w: (w.bytes, len(w.models), w.index))
-            worker.models[model_id] = 0  # counted at once: concurrent loads spread too
+                    break
+            else:
+                serving = [w for w in self.workers if w.serving()] or self.workers  # none: wait for a restart
+                worker = min(serving, key=lambda w: (w.bytes, len(w.models), w.index))
+            with worker._lock:
+                worker.models[model_id] = (copy, 0)  # counted at once: concurrent loads spread too
             return worker
+
+    def _forget(self, worker: WorkerProcess, model_id: str, copy: int) -> None:
+        with worker._lock:
+            held = worker.models.get(model_id)
+            if held is not None and held[0] == copy:
+                del worker.models[model_id]
 
     def load(self, spec: ModelSpec, device: str) -> RemoteModel:
         """Load ``spec`` in a worker; blocking (the cache calls it in the load's thread). A load
         that passes the timeout ends its worker (model code cannot be stopped otherwise)."""
-        worker = self._pick(spec.model_id)
+        copy = next(_copies)
+        worker = self._pick(spec.model_id, copy)
         generation = worker.generation
-        request = json.dumps({"spec": spec.to_json().decode(), "device": device}).encode()
+        request = json.dumps({"spec": spec.to_json().decode(), "device": device, "copy": copy}).encode()
         try:
-            meta = json.loads(worker.call(OP_LOAD, request, timeout=self.load_timeout_s))
+            answer = worker.call(OP_LOAD, request, timeout=self.load_timeout_s)
         except TimeoutError:
-            worker.models.pop(spec.model_id, None)
+            self._forget(worker, spec.model_id, copy)
             log.warning("a load passed its deadline; ending its model worker", model_id=spec.model_id,
                         worker=worker.index, timeout_s=self.load_timeout_s)
             worker.kill()
             raise DeadlineExceeded(f"loading model {spec.model_id!r} took longer than {self.load_timeout_s:g} s "
                                    "(runtime.load_timeout_s); its worker was ended") from None
         except BaseException:
-            worker.models.pop(spec.model_id, None)
+            self._forget(worker, spec.model_id, copy)
             raise
-        model = RemoteModel(worker, generation, spec, device, meta)
-        worker.models[spec.model_id] = model.footprint_bytes()
+        try:
+            model = RemoteModel(worker, generation, copy, spec, device, json.loads(answer),
+                                predict_timeout_s=self.predict_timeout_s, max_answer_bytes=self.max_answer_bytes)
+        except (ValueError, KeyError, TypeError, IndexError):
+            self._forget(worker, spec.model_id, copy)
+            with contextlib.suppress(MeshError, OSError, TimeoutError):
+                worker.call(OP_UNLOAD, U64.pack(copy) + spec.model_id.encode(), timeout=30)
+            raise ModelLoadError(f"model {spec.model_id!r}: its worker's answer to the load is malformed") from None
+        with worker._lock:
+            if worker.models.get(spec.model_id, (0, 0))[0] == copy:
+                worker.models[spec.model_id] = (copy, model.footprint_bytes())
         return model
 
-    def ping(self) -> list[bool]:
-        out = []
-        for worker in self.workers:
-            try:
-                worker.call(OP_PING, b"", timeout=5)
-                out.append(True)
-            except (MeshError, TimeoutError):
-                out.append(False)
-        return out
-
     async def supervise(self) -> None:
-        """Restart dead workers and report the models they took; runs until cancelled."""
+        """Restart dead workers and report the models they took; runs until cancelled. Nothing
+        here ends the runtime: a failure is logged and tried again, with a backoff for a worker
+        that dies right after each start."""
+        backoff: dict[int, float] = {}
+        next_start: dict[int, float] = {}
         while True:
             await asyncio.sleep(POLL_S)
             for worker in self.workers:
-                if worker.alive():
+                if worker.alive() or self._closed or time.monotonic() < next_start.get(worker.index, 0.0):
                     continue
-                worker.ready.clear()
-                code = worker.proc.returncode if worker.proc is not None else None
-                with self._lock:
-                    lost = sorted(worker.models)
-                    worker.models.clear()
-                log.warning("model worker died; restarting it", worker=worker.index, exit_code=code,
-                            models_lost=len(lost))
-                self.restarts += 1
-                with self._lock:
-                    worker.generation += 1  # its models' copies answer "not here" from now on
-                if lost and self.on_lost is not None:
-                    await self.on_lost(lost)  # before the restart: no request waits on a dead copy
                 try:
-                    await asyncio.to_thread(worker.start)
-                except MeshError as exc:
-                    log.error("model worker did not restart; trying again", worker=worker.index, error=exc.message)
+                    await self._restart(worker)
+                    backoff.pop(worker.index, None)
+                except Exception as exc:
+                    delay = min(MAX_BACKOFF_S, 2 * backoff.get(worker.index, 0.5))
+                    backoff[worker.index] = delay
+                    next_start[worker.index] = time.monotonic() + delay
+                    log.error("model worker did not restart; trying again", worker=worker.index,
+                              retry_in_s=delay, error=getattr(exc, "message", None) or repr(exc))
+
+    async def _restart(self, worker: WorkerProcess) -> None:
+        worker.ready.clear()
+        with self._lock, worker._lock:
+            lost = sorted(worker.models)
+            worker.models.clear()
+            worker.generation += 1  # its models' copies answer "not here" from now on
+        code = worker.proc.returncode if worker.proc is not None else None
+        log.warning("model worker died; restarting it", worker=worker.index, exit_code=code, models_lost=len(lost))
+        self.restarts += 1
+        if lost and self.on_lost is not None:
+            try:
+                await self.on_lost(lost)  # before the restart: no request waits on a dead copy
+            except Exception:
+                log.exception("reporting a dead worker's models failed", worker=worker.index)
+        await asyncio.to_thread(worker.start)
 
     def close(self) -> None:
+        self._closed = True
         for worker in self.workers:
             worker.kill()
             worker.ready.set()  # threads waiting for a restart give up now (the socket is gone)
             with contextlib.suppress(FileNotFoundError):
                 worker.socket_path.unlink()
         if self._own_dir:
-            import shutil
-
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def pids(self) -> list[int]:

@@ -22,7 +22,7 @@ import joblib
 import numpy as np
 import pytest
 
-from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, ModelLoadError, NotHere
+from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, ModelLoadError, NotHere, ResourceExhausted
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.registry.records import ModelSpec
 from mesh.runtime.loaders.base import LoadPolicy
@@ -100,8 +100,10 @@ def test_a_workers_environment_holds_no_secret(pool: WorkerPool) -> None:
     for pid in pool.pids():
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"etcd-secret-123" not in environ and b"MESH_" not in environ
-        home = Path(f"/proc/{pid}/cwd").resolve()
+        assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")  # its home is not on its import path
+        home = Path(environ.split(b"HOME=")[1].split(b"\0")[0].decode())
         assert home.parent == pool.directory and oct(pool.directory.stat().st_mode & 0o777) == "0o700"
+        assert b" -P -s -m mesh.runtime.worker" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
 
 
 async def test_model_code_that_raises_or_kills_its_worker_takes_only_that_worker(
@@ -238,4 +240,44 @@ def test_a_model_that_balloons_fails_its_own_load(monkeypatch: pytest.MonkeyPatc
         np.testing.assert_array_equal(answer["predict"], healthy.expected["predict"])
         assert len(pool.pids()) == 1 and pool.restarts == 0
     finally:
+        pool.close()
+
+
+async def test_runaway_predictions_and_answers_cost_only_their_own_request(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A predict that hangs ends its worker at ``predict_timeout_s`` (DEADLINE_EXCEEDED, then a
+    restart); an answer over the message limit is refused before it is read (RESOURCE_EXHAUSTED),
+    its worker serving on; a model's print() breaks nothing; and an evicted copy's unload never
+    removes the newer copy of the same model loaded meanwhile in the same worker."""
+    monkeypatch.setenv("PYTHONPATH", REPO)
+    pool = WorkerPool(1, LoadPolicy(), load_timeout_s=30, predict_timeout_s=2, max_answer_bytes=1 << 20,
+                      directory=tmp_path / "w")
+    pool.start()
+    supervisor = asyncio.create_task(pool.supervise())
+    try:
+        sample = np.zeros((1, 2))
+        huge = pool.load(_spec("huge", "sklearn", _pickle(tmp_path, "huge", hostile.HugeOutput())), "ram")
+        with pytest.raises(ResourceExhausted, match="over the limit of 1048576"):
+            await asyncio.to_thread(huge.infer_bytes, _body("huge", sample))
+        healthy = make_model("sklearn", tmp_path / "healthy", seed=6)
+        old = await asyncio.to_thread(pool.load, _spec("healthy", "sklearn", healthy.path), "ram")
+        new = await asyncio.to_thread(pool.load, _spec("healthy", "sklearn", healthy.path), "ram")
+        await asyncio.to_thread(old.close)  # the evicted copy goes; the new one stays
+        answer = decode_response(pb.ModelInferResponse.FromString(
+            await asyncio.to_thread(new.infer_bytes, _body("healthy", healthy.sample))))
+        np.testing.assert_array_equal(answer["predict"], healthy.expected["predict"])
+        assert pool.restarts == 0
+
+        hangs = pool.load(_spec("hangs", "sklearn", _pickle(tmp_path, "hangs", hostile.HangsOnPredict())), "ram")
+        with pytest.raises(DeadlineExceeded, match="its worker was ended"):
+            await asyncio.to_thread(hangs.infer_bytes, _body("hangs", sample))
+        for _ in range(100):
+            if pool.restarts == 1 and len(pool.pids()) == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert pool.restarts == 1 and len(pool.pids()) == 1
+        with pytest.raises(WorkerGone):
+            await asyncio.to_thread(new.infer_bytes, _body("healthy", healthy.sample))  # lost with the worker
+    finally:
+        supervisor.cancel()
         pool.close()

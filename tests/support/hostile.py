@@ -41,3 +41,23 @@ class Balloons:
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return (bytearray, (2 << 30,))
+
+
+class HangsOnPredict:
+    """A predict that never returns within a test, holding the interpreter as it waits."""
+
+    n_features_in_ = 2
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        while True:  # pure Python: the worker's other threads get the interpreter only in slices
+            pass
+
+
+class HugeOutput:
+    """A predict whose answer is 80 MB per row: over any sane message limit."""
+
+    n_features_in_ = 2
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        print("predicting a huge output")  # model code prints: it goes to the worker's log
+        return np.zeros((len(x), 10_000_000))
