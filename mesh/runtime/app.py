@@ -329,10 +329,10 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await call_soon_safely(lambda: session.close(revoke=True), "revoke lease")
         # 5. Stop the background loops, release the models and threads.
         await roots.cancel_all()
-        await call_soon_safely(cache.close, "unload models")
-        if workers is not None:
+        if workers is not None:  # first: their copies then close at once, with no call to make
             await asyncio.to_thread(workers.close)
             set_dumpable(True)
+        await call_soon_safely(cache.close, "unload models")
         load_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(journal.close)
         infer_pool.shutdown(wait=False, cancel_futures=True)
