@@ -13,9 +13,26 @@ and a missing optional library only fails the loads of its own type.
 | lightgbm    | .txt             | one 2-D numeric, any name     | predict (FP64)                        |
 | onnx        | .onnx            | by name (any if just one)     | every session output, by its name     |
 | torchscript | .pt .pth         | positional, in request order  | output__0, output__1, ...             |
+Plug-ins: a package adds model types by declaring ``Loader`` subclasses in the entry point group
+``mesh_serving.loaders`` (name: the model type; value: ``module:Class``), e.g. in its
+``pyproject.toml``::
+
+    [project.entry-points."mesh_serving.loaders"]
+    constant = "my_models.loader:ConstantLoader"
+
+Installed next to the mesh (and so in its model workers too), the type is served like a built-in
+one: its ``Loader.load`` gets the same path confinement and code-format policy, its models the
+same sizing, eviction and failure handling. A plug-in cannot replace a built-in type, and one
+that fails to import is left out with a log line; the rest of the runtime starts.
 """
 
 from __future__ import annotations
+
+import functools
+import re
+from importlib.metadata import entry_points
+
+import structlog
 
 from mesh.errors import InvalidArgument
 from mesh.runtime.loaders.base import LoadedModel, Loader
@@ -25,27 +42,57 @@ from mesh.runtime.loaders.sklearn_loader import SklearnLoader
 from mesh.runtime.loaders.torchscript_loader import TorchScriptLoader
 from mesh.runtime.loaders.xgboost_loader import XGBoostLoader
 
-_LOADERS: dict[str, Loader] = {
+log = structlog.get_logger(__name__)
+
+ENTRY_POINTS = "mesh_serving.loaders"
+_BUILT_IN: dict[str, Loader] = {
     loader.type: loader
     for loader in (SklearnLoader(), XGBoostLoader(), LightGBMLoader(), OnnxLoader(), TorchScriptLoader())
 }
 _ALIASES = {"scikit-learn": "sklearn", "pytorch": "torchscript"}
+_TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+@functools.cache
+def loaders() -> dict[str, Loader]:
+    """The built-in loaders and the installed plug-ins' (module docstring), read once."""
+    found = dict(_BUILT_IN)
+    for point in entry_points(group=ENTRY_POINTS):
+        name = point.name.strip().lower()
+        if not _TYPE_NAME.match(name) or name in found or name in _ALIASES:
+            log.warning("model loader plug-in left out: its type name is taken or not a valid name",
+                        type=point.name[:80], entry_point=point.value[:200])
+            continue
+        try:
+            cls = point.load()
+            loader = cls() if isinstance(cls, type) and issubclass(cls, Loader) else None
+        except Exception as exc:
+            log.warning("model loader plug-in left out: it does not import", type=name,
+                        entry_point=point.value[:200], error=f"{type(exc).__name__}: {exc}"[:500])
+            continue
+        if loader is None:
+            log.warning("model loader plug-in left out: not a Loader subclass", type=name,
+                        entry_point=point.value[:200])
+            continue
+        loader.type = name  # type: ignore[misc]  # the entry point's name is the type clients register
+        found[name] = loader
+    return found
 
 
 def supported_types() -> list[str]:
     """The canonical model types, sorted (aliases are accepted by ``get_loader`` but not listed)."""
-    return sorted(_LOADERS)
+    return sorted(loaders())
 
 
 def gpu_types() -> list[str]:
     """The canonical types whose loader can place a model on a GPU, sorted."""
-    return sorted(t for t, loader in _LOADERS.items() if loader.supports_gpu)
+    return sorted(t for t, loader in loaders().items() if loader.supports_gpu)
 
 
 def get_loader(model_type: str) -> Loader:
     """The loader for ``model_type`` (case-insensitive, aliases allowed); InvalidArgument if unknown."""
     name = model_type.strip().lower()
-    loader = _LOADERS.get(_ALIASES.get(name, name))
+    loader = loaders().get(_ALIASES.get(name, name))
     if loader is None:
         aliases = ", ".join(f"{a} (= {t})" for a, t in sorted(_ALIASES.items()))
         raise InvalidArgument(
@@ -55,4 +102,4 @@ def get_loader(model_type: str) -> Loader:
     return loader
 
 
-__all__ = ["LoadedModel", "Loader", "get_loader", "gpu_types", "supported_types"]
+__all__ = ["ENTRY_POINTS", "LoadedModel", "Loader", "get_loader", "gpu_types", "loaders", "supported_types"]
