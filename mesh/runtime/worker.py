@@ -2,7 +2,7 @@
 
 The runtime (``mesh.runtime.workers``) starts it with a minimal environment: no registry
 address or credentials, no tokens, no ``MESH_*`` settings, a home directory of its own. It
-listens on a Unix socket in a directory only the runtime's user can enter, and answers four
+listens on a Unix socket in a directory only the runtime's user can enter, and answers three
 operations on any number of connections, a thread per connection (the runtime's load and
 inference threads each hold one):
 
@@ -12,8 +12,7 @@ inference threads each hold one):
   meanwhile (else 0): what the runtime's cache charges.
 - INFER: a model ID and a serialized ``ModelInferRequest``; decoding, predicting and encoding
   happen here, and the answer is the serialized response. The runtime forwards the bytes it got.
-- UNLOAD: a model ID.
-- PING.
+- UNLOAD: a copy's token and its model ID (only that copy goes).
 
 Frames (little-endian): a request is ``u32 length | u8 op | payload``, an answer ``u32 length |
 u8 code | payload`` with code 0 (OK, the payload is the result) or a gRPC status code (the
@@ -50,7 +49,7 @@ from mesh.registry.records import ModelSpec
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
 from mesh.runtime.tensors import infer_bytes
 
-OP_LOAD, OP_INFER, OP_UNLOAD, OP_PING = 1, 2, 3, 4
+OP_LOAD, OP_INFER, OP_UNLOAD = 1, 2, 3
 # An error crosses as its class (the runtime treats NotHere and ModelLoadError apart): the tag is
 # 1 + its index here, the most specific first; anything else is a MeshError (INTERNAL).
 ERRORS: tuple[type[MeshError], ...] = (NotHere, ModelLoadError, InvalidArgument, ModelNotFound, DeadlineExceeded,
@@ -159,8 +158,6 @@ class Worker:
                     del self.models[model_id]
             if held is not None and held[0] == copy:
                 held[1].close()
-            return b""
-        if op == OP_PING:
             return b""
         raise ValueError(f"unknown operation {op}")
 

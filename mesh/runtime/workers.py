@@ -79,7 +79,7 @@ log = structlog.get_logger(__name__)
 
 POLL_S = 0.2
 MAX_WORKERS = 64
-SMALL_ANSWER = 1 << 20  # a LOAD's metadata, UNLOAD, PING
+SMALL_ANSWER = 1 << 20  # a LOAD's metadata, UNLOAD
 MAX_BACKOFF_S = 30.0  # a worker that dies right after each start is restarted at most this rarely
 _copies = itertools.count(1)  # a token per copy: an old copy's unload never removes a newer one
 START_TIMEOUT_S = 60.0
@@ -125,7 +125,7 @@ class WorkerProcess:
         self.generation = 0
         self.models: dict[str, tuple[int, int]] = {}  # model -> (its copy's token, bytes charged)
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self.ready = threading.Event()  # listening; cleared while it (re)starts
 
     @property
@@ -169,7 +169,7 @@ class WorkerProcess:
         if b"ready\n" not in seen:
             self.kill()
             raise Unavailable(f"model worker {self.index} did not start within {START_TIMEOUT_S:g} s")
-        with self._lock:
+        with self.lock:
             self.generation += 1
         self.ready.set()
         log.info("model worker started", worker=self.index, pid=self.proc.pid)
@@ -288,7 +288,7 @@ class RemoteModel(LoadedModel):
         return self._footprint
 
     def _release(self) -> None:
-        with self.worker._lock:
+        with self.worker.lock:
             held = self.worker.models.get(self.model_id)
             if held is not None and held[0] == self.copy:
                 del self.worker.models[self.model_id]
@@ -330,12 +330,12 @@ class WorkerPool:
             else:
                 serving = [w for w in self.workers if w.serving()] or self.workers  # none: wait for a restart
                 worker = min(serving, key=lambda w: (w.bytes, len(w.models), w.index))
-            with worker._lock:
+            with worker.lock:
                 worker.models[model_id] = (copy, 0)  # counted at once: concurrent loads spread too
             return worker
 
     def _forget(self, worker: WorkerProcess, model_id: str, copy: int) -> None:
-        with worker._lock:
+        with worker.lock:
             held = worker.models.get(model_id)
             if held is not None and held[0] == copy:
                 del worker.models[model_id]
@@ -367,7 +367,7 @@ class WorkerPool:
             with contextlib.suppress(MeshError, OSError, TimeoutError):
                 worker.call(OP_UNLOAD, U64.pack(copy) + spec.model_id.encode(), timeout=30)
             raise ModelLoadError(f"model {spec.model_id!r}: its worker's answer to the load is malformed") from None
-        with worker._lock:
+        with worker.lock:
             if worker.models.get(spec.model_id, (0, 0))[0] == copy:
                 worker.models[spec.model_id] = (copy, model.footprint_bytes())
         return model
@@ -395,7 +395,7 @@ class WorkerPool:
 
     async def _restart(self, worker: WorkerProcess) -> None:
         worker.ready.clear()
-        with self._lock, worker._lock:
+        with self._lock, worker.lock:
             lost = sorted(worker.models)
             worker.models.clear()
             worker.generation += 1  # its models' copies answer "not here" from now on
