@@ -33,7 +33,7 @@ def generate(out: Path) -> list[Path]:
         raise SystemExit("protoc failed")
     written: list[Path] = []
     pattern = re.compile(rf"^from ({'|'.join(PACKAGES)}) import ", re.MULTILINE)
-    for path in sorted(out.rglob("*.py*")):
+    for path in sorted(p for p in out.rglob("*.py*") if p.suffix in (".py", ".pyi")):  # not __pycache__
         text = pattern.sub(r"from mesh.gen.\1 import ", path.read_text())
         path.write_text(text)
         written.append(path)

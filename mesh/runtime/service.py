@@ -37,10 +37,10 @@ from mesh.observability.metrics import RuntimeMetrics, status_name
 from mesh.registry.records import GPU_REQUIRED, ModelSpec
 from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
+from mesh.runtime.forwarding import CopyLost, ForwardingModel
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
 from mesh.runtime.tensors import infer_bytes
-from mesh.runtime.workers import RemoteModel, WorkerGone
 from mesh.tasks import Background
 from mesh.transport.inflight import InflightLimit
 from mesh.transport.wire import read_model_name
@@ -377,22 +377,24 @@ class RuntimeService:
                 entry = await self._miss(model_id, allow_load)
             else:
                 self.metrics.hit(model_id)
-            if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY \
-                    and not isinstance(entry.model, RemoteModel):
+            if isinstance(entry.model, ForwardingModel):
+                try:
+                    return await self._forward(entry, body)
+                except CopyLost as exc:
+                    if not allow_load:
+                        raise
+                    # The worker or server holding it died or forgot it (mesh.runtime.forwarding):
+                    # load it again and answer this request from there rather than fail it.
+                    if self.cache.get(model_id) is entry:
+                        await self.cache.unload(model_id, reason=exc.message[:200])
+                    entry = await self._miss(model_id, allow_load)
+                    if isinstance(entry.model, ForwardingModel):
+                        return await self._forward(entry, body)
+            if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY:
                 # Small and known to be quick: no thread hand-off (the copy cannot be evicted and
                 # closed in between, since nothing awaits before the work is done).
                 return _run_inference(entry, body)
-            try:
-                return await self._predict(entry, body)
-            except WorkerGone:
-                if not allow_load:
-                    raise
-                # Its worker died (mesh.runtime.workers): load it again, in a worker that runs,
-                # and answer this request from there rather than fail it.
-                if self.cache.get(model_id) is entry:
-                    await self.cache.unload(model_id, reason="its worker died")
-                entry = await self._miss(model_id, allow_load)
-                return await self._predict(entry, body)
+            return await self._predict(entry, body)
         except BaseException as exc:
             code = status_name(exc)
             raise
@@ -400,6 +402,20 @@ class RuntimeService:
             self.inflight -= 1
             self.limit.leave(size, None)
             self.metrics.invoked(code, started, model_id)
+
+    async def _forward(self, entry: Entry, body: bytes) -> bytes:
+        """A copy in a worker or an external server: its bytes go there from the event loop."""
+        model = entry.model
+        assert isinstance(model, ForwardingModel)
+        self.cache.begin_use(entry)
+        started = time.perf_counter()
+        try:
+            return await model.forward(body)
+        finally:
+            self.cache.end_use(entry)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            previous = entry.predict_ms
+            entry.predict_ms = elapsed_ms if previous < 0 else previous + _EWMA * (elapsed_ms - previous)
 
     async def _predict(self, entry: Entry, body: bytes) -> bytes:
         self.cache.begin_use(entry)
@@ -500,8 +516,6 @@ def _infer(entry: Entry, body: bytes) -> bytes:
     model = entry.model
     if model is None:  # cannot happen while in_use > 0, but never predict on a released model
         raise ModelLoadError(f"model {entry.model_id!r} is not loaded")
-    if isinstance(model, RemoteModel):  # a model worker's copy: the worker decodes and predicts
-        return model.infer_bytes(body)
     return infer_bytes(model, entry.model_id, body)
 
 

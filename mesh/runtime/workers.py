@@ -56,12 +56,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-import numpy as np
 import structlog
 
 from mesh.errors import DeadlineExceeded, MeshError, ModelLoadError, NotHere, ResourceExhausted, Unavailable
 from mesh.registry.records import ModelSpec
-from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
+from mesh.runtime.forwarding import CopyLost, ForwardingModel
+from mesh.runtime.loaders.base import LoadPolicy
 from mesh.runtime.tensors import TensorSpec
 from mesh.runtime.worker import (
     OP_INFER,
@@ -106,7 +106,7 @@ def set_dumpable(dumpable: bool) -> bool:
         return False
 
 
-class WorkerGone(NotHere):
+class WorkerGone(CopyLost):
     """The worker holding the model died under the request: the router retries elsewhere."""
 
 
@@ -236,7 +236,7 @@ class WorkerProcess:
             self._local.conn = None
 
 
-class RemoteModel(LoadedModel):
+class RemoteModel(ForwardingModel):
     """A model loaded in a worker; the runtime forwards inference bytes (``infer_bytes``)."""
 
     def __init__(self, worker: WorkerProcess, generation: int, copy: int, spec: ModelSpec, device: str,
@@ -281,8 +281,8 @@ class RemoteModel(LoadedModel):
             raise DeadlineExceeded(f"model {self.model_id!r} took longer than {self.predict_timeout_s:g} s to "
                                    "predict (runtime.predict_timeout_s); its worker was ended") from None
 
-    def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-        raise MeshError("a worker's model answers infer_bytes only")
+    async def forward(self, body: bytes) -> bytes:
+        return await asyncio.to_thread(self.infer_bytes, body)
 
     def footprint_bytes(self) -> int:
         return self._footprint
