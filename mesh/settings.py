@@ -221,7 +221,19 @@ class RuntimeSettings:
                                   "capacity in RAM.", "bytes")
     predict_timeout_s: float = _f(60.0, "With model workers: a prediction taking longer ends its worker (the "
                                   "only way to stop model code that hangs or holds the interpreter) and "
-                                  "answers DEADLINE_EXCEEDED; the worker's other models are lost with it.", "s")
+                                  "answers DEADLINE_EXCEEDED; the worker's other models are lost with it. "
+                                  "With an external server: the deadline of each forwarded request.", "s")
+    server: str = _f("", "An external model server that loads and serves this runtime's models instead of "
+                     "its built-in loaders (mesh.runtime.servers): mlserver, triton, or spi (any server of "
+                     "ModelMesh's runtime SPI, mmesh.ModelRuntime). Empty: the built-in loaders.")
+    server_address: str = _f("", "host:port of the external server's gRPC endpoint (V2 inference; the "
+                             "repository API or the SPI on the same port), e.g. 127.0.0.1:8001.")
+    server_repository: str = _f("", "mlserver and triton: the model repository directory the server was "
+                                "started with, shared with the runtime (the same host or a volume both "
+                                "containers mount). The runtime writes each model's entry there.")
+    server_types: tuple[str, ...] = _f((), "Model types the external server serves (comma-separated in the "
+                                       "environment); the runtime advertises exactly these. Empty: mlserver "
+                                       "sklearn,xgboost,lightgbm; triton onnx; spi must name them.")
     inline_predict_ms: float = _f(0.0, "Models whose recent inferences took less than this run on the "
                                   "event loop instead of an inference thread (0: never). For clients "
                                   "that call runtimes directly, 1.0 gave +31 % throughput with small "

@@ -27,12 +27,14 @@ from mesh.registry.specs import SpecCache
 from mesh.runtime.cache import DeviceBudget, LoadFn, ModelCache
 from mesh.runtime.capacity import GpuMemory, device_capacities, ram_capacity
 from mesh.runtime.failures import RecentFailures, RememberingCache
+from mesh.runtime.forwarding import ForwardingModel
 from mesh.runtime.gpu import nvml_reader
 from mesh.runtime.journal import LoadJournal, journal_dir
 from mesh.runtime.loaders import supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
 from mesh.runtime.publisher import Publisher
 from mesh.runtime.rehome import drain, rehome
+from mesh.runtime.servers import KINDS, ExternalServer, external_server
 from mesh.runtime.service import (
     RuntimeService,
     SizePredictor,
@@ -42,7 +44,7 @@ from mesh.runtime.service import (
     warm_imports,
 )
 from mesh.runtime.servicer import add_to_server
-from mesh.runtime.workers import MAX_WORKERS, RemoteModel, WorkerPool, set_dumpable
+from mesh.runtime.workers import MAX_WORKERS, WorkerPool, set_dumpable
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
@@ -142,13 +144,22 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
                                security=etcd_security(settings.registry))
     registry = Registry(store, prefix)
-    types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
-    # Before anything is published: a type whose library fails to import is not advertised.
-    types = await warm_imports(types, rs.warm_imports_timeout_s)
+    if rs.server:
+        # An external server runs the models (mesh.runtime.servers): we advertise its types.
+        if rs.server.strip().lower() not in KINDS:
+            raise InvalidArgument(f"runtime.server must be one of {', '.join(KINDS)} or empty, not {rs.server!r}")
+        if rs.workers:
+            raise InvalidArgument("runtime.workers and runtime.server exclude each other: with an external "
+                                  "server the runtime runs no model code")
+        types = [t.lower() for t in (rs.server_types or KINDS[rs.server.strip().lower()].default_types)]
+    else:
+        types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
+        # Before anything is published: a type whose library fails to import is not advertised.
+        types = await warm_imports(types, rs.warm_imports_timeout_s)
     # Then the GPUs: which types can use them, with the CUDA context created before the budgets
     # are read (it is nobody's model). A GPU no supported type can use gets no budget.
     gpus = gpus or GpuMemory(nvml_reader(), rs)
-    gpu_types = await gpus.usable_types(types)
+    gpu_types = [] if rs.server else await gpus.usable_types(types)
     # Each GPU's copies predict on threads of their own (RuntimeSettings.gpu_inference_threads),
     # whose per-thread cuBLAS state is created now, before the budgets are read, too.
     gpu_devices = [f"gpu{info.index}" for info in gpus.reader.devices()] if gpu_types else []
@@ -166,18 +177,29 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         log.warning("model paths are not confined: a registration may name any file this process can "
                     "read; set runtime.model_roots (docs/security.md)")
     workers: WorkerPool | None = None
+    external: ExternalServer | None = None
     if not 0 <= rs.workers <= MAX_WORKERS:
         raise InvalidArgument(f"runtime.workers must be 0 to {MAX_WORKERS}, not {rs.workers}")
-    if rs.workers and load_fn is None:  # a stand-in load_fn (tests) stays in process
-        # Model code runs in workers that hold no credentials (mesh.runtime.workers); a worker
-        # that dies takes only its models, which are unloaded here (placements withdrawn).
-        async def lost(model_ids: list[str]) -> None:
-            for model_id in model_ids:
-                entry = cache.get(model_id)
-                if entry is not None and isinstance(entry.model, RemoteModel) and entry.model.lost:
-                    await call_soon_safely(lambda m=model_id: cache.unload(m, reason="its worker died"),
-                                           f"unload {model_id[:100]}")
 
+    # A worker or external server that dies takes its models with it; they are unloaded here
+    # (placements withdrawn), and requests for them load them again.
+    async def lost(model_ids: list[str]) -> None:
+        for model_id in model_ids:
+            entry = cache.get(model_id)
+            if entry is not None and isinstance(entry.model, ForwardingModel) and entry.model.lost:
+                await call_soon_safely(lambda m=model_id: cache.unload(m, reason="its worker or server died"),
+                                       f"unload {model_id[:100]}")
+
+    if rs.server and load_fn is None:
+        external = external_server(rs.server, rs.server_address, repository=rs.server_repository, types=types,
+                                   policy=policy, load_timeout_s=rs.load_timeout_s,
+                                   predict_timeout_s=rs.predict_timeout_s,
+                                   max_message_bytes=settings.router.max_message_bytes,
+                                   predict_size=lambda spec: sizer.predict(spec), on_lost=lost)
+        await asyncio.to_thread(external.start)
+        load_fn = external.load
+    if rs.workers and load_fn is None:  # a stand-in load_fn (tests) stays in process
+        # Model code runs in workers that hold no credentials (mesh.runtime.workers).
         if not set_dumpable(False):
             log.warning("could not make the runtime non-dumpable: model workers running as its user can read "
                         "its /proc environment")
@@ -200,7 +222,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     cache = RememberingCache(budgets=budgets, load_fn=load_fn, predict_size=sizer.predict,
                              observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
                              max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
-                             prepare_fn=prepare_load, estimate_fn=sizer.prepare,
+                             prepare_fn=None if rs.server else prepare_load, estimate_fn=sizer.prepare,
                              max_stuck_loads=rs.max_stuck_loads, size_floor_bytes=rs.default_model_size_bytes,
                              failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage,
                              device_executors=device_pools,
@@ -259,6 +281,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
             return "registry lease lost"
         if not store.connected:
             return "registry unreachable"
+        if external is not None and external.down:
+            return f"the {external.kind} model server at {external.address} does not answer"
         if len(cache.stuck_loads) >= rs.max_stuck_loads:
             return f"{len(cache.stuck_loads)} loads are stuck; no more loads until they end or a restart"
         return None
@@ -290,6 +314,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     roots.spawn(publisher.run(), "publisher")
     if workers is not None:
         roots.spawn(workers.supervise(), "model-workers")
+    if external is not None:
+        roots.spawn(external.supervise(), "model-server")
     if has_gpu:
         roots.spawn(gpus.follow(cache), "gpu-budgets")
     await health.start()
@@ -332,7 +358,9 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         if workers is not None:  # first: their copies then close at once, with no call to make
             await asyncio.to_thread(workers.close)
             set_dumpable(True)
-        await call_soon_safely(cache.close, "unload models")
+        await call_soon_safely(cache.close, "unload models")  # an external server's: unloaded there too
+        if external is not None:
+            await call_soon_safely(external.aclose, "close the model server's channels")
         load_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(journal.close)
         infer_pool.shutdown(wait=False, cancel_futures=True)

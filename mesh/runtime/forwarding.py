@@ -31,6 +31,11 @@ class CopyLost(NotHere):
 class ForwardingModel(LoadedModel):
     """A copy held by another process; the runtime forwards inference bytes to it."""
 
+    @property
+    def lost(self) -> bool:
+        """The process holding the copy died (or went down) since the load: the copy is gone."""
+        return False
+
     @abc.abstractmethod
     async def forward(self, body: bytes) -> bytes:
         """The serialized ``ModelInferResponse`` for the serialized ``ModelInferRequest`` ``body``.
