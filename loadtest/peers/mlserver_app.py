@@ -57,6 +57,34 @@ def _ready(url: str) -> bool:
         return resp.status == 200
 
 
+def start_empty(work: Path, *, ready_timeout_s: float = 120.0) -> tuple[MLServerPeer, Path]:
+    """MLServer with an empty model repository and no loads at start-up, for the mesh's runtime
+    to load into (``runtime.server = mlserver``); returns the peer and the repository directory.
+    A dummy ``MLSERVER_MODEL_NAME`` as modelmesh-serving sets it; the grpc message limit lifted
+    as there (the runtime bounds what it forwards)."""
+    from loadtest.peers import setup
+    from loadtest.peers._proc import PeerProcess, free_port, wait_until
+
+    setup.ensure_venv("mlserver")
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    repo = work / "repo"
+    write_repository(repo, {}, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    settings = json.loads((repo / "settings.json").read_text())
+    settings["load_models_at_startup"] = False
+    (repo / "settings.json").write_text(json.dumps(settings, indent=2))
+    argv = [str(setup.venv_bin("mlserver", "mlserver")), "start", str(repo)]
+    proc = PeerProcess("mlserver", argv, env={"PYTHONPATH": "", "MLSERVER_MODEL_NAME": "dummy-model-fixme",
+                                              "MLSERVER_GRPC_MAX_MESSAGE_LENGTH": "-1"},
+                       cwd=work, log_path=work / "mlserver.log")
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_until(lambda: _ready(url), timeout_s=ready_timeout_s, what="MLServer ready", proc=proc)
+    except BaseException:
+        proc.stop(grace_s=10.0)
+        raise
+    return MLServerPeer(proc, url, f"127.0.0.1:{grpc_port}", work), repo
+
+
 def start(models: Mapping[str, Path], *, ready_timeout_s: float = 120.0,
           work_dir: Path | None = None) -> MLServerPeer:
     from loadtest.peers import setup

@@ -17,7 +17,9 @@ rest, the same for all of them:
   of the resident memory of the server's processes across the load, where the runtime can see
   them (the process listening on the server's port and its children: the same host, or a pod
   with ``shareProcessNamespace``), with loads serialized so that growths do not mix; never less
-  than the model's size on disk; else the runtime's prediction (file size x the learned ratio).
+  than the model's size on disk. Else, and for the first model of each type on a server (whose
+  growth includes the libraries the server imports for that type: 79 MB for MLServer's first
+  scikit-learn model), the runtime's prediction (file size x the learned ratio).
 - **Inference** is forwarded from the event loop on one grpc.aio channel as bytes: the request as
   the client wrote it, with the server's name for the model appended as field 1 (protobuf keeps
   the last value of a scalar field) or the ``mm-model-id`` header, as the flavour says. The answer
@@ -66,7 +68,8 @@ LOAD_ATTEMPTS = 3  # tries of a load the server could not be reached for
 START_TIMEOUT_S = 60.0
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 _copies = itertools.count(1)
-# Servers' words for "I do not have that model" on an inference (Triton answers UNAVAILABLE).
+# Servers' words for "I do not have that model" on an inference (Triton answers UNAVAILABLE;
+# MLServer NOT_FOUND, but UNKNOWN for some calls).
 _LOST_WORDS = ("unknown model", "not found", "not loaded", "is not ready", "no model")
 
 
@@ -148,6 +151,7 @@ class ExternalServer(abc.ABC):
         self._lock = threading.Lock()
         self._measure = threading.Lock()  # loads whose memory is measured by RSS run one at a time
         self._pid: tuple[int, float] | None = None
+        self._types_loaded: set[str] = set()
 
     # --- the flavour's part ------------------------------------------------------------------
     @abc.abstractmethod
@@ -239,12 +243,15 @@ class ExternalServer(abc.ABC):
             with self._lock:
                 self._held[name] = (copy, spec.model_id)
             self.loads += 1
-        size = reported or (max(after - before, _disk_size(path)) if before is not None and after is not None
-                            else self.predict_size(spec))
+        first = spec.type.lower() not in self._types_loaded  # its growth holds the type's libraries too
+        self._types_loaded.add(spec.type.lower())
+        rss = before is not None and after is not None and not first
+        size = reported or (max(after - before, _disk_size(path)) if rss and before is not None and after is not None
+                            else max(self.predict_size(spec), _disk_size(path)))
         inputs, outputs, platform = self._metadata(name)
         model = ExternalModel(self, spec, name, copy, max(size, 1), inputs, outputs, platform)
         model.generation = generation
-        how = "server" if reported else ("rss" if before is not None else "predicted")
+        how = "server" if reported else ("rss" if rss else "predicted")
         log.info("model loaded by its server", model_id=spec.model_id, kind=self.kind,
                  size_bytes=model.footprint_bytes(), measured=how)
         return model
@@ -308,7 +315,7 @@ class ExternalServer(abc.ABC):
     # --- inference ---------------------------------------------------------------------------
     def inference_error(self, model_id: str, exc: ServerCallError) -> MeshError:
         code, why = exc.status, exc.details
-        if code == "NOT_FOUND" or (code == "UNAVAILABLE" and any(w in why.lower() for w in _LOST_WORDS)):
+        if code == "NOT_FOUND" or (code in ("UNAVAILABLE", "UNKNOWN") and any(w in why.lower() for w in _LOST_WORDS)):
             return CopyLost(f"the {self.kind} model server no longer holds {model_id!r}: {why}")
         if code == "INVALID_ARGUMENT":
             return InvalidArgument(why)
