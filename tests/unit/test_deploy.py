@@ -373,6 +373,48 @@ def test_config_parses_with_the_settings_loader(base: list[Doc], tmp_path: Path)
     assert settings.tls.runtime_server_name == "mesh-runtime"
 
 
+def test_runtimes_run_model_code_in_workers_without_credentials(base: list[Doc], tmp_path: Path) -> None:
+    config = tmp_path / "mesh.toml"
+    config.write_text(_mesh_toml(base))
+    env = {k: v if isinstance(v, str) else "10.0.0.1"
+           for k, v in _env(_container(_one(base, "StatefulSet", "mesh-runtime"))).items()}
+    settings = load_settings(config, env=env)
+    assert settings.runtime.workers >= 1 and settings.runtime.server == ""
+
+
+def test_the_mlserver_overlay_runs_mlserver_beside_each_runtime_without_mesh_credentials(
+        base: list[Doc], tmp_path: Path) -> None:
+    docs = _kustomize(DEPLOY.parent / "deploy-mlserver")
+    runtime = _one(docs, "StatefulSet", "mesh-runtime")
+    pod = runtime["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"runtime", "mlserver"}
+    mesh, server = containers["runtime"], containers["mlserver"]
+    config = tmp_path / "mesh.toml"
+    config.write_text(_mesh_toml(docs))
+    settings = load_settings(config, env={k: v if isinstance(v, str) else "10.0.0.1" for k, v in _env(mesh).items()})
+    assert (settings.runtime.server, settings.runtime.workers) == ("mlserver", 0)
+    # The runtime dials MLServer on the pod's loopback, where MLServer alone listens.
+    server_env = _env(server)
+    assert settings.runtime.server_address == f"127.0.0.1:{server_env['MLSERVER_GRPC_PORT']}"
+    assert server_env["MLSERVER_HOST"] == "127.0.0.1"
+    assert server_env["MLSERVER_LOAD_MODELS_AT_STARTUP"] == "false"
+    # One repository, written by the runtime, read by MLServer; the models read-only there.
+    repo = {m["name"]: m for m in mesh["volumeMounts"]}["mlserver-repo"]
+    assert settings.runtime.server_repository == repo["mountPath"] == server["command"][-1]
+    mounts = {m["name"]: m for m in server["volumeMounts"]}
+    assert mounts["mlserver-repo"]["readOnly"] and mounts["models"]["readOnly"]
+    assert mounts["models"]["mountPath"] in settings.runtime.model_roots
+    # MLServer holds no mesh credential: no certificate, no configuration, no MESH_ setting.
+    assert not {"pki", "config"} & set(mounts)
+    assert not [k for k in server_env if k.startswith("MESH_")]
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    assert server["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert server["resources"]["limits"]["memory"] == server["resources"]["requests"]["memory"]
+    # Everything else is the base, unchanged.
+    assert len(docs) == len(base)
+
+
 def test_pod_environment_names_known_settings(base: list[Doc], tmp_path: Path) -> None:
     config = tmp_path / "mesh.toml"
     config.write_text(_mesh_toml(base))
