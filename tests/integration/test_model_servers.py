@@ -217,15 +217,24 @@ async def test_triton_repository_load_forward_unload(onnx_model: ModelArtifact, 
             assert not (repo / name).exists()
             with pytest.raises(NotHere):
                 await model.forward(b"")
-        with pytest.raises(ModelLoadError, match="no Triton backend is known for type 'sklearn'"):
-            await asyncio.to_thread(server.load, ModelSpec(model_id="s", type="sklearn", path=str(onnx_model.file)),
-                                    "ram")
+        sklearn = ModelSpec(model_id="s", type="sklearn", path=str(onnx_model.file))
+        with pytest.raises(ModelLoadError, match=r"does not serve type 'sklearn' \(runtime.server_types: onnx\)"):
+            await asyncio.to_thread(server.load, sklearn, "ram")
         await server.aclose()
+        told = adapter("triton", port, repository=str(repo), types=("onnx", "sklearn"))  # a misconfiguration
+        with pytest.raises(ModelLoadError, match="no Triton backend is known for type 'sklearn'"):
+            await asyncio.to_thread(told.load, sklearn, "ram")
+        assert [p.name for p in repo.iterdir()] == ["users-own"]  # nothing left behind
+        await told.aclose()
 
 
-async def test_triton_copy_lost_when_the_server_forgets_it(onnx_model: ModelArtifact, tmp_path: Path) -> None:
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "NOT_FOUND"])  # Triton 20.x, and Triton since
+async def test_triton_copy_lost_when_the_server_forgets_it(onnx_model: ModelArtifact, tmp_path: Path,
+                                                           code: str) -> None:
     repo = tmp_path / "repo"
-    with running("tests.support.triton_standin", "--repository", str(repo)) as (port, _):
+    repo.mkdir()
+    with running("tests.support.triton_standin", "--repository", str(repo), "--unknown-model-code", code) \
+            as (port, _):
         server = adapter("triton", port, repository=str(repo))
         model = await asyncio.to_thread(server.load, ModelSpec(model_id="m", type="onnx", path=str(onnx_model.file)),
                                         "ram")
