@@ -62,13 +62,13 @@ def running(module: str, *args: str) -> Iterator[tuple[int, object]]:
 
 
 def adapter(kind: str, port: int, *, types: tuple[str, ...] = (), repository: str = "", load_timeout_s: float = 20,
-            lost: list[str] | None = None) -> ExternalServer:
+            lost: list[str] | None = None, roots: tuple[str, ...] = ()) -> ExternalServer:
     async def on_lost(ids: list[str]) -> None:
         if lost is not None:
             lost.extend(ids)
 
     server = external_server(kind, f"127.0.0.1:{port}", repository=repository, types=types,
-                             policy=LoadPolicy(roots=()), load_timeout_s=load_timeout_s, predict_timeout_s=10,
+                             policy=LoadPolicy(roots=roots), load_timeout_s=load_timeout_s, predict_timeout_s=10,
                              max_message_bytes=4 << 20, predict_size=lambda spec: 12345, on_lost=on_lost)
     server.start()
     return server
@@ -226,6 +226,35 @@ async def test_triton_repository_load_forward_unload(onnx_model: ModelArtifact, 
             await asyncio.to_thread(told.load, sklearn, "ram")
         assert [p.name for p in repo.iterdir()] == ["users-own"]  # nothing left behind
         await told.aclose()
+
+
+async def test_triton_layout_folders_load_and_links_out_of_the_roots_are_refused(onnx_model: ModelArtifact,
+                                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    roots = tmp_path / "models"
+    own = roots / "own-layout"
+    (own / "3").mkdir(parents=True)
+    shutil.copy(onnx_model.file, own / "3" / "model.onnx")
+    (own / "config.pbtxt").write_text('name: "whatever-the-user-wrote"\nbackend: "onnxruntime"\nmax_batch_size: 0\n')
+    sneaky = roots / "sneaky"
+    (sneaky / "1").mkdir(parents=True)
+    (sneaky / "config.pbtxt").write_text('backend: "onnxruntime"\n')
+    (sneaky / "1" / "model.onnx").symlink_to(onnx_model.file)  # a real model, but outside the roots
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with running("tests.support.triton_standin", "--repository", str(repo)) as (port, _):
+        server = adapter("triton", port, repository=str(repo), roots=(str(roots),))
+        model = await asyncio.to_thread(server.load, ModelSpec(model_id="own", type="onnx", path=str(own)), "ram")
+        assert (repo / "own" / "config.pbtxt").read_text().startswith('name: "own"\n')
+        from mesh.gen.inference import grpc_service_pb2 as pb
+        answer = await model.forward(encode_request(model_name="x", inputs={"input": onnx_model.sample})
+                                     .SerializeToString())
+        assert_outputs_match(decode_response(pb.ModelInferResponse.FromString(answer)), onnx_model.expected)
+        with pytest.raises(ModelLoadError, match="leads outside the model roots"):
+            await asyncio.to_thread(server.load, ModelSpec(model_id="s", type="onnx", path=str(sneaky)), "ram")
+        assert not (repo / "s").exists()
+        await server.aclose()
 
 
 @pytest.mark.parametrize("code", ["UNAVAILABLE", "NOT_FOUND"])  # Triton 20.x, and Triton since

@@ -36,8 +36,10 @@ import abc
 import asyncio
 import contextlib
 import itertools
+import os
 import threading
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -66,6 +68,8 @@ POLL_S = 1.0
 DOWN_AFTER = 3  # failed liveness answers in a row before the server's copies count as lost
 LOAD_ATTEMPTS = 3  # tries of a load the server could not be reached for
 START_TIMEOUT_S = 60.0
+LOCK_STRIPES = 64
+MAX_TREE_ENTRIES = 10_000  # files a model folder handed to a server may hold
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 _copies = itertools.count(1)
 # Servers' words for "I do not have that model" on an inference (Triton answers UNAVAILABLE;
@@ -147,7 +151,9 @@ class ExternalServer(abc.ABC):
         self.loads = 0
         self.channel = ServerChannel(address, max_message_bytes)
         self._held: dict[str, tuple[int, str]] = {}  # server-side name -> (the copy holding it, model ID)
-        self._names: dict[str, threading.Lock] = {}
+        # Loads and unloads of one name run one at a time; striped, so that millions of model
+        # names over a runtime's life cost no memory.
+        self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._lock = threading.Lock()
         self._measure = threading.Lock()  # loads whose memory is measured by RSS run one at a time
         self._pid: tuple[int, float] | None = None
@@ -217,8 +223,7 @@ class ExternalServer(abc.ABC):
 
     # --- loads -------------------------------------------------------------------------------
     def _name_lock(self, name: str) -> threading.Lock:
-        with self._lock:
-            return self._names.setdefault(name, threading.Lock())
+        return self._stripes[zlib.crc32(name.encode()) % LOCK_STRIPES]
 
     def load(self, spec: ModelSpec, device: str) -> ExternalModel:
         """The cache's ``load_fn`` (blocking, in a load thread)."""
@@ -230,6 +235,7 @@ class ExternalServer(abc.ABC):
         if self.down:
             raise ModelLoadError(f"the {self.kind} model server at {self.address} does not answer")
         path = resolve_path(spec.path, self.policy.roots)  # the runtime's confinement, as for its own loads
+        confine_tree(path, self.policy.roots)  # the server follows links inside a folder too
         name = self.server_name(spec.model_id)
         copy = next(_copies)
         deadline = time.monotonic() + self.load_timeout_s
@@ -365,6 +371,21 @@ class ExternalServer(abc.ABC):
     async def aclose(self) -> None:
         """Close the channels (the server and its models stay: the server is not ours to stop)."""
         await self.channel.aclose()
+
+
+def confine_tree(path: Path, roots: Sequence[str]) -> None:
+    """Every entry of a model folder must stay inside the model roots on its real path (a link in
+    it could otherwise hand the server any file), and the folder is bounded; ModelLoadError."""
+    if not roots or not path.is_dir():
+        return
+    real_roots = [os.path.join(os.path.realpath(r), "") for r in roots]
+    for count, entry in enumerate(path.rglob("*")):
+        if count >= MAX_TREE_ENTRIES:
+            raise ModelLoadError(f"model folder {path.name!r} holds more than {MAX_TREE_ENTRIES} entries")
+        real = os.path.realpath(entry)
+        if not any(os.path.join(real, "").startswith(root) for root in real_roots):
+            raise ModelLoadError(f"model folder {path.name!r}: {entry.relative_to(path)} leads outside the "
+                                 "model roots through a symbolic link")
 
 
 def _disk_size(path: Path) -> int:

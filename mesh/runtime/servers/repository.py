@@ -7,7 +7,9 @@ Both servers load models by name from a model repository directory they were sta
 directory (``runtime.server_repository``, shared with the server: the same host, or a volume both
 containers mount): for each load it writes the entry the server expects, pointing at the model's
 files where the runtime pulled them, asks the server to load it, and removes the entry after the
-unload. Entries of an earlier run are removed at start.
+unload. Entries of an earlier run (marked with a ``.mesh-serving`` file) are removed at start;
+nothing else in the directory is touched. Every file of a model folder handed to the server must
+lie inside the model roots on its real path (``base.confine_tree``).
 
 - **MLServer**: ``mm-<hash>/model-settings.json`` with the model ID as its name, the runtime class
   of the model's type (``IMPLEMENTATIONS``) and ``parameters.uri`` = the model's path. A model path
@@ -40,6 +42,7 @@ from mesh.runtime.servers.base import ExternalServer
 LOAD = "/inference.GRPCInferenceService/RepositoryModelLoad"
 UNLOAD = "/inference.GRPCInferenceService/RepositoryModelUnload"
 PREFIX = "mm-"
+MARK = ".mesh-serving"  # in each entry the runtime writes: only those are removed at start
 MAX_SETTINGS_BYTES = 64 * 1024
 # MLServer's inference runtime for each model type (the mlserver-<name> packages).
 IMPLEMENTATIONS = {
@@ -81,7 +84,7 @@ class RepositoryServer(ExternalServer):
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _ours(self, entry: Path) -> bool:
-        return entry.name.startswith(PREFIX) and entry.is_dir() and not entry.is_symlink()
+        return entry.is_dir() and not entry.is_symlink() and (entry / MARK).exists()
 
     def entry(self, name: str) -> Path:
         return self.repository / name
@@ -94,6 +97,7 @@ class RepositoryServer(ExternalServer):
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         try:
+            (target / MARK).write_text(spec.model_id[:1000])  # ours: removed at the next start
             self.write_entry(spec, path, name, target)
             self._call(LOAD, rpb.RepositoryModelLoadRequest(model_name=name), rpb.RepositoryModelLoadResponse,
                        timeout)
@@ -167,11 +171,7 @@ class Triton(RepositoryServer):
     def server_name(self, model_id: str) -> str:
         return model_id if _PLAIN.match(model_id) and not model_id.startswith(PREFIX) else hashed(model_id)
 
-    def _ours(self, entry: Path) -> bool:
-        return entry.is_dir() and not entry.is_symlink() and (entry / ".mesh-serving").exists()
-
     def write_entry(self, spec: ModelSpec, path: Path, name: str, target: Path) -> None:
-        (target / ".mesh-serving").write_text(spec.model_id[:1000])  # ours: removed at the next start
         config = path / "config.pbtxt" if path.is_dir() else None
         if config is not None and config.is_file():  # Triton's own layout
             for child in path.iterdir():
