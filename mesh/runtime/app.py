@@ -269,6 +269,14 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                           requests=lambda: service.requests, publish_interval_s=rs.publish_interval_s,
                           failure_ttl_s=settings.registry.failure_ttl_s)
     publisher.max_stuck_loads = rs.max_stuck_loads
+    if external is not None:  # a server that went down takes no loads: routers load elsewhere
+        server_state = external
+
+        async def publish_state() -> None:
+            await publisher.publish_instance(force=True)
+
+        publisher.takes_loads = lambda: not server_state.down
+        external.on_state = publish_state
     cache.set_listener(publisher)
     metrics.attach(cache, gpus if has_gpu else None)
 

@@ -64,6 +64,7 @@ class Publisher:
         self._last_time = time.monotonic()
         self.shutting_down = False
         self.max_stuck_loads = 4  # the runtime's setting (the app sets it)
+        self.takes_loads: Callable[[], bool] = lambda: True  # False while its model server is down
         self.withdrawn = False
 
     # --- CacheListener ------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class Publisher:
             self._pending.pop(entry.model_id, None)
 
     def _accepts_loads(self) -> bool:
-        return len(self._cache_ref().stuck_loads) < self.max_stuck_loads
+        return len(self._cache_ref().stuck_loads) < self.max_stuck_loads and self.takes_loads()
 
     # --- records ------------------------------------------------------------------------------
     def instance_record(self) -> InstanceRecord:

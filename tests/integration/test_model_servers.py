@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import pytest
 
-from mesh.errors import DeadlineExceeded, InvalidArgument, ModelLoadError, NotHere
+from mesh.errors import DeadlineExceeded, InvalidArgument, ModelLoadError, NotHere, Unavailable
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_runtime_pb2 as spb
 from mesh.registry.records import ModelSpec
@@ -180,7 +180,7 @@ async def test_spi_a_dead_server_loses_its_copies_and_loads_retry_a_bounded_time
                 break
             await asyncio.sleep(0.1)
         assert lost == ["m"] and server.down and model.lost
-        with pytest.raises(ModelLoadError, match="does not answer"):
+        with pytest.raises(Unavailable, match="does not answer"):  # not the model's failure
             await asyncio.to_thread(server.load, spec, "ram")
         supervisor.cancel()
         server.down = False  # as if the supervisor had not noticed yet: the load retries, then fails
@@ -343,6 +343,41 @@ async def test_end_to_end_a_restarted_server_is_loaded_again(sklearn_model: Mode
         proc, _ = start_server("tests.support.spi_server", "--port", str(port))
         for _ in range(5):  # the copy was lost: the runtime loads it again under the request
             assert_outputs_match(decode_response(await mesh.infer("iris", body)), sklearn_model.expected)
+    finally:
+        await mesh.stop()
+        stop_server(proc)
+
+
+async def test_end_to_end_a_server_that_is_down_takes_no_loads_until_it_is_back(sklearn_model: ModelArtifact) -> None:
+    proc, port = start_server("tests.support.spi_server", "--port", "0")
+    mesh = InProcessMesh(memory_url(), runtime_overrides={
+        "server": "spi", "server_address": f"127.0.0.1:{port}", "server_types": ("sklearn",)})
+    try:
+        await mesh.start(runtimes=1)
+        await mesh.register("iris", "sklearn", str(sklearn_model.file))
+        body = encode_request(model_name="", inputs={"input-0": sklearn_model.sample})
+        assert_outputs_match(decode_response(await mesh.infer("iris", body)), sklearn_model.expected)
+        stop_server(proc)
+
+        async def refused() -> bool:  # the supervisor noticed: the copy is gone, loads are refused
+            try:
+                await mesh.infer("iris", body, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+        await mesh.wait_for(refused, timeout=20)
+        # Not the model's failure: nothing is remembered against it.
+        assert (await _status(mesh, "iris")).status != ST.LOADING_FAILED
+        proc, _ = start_server("tests.support.spi_server", "--port", str(port))
+
+        async def served() -> bool:
+            try:
+                response = await mesh.infer("iris", body, timeout=10)
+            except grpc.aio.AioRpcError:
+                return False
+            assert_outputs_match(decode_response(response), sklearn_model.expected)
+            return True
+        await mesh.wait_for(served, timeout=20)
     finally:
         await mesh.stop()
         stop_server(proc)

@@ -26,8 +26,11 @@ rest, the same for all of them:
   is read within ``router.max_message_bytes``. NOT_FOUND, or a server's "unknown model", means the
   server lost the copy (it restarted): CopyLost, and the service loads it again.
 - **Liveness.** ``supervise`` asks the server's ServerLive every ``POLL_S``; after ``DOWN_AFTER``
-  failed answers in a row every copy is reported lost (placements withdrawn) and the runtime
-  reports not ready until the server answers again.
+  failed answers in a row every copy is reported lost (placements withdrawn), and until the server
+  answers again the runtime reports not ready and publishes that it takes no loads, so routers
+  load its models elsewhere; a load asked of it meanwhile answers UNAVAILABLE, which is not the
+  model's failure (not remembered against it). Before the supervisor notices, a load fails after
+  its bounded retries with ModelLoadError: LOADING_FAILED with the reason.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ class ExternalServer(abc.ABC):
         self.max_message_bytes = max_message_bytes
         self.predict_size = predict_size
         self.on_lost = on_lost
+        self.on_state: Callable[[], Awaitable[None]] | None = None  # told when ``down`` flips
         self.generation = 0  # moves when the server went down: copies of an older one are lost
         self.down = False
         self.loads = 0
@@ -199,9 +203,11 @@ class ExternalServer(abc.ABC):
         while True:
             await asyncio.sleep(POLL_S)
             if await asyncio.to_thread(self.channel.live):
+                failures = 0
                 if self.down:
                     log.info("model server answers again", kind=self.kind, address=self.address)
-                failures, self.down = 0, False
+                    self.down = False
+                    await self._tell()
                 continue
             failures += 1
             if failures == DOWN_AFTER:
@@ -215,11 +221,19 @@ class ExternalServer(abc.ABC):
             self._held.clear()
         log.warning("model server does not answer; its copies are lost", kind=self.kind, address=self.address,
                     models_lost=len(lost))
+        await self._tell()
         if lost and self.on_lost is not None:
             try:
                 await self.on_lost(lost)
             except Exception:
                 log.exception("reporting the server's lost models failed", kind=self.kind)
+
+    async def _tell(self) -> None:
+        if self.on_state is not None:
+            try:
+                await self.on_state()
+            except Exception:
+                log.exception("reporting the model server's state failed", kind=self.kind)
 
     # --- loads -------------------------------------------------------------------------------
     def _name_lock(self, name: str) -> threading.Lock:
@@ -232,8 +246,9 @@ class ExternalServer(abc.ABC):
                                  f"(runtime.server_types: {', '.join(self.types)})")
         if device != "ram":
             raise ModelLoadError(f"the {self.kind} model server adapter places models in RAM only, not {device}")
-        if self.down:
-            raise ModelLoadError(f"the {self.kind} model server at {self.address} does not answer")
+        if self.down:  # not the model's failure: the router loads it elsewhere meanwhile
+            raise Unavailable(f"the {self.kind} model server at {self.address} does not answer; this "
+                              "instance takes no loads until it does")
         path = resolve_path(spec.path, self.policy.roots)  # the runtime's confinement, as for its own loads
         confine_tree(path, self.policy.roots)  # the server follows links inside a folder too
         name = self.server_name(spec.model_id)
