@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from mesh.errors import (
     DeadlineExceeded,
@@ -69,6 +69,7 @@ HEADER = struct.Struct("<IB")
 U16 = struct.Struct("<H")
 U64 = struct.Struct("<Q")
 MAX_FRAME = 1 << 31  # what the worker takes from the runtime (which bounds it far below)
+RECV_BYTES = 1 << 16  # a worker's first read of a request: the whole frame at inference sizes
 
 
 class FrameTooLarge(EOFError):
@@ -101,6 +102,35 @@ def read_frame(sock: socket.socket, limit: int = MAX_FRAME, deadline: float | No
     if length > limit:
         raise FrameTooLarge(f"a frame of {length} bytes, over the limit of {limit}")
     return tag, read_exact(sock, length, deadline) if length else b""
+
+
+def read_request(sock: socket.socket) -> tuple[int, memoryview]:
+    """A worker's read of one request frame: header and payload in one system call when the
+    frame fits ``RECV_BYTES`` (inference sizes), else the payload received into one buffer of its
+    size (up to ``MAX_FRAME``). The runtime sends a request and waits for its answer, so a
+    connection never holds more than one frame: bytes beyond it are refused (EOFError)."""
+    data = sock.recv(RECV_BYTES)
+    while 0 < len(data) < HEADER.size:
+        more = sock.recv(RECV_BYTES)
+        data = data + more if more else b""
+    if not data:
+        raise EOFError("connection closed")
+    length, op = HEADER.unpack_from(data)
+    if length > MAX_FRAME:
+        raise FrameTooLarge(f"a frame of {length} bytes, over the limit of {MAX_FRAME}")
+    got = len(data) - HEADER.size
+    if got == length:
+        return op, memoryview(data)[HEADER.size:]
+    if got > length:
+        raise FrameTooLarge("more than one frame at once: the connection is out of step")
+    view = memoryview(bytearray(length))
+    view[:got] = memoryview(data)[HEADER.size:]
+    while got < length:
+        chunk = sock.recv_into(view[got:], length - got)
+        if chunk == 0:
+            raise EOFError("connection closed")
+        got += chunk
+    return op, view
 
 
 def write_frame(sock: socket.socket, tag: int, payload: bytes) -> None:
@@ -139,19 +169,20 @@ class Worker:
         self._loads = 0
         self._epoch = 0
 
-    def handle(self, op: int, payload: bytes) -> bytes:
+    def handle(self, op: int, payload: memoryview) -> bytes:
         if op == OP_INFER:
             (n,) = U16.unpack_from(payload, 0)
-            model_id = payload[2:2 + n].decode()
+            model_id = str(payload[2:2 + n], "utf-8")
             held = self.models.get(model_id)
             if held is None:
                 raise NotHere(f"model {model_id!r} is not loaded in this worker")
-            return infer_bytes(held[1], model_id, payload[2 + n:])
+            # The body as a view of the frame: protobuf parses any buffer, so it is not copied here.
+            return infer_bytes(held[1], model_id, cast(bytes, payload[2 + n:]))
         if op == OP_LOAD:
-            return self._load(json.loads(payload))
+            return self._load(json.loads(bytes(payload)))
         if op == OP_UNLOAD:
             (copy,) = U64.unpack_from(payload, 0)
-            model_id = payload[U64.size:].decode()
+            model_id = str(payload[U64.size:], "utf-8")
             with self._lock:  # only that copy: a newer load of the same model stays
                 held = self.models.get(model_id)
                 if held is not None and held[0] == copy:
@@ -198,20 +229,25 @@ class Worker:
             old[1].close()  # its runtime copy was evicted; a request still on it answers "not here"
         return answer
 
+    def answer(self, op: int, payload: memoryview) -> tuple[int, bytes]:
+        """The answer frame's code and payload: 0 and the result, or the error's tag and message."""
+        try:
+            return 0, self.handle(op, payload)
+        except MeshError as exc:
+            return error_tag(exc), exc.message.encode("utf-8", "replace")
+        except Exception as exc:  # a bug of the model's own code: said, not a traceback
+            error = MeshError(f"model code failed: {type(exc).__name__}: {exc}"[:1000])
+            return error_tag(error), error.message.encode("utf-8", "replace")
+
     def serve(self, conn: socket.socket) -> None:
         with conn:
             while True:
                 try:
-                    op, payload = read_frame(conn)
+                    op, payload = read_request(conn)
                 except (EOFError, OSError):
                     return
-                try:
-                    tag, answer = 0, self.handle(op, payload)
-                except MeshError as exc:
-                    tag, answer = error_tag(exc), exc.message.encode("utf-8", "replace")
-                except Exception as exc:  # a bug of the model's own code: said, not a traceback
-                    error = MeshError(f"model code failed: {type(exc).__name__}: {exc}"[:1000])
-                    tag, answer = error_tag(error), error.message.encode("utf-8", "replace")
+                tag, answer = self.answer(op, payload)
+                del payload  # the request's buffer goes now, not when the next request comes
                 try:
                     write_frame(conn, tag, answer)
                 except OSError:
