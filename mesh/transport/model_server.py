@@ -18,6 +18,7 @@ MAX_REASON = 1000  # characters of a server's message kept in an error
 SMALL_ANSWER = 4 << 20  # management answers (load, unload, metadata, status)
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 LIVE = "/inference.GRPCInferenceService/ServerLive"
+READY = "/inference.GRPCInferenceService/ModelReady"
 
 
 class ServerCallError(MeshError):
@@ -65,18 +66,33 @@ class ServerChannel:
         except ServerCallError:
             return False
 
-    async def forward(self, body: bytes, timeout: float, metadata: tuple[tuple[str, Any], ...]) -> bytes:
-        """ModelInfer with ``body`` as the serialized request; the serialized response."""
-        if self._infer is None:
+    def _open(self) -> grpc.aio.Channel:
+        if self._aio is None:
             self._aio = grpc.aio.insecure_channel(self.address, options=[
                 ("grpc.max_receive_message_length", self.max_message_bytes),
                 ("grpc.max_send_message_length", self.max_message_bytes + 1024)])
-            self._infer = self._aio.unary_unary(INFER)
+        return self._aio
+
+    async def forward(self, body: bytes, timeout: float, metadata: tuple[tuple[str, Any], ...]) -> bytes:
+        """ModelInfer with ``body`` as the serialized request; the serialized response."""
+        if self._infer is None:
+            self._infer = self._open().unary_unary(INFER)
         try:
             answer: bytes = await self._infer(body, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return answer
+
+    async def ready(self, name: str, timeout: float, metadata: tuple[tuple[str, Any], ...]) -> bool:
+        """ModelReady for ``name`` (awaited on the event loop); False for any failure, an
+        UNIMPLEMENTED included."""
+        call = self._open().unary_unary(READY, request_serializer=pb.ModelReadyRequest.SerializeToString,
+                                        response_deserializer=pb.ModelReadyResponse.FromString)
+        try:
+            answer = await call(pb.ModelReadyRequest(name=name), timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(answer.ready)
 
     async def aclose(self) -> None:
         if self._aio is not None:

@@ -8,23 +8,33 @@ directory (``runtime.server_repository``, shared with the server: the same host,
 containers mount): for each load it writes the entry the server expects, pointing at the model's
 files where the runtime pulled them, asks the server to load it, and removes the entry after the
 unload. Entries of an earlier run (marked with a ``.mesh-serving`` file) are removed at start;
-nothing else in the directory is touched. Every file of a model folder handed to the server must
-lie inside the model roots on its real path (``base.confine_tree``).
+nothing else in the directory is touched: a model whose entry name is taken by one the mesh did
+not write (the operator's own model, say) fails to load rather than replace it. Every file of a
+model folder handed to the server must lie inside the model roots on its real path
+(``base.confine_tree``), and what a tenant's own settings file names is confined as well (below).
 
 - **MLServer**: ``mm-<hash>/model-settings.json`` with the model ID as its name, the runtime class
   of the model's type (``IMPLEMENTATIONS``) and ``parameters.uri`` = the model's path. A model path
   that is a directory holding its own ``model-settings.json`` (a custom MLServer model) keeps that
-  file's implementation and parameters; its name is replaced and a relative ``uri`` is made
-  absolute, inside the model roots.
+  file's implementation and parameters; its name is replaced, and the paths among its parameters
+  (``uri``, ``environment_tarball``: an environment MLServer unpacks, ``environment_path``: one
+  whose Python it runs) are made absolute, inside the model roots.
 - **Triton**: ``<name>/config.pbtxt`` and ``<name>/1/model.<ext>`` linked to the model file, the
   config naming the backend of the model's type (Triton completes the inputs and outputs of an
   ONNX model itself); a model path that is a directory in Triton's layout (``config.pbtxt`` and
-  version folders) is linked entry by entry, its config copied with the name replaced. Triton names
-  a model after its directory, so an ID that is not a plain name is served as ``mm-<hash>``.
+  version folders) is linked entry by entry, its config copied with the name replaced. Such a
+  config is the tenant's text: it is read within 64 KiB, and refused if one of its strings names a
+  path out of the folder (absolute, ``~``, a ``..`` segment: ``default_model_filename``, label
+  and warm-up files, a Python environment, written plainly, escaped or split across adjacent
+  strings) or if it is an ensemble (its steps call other models of the server by name: another
+  tenant's, or models the mesh evicts on its own terms). Triton names a model after its
+  directory, so an ID that is not a plain name (or holds ``..``, which Triton refuses) is served
+  as ``mm-<hash>``.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -61,6 +71,9 @@ BACKENDS = {
 }
 _PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _NAME_LINE = re.compile(r'^\s*name\s*:\s*"[^"\n]*"\s*$', re.MULTILINE)
+# config.pbtxt's lexemes: blanks, comments, quoted strings (with escapes), everything else.
+_TEXT = re.compile(r"""\s+|\#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[^\s"'\#]+""")
+PATH_KEYS = ("uri", "environment_tarball", "environment_path")  # MLServer parameters naming files
 
 
 def hashed(model_id: str) -> str:
@@ -94,6 +107,9 @@ class RepositoryServer(ExternalServer):
 
     def _load(self, spec: ModelSpec, path: Path, name: str, timeout: float) -> int:
         target = self.entry(name)
+        if (target.exists() or target.is_symlink()) and not self._ours(target):
+            raise ModelLoadError(f"the {self.kind} model server's repository holds an entry {target.name!r} that the "
+                                 "mesh did not write; it is left alone (register the model under another ID)")
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)
         try:
@@ -111,7 +127,8 @@ class RepositoryServer(ExternalServer):
                    timeout)
 
     def forget(self, name: str) -> None:
-        shutil.rmtree(self.entry(name), ignore_errors=True)
+        if self._ours(self.entry(name)):
+            shutil.rmtree(self.entry(name), ignore_errors=True)
 
     def write_entry(self, spec: ModelSpec, path: Path, name: str, target: Path) -> None:
         raise NotImplementedError
@@ -142,10 +159,8 @@ class MLServer(RepositoryServer):
 
     def _custom(self, own: Path, folder: Path) -> dict[str, Any]:
         """A custom model's own settings: kept, but named by us and with its files confined."""
-        if own.stat().st_size > MAX_SETTINGS_BYTES:
-            raise ModelLoadError(f"{own.name} is larger than {MAX_SETTINGS_BYTES} bytes")
         try:
-            settings = json.loads(own.read_text())
+            settings = json.loads(read_bounded(own))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelLoadError(f"{own.name} is not JSON: {str(exc)[:200]}") from None
         if not isinstance(settings, dict) or not isinstance(settings.get("implementation"), str):
@@ -153,13 +168,20 @@ class MLServer(RepositoryServer):
         parameters = settings.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise ModelLoadError(f"{own.name}: parameters must be an object")
-        uri = parameters.get("uri")
-        if isinstance(uri, str) and uri:
-            # MLServer reads a relative uri next to the settings file, which is ours now.
-            parameters["uri"] = str(resolve_path(str(folder / uri) if not os.path.isabs(uri) else uri,
-                                                 self.policy.roots))
-        else:
+        if not parameters.get("uri"):
             parameters["uri"] = str(folder)
+        for key in PATH_KEYS:
+            value = parameters.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                raise ModelLoadError(f"{own.name}: parameters.{key} must be a path")
+            # MLServer reads a relative path next to the settings file, which is ours now.
+            try:
+                parameters[key] = str(resolve_path(value if os.path.isabs(value) else str(folder / value),
+                                                   self.policy.roots))
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{own.name}: parameters.{key}: {exc.message}") from None
         settings["parameters"] = parameters
         return settings
 
@@ -169,15 +191,20 @@ class Triton(RepositoryServer):
     default_types = ("onnx",)
 
     def server_name(self, model_id: str) -> str:
-        return model_id if _PLAIN.match(model_id) and not model_id.startswith(PREFIX) else hashed(model_id)
+        plain = _PLAIN.match(model_id) and ".." not in model_id and not model_id.startswith(PREFIX)
+        return model_id if plain else hashed(model_id)
 
     def write_entry(self, spec: ModelSpec, path: Path, name: str, target: Path) -> None:
         config = path / "config.pbtxt" if path.is_dir() else None
         if config is not None and config.is_file():  # Triton's own layout
+            try:
+                text = read_bounded(config).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ModelLoadError(f"{config.name} is not UTF-8 text") from None
+            check_config(text, confine=bool(self.policy.roots))
             for child in path.iterdir():
                 if child.name != "config.pbtxt":
                     (target / child.name).symlink_to(child)
-            text = config.read_text()[:MAX_SETTINGS_BYTES]
             line = f'name: "{name}"'
             text = _NAME_LINE.sub(line, text, count=1) if _NAME_LINE.search(text) else f"{line}\n{text}"
             (target / "config.pbtxt").write_text(text)
@@ -196,6 +223,49 @@ class Triton(RepositoryServer):
         (target / "1").mkdir()
         (target / "1" / backend[1]).symlink_to(path)
         (target / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "{backend[0]}"\nmax_batch_size: 0\n')
+
+
+def read_bounded(file: Path) -> bytes:
+    """A tenant's settings file, read only if within MAX_SETTINGS_BYTES; ModelLoadError past it."""
+    with file.open("rb") as f:
+        data = f.read(MAX_SETTINGS_BYTES + 1)
+    if len(data) > MAX_SETTINGS_BYTES:
+        raise ModelLoadError(f"{file.name} is larger than {MAX_SETTINGS_BYTES} bytes")
+    return data
+
+
+def check_config(text: str, *, confine: bool = True) -> None:
+    """ModelLoadError if a tenant's config.pbtxt is an ensemble or (``confine``: model roots are
+    set) names a path out of its folder (module docstring). Strings are read as Triton's text
+    format reads them: escapes decoded, adjacent strings joined (comments and blanks between)."""
+    strings: list[bytes] = []
+    joined: bytes | None = None
+    pos = 0
+    while pos < len(text):
+        match = _TEXT.match(text, pos)
+        if match is None:
+            raise ModelLoadError(f"config.pbtxt: a string opened at offset {pos} is not closed on its line")
+        token, pos = match.group(), match.end()
+        if token[0] in "\"'":
+            try:
+                value = codecs.escape_decode(token[1:-1].encode())[0]
+            except ValueError as exc:
+                raise ModelLoadError(f"config.pbtxt: a string with a bad escape: {str(exc)[:100]}") from None
+            joined = value if joined is None else joined + value
+        elif not token.isspace() and token[0] != "#":
+            if joined is not None:
+                strings.append(joined)
+                joined = None
+            if "ensemble_scheduling" in token:
+                raise ModelLoadError("config.pbtxt describes an ensemble: it would call other models of the server "
+                                     "by name, which a registration may not")
+    if joined is not None:
+        strings.append(joined)
+    for value in strings if confine else ():
+        parts = value.replace(b"\\", b"/").split(b"/")
+        if value.startswith((b"/", b"~")) or b".." in parts or b"\0" in value or b"\\u" in value.lower():
+            raise ModelLoadError(f"config.pbtxt: {value[:100].decode('utf-8', 'replace')!r} names a path outside "
+                                 "the model's folder (or uses \\u escapes)")
 
 
 __all__ = ["BACKENDS", "IMPLEMENTATIONS", "MLServer", "Triton"]
