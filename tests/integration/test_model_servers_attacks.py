@@ -200,9 +200,11 @@ async def test_triton_ensembles_and_unreadable_or_huge_configs_are_refused(model
                 await asyncio.to_thread(server.load, ModelSpec(model_id=folder.name, type="onnx", path=str(folder)),
                                         "ram")
         assert list(repo.iterdir()) == []
-        # A plain config in the same layout still loads.
+        # A plain config in the same layout still loads, even with a file named as the mesh's mark
+        # among its entries (before: FileExistsError, quoting the repository's path to the client).
         plain = triton_layout(tenant, "plain", team_a, 'backend: "onnxruntime" # "../not/a/path" in a comment\n'
                                                        'max_batch_size: 0\n')
+        (plain / ".mesh-serving").write_text("the tenant's")
         model = await asyncio.to_thread(server.load, ModelSpec(model_id="plain", type="onnx", path=str(plain)), "ram")
         answer = await model.forward(encode_request(model_name="", inputs={"input": team_a.sample})
                                      .SerializeToString())

@@ -203,7 +203,7 @@ class Triton(RepositoryServer):
                 raise ModelLoadError(f"{config.name} is not UTF-8 text") from None
             check_config(text, confine=bool(self.policy.roots))
             for child in path.iterdir():
-                if child.name != "config.pbtxt":
+                if child.name not in ("config.pbtxt", MARK):  # ours are written here; Triton reads neither
                     (target / child.name).symlink_to(child)
             line = f'name: "{name}"'
             text = _NAME_LINE.sub(line, text, count=1) if _NAME_LINE.search(text) else f"{line}\n{text}"
