@@ -366,6 +366,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         if workers is not None:  # first: their copies then close at once, with no call to make
             await asyncio.to_thread(workers.close)
             set_dumpable(True)
+        if external is not None:
+            external.stopping = True  # a hung server gets 2 s, once, not 30 s per model
         await call_soon_safely(cache.close, "unload models")  # an external server's: unloaded there too
         if external is not None:
             await call_soon_safely(external.aclose, "close the model server's channels")

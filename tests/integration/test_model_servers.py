@@ -381,3 +381,21 @@ async def test_end_to_end_a_server_that_is_down_takes_no_loads_until_it_is_back(
     finally:
         await mesh.stop()
         stop_server(proc)
+
+
+async def test_a_runtime_stops_promptly_when_its_server_hangs_on_unloads(sklearn_model: ModelArtifact) -> None:
+    """Three loaded models, a server that never answers an unload: the runtime's shutdown waits
+    STOP_UNLOAD_S once, not 30 s per model."""
+    with running("tests.support.spi_server", "--hang-unloads") as (port, _):
+        mesh = InProcessMesh(memory_url(), runtime_overrides={
+            "server": "spi", "server_address": f"127.0.0.1:{port}", "server_types": ("sklearn",)})
+        await mesh.start(runtimes=1)
+        try:
+            body = encode_request(model_name="", inputs={"input-0": sklearn_model.sample})
+            for i in range(3):
+                await mesh.register(f"m{i}", "sklearn", str(sklearn_model.file))
+                await mesh.infer(f"m{i}", body)
+        finally:
+            started = time.monotonic()
+            await mesh.stop()
+            assert time.monotonic() - started < 20  # drain and re-homing included; 3 x 30 s before

@@ -3,7 +3,7 @@ proto/mmesh/model_runtime.proto) and the V2 inference service on one port, servi
 models, the shape of a runtime from the modelmesh-runtime-adapter ecosystem.
 
     python -m tests.support.spi_server --port 0 [--host 127.0.0.1] [--load-delay-s S]
-        [--fail-loads MESSAGE] [--capacity-bytes N] [--hang-loads]
+        [--fail-loads MESSAGE] [--capacity-bytes N] [--hang-loads] [--hang-unloads]
 
 prints ``ready <port>`` once serving (tests.support.model_servers has the contract).
 
@@ -67,6 +67,7 @@ class Settings:
     load_delay_s: float = 0.0
     fail_loads: str | None = None
     hang_loads: bool = False
+    hang_unloads: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ class RuntimeServicer(rt_grpc.ModelRuntimeServicer):
 
     @rpc
     async def unloadModel(self, request: rt.UnloadModelRequest, context: Any) -> rt.UnloadModelResponse:
+        if self._runtime.settings.hang_unloads:
+            await asyncio.Event().wait()  # never set: the call ends when it is cancelled
         self._runtime.unload(request.modelId)
         return rt.UnloadModelResponse()
 
@@ -321,13 +324,15 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-loads", metavar="MESSAGE", help="answer every load INTERNAL with MESSAGE")
     parser.add_argument("--capacity-bytes", type=int, default=1 << 30, help="capacityInBytes to advertise")
     parser.add_argument("--hang-loads", action="store_true", help="never answer a load")
+    parser.add_argument("--hang-unloads", action="store_true", help="never answer an unload")
     args = parser.parse_args(argv)
     configure_logging()
     # Import what the tests' models unpickle before serving, so that a load's RSS growth is the
     # model's and not scikit-learn's own (about 90 MB for the first model otherwise).
     for module in ("joblib", "sklearn.pipeline", "sklearn.linear_model", "sklearn.tree", "sklearn.ensemble"):
         importlib.import_module(module)
-    runtime = SklearnRuntime(Settings(args.capacity_bytes, args.load_delay_s, args.fail_loads, args.hang_loads))
+    runtime = SklearnRuntime(Settings(args.capacity_bytes, args.load_delay_s, args.fail_loads, args.hang_loads,
+                                       args.hang_unloads))
     server = grpc.aio.server()
     rt_grpc.add_ModelRuntimeServicer_to_server(RuntimeServicer(runtime), server)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(runtime), server)

@@ -81,6 +81,8 @@ POLL_S = 1.0
 DOWN_AFTER = 3  # failed liveness answers in a row before the server's copies count as lost
 LOAD_ATTEMPTS = 3  # tries of a load the server could not be reached for
 START_TIMEOUT_S = 60.0
+UNLOAD_S = 30.0
+STOP_UNLOAD_S = 2.0
 MAX_TREE_ENTRIES = 10_000  # files a model folder handed to a server may hold
 METADATA = "/inference.GRPCInferenceService/ModelMetadata"
 READY_TIMEOUT_S = 5.0  # a ModelReady asked to tell a lost copy from a request's error
@@ -182,6 +184,10 @@ class ExternalServer(abc.ABC):
         self.predict_size = predict_size
         self.on_lost = on_lost
         self.on_state: Callable[[], Awaitable[None]] | None = None  # told when ``down`` flips
+        # At shutdown (``stopping``) unloads wait STOP_UNLOAD_S, and none after one has timed out
+        # (``stalled``): a hung server must not hold the runtime's exit for 30 s per model.
+        self.stopping = False
+        self.stalled = False
         self.generation = 0  # moves when the server went down: copies of an older one are lost
         self.down = False
         self.loads = 0
@@ -391,9 +397,12 @@ class ExternalServer(abc.ABC):
         """After an unload: the flavour removes what it wrote for ``name``."""
 
     def _unload_quietly(self, name: str) -> None:
+        if self.stopping and self.stalled:
+            return  # the runtime is stopping and the server hangs: do not wait once per model
         try:
-            self._unload(name, timeout=30.0)
+            self._unload(name, timeout=STOP_UNLOAD_S if self.stopping else UNLOAD_S)
         except MeshError as exc:
+            self.stalled = self.stalled or (isinstance(exc, ServerCallError) and exc.status == "DEADLINE_EXCEEDED")
             log.warning("model server did not unload a model", kind=self.kind, model=name[:200],
                         error=exc.message[:300])
 
