@@ -3,8 +3,9 @@
 The runtime (``mesh.runtime.workers``) starts it with a minimal environment: no registry
 address or credentials, no tokens, no ``MESH_*`` settings, a home directory of its own. It
 listens on a Unix socket in a directory only the runtime's user can enter, and answers three
-operations on any number of connections, a thread per connection (the runtime's load and
-inference threads each hold one):
+operations on any number of connections, a thread per connection (the runtime's load threads
+each hold one; its event loop holds a bounded pool for predictions, each carrying one request at
+a time), so a slow prediction holds only its own connection's thread:
 
 - LOAD: a registration (JSON) and a device; the built-in loader runs here, confined by the load
   policy the runtime passed on the command line. The answer is the model's metadata, its own
@@ -15,9 +16,11 @@ inference threads each hold one):
 - UNLOAD: a copy's token and its model ID (only that copy goes).
 
 Frames (little-endian): a request is ``u32 length | u8 op | payload``, an answer ``u32 length |
-u8 code | payload`` with code 0 (OK, the payload is the result) or a gRPC status code (the
-payload is the message). A model that raises answers its precise status; a model that kills the
-process kills only this worker: the runtime restarts it and re-homes nothing but its models.
+u8 code | payload`` with code 0 (OK, the payload is the result) or an error's tag (``ERRORS``;
+the payload is the message). A connection carries one request at a time, so the worker reads
+one with a single ``recv`` at inference sizes (``read_request``) and parses the body in place.
+A model that raises answers its precise status; a model that kills the process kills only this
+worker: the runtime restarts it and re-homes nothing but its models.
 """
 
 from __future__ import annotations

@@ -12,6 +12,21 @@ bytes to its worker; sizes, eviction, single flight, timeouts and the load journ
 - **The runtime's memory.** With workers, the runtime makes itself non-dumpable
   (``set_dumpable``): a worker's code, running as the same user, cannot read the runtime's
   ``/proc/<pid>/environ`` or memory. Workers still read what that user may read on disk.
+- **Predictions** are forwarded from the event loop, with no thread of the runtime's: per worker,
+  a pool of asyncio Unix-socket connections (at most ``CHANNELS_PER_WORKER``, opened on demand,
+  reused most recent first), each carrying one request at a time and served by a thread of its
+  own in the worker, which reads, predicts and answers with no hand-off; a slow model holds only
+  the connections of its own requests. A request is one write (header, model ID and body
+  together); the answer is parsed as it arrives (``_Channel``). A connection belongs to its
+  worker's generation (those of a restarted worker are dropped); one whose request ended other
+  than with a whole answer (a deadline, a cancelled caller, an answer over the limit, bytes
+  nobody asked for) is dropped, never reused, so no answer can reach the wrong request. The
+  trade-off against one multiplexed connection: that would need a dispatching thread in the
+  worker, a hand-off per request, where a connection per request in flight costs a thread (and
+  a file descriptor) per connection. Loads and unloads stay blocking calls, on a connection per
+  calling thread (the cache's load threads). Before this, a prediction went through
+  ``asyncio.to_thread`` and a blocking round trip: 0.81x of in-process throughput through a
+  router at c=32 against 0.9x or more now (BENCHMARKS section 9).
 - **Spreading.** A load goes to the worker holding the fewest bytes (ties: the fewest models), so
   the models, and with them the inference work, spread over the workers: with several, predictions
   of different models run on different cores instead of sharing one interpreter's GIL.
@@ -83,8 +98,9 @@ POLL_S = 0.2
 MAX_WORKERS = 64
 SMALL_ANSWER = 1 << 20  # a LOAD's metadata, UNLOAD
 # Connections the event loop keeps to one worker, each carrying one prediction at a time (a thread
-# each in the worker). Past this, predictions wait for one to come free: on a few cores more in
-# flight only adds GIL contention in the worker (BENCHMARKS section 9).
+# each in the worker). Past this, predictions wait for one to come free: the worker's threads share
+# one GIL, so more in flight buys little for quick models (4 gave no more than 8 on the hop
+# scenario, BENCHMARKS section 9), while a few slow predictions still leave connections free.
 CHANNELS_PER_WORKER = 8
 MAX_BACKOFF_S = 30.0  # a worker that dies right after each start is restarted at most this rarely
 _copies = itertools.count(1)  # a token per copy: an old copy's unload never removes a newer one
@@ -420,7 +436,7 @@ def _expire(waiter: asyncio.Future[tuple[int, bytes]]) -> None:
 
 
 class RemoteModel(ForwardingModel):
-    """A model loaded in a worker; the runtime forwards inference bytes (``infer_bytes``)."""
+    """A model loaded in a worker; the runtime forwards inference bytes to it (``forward``)."""
 
     def __init__(self, worker: WorkerProcess, generation: int, copy: int, spec: ModelSpec, device: str,
                  meta: Mapping[str, object], *, predict_timeout_s: float, max_answer_bytes: int) -> None:
