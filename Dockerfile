@@ -2,7 +2,7 @@
 #   docker build -t ghcr.io/mesh-serving/mesh:0.1.0 .
 # The registry name is a placeholder: tag and push to yours, and set it in deploy/kustomization.yaml.
 #
-# The runtimes extra brings every built-in loader (xgboost, lightgbm, onnxruntime, torch). torch
+# The runtimes extra brings every built-in loader (xgboost, lightgbm, onnxruntime, openvino, torch). torch
 # from PyPI carries CUDA libraries (GBs); for a CPU-only image, build with
 #   --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 FROM python:3.11-slim

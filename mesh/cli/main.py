@@ -50,7 +50,7 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 def _model_info_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--type", required=required,
-                   help="model type: sklearn, xgboost, lightgbm, onnx, torchscript")
+                   help="model type: sklearn, xgboost, lightgbm, onnx, openvino, torchscript")
     p.add_argument("--path", help="model file or directory: a local path or file:// URI")
     p.add_argument("--key", help="runtime parameters, a JSON object")
     p.add_argument("--size-hint", help="expected in-memory size (e.g. 200MiB); else predicted")

@@ -18,7 +18,7 @@ exactly as modelmesh-serving's controller does:
   the old model is deleted by the mesh (``autoDeleteTargetModel``). Kubernetes names cannot contain
   ``_``, so no Predictor name can collide with another's model IDs.
 - **Model type**: ``modelType.name`` through :data:`MODEL_TYPES` (``pytorch`` is served by the
-  torchscript loader); anything else is an invalid spec.
+  torchscript loader, ``openvino_ir`` by the openvino loader); anything else is an invalid spec.
 - **Path**: ``spec.storage.path``, else the deprecated ``spec.path``, passed on as is: the runtimes
   read local paths and ``file://`` URIs (relative paths resolve in the runtime's working directory,
   its models volume). A ``persistentVolumeClaim`` (or ``storage.parameters`` ``type: pvc`` with a
@@ -66,6 +66,8 @@ MODEL_TYPES: dict[str, str] = {
     "xgboost": "xgboost",
     "lightgbm": "lightgbm",
     "onnx": "onnx",
+    "openvino_ir": "openvino",  # OpenVINO Model Server's format name in modelmesh-serving
+    "openvino": "openvino",
     "pytorch": "torchscript",
     "torchscript": "torchscript",
 }

@@ -1,5 +1,5 @@
 """`mesh up` as a user runs it: a subprocess with a private etcd, a router and two runtime
-processes. 200 real models across the five formats, more than fits, each answered correctly;
+processes. 200 real models across the six formats, more than fits, each answered correctly;
 evictions seen; a runtime killed with SIGKILL while traffic flows, and every request still
 answered; Ctrl-C stops everything."""
 
@@ -84,7 +84,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> list[ModelArtifact]:
 @pytest.fixture
 def mesh_up(tmp_path: Path) -> Iterator[MeshUp]:
     # 384 KiB of model memory per runtime: the 200 models are charged their measured size, 0.1 to
-    # 13 KB each (footprints of the five formats, 6 KB on average, 1.2 MB or more together), so
+    # 18 KB each (footprints of the six formats, 5 KB on average, 1 MB or more together), so
     # they cannot all stay; a load reserves its prediction first (64 KiB at least), so several
     # loads still fit at once.
     up = MeshUp(tmp_path, "--runtimes", "2", "--capacity", "384KiB")
@@ -167,7 +167,7 @@ async def _scenario(up: MeshUp, fleet: list[ModelArtifact]) -> None:
 
 
 @pytest.mark.slow
-def test_mesh_up_serves_200_models_in_five_formats_through_evictions_and_a_killed_runtime(
+def test_mesh_up_serves_200_models_in_six_formats_through_evictions_and_a_killed_runtime(
         mesh_up: MeshUp, fleet: list[ModelArtifact]) -> None:
     asyncio.run(_scenario(mesh_up, fleet))
     assert "restarting" in mesh_up.text()

@@ -9,6 +9,7 @@ what the model's own library computed.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ from mesh.errors import InvalidArgument, ModelLoadError, NotHere
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.runtime import gpu
 from mesh.runtime.loaders import get_loader, supported_types
-from mesh.runtime.loaders.base import LoadedModel, file_size, resolve_path
+from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
 from mesh.runtime.loaders.sizing import deep_nbytes
 from mesh.runtime.tensors import (
     decode_inputs,
@@ -238,6 +239,278 @@ def test_onnx_zipmap_output_is_refused_at_load(tmp_path: Path) -> None:
         get_loader("onnx").load("z", tmp_path, {}, "ram")
 
 
+def test_onnx_string_input_takes_the_text_of_bytes(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])], "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["N"])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["N"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "model.onnx")
+    loaded = get_loader("onnx").load("s", tmp_path, {}, "ram")
+    got = serve(loaded, {"text": np.array([b"a", "bé".encode()], dtype=object)}, True)
+    assert list(got["same"]) == [b"a", "bé".encode()]  # not b"b'a'": the text, not str(bytes)
+    with pytest.raises(InvalidArgument, match="input 'text': BYTES element is not UTF-8"):
+        loaded.predict({"text": np.array([b"\xff"], dtype=object)})
+
+
+# --- openvino ---------------------------------------------------------------------------------
+
+
+def _ir(model: object, path: Path, compress_to_fp16: bool = False) -> Path:
+    import openvino
+
+    path.mkdir(parents=True, exist_ok=True)
+    openvino.save_model(model, str(path / "model.xml"), compress_to_fp16=compress_to_fp16)
+    return path
+
+
+def _named(node: object, name: str) -> object:
+    node.output(0).get_tensor().set_names({name})  # type: ignore[attr-defined]
+    return node
+
+
+def _two_input_ir(path: Path) -> Path:
+    """sum = a + b and scaled = a * [1, 2, 3], inputs [N, 3] FP32, built with OpenVINO's opset API."""
+    import openvino
+    import openvino.opset13 as ops
+
+    a = _named(ops.parameter([-1, 3], openvino.Type.f32, name="a"), "a")
+    b = _named(ops.parameter([-1, 3], openvino.Type.f32, name="b"), "b")
+    total = _named(ops.add(a, b), "sum")
+    scaled = _named(ops.multiply(a, ops.constant(np.array([1, 2, 3], np.float32))), "scaled")
+    return _ir(openvino.Model([ops.result(total), ops.result(scaled)], [a, b], "two_inputs"), path)
+
+
+def test_openvino_metadata_names_types_and_shapes(models_dir: Path) -> None:
+    a = artifact(models_dir, "openvino", 1)  # wine: 13 features, 3 classes; 1/classifier.xml
+    assert a.file.relative_to(a.path) == Path("1/classifier.xml")
+    model = load(a)
+    assert model.platform == "openvino" and model.device == "ram"
+    assert [(i.name, i.datatype, i.shape) for i in model.inputs] == [("input", "FP32", (-1, 13))]
+    assert [(o.name, o.datatype, o.shape) for o in model.outputs] == [
+        ("label", "INT64", (-1,)), ("probabilities", "FP32", (-1, 3))]
+    assert model.default_outputs == ["label", "probabilities"]
+
+
+def test_openvino_requested_output_subset(models_dir: Path) -> None:
+    a = artifact(models_dir, "openvino", 0)
+    got = serve(load(a), {"input": a.sample}, True, ["probabilities"])
+    assert_outputs_match(got, {"probabilities": a.expected["probabilities"]}, atol=1e-5)
+
+
+def test_openvino_casts_safely_and_refuses_the_rest(models_dir: Path) -> None:
+    a = artifact(models_dir, "openvino", 0)  # iris: [N, 4] FP32
+    model = load(a)
+    assert_outputs_match(model.predict({"input": a.sample.astype(np.float64)}), a.expected, atol=1e-5)
+    assert model.predict({"input": np.ones((1, 4), np.int64)})["label"].shape == (1,)
+    with pytest.raises(InvalidArgument) as info:
+        model.predict({"input": np.array([[b"1"] * 4], dtype=object)})
+    assert info.value.message == "input 'input': the model takes FP32, got BYTES; cannot convert"
+    with pytest.raises(InvalidArgument) as info:
+        model.predict({"input": np.ones((1, 3), np.float32)})
+    assert info.value.message == "input 'input': the model takes shape [-1, 4], got [1, 3]"
+    with pytest.raises(InvalidArgument, match=r"takes shape \[-1, 4\], got \[4\]"):
+        model.predict({"input": np.ones(4, np.float32)})
+    with pytest.raises(InvalidArgument, match=r"unknown output 'nope'.*\['label', 'probabilities'\]"):
+        model.predict({"input": a.sample}, ["nope"])
+    assert_outputs_match(model.predict({"input": a.sample}), a.expected, atol=1e-5)  # still serving
+
+
+def test_openvino_inputs_by_name(tmp_path: Path) -> None:
+    model = get_loader("openvino").load("two", _two_input_ir(tmp_path / "two"), {}, "ram")
+    assert [(i.name, i.shape) for i in model.inputs] == [("a", (-1, 3)), ("b", (-1, 3))]
+    assert [o.name for o in model.outputs] == ["sum", "scaled"]
+    a = np.ones((2, 3), np.float32)
+    b = np.arange(6, dtype=np.float32).reshape(2, 3)
+    got = serve(model, {"b": b, "a": a}, True)
+    np.testing.assert_array_equal(got["sum"], a + b)
+    np.testing.assert_array_equal(got["scaled"], a * np.array([1, 2, 3], np.float32))
+    with pytest.raises(InvalidArgument, match=r"missing input 'b'; the model takes \['a', 'b'\]"):
+        model.predict({"a": a, "c": b})
+    with pytest.raises(InvalidArgument, match="unknown input 'c'"):
+        model.predict({"a": a, "b": b, "c": b})
+    # Each input fits its port but the rows disagree: the model refuses, and the answer is never the
+    # previous request's outputs (what OpenVINO's synchronous infer gives on a one-thread stream).
+    with pytest.raises(InvalidArgument) as info:
+        model.predict({"a": np.ones((3, 3), np.float32), "b": b})
+    assert info.value.message.startswith("openvino: the model refused the input: "), info.value.message
+    assert "mismatch" in info.value.message and "Exception from" not in info.value.message
+    assert model.footprint_bytes() == 12  # the constant [1, 2, 3]: 3 x f32
+    np.testing.assert_array_equal(model.predict({"a": b, "b": b})["sum"], b + b)  # still serving
+
+
+def test_openvino_one_tensor_returned_twice_gets_two_output_names(tmp_path: Path) -> None:
+    import openvino
+    import openvino.opset13 as ops
+
+    x = _named(ops.parameter([-1, 2], openvino.Type.f32, name="x"), "x")
+    doubled = _named(ops.multiply(x, ops.constant(np.float32(2))), "doubled")
+    path = _ir(openvino.Model([ops.result(doubled), ops.result(doubled)], [x], "twice"), tmp_path)
+    model = get_loader("openvino").load("t", path, {}, "ram")
+    assert [o.name for o in model.outputs] == ["doubled", "output__1"]
+    got = serve(model, {"x": np.ones((1, 2), np.float32)}, True)
+    assert list(got) == ["doubled", "output__1"]
+    np.testing.assert_array_equal(got["output__1"], [[2.0, 2.0]])
+
+
+def test_openvino_model_refusing_an_input_is_invalid_argument(tmp_path: Path) -> None:
+    import openvino
+    import openvino.opset13 as ops
+
+    x = _named(ops.parameter([-1, 3], openvino.Type.f32, name="x"), "x")
+    pairs = _named(ops.reshape(x, ops.constant(np.array([-1, 2], np.int64)), False), "pairs")
+    model = get_loader("openvino").load("r", _ir(openvino.Model([ops.result(pairs)], [x], "r"), tmp_path), {}, "ram")
+    assert model.predict({"x": np.ones((2, 3), np.float32)})["pairs"].shape == (3, 2)
+    with pytest.raises(InvalidArgument) as info:
+        model.predict({"x": np.ones((1, 3), np.float32)})  # 3 values cannot be pairs
+    message = info.value.message
+    assert message.startswith("openvino: the model refused the input: "), message
+    assert "conflicts with the reshape pattern" in message
+    assert "Exception from" not in message and "failed at" not in message and "\n" not in message
+    assert model.predict({"x": np.ones((4, 3), np.float32)})["pairs"].shape == (6, 2)  # still serving
+
+
+def test_openvino_string_inputs_take_utf8_bytes(tmp_path: Path) -> None:
+    import openvino
+    import openvino.opset13 as ops
+
+    text = _named(ops.parameter([-1], openvino.Type.string, name="text"), "text")
+    path = _ir(openvino.Model([ops.result(text)], [text], "strings"), tmp_path / "strings")
+    model = get_loader("openvino").load("s", path, {}, "ram")
+    assert [(i.name, i.datatype) for i in model.inputs] == [("text", "BYTES")]
+    got = serve(model, {"text": np.array([b"a", "bé".encode()], dtype=object)}, False)
+    assert [bytes(v) for v in got[model.outputs[0].name]] == [b"a", "bé".encode()]
+    with pytest.raises(InvalidArgument, match="input 'text': BYTES element is not UTF-8"):
+        model.predict({"text": np.array([b"\xff"], dtype=object)})
+    with pytest.raises(InvalidArgument, match="the model takes BYTES, got FP32"):
+        model.predict({"text": np.ones(2, np.float32)})
+
+
+def test_openvino_fp16_compressed_weights(models_dir: Path, tmp_path: Path) -> None:
+    """``save_model``'s default halves the weights: served, within FP16 rounding, at half the footprint."""
+    import openvino
+
+    a = artifact(models_dir, "openvino", 0)
+    path = _ir(openvino.Core().read_model(str(a.file)), tmp_path / "fp16", compress_to_fp16=True)
+    model = get_loader("openvino").load("h", path, {}, "ram")
+    got = model.predict({"input": a.sample})
+    np.testing.assert_array_equal(got["label"], a.expected["label"])
+    np.testing.assert_allclose(got["probabilities"], a.expected["probabilities"], atol=1e-2)
+    assert model.footprint_bytes() < 0.75 * load(a).footprint_bytes()
+
+
+def test_openvino_compiles_for_many_models_on_one_cpu(models_dir: Path) -> None:
+    """The compile properties the loader's docstring argues for, as OpenVINO reports them."""
+    model = load(artifact(models_dir, "openvino", 0))
+    compiled = model._compiled  # type: ignore[attr-defined]
+    assert str(compiled.get_property("EXECUTION_MODE_HINT")) == "ExecutionMode.ACCURACY"
+    assert int(compiled.get_property("NUM_STREAMS")) == 1
+    assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+
+
+def test_openvino_concurrent_loads_share_one_core(models_dir: Path) -> None:
+    """Loader threads compile on the process's one openvino.Core at once (the loader's docstring)."""
+    arts = [artifact(models_dir, "openvino", seed) for seed in range(3)]
+    failures: list[BaseException] = []
+
+    def worker(a: ModelArtifact) -> None:
+        try:
+            for _ in range(3):
+                model = load(a)
+                assert_outputs_match(model.predict({"x": a.sample}), a.expected, atol=1e-5)
+                model.close()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(a,)) for a in arts * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]
+
+
+def _ir_copy(a: ModelArtifact, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(a.file, directory / "model.xml")
+    shutil.copy(a.file.with_suffix(".bin"), directory / "model.bin")
+    return directory
+
+
+def test_openvino_missing_or_bad_weights(models_dir: Path, tmp_path: Path) -> None:
+    a = artifact(models_dir, "openvino", 0)
+    loader = get_loader("openvino")
+    path = _ir_copy(a, tmp_path / "m")
+    (path / "model.bin").unlink()
+    with pytest.raises(ModelLoadError) as info:
+        loader.load("m", path, {}, "ram")
+    assert info.value.message == (
+        f"openvino: cannot load {path / 'model.xml'}: its weights file 'model.bin' is missing "
+        "(an IR is the .xml and the .bin of the same name beside it)")
+    (path / "model.bin").write_bytes(a.file.with_suffix(".bin").read_bytes()[:10])  # truncated
+    with pytest.raises(ModelLoadError) as info:
+        loader.load("m", path, {}, "ram")
+    assert info.value.message == f"openvino: cannot load {path / 'model.xml'}: Incorrect weights in bin file!"
+    (path / "model.bin").unlink()
+    (path / "model.bin").mkdir()
+    with pytest.raises(ModelLoadError, match=r"its weights .*model\.bin' are a directory, not a file"):
+        loader.load("m", path, {}, "ram")
+    (path / "model.bin").rmdir()
+    os.mkfifo(path / "model.bin")  # reading it would block the load forever
+    with pytest.raises(ModelLoadError, match=r"model\.bin' is neither a regular file nor a directory"):
+        loader.load("m", path, {}, "ram")
+
+
+def test_openvino_reads_ir_only(models_dir: Path, tmp_path: Path) -> None:
+    """An ONNX file named model.xml: OpenVINO's read_model would load it; this type is IR only."""
+    onnx_model = artifact(models_dir, "onnx", 0)
+    (tmp_path / "model.xml").write_bytes(onnx_model.file.read_bytes())
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ModelLoadError) as info:
+        get_loader("openvino").load("o", tmp_path, {}, "ram")
+    assert info.value.message == (f"openvino: cannot load {tmp_path / 'model.xml'}: not an OpenVINO IR graph "
+                                  "(an XML document whose root element is <net>)")
+    (tmp_path / "model.xml").write_text("<?xml version='1.0'?><net name='m' version='11'></net>")
+    with pytest.raises(ModelLoadError, match=r"openvino: cannot load .*: the model has no outputs"):
+        get_loader("openvino").load("o", tmp_path, {}, "ram")
+
+
+def test_openvino_files_outside_the_model_roots_are_refused(models_dir: Path, tmp_path: Path) -> None:
+    a = artifact(models_dir, "openvino", 0)
+    roots, outside = tmp_path / "roots", _ir_copy(a, tmp_path / "outside")
+    policy = LoadPolicy(roots=(str(roots),))
+    loader = get_loader("openvino")
+    with pytest.raises(ModelLoadError, match="is outside the model roots"):
+        resolve_path(str(outside), policy.roots)
+    # The graph inside the roots, its weights a link out of them.
+    inside = roots / "m"
+    inside.mkdir(parents=True)
+    shutil.copy(outside / "model.xml", inside / "model.xml")
+    (inside / "model.bin").symlink_to(outside / "model.bin")
+    with pytest.raises(ModelLoadError) as info:
+        loader.load("m", resolve_path(str(inside), policy.roots), {}, "ram", policy)
+    assert info.value.message == (f"openvino: {str(inside / 'model.bin')!r} leads outside the model roots "
+                                  f"({roots}) through a symbolic link")
+    # The weights inside, the graph a link out.
+    (inside / "model.bin").unlink()
+    shutil.copy(outside / "model.bin", inside / "model.bin")
+    (inside / "model.xml").unlink()
+    (inside / "model.xml").symlink_to(outside / "model.xml")
+    with pytest.raises(ModelLoadError, match=r"model\.xml' leads outside the model roots"):
+        loader.load("m", resolve_path(str(inside), policy.roots), {}, "ram", policy)
+    # Both inside: served.
+    (inside / "model.xml").unlink()
+    shutil.copy(outside / "model.xml", inside / "model.xml")
+    model = loader.load("m", resolve_path(str(inside), policy.roots), {}, "ram", policy)
+    assert_outputs_match(model.predict({"input": a.sample}), a.expected, atol=1e-5)
+
+
 def test_torchscript_inputs_are_positional(models_dir: Path) -> None:
     a = artifact(models_dir, "torchscript", 0)
     model = load(a)
@@ -320,6 +593,12 @@ def test_footprint_is_positive_and_plausible(models_dir: Path, kind: str, seed: 
         n, k = a.n_features, a.expected["probabilities"].shape[1]
         coefficients = 4 * (n * (k if k > 2 else 1))
         assert coefficients < footprint < a.file.stat().st_size
+    if kind == "openvino":
+        # FP32 mean, scale, coefficients and intercepts; a few bytes more for the graph's own
+        # constants (Softmax and ArgMax axes).
+        n, k = a.n_features, a.expected["probabilities"].shape[1]
+        weights = 4 * (2 * n + n * k + k)
+        assert weights <= footprint <= weights + 64
 
 
 def test_sklearn_footprint_counts_trees_and_pipelines(models_dir: Path) -> None:
@@ -357,6 +636,7 @@ _EXTENSION = {
     "xgboost": ".json",
     "lightgbm": ".txt",
     "onnx": ".onnx",
+    "openvino": ".xml",
     "torchscript": ".pt",
 }
 
@@ -365,6 +645,8 @@ _EXTENSION = {
 def test_corrupt_file_is_a_load_error_with_the_reason(tmp_path: Path, kind: str) -> None:
     file = tmp_path / f"model{_EXTENSION[kind]}"
     file.write_bytes(b"\x00this is not a model\xff" * 10)
+    if kind == "openvino":
+        (tmp_path / "model.bin").write_bytes(b"\x00" * 64)  # weights present: the graph is what is corrupt
     with pytest.raises(ModelLoadError) as info:
         get_loader(kind).load("bad", tmp_path, {}, "ram")
     message = info.value.message
@@ -381,10 +663,16 @@ def test_sklearn_file_without_an_estimator(tmp_path: Path) -> None:
         get_loader("sklearn").load("d", tmp_path, {}, "ram")
 
 
-def test_missing_library_is_reported(models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a = artifact(models_dir, "lightgbm", 0)
-    monkeypatch.setitem(sys.modules, "lightgbm", None)  # makes ``import lightgbm`` fail
-    with pytest.raises(ModelLoadError, match="lightgbm: the library for this model type is not installed"):
+@pytest.mark.parametrize(
+    ("kind", "modules"), [("lightgbm", ["lightgbm"]), ("openvino", ["openvino", "openvino.frontend"])]
+)
+def test_missing_library_is_reported(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str, modules: list[str]
+) -> None:
+    a = artifact(models_dir, kind, 0)
+    for module in modules:
+        monkeypatch.setitem(sys.modules, module, None)  # makes ``import <module>`` fail
+    with pytest.raises(ModelLoadError, match=f"{kind}: the library for this model type is not installed"):
         load(a)
 
 
@@ -444,18 +732,19 @@ def test_unknown_type_lists_supported_types() -> None:
     with pytest.raises(InvalidArgument) as info:
         get_loader("tensorflow")
     assert "unknown model type 'tensorflow'" in info.value.message
-    assert "lightgbm, onnx, sklearn, torchscript, xgboost" in info.value.message
+    assert "lightgbm, onnx, openvino, sklearn, torchscript, xgboost" in info.value.message
 
 
 def test_type_names_and_aliases() -> None:
-    assert supported_types() == ["lightgbm", "onnx", "sklearn", "torchscript", "xgboost"]
+    assert supported_types() == ["lightgbm", "onnx", "openvino", "sklearn", "torchscript", "xgboost"]
     assert get_loader("Scikit-Learn") is get_loader("sklearn")
     assert get_loader("PyTorch") is get_loader("torchscript")
-    for t in ("XGBoost", "LightGBM", "ONNX"):
+    assert get_loader("OpenVINO_IR") is get_loader("openvino")
+    for t in ("XGBoost", "LightGBM", "ONNX", "OpenVINO"):
         assert get_loader(t).type == t.lower()
 
 
-@pytest.mark.parametrize("kind", ["sklearn", "xgboost", "lightgbm"])
+@pytest.mark.parametrize("kind", ["sklearn", "xgboost", "lightgbm", "openvino"])
 def test_ram_only_loaders_refuse_a_gpu(models_dir: Path, kind: str) -> None:
     a = artifact(models_dir, kind, 0)
     assert not get_loader(kind).supports_gpu
@@ -485,7 +774,7 @@ def test_unknown_device(models_dir: Path) -> None:
 def test_importing_the_loaders_imports_no_model_library() -> None:
     code = (
         "import sys, mesh.runtime.loaders, mesh.runtime.tensors, mesh.runtime.gpu\n"
-        "heavy = ['torch', 'xgboost', 'lightgbm', 'onnxruntime', 'onnx', 'sklearn', 'grpc']\n"
+        "heavy = ['torch', 'xgboost', 'lightgbm', 'onnxruntime', 'onnx', 'openvino', 'sklearn', 'grpc']\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,7 +10,9 @@ Each model trains in well under 0.5 s (torch's first import aside, about 2 s onc
 The same (kind, seed) always gives the same model and sample.
 
 Layout: ``<directory>/<kind>-<seed>/model.<ext>``; ``ModelArtifact.path`` is that model directory
-(the loaders pick the single model file inside), ``ModelArtifact.file`` the file itself.
+(the loaders pick the single model file inside), ``ModelArtifact.file`` the file itself. An
+OpenVINO IR is ``model.xml`` with ``model.bin`` beside it, or for odd seeds ``1/classifier.xml``
+and ``1/classifier.bin`` (OpenVINO Model Server's version folder).
 
 ``expected`` holds exactly the outputs a request that names no outputs gets back; ``on_request``
 the outputs served only when named (scikit-learn's ``predict_proba``). Compare with
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-KINDS: tuple[str, ...] = ("sklearn", "xgboost", "lightgbm", "onnx", "torchscript")
+KINDS: tuple[str, ...] = ("sklearn", "xgboost", "lightgbm", "onnx", "openvino", "torchscript")
 _DATASETS = ("iris", "wine", "breast_cancer")
 _SAMPLE_ROWS = 8
 
@@ -52,6 +54,7 @@ def make_model(kind: str, directory: Path, seed: int) -> ModelArtifact:
         "xgboost": _xgboost,
         "lightgbm": _lightgbm,
         "onnx": _onnx,
+        "openvino": _openvino,
         "torchscript": _torchscript,
     }
     if kind not in makers:
@@ -270,6 +273,85 @@ def _onnx(model_dir: Path, seed: int) -> ModelArtifact:
         n_features=x.shape[1],
         description=f"skl2onnx LogisticRegression pipeline on {name}",
     )
+
+
+def _openvino(model_dir: Path, seed: int) -> ModelArtifact:
+    """The onnx maker's pipeline (StandardScaler + LogisticRegression) as an OpenVINO IR, converted
+    from ONNX the way users convert: ``openvino.convert_model`` then ``openvino.save_model``.
+
+    The ONNX graph is written here with standard operators: OpenVINO's ONNX front end does not
+    convert the ``ai.onnx.ml`` operators that skl2onnx emits. Weights stay FP32
+    (``compress_to_fp16=False``), so the served answers equal scikit-learn's to FP32 rounding.
+    """
+    import openvino
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    name, x, y, _ = _data(seed)
+    classifier = LogisticRegression(C=0.5 + seed % 7, max_iter=500)
+    model = make_pipeline(StandardScaler(), classifier)
+    model.fit(x, y)
+    onnx_file = model_dir / "source.onnx"
+    _write_logistic_onnx(onnx_file, model)
+    file = model_dir / "model.xml" if seed % 2 == 0 else model_dir / "1" / "classifier.xml"
+    file.parent.mkdir(exist_ok=True)
+    openvino.save_model(openvino.convert_model(str(onnx_file)), str(file), compress_to_fp16=False)
+    onnx_file.unlink()  # the model directory holds the IR only
+    proba = np.sort(model.predict_proba(x), axis=1)
+    sample = _sample_rows(x, seed, eligible=(proba[:, -1] - proba[:, -2]) > 1e-3)
+    return ModelArtifact(
+        type="openvino",
+        path=model_dir,
+        file=file,
+        sample=sample,
+        expected={
+            "label": np.asarray(model.predict(sample), dtype=np.int64),
+            "probabilities": model.predict_proba(sample).astype(np.float32),
+        },
+        n_features=x.shape[1],
+        description=f"LogisticRegression pipeline on {name}, ONNX -> OpenVINO IR",
+    )
+
+
+def _write_logistic_onnx(file: Path, model: Any) -> None:
+    """A fitted StandardScaler + LogisticRegression as an ONNX graph of standard operators: input
+    ``input`` [N, features] FP32; outputs ``label`` [N] INT64 and ``probabilities`` [N, classes]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    scaler, classifier = model[0], model[-1]
+    coef, intercept = classifier.coef_, classifier.intercept_
+    if coef.shape[0] == 1:
+        # Binary: scikit-learn's P(1) is sigmoid(z) = softmax([0, z])[1].
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.array([0.0, intercept[0]])
+    weights = [
+        numpy_helper.from_array(np.asarray(a, dtype=np.float32), n)
+        for a, n in ((scaler.mean_, "mean"), (scaler.scale_, "scale"), (coef.T, "coef"), (intercept, "intercept"))
+    ]
+    nodes = [
+        helper.make_node("Sub", ["input", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "scale"], ["scaled"]),
+        helper.make_node("MatMul", ["scaled", "coef"], ["product"]),
+        helper.make_node("Add", ["product", "intercept"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
+    ]
+    n_features, n_classes = coef.shape[1], coef.shape[0]
+    graph = helper.make_graph(
+        nodes,
+        "logistic_regression",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", n_features])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n_classes]),
+        ],
+        initializer=weights,
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx_model.ir_version = 8
+    onnx.save(onnx_model, file)
 
 
 def _torchscript(model_dir: Path, seed: int) -> ModelArtifact:

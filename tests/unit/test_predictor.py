@@ -66,6 +66,7 @@ def test_model_id_is_stable_and_changes_with_the_model_defining_spec() -> None:
 @pytest.mark.parametrize(("name", "expected"), [
     ("sklearn", "sklearn"), ("SKLearn", "sklearn"), ("scikit-learn", "sklearn"), ("xgboost", "xgboost"),
     ("lightgbm", "lightgbm"), ("onnx", "onnx"), ("pytorch", "torchscript"), ("torchscript", "torchscript"),
+    ("openvino_ir", "openvino"), ("OpenVINO", "openvino"),
 ])
 def test_model_types_map_to_the_mesh_loaders(name: str, expected: str) -> None:
     reg = registration(predictor({**SKLEARN, "modelType": {"name": name}}))

@@ -1,10 +1,11 @@
 """The built-in model loaders, by model type.
 
 ``get_loader(type)`` answers the loader for a registration's model type, case-insensitively and
-with the usual aliases ("scikit-learn" for sklearn, "pytorch" for torchscript). Importing this
-package is cheap: each loader imports its library (torch, xgboost, lightgbm, onnxruntime, sklearn)
-inside ``load``, so a runtime pays for a library only when it first loads a model that needs it,
-and a missing optional library only fails the loads of its own type.
+with the usual aliases ("scikit-learn" for sklearn, "pytorch" for torchscript, "openvino_ir" for
+openvino, the name KServe gives the format). Importing this package is cheap: each loader imports
+its library (torch, xgboost, lightgbm, onnxruntime, openvino, sklearn) inside ``load``, so a
+runtime pays for a library only when it first loads a model that needs it, and a missing optional
+library only fails the loads of its own type.
 
 | type        | files            | inputs                        | outputs (default first)               |
 |-------------|------------------|-------------------------------|---------------------------------------|
@@ -12,7 +13,9 @@ and a missing optional library only fails the loads of its own type.
 | xgboost     | .json .ubj       | one 2-D numeric, any name     | predict (FP32)                        |
 | lightgbm    | .txt             | one 2-D numeric, any name     | predict (FP64)                        |
 | onnx        | .onnx            | by name (any if just one)     | every session output, by its name     |
+| openvino    | .xml (+ .bin)    | by name (any if just one)     | every model output, by its name       |
 | torchscript | .pt .pth         | positional, in request order  | output__0, output__1, ...             |
+
 Plug-ins: a package adds model types by declaring ``Loader`` subclasses in the entry point group
 ``mesh_serving.loaders`` (name: the model type; value: ``module:Class``), e.g. in its
 ``pyproject.toml``::
@@ -38,6 +41,7 @@ from mesh.errors import InvalidArgument
 from mesh.runtime.loaders.base import LoadedModel, Loader
 from mesh.runtime.loaders.lightgbm_loader import LightGBMLoader
 from mesh.runtime.loaders.onnx_loader import OnnxLoader
+from mesh.runtime.loaders.openvino_loader import OpenVinoLoader
 from mesh.runtime.loaders.sklearn_loader import SklearnLoader
 from mesh.runtime.loaders.torchscript_loader import TorchScriptLoader
 from mesh.runtime.loaders.xgboost_loader import XGBoostLoader
@@ -47,9 +51,10 @@ log = structlog.get_logger(__name__)
 ENTRY_POINTS = "mesh_serving.loaders"
 _BUILT_IN: dict[str, Loader] = {
     loader.type: loader
-    for loader in (SklearnLoader(), XGBoostLoader(), LightGBMLoader(), OnnxLoader(), TorchScriptLoader())
+    for loader in (SklearnLoader(), XGBoostLoader(), LightGBMLoader(), OnnxLoader(), OpenVinoLoader(),
+                   TorchScriptLoader())
 }
-_ALIASES = {"scikit-learn": "sklearn", "pytorch": "torchscript"}
+_ALIASES = {"scikit-learn": "sklearn", "pytorch": "torchscript", "openvino_ir": "openvino"}
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 

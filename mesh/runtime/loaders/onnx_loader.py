@@ -1,16 +1,11 @@
 """ONNX models (``.onnx``), run by onnxruntime.
 
-Inputs are matched **by name** with the session's inputs. One exception keeps single-input models
-easy to call: when the request has exactly one input and the model takes exactly one, the name is
-not checked. Each input is checked against the model's rank and fixed dimensions, then converted to
-the element type the model declares when that is safe or plainly intended:
-
-* to a float type: from any numeric type (FP64 -> FP32 included: clients send Python floats as
-  FP64, and ONNX models converted from scikit-learn take FP32);
-* to an integer type: from integers and BOOL whose values fit;
-* to string: from BYTES holding UTF-8;
-* anything else (floats into an integer input, numbers into a string input) is refused with a
-  message naming both types.
+Inputs are matched **by name** with the session's inputs, checked against their rank and fixed
+dimensions, and converted to the element type the model declares when that is safe or plainly
+intended, by the rules every graph format shares (``mesh.runtime.loaders.graph_inputs``): one input
+need not be named when the model takes one; FP64 becomes FP32; integers that fit become the
+declared integer type; BYTES holding UTF-8 become strings; anything else is refused with a message
+naming both types.
 
 Outputs: every tensor output of the session under its own name (skl2onnx classifiers give
 ``label`` and ``probabilities``); all of them are returned when the request names none. Non-tensor
@@ -54,9 +49,9 @@ from typing import Any
 
 import numpy as np
 
-from mesh.errors import InvalidArgument, MeshError, ModelLoadError
+from mesh.errors import InvalidArgument, ModelLoadError
 from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, file_size, gpu_index, held, reason
-from mesh.runtime.tensors import TensorSpec, datatype_for
+from mesh.runtime.loaders.graph_inputs import Port, feeds
 
 # ONNX element types that V2 can carry, as onnxruntime names them.
 _ONNX_TYPES: dict[str, np.dtype[Any]] = {
@@ -79,30 +74,18 @@ _ONNX_TYPES: dict[str, np.dtype[Any]] = {
 }
 
 
-class _Port:
+def _port(arg: Any, side: str) -> Port:
     """One session input or output: name, numpy dtype, shape with -1 for symbolic dims."""
-
-    __slots__ = ("dtype", "name", "onnx_type", "shape")
-
-    def __init__(self, arg: Any, side: str) -> None:
-        self.name: str = arg.name
-        self.onnx_type: str = arg.type
-        dtype = _ONNX_TYPES.get(arg.type)
-        if dtype is None:
-            hint = (
-                "; convert the model with the option zipmap=False"
-                if side == "output" and not arg.type.startswith("tensor(")
-                else ""
-            )
-            raise ModelLoadError(
-                f"onnx: {side} {arg.name!r} has type {arg.type}, which V2 tensors cannot carry{hint}"
-            )
-        self.dtype = dtype
-        dims = arg.shape if isinstance(arg.shape, list) else []
-        self.shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
-
-    def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, datatype_for(self.dtype), self.shape)
+    dtype = _ONNX_TYPES.get(arg.type)
+    if dtype is None:
+        hint = (
+            "; convert the model with the option zipmap=False"
+            if side == "output" and not arg.type.startswith("tensor(")
+            else ""
+        )
+        raise ModelLoadError(f"onnx: {side} {arg.name!r} has type {arg.type}, which V2 tensors cannot carry{hint}")
+    dims = arg.shape if isinstance(arg.shape, list) else []
+    return Port(arg.name, dtype, tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims), arg.type)
 
 
 class OnnxModel(LoadedModel):
@@ -111,8 +94,8 @@ class OnnxModel(LoadedModel):
     def __init__(
         self, model_id: str, session: Any, device: str, footprint: int, ort_invalid: type[Exception]
     ) -> None:
-        self._in = [_Port(a, "input") for a in session.get_inputs()]
-        self._out = [_Port(a, "output") for a in session.get_outputs()]
+        self._in = [_port(a, "input") for a in session.get_inputs()]
+        self._out = [_port(a, "output") for a in session.get_outputs()]
         super().__init__(
             model_id=model_id,
             type="onnx",
@@ -126,30 +109,11 @@ class OnnxModel(LoadedModel):
 
     def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         session = held(self._session, self.model_id)
-        feeds = self._feeds(inputs)
         try:
-            results = session.run(names, feeds)
+            results = session.run(names, feeds(inputs, self._in))
         except self._ort_invalid as exc:
             raise InvalidArgument(f"onnx: the model refused the input: {reason(exc)}") from exc
         return dict(zip(names, results, strict=True))
-
-    def _feeds(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if len(inputs) == 1 and len(self._in) == 1:
-            (name, only), port = next(iter(inputs.items())), self._in[0]
-            return {port.name: _convert(name, only, port)}
-        feeds: dict[str, np.ndarray] = {}
-        for port in self._in:
-            arr = inputs.get(port.name)
-            if arr is None:
-                raise InvalidArgument(
-                    f"missing input {port.name!r}; the model takes {[p.name for p in self._in]}, "
-                    f"the request has {list(inputs)}"
-                )
-            feeds[port.name] = _convert(port.name, arr, port)
-        if len(feeds) != len(inputs):
-            extra = next(n for n in inputs if n not in feeds)
-            raise InvalidArgument(f"unknown input {extra!r}; the model takes {[p.name for p in self._in]}")
-        return feeds
 
     def footprint_bytes(self) -> int:
         return self._footprint
@@ -160,51 +124,6 @@ class OnnxModel(LoadedModel):
 
     def _release(self) -> None:
         self._session = None
-
-
-def _convert(name: str, arr: np.ndarray, port: _Port) -> np.ndarray:
-    """``arr`` checked against the port's shape and converted to its dtype (module docstring)."""
-    what = f"input {name!r}"
-    if port.shape and (
-        arr.ndim != len(port.shape)
-        or any(w not in (-1, g) for w, g in zip(port.shape, arr.shape, strict=True))
-    ):
-        raise InvalidArgument(f"{what}: the model takes shape {list(port.shape)}, got {list(arr.shape)}")
-    want, have = port.dtype, arr.dtype
-    if have == want:
-        return arr
-    refused = InvalidArgument(
-        f"{what}: the model takes {port.onnx_type}, got {_v2_name(have)}; cannot convert"
-    )
-    if want.kind == "f":
-        if have.kind not in "biuf":
-            raise refused
-        return arr.astype(want)
-    if want.kind in "iu":
-        if have.kind not in "biu":
-            raise refused
-        if arr.size and not np.can_cast(have, want):
-            info = np.iinfo(want)
-            lo, hi = arr.min(), arr.max()
-            if lo < info.min or hi > info.max:
-                raise InvalidArgument(f"{what}: values [{lo}, {hi}] do not fit the model's {port.onnx_type}")
-        return arr.astype(want)
-    if want.kind == "O" and have.kind == "O":
-        try:
-            return np.array(
-                [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr.ravel()],
-                dtype=object,
-            ).reshape(arr.shape)
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"{what}: BYTES element is not UTF-8 ({exc})") from None
-    raise refused
-
-
-def _v2_name(dtype: np.dtype[Any]) -> str:
-    try:
-        return datatype_for(dtype)
-    except MeshError:
-        return str(dtype)
 
 
 def weight_bytes(file: Path) -> int:
