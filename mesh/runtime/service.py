@@ -134,7 +134,7 @@ class SizePredictor:
 _WARM_IMPORTS = {
     "sklearn": ("sklearn.linear_model", "sklearn.tree", "sklearn.ensemble", "sklearn.pipeline"),
     "xgboost": ("xgboost",), "lightgbm": ("lightgbm",), "onnx": ("onnxruntime",),
-    "torchscript": ("torch",),
+    "torchscript": ("torch",), "openvino": ("openvino",),
 }
 
 
