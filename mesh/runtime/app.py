@@ -30,7 +30,7 @@ from mesh.runtime.failures import RecentFailures, RememberingCache
 from mesh.runtime.forwarding import ForwardingModel
 from mesh.runtime.gpu import nvml_reader
 from mesh.runtime.journal import LoadJournal, journal_dir
-from mesh.runtime.loaders import supported_types
+from mesh.runtime.loaders import supported_types, with_aliases
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
 from mesh.runtime.publisher import Publisher
 from mesh.runtime.rehome import drain, rehome
@@ -155,7 +155,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     else:
         types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
         # Before anything is published: a type whose library fails to import is not advertised.
-        types = await warm_imports(types, rs.warm_imports_timeout_s)
+        types = with_aliases(await warm_imports(types, rs.warm_imports_timeout_s))
     # Then the GPUs: which types can use them, with the CUDA context created before the budgets
     # are read (it is nobody's model). A GPU no supported type can use gets no budget.
     gpus = gpus or GpuMemory(nvml_reader(), rs)

@@ -59,3 +59,16 @@ async def test_an_ir_is_served_through_a_router_within_the_model_roots(tmp_path:
         assert_outputs_match(decode_response(response), good.expected, atol=1e-5)  # still serving
     finally:
         await mesh.stop()
+
+
+async def test_a_type_alias_registered_through_the_mesh_is_served(tmp_path: Path) -> None:
+    """Routers match types literally; runtimes advertise the aliases of their types too."""
+    model = make_model("openvino", tmp_path, seed=0)
+    mesh = InProcessMesh(memory_url())
+    await mesh.start(runtimes=1)
+    try:
+        await mesh.register("ov", "openvino_ir", str(model.path))
+        response = await mesh.infer("ov", encode_request(model_name="ov", inputs={"input": model.sample}))
+        assert_outputs_match(decode_response(response), model.expected, atol=1e-5)
+    finally:
+        await mesh.stop()

@@ -89,6 +89,12 @@ def supported_types() -> list[str]:
     return sorted(loaders())
 
 
+def with_aliases(types: list[str]) -> list[str]:
+    """``types`` and the aliases of those among them, for a runtime to advertise: routers match a
+    registration's type literally, so one registered as "pytorch" finds the torchscript runtimes."""
+    return types + sorted(alias for alias, canonical in _ALIASES.items() if canonical in types and alias not in types)
+
+
 def gpu_types() -> list[str]:
     """The canonical types whose loader can place a model on a GPU, sorted."""
     return sorted(t for t, loader in loaders().items() if loader.supports_gpu)
@@ -107,4 +113,5 @@ def get_loader(model_type: str) -> Loader:
     return loader
 
 
-__all__ = ["ENTRY_POINTS", "LoadedModel", "Loader", "get_loader", "gpu_types", "loaders", "supported_types"]
+__all__ = ["ENTRY_POINTS", "LoadedModel", "Loader", "get_loader", "gpu_types", "loaders", "supported_types",
+           "with_aliases"]
