@@ -163,16 +163,24 @@ class _Channel(asyncio.Protocol):
         self.closed = True
         self._fail(EOFError("the worker closed the connection"))
 
+    def eof_received(self) -> None:
+        self.closed = True  # at once: the transport closes on the next loop pass, not before a reuse
+        self._fail(EOFError("the worker closed the connection"))
+
     def request(self, frame: bytes, limit: int) -> asyncio.Future[tuple[int, bytes]]:
         """Send ``frame``; the future is the answer's ``(tag, payload)``: FrameTooLarge past
         ``limit``, EOFError when the connection ends first, OutOfStep for bytes beyond the answer."""
         assert self.transport is not None and self._waiter is None
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         self._limit, self._chunks, self._have, self._need = limit, [], 0, -1
-        if self.closed:
+        if self.closed or self.transport.is_closing():
             self._fail(EOFError("the worker closed the connection"))
-        else:
+            return waiter
+        try:
             self.transport.write(frame)  # sent at once when the socket takes it (no buffered write)
+        except (RuntimeError, OSError):  # uvloop's answer for a transport closed meanwhile
+            self.closed = True
+            self._fail(EOFError("the worker closed the connection"))
         return waiter
 
     def abort(self) -> None:
@@ -246,7 +254,8 @@ class _Channels:
             channel = None
             while self.idle:
                 held = self.idle.pop()
-                if not held.closed and held.generation == generation:
+                if not held.closed and held.generation == generation and held.transport is not None \
+                        and not held.transport.is_closing():
                     channel = held
                     break
                 held.abort()
