@@ -26,7 +26,7 @@ bytes to its worker; sizes, eviction, single flight, timeouts and the load journ
   a file descriptor) per connection. Loads and unloads stay blocking calls, on a connection per
   calling thread (the cache's load threads). Before this, a prediction went through
   ``asyncio.to_thread`` and a blocking round trip: 0.81x of in-process throughput through a
-  router at c=32 against 0.9x or more now (BENCHMARKS section 9).
+  router at c=32, against 0.96x now (BENCHMARKS section 9).
 - **Spreading.** A load goes to the worker holding the fewest bytes (ties: the fewest models), so
   the models, and with them the inference work, spread over the workers: with several, predictions
   of different models run on different cores instead of sharing one interpreter's GIL.
@@ -264,6 +264,8 @@ class _Channels:
             # One write of header, model and body (the body copied once): a second system call
             # costs more than the copy at inference sizes.
             waiter = channel.request(b"".join((HEADER.pack(len(prefix) + len(body), OP_INFER), prefix, body)), limit)
+            # The deadline is the worker's answer's: the wait for a free connection is not counted
+            # (the requests holding them end by their own deadlines).
             timer = self.loop.call_later(timeout, _expire, waiter)
             whole = False
             try:
@@ -298,7 +300,7 @@ class _Channels:
 
 class WorkerProcess:
     """One worker: its process, a connection per calling thread (loads, unloads), and the event
-    loop's connections for predictions (``infer``)."""
+    loop's connections for predictions (``channels``)."""
 
     def __init__(self, index: int, directory: Path, policy: LoadPolicy, warm: tuple[str, ...] = (),
                  max_model_bytes: int = 0) -> None:
@@ -484,7 +486,7 @@ class RemoteModel(ForwardingModel):
                                 "predict (runtime.predict_timeout_s); its worker was ended")
 
     async def forward(self, body: bytes) -> bytes:
-        """The answer from the worker, awaited on the event loop (``WorkerProcess.infer``). A
+        """The answer from the worker, awaited on the event loop (``_Channels.infer``). A
         prediction past ``runtime.predict_timeout_s`` ends the worker (a predict that hangs, or
         holds the interpreter, cannot be stopped otherwise): DEADLINE_EXCEEDED here, and the
         worker's other models are lost as in a crash."""
