@@ -107,7 +107,7 @@ async def test_gpu_models_go_to_gpus_ram_models_stay_and_each_device_evicts_its_
         gpu_mesh: GpuMesh, tmp_path: Path) -> None:
     g = gpu_mesh
     instances = await g.instances()
-    assert instances["gpu"].gpu_types == ("onnx", "torchscript")
+    assert instances["gpu"].gpu_types == ("onnx", "torchscript", "pytorch")  # and the alias of torchscript
     assert {d.device: d.capacity_bytes for d in instances["gpu"].devices if d.device != "ram"} == {
         "gpu0": 2 * MIB, "gpu1": 2 * MIB}
     assert [d.device for d in instances["plain"].devices] == ["ram"]
