@@ -32,7 +32,7 @@ import pytest
 from mesh.errors import DeadlineExceeded, MeshError, NotHere, ResourceExhausted
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.registry.records import ModelSpec
-from mesh.runtime import workers as workers_module
+from mesh.runtime import worker_channels as channels_module
 from mesh.runtime.loaders.base import LoadPolicy
 from mesh.runtime.worker import HEADER
 from mesh.runtime.workers import OutOfStep, RemoteModel, WorkerGone, WorkerPool, WorkerProcess
@@ -171,7 +171,7 @@ async def test_bytes_beyond_an_answer_never_reach_the_next_request(tmp_path: Pat
 
 async def test_a_cancelled_request_leaves_no_half_read_answer_behind(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(workers_module, "CHANNELS_PER_WORKER", 1)  # the next request must reuse or reconnect
+    monkeypatch.setattr(channels_module, "CHANNELS_PER_WORKER", 1)  # the next request must reuse or reconnect
 
     async def slow(op: int, payload: bytes, writer: asyncio.StreamWriter) -> None:
         if payload.endswith(b"slow"):
@@ -221,7 +221,7 @@ async def test_a_deadline_and_a_worker_that_closes_mid_answer(tmp_path: Path) ->
 
 
 async def test_concurrency_is_bounded_by_the_pool(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(workers_module, "CHANNELS_PER_WORKER", 3)
+    monkeypatch.setattr(channels_module, "CHANNELS_PER_WORKER", 3)
     in_flight = peak = 0
 
     async def slowly(op: int, payload: bytes, writer: asyncio.StreamWriter) -> None:
@@ -300,7 +300,7 @@ def test_many_concurrent_forwards_each_get_their_own_answer(worker_env: None, tm
 
         await asyncio.gather(*(one(k) for k in range(400)))
         channels = pool.workers[0].channels()
-        assert 1 < len(channels.idle) <= workers_module.CHANNELS_PER_WORKER  # used at once, and bounded
+        assert 1 < len(channels.idle) <= channels_module.CHANNELS_PER_WORKER  # used at once, and bounded
 
     try:
         _run(loop, main)
