@@ -12,9 +12,10 @@ is put in bucket ``bench`` (path-style addressing, static credentials). Then ``-
 in every round each (size, client) pair downloads the object once into a new file under the temp
 directory, in a shuffled client order, so that drift hits every client alike. Each client is built once per
 server and warmed up with one untimed download of the smallest object (a runtime keeps its client
-per storage key, as pullman does); time is wall time from the first request to the file being closed (not fsynced); MB/s is 10^6 bytes per second; the
-table gives the median over the rounds and the ratio to ``raw-http`` (the median of medians is
-not taken: each cell is its own median). Every download's size is checked; the first round also
+per storage key, as pullman does); time is wall time from the first request to the file being
+closed (not fsynced); MB/s is 10^6 bytes per second; the table gives the median over the rounds
+and the ratio to ``raw-http`` (the median of medians is not taken: each cell is its own median). Every
+download's size is checked; the first round also
 compares a BLAKE2 digest with the uploaded bytes.
 
 Clients:
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import http.client
 import os
 import random
 import shutil
@@ -55,9 +57,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import http.client
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 ACCESS_KEY = "benchaccess"
@@ -158,8 +160,8 @@ class MotoServer(Server):
     @staticmethod
     def missing() -> str | None:
         try:
-            import moto.server  # noqa: F401
             import flask  # noqa: F401
+            import moto.server  # noqa: F401
         except ImportError:
             return "moto[server] not installed"
         return None
@@ -225,7 +227,7 @@ def dl_obstore(endpoint: str, args) -> Callable[[str, int, Path], None]:
 
     async def get(key: str, dest: Path) -> None:
         resp = await obstore.get_async(store, key)
-        with open(dest, "wb") as f:
+        with open(dest, "wb") as f:  # noqa: ASYNC230 (one download at a time: nothing else waits)
             async for chunk in resp.stream(min_chunk_size=4 * MiB):
                 f.write(chunk)
 
@@ -246,7 +248,7 @@ def dl_obstore_ranges(endpoint: str, args) -> Callable[[str, int, Path], None]:
         total = meta["size"]
         if total <= part:
             resp = await obstore.get_async(store, key)
-            with open(dest, "wb") as f:
+            with open(dest, "wb") as f:  # noqa: ASYNC230 (one download at a time: nothing else waits)
                 async for chunk in resp.stream(min_chunk_size=4 * MiB):
                     f.write(chunk)
             return
@@ -300,7 +302,7 @@ def _curl_get(endpoint: str, key: str, dest: Path) -> None:
     cmd = ["curl", "-sS", "--fail", "-o", str(dest)]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
-    subprocess.run(cmd + [url], check=True, timeout=600)
+    subprocess.run([*cmd, url], check=True, timeout=600)
 
 
 def dl_curl(endpoint: str, args) -> Callable[[str, int, Path], None]:
@@ -344,7 +346,7 @@ def upload(server: Server, key: str, path: Path) -> None:
             pass
         client.upload_file(str(path), BUCKET, key)
     except ImportError:
-        raise RuntimeError("uploading to this server needs boto3")
+        raise RuntimeError("uploading to this server needs boto3") from None
 
 
 def make_object(path: Path, size: int) -> str:
@@ -418,7 +420,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         fn = factory(server.endpoint, args)
                         fn(objs[sizes[0]][0], sizes[0], sdir / "warmup")
                         ready.append((cname, fn))
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         line = f"{sname} {cname}: set-up failed: {exc!r}"[:300]
                         print(line, flush=True)
                         notes.append(line)
@@ -436,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             t0 = time.perf_counter()
                             try:
                                 fn(key, size, dest)
-                            except Exception as exc:  # noqa: BLE001 - report and go on
+                            except Exception as exc:
                                 line = f"{sname} {cname} {fmt_size(size)}: failed: {exc!r}"[:300]
                                 print(line, flush=True)
                                 notes.append(line)

@@ -394,6 +394,8 @@ def test_the_mlserver_overlay_runs_mlserver_beside_each_runtime_without_mesh_cre
     config.write_text(_mesh_toml(docs))
     settings = load_settings(config, env={k: v if isinstance(v, str) else "10.0.0.1" for k, v in _env(mesh).items()})
     assert (settings.runtime.server, settings.runtime.workers) == ("mlserver", 0)
+    # The capacity is MLServer's memory, less its own: not derived from the runtime's limit.
+    assert 0 < settings.runtime.capacity_bytes < _bytes(containers["mlserver"]["resources"]["limits"]["memory"])
     # The runtime dials MLServer on the pod's loopback, where MLServer alone listens.
     server_env = _env(server)
     assert settings.runtime.server_address == f"127.0.0.1:{server_env['MLSERVER_GRPC_PORT']}"
