@@ -14,10 +14,8 @@ placement left, and a server restarted under the mesh.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,14 +27,14 @@ from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_runtime_pb2 as spb
 from mesh.registry.records import ModelSpec
 from mesh.runtime.forwarding import CopyLost
-from mesh.runtime.loaders.base import LoadPolicy
-from mesh.runtime.servers import ExternalServer, external_server
+from mesh.runtime.servers import ExternalServer
 from mesh.runtime.servers.base import field_one
 from mesh.runtime.tensors import decode_response, encode_request
 from mesh.transport.model_server import ServerCallError
 from tests.support.inprocess import InProcessMesh, memory_url
-from tests.support.model_servers import start_server, stop_server
+from tests.support.model_servers import running, start_server, stop_server
 from tests.support.models import ModelArtifact, assert_outputs_match, make_model
+from tests.support.server_adapters import adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ST = mm.ModelStatusInfo.ModelStatus
@@ -50,28 +48,6 @@ def sklearn_model(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
     return make_model("onnx", tmp_path_factory.mktemp("models"), seed=1)
-
-
-@contextlib.contextmanager
-def running(module: str, *args: str) -> Iterator[tuple[int, object]]:
-    proc, port = start_server(module, "--port", "0", *args)
-    try:
-        yield port, proc
-    finally:
-        stop_server(proc)
-
-
-def adapter(kind: str, port: int, *, types: tuple[str, ...] = (), repository: str = "", load_timeout_s: float = 20,
-            lost: list[str] | None = None, roots: tuple[str, ...] = ()) -> ExternalServer:
-    async def on_lost(ids: list[str]) -> None:
-        if lost is not None:
-            lost.extend(ids)
-
-    server = external_server(kind, f"127.0.0.1:{port}", repository=repository, types=types,
-                             policy=LoadPolicy(roots=roots), load_timeout_s=load_timeout_s, predict_timeout_s=10,
-                             max_message_bytes=4 << 20, predict_size=lambda spec: 12345, on_lost=on_lost)
-    server.start()
-    return server
 
 
 def request(artifact: ModelArtifact, name: str = "whatever") -> bytes:

@@ -21,14 +21,12 @@ a router. Each test is a review finding: it failed before the fix next to it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -38,13 +36,12 @@ from mesh.errors import InvalidArgument, ModelLoadError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.registry.records import ModelSpec
 from mesh.runtime.forwarding import CopyLost
-from mesh.runtime.loaders.base import LoadPolicy
-from mesh.runtime.servers import ExternalServer, external_server
 from mesh.runtime.servers.base import field_one
 from mesh.runtime.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
-from tests.support.model_servers import start_server, stop_server
+from tests.support.model_servers import running
 from tests.support.models import ModelArtifact, assert_outputs_match, make_model
+from tests.support.server_adapters import adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -69,24 +66,6 @@ def team_b(models: Path) -> ModelArtifact:
 @pytest.fixture(scope="module")
 def sklearn_model(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
     return make_model("sklearn", tmp_path_factory.mktemp("sk"), seed=0)
-
-
-@contextlib.contextmanager
-def running(module: str, *args: str) -> Iterator[tuple[int, object]]:
-    proc, port = start_server(module, "--port", "0", *args)
-    try:
-        yield port, proc
-    finally:
-        stop_server(proc)
-
-
-def adapter(kind: str, port: int, *, types: tuple[str, ...] = (), repository: str = "", load_timeout_s: float = 20,
-            roots: tuple[str, ...] = ()) -> ExternalServer:
-    server = external_server(kind, f"127.0.0.1:{port}", repository=repository, types=types,
-                             policy=LoadPolicy(roots=roots), load_timeout_s=load_timeout_s, predict_timeout_s=10,
-                             max_message_bytes=4 << 20, predict_size=lambda spec: 12345)
-    server.start()
-    return server
 
 
 def open_tail(swallow: int) -> bytes:

@@ -17,6 +17,7 @@ servicers only translate messages, so the rules they implement read apart from t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import select
@@ -24,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,6 +79,16 @@ def start_server(module: str, *args: str, timeout_s: float = 30.0) -> tuple[subp
     except BaseException:
         stop_server(proc)
         raise
+
+
+@contextlib.contextmanager
+def running(module: str, *args: str) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """``python -m module --port 0 *args`` for the ``with`` block: its port and process."""
+    proc, port = start_server(module, "--port", "0", *args)
+    try:
+        yield port, proc
+    finally:
+        stop_server(proc)
 
 
 def stop_server(proc: subprocess.Popen[str], timeout_s: float = 10.0) -> int:
