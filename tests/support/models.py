@@ -257,12 +257,19 @@ def _onnx(model_dir: Path, seed: int) -> ModelArtifact:
     )
     file = model_dir / "model.onnx"
     file.write_bytes(onx.SerializeToString())
-    # ONNX computes in FP32, scikit-learn in FP64: sample only rows whose top two classes are
+    return _classifier_artifact("onnx", model_dir, file, model, x, seed,
+                                f"skl2onnx LogisticRegression pipeline on {name}")
+
+
+def _classifier_artifact(kind: str, model_dir: Path, file: Path, model: Any, x: np.ndarray, seed: int,
+                         description: str) -> ModelArtifact:
+    """A graph model made from a fitted scikit-learn classifier: its labels and FP32 probabilities."""
+    # The graph computes in FP32, scikit-learn in FP64: sample only rows whose top two classes are
     # clearly apart, so that the labels cannot differ by rounding.
     proba = np.sort(model.predict_proba(x), axis=1)
     sample = _sample_rows(x, seed, eligible=(proba[:, -1] - proba[:, -2]) > 1e-3)
     return ModelArtifact(
-        type="onnx",
+        type=kind,
         path=model_dir,
         file=file,
         sample=sample,
@@ -271,7 +278,7 @@ def _onnx(model_dir: Path, seed: int) -> ModelArtifact:
             "probabilities": model.predict_proba(sample).astype(np.float32),
         },
         n_features=x.shape[1],
-        description=f"skl2onnx LogisticRegression pipeline on {name}",
+        description=description,
     )
 
 
@@ -298,20 +305,8 @@ def _openvino(model_dir: Path, seed: int) -> ModelArtifact:
     file.parent.mkdir(exist_ok=True)
     openvino.save_model(openvino.convert_model(str(onnx_file)), str(file), compress_to_fp16=False)
     onnx_file.unlink()  # the model directory holds the IR only
-    proba = np.sort(model.predict_proba(x), axis=1)
-    sample = _sample_rows(x, seed, eligible=(proba[:, -1] - proba[:, -2]) > 1e-3)
-    return ModelArtifact(
-        type="openvino",
-        path=model_dir,
-        file=file,
-        sample=sample,
-        expected={
-            "label": np.asarray(model.predict(sample), dtype=np.int64),
-            "probabilities": model.predict_proba(sample).astype(np.float32),
-        },
-        n_features=x.shape[1],
-        description=f"LogisticRegression pipeline on {name}, ONNX -> OpenVINO IR",
-    )
+    return _classifier_artifact("openvino", model_dir, file, model, x, seed,
+                                f"LogisticRegression pipeline on {name}, ONNX -> OpenVINO IR")
 
 
 def _write_logistic_onnx(file: Path, model: Any) -> None:
