@@ -2,7 +2,7 @@
 
 Sources, later ones winning: the defaults below; a TOML config file (``--config FILE`` or
 ``MESH_CONFIG``) with one table per group (``[registry]``, ``[router]``, ``[runtime]``, ``[controller]``,
-``[tls]``, ``[auth]``, ``[log]``);
+``[tls]``, ``[auth]``, ``[log]``, ``[storage]``);
 environment variables ``MESH_<GROUP>_<FIELD>`` (``MESH_RUNTIME_CAPACITY_BYTES=2GiB``); explicit
 overrides from the command line. Unknown keys are errors, not silently ignored: a typo in a
 capacity setting should stop the process rather than run it with the default.
@@ -353,6 +353,33 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    config_dir: str = _f("", "Directory of storage keys, one JSON file per key, as modelmesh-serving mounts its "
+                         "storage-config Secret (deploy/ mounts it at /storage-config). Keys added or changed "
+                         "there are used without a restart. Empty: no keys (public objects and URIs only).")
+    cache_dir: str = _f("", "Where a runtime keeps the models it pulled from object storage (one folder per "
+                        "object version; an evicted model reloads from here without a download). Empty: "
+                        "<temp dir>/mesh-storage-<uid>. Give it a volume that outlives the process "
+                        "(deploy/: an emptyDir).")
+    cache_bytes: int = _f(10 * 1024 * _MIB, "Bound on the disk cache; the least recently used models not in "
+                          "use are deleted to make room. A model larger than this fails its load naming "
+                          "this setting.", "bytes")
+    pvc_mounts_dir: str = _f("/pvc_mounts", "Where persistent volume claims are mounted, one folder per claim "
+                             "(modelmesh-serving's /pvc_mounts); type pvc keys read <dir>/<name>/<path> "
+                             "without copying.")
+    retries: int = _f(3, "Further attempts of a download that failed for a reason that may pass (endpoint "
+                      "unreachable, timeout, 5xx), with exponential backoff from 0.5 s; access denied "
+                      "and not found fail at once.")
+    connect_timeout_s: float = _f(5.0, "Deadline for connecting to a store.", "s")
+    max_files: int = _f(10_000, "Most objects one model may consist of (an S3 prefix lists them all) and most "
+                        "entries an archive may unpack to.")
+    range_bytes: int = _f(64 * _MIB, "Objects larger than this download in parallel ranges of this size (4 "
+                          "at a time) where the store answers ranges; 0: always one stream. On 2 shared "
+                          "cores ranges did not help (BENCHMARKS.md), so only large objects use them.",
+                          "bytes")
+
+
+@dataclass(frozen=True)
 class Settings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     router: RouterSettings = field(default_factory=RouterSettings)
@@ -361,6 +388,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
 
 
 # Variables of the CLI's own (mesh model/infer...: mesh.cli.main), not settings: a shell that exports
@@ -485,4 +513,4 @@ def with_changes(settings: Settings, **groups: Mapping[str, Any]) -> Settings:
 
 
 __all__ = ["AuthSettings", "ControllerSettings", "LogSettings", "RegistrySettings", "RouterSettings",
-           "RuntimeSettings", "Settings", "TlsSettings", "describe", "load_settings", "parse_bytes", "with_changes"]
+           "RuntimeSettings", "Settings", "StorageSettings", "TlsSettings", "describe", "load_settings", "parse_bytes", "with_changes"]
