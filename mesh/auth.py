@@ -9,6 +9,7 @@ The tokens file (``auth.tokens_file``, TOML) lists one ``[[token]]`` table per t
     # token = "..."               # or the token itself (development only)
     prefixes = ["team-a/"]        # optional: model and vModel IDs this token may touch
     paths = ["/models/team-a/"]   # optional: where the models it registers may be read from
+    storage_keys = ["team-a-s3"]  # optional: the storage keys its registrations may pull with
     max_models = 1000             # optional quota: models registered under its prefixes
     max_pinned_copies = 20        # optional quota: the sum of minCopies over those models
 
@@ -25,6 +26,14 @@ Decisions:
 * **Paths.** With paths, the file a registration names (``modelInfo.path``, made absolute under
   the model roots: ``mesh.paths.confine``) must lie under one of them: a tenant's token registers
   models from its tenant's directory only, whatever IDs it may use.
+* **Storage keys.** A registration that pulls from object storage (``mesh.storage.location``)
+  uses a storage key, whose credentials the runtime holds: the key it names, else
+  ``default_<type>`` or ``default``. A token with ``storage_keys`` may use only those keys (a
+  ``type: pvc`` location: only the claims listed as ``pvc:<claim>``). A tenant's token (one with
+  prefixes or paths) without ``storage_keys`` may not pull from storage at all: otherwise it could
+  load another tenant's models with that tenant's credentials, or make the runtime fetch any URL
+  (``https://`` locations with no key). A key's credentials decide what can be read with it
+  (parameters may change its bucket, not its endpoint): give each tenant a key of its own.
 * **Quotas.** ``max_models`` bounds the models registered under the token's prefixes (all models,
   without prefixes), whoever registered them; ``max_pinned_copies`` bounds the sum of their
   ``minCopies`` (copies loaded whether used or not). A registration past either answers
@@ -59,7 +68,7 @@ WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "
 INVALID_TOKEN = "missing or invalid bearer token"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_KEYS = {"name", "role", "sha256", "token", "prefixes", "paths", "max_models", "max_pinned_copies"}
+_KEYS = {"name", "role", "sha256", "token", "prefixes", "paths", "storage_keys", "max_models", "max_pinned_copies"}
 
 
 # Refused calls since the process started, by outcome ("unauthenticated", "permission_denied",
@@ -110,6 +119,7 @@ class Principal:
     role: str
     prefixes: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
+    storage_keys: tuple[str, ...] = ()
     max_models: int = 0  # 0: no quota
     max_pinned_copies: int = 0
 
@@ -131,6 +141,21 @@ class Principal:
         if not inside:
             raise PermissionDenied(f"token {self.name!r} may not register a model from {shown(path)}: outside "
                                    f"its paths ({', '.join(self.paths)})")
+
+    @property
+    def restricted(self) -> bool:
+        """Whether a registration's path or storage must be checked against this token."""
+        return bool(self.prefixes or self.paths or self.storage_keys)
+
+    def check_storage(self, key_name: str, storage_type: str, claim: str = "") -> None:
+        """A registration pulling with storage key ``key_name`` (module docstring)."""
+        if not self.restricted:
+            return
+        needed = f"pvc:{claim}" if storage_type == "pvc" and claim else key_name
+        if needed not in self.storage_keys:
+            allowed = ", ".join(self.storage_keys) or "none"
+            raise PermissionDenied(f"token {self.name!r} may not register models from storage {needed!r}: outside "
+                                   f"its storage_keys ({allowed})")
 
     def check_model(self, model_id: str, what: str = "model") -> None:
         if not self.allows(model_id):
@@ -242,7 +267,11 @@ def _entry(item: object, where: str) -> tuple[bytes, Principal]:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10**9:
             raise InvalidArgument(f"{where}: {key!r} must be a whole number from 0 (no quota) to 10^9")
         quotas[key] = value
-    return digest, Principal(name=name, role=role, prefixes=tuple(prefixes), paths=tuple(paths), **quotas)
+    storage_keys = item.get("storage_keys", [])
+    if not isinstance(storage_keys, list) or not all(isinstance(k, str) and k for k in storage_keys):
+        raise InvalidArgument(f"{where}: 'storage_keys' must be a list of storage key names")
+    return digest, Principal(name=name, role=role, prefixes=tuple(prefixes), paths=tuple(paths),
+                             storage_keys=tuple(storage_keys), **quotas)
 
 
 __all__ = ["INVALID_TOKEN", "READ", "READ_METHODS", "WRITE", "WRITE_METHODS", "Principal", "TokenTable",

@@ -275,8 +275,11 @@ class ControllerSettings:
                          "lost registrations are restored (a wiped registry heals within this).", "s")
     owner: str = _f("mesh-controller", "Owner recorded on the vModels the controller creates (with the "
                     "namespace appended); vModels of other owners are never changed.")
-    pvc_mount_root: str = _f("/models", "Where runtime pods mount PersistentVolumeClaims: a Predictor's "
-                             "PVC path becomes <root>/<claimName>/<path>.")
+    default_storage_key: str = _f("", "Storage key (storage.config_dir) for Predictors that name no storage "
+                                  "(no key, s3, parameters or persistentVolumeClaim) and give a relative path: "
+                                  "modelmesh-serving's puller reads those from its `default` key, and deploy/ "
+                                  "sets \"default\" to match. Empty: such paths are local files under the "
+                                  "runtimes' model roots. Changing it gives those Predictors new model IDs.")
     watch_timeout_s: int = _f(300, "Length of one watch request; the watch then resumes from its last "
                               "resourceVersion (API servers end watches after 5-10 min anyway).", "s")
     backoff_max_s: float = _f(30.0, "Cap of the exponential back-off after failed API-server or "
@@ -513,4 +516,5 @@ def with_changes(settings: Settings, **groups: Mapping[str, Any]) -> Settings:
 
 
 __all__ = ["AuthSettings", "ControllerSettings", "LogSettings", "RegistrySettings", "RouterSettings",
-           "RuntimeSettings", "Settings", "StorageSettings", "TlsSettings", "describe", "load_settings", "parse_bytes", "with_changes"]
+           "RuntimeSettings", "Settings", "StorageSettings", "TlsSettings",
+           "describe", "load_settings", "parse_bytes", "with_changes"]

@@ -394,6 +394,15 @@ class RuntimeMetrics(_ComponentMetrics):
             "and why not", ("result", "reason", *per), registry=r)
         self.evictions = Counter("mesh_evictions_total", "Copies removed, by why", ("policy", "reason"),
                                  registry=r)
+        self.storage_pulls = Counter(
+            "mesh_storage_pulls_total", "Models a load read from object storage, by provider type and result: "
+            "downloaded, disk (the disk cache had it: no network), in_place (pvc), failed", ("type", "result"),
+            registry=r)
+        self.storage_bytes = Counter("mesh_storage_download_bytes_total", "Bytes downloaded from object storage",
+                                     ("type",), registry=r)
+        self.storage_seconds = Histogram(
+            "mesh_storage_download_seconds", "Time from the start of a pull to its files on disk (downloads only)",
+            ("type",), buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
         self._invoke: dict[str, Any] = {}  # code -> bound child
         self._hit = None if per_model else self.cache_requests.labels("hit", "")
         self._policies: dict[str, str] = {}  # device -> eviction policy name
@@ -401,6 +410,20 @@ class RuntimeMetrics(_ComponentMetrics):
         # Model IDs removed from this instance since it started, oldest first (insertion order):
         # a later miss on one of them is "evicted", on any other "cold".
         self._evicted: dict[str, None] = {}
+
+    # --- object storage (mesh.storage.puller) -------------------------------------------------
+    def storage_pulled(self, pulled: Any) -> None:
+        if pulled.type == "pvc":
+            self.storage_pulls.labels("pvc", "in_place").inc()
+        elif pulled.from_disk:
+            self.storage_pulls.labels(pulled.type, "disk").inc()
+        else:
+            self.storage_pulls.labels(pulled.type, "downloaded").inc()
+            self.storage_bytes.labels(pulled.type).inc(pulled.downloaded_bytes)
+            self.storage_seconds.labels(pulled.type).observe(pulled.seconds)
+
+    def storage_failed(self, storage_type: str) -> None:
+        self.storage_pulls.labels(storage_type[:20], "failed").inc()
 
     # --- requests (the runtime's hot path) ----------------------------------------------------
     def invoked(self, code: str, started: float, model_id: str | None) -> None:

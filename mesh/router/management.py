@@ -49,6 +49,7 @@ from mesh.registry.registry import Registry
 from mesh.registry.specs import SpecCache
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
+from mesh.storage.location import locate
 from mesh.tasks import Background
 
 log = structlog.get_logger(__name__)
@@ -246,9 +247,13 @@ class Management:
             gpu = GPU_REQUIRED
         elif gpu == GPU_REQUIRED:
             labels += (GPU_LABEL,)
-        # The path the runtimes will read, checked against the model roots (mesh.paths): refused
-        # here, permanently, rather than at every load.
-        path = confine(info.path, self.model_roots) if info.path and self.model_roots else info.path
+        # The path the runtimes will read, checked against the model roots (mesh.paths), or the
+        # object-storage location (mesh.storage.location): refused here, permanently, rather than
+        # at every load.
+        if locate(info.path, info.key) is not None:
+            path = info.path
+        else:
+            path = confine(info.path, self.model_roots) if info.path and self.model_roots else info.path
         now_ms = int(self.clock() * 1000)
         offset = HOUR_MS if load_now else 6 * HOUR_MS
         return ModelSpec(model_id=model_id, type=info.type, path=path, key=info.key,

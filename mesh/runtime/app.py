@@ -46,6 +46,7 @@ from mesh.runtime.service import (
 from mesh.runtime.servicer import add_to_server
 from mesh.runtime.workers import MAX_WORKERS, WorkerPool, set_dumpable
 from mesh.settings import Settings
+from mesh.storage.puller import Puller
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
 from mesh.transport.health import HealthReporter
@@ -171,7 +172,12 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     capacities = device_capacities(rs, gpus) if gpu_types else {"ram": ram_capacity(rs)}
     budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
                for d, c in capacities.items()]
-    policy = LoadPolicy(roots=rs.model_roots, allow_code_formats=rs.allow_code_formats,
+    # Models in object storage are pulled into the disk cache first (mesh.storage.puller); the
+    # loaders may read there and in the claims' mounts besides the model roots.
+    puller = Puller(settings.storage, model_roots=rs.model_roots)
+    await asyncio.to_thread(puller.start)
+    roots = rs.model_roots + puller.roots() if rs.model_roots else ()
+    policy = LoadPolicy(roots=roots, allow_code_formats=rs.allow_code_formats,
                         trusted_types=rs.skops_trusted_types)
     if not rs.model_roots:
         log.warning("model paths are not confined: a registration may name any file this process can "
@@ -216,7 +222,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     journal = LoadJournal(journal_dir(instance_id, rs.state_dir))
     load_fn = journaled(load_fn, journal)
     sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
-                                        floor_bytes=rs.default_model_size_bytes), roots=rs.model_roots)
+                                        floor_bytes=rs.default_model_size_bytes), roots=roots)
     load_pool = ThreadPoolExecutor(rs.max_concurrent_loads, thread_name_prefix="load")
     infer_pool = ThreadPoolExecutor(rs.inference_threads, thread_name_prefix="infer")
     cache = RememberingCache(budgets=budgets, load_fn=load_fn, predict_size=sizer.predict,
@@ -226,9 +232,10 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                              max_stuck_loads=rs.max_stuck_loads, size_floor_bytes=rs.default_model_size_bytes,
                              failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage,
                              device_executors=device_pools,
-                             before_load=lambda entry: publisher.announce(entry))
+                             before_load=lambda entry: publisher.announce(entry), fetch=puller)
     specs = SpecCache(registry, max_entries=10_000)
     metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
+    puller.metrics = metrics
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,
                              infer_executor=infer_pool, sizer=sizer, types=types,
                              inline_predict_ms=rs.inline_predict_ms, metrics=metrics,
@@ -372,6 +379,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         if external is not None:
             await call_soon_safely(external.aclose, "close the model server's channels")
         load_pool.shutdown(wait=False, cancel_futures=True)
+        puller.close()
         await asyncio.to_thread(journal.close)
         infer_pool.shutdown(wait=False, cancel_futures=True)
         for pool in device_pools.values():

@@ -56,6 +56,7 @@ Time comes from an injected clock, so tests drive recency without sleeping.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -96,6 +97,19 @@ LoadFn = Callable[[ModelSpec, str], LoadedModel]
 PredictFn = Callable[[ModelSpec, str], int]
 
 
+class Fetched(Protocol):
+    path: str
+    source: str
+
+
+class Fetch(Protocol):
+    """Brings a model's files to local disk before its load (``mesh.storage.puller.Puller``)."""
+
+    async def pull(self, spec: ModelSpec) -> Fetched | None: ...
+
+    def done(self, pulled: Any) -> None: ...
+
+
 class CacheListener(Protocol):
     """Told about every state change of a copy (publishes placements, counts metrics)."""
 
@@ -129,12 +143,22 @@ class Entry:
     unload_failed: bool = False
     load_reason: str = ""  # why it was loaded: "request" (a miss) or "loadModel" (asked ahead of traffic)
     admitted: bool = True  # False: the admission filter refused it (served, then first to go)
+    # Pulled from object storage (mesh.storage.puller): the registration with the local path the
+    # loader reads, and where it came from (the load's log line).
+    local: ModelSpec | None = None
+    source: str = ""
+    fetch_ms: float = 0.0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # memory released
 
     @property
     def model_id(self) -> str:
         return self.spec.model_id
+
+    @property
+    def load_spec(self) -> ModelSpec:
+        """What the loader reads: the registration, with the pulled model's local path if any."""
+        return self.local or self.spec
 
 
 @dataclass
@@ -181,10 +205,13 @@ class ModelCache:
         gpu_usage: Callable[[str], int] | None = None,
         device_executors: Mapping[str, Executor] | None = None,
         before_load: Callable[[Entry], Awaitable[None]] | None = None,
+        fetch: Fetch | None = None,
     ) -> None:
         # Awaited just before the loader runs: the runtime writes down that the load is starting
         # (Publisher.announce), so that if the loader kills the process its callers know why.
         self._before_load = before_load
+        # First step of a load: the model's files from object storage (mesh.storage.puller).
+        self._fetch = fetch
         self._size_floor = size_floor_bytes  # the sizer's floor: a prediction at it is no estimate
         self._budgets = {b.device: b for b in budgets}
         self._load_fn = load_fn
@@ -292,7 +319,7 @@ class ModelCache:
     def _place(self, entry: Entry) -> None:
         """Choose the copy's device and reservation (its files were read: no I/O here), ask the
         admission filter, and announce the load."""
-        spec, now = entry.spec, self._clock()
+        spec, now = entry.load_spec, self._clock()
         device = self._choose_device(spec, self._budgets, self._predict_size)
         budget = self._budgets[device]
         predicted = self._predict_size(spec, device)
@@ -340,20 +367,45 @@ class ModelCache:
 
     async def _load_guarded(self, entry: Entry) -> LoadedModel:
         async with self._load_slots:
-            # First what the load needs from the model's files (their size; the loader's library
-            # imported), in the load's own thread and within its deadline: a stuck mount costs
-            # this load its deadline, never the event loop or another load's slot.
-            await self._timed(entry, self._prepare, entry.spec, what="reading the files of")
-            self._place(entry)
-            lock = self._device_locks.get(entry.device)
-            if lock is None:
+            pulled = await self._pull(entry)
+            try:
+                return await self._load_local(entry)
+            finally:
+                if self._fetch is not None:
+                    self._fetch.done(pulled)
+
+    async def _pull(self, entry: Entry) -> Fetched | None:
+        """The model's files from object storage, within the load's deadline (part of the load:
+        its time is in ``load_ms``)."""
+        if self._fetch is None:
+            return None
+        started = time.perf_counter()
+        try:
+            pulled = await asyncio.wait_for(self._fetch.pull(entry.spec), self._load_timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(f"pulling model {entry.model_id!r} from storage took longer than "
+                                   f"{self._load_timeout_s:g} s (runtime.load_timeout_s)") from None
+        entry.fetch_ms = (time.perf_counter() - started) * 1000
+        if pulled is not None:
+            entry.local = dataclasses.replace(entry.spec, path=pulled.path)
+            entry.source = pulled.source
+        return pulled
+
+    async def _load_local(self, entry: Entry) -> LoadedModel:
+        # First what the load needs from the model's files (their size; the loader's library
+        # imported), in the load's own thread and within its deadline: a stuck mount costs
+        # this load its deadline, never the event loop or another load's slot.
+        await self._timed(entry, self._prepare, entry.load_spec, what="reading the files of")
+        self._place(entry)
+        lock = self._device_locks.get(entry.device)
+        if lock is None:
+            return await self._load_measured(entry)
+        async with lock:  # a GPU: one load at a time (see __init__)
+            self._device_loading.add(entry.device)
+            try:
                 return await self._load_measured(entry)
-            async with lock:  # a GPU: one load at a time (see __init__)
-                self._device_loading.add(entry.device)
-                try:
-                    return await self._load_measured(entry)
-                finally:
-                    self._device_loading.discard(entry.device)
+            finally:
+                self._device_loading.discard(entry.device)
 
     def _prepare(self, spec: ModelSpec) -> None:
         if self._estimate_fn is not None:
@@ -374,7 +426,7 @@ class ModelCache:
                                    f"{self._load_timeout_s:g} s (runtime.load_timeout_s)") from None
 
     async def _load_measured(self, entry: Entry) -> LoadedModel:
-        spec, budget = entry.spec, self._budgets[entry.device]
+        spec, budget = entry.load_spec, self._budgets[entry.device]
         gpu_usage = self._gpu_usage if entry.device != "ram" else None
         await self._reserve(entry, budget, entry.predicted_bytes)
         if self._before_load is not None:
@@ -391,7 +443,7 @@ class ModelCache:
         warm_executor = self._device_executors.get(entry.device)
         if warm_executor is not None:
             await self._warm_up(model, warm_executor)
-        entry.load_ms = (time.perf_counter() - started) * 1000
+        entry.load_ms = entry.fetch_ms + (time.perf_counter() - started) * 1000
         solo = self._loads_running == 0 and self._load_epoch == epoch
         rss_growth = self._rss() - rss_before if solo else 0
         gpu_growth = gpu_usage(entry.device) - gpu_before if gpu_usage else 0
@@ -421,6 +473,7 @@ class ModelCache:
                              last_used=entry.initial_last_used, cost=entry.load_ms)
         log.info("model loaded", model_id=spec.model_id, reason=entry.load_reason, device=entry.device,
                  size_bytes=measured, predicted_bytes=entry.predicted_bytes, load_ms=round(entry.load_ms, 2),
+                 **({"source": entry.source, "pull_ms": round(entry.fetch_ms, 2)} if entry.source else {}),
                  **({} if entry.admitted else {"admission": f"refused by {budget.policy.name}: first to go"}))
         self.loads += 1
         return model

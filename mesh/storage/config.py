@@ -7,12 +7,16 @@ storage in ``ModelInfo.key``, the JSON modelmesh-serving's controller writes:
 ``{"storage_key": "localMinIO", "storage_params": {"bucket": "models"}, "model_type": {...},
 "schema_path": ..., "disk_size_bytes": N}``, plus the deprecated top-level ``bucket``.
 
-:func:`resolve` gives the provider configuration for one load, by pullman's rules
+:func:`resolve` gives the provider configuration for one load (its :class:`~mesh.storage.location.
+Location` says which key and parameters), by pullman's rules
 (model-serving-puller/puller/puller.go at kserve/modelmesh-runtime-adapter af7d500):
 
 - ``storage_key`` named: that key's file; a missing one is an error naming the key.
 - none named: ``default_<storage_params.type>`` when the parameters name a type, else ``default``;
   a missing default is no error, the parameters alone must then say everything.
+- parameters may not move a key that holds secrets to another endpoint (``endpoint_url``,
+  ``url``, ``account_name``): pullman lets them, which sends the key's credentials (an HTTP key's
+  ``Authorization`` header) to any host a registration names.
 - ``storage_params`` override the key's fields by dot path (``a.b`` sets a nested field).
 - the deprecated top-level ``bucket`` applies when the parameters name no bucket (pullman applies
   it only when the key already has a bucket, which looks like a bug there; we take the
@@ -33,9 +37,12 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.errors import InvalidArgument, ModelLoadError
+
+if TYPE_CHECKING:
+    from mesh.storage.location import Location
 
 TYPES = ("s3", "gcs", "azure", "http", "pvc")
 # Fields whose values are secrets: never logged, never in an error, a status or a repr.
@@ -161,39 +168,43 @@ def _set_path(fields: dict[str, Any], dotted: str, value: str) -> None:
     node[parts[-1]] = value
 
 
-def resolve(key_text: str, keys: StorageKeys) -> Resolved:
-    """The provider configuration for a registration's ``ModelInfo.key`` (module docstring).
-    InvalidArgument for a malformed key, UnknownStorageKey for a named key with no file,
-    ModelLoadError when nothing names a provider type."""
-    model_key = ModelKey.parse(key_text)
-    params = model_key.storage_params
-    if model_key.storage_key:
-        name = model_key.storage_key
-        found = keys.get(name)
-        if found is None:
+# Fields that say where a key's credentials are sent: parameters may not move them elsewhere.
+ENDPOINT_FIELDS = ("endpoint_url", "url", "account_name", "base_url")
+
+
+def resolve(location: Location, keys: StorageKeys) -> Resolved:
+    """The provider configuration for a registration's storage location (module docstring).
+    InvalidArgument for a parameter that cannot apply, UnknownStorageKey for a named key with
+    no file, ModelLoadError when nothing names a provider type or when the parameters would send
+    a key's credentials to another endpoint."""
+    model_key, params, name = location.model_key, location.params, location.key_name
+    found = keys.get(name)
+    if found is None:
+        if location.named:
             raise UnknownStorageKey(f"storage key {name!r} is not configured on this runtime "
                                     "(storage.config_dir)")
-    else:
-        name = f"default_{params['type']}" if params.get("type") else "default"
-        found = keys.get(name)
-        if found is None:
-            name, found = "", {}
+        name, found = "", {}
     fields = dict(found)
     if fields.get("type") == "s3" and "bucket" not in fields and isinstance(fields.get("default_bucket"), str):
         fields["bucket"] = fields["default_bucket"]
     if model_key.bucket and "bucket" not in params:
         fields["bucket"] = model_key.bucket
+    has_secrets = any(fields.get(f) for f in SECRET_FIELDS)
     for dotted, value in params.items():
         if not dotted or any(not part for part in dotted.split(".")):
             raise InvalidArgument(f"storage parameter {dotted[:80]!r} is not a field name")
+        if has_secrets and dotted in ENDPOINT_FIELDS and fields.get(dotted) not in (None, "", value):
+            raise ModelLoadError(f"storage parameter {dotted!r} would send storage key {name!r}'s credentials "
+                                 "to another endpoint; name a key for that endpoint instead")
         _set_path(fields, dotted, value)
     kind = fields.get("type")
     if not isinstance(kind, str) or not kind:
-        where = f"storage key {name!r}" if name else "no storage key (and no default key)"
+        where = f"storage key {name!r}" if name else f"no storage key (and no {location.key_name!r} key)"
         raise ModelLoadError(f"{where}: the storage type is not given (storage_params.type or the key's type)")
     if kind not in TYPES:
         raise ModelLoadError(f"storage type {kind[:40]!r} is not one of {', '.join(TYPES)}")
     return Resolved(key=name, type=kind, fields=fields)
 
 
-__all__ = ["SECRET_FIELDS", "TYPES", "ModelKey", "Resolved", "StorageKeys", "UnknownStorageKey", "resolve"]
+__all__ = ["ENDPOINT_FIELDS", "SECRET_FIELDS", "TYPES", "ModelKey", "Resolved", "StorageKeys", "UnknownStorageKey",
+           "resolve"]

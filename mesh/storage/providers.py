@@ -1,0 +1,541 @@
+"""Object-store providers: list a model's objects and download them to local files.
+
+One provider per load, built from a resolved storage key (``mesh.storage.config.Resolved``). Every
+method is synchronous and runs in a pull thread (``mesh.storage.puller``), never on the event loop;
+a download checks ``cancelled`` between chunks, so an abandoned pull stops.
+
+Dependencies, chosen by measurement (docs/storage-notes.md section 5, BENCHMARKS.md section 11):
+
+- **S3, GCS, Azure: obstore** (the optional extra ``storage``). One 16 MB wheel with no
+  dependencies, a Rust client (object_store) for all three clouds with their auth, retries and
+  custom endpoints, against boto3 + google-cloud-storage + azure-storage-blob (what KServe's
+  storage initializer uses: ~35 MB for boto3 alone and three different APIs). On loopback it
+  streamed at 0.84x / 0.91x / 0.80x of a raw HTTP GET for 1 MB / 100 MB / 1 GB objects (boto3:
+  0.43x at 1 MB, its per-request overhead). Without the extra, a key of these types fails its load
+  naming the extra.
+- **HTTP(S): the standard library** (``urllib`` and ``ssl``). obstore's HTTP store has no client
+  certificates, which pullman's ``http`` keys allow (``client_certificate``/``client_key``); one GET
+  of one file needs nothing more.
+- **pvc**: nothing is downloaded (``mesh.storage.puller`` reads the claim's mount in place).
+
+pullman's rules kept (``pullman/storageproviders/*``, docs/storage-notes.md section 1): S3 is
+path-style, with static credentials, an optional CA bundle (``certificate``) and ``endpoint_url``
+/ ``region``; a model path is an object or a prefix (every object under ``<path>/``; 0-byte
+objects and "directory" markers skipped); GCS takes a service account's ``private_key`` and
+``client_email`` (neither: the environment's credentials); Azure takes ``account_name`` and
+``container`` with a ``connection_string``, a service principal, or neither (anonymous); HTTP
+GETs ``url`` joined with the path, with ``headers``, a ``certificate`` (CA) and a client
+certificate. Our additions: ``endpoint_url`` on gcs keys (emulators, private endpoints),
+``account_key`` / ``sas_token`` on azure keys.
+
+Verification: every file's size must equal what the store listed, and where the store's ETag is
+an MD5 (S3's single-part uploads: 32 hex digits), the MD5 of the bytes written must match it.
+
+Errors are ``ModelLoadError`` naming the key, the bucket and the path, never a secret: not found,
+access denied, endpoint unreachable (after the client's bounded retries with backoff).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import ssl
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from mesh.errors import ModelLoadError
+from mesh.storage.config import Resolved
+
+CHUNK = 8 * 1024 * 1024
+RANGE_PARALLELISM = 4
+_MD5 = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+STORAGE_EXTRA = "pip install 'mesh-serving[storage]'"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str  # the object's key in the bucket (or path under the base URL)
+    relative: str  # where it goes under the model's folder
+    size: int  # -1: unknown until downloaded (HTTP without Content-Length)
+    etag: str = ""
+
+
+class Cancelled(Exception):
+    """The pull was abandoned (its load timed out)."""
+
+
+class Provider:
+    """One store, as a resolved key describes it."""
+
+    type = ""
+
+    def __init__(self, resolved: Resolved, *, retries: int, connect_timeout_s: float) -> None:
+        self.resolved = resolved
+        self.fields = resolved.fields
+        self.retries = retries
+        self.connect_timeout_s = connect_timeout_s
+
+    def where(self) -> str:
+        """The store, for messages and logs: no secret."""
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """What makes two locations the same bytes (endpoint, bucket): the disk cache's key."""
+        return self.where()
+
+    def objects(self, path: str, max_files: int) -> list[StoredObject]:
+        raise NotImplementedError
+
+    def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
+                 cancelled: threading.Event, progress: Callable[[int], None]) -> None:
+        raise NotImplementedError
+
+    def _fail(self, what: str, path: str) -> ModelLoadError:
+        key = f"storage key {self.resolved.key!r}" if self.resolved.key else "no storage key"
+        return ModelLoadError(f"{what}: {path[:300]!r} in {self.where()} ({key})")
+
+
+def _str(fields: dict[str, Any], name: str) -> str:
+    value = fields.get(name, "")
+    return value if isinstance(value, str) else ""
+
+
+def _relative(key: str, path: str) -> str:
+    """Where the object with ``key`` goes, for the model path ``path``: ``basename(path)`` for the
+    object itself, ``basename(path)/rest`` for one under the prefix (pullman's layout)."""
+    base = posixpath.basename(path.rstrip("/")) or "_model"
+    if key == path:
+        return base
+    return posixpath.join(base, key[len(path):].lstrip("/"))
+
+
+def verify(obj: StoredObject, dest: Path, written: int, md5: str) -> None:
+    """Size, and the MD5 where the ETag is one (module docstring)."""
+    if obj.size >= 0 and written != obj.size:
+        raise ModelLoadError(f"download of {obj.key[:300]!r} is incomplete: {written} of {obj.size} bytes")
+    m = _MD5.match(obj.etag or "")
+    if m and md5 and m.group(1).lower() != md5:
+        raise ModelLoadError(f"download of {obj.key[:300]!r} does not match its ETag (checksum mismatch)")
+
+
+class ObjectStoreProvider(Provider):
+    """S3, GCS and Azure through obstore."""
+
+    def __init__(self, resolved: Resolved, *, retries: int, connect_timeout_s: float) -> None:
+        super().__init__(resolved, retries=retries, connect_timeout_s=connect_timeout_s)
+        try:
+            import obstore  # noqa: F401
+        except ImportError:
+            raise ModelLoadError(f"storage type {resolved.type!r} needs the storage extra: {STORAGE_EXTRA}") from None
+        self.store = self._store()
+
+    def _client_options(self, endpoint: str) -> dict[str, Any]:
+        options: dict[str, Any] = {"connect_timeout": timedelta(seconds=self.connect_timeout_s),
+                                   "allow_http": endpoint.startswith("http://")}
+        certificate = _str(self.fields, "certificate")
+        if certificate:
+            options["root_certificate"] = certificate
+        return options
+
+    def _retry(self) -> dict[str, Any]:
+        return {"max_retries": self.retries, "retry_timeout": timedelta(seconds=60),
+                "backoff": {"init_backoff": timedelta(milliseconds=500), "max_backoff": timedelta(seconds=8),
+                            "base": 2}}
+
+    def _store(self) -> Any:
+        raise NotImplementedError
+
+    def objects(self, path: str, max_files: int) -> list[StoredObject]:
+        import obstore
+
+        try:
+            meta = obstore.head(self.store, path)
+            if meta["size"] > 0:
+                return [StoredObject(path, _relative(path, path), meta["size"], meta.get("e_tag") or "")]
+        except (obstore.exceptions.NotFoundError, FileNotFoundError):
+            pass
+        except Exception as exc:
+            raise self._error(exc, path) from None
+        found: list[StoredObject] = []
+        try:
+            for batch in obstore.list(self.store, path.rstrip("/") + "/", chunk_size=1000):
+                for meta in batch:
+                    key = meta["path"]
+                    if meta["size"] == 0 or key.endswith("/"):
+                        continue
+                    found.append(StoredObject(key, _relative(key, path), meta["size"], meta.get("e_tag") or ""))
+                    if len(found) > max_files:
+                        raise ModelLoadError(f"model {path[:300]!r} in {self.where()} has more than {max_files} "
+                                             "objects (storage.max_files)")
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, path) from None
+        if not found:
+            raise self._fail("object not found", path)
+        return found
+
+    def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
+                 cancelled: threading.Event, progress: Callable[[int], None]) -> None:
+        import obstore
+
+        try:
+            if 0 < range_bytes < obj.size:
+                try:
+                    self._ranged(obj, dest, range_bytes, cancelled, progress)
+                    return
+                except obstore.exceptions.BaseError as exc:
+                    if "non-partial" not in str(exc).lower() and "range" not in str(exc).lower():
+                        raise
+                    # The server answered a range with the whole object (rclone does): one stream.
+            self._stream(obj, dest, cancelled, progress)
+        except (ModelLoadError, Cancelled):
+            raise
+        except Exception as exc:
+            raise self._error(exc, obj.key) from None
+
+    def _stream(self, obj: StoredObject, dest: Path, cancelled: threading.Event,
+                progress: Callable[[int], None]) -> None:
+        import obstore
+
+        md5 = hashlib.md5(usedforsecurity=False) if _MD5.match(obj.etag or "") else None
+        written = 0
+        with open(dest, "wb") as out:
+            for chunk in obstore.get(self.store, obj.key).stream(min_chunk_size=CHUNK):
+                if cancelled.is_set():
+                    raise Cancelled()
+                view = memoryview(chunk)
+                out.write(view)
+                if md5 is not None:
+                    md5.update(view)
+                written += len(view)
+                if obj.size >= 0 and written > obj.size:
+                    break
+                progress(len(view))
+        verify(obj, dest, written, md5.hexdigest() if md5 else "")
+
+    def _ranged(self, obj: StoredObject, dest: Path, range_bytes: int, cancelled: threading.Event,
+                progress: Callable[[int], None]) -> None:
+        """Parallel ranges, RANGE_PARALLELISM at a time, written in place; the MD5 (where the ETag
+        is one) is computed from the file afterwards, in order."""
+        import obstore
+
+        starts = list(range(0, obj.size, range_bytes))
+        with open(dest, "wb") as out:
+            out.truncate(obj.size)
+            fd = out.fileno()
+            for i in range(0, len(starts), RANGE_PARALLELISM):
+                if cancelled.is_set():
+                    raise Cancelled()
+                group = starts[i:i + RANGE_PARALLELISM]
+                ends = [min(s + range_bytes, obj.size) for s in group]
+                parts = obstore.get_ranges(self.store, obj.key, starts=group, ends=ends, coalesce=0)
+                for start, end, part in zip(group, ends, parts, strict=True):
+                    view = memoryview(part)
+                    if len(view) != end - start:
+                        raise ModelLoadError(f"range {start}-{end} of {obj.key[:300]!r} came back with "
+                                             f"{len(view)} bytes")
+                    os.pwrite(fd, view, start)
+                    progress(len(view))
+        md5 = ""
+        if _MD5.match(obj.etag or ""):
+            digest = hashlib.md5(usedforsecurity=False)
+            with open(dest, "rb") as f:
+                while block := f.read(CHUNK):
+                    digest.update(block)
+            md5 = digest.hexdigest()
+        verify(obj, dest, dest.stat().st_size, md5)
+
+    def _error(self, exc: Exception, path: str) -> ModelLoadError:
+        import obstore
+
+        errors = obstore.exceptions
+        # obstore raises the built-in FileNotFoundError / PermissionError for these two.
+        if isinstance(exc, errors.NotFoundError | FileNotFoundError):
+            return self._fail("object not found", path)
+        if isinstance(exc, errors.PermissionDeniedError | errors.UnauthenticatedError | PermissionError):
+            return self._fail("access denied", path)
+        text = str(exc).split("Debug source")[0]  # the rest is the client's internals (its retry settings)
+        low = text.lower()
+        if "nosuchbucket" in low or "containernotfound" in low or "404 not found" in low:
+            return self._fail("object not found (or no such bucket)", path)
+        if any(s in low for s in ("403", "forbidden", "accessdenied", "signaturedoesnotmatch",
+                                  "invalidaccesskeyid", "authenticationfailed", "401")):
+            return self._fail("access denied", path)
+        if any(s in low for s in ("connect", "dns", "timed out", "unreachable", "error sending request")):
+            return self._fail(f"storage endpoint unreachable after {self.retries} retries", path)
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+        return self._fail(f"storage error ({_redact(first, self.fields)})", path)
+
+
+def _redact(text: str, fields: dict[str, Any]) -> str:
+    from mesh.storage.config import SECRET_FIELDS
+
+    for name in SECRET_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, str) and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+class S3Provider(ObjectStoreProvider):
+    type = "s3"
+
+    def where(self) -> str:
+        endpoint = _str(self.fields, "endpoint_url") or "AWS"
+        return f"s3 bucket {_str(self.fields, 'bucket')!r} at {endpoint}"
+
+    def _store(self) -> Any:
+        from obstore.store import S3Store
+
+        bucket = _str(self.fields, "bucket")
+        if not bucket:
+            raise ModelLoadError(f"storage key {self.resolved.key!r}: no bucket (bucket, default_bucket or "
+                                 "storage_params.bucket)")
+        endpoint = _str(self.fields, "endpoint_url")
+        config: dict[str, Any] = {"virtual_hosted_style_request": False}  # path-style, as pullman forces
+        if endpoint:
+            config["endpoint"] = endpoint
+        config["region"] = _str(self.fields, "region") or "us-east-1"
+        access, secret = _str(self.fields, "access_key_id"), _str(self.fields, "secret_access_key")
+        if access and secret:
+            config["access_key_id"], config["secret_access_key"] = access, secret
+        elif "access_key_id" in self.fields:  # present but empty: anonymous, as pullman's static ""
+            config["skip_signature"] = True
+        return S3Store(bucket, config=config, client_options=self._client_options(endpoint or "https://"),
+                       retry_config=self._retry())
+
+
+class GcsProvider(ObjectStoreProvider):
+    type = "gcs"
+
+    def where(self) -> str:
+        endpoint = _str(self.fields, "endpoint_url") or "Google Cloud Storage"
+        return f"gcs bucket {_str(self.fields, 'bucket')!r} at {endpoint}"
+
+    def _store(self) -> Any:
+        import json
+
+        from obstore.store import GCSStore
+
+        bucket = _str(self.fields, "bucket")
+        if not bucket:
+            raise ModelLoadError(f"storage key {self.resolved.key!r}: no bucket")
+        private_key, email = _str(self.fields, "private_key"), _str(self.fields, "client_email")
+        if bool(private_key) != bool(email):
+            raise ModelLoadError(f"storage key {self.resolved.key!r}: private_key and client_email go together")
+        config: dict[str, Any] = {}
+        endpoint = _str(self.fields, "endpoint_url")
+        if endpoint:
+            config["base_url"] = endpoint
+        if private_key:
+            account = {"type": "service_account", "private_key": private_key, "client_email": email,
+                       "private_key_id": "", "token_uri": _str(self.fields, "token_uri")
+                       or "https://oauth2.googleapis.com/token"}
+            config["service_account_key"] = json.dumps(account)
+        elif endpoint:
+            config["skip_signature"] = True  # an emulator or a public endpoint: no token to fetch
+        return GCSStore(bucket, config=config, client_options=self._client_options(endpoint or "https://"),
+                        retry_config=self._retry())
+
+
+def parse_connection_string(text: str) -> dict[str, str]:
+    """Azure's ``Key=Value;...`` connection string."""
+    parts: dict[str, str] = {}
+    for item in text.split(";"):
+        name, sep, value = item.partition("=")
+        if sep and name.strip():
+            parts[name.strip()] = value.strip()
+    return parts
+
+
+class AzureProvider(ObjectStoreProvider):
+    type = "azure"
+
+    def _endpoint(self) -> str:
+        connection = parse_connection_string(_str(self.fields, "connection_string"))
+        if connection.get("BlobEndpoint"):
+            return connection["BlobEndpoint"].rstrip("/")
+        account = connection.get("AccountName") or _str(self.fields, "account_name")
+        protocol = connection.get("DefaultEndpointsProtocol", "https")
+        suffix = connection.get("EndpointSuffix", "core.windows.net")
+        return f"{protocol}://{account}.blob.{suffix}"
+
+    def where(self) -> str:
+        return f"azure container {_str(self.fields, 'container')!r} at {self._endpoint()}"
+
+    def _store(self) -> Any:
+        from obstore.store import AzureStore
+
+        container = _str(self.fields, "container")
+        connection = parse_connection_string(_str(self.fields, "connection_string"))
+        account = connection.get("AccountName") or _str(self.fields, "account_name")
+        if not container or not account:
+            raise ModelLoadError(f"storage key {self.resolved.key!r}: azure needs account_name and container")
+        endpoint = self._endpoint()
+        config: dict[str, Any] = {"account_name": account, "endpoint": endpoint}
+        key = connection.get("AccountKey") or _str(self.fields, "account_key")
+        sas = connection.get("SharedAccessSignature") or _str(self.fields, "sas_token")
+        client_id, client_secret, tenant = (_str(self.fields, n) for n in ("client_id", "client_secret", "tenant_id"))
+        if key:
+            config["access_key"] = key
+        elif sas:
+            config["sas_key"] = sas.lstrip("?")
+        elif client_id and client_secret and tenant:
+            config.update(client_id=client_id, client_secret=client_secret, tenant_id=tenant)
+        else:
+            config["skip_signature"] = True
+        return AzureStore(container, config=config, client_options=self._client_options(endpoint),
+                          retry_config=self._retry())
+
+
+class HttpProvider(Provider):
+    """One file by GET (module docstring)."""
+
+    type = "http"
+
+    def __init__(self, resolved: Resolved, *, retries: int, connect_timeout_s: float) -> None:
+        super().__init__(resolved, retries=retries, connect_timeout_s=connect_timeout_s)
+        self.base = _str(self.fields, "url").rstrip("/")
+        parts = urlsplit(self.base)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ModelLoadError(f"storage key {resolved.key!r}: url must be an http(s) URL")
+        self.headers = self._headers()
+        self.context = self._context() if parts.scheme == "https" else None
+
+    def where(self) -> str:
+        parts = urlsplit(self.base)
+        return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+    def _headers(self) -> dict[str, str]:
+        raw = self.fields.get("headers") or {}
+        if not isinstance(raw, dict):
+            raise ModelLoadError(f"storage key {self.resolved.key!r}: headers must be an object")
+        headers: dict[str, str] = {}
+        for name, value in raw.items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in values) or any("\n" in v or "\r" in v for v in values):
+                raise ModelLoadError(f"storage key {self.resolved.key!r}: header {str(name)[:80]!r} must be text")
+            headers[str(name)] = ", ".join(values)
+        return headers
+
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        certificate = _str(self.fields, "certificate")
+        if certificate:
+            context.load_verify_locations(cadata=certificate)
+        cert, key = _str(self.fields, "client_certificate"), _str(self.fields, "client_key")
+        if bool(cert) != bool(key):
+            raise ModelLoadError(f"storage key {self.resolved.key!r}: client_certificate and client_key go together")
+        if cert:
+            # ssl loads a client certificate from files only: a private folder, removed at once.
+            with tempfile.TemporaryDirectory(prefix="mesh-tls-") as folder:
+                pem = Path(folder) / "client.pem"
+                fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(cert.strip() + "\n" + key.strip() + "\n")
+                try:
+                    context.load_cert_chain(pem)
+                except ssl.SSLError:
+                    raise ModelLoadError(f"storage key {self.resolved.key!r}: client_certificate/client_key "
+                                         "are not a PEM certificate and its key") from None
+        return context
+
+    def _url(self, path: str) -> str:
+        base = urlsplit(self.base)
+        joined = posixpath.join(base.path or "/", path)
+        return f"{base.scheme}://{base.netloc}{quote(joined)}"
+
+    def objects(self, path: str, max_files: int) -> list[StoredObject]:
+        return [StoredObject(path, _relative(path, path), -1)]  # one file, its size from the answer
+
+    def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
+                 cancelled: threading.Event, progress: Callable[[int], None]) -> None:
+
+        attempt = 0
+        while True:
+            try:
+                self._get(obj, dest, cancelled, progress)
+                return
+            except _Transient as exc:
+                attempt += 1
+                if attempt > self.retries:
+                    raise self._fail(f"storage endpoint unreachable after {self.retries} retries ({exc})",
+                                     obj.key) from None
+                if cancelled.wait(min(8.0, 0.5 * 2 ** (attempt - 1))):
+                    raise Cancelled() from None
+
+    def _get(self, obj: StoredObject, dest: Path, cancelled: threading.Event,
+             progress: Callable[[int], None]) -> None:
+        request = urllib.request.Request(self._url(obj.key), headers=self.headers)
+        try:
+            response = urllib.request.urlopen(request, timeout=max(self.connect_timeout_s, 30.0),
+                                              context=self.context)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            if exc.code in (401, 403):
+                raise self._fail("access denied", obj.key) from None
+            if exc.code == 404:
+                raise self._fail("object not found", obj.key) from None
+            if exc.code >= 500 or exc.code == 429:
+                raise _Transient(f"HTTP {exc.code}") from None
+            raise self._fail(f"HTTP {exc.code}", obj.key) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError):
+                raise self._fail(f"TLS failure ({type(reason).__name__})", obj.key) from None
+            raise _Transient(type(reason).__name__) from None
+        with response:
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else -1
+            etag = response.headers.get("ETag") or ""
+            written = 0
+            md5 = hashlib.md5(usedforsecurity=False) if _MD5.match(etag) else None
+            buffer = bytearray(CHUNK)
+            with open(dest, "wb") as out:
+                while True:
+                    if cancelled.is_set():
+                        raise Cancelled()
+                    try:
+                        n = response.readinto(buffer)
+                    except OSError as exc:
+                        raise _Transient(type(exc).__name__) from None
+                    if not n:
+                        break
+                    view = memoryview(buffer)[:n]
+                    out.write(view)
+                    if md5 is not None:
+                        md5.update(view)
+                    written += n
+                    progress(n)
+        verify(StoredObject(obj.key, obj.relative, expected, etag), dest, written, md5.hexdigest() if md5 else "")
+
+
+class _Transient(Exception):
+    """A failure worth another attempt (connection refused or reset, 5xx, 429)."""
+
+
+PROVIDERS: dict[str, type[Provider]] = {"s3": S3Provider, "gcs": GcsProvider, "azure": AzureProvider,
+                                        "http": HttpProvider}
+
+
+def provider_for(resolved: Resolved, *, retries: int, connect_timeout_s: float) -> Provider:
+    """The provider of a resolved key (not ``pvc``: read in place)."""
+    cls = PROVIDERS.get(resolved.type)
+    if cls is None:
+        raise ModelLoadError(f"storage type {resolved.type!r} has no downloader")
+    return cls(resolved, retries=retries, connect_timeout_s=connect_timeout_s)
+
+
+__all__ = ["PROVIDERS", "Cancelled", "Provider", "StoredObject", "parse_connection_string", "provider_for",
+           "verify"]

@@ -1,0 +1,291 @@
+"""Pulls a registration's model from object storage into the disk cache: the runtime's side.
+
+``Puller.pull(spec)`` is awaited by the model cache at the start of each load, inside the load's
+slot and deadline (``mesh.runtime.cache``), so the download is part of the load: its time is in
+``modelmesh_loadmodel_milliseconds`` and its own metrics (``mesh_storage_*``), and the load's log
+line says where the model came from. It answers the local path the loader reads:
+
+- a local registration (``mesh.storage.location.locate`` is None): nothing to pull;
+- ``type: pvc``: ``<storage.pvc_mounts_dir>/<name>/<path>``, read in place (no copy), confined to
+  that claim's mount on its real path;
+- anything else: ``<storage.cache_dir>/<digest>/<basename(path)>``, downloaded once
+  (``mesh.storage.disk``): a model evicted from memory and loaded again reads the disk copy and
+  touches no network. ``<digest>`` covers the store (endpoint, bucket), the path, and the
+  registration (model ID and registration time), so re-registering a model after uploading new
+  bytes to the same path pulls them again, while a copy evicted and reloaded does not. A single
+  archive (``.zip``, ``.tar.gz``, ``.tgz``, ``.tar``) is unpacked into ``<basename without the
+  suffix>/`` and the archive removed (``mesh.storage.archives``).
+
+Single flight: concurrent pulls of one digest share one download (the model cache already runs
+one load per model; this covers two registrations of the same bytes too).
+
+Confinement: the runtime's model roots gain the cache folder and the claims' mounts, for the
+loaders (``roots``); a *local* registration naming a path in either is refused, so a tenant can
+reach another's pulled model or claim only through storage it may use (``mesh.auth``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mesh.errors import MeshError, ModelLoadError
+from mesh.paths import as_directory, local_path, shown, under_prefix
+from mesh.registry.records import ModelSpec
+from mesh.settings import StorageSettings
+from mesh.storage.archives import archive_kind, unpack
+from mesh.storage.config import Resolved, StorageKeys, resolve
+from mesh.storage.disk import MANIFEST, DiskCache
+from mesh.storage.location import Location, locate
+from mesh.storage.providers import Cancelled, Provider, StoredObject, provider_for
+
+log = structlog.get_logger(__name__)
+
+_CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Kubernetes object name
+OBJECT_PARALLELISM = 4  # objects of one model downloaded at once
+
+
+@dataclass(frozen=True)
+class Pulled:
+    path: str  # what the loader reads
+    source: str  # where it came from, for the load's log line (no secret)
+    downloaded_bytes: int = 0
+    from_disk: bool = False  # served by the disk cache (or read in place)
+    seconds: float = 0.0
+    digest: str = ""  # the disk-cache entry, pinned until ``done``
+    type: str = ""
+
+
+def default_cache_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), f"mesh-storage-{os.getuid()}")
+
+
+class Puller:
+    def __init__(self, settings: StorageSettings, metrics: Any = None, model_roots: tuple[str, ...] = ()) -> None:
+        self.settings = settings
+        self.model_roots = model_roots
+        self.keys = StorageKeys(settings.config_dir) if settings.config_dir else None
+        self.disk = DiskCache(settings.cache_dir or default_cache_dir(), settings.cache_bytes)
+        self.metrics = metrics  # RuntimeMetrics (storage_pulled / storage_failed), or None
+        self._flights: dict[str, asyncio.Future[Pulled]] = {}
+        self._cancelled = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=OBJECT_PARALLELISM, thread_name_prefix="pull")
+
+    def start(self) -> None:
+        self.disk.start()
+
+    def close(self) -> None:
+        self._cancelled.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def roots(self) -> tuple[str, ...]:
+        """Folders the loaders may read besides the model roots."""
+        return (str(self.disk.root), self.settings.pvc_mounts_dir)
+
+    def check_local(self, path: str) -> None:
+        """A local registration must not name a pulled model or a claim (module docstring)."""
+        try:
+            local = os.path.realpath(os.path.expanduser(local_path(path)))
+        except MeshError:
+            return  # the loader gives the reason
+        for root in self.roots():
+            real_root = as_directory(os.path.realpath(root))
+            if under_prefix(local, real_root) and not any(
+                    under_prefix(local, as_directory(os.path.realpath(r))) for r in self.model_roots):
+                raise ModelLoadError(f"model path {shown(path)} is in the runtime's storage folders "
+                                     f"({root}); register the model by its storage, not by this path")
+
+    async def pull(self, spec: ModelSpec) -> Pulled | None:
+        """The model's local path (module docstring); None for a local registration."""
+        try:
+            location = locate(spec.path, spec.key)
+        except MeshError as exc:
+            raise ModelLoadError(exc.message) from None
+        if location is None:
+            await asyncio.to_thread(self.check_local, spec.path)
+            return None
+        started = time.perf_counter()
+        try:
+            resolved = await asyncio.to_thread(self._resolve, location)
+            if resolved.type == "pvc":
+                path = await asyncio.to_thread(self._claim_path, resolved, location)
+                return Pulled(path=path, source=f"claim {resolved.fields['name']!r}: {location.path}",
+                              from_disk=True, type="pvc")
+            provider = provider_for(resolved, retries=self.settings.retries,
+                                    connect_timeout_s=self.settings.connect_timeout_s)
+            digest = _digest(provider, location, spec)
+            flight = self._flights.get(digest)
+            owner = flight is None  # the pull thread's pin on the entry is this load's
+            if flight is None:
+                flight = asyncio.ensure_future(asyncio.to_thread(self._pull, provider, location, digest))
+                self._flights[digest] = flight
+                flight.add_done_callback(lambda _f, d=digest: self._flights.pop(d, None))
+            try:
+                pulled = await asyncio.shield(flight)
+            except asyncio.CancelledError:
+                if owner:  # the load gave up (its deadline): nobody else will release that pin
+                    flight.add_done_callback(self._release_abandoned)
+                raise
+            if not owner and self.disk.lookup(digest) is None:  # a shared download: pin it for this load
+                raise ModelLoadError(f"pulled model {spec.model_id!r} left the disk cache before its load")
+        except MeshError as exc:
+            if self.metrics is not None:
+                self.metrics.storage_failed(location.type_hint or "unknown")
+            raise ModelLoadError(exc.message) from None
+        pulled = Pulled(**{**pulled.__dict__, "seconds": time.perf_counter() - started})
+        if self.metrics is not None:
+            self.metrics.storage_pulled(pulled)
+        return pulled
+
+    def _release_abandoned(self, flight: asyncio.Future[Pulled]) -> None:
+        if not flight.cancelled() and flight.exception() is None:
+            self.done(flight.result())
+
+    def done(self, pulled: Pulled | None) -> None:
+        """The load that asked for ``pulled`` has finished reading it."""
+        if pulled is not None and pulled.digest:
+            self.disk.unpin(pulled.digest)
+
+    # --- in a pull thread -------------------------------------------------------------------
+    def _resolve(self, location: Location) -> Resolved:
+        if self.keys is None:
+            if location.named:
+                raise ModelLoadError(f"storage key {location.key_name!r} is not configured on this runtime "
+                                     "(no storage.config_dir)")
+            return resolve(location, _NoKeys())
+        return resolve(location, self.keys)
+
+    def _claim_path(self, resolved: Resolved, location: Location) -> str:
+        name = resolved.fields.get("name")
+        if not isinstance(name, str) or not _CLAIM.match(name):
+            raise ModelLoadError(f"storage key {resolved.key!r}: type pvc needs the claim's name "
+                                 "(a Kubernetes name)")
+        mount = Path(self.settings.pvc_mounts_dir) / name
+        if not mount.is_dir():
+            raise ModelLoadError(f"persistent volume claim {name!r} is not mounted on this runtime "
+                                 f"({mount}: deploy/README.md, Model storage)")
+        path = mount / location.path
+        real = os.path.realpath(path)
+        if not under_prefix(real, as_directory(os.path.realpath(mount))):
+            raise ModelLoadError(f"model path {shown(location.path)} leads outside claim {name!r} through a "
+                                 "symbolic link")
+        if not os.path.exists(real):
+            raise ModelLoadError(f"object not found: {location.path[:300]!r} in claim {name!r}")
+        return str(path)
+
+    def _pull(self, provider: Provider, location: Location, digest: str) -> Pulled:
+        source = f"{provider.where()}: {location.path}"
+        held = self.disk.lookup(digest)
+        if held is not None:
+            try:
+                manifest = json.loads((held / MANIFEST).read_text())
+                return Pulled(path=str(held / manifest["model_path"]), source=source, from_disk=True,
+                              digest=digest, type=provider.type)
+            except (OSError, ValueError, KeyError):
+                self.disk.unpin(digest)
+                self.disk.remove(digest)
+        objects = provider.objects(location.path, self.settings.max_files)
+        known = sum(max(o.size, 0) for o in objects)
+        self.disk.reserve(known, f"model {location.path[:200]!r}")
+        reserved = known
+        partial = self.disk.partial(digest)
+        try:
+            written = self._download_all(provider, objects, partial, reserved)
+            model_rel = _relative_root(location.path)
+            if len(objects) == 1 and (kind := archive_kind(objects[0].relative)):
+                archive = partial / objects[0].relative
+                model_rel = _strip_archive_suffix(objects[0].relative, kind)
+                target = partial / model_rel
+                target.mkdir()
+                room = max(0, self.disk.max_bytes - self.disk.used_bytes)
+                unpacked = unpack(archive, target, max_bytes=room + reserved, max_files=self.settings.max_files)
+                archive.unlink()
+                self.disk.reserve(unpacked, f"model {location.path[:200]!r} unpacked")
+                self.disk.release(reserved)
+                reserved, written = unpacked, unpacked
+            final = self.disk.commit(partial, digest, {"source": source, "model_path": model_rel,
+                                                       "files": len(objects)}, written)
+        except BaseException:
+            self.disk.abandon(partial)
+            raise
+        finally:
+            self.disk.release(reserved)
+        return Pulled(path=str(final / model_rel), source=source, downloaded_bytes=sum(max(o.size, 0) for o in objects)
+                      or written, digest=digest, type=provider.type)
+
+    def _download_all(self, provider: Provider, objects: list[StoredObject], partial: Path, reserved: int) -> int:
+        counted = [0]
+        lock = threading.Lock()
+        bound = self.disk.max_bytes
+
+        def progress(n: int) -> None:
+            with lock:
+                counted[0] += n
+                if counted[0] > max(reserved, 0) and counted[0] > bound:
+                    raise ModelLoadError(f"download is larger than the disk cache's bound of {bound} bytes "
+                                         "(storage.cache_bytes)")
+
+        def one(obj: StoredObject) -> None:
+            dest = _inside(partial, obj.relative)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            provider.download(obj, dest, range_bytes=self.settings.range_bytes, cancelled=self._cancelled,
+                              progress=progress)
+
+        try:
+            if len(objects) == 1:
+                one(objects[0])
+            else:
+                for future in [self._pool.submit(one, obj) for obj in objects]:
+                    future.result()
+        except Cancelled:
+            raise ModelLoadError("download abandoned: the runtime is shutting down") from None
+        return counted[0]
+
+
+class _NoKeys(StorageKeys):
+    def __init__(self) -> None:
+        super().__init__("/nonexistent")
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return None
+
+
+def _digest(provider: Provider, location: Location, spec: ModelSpec) -> str:
+    identity = json.dumps([provider.identity(), location.path, spec.model_id, spec.registered_ms])
+    return hashlib.sha256(identity.encode()).hexdigest()
+
+
+def _relative_root(path: str) -> str:
+    return posixpath.basename(path.rstrip("/")) or "_model"
+
+
+def _strip_archive_suffix(name: str, kind: str) -> str:
+    low = name.lower()
+    for suffix in (".tar.gz", ".tgz", ".zip", ".tar"):
+        if low.endswith(suffix):
+            return name[: -len(suffix)] or "_model"
+    return name + f".{kind}-unpacked"
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """``folder/relative``, refusing object keys that would leave it (``a/../../x``)."""
+    parts = relative.split("/")
+    if relative.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\x00" in relative:
+        raise ModelLoadError(f"object {relative[:200]!r} has a path that cannot be stored safely")
+    return folder.joinpath(*parts)
+
+
+__all__ = ["Pulled", "Puller", "default_cache_dir"]

@@ -1,0 +1,186 @@
+"""The puller and its disk cache (mesh.storage.puller, mesh.storage.disk) against a real HTTP
+server on 127.0.0.1 (a stdlib server in a thread of the test): one download however often a
+model is loaded, atomic and bounded on disk, archives unpacked, claims read in place."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import io
+import json
+import os
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import ModelLoadError
+from mesh.registry.records import ModelSpec
+from mesh.settings import StorageSettings
+from mesh.storage.disk import MANIFEST, DiskCache
+from mesh.storage.puller import Puller
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    gets: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).gets.append(self.path)
+        if self.headers.get("Authorization") != "Bearer good" and self.path.startswith("/private/"):
+            self.send_error(403)
+            return
+        super().do_GET()
+
+    def end_headers(self) -> None:
+        path = self.translate_path(self.path)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                self.send_header("ETag", '"' + hashlib.md5(f.read()).hexdigest() + '"')
+        super().end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "served"
+    root.mkdir()
+    _Files.gets = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             lambda *a: _Files(*a, directory=str(root)))  # type: ignore[misc]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _puller(tmp_path: Path, keys: dict[str, object] | None = None, **settings: object) -> Puller:
+    config = tmp_path / "keys"
+    config.mkdir(exist_ok=True)
+    for name, value in (keys or {}).items():
+        (config / name).write_text(json.dumps(value))
+    puller = Puller(StorageSettings(config_dir=str(config), cache_dir=str(tmp_path / "cache"),
+                                    pvc_mounts_dir=str(tmp_path / "pvc"), retries=1, **settings))  # type: ignore[arg-type]
+    puller.start()
+    return puller
+
+
+def _spec(path: str, key: dict[str, object] | None = None, model_id: str = "m") -> ModelSpec:
+    return ModelSpec(model_id=model_id, type="sklearn", path=path, key=json.dumps(key or {}), registered_ms=1)
+
+
+async def test_one_download_then_the_disk(tmp_path: Path, served: tuple[str, Path]) -> None:
+    url, root = served
+    (root / "m.joblib").write_bytes(b"model-bytes" * 1000)
+    puller = _puller(tmp_path, {"web": {"type": "http", "url": url}})
+    spec = _spec("m.joblib", {"storage_key": "web"})
+    first = await puller.pull(spec)
+    assert first is not None and not first.from_disk and first.downloaded_bytes == 11000
+    assert Path(first.path).read_bytes() == b"model-bytes" * 1000
+    puller.done(first)
+    again = await puller.pull(spec)
+    assert again is not None and again.from_disk and again.path == first.path
+    assert _Files.gets == ["/m.joblib"]
+    # 100 loads asking at once for a new registration of it: one download.
+    _Files.gets = []
+    many = await asyncio.gather(*(puller.pull(_spec("m.joblib", {"storage_key": "web"}, model_id="n"))
+                                  for _ in range(100)))
+    assert len({p.path for p in many if p}) == 1 and _Files.gets == ["/m.joblib"]
+
+
+async def test_local_registrations_pass_and_may_not_name_the_cache(tmp_path: Path, served: tuple[str, Path]) -> None:
+    puller = _puller(tmp_path)
+    assert await puller.pull(_spec("/anywhere/m.joblib")) is None
+    with pytest.raises(ModelLoadError, match="storage folders"):
+        await puller.pull(_spec(str(tmp_path / "cache" / "x" / "m.joblib")))
+    with pytest.raises(ModelLoadError, match="storage folders"):
+        await puller.pull(_spec("file://" + str(tmp_path / "pvc" / "claim" / "m.joblib")))
+
+
+async def test_errors_name_the_key_and_path_never_the_secret(tmp_path: Path, served: tuple[str, Path]) -> None:
+    url, root = served
+    (root / "private").mkdir()
+    (root / "private" / "m.joblib").write_bytes(b"x")
+    puller = _puller(tmp_path, {"bad": {"type": "http", "url": url, "headers": {"Authorization": "Bearer s3cr3t"}},
+                                "good": {"type": "http", "url": url, "headers": {"Authorization": "Bearer good"}}})
+    cases = [({"storage_key": "bad"}, "private/m.joblib", "access denied: 'private/m.joblib'.*'bad'"),
+             ({"storage_key": "good"}, "private/none.joblib", "object not found: 'private/none.joblib'"),
+             ({"storage_key": "absent"}, "m.joblib", "storage key 'absent' is not configured"),
+             ({"storage_key": "good", "storage_params": {"url": "http://127.0.0.1:9"}}, "m.joblib",
+              "would send storage key 'good'"),
+             ({}, "http://127.0.0.1:9/m.joblib", "unreachable after 1 retries")]
+    for key, path, message in cases:
+        with pytest.raises(ModelLoadError, match=message) as caught:
+            await puller.pull(_spec(path, key))
+        assert "s3cr3t" not in caught.value.message and "good" not in caught.value.message.split("'good'")[-1]
+    assert await puller.pull(_spec("private/m.joblib", {"storage_key": "good"})) is not None
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial")]
+
+
+async def test_archives_unpack_into_a_folder(tmp_path: Path, served: tuple[str, Path]) -> None:
+    url, root = served
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in (("model/1/model.onnx", b"onnx"), ("model/config.pbtxt", b"cfg")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (root / "bundle.tar.gz").write_bytes(buffer.getvalue())
+    puller = _puller(tmp_path)
+    pulled = await puller.pull(_spec(f"{url}/bundle.tar.gz"))
+    assert pulled is not None and pulled.path.endswith("/bundle")
+    assert (Path(pulled.path) / "model" / "1" / "model.onnx").read_bytes() == b"onnx"
+    assert not (Path(pulled.path).parent / "bundle.tar.gz").exists()
+    (root / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        await puller.pull(_spec(f"{url}/broken.zip"))
+
+
+async def test_claims_are_read_in_place_and_confined(tmp_path: Path) -> None:
+    claim = tmp_path / "pvc" / "claim-a"
+    (claim / "dir").mkdir(parents=True)
+    (claim / "dir" / "m.joblib").write_bytes(b"x")
+    (claim / "escape").symlink_to("/etc")
+    puller = _puller(tmp_path)
+    pulled = await puller.pull(_spec("pvc://claim-a/dir/m.joblib"))
+    assert pulled is not None and pulled.path == str(claim / "dir" / "m.joblib") and pulled.type == "pvc"
+    with pytest.raises(ModelLoadError, match="outside claim 'claim-a'"):
+        await puller.pull(_spec("pvc://claim-a/escape/passwd"))
+    with pytest.raises(ModelLoadError, match="claim 'claim-b' is not mounted"):
+        await puller.pull(_spec("pvc://claim-b/m.joblib"))
+
+
+def test_the_disk_cache_is_bounded_least_recently_used_and_cleans_interrupted_pulls(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", max_bytes=100)
+    cache.start()
+    for digest, size in (("a", 40), ("b", 40)):
+        cache.reserve(size, digest)
+        partial = cache.partial(digest)
+        (partial / "f").write_bytes(b"x" * size)
+        cache.commit(partial, digest, {"model_path": "f"}, size)
+        cache.release(size)
+        cache.unpin(digest)
+    assert cache.lookup("a") is not None  # a is now the most recent, and pinned
+    cache.reserve(40, "c")  # b goes; a is in use
+    assert not (tmp_path / "c" / "b").exists() and (tmp_path / "c" / "a").exists()
+    with pytest.raises(ModelLoadError, match="storage.cache_bytes"):
+        cache.reserve(101, "too big")
+    with pytest.raises(ModelLoadError, match="disk cache is full"):
+        cache.reserve(30, "no room while a is pinned")
+    cache.release(40)
+    # A runtime killed mid-pull: the partial folder goes at the next start, the entries stay.
+    leftover = cache.partial("d")
+    (leftover / "half").write_bytes(b"x")
+    (tmp_path / "c" / "junk").mkdir()
+    again = DiskCache(tmp_path / "c", max_bytes=100)
+    again.start()
+    assert not leftover.exists() and not (tmp_path / "c" / "junk").exists()
+    assert again.lookup("a") is not None and (tmp_path / "c" / "a" / MANIFEST).exists()
+    assert oct((tmp_path / "c").stat().st_mode & 0o777) == "0o700"
