@@ -39,12 +39,33 @@ def _as_dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
+def _key(args: argparse.Namespace) -> str:
+    """--key, with --storage-key and --storage-param merged into it (modelmesh-serving's fields)."""
+    storage_key, params = getattr(args, "storage_key", None), getattr(args, "storage_param", None) or []
+    if not storage_key and not params:
+        return args.key or ""
+    try:
+        key = json.loads(args.key) if args.key else {}
+    except ValueError:
+        raise InvalidArgument("--key is not JSON") from None
+    if not isinstance(key, dict):
+        raise InvalidArgument("--key must be a JSON object")
+    if storage_key:
+        key["storage_key"] = storage_key
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InvalidArgument(f"--storage-param {item[:80]!r}: expected NAME=VALUE")
+        key.setdefault("storage_params", {})[name] = value
+    return json.dumps(key)
+
+
 def _model_info(args: argparse.Namespace) -> mm.ModelInfo:
     try:
         size = parse_bytes(args.size_hint) if args.size_hint else 0
     except ValueError as exc:
         raise InvalidArgument(f"--size-hint: {exc}") from None
-    return mm.ModelInfo(type=args.type, path=args.path or "", key=args.key or "", sizeHintBytes=size,
+    return mm.ModelInfo(type=args.type, path=args.path or "", key=_key(args), sizeHintBytes=size,
                         minCopies=args.min_copies, maxCopies=args.max_copies, labels=args.label or [],
                         gpu=args.gpu or "")
 

@@ -51,8 +51,13 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 def _model_info_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--type", required=required,
                    help="model type: sklearn, xgboost, lightgbm, onnx, openvino, torchscript")
-    p.add_argument("--path", help="model file or directory: a local path or file:// URI")
-    p.add_argument("--key", help="runtime parameters, a JSON object")
+    p.add_argument("--path", help="model file or directory: a local path or file:// URI; a URI in object "
+                   "storage (s3://, gs://, https://, pvc://); or, with --storage-key, the path in that key's bucket")
+    p.add_argument("--key", help="ModelInfo.key, a JSON object (modelmesh-serving's: storage_key, storage_params...)")
+    p.add_argument("--storage-key", help="storage key the runtimes pull the model with (a file in their "
+                   "storage.config_dir); --path is then the object or prefix in its bucket")
+    p.add_argument("--storage-param", action="append", metavar="NAME=VALUE",
+                   help="storage parameter overriding the key's field, e.g. bucket=models (repeatable)")
     p.add_argument("--size-hint", help="expected in-memory size (e.g. 200MiB); else predicted")
     p.add_argument("--min-copies", type=int, default=0)
     p.add_argument("--max-copies", type=int, default=0)

@@ -176,8 +176,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     # loaders may read there and in the claims' mounts besides the model roots.
     puller = Puller(settings.storage, model_roots=rs.model_roots)
     await asyncio.to_thread(puller.start)
-    roots = rs.model_roots + puller.roots() if rs.model_roots else ()
-    policy = LoadPolicy(roots=roots, allow_code_formats=rs.allow_code_formats,
+    load_roots = rs.model_roots + puller.roots() if rs.model_roots else ()
+    policy = LoadPolicy(roots=load_roots, allow_code_formats=rs.allow_code_formats,
                         trusted_types=rs.skops_trusted_types)
     if not rs.model_roots:
         log.warning("model paths are not confined: a registration may name any file this process can "
@@ -222,7 +222,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     journal = LoadJournal(journal_dir(instance_id, rs.state_dir))
     load_fn = journaled(load_fn, journal)
     sizer = SizePredictor(SizeEstimator(default_ratio=rs.size_ratio,
-                                        floor_bytes=rs.default_model_size_bytes), roots=roots)
+                                        floor_bytes=rs.default_model_size_bytes), roots=load_roots)
     load_pool = ThreadPoolExecutor(rs.max_concurrent_loads, thread_name_prefix="load")
     infer_pool = ThreadPoolExecutor(rs.inference_threads, thread_name_prefix="infer")
     cache = RememberingCache(budgets=budgets, load_fn=load_fn, predict_size=sizer.predict,

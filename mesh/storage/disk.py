@@ -1,6 +1,10 @@
 """The runtime's disk cache of pulled models: atomic, bounded, least recently used out.
 
-Layout under ``storage.cache_dir`` (created 0700: models of every tenant are there):
+Layout under ``storage.cache_dir`` (created 0700: models of every tenant are there): one folder
+per runtime process, ``<slot>/``, held with an exclusive ``flock`` on ``<slot>.lock`` for the
+process's life, so that runtimes sharing a cache folder (``mesh up`` starts several on one machine)
+never delete each other's pulls, and a restarted runtime finds its slot, and its models, again.
+Inside a slot:
 
 - ``<digest>/``: one pulled model, complete. ``<digest>`` is the SHA-256 of what identifies the
   bytes (the store, the path, the registration: ``mesh.storage.puller``). Its files, and
@@ -21,6 +25,7 @@ Thread-safe: pulls run in threads (``mesh.storage.puller``); one lock guards the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -48,8 +53,12 @@ class _Entry:
 
 
 class DiskCache:
+    MAX_SLOTS = 64
+
     def __init__(self, root: str | os.PathLike[str], max_bytes: int) -> None:
-        self.root = Path(root)
+        self.base = Path(root)
+        self.root = self.base / "0"  # the slot, chosen by start()
+        self._lock_fd = -1
         self.max_bytes = max_bytes
         self._entries: dict[str, _Entry] = {}
         self._reserved = 0  # bytes of pulls in progress
@@ -57,9 +66,22 @@ class DiskCache:
         self.evictions = 0
 
     def start(self) -> None:
-        """Create the folder (0700), remove what interrupted pulls left, index the entries."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.root, 0o700)
+        """Take a slot, create it (0700), remove what interrupted pulls left, index the entries."""
+        self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.base, 0o700)
+        for slot in range(self.MAX_SLOTS):
+            fd = os.open(self.base / f"{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._lock_fd, self.root = fd, self.base / str(slot)
+            break
+        else:
+            raise ModelLoadError(f"{self.MAX_SLOTS} runtimes already use the disk cache {self.base} "
+                                 "(storage.cache_dir)")
+        self.root.mkdir(exist_ok=True, mode=0o700)
         removed = 0
         for child in self.root.iterdir():
             if child.name.startswith(PARTIAL) or child.name.startswith(".trash-"):
@@ -77,6 +99,11 @@ class DiskCache:
             self._entries[child.name] = _Entry(size, used)
         if removed:
             log.info("disk cache: removed interrupted or damaged pulls", cache_dir=str(self.root), removed=removed)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the slot
+            self._lock_fd = -1
 
     @property
     def used_bytes(self) -> int:

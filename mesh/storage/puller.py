@@ -90,6 +90,7 @@ class Puller:
     def close(self) -> None:
         self._cancelled.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.disk.close()
 
     def roots(self) -> tuple[str, ...]:
         """Folders the loaders may read besides the model roots."""

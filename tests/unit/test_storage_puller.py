@@ -27,7 +27,7 @@ from mesh.storage.puller import Puller
 class _Files(http.server.SimpleHTTPRequestHandler):
     gets: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         type(self).gets.append(self.path)
         if self.headers.get("Authorization") != "Bearer good" and self.path.startswith("/private/"):
             self.send_error(403)
@@ -72,6 +72,11 @@ def _puller(tmp_path: Path, keys: dict[str, object] | None = None, **settings: o
     return puller
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _spec(path: str, key: dict[str, object] | None = None, model_id: str = "m") -> ModelSpec:
     return ModelSpec(model_id=model_id, type="sklearn", path=path, key=json.dumps(key or {}), registered_ms=1)
 
@@ -83,7 +88,7 @@ async def test_one_download_then_the_disk(tmp_path: Path, served: tuple[str, Pat
     spec = _spec("m.joblib", {"storage_key": "web"})
     first = await puller.pull(spec)
     assert first is not None and not first.from_disk and first.downloaded_bytes == 11000
-    assert Path(first.path).read_bytes() == b"model-bytes" * 1000
+    assert _read(first.path) == b"model-bytes" * 1000
     puller.done(first)
     again = await puller.pull(spec)
     assert again is not None and again.from_disk and again.path == first.path
@@ -99,7 +104,7 @@ async def test_local_registrations_pass_and_may_not_name_the_cache(tmp_path: Pat
     puller = _puller(tmp_path)
     assert await puller.pull(_spec("/anywhere/m.joblib")) is None
     with pytest.raises(ModelLoadError, match="storage folders"):
-        await puller.pull(_spec(str(tmp_path / "cache" / "x" / "m.joblib")))
+        await puller.pull(_spec(str(tmp_path / "cache" / "0" / "x" / "m.joblib")))
     with pytest.raises(ModelLoadError, match="storage folders"):
         await puller.pull(_spec("file://" + str(tmp_path / "pvc" / "claim" / "m.joblib")))
 
@@ -121,7 +126,7 @@ async def test_errors_name_the_key_and_path_never_the_secret(tmp_path: Path, ser
             await puller.pull(_spec(path, key))
         assert "s3cr3t" not in caught.value.message and "good" not in caught.value.message.split("'good'")[-1]
     assert await puller.pull(_spec("private/m.joblib", {"storage_key": "good"})) is not None
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial")]
+    assert not [p for p in (tmp_path / "cache" / "0").iterdir() if p.name.startswith(".partial")]
 
 
 async def test_archives_unpack_into_a_folder(tmp_path: Path, served: tuple[str, Path]) -> None:
@@ -169,18 +174,25 @@ def test_the_disk_cache_is_bounded_least_recently_used_and_cleans_interrupted_pu
         cache.unpin(digest)
     assert cache.lookup("a") is not None  # a is now the most recent, and pinned
     cache.reserve(40, "c")  # b goes; a is in use
-    assert not (tmp_path / "c" / "b").exists() and (tmp_path / "c" / "a").exists()
-    with pytest.raises(ModelLoadError, match="storage.cache_bytes"):
+    assert not (cache.root / "b").exists() and (cache.root / "a").exists()
+    with pytest.raises(ModelLoadError, match=r"storage\.cache_bytes"):
         cache.reserve(101, "too big")
     with pytest.raises(ModelLoadError, match="disk cache is full"):
         cache.reserve(30, "no room while a is pinned")
     cache.release(40)
+    # A second runtime on the same folder gets a slot of its own; nothing of the first is touched.
+    other = DiskCache(tmp_path / "c", max_bytes=100)
+    other.start()
+    assert other.root == tmp_path / "c" / "1" and other.lookup("a") is None
     # A runtime killed mid-pull: the partial folder goes at the next start, the entries stay.
     leftover = cache.partial("d")
     (leftover / "half").write_bytes(b"x")
-    (tmp_path / "c" / "junk").mkdir()
+    (cache.root / "junk").mkdir()
+    cache.close()
     again = DiskCache(tmp_path / "c", max_bytes=100)
     again.start()
-    assert not leftover.exists() and not (tmp_path / "c" / "junk").exists()
-    assert again.lookup("a") is not None and (tmp_path / "c" / "a" / MANIFEST).exists()
+    assert again.root == cache.root and not leftover.exists() and not (cache.root / "junk").exists()
+    assert again.lookup("a") is not None and (cache.root / "a" / MANIFEST).exists()
     assert oct((tmp_path / "c").stat().st_mode & 0o777) == "0o700"
+    other.close()
+    again.close()
