@@ -9,8 +9,10 @@ model files only under its **model roots** (``runtime.model_roots``, environment
   filesystem): :func:`confine` turns the path into the absolute path the runtimes will read, or
   refuses it with INVALID_ARGUMENT. A relative path lies under the first root; an absolute one must
   lie under some root; ``file://`` URIs are absolute paths; ``..`` components are refused outright,
-  even when they would stay inside (they are how paths escape, and no model needs one); other URI
-  schemes (``s3://``...) are refused until object storage is configured.
+  even when they would stay inside (they are how paths escape, and no model needs one). Models in
+  object storage (``s3://``..., or a key naming a storage key) are not local paths: routers and
+  runtimes tell them apart first (``mesh.storage.location``), and the runtime pulls them into its
+  disk cache (``mesh.storage.puller``), whose files it reads under the same rule.
 * **At load**, by the runtime, on the real path (``mesh.runtime.loaders.base.resolve_path``):
   symbolic links are resolved and the result must still lie under a root's own real path; the
   model must be a regular file (or a directory of them, walked within bounds); its extension must

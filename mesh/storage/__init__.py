@@ -1,3 +1,5 @@
-"""Model storage (issue 14, in progress): storage keys and the resolution of a registration's
-storage, by modelmesh-serving's contract (``config``). Providers, the disk cache and the pulls
-come next; until then runtimes read local files only. Facts and measurements: docs/storage-notes.md."""
+"""Model storage (issue 14): models in S3, GCS, Azure Blob, HTTP(S) and PVCs, by modelmesh-serving's
+contract. ``location`` (is a registration's model in storage, and where), ``config`` (storage keys
+and their resolution), ``providers`` (the clients), ``archives`` (safe unpacking), ``disk`` (the
+runtime's disk cache), ``puller`` (all of it, for one load). Facts about modelmesh-serving:
+docs/storage-notes.md."""

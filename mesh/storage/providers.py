@@ -59,6 +59,7 @@ from mesh.storage.config import Resolved
 CHUNK = 8 * 1024 * 1024
 RANGE_PARALLELISM = 4
 _MD5 = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
+_NO_RANGES: set[str] = set()  # stores that answered a ranged GET with the whole object
 STORAGE_EXTRA = "pip install 'mesh-serving[storage]'"
 
 
@@ -190,14 +191,16 @@ class ObjectStoreProvider(Provider):
         import obstore
 
         try:
-            if 0 < range_bytes < obj.size:
+            if 0 < range_bytes < obj.size and self.identity() not in _NO_RANGES:
                 try:
                     self._ranged(obj, dest, range_bytes, cancelled, progress)
                     return
                 except obstore.exceptions.BaseError as exc:
                     if "non-partial" not in str(exc).lower() and "range" not in str(exc).lower():
                         raise
-                    # The server answered a range with the whole object (rclone does): one stream.
+                    # The server answered a range with the whole object (rclone does): one
+                    # stream, now and from now on for this store.
+                    _NO_RANGES.add(self.identity())
             self._stream(obj, dest, cancelled, progress)
         except (ModelLoadError, Cancelled):
             raise

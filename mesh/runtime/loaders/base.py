@@ -15,9 +15,9 @@ subclasses only write ``_load``.
 so that a model computes only what was asked for (scikit-learn's ``predict_proba`` costs as much as
 ``predict``) and every format answers an unknown output name the same way.
 
-Model paths are local: a path or a ``file://`` URI. Anything else (``s3://``, ``gs://``, ...) is
-refused with a clear reason rather than guessed at; fetching from object storage is the job of a
-puller in front of the runtime, as in ModelMesh. A path may name the model file itself, or a
+Model paths are local: a path or a ``file://`` URI. Models in object storage reach a loader as
+the local path the runtime pulled them to (``mesh.storage.puller``, before the load), as
+ModelMesh's puller does for its model servers. A path may name the model file itself, or a
 directory holding exactly one file with the loader's extensions (searched recursively, so Triton's
 ``<model>/1/model.onnx`` layout works, within ``MAX_WALK_ENTRIES`` entries); hidden files are
 ignored. The file must be a regular file with one of the loader's extensions.
