@@ -13,20 +13,47 @@ exactly as modelmesh-serving's controller does:
   modelmesh-serving runs one mesh per namespace.
 - **Concrete model ID** = ``<name>__<hash>``, the hash being the first 10 hex digits of the SHA-256
   of the canonical JSON of the namespace and the spec fields that define the model (model type,
-  runtime, paths, storage, gpu, protocol version). A concrete model is immutable: a spec change is a
+  runtime, paths, storage, gpu, protocol version), plus what the mapping adds beyond the spec (see
+  *Storage*). A concrete model is immutable: a spec change is a
   new model ID, the vModel moves to it once it has loaded (the old one keeps serving meanwhile) and
   the old model is deleted by the mesh (``autoDeleteTargetModel``). Kubernetes names cannot contain
   ``_``, so no Predictor name can collide with another's model IDs.
 - **Model type**: ``modelType.name`` through :data:`MODEL_TYPES` (``pytorch`` is served by the
   torchscript loader, ``openvino_ir`` by the openvino loader); anything else is an invalid spec.
-- **Path**: ``spec.storage.path``, else the deprecated ``spec.path``, passed on as is: the runtimes
-  read local paths and ``file://`` URIs (relative paths resolve in the runtime's working directory,
-  its models volume). A ``persistentVolumeClaim`` (or ``storage.parameters`` ``type: pvc`` with a
-  ``name``) means ``<pvc_mount_root>/<claimName>/<path>``. ``storage.key``, ``storage.parameters``,
-  ``s3.secretKey``/``bucket``, the schema path and the model type go to the runtime in
-  ``ModelInfo.key`` (JSON, the field names modelmesh-serving uses) for adapters that pull models;
-  the built-in loaders ignore them. URIs of other schemes (``s3://``) are an invalid spec: no runtime
-  here can open them.
+- **Storage**, as modelmesh-serving's ``extractModelFields`` and ``validatePredictor``
+  (``controllers/predictor_controller.go``; docs/storage-notes.md section 3). ``ModelInfo.path`` is
+  ``spec.storage.path``, else the deprecated ``spec.path`` (not both), passed on as written;
+  ``ModelInfo.key`` is modelmesh-serving's JSON: ``storage_key`` = ``storage.key``, else
+  ``storage.s3.secretKey``; ``storage_params`` = ``storage.parameters``; ``schema_path`` =
+  ``storage.schemaPath``, else ``spec.schemaPath`` (not both); ``model_type``. The runtime pulls the
+  model from the storage the key names, the path then being relative to the bucket (or claim).
+
+  - ``storage.s3.bucket`` (and ``parameters.bucket``) also go to the deprecated top-level
+    ``bucket``. modelmesh-serving puts ``s3.bucket`` into ``storage_params``; the runtime reads
+    either the same way. ``storage.s3`` with any other storage field is an invalid spec, as there.
+  - A path that is a storage URI (``s3://bucket/key``, ``gs://``, ``http(s)://``, Azure blob
+    URLs, ``pvc://claim/path``) passes through: the runtime maps it as modelmesh-serving maps an
+    InferenceService's ``storageUri``. ``file://`` and plain paths are local files. Other schemes
+    are an invalid spec naming the supported ones (:data:`mesh.storage.location.SCHEMES`).
+  - A PersistentVolumeClaim, ``storage.persistentVolumeClaim.claimName: C`` or ``parameters
+    {type: pvc, name: C}``, becomes ``storage_params {"type": "pvc", "name": C}`` with the path
+    relative to the claim: the runtime reads ``<storage.pvc_mounts_dir>/C/<path>``
+    (``/pvc_mounts``, where runtime pods mount claims: deploy/storage-pvc). modelmesh-serving rejects
+    ``persistentVolumeClaim`` ("never supported"); we keep accepting it, as the equivalent
+    parameters, so Predictors written for earlier versions of this controller still apply. It
+    names the storage by itself: not with ``key`` or ``parameters``. (This controller used to
+    put the claim into the path, ``<mount root>/C/<path>``; PVC Predictors' hash marks the new
+    mapping, so an upgraded controller registers new models rather than clash with the old
+    registrations under the same IDs.)
+  - A Predictor that names no storage (no key, ``s3``, parameters or claim) with a relative
+    path: modelmesh-serving's puller reads it from the ``default`` storage key. With
+    ``controller.default_storage_key`` set (deploy/ sets ``default``), the key gets that
+    ``storage_key`` and the hash includes it (changing the setting moves such models); empty, the
+    path is a local file under the runtimes' model roots. Absolute paths and ``file://`` are local.
+  - Parameters that are secrets by name (:data:`mesh.storage.config.SECRET_FIELDS`:
+    ``secret_access_key``, ``headers``, ...) are an invalid spec: registrations are stored in the
+    registry and shown in statuses; secrets belong in the ``storage-config`` Secret, named by
+    ``storage.key``.
 - **GPU**: ``gpu: required`` and ``gpu: preferred`` -> ``ModelInfo.gpu`` with the same value (a
   required model runs only on a GPU of a runtime that loads its type there; a preferred one on such
   a GPU when it has room, else in RAM).
@@ -58,6 +85,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mesh.errors import InvalidArgument
+from mesh.storage.config import SECRET_FIELDS
+from mesh.storage.location import SCHEMES
 
 # modelType.name (lower case) -> the mesh's model type (mesh/runtime/loaders).
 MODEL_TYPES: dict[str, str] = {
@@ -75,6 +104,8 @@ MODEL_TYPES: dict[str, str] = {
 MODEL_FIELDS = ("modelType", "runtime", "path", "schemaPath", "storage", "gpu", "protocolVersion")
 HASH_CHARS = 10
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# A claim name is a Kubernetes object name (DNS subdomain); the runtime uses it as a directory.
+_CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 # Predictor status enums (predictor_types.go).
 PENDING, STANDBY, LOADING, LOADED, FAILED_TO_LOAD = "Pending", "Standby", "Loading", "Loaded", "FailedToLoad"
@@ -117,9 +148,15 @@ class Registration:
     gpu: str = ""  # "", "required", "preferred"
 
 
-def concrete_model_id(namespace: str, name: str, spec: Mapping[str, Any]) -> str:
+def concrete_model_id(namespace: str, name: str, spec: Mapping[str, Any],
+                      derived: Mapping[str, str] | None = None) -> str:
+    """``<name>__<hash>`` of the namespace, the model-defining spec fields and ``derived``: what the
+    mapping adds beyond the spec (a setting it applied), which changes the model as much as the spec."""
     defining = {f: spec[f] for f in MODEL_FIELDS if f in spec}
-    canonical = json.dumps({"namespace": namespace, "spec": defining}, sort_keys=True, separators=(",", ":"))
+    identity: dict[str, Any] = {"namespace": namespace, "spec": defining}
+    if derived:
+        identity["derived"] = dict(derived)
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return f"{name}__{hashlib.sha256(canonical.encode()).hexdigest()[:HASH_CHARS]}"
 
 
@@ -139,8 +176,88 @@ def _object(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-def registration(obj: Mapping[str, Any], *, pvc_mount_root: str = "/models") -> Registration:
-    """The registration a Predictor asks for; :class:`InvalidPredictor` if it cannot be served."""
+@dataclass(frozen=True)
+class _Source:
+    """Where the model is: ``ModelInfo.path``, the storage fields of ``ModelInfo.key``, and what the
+    mapping derived beyond the spec (part of the model ID)."""
+
+    path: str
+    key: dict[str, Any]
+    derived: dict[str, str]
+
+
+def _one_of(storage: Mapping[str, Any], spec: Mapping[str, Any], name: str) -> str:
+    """``spec.storage.<name>``, else the deprecated ``spec.<name>``; both is an invalid spec (as upstream)."""
+    new, old = _text(storage.get(name), f"spec.storage.{name}"), _text(spec.get(name), f"spec.{name}")
+    if new and old:
+        raise InvalidPredictor(f"only one of spec.{name} and spec.storage.{name} can be specified")
+    return new or old
+
+
+def _source(spec: Mapping[str, Any], default_storage_key: str) -> _Source:
+    """The storage mapping of the module docstring."""
+    storage = _object(spec.get("storage"), "spec.storage")
+    s3 = _object(storage.get("s3"), "spec.storage.s3")
+    params = {str(k): str(v) for k, v in _object(storage.get("parameters"), "spec.storage.parameters").items()}
+    if storage.get("s3") is not None:
+        others = [f for f in ("key", "parameters", "path", "schemaPath", "persistentVolumeClaim")
+                  if storage.get(f) is not None]
+        if others:
+            raise InvalidPredictor(f"spec.storage.s3 cannot be specified with any other keys in spec.storage "
+                                   f"({', '.join(others)}): use key, path and parameters instead of s3")
+    if storage.get("persistentVolumeClaim") is not None:
+        pvc = _object(storage["persistentVolumeClaim"], "spec.storage.persistentVolumeClaim")
+        claim = _text(pvc.get("claimName"), "spec.storage.persistentVolumeClaim.claimName")
+        if not claim:
+            raise InvalidPredictor("spec.storage.persistentVolumeClaim.claimName is required")
+        if storage.get("key") is not None or storage.get("parameters") is not None:
+            raise InvalidPredictor("spec.storage.persistentVolumeClaim names the storage by itself: not with "
+                                   "spec.storage.key or parameters (or use parameters {type: pvc, name: CLAIM})")
+        params = {"type": "pvc", "name": claim}
+    if params.get("type") == "pvc" and "name" in params and not _CLAIM.match(params["name"]):
+        raise InvalidPredictor(f"persistent volume claim name {params['name'][:80]!r} is not a valid name")
+    for name in params:
+        if name.split(".")[0].lower() in SECRET_FIELDS:
+            raise InvalidPredictor(f"spec.storage.parameters.{name[:80]} is a secret: put secrets in the "
+                                   "storage-config Secret and name its key in spec.storage.key (parameters "
+                                   "are stored in the mesh's registry and shown in model status)")
+
+    path = _one_of(storage, spec, "path")
+    if not path:
+        raise InvalidPredictor("no model path: set spec.storage.path (or spec.path)")
+    m = _URI.match(path)
+    scheme = m.group(1).lower() if m else ""
+    if scheme and scheme not in SCHEMES:  # the runtimes' schemes: a typo is an invalid spec, not a failed load
+        raise InvalidPredictor(f"storage URI scheme {scheme[:20]!r} is not supported; supported: "
+                               f"{', '.join(SCHEMES)}")
+
+    key: dict[str, Any] = {}
+    derived: dict[str, str] = {}
+    storage_key = _text(storage.get("key"), "spec.storage.key") or _text(s3.get("secretKey"),
+                                                                         "spec.storage.s3.secretKey")
+    bucket = _text(s3.get("bucket"), "spec.storage.s3.bucket") or params.get("bucket", "")
+    if not (storage_key or bucket or params) and default_storage_key and not scheme and not path.startswith("/"):
+        # modelmesh-serving's puller reads such a path from its `default` storage key.
+        storage_key = derived["defaultStorageKey"] = default_storage_key
+    if params.get("type") == "pvc":
+        # The claim used to go into the path (<mount root>/<claim>/<path>): a new ID, not a clash
+        # (ALREADY_EXISTS) with the registration an earlier controller made under the same one.
+        derived["pvc"] = "storage_params"
+    if storage_key:
+        key["storage_key"] = storage_key
+    if bucket:
+        key["bucket"] = bucket
+    if params:
+        key["storage_params"] = params
+    schema_path = _one_of(storage, spec, "schemaPath")
+    if schema_path:
+        key["schema_path"] = schema_path
+    return _Source(path=path, key=key, derived=derived)
+
+
+def registration(obj: Mapping[str, Any], *, default_storage_key: str = "") -> Registration:
+    """The registration a Predictor asks for; :class:`InvalidPredictor` if it cannot be served.
+    ``default_storage_key``: ``controller.default_storage_key`` (module docstring, *Storage*)."""
     namespace, name = key_of(obj)
     if not name:
         raise InvalidPredictor("the Predictor has no metadata.name")
@@ -153,45 +270,8 @@ def registration(obj: Mapping[str, Any], *, pvc_mount_root: str = "/models") -> 
     if mesh_type is None:
         raise InvalidPredictor(f"model type {type_name!r} is not supported; supported: "
                                f"{', '.join(sorted(MODEL_TYPES))}")
-
-    storage = _object(spec.get("storage"), "spec.storage")
-    params = {str(k): str(v) for k, v in _object(storage.get("parameters"), "spec.storage.parameters").items()}
-    s3 = _object(storage.get("s3"), "spec.storage.s3")
-    pvc = _object(storage.get("persistentVolumeClaim"), "spec.storage.persistentVolumeClaim")
-    path = _text(storage.get("path"), "spec.storage.path") or _text(spec.get("path"), "spec.path")
-    claim = _text(pvc.get("claimName"), "spec.storage.persistentVolumeClaim.claimName")
-    if "persistentVolumeClaim" in storage and not claim:
-        raise InvalidPredictor("spec.storage.persistentVolumeClaim.claimName is required")
-    if not claim and params.get("type", "").lower() == "pvc":
-        claim = params.get("name", "").strip()
-        if not claim:
-            raise InvalidPredictor("spec.storage.parameters: type pvc needs the claim's name")
-    if claim:
-        if "/" in claim or claim in (".", ".."):
-            raise InvalidPredictor(f"persistent volume claim name {claim!r} is not a valid name")
-        path = "/".join(p for p in (pvc_mount_root.rstrip("/"), claim, path.lstrip("/")) if p)
-    if not path:
-        raise InvalidPredictor("no model path: set spec.storage.path (or spec.path, or a "
-                               "persistentVolumeClaim)")
-    m = _URI.match(path)
-    if m and m.group(1).lower() != "file":
-        raise InvalidPredictor(f"storage URI scheme {m.group(1)!r} is not supported: runtimes read local paths "
-                               "and file:// URIs (mount the storage, e.g. as a persistent volume)")
-
-    key: dict[str, Any] = {"model_type": {k: v for k, v in model_type.items() if k in ("name", "version")}}
-    storage_key = _text(storage.get("key"), "spec.storage.key") or _text(s3.get("secretKey"),
-                                                                         "spec.storage.s3.secretKey")
-    if storage_key:
-        key["storage_key"] = storage_key
-    bucket = _text(s3.get("bucket"), "spec.storage.s3.bucket") or params.get("bucket", "")
-    if bucket:
-        key["bucket"] = bucket
-    if params:
-        key["storage_params"] = params
-    schema_path = _text(storage.get("schemaPath"), "spec.storage.schemaPath") or _text(
-        spec.get("schemaPath"), "spec.schemaPath")
-    if schema_path:
-        key["schema_path"] = schema_path
+    source = _source(spec, default_storage_key)
+    key = {"model_type": {k: v for k, v in model_type.items() if k in ("name", "version")}, **source.key}
 
     labels: list[str] = []
     gpu = _text(spec.get("gpu"), "spec.gpu").lower()
@@ -200,8 +280,9 @@ def registration(obj: Mapping[str, Any], *, pvc_mount_root: str = "/models") -> 
     runtime = _text(_object(spec.get("runtime"), "spec.runtime").get("name"), "spec.runtime.name")
     if runtime:
         labels.append(f"rt:{runtime}")
-    return Registration(vmodel_id=name, model_id=concrete_model_id(namespace, name, spec), type=mesh_type,
-                        path=path, key=json.dumps(key, sort_keys=True), labels=tuple(labels), gpu=gpu)
+    return Registration(vmodel_id=name, model_id=concrete_model_id(namespace, name, spec, source.derived),
+                        type=mesh_type, path=source.path, key=json.dumps(key, sort_keys=True),
+                        labels=tuple(labels), gpu=gpu)
 
 
 # --- status -------------------------------------------------------------------------------------
@@ -361,6 +442,6 @@ def requeue_after(status: Mapping[str, Any], *, poll_s: float, runtime_wait_s: f
     return None
 
 
-__all__ = ["INVALID_PREDICTOR_SPEC", "MODEL_TYPES", "NOT_FOUND", "CopyInfo", "Failure", "InvalidPredictor", "Key",
-           "ModelState", "Registration", "VModelState", "concrete_model_id", "key_of", "load_now",
-           "needs_registration", "predictor_status", "registration", "requeue_after", "status_patch"]
+__all__ = ["INVALID_PREDICTOR_SPEC", "MODEL_TYPES", "NOT_FOUND", "CopyInfo", "Failure",
+           "InvalidPredictor", "Key", "ModelState", "Registration", "VModelState", "concrete_model_id", "key_of",
+           "load_now", "needs_registration", "predictor_status", "registration", "requeue_after", "status_patch"]

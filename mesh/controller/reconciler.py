@@ -205,7 +205,7 @@ class PredictorController:
             return None
         status = obj.get("status") or {}
         try:
-            reg = registration(obj, pvc_mount_root=self.settings.pvc_mount_root)
+            reg = registration(obj, default_storage_key=self.settings.default_storage_key)
         except InvalidPredictor as exc:
             state = await self.mesh.vmodel_status(name, owner=owner)
             spec = obj.get("spec")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,7 +33,9 @@ from mesh.settings import load_settings
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CRD_FILE = DEPLOY / "crd" / "serving.kserve.io_predictors.yaml"
-EXAMPLES = sorted((DEPLOY / "examples").glob("*.yaml"))
+# The example storage-config Secret sits beside the example Predictors.
+STORAGE_CONFIG = DEPLOY / "examples" / "storage-config.yaml"
+EXAMPLES = sorted(p for p in (DEPLOY / "examples").glob("*.yaml") if p != STORAGE_CONFIG)
 NAMESPACE = "mesh-serving"
 MESH_IMAGE = "ghcr.io/mesh-serving/mesh"
 
@@ -373,6 +376,111 @@ def test_config_parses_with_the_settings_loader(base: list[Doc], tmp_path: Path)
     assert settings.tls.runtime_server_name == "mesh-runtime"
 
 
+def _mounts(container: Doc) -> dict[str, Doc]:
+    return {m["name"]: m for m in container["volumeMounts"]}
+
+
+def _volumes(workload: Doc) -> dict[str, Doc]:
+    return {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_runtimes_pull_with_the_storage_config_secret_into_a_bounded_disk_cache(
+        base: list[Doc], tmp_path: Path) -> None:
+    config = tmp_path / "mesh.toml"
+    config.write_text(_mesh_toml(base))
+    settings = load_settings(config, env={}).storage
+    runtime = _one(base, "StatefulSet", "mesh-runtime")
+    mounts, volumes = _mounts(_container(runtime)), _volumes(runtime)
+    # The storage keys: the Secret storage-config as modelmesh-serving mounts it, read-only, and
+    # optional, so that a mesh without object storage starts.
+    assert (mounts["storage-config"]["mountPath"], mounts["storage-config"]["readOnly"]) == (
+        settings.config_dir, True)
+    assert settings.config_dir == "/storage-config"
+    assert volumes["storage-config"]["secret"] == {"secretName": "storage-config", "optional": True}
+    # The disk cache: a folder of its own volume, bounded below the volume's limit (the kubelet
+    # evicts a pod whose emptyDir passes it).
+    cache = mounts["storage-cache"]["mountPath"]
+    assert settings.cache_dir.startswith(cache + "/") and not mounts["storage-cache"].get("readOnly")
+    assert 0 < settings.cache_bytes < _bytes(volumes["storage-cache"]["emptyDir"]["sizeLimit"])
+    assert settings.pvc_mounts_dir == "/pvc_mounts"
+    # No other mount lies under the cache or the claims' folder.
+    others = [m["mountPath"] for n, m in mounts.items() if n != "storage-cache"]
+    assert not [m for m in others if m.startswith((cache + "/", settings.pvc_mounts_dir + "/"))]
+
+
+def test_the_controller_reads_unnamed_storage_from_the_default_key(base: list[Doc], tmp_path: Path) -> None:
+    """modelmesh-serving's puller reads a Predictor that names no storage from the key `default`."""
+    config = tmp_path / "mesh.toml"
+    config.write_text(_mesh_toml(base))
+    controller = _container(_one(base, "Deployment", "mesh-controller"))
+    assert _env(controller)["MESH_CONFIG"] == "/etc/mesh/mesh.toml"  # it reads mesh.toml
+    env = {k: v if isinstance(v, str) else "ns" for k, v in _env(controller).items()}
+    assert load_settings(config, env=env).controller.default_storage_key == "default"
+
+
+def test_the_example_storage_config_is_modelmesh_servings_quickstart_key(base: list[Doc]) -> None:
+    (secret,) = [d for d in yaml.safe_load_all(STORAGE_CONFIG.read_text()) if d]
+    assert (secret["apiVersion"], secret["kind"]) == ("v1", "Secret")
+    runtime = _one(base, "StatefulSet", "mesh-runtime")
+    assert secret["metadata"] == {"name": _volumes(runtime)["storage-config"]["secret"]["secretName"],
+                                  "namespace": NAMESPACE}
+    keys = {name: json.loads(text) for name, text in secret["stringData"].items()}
+    assert list(keys) == ["localMinIO"]
+    local = keys["localMinIO"]
+    assert local == {"type": "s3", "access_key_id": local["access_key_id"],
+                     "secret_access_key": local["secret_access_key"], "endpoint_url": "http://minio:9000",
+                     "default_bucket": "modelmesh-example-models", "region": "us-south"}
+    assert all(isinstance(v, str) for v in local.values())  # pullman requires the s3 fields as strings
+    assert "EXAMPLE" in local["access_key_id"] and "EXAMPLE" in local["secret_access_key"]  # placeholders
+    # Every example Predictor that names a storage key names this one.
+    named = {st.get("key") or st.get("s3", {}).get("secretKey")
+             for p in EXAMPLES for d in yaml.safe_load_all(p.read_text()) if d
+             for st in [d["spec"].get("storage", {})]} - {None}
+    assert named == {"localMinIO"}
+
+
+def _with_pvc_component(tmp_path: Path) -> list[Doc]:
+    """An overlay of one's own, outside deploy/, using deploy/storage-pvc as a Component."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    base = os.path.relpath(DEPLOY, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        f"resources:\n  - {base}\ncomponents:\n  - {base}/storage-pvc\n")
+    return _kustomize(overlay)
+
+
+def _with_pvc_patch(tmp_path: Path) -> list[Doc]:
+    """deploy/ with storage-pvc/runtime-pvc.yaml added to its patchesStrategicMerge (any kustomize)."""
+    copy_ = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy_)
+    with (copy_ / "kustomization.yaml").open("a") as f:
+        f.write("patchesStrategicMerge:\n  - storage-pvc/runtime-pvc.yaml\n")
+    return _kustomize(copy_)
+
+
+@pytest.mark.parametrize("build", [_with_pvc_component, _with_pvc_patch], ids=["component", "patch"])
+def test_storage_pvc_mounts_a_claim_read_only_where_the_runtime_reads_it(
+        base: list[Doc], tmp_path: Path, build: Any) -> None:
+    docs = build(tmp_path)
+    config = tmp_path / "mesh.toml"
+    config.write_text(_mesh_toml(docs))
+    settings = load_settings(config, env={}).storage
+    runtime = _one(docs, "StatefulSet", "mesh-runtime")
+    mounts, volumes = _mounts(_container(runtime)), _volumes(runtime)
+    claims = {name: v["persistentVolumeClaim"] for name, v in volumes.items() if "persistentVolumeClaim" in v}
+    assert claims == {"pvc-mesh-models": {"claimName": "mesh-models", "readOnly": True}}
+    assert mounts["pvc-mesh-models"] == {"name": "pvc-mesh-models", "readOnly": True,
+                                         "mountPath": f"{settings.pvc_mounts_dir}/mesh-models"}
+    # the claim the PVC example names
+    (onnx,) = [d for p in EXAMPLES for d in yaml.safe_load_all(p.read_text())
+               if d and "persistentVolumeClaim" in d["spec"].get("storage", {})]
+    assert onnx["spec"]["storage"]["persistentVolumeClaim"]["claimName"] == "mesh-models"
+    # Nothing else changes: the base's volumes stay, and every other object is the base's.
+    assert set(_volumes(_one(base, "StatefulSet", "mesh-runtime"))) == set(volumes) - {"pvc-mesh-models"}
+    assert [d for d in docs if d["kind"] != "StatefulSet" or d["metadata"]["name"] != "mesh-runtime"] == [
+        d for d in base if d["kind"] != "StatefulSet" or d["metadata"]["name"] != "mesh-runtime"]
+
+
 def test_runtimes_run_model_code_in_workers_without_credentials(base: list[Doc], tmp_path: Path) -> None:
     config = tmp_path / "mesh.toml"
     config.write_text(_mesh_toml(base))
@@ -562,6 +670,8 @@ def test_network_policies_cover_every_pod_and_name_real_ports(base: list[Doc]) -
     callers = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in client_rule["from"]}
     assert callers == {"mesh-router", "mesh-runtime", "mesh-etcd-bootstrap"}
     assert _one(base, "NetworkPolicy", "mesh-controller")["spec"]["ingress"] == []
+    # Runtimes pull models from object storage wherever it is: their egress stays open.
+    assert "Egress" not in _one(base, "NetworkPolicy", "mesh-runtime")["spec"]["policyTypes"]
 
 
 def test_certificates_name_the_etcd_users_and_the_allowed_peers(base: list[Doc]) -> None:
@@ -571,7 +681,7 @@ def test_certificates_name_the_etcd_users_and_the_allowed_peers(base: list[Doc])
     secrets = {}
     for name, template in _pods(base):
         for volume in template["spec"].get("volumes", []):
-            if "secret" in volume:
+            if "secret" in volume and volume["secret"]["secretName"] in certificates:
                 secrets[name] = volume["secret"]["secretName"]
     common_names = {name: certificates[secret]["commonName"] for name, secret in secrets.items()}
     # The mesh's components are etcd users with the bootstrap's roles; the Job is root.

@@ -20,6 +20,7 @@ from mesh.controller.predictor import (
     ModelState,
     Registration,
     VModelState,
+    concrete_model_id,
     load_now,
     needs_registration,
     predictor_status,
@@ -30,6 +31,7 @@ from mesh.controller.predictor import (
 from mesh.controller.reconciler import refusal
 from mesh.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from mesh.runtime.loaders import supported_types
+from mesh.storage.location import locate
 
 NOW_MS = 1_700_000_000_000
 
@@ -78,28 +80,121 @@ def test_every_mapped_type_has_a_loader() -> None:
     assert set(MODEL_TYPES.values()) <= set(supported_types())
 
 
+SK = '"model_type": {"name": "sklearn"}'  # every key has it; the rest of each key is spelled out
+
+
 @pytest.mark.parametrize(("spec", "path", "key"), [
-    # the current form: storage.path, with the storage's key and parameters for pulling adapters
+    # the current form: key, path (relative to the bucket), parameters, schema path
     ({"storage": {"key": "localMinIO", "path": "sklearn/iris.joblib", "parameters": {"bucket": "b"},
                   "schemaPath": "sklearn/schema.json"}},
      "sklearn/iris.joblib",
-     {"storage_key": "localMinIO", "bucket": "b", "storage_params": {"bucket": "b"},
-      "schema_path": "sklearn/schema.json"}),
-    # the deprecated forms: top-level path, with or without storage.s3
-    ({"path": "/data/iris", "schemaPath": "/data/schema.json"}, "/data/iris", {"schema_path": "/data/schema.json"}),
+     '{"bucket": "b", ' + SK + ', "schema_path": "sklearn/schema.json", "storage_key": "localMinIO", '
+     '"storage_params": {"bucket": "b"}}'),
+    ({"storage": {"key": "localMinIO", "path": "xgboost/mushroom.json"}},
+     "xgboost/mushroom.json", '{' + SK + ', "storage_key": "localMinIO"}'),
+    # parameters alone: the runtime picks default_<type> (here default_gcs), as pullman does
+    ({"storage": {"path": "m/iris", "parameters": {"type": "gcs", "bucket": "models"}}},
+     "m/iris", '{"bucket": "models", ' + SK + ', "storage_params": {"bucket": "models", "type": "gcs"}}'),
+    # the deprecated s3 form: the secret's name is the storage key, the bucket the top-level bucket
     ({"path": "models/iris", "storage": {"s3": {"secretKey": "minio", "bucket": "models"}}},
-     "models/iris", {"storage_key": "minio", "bucket": "models"}),
-    ({"path": "file:///data/iris"}, "file:///data/iris", {}),
-    # a persistent volume claim, mounted at <root>/<claim> on the runtimes
-    ({"path": "iris/model.joblib", "storage": {"persistentVolumeClaim": {"claimName": "shared"}}},
-     "/mnt/pvc/shared/iris/model.joblib", {}),
+     "models/iris", '{"bucket": "models", ' + SK + ', "storage_key": "minio"}'),
+    ({"path": "models/iris", "storage": {"s3": {"secretKey": "minio"}}},
+     "models/iris", '{' + SK + ', "storage_key": "minio"}'),
+    # storage URIs pass through: the runtime maps them as modelmesh-serving maps a storageUri
+    ({"storage": {"path": "s3://models/sklearn/iris"}}, "s3://models/sklearn/iris", '{' + SK + '}'),
+    ({"storage": {"key": "aws", "path": "s3://models/sklearn/iris"}}, "s3://models/sklearn/iris",
+     '{' + SK + ', "storage_key": "aws"}'),
+    ({"path": "gs://models/iris"}, "gs://models/iris", '{' + SK + '}'),
+    ({"path": "https://example.com/models/iris.joblib"}, "https://example.com/models/iris.joblib", '{' + SK + '}'),
+    ({"path": "HTTP://example.com/iris.joblib"}, "HTTP://example.com/iris.joblib", '{' + SK + '}'),
+    ({"path": "https://acct.blob.core.windows.net/models/iris"}, "https://acct.blob.core.windows.net/models/iris",
+     '{' + SK + '}'),
+    ({"path": "pvc://shared/iris/model.joblib"}, "pvc://shared/iris/model.joblib", '{' + SK + '}'),
+    # local files: absolute, file://, and relative ones (under the runtimes' model roots)
+    ({"path": "/data/iris", "schemaPath": "/data/schema.json"}, "/data/iris",
+     '{' + SK + ', "schema_path": "/data/schema.json"}'),
+    ({"path": "file:///data/iris"}, "file:///data/iris", '{' + SK + '}'),
+    ({"storage": {"path": "models/iris"}}, "models/iris", '{' + SK + '}'),
+    # a persistent volume claim: storage_params, the path relative to the claim (the runtime reads
+    # <storage.pvc_mounts_dir>/<claim>/<path>); persistentVolumeClaim is kept as that equivalent
+    ({"path": "iris/model.joblib", "storage": {"persistentVolumeClaim": {"claimName": "shared", "readOnly": True}}},
+     "iris/model.joblib", '{' + SK + ', "storage_params": {"name": "shared", "type": "pvc"}}'),
     ({"storage": {"path": "/iris", "parameters": {"type": "pvc", "name": "shared"}}},
-     "/mnt/pvc/shared/iris", {"storage_params": {"type": "pvc", "name": "shared"}}),
+     "/iris", '{' + SK + ', "storage_params": {"name": "shared", "type": "pvc"}}'),
+    # type pvc without a name: the storage key (default_pvc here) may name the claim
+    ({"storage": {"path": "iris", "parameters": {"type": "pvc"}}}, "iris",
+     '{' + SK + ', "storage_params": {"type": "pvc"}}'),
 ])
-def test_storage_forms(spec: dict[str, Any], path: str, key: dict[str, Any]) -> None:
-    reg = registration(predictor({"modelType": {"name": "sklearn"}, **spec}), pvc_mount_root="/mnt/pvc/")
-    assert reg.path == path
-    assert json.loads(reg.key) == {"model_type": {"name": "sklearn"}, **key}
+def test_storage_forms(spec: dict[str, Any], path: str, key: str) -> None:
+    reg = registration(predictor({"modelType": {"name": "sklearn"}, **spec}))
+    assert (reg.path, reg.key) == (path, key)
+
+
+@pytest.mark.parametrize(("spec", "key"), [
+    # no storage named and a relative path: the default key, as modelmesh-serving's puller reads it
+    ({"storage": {"path": "sklearn/iris.joblib"}}, '{' + SK + ', "storage_key": "default"}'),
+    ({"path": "sklearn/iris.joblib", "schemaPath": "s.json"},
+     '{' + SK + ', "schema_path": "s.json", "storage_key": "default"}'),
+    # storage named: that storage, not the default key
+    ({"storage": {"key": "minio", "path": "iris"}}, '{' + SK + ', "storage_key": "minio"}'),
+    ({"storage": {"path": "iris", "parameters": {"bucket": "b"}}},
+     '{"bucket": "b", ' + SK + ', "storage_params": {"bucket": "b"}}'),
+    ({"path": "iris", "storage": {"s3": {"secretKey": "minio"}}}, '{' + SK + ', "storage_key": "minio"}'),
+    ({"path": "iris", "storage": {"persistentVolumeClaim": {"claimName": "shared"}}},
+     '{' + SK + ', "storage_params": {"name": "shared", "type": "pvc"}}'),
+    # URIs and absolute paths: not the default key
+    ({"storage": {"path": "s3://b/iris"}}, '{' + SK + '}'),
+    ({"storage": {"path": "file:///models/iris"}}, '{' + SK + '}'),
+    ({"storage": {"path": "/models/iris"}}, '{' + SK + '}'),
+])
+def test_default_storage_key_for_predictors_that_name_no_storage(spec: dict[str, Any], key: str) -> None:
+    spec = {"modelType": {"name": "sklearn"}, **spec}
+    with_default = registration(predictor(spec), default_storage_key="default")
+    without = registration(predictor(spec))
+    assert with_default.key == key
+    assert with_default.path == without.path
+    # the setting changes where such a model comes from, so it is another model (no ALREADY_EXISTS
+    # against the registration made under the other setting); it leaves every other model alone
+    applied = '"storage_key": "default"' in key
+    assert (with_default.model_id != without.model_id) is applied
+
+
+@pytest.mark.parametrize(("spec", "where"), [
+    ({"storage": {"key": "localMinIO", "path": "sklearn/iris.joblib"}}, ("localMinIO", {}, "sklearn/iris.joblib")),
+    ({"storage": {"key": "localMinIO", "path": "xgb/m.json", "parameters": {"bucket": "b"}}},
+     ("localMinIO", {"bucket": "b"}, "xgb/m.json")),
+    ({"path": "models/iris", "storage": {"s3": {"secretKey": "minio", "bucket": "models"}}},
+     ("minio", {}, "models/iris")),
+    ({"storage": {"path": "s3://models/sklearn/iris"}}, ("default_s3", {"type": "s3", "bucket": "models"},
+                                                         "sklearn/iris")),
+    ({"storage": {"path": "pvc://shared/iris"}}, ("default_pvc", {"type": "pvc", "name": "shared"}, "iris")),
+    ({"path": "iris/model.joblib", "storage": {"persistentVolumeClaim": {"claimName": "shared"}}},
+     ("default_pvc", {"type": "pvc", "name": "shared"}, "iris/model.joblib")),
+    ({"storage": {"path": "/iris", "parameters": {"type": "pvc", "name": "shared"}}},
+     ("default_pvc", {"type": "pvc", "name": "shared"}, "iris")),
+    ({"storage": {"path": "sklearn/iris.joblib"}}, ("default", {}, "sklearn/iris.joblib")),
+    ({"storage": {"path": "/models/iris"}}, None),
+    ({"path": "file:///models/iris"}, None),
+])
+def test_the_runtimes_read_each_registration_where_the_predictor_says(
+        spec: dict[str, Any], where: tuple[str, dict[str, str], str] | None) -> None:
+    """The router's and runtimes' own reading of a registration (mesh.storage.location): storage
+    key, parameters and object path, or None for a local file."""
+    reg = registration(predictor({"modelType": {"name": "sklearn"}, **spec}), default_storage_key="default")
+    location = locate(reg.path, reg.key)
+    assert (location and (location.key_name, location.params, location.path)) == where
+
+
+def test_model_ids_change_only_where_the_storage_mapping_did() -> None:
+    """This controller used to map a claim into the path (<root>/<claim>/<path>): PVC Predictors get
+    new IDs rather than clash with their old registrations; every other ID is what it was."""
+    for spec in ({"path": "iris", "storage": {"persistentVolumeClaim": {"claimName": "shared"}}},
+                 {"storage": {"path": "iris", "parameters": {"type": "pvc", "name": "shared"}}}):
+        spec = {"modelType": {"name": "sklearn"}, **spec}
+        assert registration(predictor(spec)).model_id != concrete_model_id("ml", "iris", spec)
+    for spec in (SKLEARN, {"modelType": {"name": "sklearn"}, "storage": {"key": "k", "path": "iris"}},
+                 {"modelType": {"name": "sklearn"}, "path": "iris", "storage": {"s3": {"secretKey": "k"}}}):
+        assert registration(predictor(spec)).model_id == concrete_model_id("ml", "iris", spec)
 
 
 def test_gpu_becomes_model_info_gpu_and_runtime_a_placement_label() -> None:
@@ -111,20 +206,61 @@ def test_gpu_becomes_model_info_gpu_and_runtime_a_placement_label() -> None:
     assert (required.labels, required.gpu) == (("rt:triton",), "required")
 
 
+S3 = {"secretKey": "minio", "bucket": "models"}
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"modelType": {"name": "tensorflow"}, "path": "/m"}, "model type 'tensorflow' is not supported"),
     ({"modelType": {"name": ""}, "path": "/m"}, "modelType.name is required"),
     ({"path": "/m"}, "modelType.name is required"),
     ({"modelType": {"name": "onnx"}}, "no model path"),
     ({"modelType": {"name": "onnx"}, "storage": {"key": "minio"}}, "no model path"),
-    ({"modelType": {"name": "onnx"}, "path": "s3://bucket/model"}, "scheme 's3' is not supported"),
-    ({"modelType": {"name": "onnx"}, "storage": {"persistentVolumeClaim": {}}}, "claimName is required"),
+    ({"modelType": {"name": "onnx"}, "path": "ftp://host/model"},
+     r"storage URI scheme 'ftp' is not supported; supported: s3, gs, http, https, pvc, file"),
+    ({"modelType": {"name": "onnx"}, "storage": {"path": "hdfs://nn/model"}}, "scheme 'hdfs' is not supported"),
+    ({"modelType": {"name": "onnx"}, "path": "/m", "storage": {"path": "/m"}},
+     "only one of spec.path and spec.storage.path"),
+    ({"modelType": {"name": "onnx"}, "storage": {"path": "/m", "schemaPath": "/s"}, "schemaPath": "/s"},
+     "only one of spec.schemaPath and spec.storage.schemaPath"),
+    # the deprecated s3 form stands alone (modelmesh-serving's validatePredictor)
+    ({"modelType": {"name": "onnx"}, "path": "m", "storage": {"s3": S3, "key": "other"}},
+     r"spec.storage.s3 cannot be specified with any other keys in spec.storage \(key\)"),
+    ({"modelType": {"name": "onnx"}, "storage": {"s3": S3, "path": "m"}}, r"s3 cannot be .* \(path\)"),
+    ({"modelType": {"name": "onnx"}, "path": "m", "storage": {"s3": S3, "parameters": {"bucket": "b"}}},
+     r"s3 cannot be .* \(parameters\)"),
+    ({"modelType": {"name": "onnx"}, "path": "m", "storage": {"s3": S3, "schemaPath": "s"}},
+     r"s3 cannot be .* \(schemaPath\)"),
+    ({"modelType": {"name": "onnx"}, "path": "m",
+      "storage": {"s3": S3, "persistentVolumeClaim": {"claimName": "c"}}},
+     r"s3 cannot be .* \(persistentVolumeClaim\)"),
+    # a claim
+    ({"modelType": {"name": "onnx"}, "path": "m", "storage": {"persistentVolumeClaim": {}}}, "claimName is required"),
+    ({"modelType": {"name": "onnx"}, "path": "m",
+      "storage": {"persistentVolumeClaim": {"claimName": "c"}, "key": "minio"}}, "names the storage by itself"),
+    ({"modelType": {"name": "onnx"}, "path": "m",
+      "storage": {"persistentVolumeClaim": {"claimName": "c"}, "parameters": {"type": "pvc", "name": "d"}}},
+     "names the storage by itself"),
+    ({"modelType": {"name": "onnx"}, "path": "m", "storage": {"persistentVolumeClaim": {"claimName": "../etc"}}},
+     "claim name '../etc' is not a valid name"),
+    ({"modelType": {"name": "onnx"}, "storage": {"path": "m", "parameters": {"type": "pvc", "name": "a/b"}}},
+     "claim name 'a/b' is not a valid name"),
     ({"modelType": {"name": "onnx"}, "path": "/m", "gpu": "always"}, "spec.gpu"),
     ({"modelType": "onnx", "path": "/m"}, "spec.modelType must be an object"),
 ])
 def test_invalid_specs_say_what_is_wrong(spec: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidPredictor, match=message):
         registration(predictor(spec))
+
+
+@pytest.mark.parametrize("name", ["secret_access_key", "access_key_id", "private_key", "connection_string",
+                                  "client_secret", "client_key", "headers", "headers.Authorization",
+                                  "Secret_Access_Key"])
+def test_secret_parameters_are_an_invalid_spec_naming_the_parameter(name: str) -> None:
+    spec = {"modelType": {"name": "onnx"}, "storage": {"key": "minio", "path": "m", "parameters": {name: "x"}}}
+    with pytest.raises(InvalidPredictor, match=rf"spec\.storage\.parameters\.{name} is a secret: put secrets in "
+                                               "the storage-config Secret") as caught:
+        registration(predictor(spec))
+    assert "'x'" not in caught.value.message and ": x" not in caught.value.message  # never the value
 
 
 # --- status -----------------------------------------------------------------------------------
