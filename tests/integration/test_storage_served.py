@@ -39,7 +39,8 @@ async def _failure(mesh: InProcessMesh, model_id: str, sample: object) -> str:
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-async def test_a_model_in_s3_is_pulled_once_served_and_reloaded_from_disk(tmp_path: Path, workers: int) -> None:
+async def test_a_model_in_s3_is_pulled_once_served_and_reloaded_from_disk(
+        tmp_path: Path, workers: int, capfd: pytest.CaptureFixture[str]) -> None:
     model = make_model("sklearn", tmp_path / "trained", seed=3)
     keys = tmp_path / "storage-config"
     keys.mkdir()
@@ -67,6 +68,9 @@ async def test_a_model_in_s3_is_pulled_once_served_and_reloaded_from_disk(tmp_pa
             assert "storage key 'nosuchkey' is not configured" in await _failure(mesh, "unknown", model.sample)
             status = await mesh.mesh.getModelStatus(mm.GetStatusRequest(modelId="denied"), timeout=10)
             assert status.errors and not any("s3cr3t" in e for e in status.errors)
+            logged = "".join(capfd.readouterr())
+            assert "load failed" in logged and "storage key 'wrong'" in logged  # the failures were logged...
+            assert "s3cr3t" not in logged and s3.secret_access_key not in logged  # ...and no secret
         except BaseException:
             await mesh.stop()
             raise
