@@ -140,8 +140,10 @@ class Puller:
                 if owner:  # the load gave up (its deadline): nobody else will release that pin
                     flight.add_done_callback(self._release_abandoned)
                 raise
-            if not owner and self.disk.lookup(digest) is None:  # a shared download: pin it for this load
-                raise ModelLoadError(f"pulled model {spec.model_id!r} left the disk cache before its load")
+            if not owner:  # another load's download: pin it for this load, and count no download
+                if self.disk.lookup(digest) is None:
+                    raise ModelLoadError(f"pulled model {spec.model_id!r} left the disk cache before its load")
+                pulled = Pulled(**{**pulled.__dict__, "from_disk": True, "downloaded_bytes": 0})
         except MeshError as exc:
             if self.metrics is not None:
                 self.metrics.storage_failed(location.type_hint or "unknown")

@@ -77,7 +77,7 @@ async def test_a_pickle_outside_the_model_roots_never_runs(layout: dict[str, Pat
             "dotdot-absolute": f"{roots}/team-a/../../elsewhere/evil.joblib",
             "home": "~/evil.joblib",
             "uri": (outside / "evil.joblib").as_uri(),
-            "s3": "s3://bucket/evil.joblib",
+            "scheme": "ftp://bucket/evil.joblib",  # s3:// and the like are object storage (mesh.storage)
         }
         for model_id, path in at_registration.items():
             code, message = await _status(mesh, model_id, path)
