@@ -238,11 +238,11 @@ class _Unpacker:
         return size
 
     def too_many(self) -> ModelLoadError:
-        return self.error(f"has more than {self.max_files} entries (max_files); refused at entry "
+        return self.error(f"has more than {self.max_files} entries (storage.max_files); refused at entry "
                           f"{_quote(self.entry or '')}")
 
     def _too_big(self) -> ModelLoadError:
-        return self.error(f"unpacks to more than {self.max_bytes} bytes (max_bytes); refused at entry "
+        return self.error(f"unpacks to more than {self.max_bytes} bytes (storage.cache_bytes); refused at entry "
                           f"{_quote(self.entry or '')}")
 
     def _mkdir(self, parts: tuple[str, ...]) -> None:

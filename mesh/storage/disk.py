@@ -157,6 +157,13 @@ class DiskCache:
         for digest in victims:
             self._delete(digest)
 
+    def room(self) -> int:
+        """Bytes a pull could still take: the bound less what loads are reading and pulls reserved
+        (entries no load reads can be evicted for it)."""
+        with self._lock:
+            pinned = sum(e.size for e in self._entries.values() if e.pins)
+            return max(0, self.max_bytes - pinned - self._reserved)
+
     def release(self, size: int) -> None:
         with self._lock:
             self._reserved = max(0, self._reserved - size)

@@ -207,14 +207,18 @@ class Puller:
         partial = self.disk.partial(digest)
         try:
             written = self._download_all(provider, objects, partial, reserved)
+            if written > reserved:  # sizes the store did not give up front (HTTP): counted now
+                self.disk.reserve(written - reserved, f"model {location.path[:200]!r}")
+                reserved = written
             model_rel = _relative_root(location.path)
             if len(objects) == 1 and (kind := archive_kind(objects[0].relative)):
                 archive = partial / objects[0].relative
                 model_rel = _strip_archive_suffix(objects[0].relative, kind)
                 target = partial / model_rel
                 target.mkdir()
-                room = max(0, self.disk.max_bytes - self.disk.used_bytes)
-                unpacked = unpack(archive, target, max_bytes=room + reserved, max_files=self.settings.max_files)
+                # Bounded by what the cache could make room for (the archive itself goes after).
+                unpacked = unpack(archive, target, max_bytes=self.disk.room() + reserved,
+                                  max_files=self.settings.max_files)
                 archive.unlink()
                 self.disk.reserve(unpacked, f"model {location.path[:200]!r} unpacked")
                 self.disk.release(reserved)

@@ -358,7 +358,7 @@ def test_a_zip_bomb_is_refused_before_it_is_written(tmp_path: Path, zip_bomb: by
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(ModelLoadError, match=r"^archive 'bomb\.zip' unpacks to more than 1048576 bytes "
-                                             r"\(max_bytes\); refused at entry 'zeros.bin'$"):
+                                             r"\(storage\.cache_bytes\); refused at entry 'zeros.bin'$"):
         unpack(archive, dest, max_bytes=MIB, max_files=10)
     assert on_disk(dest) == 0  # the header's size refused it: nothing decompressed
 
@@ -418,7 +418,7 @@ def test_a_tar_gz_bomb_is_refused_before_it_is_written(tmp_path: Path, keep_part
     assert (tmp_path / "bomb.tar.gz").stat().st_size < 2 * MIB
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(ModelLoadError, match=r"unpacks to more than 1048576 bytes \(max_bytes\); refused at "
+    with pytest.raises(ModelLoadError, match=r"unpacks to more than 1048576 bytes \(storage\.cache_bytes\); refused at "
                                              r"entry 'model/zeros.bin'$"):
         unpack(tmp_path / "bomb.tar.gz", dest, max_bytes=MIB, max_files=10)
     assert on_disk(dest) == 0
@@ -430,7 +430,7 @@ def test_the_size_bound_is_the_total_and_stops_at_the_entry_that_passes_it(tmp_p
     archive = make(kind, tmp_path / "m", [(f"model/{i}.bin", PAYLOAD * 30) for i in range(6)])  # 300 KiB each
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(ModelLoadError, match=r"unpacks to more than 1000000 bytes \(max_bytes\); refused at "
+    with pytest.raises(ModelLoadError, match=r"unpacks to more than 1000000 bytes \(storage\.cache_bytes\); refused at "
                                              r"entry 'model/3.bin'$"):
         unpack(archive, dest, max_bytes=1_000_000, max_files=100)
     assert sorted(p.name for p in (dest / "model").iterdir()) == ["0.bin", "1.bin", "2.bin"]
@@ -450,7 +450,7 @@ def test_too_many_entries_are_refused(tmp_path: Path, kind: str) -> None:
     assert len(list((dest / "model").iterdir())) == 10
     many = make(kind, tmp_path / "many", [*files, ("model/10.txt", b"x")])
     (tmp_path / "dest").rename(tmp_path / "first")
-    refused(many, "has more than 10 entries (max_files); refused at entry 'model/10.txt'", max_files=10)
+    refused(many, "has more than 10 entries (storage.max_files); refused at entry 'model/10.txt'", max_files=10)
 
 
 def test_a_zip_directory_too_large_for_max_files_is_refused(tmp_path: Path) -> None:
