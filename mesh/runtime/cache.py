@@ -109,6 +109,8 @@ class Fetch(Protocol):
 
     def done(self, pulled: Any) -> None: ...
 
+    async def verified(self, pulled: Any) -> None: ...
+
 
 class CacheListener(Protocol):
     """Told about every state change of a copy (publishes placements, counts metrics)."""
@@ -148,6 +150,7 @@ class Entry:
     local: ModelSpec | None = None
     source: str = ""
     fetch_ms: float = 0.0
+    pulled: Any = None  # what the pull answered (its checksums may still be compared: Fetch.verified)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # memory released
 
@@ -388,7 +391,7 @@ class ModelCache:
         entry.fetch_ms = (time.perf_counter() - started) * 1000
         if pulled is not None:
             entry.local = dataclasses.replace(entry.spec, path=pulled.path)
-            entry.source = pulled.source
+            entry.source, entry.pulled = pulled.source, pulled
         return pulled
 
     async def _load_local(self, entry: Entry) -> LoadedModel:
@@ -440,6 +443,12 @@ class ModelCache:
             model = await self._timed(entry, self._load_fn, spec, entry.device, what="loading")
         finally:
             self._loads_running -= 1
+        if self._fetch is not None and entry.pulled is not None:
+            try:  # the pulled files' checksums, compared while the loader ran
+                await self._fetch.verified(entry.pulled)
+            except BaseException:
+                await self._close_model(model)
+                raise
         warm_executor = self._device_executors.get(entry.device)
         if warm_executor is not None:
             await self._warm_up(model, warm_executor)

@@ -50,6 +50,7 @@ class _Entry:
     size: int
     last_used: float
     pins: int = 0
+    verified: bool = True  # False while its checksums are being compared (``mark_verified``)
 
 
 class DiskCache:
@@ -90,10 +91,13 @@ class DiskCache:
                 continue
             manifest = child / MANIFEST
             try:
-                size = int(json.loads(manifest.read_text())["bytes"])
+                written = json.loads(manifest.read_text())
+                size, verified = int(written["bytes"]), written.get("verified", True) is True
                 used = manifest.stat().st_mtime
             except (OSError, ValueError, KeyError, TypeError):
-                shutil.rmtree(child, ignore_errors=True)  # not ours, or damaged: never loaded
+                verified = False
+            if not verified:  # not ours, damaged, or its checksums never compared: never loaded
+                shutil.rmtree(child, ignore_errors=True)
                 removed += 1
                 continue
             self._entries[child.name] = _Entry(size, used)
@@ -182,9 +186,11 @@ class DiskCache:
     def partial(self, digest: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{PARTIAL}{digest}-", dir=self.root))
 
-    def commit(self, partial: Path, digest: str, manifest: dict[str, object], size: int) -> Path:
-        """Write the manifest, rename the partial folder into place, index it (pinned)."""
-        (partial / MANIFEST).write_text(json.dumps({**manifest, "bytes": size}))
+    def commit(self, partial: Path, digest: str, manifest: dict[str, object], size: int, *,
+               verified: bool = True) -> Path:
+        """Write the manifest, rename the partial folder into place, index it (pinned). An entry
+        not ``verified`` yet is removed at the next start unless ``mark_verified`` came first."""
+        (partial / MANIFEST).write_text(json.dumps({**manifest, "bytes": size, "verified": verified}))
         final = self.root / digest
         try:
             os.rename(partial, final)
@@ -193,10 +199,31 @@ class DiskCache:
         with self._lock:
             held = self._entries.get(digest)
             if held is None:
-                self._entries[digest] = _Entry(size, time.time(), pins=1)
+                self._entries[digest] = _Entry(size, time.time(), pins=1, verified=verified)
             else:
                 held.pins += 1
         return final
+
+    def mark_verified(self, digest: str) -> None:
+        """The entry's checksums matched: rewrite its manifest (atomically) so it survives a restart."""
+        manifest = self.root / digest / MANIFEST
+        try:
+            written = json.loads(manifest.read_text())
+            temporary = manifest.with_name(MANIFEST + ".tmp")
+            temporary.write_text(json.dumps({**written, "verified": True}))
+            os.replace(temporary, manifest)
+        except (OSError, ValueError):
+            return
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None:
+                entry.verified = True
+
+    def discard(self, digest: str) -> None:
+        """Drop an entry whatever reads it (its checksums did not match): a load reading it fails."""
+        with self._lock:
+            self._entries.pop(digest, None)
+        self._delete(digest)
 
     def abandon(self, partial: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)

@@ -58,7 +58,7 @@ from urllib.parse import quote, urlsplit
 from mesh.errors import ModelLoadError
 from mesh.storage.config import Resolved
 
-CHUNK = 8 * 1024 * 1024
+CHUNK = 256 * 1024
 RANGE_PARALLELISM = 4
 _MD5 = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 _NO_RANGES: set[str] = set()  # stores that answered a ranged GET with the whole object
@@ -131,7 +131,10 @@ class Provider:
         raise NotImplementedError
 
     def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
-                 cancelled: threading.Event, progress: Callable[[int], None]) -> None:
+                 cancelled: threading.Event, progress: Callable[[int], None]) -> Check | None:
+        """Write ``obj`` to ``dest``, its size checked; the checksum comparison, which may still be
+        computing on a thread of its own, is returned for the caller to run (None: nothing to
+        compare), so that it overlaps whatever comes next (the model's load)."""
         raise NotImplementedError
 
     def _fail(self, what: str, path: str) -> ModelLoadError:
@@ -153,13 +156,35 @@ def _relative(key: str, path: str) -> str:
     return posixpath.join(base, key[len(path):].lstrip("/"))
 
 
-def verify(obj: StoredObject, dest: Path, written: int, md5: str) -> None:
-    """Size, and the MD5 where the ETag is one (module docstring)."""
+Check = Callable[[], None]  # raises ModelLoadError when a finished download is not what the store holds
+
+
+def check_size(obj: StoredObject, written: int) -> None:
     if obj.size >= 0 and written != obj.size:
         raise ModelLoadError(f"download of {obj.key[:300]!r} is incomplete: {written} of {obj.size} bytes")
+
+
+def md5_check(obj: StoredObject, digest: Callable[[], str]) -> Check | None:
+    """The MD5 comparison with the ETag, where the ETag is an MD5, to run when ``digest`` can
+    answer (it may wait for a hashing thread). None where the store gives no MD5."""
     m = _MD5.match(obj.etag or "")
-    if m and md5 and m.group(1).lower() != md5:
-        raise ModelLoadError(f"download of {obj.key[:300]!r} does not match its ETag (checksum mismatch)")
+    if not m:
+        return None
+    expected = m.group(1).lower()
+
+    def check() -> None:
+        if digest() != expected:
+            raise ModelLoadError(f"download of {obj.key[:300]!r} does not match its ETag (checksum mismatch)")
+
+    return check
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(8 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ObjectStoreProvider(Provider):
@@ -221,28 +246,27 @@ class ObjectStoreProvider(Provider):
         return found
 
     def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
-                 cancelled: threading.Event, progress: Callable[[int], None]) -> None:
+                 cancelled: threading.Event, progress: Callable[[int], None]) -> Check | None:
         import obstore
 
         try:
             if 0 < range_bytes < obj.size and self.identity() not in _NO_RANGES:
                 try:
-                    self._ranged(obj, dest, range_bytes, cancelled, progress)
-                    return
+                    return self._ranged(obj, dest, range_bytes, cancelled, progress)
                 except obstore.exceptions.BaseError as exc:
                     if "non-partial" not in str(exc).lower() and "range" not in str(exc).lower():
                         raise
                     # The server answered a range with the whole object (rclone does): one
                     # stream, now and from now on for this store.
                     _NO_RANGES.add(self.identity())
-            self._stream(obj, dest, cancelled, progress)
+            return self._stream(obj, dest, cancelled, progress)
         except (ModelLoadError, Cancelled):
             raise
         except Exception as exc:
             raise self._error(exc, obj.key) from None
 
     def _stream(self, obj: StoredObject, dest: Path, cancelled: threading.Event,
-                progress: Callable[[int], None]) -> None:
+                progress: Callable[[int], None]) -> Check | None:
         import obstore
 
         md5 = Hasher() if _MD5.match(obj.etag or "") else None
@@ -262,13 +286,15 @@ class ObjectStoreProvider(Provider):
                         md5.update(view)
                     written += len(view)
                     progress(len(view))
-            verify(obj, dest, written, md5.digest() if md5 else "")
-        finally:
+            check_size(obj, written)
+        except BaseException:
             if md5 is not None:
                 md5.abandon()
+            raise
+        return md5_check(obj, md5.digest) if md5 is not None else None
 
     def _ranged(self, obj: StoredObject, dest: Path, range_bytes: int, cancelled: threading.Event,
-                progress: Callable[[int], None]) -> None:
+                progress: Callable[[int], None]) -> Check | None:
         """Parallel ranges, RANGE_PARALLELISM at a time, written in place; the MD5 (where the ETag
         is one) is computed from the file afterwards, in order."""
         import obstore
@@ -290,14 +316,8 @@ class ObjectStoreProvider(Provider):
                                              f"{len(view)} bytes")
                     os.pwrite(fd, view, start)
                     progress(len(view))
-        md5 = ""
-        if _MD5.match(obj.etag or ""):
-            digest = hashlib.md5(usedforsecurity=False)
-            with open(dest, "rb") as f:
-                while block := f.read(CHUNK):
-                    digest.update(block)
-            md5 = digest.hexdigest()
-        verify(obj, dest, dest.stat().st_size, md5)
+        check_size(obj, dest.stat().st_size)
+        return md5_check(obj, lambda: file_md5(dest))  # read back in order, when the caller checks
 
     def _error(self, exc: Exception, path: str) -> ModelLoadError:
         import obstore
@@ -503,13 +523,11 @@ class HttpProvider(Provider):
         return [StoredObject(path, _relative(path, path), -1)]  # one file, its size from the answer
 
     def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
-                 cancelled: threading.Event, progress: Callable[[int], None]) -> None:
-
+                 cancelled: threading.Event, progress: Callable[[int], None]) -> Check | None:
         attempt = 0
         while True:
             try:
-                self._get(obj, dest, cancelled, progress)
-                return
+                return self._get(obj, dest, cancelled, progress)
             except _Transient as exc:
                 attempt += 1
                 if attempt > self.retries:
@@ -519,7 +537,7 @@ class HttpProvider(Provider):
                     raise Cancelled() from None
 
     def _get(self, obj: StoredObject, dest: Path, cancelled: threading.Event,
-             progress: Callable[[int], None]) -> None:
+             progress: Callable[[int], None]) -> Check | None:
         request = urllib.request.Request(self._url(obj.key), headers=self.headers)
         try:
             response = urllib.request.urlopen(request, timeout=max(self.connect_timeout_s, 30.0),
@@ -561,7 +579,12 @@ class HttpProvider(Provider):
                         md5.update(view)
                     written += n
                     progress(n)
-        verify(StoredObject(obj.key, obj.relative, expected, etag), dest, written, md5.hexdigest() if md5 else "")
+        answered = StoredObject(obj.key, obj.relative, expected, etag)
+        check_size(answered, written)
+        if md5 is None:
+            return None
+        computed = md5.hexdigest()  # in the read loop: the buffer is reused, no thread can hash it later
+        return md5_check(answered, lambda: computed)
 
 
 class _Transient(Exception):
@@ -597,5 +620,13 @@ def provider_for(resolved: Resolved, *, retries: int, connect_timeout_s: float) 
         return _providers.setdefault(fingerprint, made)
 
 
-__all__ = ["PROVIDERS", "Cancelled", "Provider", "StoredObject", "parse_connection_string", "provider_for",
-           "verify"]
+__all__ = [
+    "PROVIDERS",
+    "Cancelled",
+    "Provider",
+    "StoredObject",
+    "check_size",
+    "md5_check",
+    "parse_connection_string",
+    "provider_for",
+]

@@ -38,7 +38,10 @@ class _Files(http.server.SimpleHTTPRequestHandler):
         path = self.translate_path(self.path)
         if os.path.isfile(path):
             with open(path, "rb") as f:
-                self.send_header("ETag", '"' + hashlib.md5(f.read()).hexdigest() + '"')
+                digest = hashlib.md5(f.read()).hexdigest()
+            if "corrupt" in self.path:  # the bytes are not what the store says it holds
+                digest = hashlib.md5(b"something else").hexdigest()
+            self.send_header("ETag", '"' + digest + '"')
         super().end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -211,3 +214,35 @@ async def test_an_unreachable_s3_endpoint_fails_after_bounded_retries(tmp_path: 
         await puller.pull(_spec("m.joblib", {"storage_key": "s3"}))
     assert f"s3 bucket 'models' at http://127.0.0.1:{port}" in caught.value.message
     assert "s3cr3t" not in caught.value.message and "AKIAEXAMPLE" not in caught.value.message
+
+
+async def test_a_checksum_mismatch_fails_the_load_and_deletes_the_files(tmp_path: Path,
+                                                                        served: tuple[str, Path]) -> None:
+    url, root = served
+    (root / "corrupt.joblib").write_bytes(b"model-bytes")
+    (root / "good.joblib").write_bytes(b"model-bytes")
+    puller = _puller(tmp_path)
+    good = await puller.pull(_spec(f"{url}/good.joblib"))
+    await puller.verified(good)  # the ETag is the bytes' MD5: nothing to say
+    corrupt = await puller.pull(_spec(f"{url}/corrupt.joblib", model_id="c"))
+    assert corrupt is not None
+    with pytest.raises(ModelLoadError, match="does not match its ETag"):
+        await puller.verified(corrupt)
+    assert not os.path.exists(corrupt.path) and puller.disk.lookup(corrupt.digest) is None
+    puller.close()
+
+
+def test_entries_whose_checksums_were_never_compared_are_removed_at_start(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", max_bytes=100)
+    cache.start()
+    for digest, verified in (("checked", True), ("unchecked", False)):
+        partial = cache.partial(digest)
+        (partial / "f").write_bytes(b"x")
+        cache.commit(partial, digest, {"model_path": "f"}, 1, verified=verified)
+    cache.mark_verified("late")  # an entry that is gone: nothing happens
+    cache.close()
+    again = DiskCache(tmp_path / "c", max_bytes=100)
+    again.start()
+    assert again.lookup("checked") is not None and again.lookup("unchecked") is None
+    assert not (again.root / "unchecked").exists()
+    again.close()
