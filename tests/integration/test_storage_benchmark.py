@@ -45,7 +45,7 @@ def test_the_storage_benchmark_reports_every_target(tmp_path: Path) -> None:
     # 1. Pull throughput: the three clients' MB/s and the ratios, for the one size.
     row = result["throughput"]["1 MB"]
     assert row["rounds"] == 1
-    assert set(row["median_mbps"]) == {"pull", "obstore", "raw-http"}
+    assert set(row["median_mbps"]) == {"pull", "pull+md5", "obstore", "raw-http"}
     assert all(v > 0 for v in row["median_mbps"].values())
     assert row["pull_vs_obstore"] > 0 and row["pull_vs_raw_http"] > 0
     assert isinstance(row["pass"], bool) and isinstance(row["pass_vs_raw_http"], bool)
