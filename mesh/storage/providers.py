@@ -156,7 +156,9 @@ def _relative(key: str, path: str) -> str:
     return posixpath.join(base, key[len(path):].lstrip("/"))
 
 
-Check = Callable[[], None]  # raises ModelLoadError when a finished download is not what the store holds
+# Raises ModelLoadError when a finished download is not what the store holds; called with where the
+# file is now (the puller renames its folder into place before it compares).
+Check = Callable[[Path], None]
 
 
 def check_size(obj: StoredObject, written: int) -> None:
@@ -164,16 +166,17 @@ def check_size(obj: StoredObject, written: int) -> None:
         raise ModelLoadError(f"download of {obj.key[:300]!r} is incomplete: {written} of {obj.size} bytes")
 
 
-def md5_check(obj: StoredObject, digest: Callable[[], str]) -> Check | None:
+def md5_check(obj: StoredObject, digest: Callable[[Path], str]) -> Check | None:
     """The MD5 comparison with the ETag, where the ETag is an MD5, to run when ``digest`` can
-    answer (it may wait for a hashing thread). None where the store gives no MD5."""
+    answer (it may wait for a hashing thread, or read the file where it is). None where the store
+    gives no MD5."""
     m = _MD5.match(obj.etag or "")
     if not m:
         return None
     expected = m.group(1).lower()
 
-    def check() -> None:
-        if digest() != expected:
+    def check(path: Path) -> None:
+        if digest(path) != expected:
             raise ModelLoadError(f"download of {obj.key[:300]!r} does not match its ETag (checksum mismatch)")
 
     return check
@@ -291,7 +294,8 @@ class ObjectStoreProvider(Provider):
             if md5 is not None:
                 md5.abandon()
             raise
-        return md5_check(obj, md5.digest) if md5 is not None else None
+        hasher = md5
+        return md5_check(obj, lambda _path: hasher.digest()) if hasher is not None else None
 
     def _ranged(self, obj: StoredObject, dest: Path, range_bytes: int, cancelled: threading.Event,
                 progress: Callable[[int], None]) -> Check | None:
@@ -317,7 +321,7 @@ class ObjectStoreProvider(Provider):
                     os.pwrite(fd, view, start)
                     progress(len(view))
         check_size(obj, dest.stat().st_size)
-        return md5_check(obj, lambda: file_md5(dest))  # read back in order, when the caller checks
+        return md5_check(obj, file_md5)  # read back in order, where the file is when the caller checks
 
     def _error(self, exc: Exception, path: str) -> ModelLoadError:
         import obstore
@@ -584,7 +588,7 @@ class HttpProvider(Provider):
         if md5 is None:
             return None
         computed = md5.hexdigest()  # in the read loop: the buffer is reused, no thread can hash it later
-        return md5_check(answered, lambda: computed)
+        return md5_check(answered, lambda _path: computed)
 
 
 class _Transient(Exception):

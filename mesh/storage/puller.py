@@ -130,28 +130,23 @@ class Puller:
             return None
         started = time.perf_counter()
         try:
-            resolved = await asyncio.to_thread(self._resolve, location)
-            if resolved.type == "pvc":
-                path = await asyncio.to_thread(self._claim_path, resolved, location)
-                return Pulled(path=path, source=f"claim {resolved.fields['name']!r}: {location.path}",
-                              from_disk=True, type="pvc")
-            provider = provider_for(resolved, retries=self.settings.retries,
-                                    connect_timeout_s=self.settings.connect_timeout_s)
-            digest = _digest(provider, location, spec)
-            flight = self._flights.get(digest)
+            # One flight per registration (the model cache runs one load per model; this covers
+            # loads that overlap anyway), and one thread hop for all of it.
+            flight_key = (spec.model_id, spec.registered_ms, spec.path, spec.key)
+            flight = self._flights.get(flight_key)
             owner = flight is None  # the pull thread's pin on the entry is this load's
             if flight is None:
-                flight = asyncio.ensure_future(asyncio.to_thread(self._pull, provider, location, digest))
-                self._flights[digest] = flight
-                flight.add_done_callback(lambda _f, d=digest: self._flights.pop(d, None))
+                flight = asyncio.ensure_future(asyncio.to_thread(self._locate_and_pull, location, spec))
+                self._flights[flight_key] = flight
+                flight.add_done_callback(lambda _f, k=flight_key: self._flights.pop(k, None))
             try:
                 pulled = await asyncio.shield(flight)
             except asyncio.CancelledError:
                 if owner:  # the load gave up (its deadline): nobody else will release that pin
                     flight.add_done_callback(self._release_abandoned)
                 raise
-            if not owner:  # another load's download: pin it for this load, and count no download
-                if self.disk.lookup(digest) is None:
+            if not owner and pulled.digest:  # another load's download: pin it for this load, count none
+                if self.disk.lookup(pulled.digest) is None:
                     raise ModelLoadError(f"pulled model {spec.model_id!r} left the disk cache before its load")
                 pulled = Pulled(**{**pulled.__dict__, "from_disk": True, "downloaded_bytes": 0})
         except MeshError as exc:
@@ -199,6 +194,16 @@ class Puller:
             raise ModelLoadError(f"object not found: {location.path[:300]!r} in claim {name!r}")
         return str(path)
 
+    def _locate_and_pull(self, location: Location, spec: ModelSpec) -> Pulled:
+        resolved = self._resolve(location)
+        if resolved.type == "pvc":
+            path = self._claim_path(resolved, location)
+            return Pulled(path=path, source=f"claim {resolved.fields['name']!r}: {location.path}",
+                          from_disk=True, type="pvc")
+        provider = provider_for(resolved, retries=self.settings.retries,
+                                connect_timeout_s=self.settings.connect_timeout_s)
+        return self._pull(provider, location, _digest(provider, location, spec))
+
     def _pull(self, provider: Provider, location: Location, digest: str) -> Pulled:
         source = f"{provider.where()}: {location.path}"
         held = self.disk.lookup(digest)
@@ -215,7 +220,7 @@ class Puller:
         self.disk.reserve(known, f"model {location.path[:200]!r}")
         reserved = known
         partial = self.disk.partial(digest)
-        checks: list[Check] = []
+        checks: list[tuple[str, Check]] = []  # (the file under the model's folder, its comparison)
         try:
             written = self._download_all(provider, objects, partial, reserved, checks)
             if written > reserved:  # sizes the store did not give up front (HTTP): counted now
@@ -224,8 +229,8 @@ class Puller:
             model_rel = _relative_root(location.path)
             if len(objects) == 1 and (kind := archive_kind(objects[0].relative)):
                 archive = partial / objects[0].relative
-                for check in checks:  # an archive is unpacked only once it is known good
-                    check()
+                for relative, check in checks:  # an archive is unpacked only once it is known good
+                    check(partial / relative)
                 checks = []
                 model_rel = _strip_archive_suffix(objects[0].relative, kind)
                 target = partial / model_rel
@@ -240,7 +245,7 @@ class Puller:
             final = self.disk.commit(partial, digest, {"source": source, "model_path": model_rel,
                                                        "files": len(objects)}, written, verified=not checks)
             if checks:  # compared beside the load; the load waits for it before it counts (verified)
-                pending = self._verify_pool.submit(self._verify, digest, checks)
+                pending = self._verify_pool.submit(self._verify, digest, final, checks)
                 self._verifications[digest] = pending
                 pending.add_done_callback(lambda f, d=digest: self._verification_done(d, f))
         except BaseException:
@@ -251,10 +256,10 @@ class Puller:
         return Pulled(path=str(final / model_rel), source=source, downloaded_bytes=sum(max(o.size, 0) for o in objects)
                       or written, digest=digest, type=provider.type)
 
-    def _verify(self, digest: str, checks: list[Check]) -> None:
+    def _verify(self, digest: str, folder: Path, checks: list[tuple[str, Check]]) -> None:
         try:
-            for check in checks:
-                check()
+            for relative, check in checks:
+                check(folder / relative)
         except BaseException:
             self.disk.discard(digest)  # never loaded again
             raise
@@ -275,7 +280,7 @@ class Puller:
         await asyncio.wrap_future(pending)
 
     def _download_all(self, provider: Provider, objects: list[StoredObject], partial: Path, reserved: int,
-                      checks: list[Check]) -> int:
+                      checks: list[tuple[str, Check]]) -> int:
         counted = [0]
         lock = threading.Lock()
         bound = self.disk.max_bytes
@@ -294,7 +299,7 @@ class Puller:
                                       cancelled=self._cancelled, progress=progress)
             if check is not None:
                 with lock:
-                    checks.append(check)
+                    checks.append((obj.relative, check))
 
         try:
             if len(objects) == 1:
