@@ -41,7 +41,6 @@ import hashlib
 import json
 import os
 import posixpath
-import queue
 import re
 import ssl
 import tempfile
@@ -49,6 +48,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -77,31 +77,26 @@ class StoredObject:
 
 
 class Hasher:
-    """MD5 of the chunks given to ``update``, computed on a thread of its own while the next chunk
+    """MD5 of the chunks given to ``update``, computed on the hashing thread while the next chunk
     downloads (hashlib releases the GIL on large buffers): the check costs no download time on a
-    machine with a core to spare. ``digest`` waits for the last chunk."""
+    machine with a core to spare. One thread hashes for every pull, in the order chunks arrive
+    (a thread per download cost more than hashing a small model). ``digest`` waits for the last
+    chunk."""
 
     def __init__(self) -> None:
         self._md5 = hashlib.md5(usedforsecurity=False)
-        self._queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=4)
-        self._thread = threading.Thread(target=self._run, name="pull-md5", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._md5.update(chunk)
 
     def update(self, chunk: memoryview) -> None:
-        self._queue.put(chunk)
+        _HASHING.submit(self._md5.update, chunk)
 
     def digest(self) -> str:
-        self._queue.put(None)
-        self._thread.join()
-        return self._md5.hexdigest()
+        return _HASHING.submit(self._md5.hexdigest).result()
 
     def abandon(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
+        pass  # the queued updates run and are dropped with the hasher
+
+
+_HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pull-md5")
 
 
 class Cancelled(Exception):
