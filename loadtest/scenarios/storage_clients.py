@@ -26,9 +26,9 @@ Clients:
   ranged get of issue 14); an object of at most one part takes a plain get;
 * ``boto3``: ``S3.Client.download_file`` with the default ``TransferConfig`` (multipart above
   8 MiB, 8 MiB parts, 10 threads);
-* ``raw-http``: one plain HTTP GET of the object with ``http.client``, SigV4 headers signed by
-  botocore, the body read in 1 MiB ``readinto`` calls into the file (the "store client's raw
-  download" baseline of the issue's target);
+* ``raw-http``: one plain HTTP GET of the object with ``http.client``, SigV4 headers signed
+  by ``loadtest.signing`` (the standard library), the body read in 1 MiB ``readinto`` calls
+  into the file (the "store client's raw download" baseline of the issue's target);
 * ``curl``: the same signed GET with the ``curl`` binary writing the file (a native baseline).
 
 A client whose package (or binary) is missing is skipped with a line saying so; a server that is
@@ -195,13 +195,9 @@ def _obstore_store(endpoint: str):
 
 
 def _signed_headers(endpoint: str, key: str) -> tuple[str, dict[str, str]]:
-    from botocore.auth import SigV4Auth
-    from botocore.awsrequest import AWSRequest
-    from botocore.credentials import Credentials
+    from loadtest.signing import sigv4
     url = f"{endpoint}/{BUCKET}/{key}"
-    req = AWSRequest(method="GET", url=url, headers={"x-amz-content-sha256": "UNSIGNED-PAYLOAD"})
-    SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", REGION).add_auth(req)
-    return url, dict(req.headers.items())
+    return url, sigv4("GET", url, body=b"", key_id=ACCESS_KEY, secret=SECRET_KEY, region=REGION, service="s3")
 
 
 def dl_boto3(endpoint: str, args) -> Callable[[str, int, Path], None]:
@@ -324,9 +320,8 @@ CLIENTS: dict[str, tuple[Callable, Callable[[], str | None]]] = {
     "obstore": (dl_obstore, _need("obstore")),
     "obstore-ranges": (dl_obstore_ranges, _need("obstore")),
     "boto3": (dl_boto3, _need("boto3")),
-    "raw-http": (dl_raw_http, _need("botocore")),
-    "curl": (dl_curl, lambda: (_need("botocore")() or
-                              (None if shutil.which("curl") else "no curl binary"))),
+    "raw-http": (dl_raw_http, lambda: None),
+    "curl": (dl_curl, lambda: None if shutil.which("curl") else "no curl binary"),
 }
 
 

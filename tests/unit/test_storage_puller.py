@@ -228,7 +228,9 @@ async def test_a_checksum_mismatch_fails_the_load_and_deletes_the_files(tmp_path
     assert corrupt is not None
     with pytest.raises(ModelLoadError, match="does not match its ETag"):
         await puller.verified(corrupt)
-    assert not os.path.exists(corrupt.path) and puller.disk.lookup(corrupt.digest) is None
+    assert puller.disk.lookup(corrupt.digest) is None
+    with pytest.raises(FileNotFoundError):
+        _read(corrupt.path)
     puller.close()
 
 
