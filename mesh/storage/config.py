@@ -14,9 +14,15 @@ Location` says which key and parameters), by pullman's rules
 - ``storage_key`` named: that key's file; a missing one is an error naming the key.
 - none named: ``default_<storage_params.type>`` when the parameters name a type, else ``default``;
   a missing default is no error, the parameters alone must then say everything.
-- parameters may not move a key that holds secrets to another endpoint (``endpoint_url``,
-  ``url``, ``account_name``): pullman lets them, which sends the key's credentials (an HTTP key's
-  ``Authorization`` header) to any host a registration names.
+- parameters may change only the bucket, container or region of a key that exists
+  (:data:`KEY_PARAMETERS`): pullman lets them change anything, which sends the key's credentials
+  (a signed request, a service account's token, an HTTP key's ``Authorization`` header) to any
+  host a registration names, or moves a claim key to another tenant's claim. With no key at all,
+  the parameters say everything, and no credential is involved:
+- a key with no credentials reads anonymously, unless its file says ``"use_ambient_credentials":
+  true`` (ours): only then does the client use the runtime's own credentials (AWS environment,
+  web identity or instance metadata; Google's application default credentials). A registration
+  cannot ask for them.
 - ``storage_params`` override the key's fields by dot path (``a.b`` sets a nested field).
 - the deprecated top-level ``bucket`` applies when the parameters name no bucket (pullman applies
   it only when the key already has a bucket, which looks like a bug there; we take the
@@ -106,6 +112,9 @@ class Resolved:
     key: str  # the storage key's name ("" when the parameters alone say everything)
     type: str
     fields: dict[str, Any]
+    # The key file asks for the runtime's own cloud credentials (environment, instance metadata)
+    # when it holds none; otherwise such a key reads anonymously (module docstring).
+    ambient: bool = False
 
     def __repr__(self) -> str:
         shown = {k: ("***" if k in SECRET_FIELDS else v) for k, v in self.fields.items()}
@@ -168,15 +177,18 @@ def _set_path(fields: dict[str, Any], dotted: str, value: str) -> None:
     node[parts[-1]] = value
 
 
-# Fields that say where a key's credentials are sent: parameters may not move them elsewhere.
-ENDPOINT_FIELDS = ("endpoint_url", "url", "account_name", "base_url")
+# What a registration's parameters may change in a storage key it uses: which bucket (container)
+# and region. Nothing else: the endpoint, the type, a claim's name, a token URI or a CA would send
+# the key's credentials (or the runtime's) elsewhere, or read another tenant's claim.
+KEY_PARAMETERS = frozenset({"bucket", "default_bucket", "container", "region"})
+AMBIENT = "use_ambient_credentials"  # ours: a key that signs with the runtime's own credentials
 
 
 def resolve(location: Location, keys: StorageKeys) -> Resolved:
     """The provider configuration for a registration's storage location (module docstring).
     InvalidArgument for a parameter that cannot apply, UnknownStorageKey for a named key with
-    no file, ModelLoadError when nothing names a provider type or when the parameters would send
-    a key's credentials to another endpoint."""
+    no file, ModelLoadError when nothing names a provider type, or for a parameter a key does not
+    let registrations change (:data:`KEY_PARAMETERS`)."""
     model_key, params, name = location.model_key, location.params, location.key_name
     found = keys.get(name)
     if found is None:
@@ -185,17 +197,18 @@ def resolve(location: Location, keys: StorageKeys) -> Resolved:
                                     "(storage.config_dir)")
         name, found = "", {}
     fields = dict(found)
+    fields.pop(AMBIENT, None)  # read from the key file alone, below
     if fields.get("type") == "s3" and "bucket" not in fields and isinstance(fields.get("default_bucket"), str):
         fields["bucket"] = fields["default_bucket"]
     if model_key.bucket and "bucket" not in params:
         fields["bucket"] = model_key.bucket
-    has_secrets = any(fields.get(f) for f in SECRET_FIELDS)
     for dotted, value in params.items():
         if not dotted or any(not part for part in dotted.split(".")):
             raise InvalidArgument(f"storage parameter {dotted[:80]!r} is not a field name")
-        if has_secrets and dotted in ENDPOINT_FIELDS and fields.get(dotted) not in (None, "", value):
-            raise ModelLoadError(f"storage parameter {dotted!r} would send storage key {name!r}'s credentials "
-                                 "to another endpoint; name a key for that endpoint instead")
+        if name and dotted not in KEY_PARAMETERS and fields.get(dotted) != value:
+            raise ModelLoadError(f"storage parameter {dotted[:80]!r} may not change storage key {name!r} (a "
+                                 f"registration may set only {', '.join(sorted(KEY_PARAMETERS))}); name a key "
+                                 "for that store instead")
         _set_path(fields, dotted, value)
     kind = fields.get("type")
     if not isinstance(kind, str) or not kind:
@@ -203,8 +216,8 @@ def resolve(location: Location, keys: StorageKeys) -> Resolved:
         raise ModelLoadError(f"{where}: the storage type is not given (storage_params.type or the key's type)")
     if kind not in TYPES:
         raise ModelLoadError(f"storage type {kind[:40]!r} is not one of {', '.join(TYPES)}")
-    return Resolved(key=name, type=kind, fields=fields)
+    return Resolved(key=name, type=kind, fields=fields, ambient=found.get(AMBIENT) is True)
 
 
-__all__ = ["ENDPOINT_FIELDS", "SECRET_FIELDS", "TYPES", "ModelKey", "Resolved", "StorageKeys", "UnknownStorageKey",
-           "resolve"]
+__all__ = ["AMBIENT", "KEY_PARAMETERS", "SECRET_FIELDS", "TYPES", "ModelKey", "Resolved", "StorageKeys",
+           "UnknownStorageKey", "resolve"]

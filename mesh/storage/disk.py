@@ -37,7 +37,7 @@ from pathlib import Path
 
 import structlog
 
-from mesh.errors import ModelLoadError
+from mesh.errors import InvalidArgument, ModelLoadError
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +69,11 @@ class DiskCache:
     def start(self) -> None:
         """Take a slot, create it (0700), remove what interrupted pulls left, index the entries."""
         self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.base.is_symlink() or self.base.stat().st_uid != os.getuid():
+            # Another user made it first (the default lies in the shared temp folder): it could
+            # read, or plant, the models this runtime loads.
+            raise InvalidArgument(f"the disk cache {self.base} (storage.cache_dir) is a link or belongs to another "
+                                  "user; give the runtime a folder of its own")
         os.chmod(self.base, 0o700)
         for slot in range(self.MAX_SLOTS):
             fd = os.open(self.base / f"{slot}.lock", os.O_RDWR | os.O_CREAT, 0o600)

@@ -22,11 +22,14 @@ pullman's rules kept (``pullman/storageproviders/*``, docs/storage-notes.md sect
 path-style, with static credentials, an optional CA bundle (``certificate``) and ``endpoint_url``
 / ``region``; a model path is an object or a prefix (every object under ``<path>/``; 0-byte
 objects and "directory" markers skipped); GCS takes a service account's ``private_key`` and
-``client_email`` (neither: the environment's credentials); Azure takes ``account_name`` and
-``container`` with a ``connection_string``, a service principal, or neither (anonymous); HTTP
-GETs ``url`` joined with the path, with ``headers``, a ``certificate`` (CA) and a client
-certificate. Our additions: ``endpoint_url`` on gcs keys (emulators, private endpoints),
-``account_key`` / ``sas_token`` on azure keys.
+``client_email``; Azure takes ``account_name`` and ``container`` with a ``connection_string``,
+a service principal, or neither; HTTP GETs ``url`` joined with the path, with ``headers``, a
+``certificate`` (CA) and a client certificate, following redirects only within the key's scheme
+and host (urllib would send the headers and the client certificate to any host). A key without
+credentials reads anonymously: the runtime's own credentials (environment, instance metadata,
+managed identity) only for a key file that says ``"use_ambient_credentials": true``
+(``mesh.storage.config``). Our additions: that field, ``endpoint_url`` on gcs keys (emulators,
+private endpoints), ``account_key`` / ``sas_token`` on azure keys.
 
 Verification: every file's size must equal what the store listed, and where the store's ETag is
 an MD5 (S3's single-part uploads: 32 hex digits), the MD5 of the bytes written must match it.
@@ -122,7 +125,8 @@ class Provider:
         """What makes two locations the same bytes (endpoint, bucket): the disk cache's key."""
         return self.where()
 
-    def objects(self, path: str, max_files: int) -> list[StoredObject]:
+    def objects(self, path: str, max_files: int, cancelled: threading.Event) -> list[StoredObject]:
+        """The object at ``path``, else every object under ``path/`` (at most ``max_files``)."""
         raise NotImplementedError
 
     def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
@@ -194,11 +198,21 @@ class ObjectStoreProvider(Provider):
             import obstore  # noqa: F401
         except ImportError:
             raise ModelLoadError(f"storage type {resolved.type!r} needs the storage extra: {STORAGE_EXTRA}") from None
-        self.store = self._store()
+        try:
+            self.store = self._store()
+        except ModelLoadError:
+            raise
+        except BaseException as exc:  # the Rust client panics on some configurations (a space in a URL)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            raise ModelLoadError(f"storage key {resolved.key!r}: the {resolved.type} client refuses its configuration "
+                                 f"({type(exc).__name__})") from None
 
     def _client_options(self, endpoint: str) -> dict[str, Any]:
+        # The client's default bounds a whole request, body included, to 30 s: a large object
+        # streamed from a store without ranges would fail. The load's deadline bounds a pull.
         options: dict[str, Any] = {"connect_timeout": timedelta(seconds=self.connect_timeout_s),
-                                   "allow_http": endpoint.startswith("http://")}
+                                   "timeout": timedelta(hours=1), "allow_http": endpoint.startswith("http://")}
         certificate = _str(self.fields, "certificate")
         if certificate:
             options["root_certificate"] = certificate
@@ -212,7 +226,7 @@ class ObjectStoreProvider(Provider):
     def _store(self) -> Any:
         raise NotImplementedError
 
-    def objects(self, path: str, max_files: int) -> list[StoredObject]:
+    def objects(self, path: str, max_files: int, cancelled: threading.Event) -> list[StoredObject]:
         import obstore
 
         try:
@@ -225,8 +239,15 @@ class ObjectStoreProvider(Provider):
         except Exception as exc:
             raise self._error(exc, path) from None
         found: list[StoredObject] = []
+        listed = 0  # every entry, skipped ones too: an endless listing of empty objects stops as well
         try:
             for batch in obstore.list(self.store, path.rstrip("/") + "/", chunk_size=1000):
+                if cancelled.is_set():
+                    raise Cancelled()
+                listed += len(batch)
+                if listed > 10 * max_files + 1000:
+                    raise ModelLoadError(f"model {path[:300]!r} in {self.where()} lists more than {10 * max_files} "
+                                         "entries (storage.max_files)")
                 for meta in batch:
                     key = meta["path"]
                     if meta["size"] == 0 or key.endswith("/"):
@@ -235,7 +256,7 @@ class ObjectStoreProvider(Provider):
                     if len(found) > max_files:
                         raise ModelLoadError(f"model {path[:300]!r} in {self.where()} has more than {max_files} "
                                              "objects (storage.max_files)")
-        except ModelLoadError:
+        except (ModelLoadError, Cancelled):
             raise
         except Exception as exc:
             raise self._error(exc, path) from None
@@ -372,7 +393,7 @@ class S3Provider(ObjectStoreProvider):
         access, secret = _str(self.fields, "access_key_id"), _str(self.fields, "secret_access_key")
         if access and secret:
             config["access_key_id"], config["secret_access_key"] = access, secret
-        elif "access_key_id" in self.fields:  # present but empty: anonymous, as pullman's static ""
+        elif not self.resolved.ambient:  # anonymous (pullman's static empty keys), never the runtime's own
             config["skip_signature"] = True
         return S3Store(bucket, config=config, client_options=self._client_options(endpoint or "https://"),
                        retry_config=self._retry())
@@ -405,8 +426,8 @@ class GcsProvider(ObjectStoreProvider):
                        "private_key_id": "", "token_uri": _str(self.fields, "token_uri")
                        or "https://oauth2.googleapis.com/token"}
             config["service_account_key"] = json.dumps(account)
-        elif endpoint:
-            config["skip_signature"] = True  # an emulator or a public endpoint: no token to fetch
+        elif not self.resolved.ambient:
+            config["skip_signature"] = True  # public objects, an emulator: never the runtime's own account
         return GCSStore(bucket, config=config, client_options=self._client_options(endpoint or "https://"),
                         retry_config=self._retry())
 
@@ -455,8 +476,8 @@ class AzureProvider(ObjectStoreProvider):
             config["sas_key"] = sas.lstrip("?")
         elif client_id and client_secret and tenant:
             config.update(client_id=client_id, client_secret=client_secret, tenant_id=tenant)
-        else:
-            config["skip_signature"] = True
+        elif not self.resolved.ambient:
+            config["skip_signature"] = True  # public containers: never the runtime's managed identity
         return AzureStore(container, config=config, client_options=self._client_options(endpoint),
                           retry_config=self._retry())
 
@@ -474,10 +495,15 @@ class HttpProvider(Provider):
             raise ModelLoadError(f"storage key {resolved.key!r}: url must be an http(s) URL")
         self.headers = self._headers()
         self.context = self._context() if parts.scheme == "https" else None
+        # Redirects are followed within the key's scheme and host only: urllib would send the
+        # key's headers (and client certificate) to any host a redirect names, and downgrade https.
+        self.opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context),
+                                                  _SameOriginRedirects())
 
     def where(self) -> str:
         parts = urlsplit(self.base)
-        return f"{parts.scheme}://{parts.netloc}{parts.path}"
+        host = parts.netloc.rpartition("@")[2]  # never a user:password a url may carry
+        return f"{parts.scheme}://{host}{parts.path}"
 
     def _headers(self) -> dict[str, str]:
         raw = self.fields.get("headers") or {}
@@ -518,7 +544,7 @@ class HttpProvider(Provider):
         joined = posixpath.join(base.path or "/", path)
         return f"{base.scheme}://{base.netloc}{quote(joined)}"
 
-    def objects(self, path: str, max_files: int) -> list[StoredObject]:
+    def objects(self, path: str, max_files: int, cancelled: threading.Event) -> list[StoredObject]:
         return [StoredObject(path, _relative(path, path), -1)]  # one file, its size from the answer
 
     def download(self, obj: StoredObject, dest: Path, *, range_bytes: int,
@@ -539,10 +565,12 @@ class HttpProvider(Provider):
              progress: Callable[[int], None]) -> Check | None:
         request = urllib.request.Request(self._url(obj.key), headers=self.headers)
         try:
-            response = urllib.request.urlopen(request, timeout=max(self.connect_timeout_s, 30.0),
-                                              context=self.context)
+            response = self.opener.open(request, timeout=max(self.connect_timeout_s, 30.0))
         except urllib.error.HTTPError as exc:
             exc.close()
+            if 300 <= exc.code < 400:
+                raise self._fail(f"redirected to another host or scheme (HTTP {exc.code}; not followed: the key's "
+                                 "headers would go with it)", obj.key) from None
             if exc.code in (401, 403):
                 raise self._fail("access denied", obj.key) from None
             if exc.code == 404:
@@ -561,18 +589,19 @@ class HttpProvider(Provider):
             etag = response.headers.get("ETag") or ""
             written = 0
             md5 = hashlib.md5(usedforsecurity=False) if _MD5.match(etag) else None
-            buffer = bytearray(CHUNK)
             with open(dest, "wb") as out:
                 while True:
                     if cancelled.is_set():
                         raise Cancelled()
                     try:
-                        n = response.readinto(buffer)
+                        # read1: what one receive gives, so that a store dripping bytes is
+                        # cancelled at the next one (readinto would wait for a whole chunk).
+                        view = memoryview(response.read1(CHUNK))
                     except OSError as exc:
                         raise _Transient(type(exc).__name__) from None
+                    n = len(view)
                     if not n:
                         break
-                    view = memoryview(buffer)[:n]
                     out.write(view)
                     if md5 is not None:
                         md5.update(view)
@@ -582,8 +611,19 @@ class HttpProvider(Provider):
         check_size(answered, written)
         if md5 is None:
             return None
-        computed = md5.hexdigest()  # in the read loop: the buffer is reused, no thread can hash it later
+        computed = md5.hexdigest()  # hashed in the read loop: an HTTP body is read in small pieces
         return md5_check(answered, lambda _path: computed)
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = 5
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        old, new = urlsplit(req.full_url), urlsplit(newurl)
+        if (new.scheme, new.netloc) != (old.scheme, old.netloc):
+            raise urllib.error.HTTPError(req.full_url, code, "redirect to another origin refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class _Transient(Exception):

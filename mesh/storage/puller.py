@@ -41,6 +41,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ from mesh.paths import as_directory, local_path, shown, under_prefix
 from mesh.registry.records import ModelSpec
 from mesh.settings import StorageSettings
 from mesh.storage.archives import archive_kind, unpack
-from mesh.storage.config import Resolved, StorageKeys, resolve
+from mesh.storage.config import TYPES, Resolved, StorageKeys, resolve
 from mesh.storage.disk import MANIFEST, DiskCache
 from mesh.storage.location import Location, locate
 from mesh.storage.providers import Cancelled, Check, Provider, StoredObject, provider_for
@@ -62,6 +63,7 @@ log = structlog.get_logger(__name__)
 
 _CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Kubernetes object name
 OBJECT_PARALLELISM = 4  # objects of one model downloaded at once
+PULL_THREADS = 8  # pulls at once (a runtime runs runtime.max_concurrent_loads loads at once: 2 by default)
 
 
 @dataclass(frozen=True)
@@ -86,9 +88,13 @@ class Puller:
         self.keys = StorageKeys(settings.config_dir) if settings.config_dir else None
         self.disk = DiskCache(settings.cache_dir or default_cache_dir(), settings.cache_bytes)
         self.metrics = metrics  # RuntimeMetrics (storage_pulled / storage_failed), or None
-        self._flights: dict[str, asyncio.Future[Pulled]] = {}
-        self._cancelled = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=OBJECT_PARALLELISM, thread_name_prefix="pull")
+        self._flights: dict[tuple[str, int, str, str], asyncio.Future[Pulled]] = {}
+        self._cancels: set[threading.Event] = set()  # one per pull in flight: set when it is abandoned
+        self._closing = False
+        # Pulls run on threads of their own, never asyncio's default pool: a store that drips
+        # bytes holds a pull thread until its load's deadline, and nothing else waits for it.
+        self._threads = ThreadPoolExecutor(max_workers=PULL_THREADS, thread_name_prefix="pull")
+        self._pool = ThreadPoolExecutor(max_workers=OBJECT_PARALLELISM, thread_name_prefix="pull-object")
         # Checksums compared while the model loads (providers.Check), by digest.
         self._verify_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pull-verify")
         self._verifications: dict[str, Future[None]] = {}
@@ -97,27 +103,35 @@ class Puller:
         self.disk.start()
 
     def close(self) -> None:
-        self._cancelled.set()
+        self._closing = True
+        for cancel in list(self._cancels):
+            cancel.set()
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._verify_pool.shutdown(wait=False, cancel_futures=True)
         self.disk.close()
 
     def roots(self) -> tuple[str, ...]:
         """Folders the loaders may read besides the model roots."""
-        return (str(self.disk.root), self.settings.pvc_mounts_dir)
+        return (str(self.disk.base), self.settings.pvc_mounts_dir)
 
     def check_local(self, path: str) -> None:
-        """A local registration must not name a pulled model or a claim (module docstring)."""
+        """A local registration must not name a pulled model or a claim, nor hold a link to one
+        (module docstring)."""
         try:
-            local = os.path.realpath(os.path.expanduser(local_path(path)))
+            local = os.path.expanduser(local_path(path))
         except MeshError:
             return  # the loader gives the reason
-        for root in self.roots():
-            real_root = as_directory(os.path.realpath(root))
-            if under_prefix(local, real_root) and not any(
-                    under_prefix(local, as_directory(os.path.realpath(r))) for r in self.model_roots):
-                raise ModelLoadError(f"model path {shown(path)} is in the runtime's storage folders "
-                                     f"({root}); register the model by its storage, not by this path")
+        storage = [as_directory(os.path.realpath(root)) for root in self.roots()]
+
+        def refuse(real: str) -> bool:
+            return any(under_prefix(real, root) for root in storage)
+
+        if refuse(os.path.realpath(local)):
+            raise ModelLoadError(f"model path {shown(path)} is in the runtime's storage folders "
+                                 f"({', '.join(self.roots())}); register the model by its storage, not by this path")
+        _check_links(Path(local), refuse, self.settings.max_files,
+                     f"model path {shown(path)} holds a link into the runtime's storage folders")
 
     async def pull(self, spec: ModelSpec) -> Pulled | None:
         """The model's local path (module docstring); None for a local registration."""
@@ -126,9 +140,10 @@ class Puller:
         except MeshError as exc:
             raise ModelLoadError(exc.message) from None
         if location is None:
-            await asyncio.to_thread(self.check_local, spec.path)
+            await asyncio.get_running_loop().run_in_executor(self._threads, self.check_local, spec.path)
             return None
         started = time.perf_counter()
+        cancel: threading.Event | None = None
         try:
             # One flight per registration (the model cache runs one load per model; this covers
             # loads that overlap anyway), and one thread hop for all of it.
@@ -136,13 +151,21 @@ class Puller:
             flight = self._flights.get(flight_key)
             owner = flight is None  # the pull thread's pin on the entry is this load's
             if flight is None:
-                flight = asyncio.ensure_future(asyncio.to_thread(self._locate_and_pull, location, spec))
+                if self._closing:
+                    raise ModelLoadError("the runtime is stopping: no more pulls")
+                cancel = threading.Event()
+                self._cancels.add(cancel)
+                flight = asyncio.get_running_loop().run_in_executor(
+                    self._threads, self._locate_and_pull, location, spec, cancel)
                 self._flights[flight_key] = flight
-                flight.add_done_callback(lambda _f, k=flight_key: self._flights.pop(k, None))
+                flight.add_done_callback(lambda _f, k=flight_key, c=cancel: (self._flights.pop(k, None),
+                                                                            self._cancels.discard(c)))
             try:
                 pulled = await asyncio.shield(flight)
             except asyncio.CancelledError:
-                if owner:  # the load gave up (its deadline): nobody else will release that pin
+                if owner:  # the load gave up (its deadline): stop the pull, and release its pin if it ends
+                    assert cancel is not None
+                    cancel.set()
                     flight.add_done_callback(self._release_abandoned)
                 raise
             if not owner and pulled.digest:  # another load's download: pin it for this load, count none
@@ -150,8 +173,8 @@ class Puller:
                     raise ModelLoadError(f"pulled model {spec.model_id!r} left the disk cache before its load")
                 pulled = Pulled(**{**pulled.__dict__, "from_disk": True, "downloaded_bytes": 0})
         except MeshError as exc:
-            if self.metrics is not None:
-                self.metrics.storage_failed(location.type_hint or "unknown")
+            if self.metrics is not None:  # a known type only: parameters are client input
+                self.metrics.storage_failed(location.type_hint if location.type_hint in TYPES else "unknown")
             raise ModelLoadError(exc.message) from None
         pulled = Pulled(**{**pulled.__dict__, "seconds": time.perf_counter() - started})
         if self.metrics is not None:
@@ -187,14 +210,18 @@ class Puller:
                                  f"({mount}: deploy/README.md, Model storage)")
         path = mount / location.path
         real = os.path.realpath(path)
-        if not under_prefix(real, as_directory(os.path.realpath(mount))):
+        inside = as_directory(os.path.realpath(mount))
+        if not under_prefix(real, inside):
             raise ModelLoadError(f"model path {shown(location.path)} leads outside claim {name!r} through a "
                                  "symbolic link")
         if not os.path.exists(real):
             raise ModelLoadError(f"object not found: {location.path[:300]!r} in claim {name!r}")
+        # Nor may anything inside it: a link in the model's folder to another claim or model.
+        _check_links(path, lambda target: not under_prefix(target, inside), self.settings.max_files,
+                     f"model path {shown(location.path)} in claim {name!r} holds a link out of the claim")
         return str(path)
 
-    def _locate_and_pull(self, location: Location, spec: ModelSpec) -> Pulled:
+    def _locate_and_pull(self, location: Location, spec: ModelSpec, cancel: threading.Event) -> Pulled:
         resolved = self._resolve(location)
         if resolved.type == "pvc":
             path = self._claim_path(resolved, location)
@@ -202,9 +229,13 @@ class Puller:
                           from_disk=True, type="pvc")
         provider = provider_for(resolved, retries=self.settings.retries,
                                 connect_timeout_s=self.settings.connect_timeout_s)
-        return self._pull(provider, location, _digest(provider, location, spec))
+        try:
+            return self._pull(provider, location, _digest(provider, location, spec), cancel)
+        except Cancelled:
+            raise ModelLoadError("download abandoned: its load's deadline passed (runtime.load_timeout_s), or the "
+                                 "runtime is stopping") from None
 
-    def _pull(self, provider: Provider, location: Location, digest: str) -> Pulled:
+    def _pull(self, provider: Provider, location: Location, digest: str, cancel: threading.Event) -> Pulled:
         source = f"{provider.where()}: {location.path}"
         held = self.disk.lookup(digest)
         if held is not None:
@@ -215,17 +246,16 @@ class Puller:
             except (OSError, ValueError, KeyError):
                 self.disk.unpin(digest)
                 self.disk.remove(digest)
-        objects = provider.objects(location.path, self.settings.max_files)
+        objects = provider.objects(location.path, self.settings.max_files, cancel)
         known = sum(max(o.size, 0) for o in objects)
         self.disk.reserve(known, f"model {location.path[:200]!r}")
         reserved = known
         partial = self.disk.partial(digest)
         checks: list[tuple[str, Check]] = []  # (the file under the model's folder, its comparison)
+        held = [reserved]  # grows while a download of a size the store did not give (HTTP) goes on
         try:
-            written = self._download_all(provider, objects, partial, reserved, checks)
-            if written > reserved:  # sizes the store did not give up front (HTTP): counted now
-                self.disk.reserve(written - reserved, f"model {location.path[:200]!r}")
-                reserved = written
+            written = self._download_all(provider, objects, partial, held, checks, cancel)
+            reserved = held[0]
             model_rel = _relative_root(location.path)
             if len(objects) == 1 and (kind := archive_kind(objects[0].relative)):
                 archive = partial / objects[0].relative
@@ -244,6 +274,8 @@ class Puller:
                 reserved, written = unpacked, unpacked
             final = self.disk.commit(partial, digest, {"source": source, "model_path": model_rel,
                                                        "files": len(objects)}, written, verified=not checks)
+            if not checks:
+                self._verifications.pop(digest, None)  # a mismatch remembered for an earlier pull of it
             if checks:  # compared beside the load; the load waits for it before it counts (verified)
                 pending = self._verify_pool.submit(self._verify, digest, final, checks)
                 self._verifications[digest] = pending
@@ -252,7 +284,7 @@ class Puller:
             self.disk.abandon(partial)
             raise
         finally:
-            self.disk.release(reserved)
+            self.disk.release(max(reserved, held[0]))
         return Pulled(path=str(final / model_rel), source=source, downloaded_bytes=sum(max(o.size, 0) for o in objects)
                       or written, digest=digest, type=provider.type)
 
@@ -279,36 +311,37 @@ class Puller:
             return
         await asyncio.wrap_future(pending)
 
-    def _download_all(self, provider: Provider, objects: list[StoredObject], partial: Path, reserved: int,
-                      checks: list[tuple[str, Check]]) -> int:
+    def _download_all(self, provider: Provider, objects: list[StoredObject], partial: Path, held: list[int],
+                      checks: list[tuple[str, Check]], cancel: threading.Event) -> int:
+        """Download every object into ``partial``; ``held[0]`` is what the disk cache has reserved
+        for this pull, grown here as bytes the store gave no size for arrive (so that concurrent
+        pulls of unknown sizes share the one bound)."""
         counted = [0]
         lock = threading.Lock()
-        bound = self.disk.max_bytes
 
         def progress(n: int) -> None:
             with lock:
                 counted[0] += n
-                if counted[0] > max(reserved, 0) and counted[0] > bound:
-                    raise ModelLoadError(f"download is larger than the disk cache's bound of {bound} bytes "
-                                         "(storage.cache_bytes)")
+                if counted[0] > held[0]:
+                    step = min(8 * 1024 * 1024, max(1, self.disk.max_bytes // 16))  # in steps, not per chunk
+                    grow = max(counted[0] - held[0], step)
+                    self.disk.reserve(grow, "a download of a size its store did not give")
+                    held[0] += grow
 
         def one(obj: StoredObject) -> None:
             dest = _inside(partial, obj.relative)
             dest.parent.mkdir(parents=True, exist_ok=True)
             check = provider.download(obj, dest, range_bytes=self.settings.range_bytes,
-                                      cancelled=self._cancelled, progress=progress)
+                                      cancelled=cancel, progress=progress)
             if check is not None:
                 with lock:
                     checks.append((obj.relative, check))
 
-        try:
-            if len(objects) == 1:
-                one(objects[0])
-            else:
-                for future in [self._pool.submit(one, obj) for obj in objects]:
-                    future.result()
-        except Cancelled:
-            raise ModelLoadError("download abandoned: the runtime is shutting down") from None
+        if len(objects) == 1:
+            one(objects[0])
+        else:
+            for future in [self._pool.submit(one, obj) for obj in objects]:
+                future.result()
         return counted[0]
 
 
@@ -318,6 +351,28 @@ class _NoKeys(StorageKeys):
 
     def get(self, name: str) -> dict[str, Any] | None:
         return None
+
+
+def _check_links(path: Path, refused: Callable[[str], bool], max_entries: int, message: str) -> None:
+    """ModelLoadError(``message``) when ``path`` (a file, or a folder walked without following
+    links, at most ``max_entries`` entries) is or holds a symbolic link whose real path is
+    ``refused``."""
+    stack, seen = [path], 0
+    while stack:
+        current = stack.pop()
+        seen += 1
+        if seen > max_entries:
+            raise ModelLoadError(f"{message.split(' holds')[0]} has more than {max_entries} entries "
+                                 "(storage.max_files)")
+        try:
+            if current.is_symlink():
+                if refused(os.path.realpath(current)):
+                    raise ModelLoadError(message)
+                continue
+            if current.is_dir():
+                stack.extend(current.iterdir())
+        except OSError:
+            continue  # unreadable: the loader says why
 
 
 def _digest(provider: Provider, location: Location, spec: ModelSpec) -> str:

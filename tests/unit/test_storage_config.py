@@ -68,12 +68,41 @@ def test_default_keys_follow_pullman(tmp_path: Path) -> None:
     assert (only_params.key, only_params.fields) == ("", {"type": "pvc", "name": "claim-a"})
 
 
-def test_dot_paths_set_nested_fields(tmp_path: Path) -> None:
-    mount(tmp_path, {"h": {"type": "http", "url": "http://h", "options": {"x": "1"}}})
-    found = resolve_key('{"storage_key": "h", "storage_params": {"options.y": "2"}}', StorageKeys(tmp_path))
-    assert found.fields["options"] == {"x": "1", "y": "2"}
+def test_dot_paths_set_nested_fields_where_no_key_holds_them(tmp_path: Path) -> None:
+    keys = StorageKeys(tmp_path)
+    found = resolve_key('{"storage_params": {"type": "http", "url": "http://h", "options.y": "2"}}', keys)
+    assert found.key == "" and found.fields["options"] == {"y": "2"}
     with pytest.raises(InvalidArgument, match="would replace an object"):
-        resolve_key('{"storage_key": "h", "storage_params": {"options": "flat"}}', StorageKeys(tmp_path))
+        resolve_key('{"storage_params": {"type": "http", "options.y": "2", "options": "flat"}}', keys)
+
+
+def test_parameters_change_only_the_bucket_container_or_region_of_a_key(tmp_path: Path) -> None:
+    """A tenant allowed one key must not send its credentials (or the runtime's own) elsewhere, nor
+    move a claim key to another claim: endpoint, type, name, token URI, CA, nested fields."""
+    mount(tmp_path, {"s3": S3, "gcs": {"type": "gcs", "bucket": "g", "private_key": "pk", "client_email": "e"},
+                     "claim": {"type": "pvc", "name": "team-a"}, "web": {"type": "http", "url": "https://h"}})
+    keys = StorageKeys(tmp_path)
+    allowed = resolve_key('{"storage_key": "s3", "storage_params": {"bucket": "b2", "region": "eu-west-1"}}', keys)
+    assert (allowed.fields["bucket"], allowed.fields["region"]) == ("b2", "eu-west-1")
+    same = resolve_key('{"storage_key": "web", "storage_params": {"type": "http", "url": "https://h"}}', keys)
+    assert same.fields["url"] == "https://h"  # what a storageUri on the key's own host sets
+    for key, param in (("s3", {"endpoint_url": "http://attacker"}), ("gcs", {"endpoint_url": "http://attacker"}),
+                       ("gcs", {"token_uri": "http://attacker/token"}), ("s3", {"type": "gcs"}),
+                       ("web", {"url": "https://attacker"}), ("claim", {"name": "team-b"}),
+                       ("s3", {"certificate": "PEM"}), ("web", {"options.x": "1"})):
+        text = json.dumps({"storage_key": key, "storage_params": param})
+        with pytest.raises(ModelLoadError, match=f"may not change storage key '{key}'"):
+            resolve_key(text, keys)
+
+
+def test_only_the_key_file_asks_for_the_runtimes_own_credentials(tmp_path: Path) -> None:
+    mount(tmp_path, {"ambient": {"type": "s3", "bucket": "b", "use_ambient_credentials": True},
+                     "plain": {"type": "s3", "bucket": "b"}})
+    keys = StorageKeys(tmp_path)
+    assert resolve_key('{"storage_key": "ambient"}', keys).ambient
+    assert not resolve_key('{"storage_key": "plain"}', keys).ambient
+    asked = '{"storage_params": {"type": "s3", "bucket": "b", "use_ambient_credentials": "true"}}'
+    assert not resolve_key(asked, keys).ambient
 
 
 def test_errors_name_the_key_never_a_secret(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,26 @@ class _Files(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         type(self).gets.append(self.path)
+        if self.path.startswith("/redirect-"):  # /redirect-here/<file>: same origin; /redirect-away/<file>
+            target = self.path.split("/", 2)[2]
+            away = self.path.startswith("/redirect-away/")
+            self.send_response(302)
+            host = f"localhost:{self.server.server_address[1]}" if away else self.headers["Host"]
+            self.send_header("Location", f"http://{host}/{target}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.startswith("/drip/"):  # no length, a byte every 50 ms: a store that never ends
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(2000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            return
         if self.headers.get("Authorization") != "Bearer good" and self.path.startswith("/private/"):
             self.send_error(403)
             return
@@ -122,7 +143,7 @@ async def test_errors_name_the_key_and_path_never_the_secret(tmp_path: Path, ser
              ({"storage_key": "good"}, "private/none.joblib", "object not found: 'private/none.joblib'"),
              ({"storage_key": "absent"}, "m.joblib", "storage key 'absent' is not configured"),
              ({"storage_key": "good", "storage_params": {"url": "http://127.0.0.1:9"}}, "m.joblib",
-              "would send storage key 'good'"),
+              "may not change storage key 'good'"),
              ({}, "http://127.0.0.1:9/m.joblib", "unreachable after 1 retries")]
     for key, path, message in cases:
         with pytest.raises(ModelLoadError, match=message) as caught:
@@ -248,3 +269,83 @@ def test_entries_whose_checksums_were_never_compared_are_removed_at_start(tmp_pa
     assert again.lookup("checked") is not None and again.lookup("unchecked") is None
     assert not (again.root / "unchecked").exists()
     again.close()
+
+
+async def test_redirects_stay_on_the_keys_origin(tmp_path: Path, served: tuple[str, Path]) -> None:
+    url, root = served
+    (root / "m.joblib").write_bytes(b"model-bytes")
+    puller = _puller(tmp_path, {"web": {"type": "http", "url": url, "headers": {"Authorization": "Bearer good"}}})
+    here = await puller.pull(_spec("redirect-here/m.joblib", {"storage_key": "web"}))
+    assert here is not None and _read(here.path) == b"model-bytes"
+    _Files.gets = []
+    with pytest.raises(ModelLoadError, match="redirected to another host or scheme"):
+        await puller.pull(_spec("redirect-away/m.joblib", {"storage_key": "web"}, model_id="away"))
+    assert _Files.gets == ["/redirect-away/m.joblib"]  # the key's header never went to the other host
+    puller.close()
+
+
+async def test_a_pull_past_its_loads_deadline_stops(tmp_path: Path, served: tuple[str, Path]) -> None:
+    url, _ = served
+    puller = _puller(tmp_path)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(puller.pull(_spec(f"{url}/drip/m.joblib")), 0.5)
+    deadline = time.monotonic() + 5
+    while puller._flights or any(p.name.startswith(".partial") for p in _entries(puller.disk.root)):
+        assert time.monotonic() < deadline, "the abandoned pull kept going"
+        await asyncio.sleep(0.05)
+    puller.close()
+
+
+def _entries(folder: Path) -> list[Path]:
+    return list(folder.iterdir())
+
+
+async def test_links_in_a_claim_or_a_local_folder_may_not_lead_to_other_claims_or_pulls(tmp_path: Path) -> None:
+    pvc = tmp_path / "pvc"
+    for team in ("team-a", "team-b"):
+        (pvc / team / "m").mkdir(parents=True)
+        (pvc / team / "m" / "own.joblib").write_bytes(team.encode())
+    (pvc / "team-a" / "m" / "model.joblib").symlink_to(pvc / "team-b" / "m" / "own.joblib")
+    (pvc / "team-a" / "inner").mkdir()
+    (pvc / "team-a" / "inner" / "model.joblib").symlink_to(pvc / "team-a" / "m" / "own.joblib")  # stays inside
+    local = tmp_path / "models" / "team-a"
+    local.mkdir(parents=True)
+    (local / "model.joblib").symlink_to(pvc / "team-b" / "m" / "own.joblib")
+    puller = _puller(tmp_path)
+    with pytest.raises(ModelLoadError, match="in claim 'team-a' holds a link out of the claim"):
+        await puller.pull(_spec("pvc://team-a/m"))
+    assert await puller.pull(_spec("pvc://team-a/inner")) is not None
+    with pytest.raises(ModelLoadError, match="holds a link into the runtime's storage folders"):
+        await puller.pull(_spec(str(local)))
+    puller.close()
+
+
+async def test_unknown_sizes_share_the_disk_bound(tmp_path: Path, served: tuple[str, Path]) -> None:
+    url, root = served
+    for i in range(4):
+        (root / f"m{i}.joblib").write_bytes(os.urandom(600_000))
+    puller = _puller(tmp_path, cache_bytes=1_000_000)  # room for one, not two
+    results = await asyncio.gather(*(puller.pull(_spec(f"{url}/m{i}.joblib", model_id=f"m{i}")) for i in range(4)),
+                                   return_exceptions=True)
+    done = [r for r in results if not isinstance(r, BaseException)]
+    assert done and all(isinstance(r, ModelLoadError) for r in results if isinstance(r, BaseException))
+    assert puller.disk.used_bytes <= 1_000_000
+    puller.close()
+
+
+def test_a_cache_folder_of_another_user_is_refused(tmp_path: Path) -> None:
+    from mesh.errors import InvalidArgument
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chown(folder, 1, 1)  # what another user made first (the tests run as root)
+    with pytest.raises(InvalidArgument, match="belongs to another user"):
+        DiskCache(folder, max_bytes=100).start()
+
+
+async def test_a_urls_password_never_shows(tmp_path: Path) -> None:
+    puller = _puller(tmp_path, {"web": {"type": "http", "url": "http://svc:Pa55w0rd@127.0.0.1:9"}})
+    with pytest.raises(ModelLoadError) as caught:
+        await puller.pull(_spec("m.joblib", {"storage_key": "web"}))
+    assert "Pa55w0rd" not in caught.value.message and "http://127.0.0.1:9" in caught.value.message
+    puller.close()
