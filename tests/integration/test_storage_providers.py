@@ -9,10 +9,8 @@ path and never the secret."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,21 +21,11 @@ from mesh.errors import ModelLoadError
 from mesh.registry.records import ModelSpec
 from mesh.settings import StorageSettings
 from mesh.storage.puller import Puller
-from tests.support.object_stores import azurite, fake_gcs, http_store, moto_s3, rclone_s3
+from tests.support.object_stores import azurite, fake_gcs, http_store, moto_s3, rclone_s3, tarball
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 BIG = os.urandom(3 * 1024 * 1024 + 17)  # over range_bytes below: three ranges and a bit
-
-
-def _tarball() -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in (("1/model.onnx", b"onnx-bytes"), ("config.pbtxt", b"name: 'x'")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -89,7 +77,8 @@ def _wrong(kind: str, key: dict[str, Any]) -> dict[str, Any] | None:
 async def test_a_provider_pulls_objects_prefixes_and_archives(tmp_path: Path, kind: str) -> None:
     with _server(kind, tmp_path) as server:
         server.put("models", "onnx/big.onnx", BIG)
-        server.put("models", "onnx/bundle.tar.gz", _tarball())
+        server.put("models", "onnx/bundle.tar.gz",
+                   tarball({"1/model.onnx": b"onnx-bytes", "config.pbtxt": b"name: 'x'"}))
         folder = kind not in ("http", "https-mtls")  # an HTTP key names one file: no listing
         if folder:
             server.put("models", "triton/mnist/1/model.onnx", b"weights")

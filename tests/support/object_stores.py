@@ -479,3 +479,18 @@ def http_store(root_dir: Path, *, tls: bool = False, client_cert: bool = False,
                             ca_pem=ca_pem, client_cert=client)
         finally:
             stop(proc)
+
+
+def tarball(files: dict[str, bytes]) -> bytes:
+    """A ``.tar.gz`` of ``files`` (archive name -> bytes), as a tenant would upload a model bundle."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+

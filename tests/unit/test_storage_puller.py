@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.server
-import io
 import json
 import os
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from mesh.registry.records import ModelSpec
 from mesh.settings import StorageSettings
 from mesh.storage.disk import MANIFEST, DiskCache
 from mesh.storage.puller import Puller
+from tests.support.object_stores import tarball
 
 
 class _Files(http.server.SimpleHTTPRequestHandler):
@@ -155,13 +154,7 @@ async def test_errors_name_the_key_and_path_never_the_secret(tmp_path: Path, ser
 
 async def test_archives_unpack_into_a_folder(tmp_path: Path, served: tuple[str, Path]) -> None:
     url, root = served
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in (("model/1/model.onnx", b"onnx"), ("model/config.pbtxt", b"cfg")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    (root / "bundle.tar.gz").write_bytes(buffer.getvalue())
+    (root / "bundle.tar.gz").write_bytes(tarball({"model/1/model.onnx": b"onnx", "model/config.pbtxt": b"cfg"}))
     puller = _puller(tmp_path)
     pulled = await puller.pull(_spec(f"{url}/bundle.tar.gz"))
     assert pulled is not None and pulled.path.endswith("/bundle")
