@@ -52,6 +52,7 @@ import structlog
 from mesh.errors import MeshError, ModelLoadError
 from mesh.paths import as_directory, local_path, shown, under_prefix
 from mesh.registry.records import ModelSpec
+from mesh.runtime.loaders.base import MAX_WALK_ENTRIES
 from mesh.settings import StorageSettings
 from mesh.storage.archives import archive_kind, unpack
 from mesh.storage.config import TYPES, Resolved, StorageKeys, resolve
@@ -130,8 +131,7 @@ class Puller:
         if refuse(os.path.realpath(local)):
             raise ModelLoadError(f"model path {shown(path)} is in the runtime's storage folders "
                                  f"({', '.join(self.roots())}); register the model by its storage, not by this path")
-        _check_links(Path(local), refuse, self.settings.max_files,
-                     f"model path {shown(path)} holds a link into the runtime's storage folders")
+        _check_links(Path(local), refuse, f"model path {shown(path)} holds a link into the runtime's storage folders")
 
     async def pull(self, spec: ModelSpec) -> Pulled | None:
         """The model's local path (module docstring); None for a local registration."""
@@ -217,7 +217,7 @@ class Puller:
         if not os.path.exists(real):
             raise ModelLoadError(f"object not found: {location.path[:300]!r} in claim {name!r}")
         # Nor may anything inside it: a link in the model's folder to another claim or model.
-        _check_links(path, lambda target: not under_prefix(target, inside), self.settings.max_files,
+        _check_links(path, lambda target: not under_prefix(target, inside),
                      f"model path {shown(location.path)} in claim {name!r} holds a link out of the claim")
         return str(path)
 
@@ -353,17 +353,16 @@ class _NoKeys(StorageKeys):
         return None
 
 
-def _check_links(path: Path, refused: Callable[[str], bool], max_entries: int, message: str) -> None:
+def _check_links(path: Path, refused: Callable[[str], bool], message: str) -> None:
     """ModelLoadError(``message``) when ``path`` (a file, or a folder walked without following
-    links, at most ``max_entries`` entries) is or holds a symbolic link whose real path is
-    ``refused``."""
+    links) is or holds a symbolic link whose real path is ``refused``. The walk stops past the
+    loaders' own bound (``MAX_WALK_ENTRIES``): they refuse a larger folder with their reason."""
     stack, seen = [path], 0
     while stack:
         current = stack.pop()
         seen += 1
-        if seen > max_entries:
-            raise ModelLoadError(f"{message.split(' holds')[0]} has more than {max_entries} entries "
-                                 "(storage.max_files)")
+        if seen > MAX_WALK_ENTRIES + 1:
+            return
         try:
             if current.is_symlink():
                 if refused(os.path.realpath(current)):
