@@ -278,6 +278,8 @@ class ObjectStoreProvider(Provider):
                         raise
                     # The server answered a range with the whole object (rclone does): one
                     # stream, now and from now on for this store.
+                    if len(_NO_RANGES) >= MAX_PROVIDERS:  # stores a registration may name: bounded
+                        _NO_RANGES.clear()
                     _NO_RANGES.add(self.identity())
             return self._stream(obj, dest, cancelled, progress)
         except (ModelLoadError, Cancelled):

@@ -64,6 +64,7 @@ log = structlog.get_logger(__name__)
 
 _CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Kubernetes object name
 OBJECT_PARALLELISM = 4  # objects of one model downloaded at once
+MAX_REMEMBERED = 1000  # checksum results kept for loads still to ask (mismatches only, in practice)
 PULL_THREADS = 8  # pulls at once (a runtime runs runtime.max_concurrent_loads loads at once: 2 by default)
 
 
@@ -278,6 +279,9 @@ class Puller:
                 self._verifications.pop(digest, None)  # a mismatch remembered for an earlier pull of it
             if checks:  # compared beside the load; the load waits for it before it counts (verified)
                 pending = self._verify_pool.submit(self._verify, digest, final, checks)
+                if len(self._verifications) >= MAX_REMEMBERED:  # mismatches of pulls nobody asked again for
+                    for done in [d for d, f in self._verifications.items() if f.done()]:
+                        self._verifications.pop(done, None)
                 self._verifications[digest] = pending
                 pending.add_done_callback(lambda f, d=digest: self._verification_done(d, f))
         except BaseException:
