@@ -67,6 +67,9 @@ class RouterSettings:
     host: str = _f("127.0.0.1", "Address the router binds (0.0.0.0 in a pod).")
     port: int = _f(8033, "gRPC port: V2 data plane and the mmesh.ModelMesh management API "
                    "(ModelMesh's port).")
+    reflection: bool = _f(True, "gRPC server reflection on the router's port, so that grpcurl and similar "
+                          "tools list and call its services without the .proto files. It tells only what "
+                          "the public V2 and ModelMesh protos say, and needs no token (calls still do).")
     metrics_host: str = _f("127.0.0.1", "Address the Prometheus metrics endpoint binds (0.0.0.0 in a pod, "
                            "for the scraper).")
     metrics_port: int = _f(2112, "HTTP port serving Prometheus metrics at /metrics (ModelMesh's port); 0 "

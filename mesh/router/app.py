@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import structlog
+from grpc_reflection.v1alpha import reflection
 
 from mesh.errors import Unavailable
 from mesh.gen.mmesh import model_mesh_pb2 as mm
@@ -112,6 +113,10 @@ async def serve_router(settings: Settings, roots: RootTasks,
                         metrics.metered(ModelMeshServicer(management))),
     ))
     health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelMesh"))
+    if rs.reflection:  # after the health service: it is listed too
+        reflection.enable_server_reflection(
+            ("inference.GRPCInferenceService", "mmesh.ModelMesh", "grpc.health.v1.Health", reflection.SERVICE_NAME),
+            server)
     port = bind(server, rs.host, rs.port, server_tls)
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "router")
