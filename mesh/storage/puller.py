@@ -175,7 +175,8 @@ class Puller:
                 pulled = Pulled(**{**pulled.__dict__, "from_disk": True, "downloaded_bytes": 0})
         except MeshError as exc:
             if self.metrics is not None:  # a known type only: parameters are client input
-                self.metrics.storage_failed(location.type_hint if location.type_hint in TYPES else "unknown")
+                kind = getattr(exc, "storage_type", "") or location.type_hint
+                self.metrics.storage_failed(kind if kind in TYPES else "unknown")
             raise ModelLoadError(exc.message) from None
         pulled = Pulled(**{**pulled.__dict__, "seconds": time.perf_counter() - started})
         if self.metrics is not None:
@@ -228,10 +229,13 @@ class Puller:
             path = self._claim_path(resolved, location)
             return Pulled(path=path, source=f"claim {resolved.fields['name']!r}: {location.path}",
                           from_disk=True, type="pvc")
-        provider = provider_for(resolved, retries=self.settings.retries,
-                                connect_timeout_s=self.settings.connect_timeout_s)
         try:
+            provider = provider_for(resolved, retries=self.settings.retries,
+                                    connect_timeout_s=self.settings.connect_timeout_s)
             return self._pull(provider, location, _digest(provider, location, spec), cancel)
+        except MeshError as exc:
+            exc.storage_type = resolved.type  # type: ignore[attr-defined]  # the failure metric's label
+            raise
         except Cancelled:
             raise ModelLoadError("download abandoned: its load's deadline passed (runtime.load_timeout_s), or the "
                                  "runtime is stopping") from None
