@@ -82,9 +82,17 @@ def ensure_moto() -> Path:
     directory = cache_dir() / "moto"
 
     def install(target: Path) -> None:
-        _run([sys.executable, "-m", "venv", str(target)])
-        _run([str(target / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-              *MOTO_REQUIREMENTS])
+        python = str(target / "bin" / "python")
+        try:
+            _run([sys.executable, "-m", "venv", str(target)])
+            installer = [python, "-m", "pip"]
+        except subprocess.CalledProcessError:
+            # A Python without ensurepip (Debian's, without python3-venv): an environment with no
+            # pip of its own, filled by this Python's pip (pip >= 22.3 installs into another).
+            shutil.rmtree(target, ignore_errors=True)
+            _run([sys.executable, "-m", "venv", "--without-pip", str(target)])
+            installer = [sys.executable, "-m", "pip", "--python", python]
+        _run([*installer, "install", "--quiet", "--disable-pip-version-check", *MOTO_REQUIREMENTS])
 
     _once(directory, " ".join(MOTO_REQUIREMENTS), install)
     return directory / "bin" / "python"
