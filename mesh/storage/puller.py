@@ -225,11 +225,11 @@ class Puller:
 
     def _locate_and_pull(self, location: Location, spec: ModelSpec, cancel: threading.Event) -> Pulled:
         resolved = self._resolve(location)
-        if resolved.type == "pvc":
-            path = self._claim_path(resolved, location)
-            return Pulled(path=path, source=f"claim {resolved.fields['name']!r}: {location.path}",
-                          from_disk=True, type="pvc")
         try:
+            if resolved.type == "pvc":
+                path = self._claim_path(resolved, location)
+                return Pulled(path=path, source=f"claim {resolved.fields['name']!r}: {location.path}",
+                              from_disk=True, type="pvc")
             provider = provider_for(resolved, retries=self.settings.retries,
                                     connect_timeout_s=self.settings.connect_timeout_s)
             return self._pull(provider, location, _digest(provider, location, spec), cancel)
