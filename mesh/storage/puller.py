@@ -33,6 +33,7 @@ reach another's pulled model or claim only through storage it may use (``mesh.au
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -172,13 +173,13 @@ class Puller:
             if not owner and pulled.digest:  # another load's download: pin it for this load, count none
                 if self.disk.lookup(pulled.digest) is None:
                     raise ModelLoadError(f"pulled model {spec.model_id!r} left the disk cache before its load")
-                pulled = Pulled(**{**pulled.__dict__, "from_disk": True, "downloaded_bytes": 0})
+                pulled = dataclasses.replace(pulled, from_disk=True, downloaded_bytes=0)
         except MeshError as exc:
             if self.metrics is not None:  # a known type only: parameters are client input
                 kind = getattr(exc, "storage_type", "") or location.type_hint
                 self.metrics.storage_failed(kind if kind in TYPES else "unknown")
             raise ModelLoadError(exc.message) from None
-        pulled = Pulled(**{**pulled.__dict__, "seconds": time.perf_counter() - started})
+        pulled = dataclasses.replace(pulled, seconds=time.perf_counter() - started)
         if self.metrics is not None:
             self.metrics.storage_pulled(pulled)
         return pulled
