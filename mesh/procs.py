@@ -31,7 +31,7 @@ def _prctl() -> Callable[..., int] | None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return None
-    return getattr(libc, "prctl", None)  # type: ignore[no-any-return]
+    return getattr(libc, "prctl", None)
 
 
 _PRCTL = _prctl()

@@ -36,7 +36,8 @@ def _status_text(info: mm.ModelStatusInfo, model_id: str) -> str:
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, always_print_fields_with_no_presence=True)
+    as_dict: dict[str, Any] = MessageToDict(message, always_print_fields_with_no_presence=True)
+    return as_dict
 
 
 def _key(args: argparse.Namespace) -> str:
@@ -92,7 +93,8 @@ def model_command(args: argparse.Namespace, client: RouterClient) -> int:
 
 
 def _list(args: argparse.Namespace, client: RouterClient) -> int:
-    token, rows = "", []
+    token = ""
+    rows: list[mm.ListModelsResponse.Entry] = []
     while True:
         page = client.call(client.mesh.listModels, mm.ListModelsRequest(
             prefix=args.prefix or "", pageSize=min(args.limit - len(rows), 1000), pageToken=token))
@@ -162,10 +164,10 @@ def infer_command(args: argparse.Namespace, client: RouterClient) -> int:
         else:
             inputs[f"input-{i}"] = parse_input(text, args.datatype)
     response, outputs = client.infer(args.model, inputs, vmodel=args.vmodel, outputs=args.output or [])
-    data = {"model_name": response.model_name, "id": response.id,
-            "outputs": {name: {"datatype": t.datatype, "shape": list(t.shape),
-                               "data": _jsonable(outputs[name])}
-                        for name, t in zip(outputs, response.outputs, strict=False)}}
+    data: dict[str, Any] = {"model_name": response.model_name, "id": response.id,
+                            "outputs": {name: {"datatype": t.datatype, "shape": list(t.shape),
+                                               "data": _jsonable(outputs[name])}
+                                        for name, t in zip(outputs, response.outputs, strict=False)}}
     text = "\n".join(f"{name} ({v['datatype']} {v['shape']}): {json.dumps(v['data'])}"
                      for name, v in data["outputs"].items())
     _emit(args, data, text)

@@ -65,15 +65,17 @@ def api_client(settings: ControllerSettings) -> client.ApiClient:
         conf.host = settings.api_server.rstrip("/")
     else:
         try:
+            # The loaders are unannotated in kubernetes.
             if settings.kubeconfig:
                 source = f"kubeconfig {settings.kubeconfig}"
-                config.load_kube_config(config_file=settings.kubeconfig, client_configuration=conf)
+                config.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=settings.kubeconfig, client_configuration=conf)
             elif os.environ.get("KUBERNETES_SERVICE_HOST"):
                 source = "in-cluster service account"
-                config.load_incluster_config(client_configuration=conf)
+                config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
             else:
                 source = "default kubeconfig"
-                config.load_kube_config(client_configuration=conf)
+                config.load_kube_config(client_configuration=conf)  # type: ignore[no-untyped-call]
         except Exception as exc:  # the loaders raise many kinds (ConfigException, OSError, YAML errors...)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise KubeConfigError(f"cannot load the Kubernetes configuration ({source}): {first}") from None
@@ -104,8 +106,9 @@ class PredictorApi:
 
     def watch(self, w: watch.Watch, resource_version: str, timeout_s: int) -> Any:
         """The events of one watch request (a generator); raises :class:`Gone` on 410."""
-        stream = w.stream(self._list_call, resource_version=resource_version, allow_watch_bookmarks=True,
-                          timeout_seconds=timeout_s, _request_timeout=(_CALL_TIMEOUT[0], timeout_s + 30.0))
+        stream = w.stream(  # type: ignore[no-untyped-call]  # unannotated in kubernetes
+            self._list_call, resource_version=resource_version, allow_watch_bookmarks=True,
+            timeout_seconds=timeout_s, _request_timeout=(_CALL_TIMEOUT[0], timeout_s + 30.0))
         try:
             yield from stream
         except ApiException as exc:
@@ -128,7 +131,7 @@ class PredictorApi:
         return result if isinstance(result, dict) else None
 
     def close(self) -> None:
-        self._client.close()
+        self._client.close()  # type: ignore[no-untyped-call]  # unannotated in kubernetes
 
 
 def _message(exc: ApiException) -> str:
@@ -155,7 +158,8 @@ class PredictorWatcher:
         self.timeout_s = max(1, int(timeout_s))
         self.backoff = Backoff(0.5, backoff_max_s)
         self._stopped = threading.Event()
-        self._watch = watch.Watch()  # reused: each stream() is one watch request
+        # reused: each stream() is one watch request
+        self._watch = watch.Watch()  # type: ignore[no-untyped-call]  # unannotated in kubernetes
         self._thread = threading.Thread(target=self._run, name="predictor-watch", daemon=True)
         self.relists = 0  # how many lists since start (1 + recoveries from 410 or errors)
 
@@ -166,7 +170,8 @@ class PredictorWatcher:
         self._stopped.set()
         deadline = time.monotonic() + timeout_s
         while self._thread.is_alive() and time.monotonic() < deadline:
-            self._watch.stop()  # shuts the open watch's socket down (again, if one started meanwhile)
+            # shuts the open watch's socket down (again, if one started meanwhile)
+            self._watch.stop()  # type: ignore[no-untyped-call]  # unannotated in kubernetes
             self._thread.join(0.1)
 
     def _run(self) -> None:

@@ -70,7 +70,8 @@ class RouterClient:
                        if security.server_name else [])
             self._channel = grpc.aio.secure_channel(endpoint, security.credentials, options=options)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self._stub = mm_grpc.ModelMeshStub(self._channel)
+        # protoc's gRPC stubs are unannotated (mesh/gen is generated): the call is untyped.
+        self._stub = mm_grpc.ModelMeshStub(self._channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def from_settings(cls, cs: ControllerSettings) -> RouterClient:

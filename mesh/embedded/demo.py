@@ -170,7 +170,7 @@ async def _register(router: str, models: list[DemoModel]) -> None:
     from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 
     async with grpc.aio.insecure_channel(router) as channel:
-        stub = mm_grpc.ModelMeshStub(channel)
+        stub = mm_grpc.ModelMeshStub(channel)  # type: ignore[no-untyped-call]  # protoc's stubs are unannotated
         await asyncio.gather(*(stub.registerModel(mm.RegisterModelRequest(
             modelId=m.model_id, modelInfo=mm.ModelInfo(type="sklearn", path=str(m.path))), timeout=30)
             for m in models))

@@ -187,13 +187,18 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     if not 0 <= rs.workers <= MAX_WORKERS:
         raise InvalidArgument(f"runtime.workers must be 0 to {MAX_WORKERS}, not {rs.workers}")
 
+    # Made further down; the callbacks below are called only once they are.
+    cache: RememberingCache
+    sizer: SizePredictor
+    publisher: Publisher
+
     # A worker or external server that dies takes its models with it; they are unloaded here
     # (placements withdrawn), and requests for them load them again.
     async def lost(model_ids: list[str]) -> None:
         for model_id in model_ids:
             entry = cache.get(model_id)
             if entry is not None and isinstance(entry.model, ForwardingModel) and entry.model.lost:
-                await call_soon_safely(lambda m=model_id: cache.unload(m, reason="its worker or server died"),
+                await call_soon_safely(functools.partial(cache.unload, model_id, reason="its worker or server died"),
                                        f"unload {model_id[:100]}")
 
     if rs.server and load_fn is None:

@@ -440,7 +440,7 @@ class ModelCache:
         gpu_before = gpu_usage(entry.device) if gpu_usage else 0
         started = time.perf_counter()
         try:
-            model = await self._timed(entry, self._load_fn, spec, entry.device, what="loading")
+            model: LoadedModel = await self._timed(entry, self._load_fn, spec, entry.device, what="loading")
         finally:
             self._loads_running -= 1
         if self._fetch is not None and entry.pulled is not None:

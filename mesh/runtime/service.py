@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 
 import structlog
@@ -290,7 +290,7 @@ class RuntimeService:
         inline_predict_ms: float = 0.0,
         metrics: RuntimeMetrics | None = None,
         limit: InflightLimit | None = None,
-        device_executors: dict[str, Executor] | None = None,
+        device_executors: Mapping[str, Executor] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.metrics = metrics or RuntimeMetrics()

@@ -81,22 +81,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # keeps the router's limit.
         self._max_body = max_message_bytes
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext):
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext):
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._service.ready)
 
     @handled(ORIGIN)
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext):
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         model_id, _, _ = model_selection(context.invocation_metadata())
         return pb.ModelReadyResponse(ready=await self._service.model_ready(model_id or request.name))
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext):
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="mesh-serving-runtime", version=__version__, extensions=[])
 
     @handled(ORIGIN)
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext):
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         model_id, _, allow = model_selection(context.invocation_metadata())
         return await self._service.model_metadata(model_id or request.name, allow_load=allow)
 
@@ -120,7 +125,8 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
         self._status = status
 
     @handled(ORIGIN)
-    async def loadModel(self, request: spi.LoadModelRequest, context: grpc.aio.ServicerContext):
+    async def loadModel(self, request: spi.LoadModelRequest,
+                        context: grpc.aio.ServicerContext) -> spi.LoadModelResponse:
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
         last_used = _last_used_from(context)
@@ -128,24 +134,26 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
         return spi.LoadModelResponse(sizeInBytes=entry.reserved_bytes)
 
     @handled(ORIGIN)
-    async def unloadModel(self, request: spi.UnloadModelRequest, context: grpc.aio.ServicerContext):
+    async def unloadModel(self, request: spi.UnloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> spi.UnloadModelResponse:
         await self._service.unload(request.modelId)
         return spi.UnloadModelResponse()
 
     @handled(ORIGIN)
     async def predictModelSize(self, request: spi.PredictModelSizeRequest,
-                               context: grpc.aio.ServicerContext):
+                               context: grpc.aio.ServicerContext) -> spi.PredictModelSizeResponse:
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
         return spi.PredictModelSizeResponse(sizeInBytes=await self._service.predict_size(spec))
 
     @handled(ORIGIN)
-    async def modelSize(self, request: spi.ModelSizeRequest, context: grpc.aio.ServicerContext):
+    async def modelSize(self, request: spi.ModelSizeRequest,
+                        context: grpc.aio.ServicerContext) -> spi.ModelSizeResponse:
         return spi.ModelSizeResponse(sizeInBytes=self._service.model_size(request.modelId))
 
     @handled(ORIGIN)
     async def runtimeStatus(self, request: spi.RuntimeStatusRequest,
-                            context: grpc.aio.ServicerContext):
+                            context: grpc.aio.ServicerContext) -> spi.RuntimeStatusResponse:
         # Unlike ModelMesh's runtimes this one does not purge its models here: it publishes its
         # own placements, so there is no outside state that a restart could leave inconsistent.
         return spi.RuntimeStatusResponse(**self._status)  # type: ignore[arg-type]

@@ -54,6 +54,7 @@ bytes to its worker; sizes, eviction, single flight, timeouts and the load journ
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ctypes
 import itertools
@@ -116,8 +117,9 @@ def set_dumpable(dumpable: bool) -> bool:
     sets it back when it stops (its process may go on: tests run runtimes in process)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) == 0 and \
-            libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == int(dumpable)
+        prctl: Callable[..., int] = libc.prctl  # ctypes' default result type: a C int
+        return prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) == 0 and \
+            prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == int(dumpable)
     except (OSError, AttributeError):
         return False
 
@@ -210,7 +212,7 @@ class WorkerProcess:
                 channels.loop.call_soon_threadsafe(channels.clear)
 
     def _connection(self) -> socket.socket:
-        held = getattr(self._local, "conn", None)
+        held: tuple[int, socket.socket] | None = getattr(self._local, "conn", None)
         if held is not None and held[0] == self.generation:
             return held[1]
         if held is not None:
@@ -226,7 +228,9 @@ class WorkerProcess:
         self._local.conn = (self.generation, conn)
         return conn
 
-    def call(self, op: int, payload: bytes, timeout: float | None = None, limit: int = SMALL_ANSWER) -> bytes:
+    # builtins.bytes: in this class, bytes is the property above.
+    def call(self, op: int, payload: builtins.bytes, timeout: float | None = None,
+             limit: int = SMALL_ANSWER) -> builtins.bytes:
         """One operation on this thread's connection; blocking. The worker's error as its
         MeshError; TimeoutError past ``timeout`` (the answer whole, however it trickles in);
         ResourceExhausted for an answer over ``limit`` bytes (read no further: the connection is
@@ -284,7 +288,7 @@ class RemoteModel(ForwardingModel):
         self.copy = copy
         self.predict_timeout_s = predict_timeout_s
         self.max_answer_bytes = max_answer_bytes
-        self._footprint = max(int(meta["footprint"]), int(meta["rss_growth"]), 1)  # type: ignore[call-overload]
+        self._footprint: int = max(int(meta["footprint"]), int(meta["rss_growth"]), 1)  # type: ignore[call-overload]
         self._prefix = U16.pack(len(spec.model_id.encode())) + spec.model_id.encode()
 
     @property

@@ -55,11 +55,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 from mesh.errors import ModelLoadError
 from mesh.storage.config import Resolved
+
+if TYPE_CHECKING:  # obstore is the optional extra: imported where a store is made
+    from obstore.store import AzureConfig, ClientConfig, GCSConfig, RetryConfig, S3Config
 
 CHUNK = 256 * 1024
 HASH_WHILE_DOWNLOADING = 16 * 1024 * 1024  # objects above this are hashed as their bytes arrive
@@ -209,17 +212,17 @@ class ObjectStoreProvider(Provider):
             raise ModelLoadError(f"storage key {resolved.key!r}: the {resolved.type} client refuses its configuration "
                                  f"({type(exc).__name__})") from None
 
-    def _client_options(self, endpoint: str) -> dict[str, Any]:
+    def _client_options(self, endpoint: str) -> ClientConfig:
         # The client's default bounds a whole request, body included, to 30 s: a large object
         # streamed from a store without ranges would fail. The load's deadline bounds a pull.
-        options: dict[str, Any] = {"connect_timeout": timedelta(seconds=self.connect_timeout_s),
+        options: ClientConfig = {"connect_timeout": timedelta(seconds=self.connect_timeout_s),
                                    "timeout": timedelta(hours=1), "allow_http": endpoint.startswith("http://")}
         certificate = _str(self.fields, "certificate")
         if certificate:
             options["root_certificate"] = certificate
         return options
 
-    def _retry(self) -> dict[str, Any]:
+    def _retry(self) -> RetryConfig:
         return {"max_retries": self.retries, "retry_timeout": timedelta(seconds=60),
                 "backoff": {"init_backoff": timedelta(milliseconds=500), "max_backoff": timedelta(seconds=8),
                             "base": 2}}
@@ -392,7 +395,7 @@ class S3Provider(ObjectStoreProvider):
             raise ModelLoadError(f"storage key {self.resolved.key!r}: no bucket (bucket, default_bucket or "
                                  "storage_params.bucket)")
         endpoint = _str(self.fields, "endpoint_url")
-        config: dict[str, Any] = {"virtual_hosted_style_request": False}  # path-style, as pullman forces
+        config: S3Config = {"virtual_hosted_style_request": False}  # path-style, as pullman forces
         if endpoint:
             config["endpoint"] = endpoint
         config["region"] = _str(self.fields, "region") or "us-east-1"
@@ -423,7 +426,7 @@ class GcsProvider(ObjectStoreProvider):
         private_key, email = _str(self.fields, "private_key"), _str(self.fields, "client_email")
         if bool(private_key) != bool(email):
             raise ModelLoadError(f"storage key {self.resolved.key!r}: private_key and client_email go together")
-        config: dict[str, Any] = {}
+        config: GCSConfig = {}
         endpoint = _str(self.fields, "endpoint_url")
         if endpoint:
             config["base_url"] = endpoint
@@ -472,16 +475,16 @@ class AzureProvider(ObjectStoreProvider):
         if not container or not account:
             raise ModelLoadError(f"storage key {self.resolved.key!r}: azure needs account_name and container")
         endpoint = self._endpoint()
-        config: dict[str, Any] = {"account_name": account, "endpoint": endpoint}
+        config: AzureConfig = {"account_name": account, "endpoint": endpoint}
         key = connection.get("AccountKey") or _str(self.fields, "account_key")
         sas = connection.get("SharedAccessSignature") or _str(self.fields, "sas_token")
         client_id, client_secret, tenant = (_str(self.fields, n) for n in ("client_id", "client_secret", "tenant_id"))
         if key:
-            config["access_key"] = key
+            config["account_key"] = key  # obstore's documented name; "access_key" is its alias
         elif sas:
             config["sas_key"] = sas.lstrip("?")
         elif client_id and client_secret and tenant:
-            config.update(client_id=client_id, client_secret=client_secret, tenant_id=tenant)
+            config.update({"client_id": client_id, "client_secret": client_secret, "tenant_id": tenant})
         elif not self.resolved.ambient:
             config["skip_signature"] = True  # public containers: never the runtime's managed identity
         return AzureStore(container, config=config, client_options=self._client_options(endpoint),

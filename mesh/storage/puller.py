@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -160,8 +161,13 @@ class Puller:
                 flight = asyncio.get_running_loop().run_in_executor(
                     self._threads, self._locate_and_pull, location, spec, cancel)
                 self._flights[flight_key] = flight
-                flight.add_done_callback(lambda _f, k=flight_key, c=cancel: (self._flights.pop(k, None),
-                                                                            self._cancels.discard(c)))
+
+                def forget(_f: asyncio.Future[Pulled], k: tuple[str, int, str, str] = flight_key,
+                           c: threading.Event = cancel) -> None:
+                    self._flights.pop(k, None)
+                    self._cancels.discard(c)
+
+                flight.add_done_callback(forget)
             try:
                 pulled = await asyncio.shield(flight)
             except asyncio.CancelledError:
@@ -243,11 +249,11 @@ class Puller:
 
     def _pull(self, provider: Provider, location: Location, digest: str, cancel: threading.Event) -> Pulled:
         source = f"{provider.where()}: {location.path}"
-        held = self.disk.lookup(digest)
-        if held is not None:
+        cached = self.disk.lookup(digest)
+        if cached is not None:
             try:
-                manifest = json.loads((held / MANIFEST).read_text())
-                return Pulled(path=str(held / manifest["model_path"]), source=source, from_disk=True,
+                manifest = json.loads((cached / MANIFEST).read_text())
+                return Pulled(path=str(cached / manifest["model_path"]), source=source, from_disk=True,
                               digest=digest, type=provider.type)
             except (OSError, ValueError, KeyError):
                 self.disk.unpin(digest)
@@ -288,7 +294,7 @@ class Puller:
                     for done in [d for d, f in self._verifications.items() if f.done()]:
                         self._verifications.pop(done, None)
                 self._verifications[digest] = pending
-                pending.add_done_callback(lambda f, d=digest: self._verification_done(d, f))
+                pending.add_done_callback(functools.partial(self._verification_done, digest))
         except BaseException:
             self.disk.abandon(partial)
             raise
