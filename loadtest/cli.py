@@ -33,7 +33,7 @@ from loadtest.scrape import CacheCounts, scrape
 from mesh.errors import MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
-from mesh.runtime.tensors import encode_request, numpy_dtype
+from mesh.tensors import encode_request, numpy_dtype
 
 HEADERS = ("mm-model-id", "mm-vmodel-id", "none")
 JSON_KEYS = ("target", "mode", "settings", "requests", "ok", "dropped", "errors", "throughput_rps",

@@ -137,7 +137,8 @@ class Cluster:
         return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "runtime"], env)
 
     def start_router(self, name: str = "router", *, extra_env: dict[str, str] | None = None) -> Server:
-        env = {**self._env, "MESH_ROUTER_PORT": "0", "MESH_ROUTER_METRICS_PORT": "0", **(extra_env or {})}
+        env = {**self._env, "MESH_ROUTER_PORT": "0", "MESH_ROUTER_METRICS_PORT": "0",
+               "MESH_ROUTER_REST_PORT": "-1", **(extra_env or {})}
         return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "router"], env)
 
     def start_echo(self, name: str = "echo") -> Server:

@@ -41,7 +41,7 @@ def train_logistic(model_id: str, directory: Path, *, n_features: int, seed: int
 
 def infer_body(model: TrainedModel) -> bytes:
     """A serialized ModelInferRequest for the model's sample row, raw FP32 contents."""
-    from mesh.runtime.tensors import encode_request
+    from mesh.tensors import encode_request
 
     request = encode_request(model_name=model.model_id, inputs={"input": model.sample}, raw=True)
     return request.SerializeToString()

@@ -51,6 +51,7 @@ import hashlib
 import hmac
 import posixpath
 import re
+import time
 import tomllib
 from collections import Counter
 from collections.abc import Iterable
@@ -58,8 +59,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.errors import InvalidArgument, PermissionDenied, Unauthenticated
+import structlog
+
+from mesh.errors import InvalidArgument, MeshError, PermissionDenied, Unauthenticated
 from mesh.paths import as_directory, shown, under_prefix
+
+log = structlog.get_logger("mesh.transport.auth")
 
 READ, WRITE = "read", "write"
 # Management methods a read token may call; every other method of mmesh.ModelMesh needs write.
@@ -94,6 +99,43 @@ def current_caller() -> Principal | None:
 
 def set_caller(principal: Principal | None) -> None:
     _caller.set(principal)
+
+
+class LogLimit:
+    """At most one log line per second per kind; counts the ones left out."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, kind: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.interval_s) >= self.interval_s:
+            self._last[kind] = now
+            return True
+        self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+        return False
+
+    def take_suppressed(self, kind: str) -> int:
+        return self._suppressed.pop(kind, 0)
+
+
+class Refusals:
+    """Refused calls, counted (``count_failure``) and logged where an operator looks: never the
+    token, but the principal's name, the method and the reason, at most one line a second per kind
+    (a flood of bad tokens must not flood the log too). Shared by the gRPC and REST front ends."""
+
+    def __init__(self) -> None:
+        self._limit = LogLimit()
+
+    def note(self, exc: MeshError, method: str, principal: Principal | None, peer: str) -> None:
+        kind = ("unauthenticated" if isinstance(exc, Unauthenticated) else
+                "invalid" if isinstance(exc, InvalidArgument) else "permission_denied")
+        count_failure(kind)
+        if self._limit.allow(kind):
+            log.warning("request denied", method=method, kind=kind, principal=principal.name if principal else None,
+                        reason=exc.message, peer=peer, suppressed_since_last=self._limit.take_suppressed(kind))
 
 
 def token_digest(token: str) -> bytes:

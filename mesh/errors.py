@@ -1,10 +1,10 @@
 """One error hierarchy for the whole mesh.
 
 Every error the mesh raises on purpose is a :class:`MeshError` carrying a transport-neutral
-:class:`Code`. The transport layer (``mesh/transport/status.py``) maps codes to gRPC status
-codes in exactly one place; anything that is not a ``MeshError`` becomes INTERNAL there and is
-logged with its traceback. Messages are written for the caller: they name the model or field and
-say what is wrong.
+:class:`Code`. Each front end maps codes in exactly one place: gRPC status codes in
+``mesh/transport/status.py``, HTTP statuses in ``mesh/rest/status.py``; anything that is not a
+``MeshError`` becomes INTERNAL (HTTP 500) there and is logged with its traceback. Messages are
+written for the caller: they name the model or field and say what is wrong.
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ import enum
 
 
 class Code(enum.Enum):
-    """Error kinds, named after the gRPC status codes they map to."""
+    """Error kinds: the canonical status codes (google.rpc.Code, which gRPC uses), by name.
 
+    All of them, because a runtime or an external model server may answer any of them and the
+    router passes its answer on under the same code, over gRPC or HTTP."""
+
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    DATA_LOSS = "DATA_LOSS"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_EXISTS = "ALREADY_EXISTS"
@@ -26,6 +34,13 @@ class Code(enum.Enum):
     INTERNAL = "INTERNAL"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+
+
+# The canonical codes' numbers (google.rpc.Code), by name, OK included: span attributes carry them.
+CODE_NUMBERS = {"OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+                "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+                "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+                "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16}
 
 
 class MeshError(Exception):
@@ -84,7 +99,11 @@ class Unavailable(MeshError):
 
 
 class RegistryUnavailable(Unavailable):
-    """The registry (etcd) cannot be reached; management calls fail fast with this."""
+    """The registry (etcd) cannot be reached; management calls fail fast with this. Its message
+    names etcd's endpoints and the store's errors: for the log; clients get ``PUBLIC_MESSAGE``."""
+
+    PUBLIC_MESSAGE = ("the registry is unavailable; calls that need it fail until it is back (the "
+                      "component's log has the details)")
 
 
 class DeadlineExceeded(MeshError):
@@ -105,3 +124,26 @@ class NotHere(MeshError):
     """
 
     code = Code.UNAVAILABLE
+
+
+class RemoteError(MeshError):
+    """The answer of a runtime (or of the connection to it) for one request, passed to the client
+    with its code and message as they are: the model's own error, or the last failure once the
+    router's retries ran out."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RetryElsewhere(MeshError):
+    """One instance cannot serve this request: it is ``gone`` (no answer at the connection level),
+    or its copy is not there (evicted meanwhile). The router excludes it and chooses again; the
+    client gets ``error`` only when no other instance can serve."""
+
+    code = Code.UNAVAILABLE
+
+    def __init__(self, error: RemoteError, *, gone: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.gone = gone

@@ -67,6 +67,10 @@ class RouterSettings:
     host: str = _f("127.0.0.1", "Address the router binds (0.0.0.0 in a pod).")
     port: int = _f(8033, "gRPC port: V2 data plane and the mmesh.ModelMesh management API "
                    "(ModelMesh's port).")
+    rest_port: int = _f(8008, "HTTP port of the REST front end on the router's host: Open Inference "
+                        "Protocol REST (with Triton's binary tensors) and KServe V1 (modelmesh-serving's "
+                        "REST port). Same tokens, TLS and metrics as gRPC; 0 picks a free port (logged), "
+                        "-1 turns REST off.")
     reflection: bool = _f(True, "gRPC server reflection on the router's port, so that grpcurl and similar "
                           "tools list and call its services without the .proto files. It tells only what "
                           "the public V2 and ModelMesh protos say, and needs no token (calls still do).")

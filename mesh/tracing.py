@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mesh.errors import InvalidArgument
+from mesh.errors import CODE_NUMBERS, InvalidArgument
 from mesh.logging import TRACEPARENT, TRACESTATE, Metadata
 from mesh.settings import LogSettings
 
@@ -76,12 +76,12 @@ class Tracer:
         kept = tuple((k, v) for k, v in metadata if k not in _TRACE_HEADERS)
         return kept + tuple(carrier.items())
 
-    def end(self, span: Any, code: int, code_name: str, message: str = "",
-            instance_id: str | None = None) -> None:
-        span.set_attribute("rpc.grpc.status_code", code)
+    def end(self, span: Any, code_name: str, message: str = "", instance_id: str | None = None) -> None:
+        """End ``span`` with the request's status, by its canonical name (``OK``, ``NOT_FOUND``...)."""
+        span.set_attribute("rpc.grpc.status_code", CODE_NUMBERS.get(code_name, 2))
         if instance_id:
             span.set_attribute("mesh.instance_id", instance_id)
-        if code != 0:
+        if code_name != "OK":
             span.set_status(self._status(self._error, f"{code_name}: {message}" if message else code_name))
         span.end()
 

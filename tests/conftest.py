@@ -1,13 +1,20 @@
-"""Shared fixtures. ``etcd``: a private etcd server on 127.0.0.1, one per test (about 0.3 s to start)."""
+"""Shared fixtures. ``etcd``: a private etcd server on 127.0.0.1, one per test (about 0.3 s to start).
+
+Routers serve REST on a free port in tests (``MESH_ROUTER_REST_PORT=0``, inherited by the
+processes tests start), not on 8008: tests run routers side by side, and a developer's machine may
+have 8008 taken. A test that needs a fixed REST port sets it itself."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mesh.registry.etcd_server import EtcdProcess
+
+os.environ.setdefault("MESH_ROUTER_REST_PORT", "0")
 
 
 @pytest.fixture

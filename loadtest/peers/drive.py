@@ -163,7 +163,7 @@ async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc
     """V2 gRPC ``ModelInfer`` with pre-serialized requests (MLServer, or our own router)."""
     import grpc
 
-    from mesh.runtime.tensors import encode_request
+    from mesh.tensors import encode_request
 
     bodies = [encode_request(model_name=m.model_id, inputs={"input-0": m.sample.astype(np.float32)},
                              raw=raw).SerializeToString() for m in models]

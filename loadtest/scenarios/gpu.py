@@ -67,7 +67,7 @@ import numpy as np
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

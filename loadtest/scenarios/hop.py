@@ -65,7 +65,7 @@ from loadtest.models import TrainedModel, infer_body, train_logistic
 from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table, verdict
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
-from mesh.runtime.tensors import decode_response
+from mesh.tensors import decode_response
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_ID = "hop-lr-256"

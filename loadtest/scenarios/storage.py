@@ -384,7 +384,7 @@ class Mesh:
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.settings = load_settings(env={}, overrides={
             "registry": {"url": f"memory://storage-bench-{uuid.uuid4().hex[:8]}"},
-            "router": {"port": 0, "metrics_port": 0, "default_timeout_s": 120.0},
+            "router": {"port": 0, "metrics_port": 0, "rest_port": -1, "default_timeout_s": 120.0},
             "runtime": {"port": 0, "metrics_port": metrics_port,
                         "publish_interval_s": 0.2, "capacity_bytes": 2 * GiB, "load_timeout_s": 120.0,
                         "model_roots": (str(models_dir),), "state_dir": str(tmp / "runtime-state")},
@@ -422,7 +422,7 @@ class Mesh:
 
     async def infer(self, model_id: str, sample: np.ndarray) -> dict[str, np.ndarray]:
         from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
-        from mesh.runtime.tensors import decode_response, encode_request
+        from mesh.tensors import decode_response, encode_request
 
         request = encode_request(model_name=model_id, inputs={"input": sample})
         response = await pb_grpc.GRPCInferenceServiceStub(self.channel).ModelInfer(

@@ -13,7 +13,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 
 
 class CliError(Exception):
@@ -97,7 +97,7 @@ def parse_input(text: str, datatype: str | None) -> np.ndarray:
     if array.dtype == object:
         raise InvalidArgument("--input must be a rectangular JSON array of numbers or strings")
     if datatype:
-        from mesh.runtime.tensors import numpy_dtype
+        from mesh.tensors import numpy_dtype
 
         array = array.astype(numpy_dtype(datatype))
     elif array.dtype.kind == "i":

@@ -16,6 +16,7 @@ from mesh.malloc import limit_arenas
 from mesh.settings import Settings
 from mesh.tasks import RootTasks
 
+# serve(settings, roots, on_ready): each component's entry point (the router's takes more, with defaults).
 Serve = Callable[[Settings, RootTasks, Callable[[str], None] | None], Coroutine[Any, Any, None]]
 
 
@@ -48,6 +49,7 @@ async def _main(serve: Serve, settings: Settings, ready_file: Path | None) -> in
 def run_component(component: str, settings: Settings, ready_file: Path | None = None) -> int:
     limit_arenas()  # before gRPC's and the loaders' threads exist (mesh.malloc says why)
     configure(settings.log, component=component)
+    serve: Serve
     if component == "router":
         from mesh.router.app import serve_router as serve
     elif component == "runtime":

@@ -96,7 +96,7 @@ def build_workload(models: list[DemoModel], n: int, alpha: float = 1.0, seed: in
     """``n`` pre-encoded requests, models drawn with Zipf popularity, 3 rows each."""
     import joblib
 
-    from mesh.runtime.tensors import encode_request
+    from mesh.tensors import encode_request
 
     data = _datasets()
     rng = np.random.default_rng(seed)
@@ -123,7 +123,7 @@ async def drive(router: str, workload: Workload, *, duration_s: float, concurren
     import grpc
 
     from mesh.gen.inference import grpc_service_pb2 as pb
-    from mesh.runtime.tensors import decode_response
+    from mesh.tensors import decode_response
 
     channel = grpc.aio.insecure_channel(router)
     call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")

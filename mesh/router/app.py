@@ -8,6 +8,7 @@ from collections.abc import Callable
 import structlog
 from grpc_reflection.v1alpha import reflection
 
+from mesh.auth import TokenTable
 from mesh.errors import Unavailable
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.observability.metrics import RouterMetrics
@@ -18,7 +19,9 @@ from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
 from mesh.registry.security import etcd_security
 from mesh.registry.specs import SpecCache
-from mesh.router.forwarder import Forwarder
+from mesh.rest.server import RestServer, ssl_context
+from mesh.router.dataplane import DataPlane
+from mesh.router.grpc_inference import InferenceServicer
 from mesh.router.management import Management
 from mesh.router.reachability import Reachability
 from mesh.router.replicas import CopyScaler
@@ -32,6 +35,7 @@ from mesh.transport.handlers import generic_handler
 from mesh.transport.health import HealthReporter
 from mesh.transport.inflight import InflightLimit, trim_soon
 from mesh.transport.runtime_client import RuntimeClient
+from mesh.transport.runtime_link import RuntimeLink
 from mesh.transport.server import ChannelPool, bind, new_server
 from mesh.transport.tls import peer_interceptors, runtime_channel_security, server_credentials
 from placement.scaling import ScalingConfig
@@ -40,11 +44,15 @@ log = structlog.get_logger(__name__)
 
 
 async def serve_router(settings: Settings, roots: RootTasks,
-                       on_ready: Callable[[str], None] | None = None) -> None:
+                       on_ready: Callable[[str], None] | None = None,
+                       on_rest: Callable[[str], None] | None = None) -> None:
+    """Serve until ``roots`` stop; ``on_ready(grpc endpoint)`` once serving, ``on_rest(url)`` too
+    when REST is on."""
     rs = settings.router
     # Security settings first: a missing or bad file stops the start here, before anything listens.
     server_tls = server_credentials(settings.tls)
     interceptors = interceptors_for(settings.auth, settings.runtime.model_roots)
+    rest_tls = ssl_context(settings.tls) if rs.rest_port >= 0 else None
     channels = ChannelPool(rs.max_message_bytes, runtime_channel_security(settings.tls))
     store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
                                security=etcd_security(settings.registry))
@@ -79,23 +87,22 @@ async def serve_router(settings: Settings, roots: RootTasks,
         return None
 
     metrics = RouterMetrics(per_model=rs.per_model_metrics)
-    forwarder = Forwarder(view=view, specs=specs, channels=channels, max_attempts=rs.max_attempts,
-                          load_factor=rs.load_factor, streams_per_runtime=rs.streams_per_runtime,
-                          scaler=scaler, ready=lambda: not_ready() is None,
-                          access_log=settings.log.access_log, tracer=tracer_for(settings.log, "router"),
-                          metrics=metrics,
-                          inflight=InflightLimit(max_bytes=rs.max_inflight_bytes,
-                                                 max_requests=rs.max_inflight_requests,
-                                                 max_connection_bytes=rs.max_connection_inflight_bytes,
-                                                 on_burst=trim_soon()))
-    reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=forwarder.forget)
-    forwarder.on_gone = reachability.mark
-    forwarder.witness = witness
-    forwarder.on_missed_deadline = reachability.suspect
+    link = RuntimeLink(channels, streams_per_runtime=rs.streams_per_runtime)
+    plane = DataPlane(view=view, specs=specs, link=link, max_attempts=rs.max_attempts,
+                      load_factor=rs.load_factor, scaler=scaler, ready=lambda: not_ready() is None,
+                      access_log=settings.log.access_log, tracer=tracer_for(settings.log, "router"),
+                      inflight=InflightLimit(max_bytes=rs.max_inflight_bytes,
+                                             max_requests=rs.max_inflight_requests,
+                                             max_connection_bytes=rs.max_connection_inflight_bytes,
+                                             on_burst=trim_soon()))
+    reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=link.forget)
+    plane.on_gone = reachability.mark
+    plane.witness = witness
+    link.on_missed_deadline = reachability.suspect
     background = Background("router")
 
     def close_channel(record: InstanceRecord) -> None:
-        forwarder.forget(record.endpoint)
+        link.forget(record.endpoint)
         background.spawn(channels.discard(record.endpoint), f"close-channel:{record.endpoint}")
 
     view.on_instance_gone.append(close_channel)
@@ -108,7 +115,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
                         max_streams_per_connection=rs.max_streams_per_connection,
                         max_calls=rs.max_inflight_requests)
     server.add_generic_rpc_handlers((
-        forwarder.handler(),
+        InferenceServicer(plane, metrics).handler(),
         generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],
                         metrics.metered(ModelMeshServicer(management))),
     ))
@@ -141,6 +148,15 @@ async def serve_router(settings: Settings, roots: RootTasks,
         metrics.attach(view, scaler.copies_asked)
         roots.spawn(metrics.count_managed(registry.count_models), "count-registered-models")
     await health.start()
+    rest: RestServer | None = None
+    if rs.rest_port >= 0:
+        rest = RestServer(plane, metrics, max_body_bytes=rs.max_message_bytes,
+                          tokens=TokenTable.load(settings.auth.tokens_file)
+                          if settings.auth.tokens_file and settings.auth.data_plane else None,
+                          allowed_peers=settings.tls.allowed_peers if settings.tls.client_auth == "require" else ())
+        rest_port = await rest.start(rs.host, rs.rest_port, rest_tls)
+        rest_url = f"{'https' if rest_tls else 'http'}://{rs.host}:{rest_port}"
+        log.info("router REST serving", url=rest_url)
     await server.start()
     roots.spawn(health.follow(not_ready), "readiness")
     endpoint = f"{rs.host}:{port}"
@@ -149,18 +165,22 @@ async def serve_router(settings: Settings, roots: RootTasks,
              auth="off" if not interceptors else ("management+data" if settings.auth.data_plane else "management"))
     if on_ready:
         on_ready(endpoint)
+    if on_rest and rest is not None:
+        on_rest(rest_url)
     try:
         await roots.wait()
     finally:
         # Ordered shutdown: stop accepting and drain in-flight requests (they may be waiting on
         # a cold load), then stop watching and close the connections.
         await health.leave()
-        await server.stop(grace=5.0)
+        if rest is not None:
+            await asyncio.gather(server.stop(grace=5.0), rest.stop(grace_s=5.0))
+        else:
+            await server.stop(grace=5.0)
         await roots.cancel_all()
         for mirror in mirrors:
             await call_soon_safely(mirror.stop, "stop mirror")
-        if forwarder.multiplex is not None:
-            forwarder.multiplex.close()
+        link.close()
         await channels.close()
         await call_soon_safely(store.close, "close registry")
         if stop_metrics is not None:  # last, so that metrics can be read until the end

@@ -468,7 +468,7 @@ class Management:
         _check_owner(record, owner, current_caller(), deleting=True)
         if await self.registry.delete_vmodel(record, expected_revision=revision):
             log.info("vModel deleted", vmodel_id=vmodel_id)
-            self.view.vmodels.pop(vmodel_id, None)  # do not count it as a referrer below
+            self.view.forget_vmodel(vmodel_id)  # do not count it as a referrer below
             await self._drop_orphans(record, None)
 
     async def drive_transitions(self) -> None:

@@ -1,11 +1,11 @@
 """Instances that stopped answering, as this router sees them, across requests.
 
 Why. A runtime killed with SIGKILL keeps its instance record and placements until its lease
-expires (``registry.lease_ttl_s``, seconds). The forwarder's retry excludes a dead instance only
+expires (``registry.lease_ttl_s``, seconds). The data plane's retry excludes a dead instance only
 for the request that found it dead; without a memory across requests, every new request for a
 model held there would try it first and pay a failed attempt until the lease expired.
 
-How. The forwarder calls :meth:`Reachability.mark` when an attempt fails at the connection level
+How. The data plane calls :meth:`Reachability.mark` when an attempt fails at the connection level
 ("gone": refused, reset, stream broken; the channels' keepalive breaks them within about 2 s of a
 runtime that stopped answering pings: SIGSTOP, a frozen host), and :meth:`Reachability.suspect`
 when an attempt gets no answer before its deadline (a runtime whose event loop is stuck still
@@ -47,9 +47,7 @@ class Reachability:
 
     def mark(self, instance_id: str) -> None:
         """An attempt on ``instance_id`` got no answer at all: skip it until it answers again."""
-        if instance_id in self.view.instances and instance_id not in self.view.unreachable:
-            self.view.unreachable.add(instance_id)
-            self.view.version += 1
+        if self.view.mark_unreachable(instance_id):
             log.warning("instance unreachable; routing around it until it answers or its lease expires",
                         instance_id=instance_id)
             if self.on_unreachable is not None:
@@ -81,11 +79,10 @@ class Reachability:
         for instance_id in list(self.view.unreachable):
             record = self.view.instances.get(instance_id)
             if record is None:  # its lease expired meanwhile: the view forgot it
-                self.view.unreachable.discard(instance_id)
+                self.view.mark_reachable(instance_id)
                 continue
             if await self.runtimes.live(record.endpoint, max(self.probe_s, 0.2)):
-                self.view.unreachable.discard(instance_id)
-                self.view.version += 1
+                self.view.mark_reachable(instance_id)
                 log.info("instance answers again", instance_id=instance_id)
 
     async def run(self) -> None:

@@ -44,29 +44,33 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
         self._m = management
 
     @handled(ORIGIN)
-    async def registerModel(self, request: mm.RegisterModelRequest, context: grpc.aio.ServicerContext):
+    async def registerModel(
+            self, request: mm.RegisterModelRequest, context: grpc.aio.ServicerContext) -> mm.ModelStatusInfo:
         status = await self._m.register_model(request.modelId, _info(request.modelInfo),
                                               load_now=request.loadNow, sync=request.sync,
                                               last_used_ms=request.lastUsedTime)
         return model_status_pb(status)
 
     @handled(ORIGIN)
-    async def unregisterModel(self, request: mm.UnregisterModelRequest, context: grpc.aio.ServicerContext):
+    async def unregisterModel(
+            self, request: mm.UnregisterModelRequest, context: grpc.aio.ServicerContext) -> mm.UnregisterModelResponse:
         await self._m.unregister_model(request.modelId)
         return mm.UnregisterModelResponse()
 
     @handled(ORIGIN)
-    async def getModelStatus(self, request: mm.GetStatusRequest, context: grpc.aio.ServicerContext):
+    async def getModelStatus(
+            self, request: mm.GetStatusRequest, context: grpc.aio.ServicerContext) -> mm.ModelStatusInfo:
         return model_status_pb(await self._m.model_status(request.modelId))
 
     @handled(ORIGIN)
-    async def ensureLoaded(self, request: mm.EnsureLoadedRequest, context: grpc.aio.ServicerContext):
+    async def ensureLoaded(
+            self, request: mm.EnsureLoadedRequest, context: grpc.aio.ServicerContext) -> mm.ModelStatusInfo:
         status = await self._m.ensure_loaded(request.modelId, sync=request.sync,
                                              last_used_ms=request.lastUsedTime)
         return model_status_pb(status)
 
     @handled(ORIGIN)
-    async def setVModel(self, request: mm.SetVModelRequest, context: grpc.aio.ServicerContext):
+    async def setVModel(self, request: mm.SetVModelRequest, context: grpc.aio.ServicerContext) -> mm.VModelStatusInfo:
         status = await self._m.set_vmodel(
             request.vModelId, request.targetModelId, owner=request.owner,
             update_only=request.updateOnly,
@@ -76,16 +80,19 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
         return vmodel_status_pb(status)
 
     @handled(ORIGIN)
-    async def getVModelStatus(self, request: mm.GetVModelStatusRequest, context: grpc.aio.ServicerContext):
+    async def getVModelStatus(
+            self, request: mm.GetVModelStatusRequest, context: grpc.aio.ServicerContext) -> mm.VModelStatusInfo:
         return vmodel_status_pb(await self._m.vmodel_status(request.vModelId, request.owner))
 
     @handled(ORIGIN)
-    async def deleteVModel(self, request: mm.DeleteVModelRequest, context: grpc.aio.ServicerContext):
+    async def deleteVModel(
+            self, request: mm.DeleteVModelRequest, context: grpc.aio.ServicerContext) -> mm.DeleteVModelResponse:
         await self._m.delete_vmodel(request.vModelId, request.owner)
         return mm.DeleteVModelResponse()
 
     @handled(ORIGIN)
-    async def listModels(self, request: mm.ListModelsRequest, context: grpc.aio.ServicerContext):
+    async def listModels(
+            self, request: mm.ListModelsRequest, context: grpc.aio.ServicerContext) -> mm.ListModelsResponse:
         entries, token = await self._m.list_models(prefix=request.prefix, page_size=request.pageSize,
                                                    page_token=request.pageToken)
         out = mm.ListModelsResponse(nextPageToken=token)

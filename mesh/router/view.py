@@ -5,7 +5,7 @@ All are bounded by what is *loaded* or aliased, not by what is registered, so ro
 with loaded models. Model registrations are not mirrored (see ``SpecCache``).
 
 The hot path reads only this view: no registry call is made to route a request for a loaded
-model. The view may be a little stale; the forwarder's retries absorb that (a copy evicted a moment
+model. The view may be a little stale; the data plane's retries absorb that (a copy evicted a moment
 ago answers "not here" and the next choice is tried).
 
 Local state that no other router needs: the number of requests this router has in flight to each
@@ -121,6 +121,32 @@ class ClusterView:
             if not copies:
                 del self.placements[model_id]
             self.version += 1
+
+    def forget_vmodel(self, vmodel_id: str) -> None:
+        """Drop a vModel this router just deleted (the watch will confirm)."""
+        if self.vmodels.pop(vmodel_id, None) is not None:
+            self.version += 1
+
+    def mark_unreachable(self, instance_id: str) -> bool:
+        """Route around ``instance_id`` (``mesh.router.reachability``); False if it is unknown or
+        already marked."""
+        if instance_id not in self.instances or instance_id in self.unreachable:
+            return False
+        self.unreachable.add(instance_id)
+        self.version += 1
+        return True
+
+    def mark_reachable(self, instance_id: str) -> None:
+        if instance_id in self.unreachable:
+            self.unreachable.discard(instance_id)
+            self.version += 1
+
+    # --- this router's requests in flight (least-loaded choices) ------------------------------
+    def begin_request(self, instance_id: str) -> None:
+        self.inflight[instance_id] += 1
+
+    def end_request(self, instance_id: str) -> None:
+        self.inflight[instance_id] -= 1
 
     # --- queries ------------------------------------------------------------------------------
     def live_instance(self, instance_id: str) -> InstanceRecord | None:

@@ -40,8 +40,8 @@ from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.forwarding import CopyLost, ForwardingModel
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
-from mesh.runtime.tensors import infer_bytes
 from mesh.tasks import Background
+from mesh.tensors import infer_bytes
 from mesh.transport.inflight import InflightLimit
 from mesh.transport.wire import read_model_name
 from placement.sizing import SizeEstimator

@@ -65,7 +65,7 @@ class ObservedInference:
             raise
         finally:
             if span is not None and self.tracer is not None:
-                self.tracer.end(span, code.value[0], code.name, message, self._service.instance_id)
+                self.tracer.end(span, code.name, message, self._service.instance_id)
             if self.access_log:
                 access.info("inference", code=code.name, allow_load=allow_load,
                             duration_ms=round((time.perf_counter() - started) * 1000, 3),

@@ -50,7 +50,7 @@ from mesh.errors import (
 )
 from mesh.registry.records import ModelSpec
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
-from mesh.runtime.tensors import infer_bytes
+from mesh.tensors import infer_bytes
 
 OP_LOAD, OP_INFER, OP_UNLOAD = 1, 2, 3
 # An error crosses as its class (the runtime treats NotHere and ModelLoadError apart): the tag is

@@ -78,7 +78,6 @@ from mesh.errors import DeadlineExceeded, MeshError, ModelLoadError, NotHere, Re
 from mesh.registry.records import ModelSpec
 from mesh.runtime.forwarding import ForwardingModel
 from mesh.runtime.loaders.base import LoadPolicy
-from mesh.runtime.tensors import TensorSpec
 from mesh.runtime.worker import (
     OP_INFER,
     OP_LOAD,
@@ -91,6 +90,7 @@ from mesh.runtime.worker import (
     write_frame,
 )
 from mesh.runtime.worker_channels import Channels, OutOfStep, WorkerGone
+from mesh.tensors import TensorSpec
 
 log = structlog.get_logger(__name__)
 

@@ -1,5 +1,5 @@
-"""The gRPC edge shared by router and runtime: status mapping, servers, channels.
+"""The gRPC edge shared by router and runtime: status mapping, servers, channels, the link to runtimes.
 
-Only modules under ``mesh/transport/`` and the ``servicer``/``forwarder``/``client`` modules of
-each component import grpc; the logic behind them is plain Python (checked by a test).
+Which modules may import grpc is written in ``.importlinter`` and checked by machine; the logic
+behind them is plain Python.
 """

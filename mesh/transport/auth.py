@@ -23,7 +23,6 @@ small; inference bodies are only scanned for field 1, never decoded). The router
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +32,8 @@ import structlog
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from mesh.auth import Principal, TokenTable, bearer_token, count_failure, set_caller
-from mesh.errors import InvalidArgument, MeshError, Unauthenticated
+from mesh.auth import Principal, Refusals, TokenTable, bearer_token, set_caller
+from mesh.errors import InvalidArgument, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.paths import confine
@@ -111,36 +110,16 @@ def _data_plane_check(method: str) -> Check:
     return check
 
 
-class _LogLimit:
-    """At most one log line per second per kind; counts the ones left out."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, kind: str) -> bool:
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.interval_s) >= self.interval_s:
-            self._last[kind] = now
-            return True
-        self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-        return False
-
-    def take_suppressed(self, kind: str) -> int:
-        return self._suppressed.pop(kind, 0)
-
-
 @dataclass(frozen=True)
 class _Rule:
     method: str
     check: Check
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
     def __init__(self, tokens: TokenTable, *, data_plane: bool, model_roots: tuple[str, ...] = ()) -> None:
         self._tokens = tokens
-        self._log_limit = _LogLimit()
+        self._refusals = Refusals()
         self._rules: dict[str, _Rule] = {}
         service = mm.DESCRIPTOR.services_by_name["ModelMesh"]
         for m in service.methods:
@@ -180,16 +159,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 principal = tokens.authenticate(_token(metadata))
                 rule.check(principal, request, metadata)
             except MeshError as exc:
-                # Never the token: the principal's name, the method, the reason; counted, and logged
-                # where an operator looks (at most once a second per kind: a flood of bad tokens
-                # must not flood the log too).
-                kind = ("unauthenticated" if isinstance(exc, Unauthenticated) else
-                        "invalid" if isinstance(exc, InvalidArgument) else "permission_denied")
-                count_failure(kind)
-                if self._log_limit.allow(kind):
-                    log.warning("request denied", method=rule.method, kind=kind,
-                                principal=principal.name if principal else None, reason=exc.message,
-                                peer=context.peer(), suppressed_since_last=self._log_limit.take_suppressed(kind))
+                self._refusals.note(exc, rule.method, principal, context.peer())
                 # Marked as the router's own answer (mesh-origin), like every other refusal of
                 # the router: clients (the controller) tell it from an unreachable router by that.
                 await abort(context, exc, origin=ORIGIN)

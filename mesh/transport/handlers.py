@@ -18,7 +18,8 @@ from google.protobuf.message_factory import GetMessageClass
 
 
 def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+    data: bytes = message.SerializeToString()
+    return data
 
 
 def _decoding(method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]],

@@ -41,7 +41,7 @@ class RuntimeClient:
     async def load(self, target: Instance, spec: ModelSpec, last_used_ms: int, timeout_s: float) -> None:
         """Load ``spec`` on ``target`` (returns once loaded); a failure is a MeshError with the
         runtime's status code and message."""
-        stub = spi_grpc.ModelRuntimeStub(self._channels.get(target.endpoint))
+        stub = spi_grpc.ModelRuntimeStub(self._channels.get(target.endpoint))  # type: ignore[no-untyped-call]
         request = spi.LoadModelRequest(modelId=spec.model_id, modelType=spec.type,
                                        modelPath=spec.path, modelKey=spec.key)
         try:

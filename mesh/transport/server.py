@@ -87,7 +87,7 @@ def bind(server: grpc.aio.Server, host: str, port: int,
             bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
-    if bound == 0:
+    if not isinstance(bound, int) or bound == 0:
         raise Unavailable(f"cannot listen on {host}:{port}: the port is in use or the address is not "
                           "this machine's; choose another (--port, or the port setting)")
     return bound

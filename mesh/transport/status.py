@@ -17,19 +17,9 @@ from mesh.errors import Code, MeshError, NotHere, RegistryUnavailable
 
 log = structlog.get_logger(__name__)
 
-GRPC_CODES: dict[Code, grpc.StatusCode] = {
-    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Code.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Code.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
-    Code.INTERNAL: grpc.StatusCode.INTERNAL,
-    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    Code.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-}
+# Code names are gRPC's names, every one of them (OK aside): the mapping is by name, and a test
+# checks that it is complete both ways.
+GRPC_CODES: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for code in Code}
 MESH_CODES = {v: k for k, v in GRPC_CODES.items()}
 
 # Trailing metadata that marks an error as the runtime's own answer (as opposed to a broken
@@ -46,10 +36,6 @@ def lost_peer(err: grpc.aio.AioRpcError) -> bool:
     return err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
 
 
-REGISTRY_UNAVAILABLE = ("the registry is unavailable; calls that need it fail until it is back (the "
-                        "component's log has the details)")
-
-
 def code_of(exc: BaseException) -> grpc.StatusCode:
     """The status ``exc`` will be answered with, without logging it (for access logs and spans)."""
     return GRPC_CODES[exc.code] if isinstance(exc, MeshError) else grpc.StatusCode.INTERNAL
@@ -59,7 +45,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, RegistryUnavailable):
         # The reason names etcd's endpoints and the store's errors: for the log, not for a client.
         log.warning("registry unavailable", error=exc.message)
-        return GRPC_CODES[exc.code], REGISTRY_UNAVAILABLE
+        return GRPC_CODES[exc.code], exc.PUBLIC_MESSAGE
     if isinstance(exc, MeshError):
         return GRPC_CODES[exc.code], exc.message
     log.error("unexpected error", exc_info=exc)

@@ -39,7 +39,7 @@ def peer_names(context: grpc.aio.ServicerContext) -> set[str]:
     return names
 
 
-class PeerCheck(grpc.aio.ServerInterceptor):
+class PeerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
     """Only the clients named in ``tls.allowed_peers`` (by their verified certificate) may call this
     port; grpc.health.v1 stays open to any client the TLS handshake admitted (probes)."""
 

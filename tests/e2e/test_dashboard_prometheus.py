@@ -32,7 +32,7 @@ import grpc
 import pytest
 
 from mesh.gen.inference import grpc_service_pb2 as pb
-from mesh.runtime.tensors import encode_request
+from mesh.tensors import encode_request
 from tests.support.fake_gpu import FakeGpus, StandInGpuMemory, stand_in_load
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import make_model

@@ -23,7 +23,7 @@ import pytest
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.models import ModelArtifact, assert_outputs_match, make_fleet
 
 pytestmark = [pytest.mark.e2e]

@@ -37,7 +37,7 @@ from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.registry import open_store
 from mesh.registry.etcd import EtcdStore
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.models import ModelArtifact, make_model
 
 pytestmark = pytest.mark.e2e

@@ -45,7 +45,7 @@ from loadtest.models import TrainedModel, infer_body, train_logistic
 from loadtest.scenarios.failover import Registry, Snapshot
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.registry.records import LOADED
-from mesh.runtime.tensors import encode_request
+from mesh.tensors import encode_request
 from tests.support.slow_model import save_slow
 
 pytestmark = pytest.mark.e2e

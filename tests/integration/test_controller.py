@@ -21,8 +21,8 @@ from mesh.controller.app import serve_controller
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry import open_store
 from mesh.registry.keys import Keys
-from mesh.runtime.tensors import decode_response, encode_request
 from mesh.settings import load_settings
+from mesh.tensors import decode_response, encode_request
 from tests.support.fake_kube import FakeKubeApiServer
 from tests.support.inprocess import Component, InProcessMesh, memory_url, start
 from tests.support.models import ModelArtifact, assert_outputs_match, make_model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.integration.test_controller import NS, Env, up_to_date, wait_for
 from tests.support.fake_kube import FakeKubeApiServer
 from tests.support.inprocess import InProcessMesh, memory_url

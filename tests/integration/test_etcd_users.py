@@ -23,8 +23,8 @@ from mesh.registry.etcd_server import EtcdProcess, EtcdTls
 from mesh.registry.security import etcd_security
 from mesh.router.app import serve_router
 from mesh.runtime.app import serve_runtime
-from mesh.runtime.tensors import decode_response, encode_request
 from mesh.settings import RegistrySettings, load_settings
+from mesh.tensors import decode_response, encode_request
 from tests.support.certs import CertAuthority
 from tests.support.inprocess import start
 from tests.support.models import make_model
@@ -56,7 +56,7 @@ async def _scenario(tmp_path: Path) -> None:
         def settings(name: str):  # type: ignore[no-untyped-def]
             return load_settings(env={}, overrides={
                 "registry": {**registry(name), "lease_ttl_s": 5}, "log": {"level": "warning"},
-                "router": {"port": 0, "metrics_port": -1}, "runtime": {"port": 0, "metrics_port": -1,
+                "router": {"port": 0, "metrics_port": -1, "rest_port": -1}, "runtime": {"port": 0, "metrics_port": -1,
                                                                         "publish_interval_s": 0.2}})
 
         runtime = await start(serve_runtime, settings("mesh-runtime"))

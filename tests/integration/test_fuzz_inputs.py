@@ -35,7 +35,7 @@ from loadtest.cluster import Cluster
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
-from mesh.runtime.tensors import DATATYPES, decode_response, encode_request
+from mesh.tensors import DATATYPES, decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import ModelArtifact, make_model
 

@@ -26,7 +26,7 @@ from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry import open_store
 from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.fake_gpu import MIB, FakeGpus, StandInGpuMemory, stand_in_load
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import ModelArtifact, assert_outputs_match, make_model

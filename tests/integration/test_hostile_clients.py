@@ -26,7 +26,7 @@ from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry import open_store
 from mesh.registry.etcd_server import EtcdProcess
 from mesh.registry.keys import Keys
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import make_model
 

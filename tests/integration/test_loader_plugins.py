@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from mesh.runtime import loaders
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

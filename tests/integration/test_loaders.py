@@ -24,7 +24,7 @@ from mesh.runtime import gpu
 from mesh.runtime.loaders import get_loader, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
 from mesh.runtime.loaders.sizing import deep_nbytes
-from mesh.runtime.tensors import (
+from mesh.tensors import (
     decode_inputs,
     decode_response,
     encode_request,
@@ -773,7 +773,7 @@ def test_unknown_device(models_dir: Path) -> None:
 
 def test_importing_the_loaders_imports_no_model_library() -> None:
     code = (
-        "import sys, mesh.runtime.loaders, mesh.runtime.tensors, mesh.runtime.gpu\n"
+        "import sys, mesh.runtime.loaders, mesh.tensors, mesh.runtime.gpu\n"
         "heavy = ['torch', 'xgboost', 'lightgbm', 'onnxruntime', 'onnx', 'openvino', 'sklearn', 'grpc']\n"
         "print(','.join(m for m in heavy if m in sys.modules))\n"
     )

@@ -16,7 +16,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as rt
 from mesh.gen.mmesh import model_runtime_pb2_grpc as rt_grpc
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import make_model
 

@@ -15,7 +15,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry import open_store
 from mesh.registry.registry import Registry
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import ModelArtifact, make_model
 

@@ -21,7 +21,7 @@ from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry import open_store
 from mesh.registry.records import InstanceRecord, ModelSpec, PlacementRecord
 from mesh.registry.registry import Registry
-from mesh.runtime.tensors import encode_request
+from mesh.tensors import encode_request
 from mesh.transport.metadata import LOAD_MODE, MODEL_ID
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import ModelArtifact, make_model

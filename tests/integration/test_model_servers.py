@@ -29,7 +29,7 @@ from mesh.registry.records import ModelSpec
 from mesh.runtime.forwarding import CopyLost
 from mesh.runtime.servers import ExternalServer
 from mesh.runtime.servers.base import field_one
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from mesh.transport.model_server import ServerCallError
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.model_servers import running, start_server, stop_server

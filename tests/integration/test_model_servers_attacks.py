@@ -37,7 +37,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.registry.records import ModelSpec
 from mesh.runtime.forwarding import CopyLost
 from mesh.runtime.servers.base import field_one
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.model_servers import running
 from tests.support.models import ModelArtifact, assert_outputs_match, make_model

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import assert_outputs_match, make_model
 

@@ -25,7 +25,7 @@ from mesh.registry.etcd_server import EtcdProcess
 from mesh.registry.records import ModelSpec
 from mesh.router.routing import MAX_LOAD_FAILURES
 from mesh.runtime import app as runtime_app
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh
 from tests.support.models import ModelArtifact, make_model
 

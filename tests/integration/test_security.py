@@ -35,8 +35,8 @@ from mesh.registry import open_store
 from mesh.registry.etcd_server import EtcdProcess, EtcdTls
 from mesh.registry.security import etcd_security
 from mesh.router.app import serve_router
-from mesh.runtime.tensors import decode_response, encode_request
 from mesh.settings import ControllerSettings, RegistrySettings, TlsSettings
+from mesh.tensors import decode_response, encode_request
 from mesh.transport.tls import runtime_channel_security, server_credentials
 from tests.support.certs import CertAuthority, Pem
 from tests.support.inprocess import Component, InProcessMesh, memory_url, start

@@ -16,7 +16,7 @@ import pytest
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_runtime_pb2 as rt
 from mesh.gen.mmesh import model_runtime_pb2_grpc as rt_grpc
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import assert_outputs_match, make_model
 from tests.support.object_stores import moto_s3

@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh.logging import add_request_context
-from mesh.runtime.tensors import encode_request
+from mesh.tensors import encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import ModelArtifact, make_model
 

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from mesh.runtime.tensors import decode_response, encode_request
+from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import make_model
 

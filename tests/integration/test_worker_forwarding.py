@@ -255,13 +255,13 @@ def _pickle(tmp_path: Path, name: str, obj: object) -> Path:
 
 
 def _request(model_id: str, sample: np.ndarray, request_id: str = "") -> bytes:
-    from mesh.runtime.tensors import encode_request
+    from mesh.tensors import encode_request
 
     return encode_request(model_name=model_id, inputs={"input-0": sample}, request_id=request_id).SerializeToString()
 
 
 def _predict(answer: bytes) -> tuple[str, np.ndarray]:
-    from mesh.runtime.tensors import decode_response
+    from mesh.tensors import decode_response
 
     response = pb.ModelInferResponse.FromString(answer)
     return response.id, decode_response(response)["predict"]

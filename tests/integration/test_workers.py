@@ -27,8 +27,8 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.registry.records import ModelSpec
 from mesh.runtime.loaders.base import LoadPolicy
 from mesh.runtime.service import load_model
-from mesh.runtime.tensors import decode_response, encode_request, infer_bytes
 from mesh.runtime.workers import WorkerGone, WorkerPool
+from mesh.tensors import decode_response, encode_request, infer_bytes
 from tests.support import hostile
 from tests.support.models import ModelArtifact, make_model
 
@@ -177,7 +177,7 @@ async def test_a_worker_killed_under_load_fails_no_request(monkeypatch: pytest.M
     worker gets SIGKILL mid-run. Its models' requests answer "not here" once, and the router
     retries them (elsewhere, or reloaded in the restarted worker): no client sees a failure. The
     runtimes run in this process, which they make non-dumpable."""
-    from mesh.runtime.tensors import encode_request as encode
+    from mesh.tensors import encode_request as encode
     from tests.support.inprocess import InProcessMesh, memory_url
 
     monkeypatch.setenv("PYTHONPATH", REPO)

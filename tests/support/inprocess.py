@@ -58,13 +58,15 @@ class InProcessMesh:
     # Further settings by group (tls, auth, registry security), merged over the ones above.
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
     router: Component | None = None
+    rest_url: str = ""  # the router's REST front end, e.g. http://127.0.0.1:40123
     runtimes: list[Component] = field(default_factory=list)
     channel: grpc.aio.Channel | None = None
 
     def settings(self, **runtime: Any) -> Settings:
         overrides: dict[str, dict[str, Any]] = {
             "registry": {"url": self.registry_url, "lease_ttl_s": 2, "failure_ttl_s": 30},
-            "router": {"port": 0, "metrics_port": 0, "default_timeout_s": 20.0, **self.router_overrides},
+            "router": {"port": 0, "metrics_port": 0, "rest_port": 0, "default_timeout_s": 20.0,
+                       **self.router_overrides},
             "runtime": {"port": 0, "metrics_port": 0, "publish_interval_s": 0.2, **self.runtime_overrides,
                         **runtime},
             "log": {"level": "warning", **self.log_overrides},
@@ -82,9 +84,12 @@ class InProcessMesh:
     async def start(self, runtimes: int = 1) -> InProcessMesh:
         for _ in range(runtimes):
             await self.add_runtime()
-        self.router = await start(serve_router, self.settings())
+        self.router = await start(serve_router, self.settings(), on_rest=self._on_rest)
         self.channel = grpc.aio.insecure_channel(self.router.endpoint)
         return self
+
+    def _on_rest(self, url: str) -> None:
+        self.rest_url = url
 
     @property
     def mesh(self) -> mm_grpc.ModelMeshStub:

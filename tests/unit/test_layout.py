@@ -36,36 +36,37 @@ def _importing(package: str, banned: tuple[str, ...]) -> dict[str, set[str]]:
     return found
 
 
-def test_placement_is_a_pure_library() -> None:
-    assert _importing("placement", ("grpc", "aetcd", "kubernetes", "asyncio", "mesh")) == {}
+def test_the_import_contracts_hold() -> None:
+    """The layering in ``.importlinter`` (import-linter reads the import graph, module by module:
+    a file's name cannot get it past a contract). Contracts: placement/ is a pure library; the
+    router's data plane imports neither grpc nor aiohttp, even indirectly; only named edge modules
+    import grpc, aetcd, kubernetes or aiohttp; the router does not depend on the runtime."""
+    result = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+                             "lint_imports_command()", "--no-cache"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "7 kept, 0 broken" in result.stdout, result.stdout[-2000:]
 
 
-def test_grpc_is_imported_only_at_the_transport_edge() -> None:
-    allowed_names = {"servicer.py", "forwarder.py", "router_client.py", "client.py", "demo.py",
-                     "etcd.py"}
-    offenders = {
-        path: hits for path, hits in _importing("mesh", ("grpc", "grpc_health")).items()
-        if not path.startswith("mesh/transport/") and Path(path).name not in allowed_names
-        and not path.endswith("app.py")  # process assembly wires servers together
-    }
-    assert offenders == {}
-
-
-def test_etcd_client_is_confined_to_the_etcd_store() -> None:
-    assert set(_importing("mesh", ("aetcd",))) == {"mesh/registry/etcd.py"}
-
-
-def test_kubernetes_client_is_confined_to_the_controllers_kube_module() -> None:
-    assert set(_importing("mesh", ("kubernetes",))) == {"mesh/controller/kube.py"}
+def test_a_contract_breach_is_caught(tmp_path: Path) -> None:
+    """The check can fail: a copy of the data plane that imports grpc breaks its contract."""
+    config = (ROOT / ".importlinter").read_text()
+    probe = ROOT / "mesh" / "router" / "_contract_probe.py"
+    probe.write_text("import grpc  # noqa: F401\n")
+    broken = tmp_path / "contracts.ini"
+    broken.write_text(config.replace("    mesh.router.dataplane\n", "    mesh.router.dataplane\n    mesh.router._contract_probe\n", 1))
+    try:
+        result = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+                                 "lint_imports_command()", "--no-cache", "--config", str(broken)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        probe.unlink()
+    assert result.returncode != 0
+    assert "mesh.router._contract_probe -> grpc" in result.stdout, result.stdout[-2000:]
 
 
 def test_prometheus_client_is_confined_to_the_metrics_module() -> None:
     assert set(_importing("mesh", ("prometheus_client",))) == {"mesh/observability/metrics.py"}
-
-
-def test_router_does_not_depend_on_the_runtime() -> None:
-    for path in _modules("mesh/router"):
-        assert not any(n.startswith("mesh.runtime") for n in _imports(path)), path
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:

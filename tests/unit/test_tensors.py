@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from mesh.errors import Code, InvalidArgument, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
-from mesh.runtime.tensors import (
+from mesh.tensors import (
     DATATYPES,
     TensorSpec,
     datatype,

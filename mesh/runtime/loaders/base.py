@@ -49,7 +49,7 @@ import numpy as np
 
 from mesh.errors import InvalidArgument, MeshError, ModelLoadError, NotHere
 from mesh.paths import as_directory, confine, shown, under_prefix
-from mesh.runtime.tensors import TensorSpec
+from mesh.tensors import TensorSpec
 
 _DEVICE = re.compile(r"^(ram|gpu(\d+))$")
 # Library exceptions can be long (xgboost appends a C++ stack trace); a status line stays readable.

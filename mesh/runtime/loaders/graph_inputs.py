@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mesh.errors import InvalidArgument, MeshError
-from mesh.runtime.tensors import TensorSpec, datatype_for
+from mesh.tensors import TensorSpec, datatype_for
 
 
 @dataclass(frozen=True)

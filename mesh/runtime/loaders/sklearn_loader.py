@@ -36,7 +36,7 @@ import numpy as np
 from mesh.errors import InvalidArgument, ModelLoadError
 from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, held, reason, tabular_input
 from mesh.runtime.loaders.sizing import deep_nbytes
-from mesh.runtime.tensors import TensorSpec, datatype_for
+from mesh.tensors import TensorSpec, datatype_for
 
 
 def _load_skops(file: Path, trusted: tuple[str, ...]) -> Any:

@@ -11,7 +11,7 @@ Conventions follow Triton's PyTorch backend, which V2 clients of TorchScript mod
   gives ``output__0``, a tuple of Tensors one output per element. Other return types (lists,
   dicts) have no fixed output names, and such a module fails to load with that reason.
 
-Inputs are read-only views of the request (see ``mesh.runtime.tensors``); they are copied before
+Inputs are read-only views of the request (see ``mesh.tensors``); they are copied before
 ``torch.from_numpy`` because a module may write into its input, which must not reach the request.
 A ``RuntimeError`` from ``forward`` (a shape or dtype mismatch: the module checks its own inputs)
 becomes InvalidArgument with torch's message; CUDA out-of-memory becomes RESOURCE_EXHAUSTED.
@@ -37,7 +37,7 @@ import numpy as np
 
 from mesh.errors import InvalidArgument, MeshError, ModelLoadError, ResourceExhausted
 from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, gpu_index, held, reason
-from mesh.runtime.tensors import TensorSpec
+from mesh.tensors import TensorSpec
 
 
 class TorchScriptModel(LoadedModel):

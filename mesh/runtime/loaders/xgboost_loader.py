@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, held, tabular_input
-from mesh.runtime.tensors import TensorSpec
+from mesh.tensors import TensorSpec
 
 
 class XGBoostModel(LoadedModel):

@@ -72,7 +72,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.registry.records import ModelSpec
 from mesh.runtime.forwarding import CopyLost, ForwardingModel
 from mesh.runtime.loaders.base import LoadPolicy, resolve_path
-from mesh.runtime.tensors import TensorSpec
+from mesh.tensors import TensorSpec
 from mesh.transport.model_server import ServerCallError, ServerChannel
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,7 @@ import numpy as np
 
 from mesh.errors import InvalidArgument
 from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy
-from mesh.runtime.tensors import TensorSpec
+from mesh.tensors import TensorSpec
 
 
 class LinearModel(LoadedModel):

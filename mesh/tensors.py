@@ -447,7 +447,8 @@ def infer_bytes(model: Any, model_id: str, body: bytes) -> bytes:
     outputs = model.predict(decode_inputs(request), [o.name for o in request.outputs])
     response = encode_response(model_name=request.model_name or model_id, model_version="1",
                                request_id=request.id, outputs=outputs, raw=len(request.raw_input_contents) > 0)
-    return response.SerializeToString()
+    data: bytes = response.SerializeToString()
+    return data
 
 
 def requested_outputs(req: pb.ModelInferRequest) -> list[str]:

@@ -1,0 +1,415 @@
+"""JSON (and Triton's binary tensors) <-> V2 protobuf, for the router's REST front end.
+
+Where the conversion happens, and why here: the router turns a REST request into the same
+``ModelInferRequest`` bytes a gRPC client sends, and the runtime's protobuf answer back into JSON.
+Runtimes (and the external model servers behind them: MLServer, Triton) then see one body format,
+the multiplexed frames and the SPI need no second one, and a REST request costs the runtime exactly
+what a gRPC request costs. The price is the router's CPU for the conversion, measured with
+``python -m loadtest.scenarios.rest_codec`` (BENCHMARKS.md section 12): about 15 us per request
+for a 1 KiB FP32 tensor each way, small beside the HTTP handling itself; converting at the
+runtime would move that cost, not remove it, and would make every runtime and model server speak
+JSON.
+
+Requests (Open Inference Protocol REST, ``POST /v2/models/{m}/infer``):
+
+* ``inputs``: ``name``, ``shape``, ``datatype``, and ``data`` (flat or nested, row-major) or, with
+  Triton's binary extension, ``parameters.binary_data_size`` bytes from the binary part that follows
+  the JSON (its length is the ``Inference-Header-Content-Length`` header). Inputs become
+  ``raw_input_contents``, so the runtime reads them without a copy. The data must agree with the
+  shape and the datatype (a float for an INT32, 300 for a UINT8, a string for an FP32 are refused,
+  not converted), else INVALID_ARGUMENT naming the input; sizes are checked before anything is
+  allocated.
+* ``outputs``: names asked for, each with ``parameters.binary_data``; the request's
+  ``parameters.binary_data_output`` makes binary the default (``tritonclient.http`` sets it when it
+  names no outputs). ``id`` comes back in the response.
+
+Responses: each output as JSON ``data`` (flat, row-major, as KServe and MLServer send it), or in
+the binary part. BYTES outputs are UTF-8 strings in JSON; an output with an element that is not
+UTF-8 is sent as base64 strings with ``parameters.content_type = "base64"`` (MLServer's
+convention), so nothing is lost.
+
+KServe V1 (``POST /v1/models/{m}:predict``): ``instances`` (or ``inputs``) becomes one input with the
+model's first input name and datatype from its metadata (the caller looks them up), and the
+first output comes back as nested ``predictions``.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf.message import DecodeError
+
+from mesh.errors import InvalidArgument, MeshError
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.tensors import DEFAULT_MAX_ELEMENTS, MAX_BYTES_ELEMENTS, datatype, decode_response
+
+__all__ = ["BINARY_HEADER", "DEFAULT_MAX_ELEMENTS", "JSON_EXPANSION", "Outputs", "dumps", "first_input",
+           "infer_request", "infer_response", "loads", "metadata_request", "metadata_response",
+           "v1_request", "v1_response"]
+
+BINARY_HEADER = "inference-header-content-length"
+_JSON = orjson.OPT_SERIALIZE_NUMPY
+# A parsed JSON number costs about 32 bytes (a float object and its list slot) for its 2 or more
+# bytes of text: in-flight bounds count a JSON body as this many times its size.
+JSON_EXPANSION = 16
+_MAX_NAME = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """How the client wants outputs back: binary by default or not, and per output."""
+
+    binary_default: bool = False
+    binary: tuple[tuple[str, bool], ...] = ()
+
+    def is_binary(self, name: str) -> bool:
+        for n, b in self.binary:
+            if n == name:
+                return b
+        return self.binary_default
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=_JSON)
+
+
+def loads(text: bytes | memoryview, what: str = "request body") -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return value
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{what}: 'name' must be a non-empty string")
+    if len(value) > _MAX_NAME:
+        raise InvalidArgument(f"{what}: 'name' is over {_MAX_NAME} characters")
+    return value
+
+
+def _shape(value: Any, what: str, max_elements: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise InvalidArgument(f"{what}: 'shape' must be a list of integers")
+    if len(value) > 64:
+        raise InvalidArgument(f"{what}: shape has {len(value)} dimensions, over the limit of 64")
+    if any(d < 0 or d > max_elements for d in value) or math.prod(value) > max_elements:
+        raise InvalidArgument(f"{what}: shape {value} has a negative dimension or over {max_elements} elements")
+    return value
+
+
+def _parameters(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    return _object(value, f"{what}: 'parameters'")
+
+
+def _numeric(data: Any, dt_name: str, dtype: np.dtype[Any], n: int, what: str) -> bytes:
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{what}: 'data' is not a regular array (rows of different lengths?)") from None
+    if arr.size != n:
+        raise InvalidArgument(f"{what}: 'data' holds {arr.size} values, the shape needs {n}")
+    kind = arr.dtype.kind
+    if n == 0:
+        return b""
+    if dt_name == "BOOL":
+        if kind != "b":
+            raise InvalidArgument(f"{what}: BOOL data must be true or false")
+    elif dtype.kind in "iu":
+        if kind == "O" and dt_name == "UINT64":  # integers past INT64's range
+            try:
+                arr = np.array(data, dtype=np.uint64)
+                kind = "u"
+            except (OverflowError, ValueError, TypeError):
+                pass
+        if kind not in "iu":
+            raise InvalidArgument(f"{what}: {dt_name} data must be integers")
+        info = np.iinfo(dtype)
+        low, high = arr.min(), arr.max()
+        if low < info.min or high > info.max:
+            bad = low if low < info.min else high
+            raise InvalidArgument(f"{what}: value {int(bad)} is out of range for {dt_name} [{info.min}, {info.max}]")
+    elif kind not in "iuf":
+        raise InvalidArgument(f"{what}: {dt_name} data must be numbers")
+    return arr.astype(dtype, copy=False).tobytes(order="C")
+
+
+def _strings(data: Any, n: int, what: str) -> bytes:
+    try:
+        arr = np.asarray(data, dtype=object)
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"{what}: 'data' is not a regular array (rows of different lengths?)") from None
+    if arr.size != n:
+        raise InvalidArgument(f"{what}: 'data' holds {arr.size} values, the shape needs {n}")
+    parts: list[bytes] = []
+    for item in arr.ravel().tolist():
+        if not isinstance(item, str):
+            raise InvalidArgument(f"{what}: BYTES data must be strings")
+        raw = item.encode("utf-8", "surrogatepass")
+        parts.append(len(raw).to_bytes(4, "little"))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def _binary_size(params: dict[str, Any], what: str) -> int | None:
+    size = params.get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidArgument(f"{what}: 'binary_data_size' must be a non-negative integer")
+    return size
+
+
+def _check_binary_size(size: int, dt_name: str, itemsize: int, n: int, what: str) -> None:
+    if dt_name == "BYTES":
+        if size < 4 * n:
+            raise InvalidArgument(f"{what}: {size} binary bytes are too few for {n} BYTES elements")
+    elif size != n * itemsize:
+        raise InvalidArgument(f"{what}: binary data holds {size} bytes, shape of {dt_name} needs {n * itemsize}")
+
+
+def infer_request(body: bytes, header_length: int | None, model_name: str, model_version: str = "", *,
+                  max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[bytes, Outputs]:
+    """The ``ModelInferRequest`` bytes for a V2 REST infer body, and how outputs go back."""
+    view = memoryview(body)
+    if header_length is None:
+        doc, binary = loads(view), view[len(view):]
+    else:
+        if header_length > len(view):
+            raise InvalidArgument(f"Inference-Header-Content-Length {header_length} is past the end of the "
+                                  f"{len(view)}-byte body")
+        doc, binary = loads(view[:header_length], "JSON header"), view[header_length:]
+    doc = _object(doc, "request body")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidArgument("request body: 'inputs' must be a non-empty list")
+    req = pb.ModelInferRequest(model_name=model_name, model_version=model_version)
+    rid = doc.get("id")
+    if rid is not None:
+        if not isinstance(rid, str) or len(rid) > 1024:
+            raise InvalidArgument("request body: 'id' must be a string of at most 1024 characters")
+        req.id = rid
+    raw: list[bytes] = []
+    seen: set[str] = set()
+    pos = 0
+    total = 0
+    bytes_elements = 0
+    for i, item in enumerate(inputs):
+        item = _object(item, f"input #{i}")
+        name = _name(item.get("name"), f"input #{i}")
+        what = f"input {name!r}"
+        if name in seen:
+            raise InvalidArgument(f"{what} appears more than once")
+        seen.add(name)
+        dt_name = item.get("datatype")
+        if not isinstance(dt_name, str):
+            raise InvalidArgument(f"{what}: 'datatype' must be a string")
+        try:
+            dt = datatype(dt_name)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{what}: {exc.message.removeprefix('datatype: ')}") from None
+        shape = _shape(item.get("shape"), what, max_elements)
+        n = math.prod(shape)
+        total += n
+        if total > max_elements:
+            raise InvalidArgument(f"the request's inputs have {total} elements, over the limit of {max_elements}")
+        if dt.name == "BYTES":
+            bytes_elements += n
+            if bytes_elements > MAX_BYTES_ELEMENTS:
+                raise InvalidArgument(f"{what}: the request's BYTES inputs have over {MAX_BYTES_ELEMENTS} elements")
+        size = _binary_size(_parameters(item.get("parameters"), what), what)
+        if size is not None:
+            if "data" in item:
+                raise InvalidArgument(f"{what}: has both 'data' and 'binary_data_size'")
+            if pos + size > len(binary):
+                raise InvalidArgument(f"{what}: binary_data_size {size} runs past the binary data "
+                                      f"({len(binary) - pos} bytes left)")
+            _check_binary_size(size, dt.name, dt.itemsize, n, what)
+            raw.append(bytes(binary[pos:pos + size]))
+            pos += size
+        elif "data" not in item:
+            raise InvalidArgument(f"{what}: no 'data' and no 'binary_data_size'")
+        elif dt.name == "BYTES":
+            raw.append(_strings(item["data"], n, what))
+        else:
+            raw.append(_numeric(item["data"], dt.name, dt.dtype, n, what))
+        tensor = req.inputs.add(name=name, datatype=dt.name)
+        tensor.shape.extend(shape)
+    if pos != len(binary):
+        raise InvalidArgument(f"{len(binary) - pos} bytes of binary data are not claimed by any input")
+    req.raw_input_contents.extend(raw)
+    params = _parameters(doc.get("parameters"), "request body")
+    binary_default = params.get("binary_data_output") is True
+    per_output: list[tuple[str, bool]] = []
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise InvalidArgument("request body: 'outputs' must be a list")
+        for i, item in enumerate(outputs):
+            item = _object(item, f"output #{i}")
+            name = _name(item.get("name"), f"output #{i}")
+            req.outputs.add(name=name)
+            flag = _parameters(item.get("parameters"), f"output {name!r}").get("binary_data")
+            if isinstance(flag, bool):
+                per_output.append((name, flag))
+    data: bytes = req.SerializeToString()
+    return data, Outputs(binary_default, tuple(per_output))
+
+
+def _response(body: bytes) -> pb.ModelInferResponse:
+    try:
+        resp: pb.ModelInferResponse = pb.ModelInferResponse.FromString(body)
+        return resp
+    except (DecodeError, RuntimeError, ValueError):
+        raise MeshError("the runtime's answer is not a valid inference.ModelInferResponse") from None
+
+
+def _json_data(arr: np.ndarray) -> tuple[Any, dict[str, str] | None]:
+    """A tensor's ``data`` for JSON (flat), and the parameters it needs (base64 BYTES)."""
+    if arr.dtype.kind != "O":
+        flat = arr.reshape(-1)
+        return (flat if flat.dtype.isnative else flat.astype(flat.dtype.newbyteorder("="))), None
+    items = arr.reshape(-1).tolist()
+    try:
+        return [b.decode("utf-8") for b in items], None
+    except UnicodeDecodeError:
+        return [base64.b64encode(b).decode("ascii") for b in items], {"content_type": "base64"}
+
+
+def infer_response(body: bytes, outputs: Outputs) -> tuple[bytes, int | None]:
+    """The REST body for a ``ModelInferResponse``, and the JSON part's length when outputs travel
+    binary (the value of ``Inference-Header-Content-Length``; None: the body is all JSON)."""
+    resp = _response(body)
+    arrays = decode_response(resp)
+    tensors = []
+    binary: list[bytes] = []
+    for tensor in resp.outputs:
+        arr = arrays[tensor.name]
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(arr.shape)}
+        if outputs.is_binary(tensor.name):
+            if arr.dtype.kind == "O":
+                data = b"".join(len(b).to_bytes(4, "little") + b for b in arr.reshape(-1).tolist())
+            else:
+                data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            binary.append(data)
+            entry["parameters"] = {"binary_data_size": len(data)}
+        else:
+            entry["data"], params = _json_data(arr)
+            if params:
+                entry["parameters"] = params
+        tensors.append(entry)
+    doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version}
+    if resp.id:
+        doc["id"] = resp.id
+    doc["outputs"] = tensors
+    head = orjson.dumps(doc, option=_JSON)
+    if not binary:
+        return head, None
+    return b"".join((head, *binary)), len(head)
+
+
+def metadata_request(model_name: str, version: str = "") -> bytes:
+    data: bytes = pb.ModelMetadataRequest(name=model_name, version=version).SerializeToString()
+    return data
+
+
+def _tensors_json(tensors: Any) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
+
+
+def parse_metadata(body: bytes) -> pb.ModelMetadataResponse:
+    try:
+        meta: pb.ModelMetadataResponse = pb.ModelMetadataResponse.FromString(body)
+        return meta
+    except (DecodeError, RuntimeError, ValueError):
+        raise MeshError("the runtime's answer is not a valid inference.ModelMetadataResponse") from None
+
+
+def metadata_response(body: bytes) -> bytes:
+    """The REST body of a ``ModelMetadataResponse``."""
+    meta = parse_metadata(body)
+    return orjson.dumps({"name": meta.name, "versions": list(meta.versions), "platform": meta.platform,
+                         "inputs": _tensors_json(meta.inputs), "outputs": _tensors_json(meta.outputs)})
+
+
+def _v1_datatype(arr: np.ndarray) -> str:
+    kind = arr.dtype.kind
+    if kind == "b":
+        return "BOOL"
+    if kind in "iu":
+        return "INT64"
+    if kind == "f":
+        return "FP64"
+    return "BYTES"
+
+
+def v1_request(body: bytes, model_name: str, first_input: tuple[str, str] | None, *,
+               max_elements: int = DEFAULT_MAX_ELEMENTS) -> bytes:
+    """The ``ModelInferRequest`` bytes for a KServe V1 predict body. ``first_input``: the model's
+    first input (name, datatype) from its metadata; None: ``input-0``, typed from the JSON."""
+    doc = _object(loads(body), "request body")
+    key = "instances" if "instances" in doc else "inputs" if "inputs" in doc else None
+    if key is None:
+        raise InvalidArgument("request body: expected 'instances' (or 'inputs'), a list of rows")
+    data = doc[key]
+    if not isinstance(data, list) or not data:
+        raise InvalidArgument(f"request body: '{key}' must be a non-empty list")
+    if isinstance(data[0], dict):
+        raise InvalidArgument(f"request body: '{key}' holds objects (named inputs), which V1 here does not take; "
+                              "send rows of values, or use the V2 infer endpoint for named inputs")
+    try:
+        arr = np.asarray(data)
+    except (ValueError, TypeError):
+        raise InvalidArgument(f"request body: '{key}' is not a regular array (rows of different lengths?)") from None
+    if arr.dtype.kind == "O" or arr.size > max_elements:
+        raise InvalidArgument(f"request body: '{key}' must be a regular array of numbers, booleans or strings "
+                              f"(at most {max_elements} values)")
+    name, dt_name = first_input or ("input-0", _v1_datatype(arr))
+    if dt_name == "BYTES" or arr.dtype.kind == "U":
+        dt_name = "BYTES"
+        raw = _strings(data, arr.size, f"'{key}'")
+    else:
+        dt = datatype(dt_name)
+        raw = _numeric(data, dt.name, dt.dtype, arr.size, f"'{key}'")
+    req = pb.ModelInferRequest(model_name=model_name)
+    tensor = req.inputs.add(name=name, datatype=dt_name)
+    tensor.shape.extend(arr.shape)
+    req.raw_input_contents.append(raw)
+    out: bytes = req.SerializeToString()
+    return out
+
+
+def v1_response(body: bytes) -> bytes:
+    """``{"predictions": ...}``: the first output, nested by its shape."""
+    resp = _response(body)
+    arrays = decode_response(resp)
+    if not arrays:
+        return orjson.dumps({"predictions": []})
+    arr = next(iter(arrays.values()))
+    if arr.dtype.kind == "O":
+        items, _ = _json_data(arr)
+        predictions: Any = np.asarray(items, dtype=object).reshape(arr.shape).tolist()
+    else:
+        predictions = arr
+    return orjson.dumps({"predictions": predictions}, option=_JSON)
+
+
+def first_input(metadata: bytes) -> tuple[str, str] | None:
+    """(name, datatype) of a model's first input, from its ``ModelMetadataResponse`` bytes."""
+    meta = parse_metadata(metadata)
+    if not meta.inputs:
+        return None
+    return meta.inputs[0].name, meta.inputs[0].datatype
