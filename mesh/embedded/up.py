@@ -37,6 +37,7 @@ from mesh.settings import LogSettings, parse_bytes
 
 STOP_GRACE_S = 10.0
 METRICS_PORT = 2112  # ModelMesh's, the router's default
+REST_PORT = 8008  # modelmesh-serving's REST port, the router's default
 READY_TIMEOUT_S = 60.0
 
 
@@ -117,8 +118,13 @@ class Mesh:
         self.metrics_port = env.get("MESH_ROUTER_METRICS_PORT") or str(
             METRICS_PORT if _port_free(METRICS_PORT) else 0)
         runtime_metrics = env.get("MESH_RUNTIME_METRICS_PORT") or "0"
+        # REST on modelmesh-serving's port when it is free, else on a port chosen here (not by the
+        # router: the URL is printed, and stays the same when the supervisor restarts the router).
+        self.rest_port = env.get("MESH_ROUTER_REST_PORT") or str(
+            REST_PORT if _port_free(REST_PORT) else _free_port())
         self.children = [Child("router", "router", {**env, "MESH_ROUTER_PORT": str(port),
-                                                    "MESH_ROUTER_METRICS_PORT": self.metrics_port},
+                                                    "MESH_ROUTER_METRICS_PORT": self.metrics_port,
+                                                    "MESH_ROUTER_REST_PORT": self.rest_port},
                                self.workdir, self.workdir / "router.log")]
         for i in range(runtimes):
             self.children.append(Child(
@@ -220,6 +226,12 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "unknown status"
@@ -272,6 +284,8 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
             return 1
         print(f"mesh is up: router {mesh.router.endpoint}, {len(mesh.runtimes)} runtime(s) with "
               f"{mesh.capacity / 2**20:.0f} MiB of model memory each, registry {mesh.registry}")
+        if mesh.rest_port not in ("0", "-1"):
+            print(f"REST: http://127.0.0.1:{mesh.rest_port} (Open Inference Protocol /v2, KServe /v1)")
         print(f"logs: {mesh.workdir}")
         if mesh.metrics_port not in ("0", "-1"):
             print(f"metrics: http://127.0.0.1:{mesh.metrics_port}/metrics (router; runtimes: see their logs)")
@@ -281,8 +295,11 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
             assert trained is not None
             return run_demo(mesh, trained, duration_s=args.duration, stop=stop)
         print("try:  mesh model register my-model --type sklearn --path /path/to/model.joblib\n"
-              "      mesh infer my-model --input '[[5.1, 3.5, 1.4, 0.2]]'\n"
-              "Ctrl-C stops everything.")
+              "      mesh infer my-model --input '[[5.1, 3.5, 1.4, 0.2]]'")
+        if mesh.rest_port not in ("0", "-1"):
+            print(f"      curl -s http://127.0.0.1:{mesh.rest_port}/v1/models/my-model:predict "
+                  "-d '{\"instances\": [[5.1, 3.5, 1.4, 0.2]]}'")
+        print("Ctrl-C stops everything.")
         while not stop["flag"]:
             for event in mesh.supervise_once():
                 print(event, flush=True)

@@ -39,12 +39,13 @@ class MeshUp:
     def __init__(self, tmp: Path, *args: str) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.rest_port = free_port()
         self.output = tmp / "mesh-up.out"
         self._out = open(self.output, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", "up", "--port", str(self.port), *args],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "MESH_LOG_LEVEL": "info"})
+            env={**os.environ, "MESH_LOG_LEVEL": "info", "MESH_ROUTER_REST_PORT": str(self.rest_port)})
         deadline = time.monotonic() + 90
         while "mesh is up" not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -186,14 +187,29 @@ def test_cli_register_infer_status_and_errors(mesh_up: MeshUp, fleet: list[Model
     r = cli("model", "register", "iris", "--type", "sklearn", "--path", str(model.path))
     assert r.returncode == 0 and "registered iris" in r.stdout, r.stderr
     rows = model.sample[:2].tolist()
-    r = cli("infer", "iris", "--input", str(rows), "--datatype", "FP32", "--json")
-    assert r.returncode == 0, r.stderr
     import json
 
+    r = cli("infer", "iris", "--input", str(rows), "--datatype", "FP32", "--json")
+    assert r.returncode == 0, r.stderr
     answer = json.loads(r.stdout)
     assert answer["outputs"]["predict"]["data"] == model.expected["predict"][:2].tolist()
     r = cli("model", "status", "iris")
     assert r.returncode == 0 and "LOADED" in r.stdout
+    # REST on the port `mesh up` printed: KServe V1 as its printed curl line sends it, and V2 JSON.
+    rest = f"http://127.0.0.1:{mesh_up.rest_port}"
+    assert f"REST: {rest}" in mesh_up.text() and f"curl -s {rest}/v1/models/my-model:predict" in mesh_up.text()
+    import urllib.request
+
+    def post(path: str, doc: object) -> dict[str, object]:
+        request = urllib.request.Request(rest + path, data=json.dumps(doc).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return dict(json.loads(answer.read()))
+
+    assert post("/v1/models/iris:predict", {"instances": rows})["predictions"] == model.expected["predict"][:2].tolist()
+    v2 = post("/v2/models/iris/infer", {"inputs": [{"name": "input-0", "shape": [2, len(rows[0])],
+                                                     "datatype": "FP32", "data": rows}]})
+    outputs = {o["name"]: o["data"] for o in v2["outputs"]}  # type: ignore[attr-defined]
+    assert outputs["predict"] == model.expected["predict"][:2].tolist()
     r = cli("model", "list", "--json")
     assert [m["modelId"] for m in json.loads(r.stdout)] == ["iris"]
     r = cli("infer", "missing", "--input", "[[1, 2]]")
