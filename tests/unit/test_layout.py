@@ -54,7 +54,8 @@ def test_a_contract_breach_is_caught(tmp_path: Path) -> None:
     probe = ROOT / "mesh" / "router" / "_contract_probe.py"
     probe.write_text("import grpc  # noqa: F401\n")
     broken = tmp_path / "contracts.ini"
-    broken.write_text(config.replace("    mesh.router.dataplane\n", "    mesh.router.dataplane\n    mesh.router._contract_probe\n", 1))
+    broken.write_text(config.replace("    mesh.router.dataplane\n",
+                                     "    mesh.router.dataplane\n    mesh.router._contract_probe\n", 1))
     try:
         result = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
                                  "lint_imports_command()", "--no-cache", "--config", str(broken)],

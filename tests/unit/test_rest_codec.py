@@ -47,16 +47,20 @@ def test_binary_tensors_follow_the_json_header() -> None:
     assert [o.name for o in req.outputs] == ["y"] and outputs.is_binary("y")
 
 
+def _x(datatype: str, data: object, shape: list[int] | None = None) -> dict[str, object]:
+    return {"inputs": [{"name": "x", "shape": [1] if shape is None else shape, "datatype": datatype, "data": data}]}
+
+
 @pytest.mark.parametrize(("doc", "message"), [
-    ({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]},
+    (_x("FP32", [1, 2], [3]),
      "input 'x': 'data' holds 2 values, the shape needs 3"),
-    ({"inputs": [{"name": "x", "shape": [1], "datatype": "INT32", "data": [1.5]}]}, "input 'x': INT32 data must be integers"),
-    ({"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]}, "value 300 is out of range for UINT8"),
-    ({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ["1"]}]}, "FP32 data must be numbers"),
-    ({"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]}, "not a regular array"),
-    ({"inputs": [{"name": "x", "shape": [1], "datatype": "BF16", "data": [1]}]}, "input 'x': datatype BF16"),
-    ({"inputs": [{"name": "x", "shape": [1], "datatype": "NOPE", "data": [1]}]}, "input 'x': unknown datatype 'NOPE'"),
-    ({"inputs": [{"name": "x", "shape": [1 << 40], "datatype": "FP32", "data": []}]}, "over 50000000 elements"),
+    (_x("INT32", [1.5]), "input 'x': INT32 data must be integers"),
+    (_x("UINT8", [300]), "value 300 is out of range for UINT8"),
+    (_x("FP32", ["1"]), "FP32 data must be numbers"),
+    (_x("FP32", [[1], [2, 3]], [2]), "not a regular array"),
+    (_x("BF16", [1]), "input 'x': datatype BF16"),
+    (_x("NOPE", [1]), "input 'x': unknown datatype 'NOPE'"),
+    (_x("FP32", [], [1 << 40]), "over 50000000 elements"),
     ({"inputs": []}, "'inputs' must be a non-empty list"),
     ([1, 2], "request body must be a JSON object"),
 ])
@@ -82,14 +86,16 @@ def _answer(outputs: dict[str, np.ndarray], raw: bool = True) -> bytes:
 
 
 def test_responses_are_flat_json_or_binary_as_asked() -> None:
-    answer = _answer({"p": np.array([[0.25, 0.75]], dtype=np.float64), "label": np.array([b"a", b"\xff"], dtype=object)})
+    answer = _answer({"p": np.array([[0.25, 0.75]], dtype=np.float64),
+                      "label": np.array([b"a", b"\xff"], dtype=object)})
     body, header = codec.infer_response(answer, codec.Outputs())
     assert header is None
     doc = json.loads(body)
     assert doc["id"] == "r1" and doc["outputs"][0] == {"name": "p", "datatype": "FP64", "shape": [1, 2],
                                                        "data": [0.25, 0.75]}
     # Not UTF-8: base64, marked as MLServer marks it.
-    assert doc["outputs"][1]["parameters"] == {"content_type": "base64"} and doc["outputs"][1]["data"] == ["YQ==", "/w=="]
+    label = doc["outputs"][1]
+    assert label["parameters"] == {"content_type": "base64"} and label["data"] == ["YQ==", "/w=="]
     body, header = codec.infer_response(answer, codec.Outputs(binary_default=True))
     assert header is not None
     head = json.loads(body[:header])
