@@ -365,7 +365,7 @@ def test_config_parses_with_the_settings_loader(base: list[Doc], tmp_path: Path)
     assert [p["port"] for p in _one(base, "Service", "mesh-etcd")["spec"]["ports"]] == [2379]
     # The ports the settings bind are the ones the pods declare.
     assert {p["containerPort"] for p in _container(_one(base, "Deployment", "mesh-router"))["ports"]} \
-        == {settings.router.port, 2112}
+        == {settings.router.port, settings.router.rest_port, 2112}
     assert {p["containerPort"] for p in _container(_one(base, "StatefulSet", "mesh-runtime"))["ports"]} \
         == {settings.runtime.port, settings.runtime.health_port, 2112}
     # Confined model files, metrics reachable by Prometheus, etcd over TLS with the pod's certificate.
@@ -568,7 +568,7 @@ def test_router_and_controller(base: list[Doc]) -> None:
     assert container["livenessProbe"]["grpc"] == {"port": 8033, "service": "liveness"}
     assert container["resources"]["limits"]["memory"]
     service = _one(base, "Service", "mesh-router")
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8033, "metrics": 2112}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8033, "rest": 8008, "metrics": 2112}
 
     controller = _one(base, "Deployment", "mesh-controller")
     assert controller["spec"]["replicas"] == 1
