@@ -1,4 +1,5 @@
-"""A small driver for the peers: V2 JSON over HTTP (Ray Serve) or V2 gRPC (MLServer), N models.
+"""A small driver for the peers: V2 JSON over HTTP (Ray Serve, and MLServer or our router over REST) or
+V2 gRPC (MLServer, our router), N models.
 
 Closed loop (``concurrency`` workers, each sending its next request when the last answered) or
 open loop (``rps`` arrivals per second at fixed spacing, or at the precomputed send times
@@ -13,6 +14,11 @@ its load counters there, so that a phase's figures exclude its warm-up).
 
 Results are :class:`loadtest.load.PhaseResult`; ``extra["peak_rss_mb"]`` is the peak of the summed
 RSS of the peer's process tree during the measured part (sampled every 0.25 s by ``_proc``).
+
+HTTP: one client for every system, so that a difference between systems is the server's: aiohttp,
+one ``ClientSession`` (``http_session``: keep-alive, a connection pool as large as the most requests
+ever in flight), bodies given as bytes (``bodies``: the caller can serialize them once and hand every
+system the same bytes) and the response read in full before a request counts as answered.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loadtest.load import PhaseResult
 from loadtest.peers._proc import PeerProcess
+
+if TYPE_CHECKING:
+    import aiohttp
+    import grpc
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -71,10 +82,13 @@ async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float
 
     in_flight: set[asyncio.Task[None]] = set()
     start = clock()
-    if arrivals is None:
+    times: Sequence[float] | np.ndarray
+    if arrivals is not None:
+        times = arrivals
+    else:
         assert rps is not None
-        arrivals = np.arange(0.0, duration_s, 1.0 / rps)
-    for at in arrivals:
+        times = np.arange(0.0, duration_s, 1.0 / rps)
+    for at in times:
         if at >= duration_s:
             break
         await asyncio.sleep(max(0.0, start + at - clock()))
@@ -89,15 +103,21 @@ async def _run(send: Send, n_models: int, *, concurrency: int, duration_s: float
     return done
 
 
-async def _phase(name: str, send: Send, n_models: int, *, concurrency: int, duration_s: float,
-                 warmup_s: float, rps: float | None, max_in_flight: int,
-                 order: Sequence[int] | None, proc: PeerProcess | None,
-                 arrivals: Sequence[float] | None = None,
-                 on_measure: OnMeasure | None = None) -> PhaseResult:
-    kw = dict(concurrency=concurrency, rps=rps, max_in_flight=max_in_flight, order=order,
-              arrivals=arrivals)
+async def measure(name: str, send: Send, n_models: int, *, concurrency: int, duration_s: float,
+                  warmup_s: float, rps: float | None, max_in_flight: int,
+                  order: Sequence[int] | None, proc: PeerProcess | None,
+                  arrivals: Sequence[float] | None = None,
+                  on_measure: OnMeasure | None = None) -> PhaseResult:
+    """A warm-up (answers dropped), ``on_measure``, then the measured part: closed loop at
+    ``concurrency``, or open loop at ``rps`` or at the send times ``arrivals``."""
+
+    async def run(seconds: float, latencies: list[float] | None, errors: dict[str, int]) -> int:
+        return await _run(send, n_models, concurrency=concurrency, duration_s=seconds, rps=rps,
+                          max_in_flight=max_in_flight, order=order, latencies=latencies,
+                          errors=errors, arrivals=arrivals)
+
     if warmup_s > 0:
-        await _run(send, n_models, duration_s=warmup_s, latencies=None, errors={}, **kw)
+        await run(warmup_s, None, {})
     if on_measure is not None:
         await on_measure()
     if proc is not None:
@@ -105,8 +125,7 @@ async def _phase(name: str, send: Send, n_models: int, *, concurrency: int, dura
     latencies: list[float] = []
     errors: dict[str, int] = {}
     started = time.perf_counter()
-    done = await _run(send, n_models, duration_s=duration_s, latencies=latencies, errors=errors,
-                      **kw)
+    done = await run(duration_s, latencies, errors)
     elapsed = time.perf_counter() - started
     result = PhaseResult(name, concurrency, done, elapsed, latencies, errors)
     if proc is not None:
@@ -120,37 +139,76 @@ def v2_json_body(sample: np.ndarray, input_name: str = "input") -> bytes:
                                    "data": sample.astype(np.float32).ravel().tolist()}]}).encode()
 
 
+def http_session(limit: int, timeout_s: float = 30.0) -> aiohttp.ClientSession:
+    """The HTTP client every system gets: keep-alive connections, at most ``limit`` of them."""
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit),
+                                 timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+def http_send(session: aiohttp.ClientSession,
+              requests: Sequence[tuple[str, bytes, Mapping[str, str]]]) -> Send:
+    """POST ``requests[i]`` (url, body, headers); 200 is an answer, anything else an error name."""
+    import aiohttp
+
+    async def send(i: int) -> str | None:
+        url, body, headers = requests[i]
+        try:
+            async with session.post(url, data=body, headers=headers) as resp:
+                await resp.read()
+                return None if resp.status == 200 else f"HTTP_{resp.status}"
+        except (TimeoutError, aiohttp.ClientError) as err:
+            return type(err).__name__
+
+    return send
+
+
 async def drive_http(base_url: str, models: Sequence[Target], *, name: str = "http",
                      concurrency: int = 8, duration_s: float = 10.0, warmup_s: float = 1.0,
                      rps: float | None = None, max_in_flight: int = 256,
                      order: Sequence[int] | None = None, proc: PeerProcess | None = None,
                      timeout_s: float = 30.0,
                      arrivals: Sequence[float] | None = None,
-                     on_measure: OnMeasure | None = None) -> PhaseResult:
-    """POST ``{base_url}/v2/models/{id}/infer`` with ``serve_multiplexed_model_id: {id}``."""
-    import aiohttp
-
-    reqs = [(f"{base_url}/v2/models/{m.model_id}/infer", v2_json_body(m.sample),
+                     on_measure: OnMeasure | None = None,
+                     bodies: Sequence[bytes] | None = None,
+                     session: aiohttp.ClientSession | None = None) -> PhaseResult:
+    """POST ``{base_url}/v2/models/{id}/infer`` with ``serve_multiplexed_model_id: {id}`` (Ray
+    routes on it; the others ignore it). ``bodies``: one per model (default: ``v2_json_body`` of its
+    sample); ``session``: the caller's (kept open, its connections reused), else one of our own."""
+    if bodies is None:
+        bodies = [v2_json_body(m.sample) for m in models]
+    reqs = [(f"{base_url}/v2/models/{m.model_id}/infer", body,
              {"content-type": "application/json", "serve_multiplexed_model_id": m.model_id})
-            for m in models]
-    open_loop = rps is not None or arrivals is not None
-    limit = max(concurrency, max_in_flight if open_loop else concurrency)
-    connector = aiohttp.TCPConnector(limit=limit)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async def send(i: int) -> str | None:
-            url, body, headers = reqs[i]
-            try:
-                async with session.post(url, data=body, headers=headers) as resp:
-                    await resp.read()
-                    return None if resp.status == 200 else f"HTTP_{resp.status}"
-            except (TimeoutError, aiohttp.ClientError) as err:
-                return type(err).__name__
+            for m, body in zip(models, bodies, strict=True)]
 
-        return await _phase(name, send, len(models), concurrency=concurrency,
-                            duration_s=duration_s, warmup_s=warmup_s, rps=rps,
-                            max_in_flight=max_in_flight, order=order, proc=proc,
-                            arrivals=arrivals, on_measure=on_measure)
+    async def run(client: aiohttp.ClientSession) -> PhaseResult:
+        return await measure(name, http_send(client, reqs), len(models), concurrency=concurrency,
+                             duration_s=duration_s, warmup_s=warmup_s, rps=rps,
+                             max_in_flight=max_in_flight, order=order, proc=proc,
+                             arrivals=arrivals, on_measure=on_measure)
+
+    if session is not None:
+        return await run(session)
+    open_loop = rps is not None or arrivals is not None
+    async with http_session(max(concurrency, max_in_flight if open_loop else concurrency),
+                            timeout_s) as own:
+        return await run(own)
+
+
+def grpc_send(call: grpc.aio.UnaryUnaryMultiCallable, bodies: Sequence[bytes],
+              timeout_s: float = 30.0) -> Send:
+    """Call with ``bodies[i]`` (bytes, no serializers); OK is an answer, else the status's name."""
+    import grpc
+
+    async def send(i: int) -> str | None:
+        try:
+            await call(bodies[i], timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            return str(err.code().name)
+        return None
+
+    return send
 
 
 async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc",
@@ -168,16 +226,8 @@ async def drive_grpc(target: str, models: Sequence[Target], *, name: str = "grpc
     bodies = [encode_request(model_name=m.model_id, inputs={"input-0": m.sample.astype(np.float32)},
                              raw=raw).SerializeToString() for m in models]
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(MODEL_INFER)
-
-        async def send(i: int) -> str | None:
-            try:
-                await call(bodies[i], timeout=timeout_s)
-            except grpc.aio.AioRpcError as err:
-                return err.code().name
-            return None
-
-        return await _phase(name, send, len(models), concurrency=concurrency,
+        send = grpc_send(channel.unary_unary(MODEL_INFER), bodies, timeout_s)
+        return await measure(name, send, len(models), concurrency=concurrency,
                             duration_s=duration_s, warmup_s=warmup_s, rps=rps,
                             max_in_flight=max_in_flight, order=order, proc=proc,
                             arrivals=arrivals, on_measure=on_measure)

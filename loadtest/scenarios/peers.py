@@ -14,6 +14,17 @@ requests" needs, and it keeps the client-side cost identical for our mesh and ML
 pre-serialized V2 gRPC bodies, model chosen by ``model_name``, no header). Ray Serve is driven over
 its HTTP V2 JSON endpoint, the one it has; that difference is the protocol's, not the driver's.
 
+REST mode (``--protocol rest``; ``--protocol both`` runs gRPC and then REST on each system it
+starts): our mesh over its router's REST front end (``POST /v2/models/{m}/infer``, the port set in
+``MESH_ROUTER_REST_PORT``) and MLServer over its REST endpoint, with the V2 JSON bodies Ray gets.
+Those bodies are serialized once, in this process, into a file next to the schedule
+(``rest-bodies.jsonl``, one per model), and every system sends those bytes, with the same headers
+(``serve_multiplexed_model_id``, which only Ray reads), from the same client: aiohttp, one session
+per system and protocol, keep-alive. So with ``--protocol rest`` the three systems differ only in
+the server. In ``both``, a system's two protocols run one after the other on one start of it (gRPC
+first), each with its own warm-ups; rows are then named ``system/protocol``. For REST against gRPC
+through one router, interleaved so that drift hits both alike, see ``loadtest.scenarios.rest``.
+
 Each system runs in a child process of this one (``--phase``), inside a loopback-only network
 namespace when possible (as ``loadtest.peers.smoke`` does; needed for Ray, kept for the others so
 they run alike). The child starts the system as a process tree it watches (peak RSS of the whole
@@ -52,11 +63,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +84,15 @@ from loadtest.peers.smoke import make_models, run_isolated
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("mesh", "mlserver", "ray")
+PROTOCOLS = ("grpc", "rest", "both")
+PROTOCOL_LABELS = {"grpc": "V2 gRPC", "rest": "V2 HTTP JSON"}
 FIT_SYSTEMS = ("mesh", "ray")  # fit mode's default: MLServer cannot evict
 MLSERVER_ABSENT = ("MLServer is not in this run: it cannot evict (it loads every model it is given), so "
                    "it has no share of room to hold; --system mlserver adds it, holding all {n} models.")
 MESH_CAPACITY = "256MiB"  # per runtime; 50 small sklearn models need a few MiB, so all fit
 SCHEDULE = "schedule.npz"
+REST_BODIES = "rest-bodies.jsonl"  # the V2 JSON bodies, one line per model, serialized once
+HTTP_CONNECTIONS = 256  # the HTTP client's pool: drive's max_in_flight, the open loop's bound
 # mesh-bench's standard suite (loadtest.bench): all three systems, 5 s per phase after 1 s of warm-up.
 # About 66 s: 3 systems x 2 phases x 6 s + ~30 s of start-up and shutdown (the full run: 166.5 s for 138 s of
 # phases; the 2 s test run: ~45 s).
@@ -92,28 +110,50 @@ def make_schedule(work: Path, *, models: int, rate: float, warmup_s: float, dura
     np.savez(work / SCHEDULE, warm=warm, measured=measured, order=order)
 
 
+def write_bodies(work: Path, targets: list[Any]) -> None:
+    """The V2 JSON body of each model's sample, once, for every system that is sent JSON."""
+    from loadtest.peers.drive import v2_json_body
+
+    with open(work / REST_BODIES, "wb") as out:
+        for t in targets:
+            out.write(v2_json_body(t.sample) + b"\n")  # json.dumps writes no newline
+
+
+def read_bodies(work: Path) -> list[bytes]:
+    return (work / REST_BODIES).read_bytes().splitlines()
+
+
+def protocols_of(system: str, protocol: str) -> tuple[str, ...]:
+    """What ``system`` is driven over for ``--protocol``: Ray always over HTTP (all it has)."""
+    if system == "ray":
+        return ("rest",)
+    return ("grpc", "rest") if protocol == "both" else (protocol,)
+
+
 # -- child: one system -------------------------------------------------------------------------
 
 def _start(system: str, work: Path, models: list[Any], *, max_models: int,
-           mesh_capacity: str, count: bool) -> tuple[Any, Any, fitmode.Counter | None]:
-    """Start ``system``; returns (PeerProcess, (protocol, address), its load counter when ``count``
-    and the system has one)."""
+           mesh_capacity: str, count: bool) -> tuple[Any, dict[str, str], fitmode.Counter | None]:
+    """Start ``system``; returns (PeerProcess, {protocol: address}, its load counter when ``count``
+    and the system has one). Addresses: ``host:port`` for gRPC, a base URL for REST."""
     from loadtest.peers import mlserver_app, ray_app
     from loadtest.peers._proc import PeerProcess, free_port, wait_until
 
     if system == "ray":
         ray = ray_app.start(work / "models", max_models=max_models, max_ongoing=32)
-        return ray.proc, ("http", ray.url), fitmode.RayCounter(ray) if count else None
+        return ray.proc, {"rest": ray.url}, fitmode.RayCounter(ray) if count else None
     if system == "mlserver":
         mls = mlserver_app.start({t.model_id: f for t, f in models})
-        return mls.proc, ("grpc", mls.grpc_target), None
-    port = free_port()
+        return mls.proc, {"grpc": mls.grpc_target, "rest": mls.http_url}, None
+    port, rest_port = free_port(), free_port()
     log = work / "mesh-up.log"
     # Unbuffered: the readiness line and the logs directory are read from this file while it runs.
+    # REST is on in every mode (so the router runs alike whichever protocol drives it), on a port
+    # chosen here so that its URL is known.
     proc = PeerProcess("mesh", [sys.executable, "-m", "mesh", "up", "--runtimes", "2", "--port",
                                 str(port), "--capacity", mesh_capacity],
-                       env={"MESH_ROUTER_METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"}, cwd=ROOT,
-                       log_path=log)
+                       env={"MESH_ROUTER_METRICS_PORT": "0", "MESH_ROUTER_REST_PORT": str(rest_port),
+                            "PYTHONUNBUFFERED": "1"}, cwd=ROOT, log_path=log)
     try:
         wait_until(lambda: "mesh is up" in log.read_text(errors="replace"), timeout_s=90,
                    what="mesh up ready", proc=proc)
@@ -122,7 +162,7 @@ def _start(system: str, work: Path, models: list[Any], *, max_models: int,
     except BaseException:
         proc.stop(grace_s=10.0)
         raise
-    return proc, ("grpc", f"127.0.0.1:{port}"), counter
+    return proc, {"grpc": f"127.0.0.1:{port}", "rest": f"http://127.0.0.1:{rest_port}"}, counter
 
 
 async def _register(target: str, items: list[tuple[str, str]]) -> None:
@@ -137,12 +177,31 @@ async def _register(target: str, items: list[tuple[str, str]]) -> None:
         raise RuntimeError(f"registering models failed: {errors}")
 
 
-async def _drive(kind: str, address: str, targets: list[Any], sched: Any, proc: Any, *,
-                 system: str, warmup_s: float, duration_s: float,
-                 concurrency: int, marks: fitmode.Marks | None = None) -> dict[str, Any]:
-    from loadtest.peers.drive import drive_grpc, drive_http
+async def _drive(protocol: str, address: str, targets: list[Any], sched: Any, proc: Any, *,
+                 system: str, warmup_s: float, duration_s: float, concurrency: int,
+                 bodies: list[bytes], marks: fitmode.Marks | None = None) -> dict[str, Any]:
+    """Open loop (warm-up, measured) then closed loop, over ``protocol`` (grpc or rest)."""
+    async with contextlib.AsyncExitStack() as stack:
+        return await _phases(await _driver(protocol, stack, bodies, concurrency), address, targets,
+                             sched, proc, system=system, warmup_s=warmup_s, duration_s=duration_s,
+                             concurrency=concurrency, marks=marks)
 
-    drive = drive_http if kind == "http" else drive_grpc
+
+async def _driver(protocol: str, stack: contextlib.AsyncExitStack, bodies: list[bytes],
+                  concurrency: int) -> Callable[..., Awaitable[Any]]:
+    """``drive_grpc``, or ``drive_http`` with the shared JSON bodies and one session, kept open by
+    ``stack`` for all of the protocol's phases (the warm-up's connections are reused)."""
+    from loadtest.peers.drive import drive_grpc, drive_http, http_session
+
+    if protocol != "rest":
+        return drive_grpc
+    session = await stack.enter_async_context(http_session(max(concurrency, HTTP_CONNECTIONS)))
+    return functools.partial(drive_http, bodies=bodies, session=session)
+
+
+async def _phases(drive: Callable[..., Awaitable[Any]], address: str, targets: list[Any], sched: Any,
+                  proc: Any, *, system: str, warmup_s: float, duration_s: float, concurrency: int,
+                  marks: fitmode.Marks | None) -> dict[str, Any]:
     order = [int(i) for i in sched["order"]]
     mark = marks.mark if marks is not None else None
     # Open loop: warm up on the warm-up times, then the measured times, each from order[0].
@@ -167,31 +226,40 @@ async def _drive(kind: str, address: str, targets: list[Any], sched: Any, proc: 
 
 
 def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: float,
-              concurrency: int, fit: float = 1.0,
-              mesh_capacity: str = MESH_CAPACITY) -> dict[str, Any]:
+              concurrency: int, fit: float = 1.0, mesh_capacity: str = MESH_CAPACITY,
+              protocol: str = "grpc") -> dict[str, Any]:
+    """Start ``system``, drive it over each of its protocols in turn, stop it. ``runs``: one result
+    per protocol; the rest is the system's (start-up, processes, survivors)."""
     models = make_models(work / "models", n)  # deterministic: the same files as the parent's
     targets = [t for t, _ in models]
     sched = dict(np.load(work / SCHEDULE))
+    bodies = read_bodies(work)
     fitting = fit < 1.0
     k = fitmode.k_models(fit, n) if fitting else n
     t0 = time.monotonic()
-    proc, (kind, address), counter = _start(system, work, models, max_models=k,
-                                            mesh_capacity=mesh_capacity, count=fitting)
+    proc, addresses, counter = _start(system, work, models, max_models=k,
+                                      mesh_capacity=mesh_capacity, count=fitting)
     startup_s = time.monotonic() - t0
-    marks = fitmode.Marks(counter) if fitting else None
+    runs: dict[str, Any] = {}
     try:
-        out = asyncio.run(_drive(kind, address, targets, sched, proc, system=system,
-                                 warmup_s=warmup_s, duration_s=duration_s,
-                                 concurrency=concurrency, marks=marks))
+        for proto in protocols_of(system, protocol):
+            marks = fitmode.Marks(counter) if fitting else None
+            out = asyncio.run(_drive(proto, addresses[proto], targets, sched, proc, system=system,
+                                     warmup_s=warmup_s, duration_s=duration_s,
+                                     concurrency=concurrency, bodies=bodies, marks=marks))
+            if marks is not None:  # fit mode only: the default result keeps its shape
+                out["cache"] = marks.summary()
+            runs[proto] = out
         n_procs = len(proc.tree())
     finally:
         killed = proc.stop(grace_s=30.0)
-    if marks is not None:  # fit mode only: the default result keeps its shape
-        out = {**out, "holds": _holds(system, k, n, mesh_capacity), "cache": marks.summary()}
+    facts: dict[str, Any] = {}
+    if fitting:
+        facts["holds"] = _holds(system, k, n, mesh_capacity)
         if system == "ray":
-            out["max_num_models_per_replica"] = k
-    return {**out, "startup_s": round(startup_s, 1), "processes": n_procs, "sigkilled": killed,
-            "survivors": [p.pid for p in proc.survivors()]}
+            facts["max_num_models_per_replica"] = k
+    return {"runs": runs, **facts, "startup_s": round(startup_s, 1), "processes": n_procs,
+            "sigkilled": killed, "survivors": [p.pid for p in proc.survivors()]}
 
 
 def _holds(system: str, k: int, n: int, mesh_capacity: str) -> str:
@@ -206,24 +274,35 @@ def _holds(system: str, k: int, n: int, mesh_capacity: str) -> str:
 # -- parent ------------------------------------------------------------------------------------
 
 def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The system's child; its result as rows: ``{row name: result}``, one row per protocol."""
     flags = ["--work", str(work), "--models", str(args.models), "--warmup", str(args.warmup),
-             "--duration", str(args.duration), "--concurrency", str(args.concurrency)]
+             "--duration", str(args.duration), "--concurrency", str(args.concurrency),
+             "--protocol", args.protocol]
     if args.fit < 1.0:
         flags += ["--fit", repr(args.fit), "--mesh-capacity", args.mesh_capacity]
-    return run_isolated("loadtest.scenarios.peers", system, flags,
-                        limit_s=240 + 3 * (args.warmup + args.duration),
-                        allow_wildcard=args.allow_wildcard)
+    protocols = protocols_of(system, args.protocol)
+    out = run_isolated("loadtest.scenarios.peers", system, flags,
+                       limit_s=240 + 3 * len(protocols) * (args.warmup + args.duration),
+                       allow_wildcard=args.allow_wildcard)
+    runs = out.pop("runs")
+    # A system run over one protocol keeps its name as the row's (the default mode's result shape).
+    return {(system if len(runs) == 1 else f"{system}/{proto}"): {"system": system, "protocol": proto,
+                                                                  **run, **out}
+            for proto, run in runs.items()}
 
 
 def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup: float,
           seed: int = 0, systems: tuple[str, ...] | None = None,
-          allow_wildcard: bool = False, fit: float = 1.0) -> dict[str, Any]:
-    """Run ``systems`` (default: all three, or our mesh and Ray with ``fit`` < 1) one by one."""
+          allow_wildcard: bool = False, fit: float = 1.0, protocol: str = "grpc") -> dict[str, Any]:
+    """Run ``systems`` (default: all three, or our mesh and Ray with ``fit`` < 1) one by one, our
+    mesh and MLServer over ``protocol`` (grpc, rest or both)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     fitting = fit < 1.0
     systems = systems or (FIT_SYSTEMS if fitting else SYSTEMS)
     args = argparse.Namespace(models=models, warmup=warmup, duration=duration,
                               concurrency=concurrency, allow_wildcard=allow_wildcard, fit=fit,
-                              mesh_capacity=MESH_CAPACITY)
+                              mesh_capacity=MESH_CAPACITY, protocol=protocol)
     setup.ensure_all([s for s in systems if s != "mesh"])
     facts = report.machine()
     foreign = report.ForeignLoad()
@@ -235,6 +314,7 @@ def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup
         files = make_models(work / "models", models)
         make_schedule(work, models=models, rate=rate, warmup_s=warmup, duration_s=duration,
                       seed=seed)
+        write_bodies(work, [t for t, _ in files])
         if fitting:
             k = fitmode.k_models(fit, models)
             extra = {"fit": fit, "k": k, "ray_max_num_models_per_replica": k}
@@ -248,11 +328,11 @@ def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup
                                  else "absent: cannot evict")
         for system in systems:
             print(f"[peers-bench] {system}...", file=sys.stderr, flush=True)
-            results[system] = run_child(system, work, args)
+            results.update(run_child(system, work, args))
     facts["foreign_load"] = foreign.result()
     return {"machine": facts, "settings": {"models": models, "rate": rate, "zipf": 1.0,
                                            "concurrency": concurrency, "duration_s": duration,
-                                           "warmup_s": warmup, "seed": seed,
+                                           "warmup_s": warmup, "seed": seed, "protocol": protocol,
                                            "mesh_capacity_per_runtime": args.mesh_capacity,
                                            **extra},
             "systems": results}
@@ -260,37 +340,58 @@ def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup
 
 def render(out: dict[str, Any]) -> str:
     s = out["settings"]
+    fitting = "fit" in s
     header = ["system", "protocol", "open req/s", "open p50 ms", "open p99 ms", "open errors",
               "closed req/s", "closed p50 ms", "closed p99 ms", "closed errors", "peak RSS MB",
               "procs", "start s"]
-    proto = {"mesh": "V2 gRPC", "mlserver": "V2 gRPC", "ray": "V2 HTTP JSON"}
+    if fitting:
+        header += ["holds", "loads", "hit ratio"]
     rows = []
-    for name, r in out["systems"].items():
+    for r in out["systems"].values():
         o, c = r["open"], r["closed"]
-        rows.append([name, proto[name], o["throughput_rps"], o["p50_ms"], o["p99_ms"],
-                     sum(o["errors"].values()), c["throughput_rps"], c["p50_ms"], c["p99_ms"],
-                     sum(c["errors"].values()), r["peak_rss_mb"], r["processes"],
-                     r["startup_s"]])
+        row = [r["system"], PROTOCOL_LABELS[r["protocol"]], o["throughput_rps"], o["p50_ms"],
+               o["p99_ms"], sum(o["errors"].values()), c["throughput_rps"], c["p50_ms"], c["p99_ms"],
+               sum(c["errors"].values()), r["peak_rss_mb"], r["processes"], r["startup_s"]]
+        if fitting:
+            row += [r["holds"], _or_na(r["cache"]["loads"]), _or_na(r["cache"]["hit_ratio"])]
+        rows.append(row)
     title = (f"{s['models']} sklearn models, Zipf {s['zipf']}, open loop Poisson {s['rate']} req/s, "
              f"closed loop c={s['concurrency']}, {s['duration_s']} s each after {s['warmup_s']} s "
              f"warm-up")
-    if "fit" not in s:  # the default mode: today's table, unchanged
-        return "\n".join([report.machine_line(out["machine"]), "", title, "",
-                          report.table(header, rows)])
-    header += ["holds", "loads", "hit ratio"]
-    for row, r in zip(rows, out["systems"].values(), strict=True):
-        cache = r["cache"]
-        row += [r["holds"], _or_na(cache["loads"]), _or_na(cache["hit_ratio"])]
-    room = s.get("mesh_room")
-    mesh = (f"; our mesh 2 runtimes x {room['capacity_bytes_per_runtime']:,} B, about K: "
-            f"P {room['predicted_bytes']:,} B + (K - 1) / 2 x s {room['size_bytes']:,} B"
-            if room else "")
-    title += (f"; fit {s['fit']:g}: room for K = {s['k']} models (Ray max_num_models_per_replica = "
-              f"{s['k']}{mesh}); loads and hits counted in the measured parts only")
+    protocol = s.get("protocol", "grpc")
+    if protocol != "grpc":  # the default mode's title stays as it was
+        title += ("; our mesh and MLServer over V2 REST JSON" if protocol == "rest" else
+                  "; our mesh and MLServer over V2 gRPC, then over V2 REST JSON")
+        title += " (the bodies Ray gets, one aiohttp client)"
+    if fitting:
+        room = s.get("mesh_room")
+        mesh = (f"; our mesh 2 runtimes x {room['capacity_bytes_per_runtime']:,} B, about K: "
+                f"P {room['predicted_bytes']:,} B + (K - 1) / 2 x s {room['size_bytes']:,} B"
+                if room else "")
+        title += (f"; fit {s['fit']:g}: room for K = {s['k']} models (Ray max_num_models_per_replica = "
+                  f"{s['k']}{mesh}); loads and hits counted in the measured parts only")
     lines = [report.machine_line(out["machine"]), "", title, "", report.table(header, rows)]
-    if "mlserver" not in out["systems"]:
+    if protocol == "both":
+        lines += ["", _rest_vs_grpc(out["systems"])]
+    if fitting and "mlserver" not in {r["system"] for r in out["systems"].values()}:
         lines += ["", MLSERVER_ABSENT.format(n=s["models"])]
     return "\n".join(lines)
+
+
+def _rest_vs_grpc(systems: dict[str, Any]) -> str:
+    """Per system driven both ways: REST's open-loop p50/p99 beside gRPC's, and the throughputs."""
+    rows = []
+    for name in SYSTEMS:
+        grpc, rest = systems.get(f"{name}/grpc"), systems.get(f"{name}/rest")
+        if grpc is None or rest is None:
+            continue
+        go, ro, gc, rc = grpc["open"], rest["open"], grpc["closed"], rest["closed"]
+        rows.append([name, go["p50_ms"], ro["p50_ms"], ro["p50_ms"] - go["p50_ms"], go["p99_ms"],
+                     ro["p99_ms"], gc["throughput_rps"], rc["throughput_rps"],
+                     rc["throughput_rps"] / gc["throughput_rps"] if gc["throughput_rps"] else float("nan")])
+    return "REST against gRPC, per system (open-loop latency, closed-loop throughput):\n\n" + report.table(
+        ["system", "gRPC p50 ms", "REST p50 ms", "REST - gRPC p50 ms", "gRPC p99 ms", "REST p99 ms",
+         "gRPC req/s", "REST req/s", "REST / gRPC req/s"], rows)
 
 
 def _or_na(value: object) -> object:
@@ -310,6 +411,10 @@ def main(argv: list[str] | None = None) -> None:
                              "Ray and our mesh have room for round(F x models) models)")
     parser.add_argument("--system", choices=SYSTEMS, action="append",
                         help="default: all three (with --fit below 1: mesh and ray)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc",
+                        help="how our mesh and MLServer are driven: V2 gRPC (default), V2 REST JSON "
+                             "(the bodies Ray gets), or both, one after the other on each start; Ray "
+                             "is always driven over HTTP")
     parser.add_argument("--allow-wildcard", action="store_true",
                         help="run Ray even where no loopback-only network namespace is possible")
     report.add_output_args(parser)
@@ -328,14 +433,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase:
         out = run_phase(args.phase, args.work, args.models, warmup_s=args.warmup,
                         duration_s=args.duration, concurrency=args.concurrency, fit=args.fit,
-                        mesh_capacity=args.mesh_capacity)
+                        mesh_capacity=args.mesh_capacity, protocol=args.protocol)
         print("RESULT " + json.dumps(out), flush=True)
         return
     try:
         result = bench(models=args.models, rate=args.rate, concurrency=args.concurrency,
                        duration=args.duration, warmup=args.warmup, seed=args.seed,
                        systems=tuple(args.system) if args.system else None,
-                       allow_wildcard=args.allow_wildcard, fit=args.fit)
+                       allow_wildcard=args.allow_wildcard, fit=args.fit, protocol=args.protocol)
     except (setup.SetupError, RuntimeError, subprocess.TimeoutExpired) as err:
         sys.exit(f"error: {err}")
     report.emit(args, result, render(result))
