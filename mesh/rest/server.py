@@ -46,7 +46,7 @@ import structlog
 from aiohttp import web
 
 from mesh.auth import Principal, Refusals, TokenTable, bearer_token, set_caller
-from mesh.errors import InvalidArgument, MeshError, ModelNotFound, PermissionDenied, Unavailable
+from mesh.errors import Code, InvalidArgument, MeshError, ModelNotFound, PermissionDenied, Unavailable
 from mesh.observability.metrics import RouterMetrics
 from mesh.pem import check_ca, check_cert_and_key
 from mesh.rest import codec
@@ -201,7 +201,12 @@ class RestServer:
             except Exception as exc:
                 status, code, message = http_error(exc)
                 self._record(method, code, started, request, None, per_model)
-                return _json(status, error_body(message))
+                error = _json(status, error_body(message))
+                if request.content.exception() is not None:
+                    # The body broke off mid-way: aiohttp closes this connection after the answer,
+                    # so say so, or a keep-alive client sends its next request into a closed socket.
+                    error.force_close()
+                return error
             self._record(method, "OK", started, request, response, per_model)
             return response
 
@@ -283,7 +288,13 @@ class RestServer:
     async def _read(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
-        return await request.read()
+        try:
+            return await request.read()
+        except web.RequestPayloadError as exc:
+            # A body that breaks off, or does not decode as its Content-Encoding says (gzip, br):
+            # the client's error, not an internal one.
+            reason = " ".join(str(exc).split()).removeprefix("400, message: ")
+            raise InvalidArgument(f"the request body cannot be read: {reason}") from None
 
     async def infer(self, request: web.Request) -> web.Response:
         raw = await self._read(request)
@@ -314,25 +325,41 @@ class RestServer:
         return web.Response(status=200, body=out, content_type="application/octet-stream",
                             headers={"Inference-Header-Content-Length": str(out_header)})
 
-    async def _first_input(self, request: web.Request) -> tuple[str, str] | None:
-        """The model's first input (name, datatype) for V1 requests, remembered per model."""
+    async def _first_input(self, request: web.Request, *, refresh: bool = False) -> tuple[tuple[str, str] | None, bool]:
+        """The model's first input (name, datatype) for V1 requests, remembered per model, and
+        whether it was remembered (``refresh``: forget it first, read the metadata again)."""
         name = self._name(request)
         model_id, _ = self.plane.select(_headers(request), lambda: name)
-        if model_id in self._v1_inputs:
+        if refresh:
+            self._v1_inputs.pop(model_id, None)
+        elif model_id in self._v1_inputs:
             self._v1_inputs.move_to_end(model_id)
-            return self._v1_inputs[model_id]
+            return self._v1_inputs[model_id], True
         answer = await self._relay(request, METADATA, codec.metadata_request(model_id), 0)
         found = codec.first_input(answer)
         self._v1_inputs[model_id] = found
         if len(self._v1_inputs) > _V1_CACHE:
             self._v1_inputs.popitem(last=False)
-        return found
+        return found, False
 
     async def v1_predict(self, request: web.Request) -> web.Response:
         if not _PREDICT.match(request.match_info.get("model", "")):
             raise ModelNotFound(request.match_info.get("model", "")[:200], what="endpoint for model")
         raw = await self._read(request)
-        first = await self._first_input(request)
+        first, remembered = await self._first_input(request)
+        try:
+            return await self._v1_infer(request, raw, first)
+        except MeshError as exc:
+            # What was remembered may be stale: the ID registered again, for a model that takes
+            # another input. Read the metadata again and, if it changed, try once more with it.
+            if not remembered or exc.code is not Code.INVALID_ARGUMENT:
+                raise
+            fresh, _ = await self._first_input(request, refresh=True)
+            if fresh == first:
+                raise
+            return await self._v1_infer(request, raw, fresh)
+
+    async def _v1_infer(self, request: web.Request, raw: bytes, first: tuple[str, str] | None) -> web.Response:
         body = codec.v1_request(raw, self._name(request), first, max_elements=self.max_elements)
         answer = await self._relay(request, INFER, body, len(raw) * codec.JSON_EXPANSION)
         return _json(200, codec.v1_response(answer))
