@@ -5,10 +5,11 @@ Where the conversion happens, and why here: the router turns a REST request into
 Runtimes (and the external model servers behind them: MLServer, Triton) then see one body format,
 the multiplexed frames and the SPI need no second one, and a REST request costs the runtime exactly
 what a gRPC request costs. The price is the router's CPU for the conversion, measured with
-``python -m loadtest.scenarios.rest_codec`` (BENCHMARKS.md section 12): about 15 us per request
-for a 1 KiB FP32 tensor each way, small beside the HTTP handling itself; converting at the
-runtime would move that cost, not remove it, and would make every runtime and model server speak
-JSON.
+``python -m loadtest.scenarios.rest_codec`` (BENCHMARKS.md section 12): for a 1 KiB FP32 tensor
+in and out, about 27 us of CPU in JSON and 12 us with binary tensors, where a gRPC request costs
+the router about 1 us of such work (reading the model name). That is small beside the latency
+REST adds in all (same section); converting at the runtime would move that cost, not remove it,
+and would make every runtime and model server speak JSON.
 
 Requests (Open Inference Protocol REST, ``POST /v2/models/{m}/infer``):
 
@@ -144,7 +145,13 @@ def _numeric(data: Any, dt_name: str, dtype: np.dtype[Any], n: int, what: str) -
             raise InvalidArgument(f"{what}: value {int(bad)} is out of range for {dt_name} [{info.min}, {info.max}]")
     elif kind not in "iuf":
         raise InvalidArgument(f"{what}: {dt_name} data must be numbers")
-    return arr.astype(dtype, copy=False).tobytes(order="C")
+    with np.errstate(over="ignore"):  # an overflow is refused just below, not warned about
+        out = arr.astype(dtype, copy=False)
+    if dtype.itemsize < 8 and dtype.kind == "f" and not np.isfinite(out).all():
+        # JSON has no inf or NaN, so a non-finite value is one too large for FP16 or FP32.
+        finfo = np.finfo(dtype)
+        raise InvalidArgument(f"{what}: a value is out of range for {dt_name} [{finfo.min:g}, {finfo.max:g}]")
+    return out.tobytes(order="C")
 
 
 def _strings(data: Any, n: int, what: str) -> bytes:

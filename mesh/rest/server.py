@@ -124,7 +124,7 @@ class RestServer:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, handler_args={"max_field_size": 8190})
         r = app.router
-        r.add_get("/v2", self._open(self.server_metadata, "ServerMetadata"))
+        r.add_get("/v2", self._guarded(self.server_metadata, "ServerMetadata"))
         r.add_get("/v2/health/live", self._open(self.live, "ServerLive"))
         r.add_get("/v2/health/ready", self._open(self.ready, "ServerReady"))
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
@@ -162,7 +162,7 @@ class RestServer:
         return _json(404, error_body(f"no such endpoint: {request.method} {request.path[:200]}"))
 
     def _open(self, fn: Handler, method: str) -> Handler:
-        """Endpoints without a model: no token needed (probes, as on gRPC)."""
+        """Health endpoints: no token needed (probes, as ServerLive and ServerReady on gRPC)."""
         record = self.metrics.request
 
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -180,7 +180,8 @@ class RestServer:
         return handle
 
     def _guarded(self, fn: Handler, method: str) -> Handler:
-        """Endpoints naming a model: the token (with ``auth.data_plane``), metrics by method."""
+        """Everything but health: the token (with ``auth.data_plane``) and the model it names, metrics
+        by method."""
         record = self.metrics.request
         per_model = self.metrics.per_model
 
@@ -230,9 +231,10 @@ class RestServer:
         peer = f"http:{request.remote}"
         try:
             principal = self.tokens.authenticate(bearer_token(request.headers.get("Authorization")))
-            requested, is_vmodel, _ = model_selection(_headers(request))
-            principal.check_model(requested if requested is not None else self._name(request),
-                                  "vModel" if is_vmodel else "model")
+            if "model" in request.match_info:  # GET /v2 names none (ServerMetadata: any token)
+                requested, is_vmodel, _ = model_selection(_headers(request))
+                principal.check_model(requested if requested is not None else self._name(request),
+                                      "vModel" if is_vmodel else "model")
         except MeshError as exc:
             self._refusals.note(exc, method, principal, peer)
             raise

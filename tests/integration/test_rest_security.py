@@ -152,10 +152,12 @@ async def test_data_plane_tokens_over_rest(auth_mesh: InProcessMesh, model: Mode
         assert status == 403, (path, body)
     assert (await request(base + "/v1/models/team-a%2Firis:predict", "POST", {"instances": X},
                           bearer(TEAM_A)))[1] == {"predictions": model.predict}
-    # Health and server metadata stay open, as grpc.health.v1 and ServerLive do on gRPC.
+    # Health stays open, as grpc.health.v1, ServerLive and ServerReady do on gRPC; server metadata
+    # needs a token, any token, as ServerMetadata does.
     assert await request(base + "/v2/health/live") == (200, {"live": True})
     assert await request(base + "/v2/health/ready") == (200, {"ready": True})
-    status, body = await request(base + "/v2")
+    assert (await request(base + "/v2"))[0] == 401
+    status, body = await request(base + "/v2", "GET", None, bearer(TEAM_A))
     assert status == 200 and body["name"] == "mesh-serving"
 
 
