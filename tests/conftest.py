@@ -7,6 +7,13 @@ have 8008 taken. A test that needs a fixed REST port sets it itself."""
 from __future__ import annotations
 
 import os
+
+# Before anything imports grpc: no gRPC fork handlers in the test process. Tests start servers with
+# a ``preexec_fn`` (mesh.procs.die_with_parent), which makes Python fork() rather than spawn; gRPC's
+# fork handlers then run in the child while other threads of the parent are inside gRPC ("skipping
+# fork() handlers") and now and then abort it (SIGABRT before it even execs). The child execs at
+# once and needs none of gRPC's state, so the handlers protect nothing here.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from collections.abc import Iterator
 from pathlib import Path
 
