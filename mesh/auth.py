@@ -51,7 +51,6 @@ import hashlib
 import hmac
 import posixpath
 import re
-import time
 import tomllib
 from collections import Counter
 from collections.abc import Iterable
@@ -62,6 +61,7 @@ from pathlib import Path
 import structlog
 
 from mesh.errors import InvalidArgument, MeshError, PermissionDenied, Unauthenticated
+from mesh.logging import LogLimit
 from mesh.paths import as_directory, shown, under_prefix
 
 log = structlog.get_logger("mesh.transport.auth")
@@ -99,26 +99,6 @@ def current_caller() -> Principal | None:
 
 def set_caller(principal: Principal | None) -> None:
     _caller.set(principal)
-
-
-class LogLimit:
-    """At most one log line per second per kind; counts the ones left out."""
-
-    def __init__(self, interval_s: float = 1.0) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, kind: str) -> bool:
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.interval_s) >= self.interval_s:
-            self._last[kind] = now
-            return True
-        self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
-        return False
-
-    def take_suppressed(self, kind: str) -> int:
-        return self._suppressed.pop(kind, 0)
 
 
 class Refusals:

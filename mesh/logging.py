@@ -20,6 +20,7 @@ import contextvars
 import logging
 import secrets
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -171,3 +172,23 @@ def configure(settings: LogSettings, *, component: str) -> None:
     structlog.contextvars.bind_contextvars(component=component)
     # Libraries that use the standard logging module (grpc, aetcd) go to stderr at warning level.
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr)
+
+
+class LogLimit:
+    """At most one log line per second per kind; counts the ones left out."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, kind: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.interval_s) >= self.interval_s:
+            self._last[kind] = now
+            return True
+        self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+        return False
+
+    def take_suppressed(self, kind: str) -> int:
+        return self._suppressed.pop(kind, 0)

@@ -116,53 +116,69 @@ def _parameters(value: Any, what: str) -> dict[str, Any]:
     return _object(value, f"{what}: 'parameters'")
 
 
-def _numeric(data: Any, dt_name: str, dtype: np.dtype[Any], n: int, what: str) -> bytes:
+def _regular(data: Any, what: str, n: int | None) -> tuple[np.ndarray, list[Any], set[type]]:
+    """``data`` as an object array (one pointer per element, whatever the elements are) and its
+    elements, row-major. Never numpy's own guess at a dtype: a list holding one long string and many
+    short ones would become a fixed-width string array, the longest string's size times the number
+    of elements (gigabytes from a 80 KB body). Rows of different lengths come out as an array of
+    lists, refused here. Returns the array, its elements and their types."""
     try:
-        arr = np.asarray(data)
+        arr = np.array(data, dtype=object)
     except (ValueError, TypeError):
         raise InvalidArgument(f"{what}: 'data' is not a regular array (rows of different lengths?)") from None
-    if arr.size != n:
+    if n is not None and arr.size > n:
         raise InvalidArgument(f"{what}: 'data' holds {arr.size} values, the shape needs {n}")
-    kind = arr.dtype.kind
-    if n == 0:
+    flat = arr.ravel().tolist()
+    types = set(map(type, flat))
+    if list in types or dict in types:
+        raise InvalidArgument(f"{what}: 'data' is not a regular array of values (rows of different lengths, "
+                              "or objects?)")
+    if n is not None and arr.size != n:
+        raise InvalidArgument(f"{what}: 'data' holds {arr.size} values, the shape needs {n}")
+    return arr, flat, types
+
+
+_NUMBERS = frozenset({int, float})
+_INTEGERS = frozenset({int})
+_BOOLS = frozenset({bool})
+
+
+def _numeric(flat: list[Any], types: set[type], dt_name: str, dtype: np.dtype[Any], what: str) -> bytes:
+    """Raw contents of ``dt_name`` from the JSON values ``flat``: the types must be the datatype's
+    (JSON numbers for floats, integers for integers, true/false for BOOL; never strings, lists or
+    null) and the values within its range."""
+    if not flat:
         return b""
     if dt_name == "BOOL":
-        if kind != "b":
+        if not types <= _BOOLS:
             raise InvalidArgument(f"{what}: BOOL data must be true or false")
-    elif dtype.kind in "iu":
-        if kind == "O" and dt_name == "UINT64":  # integers past INT64's range
-            try:
-                arr = np.array(data, dtype=np.uint64)
-                kind = "u"
-            except (OverflowError, ValueError, TypeError):
-                pass
-        if kind not in "iu":
+        return np.array(flat, dtype=np.bool_).tobytes()
+    if dtype.kind in "iu":
+        if not types <= _INTEGERS:
             raise InvalidArgument(f"{what}: {dt_name} data must be integers")
+        low, high = min(flat), max(flat)
         info = np.iinfo(dtype)
-        low, high = arr.min(), arr.max()
         if low < info.min or high > info.max:
             bad = low if low < info.min else high
-            raise InvalidArgument(f"{what}: value {int(bad)} is out of range for {dt_name} [{info.min}, {info.max}]")
-    elif kind not in "iuf":
+            raise InvalidArgument(f"{what}: value {bad} is out of range for {dt_name} [{info.min}, {info.max}]")
+        return np.array(flat, dtype=dtype).tobytes()
+    if not types <= _NUMBERS:
         raise InvalidArgument(f"{what}: {dt_name} data must be numbers")
-    with np.errstate(over="ignore"):  # an overflow is refused just below, not warned about
-        out = arr.astype(dtype, copy=False)
-    if dtype.itemsize < 8 and dtype.kind == "f" and not np.isfinite(out).all():
-        # JSON has no inf or NaN, so a non-finite value is one too large for FP16 or FP32.
-        finfo = np.finfo(dtype)
-        raise InvalidArgument(f"{what}: a value is out of range for {dt_name} [{finfo.min:g}, {finfo.max:g}]")
-    return out.tobytes(order="C")
-
-
-def _strings(data: Any, n: int, what: str) -> bytes:
+    finfo = np.finfo(dtype)
     try:
-        arr = np.asarray(data, dtype=object)
-    except (ValueError, TypeError):
-        raise InvalidArgument(f"{what}: 'data' is not a regular array (rows of different lengths?)") from None
-    if arr.size != n:
-        raise InvalidArgument(f"{what}: 'data' holds {arr.size} values, the shape needs {n}")
+        with np.errstate(over="ignore"):  # an overflow is refused just below, not warned about
+            out = np.array(flat, dtype=dtype)
+    except OverflowError:  # an integer past float64's range
+        out = np.array([np.inf], dtype=dtype)
+    if not np.isfinite(out).all():
+        # JSON has no inf or NaN, so a non-finite value is one too large for the datatype.
+        raise InvalidArgument(f"{what}: a value is out of range for {dt_name} [{finfo.min:g}, {finfo.max:g}]")
+    return out.tobytes()
+
+
+def _strings(flat: list[Any], what: str) -> bytes:
     parts: list[bytes] = []
-    for item in arr.ravel().tolist():
+    for item in flat:
         if not isinstance(item, str):
             raise InvalidArgument(f"{what}: BYTES data must be strings")
         raw = item.encode("utf-8", "surrogatepass")
@@ -249,10 +265,9 @@ def infer_request(body: bytes, header_length: int | None, model_name: str, model
             pos += size
         elif "data" not in item:
             raise InvalidArgument(f"{what}: no 'data' and no 'binary_data_size'")
-        elif dt.name == "BYTES":
-            raw.append(_strings(item["data"], n, what))
         else:
-            raw.append(_numeric(item["data"], dt.name, dt.dtype, n, what))
+            _, flat, types = _regular(item["data"], what, n)
+            raw.append(_strings(flat, what) if dt.name == "BYTES" else _numeric(flat, types, dt.name, dt.dtype, what))
         tensor = req.inputs.add(name=name, datatype=dt.name)
         tensor.shape.extend(shape)
     if pos != len(binary):
@@ -352,17 +367,6 @@ def metadata_response(body: bytes) -> bytes:
                          "inputs": _tensors_json(meta.inputs), "outputs": _tensors_json(meta.outputs)})
 
 
-def _v1_datatype(arr: np.ndarray) -> str:
-    kind = arr.dtype.kind
-    if kind == "b":
-        return "BOOL"
-    if kind in "iu":
-        return "INT64"
-    if kind == "f":
-        return "FP64"
-    return "BYTES"
-
-
 def v1_request(body: bytes, model_name: str, first_input: tuple[str, str] | None, *,
                max_elements: int = DEFAULT_MAX_ELEMENTS) -> bytes:
     """The ``ModelInferRequest`` bytes for a KServe V1 predict body. ``first_input``: the model's
@@ -377,20 +381,27 @@ def v1_request(body: bytes, model_name: str, first_input: tuple[str, str] | None
     if isinstance(data[0], dict):
         raise InvalidArgument(f"request body: '{key}' holds objects (named inputs), which V1 here does not take; "
                               "send rows of values, or use the V2 infer endpoint for named inputs")
-    try:
-        arr = np.asarray(data)
-    except (ValueError, TypeError):
-        raise InvalidArgument(f"request body: '{key}' is not a regular array (rows of different lengths?)") from None
-    if arr.dtype.kind == "O" or arr.size > max_elements:
-        raise InvalidArgument(f"request body: '{key}' must be a regular array of numbers, booleans or strings "
-                              f"(at most {max_elements} values)")
-    name, dt_name = first_input or ("input-0", _v1_datatype(arr))
-    if dt_name == "BYTES" or arr.dtype.kind == "U":
+    what = f"request body: '{key}'"
+    arr, flat, types = _regular(data, what, None)
+    if arr.size > max_elements:
+        raise InvalidArgument(f"{what} has {arr.size} values, over the limit of {max_elements}")
+    if types <= _BOOLS:
+        guessed = "BOOL"
+    elif types <= _INTEGERS:
+        guessed = "INT64"
+    elif types <= _NUMBERS:
+        guessed = "FP64"
+    elif types <= {str}:
+        guessed = "BYTES"
+    else:
+        raise InvalidArgument(f"{what} must be a regular array of numbers, booleans or strings")
+    name, dt_name = first_input or ("input-0", guessed)
+    if dt_name == "BYTES" or guessed == "BYTES":
         dt_name = "BYTES"
-        raw = _strings(data, arr.size, f"'{key}'")
+        raw = _strings(flat, what)
     else:
         dt = datatype(dt_name)
-        raw = _numeric(data, dt.name, dt.dtype, arr.size, f"'{key}'")
+        raw = _numeric(flat, types, dt.name, dt.dtype, what)
     req = pb.ModelInferRequest(model_name=model_name)
     tensor = req.inputs.add(name=name, datatype=dt_name)
     tensor.shape.extend(arr.shape)

@@ -36,11 +36,14 @@ request.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import ssl
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -53,6 +56,7 @@ from mesh.rest import codec
 from mesh.rest.status import error_body, http_error
 from mesh.router.dataplane import INFER, METADATA, DataPlane, Headers
 from mesh.settings import TlsSettings
+from mesh.transport.inflight import InflightLimit
 from mesh.transport.metadata import MODEL_ID, VMODEL_ID, model_selection
 
 log = structlog.get_logger(__name__)
@@ -62,6 +66,18 @@ JSON = "application/json"
 _FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id"})
 _V1_CACHE = 4096  # models whose first input (name, datatype) is remembered for V1 requests
 _PREDICT = re.compile(r"^(?P<name>.+):predict$")
+# A forwarded header value: printable ASCII (what gRPC metadata takes), at most this long.
+_MAX_HEADER_VALUE = 1024
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+# Clients that trickle: a request line and headers not complete this long after connecting, or a
+# body not complete this long after its headers, and the connection is closed (408 for a body).
+HEADER_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
+KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection (aiohttp's default is an hour)
+# Open connections at most; past it a new one is closed at once, so that trickling clients cannot
+# take every file descriptor the router has (the gRPC port and the registry need some too).
+MAX_CONNECTIONS = 4096
+_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,12 +87,74 @@ def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> we
 
 
 def _headers(request: web.Request) -> Headers:
+    """The headers the data plane sees: the forwarded ones, the first value of each, checked to be
+    what gRPC metadata can carry (InvalidArgument naming the header otherwise)."""
     out: list[tuple[str, str | bytes]] = []
+    seen: set[str] = set()
     for key, value in request.headers.items():
         low = key.lower()
-        if low in _FORWARDED:
+        if low in _FORWARDED and low not in seen:
+            if len(value) > _MAX_HEADER_VALUE or not _PRINTABLE.match(value):
+                raise InvalidArgument(f"header {low}: the value must be printable ASCII of at most "
+                                      f"{_MAX_HEADER_VALUE} characters")
+            seen.add(low)
             out.append((low, value))
     return tuple(out)
+
+
+def _peer(request: web.Request) -> str:
+    """The client connection (address and port), for in-flight bounds per connection."""
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"http:{peer[0]}:{peer[1]}"
+    return f"http:{request.remote}"
+
+
+class _RateLimited(logging.Filter):
+    """At most one record a second from aiohttp's server logger: malformed requests (a bad header
+    line, a broken chunk) are each logged there with a traceback, and clients choose how many."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + 1.0
+        return True
+
+
+_AIOHTTP_LOG = logging.getLogger("mesh.rest.aiohttp")
+_AIOHTTP_LOG.addFilter(_RateLimited())
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over ``max_connections``: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _Admission:
+    """A request's share of the in-flight bounds, resizable once its body is read."""
+
+    def __init__(self, inflight: InflightLimit, peer: str, weight: int) -> None:
+        self.inflight = inflight
+        self.weight = weight
+        self.connection = inflight.enter(weight, peer)
+        self.peer = peer
+
+    def resize(self, weight: int) -> None:
+        if weight != self.weight:
+            self.inflight.leave(self.weight, self.connection)
+            self.weight = 0
+            self.connection = self.inflight.enter(weight, self.peer)
+            self.weight = weight
+
+    def leave(self) -> None:
+        self.inflight.leave(self.weight, self.connection)
 
 
 def ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
@@ -119,10 +197,15 @@ class RestServer:
         self._refusals = Refusals()
         self._v1_inputs: OrderedDict[str, tuple[str, str] | None] = OrderedDict()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
 
     # --- the HTTP edge ------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, handler_args={"max_field_size": 8190})
+        # Bodies are decompressed here (``_read``), within the size bound and after the token check;
+        # aiohttp would inflate any body, read or not, before a handler could refuse it.
+        app = web.Application(client_max_size=self.max_body_bytes, handler_args={
+            "max_field_size": 8190, "auto_decompress": False, "lingering_time": 1.0,
+            "keepalive_timeout": KEEPALIVE_TIMEOUT_S, "logger": _AIOHTTP_LOG})
         r = app.router
         r.add_get("/v2", self._guarded(self.server_metadata, "ServerMetadata"))
         r.add_get("/v2/health/live", self._open(self.live, "ServerLive"))
@@ -141,18 +224,33 @@ class RestServer:
         # handler_cancellation: a client that goes away cancels its request (and its wait on a load).
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=1024)
+        server = runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+
+        def connection() -> asyncio.Protocol:
+            # Past max_connections a connection is closed at once; one that has not sent a whole
+            # request within HEADER_TIMEOUT_S is closed then (a client trickling its headers).
+            if len(server.connections) >= MAX_CONNECTIONS:
+                return _Refused()
+            handler = server()
+            loop.call_later(HEADER_TIMEOUT_S, _close_if_silent, handler)
+            return handler
+
         try:
-            await site.start()
+            self._listener = await loop.create_server(connection, host, port, ssl=tls, backlog=1024,
+                                                      reuse_address=True)
         except OSError as exc:
             await runner.cleanup()
             raise Unavailable(f"cannot serve REST on {host}:{port}: {exc.strerror or exc}; choose another "
                               "router.rest_port (0 picks a free one, -1 turns REST off)") from None
         self._runner = runner
-        addresses = runner.addresses
-        return int(addresses[0][1]) if addresses else port
+        return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self._listener is not None:
+            self._listener.close()  # stop accepting; requests in flight finish below
+            self._listener = None
         if self._runner is not None:
             await self._runner.shutdown()
             await asyncio.wait_for(self._runner.cleanup(), grace_s)
@@ -275,7 +373,7 @@ class RestServer:
     async def _relay(self, request: web.Request, method: str, body: bytes, weight: int) -> bytes:
         """``DataPlane.relay`` within the in-flight bounds (mesh.transport.inflight)."""
         inflight = self.plane.inflight
-        connection = inflight.enter(weight, f"http:{request.remote}")
+        connection = inflight.enter(weight, _peer(request))
         try:
             name = self._name(request)
             return await self.plane.relay(method, body, _headers(request), lambda: name, None)
@@ -287,19 +385,49 @@ class RestServer:
         answer = await self._relay(request, METADATA, body, len(body))
         return _json(200, codec.metadata_response(answer))
 
+    def _admit(self, request: web.Request, header_length: int | None) -> _Admission:
+        """Enter the in-flight bounds before the body is read, as the body's size says it will weigh
+        (a body sent without a length: as the largest one could)."""
+        size = request.content_length if request.content_length is not None else self.max_body_bytes
+        return _Admission(self.plane.inflight, _peer(request), _weight(size, header_length))
+
     async def _read(self, request: web.Request) -> bytes:
+        """The body, decompressed (gzip, deflate) within ``max_body_bytes``, within BODY_TIMEOUT_S."""
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity") and encoding not in _ENCODINGS:
+            raise InvalidArgument(f"Content-Encoding {encoding[:40]!r} is not supported: send gzip, deflate or "
+                                  "an uncompressed body")
         try:
-            return await request.read()
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                raw = await request.read()
+        except TimeoutError:
+            raise InvalidArgument(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
         except web.RequestPayloadError as exc:
-            # A body that breaks off, or does not decode as its Content-Encoding says (gzip, br):
-            # the client's error, not an internal one.
+            # A body that breaks off: the client's error, not an internal one.
             reason = " ".join(str(exc).split()).removeprefix("400, message: ")
             raise InvalidArgument(f"the request body cannot be read: {reason}") from None
+        if encoding in ("", "identity"):
+            return raw
+        inflater = zlib.decompressobj(_ENCODINGS[encoding])
+        try:
+            body = inflater.decompress(raw, self.max_body_bytes + 1)
+        except zlib.error:
+            if encoding != "deflate":
+                raise InvalidArgument(f"the request body cannot be read: not valid {encoding} data") from None
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some clients send it
+            try:
+                body = inflater.decompress(raw, self.max_body_bytes + 1)
+            except zlib.error:
+                raise InvalidArgument("the request body cannot be read: not valid deflate data") from None
+        if len(body) > self.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=len(body))
+        if not inflater.eof:
+            raise InvalidArgument(f"the request body cannot be read: its {encoding} data is cut short")
+        return body
 
     async def infer(self, request: web.Request) -> web.Response:
-        raw = await self._read(request)
         header = request.headers.get(codec.BINARY_HEADER)
         header_length: int | None = None
         if header is not None:
@@ -309,11 +437,10 @@ class RestServer:
                 raise InvalidArgument(f"Inference-Header-Content-Length {header[:40]!r} is not a number") from None
             if header_length < 0:
                 raise InvalidArgument("Inference-Header-Content-Length must not be negative")
-        json_part = len(raw) if header_length is None else min(header_length, len(raw))
-        weight = json_part * codec.JSON_EXPANSION + (len(raw) - json_part)
-        inflight = self.plane.inflight
-        connection = inflight.enter(weight, f"http:{request.remote}")
+        admission = self._admit(request, header_length)
         try:
+            raw = await self._read(request)
+            admission.resize(_weight(len(raw), header_length))  # what it became, decompressed
             name = self._name(request)
             body, outputs = codec.infer_request(raw, header_length, name, request.match_info.get("version", ""),
                                                 max_elements=self.max_elements)
@@ -321,7 +448,7 @@ class RestServer:
             answer = await self.plane.relay(INFER, body, _headers(request), lambda: name, None)
             out, out_header = codec.infer_response(answer, outputs)
         finally:
-            inflight.leave(weight, connection)
+            admission.leave()
         if out_header is None:
             return _json(200, out)
         return web.Response(status=200, body=out, content_type="application/octet-stream",
@@ -347,23 +474,28 @@ class RestServer:
     async def v1_predict(self, request: web.Request) -> web.Response:
         if not _PREDICT.match(request.match_info.get("model", "")):
             raise ModelNotFound(request.match_info.get("model", "")[:200], what="endpoint for model")
-        raw = await self._read(request)
-        first, remembered = await self._first_input(request)
+        admission = self._admit(request, None)
         try:
-            return await self._v1_infer(request, raw, first)
-        except MeshError as exc:
-            # What was remembered may be stale: the ID registered again, for a model that takes
-            # another input. Read the metadata again and, if it changed, try once more with it.
-            if not remembered or exc.code is not Code.INVALID_ARGUMENT:
-                raise
-            fresh, _ = await self._first_input(request, refresh=True)
-            if fresh == first:
-                raise
-            return await self._v1_infer(request, raw, fresh)
+            raw = await self._read(request)
+            admission.resize(_weight(len(raw), None))
+            first, remembered = await self._first_input(request)
+            try:
+                return await self._v1_infer(request, raw, first)
+            except MeshError as exc:
+                # What was remembered may be stale: the ID registered again, for a model that takes
+                # another input. Read the metadata again and, if it changed, try once more with it.
+                if not remembered or exc.code is not Code.INVALID_ARGUMENT:
+                    raise
+                fresh, _ = await self._first_input(request, refresh=True)
+                if fresh == first:
+                    raise
+                return await self._v1_infer(request, raw, fresh)
+        finally:
+            admission.leave()
 
     async def _v1_infer(self, request: web.Request, raw: bytes, first: tuple[str, str] | None) -> web.Response:
         body = codec.v1_request(raw, self._name(request), first, max_elements=self.max_elements)
-        answer = await self._relay(request, INFER, body, len(raw) * codec.JSON_EXPANSION)
+        answer = await self._relay(request, INFER, body, 0)  # the body is counted by v1_predict
         return _json(200, codec.v1_response(answer))
 
 
@@ -377,3 +509,19 @@ class _Size:
 
     def __len__(self) -> int:
         return self.n
+
+
+def _weight(size: int, header_length: int | None) -> int:
+    """What a body of ``size`` bytes counts for in the in-flight bounds: its JSON part
+    ``JSON_EXPANSION`` times (what parsing it takes), its binary tensors once."""
+    json_part = size if header_length is None else min(header_length, size)
+    return json_part * codec.JSON_EXPANSION + (size - json_part)
+
+
+def _close_if_silent(handler: Any) -> None:
+    """Close ``handler``'s connection if no request has arrived on it yet (aiohttp keeps no timer
+    for that; ``_request_count`` and ``_current_request`` are its own bookkeeping)."""
+    if getattr(handler, "_request_count", 1) == 0 and getattr(handler, "_current_request", 1) is None:
+        transport = getattr(handler, "transport", None)
+        if transport is not None:
+            transport.close()

@@ -14,6 +14,7 @@ import orjson
 import structlog
 
 from mesh.errors import Code, MeshError, RegistryUnavailable
+from mesh.logging import LogLimit
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,11 @@ HTTP_STATUS: dict[Code, int] = {
 }
 
 
+# Unexpected errors are bugs, logged with their traceback; at most once a second per kind, since a
+# client can repeat the request that triggers one as often as it likes.
+_LIMIT = LogLimit()
+
+
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
@@ -48,5 +54,7 @@ def http_error(exc: BaseException) -> tuple[int, str, str]:
         return HTTP_STATUS[exc.code], exc.code.name, exc.PUBLIC_MESSAGE
     if isinstance(exc, MeshError):
         return HTTP_STATUS[exc.code], exc.code.name, exc.message
-    log.error("unexpected error", exc_info=exc)
+    kind = type(exc).__name__
+    if _LIMIT.allow(kind):
+        log.error("unexpected error", exc_info=exc, suppressed_since_last=_LIMIT.take_suppressed(kind))
     return 500, "INTERNAL", f"internal error: {type(exc).__name__} (details in the server log)"

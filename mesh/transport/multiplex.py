@@ -53,7 +53,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from mesh.errors import NotHere
+from mesh.errors import InvalidArgument, NotHere
 from mesh.logging import clear_request
 from mesh.transport.status import status_of
 
@@ -152,6 +152,9 @@ def encode_request(request_id: int, model_id: str, allow_load: bool, timeout_ms:
                    metadata: tuple[tuple[str, str | bytes], ...], body: bytes, spec: bytes = b"") -> bytes:
     mid = model_id.encode()
     md = json.dumps([[k, v] for k, v in metadata if isinstance(v, str)]).encode() if metadata else b""
+    if len(md) > 0xFFFF or len(mid) > 0xFFFF:
+        raise InvalidArgument(f"the request's metadata ({len(md)} bytes) is over the {0xFFFF}-byte limit of a "
+                              "forwarded request")
     return b"".join((_REQ.pack(request_id, _ALLOW_LOAD if allow_load else 0, timeout_ms),
                      _U16.pack(len(mid)), mid, _U16.pack(len(md)), md, _U32.pack(len(spec)), spec, body))
 

@@ -76,7 +76,10 @@ class RuntimeLink:
                 spec_json = spec.to_json() if spec is not None and allow_load else b""
                 return await self.multiplex.call(endpoint, self.channels.get(endpoint), model_id, allow_load,
                                                  metadata, body, timeout, spec_json)
-            outgoing = ((MODEL_ID, model_id), *metadata)
+            # gRPC metadata values are printable ASCII; any other ID travels in the -bin form.
+            selection = ((MODEL_ID, model_id) if model_id.isascii() and model_id.isprintable()
+                         else (MODEL_ID + "-bin", model_id.encode("utf-8", "surrogatepass")))
+            outgoing = (selection, *metadata)
             if not allow_load:
                 outgoing += _DENY
             response: bytes = await self._call(endpoint, method)(body, metadata=outgoing, timeout=timeout)

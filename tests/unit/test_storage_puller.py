@@ -218,14 +218,16 @@ def test_the_disk_cache_is_bounded_least_recently_used_and_cleans_interrupted_pu
 async def test_an_unreachable_s3_endpoint_fails_after_bounded_retries(tmp_path: Path) -> None:
     import socket
 
-    with socket.socket() as closed:  # a port nothing listens on
+    # A port bound but not listening: connections are refused, and no other process can take the
+    # port meanwhile (a port merely found free once can be, by a server another test starts).
+    with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
-    key = {"type": "s3", "access_key_id": "AKIAEXAMPLE", "secret_access_key": "s3cr3t-value",
-           "endpoint_url": f"http://127.0.0.1:{port}", "region": "us-east-1", "default_bucket": "models"}
-    puller = _puller(tmp_path, {"s3": key})
-    with pytest.raises(ModelLoadError, match="unreachable after 1 retries") as caught:
-        await puller.pull(_spec("m.joblib", {"storage_key": "s3"}))
+        key = {"type": "s3", "access_key_id": "AKIAEXAMPLE", "secret_access_key": "s3cr3t-value",
+               "endpoint_url": f"http://127.0.0.1:{port}", "region": "us-east-1", "default_bucket": "models"}
+        puller = _puller(tmp_path, {"s3": key})
+        with pytest.raises(ModelLoadError, match="unreachable after 1 retries") as caught:
+            await puller.pull(_spec("m.joblib", {"storage_key": "s3"}))
     assert f"s3 bucket 'models' at http://127.0.0.1:{port}" in caught.value.message
     assert "s3cr3t" not in caught.value.message and "AKIAEXAMPLE" not in caught.value.message
 
