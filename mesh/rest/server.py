@@ -27,8 +27,11 @@ dashboard counts REST and gRPC together, as ModelMesh's REST proxy did; the acce
 ``traceparent``, ``tracestate`` and ``x-request-id`` passed on to the runtime. No other HTTP header
 reaches a runtime.
 
-Bounds: a body over ``router.max_message_bytes`` is refused with 413 before it is read; in-flight
-bytes count a JSON body ``JSON_EXPANSION`` times (what parsing it takes), binary tensors once.
+Bounds (docs/security.md, "REST"): a body over ``router.max_message_bytes`` is refused with 413,
+counted after decompression, which happens here (gzip, deflate), after the token check; the
+in-flight bounds are entered before the body is read, a JSON body counting ``JSON_EXPANSION``
+times its size (what parsing it takes), binary tensors once; headers must arrive within
+``HEADER_TIMEOUT_S``, a body within ``BODY_TIMEOUT_S``; at most ``MAX_CONNECTIONS`` connections;
 aiohttp bounds the request line and headers (8 KiB each). A client that disconnects cancels its
 request.
 """
