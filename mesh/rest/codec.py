@@ -6,7 +6,7 @@ Runtimes (and the external model servers behind them: MLServer, Triton) then see
 the multiplexed frames and the SPI need no second one, and a REST request costs the runtime exactly
 what a gRPC request costs. The price is the router's CPU for the conversion, measured with
 ``python -m loadtest.scenarios.rest_codec`` (BENCHMARKS.md section 12): for a 1 KiB FP32 tensor
-in and out, about 27 us of CPU in JSON and 12 us with binary tensors, where a gRPC request costs
+in and out, about 33 us of CPU in JSON and 12 us with binary tensors, where a gRPC request costs
 the router about 1 us of such work (reading the model name). That is small beside the latency
 REST adds in all (same section); converting at the runtime would move that cost, not remove it,
 and would make every runtime and model server speak JSON.
