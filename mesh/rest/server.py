@@ -39,14 +39,11 @@ request.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import ssl
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -54,137 +51,34 @@ from aiohttp import web
 from mesh.auth import Principal, Refusals, TokenTable, bearer_token, set_caller
 from mesh.errors import Code, InvalidArgument, MeshError, ModelNotFound, PermissionDenied, Unavailable
 from mesh.observability.metrics import RouterMetrics
-from mesh.pem import check_ca, check_cert_and_key
-from mesh.rest import codec
+from mesh.rest import codec, guards
+from mesh.rest.guards import (
+    AIOHTTP_LOG,
+    KEEPALIVE_TIMEOUT_S,
+    Admission,
+    Refused,
+    close_if_silent,
+    forwarded_headers,
+    peer,
+    peer_names,
+    read_body,
+    weight,
+)
 from mesh.rest.status import error_body, http_error
-from mesh.router.dataplane import INFER, METADATA, DataPlane, Headers
-from mesh.settings import TlsSettings
-from mesh.transport.inflight import InflightLimit
-from mesh.transport.metadata import MODEL_ID, VMODEL_ID, model_selection
+from mesh.router.dataplane import INFER, METADATA, DataPlane
+from mesh.transport.metadata import model_selection
 
 log = structlog.get_logger(__name__)
 
 JSON = "application/json"
-# The only headers passed on to the data plane: the model selection, trace context, request id.
-_FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id"})
 _V1_CACHE = 4096  # models whose first input (name, datatype) is remembered for V1 requests
 _PREDICT = re.compile(r"^(?P<name>.+):predict$")
-# A forwarded header value: printable ASCII (what gRPC metadata takes), at most this long.
-_MAX_HEADER_VALUE = 1024
-_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
-# Clients that trickle: a request line and headers not complete this long after connecting, or a
-# body not complete this long after its headers, and the connection is closed (408 for a body).
-HEADER_TIMEOUT_S = 10.0
-BODY_TIMEOUT_S = 30.0
-KEEPALIVE_TIMEOUT_S = 75.0  # an idle keep-alive connection (aiohttp's default is an hour)
-# Open connections at most; past it a new one is closed at once, so that trickling clients cannot
-# take every file descriptor the router has (the gRPC port and the registry need some too).
-MAX_CONNECTIONS = 4096
-_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=body, content_type=JSON, headers=headers)
-
-
-def _headers(request: web.Request) -> Headers:
-    """The headers the data plane sees: the forwarded ones, the first value of each, checked to be
-    what gRPC metadata can carry (InvalidArgument naming the header otherwise)."""
-    out: list[tuple[str, str | bytes]] = []
-    seen: set[str] = set()
-    for key, value in request.headers.items():
-        low = key.lower()
-        if low in _FORWARDED and low not in seen:
-            if len(value) > _MAX_HEADER_VALUE or not _PRINTABLE.match(value):
-                raise InvalidArgument(f"header {low}: the value must be printable ASCII of at most "
-                                      f"{_MAX_HEADER_VALUE} characters")
-            seen.add(low)
-            out.append((low, value))
-    return tuple(out)
-
-
-def _peer(request: web.Request) -> str:
-    """The client connection (address and port), for in-flight bounds per connection."""
-    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"http:{peer[0]}:{peer[1]}"
-    return f"http:{request.remote}"
-
-
-class _RateLimited(logging.Filter):
-    """At most one record a second from aiohttp's server logger: malformed requests (a bad header
-    line, a broken chunk) are each logged there with a traceback, and clients choose how many."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._next = 0.0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            return False
-        self._next = now + 1.0
-        return True
-
-
-_AIOHTTP_LOG = logging.getLogger("mesh.rest.aiohttp")
-_AIOHTTP_LOG.addFilter(_RateLimited())
-
-
-class _Refused(asyncio.Protocol):
-    """A connection over ``max_connections``: closed at once."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
-
-
-class _Admission:
-    """A request's share of the in-flight bounds, resizable once its body is read."""
-
-    def __init__(self, inflight: InflightLimit, peer: str, weight: int) -> None:
-        self.inflight = inflight
-        self.weight = weight
-        self.connection = inflight.enter(weight, peer)
-        self.peer = peer
-
-    def resize(self, weight: int) -> None:
-        if weight != self.weight:
-            self.inflight.leave(self.weight, self.connection)
-            self.weight = 0
-            self.connection = self.inflight.enter(weight, self.peer)
-            self.weight = weight
-
-    def leave(self) -> None:
-        self.inflight.leave(self.weight, self.connection)
-
-
-def ssl_context(tls: TlsSettings) -> ssl.SSLContext | None:
-    """The REST port's TLS, from the same settings (and checks) as the gRPC port's."""
-    if not tls.cert_file and not tls.key_file:
-        return None
-    check_cert_and_key("tls.cert_file", tls.cert_file, "tls.key_file", tls.key_file)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.client_ca_file:
-        check_ca("tls.client_ca_file", tls.client_ca_file)
-        ctx.load_verify_locations(tls.client_ca_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth == "require" else ssl.CERT_OPTIONAL
-    return ctx
-
-
-def _peer_names(request: web.Request) -> set[str]:
-    cert = request.transport.get_extra_info("peercert") if request.transport is not None else None
-    names: set[str] = set()
-    if not cert:
-        return names
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                names.add(value)
-    names.update(value for key, value in cert.get("subjectAltName", ()) if key == "DNS")
-    return names
 
 
 class RestServer:
@@ -208,7 +102,7 @@ class RestServer:
         # aiohttp would inflate any body, read or not, before a handler could refuse it.
         app = web.Application(client_max_size=self.max_body_bytes, handler_args={
             "max_field_size": 8190, "auto_decompress": False, "lingering_time": 1.0,
-            "keepalive_timeout": KEEPALIVE_TIMEOUT_S, "logger": _AIOHTTP_LOG})
+            "keepalive_timeout": KEEPALIVE_TIMEOUT_S, "logger": AIOHTTP_LOG})
         r = app.router
         r.add_get("/v2", self._guarded(self.server_metadata, "ServerMetadata"))
         r.add_get("/v2/health/live", self._open(self.live, "ServerLive"))
@@ -234,10 +128,10 @@ class RestServer:
         def connection() -> asyncio.Protocol:
             # Past max_connections a connection is closed at once; one that has not sent a whole
             # request within HEADER_TIMEOUT_S is closed then (a client trickling its headers).
-            if len(server.connections) >= MAX_CONNECTIONS:
-                return _Refused()
+            if len(server.connections) >= guards.MAX_CONNECTIONS:
+                return Refused()
             handler = server()
-            loop.call_later(HEADER_TIMEOUT_S, _close_if_silent, handler)
+            loop.call_later(guards.HEADER_TIMEOUT_S, close_if_silent, handler)
             return handler
 
         try:
@@ -269,7 +163,7 @@ class RestServer:
         async def handle(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
             try:
-                self._check_peer(request)
+                self._checkpeer(request)
                 response = await fn(request)
             except Exception as exc:
                 status, code, message = http_error(exc)
@@ -289,7 +183,7 @@ class RestServer:
         async def handle(request: web.Request) -> web.StreamResponse:
             started = time.perf_counter()
             try:
-                self._check_peer(request)
+                self._checkpeer(request)
                 if self.tokens is not None:
                     self._authorize(request, method)
                 response = await fn(request)
@@ -318,12 +212,12 @@ class RestServer:
                 response: web.StreamResponse | None, per_model: bool) -> None:
         size = request.content_length or 0
         out = response.content_length if response is not None else None
-        ids = self.plane.labels(_headers(request), lambda: self._name(request)) if per_model else ("", "")
+        ids = self.plane.labels(forwarded_headers(request), lambda: self._name(request)) if per_model else ("", "")
         self.metrics.request(method, code, started, _Size(size),
                              _Size(out) if out is not None else None, *ids)
 
-    def _check_peer(self, request: web.Request) -> None:
-        if self.allowed_peers and not (_peer_names(request) & self.allowed_peers):
+    def _checkpeer(self, request: web.Request) -> None:
+        if self.allowed_peers and not (peer_names(request) & self.allowed_peers):
             raise PermissionDenied("this client's certificate is not among tls.allowed_peers")
 
     def _authorize(self, request: web.Request, method: str) -> None:
@@ -333,7 +227,7 @@ class RestServer:
         try:
             principal = self.tokens.authenticate(bearer_token(request.headers.get("Authorization")))
             if "model" in request.match_info:  # GET /v2 names none (ServerMetadata: any token)
-                requested, is_vmodel, _ = model_selection(_headers(request))
+                requested, is_vmodel, _ = model_selection(forwarded_headers(request))
                 principal.check_model(requested if requested is not None else self._name(request),
                                       "vModel" if is_vmodel else "model")
         except MeshError as exc:
@@ -363,23 +257,23 @@ class RestServer:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name = self._name(request)
-        ready = await self.plane.model_ready(_headers(request), lambda: name)
+        ready = await self.plane.model_ready(forwarded_headers(request), lambda: name)
         body = codec.dumps({"name": name, "ready": ready} if ready else
                                   {"name": name, "ready": False, "error": f"model {name!r} has no loaded copy"})
         return _json(200 if ready else 400, body)
 
     async def v1_status(self, request: web.Request) -> web.Response:
         name = self._name(request)
-        ready = await self.plane.model_ready(_headers(request), lambda: name)
+        ready = await self.plane.model_ready(forwarded_headers(request), lambda: name)
         return _json(200, codec.dumps({"name": name, "ready": ready}))
 
     async def _relay(self, request: web.Request, method: str, body: bytes, weight: int) -> bytes:
         """``DataPlane.relay`` within the in-flight bounds (mesh.transport.inflight)."""
         inflight = self.plane.inflight
-        connection = inflight.enter(weight, _peer(request))
+        connection = inflight.enter(weight, peer(request))
         try:
             name = self._name(request)
-            return await self.plane.relay(method, body, _headers(request), lambda: name, None)
+            return await self.plane.relay(method, body, forwarded_headers(request), lambda: name, None)
         finally:
             inflight.leave(weight, connection)
 
@@ -388,47 +282,11 @@ class RestServer:
         answer = await self._relay(request, METADATA, body, len(body))
         return _json(200, codec.metadata_response(answer))
 
-    def _admit(self, request: web.Request, header_length: int | None) -> _Admission:
+    def _admit(self, request: web.Request, header_length: int | None) -> Admission:
         """Enter the in-flight bounds before the body is read, as the body's size says it will weigh
         (a body sent without a length: as the largest one could)."""
         size = request.content_length if request.content_length is not None else self.max_body_bytes
-        return _Admission(self.plane.inflight, _peer(request), _weight(size, header_length))
-
-    async def _read(self, request: web.Request) -> bytes:
-        """The body, decompressed (gzip, deflate) within ``max_body_bytes``, within BODY_TIMEOUT_S."""
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity") and encoding not in _ENCODINGS:
-            raise InvalidArgument(f"Content-Encoding {encoding[:40]!r} is not supported: send gzip, deflate or "
-                                  "an uncompressed body")
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                raw = await request.read()
-        except TimeoutError:
-            raise InvalidArgument(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
-        except web.RequestPayloadError as exc:
-            # A body that breaks off: the client's error, not an internal one.
-            reason = " ".join(str(exc).split()).removeprefix("400, message: ")
-            raise InvalidArgument(f"the request body cannot be read: {reason}") from None
-        if encoding in ("", "identity"):
-            return raw
-        inflater = zlib.decompressobj(_ENCODINGS[encoding])
-        try:
-            body = inflater.decompress(raw, self.max_body_bytes + 1)
-        except zlib.error:
-            if encoding != "deflate":
-                raise InvalidArgument(f"the request body cannot be read: not valid {encoding} data") from None
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some clients send it
-            try:
-                body = inflater.decompress(raw, self.max_body_bytes + 1)
-            except zlib.error:
-                raise InvalidArgument("the request body cannot be read: not valid deflate data") from None
-        if len(body) > self.max_body_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=len(body))
-        if not inflater.eof:
-            raise InvalidArgument(f"the request body cannot be read: its {encoding} data is cut short")
-        return body
+        return Admission(self.plane.inflight, peer(request), weight(size, header_length))
 
     async def infer(self, request: web.Request) -> web.Response:
         header = request.headers.get(codec.BINARY_HEADER)
@@ -442,13 +300,13 @@ class RestServer:
                 raise InvalidArgument("Inference-Header-Content-Length must not be negative")
         admission = self._admit(request, header_length)
         try:
-            raw = await self._read(request)
-            admission.resize(_weight(len(raw), header_length))  # what it became, decompressed
+            raw = await read_body(request, self.max_body_bytes)
+            admission.resize(weight(len(raw), header_length))  # what it became, decompressed
             name = self._name(request)
             body, outputs = codec.infer_request(raw, header_length, name, request.match_info.get("version", ""),
                                                 max_elements=self.max_elements)
             del raw
-            answer = await self.plane.relay(INFER, body, _headers(request), lambda: name, None)
+            answer = await self.plane.relay(INFER, body, forwarded_headers(request), lambda: name, None)
             out, out_header = codec.infer_response(answer, outputs)
         finally:
             admission.leave()
@@ -461,7 +319,7 @@ class RestServer:
         """The model's first input (name, datatype) for V1 requests, remembered per model, and
         whether it was remembered (``refresh``: forget it first, read the metadata again)."""
         name = self._name(request)
-        model_id, _ = self.plane.select(_headers(request), lambda: name)
+        model_id, _ = self.plane.select(forwarded_headers(request), lambda: name)
         if refresh:
             self._v1_inputs.pop(model_id, None)
         elif model_id in self._v1_inputs:
@@ -479,8 +337,8 @@ class RestServer:
             raise ModelNotFound(request.match_info.get("model", "")[:200], what="endpoint for model")
         admission = self._admit(request, None)
         try:
-            raw = await self._read(request)
-            admission.resize(_weight(len(raw), None))
+            raw = await read_body(request, self.max_body_bytes)
+            admission.resize(weight(len(raw), None))
             first, remembered = await self._first_input(request)
             try:
                 return await self._v1_infer(request, raw, first)
@@ -512,19 +370,3 @@ class _Size:
 
     def __len__(self) -> int:
         return self.n
-
-
-def _weight(size: int, header_length: int | None) -> int:
-    """What a body of ``size`` bytes counts for in the in-flight bounds: its JSON part
-    ``JSON_EXPANSION`` times (what parsing it takes), its binary tensors once."""
-    json_part = size if header_length is None else min(header_length, size)
-    return json_part * codec.JSON_EXPANSION + (size - json_part)
-
-
-def _close_if_silent(handler: Any) -> None:
-    """Close ``handler``'s connection if no request has arrived on it yet (aiohttp keeps no timer
-    for that; ``_request_count`` and ``_current_request`` are its own bookkeeping)."""
-    if getattr(handler, "_request_count", 1) == 0 and getattr(handler, "_current_request", 1) is None:
-        transport = getattr(handler, "transport", None)
-        if transport is not None:
-            transport.close()

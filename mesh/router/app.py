@@ -19,7 +19,8 @@ from mesh.registry.records import InstanceRecord
 from mesh.registry.registry import Registry
 from mesh.registry.security import etcd_security
 from mesh.registry.specs import SpecCache
-from mesh.rest.server import RestServer, ssl_context
+from mesh.rest.guards import ssl_context
+from mesh.rest.server import RestServer
 from mesh.router.dataplane import DataPlane
 from mesh.router.grpc_inference import InferenceServicer
 from mesh.router.management import Management

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 
-from mesh.rest import server as rest_server
+from mesh.rest import guards
 from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 
@@ -117,8 +117,8 @@ async def _raw_connection(m: InProcessMesh) -> tuple[asyncio.StreamReader, async
 
 
 async def test_clients_that_trickle_are_cut_off(model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rest_server, "HEADER_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(rest_server, "BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(guards, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(guards, "BODY_TIMEOUT_S", 0.5)
     # One request in flight at most: a trickled request that kept its place would refuse the next.
     mesh = await InProcessMesh(memory_url(), router_overrides={"max_inflight_requests": 1}).start()
     try:
@@ -144,7 +144,7 @@ async def test_clients_that_trickle_are_cut_off(model_file: Path, monkeypatch: p
 
 async def test_connections_past_the_cap_are_closed_at_once(mesh: InProcessMesh,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rest_server, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(guards, "MAX_CONNECTIONS", 2)
     held = [await _raw_connection(mesh) for _ in range(2)]
     reader, writer = await _raw_connection(mesh)
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a word
