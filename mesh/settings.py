@@ -280,6 +280,12 @@ class ControllerSettings:
                          "authentication (tests and local development); overrides kubeconfig.")
     resync_s: float = _f(30.0, "How often every Predictor's status is refreshed from the mesh and "
                          "lost registrations are restored (a wiped registry heals within this).", "s")
+    inference_services: bool = _f(True, "Also serve InferenceServices (serving.kserve.io/v1beta1) annotated "
+                                  "serving.kserve.io/deploymentMode: ModelMesh, as modelmesh-serving does; "
+                                  "others are left to KServe. Needs the InferenceService CRD (KServe's, or "
+                                  "deploy/crd).")
+    rest_endpoint: str = _f("", "host:port of the routers' REST port, written into InferenceService "
+                            "statuses (restUrl); empty: the router_endpoint host on port 8008.")
     owner: str = _f("mesh-controller", "Owner recorded on the vModels the controller creates (with the "
                     "namespace appended); vModels of other owners are never changed.")
     default_storage_key: str = _f("", "Storage key (storage.config_dir) for Predictors that name no storage "

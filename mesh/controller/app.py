@@ -20,8 +20,8 @@ from typing import Any
 import structlog
 
 from mesh.controller.events import WatchEvent
-from mesh.controller.kube import PredictorApi, PredictorWatcher, api_client
-from mesh.controller.reconciler import PredictorController
+from mesh.controller.kube import ISVC_PLURAL, ISVC_VERSION, PredictorApi, PredictorWatcher, api_client
+from mesh.controller.reconciler import InferenceServices, Kind, PredictorController
 from mesh.controller.router_client import RouterClient
 from mesh.settings import Settings
 from mesh.tasks import RootTasks, call_soon_safely
@@ -42,38 +42,56 @@ class _ThreadedStatusWriter:
 async def serve_controller(settings: Settings, roots: RootTasks,
                            on_ready: Callable[[str], None] | None = None) -> None:
     cs = settings.controller
-    api = PredictorApi(api_client(cs), cs.namespace)  # KubeConfigError: a one-line start-up error
+    client = api_client(cs)  # KubeConfigError: a one-line start-up error
     router = RouterClient.from_settings(cs)  # InvalidArgument: a one-line start-up error
-    controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
-                                     poll_s=min(1.0, cs.resync_s))
     loop = asyncio.get_running_loop()
+    host = cs.router_endpoint.rpartition(":")[0] or cs.router_endpoint
+    rest = cs.rest_endpoint or f"{host}:8008"
+    scheme = "https" if cs.router_ca_file else "http"
+    kinds: list[tuple[Kind, PredictorApi]] = [(Kind(), PredictorApi(client, cs.namespace))]
+    if cs.inference_services:
+        kinds.append((InferenceServices(f"grpc://{cs.router_endpoint}", f"{scheme}://{rest}"),
+                      PredictorApi(client, cs.namespace, version=ISVC_VERSION, plural=ISVC_PLURAL)))
+    controllers: list[PredictorController] = []
+    watchers: list[PredictorWatcher] = []
+    for kind, api in kinds:
+        controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
+                                         poll_s=min(1.0, cs.resync_s), kind=kind)
 
-    def deliver(event: WatchEvent) -> None:  # called on the watch thread
-        try:
-            loop.call_soon_threadsafe(controller.on_event, event)
-        except RuntimeError:
-            pass  # the loop is closed: we are shutting down
+        def deliver(event: WatchEvent, controller: PredictorController = controller) -> None:  # watch thread
+            try:
+                loop.call_soon_threadsafe(controller.on_event, event)
+            except RuntimeError:
+                pass  # the loop is closed: we are shutting down
 
-    watcher = PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s, backoff_max_s=cs.backoff_max_s)
-    roots.spawn(controller.run(), "predictor-reconcile")
-    watcher.start()
+        controllers.append(controller)
+        watchers.append(PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s,
+                                         backoff_max_s=cs.backoff_max_s))
+        roots.spawn(controller.run(), f"{kind.name.lower()}-reconcile")
+    for watcher in watchers:
+        watcher.start()
     scope = f"namespace {cs.namespace}" if cs.namespace else "all namespaces"
     try:
-        synced = asyncio.ensure_future(controller.synced.wait())
+        async def all_synced() -> None:
+            for c in controllers:
+                await c.synced.wait()
+
+        synced = asyncio.ensure_future(all_synced())
         stopping = asyncio.ensure_future(roots.stopping.wait())
         await asyncio.wait({synced, stopping}, return_when=asyncio.FIRST_COMPLETED)
         synced.cancel()
         stopping.cancel()
-        if controller.synced.is_set() and not roots.stopping.is_set():
-            log.info("controller running", api_server=api.host, scope=scope, router=cs.router_endpoint,
-                     predictors=len(controller.cache))
+        if all(c.synced.is_set() for c in controllers) and not roots.stopping.is_set():
+            log.info("controller running", api_server=client.configuration.host, scope=scope,
+                     router=cs.router_endpoint, **{c.kind.name: len(c.cache) for c in controllers})
             if on_ready:
-                on_ready(api.host)
+                on_ready(str(client.configuration.host))
         await roots.wait()
     finally:
         # Ordered shutdown: stop watching (no new work), stop the workers, then close the clients.
-        await asyncio.to_thread(watcher.stop)
+        for watcher in watchers:
+            await asyncio.to_thread(watcher.stop)
         await roots.cancel_all()
         await call_soon_safely(router.close, "close router channel")
-        await asyncio.to_thread(api.close)
+        await asyncio.to_thread(kinds[0][1].close)
         log.info("controller stopped")

@@ -40,6 +40,8 @@ log = structlog.get_logger(__name__)
 GROUP = "serving.kserve.io"
 VERSION = "v1alpha1"
 PLURAL = "predictors"
+ISVC_VERSION = "v1beta1"
+ISVC_PLURAL = "inferenceservices"
 _CALL_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds of one ordinary API call
 
 
@@ -83,12 +85,16 @@ def api_client(settings: ControllerSettings) -> client.ApiClient:
 
 
 class PredictorApi:
-    """Blocking calls on Predictors in one namespace ("" = all namespaces); run them in threads."""
+    """Blocking calls on Predictors (or, with ``version``/``plural``, InferenceServices) in one
+    namespace ("" = all namespaces); run them in threads."""
 
-    def __init__(self, api_client: client.ApiClient, namespace: str = "") -> None:
+    def __init__(self, api_client: client.ApiClient, namespace: str = "", *, version: str = VERSION,
+                 plural: str = PLURAL) -> None:
         self._client = api_client
         self._api = client.CustomObjectsApi(api_client)
         self.namespace = namespace
+        self.version = version
+        self.plural = plural
 
     @property
     def host(self) -> str:
@@ -96,8 +102,8 @@ class PredictorApi:
 
     def _list_call(self, **kwargs: Any) -> Any:
         if self.namespace:
-            return self._api.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, **kwargs)
-        return self._api.list_custom_object_for_all_namespaces(GROUP, VERSION, PLURAL, **kwargs)
+            return self._api.list_namespaced_custom_object(GROUP, self.version, self.namespace, self.plural, **kwargs)
+        return self._api.list_custom_object_for_all_namespaces(GROUP, self.version, self.plural, **kwargs)
 
     def list(self) -> tuple[list[dict[str, Any]], str]:
         """Every Predictor, and the collection's resourceVersion to watch from."""
@@ -120,7 +126,7 @@ class PredictorApi:
         """Merge-patch the status subresource; None if the Predictor is gone."""
         try:
             result = self._api.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, PLURAL, name, patch, _request_timeout=_CALL_TIMEOUT)
+                GROUP, self.version, namespace, self.plural, name, patch, _request_timeout=_CALL_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -176,25 +182,45 @@ class PredictorWatcher:
 
     def _run(self) -> None:
         version: str | None = None
+        missing = False  # the resource type is not installed (its CRD): told once, listed again later
         while not self._stopped.is_set():
             try:
                 if version is None:
                     items, version = self.api.list()
                     self.relists += 1
+                    missing = False
                     self.deliver(WatchEvent("SYNC", objects=items))
                 version = self._watch_once(version)
                 self.backoff.reset()
             except Gone as exc:
                 log.info("watch version expired; listing again", reason=str(exc))
                 version = None
+            except ApiException as exc:
+                if self._stopped.is_set():
+                    break
+                if exc.status == 404 and version is None:
+                    # No such resource type on this cluster (InferenceServices without KServe's or
+                    # our CRD): none exist, so the controller is in sync with an empty list; it
+                    # lists again, slowly, and picks them up once the CRD is installed.
+                    if not missing:
+                        log.warning(f"{self.api.plural} are not served by this API server (no CRD); "
+                                    "checking again every backoff_max_s", api_server=self.api.host)
+                        self.deliver(WatchEvent("SYNC", objects=[]))
+                        missing = True
+                    self._stopped.wait(self.backoff.cap)
+                    continue
+                self._retry(exc)
             except Exception as exc:
                 if self._stopped.is_set():
                     break
-                delay = self.backoff.next()
-                log.warning("Predictor list/watch failed; retrying", error=_describe(exc), retry_in_s=delay,
-                            api_server=self.api.host)
-                # Resume from the last version seen (a 410 then says whether events were lost).
-                self._stopped.wait(delay)
+                self._retry(exc)
+
+    def _retry(self, exc: Exception) -> None:
+        delay = self.backoff.next()
+        log.warning(f"{self.api.plural} list/watch failed; retrying", error=_describe(exc), retry_in_s=delay,
+                    api_server=self.api.host)
+        # Resume from the last version seen (a 410 then says whether events were lost).
+        self._stopped.wait(delay)
 
     def _watch_once(self, version: str) -> str:
         """One watch request, to its end; the last version seen (BOOKMARKs included)."""

@@ -350,7 +350,8 @@ def _model_state(model: ModelState | None) -> str:
     return _MODEL_STATES.get(model.status, PENDING) if model is not None else PENDING
 
 
-def _time(ms: int) -> str:
+def timestamp(ms: int) -> str:
+    """An RFC 3339 time (UTC, seconds) for a status, from milliseconds since the epoch."""
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -412,7 +413,7 @@ def predictor_status(state: VModelState, *, previous: Mapping[str, Any] | None =
         if before.get("time") and {k: v for k, v in before.items() if k != "time"} == info:
             info["time"] = before["time"]  # the same failure: its time stays, so the status does
         else:
-            info["time"] = _time(failure.time_ms or now_ms)
+            info["time"] = timestamp(failure.time_ms or now_ms)
         status["lastFailureInfo"] = info
     return status
 

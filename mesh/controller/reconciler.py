@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from mesh.controller import isvc
 from mesh.controller.events import WatchEvent
 from mesh.controller.predictor import (
     INVALID_PREDICTOR_SPEC,
@@ -57,6 +58,7 @@ from mesh.controller.predictor import (
     registration,
     requeue_after,
     status_patch,
+    timestamp,
 )
 from mesh.controller.queue import Backoff, WorkQueue
 from mesh.errors import Code, MeshError
@@ -80,6 +82,67 @@ class MeshApi(Protocol):
 
 class StatusWriter(Protocol):
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
+
+
+class Kind:
+    """Predictors: the resource this controller reconciles, and how it maps to the Predictor
+    reconcile (the identity here). :class:`InferenceServices` converts."""
+
+    name = "Predictor"
+
+    def owner(self, owner: str) -> str:
+        return owner
+
+    def registration(self, obj: Mapping[str, Any], default_storage_key: str) -> Registration | None:
+        """What ``obj`` asks of the mesh; None if the mesh does not serve it; InvalidPredictor."""
+        return registration(obj, default_storage_key=default_storage_key)
+
+    def model_id(self, namespace: str, name: str, obj: Mapping[str, Any]) -> str:
+        """The concrete model ID to name in the status of a spec that cannot be served."""
+        spec = obj.get("spec")
+        return concrete_model_id(namespace, name, spec if isinstance(spec, Mapping) else {})
+
+    def previous(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """The object's status, as the Predictor status it was written from."""
+        return dict(obj.get("status") or {})
+
+    def patch(self, obj: Mapping[str, Any], status: dict[str, Any], now_ms: int) -> dict[str, Any] | None:
+        """The status patch for the Predictor status ``status`` (None: nothing to write)."""
+        return status_patch(obj.get("status"), status)
+
+
+class InferenceServices(Kind):
+    """ModelMesh-mode InferenceServices, through the Predictor they stand for (mesh.controller.isvc)."""
+
+    name = "InferenceService"
+
+    def __init__(self, grpc_url: str, rest_url: str) -> None:
+        self.grpc_url = grpc_url
+        self.rest_url = rest_url
+
+    def owner(self, owner: str) -> str:
+        return f"{owner}/{isvc.SOURCE}"
+
+    def registration(self, obj: Mapping[str, Any], default_storage_key: str) -> Registration | None:
+        if not isvc.is_modelmesh(obj):
+            return None
+        return isvc.isvc_registration(obj, default_storage_key=default_storage_key)
+
+    def model_id(self, namespace: str, name: str, obj: Mapping[str, Any]) -> str:
+        try:
+            spec = isvc.as_predictor(obj)["spec"]
+        except InvalidPredictor:
+            spec = {}
+        return isvc.isvc_model_id(concrete_model_id(namespace, name, spec), name)
+
+    def previous(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        return isvc.predictor_view(obj.get("status"))
+
+    def patch(self, obj: Mapping[str, Any], status: dict[str, Any], now_ms: int) -> dict[str, Any] | None:
+        current = obj.get("status") or {}
+        wanted = isvc.isvc_status(status, previous=current, grpc_url=self.grpc_url, rest_url=self.rest_url,
+                                  now=timestamp(now_ms))
+        return isvc.isvc_status_patch(current, wanted)
 
 
 def refusal(exc: MeshError, reg: Registration) -> Failure | None:
@@ -106,8 +169,10 @@ def refusal(exc: MeshError, reg: Registration) -> Failure | None:
 
 class PredictorController:
     def __init__(self, settings: ControllerSettings, *, mesh: MeshApi, kube: StatusWriter,
-                 workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+                 workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time,
+                 kind: Kind | None = None) -> None:
         self.settings = settings
+        self.kind = kind or Kind()
         self.mesh = mesh
         self.kube = kube
         self.workers = workers
@@ -119,10 +184,13 @@ class PredictorController:
         self.synced = asyncio.Event()  # set once the first list has been queued
         self._backoff: dict[Key, Backoff] = {}
         self._settling: dict[Key, float] = {}  # key -> until when a requested load is polled
+        # Objects the mesh does not serve (InferenceServices of KServe's own) whose vModel, if any,
+        # was removed once: not asked again at every resync.
+        self._cleared: set[Key] = set()
         self.grpc_endpoint = f"grpc://{settings.router_endpoint}"
 
     def owner(self, namespace: str) -> str:
-        return f"{self.settings.owner}/{namespace}"
+        return self.kind.owner(f"{self.settings.owner}/{namespace}")
 
     # --- events (on the event loop; cheap: they only queue keys) --------------------------------
     def on_event(self, event: WatchEvent) -> None:
@@ -192,7 +260,20 @@ class PredictorController:
         namespace, name = key
         owner = self.owner(namespace)
         obj = self.cache.get(key)
-        if obj is None:
+        reg: Registration | None = None
+        if obj is not None:
+            try:
+                reg = self.kind.registration(obj, self.settings.default_storage_key)
+            except InvalidPredictor as exc:
+                state = await self.mesh.vmodel_status(name, owner=owner)
+                invalid = Failure(INVALID_PREDICTOR_SPEC, exc.message, self.kind.model_id(namespace, name, obj))
+                await self._write(key, obj, predictor_status(
+                    state, previous=self.kind.previous(obj), failure=invalid, now_ms=self._now_ms(),
+                    grpc_endpoint=self.grpc_endpoint))
+                return None
+        if reg is None and obj is not None and key in self._cleared:
+            return None
+        if reg is None:  # gone, or not served by the mesh (an InferenceService of KServe's)
             try:
                 await self.mesh.delete_vmodel(name, owner=owner)
             except MeshError as exc:
@@ -200,20 +281,17 @@ class PredictorController:
                     raise
                 log.warning("vModel not deleted: another owner has it", predictor=name, error=exc.message)
             self._settling.pop(key, None)
+            if obj is not None:
+                self._cleared.add(key)
+            else:
+                self._cleared.discard(key)
             if self.registered.pop(key, None) is not None:
-                log.info("Predictor deleted; vModel removed", namespace=namespace, predictor=name)
+                log.info(f"{self.kind.name} deleted or no longer served; vModel removed", namespace=namespace,
+                         name=name)
             return None
-        status = obj.get("status") or {}
-        try:
-            reg = registration(obj, default_storage_key=self.settings.default_storage_key)
-        except InvalidPredictor as exc:
-            state = await self.mesh.vmodel_status(name, owner=owner)
-            spec = obj.get("spec")
-            invalid = Failure(INVALID_PREDICTOR_SPEC, exc.message,
-                              concrete_model_id(namespace, name, spec if isinstance(spec, Mapping) else {}))
-            await self._write(key, obj, predictor_status(state, previous=status, failure=invalid,
-                                                         now_ms=self._now_ms(), grpc_endpoint=self.grpc_endpoint))
-            return None
+        assert obj is not None
+        self._cleared.discard(key)
+        status = self.kind.previous(obj)
 
         failure: Failure | None = None
         try:
@@ -255,7 +333,7 @@ class PredictorController:
         return delay
 
     async def _write(self, key: Key, obj: dict[str, Any], status: dict[str, Any]) -> None:
-        patch = status_patch(obj.get("status"), status)
+        patch = self.kind.patch(obj, status, self._now_ms())
         if patch is None:
             return
         updated = await self.kube.patch_status(key[0], key[1], patch)
@@ -264,7 +342,7 @@ class PredictorController:
             # Only the status: the spec in the cache must stay what the watch last delivered, or a
             # spec change racing with this write could be taken as already seen.
             self.cache[key] = {**cached, "status": updated.get("status") or {}}
-        log.info("Predictor status updated", namespace=key[0], predictor=key[1],
+        log.info(f"{self.kind.name} status updated", namespace=key[0], name=key[1],
                  available=status["available"], active=status["activeModelState"],
                  target=status["targetModelState"], transition=status["transitionStatus"])
 
