@@ -309,11 +309,12 @@ def test_base_deploys_every_part(base: list[Doc]) -> None:
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
 
 
-def test_controller_role_grants_only_predictor_reads_and_status_writes(base: list[Doc]) -> None:
+def test_controller_role_grants_only_predictor_and_inferenceservice_reads_and_status_writes(base: list[Doc]) -> None:
     role = _one(base, "Role", "mesh-controller")
     assert role["rules"] == [
-        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors/status"],
+        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors", "inferenceservices"],
+         "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors/status", "inferenceservices/status"],
          "verbs": ["get", "patch", "update"]},
     ]
     assert not [d for d in base if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
