@@ -570,6 +570,10 @@ def test_router_and_controller(base: list[Doc]) -> None:
     assert container["resources"]["limits"]["memory"]
     service = _one(base, "Service", "mesh-router")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8033, "rest": 8008, "metrics": 2112}
+    # modelmesh-serving's Service name and ports, for clients that keep their address
+    alias = _one(base, "Service", "modelmesh-serving")
+    assert alias["spec"]["selector"] == service["spec"]["selector"]
+    assert {p["port"]: p["targetPort"] for p in alias["spec"]["ports"]} == {8033: "grpc", 8008: "rest"}
 
     controller = _one(base, "Deployment", "mesh-controller")
     assert controller["spec"]["replicas"] == 1
