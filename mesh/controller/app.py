@@ -1,7 +1,10 @@
 """Assembles and runs the controller process (``mesh serve controller``).
 
-It watches ``Predictor`` resources (serving.kserve.io/v1alpha1) and keeps one vModel per Predictor
-in the mesh through a router's management API, like modelmesh-serving's controller; see
+It watches ``Predictor`` resources (serving.kserve.io/v1alpha1) and, with
+``controller.inference_services``, ``InferenceService`` resources in ModelMesh deployment mode
+(serving.kserve.io/v1beta1; :mod:`mesh.controller.isvc`), one reconciler and one watch per kind,
+and keeps one vModel per object in the mesh through a router's management API, like
+modelmesh-serving's controller; see
 :mod:`mesh.controller.reconciler` for what a reconcile does and :mod:`mesh.controller.predictor`
 for the mapping. It needs no registry access of its own: the router is its only way into the mesh.
 

@@ -1,5 +1,10 @@
 """Reconciles Predictors with the mesh: the controller's core, transport-neutral.
 
+InferenceServices go through the same reconcile as the Predictor they stand for (a :class:`Kind`
+converts the object, its owner, its model ID and its status; :class:`InferenceServices`). An object
+the mesh does not serve (an InferenceService without the ModelMesh annotation) is treated as
+absent: its vModel, if it had one, is removed once.
+
 Inputs are watch events (:meth:`PredictorController.on_event`) and a periodic resync; each only
 queues the Predictor's key, and a worker reconciles it against the latest object:
 
