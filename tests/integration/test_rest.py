@@ -10,10 +10,9 @@ Every answer is compared with what the model's own library computes in this proc
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,12 @@ import aiohttp
 import joblib
 import numpy as np
 import pytest
-import structlog
 import tritonclient.http as triton
 import tritonclient.http.aio as triton_aio
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from mesh.gen.mmesh import model_mesh_pb2 as mm
-from mesh.logging import add_request_context
 from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 
@@ -437,16 +434,6 @@ async def test_rest_and_grpc_give_the_same_outputs(mesh: InProcessMesh, models: 
 
 
 # --- trace context --------------------------------------------------------------------------------
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    """Log events as the configured JSON renderer would get them (context merged in)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    with structlog.testing.capture_logs(
-            processors=[structlog.contextvars.merge_contextvars, add_request_context]) as entries:
-        yield entries
-    structlog.reset_defaults()
-
-
 async def test_trace_context_and_request_id_reach_the_runtime(
         models: dict[str, Trained], logs: list[dict[str, Any]]) -> None:
     m = InProcessMesh(memory_url(), log_overrides={"access_log": True})

@@ -5,7 +5,6 @@ client certificates (``tls.client_auth = require``) and ``tls.allowed_peers``. R
 
 from __future__ import annotations
 
-import hashlib
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from tests.support.certs import CertAuthority, Pem
 from tests.support.inprocess import InProcessMesh, memory_url
+from tests.support.tokens import tokens_toml
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -69,23 +69,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
 @pytest.fixture(scope="module")
 def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("rest-auth") / "tokens.toml"
-    path.write_text(f"""
-[[token]]
-name = "admin"
-role = "write"
-sha256 = "{hashlib.sha256(WRITER.encode()).hexdigest()}"
-
-[[token]]
-name = "viewer"
-role = "read"
-sha256 = "{hashlib.sha256(READER.encode()).hexdigest()}"
-
-[[token]]
-name = "team-a"
-role = "write"
-token = "{TEAM_A}"
-prefixes = ["team-a/"]
-""")
+    path.write_text(tokens_toml(writer=WRITER, reader=READER, team_a=TEAM_A))
     return path
 
 

@@ -5,7 +5,6 @@ certificates made by the test."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import os
@@ -41,6 +40,7 @@ from mesh.transport.tls import runtime_channel_security, server_credentials
 from tests.support.certs import CertAuthority, Pem
 from tests.support.inprocess import Component, InProcessMesh, memory_url, start
 from tests.support.models import ModelArtifact, make_model
+from tests.support.tokens import tokens_toml
 
 pytestmark = pytest.mark.integration
 
@@ -73,24 +73,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
 @pytest.fixture(scope="module")
 def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("auth") / "tokens.toml"
-    path.write_text(f"""
-[[token]]
-name = "admin"
-role = "write"
-sha256 = "{hashlib.sha256(WRITER.encode()).hexdigest()}"
-
-[[token]]
-name = "viewer"
-role = "read"
-sha256 = "{hashlib.sha256(READER.encode()).hexdigest()}"
-
-[[token]]
-name = "team-a"
-role = "write"
-token = "{TEAM_A}"
-prefixes = ["team-a/"]
-storage_keys = ["team-a-s3"]
-""")
+    path.write_text(tokens_toml(writer=WRITER, reader=READER, team_a=TEAM_A,
+                                team_a_extra='storage_keys = ["team-a-s3"]\n'))
     return path
 
 

@@ -7,18 +7,15 @@ span is the parent of the runtime's, in the client's trace when it sent one.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import structlog
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from mesh.logging import add_request_context
 from mesh.tensors import encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
 from tests.support.models import ModelArtifact, make_model
@@ -33,16 +30,6 @@ TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
     return make_model("sklearn", tmp_path_factory.mktemp("models"), seed=3)
-
-
-@pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
-    """Log events as the configured JSON renderer would get them (context merged in)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
-    with structlog.testing.capture_logs(
-            processors=[structlog.contextvars.merge_contextvars, add_request_context]) as entries:
-        yield entries
-    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")
