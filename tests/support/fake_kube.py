@@ -1,43 +1,58 @@
-"""A FAKE Kubernetes API server for the ``Predictor`` custom resource, for tests only.
+"""A FAKE Kubernetes API server for custom resources (``Predictor`` and ``InferenceService``), for
+tests only.
 
 Why a fake: no kube-apiserver (nor etcd-backed control plane such as kind or k3s) can be installed
 on the machines these tests run on, yet the controller must be tested through the real client
 library (the official ``kubernetes`` package) speaking the real REST paths and watch protocol.
 This server implements just enough of the API server for that, in one process, on 127.0.0.1.
 
-What it implements (``serving.kserve.io/v1alpha1``, plural ``predictors``, namespaced):
+Which resources: those given as ``resources`` (:class:`Resource`: group, version, plural, kind,
+CRD file), each namespaced with the status subresource, like a CRD installed in the cluster. The
+default is :data:`PREDICTORS` alone (``serving.kserve.io/v1alpha1``, plural ``predictors``);
+``FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES))`` adds InferenceServices
+(``serving.kserve.io/v1beta1``, plural ``inferenceservices``). A resource not served answers 404
+on every path, as a cluster without its CRD does. All resources share one revision counter, as
+etcd's is shared. For each resource ``R`` (``{base}`` = ``/apis/{group}/{version}``):
 
-- ``GET /apis/serving.kserve.io/v1alpha1[/namespaces/{ns}]/predictors``: a ``PredictorList`` whose
-  ``metadata.resourceVersion`` is a global revision counter (like etcd's), as a string.
+- ``GET {base}[/namespaces/{ns}]/R``: a ``<Kind>List`` whose ``metadata.resourceVersion`` is the
+  global revision counter, as a string.
 - The same with ``watch=true|1``: newline-delimited JSON events (ADDED, MODIFIED, DELETED,
-  BOOKMARK, ERROR) in a chunked response. With ``resourceVersion=N`` it replays every change after
-  N, then follows live changes; without one (or ``0``) it first sends an ADDED event per existing
-  object. It ends after ``timeoutSeconds`` (capped by ``max_watch_s``), as real servers end
-  watches. ``allowWatchBookmarks=true`` adds a BOOKMARK (only ``metadata.resourceVersion``) every
-  ``bookmark_interval_s``. A version older than the compacted history gets one ERROR event with a
-  410 ``Expired`` Status, and the stream ends (what a real server does on an HTTP 200 watch).
-- ``GET/POST/PUT/PATCH/DELETE`` on ``.../namespaces/{ns}/predictors[/{name}]``: POST sets uid,
-  creationTimestamp, generation 1 and resourceVersion; a spec change bumps generation; writes to
-  the main resource ignore ``.status`` (the CRD has the status subresource); PUT needs
-  ``metadata.resourceVersion`` and a stale one is 409 Conflict; PATCH takes JSON merge patches
-  (``application/merge-patch+json``; also plain ``application/json``), and honours a
-  ``metadata.resourceVersion`` in the patch as a precondition. Errors are ``Status`` bodies with
-  the real reasons (NotFound, AlreadyExists, Conflict, Invalid, BadRequest, Expired).
-- ``.../predictors/{name}/status`` GET/PUT/PATCH: only ``.status`` changes; resourceVersion moves,
-  generation does not.
-- Schema validation (``validate=True``, the default): if ``deploy/crd/serving.kserve.io_predictors.yaml``
-  exists, every written object is checked against its ``openAPIV3Schema`` with ``jsonschema``
-  (422 ``Invalid`` when it fails); without the file anything is accepted.
+  BOOKMARK, ERROR) of that resource, in a chunked response. With ``resourceVersion=N`` it replays
+  every change after N, then follows live changes; without one (or ``0``) it first sends an ADDED
+  event per existing object. It ends after ``timeoutSeconds`` (capped by ``max_watch_s``), as real
+  servers end watches. ``allowWatchBookmarks=true`` adds a BOOKMARK (only
+  ``metadata.resourceVersion``) every ``bookmark_interval_s``. A version older than the compacted
+  history gets one ERROR event with a 410 ``Expired`` Status, and the stream ends (what a real
+  server does on an HTTP 200 watch).
+- ``GET/POST/PUT/PATCH/DELETE`` on ``{base}/namespaces/{ns}/R[/{name}]``: POST sets uid,
+  creationTimestamp, generation 1 and resourceVersion; a spec change bumps generation (a change
+  of labels or annotations does not, as for real custom resources); writes to the main resource
+  ignore ``.status`` (the status subresource); PUT needs ``metadata.resourceVersion`` and a stale
+  one is 409 Conflict; PATCH takes JSON merge patches (``application/merge-patch+json``; also
+  plain ``application/json``), and honours a ``metadata.resourceVersion`` in the patch as a
+  precondition. Errors are ``Status`` bodies with the real reasons (NotFound, AlreadyExists,
+  Conflict, Invalid, BadRequest, Expired).
+- ``{base}/namespaces/{ns}/R/{name}/status`` GET/PUT/PATCH: only ``.status`` changes;
+  resourceVersion moves, generation does not.
+- Schema validation (``validate=True``, the default): if the resource's CRD file exists
+  (``deploy/crd/serving.kserve.io_predictors.yaml``, ``deploy/crd/serving.kserve.io_inferenceservices.yaml``),
+  every written object, status writes included, is checked against that version's
+  ``openAPIV3Schema`` with ``jsonschema`` (422 ``Invalid`` when it fails); without the file
+  anything is accepted. Unknown fields are accepted (the API server would prune them or, with
+  strict field validation, refuse them; tests/unit/test_deploy.py checks the strict reading).
 
-What it does not: authentication and RBAC, other resources or API discovery, JSON patch and
-server-side apply, label/field selectors, paginated lists (``limit``/``continue``), finalizers and
-graceful deletion (DELETE removes at once), schema defaulting and pruning, protobuf encoding.
+What it does not: authentication and RBAC, built-in resources, API discovery (``/apis``), JSON
+patch and server-side apply, label/field selectors, paginated lists (``limit``/``continue``),
+finalizers and graceful deletion (DELETE removes at once), schema defaulting and pruning, the
+``x-kubernetes-*`` schema extensions, protobuf encoding.
 
 Test hooks: :meth:`compact` (forget history: older versions get 410), :meth:`end_watches` (close
 open watch streams now), :meth:`hold_watches` (no watch runs inside the block), :meth:`fail_next`
 (the next requests answer an error), :attr:`requests` (every request's method, path, query and
-body), :meth:`objects` (a snapshot of the stored objects), and :meth:`put` / :meth:`delete` to
-change objects without going through HTTP.
+body), :meth:`objects` (a snapshot of the stored objects), and :meth:`put` / :meth:`delete` /
+:meth:`get` to change and read objects without going through HTTP. Those take a ``resource``;
+without one, :meth:`put` picks it by the object's ``apiVersion`` and ``kind`` and the others use
+the first resource served (Predictors by default), so single-resource tests need not name it.
 """
 
 from __future__ import annotations
@@ -57,13 +72,40 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-GROUP = "serving.kserve.io"
-VERSION = "v1alpha1"
-PLURAL = "predictors"
-KIND = "Predictor"
-API_VERSION = f"{GROUP}/{VERSION}"
-CRD_FILE = Path(__file__).resolve().parents[2] / "deploy" / "crd" / "serving.kserve.io_predictors.yaml"
-_PREFIX = f"/apis/{GROUP}/{VERSION}"
+_CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "crd"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A namespaced custom resource with the status subresource, as its CRD declares it."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    crd_file: Path  # its CRD: the schema writes are validated against, if the file exists
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+    @property
+    def prefix(self) -> str:
+        return f"/apis/{self.group}/{self.version}"
+
+
+PREDICTORS = Resource("serving.kserve.io", "v1alpha1", "predictors", "Predictor",
+                      _CRD_DIR / "serving.kserve.io_predictors.yaml")
+INFERENCE_SERVICES = Resource("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService",
+                              _CRD_DIR / "serving.kserve.io_inferenceservices.yaml")
+
+# The Predictor resource's names, as before several resources were served.
+GROUP = PREDICTORS.group
+VERSION = PREDICTORS.version
+PLURAL = PREDICTORS.plural
+KIND = PREDICTORS.kind
+API_VERSION = PREDICTORS.api_version
+CRD_FILE = PREDICTORS.crd_file
 
 
 @dataclass(frozen=True)
@@ -78,15 +120,17 @@ class Request:
 class ApiError(Exception):
     """Answered as a ``Status`` body with this HTTP code and reason."""
 
-    def __init__(self, code: int, reason: str, message: str, name: str = "") -> None:
+    def __init__(self, code: int, reason: str, message: str, name: str = "",
+                 resource: Resource | None = None) -> None:
         super().__init__(message)
         self.code, self.reason, self.message, self.name = code, reason, message, name
+        self.resource = resource
 
     def status(self) -> dict[str, Any]:
         body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                                 "message": self.message, "reason": self.reason, "code": self.code}
-        if self.name:
-            body["details"] = {"name": self.name, "group": GROUP, "kind": PLURAL}
+        if self.name and self.resource is not None:
+            body["details"] = {"name": self.name, "group": self.resource.group, "kind": self.resource.plural}
         return body
 
 
@@ -103,30 +147,37 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-def _load_schema(validate: bool) -> dict[str, Any] | None:
-    if not validate or not CRD_FILE.exists():
+def _load_schema(resource: Resource, validate: bool) -> dict[str, Any] | None:
+    if not validate or not resource.crd_file.exists():
         return None
     import yaml
 
-    crd = yaml.safe_load(CRD_FILE.read_text())
+    crd = yaml.safe_load(resource.crd_file.read_text())
     for version in crd["spec"]["versions"]:
-        if version["name"] == VERSION:
-            return version["schema"]["openAPIV3Schema"]
+        if version["name"] == resource.version:
+            schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+            return schema
     return None
+
+
+_NOT_FOUND = "the server could not find the requested resource"
 
 
 class FakeKubeApiServer:
     """Start with :meth:`start` (or ``with FakeKubeApiServer() as api:``); :attr:`url` is its address."""
 
-    def __init__(self, *, validate: bool = True, bookmark_interval_s: float = 1.0,
-                 max_watch_s: float = 60.0) -> None:
+    def __init__(self, *, resources: tuple[Resource, ...] = (PREDICTORS,), validate: bool = True,
+                 bookmark_interval_s: float = 1.0, max_watch_s: float = 60.0) -> None:
+        if not resources or len({(r.group, r.version, r.plural) for r in resources}) != len(resources):
+            raise ValueError("resources must be given, each once")
+        self.resources = tuple(resources)
         self.bookmark_interval_s = bookmark_interval_s
         self.max_watch_s = max_watch_s
-        self._schema = _load_schema(validate)
+        self._schemas = {r: _load_schema(r, validate) for r in self.resources}
         self._cond = threading.Condition()
         self._rv = 1
-        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self._history: list[tuple[int, str, dict[str, Any]]] = []  # (rv, event type, object)
+        self._objects: dict[tuple[Resource, str, str], dict[str, Any]] = {}  # (resource, ns, name)
+        self._history: list[tuple[int, str, Resource, dict[str, Any]]] = []  # (rv, event type, resource, object)
         self._oldest_rv = 1  # watches from an older version get 410 Gone
         self._watch_epoch = 0
         self._watches_held = False
@@ -218,13 +269,34 @@ class FakeKubeApiServer:
         """Requests with this method whose path ends with ``path_suffix``, from index ``since`` on."""
         return sum(1 for r in self.requests[since:] if r.method == method and r.path.endswith(path_suffix))
 
-    def objects(self) -> list[dict[str, Any]]:
-        with self._cond:
-            return [copy.deepcopy(o) for _, o in sorted(self._objects.items())]
+    def _served(self, resource: Resource | None) -> Resource:
+        if resource is None:
+            return self.resources[0]
+        if resource not in self.resources:
+            raise ValueError(f"{resource.plural}.{resource.group}/{resource.version} is not served here")
+        return resource
 
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def resource_of(self, obj: dict[str, Any]) -> Resource:
+        """The served resource an object's ``apiVersion`` and ``kind`` name (the first resource if
+        it names none)."""
+        api_version, kind = obj.get("apiVersion"), obj.get("kind")
+        if api_version is None and kind is None:
+            return self.resources[0]
+        for r in self.resources:
+            if (api_version, kind) == (r.api_version, r.kind):
+                return r
+        raise ValueError(f"{kind} {api_version} is not served here")
+
+    def objects(self, resource: Resource | None = None) -> list[dict[str, Any]]:
+        """The stored objects of ``resource`` (default: the first served), by namespace and name."""
+        r = self._served(resource)
         with self._cond:
-            obj = self._objects.get((namespace, name))
+            return [copy.deepcopy(o) for (res, ns, name), o in sorted(self._objects.items(), key=_order)
+                    if res == r]
+
+    def get(self, namespace: str, name: str, resource: Resource | None = None) -> dict[str, Any] | None:
+        with self._cond:
+            obj = self._objects.get((self._served(resource), namespace, name))
             return copy.deepcopy(obj) if obj is not None else None
 
     @property
@@ -232,85 +304,90 @@ class FakeKubeApiServer:
         with self._cond:
             return self._rv
 
-    def put(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create or replace (unconditionally) an object, as if a user applied it."""
+    def put(self, obj: dict[str, Any], resource: Resource | None = None) -> dict[str, Any]:
+        """Create or replace (unconditionally) an object, as if a user applied it; its resource is
+        ``resource``, else the one its ``apiVersion`` and ``kind`` name."""
+        r = self._served(resource) if resource is not None else self.resource_of(obj)
         meta = obj.get("metadata", {})
         ns, name = meta.get("namespace", "default"), meta["name"]
         with self._cond:
-            current = self._objects.get((ns, name))
+            current = self._objects.get((r, ns, name))
             if current is None:
-                return self._create(ns, obj)
+                return self._create(r, ns, obj)
             body = copy.deepcopy(obj)
             body.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
-            return self._replace(ns, name, body, status_only=False)
+            return self._replace(r, ns, name, body, status_only=False)
 
-    def delete(self, namespace: str, name: str) -> None:
+    def delete(self, namespace: str, name: str, resource: Resource | None = None) -> None:
+        r = self._served(resource)
         with self._cond:
-            self._delete(namespace, name)
+            self._delete(r, namespace, name)
 
     # --- store (called with the lock held) ----------------------------------------------------
-    def _record(self, kind: str, obj: dict[str, Any]) -> None:
-        self._history.append((self._rv, kind, copy.deepcopy(obj)))
+    def _record(self, kind: str, resource: Resource, obj: dict[str, Any]) -> None:
+        self._history.append((self._rv, kind, resource, copy.deepcopy(obj)))
         self._cond.notify_all()
 
     def _bump(self) -> str:
         self._rv += 1
         return str(self._rv)
 
-    def _validate(self, obj: dict[str, Any]) -> None:
-        if self._schema is None:
+    def _validate(self, r: Resource, obj: dict[str, Any]) -> None:
+        schema = self._schemas[r]
+        if schema is None:
             return
         import jsonschema
 
-        errors = sorted(jsonschema.Draft7Validator(self._schema).iter_errors(obj), key=lambda e: list(e.path))
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
         if errors:
             name = obj.get("metadata", {}).get("name", "")
             causes = "; ".join(f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}" for e in errors)
-            raise ApiError(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: {causes}', name)
+            raise ApiError(422, "Invalid", f'{r.kind}.{r.group} "{name}" is invalid: {causes}', name, r)
 
-    def _create(self, ns: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _create(self, r: Resource, ns: str, body: dict[str, Any]) -> dict[str, Any]:
         meta = body.get("metadata") or {}
         name = meta.get("name")
         if not name:
-            raise ApiError(422, "Invalid", f"{KIND}.{GROUP} is invalid: metadata.name: Required value")
+            raise ApiError(422, "Invalid", f"{r.kind}.{r.group} is invalid: metadata.name: Required value")
         if meta.get("namespace", ns) != ns:
             raise ApiError(400, "BadRequest", "the namespace of the provided object does not match "
                                               "the namespace sent on the request")
-        if (ns, name) in self._objects:
-            raise ApiError(409, "AlreadyExists", f'{PLURAL}.{GROUP} "{name}" already exists', name)
+        if (r, ns, name) in self._objects:
+            raise ApiError(409, "AlreadyExists", f'{r.plural}.{r.group} "{name}" already exists', name, r)
         obj = copy.deepcopy(body)
-        obj["apiVersion"], obj["kind"] = API_VERSION, KIND
+        obj["apiVersion"], obj["kind"] = r.api_version, r.kind
         obj.pop("status", None)  # status is written through the subresource only
         keep = {k: v for k, v in meta.items() if k in ("labels", "annotations")}
         obj["metadata"] = {**keep, "name": name, "namespace": ns, "uid": str(uuid.uuid4()), "generation": 1,
                            "creationTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-        self._validate(obj)
+        self._validate(r, obj)
         obj["metadata"]["resourceVersion"] = self._bump()
-        self._objects[(ns, name)] = obj
-        self._record("ADDED", obj)
+        self._objects[(r, ns, name)] = obj
+        self._record("ADDED", r, obj)
         return obj
 
-    def _existing(self, ns: str, name: str) -> dict[str, Any]:
-        obj = self._objects.get((ns, name))
+    def _existing(self, r: Resource, ns: str, name: str) -> dict[str, Any]:
+        obj = self._objects.get((r, ns, name))
         if obj is None:
-            raise ApiError(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found', name)
+            raise ApiError(404, "NotFound", f'{r.plural}.{r.group} "{name}" not found', name, r)
         return obj
 
-    def _replace(self, ns: str, name: str, body: dict[str, Any], *, status_only: bool) -> dict[str, Any]:
-        current = self._existing(ns, name)
+    def _replace(self, r: Resource, ns: str, name: str, body: dict[str, Any], *,
+                 status_only: bool) -> dict[str, Any]:
+        current = self._existing(r, ns, name)
         wanted = (body.get("metadata") or {}).get("resourceVersion")
         if not wanted:
-            raise ApiError(422, "Invalid", f'{KIND}.{GROUP} "{name}" is invalid: metadata.resourceVersion: '
-                                           "Invalid value: 0x0: must be specified for an update", name)
-        return self._update(current, body, status_only=status_only, expected_rv=str(wanted))
+            raise ApiError(422, "Invalid", f'{r.kind}.{r.group} "{name}" is invalid: metadata.resourceVersion: '
+                                           "Invalid value: 0x0: must be specified for an update", name, r)
+        return self._update(r, current, body, status_only=status_only, expected_rv=str(wanted))
 
-    def _update(self, current: dict[str, Any], body: dict[str, Any], *, status_only: bool,
+    def _update(self, r: Resource, current: dict[str, Any], body: dict[str, Any], *, status_only: bool,
                 expected_rv: str | None) -> dict[str, Any]:
         name = current["metadata"]["name"]
         if expected_rv is not None and expected_rv != current["metadata"]["resourceVersion"]:
-            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {PLURAL}.{GROUP} "{name}": the '
+            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {r.plural}.{r.group} "{name}": the '
                                             "object has been modified; please apply your changes to the latest "
-                                            "version and try again", name)
+                                            "version and try again", name, r)
         obj = copy.deepcopy(current)
         if status_only:
             if "status" in body and body["status"] is not None:
@@ -332,36 +409,37 @@ class FakeKubeApiServer:
                 obj["metadata"]["generation"] = current["metadata"]["generation"] + 1
         if obj == current:
             return obj  # a no-op write changes nothing, not even the resourceVersion (as etcd)
-        self._validate(obj)
+        self._validate(r, obj)
         obj["metadata"]["resourceVersion"] = self._bump()
-        self._objects[(obj["metadata"]["namespace"], name)] = obj
-        self._record("MODIFIED", obj)
+        self._objects[(r, obj["metadata"]["namespace"], name)] = obj
+        self._record("MODIFIED", r, obj)
         return obj
 
-    def _patch(self, ns: str, name: str, patch: Any, *, status_only: bool) -> dict[str, Any]:
-        current = self._existing(ns, name)
+    def _patch(self, r: Resource, ns: str, name: str, patch: Any, *, status_only: bool) -> dict[str, Any]:
+        current = self._existing(r, ns, name)
         if not isinstance(patch, dict):
-            raise ApiError(400, "BadRequest", "a merge patch must be a JSON object", name)
+            raise ApiError(400, "BadRequest", "a merge patch must be a JSON object", name, r)
         expected = (patch.get("metadata") or {}).get("resourceVersion")
         merged = merge_patch(current, patch)
-        return self._update(current, merged, status_only=status_only,
+        return self._update(r, current, merged, status_only=status_only,
                             expected_rv=str(expected) if expected else None)
 
-    def _delete(self, ns: str, name: str) -> dict[str, Any]:
-        obj = copy.deepcopy(self._existing(ns, name))
-        del self._objects[(ns, name)]
+    def _delete(self, r: Resource, ns: str, name: str) -> dict[str, Any]:
+        obj = copy.deepcopy(self._existing(r, ns, name))
+        del self._objects[(r, ns, name)]
         obj["metadata"]["resourceVersion"] = self._bump()
-        self._record("DELETED", obj)
+        self._record("DELETED", r, obj)
         return obj
 
-    def _list(self, ns: str | None) -> dict[str, Any]:
-        items = [copy.deepcopy(o) for (n, _), o in sorted(self._objects.items()) if ns is None or n == ns]
-        return {"apiVersion": API_VERSION, "kind": f"{KIND}List",
+    def _list(self, r: Resource, ns: str | None) -> dict[str, Any]:
+        items = [copy.deepcopy(o) for (res, n, _), o in sorted(self._objects.items(), key=_order)
+                 if res == r and (ns is None or n == ns)]
+        return {"apiVersion": r.api_version, "kind": f"{r.kind}List",
                 "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
     # --- watch ----------------------------------------------------------------------------------
-    def _watch(self, ns: str | None, query: dict[str, str]) -> Iterator[dict[str, Any]]:
-        """Events for one watch request; ends on timeout, end_watches(), stop() or 410."""
+    def _watch(self, r: Resource, ns: str | None, query: dict[str, str]) -> Iterator[dict[str, Any]]:
+        """Events of one resource for one watch request; ends on timeout, end_watches(), stop() or 410."""
         timeout = min(float(query.get("timeoutSeconds") or self.max_watch_s), self.max_watch_s)
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("true", "1")
         start = time.monotonic()
@@ -373,7 +451,7 @@ class FakeKubeApiServer:
                 self._cond.wait(0.1)
             epoch = self._watch_epoch
             if rv_text in ("", "0"):
-                backlog = [{"type": "ADDED", "object": o} for o in self._list(ns)["items"]]
+                backlog = [{"type": "ADDED", "object": o} for o in self._list(r, ns)["items"]]
                 sent = self._rv
             else:
                 try:
@@ -398,7 +476,7 @@ class FakeKubeApiServer:
                     if sent < self._oldest_rv:  # compacted before this watch was sent what it missed
                         expired = f"too old resource version: {sent} ({self._oldest_rv})"
                         break
-                    events = [(kind, o) for rv, kind, o in self._history if rv > sent
+                    events = [(kind, o) for rv, kind, res, o in self._history if rv > sent and res == r
                               and (ns is None or o["metadata"]["namespace"] == ns)]
                     sent = self._rv  # every change in scope up to now is in ``events``
                     now = time.monotonic()
@@ -416,8 +494,13 @@ class FakeKubeApiServer:
                 return
             if bookmarks and now >= next_bookmark:
                 next_bookmark = now + self.bookmark_interval_s
-                yield {"type": "BOOKMARK", "object": {"kind": KIND, "apiVersion": API_VERSION,
+                yield {"type": "BOOKMARK", "object": {"kind": r.kind, "apiVersion": r.api_version,
                                                       "metadata": {"resourceVersion": str(sent)}}}
+
+
+def _order(item: tuple[tuple[Resource, str, str], dict[str, Any]]) -> tuple[str, str, str]:
+    (r, ns, name), _ = item
+    return r.plural, ns, name
 
 
 def _error(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -500,58 +583,58 @@ class _Handler(BaseHTTPRequestHandler):
             if failure is not None:
                 raise ApiError(failure, "InternalError" if failure >= 500 else "BadRequest",
                                f"injected failure {failure}")
-            ns, name, sub = self._route(parts.path)
+            resource, ns, name, sub = self._route(parts.path)
             if method == "GET" and name is None and query.get("watch", "").lower() in ("true", "1"):
-                self._stream(api._watch(ns, query))
+                self._stream(api._watch(resource, ns, query))
                 return
-            code, result = self._dispatch(method, ns, name, sub, body)
+            code, result = self._dispatch(method, resource, ns, name, sub, body)
         except ApiError as exc:
             code, result = exc.code, exc.status()
         self._send(code, result)
 
-    @staticmethod
-    def _route(path: str) -> tuple[str | None, str | None, str | None]:
-        """(namespace or None for all, name or None for the collection, subresource or None)."""
-        if not path.startswith(_PREFIX + "/"):
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        parts = path[len(_PREFIX) + 1:].strip("/").split("/")
-        if parts == [PLURAL]:
-            return None, None, None
-        if len(parts) >= 3 and parts[0] == "namespaces" and parts[2] == PLURAL and len(parts) <= 5:
-            name = parts[3] if len(parts) >= 4 else None
-            sub = parts[4] if len(parts) == 5 else None
-            if sub not in (None, "status"):
-                raise ApiError(404, "NotFound", "the server could not find the requested resource")
-            return parts[1], name, sub
-        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+    def _route(self, path: str) -> tuple[Resource, str | None, str | None, str | None]:
+        """(resource, namespace or None for all, name or None for the collection, subresource or None)."""
+        for r in self.api.resources:
+            if not path.startswith(r.prefix + "/"):
+                continue
+            parts = path[len(r.prefix) + 1:].strip("/").split("/")
+            if parts == [r.plural]:
+                return r, None, None, None
+            if len(parts) >= 3 and parts[0] == "namespaces" and parts[2] == r.plural and len(parts) <= 5:
+                name = parts[3] if len(parts) >= 4 else None
+                sub = parts[4] if len(parts) == 5 else None
+                if sub not in (None, "status"):
+                    raise ApiError(404, "NotFound", _NOT_FOUND)
+                return r, parts[1], name, sub
+        raise ApiError(404, "NotFound", _NOT_FOUND)
 
-    def _dispatch(self, method: str, ns: str | None, name: str | None, sub: str | None,
+    def _dispatch(self, method: str, r: Resource, ns: str | None, name: str | None, sub: str | None,
                   body: Any) -> tuple[int, dict[str, Any]]:
         api = self.api
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
         with api._cond:
             if name is None:
                 if method == "GET":
-                    return 200, api._list(ns)
+                    return 200, api._list(r, ns)
                 if method == "POST" and ns is not None:
                     if not isinstance(body, dict):
                         raise ApiError(400, "BadRequest", "the request body must be an object")
-                    return 201, api._create(ns, body)
+                    return 201, api._create(r, ns, body)
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on the collection")
             assert ns is not None
             if method == "GET":
-                return 200, copy.deepcopy(api._existing(ns, name))
+                return 200, copy.deepcopy(api._existing(r, ns, name))
             if method == "DELETE" and sub is None:
-                return 200, api._delete(ns, name)
+                return 200, api._delete(r, ns, name)
             if method == "PUT":
                 if not isinstance(body, dict):
                     raise ApiError(400, "BadRequest", "the request body must be an object")
-                return 200, copy.deepcopy(api._replace(ns, name, body, status_only=sub == "status"))
+                return 200, copy.deepcopy(api._replace(r, ns, name, body, status_only=sub == "status"))
             if method == "PATCH":
                 if content_type not in ("application/merge-patch+json", "application/json"):
                     raise ApiError(415, "UnsupportedMediaType",
                                    f"the fake API server takes merge patches only, not {content_type!r}")
-                return 200, copy.deepcopy(api._patch(ns, name, body, status_only=sub == "status"))
+                return 200, copy.deepcopy(api._patch(r, ns, name, body, status_only=sub == "status"))
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
 
     def _stream(self, events: Iterator[dict[str, Any]]) -> None:
@@ -571,4 +654,5 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client went away
 
 
-__all__ = ["API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "FakeKubeApiServer", "Request", "merge_patch"]
+__all__ = ["API_VERSION", "CRD_FILE", "GROUP", "INFERENCE_SERVICES", "KIND", "PLURAL", "PREDICTORS", "VERSION",
+           "FakeKubeApiServer", "Request", "Resource", "merge_patch"]
