@@ -356,5 +356,10 @@ class PredictorController:
 
 
 def _generation(obj: Mapping[str, Any]) -> Any:
+    """What, changed, needs a reconcile: the spec (its generation), a new object of the same name,
+    or the annotations (they do not move the generation, and an InferenceService's say whether the
+    mesh serves it and may name its runtime and storage key)."""
     meta = obj.get("metadata") or {}
-    return meta.get("generation"), meta.get("uid")
+    annotations = meta.get("annotations")
+    notes = tuple(sorted((str(k), str(v)) for k, v in annotations.items())) if isinstance(annotations, Mapping) else ()
+    return meta.get("generation"), meta.get("uid"), notes

@@ -200,9 +200,6 @@ async def test_isvc_without_the_annotation_is_left_to_kserve(env: Env, models: t
     await wait_for(lambda: env.vmodel_gone("served"), timeout=10, what="vModel removed")
 
 
-@pytest.mark.xfail(strict=True, reason="an annotation change does not bump metadata.generation, and "
-                   "PredictorController._observe queues only new objects and new generations: the change "
-                   "waits for the periodic resync (controller.resync_s, 30 s by default)")
 async def test_annotation_changes_are_acted_on_without_waiting_for_a_resync(
         env: Env, models: tuple[ModelArtifact, ...]) -> None:
     first, _ = models
