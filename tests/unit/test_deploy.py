@@ -130,6 +130,38 @@ def test_crd_defines_the_modelmesh_serving_predictor() -> None:
     assert "x-kubernetes-preserve-unknown-fields" not in CRD_FILE.read_text()
 
 
+ISVC_CRD_FILE = DEPLOY / "crd" / "serving.kserve.io_inferenceservices.yaml"
+
+
+def test_the_inferenceservice_crd_for_clusters_without_kserve() -> None:
+    """KServe's own names (it must be the same resource as KServe's), structural, and it takes the
+    quickstart InferenceServices of modelmesh-serving (README's example among them) and refuses a
+    status outside the enums. Not in the base: it would clash with KServe's CRD where that is installed."""
+    crd: Doc = yaml.safe_load(ISVC_CRD_FILE.read_text())
+    assert crd["metadata"]["name"] == "inferenceservices.serving.kserve.io"
+    names = crd["spec"]["names"]
+    assert (names["kind"], names["plural"], names["shortNames"]) == ("InferenceService", "inferenceservices", ["isvc"])
+    (version,) = crd["spec"]["versions"]
+    assert (version["name"], version["served"], version["storage"]) == ("v1beta1", True, True)
+    assert version["subresources"] == {"status": {}}
+    schema = version["schema"]["openAPIV3Schema"]
+    assert _structural_problems(schema, "openAPIV3Schema") == []
+    validator = _validator(schema)
+    quickstart = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+                  "metadata": {"name": "example-sklearn-isvc",
+                               "annotations": {"serving.kserve.io/deploymentMode": "ModelMesh"}},
+                  "spec": {"predictor": {"model": {"modelFormat": {"name": "sklearn"},
+                                                   "storage": {"key": "localMinIO",
+                                                               "path": "sklearn/mnist-svm.joblib"}}}}}
+    older = {**quickstart, "spec": {"predictor": {"sklearn": {"storageUri": "s3://b/sklearn/mnist-svm.joblib"}}}}
+    for obj in (quickstart, older):
+        assert list(validator.iter_errors(obj)) == []
+    bad = {**quickstart, "status": {"modelStatus": {"transitionStatus": "Sideways"}}}
+    assert list(validator.iter_errors(bad))
+    base = (DEPLOY / "kustomization.yaml").read_text()
+    assert "inferenceservices" not in base
+
+
 def test_printer_columns_match_modelmesh_serving() -> None:
     (version,) = _crd()["spec"]["versions"]
     assert version["additionalPrinterColumns"] == [
