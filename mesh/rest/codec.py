@@ -39,7 +39,7 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -291,12 +291,20 @@ def infer_request(body: bytes, header_length: int | None, model_name: str, model
     return data, Outputs(binary_default, tuple(per_output))
 
 
-def _response(body: bytes) -> pb.ModelInferResponse:
+_Answer = TypeVar("_Answer", pb.ModelInferResponse, pb.ModelMetadataResponse)
+
+
+def _answer(kind: type[_Answer], body: bytes) -> _Answer:
+    """A runtime's answer parsed as ``kind``; MeshError (INTERNAL: the runtime's fault) if it is not one."""
     try:
-        resp: pb.ModelInferResponse = pb.ModelInferResponse.FromString(body)
-        return resp
+        answer: _Answer = kind.FromString(body)
+        return answer
     except (DecodeError, RuntimeError, ValueError):
-        raise MeshError("the runtime's answer is not a valid inference.ModelInferResponse") from None
+        raise MeshError(f"the runtime's answer is not a valid {kind.DESCRIPTOR.full_name}") from None
+
+
+def _response(body: bytes) -> pb.ModelInferResponse:
+    return _answer(pb.ModelInferResponse, body)
 
 
 def _json_data(arr: np.ndarray) -> tuple[Any, dict[str, str] | None]:
@@ -353,11 +361,7 @@ def _tensors_json(tensors: Any) -> list[dict[str, Any]]:
 
 
 def parse_metadata(body: bytes) -> pb.ModelMetadataResponse:
-    try:
-        meta: pb.ModelMetadataResponse = pb.ModelMetadataResponse.FromString(body)
-        return meta
-    except (DecodeError, RuntimeError, ValueError):
-        raise MeshError("the runtime's answer is not a valid inference.ModelMetadataResponse") from None
+    return _answer(pb.ModelMetadataResponse, body)
 
 
 def metadata_response(body: bytes) -> bytes:
