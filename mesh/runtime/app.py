@@ -122,8 +122,7 @@ async def claim_instance_id(registry: Registry, instance_id: str, endpoint: str,
 def journaled(load_fn: LoadFn, journal: LoadJournal) -> LoadFn:
     """``load_fn`` with its call written down in the journal, in the load's own thread."""
     def load(spec: ModelSpec, device: str) -> LoadedModel:
-        with journal.during(spec):
-            return load_fn(spec, device)
+        return journal.run(spec, load_fn, spec, device)
     return load
 
 

@@ -12,11 +12,18 @@ witnesses are left:
   other runtime is tried with it.
 - The runtime itself, restarted under the same instance ID (a pod keeps its name; ``mesh up``
   keeps its IDs). This journal holds one small file per load in progress (model, registration,
-  the loading thread) and ``faulthandler``'s report of a fatal signal (SIGSEGV, SIGABRT, SIGBUS,
-  SIGFPE, SIGILL) with the crashing thread's ID. On start, ``recover`` returns the loads the last
-  life left behind; the one on the crashing thread is proven guilty (its quarantine lasts until
-  the model is registered again), the others were only in progress when it died (SIGKILL, the
-  OOM killer, a crash elsewhere): the caller's time-limited quarantine covers them.
+  a random token) and ``faulthandler``'s report of a fatal signal (SIGSEGV, SIGABRT, SIGBUS,
+  SIGFPE, SIGILL): the crashing thread's stack. Each loader is called through a frame whose
+  function is named after its load's token (``mesh_load_<token>``), so the stack names the load
+  that crashed. On start, ``recover`` returns the loads the last life left behind; the one named
+  on the crashing stack is proven guilty (its quarantine lasts until the model is registered
+  again), the others were only in progress when it died (SIGKILL, the OOM killer, a crash
+  elsewhere): the caller's time-limited quarantine covers them.
+
+Only the crashing thread's stack is written (``all_threads=False``). Dumping every thread walks
+the frames of threads that are still running; in a busy runtime that walk can itself fault, and
+the second signal ends the process before the crashing thread's line is written (seen in CI: a
+LightGBM abort read back as "a fatal signal elsewhere").
 
 Writes are a few hundred bytes to a local directory in the load's own thread; nothing here
 touches the event loop. A directory that cannot be written turns the journal off with a warning
@@ -32,13 +39,15 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import structlog
 
@@ -51,9 +60,21 @@ FATAL_LOG = "fatal.log"
 MAX_ENTRIES = 1_000  # loads in progress at once are a handful; a bound on what recover reads
 MAX_FATAL_BYTES = 1 << 20  # every thread's stack: tens of threads, up to 100 frames each
 LOCK_FILE = ".lock"
-# all_threads=True: every thread's stack, the crashing one headed "Current thread 0x<ident>".
-_CURRENT_THREAD = re.compile(r"^Current thread (0x[0-9a-f]+) \(most recent call first\)", re.M)
 _FATAL_LINE = re.compile(r"^Fatal Python error: (.{1,200})$", re.M)
+_LOAD_FRAME = re.compile(r"line \d+ in mesh_load_([0-9a-f]{16})$", re.M)
+T = TypeVar("T")
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return fn(*args)
+
+
+def _named_call(token: str) -> Callable[[Callable[..., Any], tuple[Any, ...]], Any]:
+    """``_call`` under the name ``mesh_load_<token>``: faulthandler prints a frame's function name,
+    so a fatal signal in the loader leaves the token on the crashing stack."""
+    name = f"mesh_load_{token}"
+    code = _call.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, _call.__globals__, name)
 
 
 def journal_dir(instance_id: str, state_dir: str = "") -> Path:
@@ -113,8 +134,12 @@ class LoadJournal:
                 fatal_text = f.read(MAX_FATAL_BYTES).decode("utf-8", "replace")
             fatal_path.unlink()
         headline = _FATAL_LINE.search(fatal_text)
-        crashed = _CURRENT_THREAD.search(fatal_text) if headline else None
-        crashed_thread = int(crashed.group(1), 16) if crashed else None
+        crashed: set[str] = set()
+        if headline:
+            # The first report only: a second fatal signal in another thread writes its headline after it.
+            following = _FATAL_LINE.search(fatal_text, headline.end())
+            first = fatal_text[headline.end():following.start() if following else len(fatal_text)]
+            crashed = set(_LOAD_FRAME.findall(first))
         out = []
         for path in sorted(self.directory.glob("load-*.json"))[:MAX_ENTRIES]:
             try:
@@ -123,7 +148,7 @@ class LoadJournal:
                 path.unlink()
                 out.append(Leftover(model_id=str(data["model_id"]), registered_ms=int(data["registered_ms"]),
                                     started_ms=int(data["started_ms"]),
-                                    guilty=crashed_thread is not None and data.get("thread") == crashed_thread,
+                                    guilty=data.get("token") in crashed,
                                     fatal=headline.group(1).strip() if headline else ""))
             except (OSError, ValueError, KeyError, TypeError):
                 with contextlib.suppress(OSError):
@@ -131,8 +156,9 @@ class LoadJournal:
         return out
 
     def watch_fatal_signals(self) -> None:
-        """Have ``faulthandler`` write the crashing thread's stack here on a fatal signal. For a
-        runtime process of its own (``mesh serve runtime``): faulthandler holds one file per process."""
+        """Have ``faulthandler`` write the crashing thread's stack here on a fatal signal (that
+        thread's only: see the module docstring). For a runtime process of its own (``mesh serve
+        runtime``): faulthandler holds one file per process."""
         if not self.enabled:
             return
         try:
@@ -140,7 +166,7 @@ class LoadJournal:
         except OSError as exc:
             log.warning("fatal-signal log off", directory=str(self.directory), error=exc.strerror)
             return
-        faulthandler.enable(file=self._fatal_file, all_threads=True)
+        faulthandler.enable(file=self._fatal_file, all_threads=False)
 
     def close(self) -> None:
         """A clean exit: nothing to report next time. The directory goes too once empty (a load
@@ -174,14 +200,14 @@ class LoadJournal:
         digest = hashlib.sha256(model_id.encode()).hexdigest()[:32]
         return self.directory / f"load-{digest}-{threading.get_ident():x}.json"
 
-    @contextlib.contextmanager
-    def during(self, spec: ModelSpec) -> Iterator[None]:
-        """Around the loader's call, in the thread that makes it."""
+    def run(self, spec: ModelSpec, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, the load of ``spec``, written down while it runs, in the thread that makes it."""
         path = self._entry(spec.model_id) if self.enabled else None
+        token = secrets.token_hex(8)
         if path is not None:
             record = {"model_id": spec.model_id, "registered_ms": spec.registered_ms,
                       "started_ms": int(time.time() * 1000), "thread": threading.get_ident(),
-                      "pid": os.getpid()}
+                      "token": token, "pid": os.getpid()}
             try:
                 # No fsync: what must survive is the process, not the machine (the page cache does).
                 path.write_text(json.dumps(record))
@@ -189,7 +215,8 @@ class LoadJournal:
                 log.warning("could not write the load journal", error=exc.strerror)
                 path = None
         try:
-            yield
+            result: T = _named_call(token)(fn, args)
+            return result
         finally:
             if path is not None:
                 with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ corrupt LightGBM file: tests/e2e/test_crash_quarantine.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -31,10 +32,11 @@ from mesh.registry.records import (
 from mesh.registry.registry import Registry
 from mesh.router.routing import pick_home
 from mesh.router.view import ClusterView
-from mesh.runtime.journal import LoadJournal, journal_dir
+from mesh.runtime.journal import FATAL_LOG, LoadJournal, journal_dir
 
-# A process that loads two models on two threads through the journal; the load of "guilty" dies
-# of the given signal (SIGABRT as LightGBM's std::terminate, or SIGKILL from outside).
+# A process that loads two models on two threads through the journal; then "abort": the load of
+# "guilty" aborts (as LightGBM's std::terminate), "kill": it is SIGKILLed from outside,
+# "elsewhere": the main thread aborts while both loads are in progress.
 CHILD = textwrap.dedent("""
     import os, signal, sys, threading, time
     from pathlib import Path
@@ -44,19 +46,21 @@ CHILD = textwrap.dedent("""
     journal.watch_fatal_signals()
     how = sys.argv[2]
     started = threading.Barrier(3)
+    def body(model_id):
+        started.wait()
+        if model_id == "guilty" and how == "abort":
+            os.abort()
+        if model_id == "guilty" and how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(30)
     def load(model_id):
-        with journal.during(ModelSpec(model_id=model_id, type="lightgbm", registered_ms=7)):
-            started.wait()
-            if model_id == "guilty":
-                if how == "abort":
-                    os.abort()
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(30)
-    with journal.during(ModelSpec(model_id="finished", type="sklearn", registered_ms=7)):
-        pass
+        journal.run(ModelSpec(model_id=model_id, type="lightgbm", registered_ms=7), body, model_id)
+    journal.run(ModelSpec(model_id="finished", type="sklearn", registered_ms=7), lambda: None)
     for m in ("innocent", "guilty"):
         threading.Thread(target=load, args=(m,), daemon=True).start()
     started.wait()
+    if how == "elsewhere":
+        os.abort()  # the main thread: no load is to blame
     time.sleep(30)
 """)
 
@@ -82,16 +86,51 @@ def test_the_journal_names_the_load_whose_thread_raised_the_fatal_signal(tmp_pat
     again.release()
 
 
+def test_a_fatal_signal_outside_the_loads_blames_none_of_them(tmp_path: Path) -> None:
+    assert _die(tmp_path, "elsewhere") == -signal.SIGABRT
+    journal = LoadJournal(tmp_path)
+    found = journal.recover()
+    journal.release()
+    assert {(left.model_id, left.guilty, left.fatal) for left in found} == {
+        ("innocent", False, "Aborted"), ("guilty", False, "Aborted")}
+
+
+def test_only_the_first_report_counts_when_a_second_signal_cuts_it_short(tmp_path: Path) -> None:
+    """A second fatal signal (another thread faulting while the first report is written) appends
+    its headline and ends the process: the first report names the guilty load, the second none."""
+    journal = LoadJournal(tmp_path)
+    tokens = {}
+    for model_id in ("guilty", "innocent"):
+        journal.run(ModelSpec(model_id=model_id, type="lightgbm", registered_ms=7),
+                    lambda m=model_id: tokens.setdefault(m, json.loads(next(
+                        p for p in tmp_path.glob("load-*.json") if m in p.read_text()).read_text())))
+    for model_id, data in tokens.items():  # as the dead process left them
+        (tmp_path / f"load-{model_id}.json").write_text(json.dumps(data))
+    (tmp_path / FATAL_LOG).write_text(
+        "Fatal Python error: Aborted\n\nStack (most recent call first):\n"
+        f'  File "/x/journal.py", line 66 in mesh_load_{tokens["guilty"]["token"]}\n'
+        "Fatal Python error: Segmentation fault\n\n"
+        f'  File "/x/journal.py", line 66 in mesh_load_{tokens["innocent"]["token"]}\n')
+    journal.release()
+    again = LoadJournal(tmp_path)
+    found = {left.model_id: left for left in again.recover()}
+    again.release()
+    assert found["guilty"].guilty and found["guilty"].fatal == "Aborted"
+    assert not found["innocent"].guilty
+
+
 def test_a_second_process_under_the_same_id_leaves_the_live_journal_alone(tmp_path: Path) -> None:
     """Runtimes sharing runtime.state_dir get a folder each; a second process under the same
     instance ID finds the folder locked and reads (and deletes) nothing of the live one's."""
     assert journal_dir("runtime-0", str(tmp_path)) != journal_dir("runtime-1", str(tmp_path))
     assert journal_dir("runtime-0", str(tmp_path)).parent == tmp_path
     live = LoadJournal(journal_dir("runtime-0", str(tmp_path)))
-    with live.during(ModelSpec(model_id="m", type="sklearn")):
+
+    def meanwhile() -> None:
         twin = LoadJournal(journal_dir("runtime-0", str(tmp_path)))
         assert not twin.enabled and twin.recover() == []
         assert len(list(live.directory.glob("load-*.json"))) == 1  # still there
+    live.run(ModelSpec(model_id="m", type="sklearn"), meanwhile)
     live.close()
     assert LoadJournal(journal_dir("runtime-0", str(tmp_path))).enabled  # free again
 
@@ -107,16 +146,16 @@ def test_a_killed_process_leaves_its_loads_but_no_guilty_one(tmp_path: Path) -> 
 
 def test_a_clean_exit_leaves_nothing_and_an_unusable_directory_turns_the_journal_off(tmp_path: Path) -> None:
     journal = LoadJournal(tmp_path / "state")
-    with journal.during(ModelSpec(model_id="m", type="sklearn")):
-        assert len(list((tmp_path / "state").glob("load-*.json"))) == 1
+    entries = journal.run(ModelSpec(model_id="m", type="sklearn"),
+                          lambda: len(list((tmp_path / "state").glob("load-*.json"))))
+    assert entries == 1
     journal.close()
     assert not (tmp_path / "state").exists()
 
     (tmp_path / "file").write_text("not a directory")
     off = LoadJournal(tmp_path / "file")
     assert not off.enabled
-    with off.during(ModelSpec(model_id="m", type="sklearn")):
-        pass  # loads go on without it
+    assert off.run(ModelSpec(model_id="m", type="sklearn"), lambda x: x + 1, 1) == 2  # loads go on without it
     assert off.recover() == []
 
 
