@@ -307,6 +307,24 @@ class ControllerSettings:
     router_token_file: str = _f("", "File holding the bearer token the controller sends to a router with "
                                 "auth.tokens_file set (a write token; mount it from a Secret). Read once at "
                                 "start-up, never logged. Empty: no token.")
+    serving_runtimes: bool = _f(True, "Read ServingRuntimes and ClusterServingRuntimes (serving.kserve.io/"
+                                "v1alpha1, multi-model ones only) and send each model to the runtime KServe "
+                                "would select (mesh.controller.runtimes). Without the CRDs, or with no "
+                                "multi-model runtime, models go to any runtime loading their type.")
+    manage_runtimes: bool = _f(False, "Run each ServingRuntime in use as a StatefulSet of mesh runtime pods "
+                               "(mesh.controller.workloads) in workload_namespace; off: the runtime pods are "
+                               "deployed by hand (deploy/base's mesh-runtime StatefulSet).")
+    workload_namespace: str = _f("", "Namespace of the runtime StatefulSets the controller manages (the "
+                                 "mesh's: etcd, the mesh-config ConfigMap, the runtimes' certificates). Empty: "
+                                 "the controller's own namespace (POD_NAMESPACE), else namespace.")
+    runtime_image: str = _f("ghcr.io/mesh-serving/mesh:0.1.0", "Image of the mesh runtime container in managed "
+                            "runtime pods (beside an MLServer, Triton or SPI server container).")
+    pods_per_runtime: int = _f(2, "Replicas of a managed runtime in use, unless its spec.replicas says "
+                               "otherwise (modelmesh-serving's podsPerRuntime).")
+    scale_to_zero: bool = _f(True, "Scale a managed runtime that serves no model to 0 replicas after "
+                             "scale_to_zero_grace_s, and back up at its first model (modelmesh-serving's "
+                             "scaleToZero).")
+    scale_to_zero_grace_s: float = _f(60.0, "How long a managed runtime stays up without models.", "s")
 
 
 @dataclass(frozen=True)
