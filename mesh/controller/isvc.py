@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from mesh.controller.predictor import InvalidPredictor, Registration, registration
+from mesh.controller.predictor import InvalidPredictor, Registration, RuntimeSelector, registration
 
 MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 MODELMESH = "ModelMesh"
@@ -145,9 +145,10 @@ def isvc_model_id(model_id: str, name: str) -> str:
     return f"{name}__{SOURCE}-{model_id[len(name) + 2:]}"
 
 
-def isvc_registration(obj: Mapping[str, Any], *, default_storage_key: str = "") -> Registration:
+def isvc_registration(obj: Mapping[str, Any], *, default_storage_key: str = "",
+                      select: RuntimeSelector | None = None) -> Registration:
     """What a ModelMesh-mode InferenceService asks of the mesh; InvalidPredictor if it cannot be served."""
-    reg = registration(as_predictor(obj), default_storage_key=default_storage_key)
+    reg = registration(as_predictor(obj), default_storage_key=default_storage_key, select=select)
     return replace(reg, model_id=isvc_model_id(reg.model_id, reg.vmodel_id))
 
 

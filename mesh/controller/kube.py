@@ -42,6 +42,8 @@ VERSION = "v1alpha1"
 PLURAL = "predictors"
 ISVC_VERSION = "v1beta1"
 ISVC_PLURAL = "inferenceservices"
+SR_PLURAL = "servingruntimes"
+CSR_PLURAL = "clusterservingruntimes"
 _CALL_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds of one ordinary API call
 
 
@@ -85,22 +87,26 @@ def api_client(settings: ControllerSettings) -> client.ApiClient:
 
 
 class PredictorApi:
-    """Blocking calls on Predictors (or, with ``version``/``plural``, InferenceServices) in one
-    namespace ("" = all namespaces); run them in threads."""
+    """Blocking calls on Predictors (or, with ``version``/``plural``, InferenceServices and
+    ServingRuntimes) in one namespace ("" = all namespaces), or on a cluster-scoped resource
+    (``cluster``: ClusterServingRuntimes); run them in threads."""
 
     def __init__(self, api_client: client.ApiClient, namespace: str = "", *, version: str = VERSION,
-                 plural: str = PLURAL) -> None:
+                 plural: str = PLURAL, cluster: bool = False) -> None:
         self._client = api_client
         self._api = client.CustomObjectsApi(api_client)
-        self.namespace = namespace
+        self.namespace = "" if cluster else namespace
         self.version = version
         self.plural = plural
+        self.cluster = cluster
 
     @property
     def host(self) -> str:
         return str(self._client.configuration.host)
 
     def _list_call(self, **kwargs: Any) -> Any:
+        if self.cluster:
+            return self._api.list_cluster_custom_object(GROUP, self.version, self.plural, **kwargs)
         if self.namespace:
             return self._api.list_namespaced_custom_object(GROUP, self.version, self.namespace, self.plural, **kwargs)
         return self._api.list_custom_object_for_all_namespaces(GROUP, self.version, self.plural, **kwargs)
@@ -237,5 +243,5 @@ class PredictorWatcher:
         return version
 
 
-__all__ = ["GROUP", "PLURAL", "VERSION", "Gone", "KubeConfigError", "PredictorApi", "PredictorWatcher",
-           "WatchEvent", "api_client"]
+__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "Gone", "KubeConfigError", "PredictorApi",
+           "PredictorWatcher", "WatchEvent", "api_client"]

@@ -82,7 +82,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from mesh.errors import InvalidArgument
 from mesh.storage.config import SECRET_FIELDS
@@ -127,6 +127,45 @@ class InvalidPredictor(InvalidArgument):
     """The Predictor cannot be served as written (its status says why: InvalidSpec)."""
 
 
+class NoRuntime(InvalidPredictor):
+    """No runtime of the cluster serves the Predictor as written (``reason``: NoSupportingRuntime or
+    RuntimeNotRecognized): nothing is registered, and the status says which and why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Runtime(Protocol):
+    """The runtime chosen for a model (:class:`mesh.controller.runtimes.ServingRuntime`)."""
+
+    @property
+    def ref(self) -> str: ...
+
+    @property
+    def label(self) -> str: ...
+
+
+class Choice(Protocol):
+    """A runtime selection (:class:`mesh.controller.runtimes.Selection`)."""
+
+    @property
+    def runtime(self) -> Runtime | None: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def message(self) -> str: ...
+
+
+class RuntimeSelector(Protocol):
+    """Chooses a model's runtime: ``(namespace, format, version, runtime, protocol)`` -> a choice, or
+    None when the cluster declares no runtimes (any runtime loading the type serves the model)."""
+
+    def __call__(self, namespace: str, fmt: str, version: str, runtime: str, protocol: str) -> Choice | None: ...
+
+
 Key = tuple[str, str]  # (namespace, name)
 
 
@@ -146,6 +185,7 @@ class Registration:
     key: str = ""
     labels: tuple[str, ...] = ()
     gpu: str = ""  # "", "required", "preferred"
+    runtime: str = ""  # the ServingRuntime chosen for it (ServingRuntime.ref), "" when none is declared
 
 
 def concrete_model_id(namespace: str, name: str, spec: Mapping[str, Any],
@@ -255,9 +295,13 @@ def _source(spec: Mapping[str, Any], default_storage_key: str) -> _Source:
     return _Source(path=path, key=key, derived=derived)
 
 
-def registration(obj: Mapping[str, Any], *, default_storage_key: str = "") -> Registration:
-    """The registration a Predictor asks for; :class:`InvalidPredictor` if it cannot be served.
-    ``default_storage_key``: ``controller.default_storage_key`` (module docstring, *Storage*)."""
+def registration(obj: Mapping[str, Any], *, default_storage_key: str = "",
+                 select: RuntimeSelector | None = None) -> Registration:
+    """The registration a Predictor asks for; :class:`InvalidPredictor` if it cannot be served, or
+    :class:`NoRuntime` if ``select`` finds no runtime for it. ``default_storage_key``:
+    ``controller.default_storage_key`` (module docstring, *Storage*). ``select``: the cluster's
+    ServingRuntimes (:mod:`mesh.controller.runtimes`): the chosen runtime's label replaces
+    ``rt:<runtime.name>`` and is part of the model ID."""
     namespace, name = key_of(obj)
     if not name:
         raise InvalidPredictor("the Predictor has no metadata.name")
@@ -266,8 +310,14 @@ def registration(obj: Mapping[str, Any], *, default_storage_key: str = "") -> Re
     type_name = _text(model_type.get("name"), "spec.modelType.name")
     if not type_name:
         raise InvalidPredictor("spec.modelType.name is required")
+    runtime = _text(_object(spec.get("runtime"), "spec.runtime").get("name"), "spec.runtime.name")
+    choice = select(namespace, type_name, _text(model_type.get("version"), "spec.modelType.version"), runtime,
+                    _text(spec.get("protocolVersion"), "spec.protocolVersion")) if select is not None else None
+    chosen = choice.runtime if choice is not None else None
     mesh_type = MODEL_TYPES.get(type_name.lower())
-    if mesh_type is None:
+    if chosen is not None:
+        mesh_type = mesh_type or type_name.lower()  # what an external server's runtime pods advertise
+    elif mesh_type is None:
         raise InvalidPredictor(f"model type {type_name!r} is not supported; supported: "
                                f"{', '.join(sorted(MODEL_TYPES))}")
     source = _source(spec, default_storage_key)
@@ -277,12 +327,16 @@ def registration(obj: Mapping[str, Any], *, default_storage_key: str = "") -> Re
     gpu = _text(spec.get("gpu"), "spec.gpu").lower()
     if gpu not in ("", "required", "preferred"):
         raise InvalidPredictor(f"spec.gpu must be 'required' or 'preferred', not {gpu!r}")
-    runtime = _text(_object(spec.get("runtime"), "spec.runtime").get("name"), "spec.runtime.name")
-    if runtime:
+    if choice is not None and chosen is None:
+        raise NoRuntime(choice.reason, choice.message)
+    if chosen is not None:
+        labels.append(chosen.label)
+        source.derived["runtime"] = chosen.ref
+    elif runtime:
         labels.append(f"rt:{runtime}")
     return Registration(vmodel_id=name, model_id=concrete_model_id(namespace, name, spec, source.derived),
                         type=mesh_type, path=source.path, key=json.dumps(key, sort_keys=True),
-                        labels=tuple(labels), gpu=gpu)
+                        labels=tuple(labels), gpu=gpu, runtime=chosen.ref if chosen is not None else "")
 
 
 # --- status -------------------------------------------------------------------------------------
@@ -443,6 +497,7 @@ def requeue_after(status: Mapping[str, Any], *, poll_s: float, runtime_wait_s: f
     return None
 
 
-__all__ = ["INVALID_PREDICTOR_SPEC", "MODEL_TYPES", "NOT_FOUND", "CopyInfo", "Failure",
-           "InvalidPredictor", "Key", "ModelState", "Registration", "VModelState", "concrete_model_id", "key_of",
-           "load_now", "needs_registration", "predictor_status", "registration", "requeue_after", "status_patch"]
+__all__ = ["INVALID_PREDICTOR_SPEC", "MODEL_TYPES", "NOT_FOUND", "Choice", "CopyInfo", "Failure",
+           "InvalidPredictor", "Key", "ModelState", "NoRuntime", "Registration", "RuntimeSelector", "VModelState",
+           "concrete_model_id", "key_of", "load_now", "needs_registration", "predictor_status", "registration",
+           "requeue_after", "status_patch"]

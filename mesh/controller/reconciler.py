@@ -53,7 +53,9 @@ from mesh.controller.predictor import (
     Failure,
     InvalidPredictor,
     Key,
+    NoRuntime,
     Registration,
+    RuntimeSelector,
     VModelState,
     concrete_model_id,
     key_of,
@@ -89,6 +91,13 @@ class StatusWriter(Protocol):
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
 
 
+class Usage(Protocol):
+    """Which runtime each object's model was sent to (``mesh.controller.workloads.RuntimeUsage``):
+    the runtimes in use are those that run."""
+
+    def set(self, key: tuple[str, str, str], ref: str | None) -> None: ...
+
+
 class Kind:
     """Predictors: the resource this controller reconciles, and how it maps to the Predictor
     reconcile (the identity here). :class:`InferenceServices` converts."""
@@ -98,9 +107,11 @@ class Kind:
     def owner(self, owner: str) -> str:
         return owner
 
-    def registration(self, obj: Mapping[str, Any], default_storage_key: str) -> Registration | None:
-        """What ``obj`` asks of the mesh; None if the mesh does not serve it; InvalidPredictor."""
-        return registration(obj, default_storage_key=default_storage_key)
+    def registration(self, obj: Mapping[str, Any], default_storage_key: str,
+                     select: RuntimeSelector | None = None) -> Registration | None:
+        """What ``obj`` asks of the mesh; None if the mesh does not serve it; InvalidPredictor
+        (NoRuntime: ``select`` found no runtime for it)."""
+        return registration(obj, default_storage_key=default_storage_key, select=select)
 
     def model_id(self, namespace: str, name: str, obj: Mapping[str, Any]) -> str:
         """The concrete model ID to name in the status of a spec that cannot be served."""
@@ -128,10 +139,11 @@ class InferenceServices(Kind):
     def owner(self, owner: str) -> str:
         return f"{owner}/{isvc.SOURCE}"
 
-    def registration(self, obj: Mapping[str, Any], default_storage_key: str) -> Registration | None:
+    def registration(self, obj: Mapping[str, Any], default_storage_key: str,
+                     select: RuntimeSelector | None = None) -> Registration | None:
         if not isvc.is_modelmesh(obj):
             return None
-        return isvc.isvc_registration(obj, default_storage_key=default_storage_key)
+        return isvc.isvc_registration(obj, default_storage_key=default_storage_key, select=select)
 
     def model_id(self, namespace: str, name: str, obj: Mapping[str, Any]) -> str:
         try:
@@ -175,9 +187,12 @@ def refusal(exc: MeshError, reg: Registration) -> Failure | None:
 class PredictorController:
     def __init__(self, settings: ControllerSettings, *, mesh: MeshApi, kube: StatusWriter,
                  workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time,
-                 kind: Kind | None = None) -> None:
+                 kind: Kind | None = None, select: RuntimeSelector | None = None,
+                 usage: Usage | None = None) -> None:
         self.settings = settings
         self.kind = kind or Kind()
+        self.select = select
+        self.usage = usage
         self.mesh = mesh
         self.kube = kube
         self.workers = workers
@@ -222,6 +237,16 @@ class PredictorController:
         self.cache[key] = obj
         if before is None or _generation(before) != _generation(obj):
             self.queue.add(key)
+
+    def requeue_all(self) -> None:
+        """Reconcile every object again (the cluster's runtimes changed: a model may now have one,
+        or another)."""
+        for key in self.cache:
+            self.queue.add(key)
+
+    def _use(self, key: Key, ref: str | None) -> None:
+        if self.usage is not None:
+            self.usage.set((self.kind.name, *key), ref)
 
     # --- work -----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -268,16 +293,24 @@ class PredictorController:
         reg: Registration | None = None
         if obj is not None:
             try:
-                reg = self.kind.registration(obj, self.settings.default_storage_key)
+                reg = self.kind.registration(obj, self.settings.default_storage_key, self.select)
             except InvalidPredictor as exc:
                 state = await self.mesh.vmodel_status(name, owner=owner)
-                invalid = Failure(INVALID_PREDICTOR_SPEC, exc.message, self.kind.model_id(namespace, name, obj))
+                invalid = Failure(exc.reason if isinstance(exc, NoRuntime) else INVALID_PREDICTOR_SPEC, exc.message,
+                                  self.kind.model_id(namespace, name, obj))
+                if isinstance(exc, NoRuntime):
+                    # Nothing registered (what serves now, if anything, keeps serving); tried again
+                    # when the runtimes change (requeue_all).
+                    self._use(key, None)
+                    log.warning(f"no runtime for the {self.kind.name}", namespace=namespace, name=name,
+                                reason=exc.reason, error=exc.message)
                 await self._write(key, obj, predictor_status(
                     state, previous=self.kind.previous(obj), failure=invalid, now_ms=self._now_ms(),
                     grpc_endpoint=self.grpc_endpoint))
                 return None
         if reg is None and obj is not None and key in self._cleared:
             return None
+        self._use(key, (reg.runtime or None) if reg is not None else None)
         if reg is None:  # gone, or not served by the mesh (an InferenceService of KServe's)
             try:
                 await self.mesh.delete_vmodel(name, owner=owner)
