@@ -23,10 +23,20 @@ from typing import Any
 import structlog
 
 from mesh.controller.events import WatchEvent
-from mesh.controller.kube import ISVC_PLURAL, ISVC_VERSION, PredictorApi, PredictorWatcher, api_client
+from mesh.controller.kube import (
+    CSR_PLURAL,
+    ISVC_PLURAL,
+    ISVC_VERSION,
+    SR_PLURAL,
+    PredictorApi,
+    PredictorWatcher,
+    api_client,
+)
+from mesh.controller.predictor import Choice
 from mesh.controller.reconciler import InferenceServices, Kind, PredictorController
 from mesh.controller.router_client import RouterClient
-from mesh.settings import Settings
+from mesh.controller.runtimes import RuntimeCatalog
+from mesh.settings import ControllerSettings, Settings
 from mesh.tasks import RootTasks, call_soon_safely
 
 log = structlog.get_logger(__name__)
@@ -40,6 +50,42 @@ class _ThreadedStatusWriter:
 
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         return await asyncio.to_thread(self.api.patch_status, namespace, name, patch)
+
+
+def _runtime_watchers(cs: ControllerSettings, client: Any, catalog: RuntimeCatalog,
+                      controllers: list[PredictorController], synced: asyncio.Event,
+                      loop: asyncio.AbstractEventLoop) -> list[PredictorWatcher]:
+    """Watches of ServingRuntimes (the served namespace's, or all) and ClusterServingRuntimes into
+    ``catalog``; every object is reconciled again when the runtimes change. ``synced`` is set once
+    both have listed (a missing CRD lists as empty), so no model is sent before its runtime is known."""
+    listed: set[str] = set()
+
+    def on_event(event: WatchEvent, plural: str) -> None:  # on the event loop
+        before = catalog.version
+        for runtime in catalog.apply(event, namespace_scoped=plural == SR_PLURAL):
+            if runtime.error:
+                log.warning("invalid ServingRuntime; models naming it are told why", runtime=runtime.describe(),
+                            error=runtime.error)
+        if event.type == "SYNC":
+            listed.add(plural)
+            if len(listed) == 2 and not synced.is_set():
+                log.info("runtimes listed", runtimes=sorted(r.ref for r in catalog.all()))
+                synced.set()
+        if catalog.version != before:
+            for controller in controllers:
+                controller.requeue_all()
+
+    watchers = []
+    for plural, api in ((SR_PLURAL, PredictorApi(client, cs.namespace, plural=SR_PLURAL)),
+                        (CSR_PLURAL, PredictorApi(client, plural=CSR_PLURAL, cluster=True))):
+        def deliver(event: WatchEvent, plural: str = plural) -> None:  # watch thread
+            try:
+                loop.call_soon_threadsafe(on_event, event, plural)
+            except RuntimeError:
+                pass  # the loop is closed: we are shutting down
+
+        watchers.append(PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s, backoff_max_s=cs.backoff_max_s))
+    return watchers
 
 
 async def serve_controller(settings: Settings, roots: RootTasks,
@@ -57,9 +103,22 @@ async def serve_controller(settings: Settings, roots: RootTasks,
                       PredictorApi(client, cs.namespace, version=ISVC_VERSION, plural=ISVC_PLURAL)))
     controllers: list[PredictorController] = []
     watchers: list[PredictorWatcher] = []
+    catalog = RuntimeCatalog()
+    runtimes_synced = asyncio.Event()
+
+    def select(namespace: str, fmt: str, version: str, runtime: str, protocol: str) -> Choice | None:
+        if not len(catalog):
+            return None  # no runtimes declared: any runtime loading the type serves the model
+        return catalog.select(namespace, fmt, version, runtime=runtime, protocol=protocol)
+
+    if cs.serving_runtimes:
+        watchers.extend(_runtime_watchers(cs, client, catalog, controllers, runtimes_synced, loop))
+    else:
+        runtimes_synced.set()
     for kind, api in kinds:
         controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
-                                         poll_s=min(1.0, cs.resync_s), kind=kind)
+                                         poll_s=min(1.0, cs.resync_s), kind=kind, select=select,
+                                         ready=runtimes_synced)
 
         def deliver(event: WatchEvent, controller: PredictorController = controller) -> None:  # watch thread
             try:

@@ -311,8 +311,16 @@ def registration(obj: Mapping[str, Any], *, default_storage_key: str = "",
     if not type_name:
         raise InvalidPredictor("spec.modelType.name is required")
     runtime = _text(_object(spec.get("runtime"), "spec.runtime").get("name"), "spec.runtime.name")
-    choice = select(namespace, type_name, _text(model_type.get("version"), "spec.modelType.version"), runtime,
-                    _text(spec.get("protocolVersion"), "spec.protocolVersion")) if select is not None else None
+    source = _source(spec, default_storage_key)
+    key = {"model_type": {k: v for k, v in model_type.items() if k in ("name", "version")}, **source.key}
+    gpu = _text(spec.get("gpu"), "spec.gpu").lower()
+    if gpu not in ("", "required", "preferred"):
+        raise InvalidPredictor(f"spec.gpu must be 'required' or 'preferred', not {gpu!r}")
+    version = _text(model_type.get("version"), "spec.modelType.version")
+    protocol = _text(spec.get("protocolVersion"), "spec.protocolVersion")
+    choice = select(namespace, type_name, version, runtime, protocol) if select is not None else None
+    if choice is not None and choice.runtime is None:
+        raise NoRuntime(choice.reason, choice.message)
     chosen = choice.runtime if choice is not None else None
     mesh_type = MODEL_TYPES.get(type_name.lower())
     if chosen is not None:
@@ -320,15 +328,8 @@ def registration(obj: Mapping[str, Any], *, default_storage_key: str = "",
     elif mesh_type is None:
         raise InvalidPredictor(f"model type {type_name!r} is not supported; supported: "
                                f"{', '.join(sorted(MODEL_TYPES))}")
-    source = _source(spec, default_storage_key)
-    key = {"model_type": {k: v for k, v in model_type.items() if k in ("name", "version")}, **source.key}
 
     labels: list[str] = []
-    gpu = _text(spec.get("gpu"), "spec.gpu").lower()
-    if gpu not in ("", "required", "preferred"):
-        raise InvalidPredictor(f"spec.gpu must be 'required' or 'preferred', not {gpu!r}")
-    if choice is not None and chosen is None:
-        raise NoRuntime(choice.reason, choice.message)
     if chosen is not None:
         labels.append(chosen.label)
         source.derived["runtime"] = chosen.ref

@@ -188,11 +188,12 @@ class PredictorController:
     def __init__(self, settings: ControllerSettings, *, mesh: MeshApi, kube: StatusWriter,
                  workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time,
                  kind: Kind | None = None, select: RuntimeSelector | None = None,
-                 usage: Usage | None = None) -> None:
+                 usage: Usage | None = None, ready: asyncio.Event | None = None) -> None:
         self.settings = settings
         self.kind = kind or Kind()
         self.select = select
         self.usage = usage
+        self.ready = ready  # reconciles start once it is set (the cluster's runtimes are known)
         self.mesh = mesh
         self.kube = kube
         self.workers = workers
@@ -251,6 +252,8 @@ class PredictorController:
     # --- work -----------------------------------------------------------------------------------
     async def run(self) -> None:
         """Root task: the workers and the periodic resync."""
+        if self.ready is not None:
+            await self.ready.wait()
         try:
             async with asyncio.TaskGroup() as group:
                 for i in range(self.workers):

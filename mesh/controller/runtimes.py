@@ -51,9 +51,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mesh.controller.events import WatchEvent
 from mesh.controller.predictor import MODEL_TYPES, NO_SUPPORTING_RUNTIME, RUNTIME_NOT_RECOGNIZED
 
 MESH, MLSERVER, TRITON, SPI = "mesh", "mlserver", "triton", "spi"
@@ -288,6 +289,10 @@ def parse_runtime(obj: Mapping[str, Any]) -> ServingRuntime | None:
                 raise InvalidRuntime("spec.builtInAdapter or spec.grpcEndpoint is required: without an adapter "
                                      "the container must serve ModelMesh's model-runtime SPI on grpcEndpoint")
             port = _port(endpoint, "spec.grpcEndpoint")
+        unknown = [f.name for f in formats if f.name not in MODEL_TYPES]
+        if server_type == MESH and unknown:
+            raise InvalidRuntime(f"serverType mesh loads the formats {', '.join(sorted(MODEL_TYPES))}, not "
+                                 f"{', '.join(unknown)[:200]}")
         if port in RESERVED_PORTS:
             raise InvalidRuntime(f"the server's port {port} is reserved for the mesh runtime")
     except InvalidRuntime as exc:
@@ -314,6 +319,22 @@ class RuntimeCatalog:
         kept = {k: v for k, v in self._runtimes.items() if bool(k[0]) != namespace_scoped}
         kept.update({(r.namespace, r.name): r for r in runtimes})
         return self._set(kept)
+
+    def apply(self, event: WatchEvent, *, namespace_scoped: bool) -> list[ServingRuntime]:
+        """A watch event of ServingRuntimes (``namespace_scoped``) or ClusterServingRuntimes; the
+        runtimes that changed (invalid ones included, to be reported), [] if nothing did."""
+        before = dict(self._runtimes)
+        if event.type == "SYNC":
+            self.replace(namespace_scoped, (r for r in map(parse_runtime, event.objects) if r is not None))
+        elif event.object is not None:
+            meta = event.object.get("metadata") or {}
+            namespace = str(meta.get("namespace") or "") if namespace_scoped else ""
+            runtime = parse_runtime(event.object) if event.type != "DELETED" else None
+            if runtime is None:  # gone, or no longer multi-model
+                self.remove(namespace, str(meta.get("name") or ""))
+            else:
+                self.put(runtime if namespace_scoped else replace(runtime, namespace=""))
+        return [r for k, r in self._runtimes.items() if before.get(k) != r]
 
     def put(self, runtime: ServingRuntime) -> bool:
         return self._set({**self._runtimes, (runtime.namespace, runtime.name): runtime})
