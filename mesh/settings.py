@@ -307,6 +307,10 @@ class ControllerSettings:
     router_token_file: str = _f("", "File holding the bearer token the controller sends to a router with "
                                 "auth.tokens_file set (a write token; mount it from a Secret). Read once at "
                                 "start-up, never logged. Empty: no token.")
+    namespace_label: str = _f("", "With namespace empty (cluster scope): serve only namespaces whose label of this "
+                              "name is \"true\", and the controller's own (POD_NAMESPACE) unless labelled otherwise: "
+                              "modelmesh-serving's modelmesh-enabled. Objects elsewhere are left alone (their "
+                              "vModels removed). Empty: every namespace. Needs list/watch on namespaces.")
     serving_runtimes: bool = _f(True, "Read ServingRuntimes and ClusterServingRuntimes (serving.kserve.io/"
                                 "v1alpha1, multi-model ones only) and send each model to the runtime KServe "
                                 "would select (mesh.controller.runtimes). Without the CRDs, or with no "

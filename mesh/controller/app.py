@@ -17,6 +17,7 @@ Predictors has been queued for reconciling.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,10 +29,12 @@ from mesh.controller.kube import (
     ISVC_PLURAL,
     ISVC_VERSION,
     SR_PLURAL,
+    NamespaceApi,
     PredictorApi,
     PredictorWatcher,
     api_client,
 )
+from mesh.controller.namespaces import NamespaceFilter
 from mesh.controller.predictor import Choice
 from mesh.controller.reconciler import InferenceServices, Kind, PredictorController
 from mesh.controller.router_client import RouterClient
@@ -88,6 +91,31 @@ def _runtime_watchers(cs: ControllerSettings, client: Any, catalog: RuntimeCatal
     return watchers
 
 
+def _namespace_watcher(cs: ControllerSettings, client: Any, namespaces: NamespaceFilter,
+                       controllers: list[PredictorController], loop: asyncio.AbstractEventLoop) -> PredictorWatcher:
+    """A watch of Namespaces into ``namespaces``; objects of a namespace that starts or stops being
+    served are reconciled again."""
+    def on_event(event: WatchEvent) -> None:  # on the event loop
+        changed = namespaces.apply(event)
+        if event.type == "SYNC":
+            namespaces.synced.set()
+        if changed:
+            log.info("served namespaces changed", label=cs.namespace_label,
+                     now_served=sorted(ns for ns in changed if namespaces.enabled(ns))[:50],
+                     no_longer=sorted(ns for ns in changed if not namespaces.enabled(ns))[:50])
+            for controller in controllers:
+                controller.requeue_all(changed)
+
+    def deliver(event: WatchEvent) -> None:  # watch thread
+        try:
+            loop.call_soon_threadsafe(on_event, event)
+        except RuntimeError:
+            pass  # the loop is closed: we are shutting down
+
+    return PredictorWatcher(NamespaceApi(client), deliver, timeout_s=cs.watch_timeout_s,
+                            backoff_max_s=cs.backoff_max_s)
+
+
 async def serve_controller(settings: Settings, roots: RootTasks,
                            on_ready: Callable[[str], None] | None = None) -> None:
     cs = settings.controller
@@ -115,10 +143,16 @@ async def serve_controller(settings: Settings, roots: RootTasks,
         watchers.extend(_runtime_watchers(cs, client, catalog, controllers, runtimes_synced, loop))
     else:
         runtimes_synced.set()
+    ready = [runtimes_synced]
+    namespaces: NamespaceFilter | None = None
+    if cs.namespace_label and not cs.namespace:
+        namespaces = NamespaceFilter(cs.namespace_label, home=os.environ.get("POD_NAMESPACE", ""))
+        watchers.append(_namespace_watcher(cs, client, namespaces, controllers, loop))
+        ready.append(namespaces.synced)
     for kind, api in kinds:
         controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
                                          poll_s=min(1.0, cs.resync_s), kind=kind, select=select,
-                                         ready=runtimes_synced)
+                                         ready=ready, served=namespaces.enabled if namespaces else None)
 
         def deliver(event: WatchEvent, controller: PredictorController = controller) -> None:  # watch thread
             try:

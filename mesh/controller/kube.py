@@ -146,6 +146,37 @@ class PredictorApi:
         self._client.close()  # type: ignore[no-untyped-call]  # unannotated in kubernetes
 
 
+class NamespaceApi:
+    """Blocking list and watch of Namespaces (for ``controller.namespace_label``), in the shape
+    :class:`PredictorWatcher` takes."""
+
+    plural = "namespaces"
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._client = api_client
+        self._api = client.CoreV1Api(api_client)
+
+    @property
+    def host(self) -> str:
+        return str(self._client.configuration.host)
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        result: Any = self._api.list_namespace(_request_timeout=_CALL_TIMEOUT, _preload_content=False)
+        body = json.loads(result.data)  # the raw response: plain dicts, as the custom objects' lists
+        return list(body.get("items") or []), str(body["metadata"]["resourceVersion"])
+
+    def watch(self, w: watch.Watch, resource_version: str, timeout_s: int) -> Any:
+        stream = w.stream(  # type: ignore[no-untyped-call]  # unannotated in kubernetes
+            self._api.list_namespace, resource_version=resource_version, allow_watch_bookmarks=True,
+            timeout_seconds=timeout_s, _request_timeout=(_CALL_TIMEOUT[0], timeout_s + 30.0))
+        try:
+            yield from stream
+        except ApiException as exc:
+            if exc.status == 410:
+                raise Gone(str(exc.reason)) from None
+            raise
+
+
 def _message(exc: ApiException) -> str:
     """The message of the Status body, if the error has one."""
     try:
@@ -163,7 +194,8 @@ def _describe(exc: Exception) -> str:
 class PredictorWatcher:
     """A thread that lists and watches Predictors forever and delivers :class:`WatchEvent` s."""
 
-    def __init__(self, api: PredictorApi, deliver: Callable[[WatchEvent], None], *, timeout_s: int = 300,
+    def __init__(self, api: PredictorApi | NamespaceApi, deliver: Callable[[WatchEvent], None], *,
+                 timeout_s: int = 300,
                  backoff_max_s: float = 30.0) -> None:
         self.api = api
         self.deliver = deliver
@@ -243,5 +275,5 @@ class PredictorWatcher:
         return version
 
 
-__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "Gone", "KubeConfigError", "PredictorApi",
-           "PredictorWatcher", "WatchEvent", "api_client"]
+__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "Gone", "KubeConfigError", "NamespaceApi",
+           "PredictorApi", "PredictorWatcher", "WatchEvent", "api_client"]

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -188,12 +188,14 @@ class PredictorController:
     def __init__(self, settings: ControllerSettings, *, mesh: MeshApi, kube: StatusWriter,
                  workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time,
                  kind: Kind | None = None, select: RuntimeSelector | None = None,
-                 usage: Usage | None = None, ready: asyncio.Event | None = None) -> None:
+                 usage: Usage | None = None, ready: Sequence[asyncio.Event] = (),
+                 served: Callable[[str], bool] | None = None) -> None:
         self.settings = settings
         self.kind = kind or Kind()
         self.select = select
         self.usage = usage
-        self.ready = ready  # reconciles start once it is set (the cluster's runtimes are known)
+        self.ready = ready  # reconciles start once these are set (the runtimes and namespaces are known)
+        self.served = served  # whether a namespace is served (controller.namespace_label); None: all
         self.mesh = mesh
         self.kube = kube
         self.workers = workers
@@ -239,11 +241,12 @@ class PredictorController:
         if before is None or _generation(before) != _generation(obj):
             self.queue.add(key)
 
-    def requeue_all(self) -> None:
+    def requeue_all(self, namespaces: set[str] | None = None) -> None:
         """Reconcile every object again (the cluster's runtimes changed: a model may now have one,
-        or another)."""
+        or another), or those of ``namespaces`` (they became served, or stopped being served)."""
         for key in self.cache:
-            self.queue.add(key)
+            if namespaces is None or key[0] in namespaces:
+                self.queue.add(key)
 
     def _use(self, key: Key, ref: str | None) -> None:
         if self.usage is not None:
@@ -252,8 +255,8 @@ class PredictorController:
     # --- work -----------------------------------------------------------------------------------
     async def run(self) -> None:
         """Root task: the workers and the periodic resync."""
-        if self.ready is not None:
-            await self.ready.wait()
+        for event in self.ready:
+            await event.wait()
         try:
             async with asyncio.TaskGroup() as group:
                 for i in range(self.workers):
@@ -294,7 +297,9 @@ class PredictorController:
         owner = self.owner(namespace)
         obj = self.cache.get(key)
         reg: Registration | None = None
-        if obj is not None:
+        # In a namespace the controller does not serve, an object is as one the mesh does not
+        # serve: its vModel goes, once.
+        if obj is not None and (self.served is None or self.served(namespace)):
             try:
                 reg = self.kind.registration(obj, self.settings.default_storage_key, self.select)
             except InvalidPredictor as exc:
