@@ -236,13 +236,16 @@ class PredictorWatcher:
             except ApiException as exc:
                 if self._stopped.is_set():
                     break
-                if exc.status == 404 and version is None:
+                if exc.status in (403, 404) and version is None:
                     # No such resource type on this cluster (InferenceServices without KServe's or
-                    # our CRD): none exist, so the controller is in sync with an empty list; it
-                    # lists again, slowly, and picks them up once the CRD is installed.
+                    # our CRD), or no permission to read it (a Role without ServingRuntimes): none
+                    # can be read, so the controller is in sync with an empty list; it lists again,
+                    # slowly, and picks them up once the CRD (or the permission) is there.
                     if not missing:
-                        log.warning(f"{self.api.plural} are not served by this API server (no CRD); "
-                                    "checking again every backoff_max_s", api_server=self.api.host)
+                        why = ("not served by this API server (no CRD)" if exc.status == 404
+                               else "not readable: the controller's RBAC does not grant list/watch")
+                        log.warning(f"{self.api.plural} are {why}; checking again every backoff_max_s",
+                                    api_server=self.api.host)
                         self.deliver(WatchEvent("SYNC", objects=[]))
                         missing = True
                     self._stopped.wait(self.backoff.cap)

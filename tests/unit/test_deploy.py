@@ -341,11 +341,12 @@ def test_base_deploys_every_part(base: list[Doc]) -> None:
             assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
 
 
-def test_controller_role_grants_only_predictor_and_inferenceservice_reads_and_status_writes(base: list[Doc]) -> None:
+def test_controller_role_grants_only_reads_status_writes_and_events(base: list[Doc]) -> None:
     role = _one(base, "Role", "mesh-controller")
     assert role["rules"] == [
-        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors", "inferenceservices"],
+        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors", "inferenceservices", "servingruntimes"],
          "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
         {"apiGroups": ["serving.kserve.io"], "resources": ["predictors/status", "inferenceservices/status"],
          "verbs": ["get", "patch", "update"]},
     ]
