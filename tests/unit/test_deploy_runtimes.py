@@ -463,6 +463,23 @@ def test_the_overlay_grants_the_controller_what_running_runtimes_takes(base: lis
     wanted |= {(NAMESPACE, "apps", "statefulsets", v) for v in (*reads, "create", "patch", "update", "delete")}
     wanted |= {(NAMESPACE, "", "events", v) for v in ("create", "patch")}
     assert wanted <= granted
-    # Nothing else: the base's grants, and cluster-wide only the reading of ClusterServingRuntimes.
+    # Nothing else: the base's grants, and cluster-wide only the reading of ClusterServingRuntimes;
+    # and nothing the base grants already.
     assert granted == _grants(base) | wanted
+    added = [d for d in overlay if d["kind"].endswith(("Role", "RoleBinding")) and d not in base]
+    assert not _grants(added) & _grants(base)
     assert _one(overlay, "Role", "mesh-controller") == _one(base, "Role", "mesh-controller")
+
+
+def test_the_readmes_own_runtime_example_is_valid_and_selected_as_it_says() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    section = readme[readme.index("\n## ServingRuntimes\n"):]
+    (example,) = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    assert _errors("ServingRuntime", example) == ""
+    runtime = parse_runtime(example)
+    assert runtime is not None and runtime.error == "" and runtime.namespace == NAMESPACE
+    catalog = _catalog(*SHIPPED, extra=(runtime,))
+    assert catalog.select(NAMESPACE, "sklearn").runtime == runtime  # its priority 2 beats the mesh's 1
+    assert catalog.select("elsewhere", "sklearn").runtime == _read("mesh-runtime", created="2026-01-01T00:00:00Z")
+    assert catalog.select(NAMESPACE, "huggingface").runtime is None  # not auto-selected ...
+    assert catalog.select(NAMESPACE, "huggingface", runtime="mlserver-hf").runtime == runtime  # ... but named
