@@ -132,6 +132,29 @@ class RouterSettings:
                                     "request goes there first. Half a second: a killed runtime costs each "
                                     "router at most a couple of retried requests per probe, while one that "
                                     "blipped is back within a second.", "s")
+    # Runtime replicas that follow demand (mesh.router.autoscale, placement.autoscale): the router
+    # computes each runtime group's desired replicas and exports it for an HPA or KEDA (deploy/autoscaling).
+    autoscale_interval_s: float = _f(10.0, "How often the router computes the replicas each runtime group "
+                                     "needs (the mesh_runtime_replicas_desired gauge); 0 turns it off. Ten "
+                                     "seconds: finer than an HPA's 15 s sync, one pass over the loaded "
+                                     "copies each time.", "s")
+    autoscale_window_s: float = _f(600.0, "A model counts in a group's working set when used within this "
+                                   "long (its measured size then needs room in the group's replicas).", "s")
+    autoscale_target_fill: float = _f(0.8, "Fraction of a group's model capacity its working set may fill; "
+                                      "the rest is room for the models that come and go.")
+    autoscale_target_rps: float = _f(500.0, "Requests per second one runtime replica serves comfortably (a "
+                                     "small sklearn model saturates a 2-core runtime near 1,500 req/s); set "
+                                     "it from your models' own throughput.", "req/s")
+    autoscale_hold_s: float = _f(300.0, "How long a group's need must stay lower before it loses one "
+                                 "replica, and between two such steps (scale-up is immediate).", "s")
+    autoscale_min_replicas: int = _f(1, "Fewest replicas of a runtime group with registered models (at "
+                                     "least 1 whatever this says; a group with none goes to 0).")
+    autoscale_max_replicas: int = _f(10, "Most replicas the signal asks for, per runtime group.")
+    autoscale_groups: tuple[str, ...] = _f((), "Bounds per runtime group, 'name=min:max' each (the name "
+                                           "after rt: in the runtime's labels; '=min:max' for runtimes "
+                                           "without one), overriding autoscale_min/max_replicas.")
+    autoscale_scale_to_zero: bool = _f(True, "A runtime group with no registered model asks for 0 replicas "
+                                       "(modelmesh-serving's ScaleToZero); off: its minimum.")
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from mesh.router.view import ClusterView
     from mesh.runtime.cache import Entry, ModelCache
     from mesh.runtime.capacity import GpuMemory
+    from placement.autoscale import Signal
 
 log = structlog.get_logger(__name__)
 
@@ -324,6 +325,11 @@ class RouterMetrics(_ComponentMetrics):
         out.append(changes)
         return out
 
+    def attach_autoscaling(self, signals: Callable[[], Mapping[str, Signal]]) -> None:
+        """Export the runtime-scaling signal (``mesh.router.autoscale``): ``signals()`` is the
+        last decision per runtime group, a dict replaced whole on the loop (read from any thread)."""
+        self.registry.register(_CallbackCollector(lambda: _autoscaling(signals())))
+
     async def count_managed(self, count: Callable[[], Awaitable[int]],
                             interval_s: float = MANAGED_COUNT_INTERVAL_S) -> None:
         """Root task: refresh ``modelmesh_models_managed_total`` (a registry read; not per scrape)."""
@@ -333,6 +339,36 @@ class RouterMetrics(_ComponentMetrics):
             except Exception as exc:
                 log.warning("counting registered models failed; will retry", error=str(exc))
             await asyncio.sleep(interval_s)
+
+
+def _autoscaling(signals: Mapping[str, Signal]) -> list[Metric]:
+    """One series per runtime group (``runtime``: its rt: label's name, "" without one)."""
+    def family(name: str, doc: str, value: Callable[[Signal], float]) -> GaugeMetricFamily:
+        out = GaugeMetricFamily(name, doc, labels=["runtime"])
+        for group, signal in signals.items():
+            out.add_metric([group], value(signal))
+        return out
+
+    needed = GaugeMetricFamily("mesh_runtime_replicas_needed", "Replicas each need alone asks for, before "
+                               "bounds and hysteresis", labels=["runtime", "need"])
+    reason = GaugeMetricFamily("mesh_runtime_scaling_reason", "1 for what sets the desired replicas: memory, "
+                               "load, idle (the minimum) or no-models (scale to zero)", labels=["runtime", "reason"])
+    for group, signal in signals.items():
+        needed.add_metric([group, "memory"], signal.memory_replicas)
+        needed.add_metric([group, "load"], signal.load_replicas)
+        reason.add_metric([group, signal.bound], 1)
+    return [
+        family("mesh_runtime_replicas_desired", "Runtime replicas the group should have now (an HPA or "
+               "KEDA follows it: deploy/autoscaling)", lambda s: s.desired),
+        family("mesh_runtime_replicas_current", "Live runtime replicas of the group", lambda s: s.current),
+        needed, reason,
+        family("mesh_runtime_working_set_bytes", "Bytes of the group's models used within the window",
+               lambda s: s.working_set_bytes),
+        family("mesh_runtime_working_set_models", "The group's models used within the window", lambda s: s.models),
+        family("mesh_runtime_request_rate", "Requests per second the group serves", lambda s: s.request_rps),
+        family("mesh_runtime_replica_capacity_bytes", "Model capacity of one replica of the group",
+               lambda s: s.capacity_bytes),
+    ]
 
 
 class _Metered:

@@ -21,6 +21,7 @@ from mesh.registry.security import etcd_security
 from mesh.registry.specs import SpecCache
 from mesh.rest.guards import ssl_context
 from mesh.rest.server import RestServer
+from mesh.router.autoscale import RuntimeAutoscaler, config_from
 from mesh.router.dataplane import DataPlane
 from mesh.router.grpc_inference import InferenceServicer
 from mesh.router.management import Management
@@ -54,6 +55,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     server_tls = server_credentials(settings.tls)
     interceptors = interceptors_for(settings.auth, settings.runtime.model_roots)
     rest_tls = ssl_context(settings.tls) if rs.rest_port >= 0 else None
+    autoscaling = config_from(rs) if rs.autoscale_interval_s > 0 else None  # bad bounds stop the start here
     channels = ChannelPool(rs.max_message_bytes, runtime_channel_security(settings.tls))
     store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
                                security=etcd_security(settings.registry))
@@ -141,6 +143,14 @@ async def serve_router(settings: Settings, roots: RootTasks,
     else:
         if repaired:
             log.info("vModel refs repaired", written=repaired)
+    if autoscaling is not None:  # the runtime-scaling signal (deploy/autoscaling reads the gauge)
+        autoscaler = RuntimeAutoscaler(view=view, rates=scaler.policy, half_life_s=scaler.policy.config.half_life_s,
+                                       list_models=registry.list_models, config=autoscaling,
+                                       interval_s=rs.autoscale_interval_s, clock=scaler.clock)
+        specs.subscribe(autoscaler.on_registration, autoscaler.on_reset)
+        roots.spawn(autoscaler.run(), "runtime-autoscaling")
+        if rs.metrics_port >= 0:
+            metrics.attach_autoscaling(lambda: autoscaler.signals)
     roots.spawn(specs.run(), "spec-cache-watch")
     roots.spawn(management.run_transitions(), "vmodel-transitions")
     roots.spawn(scaler.run(), "copy-scaling")
