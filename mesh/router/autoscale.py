@@ -125,7 +125,9 @@ class RuntimeAutoscaler:
         self._list_models = list_models
         self._decay = math.log(2.0) / half_life_s  # the rate average's, per second
         self.signals: Mapping[str, Signal] = {}  # replaced whole each pass (the metrics read it)
-        self._known: set[str] = set()  # every group seen: instances, registrations, earlier passes
+        # Every group seen: instances, registrations, earlier passes. "" (runtimes without an rt:
+        # label, deploy/base's) always: its series must exist, at 0, even before any runtime or model.
+        self._known: set[str] = {""}
         self._capacity: dict[str, int] = {}  # last capacity per replica of each group
         self._registered: dict[str, bool] = {}  # group -> has a registered model, as last checked
         self._registered_since_check: set[str] = set()
