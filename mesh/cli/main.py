@@ -153,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("settings", help="list every setting with its default, unit and meaning")
     p.add_argument("--json", action="store_true")
 
+    from mesh.cli.config_cmd import add_config_parser
     from mesh.cli.sim import add_sim_parser
 
     add_sim_parser(sub)  # mesh sim gen|run: offline traces and the placement simulator
+    add_config_parser(sub)  # mesh config from-modelmesh: model-serving-config -> mesh.toml
     return parser
 
 
@@ -181,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
             from mesh.cli.sim import sim_command
 
             return sim_command(args)
+        if args.command == "config":
+            from mesh.cli.config_cmd import config_command
+
+            return config_command(args)
         # The token is read from the environment here rather than as the option's default, so that
         # `--help` never prints it.
         token = args.token or _token_file(args.token_file or os.environ.get("MESH_TOKEN_FILE")) \
