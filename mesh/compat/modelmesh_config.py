@@ -136,7 +136,7 @@ class Rule:
     default: str  # modelmesh-serving's default, as docs/kserve-notes.md section 6 gives it
     outcome: Outcome  # SETTING, DEPLOY or UNSUPPORTED: the doc table's "what we do"
     check: Check
-    apply: Apply
+    apply: Apply | str  # text: a note of the rule's outcome
     settings: tuple[str, ...] = ()  # the settings it may write
 
 
@@ -170,34 +170,40 @@ def _setting(name: str, also: str = "") -> Apply:
     return apply
 
 
-def _note(outcome: Outcome, text: str) -> Apply:
-    return lambda value, ctx: ctx.note(outcome, text)
+def _named(default: str, same: str, other: str) -> Apply:
+    """A name deploy/ gives a manifest: ``same`` if the value is ``default``, else how to change it
+    (``other``, with ``{value}``)."""
+    def apply(value: str, ctx: _Context) -> None:
+        if value == default:
+            ctx.note(Outcome.INFO, same)
+        else:
+            ctx.note(Outcome.DEPLOY, other.format(value=show(value)))
+    return apply
 
 
-def _service_name(value: str, ctx: _Context) -> None:
-    if value == "modelmesh-serving":
-        ctx.note(Outcome.INFO, "deploy/base/router.yaml already has the Service modelmesh-serving (8033 gRPC, 8008 "
-                 "REST) in front of the routers")
-    else:
-        ctx.note(Outcome.DEPLOY, f"rename the Service modelmesh-serving in deploy/base/router.yaml to {show(value)} "
-                 "(metadata.name)")
+def _switch(settings: tuple[str, ...], on: str) -> Apply:
+    """An ``enabled``: true is what we do by default (``on`` says so), false turns ``settings`` off (-1)."""
+    def apply(value: bool, ctx: _Context) -> None:
+        if value:
+            ctx.note(Outcome.INFO, on)
+            return
+        for setting in settings:
+            ctx.set(setting, -1)
+    return apply
 
 
-def _service_port(value: int, ctx: _Context) -> None:
-    ctx.set("router.port", value)
-    if value != 8033:
-        ctx.note(Outcome.DEPLOY, f"change 8033 to {value} in deploy/base/router.yaml (both Services, the containerPort "
-                 "grpc, the probes) and in MESH_CONTROLLER_ROUTER_ENDPOINT (deploy/base/controller.yaml)")
-
-
-def _storage_secret(value: str, ctx: _Context) -> None:
-    if value == "storage-config":
-        ctx.note(Outcome.INFO, "deploy/base/runtime.yaml mounts the Secret storage-config at /storage-config "
-                 "(storage.config_dir), in the same format")
-    else:
-        ctx.note(Outcome.DEPLOY, "deploy/base/runtime.yaml mounts the Secret storage-config at /storage-config "
-                 f"(storage.config_dir): set that volume's secretName to {show(value)}, or copy your Secret "
-                 "as storage-config")
+def _port(settings: tuple[str, ...], switch: str, default: int, where: str) -> Apply:
+    """A port, unless its ``switch`` (an ``enabled`` key) is false; another than ``default`` is also a
+    change to deploy/ (``where``)."""
+    def apply(value: int, ctx: _Context) -> None:
+        if switch and ctx.value(switch, True) is False:
+            ctx.note(Outcome.INFO, f"ignored: {switch} is false")
+            return
+        for setting in settings:
+            ctx.set(setting, value)
+        if value != default:
+            ctx.note(Outcome.DEPLOY, f"change {default} to {value} in {where}")
+    return apply
 
 
 def _tls_secret(value: str, ctx: _Context) -> None:
@@ -237,25 +243,6 @@ def _client_auth(value: str, ctx: _Context) -> None:
         ctx.note(Outcome.INFO, "empty: no client certificates, as ours by default (tls.client_auth = none)")
 
 
-def _metrics_enabled(value: bool, ctx: _Context) -> None:
-    if value:
-        ctx.note(Outcome.INFO, "on, as ours by default (router.metrics_port, runtime.metrics_port)")
-    else:
-        ctx.set("router.metrics_port", -1)
-        ctx.set("runtime.metrics_port", -1)
-
-
-def _metrics_port(value: int, ctx: _Context) -> None:
-    if ctx.value("metrics.enabled", True) is False:
-        ctx.note(Outcome.INFO, "ignored: metrics.enabled is false")
-        return
-    ctx.set("router.metrics_port", value)
-    ctx.set("runtime.metrics_port", value)
-    if value != 2112:
-        ctx.note(Outcome.DEPLOY, f"change 2112 to {value} in deploy/ (the metrics containerPorts of "
-                 "base/router.yaml and base/runtime.yaml, the mesh-router Service, base/network.yaml)")
-
-
 def _metrics_scheme(value: str, ctx: _Context) -> None:
     scheme = value.strip().lower()
     if scheme not in ("http", "https"):
@@ -265,32 +252,6 @@ def _metrics_scheme(value: str, ctx: _Context) -> None:
     else:
         ctx.note(Outcome.UNSUPPORTED, "/metrics is served over plain http; deploy/base/network.yaml limits who may "
                  "scrape it (namespaces labelled mesh-serving.io/monitoring: \"true\")")
-
-
-def _prometheus_operator(value: bool, ctx: _Context) -> None:
-    if value:
-        ctx.note(Outcome.DEPLOY, "leave deploy/monitoring/ out: the base creates no ServiceMonitor")
-    else:
-        ctx.note(Outcome.DEPLOY, "apply deploy/monitoring/ for the Prometheus Operator's ServiceMonitor "
-                 "(modelmesh-serving created one itself)")
-
-
-def _rest_enabled(value: bool, ctx: _Context) -> None:
-    if value:
-        ctx.note(Outcome.INFO, "REST is on, served by the routers themselves (router.rest_port), no proxy container")
-    else:
-        ctx.set("router.rest_port", -1)
-
-
-def _rest_port(value: int, ctx: _Context) -> None:
-    if ctx.value("restProxy.enabled", True) is False:
-        ctx.note(Outcome.INFO, "ignored: restProxy.enabled is false")
-        return
-    ctx.set("router.rest_port", value)
-    if value != 8008:
-        ctx.note(Outcome.DEPLOY, f"change 8008 to {value} in deploy/base/router.yaml (the containerPort rest, and the "
-                 "Services' port if clients should dial it) and set controller.rest_endpoint to the host:port "
-                 "clients use, for InferenceService statuses")
 
 
 def _server_types(value: list[str], ctx: _Context) -> None:
@@ -308,82 +269,99 @@ def _payload_processors(value: list[str], ctx: _Context) -> None:
                  "(log.access_log), metrics and traces (log.tracing) are built in")
 
 
-def _pvc(value: bool, ctx: _Context) -> None:
-    ctx.note(Outcome.DEPLOY, "runtimes read the claims deploy/storage-pvc/ mounts at /pvc_mounts/<claim>; list each "
-             "claim there (a model naming a claim not mounted fails its load)")
-
-
+_METRICS = ("router.metrics_port", "runtime.metrics_port")
 _NO_PROXY = "there is no REST proxy container: the routers serve REST themselves"
 _NO_PULLER = "there is no puller container: runtimes pull models themselves (the storage.* settings)"
 
 RULES: tuple[Rule, ...] = (
-    Rule("inferenceServiceName", "modelmesh-serving", Outcome.DEPLOY, string, _service_name),
-    Rule("inferenceServicePort", "8033", Outcome.SETTING, integer(1, 65535), _service_port, ("router.port",)),
-    Rule("storageSecretName", "storage-config", Outcome.DEPLOY, string, _storage_secret),
+    Rule("inferenceServiceName", "modelmesh-serving", Outcome.DEPLOY, string, _named(
+        "modelmesh-serving", "deploy/base/router.yaml already has the Service modelmesh-serving (8033 gRPC, 8008 "
+        "REST) in front of the routers", "rename the Service modelmesh-serving in deploy/base/router.yaml to "
+        "{value} (metadata.name)")),
+    Rule("inferenceServicePort", "8033", Outcome.SETTING, integer(1, 65535), _port(
+        ("router.port",), "", 8033, "deploy/base/router.yaml (both Services, the containerPort grpc, the probes) "
+        "and in MESH_CONTROLLER_ROUTER_ENDPOINT (deploy/base/controller.yaml)"), ("router.port",)),
+    Rule("storageSecretName", "storage-config", Outcome.DEPLOY, string, _named(
+        "storage-config", "deploy/base/runtime.yaml mounts the Secret storage-config at /storage-config "
+        "(storage.config_dir), in the same format", "deploy/base/runtime.yaml mounts the Secret storage-config at "
+        "/storage-config (storage.config_dir): set that volume's secretName to {value}, or copy your Secret as "
+        "storage-config")),
     Rule("podsPerRuntime", "2", Outcome.SETTING, integer(1, 65535),
          _setting("controller.pods_per_runtime", _MANAGED_ONLY), ("controller.pods_per_runtime",)),
     Rule("tls.secretName", '""', Outcome.SETTING, string, _tls_secret,
          ("tls.cert_file", "tls.key_file", "controller.router_ca_file")),
     Rule("tls.clientAuth", '""', Outcome.SETTING, string, _client_auth,
          ("tls.client_auth", "tls.client_ca_file", "controller.router_cert_file", "controller.router_key_file")),
-    Rule("headlessService", "true", Outcome.DEPLOY, boolean, _note(
-        Outcome.DEPLOY, "the modelmesh-serving Service (deploy/base/router.yaml) has a cluster IP that balances "
-        "connections over the routers; add clusterIP: None to it for a headless one")),
+    Rule("headlessService", "true", Outcome.DEPLOY, boolean,
+         "the modelmesh-serving Service (deploy/base/router.yaml) has a cluster IP that balances "
+         "connections over the routers; add clusterIP: None to it for a headless one"),
     Rule("grpcMaxMessageSizeBytes", "16777216", Outcome.SETTING, integer(1, 2**31 - 1),
          _setting("router.max_message_bytes"), ("router.max_message_bytes",)),
     Rule("enableAccessLogging", "false", Outcome.SETTING, boolean, _setting("log.access_log"), ("log.access_log",)),
-    Rule("serviceAccountName", '"" (docs: modelmesh)', Outcome.DEPLOY, string, _note(
-        Outcome.DEPLOY, "runtime pods (deploy/base/runtime.yaml) never call the Kubernetes API and mount no token; "
-        "set spec.template.spec.serviceAccountName there if your cluster needs one")),
-    Rule("metrics.enabled", "true", Outcome.SETTING, boolean, _metrics_enabled,
+    Rule("serviceAccountName", '"" (docs: modelmesh)', Outcome.DEPLOY, string,
+         "runtime pods (deploy/base/runtime.yaml) never call the Kubernetes API and mount no token; "
+         "set spec.template.spec.serviceAccountName there if your cluster needs one"),
+    Rule("metrics.enabled", "true", Outcome.SETTING, boolean, _switch(
+        _METRICS, "on, as ours by default (router.metrics_port, runtime.metrics_port)"),
          ("router.metrics_port", "runtime.metrics_port")),
-    Rule("metrics.port", "2112", Outcome.SETTING, integer(1, 65535), _metrics_port,
+    Rule("metrics.port", "2112", Outcome.SETTING, integer(1, 65535), _port(
+        _METRICS, "metrics.enabled", 2112, "deploy/ (the metrics containerPorts of base/router.yaml and "
+        "base/runtime.yaml, the mesh-router Service, base/network.yaml)"),
          ("router.metrics_port", "runtime.metrics_port")),
     Rule("metrics.scheme", "https", Outcome.UNSUPPORTED, string, _metrics_scheme),
-    Rule("metrics.disablePrometheusOperatorSupport", "false", Outcome.DEPLOY, boolean, _prometheus_operator),
+    Rule("metrics.disablePrometheusOperatorSupport", "false", Outcome.DEPLOY, boolean, lambda value, ctx: ctx.note(
+        Outcome.DEPLOY, "leave deploy/monitoring/ out: the base creates no ServiceMonitor" if value else
+        "apply deploy/monitoring/ for the Prometheus Operator's ServiceMonitor (modelmesh-serving made one itself)")),
     Rule("scaleToZero.enabled", "true", Outcome.SETTING, boolean, _setting("controller.scale_to_zero", _MANAGED_ONLY),
          ("controller.scale_to_zero",)),
     Rule("scaleToZero.gracePeriodSeconds", "60", Outcome.SETTING, integer(0, 65535),
          lambda value, ctx: ctx.set("controller.scale_to_zero_grace_s", float(value)),
          ("controller.scale_to_zero_grace_s",)),
-    Rule("restProxy.enabled", "true", Outcome.SETTING, boolean, _rest_enabled, ("router.rest_port",)),
-    Rule("restProxy.port", "8008", Outcome.SETTING, integer(1, 65535), _rest_port, ("router.rest_port",)),
+    Rule("restProxy.enabled", "true", Outcome.SETTING, boolean, _switch(
+        ("router.rest_port",), "REST is on, served by the routers themselves (router.rest_port)"),
+         ("router.rest_port",)),
+    Rule("restProxy.port", "8008", Outcome.SETTING, integer(1, 65535), _port(
+        ("router.rest_port",), "restProxy.enabled", 8008, "deploy/base/router.yaml (the containerPort rest, and the "
+        "Services' port if clients should dial it), and set controller.rest_endpoint to the host:port clients use, "
+        "for InferenceService statuses"), ("router.rest_port",)),
     Rule("restProxy.image", "kserve/rest-proxy:latest", Outcome.UNSUPPORTED, _IMAGE,
-         _note(Outcome.UNSUPPORTED, f"{_NO_PROXY}, from the mesh image")),
+         f"{_NO_PROXY}, from the mesh image"),
     Rule("restProxy.resources", "req 50m/96Mi, lim 1/512Mi", Outcome.DEPLOY, _RESOURCES,
-         _note(Outcome.DEPLOY, f"{_NO_PROXY}: size the routers in deploy/base/router.yaml")),
+         f"{_NO_PROXY}: size the routers in deploy/base/router.yaml"),
     Rule("restProxy.skipVerify", "false", Outcome.UNSUPPORTED, boolean,
-         _note(Outcome.UNSUPPORTED, f"{_NO_PROXY}: there is no TLS hop to skip verifying")),
-    Rule("modelMeshImage", "kserve/modelmesh:latest", Outcome.DEPLOY, _IMAGE, _note(
-        Outcome.DEPLOY, "model-mesh's image has no role here: the mesh image is set under images: in "
-        "deploy/kustomization.yaml, and for managed runtimes in controller.runtime_image")),
-    Rule("modelMeshResources", "req 300m/448Mi, lim 3/448Mi", Outcome.DEPLOY, _RESOURCES, _note(
-        Outcome.DEPLOY, "size the runtime container in deploy/base/runtime.yaml: it holds the models, and its memory "
-        "limit times runtime.capacity_fraction is their capacity")),
+         f"{_NO_PROXY}: there is no TLS hop to skip verifying"),
+    Rule("modelMeshImage", "kserve/modelmesh:latest", Outcome.DEPLOY, _IMAGE,
+         "model-mesh's image has no role here: the mesh image is set under images: in "
+         "deploy/kustomization.yaml, and for managed runtimes in controller.runtime_image"),
+    Rule("modelMeshResources", "req 300m/448Mi, lim 3/448Mi", Outcome.DEPLOY, _RESOURCES,
+         "size the runtime container in deploy/base/runtime.yaml: it holds the models, and its memory "
+         "limit times runtime.capacity_fraction is their capacity"),
     Rule("storageHelperImage", "kserve/modelmesh-runtime-adapter:latest", Outcome.UNSUPPORTED, _IMAGE,
-         _note(Outcome.UNSUPPORTED, f"{_NO_PULLER}, from the mesh image")),
+         f"{_NO_PULLER}, from the mesh image"),
     Rule("storageHelperResources", "req 50m/96Mi, lim 2/512Mi", Outcome.UNSUPPORTED, _RESOURCES,
-         _note(Outcome.UNSUPPORTED, f"{_NO_PULLER}; storage.cache_bytes bounds their disk cache")),
+         f"{_NO_PULLER}; storage.cache_bytes bounds their disk cache"),
     Rule("builtInServerTypes", "[triton, mlserver, ovms, torchserve]", Outcome.UNSUPPORTED, string_list,
          _server_types),
-    Rule("runtimePodLabels", "app.kubernetes.io/* and modelmesh-service labels", Outcome.DEPLOY, string_map, _note(
-        Outcome.DEPLOY, "add them to spec.template.metadata.labels in deploy/base/runtime.yaml (runtime.labels is "
-        "something else: placement labels)")),
-    Rule("runtimePodAnnotations", "prometheus.io/* annotations", Outcome.DEPLOY, string_map, _note(
-        Outcome.DEPLOY, "add them to spec.template.metadata.annotations in deploy/base/runtime.yaml")),
-    Rule("imagePullSecrets", "none", Outcome.DEPLOY, items(fields(name=string)), _note(
-        Outcome.DEPLOY, "add them to spec.template.spec.imagePullSecrets of the workloads in deploy/base")),
-    Rule("allowAnyPVC", "false", Outcome.DEPLOY, boolean, _pvc),
+    Rule("runtimePodLabels", "app.kubernetes.io/* and modelmesh-service labels", Outcome.DEPLOY, string_map,
+         "add them to spec.template.metadata.labels in deploy/base/runtime.yaml (runtime.labels is "
+         "something else: placement labels)"),
+    Rule("runtimePodAnnotations", "prometheus.io/* annotations", Outcome.DEPLOY, string_map,
+         "add them to spec.template.metadata.annotations in deploy/base/runtime.yaml"),
+    Rule("imagePullSecrets", "none", Outcome.DEPLOY, items(fields(name=string)),
+         "add them to spec.template.spec.imagePullSecrets of the workloads in deploy/base"),
+    Rule("allowAnyPVC", "false", Outcome.DEPLOY, boolean,
+         "runtimes read the claims deploy/storage-pvc/ mounts at /pvc_mounts/<claim>; list each claim "
+         "there (a model naming a claim not mounted fails its load)"),
     Rule("payloadProcessors", "[]", Outcome.UNSUPPORTED, string_list, _payload_processors),
-    Rule("etcdSecretName", "model-serving-etcd (deprecated)", Outcome.DEPLOY, string, _note(
-        Outcome.DEPLOY, "the mesh runs its own etcd (deploy/base/etcd.yaml); for yours, set registry.url and its TLS "
-        "or user settings (registry.ca_file, cert_file, key_file, username, password_file) from that Secret")),
-    Rule("modelMeshEndpoint", "(dev only)", Outcome.UNSUPPORTED, string, _note(
-        Outcome.UNSUPPORTED, "a development switch of modelmesh-serving; the controller's router is "
-        "controller.router_endpoint (deploy/base/controller.yaml sets it)")),
-    Rule("internalModelMeshEnvVars", "(internal)", Outcome.UNSUPPORTED, items(fields(name=string, value=string)), _note(
-        Outcome.UNSUPPORTED, "model-mesh's own environment has no meaning here; MESH_<GROUP>_<FIELD> variables set "
-        "our settings (mesh settings)")),
+    Rule("etcdSecretName", "model-serving-etcd (deprecated)", Outcome.DEPLOY, string,
+         "the mesh runs its own etcd (deploy/base/etcd.yaml); for yours, set registry.url and its TLS "
+         "or user settings (registry.ca_file, cert_file, key_file, username, password_file) from that Secret"),
+    Rule("modelMeshEndpoint", "(dev only)", Outcome.UNSUPPORTED, string,
+         "a development switch of modelmesh-serving; the controller's router is "
+         "controller.router_endpoint (deploy/base/controller.yaml sets it)"),
+    Rule("internalModelMeshEnvVars", "(internal)", Outcome.UNSUPPORTED, items(fields(name=string, value=string)),
+         "model-mesh's own environment has no meaning here; MESH_<GROUP>_<FIELD> variables set "
+         "our settings (mesh settings)"),
 )
 
 
@@ -447,7 +425,10 @@ def convert(source: bytes | str) -> Conversion:
     for rule in RULES:  # in table order, each seeing every value given (metrics.port asks metrics.enabled)
         if rule.key in ctx.given:
             ctx.key, ctx.rule = ctx.given[rule.key][0], rule.key
-            rule.apply(ctx.given[rule.key][1], ctx)
+            if isinstance(rule.apply, str):
+                ctx.note(rule.outcome, rule.apply)
+            else:
+                rule.apply(ctx.given[rule.key][1], ctx)
     ctx.out.notes[:0] = [Note(key, Outcome.WARNING, text) for key, text in ctx.warnings]
     return ctx.out
 
