@@ -1,5 +1,6 @@
-"""A FAKE Kubernetes API server for custom resources (``Predictor`` and ``InferenceService``), for
-tests only.
+"""A FAKE Kubernetes API server for custom resources (``Predictor``, ``InferenceService``,
+``ServingRuntime``, ``ClusterServingRuntime``) and the two built-in ones the controller writes
+(``StatefulSet``, ``Event``), for tests only.
 
 Why a fake: no kube-apiserver (nor etcd-backed control plane such as kind or k3s) can be installed
 on the machines these tests run on, yet the controller must be tested through the real client
@@ -7,15 +8,22 @@ library (the official ``kubernetes`` package) speaking the real REST paths and w
 This server implements just enough of the API server for that, in one process, on 127.0.0.1.
 
 Which resources: those given as ``resources`` (:class:`Resource`: group, version, plural, kind,
-CRD file), each namespaced with the status subresource, like a CRD installed in the cluster. The
-default is :data:`PREDICTORS` alone (``serving.kserve.io/v1alpha1``, plural ``predictors``);
-``FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES))`` adds InferenceServices
-(``serving.kserve.io/v1beta1``, plural ``inferenceservices``). A resource not served answers 404
-on every path, as a cluster without its CRD does. All resources share one revision counter, as
-etcd's is shared. For each resource ``R`` (``{base}`` = ``/apis/{group}/{version}``):
+CRD file, whether namespaced, whether with the status subresource), like CRDs installed in the
+cluster. The default is :data:`PREDICTORS` alone (``serving.kserve.io/v1alpha1``, plural
+``predictors``); ``FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES))`` adds
+InferenceServices (``serving.kserve.io/v1beta1``, plural ``inferenceservices``). Also defined:
+:data:`SERVING_RUNTIMES`, :data:`CLUSTER_SERVING_RUNTIMES` (cluster-scoped; neither has the status
+subresource, as KServe's CRDs), and the built-in :data:`STATEFULSETS` (``apps/v1``, at
+``/apis/apps/v1``, with the status subresource) and :data:`EVENTS` (core ``v1``, at ``/api/v1``,
+no status subresource, no schema). Built-in resources are served only as far as this page says
+(no defaulting, no controllers: a StatefulSet runs no pods, its status is what a test writes). A
+resource not served answers 404 on every path, as a cluster without its CRD does. All resources
+share one revision counter, as etcd's is shared. For each resource ``R`` (``{base}`` =
+``/apis/{group}/{version}``, or ``/api/{version}`` for the core group):
 
 - ``GET {base}[/namespaces/{ns}]/R``: a ``<Kind>List`` whose ``metadata.resourceVersion`` is the
-  global revision counter, as a string.
+  global revision counter, as a string. A cluster-scoped resource has no ``namespaces/{ns}``
+  segment in any path; its objects have no namespace (stored under ``""``).
 - The same with ``watch=true|1``: newline-delimited JSON events (ADDED, MODIFIED, DELETED,
   BOOKMARK, ERROR) of that resource, in a chunked response. With ``resourceVersion=N`` it replays
   every change after N, then follows live changes; without one (or ``0``) it first sends an ADDED
@@ -25,25 +33,31 @@ etcd's is shared. For each resource ``R`` (``{base}`` = ``/apis/{group}/{version
   history gets one ERROR event with a 410 ``Expired`` Status, and the stream ends (what a real
   server does on an HTTP 200 watch).
 - ``GET/POST/PUT/PATCH/DELETE`` on ``{base}/namespaces/{ns}/R[/{name}]``: POST sets uid,
-  creationTimestamp, generation 1 and resourceVersion; a spec change bumps generation (a change
-  of labels or annotations does not, as for real custom resources); writes to the main resource
-  ignore ``.status`` (the status subresource); PUT needs ``metadata.resourceVersion`` and a stale
+  creationTimestamp, generation 1 and resourceVersion (a ``metadata.generateName`` without a
+  name gets a random 5-character suffix); a spec change bumps generation (a change of labels or
+  annotations does not, as for real objects; without the status subresource a status change
+  does too, as for real custom resources); writes to the main resource ignore ``.status`` when
+  the resource has the status subresource, and store it otherwise; PUT needs ``metadata.resourceVersion`` and a stale
   one is 409 Conflict; PATCH takes JSON merge patches (``application/merge-patch+json``; also
   plain ``application/json``), and honours a ``metadata.resourceVersion`` in the patch as a
   precondition. Errors are ``Status`` bodies with the real reasons (NotFound, AlreadyExists,
   Conflict, Invalid, BadRequest, Expired).
 - ``{base}/namespaces/{ns}/R/{name}/status`` GET/PUT/PATCH: only ``.status`` changes;
-  resourceVersion moves, generation does not.
+  resourceVersion moves, generation does not. 404 for a resource without the status subresource.
 - Schema validation (``validate=True``, the default): if the resource's CRD file exists
-  (``deploy/crd/serving.kserve.io_predictors.yaml``, ``deploy/crd/serving.kserve.io_inferenceservices.yaml``),
+  (``deploy/crd/serving.kserve.io_<plural>.yaml``; built-in resources have none),
   every written object, status writes included, is checked against that version's
   ``openAPIV3Schema`` with ``jsonschema`` (422 ``Invalid`` when it fails); without the file
   anything is accepted. Unknown fields are accepted (the API server would prune them or, with
   strict field validation, refuse them; tests/unit/test_deploy.py checks the strict reading).
 
-What it does not: authentication and RBAC, built-in resources, API discovery (``/apis``), JSON
-patch and server-side apply, label/field selectors, paginated lists (``limit``/``continue``),
-finalizers and graceful deletion (DELETE removes at once), schema defaulting and pruning, the
+What it does not: authentication and RBAC, built-in resources other than the two above (and
+those only as stores: no defaulting, no pods, no garbage collection by owner references), API
+discovery (``/apis``), JSON patch and server-side apply, field selectors and set-based label
+selectors (``labelSelector`` takes comma-joined ``k=v``, ``k==v``, ``k!=v``, ``k``, ``!k``; on a
+watch it filters events by the object's current labels, without the DELETED a real server sends
+for an object leaving the selection), paginated lists (``limit``/``continue``), finalizers and
+graceful deletion (DELETE removes at once), schema defaulting and pruning, the
 ``x-kubernetes-*`` schema extensions, protobuf encoding.
 
 Test hooks: :meth:`compact` (forget history: older versions get 410), :meth:`end_watches` (close
@@ -77,27 +91,36 @@ _CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "crd"
 
 @dataclass(frozen=True)
 class Resource:
-    """A namespaced custom resource with the status subresource, as its CRD declares it."""
+    """A resource as its CRD (or, for a built-in one, the API server) declares it."""
 
-    group: str
+    group: str  # "" for the core group (Events)
     version: str
     plural: str
     kind: str
-    crd_file: Path  # its CRD: the schema writes are validated against, if the file exists
+    crd_file: Path | None  # its CRD: the schema writes are validated against, if the file exists
+    namespaced: bool = True
+    status_subresource: bool = True
 
     @property
     def api_version(self) -> str:
-        return f"{self.group}/{self.version}"
+        return f"{self.group}/{self.version}" if self.group else self.version
 
     @property
     def prefix(self) -> str:
-        return f"/apis/{self.group}/{self.version}"
+        return f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
 
 
 PREDICTORS = Resource("serving.kserve.io", "v1alpha1", "predictors", "Predictor",
                       _CRD_DIR / "serving.kserve.io_predictors.yaml")
 INFERENCE_SERVICES = Resource("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService",
                               _CRD_DIR / "serving.kserve.io_inferenceservices.yaml")
+SERVING_RUNTIMES = Resource("serving.kserve.io", "v1alpha1", "servingruntimes", "ServingRuntime",
+                            _CRD_DIR / "serving.kserve.io_servingruntimes.yaml", status_subresource=False)
+CLUSTER_SERVING_RUNTIMES = Resource("serving.kserve.io", "v1alpha1", "clusterservingruntimes",
+                                    "ClusterServingRuntime", _CRD_DIR / "serving.kserve.io_clusterservingruntimes.yaml",
+                                    namespaced=False, status_subresource=False)
+STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet", None)
+EVENTS = Resource("", "v1", "events", "Event", None, status_subresource=False)
 
 # The Predictor resource's names, as before several resources were served.
 GROUP = PREDICTORS.group
@@ -148,7 +171,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def _load_schema(resource: Resource, validate: bool) -> dict[str, Any] | None:
-    if not validate or not resource.crd_file.exists():
+    if not validate or resource.crd_file is None or not resource.crd_file.exists():
         return None
     import yaml
 
@@ -295,6 +318,7 @@ class FakeKubeApiServer:
                     if res == r]
 
     def get(self, namespace: str, name: str, resource: Resource | None = None) -> dict[str, Any] | None:
+        """The stored object (``namespace`` "" for a cluster-scoped resource), or None."""
         with self._cond:
             obj = self._objects.get((self._served(resource), namespace, name))
             return copy.deepcopy(obj) if obj is not None else None
@@ -309,7 +333,7 @@ class FakeKubeApiServer:
         ``resource``, else the one its ``apiVersion`` and ``kind`` name."""
         r = self._served(resource) if resource is not None else self.resource_of(obj)
         meta = obj.get("metadata", {})
-        ns, name = meta.get("namespace", "default"), meta["name"]
+        ns, name = meta.get("namespace", "default") if r.namespaced else "", meta["name"]
         with self._cond:
             current = self._objects.get((r, ns, name))
             if current is None:
@@ -346,19 +370,21 @@ class FakeKubeApiServer:
 
     def _create(self, r: Resource, ns: str, body: dict[str, Any]) -> dict[str, Any]:
         meta = body.get("metadata") or {}
-        name = meta.get("name")
+        name = meta.get("name") or (meta.get("generateName") and meta["generateName"] + uuid.uuid4().hex[:5])
         if not name:
             raise ApiError(422, "Invalid", f"{r.kind}.{r.group} is invalid: metadata.name: Required value")
-        if meta.get("namespace", ns) != ns:
+        if r.namespaced and meta.get("namespace", ns) != ns:
             raise ApiError(400, "BadRequest", "the namespace of the provided object does not match "
                                               "the namespace sent on the request")
         if (r, ns, name) in self._objects:
             raise ApiError(409, "AlreadyExists", f'{r.plural}.{r.group} "{name}" already exists', name, r)
         obj = copy.deepcopy(body)
         obj["apiVersion"], obj["kind"] = r.api_version, r.kind
-        obj.pop("status", None)  # status is written through the subresource only
-        keep = {k: v for k, v in meta.items() if k in ("labels", "annotations")}
-        obj["metadata"] = {**keep, "name": name, "namespace": ns, "uid": str(uuid.uuid4()), "generation": 1,
+        if r.status_subresource:
+            obj.pop("status", None)  # status is written through the subresource only
+        keep = {k: v for k, v in meta.items() if k in ("labels", "annotations", "ownerReferences", "generateName")}
+        where = {"namespace": ns} if r.namespaced else {}  # cluster-scoped objects have none
+        obj["metadata"] = {**keep, "name": name, **where, "uid": str(uuid.uuid4()), "generation": 1,
                            "creationTimestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
         self._validate(r, obj)
         obj["metadata"]["resourceVersion"] = self._bump()
@@ -389,6 +415,7 @@ class FakeKubeApiServer:
                                             "object has been modified; please apply your changes to the latest "
                                             "version and try again", name, r)
         obj = copy.deepcopy(current)
+        ns = current["metadata"].get("namespace", "")
         if status_only:
             if "status" in body and body["status"] is not None:
                 obj["status"] = copy.deepcopy(body["status"])
@@ -399,19 +426,26 @@ class FakeKubeApiServer:
                 obj["spec"] = copy.deepcopy(body["spec"])
             else:
                 obj.pop("spec", None)
+            if not r.status_subresource:  # .status is part of the object
+                if body.get("status") is not None:
+                    obj["status"] = copy.deepcopy(body["status"])
+                else:
+                    obj.pop("status", None)
             meta = body.get("metadata") or {}
-            for key in ("labels", "annotations"):
+            for key in ("labels", "annotations", "ownerReferences"):
                 if key in meta and meta[key] is not None:
                     obj["metadata"][key] = copy.deepcopy(meta[key])
                 else:
                     obj["metadata"].pop(key, None)
-            if obj.get("spec") != current.get("spec"):
+            changed = obj.get("spec") != current.get("spec") or (
+                not r.status_subresource and obj.get("status") != current.get("status"))
+            if changed:
                 obj["metadata"]["generation"] = current["metadata"]["generation"] + 1
         if obj == current:
             return obj  # a no-op write changes nothing, not even the resourceVersion (as etcd)
         self._validate(r, obj)
         obj["metadata"]["resourceVersion"] = self._bump()
-        self._objects[(r, obj["metadata"]["namespace"], name)] = obj
+        self._objects[(r, ns, name)] = obj
         self._record("MODIFIED", r, obj)
         return obj
 
@@ -431,9 +465,9 @@ class FakeKubeApiServer:
         self._record("DELETED", r, obj)
         return obj
 
-    def _list(self, r: Resource, ns: str | None) -> dict[str, Any]:
+    def _list(self, r: Resource, ns: str | None, selector: str = "") -> dict[str, Any]:
         items = [copy.deepcopy(o) for (res, n, _), o in sorted(self._objects.items(), key=_order)
-                 if res == r and (ns is None or n == ns)]
+                 if res == r and (ns is None or n == ns) and _selects(selector, o)]
         return {"apiVersion": r.api_version, "kind": f"{r.kind}List",
                 "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
@@ -446,12 +480,13 @@ class FakeKubeApiServer:
         deadline = start + timeout
         next_bookmark = start + self.bookmark_interval_s
         rv_text = query.get("resourceVersion", "")
+        selector = query.get("labelSelector", "")
         with self._cond:
             while self._watches_held and not self._stopping:
                 self._cond.wait(0.1)
             epoch = self._watch_epoch
             if rv_text in ("", "0"):
-                backlog = [{"type": "ADDED", "object": o} for o in self._list(r, ns)["items"]]
+                backlog = [{"type": "ADDED", "object": o} for o in self._list(r, ns, selector)["items"]]
                 sent = self._rv
             else:
                 try:
@@ -477,7 +512,8 @@ class FakeKubeApiServer:
                         expired = f"too old resource version: {sent} ({self._oldest_rv})"
                         break
                     events = [(kind, o) for rv, kind, res, o in self._history if rv > sent and res == r
-                              and (ns is None or o["metadata"]["namespace"] == ns)]
+                              and (ns is None or o["metadata"].get("namespace", "") == ns)
+                              and _selects(selector, o)]
                     sent = self._rv  # every change in scope up to now is in ``events``
                     now = time.monotonic()
                     if events or now >= deadline or (bookmarks and now >= next_bookmark):
@@ -496,6 +532,26 @@ class FakeKubeApiServer:
                 next_bookmark = now + self.bookmark_interval_s
                 yield {"type": "BOOKMARK", "object": {"kind": r.kind, "apiVersion": r.api_version,
                                                       "metadata": {"resourceVersion": str(sent)}}}
+
+
+def _selects(selector: str, obj: dict[str, Any]) -> bool:
+    """Whether the object's labels match an equality-based label selector ("" matches all)."""
+    labels = obj.get("metadata", {}).get("labels") or {}
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, value = (x.strip() for x in term.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = (x.strip() for x in term.replace("==", "=").split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
 
 
 def _order(item: tuple[tuple[Resource, str, str], dict[str, Any]]) -> tuple[str, str, str]:
@@ -567,7 +623,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         try:
-            body = self._body() if method in ("POST", "PUT", "PATCH") else None
+            body = self._body()  # read even when unused (a DELETE's options): the connection is kept alive
         except ApiError as exc:
             self._send(exc.code, exc.status())
             return
@@ -587,35 +643,42 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and name is None and query.get("watch", "").lower() in ("true", "1"):
                 self._stream(api._watch(resource, ns, query))
                 return
-            code, result = self._dispatch(method, resource, ns, name, sub, body)
+            code, result = self._dispatch(method, resource, ns, name, sub, body, query)
         except ApiError as exc:
             code, result = exc.code, exc.status()
         self._send(code, result)
 
     def _route(self, path: str) -> tuple[Resource, str | None, str | None, str | None]:
-        """(resource, namespace or None for all, name or None for the collection, subresource or None)."""
+        """(resource, namespace or None for all, name or None for the collection, subresource or None);
+        the namespace of a cluster-scoped resource is ""."""
         for r in self.api.resources:
             if not path.startswith(r.prefix + "/"):
                 continue
             parts = path[len(r.prefix) + 1:].strip("/").split("/")
-            if parts == [r.plural]:
+            if parts == [r.plural] and r.namespaced:
                 return r, None, None, None
-            if len(parts) >= 3 and parts[0] == "namespaces" and parts[2] == r.plural and len(parts) <= 5:
-                name = parts[3] if len(parts) >= 4 else None
-                sub = parts[4] if len(parts) == 5 else None
-                if sub not in (None, "status"):
-                    raise ApiError(404, "NotFound", _NOT_FOUND)
-                return r, parts[1], name, sub
+            ns = ""
+            if r.namespaced:
+                if len(parts) < 3 or parts[0] != "namespaces":
+                    continue
+                ns, parts = parts[1], parts[2:]
+            if parts[0] != r.plural or len(parts) > 3:
+                continue
+            name = parts[1] if len(parts) >= 2 else None
+            sub = parts[2] if len(parts) == 3 else None
+            if sub is not None and (sub != "status" or not r.status_subresource):
+                raise ApiError(404, "NotFound", _NOT_FOUND)
+            return r, ns, name, sub
         raise ApiError(404, "NotFound", _NOT_FOUND)
 
     def _dispatch(self, method: str, r: Resource, ns: str | None, name: str | None, sub: str | None,
-                  body: Any) -> tuple[int, dict[str, Any]]:
+                  body: Any, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
         api = self.api
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
         with api._cond:
             if name is None:
                 if method == "GET":
-                    return 200, api._list(r, ns)
+                    return 200, api._list(r, ns, query.get("labelSelector", ""))
                 if method == "POST" and ns is not None:
                     if not isinstance(body, dict):
                         raise ApiError(400, "BadRequest", "the request body must be an object")
@@ -654,5 +717,6 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client went away
 
 
-__all__ = ["API_VERSION", "CRD_FILE", "GROUP", "INFERENCE_SERVICES", "KIND", "PLURAL", "PREDICTORS", "VERSION",
-           "FakeKubeApiServer", "Request", "Resource", "merge_patch"]
+__all__ = ["API_VERSION", "CLUSTER_SERVING_RUNTIMES", "CRD_FILE", "EVENTS", "GROUP", "INFERENCE_SERVICES", "KIND",
+           "PLURAL", "PREDICTORS", "SERVING_RUNTIMES", "STATEFULSETS", "VERSION", "FakeKubeApiServer", "Request",
+           "Resource", "merge_patch"]

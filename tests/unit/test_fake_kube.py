@@ -18,7 +18,16 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from tests.support.fake_kube import GROUP, PLURAL, VERSION, FakeKubeApiServer
+from tests.support.fake_kube import (
+    CLUSTER_SERVING_RUNTIMES,
+    EVENTS,
+    GROUP,
+    PLURAL,
+    SERVING_RUNTIMES,
+    STATEFULSETS,
+    VERSION,
+    FakeKubeApiServer,
+)
 
 NS = "default"
 
@@ -209,3 +218,104 @@ def test_injected_failures_and_the_request_log(crs: client.CustomObjectsApi, api
     assert watch_request  # replays the history since version 1
     assert api.requests[-1].query == {"watch": "true", "resourceVersion": "1", "timeoutSeconds": "1",
                                       "allowWatchBookmarks": "true"}
+
+
+def cluster_runtime(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/v1alpha1", "kind": "ClusterServingRuntime", "metadata": {"name": name},
+            "spec": {"multiModel": True, "containers": [{"name": "mesh", "image": "mesh:1"}], **spec}}
+
+
+def test_cluster_scoped_resources_have_no_namespace() -> None:
+    crsr = CLUSTER_SERVING_RUNTIMES
+    with FakeKubeApiServer(resources=(crsr, SERVING_RUNTIMES), validate=False, bookmark_interval_s=0.2) as api, \
+            client.ApiClient(client.Configuration(host=api.url)) as c:
+        crs = client.CustomObjectsApi(c)
+        created = crs.create_cluster_custom_object(GROUP, "v1alpha1", crsr.plural, cluster_runtime("a"))
+        assert "namespace" not in created["metadata"] and created["metadata"]["generation"] == 1
+        assert api.requests[-1].path == f"/apis/{GROUP}/v1alpha1/clusterservingruntimes"
+        listed = crs.list_cluster_custom_object(GROUP, "v1alpha1", crsr.plural)
+        assert listed["kind"] == "ClusterServingRuntimeList"
+        assert [o["metadata"]["name"] for o in listed["items"]] == ["a"]
+        rv = listed["metadata"]["resourceVersion"]
+        assert crs.get_cluster_custom_object(GROUP, "v1alpha1", crsr.plural, "a") == created
+        assert api.get("", "a", crsr) == created
+        # no status subresource: .status is stored with the object, and a status change bumps generation
+        patched = crs.patch_cluster_custom_object(GROUP, "v1alpha1", crsr.plural, "a", {"status": {"x": 1}})
+        assert patched["status"] == {"x": 1} and patched["metadata"]["generation"] == 2
+        with pytest.raises(ApiException) as err:
+            crs.get_cluster_custom_object_status(GROUP, "v1alpha1", crsr.plural, "a")
+        assert err.value.status == 404
+        # a namespaced path to a cluster-scoped resource does not exist
+        with pytest.raises(ApiException) as err:
+            crs.list_namespaced_custom_object(GROUP, "v1alpha1", NS, crsr.plural)
+        assert err.value.status == 404
+        api.put(cluster_runtime("b"), crsr)
+        crs.delete_cluster_custom_object(GROUP, "v1alpha1", crsr.plural, "a")
+        events = list(watch.Watch().stream(crs.list_cluster_custom_object, GROUP, "v1alpha1", crsr.plural,
+                                           resource_version=rv, timeout_seconds=1))
+        assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+            ("MODIFIED", "a"), ("ADDED", "b"), ("DELETED", "a")]
+        # a namespaced runtime beside it: its own resource, in its namespace
+        crs.create_namespaced_custom_object(GROUP, "v1alpha1", NS, SERVING_RUNTIMES.plural,
+                                            {**cluster_runtime("a"), "kind": "ServingRuntime"})
+        assert [o["metadata"]["name"] for o in api.objects(crsr)] == ["b"]
+        assert api.objects(SERVING_RUNTIMES)[0]["metadata"]["namespace"] == NS
+
+
+def statefulset(name: str, replicas: int = 1) -> dict[str, Any]:
+    labels = {"app": name}
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "test"}},
+            "spec": {"replicas": replicas, "serviceName": name, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}
+
+
+def test_statefulsets_through_the_apps_api() -> None:
+    with FakeKubeApiServer(resources=(STATEFULSETS,)) as api, \
+            client.ApiClient(client.Configuration(host=api.url)) as c:
+        apps = client.AppsV1Api(c)
+        created = apps.create_namespaced_stateful_set(NS, statefulset("a"))
+        assert created.metadata.generation == 1 and created.spec.replicas == 1
+        assert api.requests[-1].path == f"/apis/apps/v1/namespaces/{NS}/statefulsets"
+        patched = apps.patch_namespaced_stateful_set("a", NS, {"spec": {"replicas": 0}},
+                                                     _content_type="application/merge-patch+json")
+        assert patched.spec.replicas == 0 and patched.metadata.generation == 2
+        # the client's default for a dict is a JSON patch, which the fake (like this body on a real
+        # server) refuses: callers must name the merge patch
+        with pytest.raises(ApiException) as err:
+            apps.patch_namespaced_stateful_set("a", NS, {"spec": {"replicas": 2}})
+        assert err.value.status == 415
+        # the status subresource: writes to the main resource ignore .status
+        apps.patch_namespaced_stateful_set_status("a", NS, {"status": {"replicas": 0, "readyReplicas": 0}},
+                                                  _content_type="application/merge-patch+json")
+        fresh = apps.read_namespaced_stateful_set("a", NS)
+        assert fresh.status.replicas == 0 and fresh.metadata.generation == 2
+        api.put({**statefulset("b"), "metadata": {"name": "b", "namespace": NS}}, STATEFULSETS)  # no labels
+        listed = apps.list_namespaced_stateful_set(NS, label_selector="app.kubernetes.io/managed-by=test")
+        assert [s.metadata.name for s in listed.items] == ["a"]
+        assert [s.metadata.name for s in apps.list_stateful_set_for_all_namespaces(
+            label_selector="!app.kubernetes.io/managed-by").items] == ["b"]
+        assert len(apps.list_namespaced_stateful_set(NS, label_selector="app.kubernetes.io/managed-by!=x").items) == 2
+        # a body on DELETE (options) is read, so the kept-alive connection serves the next request
+        apps.delete_namespaced_stateful_set("a", NS, body=client.V1DeleteOptions(propagation_policy="Foreground"))
+        assert [o["metadata"]["name"] for o in api.objects(STATEFULSETS)] == ["b"]
+        with pytest.raises(ApiException) as err:
+            apps.read_namespaced_stateful_set("a", NS)
+        assert err.value.status == 404
+
+
+def test_events_through_the_core_api() -> None:
+    with FakeKubeApiServer(resources=(EVENTS,)) as api, client.ApiClient(client.Configuration(host=api.url)) as c:
+        core = client.CoreV1Api(c)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name="rt."), type="Warning", reason="InvalidServingRuntime",
+            message="spec.containers is required", involved_object=client.V1ObjectReference(
+                api_version=f"{GROUP}/v1alpha1", kind="ServingRuntime", namespace=NS, name="rt"))
+        created = core.create_namespaced_event(NS, event)
+        assert created.metadata.name.startswith("rt.") and len(created.metadata.name) == len("rt.") + 5
+        assert api.requests[-1].path == f"/api/v1/namespaces/{NS}/events"
+        stored = api.objects(EVENTS)
+        assert [(o["apiVersion"], o["kind"], o["reason"]) for o in stored] == [
+            ("v1", "Event", "InvalidServingRuntime")]
+        assert [e.reason for e in core.list_namespaced_event(NS).items] == ["InvalidServingRuntime"]
