@@ -494,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         holds = [float(h) for h in args.hold.split(",")]
     except ValueError:
         parser.error(f"--hold: not a list of seconds: {args.hold!r}")
-    config = {"window_s": 600.0, "target_fill": 0.8, "target_rps": args.target_rps, "hold_s": holds[0],
-              "min_replicas": 1, "max_replicas": 64}
+    defaults = AutoscaleConfig()  # the router's defaults, but for the rps target given and no low maximum
+    config = {"window_s": defaults.window_s, "target_fill": defaults.target_fill, "target_rps": args.target_rps,
+              "hold_s": holds[0], "min_replicas": defaults.min_replicas, "max_replicas": 64}
     for hold in holds:  # a bad option fails here, before the traces are built
         try:
             AutoscaleConfig(**{**config, "hold_s": hold})

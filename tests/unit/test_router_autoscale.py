@@ -9,8 +9,9 @@ import structlog
 from mesh.registry.base import KeyValue
 from mesh.registry.keys import Keys
 from mesh.registry.records import DeviceUsage, InstanceRecord, ModelSpec, PlacementRecord
-from mesh.router.autoscale import RuntimeAutoscaler
+from mesh.router.autoscale import RuntimeAutoscaler, config_from
 from mesh.router.view import ClusterView
+from mesh.settings import load_settings
 from placement.autoscale import AutoscaleConfig
 from placement.scaling import ScalingConfig, ScalingPolicy
 
@@ -137,3 +138,7 @@ def test_bad_records_are_logged_and_the_last_values_stay() -> None:
     assert "capacity_bytes must be an integer >= 0" in events[
         "runtime scaling signal not computed; keeping the last one"]["error"]
     assert "size_bytes" in events["placements left out of the runtime scaling signal"]["first"]
+
+
+def test_the_router_settings_default_to_the_kernels_defaults() -> None:
+    assert config_from(load_settings(env={}).router) == AutoscaleConfig()
