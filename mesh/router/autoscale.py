@@ -33,8 +33,10 @@ Where each input comes from, and why:
   registration marks its group as having models at once, so a group at zero comes back within one
   pass. Only a deletion (or a watch reset) can empty a group, and a deletion event does not say
   which group the model was in; then, at most every ``REGISTERED_CHECK_S``, the registrations are
-  paged through until every group without copies has been seen to have one, or the end is reached.
-  A group not yet checked counts as having models: ignorance never scales a group to zero.
+  paged through until every group without copies that was believed to have models has been seen
+  to have one, or the end is reached. So a whole pass over the registrations happens once when a
+  group loses its last model, not after every deletion while some group stays empty. A group not
+  yet checked counts as having models: ignorance never scales a group to zero.
 
 With several routers each computes the signal: the load and the loads are the same for all, the
 requests each sees are its share. The HPA's query takes the largest over the routers.
@@ -131,7 +133,8 @@ class RuntimeAutoscaler:
         self._capacity: dict[str, int] = {}  # last capacity per replica of each group
         self._registered: dict[str, bool] = {}  # group -> has a registered model, as last checked
         self._registered_since_check: set[str] = set()
-        self._check_due = True  # a deletion or a watch reset since the last check
+        self._check_due = True  # a deletion since the last check
+        self._reset_due = True  # a watch reset (or the start): any group may have changed either way
         self._next_check = -math.inf
         self._seen: dict[str, tuple[float, float]] = {}  # model -> (its rate, when read)
         self._used: dict[str, float] = {}  # model -> last request seen by this router (clock)
@@ -148,7 +151,7 @@ class RuntimeAutoscaler:
         self._registered_since_check.add(group)
 
     def on_reset(self) -> None:
-        self._check_due = True
+        self._reset_due = True
 
     # --- one pass ---------------------------------------------------------------------------------
     def _requested_at(self, model_id: str, rate: float, now: float) -> float | None:
@@ -261,11 +264,15 @@ class RuntimeAutoscaler:
         in_use = {group_of(self.view.instances[i].labels) for copies in self.view.placements.values()
                   for i in copies if i in self.view.instances}
         wanted = self._known - in_use
-        unchecked = wanted - self._registered.keys()
-        if not (self._check_due or unchecked) or now < self._next_check:
-            return
+        if not self._reset_due:
+            # A deletion cannot give an empty group a model (a registration says so itself): only
+            # the groups believed to have some, or never checked, need looking for.
+            wanted -= {g for g, has in self._registered.items() if not has}
+        due = self._check_due or self._reset_due or bool(wanted - self._registered.keys())
+        if not (wanted and due) or now < self._next_check:
+            return  # (the flags stay: a group that stops being in use is looked for then)
         self._next_check = now + self.check_every_s
-        self._check_due = False
+        reset, self._check_due, self._reset_due = self._reset_due, False, False
         self._registered_since_check.clear()
         found: set[str] = set()
         after = ""
@@ -278,7 +285,7 @@ class RuntimeAutoscaler:
                     break
                 after = page[-1].model_id
         except BaseException:
-            self._check_due = True
+            self._check_due, self._reset_due = True, reset
             raise
         self._known.update(found)
         for group in wanted | found:

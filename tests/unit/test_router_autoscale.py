@@ -142,3 +142,39 @@ def test_bad_records_are_logged_and_the_last_values_stay() -> None:
 
 def test_the_router_settings_default_to_the_kernels_defaults() -> None:
     assert config_from(load_settings(env={}).router) == AutoscaleConfig()
+
+
+async def test_deletions_page_through_registrations_only_while_a_group_may_have_lost_its_last_model() -> None:
+    specs = [ModelSpec(model_id=f"m{i}", type="sklearn", labels=("rt:sk",)) for i in range(1500)]
+    pages: list[str] = []
+
+    async def list_models(*, limit: int, start_after: str = "") -> list[ModelSpec]:
+        pages.append(start_after)
+        return [s for s in specs if s.model_id > start_after][:limit]
+
+    clock = Clock()
+    view = ClusterView(KEYS)
+    scaler = RuntimeAutoscaler(view=view, rates=ScalingPolicy(), half_life_s=30.0, list_models=list_models,
+                               config=AutoscaleConfig(hold_s=0.0), interval_s=10.0, check_every_s=60.0,
+                               clock=clock, wall=clock)
+    view.put_instance(instance("a", "sk"))
+    view.put_instance(instance("e", "empty"))
+    scaler.tick()
+    await scaler.check_registered()
+    assert len(pages) == 2  # every registration read once: "empty" (and "") have none
+    assert scaler.tick()["empty"].desired == 0
+    # Deletions elsewhere, the groups without copies all known to be empty or found at once.
+    for step in range(3):
+        scaler.on_registration(f"m{step}", None)
+        clock.now += 61
+        scaler.tick()
+        await scaler.check_registered()
+    assert len(pages) == 5  # "sk" has no copy: looked for, found on the first page each time
+    # A watch reset: every group is looked for again, the empty ones with a whole pass.
+    scaler.on_reset()
+    clock.now += 61
+    await scaler.check_registered()
+    assert len(pages) == 7
+    clock.now += 61
+    await scaler.check_registered()
+    assert len(pages) == 7  # nothing due
