@@ -179,6 +179,24 @@ def shape_of(type_name: str) -> str:
     return "object"
 
 
+def reachable_types() -> set[str]:
+    """Every type name under the three kinds' roots; raises UnknownType for one that resolves nowhere
+    (validate would raise on it instead of checking)."""
+    seen: set[str] = set()
+    todo = [root for _, root in KINDS.values()]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        shape = shape_of(name)
+        if shape in ("list", "map"):
+            todo.append(_item(name))
+        elif shape == "object":
+            todo += (fields(name) or {}).values()
+    return seen
+
+
 # --- checking objects ---------------------------------------------------------------------------
 
 def _problems(value: Any, type_name: str, path: str) -> list[str]:
