@@ -218,14 +218,18 @@ def _problems(value: Any, type_name: str, path: str) -> list[str]:
     if shape == "map":
         item = _item(type_name)
         return [p for k, v in value.items() for p in _problems(v, item, f"{path}[{k}]")]
+    return _by_field(value, type_name, path, "not a field of", _problems)
+
+
+def _by_field(members: dict[str, Any], type_name: str, path: str, unknown: str,
+              check: Callable[[Any, str, str], list[str]]) -> list[str]:
+    """``check(member, its type, its path)`` for each named member of an object of type ``type_name``;
+    a name that is not a field there is the problem ``<path>: <unknown> <type_name>``."""
     known = fields(type_name) or {}
     problems = []
-    for key, sub in value.items():
-        where = f"{path}.{key}" if path else key
-        if key not in known:
-            problems.append(f"{where}: not a field of {type_name}")
-        else:
-            problems += _problems(sub, known[key], where)
+    for name, sub in members.items():
+        where = f"{path}.{name}" if path else name
+        problems += check(sub, known[name], where) if name in known else [f"{where}: {unknown} {type_name}"]
     return problems
 
 
@@ -285,14 +289,8 @@ def schema_problems(schema: dict[str, Any], type_name: str, path: str = "") -> l
     properties = schema.get("properties") or {}
     if properties and shape != "object":
         return [f"{path}: the CRD names properties, KServe's {type_name} is a {shape}"]
-    known = fields(type_name) or {}
-    for name, sub in properties.items():
-        where = f"{path}.{name}" if path else name
-        if name not in known:
-            problems.append(f"{where}: declared by the CRD, not a field of KServe's {type_name}")
-        else:
-            problems += schema_problems(sub, known[name], where)
-    return problems
+    return problems + _by_field(properties, type_name, path, "declared by the CRD, not a field of KServe's",
+                                schema_problems)
 
 
 def crd_problems(crd: dict[str, Any]) -> list[str]:
