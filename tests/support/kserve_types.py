@@ -21,7 +21,7 @@ formats (the SDK has no enums; its required marks are the Go structs', which dif
 Errors name the path as the API server does: ``spec.containers[0].name``, ``metadata.labels[app]``.
 
 Where the generated types do not say what the JSON holds, :data:`CORRECTIONS` corrects them, each
-for a stated reason; tests/unit/test_kserve_schema.py checks that every correction is still needed.
+for a stated reason; tests/unit/test_kserve_schema.py checks an object that uses each of them.
 The Kubernetes models are the installed client's (newer than KServe 0.12's Kubernetes), so nested
 Kubernetes types may accept a field KServe 0.12's CRD does not yet have.
 """
