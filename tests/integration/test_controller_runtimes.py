@@ -23,6 +23,7 @@ from tests.integration.test_controller_isvc import MODE, NS, Env, isvc, model_fo
 from tests.support.fake_kube import (
     CLUSTER_SERVING_RUNTIMES,
     INFERENCE_SERVICES,
+    NAMESPACES,
     PREDICTORS,
     SERVING_RUNTIMES,
     FakeKubeApiServer,
@@ -137,3 +138,51 @@ def test_settings_turn_runtimes_off() -> None:
     settings = load_settings(env={"MESH_CONTROLLER_SERVING_RUNTIMES": "false"})
     assert settings.controller.serving_runtimes is False
     assert serve_controller  # the assembly reads it (app.py): without runtimes, the legacy mapping
+
+
+async def test_cluster_scope_serves_labelled_namespaces_only(models: tuple[ModelArtifact, ...]) -> None:
+    """``controller.namespace_label`` (modelmesh-serving's ``modelmesh-enabled``): the controller
+    watching every namespace serves a labelled one and its own, leaves the others alone, and
+    follows the label as it comes and goes."""
+    sklearn, _ = models
+    mesh = await InProcessMesh(memory_url()).start(runtimes=1)
+    kube = FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES, NAMESPACES), bookmark_interval_s=0.5).start()
+    env = Env(mesh, kube)
+    label = "modelmesh-enabled"
+
+    def namespace(name: str, value: str | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": name, **({"labels": {label: value}} if value is not None else {})}
+        return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta, "status": {"phase": "Active"}}
+
+    def in_namespace(obj: dict[str, Any], ns_name: str) -> dict[str, Any]:
+        obj["metadata"]["namespace"] = ns_name
+        return obj
+
+    def loaded(name: str, ns_name: str) -> bool:
+        found = kube.get(ns_name, name, INFERENCE_SERVICES) or {}
+        return ((found.get("status") or {}).get("modelStatus") or {}).get("states", {}).get(
+            "activeModelState") == "Loaded"
+
+    try:
+        for name, value in (("team-a", "true"), ("team-b", None), (NS, None)):
+            kube.put(namespace(name, value), NAMESPACES)
+        kube.put(in_namespace(isvc("a-model", model_form(sklearn)), "team-a"))
+        kube.put(in_namespace(isvc("b-model", model_form(sklearn)), "team-b"))
+        kube.put(isvc("home-model", model_form(sklearn)))  # the controller's own namespace (POD_NAMESPACE)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("POD_NAMESPACE", NS)
+            await env.start_controller(namespace="", namespace_label=label)
+        await wait_for(lambda: loaded("a-model", "team-a"), what="labelled namespace served")
+        await wait_for(lambda: loaded("home-model", NS), what="own namespace served")
+        assert (kube.get("team-b", "b-model", INFERENCE_SERVICES) or {}).get("status") is None
+        assert await env.vmodel_gone("b-model")
+
+        kube.put(namespace("team-b", "true"), NAMESPACES)  # labelled now: served at once
+        await wait_for(lambda: loaded("b-model", "team-b"), what="newly labelled namespace served")
+        kube.put(namespace("team-a", "false"), NAMESPACES)  # unlabelled: its vModel goes
+        await wait_for(lambda: env.vmodel_gone("a-model"), what="no longer served")
+    finally:
+        if env.controller is not None:
+            await env.controller.stop()
+        kube.stop()
+        await mesh.stop()

@@ -14,8 +14,9 @@ cluster. The default is :data:`PREDICTORS` alone (``serving.kserve.io/v1alpha1``
 InferenceServices (``serving.kserve.io/v1beta1``, plural ``inferenceservices``). Also defined:
 :data:`SERVING_RUNTIMES`, :data:`CLUSTER_SERVING_RUNTIMES` (cluster-scoped; neither has the status
 subresource, as KServe's CRDs), and the built-in :data:`STATEFULSETS` (``apps/v1``, at
-``/apis/apps/v1``, with the status subresource) and :data:`EVENTS` (core ``v1``, at ``/api/v1``,
-no status subresource, no schema). Built-in resources are served only as far as this page says
+``/apis/apps/v1``, with the status subresource), :data:`EVENTS` (core ``v1``, at ``/api/v1``,
+no status subresource, no schema) and :data:`NAMESPACES` (core ``v1``, cluster-scoped; a test
+writes its labels and ``status.phase``). Built-in resources are served only as far as this page says
 (no defaulting, no controllers: a StatefulSet runs no pods, its status is what a test writes). A
 resource not served answers 404 on every path, as a cluster without its CRD does. All resources
 share one revision counter, as etcd's is shared. For each resource ``R`` (``{base}`` =
@@ -121,6 +122,7 @@ CLUSTER_SERVING_RUNTIMES = Resource("serving.kserve.io", "v1alpha1", "clusterser
                                     namespaced=False, status_subresource=False)
 STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet", None)
 EVENTS = Resource("", "v1", "events", "Event", None, status_subresource=False)
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", None, namespaced=False, status_subresource=False)
 
 # The Predictor resource's names, as before several resources were served.
 GROUP = PREDICTORS.group
@@ -718,5 +720,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 __all__ = ["API_VERSION", "CLUSTER_SERVING_RUNTIMES", "CRD_FILE", "EVENTS", "GROUP", "INFERENCE_SERVICES", "KIND",
+           "NAMESPACES",
            "PLURAL", "PREDICTORS", "SERVING_RUNTIMES", "STATEFULSETS", "VERSION", "FakeKubeApiServer", "Request",
            "Resource", "merge_patch"]
