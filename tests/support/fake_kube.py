@@ -51,6 +51,9 @@ share one revision counter, as etcd's is shared. For each resource ``R`` (``{bas
   ``openAPIV3Schema`` with ``jsonschema`` (422 ``Invalid`` when it fails); without the file
   anything is accepted. Unknown fields are accepted (the API server would prune them or, with
   strict field validation, refuse them; tests/unit/test_deploy.py checks the strict reading).
+  InferenceServices, ServingRuntimes and ClusterServingRuntimes are also checked against KServe's
+  own types (tests/support/kserve_types.py: KServe 0.12.0's SDK, field names and JSON types), so
+  a field KServe does not define is refused even where our CRDs keep unknown fields.
 
 What it does not: authentication and RBAC, built-in resources other than the two above (and
 those only as stores: no defaulting, no pods, no garbage collection by owner references), API
@@ -86,6 +89,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support import kserve_types
 
 _CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "crd"
 
@@ -362,6 +367,12 @@ class FakeKubeApiServer:
         schema = self._schemas[r]
         if schema is None:
             return
+        if r.group == "serving.kserve.io" and r.kind in kserve_types.KINDS:
+            problems = kserve_types.validator_for(r.kind)(obj)
+            if problems:
+                name = obj.get("metadata", {}).get("name", "")
+                raise ApiError(422, "Invalid", f'{r.kind}.{r.group} "{name}" is invalid against KServe\'s '
+                               f'types: {"; ".join(problems)}', name, r)
         import jsonschema
 
         errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.path))

@@ -474,6 +474,7 @@ def test_the_overlay_grants_the_controller_what_running_runtimes_takes(base: lis
 def test_the_readmes_own_runtime_example_is_valid_and_selected_as_it_says() -> None:
     readme = (DEPLOY / "README.md").read_text()
     section = readme[readme.index("\n## ServingRuntimes\n"):]
+    section = section[:section.find("\n## ", 1) if "\n## " in section[1:] else len(section)]  # to the next one
     (example,) = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
     assert _errors("ServingRuntime", example) == ""
     runtime = parse_runtime(example)

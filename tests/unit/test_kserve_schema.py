@@ -349,3 +349,19 @@ def test_the_crd_walk_finds_a_planted_mismatch() -> None:
         "status.components[*].grpcUrl: the CRD says integer, KServe says KnativeURL",
         "status.conditions[*].since: declared by the CRD, not a field of KServe's KnativeCondition",
     ]
+
+
+def test_the_fake_api_server_refuses_what_kserves_types_do_not_define() -> None:
+    """The FAKE API server (no kube-apiserver can run here) checks InferenceService writes against
+    KServe's types too: a misspelt field that our CRD's open ``model`` object would keep is refused."""
+    from tests.support.fake_kube import INFERENCE_SERVICES, ApiError, FakeKubeApiServer
+
+    obj = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+           "metadata": {"name": "m", "namespace": "ns"},
+           "spec": {"predictor": {"model": {"modelFormat": {"name": "sklearn"}, "storageUri": "s3://b/m"}}}}
+    with FakeKubeApiServer(resources=(INFERENCE_SERVICES,)) as api:
+        api.put(obj)
+        bad = {**obj, "spec": {"predictor": {"model": {"modelFormat": {"name": "sklearn"}, "storge": {}}}}}
+        with pytest.raises(ApiError) as err:
+            api.put(bad)
+        assert err.value.code == 422 and "spec.predictor.model.storge" in err.value.message
