@@ -278,5 +278,97 @@ class PredictorWatcher:
         return version
 
 
-__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "Gone", "KubeConfigError", "NamespaceApi",
-           "PredictorApi", "PredictorWatcher", "WatchEvent", "api_client"]
+class Refused(KubeApiError):
+    """The API server refused a write as written: 409 (exists, or changed meanwhile) or 422 (invalid,
+    or a field it does not change in place); ``status`` says which."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _write_call(what: str, host: str, call: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+    """``call()``, its failures as :class:`Refused` or :class:`KubeApiError`; None on 404 if ``missing_ok``."""
+    try:
+        return call()
+    except ApiException as exc:
+        if exc.status == 404 and missing_ok:
+            return None
+        if exc.status in (409, 422):
+            raise Refused(f"{what}: {_describe(exc)}", exc.status) from None
+        raise KubeApiError(f"{what}: {_describe(exc)}") from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise KubeApiError(f"{what}: API server {host} unreachable: {exc}") from None
+
+
+class WorkloadApi:
+    """Blocking calls on the StatefulSets of one namespace that carry the label ``selector`` (the
+    controller's own: mesh.controller.workloads); bodies and results are plain dicts. A StatefulSet
+    already gone is no error for scale and delete (the next list says so); replace of one gone is."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str, selector: str) -> None:
+        self._client = api_client
+        self._apps = client.AppsV1Api(api_client)
+        self.namespace = namespace
+        self.selector = selector
+
+    @property
+    def host(self) -> str:
+        return str(self._client.configuration.host)
+
+    def list(self) -> list[dict[str, Any]]:
+        result = _write_call(f"list StatefulSets in {self.namespace}", self.host,
+                             lambda: self._apps.list_namespaced_stateful_set(
+                                 self.namespace, label_selector=self.selector, _request_timeout=_CALL_TIMEOUT))
+        # back to the API's own JSON names (camelCase); unannotated in kubernetes
+        items: list[dict[str, Any]] = self._client.sanitize_for_serialization(result.items)  # type: ignore[no-untyped-call]
+        return items
+
+    def create(self, body: dict[str, Any]) -> None:
+        sts = client.V1StatefulSet.from_dict(body)
+        assert sts is not None
+        _write_call(f"create StatefulSet {self.namespace}/{body['metadata']['name']}", self.host,
+                    lambda: self._apps.create_namespaced_stateful_set(self.namespace, sts,
+                                                                      _request_timeout=_CALL_TIMEOUT))
+
+    def replace(self, name: str, body: dict[str, Any]) -> None:
+        """PUT: ``body.metadata.resourceVersion`` is the precondition (409 if it changed)."""
+        sts = client.V1StatefulSet.from_dict(body)
+        assert sts is not None
+        _write_call(f"replace StatefulSet {self.namespace}/{name}", self.host,
+                    lambda: self._apps.replace_namespaced_stateful_set(name, self.namespace, sts,
+                                                                       _request_timeout=_CALL_TIMEOUT))
+
+    def scale(self, name: str, replicas: int) -> None:
+        # A merge patch: the client's default for a dict would be a JSON patch, which needs a list.
+        _write_call(f"scale StatefulSet {self.namespace}/{name}", self.host,
+                    lambda: self._apps.patch_namespaced_stateful_set(
+                        name, self.namespace, {"spec": {"replicas": replicas}},
+                        _content_type="application/merge-patch+json", _request_timeout=_CALL_TIMEOUT),
+                    missing_ok=True)
+
+    def delete(self, name: str, uid: str = "") -> None:
+        """Delete (its pods after it, in the background); with ``uid``, only that very object."""
+        options = client.V1DeleteOptions(propagation_policy="Background",
+                                          preconditions=client.V1Preconditions(uid=uid) if uid else None)
+        _write_call(f"delete StatefulSet {self.namespace}/{name}", self.host,
+                    lambda: self._apps.delete_namespaced_stateful_set(
+                        name, self.namespace, body=options, _request_timeout=_CALL_TIMEOUT), missing_ok=True)
+
+
+class EventApi:
+    """Records core/v1 Events (a plain dict each)."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._client = api_client
+        self._core = client.CoreV1Api(api_client)
+
+    def create(self, namespace: str, body: dict[str, Any]) -> None:
+        event = client.CoreV1Event.from_dict(body)
+        assert event is not None
+        _write_call(f"create Event in {namespace}", str(self._client.configuration.host),
+                    lambda: self._core.create_namespaced_event(namespace, event, _request_timeout=_CALL_TIMEOUT))
+
+
+__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "EventApi", "Gone", "KubeConfigError",
+           "NamespaceApi", "PredictorApi", "PredictorWatcher", "Refused", "WatchEvent", "WorkloadApi", "api_client"]

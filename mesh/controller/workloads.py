@@ -1,0 +1,604 @@
+"""Each ServingRuntime in use runs as a StatefulSet of mesh runtime pods (``controller.manage_runtimes``).
+
+What modelmesh-serving does with a Deployment per runtime (docs/kserve-notes.md sections 4-6),
+done with a StatefulSet per runtime in ``controller.workload_namespace``, because a runtime's pod
+name is its instance ID (deploy/base/runtime.yaml):
+
+- **Which runtimes run**: the valid, enabled runtimes of the :class:`RuntimeCatalog` that some
+  model was sent to (:class:`RuntimeUsage`, fed by the Predictor reconcilers). A runtime never
+  used gets no StatefulSet (modelmesh-serving deploys every runtime, then scales the unused ones
+  to zero: the same pods, without the empty objects). One that no model uses for
+  ``scale_to_zero_grace_s`` goes to 0 replicas (``scale_to_zero``) and back up at its first model.
+  A runtime deleted, disabled or invalid loses its StatefulSet; an invalid one also gets a
+  Warning Event ``InvalidServingRuntime`` once per generation.
+- **Ours only**: StatefulSets are listed by the label ``app.kubernetes.io/managed-by:
+  mesh-controller``; one without it is never changed, also when it has the name a runtime
+  wants (the runtime then has no pods, and the log says why).
+- **Changes**: the rendered object carries a hash of itself (``mesh-serving.io/spec-hash``,
+  replicas excluded); a different hash replaces the object (PUT, so a field the runtime no longer
+  sets goes too, with the listed resourceVersion as precondition). The name, selector and service
+  of one runtime never change, as the API server refuses changing them; should it refuse a
+  replacement anyway (an older controller's selector), the StatefulSet is deleted and created
+  again. Replicas alone change by a merge patch.
+- **Autoscalers**: a runtime annotated ``serving.kserve.io/autoscalerClass`` (an HPA or KEDA
+  owns its replicas: deploy/autoscaling) is created with its replicas and never scaled here.
+
+**The pod** is deploy/base/runtime.yaml's (security context, probes on the health port 8086, the
+``mesh-config`` ConfigMap, the ``mesh-runtime-tls`` certificate, the optional ``storage-config``
+Secret, the models, storage-cache and tmp volumes) with ``MESH_RUNTIME_LABELS=rt:<ref>`` and
+``MESH_RUNTIME_SUPPORTED_TYPES`` = the runtime's types, and per ``server_type``:
+
+- ``mesh``: one container, the runtime's container ``mesh`` (its image, else
+  ``controller.runtime_image``; its resources, env and volume mounts) running ``mesh serve runtime``.
+- ``mlserver``, ``triton``: the runtime's containers as written, the server's completed with the
+  shared volumes, and a container ``mesh-runtime`` (``controller.runtime_image``) driving the
+  server on ``127.0.0.1:<runtimeManagementPort>`` through a repository in the ``models`` volume
+  (``/models/_mlserver_models`` or ``/models/_triton_models``, modelmesh-serving's adapters'
+  places, or the directory the container names: ``MLSERVER_MODELS_DIR``, ``--model-repository``).
+- ``spi``: the runtime's containers and ``mesh-runtime`` with ``MESH_RUNTIME_SERVER=spi`` on
+  ``grpcEndpoint``'s port.
+
+Server containers also mount the storage cache (read-only) and the models volume, so they read
+the files the mesh runtime pulled. The runtime's ``volumes`` are added to the pod (names of ours
+are refused); each PersistentVolumeClaim among them is also mounted read-only at
+``/pvc_mounts/<claim>`` (storage.pvc_mounts_dir, as deploy/storage-pvc does) in the mesh runtime
+and the server. ``nodeSelector``, ``affinity`` (default: spread over nodes), ``tolerations``,
+``imagePullSecrets``, ``labels`` and ``annotations`` are the pod's, as modelmesh-serving copies them.
+
+**The adapter's settings** map onto the runtime's: ``modelLoadingTimeoutMillis`` is
+``runtime.load_timeout_s``; ``memBufferBytes`` is the headroom kept out of the models' memory:
+``runtime.capacity_bytes`` = the memory of the container that holds the models (requests, else
+limits) minus it. With an external server that container is the server's, and the buffer
+defaults to 128 MiB, what every modelmesh-serving runtime sets; with ``mesh`` and no buffer the
+runtime keeps its own rule (``capacity_fraction`` of its limit). The annotation
+``maxLoadingConcurrency`` is ``runtime.max_concurrent_loads``. ``builtInAdapter.env`` names
+modelmesh-serving's adapter's variables and is not used.
+
+**Names**: ``mesh-rt-<name>`` for a ClusterServingRuntime, ``mesh-rt-<namespace>-<name>-<hash>``
+for a ServingRuntime (the hash of ``<namespace>/<name>``, since ``-`` joins ambiguously); any
+name that had characters replaced or was cut to 52 characters (a StatefulSet's pods carry a
+revision label of its name plus 11 characters, at most 63) ends with the hash too, so two
+runtimes never share a name. Owner references point at the runtime only when it lives in the
+workload namespace or is cluster-scoped (the API server refuses cross-namespace owners).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+
+from mesh.controller.kube import GROUP, VERSION, EventApi, Refused, WorkloadApi
+from mesh.controller.queue import Backoff
+from mesh.controller.runtimes import MESH, MLSERVER, SPI, TRITON, InvalidRuntime, RuntimeCatalog, ServingRuntime
+from mesh.errors import InvalidArgument, MeshError
+from mesh.settings import ControllerSettings
+
+log = structlog.get_logger(__name__)
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+CONTROLLER = "mesh-controller"
+SELECTOR = f"{MANAGED_BY}={CONTROLLER}"
+RUNTIME_LABEL = "serving.kserve.io/runtime"
+RUNTIME_NAMESPACE_LABEL = "serving.kserve.io/runtime-namespace"
+WORKLOAD_LABEL = "mesh-serving.io/workload"  # the selector's own label: a runtime's name may not fit a label
+HASH_ANNOTATION = "mesh-serving.io/spec-hash"
+REF_ANNOTATION = "mesh-serving.io/runtime"
+AUTOSCALER_ANNOTATION = "serving.kserve.io/autoscalerClass"
+INVALID_REASON = "InvalidServingRuntime"
+SERVICE = "mesh-runtime"  # deploy/base's headless Service: it selects app.kubernetes.io/name=mesh-runtime
+MAX_NAME = 52
+DEFAULT_BUFFER_BYTES = 128 * 1024 * 1024
+REPOSITORIES = {MLSERVER: "/models/_mlserver_models", TRITON: "/models/_triton_models"}
+PVC_MOUNTS = "/pvc_mounts"
+STORAGE_CACHE = "/var/cache/mesh-storage"
+# The mesh runtime beside an external server holds no models: it needs memory for itself and the
+# requests in flight only (the server's container holds the models and their capacity).
+SIDECAR_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
+_NAME_OK = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E))?$")
+_POWERS = {"k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5, "E": 1000**6, "Ki": 1024,
+           "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6}
+_TRITON_REPOSITORY = re.compile(r"--model-repository[= ](\S+)")
+
+_RESTRICTED = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
+_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001,
+                 "seccompProfile": {"type": "RuntimeDefault"}}
+_VOLUMES: list[dict[str, Any]] = [
+    {"name": "config", "configMap": {"name": "mesh-config"}},
+    {"name": "pki", "secret": {"secretName": "mesh-runtime-tls"}},
+    {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+    {"name": "models", "emptyDir": {"sizeLimit": "20Gi"}},
+    {"name": "storage-config", "secret": {"secretName": "storage-config", "optional": True}},
+    {"name": "storage-cache", "emptyDir": {"sizeLimit": "20Gi"}},
+]
+_MESH_MOUNTS: list[dict[str, Any]] = [{"name": "config", "mountPath": "/etc/mesh", "readOnly": True},
+                {"name": "pki", "mountPath": "/etc/mesh-pki", "readOnly": True},
+                {"name": "models", "mountPath": "/models"},
+                {"name": "storage-config", "mountPath": "/storage-config", "readOnly": True},
+                {"name": "storage-cache", "mountPath": STORAGE_CACHE},
+                {"name": "tmp", "mountPath": "/tmp"}]
+_SERVER_MOUNTS: list[dict[str, Any]] = [{"name": "models", "mountPath": "/models"},
+                  {"name": "storage-cache", "mountPath": STORAGE_CACHE, "readOnly": True}]
+_MESH_ENV: list[dict[str, Any]] = [
+    {"name": "MESH_CONFIG", "value": "/etc/mesh/mesh.toml"},
+    {"name": "MESH_RUNTIME_ADVERTISE_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    {"name": "MESH_RUNTIME_INSTANCE_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    {"name": "MESH_TLS_CERT_FILE", "value": "/etc/mesh-pki/tls.crt"},
+    {"name": "MESH_TLS_KEY_FILE", "value": "/etc/mesh-pki/tls.key"},
+    {"name": "MESH_TLS_CLIENT_CA_FILE", "value": "/etc/mesh-pki/ca.crt"},
+    {"name": "MESH_TLS_CLIENT_AUTH", "value": "require"},
+    {"name": "MESH_TLS_ALLOWED_PEERS", "value": "mesh-router,mesh-runtime"},
+]
+
+
+def _hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def workload_name(runtime: ServingRuntime) -> str:
+    """The StatefulSet's name: a DNS label of at most 52 characters, one per runtime (module docstring)."""
+    raw = f"mesh-rt-{runtime.namespace}-{runtime.name}" if runtime.namespace else f"mesh-rt-{runtime.name}"
+    clean = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", raw.lower())).strip("-")
+    if clean == raw and len(clean) <= MAX_NAME and not runtime.namespace:
+        return clean
+    return f"{clean[:MAX_NAME - 9].rstrip('-')}-{_hash(runtime.ref)}"
+
+
+def _label_value(text: str) -> str:
+    """``text`` when it is a valid label value, else a valid one that names it uniquely."""
+    if len(text) <= 63 and re.match(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$", text):
+        return text
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '-', text)[:54].strip('-_.')}-{_hash(text)}"
+
+
+def quantity_bytes(text: Any) -> int | None:
+    """A Kubernetes memory quantity (``4Gi``, ``512M``, ``1e9``) in bytes; None if not one."""
+    m = _QUANTITY.match(str(text).strip()) if text is not None else None
+    if not m:
+        return None
+    exponent = 10 ** int(m.group(2)) if m.group(2) else _POWERS.get(m.group(3) or "", 1)
+    return int(float(m.group(1)) * exponent)
+
+
+def _replicas(obj: Mapping[str, Any] | None) -> int:
+    return int(((obj or {}).get("spec") or {}).get("replicas") or 0)
+
+
+def full_replicas(runtime: ServingRuntime, settings: ControllerSettings) -> int:
+    return runtime.replicas if runtime.replicas is not None else settings.pods_per_runtime
+
+
+def _field(spec: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = spec.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise InvalidRuntime(f"spec.{key} must be {'an object' if kind is dict else 'a list'}")
+    return copy.deepcopy(value) if value else None
+
+
+def _env(ours: list[dict[str, Any]], theirs: Any) -> list[dict[str, Any]]:
+    """Ours first; theirs after, except names we set (the pod's identity and TLS are not theirs to change)."""
+    names = {e["name"] for e in ours}
+    return [*ours, *(copy.deepcopy(dict(e)) for e in (theirs or [])
+                     if isinstance(e, Mapping) and e.get("name") not in names)]
+
+
+def _mounts(ours: list[dict[str, Any]], theirs: Any) -> list[dict[str, Any]]:
+    """Theirs, plus ours whose volume or path they do not mount already."""
+    theirs = [copy.deepcopy(m) for m in (theirs or []) if isinstance(m, Mapping)]
+    taken = {m.get("name") for m in theirs} | {m.get("mountPath") for m in theirs}
+    return [*theirs, *(m for m in ours if m["name"] not in taken and m["mountPath"] not in taken)]
+
+
+def _repository(runtime: ServingRuntime, container: Mapping[str, Any]) -> str:
+    if runtime.server_type == MLSERVER:
+        named = next((e.get("value") for e in container.get("env") or [] if isinstance(e, Mapping)
+                      and e.get("name") == "MLSERVER_MODELS_DIR"), None)
+    else:
+        m = _TRITON_REPOSITORY.search(" ".join(map(str, [*(container.get("command") or []),
+                                                         *(container.get("args") or [])])))
+        named = m.group(1) if m else None
+    path = str(named or REPOSITORIES[runtime.server_type]).rstrip("/")
+    if not path.startswith("/models/"):
+        raise InvalidRuntime(f"the {runtime.server_type} container's model repository {path!r} must be under "
+                             "/models/, the volume the mesh runtime writes the models' entries into")
+    return path
+
+
+def _capacity(runtime: ServingRuntime, holder: Mapping[str, Any]) -> int | None:
+    """``runtime.capacity_bytes`` for the container holding the models (None: the runtime's own rule)."""
+    if runtime.server_type == MESH and not runtime.mem_buffer_bytes:
+        return None
+    resources = holder.get("resources") or {}
+    memory = quantity_bytes((resources.get("requests") or {}).get("memory")) or quantity_bytes(
+        (resources.get("limits") or {}).get("memory"))
+    buffer = runtime.mem_buffer_bytes or DEFAULT_BUFFER_BYTES
+    if memory is None:
+        return None  # a server without a memory request: the runtime falls back to its own limit
+    if memory <= buffer:
+        raise InvalidRuntime(f"spec.builtInAdapter.memBufferBytes ({buffer}) leaves no memory for models in the "
+                             f"{holder.get('name')} container's {memory} bytes")
+    return memory - buffer
+
+
+def _mesh_container(runtime: ServingRuntime, settings: ControllerSettings, base: Mapping[str, Any] | None,
+                    env: list[dict[str, Any]], pvc_mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """deploy/base/runtime.yaml's runtime container; ``base`` is the runtime's ``mesh`` container."""
+    base = base or {}
+    container: dict[str, Any] = {
+        "name": base.get("name") or "mesh-runtime", "image": base.get("image") or settings.runtime_image,
+        "command": ["mesh", "serve", "runtime"], "workingDir": "/models", "env": _env(env, base.get("env")),
+        "ports": [{"name": "grpc", "containerPort": 8085}, {"name": "health", "containerPort": 8086},
+                  {"name": "metrics", "containerPort": 2112}],
+        "readinessProbe": {"grpc": {"port": 8086}, "periodSeconds": 5},
+        "livenessProbe": {"grpc": {"port": 8086, "service": "liveness"}, "initialDelaySeconds": 15,
+                          "periodSeconds": 10, "failureThreshold": 6},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}},
+        "resources": copy.deepcopy(base.get("resources") or SIDECAR_RESOURCES),
+        "securityContext": copy.deepcopy(_RESTRICTED),
+        "volumeMounts": _mounts([*_MESH_MOUNTS, *pvc_mounts], base.get("volumeMounts")),
+    }
+    if base.get("imagePullPolicy"):
+        container["imagePullPolicy"] = base["imagePullPolicy"]
+    return container
+
+
+def _containers(runtime: ServingRuntime, settings: ControllerSettings,
+                pvc_mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    written = [c for c in runtime.spec.get("containers") or [] if isinstance(c, Mapping)]
+    env = [*_MESH_ENV, {"name": "MESH_RUNTIME_LABELS", "value": runtime.label},
+           {"name": "MESH_RUNTIME_SUPPORTED_TYPES", "value": ",".join(runtime.mesh_types())}]
+    if runtime.loading_timeout_ms:
+        env.append({"name": "MESH_RUNTIME_LOAD_TIMEOUT_S", "value": f"{runtime.loading_timeout_ms / 1000:g}"})
+    loads = str(runtime.annotations.get("maxLoadingConcurrency", "")).strip()
+    if loads.isdigit() and int(loads) > 0:
+        env.append({"name": "MESH_RUNTIME_MAX_CONCURRENT_LOADS", "value": loads})
+    if runtime.server_type == MESH:
+        mesh = next(c for c in written if c.get("name") == MESH)
+        capacity = _capacity(runtime, mesh)
+        if capacity is not None:
+            env.append({"name": "MESH_RUNTIME_CAPACITY_BYTES", "value": str(capacity)})
+        return [_mesh_container(runtime, settings, mesh, env, pvc_mounts)]
+    env += [{"name": "MESH_RUNTIME_SERVER", "value": runtime.server_type},
+            {"name": "MESH_RUNTIME_SERVER_ADDRESS", "value": f"127.0.0.1:{runtime.server_port}"},
+            {"name": "MESH_RUNTIME_SERVER_TYPES", "value": ",".join(runtime.mesh_types())},
+            # The server runs the model code: the workers of mesh.toml would exclude it.
+            {"name": "MESH_RUNTIME_WORKERS", "value": "0"}]
+    servers = [c for c in written if runtime.server_type == SPI or c.get("name") == runtime.server_type]
+    if runtime.server_type != SPI:
+        env.append({"name": "MESH_RUNTIME_SERVER_REPOSITORY", "value": _repository(runtime, servers[0])})
+    capacity = _capacity(runtime, servers[0])
+    if capacity is not None:
+        env.append({"name": "MESH_RUNTIME_CAPACITY_BYTES", "value": str(capacity)})
+    containers = [_mesh_container(runtime, settings, None, env, pvc_mounts)]
+    for c in written:
+        out = copy.deepcopy(dict(c))
+        if c in servers:
+            out["volumeMounts"] = _mounts([*_SERVER_MOUNTS, *pvc_mounts], c.get("volumeMounts"))
+        containers.append(out)
+    return containers
+
+
+def render_workload(runtime: ServingRuntime, settings: ControllerSettings, namespace: str) -> dict[str, Any]:
+    """The StatefulSet that runs ``runtime`` in ``namespace`` (pure); InvalidRuntime if it cannot be run."""
+    if runtime.error:
+        raise InvalidRuntime(runtime.error)
+    spec = runtime.spec
+    name = workload_name(runtime)
+    selector = {"app.kubernetes.io/name": "mesh-runtime", WORKLOAD_LABEL: name}
+    labels = {**selector, "app.kubernetes.io/component": "runtime", "app.kubernetes.io/part-of": "mesh-serving",
+              MANAGED_BY: CONTROLLER, RUNTIME_LABEL: _label_value(runtime.name)}
+    if runtime.namespace:
+        labels[RUNTIME_NAMESPACE_LABEL] = runtime.namespace
+    volumes = _field(spec, "volumes", list) or []
+    ours = {v["name"] for v in _VOLUMES}
+    for v in volumes:
+        if not isinstance(v, Mapping) or not v.get("name") or v["name"] in ours:
+            raise InvalidRuntime(f"spec.volumes: every volume needs a name, and {', '.join(sorted(ours))} are the "
+                                 "mesh runtime's")
+    pvc_mounts = [{"name": v["name"], "mountPath": f"{PVC_MOUNTS}/{v['persistentVolumeClaim']['claimName']}",
+                   "readOnly": True}
+                  for v in volumes if isinstance(v.get("persistentVolumeClaim"), Mapping)
+                  and v["persistentVolumeClaim"].get("claimName")]
+    containers = _containers(runtime, settings, pvc_mounts)
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,  # runtimes never call the Kubernetes API
+        "terminationGracePeriodSeconds": 60,  # deploy/base/runtime.yaml: preStop, re-homing, draining
+        "securityContext": copy.deepcopy(_POD_SECURITY),
+        "affinity": _field(spec, "affinity", dict) or {"podAntiAffinity": {  # spread over nodes
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": dict(selector)}}}]}},
+        "containers": containers,
+        "volumes": [*copy.deepcopy(_VOLUMES), *volumes],
+    }
+    for key, kind in (("nodeSelector", dict), ("tolerations", list), ("imagePullSecrets", list)):
+        if (value := _field(spec, key, kind)) is not None:
+            pod[key] = value
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels,
+                            "annotations": {REF_ANNOTATION: runtime.ref}}
+    uid = getattr(runtime, "uid", "")  # ServingRuntime.uid (metadata.uid), once the catalog keeps it
+    if uid and runtime.namespace in ("", namespace):
+        meta["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": runtime.kind, "name": runtime.name,
+                                    "uid": uid, "controller": True, "blockOwnerDeletion": False}]
+    body = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta, "spec": {
+        "serviceName": SERVICE, "replicas": full_replicas(runtime, settings),
+        "podManagementPolicy": "Parallel",  # runtimes do not depend on one another
+        "selector": {"matchLabels": selector},
+        "template": {"metadata": {"labels": {**(_field(spec, "labels", dict) or {}), **labels},
+                                  "annotations": {**(_field(spec, "annotations", dict) or {}),
+                                                  "kubectl.kubernetes.io/default-container": containers[0]["name"]}},
+                     "spec": pod}}}
+    meta["annotations"][HASH_ANNOTATION] = spec_hash(body)
+    return body
+
+
+def spec_hash(body: Mapping[str, Any]) -> str:
+    """The hash of a rendered StatefulSet, its replicas and this hash left out."""
+    plain = copy.deepcopy(dict(body))
+    plain["spec"].pop("replicas", None)
+    plain["metadata"].get("annotations", {}).pop(HASH_ANNOTATION, None)
+    return _hash(json.dumps(plain, sort_keys=True), 16)
+
+
+def invalid_event(runtime: ServingRuntime, message: str, namespace: str, now: datetime) -> dict[str, Any]:
+    """A core/v1 Warning Event on the runtime (in its namespace, or ``namespace`` for a cluster runtime)."""
+    involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": runtime.kind, "name": runtime.name}
+    if runtime.namespace:
+        involved["namespace"] = runtime.namespace
+    if uid := getattr(runtime, "uid", ""):
+        involved["uid"] = uid
+    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{runtime.name[:200]}.", "namespace": runtime.namespace or namespace},
+            "involvedObject": involved, "type": "Warning", "reason": INVALID_REASON, "message": message[:1024],
+            "source": {"component": CONTROLLER}, "reportingComponent": CONTROLLER,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1}
+
+
+class RuntimeUsage:
+    """Which runtime (``ServingRuntime.ref``) each reconciled object's model was sent to; ``version``
+    moves when a runtime starts or stops being used."""
+
+    def __init__(self) -> None:
+        self._refs: dict[Hashable, str] = {}
+        self._counts: dict[str, int] = {}
+        self.version = 0
+
+    def set(self, key: Hashable, ref: str | None) -> None:
+        old = self._refs.pop(key, None)
+        if old == ref:
+            if ref is not None:
+                self._refs[key] = ref
+            return
+        if old is not None:
+            self._counts[old] -= 1
+            if not self._counts[old]:
+                del self._counts[old]
+                self.version += 1
+        if ref is not None:
+            self._refs[key] = ref
+            self._counts[ref] = self._counts.get(ref, 0) + 1
+            if self._counts[ref] == 1:
+                self.version += 1
+
+    def count(self, ref: str) -> int:
+        return self._counts.get(ref, 0)
+
+
+class WorkloadStore(Protocol):
+    """The StatefulSets this controller manages in one namespace (blocking: run in threads)."""
+
+    def list(self) -> list[dict[str, Any]]: ...
+
+    def create(self, body: dict[str, Any]) -> None: ...
+
+    def replace(self, name: str, body: dict[str, Any]) -> None: ...
+
+    def scale(self, name: str, replicas: int) -> None: ...
+
+    def delete(self, name: str, uid: str) -> None: ...
+
+
+class EventSink(Protocol):
+    def create(self, namespace: str, body: dict[str, Any]) -> None: ...
+
+
+class Workloads:
+    """Keeps one StatefulSet per runtime in use (module docstring); :meth:`run` is the root task."""
+
+    def __init__(self, settings: ControllerSettings, store: WorkloadStore, events: EventSink,
+                 catalog: RuntimeCatalog, usage: RuntimeUsage, *, namespace: str,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 poll_s: float = 1.0, ready: Sequence[asyncio.Event] = ()) -> None:
+        self.settings, self.store, self.events = settings, store, events
+        self.catalog, self.usage, self.namespace = catalog, usage, namespace
+        self.clock, self.wall, self.poll_s, self.ready = clock, wall, poll_s, ready
+        self.backoff = Backoff(0.5, settings.backoff_max_s)
+        self.idle_since: dict[str, float] = {}  # runtime ref -> when its last model went
+        self._warned: dict[tuple[str, str], tuple[int, str]] = {}  # (namespace, name) -> (generation, message)
+        self._foreign: set[str] = set()  # names taken by StatefulSets that are not ours (told once)
+        self.passes = 0
+
+    async def run(self) -> None:
+        for event in self.ready:  # the catalog must be listed first: an empty one would delete everything
+            await event.wait()
+        while True:
+            seen = (self.catalog.version, self.usage.version)
+            ok = await self.reconcile()
+            if ok:
+                self.backoff.reset()
+                deadline = self.clock() + self.settings.resync_s
+                if (wake := self.next_deadline()) is not None:
+                    deadline = min(deadline, wake)
+            else:
+                delay = self.backoff.next()
+                log.info("runtime StatefulSets: retrying the failed calls", retry_in_s=delay)
+                deadline = self.clock() + delay
+            await self._wait(deadline, seen if ok else None)  # no early end during a back-off
+
+    async def _wait(self, deadline: float, seen: tuple[int, int] | None) -> None:
+        """Until ``deadline``, or until the catalog or usage version differs from ``seen``. Polled:
+        neither calls back, and a pass per ``poll_s`` at most batches a burst of reconciles' changes."""
+        while (now := self.clock()) < deadline:
+            if seen is not None and seen != (self.catalog.version, self.usage.version):
+                return
+            await asyncio.sleep(min(self.poll_s, deadline - now))
+
+    def next_deadline(self) -> float | None:
+        """When the next idle runtime reaches the scale-to-zero grace period."""
+        if not self.idle_since:
+            return None
+        return min(self.idle_since.values()) + self.settings.scale_to_zero_grace_s
+
+    def replicas(self, runtime: ServingRuntime, live: Mapping[str, Any] | None) -> int:
+        """How many pods ``runtime`` should have now (``live``: its StatefulSet, if it exists), and
+        keeps ``idle_since``: when a running runtime's last model went."""
+        current = _replicas(live)
+        full = full_replicas(runtime, self.settings)
+        if live is not None and runtime.annotations.get(AUTOSCALER_ANNOTATION, "").strip():
+            return current  # an autoscaler's
+        if self.usage.count(runtime.ref) or not self.settings.scale_to_zero:
+            self.idle_since.pop(runtime.ref, None)
+            return full
+        if live is None or not current:
+            self.idle_since.pop(runtime.ref, None)  # never started, or at zero: nothing to wait for
+            return 0
+        idle = self.idle_since.setdefault(runtime.ref, self.clock())
+        if self.clock() - idle >= self.settings.scale_to_zero_grace_s:
+            return 0  # (kept until the StatefulSet is seen at zero: a failed scale does not restart the period)
+        # Within the grace period: as it is. (The period starts when the controller first sees the
+        # runtime unused: after a restart, a full grace period, never a scale-up.)
+        return current
+
+    async def reconcile(self) -> bool:
+        """One pass over every runtime; False if an API call failed (retried after a back-off)."""
+        self.passes += 1
+        listed = await self._call(self.store.list)
+        if listed is False:
+            return False
+        live = {o["metadata"]["name"]: o for o in listed
+                if (o["metadata"].get("labels") or {}).get(MANAGED_BY) == CONTROLLER}  # never another's
+        keep: set[str] = set()
+        success = True
+        runtimes = self.catalog.all()
+        for runtime in runtimes:
+            if runtime.disabled and not runtime.error:
+                continue
+            try:
+                body = render_workload(runtime, self.settings, self.namespace)
+            except InvalidRuntime as exc:
+                success = await self._warn(runtime, str(exc)) and success
+                continue
+            name = body["metadata"]["name"]
+            if name not in live and not self.usage.count(runtime.ref):
+                continue  # never used: nothing to run
+            keep.add(name)
+            success = await self._apply(runtime, body, live.get(name)) and success
+        running = {r.ref for r in runtimes if workload_name(r) in keep}
+        self.idle_since = {ref: t for ref, t in self.idle_since.items() if ref in running}
+        known = {(r.namespace, r.name) for r in runtimes}
+        self._warned = {k: v for k, v in self._warned.items() if k in known}
+        for name, obj in live.items():
+            if name not in keep:
+                log.info("runtime gone, disabled or invalid: deleting its StatefulSet", statefulset=name,
+                         runtime=(obj["metadata"].get("annotations") or {}).get(REF_ANNOTATION, ""))
+                deleted = await self._call(self.store.delete, name, str(obj["metadata"].get("uid") or ""))
+                success = deleted is not False and success
+        return success
+
+    async def _apply(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None) -> bool:
+        name = body["metadata"]["name"]
+        replicas = self.replicas(runtime, live)
+        body["spec"]["replicas"] = replicas
+        if live is None:
+            log.info("creating runtime StatefulSet", runtime=runtime.ref, statefulset=name, replicas=replicas)
+            return await self._write(runtime, body, None)
+        if (live["metadata"].get("annotations") or {}).get(HASH_ANNOTATION) != spec_hash(body):
+            log.info("runtime changed: replacing its StatefulSet", runtime=runtime.ref, statefulset=name)
+            return await self._write(runtime, body, live)
+        if _replicas(live) != replicas:
+            log.info("scaling runtime", runtime=runtime.ref, statefulset=name, replicas=replicas,
+                     reason="in use" if replicas else f"no model for {self.settings.scale_to_zero_grace_s:g} s")
+            return await self._call(self.store.scale, name, replicas) is not False
+        return True
+
+    async def _write(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None) -> bool:
+        """Create (``live`` None) or replace; a refusal is the runtime's to fix (an Event), a
+        StatefulSet of another's in the way, or a field the API server does not change in place."""
+        name = body["metadata"]["name"]
+        try:
+            if live is None:
+                await asyncio.to_thread(self.store.create, body)
+            else:
+                body["metadata"]["resourceVersion"] = live["metadata"].get("resourceVersion")
+                await asyncio.to_thread(self.store.replace, name, body)
+        except MeshError as exc:
+            status = exc.status if isinstance(exc, Refused) else 0
+            if status == 409 and live is None:
+                if name not in self._foreign:  # exists, yet not listed as ours: not ours to change
+                    log.warning("a StatefulSet that the controller does not manage has the name this runtime's "
+                                "needs; left alone", runtime=runtime.ref, statefulset=name)
+                    self._foreign.add(name)
+                return True
+            if status == 422 and live is not None:
+                log.warning("the API server refused to change the StatefulSet in place; deleting it to create "
+                            "it again", statefulset=name, error=exc.message)
+                await self._call(self.store.delete, name, str(live["metadata"].get("uid") or ""))
+                return False  # created again after the back-off
+            if status == 422:
+                return await self._warn(runtime, f"the API server refused its StatefulSet: {exc.message}")
+            log.warning("Kubernetes API call failed", error=exc.message)
+            return False
+        self._foreign.discard(name)
+        return True
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a thread; False (logged: the error names the call) if it failed."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except MeshError as exc:
+            log.warning("Kubernetes API call failed", error=exc.message)
+            return False
+
+    async def _warn(self, runtime: ServingRuntime, message: str) -> bool:
+        """One Warning Event per generation (and message) of an invalid runtime."""
+        key = (runtime.namespace, runtime.name)
+        if self._warned.get(key) == (runtime.generation, message):
+            return True
+        log.warning("invalid ServingRuntime: not run", runtime=runtime.describe(), error=message)
+        body = invalid_event(runtime, message, self.namespace, datetime.fromtimestamp(self.wall(), UTC))
+        if await self._call(self.events.create, body["metadata"]["namespace"], body) is False:
+            return False
+        self._warned[key] = (runtime.generation, message)
+        return True
+
+
+def workload_namespace(settings: ControllerSettings) -> str:
+    namespace = settings.workload_namespace or os.environ.get("POD_NAMESPACE", "") or settings.namespace
+    if not namespace:
+        raise InvalidArgument("controller.manage_runtimes needs controller.workload_namespace (or POD_NAMESPACE, "
+                              "or controller.namespace): where the runtimes' StatefulSets go")
+    return namespace
+
+
+async def run_workloads(settings: ControllerSettings, client: Any, catalog: RuntimeCatalog, usage: RuntimeUsage,
+                        *, ready: Sequence[asyncio.Event] = ()) -> None:
+    """Root task: the runtimes' StatefulSets, through ``client`` (a ``kubernetes`` ApiClient)."""
+    namespace = workload_namespace(settings)
+    log.info("managing runtime StatefulSets", namespace=namespace, pods_per_runtime=settings.pods_per_runtime,
+             scale_to_zero=settings.scale_to_zero)
+    await Workloads(settings, WorkloadApi(client, namespace, SELECTOR), EventApi(client), catalog, usage,
+                    namespace=namespace, ready=ready, poll_s=min(1.0, settings.resync_s)).run()
+
+
+__all__ = ["RuntimeUsage", "Workloads", "full_replicas", "invalid_event", "quantity_bytes", "render_workload",
+           "run_workloads", "spec_hash", "workload_name"]
