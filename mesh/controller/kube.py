@@ -317,12 +317,11 @@ class WorkloadApi:
         return str(self._client.configuration.host)
 
     def list(self) -> list[dict[str, Any]]:
-        result = _write_call(f"list StatefulSets in {self.namespace}", self.host,
-                             lambda: self._apps.list_namespaced_stateful_set(
-                                 self.namespace, label_selector=self.selector, _request_timeout=_CALL_TIMEOUT))
-        # back to the API's own JSON names (camelCase); unannotated in kubernetes
-        items: list[dict[str, Any]] = self._client.sanitize_for_serialization(result.items)  # type: ignore[no-untyped-call]
-        return items
+        result: Any = _write_call(f"list StatefulSets in {self.namespace}", self.host,
+                                  lambda: self._apps.list_namespaced_stateful_set(
+                                      self.namespace, label_selector=self.selector, _preload_content=False,
+                                      _request_timeout=_CALL_TIMEOUT))
+        return list(json.loads(result.data).get("items") or [])  # the raw response: plain dicts, as written
 
     def create(self, body: dict[str, Any]) -> None:
         sts = client.V1StatefulSet.from_dict(body)
