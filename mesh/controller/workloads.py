@@ -59,7 +59,19 @@ for a ServingRuntime (the hash of ``<namespace>/<name>``, since ``-`` joins ambi
 name that had characters replaced or was cut to 52 characters (a StatefulSet's pods carry a
 revision label of its name plus 11 characters, at most 63) ends with the hash too, so two
 runtimes never share a name. Owner references point at the runtime only when it lives in the
-workload namespace or is cluster-scoped (the API server refuses cross-namespace owners).
+workload namespace or is cluster-scoped (the API server refuses cross-namespace owners), and only
+once the catalog keeps the runtime's ``uid``.
+
+**Passes** run on a change of the catalog's or the usage's ``version`` (polled every ``poll_s``),
+every ``controller.resync_s``, and when an idle runtime's grace period ends; the first waits for
+``ready`` (the runtimes listed, the first reconciles done), since an empty catalog would delete
+every StatefulSet. A failed API call is logged, the rest of the pass goes on, and the pass is run
+again after a back-off (``controller.backoff_max_s``); nothing here stops the controller.
+
+**Limit**: pods mount the ConfigMap named ``mesh-config`` as is; a kustomize ``configMapGenerator``
+that suffixes it with a content hash (deploy/kustomization.yaml) must be told not to for it
+(``options: {disableNameSuffixHash: true}``), and a changed mesh.toml then reaches runtime pods when
+they restart.
 """
 
 from __future__ import annotations
