@@ -39,6 +39,7 @@ from mesh.controller.predictor import Choice
 from mesh.controller.reconciler import InferenceServices, Kind, PredictorController
 from mesh.controller.router_client import RouterClient
 from mesh.controller.runtimes import RuntimeCatalog
+from mesh.controller.workloads import RuntimeUsage, run_workloads
 from mesh.settings import ControllerSettings, Settings
 from mesh.tasks import RootTasks, call_soon_safely
 
@@ -164,6 +165,14 @@ async def serve_controller(settings: Settings, roots: RootTasks,
         watchers.append(PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s,
                                          backoff_max_s=cs.backoff_max_s))
         roots.spawn(controller.run(), f"{kind.name.lower()}-reconcile")
+    if cs.manage_runtimes:
+        # Each runtime some model uses runs as a StatefulSet (mesh.controller.workloads), from the
+        # first pass after the runtimes are listed and the objects queued.
+        usage = RuntimeUsage()
+        for controller in controllers:
+            controller.usage = usage
+        roots.spawn(run_workloads(cs, client, catalog, usage, ready=[*ready, *(c.synced for c in controllers)]),
+                    "runtime-workloads")
     for watcher in watchers:
         watcher.start()
     scope = f"namespace {cs.namespace}" if cs.namespace else "all namespaces"

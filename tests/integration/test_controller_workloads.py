@@ -4,9 +4,10 @@ model uses it, back up at its first model, deleted with its runtime; an invalid 
 Event; a StatefulSet the controller does not manage is never touched.
 
 Real: ``run_workloads`` as the controller runs it, ``WorkloadApi``/``EventApi`` on the client
-library, HTTP on 127.0.0.1. Fake: the API server (tests/support/fake_kube.py: no kube-apiserver can
-be installed here; it stores StatefulSets and Events and runs no pods), and the catalog and usage,
-filled by hand here as the runtime watches and the Predictor reconcilers fill them.
+library, HTTP on 127.0.0.1; in the last test the whole controller (``serve_controller``). Fake: the
+API server (tests/support/fake_kube.py: no kube-apiserver can be installed here; it stores
+StatefulSets and Events and runs no pods), and, but in the last test, the catalog and usage, filled
+by hand as the runtime watches and the Predictor reconcilers fill them.
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh.controller.app import serve_controller
 from mesh.controller.kube import api_client
 from mesh.controller.runtimes import RuntimeCatalog, ServingRuntime, parse_runtime
 from mesh.controller.workloads import MANAGED_BY, RuntimeUsage, render_workload, run_workloads
-from mesh.settings import ControllerSettings
+from mesh.settings import ControllerSettings, load_settings
 from tests.integration.test_controller import wait_for  # bounded polling, sync or async
-from tests.support.fake_kube import EVENTS, STATEFULSETS, FakeKubeApiServer
+from tests.support.fake_kube import (
+    CLUSTER_SERVING_RUNTIMES,
+    EVENTS,
+    PREDICTORS,
+    SERVING_RUNTIMES,
+    STATEFULSETS,
+    FakeKubeApiServer,
+)
+from tests.support.inprocess import start
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -144,3 +154,31 @@ async def test_api_errors_are_retried(env: Env) -> None:
     env.usage.set(("Predictor", "ml", "a"), None)
     await wait_for(lambda: env.replicas("mesh-rt-mesh-runtime") == 0, timeout=10, what="scaled to zero after a failure")
     assert env.api.count("PATCH", "/statefulsets/mesh-rt-mesh-runtime") == 2
+
+
+async def test_the_controller_runs_the_runtime_its_predictors_use() -> None:
+    """serve_controller with manage_runtimes: a Predictor's runtime comes up and goes to zero after it.
+    The router is not there (nothing listens on port 1): a runtime runs for the models sent to it,
+    whether or not the mesh has loaded them yet."""
+    resources = (PREDICTORS, SERVING_RUNTIMES, CLUSTER_SERVING_RUNTIMES, STATEFULSETS, EVENTS)
+    with FakeKubeApiServer(resources=resources, bookmark_interval_s=0.5) as api:
+        api.put(yaml.safe_load((ROOT / "deploy" / "runtimes" / "mesh-runtime.yaml").read_text()),
+                CLUSTER_SERVING_RUNTIMES)
+        api.put({"apiVersion": "serving.kserve.io/v1alpha1", "kind": "Predictor",
+                 "metadata": {"name": "iris", "namespace": NS},
+                 "spec": {"modelType": {"name": "sklearn"}, "path": "/models/iris.joblib"}})
+        settings = load_settings(env={}, overrides={
+            "controller": {"api_server": api.url, "router_endpoint": "127.0.0.1:1", "namespace": NS,
+                           "inference_services": False, "resync_s": 0.5, "watch_timeout_s": 5,
+                           "backoff_max_s": 0.5, "manage_runtimes": True, "workload_namespace": NS,
+                           "scale_to_zero_grace_s": 1.0},
+            "log": {"level": "warning"}})
+        controller = await start(serve_controller, settings)
+        try:
+            await wait_for(lambda: (api.get(NS, "mesh-rt-mesh-runtime", STATEFULSETS) or {}).get(
+                "spec", {}).get("replicas") == 2, what="the runtime of iris running")
+            api.delete(NS, "iris")
+            await wait_for(lambda: api.get(NS, "mesh-rt-mesh-runtime", STATEFULSETS)["spec"]["replicas"] == 0,
+                           timeout=10, what="scaled to zero once iris is gone")
+        finally:
+            await controller.stop()
