@@ -116,7 +116,6 @@ STORAGE_CACHE = "/var/cache/mesh-storage"
 # The mesh runtime beside an external server holds no models: it needs memory for itself and the
 # requests in flight only (the server's container holds the models and their capacity).
 SIDECAR_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
-_NAME_OK = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e([0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E))?$")
 _POWERS = {"k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "P": 1000**5, "E": 1000**6, "Ki": 1024,
            "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6}
@@ -133,14 +132,17 @@ _VOLUMES: list[dict[str, Any]] = [
     {"name": "storage-config", "secret": {"secretName": "storage-config", "optional": True}},
     {"name": "storage-cache", "emptyDir": {"sizeLimit": "20Gi"}},
 ]
-_MESH_MOUNTS: list[dict[str, Any]] = [{"name": "config", "mountPath": "/etc/mesh", "readOnly": True},
-                {"name": "pki", "mountPath": "/etc/mesh-pki", "readOnly": True},
-                {"name": "models", "mountPath": "/models"},
-                {"name": "storage-config", "mountPath": "/storage-config", "readOnly": True},
-                {"name": "storage-cache", "mountPath": STORAGE_CACHE},
-                {"name": "tmp", "mountPath": "/tmp"}]
+_MESH_MOUNTS: list[dict[str, Any]] = [
+    {"name": "config", "mountPath": "/etc/mesh", "readOnly": True},
+    {"name": "pki", "mountPath": "/etc/mesh-pki", "readOnly": True},
+    {"name": "models", "mountPath": "/models"},
+    {"name": "storage-config", "mountPath": "/storage-config", "readOnly": True},
+    {"name": "storage-cache", "mountPath": STORAGE_CACHE},
+    {"name": "tmp", "mountPath": "/tmp"},
+]
+# The server reads what the mesh runtime wrote: the repository's entries, the pulled models.
 _SERVER_MOUNTS: list[dict[str, Any]] = [{"name": "models", "mountPath": "/models"},
-                  {"name": "storage-cache", "mountPath": STORAGE_CACHE, "readOnly": True}]
+                                        {"name": "storage-cache", "mountPath": STORAGE_CACHE, "readOnly": True}]
 _MESH_ENV: list[dict[str, Any]] = [
     {"name": "MESH_CONFIG", "value": "/etc/mesh/mesh.toml"},
     {"name": "MESH_RUNTIME_ADVERTISE_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
