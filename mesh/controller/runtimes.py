@@ -99,6 +99,7 @@ class ServingRuntime:
     replicas: int | None = None
     created: str = ""  # metadata.creationTimestamp (RFC 3339 sorts as text)
     generation: int = 0
+    uid: str = ""  # metadata.uid: owner references of its workload
     spec: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     annotations: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
     error: str = ""
@@ -247,7 +248,8 @@ def parse_runtime(obj: Mapping[str, Any]) -> ServingRuntime | None:
     spec = obj.get("spec")
     annotations = {str(k): str(v) for k, v in (meta.get("annotations") or {}).items()}
     base = ServingRuntime(namespace=namespace, name=name, created=str(meta.get("creationTimestamp") or ""),
-                          generation=int(meta.get("generation") or 0), annotations=annotations)
+                          generation=int(meta.get("generation") or 0), uid=str(meta.get("uid") or ""),
+                          annotations=annotations)
     if not isinstance(spec, Mapping):
         return ServingRuntime(**{**_fields(base), "error": "spec must be an object"})
     if spec.get("multiModel") is not True:

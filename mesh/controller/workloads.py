@@ -59,8 +59,7 @@ for a ServingRuntime (the hash of ``<namespace>/<name>``, since ``-`` joins ambi
 name that had characters replaced or was cut to 52 characters (a StatefulSet's pods carry a
 revision label of its name plus 11 characters, at most 63) ends with the hash too, so two
 runtimes never share a name. Owner references point at the runtime only when it lives in the
-workload namespace or is cluster-scoped (the API server refuses cross-namespace owners), and only
-once the catalog keeps the runtime's ``uid``.
+workload namespace or is cluster-scoped (the API server refuses cross-namespace owners).
 
 **Passes** run on a change of the catalog's or the usage's ``version`` (polled every ``poll_s``),
 every ``controller.resync_s``, and when an idle runtime's grace period ends; the first waits for
@@ -68,10 +67,9 @@ every ``controller.resync_s``, and when an idle runtime's grace period ends; the
 every StatefulSet. A failed API call is logged, the rest of the pass goes on, and the pass is run
 again after a back-off (``controller.backoff_max_s``); nothing here stops the controller.
 
-**Limit**: pods mount the ConfigMap named ``mesh-config`` as is; a kustomize ``configMapGenerator``
-that suffixes it with a content hash (deploy/kustomization.yaml) must be told not to for it
-(``options: {disableNameSuffixHash: true}``), and a changed mesh.toml then reaches runtime pods when
-they restart.
+**Limit**: pods mount the ConfigMap named ``mesh-config`` as is; deploy/runtimes keeps that name
+(``options: {disableNameSuffixHash: true}`` on its generator), so a changed mesh.toml reaches
+runtime pods when they restart, not by itself.
 """
 
 from __future__ import annotations
@@ -339,7 +337,7 @@ def render_workload(runtime: ServingRuntime, settings: ControllerSettings, names
             pod[key] = value
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels,
                             "annotations": {REF_ANNOTATION: runtime.ref}}
-    uid = getattr(runtime, "uid", "")  # ServingRuntime.uid (metadata.uid), once the catalog keeps it
+    uid = runtime.uid
     if uid and runtime.namespace in ("", namespace):
         meta["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": runtime.kind, "name": runtime.name,
                                     "uid": uid, "controller": True, "blockOwnerDeletion": False}]
@@ -368,7 +366,7 @@ def invalid_event(runtime: ServingRuntime, message: str, namespace: str, now: da
     involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": runtime.kind, "name": runtime.name}
     if runtime.namespace:
         involved["namespace"] = runtime.namespace
-    if uid := getattr(runtime, "uid", ""):
+    if uid := runtime.uid:
         involved["uid"] = uid
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"apiVersion": "v1", "kind": "Event",

@@ -15,6 +15,7 @@ deploy/runtimes as a Component, as deploy/README.md tells users to.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import tomllib
@@ -404,6 +405,10 @@ def _key(doc: Doc) -> tuple[str, str]:
 
 
 def test_the_overlay_replaces_the_fixed_runtime_by_the_shipped_runtimes(base: list[Doc], overlay: list[Doc]) -> None:
+    # The overlay keeps mesh-config's plain name (the controller's pods mount it by that name).
+    hashed = next(d["metadata"]["name"] for d in base if d["kind"] == "ConfigMap"
+                  and d["metadata"]["name"].startswith("mesh-config-"))
+    base = json.loads(json.dumps(base).replace(f'"{hashed}"', '"mesh-config"'))
     assert [d for d in overlay if _key(d) == ("StatefulSet", "mesh-runtime")] == []
     assert [d["metadata"]["name"] for d in overlay if d["kind"] == "StatefulSet"] == ["mesh-etcd"]
     # What the controller's runtime pods still need from the base stays.
@@ -484,3 +489,16 @@ def test_the_readmes_own_runtime_example_is_valid_and_selected_as_it_says() -> N
     assert catalog.select("elsewhere", "sklearn").runtime == _read("mesh-runtime", created="2026-01-01T00:00:00Z")
     assert catalog.select(NAMESPACE, "huggingface").runtime is None  # not auto-selected ...
     assert catalog.select(NAMESPACE, "huggingface", runtime="mlserver-hf").runtime == runtime  # ... but named
+
+
+def test_the_runtime_pods_find_mesh_config_by_its_plain_name(overlay: list[Doc]) -> None:
+    """The controller's StatefulSets mount ``mesh-config`` (mesh.controller.workloads); the overlay
+    keeps that name (no content hash), while the base alone hashes it."""
+    names = {d["metadata"]["name"] for d in overlay if d["kind"] == "ConfigMap"}
+    assert "mesh-config" in names
+    from mesh.controller.workloads import render_workload
+    from mesh.settings import Settings
+
+    runtime = _read("mesh-runtime", created="2026-01-01T00:00:00Z")
+    pod = render_workload(runtime, Settings().controller, NAMESPACE)["spec"]["template"]["spec"]
+    assert {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v} <= names

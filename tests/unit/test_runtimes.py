@@ -238,3 +238,10 @@ def test_a_predictor_is_labelled_with_its_runtime_and_moves_with_it() -> None:
 
     # Without runtimes the mapping is as before (legacy labels, built-in types only).
     assert registration(predictor("sklearn", runtime_name="x"), select=lambda *a: None).labels == ("rt:x",)
+
+
+def test_the_runtime_keeps_its_uid_for_owner_references() -> None:
+    obj = runtime("r", [fmt("sklearn")])
+    obj["metadata"]["uid"] = "0f6c2d1e-uid"
+    rt = parse_runtime(obj)
+    assert rt is not None and rt.uid == "0f6c2d1e-uid"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,8 @@ def runtime(name: str, *, namespace: str = "", generation: int = 1, **spec: Any)
     return rt
 
 
-@dataclass(frozen=True)
-class _WithUid(ServingRuntime):
-    uid: str = ""  # metadata.uid: not kept by the catalog yet; render_workload uses it when it is
-
-
 def with_uid(rt: ServingRuntime, uid: str) -> ServingRuntime:
-    return _WithUid(**{f.name: getattr(rt, f.name) for f in fields(ServingRuntime)}, uid=uid)
+    return replace(rt, uid=uid)  # metadata.uid, as the catalog keeps it
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
