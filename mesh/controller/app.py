@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from mesh.controller.events import WatchEvent
+from mesh.controller.events import WatchEvent, involved_object, warning_event
 from mesh.controller.kube import (
     CSR_PLURAL,
     ISVC_PLURAL,
     ISVC_VERSION,
     SR_PLURAL,
+    EventApi,
     NamespaceApi,
     PredictorApi,
     PredictorWatcher,
@@ -40,6 +42,7 @@ from mesh.controller.reconciler import InferenceServices, Kind, PredictorControl
 from mesh.controller.router_client import RouterClient
 from mesh.controller.runtimes import RuntimeCatalog
 from mesh.controller.workloads import RuntimeUsage, run_workloads
+from mesh.errors import MeshError
 from mesh.settings import ControllerSettings, Settings
 from mesh.tasks import RootTasks, call_soon_safely
 
@@ -117,6 +120,22 @@ def _namespace_watcher(cs: ControllerSettings, client: Any, namespaces: Namespac
                             backoff_max_s=cs.backoff_max_s)
 
 
+class _ThreadedEvents:
+    """Warning Events about the objects the controller reconciles, off the event loop; a failure
+    to record one is logged, never the reconcile's."""
+
+    def __init__(self, api: EventApi) -> None:
+        self.api = api
+
+    async def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        involved = involved_object(obj)
+        body = warning_event(involved, involved.get("namespace", ""), reason, message, datetime.now(UTC))
+        try:
+            await asyncio.to_thread(self.api.create, body["metadata"]["namespace"], body)
+        except MeshError as exc:
+            log.warning("could not record an Event", object=involved.get("name"), reason=reason, error=exc.message)
+
+
 async def serve_controller(settings: Settings, roots: RootTasks,
                            on_ready: Callable[[str], None] | None = None) -> None:
     cs = settings.controller
@@ -132,6 +151,7 @@ async def serve_controller(settings: Settings, roots: RootTasks,
                       PredictorApi(client, cs.namespace, version=ISVC_VERSION, plural=ISVC_PLURAL)))
     controllers: list[PredictorController] = []
     watchers: list[PredictorWatcher] = []
+    events = _ThreadedEvents(EventApi(client))
     catalog = RuntimeCatalog()
     runtimes_synced = asyncio.Event()
 
@@ -153,7 +173,8 @@ async def serve_controller(settings: Settings, roots: RootTasks,
     for kind, api in kinds:
         controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
                                          poll_s=min(1.0, cs.resync_s), kind=kind, select=select,
-                                         ready=ready, served=namespaces.enabled if namespaces else None)
+                                         ready=ready, served=namespaces.enabled if namespaces else None,
+                                         events=events)
 
         def deliver(event: WatchEvent, controller: PredictorController = controller) -> None:  # watch thread
             try:

@@ -91,6 +91,11 @@ class StatusWriter(Protocol):
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
 
 
+class EventRecorder(Protocol):
+    async def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        """Record a Warning Event about ``obj``; never raises (an Event is best effort)."""
+
+
 class Usage(Protocol):
     """Which runtime each object's model was sent to (``mesh.controller.workloads.RuntimeUsage``):
     the runtimes in use are those that run."""
@@ -189,13 +194,15 @@ class PredictorController:
                  workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time,
                  kind: Kind | None = None, select: RuntimeSelector | None = None,
                  usage: Usage | None = None, ready: Sequence[asyncio.Event] = (),
-                 served: Callable[[str], bool] | None = None) -> None:
+                 served: Callable[[str], bool] | None = None, events: EventRecorder | None = None) -> None:
         self.settings = settings
         self.kind = kind or Kind()
         self.select = select
         self.usage = usage
         self.ready = ready  # reconciles start once these are set (the runtimes and namespaces are known)
         self.served = served  # whether a namespace is served (controller.namespace_label); None: all
+        self.events = events
+        self._warned: dict[Key, tuple[Any, str, str]] = {}  # the last Warning Event per object
         self.mesh = mesh
         self.kube = kube
         self.workers = workers
@@ -315,6 +322,7 @@ class PredictorController:
                 await self._write(key, obj, predictor_status(
                     state, previous=self.kind.previous(obj), failure=invalid, now_ms=self._now_ms(),
                     grpc_endpoint=self.grpc_endpoint))
+                await self._warn(key, obj, invalid)
                 return None
         if reg is None and obj is not None and key in self._cleared:
             return None
@@ -331,6 +339,7 @@ class PredictorController:
                 self._cleared.add(key)
             else:
                 self._cleared.discard(key)
+                self._warned.pop(key, None)
             if self.registered.pop(key, None) is not None:
                 log.info(f"{self.kind.name} deleted or no longer served; vModel removed", namespace=namespace,
                          name=name)
@@ -366,6 +375,7 @@ class PredictorController:
             self.registered.pop(key, None)  # try setVModel again next time
             log.warning("the mesh refused the Predictor", namespace=namespace, predictor=name,
                         reason=failure.reason, error=exc.message)
+            await self._warn(key, obj, failure)
             state = await self.mesh.vmodel_status(name, owner=owner)
         new = predictor_status(state, previous=status, failure=failure, now_ms=self._now_ms(),
                                grpc_endpoint=self.grpc_endpoint)
@@ -377,6 +387,17 @@ class PredictorController:
         if delay is None:
             self._settling.pop(key, None)
         return delay
+
+    async def _warn(self, key: Key, obj: Mapping[str, Any], failure: Failure) -> None:
+        """A Warning Event for a failure the controller found, once per generation and failure
+        (the status says it too; the Event reaches `kubectl describe` and `kubectl get events`)."""
+        if self.events is None:
+            return
+        seen = (_generation(obj), failure.reason, failure.message)
+        if self._warned.get(key) == seen:
+            return
+        self._warned[key] = seen
+        await self.events.warn(obj, failure.reason, failure.message)
 
     async def _write(self, key: Key, obj: dict[str, Any], status: dict[str, Any]) -> None:
         patch = self.kind.patch(obj, status, self._now_ms())

@@ -101,7 +101,9 @@ class ServingRuntime:
     generation: int = 0
     uid: str = ""  # metadata.uid: owner references of its workload
     spec: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    annotations: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Compared (an annotation change does not move the generation, yet the workload reads some:
+    # the autoscaler class, maxLoadingConcurrency), but not hashed (a dict).
+    annotations: Mapping[str, str] = field(default_factory=dict, hash=False, repr=False)
     error: str = ""
 
     @property

@@ -87,6 +87,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from mesh.controller.events import COMPONENT, warning_event
 from mesh.controller.kube import GROUP, VERSION, EventApi, Refused, WorkloadApi
 from mesh.controller.queue import Backoff
 from mesh.controller.runtimes import MESH, MLSERVER, SPI, TRITON, InvalidRuntime, RuntimeCatalog, ServingRuntime
@@ -96,7 +97,7 @@ from mesh.settings import ControllerSettings
 log = structlog.get_logger(__name__)
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
-CONTROLLER = "mesh-controller"
+CONTROLLER = COMPONENT  # the managed-by label value, and Events' source
 SELECTOR = f"{MANAGED_BY}={CONTROLLER}"
 RUNTIME_LABEL = "serving.kserve.io/runtime"
 RUNTIME_NAMESPACE_LABEL = "serving.kserve.io/runtime-namespace"
@@ -368,12 +369,7 @@ def invalid_event(runtime: ServingRuntime, message: str, namespace: str, now: da
         involved["namespace"] = runtime.namespace
     if uid := runtime.uid:
         involved["uid"] = uid
-    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {"apiVersion": "v1", "kind": "Event",
-            "metadata": {"generateName": f"{runtime.name[:200]}.", "namespace": runtime.namespace or namespace},
-            "involvedObject": involved, "type": "Warning", "reason": INVALID_REASON, "message": message[:1024],
-            "source": {"component": CONTROLLER}, "reportingComponent": CONTROLLER,
-            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1}
+    return warning_event(involved, runtime.namespace or namespace, INVALID_REASON, message, now)
 
 
 class RuntimeUsage:

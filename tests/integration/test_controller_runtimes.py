@@ -22,6 +22,7 @@ from tests.integration.test_controller import wait_for  # bounded polling, sync 
 from tests.integration.test_controller_isvc import MODE, NS, Env, isvc, model_form, ready
 from tests.support.fake_kube import (
     CLUSTER_SERVING_RUNTIMES,
+    EVENTS,
     INFERENCE_SERVICES,
     NAMESPACES,
     PREDICTORS,
@@ -55,8 +56,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelArtifact, Mod
 async def env() -> AsyncIterator[Env]:
     mesh = InProcessMesh(memory_url(), runtime_overrides={"labels": ("rt:mesh-runtime",)})
     await mesh.start(runtimes=1)
-    kube = FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES, SERVING_RUNTIMES, CLUSTER_SERVING_RUNTIMES),
-                             bookmark_interval_s=0.5).start()
+    kube = FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES, SERVING_RUNTIMES, CLUSTER_SERVING_RUNTIMES,
+                                        EVENTS), bookmark_interval_s=0.5).start()
     environment = Env(mesh, kube)
     try:
         yield environment
@@ -97,6 +98,12 @@ async def test_models_go_to_the_selected_runtime_and_wait_for_one(env: Env, mode
     assert await env.vmodel_gone("named-missing")
     conditions = {c["type"]: c for c in env.status("named-missing")["conditions"]}
     assert conditions["Ready"]["status"] == "False"
+    # ... and each says so once in a Warning Event on the InferenceService (kubectl describe shows it)
+    events = {(e["involvedObject"]["name"], e["reason"]): e for e in env.kube.objects(EVENTS)}
+    assert events[("boost", "NoSupportingRuntime")]["type"] == "Warning"
+    assert "xgboost" in events[("boost", "NoSupportingRuntime")]["message"]
+    assert events[("named-missing", "RuntimeNotRecognized")]["involvedObject"]["kind"] == "InferenceService"
+    assert len([e for e in env.kube.objects(EVENTS) if e["involvedObject"]["name"] == "boost"]) == 1
 
     # registered for triton-2.x, whose pods are not running: the mesh has no instance labelled so
     await wait_for(lambda: failure(env, "on-triton").get("reason") in ("RuntimeNotRecognized", "RuntimeUnhealthy"),

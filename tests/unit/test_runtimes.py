@@ -245,3 +245,14 @@ def test_the_runtime_keeps_its_uid_for_owner_references() -> None:
     obj["metadata"]["uid"] = "0f6c2d1e-uid"
     rt = parse_runtime(obj)
     assert rt is not None and rt.uid == "0f6c2d1e-uid"
+
+
+def test_an_annotation_change_reaches_the_catalog() -> None:
+    """Annotations do not move a runtime's generation, but the workload reads some of them."""
+    c = RuntimeCatalog()
+    obj = runtime("r", [fmt("sklearn")])
+    c.apply(WatchEvent("ADDED", object=obj), namespace_scoped=False)
+    obj["metadata"]["annotations"] = {"serving.kserve.io/autoscalerClass": "hpa"}
+    changed = c.apply(WatchEvent("MODIFIED", object=obj), namespace_scoped=False)
+    assert [r.annotations for r in changed] == [{"serving.kserve.io/autoscalerClass": "hpa"}]
+    assert hash(changed[0]) == hash(changed[0])  # still hashable
