@@ -369,5 +369,50 @@ class EventApi:
                     lambda: self._core.create_namespaced_event(namespace, event, _request_timeout=_CALL_TIMEOUT))
 
 
-__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "EventApi", "Gone", "KubeConfigError",
+class HpaApi:
+    """Blocking calls on the HorizontalPodAutoscalers (``autoscaling/v2``) of one namespace that carry
+    the label ``selector``, as :class:`WorkloadApi` on StatefulSets: plain dicts, an HPA already gone
+    is no error for delete."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str, selector: str) -> None:
+        self._client = api_client
+        self._autoscaling = client.AutoscalingV2Api(api_client)
+        self.namespace = namespace
+        self.selector = selector
+
+    @property
+    def host(self) -> str:
+        return str(self._client.configuration.host)
+
+    def list(self) -> list[dict[str, Any]]:
+        result: Any = _write_call(f"list HorizontalPodAutoscalers in {self.namespace}", self.host,
+                                  lambda: self._autoscaling.list_namespaced_horizontal_pod_autoscaler(
+                                      self.namespace, label_selector=self.selector, _preload_content=False,
+                                      _request_timeout=_CALL_TIMEOUT))
+        return list(json.loads(result.data).get("items") or [])
+
+    def create(self, body: dict[str, Any]) -> None:
+        hpa = client.V2HorizontalPodAutoscaler.from_dict(body)
+        assert hpa is not None
+        _write_call(f"create HorizontalPodAutoscaler {self.namespace}/{body['metadata']['name']}", self.host,
+                    lambda: self._autoscaling.create_namespaced_horizontal_pod_autoscaler(
+                        self.namespace, hpa, _request_timeout=_CALL_TIMEOUT))
+
+    def replace(self, name: str, body: dict[str, Any]) -> None:
+        """PUT: ``body.metadata.resourceVersion`` is the precondition (409 if it changed)."""
+        hpa = client.V2HorizontalPodAutoscaler.from_dict(body)
+        assert hpa is not None
+        _write_call(f"replace HorizontalPodAutoscaler {self.namespace}/{name}", self.host,
+                    lambda: self._autoscaling.replace_namespaced_horizontal_pod_autoscaler(
+                        name, self.namespace, hpa, _request_timeout=_CALL_TIMEOUT))
+
+    def delete(self, name: str, uid: str = "") -> None:
+        """With ``uid``, only that very object."""
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid) if uid else None)
+        _write_call(f"delete HorizontalPodAutoscaler {self.namespace}/{name}", self.host,
+                    lambda: self._autoscaling.delete_namespaced_horizontal_pod_autoscaler(
+                        name, self.namespace, body=options, _request_timeout=_CALL_TIMEOUT), missing_ok=True)
+
+
+__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "EventApi", "Gone", "HpaApi", "KubeConfigError",
            "NamespaceApi", "PredictorApi", "PredictorWatcher", "Refused", "WatchEvent", "WorkloadApi", "api_client"]

@@ -21,7 +21,28 @@ name is its instance ID (deploy/base/runtime.yaml):
   replacement anyway (an older controller's selector), the StatefulSet is deleted and created
   again. Replicas alone change by a merge patch.
 - **Autoscalers**: a runtime annotated ``serving.kserve.io/autoscalerClass`` (an HPA or KEDA
-  owns its replicas: deploy/autoscaling) is created with its replicas and never scaled here.
+  owns its replicas: deploy/autoscaling) is created with its replicas and never scaled here; but
+  see ``hpa`` below.
+
+**HPAs** (KServe's and modelmesh-serving's annotations): a runtime run here whose
+``serving.kserve.io/autoscalerClass`` is ``hpa`` gets an ``autoscaling/v2`` HorizontalPodAutoscaler
+of its StatefulSet's name, labels and owner, on the routers' cache-aware signal
+``mesh_runtime_replicas_desired{runtime="<ref>"}`` with deploy/autoscaling/hpa's metric (External,
+``AverageValue`` 1: the replicas are the desired count) and behaviour (the signal holds its own
+hysteresis). modelmesh-serving's HPA reads CPU or memory (``serving.kserve.io/metrics``,
+``targetUtilizationPercentage``): those annotations are not read, the mesh's signal knows what the
+models need. Bounds: ``serving.kserve.io/min-scale`` (default 1; 0 reads as 1, since a plain HPA
+cannot go to zero: the controller's own scale-to-zero does that) and ``serving.kserve.io/max-scale``
+(default the larger of min-scale, the runtime's replicas and 10, router.autoscale_max_replicas'
+default), integers up to 1000. The HPA is ours to create, replace on a hash change and delete
+(listed by the managed-by label, as the StatefulSets); while it is there the StatefulSet keeps the
+replicas it sets. Scale to zero still happens: when the grace period ends the HPA is deleted
+first, then the StatefulSet goes to 0; at the first model the StatefulSet comes back with its
+replicas (within the bounds) first, then the HPA. It is also deleted first when the annotation
+goes. Refused, with a Warning Event on the runtime (``InvalidServingRuntime``), no HPA and the
+controller's own replicas: bad bounds (not integers, over 1000, min above max), and a
+ServingRuntime: its group ``<namespace>/<name>`` is no label value, so no HPA selector can name
+it; deploy/autoscaling/keda's ScaledObject can (PromQL), with another autoscalerClass than ``hpa``.
 
 **The pod** is deploy/base/runtime.yaml's (security context, probes on the health port 8086, the
 ``mesh-config`` ConfigMap, the ``mesh-runtime-tls`` certificate, the optional ``storage-config``
@@ -88,7 +109,7 @@ from typing import Any, Protocol
 import structlog
 
 from mesh.controller.events import COMPONENT, warning_event
-from mesh.controller.kube import GROUP, VERSION, EventApi, Refused, WorkloadApi
+from mesh.controller.kube import GROUP, VERSION, EventApi, HpaApi, Refused, WorkloadApi
 from mesh.controller.queue import Backoff
 from mesh.controller.runtimes import MESH, MLSERVER, SPI, TRITON, InvalidRuntime, RuntimeCatalog, ServingRuntime
 from mesh.errors import InvalidArgument, MeshError
@@ -105,6 +126,21 @@ WORKLOAD_LABEL = "mesh-serving.io/workload"  # the selector's own label: a runti
 HASH_ANNOTATION = "mesh-serving.io/spec-hash"
 REF_ANNOTATION = "mesh-serving.io/runtime"
 AUTOSCALER_ANNOTATION = "serving.kserve.io/autoscalerClass"
+HPA_CLASS = "hpa"
+MIN_SCALE_ANNOTATION = "serving.kserve.io/min-scale"
+MAX_SCALE_ANNOTATION = "serving.kserve.io/max-scale"
+DEFAULT_MAX_SCALE = 10  # router.autoscale_max_replicas' default: the signal's own upper bound
+MAX_SCALE = 1000  # as spec.replicas
+SIGNAL = "mesh_runtime_replicas_desired"  # the routers' per-group gauge (mesh/router/autoscale.py)
+# deploy/autoscaling/hpa/hpa.yaml's: the signal holds its own hysteresis (up at once, down one
+# replica per router.autoscale_hold_s), so the HPA follows it without a 5-minute window on top.
+_HPA_BEHAVIOR: dict[str, Any] = {
+    "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max",
+                "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15},
+                             {"type": "Pods", "value": 4, "periodSeconds": 15}]},
+    "scaleDown": {"stabilizationWindowSeconds": 30, "selectPolicy": "Max",
+                  "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}]},
+}
 INVALID_REASON = "InvalidServingRuntime"
 SERVICE = "mesh-runtime"  # deploy/base's headless Service: it selects app.kubernetes.io/name=mesh-runtime
 MAX_NAME = 52
@@ -354,8 +390,55 @@ def render_workload(runtime: ServingRuntime, settings: ControllerSettings, names
     return body
 
 
+def autoscaler_class(runtime: ServingRuntime) -> str:
+    return runtime.annotations.get(AUTOSCALER_ANNOTATION, "").strip()
+
+
+def _scale(runtime: ServingRuntime, key: str, low: int) -> int | None:
+    text = runtime.annotations.get(key, "").strip()
+    if not text:
+        return None
+    if not re.fullmatch("[0-9]+", text) or not low <= int(text) <= MAX_SCALE:
+        raise InvalidRuntime(f"annotation {key}: {text!r} is not an integer from {low} to {MAX_SCALE}; the runtime "
+                             "runs without a HorizontalPodAutoscaler")
+    return int(text)
+
+
+def render_hpa(runtime: ServingRuntime, settings: ControllerSettings, workload: Mapping[str, Any]) -> dict[str, Any]:
+    """The HPA of ``runtime``'s rendered StatefulSet ``workload`` (pure; module docstring);
+    InvalidRuntime if its annotations give none."""
+    group = runtime.ref  # the metric's runtime label (mesh/router/autoscale.py)
+    if runtime.namespace or _label_value(group) != group:
+        raise InvalidRuntime(
+            f"{AUTOSCALER_ANNOTATION}: {HPA_CLASS}: the runtime's group {group!r} is not a label value, so no "
+            f"HorizontalPodAutoscaler can select {SIGNAL} for it; the runtime runs without one. Scale it with "
+            "deploy/autoscaling/keda's ScaledObject (its Prometheus query can name the group) and another "
+            f"{AUTOSCALER_ANNOTATION} than {HPA_CLASS}")
+    low = max(1, _scale(runtime, MIN_SCALE_ANNOTATION, 0) or 1)  # 0: the controller's scale-to-zero
+    high = _scale(runtime, MAX_SCALE_ANNOTATION, 1)
+    if high is None:
+        high = max(low, min(full_replicas(runtime, settings), MAX_SCALE), DEFAULT_MAX_SCALE)
+    elif low > high:
+        raise InvalidRuntime(f"annotations {MIN_SCALE_ANNOTATION} ({low}) above {MAX_SCALE_ANNOTATION} ({high}); the "
+                             "runtime runs without a HorizontalPodAutoscaler")
+    owner = workload["metadata"]
+    meta: dict[str, Any] = {"name": owner["name"], "namespace": owner["namespace"], "labels": dict(owner["labels"]),
+                            "annotations": {REF_ANNOTATION: runtime.ref}}
+    if "ownerReferences" in owner:
+        meta["ownerReferences"] = copy.deepcopy(owner["ownerReferences"])
+    body = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta, "spec": {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": owner["name"]},
+        "minReplicas": low, "maxReplicas": high,
+        "metrics": [{"type": "External", "external": {
+            "metric": {"name": SIGNAL, "selector": {"matchLabels": {"runtime": group}}},
+            "target": {"type": "AverageValue", "averageValue": "1"}}}],
+        "behavior": copy.deepcopy(_HPA_BEHAVIOR)}}
+    meta["annotations"][HASH_ANNOTATION] = spec_hash(body)
+    return body
+
+
 def spec_hash(body: Mapping[str, Any]) -> str:
-    """The hash of a rendered StatefulSet, its replicas and this hash left out."""
+    """The hash of a rendered StatefulSet (or HPA), its replicas and this hash left out."""
     plain = copy.deepcopy(dict(body))
     plain["spec"].pop("replicas", None)
     plain["metadata"].get("annotations", {}).pop(HASH_ANNOTATION, None)
@@ -416,6 +499,18 @@ class WorkloadStore(Protocol):
     def delete(self, name: str, uid: str) -> None: ...
 
 
+class HpaStore(Protocol):
+    """The HorizontalPodAutoscalers this controller manages in one namespace (blocking)."""
+
+    def list(self) -> list[dict[str, Any]]: ...
+
+    def create(self, body: dict[str, Any]) -> None: ...
+
+    def replace(self, name: str, body: dict[str, Any]) -> None: ...
+
+    def delete(self, name: str, uid: str) -> None: ...
+
+
 class EventSink(Protocol):
     def create(self, namespace: str, body: dict[str, Any]) -> None: ...
 
@@ -424,16 +519,16 @@ class Workloads:
     """Keeps one StatefulSet per runtime in use (module docstring); :meth:`run` is the root task."""
 
     def __init__(self, settings: ControllerSettings, store: WorkloadStore, events: EventSink,
-                 catalog: RuntimeCatalog, usage: RuntimeUsage, *, namespace: str,
+                 catalog: RuntimeCatalog, usage: RuntimeUsage, *, namespace: str, hpas: HpaStore,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  poll_s: float = 1.0, ready: Sequence[asyncio.Event] = ()) -> None:
-        self.settings, self.store, self.events = settings, store, events
+        self.settings, self.store, self.events, self.hpas = settings, store, events, hpas
         self.catalog, self.usage, self.namespace = catalog, usage, namespace
         self.clock, self.wall, self.poll_s, self.ready = clock, wall, poll_s, ready
         self.backoff = Backoff(0.5, settings.backoff_max_s)
         self.idle_since: dict[str, float] = {}  # runtime ref -> when its last model went
         self._warned: dict[tuple[str, str], tuple[int, str]] = {}  # (namespace, name) -> (generation, message)
-        self._foreign: set[str] = set()  # names taken by StatefulSets that are not ours (told once)
+        self._foreign: set[tuple[str, str]] = set()  # (kind, name) taken by objects not ours (told once)
         self.passes = 0
 
     async def run(self) -> None:
@@ -467,13 +562,16 @@ class Workloads:
             return None
         return min(self.idle_since.values()) + self.settings.scale_to_zero_grace_s
 
-    def replicas(self, runtime: ServingRuntime, live: Mapping[str, Any] | None) -> int:
-        """How many pods ``runtime`` should have now (``live``: its StatefulSet, if it exists), and
-        keeps ``idle_since``: when a running runtime's last model went."""
+    def replicas(self, runtime: ServingRuntime, live: Mapping[str, Any] | None,
+                 hpa: Mapping[str, Any] | None = None) -> int:
+        """How many pods ``runtime`` should have now (``live``: its StatefulSet, if it exists; ``hpa``:
+        the HPA it should have), and keeps ``idle_since``: when a running runtime's last model went."""
         current = _replicas(live)
         full = full_replicas(runtime, self.settings)
-        if live is not None and runtime.annotations.get(AUTOSCALER_ANNOTATION, "").strip():
+        if live is not None and autoscaler_class(runtime) not in ("", HPA_CLASS):
             return current  # an autoscaler's
+        if hpa is not None:  # the HPA's; from zero, the runtime's own count within the HPA's bounds
+            full = current or min(max(full, hpa["spec"]["minReplicas"]), hpa["spec"]["maxReplicas"])
         if self.usage.count(runtime.ref) or not self.settings.scale_to_zero:
             self.idle_since.pop(runtime.ref, None)
             return full
@@ -493,10 +591,12 @@ class Workloads:
         listed = await self._call(self.store.list)
         if listed is False:
             return False
-        live = {o["metadata"]["name"]: o for o in listed
-                if (o["metadata"].get("labels") or {}).get(MANAGED_BY) == CONTROLLER}  # never another's
+        live = _ours(listed)
+        # Not listed: which HPAs exist is unknown, so runtimes that want one wait for the next pass.
+        listed_hpas = await self._call(self.hpas.list)
+        hpas = None if listed_hpas is False else _ours(listed_hpas)
         keep: set[str] = set()
-        success = True
+        success = hpas is not None
         runtimes = self.catalog.all()
         for runtime in runtimes:
             if runtime.disabled and not runtime.error:
@@ -510,11 +610,23 @@ class Workloads:
             if name not in live and not self.usage.count(runtime.ref):
                 continue  # never used: nothing to run
             keep.add(name)
-            success = await self._apply(runtime, body, live.get(name)) and success
+            hpa = None
+            if autoscaler_class(runtime) == HPA_CLASS:
+                try:
+                    hpa = render_hpa(runtime, self.settings, body)
+                except InvalidRuntime as exc:
+                    success = await self._warn(runtime, str(exc), "ServingRuntime: no HPA") and success
+                if hpa is not None and hpas is None:
+                    continue
+            live_hpa = (hpas or {}).get(name)
+            success = await self._apply(runtime, body, live.get(name), hpa, live_hpa) and success
         running = {r.ref for r in runtimes if workload_name(r) in keep}
         self.idle_since = {ref: t for ref, t in self.idle_since.items() if ref in running}
         known = {(r.namespace, r.name) for r in runtimes}
         self._warned = {k: v for k, v in self._warned.items() if k in known}
+        for name, obj in (hpas or {}).items():
+            if name not in keep:  # before its StatefulSet
+                success = await self._delete_hpa(obj, "runtime gone, disabled or invalid") and success
         for name, obj in live.items():
             if name not in keep:
                 log.info("runtime gone, disabled or invalid: deleting its StatefulSet", statefulset=name,
@@ -523,51 +635,85 @@ class Workloads:
                 success = deleted is not False and success
         return success
 
-    async def _apply(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None) -> bool:
+    async def _apply(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None,
+                     hpa: dict[str, Any] | None, live_hpa: Mapping[str, Any] | None) -> bool:
+        """The StatefulSet and, with ``hpa``, its HPA: an HPA goes before the StatefulSet is scaled by
+        the controller (to zero, or when it is no longer wanted) and comes after it has pods."""
         name = body["metadata"]["name"]
-        replicas = self.replicas(runtime, live)
+        replicas = self.replicas(runtime, live, hpa)
         body["spec"]["replicas"] = replicas
+        if live_hpa is not None and (hpa is None or not replicas):
+            why = "scaling the runtime to zero" if hpa is not None else f"no valid {AUTOSCALER_ANNOTATION}: hpa"
+            if not await self._delete_hpa(live_hpa, why):
+                return False
+        if not await self._apply_workload(runtime, body, live, replicas):
+            return False
+        if hpa is None or not replicas:
+            return True
+        if live_hpa is None:
+            log.info("creating the runtime's HPA", runtime=runtime.ref, hpa=name)
+        return await self._put(runtime, hpa, live_hpa, self.hpas) is not False
+
+    async def _put(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None,
+                   store: WorkloadStore | HpaStore) -> bool | None:
+        """Creates or replaces ``body`` unless ``live`` has its hash (then None)."""
+        if live is not None and (live["metadata"].get("annotations") or {}).get(HASH_ANNOTATION) == spec_hash(body):
+            return None
+        if live is not None:
+            log.info(f"runtime changed: replacing its {body['kind']}", runtime=runtime.ref,
+                     name=body["metadata"]["name"])
+        return await self._write(runtime, body, live, store)
+
+    async def _apply_workload(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None,
+                              replicas: int) -> bool:
+        name = body["metadata"]["name"]
         if live is None:
             log.info("creating runtime StatefulSet", runtime=runtime.ref, statefulset=name, replicas=replicas)
-            return await self._write(runtime, body, None)
-        if (live["metadata"].get("annotations") or {}).get(HASH_ANNOTATION) != spec_hash(body):
-            log.info("runtime changed: replacing its StatefulSet", runtime=runtime.ref, statefulset=name)
-            return await self._write(runtime, body, live)
+        if (written := await self._put(runtime, body, live, self.store)) is not None:
+            return written
+        assert live is not None
         if _replicas(live) != replicas:
             log.info("scaling runtime", runtime=runtime.ref, statefulset=name, replicas=replicas,
                      reason="in use" if replicas else f"no model for {self.settings.scale_to_zero_grace_s:g} s")
             return await self._call(self.store.scale, name, replicas) is not False
         return True
 
-    async def _write(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None) -> bool:
-        """Create (``live`` None) or replace; a refusal is the runtime's to fix (an Event), a
-        StatefulSet of another's in the way, or a field the API server does not change in place."""
-        name = body["metadata"]["name"]
+    async def _write(self, runtime: ServingRuntime, body: dict[str, Any], live: Mapping[str, Any] | None,
+                     store: WorkloadStore | HpaStore) -> bool:
+        """Create (``live`` None) or replace; a refusal is the runtime's to fix (an Event), an
+        object of another's in the way, or a field the API server does not change in place."""
+        name, kind = body["metadata"]["name"], body["kind"]
         try:
             if live is None:
-                await asyncio.to_thread(self.store.create, body)
+                await asyncio.to_thread(store.create, body)
             else:
                 body["metadata"]["resourceVersion"] = live["metadata"].get("resourceVersion")
-                await asyncio.to_thread(self.store.replace, name, body)
+                await asyncio.to_thread(store.replace, name, body)
         except MeshError as exc:
             status = exc.status if isinstance(exc, Refused) else 0
             if status == 409 and live is None:
-                if name not in self._foreign:  # exists, yet not listed as ours: not ours to change
-                    log.warning("a StatefulSet that the controller does not manage has the name this runtime's "
-                                "needs; left alone", runtime=runtime.ref, statefulset=name)
-                    self._foreign.add(name)
+                if (kind, name) not in self._foreign:  # exists, yet not listed as ours: not ours to change
+                    log.warning(f"a {kind} that the controller does not manage has the name this runtime's "
+                                "needs; left alone", runtime=runtime.ref, name=name)
+                    self._foreign.add((kind, name))
                 return True
             if status == 422 and live is not None:
-                log.warning("the API server refused to change the StatefulSet in place; deleting it to create "
-                            "it again", statefulset=name, error=exc.message)
-                await self._call(self.store.delete, name, str(live["metadata"].get("uid") or ""))
+                log.warning(f"the API server refused to change the {kind} in place; deleting it to create "
+                            "it again", name=name, error=exc.message)
+                await self._call(store.delete, name, str(live["metadata"].get("uid") or ""))
                 return False  # created again after the back-off
             if status == 422:
-                return await self._warn(runtime, f"the API server refused its StatefulSet: {exc.message}")
+                return await self._warn(runtime, f"the API server refused its {kind}: {exc.message}")
             log.warning("Kubernetes API call failed", error=exc.message)
             return False
-        self._foreign.discard(name)
+        self._foreign.discard((kind, name))
         return True
+
+    async def _delete_hpa(self, live: Mapping[str, Any], why: str) -> bool:
+        meta = live["metadata"]
+        log.info(f"{why}: deleting the runtime's HPA", hpa=meta["name"],
+                 runtime=(meta.get("annotations") or {}).get(REF_ANNOTATION, ""))
+        return await self._call(self.hpas.delete, meta["name"], str(meta.get("uid") or "")) is not False
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a thread; False (logged: the error names the call) if it failed."""
@@ -577,17 +723,23 @@ class Workloads:
             log.warning("Kubernetes API call failed", error=exc.message)
             return False
 
-    async def _warn(self, runtime: ServingRuntime, message: str) -> bool:
-        """One Warning Event per generation (and message) of an invalid runtime."""
+    async def _warn(self, runtime: ServingRuntime, message: str, what: str = "invalid ServingRuntime: not run") -> bool:
+        """One Warning Event per generation (and message) of an invalid runtime (or annotation)."""
         key = (runtime.namespace, runtime.name)
         if self._warned.get(key) == (runtime.generation, message):
             return True
-        log.warning("invalid ServingRuntime: not run", runtime=runtime.describe(), error=message)
+        log.warning(what, runtime=runtime.describe(), error=message)
         body = invalid_event(runtime, message, self.namespace, datetime.fromtimestamp(self.wall(), UTC))
         if await self._call(self.events.create, body["metadata"]["namespace"], body) is False:
             return False
         self._warned[key] = (runtime.generation, message)
         return True
+
+
+def _ours(listed: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """By name, the listed objects that carry our managed-by label (never another's)."""
+    return {o["metadata"]["name"]: o for o in listed
+            if (o["metadata"].get("labels") or {}).get(MANAGED_BY) == CONTROLLER}
 
 
 def workload_namespace(settings: ControllerSettings) -> str:
@@ -605,8 +757,9 @@ async def run_workloads(settings: ControllerSettings, client: Any, catalog: Runt
     log.info("managing runtime StatefulSets", namespace=namespace, pods_per_runtime=settings.pods_per_runtime,
              scale_to_zero=settings.scale_to_zero)
     await Workloads(settings, WorkloadApi(client, namespace, SELECTOR), EventApi(client), catalog, usage,
-                    namespace=namespace, ready=ready, poll_s=min(1.0, settings.resync_s)).run()
+                    namespace=namespace, hpas=HpaApi(client, namespace, SELECTOR), ready=ready,
+                    poll_s=min(1.0, settings.resync_s)).run()
 
 
-__all__ = ["RuntimeUsage", "Workloads", "full_replicas", "invalid_event", "quantity_bytes", "render_workload",
-           "run_workloads", "spec_hash", "workload_name"]
+__all__ = ["HpaStore", "RuntimeUsage", "Workloads", "autoscaler_class", "full_replicas", "invalid_event",
+           "quantity_bytes", "render_hpa", "render_workload", "run_workloads", "spec_hash", "workload_name"]

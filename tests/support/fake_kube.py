@@ -15,7 +15,8 @@ InferenceServices (``serving.kserve.io/v1beta1``, plural ``inferenceservices``).
 :data:`SERVING_RUNTIMES`, :data:`CLUSTER_SERVING_RUNTIMES` (cluster-scoped; neither has the status
 subresource, as KServe's CRDs), and the built-in :data:`STATEFULSETS` (``apps/v1``, at
 ``/apis/apps/v1``, with the status subresource), :data:`EVENTS` (core ``v1``, at ``/api/v1``,
-no status subresource, no schema) and :data:`NAMESPACES` (core ``v1``, cluster-scoped; a test
+no status subresource, no schema), :data:`HPAS` (``autoscaling/v2`` HorizontalPodAutoscalers, a store
+like StatefulSets) and :data:`NAMESPACES` (core ``v1``, cluster-scoped; a test
 writes its labels and ``status.phase``). Built-in resources are served only as far as this page says
 (no defaulting, no controllers: a StatefulSet runs no pods, its status is what a test writes). A
 resource not served answers 404 on every path, as a cluster without its CRD does. All resources
@@ -126,6 +127,7 @@ CLUSTER_SERVING_RUNTIMES = Resource("serving.kserve.io", "v1alpha1", "clusterser
                                     "ClusterServingRuntime", _CRD_DIR / "serving.kserve.io_clusterservingruntimes.yaml",
                                     namespaced=False, status_subresource=False)
 STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet", None)
+HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", None)
 EVENTS = Resource("", "v1", "events", "Event", None, status_subresource=False)
 NAMESPACES = Resource("", "v1", "namespaces", "Namespace", None, namespaced=False, status_subresource=False)
 
@@ -730,7 +732,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client went away
 
 
-__all__ = ["API_VERSION", "CLUSTER_SERVING_RUNTIMES", "CRD_FILE", "EVENTS", "GROUP", "INFERENCE_SERVICES", "KIND",
-           "NAMESPACES",
+__all__ = ["API_VERSION", "CLUSTER_SERVING_RUNTIMES", "CRD_FILE", "EVENTS", "GROUP", "HPAS", "INFERENCE_SERVICES",
+           "KIND", "NAMESPACES",
            "PLURAL", "PREDICTORS", "SERVING_RUNTIMES", "STATEFULSETS", "VERSION", "FakeKubeApiServer", "Request",
            "Resource", "merge_patch"]

@@ -466,6 +466,8 @@ def test_the_overlay_grants_the_controller_what_running_runtimes_takes(base: lis
     wanted = {(NAMESPACE, "serving.kserve.io", "servingruntimes", v) for v in reads}
     wanted |= {("*", "serving.kserve.io", "clusterservingruntimes", v) for v in reads}
     wanted |= {(NAMESPACE, "apps", "statefulsets", v) for v in (*reads, "create", "patch", "update", "delete")}
+    wanted |= {(NAMESPACE, "autoscaling", "horizontalpodautoscalers", v)
+               for v in ("list", "create", "patch", "update", "delete")}
     wanted |= {(NAMESPACE, "", "events", v) for v in ("create", "patch")}
     assert wanted <= granted
     # Nothing else: the base's grants, and cluster-wide only the reading of ClusterServingRuntimes;

@@ -1,5 +1,6 @@
 """Runtime workloads (mesh.controller.workloads): the StatefulSet rendered for each kind of runtime,
-its name, replicas and owner, and the reconcile against an in-memory store with a fake clock."""
+its name, replicas and owner, the HPA of a runtime annotated for one, and the reconcile against
+in-memory stores with a fake clock."""
 
 from __future__ import annotations
 
@@ -13,19 +14,21 @@ import pytest
 import yaml
 
 from mesh.controller.kube import Refused
-from mesh.controller.runtimes import RuntimeCatalog, ServingRuntime, parse_runtime
+from mesh.controller.runtimes import InvalidRuntime, RuntimeCatalog, ServingRuntime, parse_runtime
 from mesh.controller.workloads import (
     HASH_ANNOTATION,
     MANAGED_BY,
     RuntimeUsage,
     Workloads,
     quantity_bytes,
+    render_hpa,
     render_workload,
     spec_hash,
     workload_name,
 )
 from mesh.errors import Unavailable
 from mesh.settings import ControllerSettings, load_settings
+from tests.unit.test_deploy_autoscaling import _as_model, _unknown_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "mesh-serving"
@@ -53,6 +56,13 @@ def runtime(name: str, *, namespace: str = "", generation: int = 1, **spec: Any)
 
 def with_uid(rt: ServingRuntime, uid: str) -> ServingRuntime:
     return replace(rt, uid=uid)  # metadata.uid, as the catalog keeps it
+
+
+def autoscaled(rt: ServingRuntime, autoscaler: str = "hpa", **scale: int | str) -> ServingRuntime:
+    """``rt`` annotated as KServe's runtimes ask for an autoscaler (``min=``, ``max=``: the bounds)."""
+    annotations = {"serving.kserve.io/autoscalerClass": autoscaler}
+    annotations |= {f"serving.kserve.io/{k}-scale": str(v) for k, v in scale.items()}
+    return replace(rt, annotations=annotations)
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
@@ -217,17 +227,19 @@ def test_usage_counts_and_its_version_moves_only_when_a_runtime_starts_or_stops_
 
 
 class Store:
-    """An in-memory WorkloadStore (and EventSink) that can fail its next calls."""
+    """An in-memory WorkloadStore or HpaStore (and EventSink) that can fail its next calls; ``calls``
+    may be another store's, the calls then named ``<kind> <call>``."""
 
-    def __init__(self) -> None:
+    def __init__(self, calls: list[tuple[str, str]] | None = None, kind: str = "") -> None:
         self.objects: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, str]] = [] if calls is None else calls
+        self.kind = kind
         self.events: list[dict[str, Any]] = []
         self.fail: list[tuple[str, Exception]] = []  # (call, error): the next such call fails
         self.rv = 0
 
     def _call(self, what: str, name: str) -> None:
-        self.calls.append((what, name))
+        self.calls.append((f"{self.kind} {what}" if self.kind else what, name))
         for i, (call, error) in enumerate(self.fail):
             if call == what:
                 del self.fail[i]
@@ -286,8 +298,14 @@ def setup(*runtimes: ServingRuntime, **overrides: Any) -> tuple[Workloads, Store
     for rt in runtimes:
         catalog.put(rt)
     settings = replace(SETTINGS, **overrides)
-    w = Workloads(settings, store, Events(store), catalog, usage, namespace=NS, clock=clock)
+    w = Workloads(settings, store, Events(store), catalog, usage, namespace=NS, clock=clock,
+                  hpas=Store(store.calls, "hpa"))
     return w, store, catalog, usage, clock
+
+
+def hpas_of(w: Workloads) -> Store:
+    assert isinstance(w.hpas, Store)
+    return w.hpas
 
 
 def replicas(store: Store) -> dict[str, int]:
@@ -302,7 +320,7 @@ async def test_used_runtimes_run_and_scale_to_zero_after_the_grace_period() -> N
     assert await w.reconcile()
     assert replicas(store) == {"mesh-rt-a": 2, "mesh-rt-b": 3}
     calls = len(store.calls)
-    assert await w.reconcile() and store.calls[calls:] == [("list", "")]  # in sync: no writes
+    assert await w.reconcile() and store.calls[calls:] == [("list", ""), ("hpa list", "")]  # in sync: no writes
     usage.set(("Predictor", "ns", "p1"), None)
     assert await w.reconcile() and replicas(store)["mesh-rt-a"] == 2  # within the grace period
     assert w.next_deadline() == clock.now + 60
@@ -381,18 +399,18 @@ async def test_a_foreign_statefulset_of_the_same_name_is_left_alone() -> None:
     foreign = {"metadata": {"name": "mesh-rt-a", "labels": {"app": "mine"}}, "spec": {"replicas": 9}}
     store.objects["mesh-rt-a"] = foreign
     assert await w.reconcile() and store.objects["mesh-rt-a"] == foreign
-    assert [c for c in store.calls if c[0] != "list"] == [("create", "mesh-rt-a")]  # refused: exists
+    assert [c for c in store.calls if not c[0].endswith("list")] == [("create", "mesh-rt-a")]  # refused: exists
 
 
-async def test_an_autoscaled_runtime_keeps_the_replicas_it_was_given() -> None:
-    auto = replace(runtime("a"), annotations={"serving.kserve.io/autoscalerClass": "hpa"})
-    w, store, _, usage, clock = setup(auto)
+async def test_a_runtime_scaled_by_another_autoscaler_keeps_the_replicas_it_was_given() -> None:
+    w, store, _, usage, clock = setup(autoscaled(runtime("a"), "keda"))
     usage.set("p", "a")
     await w.reconcile()
-    store.objects["mesh-rt-a"]["spec"]["replicas"] = 7  # the HPA's
+    store.objects["mesh-rt-a"]["spec"]["replicas"] = 7  # KEDA's
     usage.set("p", None)
     clock.now += 3600
     assert await w.reconcile() and replicas(store) == {"mesh-rt-a": 7} and w.next_deadline() is None
+    assert hpas_of(w).objects == {}  # only autoscalerClass hpa gets an HPA from the controller
 
 
 async def test_run_waits_for_ready_then_follows_usage_changes() -> None:
@@ -400,7 +418,7 @@ async def test_run_waits_for_ready_then_follows_usage_changes() -> None:
     catalog.put(runtime("a"))
     ready = asyncio.Event()
     w = Workloads(replace(SETTINGS, resync_s=30.0), store, Events(store), catalog, usage, namespace=NS,
-                  poll_s=0.01, ready=[ready])
+                  hpas=Store(), poll_s=0.01, ready=[ready])
     task = asyncio.create_task(w.run())
     try:
         await asyncio.sleep(0.05)
@@ -430,3 +448,141 @@ async def test_refusals_recreate_in_place_changes_and_tell_the_runtime_of_an_inv
     assert await w.reconcile() and store.objects == {}
     [event] = store.events
     assert event["message"] == "the API server refused its StatefulSet: spec.template: Invalid value"
+
+
+# --- HorizontalPodAutoscalers (serving.kserve.io/autoscalerClass: hpa) ----------------------------
+
+
+def hpa_of(rt: ServingRuntime) -> dict[str, Any]:
+    return render_hpa(rt, SETTINGS, render_workload(rt, SETTINGS, NS))
+
+
+def test_the_hpa_scales_the_statefulset_on_the_runtime_groups_signal_like_deploy_autoscaling() -> None:
+    rt = with_uid(autoscaled(runtime("rt"), min=2, max=5), "u-1")
+    sts = render_workload(rt, SETTINGS, NS)
+    hpa = render_hpa(rt, SETTINGS, sts)
+    assert _unknown_fields(hpa, "V2HorizontalPodAutoscaler", "hpa") == []
+    model = _as_model(hpa, "V2HorizontalPodAutoscaler")  # raises on a missing required field
+    assert (model.metadata.name, model.metadata.namespace) == ("mesh-rt-rt", NS)
+    assert hpa["metadata"]["labels"] == sts["metadata"]["labels"] and hpa["metadata"]["labels"][MANAGED_BY]
+    assert hpa["metadata"]["ownerReferences"] == sts["metadata"]["ownerReferences"]
+    target = model.spec.scale_target_ref
+    assert (target.api_version, target.kind, target.name) == ("apps/v1", "StatefulSet", "mesh-rt-rt")
+    assert (model.spec.min_replicas, model.spec.max_replicas) == (2, 5)
+    # deploy/autoscaling/hpa's metric and behaviour, with the runtime's group (its name) as selector
+    shipped_hpa = yaml.safe_load((ROOT / "deploy" / "autoscaling" / "hpa" / "hpa.yaml").read_text())["spec"]
+    [metric] = shipped_hpa["metrics"]
+    metric["external"]["metric"]["selector"]["matchLabels"]["runtime"] = rt.ref
+    assert hpa["spec"]["metrics"] == [metric] and hpa["spec"]["behavior"] == shipped_hpa["behavior"]
+    assert hpa["metadata"]["annotations"][HASH_ANNOTATION] == spec_hash(hpa)
+    assert spec_hash(hpa_of(autoscaled(runtime("rt"), min=2, max=6))) != spec_hash(hpa)
+
+
+def test_hpa_bounds_default_and_a_min_scale_of_zero_reads_as_one() -> None:
+    def bounds(rt: ServingRuntime) -> tuple[int, int]:
+        spec = hpa_of(rt)["spec"]
+        return spec["minReplicas"], spec["maxReplicas"]
+
+    assert bounds(autoscaled(runtime("rt"))) == (1, 10)
+    assert bounds(autoscaled(runtime("rt"), min=0, max=3)) == (1, 3)  # the controller scales to zero
+    assert bounds(autoscaled(runtime("rt"), min=12)) == (12, 12)
+    assert bounds(autoscaled(runtime("rt", replicas=20))) == (1, 20)  # never below the runtime's own count
+    assert bounds(autoscaled(runtime("rt"), min=" 3 ", max="1000")) == (3, 1000)
+
+
+@pytest.mark.parametrize(("scale", "message"), [
+    ({"min": "two"}, "annotation serving.kserve.io/min-scale: 'two' is not an integer from 0 to 1000"),
+    ({"min": -1}, "annotation serving.kserve.io/min-scale: '-1' is not an integer from 0 to 1000"),
+    ({"max": 1001}, "annotation serving.kserve.io/max-scale: '1001' is not an integer from 1 to 1000"),
+    ({"max": 0}, "annotation serving.kserve.io/max-scale: '0' is not an integer from 1 to 1000"),
+    ({"max": "2.5"}, "annotation serving.kserve.io/max-scale: '2.5' is not an integer from 1 to 1000"),
+    ({"min": 5, "max": 3}, "annotations serving.kserve.io/min-scale (5) above serving.kserve.io/max-scale (3)"),
+])
+def test_bad_bounds_give_no_hpa(scale: dict[str, int | str], message: str) -> None:
+    with pytest.raises(InvalidRuntime) as caught:
+        hpa_of(autoscaled(runtime("rt"), **scale))
+    assert str(caught.value).startswith(message) and "without a HorizontalPodAutoscaler" in str(caught.value)
+
+
+def test_a_runtime_group_that_is_no_label_value_gets_no_hpa() -> None:
+    for rt in (runtime("rt", namespace=NS), runtime("r" * 64)):
+        with pytest.raises(InvalidRuntime, match=r"not a label value.*deploy/autoscaling/keda"):
+            hpa_of(autoscaled(rt))
+
+
+async def test_an_hpa_runtime_gets_its_hpa_after_its_pods_and_loses_it_before_scaling_to_zero() -> None:
+    w, store, catalog, usage, clock = setup(autoscaled(runtime("a"), min=1, max=4), runtime("b"))
+    hpas = hpas_of(w)
+    usage.set("p", "a")
+    usage.set("q", "b")
+    assert await w.reconcile()
+    assert replicas(store) == {"mesh-rt-a": 2, "mesh-rt-b": 2} and list(hpas.objects) == ["mesh-rt-a"]
+    writes = [c for c in store.calls if not c[0].endswith("list")]
+    assert writes.index(("create", "mesh-rt-a")) < writes.index(("hpa create", "mesh-rt-a"))
+    assert hpas.objects["mesh-rt-a"]["spec"] == hpa_of(autoscaled(runtime("a"), min=1, max=4))["spec"]
+    store.objects["mesh-rt-a"]["spec"]["replicas"] = 4  # the HPA's
+    calls = len(store.calls)
+    assert await w.reconcile() and replicas(store)["mesh-rt-a"] == 4
+    assert store.calls[calls:] == [("list", ""), ("hpa list", "")]  # in sync: no writes
+    catalog.put(autoscaled(runtime("a"), min=1, max=6))  # an annotation changed: the HPA is replaced
+    assert await w.reconcile() and hpas.objects["mesh-rt-a"]["spec"]["maxReplicas"] == 6
+    assert replicas(store)["mesh-rt-a"] == 4 and ("replace", "mesh-rt-a") not in store.calls
+
+    usage.set("p", None)  # the last model goes: the HPA stays through the grace period, then goes first
+    assert await w.reconcile() and "mesh-rt-a" in hpas.objects
+    clock.now += 60
+    calls = len(store.calls)
+    assert await w.reconcile() and replicas(store)["mesh-rt-a"] == 0 and hpas.objects == {}
+    assert store.calls[calls + 2:] == [("hpa delete", "mesh-rt-a"), ("scale", "mesh-rt-a")]
+    assert await w.reconcile() and hpas.objects == {}  # at zero: no HPA
+    usage.set("p", "a")  # its first model: its pods first, then the HPA
+    calls = len(store.calls)
+    assert await w.reconcile() and replicas(store)["mesh-rt-a"] == 2 and "mesh-rt-a" in hpas.objects
+    assert store.calls[calls + 2:] == [("scale", "mesh-rt-a"), ("hpa create", "mesh-rt-a")]
+
+    store.objects["mesh-rt-a"]["spec"]["replicas"] = 3
+    catalog.put(runtime("a"))  # the annotation goes: so does the HPA, before the controller scales
+    calls = len(store.calls)
+    assert await w.reconcile() and hpas.objects == {} and replicas(store)["mesh-rt-a"] == 2
+    assert store.calls[calls + 2:] == [("hpa delete", "mesh-rt-a"), ("scale", "mesh-rt-a")]
+    catalog.put(autoscaled(runtime("a")))
+    assert await w.reconcile() and "mesh-rt-a" in hpas.objects
+    catalog.remove("", "a")  # the runtime goes: its HPA, then its StatefulSet
+    calls = len(store.calls)
+    assert await w.reconcile() and hpas.objects == {} and list(store.objects) == ["mesh-rt-b"]
+    assert store.calls[calls + 2:] == [("hpa delete", "mesh-rt-a"), ("delete", "mesh-rt-a")]
+
+
+async def test_a_runtime_whose_hpa_is_refused_gets_an_event_and_the_controllers_replicas() -> None:
+    bad, local = autoscaled(runtime("a"), min=5, max=3), autoscaled(runtime("b", namespace=NS))
+    w, store, _, usage, clock = setup(bad, local)
+    usage.set("p", "a")
+    usage.set("q", f"{NS}/b")
+    assert await w.reconcile() and hpas_of(w).objects == {}
+    assert sorted(replicas(store).values()) == [2, 2]
+    messages = sorted(e["message"] for e in store.events)
+    assert messages[0].startswith("annotations serving.kserve.io/min-scale (5) above")
+    assert "not a label value" in messages[1] and store.events[0]["reason"] == "InvalidServingRuntime"
+    assert await w.reconcile() and len(store.events) == 2  # once per generation
+    usage.set("p", None)
+    usage.set("q", None)
+    clock.now += 60
+    await w.reconcile()
+    clock.now += 60
+    assert await w.reconcile() and sorted(replicas(store).values()) == [0, 0]  # scaled to zero as any runtime
+
+
+async def test_hpas_not_listed_leave_hpa_runtimes_for_the_next_pass() -> None:
+    w, store, _, usage, _ = setup(autoscaled(runtime("a")), runtime("b"))
+    hpas = hpas_of(w)
+    usage.set("p", "a")
+    usage.set("q", "b")
+    hpas.fail = [("list", Unavailable("forbidden"))]
+    assert not await w.reconcile() and list(store.objects) == ["mesh-rt-b"]
+    assert await w.reconcile() and list(hpas.objects) == ["mesh-rt-a"]
+    hpas.objects["mesh-rt-x"] = {"metadata": {"name": "mesh-rt-x", "labels": {}}, "spec": {}}  # not ours
+    hpas.fail = [("delete", Unavailable("down"))]
+    usage.set("p", None)
+    w.settings = replace(w.settings, scale_to_zero_grace_s=0.0)
+    assert not await w.reconcile() and replicas(store)["mesh-rt-a"] == 2  # never to zero under its HPA
+    assert await w.reconcile() and replicas(store)["mesh-rt-a"] == 0 and list(hpas.objects) == ["mesh-rt-x"]
