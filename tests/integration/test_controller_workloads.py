@@ -1,9 +1,10 @@
 """Runtime workloads (mesh.controller.workloads) against a FAKE Kubernetes API server, through the
 official ``kubernetes`` client: each runtime in use becomes a StatefulSet, scaled to zero when no
 model uses it, back up at its first model, deleted with its runtime; an invalid runtime gets an
-Event; a StatefulSet the controller does not manage is never touched.
+Event; a StatefulSet the controller does not manage is never touched; a runtime annotated
+``serving.kserve.io/autoscalerClass: hpa`` also gets its HorizontalPodAutoscaler.
 
-Real: ``run_workloads`` as the controller runs it, ``WorkloadApi``/``EventApi`` on the client
+Real: ``run_workloads`` as the controller runs it, ``WorkloadApi``/``HpaApi``/``EventApi`` on the client
 library, HTTP on 127.0.0.1; in the last test the whole controller (``serve_controller``). Fake: the
 API server (tests/support/fake_kube.py: no kube-apiserver can be installed here; it stores
 StatefulSets and Events and runs no pods), and, but in the last test, the catalog and usage, filled
@@ -13,6 +14,7 @@ by hand as the runtime watches and the Predictor reconcilers fill them.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +22,18 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client as k8s
 
 from mesh.controller.app import serve_controller
 from mesh.controller.kube import api_client
 from mesh.controller.runtimes import RuntimeCatalog, ServingRuntime, parse_runtime
-from mesh.controller.workloads import MANAGED_BY, RuntimeUsage, render_workload, run_workloads
+from mesh.controller.workloads import MANAGED_BY, RuntimeUsage, render_hpa, render_workload, run_workloads
 from mesh.settings import ControllerSettings, load_settings
 from tests.integration.test_controller import wait_for  # bounded polling, sync or async
 from tests.support.fake_kube import (
     CLUSTER_SERVING_RUNTIMES,
     EVENTS,
+    HPAS,
     PREDICTORS,
     SERVING_RUNTIMES,
     STATEFULSETS,
@@ -70,10 +74,13 @@ class Env:
         obj = self.sts(name)
         return None if obj is None else int(obj["spec"]["replicas"])
 
+    def hpa(self, name: str) -> dict[str, Any] | None:
+        return self.api.get(NS, name, HPAS)
+
 
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    with FakeKubeApiServer(resources=(STATEFULSETS, EVENTS)) as api:
+    with FakeKubeApiServer(resources=(STATEFULSETS, EVENTS, HPAS)) as api:
         api.put(HAND_MADE, STATEFULSETS)
         settings = ControllerSettings(api_server=api.url, workload_namespace=NS, resync_s=0.5, backoff_max_s=0.5,
                                       scale_to_zero_grace_s=1.0, pods_per_runtime=2)
@@ -144,6 +151,40 @@ async def test_a_changed_runtime_is_replaced_and_an_invalid_one_gets_an_event(en
     assert len(env.api.objects(EVENTS)) == 1
 
 
+async def test_an_hpa_runtime_gets_its_hpa_which_goes_with_its_annotation_and_before_scaling_to_zero(
+        env: Env) -> None:
+    doc = yaml.safe_load((ROOT / "deploy" / "runtimes" / "mesh-runtime.yaml").read_text())
+    plain = parse_runtime(doc)
+    doc["metadata"]["annotations"] = {"serving.kserve.io/autoscalerClass": "hpa", "serving.kserve.io/min-scale": "1",
+                                      "serving.kserve.io/max-scale": "4"}
+    auto = parse_runtime(doc)
+    assert auto is not None and plain is not None
+    env.catalog.put(auto)
+    env.usage.set(("Predictor", "ml", "a"), auto.ref)
+    await wait_for(lambda: env.hpa("mesh-rt-mesh-runtime"), what="the StatefulSet and its HPA")
+    assert env.replicas("mesh-rt-mesh-runtime") == 2
+    stored = env.hpa("mesh-rt-mesh-runtime")
+    assert stored is not None
+    rendered = render_hpa(auto, env.settings, render_workload(auto, env.settings, NS))
+    assert stored["spec"] == rendered["spec"] and stored["metadata"]["labels"][MANAGED_BY] == "mesh-controller"
+    model = k8s.ApiClient().deserialize(json.dumps(stored), "V2HorizontalPodAutoscaler", "application/json")
+    [metric] = model.spec.metrics
+    assert metric.external.metric.selector.match_labels == {"runtime": "mesh-runtime"}
+    assert (model.spec.scale_target_ref.kind, model.spec.scale_target_ref.name) == ("StatefulSet",
+                                                                                    "mesh-rt-mesh-runtime")
+    env.catalog.put(plain)  # the annotation goes (the catalog compares annotations)
+    await wait_for(lambda: env.hpa("mesh-rt-mesh-runtime") is None, timeout=3, what="the HPA deleted")
+    assert env.replicas("mesh-rt-mesh-runtime") == 2
+    env.catalog.put(auto)
+    await wait_for(lambda: env.hpa("mesh-rt-mesh-runtime"), timeout=3, what="the HPA again")
+    since = len(env.api.requests)
+    env.usage.set(("Predictor", "ml", "a"), None)  # its last model goes
+    await wait_for(lambda: env.replicas("mesh-rt-mesh-runtime") == 0, timeout=5, what="scaled to zero")
+    assert env.hpa("mesh-rt-mesh-runtime") is None
+    writes = [(r.method, r.path.rsplit("/", 2)[-2]) for r in env.api.requests[since:] if r.method != "GET"]
+    assert writes == [("DELETE", "horizontalpodautoscalers"), ("PATCH", "statefulsets")]  # the HPA first
+
+
 async def test_api_errors_are_retried(env: Env) -> None:
     env.api.fail_next(2, code=500, method="POST", path_suffix="/statefulsets")
     env.api.fail_next(1, code=503, method="GET", path_suffix="/statefulsets")
@@ -160,7 +201,7 @@ async def test_the_controller_runs_the_runtime_its_predictors_use() -> None:
     """serve_controller with manage_runtimes: a Predictor's runtime comes up and goes to zero after it.
     The router is not there (nothing listens on port 1): a runtime runs for the models sent to it,
     whether or not the mesh has loaded them yet."""
-    resources = (PREDICTORS, SERVING_RUNTIMES, CLUSTER_SERVING_RUNTIMES, STATEFULSETS, EVENTS)
+    resources = (PREDICTORS, SERVING_RUNTIMES, CLUSTER_SERVING_RUNTIMES, STATEFULSETS, EVENTS, HPAS)
     with FakeKubeApiServer(resources=resources, bookmark_interval_s=0.5) as api:
         api.put(yaml.safe_load((ROOT / "deploy" / "runtimes" / "mesh-runtime.yaml").read_text()),
                 CLUSTER_SERVING_RUNTIMES)
