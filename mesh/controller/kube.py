@@ -375,21 +375,16 @@ class HpaApi:
     is no error for delete."""
 
     def __init__(self, api_client: client.ApiClient, namespace: str, selector: str) -> None:
-        self._client = api_client
         self._autoscaling = client.AutoscalingV2Api(api_client)
-        self.namespace = namespace
-        self.selector = selector
-
-    @property
-    def host(self) -> str:
-        return str(self._client.configuration.host)
+        self.host = str(api_client.configuration.host)  # for messages
+        self.namespace, self.selector = namespace, selector
 
     def list(self) -> list[dict[str, Any]]:
-        result: Any = _write_call(f"list HorizontalPodAutoscalers in {self.namespace}", self.host,
-                                  lambda: self._autoscaling.list_namespaced_horizontal_pod_autoscaler(
-                                      self.namespace, label_selector=self.selector, _preload_content=False,
-                                      _request_timeout=_CALL_TIMEOUT))
-        return list(json.loads(result.data).get("items") or [])
+        result: Any = _write_call(
+            f"list HorizontalPodAutoscalers in {self.namespace}", self.host,
+            lambda: self._autoscaling.list_namespaced_horizontal_pod_autoscaler(
+                self.namespace, label_selector=self.selector, _preload_content=False, _request_timeout=_CALL_TIMEOUT))
+        return list(json.loads(result.data).get("items") or [])  # plain dicts, as WorkloadApi's
 
     def create(self, body: dict[str, Any]) -> None:
         hpa = client.V2HorizontalPodAutoscaler.from_dict(body)
