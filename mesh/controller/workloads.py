@@ -648,8 +648,8 @@ class Workloads:
                 return False
         if not await self._apply_workload(runtime, body, live, replicas):
             return False
-        if hpa is None or not replicas:
-            return True
+        if hpa is None or not replicas or ("StatefulSet", name) in self._foreign:
+            return True  # (never an HPA on another's StatefulSet)
         if live_hpa is None:
             log.info("creating the runtime's HPA", runtime=runtime.ref, hpa=name)
         return await self._put(runtime, hpa, live_hpa, self.hpas) is not False

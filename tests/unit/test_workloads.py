@@ -394,12 +394,13 @@ async def test_api_failures_are_reported_and_retried_on_the_next_pass() -> None:
 
 
 async def test_a_foreign_statefulset_of_the_same_name_is_left_alone() -> None:
-    w, store, _, usage, _ = setup(runtime("a"))
+    w, store, _, usage, _ = setup(autoscaled(runtime("a")))
     usage.set("p", "a")
     foreign = {"metadata": {"name": "mesh-rt-a", "labels": {"app": "mine"}}, "spec": {"replicas": 9}}
     store.objects["mesh-rt-a"] = foreign
     assert await w.reconcile() and store.objects["mesh-rt-a"] == foreign
     assert [c for c in store.calls if not c[0].endswith("list")] == [("create", "mesh-rt-a")]  # refused: exists
+    assert hpas_of(w).objects == {}  # nor an HPA on it
 
 
 async def test_a_runtime_scaled_by_another_autoscaler_keeps_the_replicas_it_was_given() -> None:
