@@ -41,7 +41,7 @@ from mesh.controller.predictor import Choice
 from mesh.controller.reconciler import InferenceServices, Kind, PredictorController
 from mesh.controller.router_client import RouterClient
 from mesh.controller.runtimes import RuntimeCatalog
-from mesh.controller.workloads import RuntimeUsage, run_workloads
+from mesh.controller.workloads import RuntimeUsage, run_workloads, workload_namespace
 from mesh.errors import MeshError
 from mesh.settings import ControllerSettings, Settings
 from mesh.tasks import RootTasks, call_soon_safely
@@ -152,12 +152,12 @@ async def serve_controller(settings: Settings, roots: RootTasks,
     controllers: list[PredictorController] = []
     watchers: list[PredictorWatcher] = []
     events = _ThreadedEvents(EventApi(client))
-    catalog = RuntimeCatalog()
+    catalog = RuntimeCatalog(workload_namespace(cs) if cs.manage_runtimes else None)
     runtimes_synced = asyncio.Event()
 
     def select(namespace: str, fmt: str, version: str, runtime: str, protocol: str) -> Choice | None:
-        if not len(catalog):
-            return None  # no runtimes declared: any runtime loading the type serves the model
+        if not catalog.declares(namespace, runtime):
+            return None  # no runtimes for this namespace: any runtime loading the type serves the model
         return catalog.select(namespace, fmt, version, runtime=runtime, protocol=protocol)
 
     if cs.serving_runtimes:

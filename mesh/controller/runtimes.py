@@ -27,8 +27,8 @@ is invalid, with a message saying so, and models that name it are told.
   enabled, multi-model, list the model's format (``autoSelect`` or not) and its protocol.
 - Otherwise every runtime that lists the format with ``autoSelect: true`` (a version, when the
   model gives one, must be equal), is enabled, multi-model and speaks the protocol is a candidate;
-  the highest ``priority`` wins (a priority set beats none), then namespaced before cluster
-  runtimes, then the newest, then the name.
+  the namespace's runtimes come before the cluster's, and within each the highest ``priority``
+  wins (a priority set beats none), then the newest, then the name.
 
 One runtime is chosen (modelmesh-serving instead places the model on any runtime whose labels
 match): the status can say which, a priority means what it says, and the choice is part of the
@@ -41,10 +41,17 @@ so two namespaces' runtimes of one name never share pods), and the model require
 A namespaced ServingRuntime overrides a ClusterServingRuntime of the same name in its namespace
 (modelmesh-serving's rule).
 
-**Without any runtime** (no ServingRuntime CRD, or no multi-model runtime in the cluster: a mesh
-deployed with deploy/base's fixed runtime StatefulSet) nothing is selected: the model goes to
-any runtime that loads its type, and ``runtime.name: X`` to runtimes labelled ``rt:X``, as before
-runtimes were read.
+**Without any runtime for its namespace** (no ServingRuntime CRD, or no valid multi-model runtime
+visible there, and the model names none that exists: a mesh deployed with deploy/base's fixed
+runtime StatefulSet) nothing is selected: the model goes to any runtime that loads its type, and
+``runtime.name: X`` to runtimes labelled ``rt:X``, as before runtimes were read
+(:meth:`RuntimeCatalog.declares`). One namespace's runtimes never change how another's models go.
+
+**Who may run what.** With the controller running the runtimes (``controller.manage_runtimes``),
+their pods run in the mesh's namespace, beside its certificates and storage keys: only
+ClusterServingRuntimes and the ServingRuntimes of that namespace are run (others are invalid,
+and models naming them are told why), a runtime's containers may not mount the mesh runtime's
+volumes (:data:`RESERVED_VOLUMES`), be privileged, or use hostPath volumes.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ MAX_CONTAINERS = 16
 RESERVED_CONTAINERS = ("mesh-runtime",)
 # Ports of the mesh runtime in every runtime pod (gRPC, health, metrics): a server may not take them.
 RESERVED_PORTS = (8085, 8086, 2112)
+# The pod's volumes that hold the mesh's secrets and settings (mesh.controller.workloads): the mesh
+# runtime's alone, never mounted into a container a runtime's author wrote.
+RESERVED_VOLUMES = ("config", "pki", "storage-config", "storage-cache")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS label: a container's name
 _ENDPOINT = re.compile(r"^port:(\d{1,5})$")
 
@@ -230,6 +240,18 @@ def _containers(spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
             if c.get(forbidden) is not None:
                 raise InvalidRuntime(f"{where}.{forbidden} is not allowed: the mesh runtime decides when the "
                                      "pod is ready and how it stops (as modelmesh-serving)")
+        mounts = c.get("volumeMounts") or []
+        if not isinstance(mounts, list) or not all(isinstance(m, Mapping) for m in mounts):
+            raise InvalidRuntime(f"{where}.volumeMounts must be a list of objects")
+        for j, m in enumerate(mounts):
+            if m.get("name") in RESERVED_VOLUMES:
+                raise InvalidRuntime(f"{where}.volumeMounts[{j}] mounts {m.get('name')!r}: the mesh runtime's own "
+                                     f"volumes ({', '.join(RESERVED_VOLUMES)}) are not for other containers")
+        security = c.get("securityContext") or {}
+        if not isinstance(security, Mapping):
+            raise InvalidRuntime(f"{where}.securityContext must be an object")
+        if security.get("privileged") or security.get("allowPrivilegeEscalation"):
+            raise InvalidRuntime(f"{where}.securityContext may not be privileged or allow privilege escalation")
         ports = c.get("ports") or []
         if not isinstance(ports, list):
             raise InvalidRuntime(f"{where}.ports must be a list")
@@ -264,6 +286,12 @@ def parse_runtime(obj: Mapping[str, Any]) -> ServingRuntime | None:
             raise InvalidRuntime("spec.protocolVersions must be a list of strings")
         containers = _containers(spec)
         replicas = _int(spec.get("replicas"), "spec.replicas", high=1000)
+        volumes = spec.get("volumes") or []
+        if not isinstance(volumes, list) or not all(isinstance(v, Mapping) for v in volumes):
+            raise InvalidRuntime("spec.volumes must be a list of objects")
+        for i, v in enumerate(volumes):
+            if "hostPath" in v:
+                raise InvalidRuntime(f"spec.volumes[{i}] is a hostPath: runtime pods do not reach into the node")
         adapter = spec.get("builtInAdapter")
         if adapter is not None and not isinstance(adapter, Mapping):
             raise InvalidRuntime("spec.builtInAdapter must be an object")
@@ -314,14 +342,19 @@ def _fields(rt: ServingRuntime) -> dict[str, Any]:
 class RuntimeCatalog:
     """The cluster's multi-model runtimes, as the watches last listed them."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_namespace: str | None = None) -> None:
         self._runtimes: dict[tuple[str, str], ServingRuntime] = {}  # (namespace, name); "" = cluster
         self.version = 0  # bumped on every change: reconciles compare it
+        # With the controller running the runtimes (manage_runtimes): the one namespace whose
+        # ServingRuntimes it runs, beside ClusterServingRuntimes. A runtime's pods run in the
+        # mesh's namespace next to its certificates; a ServingRuntime of another namespace is
+        # written by that namespace's users, so it is refused rather than run there.
+        self.run_namespace = run_namespace
 
     def replace(self, namespace_scoped: bool, runtimes: Iterable[ServingRuntime]) -> bool:
         """A list of one kind (namespaced or cluster) replaces what was known of it."""
         kept = {k: v for k, v in self._runtimes.items() if bool(k[0]) != namespace_scoped}
-        kept.update({(r.namespace, r.name): r for r in runtimes})
+        kept.update({(r.namespace, r.name): self._checked(r) for r in runtimes})
         return self._set(kept)
 
     def apply(self, event: WatchEvent, *, namespace_scoped: bool) -> list[ServingRuntime]:
@@ -341,7 +374,21 @@ class RuntimeCatalog:
         return [r for k, r in self._runtimes.items() if before.get(k) != r]
 
     def put(self, runtime: ServingRuntime) -> bool:
-        return self._set({**self._runtimes, (runtime.namespace, runtime.name): runtime})
+        return self._set({**self._runtimes, (runtime.namespace, runtime.name): self._checked(runtime)})
+
+    def _checked(self, runtime: ServingRuntime) -> ServingRuntime:
+        if runtime.error or self.run_namespace is None or runtime.namespace in ("", self.run_namespace):
+            return runtime
+        return replace(runtime, error=(
+            f"the controller runs ClusterServingRuntimes and the ServingRuntimes of namespace "
+            f"{self.run_namespace!r} only (a runtime's pods run beside the mesh's certificates); ask an "
+            "administrator for a ClusterServingRuntime"))
+
+    def declares(self, namespace: str, runtime: str = "") -> bool:
+        """Whether runtimes decide where a model of ``namespace`` goes: a valid runtime is visible
+        there, or the model names one that exists. Otherwise (no runtime for this namespace) it
+        goes to any runtime loading its type, as before runtimes were read."""
+        return any(not r.error for r in self.visible(namespace)) or bool(runtime and self.get(namespace, runtime))
 
     def remove(self, namespace: str, name: str) -> bool:
         return self._set({k: v for k, v in self._runtimes.items() if k != (namespace, name)})
@@ -400,11 +447,12 @@ class RuntimeCatalog:
                 f"no enabled multi-model runtime auto-selects model format {what}"
                 + (f" with protocol {protocol!r}" if protocol else "")
                 + f"; formats auto-selected here: {', '.join(self._auto_formats(namespace)) or 'none'}"))
-        # Newest first within equal priority and scope, then by name: a total order, so every
-        # controller replica chooses alike.
+        # KServe sorts the namespace's runtimes and the cluster's each by priority, then puts the
+        # namespace's first; within equal priority the newest, then by name: a total order, so
+        # every controller replica chooses alike.
         candidates.sort(key=lambda r: r.ref)
         candidates.sort(key=lambda r: r.created, reverse=True)
-        candidates.sort(key=lambda r: (-r.priority_of(fmt, version), not r.namespace))
+        candidates.sort(key=lambda r: (bool(not r.namespace), -r.priority_of(fmt, version)))
         return Selection(runtime=candidates[0])
 
     def _auto_formats(self, namespace: str) -> list[str]:

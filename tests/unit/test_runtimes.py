@@ -256,3 +256,42 @@ def test_an_annotation_change_reaches_the_catalog() -> None:
     changed = c.apply(WatchEvent("MODIFIED", object=obj), namespace_scoped=False)
     assert [r.annotations for r in changed] == [{"serving.kserve.io/autoscalerClass": "hpa"}]
     assert hash(changed[0]) == hash(changed[0])  # still hashable
+
+
+def test_a_tenants_runtime_is_not_run_beside_the_mesh() -> None:
+    """With the controller running runtimes in namespace mesh-serving, a ServingRuntime of another
+    namespace is refused (it would run its author's image next to the mesh's certificates), and a
+    runtime's containers never mount the mesh runtime's volumes, run privileged or reach the node."""
+    c = RuntimeCatalog(run_namespace="mesh-serving")
+    c.put(parse_runtime(runtime("mine", [fmt("sklearn", priority=9)], namespace="team-a")))  # type: ignore[arg-type]
+    c.put(parse_runtime(runtime("ours", [fmt("sklearn")], namespace="mesh-serving")))  # type: ignore[arg-type]
+    c.put(parse_runtime(runtime("shared", [fmt("sklearn")])))  # type: ignore[arg-type]
+    sel = c.select("team-a", "sklearn", runtime="mine")
+    assert sel.runtime is None and "ClusterServingRuntime" in sel.message and "'mesh-serving'" in sel.message
+    assert picked(c, "team-a", "sklearn") == "shared"  # never auto-selected
+    assert picked(c, "mesh-serving", "sklearn") == "mesh-serving/ours"
+
+    for change, expected in (
+            ({"volumeMounts": [{"name": "pki", "mountPath": "/steal"}]}, "mounts 'pki'"),
+            ({"volumeMounts": [{"name": "storage-config", "mountPath": "/s"}]}, "mounts 'storage-config'"),
+            ({"securityContext": {"privileged": True}}, "privileged"),
+            ({"volumeMounts": 5}, "must be a list")):
+        obj = runtime("bad", [fmt("sklearn")])
+        obj["spec"]["containers"][0].update(change)
+        assert expected in parse_runtime(obj).error  # type: ignore[union-attr]
+    obj = runtime("bad", [fmt("sklearn")], volumes=[{"name": "root", "hostPath": {"path": "/"}}])
+    assert "hostPath" in parse_runtime(obj).error  # type: ignore[union-attr]
+
+
+def test_one_namespaces_runtime_does_not_change_how_anothers_models_go() -> None:
+    c = catalog(runtime("mine", [fmt("sklearn")], namespace="team-a"))
+    assert c.declares("team-a") and not c.declares("team-b")  # team-b: any runtime loading the type
+    assert c.declares("team-b", runtime="nope") is False
+    bad = runtime("broken", [fmt("sklearn")])
+    bad["spec"]["containers"] = []
+    c.put(parse_runtime(bad))  # type: ignore[arg-type]
+    assert not c.declares("team-b") and c.declares("team-b", runtime="broken")  # named: told why it is invalid
+    # The namespace's runtime comes first, whatever the cluster's priority (KServe's order).
+    c.put(parse_runtime(runtime("shared", [fmt("sklearn", priority=9)])))  # type: ignore[arg-type]
+    assert picked(c, "team-a", "sklearn") == "team-a/mine"
+    assert picked(c, "team-b", "sklearn") == "shared"
