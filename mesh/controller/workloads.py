@@ -104,6 +104,7 @@ import re
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Protocol
 
 import structlog
@@ -211,12 +212,32 @@ def _label_value(text: str) -> str:
 
 
 def quantity_bytes(text: Any) -> int | None:
-    """A Kubernetes memory quantity (``4Gi``, ``512M``, ``1e9``) in bytes; None if not one."""
-    m = _QUANTITY.match(str(text).strip()) if text is not None else None
-    if not m:
+    """A Kubernetes memory quantity (``4Gi``, ``512M``, ``1e9``) in bytes; None if not one, or
+    beyond 2**63 bytes (a quantity is text anyone writing a runtime controls: ``1e400`` must not
+    overflow, ``1e30000000`` must not compute a 30-million-digit power)."""
+    raw = str(text).strip() if text is not None else ""
+    m = _QUANTITY.match(raw) if len(raw) <= 64 else None
+    if not m or (m.group(2) and int(m.group(2)) > 18):
         return None
     exponent = 10 ** int(m.group(2)) if m.group(2) else _POWERS.get(m.group(3) or "", 1)
-    return int(float(m.group(1)) * exponent)
+    value = int(Decimal(m.group(1)) * exponent)
+    return value if value < 2**63 else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (f"{type(exc).__name__}: {exc}".splitlines() or [""])[0][:300]
+
+
+# StatefulSet fields the API server does not change in place: a replace that changes one is
+# refused (422) and needs a delete and a create; any other 422 is an invalid change.
+_IMMUTABLE = ("selector", "serviceName", "podManagementPolicy", "volumeClaimTemplates")
+
+
+def _immutable_changed(live: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    if body.get("kind") != "StatefulSet":
+        return False
+    old, new = live.get("spec") or {}, body.get("spec") or {}
+    return any(old.get(f) != new.get(f) for f in _IMMUTABLE)
 
 
 def _replicas(obj: Mapping[str, Any] | None) -> int:
@@ -603,8 +624,11 @@ class Workloads:
                 continue
             try:
                 body = render_workload(runtime, self.settings, self.namespace)
-            except InvalidRuntime as exc:
-                success = await self._warn(runtime, str(exc)) and success
+            except Exception as exc:  # a runtime is anyone's text: whatever it breaks, it is its own failure
+                why = str(exc) if isinstance(exc, InvalidRuntime) else f"cannot be run: {_first_line(exc)}"
+                success = await self._warn(runtime, why) and success
+                if runtime.namespace in ("", self.namespace) and workload_name(runtime) in live:
+                    keep.add(workload_name(runtime))  # a bad edit leaves what runs as it was
                 continue
             name = body["metadata"]["name"]
             if name not in live and not self.usage.count(runtime.ref):
@@ -689,7 +713,9 @@ class Workloads:
             else:
                 body["metadata"]["resourceVersion"] = live["metadata"].get("resourceVersion")
                 await asyncio.to_thread(store.replace, name, body)
-        except MeshError as exc:
+        except Exception as exc:
+            if not isinstance(exc, MeshError):  # the client's own model check (a field of the wrong shape)
+                return await self._warn(runtime, f"its {kind} cannot be written: {_first_line(exc)}")
             status = exc.status if isinstance(exc, Refused) else 0
             if status == 409 and live is None:
                 if (kind, name) not in self._foreign:  # exists, yet not listed as ours: not ours to change
@@ -697,11 +723,14 @@ class Workloads:
                                 "needs; left alone", runtime=runtime.ref, name=name)
                     self._foreign.add((kind, name))
                 return True
-            if status == 422 and live is not None:
+            if status == 422 and live is not None and _immutable_changed(live, body):
                 log.warning(f"the API server refused to change the {kind} in place; deleting it to create "
                             "it again", name=name, error=exc.message)
                 await self._call(store.delete, name, str(live["metadata"].get("uid") or ""))
                 return False  # created again after the back-off
+            if status == 422 and live is not None:  # an invalid change: what runs stays as it was
+                return await self._warn(runtime, f"the API server refused the change to its {kind} (the "
+                                        f"running one is left as it was): {exc.message}")
             if status == 422:
                 return await self._warn(runtime, f"the API server refused its {kind}: {exc.message}")
             log.warning("Kubernetes API call failed", error=exc.message)

@@ -347,7 +347,7 @@ async def test_scale_to_zero_off_keeps_replicas_and_a_restart_never_scales_up() 
     assert await w2.reconcile() and replicas(store2) == {"mesh-rt-a": 0}
 
 
-async def test_changes_replace_and_gone_disabled_or_invalid_runtimes_are_deleted() -> None:
+async def test_changes_replace_gone_or_disabled_runtimes_are_deleted_invalid_ones_kept() -> None:
     w, store, catalog, usage, _ = setup(runtime("a"), runtime("b"), runtime("c"))
     for ref in "abc":
         usage.set(ref, ref)
@@ -364,7 +364,8 @@ async def test_changes_replace_and_gone_disabled_or_invalid_runtimes_are_deleted
     assert invalid.error
     catalog.put(invalid)
     store.fail = [("event", Unavailable("down"))]
-    assert not await w.reconcile() and sorted(store.objects) == ["hand-made"] and not store.events
+    # An invalid edit leaves what runs as it was (the running pods keep serving), with an Event.
+    assert not await w.reconcile() and sorted(store.objects) == ["hand-made", "mesh-rt-a"] and not store.events
     assert await w.reconcile()  # the Event again
     [event] = store.events
     assert event["reason"] == "InvalidServingRuntime" and event["message"] == invalid.error
@@ -441,10 +442,17 @@ async def test_refusals_recreate_in_place_changes_and_tell_the_runtime_of_an_inv
     usage.set("p", "a")
     await w.reconcile()
     catalog.put(runtime("a", generation=2, nodeSelector={"x": "y"}))
+    # A refused change that touches no immutable field is an invalid one: what runs stays, an Event says why.
+    store.fail = [("replace", Refused("spec.template.spec.nodeSelector: Invalid value", 422))]
+    assert await w.reconcile() and "nodeSelector" not in store.objects["mesh-rt-a"]["spec"]["template"]["spec"]
+    assert "left as it was" in store.events[-1]["message"]
+    # One an earlier controller made with another selector cannot be changed in place: deleted, created again.
+    store.objects["mesh-rt-a"]["spec"]["selector"] = {"matchLabels": {"old": "selector"}}
     store.fail = [("replace", Refused("selector: field is immutable", 422))]
     assert not await w.reconcile() and store.objects == {}  # deleted, to be created again
     assert await w.reconcile() and store.objects["mesh-rt-a"]["spec"]["template"]["spec"]["nodeSelector"] == {"x": "y"}
     store.objects.clear()
+    store.events.clear()
     store.fail = [("create", Refused("spec.template: Invalid value", 422))]
     assert await w.reconcile() and store.objects == {}
     [event] = store.events
@@ -587,3 +595,30 @@ async def test_hpas_not_listed_leave_hpa_runtimes_for_the_next_pass() -> None:
     w.settings = replace(w.settings, scale_to_zero_grace_s=0.0)
     assert not await w.reconcile() and replicas(store)["mesh-rt-a"] == 2  # never to zero under its HPA
     assert await w.reconcile() and replicas(store)["mesh-rt-a"] == 0 and list(hpas.objects) == ["mesh-rt-x"]
+
+
+def test_hostile_quantities_are_no_number() -> None:
+    """Quantities are a runtime author's text: nothing overflows or computes a huge power."""
+    assert quantity_bytes("4Gi") == 4 * 2**30 and quantity_bytes("1e9") == 10**9 and quantity_bytes("1.5M") == 1_500_000
+    for text in ("1e400", "1e30000000", "9" * 100, "99999999Ei", "", "abc", None):
+        assert quantity_bytes(text) is None, text
+
+
+async def test_a_runtime_that_breaks_rendering_costs_only_itself() -> None:
+    """Whatever a runtime's spec breaks while it is rendered is that runtime's failure (an Event),
+    never the pass's: the other runtimes go on, and the controller keeps running."""
+    broken = runtime("broken", containers=[{"name": "mesh", "image": "x", "env": 5}])
+    huge = runtime("huge", containers=[{"name": "mesh", "image": "x",
+                                        "resources": {"limits": {"memory": "1e400"}}}])
+    w, store, _, usage, _ = setup(broken, huge, runtime("fine"), runtime("refused"))
+    for ref in ("broken", "huge", "fine", "refused"):
+        usage.set(ref, ref)
+    # the client's own model check refusing a body (not an API error): that runtime's failure too
+    store.fail = [("create", ValueError("1 validation error for V1SecurityContext"))]
+    await w.reconcile()
+    await w.reconcile()
+    assert {"mesh-rt-fine", "mesh-rt-huge"} <= set(store.objects) and "mesh-rt-broken" not in store.objects
+    messages = {e["involvedObject"]["name"]: e["message"] for e in store.events}
+    assert "cannot be run: TypeError" in messages["broken"]
+    assert "cannot be written: ValueError: 1 validation error" in next(iter(
+        m for n, m in messages.items() if n != "broken"))
