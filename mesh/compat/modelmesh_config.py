@@ -397,6 +397,8 @@ def _config_yaml(text: str) -> Any:
         raise InvalidArgument(f"not YAML: {' '.join(str(exc).split())[:200]}") from None
     except RecursionError:
         raise InvalidArgument("not YAML this program reads: nested too deeply") from None
+    except ValueError as exc:  # an integer past Python's digit limit, and the like
+        raise InvalidArgument(f"not YAML this program reads: {str(exc)[:120]}") from None
     if isinstance(document, dict) and document.get("kind") is not None:
         if document.get("kind") != "ConfigMap":
             raise InvalidArgument(f"expected a ConfigMap or the content of its config.yaml, got kind "

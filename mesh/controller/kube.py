@@ -236,6 +236,11 @@ class PredictorWatcher:
             except ApiException as exc:
                 if self._stopped.is_set():
                     break
+                if exc.status == 403 and version is None and self.relists:
+                    # Listed before, refused now (RBAC being changed?): keep what was known rather
+                    # than report every object gone (a managed runtime's pods would be deleted).
+                    self._retry(exc)
+                    continue
                 if exc.status in (403, 404) and version is None:
                     # No such resource type on this cluster (InferenceServices without KServe's or
                     # our CRD), or no permission to read it (a Role without ServingRuntimes): none

@@ -270,6 +270,7 @@ def test_viper_reads_quoted_numbers_and_booleans() -> None:
     ("kind: ConfigMap\ndata: {other: x}", "the ConfigMap has no data key config.yaml"),
     ("kind: ConfigMap\ndata: {config.yaml: 5}", "data.config.yaml: expected a string (the YAML text), got an integer"),
     pytest.param("[" * 50_000, "nested too deeply", id="deep-nesting"),
+    pytest.param("podsPerRuntime: " + "9" * 5000, "not YAML this program reads", id="huge-integer"),
 ])
 def test_bad_input_is_one_error_naming_the_key(text: str, message: str) -> None:
     with pytest.raises(InvalidArgument) as info:
