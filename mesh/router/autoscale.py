@@ -67,6 +67,10 @@ log = structlog.get_logger(__name__)
 GROUP_PREFIX = "rt:"
 REGISTERED_CHECK_S = 60.0  # the least time between two pages-through of the registrations
 CHECK_PAGE = 1000  # registrations read per registry call during that check
+# A group with no registered model and no runtime, at 0 replicas this long, is forgotten (its
+# series goes): groups come from registrations' labels, which clients write, so the set must not
+# only grow. Long enough that an HPA or KEDA saw the 0 many times over.
+FORGET_S = 3600.0
 
 
 class Rates(Protocol):
@@ -139,6 +143,7 @@ class RuntimeAutoscaler:
         self._seen: dict[str, tuple[float, float]] = {}  # model -> (its rate, when read)
         self._used: dict[str, float] = {}  # model -> last request seen by this router (clock)
         self._recent: dict[tuple[str, str], ModelUse] = {}  # (group, model) used within the window
+        self._empty_since: dict[str, float] = {}  # group -> since when it has no model, no runtime, 0 wanted
 
     # --- the registration watch (SpecCache.subscribe) -------------------------------------------
     def on_registration(self, model_id: str, spec: ModelSpec | None) -> None:
@@ -255,8 +260,18 @@ class RuntimeAutoscaler:
                          load_replicas=signal.load_replicas, working_set_bytes=signal.working_set_bytes,
                          request_rps=round(signal.request_rps, 2))
             signals[group] = signal
+            if signal.desired or acc.replicas or has_models or not group:
+                self._empty_since.pop(group, None)
+            elif now - self._empty_since.setdefault(group, now) >= FORGET_S:
+                self._forget(group, signals)
         self.signals = signals
         return signals
+
+    def _forget(self, group: str, signals: dict[str, Signal]) -> None:
+        log.info("runtime group forgotten: no model, no runtime", runtime=group, after_s=FORGET_S)
+        for table in (self._capacity, self._registered, self._empty_since, signals):
+            table.pop(group, None)
+        self._known.discard(group)
 
     async def check_registered(self) -> None:
         """Which groups without copies still have a registered model (see the module docstring)."""

@@ -9,7 +9,7 @@ import structlog
 from mesh.registry.base import KeyValue
 from mesh.registry.keys import Keys
 from mesh.registry.records import DeviceUsage, InstanceRecord, ModelSpec, PlacementRecord
-from mesh.router.autoscale import RuntimeAutoscaler, config_from
+from mesh.router.autoscale import FORGET_S, RuntimeAutoscaler, config_from
 from mesh.router.view import ClusterView
 from mesh.settings import load_settings
 from placement.autoscale import AutoscaleConfig
@@ -178,3 +178,22 @@ async def test_deletions_page_through_registrations_only_while_a_group_may_have_
     clock.now += 61
     await scaler.check_registered()
     assert len(pages) == 7  # nothing due
+
+
+async def test_a_group_with_no_model_and_no_runtime_is_forgotten_after_a_while() -> None:
+    """Groups come from labels clients write: one that has nothing for FORGET_S leaves the
+    signals (and the metrics); the "" group never does."""
+    scaler, _, _, clock = setup(registered=[])
+    scaler.on_registration("x", ModelSpec(model_id="x", type="sklearn", labels=("rt:passing",)))
+    scaler.on_registration("x", None)
+    assert "passing" in scaler.tick()
+    await scaler.check_registered()
+    clock.now += 10
+    assert scaler.tick()["passing"].desired == 0
+    clock.now += FORGET_S + 1
+    signals = scaler.tick()
+    assert "passing" not in signals and "" in signals
+    clock.now += 10
+    assert "passing" not in scaler.tick()  # not brought back by itself
+    scaler.on_registration("y", ModelSpec(model_id="y", type="sklearn", labels=("rt:passing",)))
+    assert scaler.tick()["passing"].desired == 1  # a registration brings it back
