@@ -118,15 +118,7 @@ class PredictorApi:
 
     def watch(self, w: watch.Watch, resource_version: str, timeout_s: int) -> Any:
         """The events of one watch request (a generator); raises :class:`Gone` on 410."""
-        stream = w.stream(  # type: ignore[no-untyped-call]  # unannotated in kubernetes
-            self._list_call, resource_version=resource_version, allow_watch_bookmarks=True,
-            timeout_seconds=timeout_s, _request_timeout=(_CALL_TIMEOUT[0], timeout_s + 30.0))
-        try:
-            yield from stream
-        except ApiException as exc:
-            if exc.status == 410:
-                raise Gone(str(exc.reason)) from None
-            raise
+        return _watch_stream(w, self._list_call, resource_version, timeout_s)
 
     def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
         """Merge-patch the status subresource; None if the Predictor is gone."""
@@ -166,15 +158,21 @@ class NamespaceApi:
         return list(body.get("items") or []), str(body["metadata"]["resourceVersion"])
 
     def watch(self, w: watch.Watch, resource_version: str, timeout_s: int) -> Any:
-        stream = w.stream(  # type: ignore[no-untyped-call]  # unannotated in kubernetes
-            self._api.list_namespace, resource_version=resource_version, allow_watch_bookmarks=True,
-            timeout_seconds=timeout_s, _request_timeout=(_CALL_TIMEOUT[0], timeout_s + 30.0))
-        try:
-            yield from stream
-        except ApiException as exc:
-            if exc.status == 410:
-                raise Gone(str(exc.reason)) from None
-            raise
+        return _watch_stream(w, self._api.list_namespace, resource_version, timeout_s)
+
+
+def _watch_stream(w: watch.Watch, list_call: Callable[..., Any], resource_version: str, timeout_s: int) -> Any:
+    """The events of one watch request of ``list_call`` from ``resource_version`` (a generator,
+    bookmarks on); raises :class:`Gone` on 410."""
+    stream = w.stream(  # type: ignore[no-untyped-call]  # unannotated in kubernetes
+        list_call, resource_version=resource_version, allow_watch_bookmarks=True,
+        timeout_seconds=timeout_s, _request_timeout=(_CALL_TIMEOUT[0], timeout_s + 30.0))
+    try:
+        yield from stream
+    except ApiException as exc:
+        if exc.status == 410:
+            raise Gone(str(exc.reason)) from None
+        raise
 
 
 def _message(exc: ApiException) -> str:

@@ -16,6 +16,7 @@ the storage made local: ``spec.predictor.model.storage.path`` an absolute path, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,10 +133,10 @@ def invalid(env: Env, name: str) -> Callable[[], bool]:
     return lambda: env.model_status(name).get("transitionStatus") == "InvalidSpec"
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
-    mesh = await InProcessMesh(memory_url()).start(runtimes=1)
-    kube = FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES), bookmark_interval_s=0.5).start()
+@contextlib.asynccontextmanager
+async def running(mesh: InProcessMesh, kube: FakeKubeApiServer) -> AsyncIterator[Env]:
+    """An Env on a started mesh and API server; the controller (if started), the server and the
+    mesh stopped at the end."""
     environment = Env(mesh, kube)
     try:
         yield environment
@@ -144,6 +145,14 @@ async def env() -> AsyncIterator[Env]:
             await environment.controller.stop()
         kube.stop()
         await mesh.stop()
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    mesh = await InProcessMesh(memory_url()).start(runtimes=1)
+    async with running(mesh, FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES),
+                                               bookmark_interval_s=0.5).start()) as environment:
+        yield environment
 
 
 async def test_quickstart_isvc_becomes_ready_and_serves_by_name(env: Env, models: tuple[ModelArtifact, ...]) -> None:

@@ -19,7 +19,7 @@ import pytest
 from mesh.controller.app import serve_controller
 from mesh.settings import load_settings
 from tests.integration.test_controller import wait_for  # bounded polling, sync or async
-from tests.integration.test_controller_isvc import MODE, NS, Env, isvc, model_form, ready
+from tests.integration.test_controller_isvc import MODE, NS, Env, isvc, model_form, ready, running
 from tests.support.fake_kube import (
     CLUSTER_SERVING_RUNTIMES,
     EVENTS,
@@ -58,14 +58,8 @@ async def env() -> AsyncIterator[Env]:
     await mesh.start(runtimes=1)
     kube = FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES, SERVING_RUNTIMES, CLUSTER_SERVING_RUNTIMES,
                                         EVENTS), bookmark_interval_s=0.5).start()
-    environment = Env(mesh, kube)
-    try:
+    async with running(mesh, kube) as environment:
         yield environment
-    finally:
-        if environment.controller is not None:
-            await environment.controller.stop()
-        kube.stop()
-        await mesh.stop()
 
 
 def failure(env: Env, name: str) -> dict[str, Any]:
@@ -154,7 +148,6 @@ async def test_cluster_scope_serves_labelled_namespaces_only(models: tuple[Model
     sklearn, _ = models
     mesh = await InProcessMesh(memory_url()).start(runtimes=1)
     kube = FakeKubeApiServer(resources=(PREDICTORS, INFERENCE_SERVICES, NAMESPACES), bookmark_interval_s=0.5).start()
-    env = Env(mesh, kube)
     label = "modelmesh-enabled"
 
     def namespace(name: str, value: str | None) -> dict[str, Any]:
@@ -170,7 +163,7 @@ async def test_cluster_scope_serves_labelled_namespaces_only(models: tuple[Model
         return ((found.get("status") or {}).get("modelStatus") or {}).get("states", {}).get(
             "activeModelState") == "Loaded"
 
-    try:
+    async with running(mesh, kube) as env:
         for name, value in (("team-a", "true"), ("team-b", None), (NS, None)):
             kube.put(namespace(name, value), NAMESPACES)
         kube.put(in_namespace(isvc("a-model", model_form(sklearn)), "team-a"))
@@ -188,8 +181,3 @@ async def test_cluster_scope_serves_labelled_namespaces_only(models: tuple[Model
         await wait_for(lambda: loaded("b-model", "team-b"), what="newly labelled namespace served")
         kube.put(namespace("team-a", "false"), NAMESPACES)  # unlabelled: its vModel goes
         await wait_for(lambda: env.vmodel_gone("a-model"), what="no longer served")
-    finally:
-        if env.controller is not None:
-            await env.controller.stop()
-        kube.stop()
-        await mesh.stop()
