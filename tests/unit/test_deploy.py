@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from jsonschema import Draft202012Validator
+from kubernetes import client as k8s_client
 
 from mesh.runtime.loaders import get_loader
 from mesh.settings import load_settings
@@ -644,6 +645,10 @@ def test_services_and_budgets_select_their_pods(base: list[Doc]) -> None:
         assert chosen == [budget["metadata"]["name"]]
     assert _one(base, "PodDisruptionBudget", "mesh-router")["spec"]["maxUnavailable"] == 1
     assert _one(base, "PodDisruptionBudget", "mesh-runtime")["spec"]["maxUnavailable"] == 1
+    # an unready runtime pod never blocks a drain (one budget covers every runtime's pods)
+    runtime_budget = _one(base, "PodDisruptionBudget", "mesh-runtime")["spec"]
+    assert runtime_budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert "unhealthyPodEvictionPolicy" in k8s_client.V1PodDisruptionBudgetSpec.attribute_map.values()
 
 
 def test_monitoring_scrapes_routers_and_runtimes_and_ships_the_dashboard(base: list[Doc]) -> None:
