@@ -155,6 +155,29 @@ class RouterSettings:
                                            "without one), overriding autoscale_min/max_replicas.")
     autoscale_scale_to_zero: bool = _f(True, "A runtime group with no registered model asks for 0 replicas "
                                        "(modelmesh-serving's ScaleToZero); off: its minimum.")
+    # Payload logging (mesh.router.payloads): inference records as KServe logger CloudEvents.
+    payload_processors: tuple[str, ...] = _f((), "Where inference records go, ModelMesh's MM_PAYLOAD_PROCESSORS "
+                                             "URIs (comma- or space-separated): http(s)://host:port/path posts "
+                                             "CloudEvents there, logger:// writes them to the log; a query names "
+                                             "the one model or vModel ID logged (http://sink:8080/v2?my-model), "
+                                             "a fragment the method (#ModelInfer, the only one logged). Empty: off.")
+    payload_mode: str = _f("all", "Records per inference: request, response or all (KServe's logger mode).")
+    payload_sample: float = _f(1.0, "Fraction of inference requests logged, drawn per request (a request's "
+                               "request and response records go together).")
+    payload_max_body_bytes: int = _f(256 * 1024, "Largest body a record carries; a larger one is sent without "
+                                     "its body and with ce-bodyomitted naming its size.", "bytes")
+    payload_queue_records: int = _f(1000, "Records waiting per sink; past it (or past payload_queue_bytes) a "
+                                    "record is dropped and counted, never waited for.")
+    payload_queue_bytes: int = _f(64 * _MIB, "Body bytes waiting per sink; past it, dropped and counted.",
+                                  "bytes")
+    payload_inflight: int = _f(8, "Posts in flight per HTTP sink.")
+    payload_timeout_s: float = _f(2.0, "Deadline of one post to a sink.", "s")
+    payload_retries: int = _f(2, "Further attempts of a post that failed for a reason that may pass "
+                              "(connection, timeout, 5xx, 429), after 0.1 s, then 0.2 s...")
+    payload_flush_s: float = _f(2.0, "At shutdown, how long waiting records may take to go out; what is "
+                                "left then is dropped and counted.", "s")
+    payload_namespace: str = _f("", "ce-namespace of the records (KServe's InferenceService namespace; the "
+                                "controller's namespace in Kubernetes).")
 
 
 @dataclass(frozen=True)
@@ -269,6 +292,16 @@ class RuntimeSettings:
                                   "that call runtimes directly, 1.0 gave +31 % throughput with small "
                                   "models; behind a router it gave none, because answers computed at "
                                   "once stop sharing stream writes, so it is off by default.", "ms")
+    batch_max_size: int = _f(0, "Dynamic batching (mesh.runtime.batching): the most rows (first-dimension "
+                             "elements) merged into one prediction of an in-process copy; 0 or 1: off. "
+                             "Off by default: it trades up to batch_max_wait_ms of latency for throughput, "
+                             "which only pays under concurrent traffic to one model. A registration's key "
+                             "overrides it per model (batch_max_size).")
+    batch_max_wait_ms: float = _f(2.0, "Dynamic batching: the longest a batch waits for more requests after "
+                                  "its first; the latency a lone request pays. A registration's key overrides "
+                                  "it per model (batch_max_wait_ms).", "ms")
+    batch_max_queue: int = _f(1024, "Dynamic batching: requests waiting for a batch per copy, past which "
+                              "requests are refused with RESOURCE_EXHAUSTED instead of queued.")
     labels: tuple[str, ...] = _f((), "Labels this instance offers; models requiring labels go only to "
                                  "instances that carry them all.")
     zone: str = _f("", "Failure zone of this instance, published for placement.")

@@ -62,6 +62,7 @@ log = structlog.get_logger(__name__)
 MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 60000,
               120000, 300000)
 _S, _MIN, _H, _D = 1000, 60_000, 3_600_000, 86_400_000
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # requests per dynamic batch
 AGE_BUCKETS_MS = (30 * _S, 5 * _MIN, 15 * _MIN, _H, 4 * _H, 12 * _H, _D, 7 * _D, 30 * _D, 90 * _D)
 MODEL_SIZE_BUCKETS = tuple(256 * 1024 * 4**i for i in range(8))
 MESSAGE_SIZE_BUCKETS = tuple(128 * 4**i for i in range(8))
@@ -330,6 +331,11 @@ class RouterMetrics(_ComponentMetrics):
         last decision per runtime group, a dict replaced whole on the loop (read from any thread)."""
         self.registry.register(_CallbackCollector(lambda: _autoscaling(signals())))
 
+    def attach_payloads(self, counts: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
+        """Export the payload sinks' counters (``mesh.router.payloads``): ``counts()`` gives
+        (sink, sent, failed, dropped), plain ints the loop increments (read from any thread)."""
+        self.registry.register(_CallbackCollector(lambda: _payload_records(counts())))
+
     async def count_managed(self, count: Callable[[], Awaitable[int]],
                             interval_s: float = MANAGED_COUNT_INTERVAL_S) -> None:
         """Root task: refresh ``modelmesh_models_managed_total`` (a registry read; not per scrape)."""
@@ -339,6 +345,17 @@ class RouterMetrics(_ComponentMetrics):
             except Exception as exc:
                 log.warning("counting registered models failed; will retry", error=str(exc))
             await asyncio.sleep(interval_s)
+
+
+def _payload_records(counts: Iterable[tuple[str, int, int, int]]) -> list[Metric]:
+    family = CounterMetricFamily("mesh_payload_records", "Payload records per sink: sent, failed (after "
+                                 "the retries) or dropped (queue full, or left at shutdown)",
+                                 labels=["sink", "outcome"])
+    for sink, sent, failed, dropped in counts:
+        family.add_metric([sink, "sent"], sent)
+        family.add_metric([sink, "failed"], failed)
+        family.add_metric([sink, "dropped"], dropped)
+    return [family]
 
 
 def _autoscaling(signals: Mapping[str, Signal]) -> list[Metric]:
@@ -439,6 +456,9 @@ class RuntimeMetrics(_ComponentMetrics):
         self.storage_seconds = Histogram(
             "mesh_storage_download_seconds", "Time from the start of a pull to its files on disk (downloads only)",
             ("type",), buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.batch_size = Histogram(
+            "mesh_batch_requests", "Requests merged into each prediction by dynamic batching (1: a batch "
+            "flushed at its max wait with one request)", buckets=BATCH_BUCKETS, registry=r)
         self._invoke: dict[str, Any] = {}  # code -> bound child
         self._hit = None if per_model else self.cache_requests.labels("hit", "")
         self._policies: dict[str, str] = {}  # device -> eviction policy name
@@ -471,6 +491,9 @@ class RuntimeMetrics(_ComponentMetrics):
         if child is None:
             child = self._invoke[code] = self.invoke.labels(INFER, code)
         child.observe(elapsed_ms)
+
+    def batched(self, requests: int) -> None:
+        self.batch_size.observe(requests)
 
     def hit(self, model_id: str) -> None:
         if self._hit is not None:

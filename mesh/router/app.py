@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 import structlog
@@ -25,6 +26,7 @@ from mesh.router.autoscale import RuntimeAutoscaler, config_from
 from mesh.router.dataplane import DataPlane
 from mesh.router.grpc_inference import InferenceServicer
 from mesh.router.management import Management
+from mesh.router.payload_http import payload_log
 from mesh.router.reachability import Reachability
 from mesh.router.replicas import CopyScaler
 from mesh.router.servicer import ModelMeshServicer
@@ -56,6 +58,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
     interceptors = interceptors_for(settings.auth, settings.runtime.model_roots)
     rest_tls = ssl_context(settings.tls) if rs.rest_port >= 0 else None
     autoscaling = config_from(rs) if rs.autoscale_interval_s > 0 else None  # bad bounds stop the start here
+    # Payload sinks are parsed here too: a bad URI stops the start naming router.payload_processors.
+    payloads = payload_log(rs, f"urn:mesh:router:{socket.gethostname()}")
     channels = ChannelPool(rs.max_message_bytes, runtime_channel_security(settings.tls))
     store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
                                security=etcd_security(settings.registry))
@@ -97,7 +101,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
                       inflight=InflightLimit(max_bytes=rs.max_inflight_bytes,
                                              max_requests=rs.max_inflight_requests,
                                              max_connection_bytes=rs.max_connection_inflight_bytes,
-                                             on_burst=trim_soon()))
+                                             on_burst=trim_soon()),
+                      payloads=payloads[0] if payloads else None)
     reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=link.forget)
     plane.on_gone = reachability.mark
     plane.witness = witness
@@ -155,6 +160,9 @@ async def serve_router(settings: Settings, roots: RootTasks,
     roots.spawn(management.run_transitions(), "vmodel-transitions")
     roots.spawn(scaler.run(), "copy-scaling")
     roots.spawn(reachability.run(), "unreachable-probe")
+    if payloads is not None:
+        roots.spawn(payloads[0].run(), "payload-sinks")
+        metrics.attach_payloads(payloads[0].counts)
     if rs.metrics_port >= 0:  # state gauges, and a registry read every 30 s: only when scraped
         metrics.attach(view, scaler.copies_asked)
         roots.spawn(metrics.count_managed(registry.count_models), "count-registered-models")
@@ -188,7 +196,11 @@ async def serve_router(settings: Settings, roots: RootTasks,
             await asyncio.gather(server.stop(grace=5.0), rest.stop(grace_s=5.0))
         else:
             await server.stop(grace=5.0)
+        if payloads is not None:  # the drained requests' records, within their own grace
+            await payloads[0].flush(rs.payload_flush_s)
         await roots.cancel_all()
+        if payloads is not None:
+            await payloads[1].close()
         for mirror in mirrors:
             await call_soon_safely(mirror.stop, "stop mirror")
         link.close()

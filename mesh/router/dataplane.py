@@ -23,8 +23,9 @@ while loading the model is the exception: the crash witness quarantines the mode
 The hot path avoids work per request: metadata passed on as a tuple, no logging on success. The
 client's headers, ``traceparent``, ``tracestate`` and ``x-request-id`` included, go on to the
 runtime as they are; the request's log context is one object in a context variable
-(``mesh.logging``). The access log and spans take a second relay function, chosen once at start,
-so that with both off the hot path does not even test for them.
+(``mesh.logging``). The access log, spans and payload records (``mesh.router.payloads``: queued
+after the answer, never awaited) take a second relay function, chosen once at start, so that with
+all of them off the hot path does not even test for them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from mesh.logging import REQUEST_ID, bind_request, current_request, header, new_
 from mesh.registry.crashes import CrashWitness
 from mesh.registry.records import LOADED, ModelSpec
 from mesh.registry.specs import SpecCache
+from mesh.router.payloads import PayloadLog
 from mesh.router.replicas import CopyScaler
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
 from mesh.router.view import ClusterView
@@ -88,7 +90,7 @@ class DataPlane:
     def __init__(self, *, view: ClusterView, specs: SpecCache, link: Link, max_attempts: int,
                  load_factor: float, ready: Callable[[], bool], scaler: CopyScaler | None = None,
                  access_log: bool = False, tracer: Tracer | None = None,
-                 inflight: InflightLimit | None = None) -> None:
+                 inflight: InflightLimit | None = None, payloads: PayloadLog | None = None) -> None:
         self.view = view
         self.specs = specs
         self.link = link
@@ -99,7 +101,9 @@ class DataPlane:
         self._rng = random.Random()
         self.access_log = access_log
         self.tracer = tracer
-        if access_log or tracer is not None:
+        # Records of answered inferences (mesh.router.payloads), queued after the answer.
+        self.payloads = payloads
+        if access_log or tracer is not None or payloads is not None:
             self.relay = self._relay_observed  # type: ignore[method-assign]
         # Told of each instance found gone, so that later requests route around it too.
         self.on_gone: Callable[[str], None] | None = None
@@ -124,11 +128,16 @@ class DataPlane:
     def select(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, Headers]:
         """(model ID, headers to pass on) for a request; ``own_name()`` reads the name the request
         itself gives (the body's ``model_name``, the REST path), asked only without a header."""
+        _, model_id = self.named(metadata, own_name)
+        return model_id, passthrough(metadata)
+
+    def named(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, str]:
+        """(the name the request gave, the concrete model ID it resolves to)."""
         requested, is_vmodel, _ = model_selection(metadata)
         from_header = requested is not None
         if requested is None:
             requested = own_name()
-        return self.resolve(check_model_id(requested), is_vmodel, from_header), passthrough(metadata)
+        return requested, self.resolve(check_model_id(requested), is_vmodel, from_header)
 
     def labels(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, str]:
         """(model ID, vModel ID) of a request, for per-model metrics only (it resolves again)."""
@@ -153,12 +162,14 @@ class DataPlane:
 
     async def _relay_observed(self, method: str, body: bytes, metadata: Headers,
                               own_name: Callable[[], str], timeout: float | None) -> bytes:
-        """``relay`` with the access log line and/or the router's span around it."""
+        """``relay`` with the access log line, the router's span and/or the payload records."""
         started = time.perf_counter()
         ctx = bind_request("", metadata)  # the client's ids, if it fails early
         code, message, response, span = "OK", "", b"", None
+        requested = model_id = ""
         try:
-            model_id, onward = self.select(metadata, own_name)
+            requested, model_id = self.named(metadata, own_name)
+            onward = passthrough(metadata)
             ctx.model_id, ctx.metadata = model_id, onward
             if self.access_log and header(onward, REQUEST_ID) is None:
                 # Made here rather than on first use so that the runtime logs the same id.
@@ -186,6 +197,9 @@ class DataPlane:
                 access.info("request", method=method.rpartition("/")[2], code=code,
                             duration_ms=round((time.perf_counter() - started) * 1000, 3),
                             bytes_in=len(body), bytes_out=len(response))
+            if self.payloads is not None and model_id and method == INFER:
+                self.payloads.log(metadata, model_id, requested if requested != model_id else "", body,
+                                  response if code == "OK" else None)
 
     async def forward(self, method: str, model_id: str, body: bytes, metadata: Headers,
                       timeout: float | None) -> bytes:

@@ -1,0 +1,292 @@
+"""Payload logging: inference records sent as KServe logger CloudEvents, off the request's path.
+
+Configured as ModelMesh's payload processors (``MM_PAYLOAD_PROCESSORS``, here
+``router.payload_processors``): a list of URIs, ``http(s)://host:port/path`` for a sink that
+receives HTTP POSTs, ``logger://`` for the log. As in ModelMesh the URI's query names the one model
+ID it observes (here a vModel ID also matches) and its fragment the method; ``*`` or nothing means
+all. Only ModelInfer is logged: a record is an inference request or response.
+
+What a sink receives is what KServe's logger sends, a CloudEvent in binary content mode: attributes
+as ``ce-*`` headers (``ce-specversion`` 1.0, ``ce-type`` ``org.kubeflow.serving.inference.request``
+or ``.response``, ``ce-id`` shared by a request and its response, ``ce-source``, ``ce-time``, and
+KServe's extensions ``ce-inferenceservicename``, ``ce-namespace``, ``ce-component``,
+``ce-endpoint``), the body as data. The body is the V2 protobuf message as the router holds it
+(``inference.ModelInferRequest`` / ``ModelInferResponse``, named in the content type), gRPC and REST
+requests alike: KServe's logger sends the bytes the predictor saw, and re-encoding them as JSON here
+would cost the router's CPU on every request. ``ce-inferenceservicename`` is the vModel when the
+request named one (the InferenceService of modelmesh-serving), else the model; ``ce-endpoint`` is
+the concrete model that answered (KServe: the revision, default or canary); ``ce-modelid`` and
+``ce-vmodelid`` say both plainly. The ``ce-id`` is the client's ``ce-id`` header (KServe's
+``getOrCreateID``), else its ``x-request-id``, else a new UUID.
+
+The trade-off: a record never slows or fails the inference it describes. The data plane calls
+:meth:`PayloadLog.log` after the answer is known, which samples, filters and appends the bytes it
+already holds to each sink's queue (O(1) per sink; headers are built by the sender). A full queue
+(records or bytes) drops the record and counts it; a sink that is down or slow costs retries in the
+background and fills its own queue, nothing else. Counters per sink: sent, failed (gave up after the
+retries), dropped (queue full, or left at shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+
+from mesh.errors import InvalidArgument
+
+log = structlog.get_logger(__name__)
+payload_log = structlog.get_logger("mesh.payloads")
+
+REQUEST_TYPE = "org.kubeflow.serving.inference.request"
+RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
+CONTENT_TYPES = ("application/x-protobuf; proto=inference.ModelInferRequest",
+                 "application/x-protobuf; proto=inference.ModelInferResponse")
+MODES = {"request": (True, False), "response": (False, True), "all": (True, True)}
+METHOD = "ModelInfer"
+SETTING = "router.payload_processors"
+
+Headers = tuple[tuple[str, str | bytes], ...]
+
+
+class SinkError(Exception):
+    """A post that did not succeed; ``retry``: whether trying again may help."""
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
+
+
+class Deliver(Protocol):
+    """Sends one record (``mesh.router.payload_http.HttpDelivery``); raises ``SinkError``."""
+
+    async def __call__(self, url: str, headers: dict[str, str], body: bytes, timeout_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Processor:
+    """One configured URI: where records go and which ones."""
+
+    uri: str  # as configured: the sink's label in metrics and logs
+    scheme: str  # http, https or logger
+    url: str  # where an HTTP sink is posted to (without the query and fragment)
+    model_id: str | None  # the model or vModel observed; None: all
+
+    def matches(self, model_id: str, vmodel_id: str) -> bool:
+        return self.model_id is None or self.model_id == model_id or self.model_id == vmodel_id
+
+
+def parse_processors(values: Iterable[str]) -> list[Processor]:
+    """The processors of ``router.payload_processors``; InvalidArgument naming the setting."""
+    out = []
+    for value in values:
+        for uri in value.split():
+            try:
+                parts = urlsplit(uri)
+                parts.port  # noqa: B018 -- raises on a port that is not a number
+            except ValueError as exc:
+                raise InvalidArgument(f"setting {SETTING}: {uri!r}: {exc}") from None
+            scheme = parts.scheme.lower()
+            if scheme not in ("http", "https", "logger"):
+                raise InvalidArgument(f"setting {SETTING}: {uri!r}: scheme must be http, https or logger")
+            if scheme != "logger" and not parts.hostname:
+                raise InvalidArgument(f"setting {SETTING}: {uri!r}: no host")
+            if parts.fragment not in ("", "*", METHOD):
+                raise InvalidArgument(f"setting {SETTING}: {uri!r}: only #{METHOD} is logged")
+            model = parts.query.lstrip("/")  # ModelMesh strips a leading slash too
+            out.append(Processor(uri, scheme, urlunsplit((scheme, parts.netloc, parts.path or "/", "", "")),
+                                 None if model in ("", "*") else model))
+    return out
+
+
+def event_headers(entry: Entry, source: str, namespace: str, max_body_bytes: int) -> tuple[dict[str, str], bytes]:
+    """The CloudEvent (binary content mode) of a queued record: headers and body."""
+    response, event_id, model_id, vmodel_id, body, at = entry
+    headers = {
+        "content-type": CONTENT_TYPES[response],
+        "ce-specversion": "1.0",
+        "ce-type": RESPONSE_TYPE if response else REQUEST_TYPE,
+        "ce-id": event_id,
+        "ce-source": source,
+        "ce-time": datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z"),
+        "ce-inferenceservicename": vmodel_id or model_id,
+        "ce-namespace": namespace,
+        "ce-component": "predictor",
+        "ce-endpoint": model_id,
+        "ce-modelid": model_id,
+    }
+    if vmodel_id:
+        headers["ce-vmodelid"] = vmodel_id
+    if len(body) > max_body_bytes:
+        headers["ce-bodyomitted"] = str(len(body))  # a cut protobuf message would not parse
+        body = b""
+    return headers, body
+
+
+# (is a response, ce-id, model ID, vModel ID or "", body, wall-clock time): what the hot path queues.
+Entry = tuple[bool, str, str, str, bytes, float]
+
+
+def event_id(metadata: Headers) -> str:
+    """The client's ``ce-id`` (KServe), else its ``x-request-id``, else a new UUID."""
+    found = ""
+    for key, value in metadata:
+        if key == "ce-id" and isinstance(value, str):
+            return value
+        if key == "x-request-id" and isinstance(value, str):
+            found = value
+    return found or str(uuid.uuid4())
+
+
+class Sink:
+    """One processor's bounded queue, its sending workers and its counters."""
+
+    def __init__(self, processor: Processor, deliver: Deliver | None, *, source: str, namespace: str,
+                 max_body_bytes: int, queue_records: int, queue_bytes: int, inflight: int, timeout_s: float,
+                 retries: int, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.processor = processor
+        self.deliver = deliver
+        self.source, self.namespace, self.max_body_bytes = source, namespace, max_body_bytes
+        self.queue_records, self.queue_bytes = queue_records, queue_bytes
+        self.workers = max(1, inflight) if deliver is not None else 1
+        self.timeout_s, self.retries, self.sleep = timeout_s, retries, sleep
+        self.sent = self.failed = self.dropped = 0
+        self._queue: deque[Entry] = deque()
+        self._queued_bytes = 0
+        self._busy = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.closed = False
+
+    def offer(self, entry: Entry) -> None:
+        """Queue a record, or drop and count it: never waits."""
+        size = len(entry[4]) if len(entry[4]) <= self.max_body_bytes else 0
+        if self.closed or len(self._queue) >= self.queue_records or self._queued_bytes + size > self.queue_bytes:
+            self.dropped += 1
+            return
+        self._queue.append(entry)
+        self._queued_bytes += size
+        self._idle.clear()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def run(self) -> None:
+        """The sending workers, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            for i in range(self.workers):
+                group.create_task(self._work(), name=f"payload-sink:{self.processor.uri}:{i}")
+
+    async def _work(self) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._busy == 0:
+                    self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            entry = queue.popleft()
+            self._queued_bytes -= len(entry[4]) if len(entry[4]) <= self.max_body_bytes else 0
+            self._busy += 1
+            try:
+                ok = await self._send(entry)
+            finally:
+                self._busy -= 1
+            if self.closed:
+                continue  # counted as dropped by close()
+            if ok:
+                self.sent += 1
+            else:
+                self.failed += 1
+
+    async def _send(self, entry: Entry) -> bool:
+        """Whether the record went out, after the retries; never raises but for cancellation."""
+        try:
+            headers, body = event_headers(entry, self.source, self.namespace, self.max_body_bytes)
+            if self.deliver is None:  # logger://
+                payload_log.info("payload", **{k.removeprefix("ce-"): v for k, v in headers.items()},
+                                 data=base64.b64encode(body).decode())
+                return True
+            for attempt in range(self.retries + 1):
+                try:
+                    await self.deliver(self.processor.url, headers, body, self.timeout_s)
+                    return True
+                except SinkError as exc:
+                    if not exc.retry or attempt == self.retries:
+                        log.debug("payload record not sent", sink=self.processor.uri, error=str(exc))
+                        return False
+                await self.sleep(0.1 * 2 ** attempt)
+        except Exception:
+            log.exception("payload record not sent", sink=self.processor.uri)
+        return False
+
+    async def flush(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for the queue to empty, then stop counting and drop the rest."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            pass
+        self.closed = True
+        self.dropped += len(self._queue) + self._busy
+        self._queue.clear()
+        self._queued_bytes = 0
+
+
+class PayloadLog:
+    """What the data plane calls: sampling, per-model selection and the sinks' queues."""
+
+    def __init__(self, sinks: list[Sink], *, mode: str = "all", sample: float = 1.0,
+                 rng: random.Random | None = None) -> None:
+        if mode not in MODES:
+            raise InvalidArgument(f"setting router.payload_mode: {mode!r}: one of {', '.join(MODES)}")
+        if not 0.0 <= sample <= 1.0:
+            raise InvalidArgument(f"setting router.payload_sample: {sample}: a fraction in [0, 1]")
+        self.sinks = sinks
+        self.requests, self.responses = MODES[mode]
+        self.sample = sample
+        self._rng = rng or random.Random()
+
+    def log(self, metadata: Headers, model_id: str, vmodel_id: str, request: bytes,
+            response: bytes | None) -> None:
+        """Queue the records of one answered inference (``response`` None: it failed). Never raises:
+        a record must not fail the inference it describes."""
+        try:
+            if self.sample < 1.0 and self._rng.random() >= self.sample:
+                return
+            record_id, at = "", 0.0
+            for sink in self.sinks:
+                if not sink.processor.matches(model_id, vmodel_id):
+                    continue
+                if not record_id:
+                    record_id, at = event_id(metadata), time.time()
+                if self.requests:
+                    sink.offer((False, record_id, model_id, vmodel_id, request, at))
+                if self.responses and response is not None:
+                    sink.offer((True, record_id, model_id, vmodel_id, response, at))
+        except Exception:
+            log.exception("payload record not queued")
+
+    async def run(self) -> None:
+        """Root task: every sink's workers."""
+        async with asyncio.TaskGroup() as group:
+            for sink in self.sinks:
+                group.create_task(sink.run(), name=f"payload-sink:{sink.processor.uri}")
+
+    async def flush(self, grace_s: float) -> None:
+        """Shutdown: the waiting records get ``grace_s`` (all sinks together) to go out."""
+        await asyncio.gather(*(sink.flush(grace_s) for sink in self.sinks))
+
+    def counts(self) -> list[tuple[str, int, int, int]]:
+        """(sink URI, sent, failed, dropped) per sink, for the metrics."""
+        return [(s.processor.uri, s.sent, s.failed, s.dropped) for s in self.sinks]
