@@ -24,6 +24,7 @@ from mesh.registry.registry import Registry
 from mesh.registry.security import etcd_security
 from mesh.registry.session import RegistrySession
 from mesh.registry.specs import SpecCache
+from mesh.runtime.batching import BatchPolicy
 from mesh.runtime.cache import DeviceBudget, LoadFn, ModelCache
 from mesh.runtime.capacity import GpuMemory, device_capacities, ram_capacity
 from mesh.runtime.failures import RecentFailures, RememberingCache
@@ -246,7 +247,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                              limit=InflightLimit(max_bytes=settings.router.max_inflight_bytes,
                                                  max_requests=settings.router.max_inflight_requests,
                                                  on_burst=trim_soon()),
-                             device_executors=device_pools)
+                             device_executors=device_pools,
+                             batching=BatchPolicy(rs.batch_max_size, rs.batch_max_wait_ms, rs.batch_max_queue))
 
     # Only the mesh's routers (and re-homing runtimes) may call the runtime port, when their
     # certificate names are configured; then their frames' registrations are trusted too.

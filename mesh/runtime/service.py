@@ -36,6 +36,8 @@ from mesh.ids import check_model_id
 from mesh.observability.metrics import RuntimeMetrics, status_name
 from mesh.registry.records import GPU_REQUIRED, ModelSpec
 from mesh.registry.specs import SpecCache
+from mesh.runtime.batch_predict import Outcome, predict_batch
+from mesh.runtime.batching import Batcher, BatchPolicy, batchable_model
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.forwarding import CopyLost, ForwardingModel
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
@@ -291,6 +293,7 @@ class RuntimeService:
         metrics: RuntimeMetrics | None = None,
         limit: InflightLimit | None = None,
         device_executors: Mapping[str, Executor] | None = None,
+        batching: BatchPolicy | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.metrics = metrics or RuntimeMetrics()
@@ -309,6 +312,11 @@ class RuntimeService:
         self.last_started = 0.0  # perf_counter of the last inference's arrival, ditto
         self.leaving = False  # shutting down: loads asked of this instance are refused
         self._background = Background("runtime-service")  # unloads after registration changes
+        # Dynamic batching (mesh.runtime.batching): the runtime's defaults, and a batcher per
+        # in-process copy that batches (None: it does not), dropped when the copy goes.
+        self.batching = batching or BatchPolicy()
+        self._batchers: dict[str, tuple[Entry, Batcher | None]] = {}
+        cache.add_listener(self)
         specs.subscribe(self._registration_changed, self._registrations_reset)
 
     # --- inference ----------------------------------------------------------------------------
@@ -390,6 +398,10 @@ class RuntimeService:
                     entry = await self._miss(model_id, allow_load)
                     if isinstance(entry.model, ForwardingModel):
                         return await self._forward(entry, body)
+            batcher = self._batcher(entry)
+            admitted = batcher.admit(body) if batcher is not None else None
+            if batcher is not None and admitted is not None:
+                return await batcher.submit(body=body, request=admitted[0], rows=admitted[1], key=admitted[2])
             if 0 <= entry.predict_ms < self.inline_predict_ms and len(body) <= INLINE_MAX_BODY:
                 # Small and known to be quick: no thread hand-off (the copy cannot be evicted and
                 # closed in between, since nothing awaits before the work is done).
@@ -425,6 +437,39 @@ class RuntimeService:
             return await asyncio.get_running_loop().run_in_executor(executor, _run_inference, entry, body)
         finally:
             self.cache.end_use(entry)
+
+    # --- dynamic batching ---------------------------------------------------------------------
+    def _batcher(self, entry: Entry) -> Batcher | None:
+        known = self._batchers.get(entry.model_id)
+        if known is not None and known[0] is entry:
+            return known[1]
+        policy = self.batching.for_model(_key_or_empty(entry.spec.key), entry.model_id)
+        batcher = None
+        if policy.enabled and batchable_model(entry.model):
+            async def execute(requests: list[pb.ModelInferRequest], bodies: list[bytes]) -> list[Outcome]:
+                return await self._predict_batch(entry, requests, bodies)
+
+            batcher = Batcher(policy, execute, model_id=entry.model_id, on_batch=self.metrics.batched)
+        self._batchers[entry.model_id] = (entry, batcher)
+        return batcher
+
+    async def _predict_batch(self, entry: Entry, requests: list[pb.ModelInferRequest],
+                             bodies: list[bytes]) -> list[Outcome]:
+        self.cache.begin_use(entry)
+        try:
+            executor = self._executor if entry.device == "ram" else \
+                self._device_executors.get(entry.device, self._executor)
+            return await asyncio.get_running_loop().run_in_executor(executor, _run_batch, entry, requests, bodies)
+        finally:
+            self.cache.end_use(entry)
+
+    def on_change(self, entry: Entry, event: str) -> None:
+        """A cache listener: a copy that goes takes its batcher along (requests still waiting in
+        it are answered by its flush: NOT_HERE from the closed model, as unbatched)."""
+        if event in ("evicted", "unloaded", "failed"):
+            known = self._batchers.get(entry.model_id)
+            if known is not None and known[0] is entry:
+                del self._batchers[entry.model_id]
 
     async def model_ready(self, model_id: str) -> bool:
         entry = self.cache.get(check_model_id(model_id))
@@ -510,6 +555,26 @@ def _run_inference(entry: Entry, body: bytes) -> bytes:
     previous = entry.predict_ms
     entry.predict_ms = elapsed_ms if previous < 0 else previous + _EWMA * (elapsed_ms - previous)
     return response
+
+
+def _run_batch(entry: Entry, requests: list[pb.ModelInferRequest], bodies: list[bytes]) -> list[Outcome]:
+    """A batch's prediction (mesh.runtime.batch_predict) on an inference thread, timed like one."""
+    started = time.perf_counter()
+    model = entry.model
+    if model is None:
+        return [NotHere(f"model {entry.model_id!r} was unloaded from this instance")] * len(requests)
+    outcomes = predict_batch(model, entry.model_id, requests, bodies)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    previous = entry.predict_ms
+    entry.predict_ms = elapsed_ms if previous < 0 else previous + _EWMA * (elapsed_ms - previous)
+    return outcomes
+
+
+def _key_or_empty(key: str) -> dict[str, object]:
+    try:
+        return parse_key(key)
+    except ModelLoadError:
+        return {}
 
 
 def _infer(entry: Entry, body: bytes) -> bytes:

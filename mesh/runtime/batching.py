@@ -1,0 +1,243 @@
+"""Dynamic batching: requests for one loaded copy, merged into one prediction (issue 17).
+
+A :class:`Batcher` per in-process copy (``RuntimeService`` keeps one per loaded entry) queues the
+requests that can be merged: same input names, datatypes and shapes except the first dimension,
+same requested outputs, same parameters (:func:`signature`). Requests of one signature form an
+open batch, which is flushed when its rows reach ``max_size`` or ``max_wait_ms`` after its first
+request, whichever comes first; several signatures have several open batches, so a request
+incompatible with one never waits behind it. The flushed batch is predicted once on an inference
+thread (``mesh.runtime.batch_predict``: merge, predict, split back; errors stay per request).
+
+What is not batched goes the unbatched way, unchanged: requests the event loop cannot cheaply read
+(over ``MAX_BODY``, malformed, an input with no first dimension, inputs disagreeing on it), copies
+in model workers or external servers (their bytes are forwarded as they are), models that declare
+a fixed first dimension (they take no batch), and everything when ``max_size`` is 0 or 1.
+
+Waiting is bounded three ways: ``max_wait_ms``; the request's own deadline (the transports cancel
+a request at its deadline and answer DEADLINE_EXCEEDED; a cancelled request leaves its open batch
+at once, and a batch left empty is never predicted); and ``max_queue`` requests waiting per copy,
+past which a request is refused with RESOURCE_EXHAUSTED rather than queued without bound. A copy
+evicted or unloaded while requests wait answers them as the unbatched path would: the flushed
+prediction finds the model closed and each request gets NOT_HERE, which the router retries
+elsewhere.
+
+Where the per-model setting lives: in the registration's ``ModelInfo.key`` JSON, as
+``{"batch_max_size": 16, "batch_max_wait_ms": 2}`` next to modelmesh-serving's ``storage_key``
+and friends (``mesh model register --batch-max-size/--batch-max-wait-ms`` writes them there). The
+key already travels unchanged from ModelInfo to the registry's ModelSpec to the runtime, so no
+proto field, generated code, router mapping or record field changes, and clients built against
+ModelMesh's proto can set it. modelmesh-serving's own adapters read only the members they know
+from this JSON, so the extra ones are harmless there. A changed key is a redefinition
+(``ModelSpec.same_definition``): the copy reloads and takes the new setting. A value that is not
+a number in range is ignored with a warning (the runtime defaults apply); the load does not fail
+over a tuning knob.
+
+Time is injected (``schedule``): the tests drive the max wait with a fake timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, Protocol
+
+import structlog
+from google.protobuf.message import DecodeError
+
+from mesh.errors import ResourceExhausted
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.runtime.batch_predict import Outcome
+from mesh.tasks import Background
+
+log = structlog.get_logger(__name__)
+
+# Requests larger than this are not batched: the event loop parses a request to read its
+# signature, and a large one is a batch on its own anyway (the codec's inline limit, 64 KiB).
+MAX_BODY = 64 * 1024
+MAX_BATCH_SIZE = 4096
+MAX_WAIT_MS = 1000.0
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """``max_size``: rows (first-dimension elements) per batch, 0 or 1 = no batching; ``max_wait_ms``:
+    the longest a batch stays open after its first request; ``max_queue``: requests waiting per copy."""
+
+    max_size: int = 0
+    max_wait_ms: float = 0.0
+    max_queue: int = 1024
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_size > 1
+
+    def for_model(self, key: Mapping[str, object], model_id: str = "") -> BatchPolicy:
+        """This policy with the registration key's ``batch_max_size`` / ``batch_max_wait_ms``
+        (module docstring); values out of range are ignored with a warning."""
+        changes: dict[str, Any] = {}
+        for name, attr, limit in (("batch_max_size", "max_size", MAX_BATCH_SIZE),
+                                  ("batch_max_wait_ms", "max_wait_ms", MAX_WAIT_MS)):
+            if name not in key:
+                continue
+            value = key[name]
+            whole = attr == "max_size"
+            if (isinstance(value, bool) or not isinstance(value, int | float) or (whole and value != int(value))
+                    or not 0 <= value <= limit):
+                log.warning("batching setting in the model key ignored", model_id=model_id, setting=name,
+                            value=str(value)[:40], limit=limit)
+                continue
+            changes[attr] = int(value) if whole else float(value)
+        return replace(self, **changes) if changes else self
+
+
+def signature(request: pb.ModelInferRequest) -> tuple[int, tuple[Any, ...]] | None:
+    """(rows, what must be equal for two requests to merge), or None when the request cannot be
+    batched: no inputs, an input without a first dimension, inputs disagreeing on it."""
+    if not request.inputs:
+        return None
+    rows = -1
+    inputs = []
+    for tensor in request.inputs:
+        shape = tuple(tensor.shape)
+        if not shape or (rows >= 0 and shape[0] != rows):
+            return None
+        rows = shape[0]
+        inputs.append((tensor.name, tensor.datatype, shape[1:], _params(tensor.parameters)))
+    outputs = tuple((o.name, _params(o.parameters)) for o in request.outputs)
+    return rows, (tuple(inputs), outputs, _params(request.parameters))
+
+
+def _params(parameters: Any) -> tuple[tuple[str, bytes], ...]:
+    if not parameters:
+        return ()
+    return tuple(sorted((k, v.SerializeToString(deterministic=True)) for k, v in parameters.items()))
+
+
+def batchable_model(model: Any) -> bool:
+    """Whether a loaded model takes a batch dimension: no input declares a fixed first dimension."""
+    return all(spec.shape and spec.shape[0] == -1 for spec in getattr(model, "inputs", ()))
+
+
+class Handle(Protocol):
+    def cancel(self) -> None: ...
+
+
+Schedule = Callable[[float, Callable[[], None]], Handle]
+Execute = Callable[[list[pb.ModelInferRequest], list[bytes]], Awaitable[list[Outcome]]]
+
+
+@dataclass(eq=False)
+class _Waiting:
+    request: pb.ModelInferRequest
+    body: bytes
+    rows: int
+    future: asyncio.Future[bytes]
+
+
+@dataclass(eq=False)
+class _Batch:
+    key: tuple[Any, ...]
+    waiting: list[_Waiting] = field(default_factory=list)
+    rows: int = 0
+    timer: Handle | None = None
+
+
+class Batcher:
+    """The open batches of one loaded copy (module docstring). ``execute`` predicts a flushed
+    batch (on an inference thread) and answers each request; ``on_batch`` is told each batch's
+    request count (a metric)."""
+
+    def __init__(self, policy: BatchPolicy, execute: Execute, *, model_id: str = "",
+                 schedule: Schedule | None = None, on_batch: Callable[[int], None] | None = None) -> None:
+        self.policy = policy
+        self.model_id = model_id
+        self._execute = execute
+        self._schedule = schedule
+        self._on_batch = on_batch
+        self._open: dict[tuple[Any, ...], _Batch] = {}
+        self.waiting = 0  # requests in open batches
+        self._running = Background(f"batcher:{model_id[:100]}")
+
+    @staticmethod
+    def admit(body: bytes) -> tuple[pb.ModelInferRequest, int, tuple[Any, ...]] | None:
+        """The parsed request, its rows and its signature; None: serve it unbatched."""
+        if len(body) > MAX_BODY:
+            return None
+        try:
+            request = pb.ModelInferRequest.FromString(body)
+        except (DecodeError, RuntimeError, ValueError):
+            return None  # the unbatched path answers it with the codec's message
+        sig = signature(request)
+        return None if sig is None else (request, sig[0], sig[1])
+
+    async def submit(self, request: pb.ModelInferRequest, body: bytes, rows: int, key: tuple[Any, ...]) -> bytes:
+        """Queue the request in the open batch of its signature and wait for its answer."""
+        if self.waiting >= self.policy.max_queue:
+            raise ResourceExhausted(f"model {self.model_id!r}: {self.waiting} requests wait for a batch; "
+                                    f"the limit is {self.policy.max_queue} (runtime.batch_max_queue)")
+        batch = self._open.get(key)
+        if batch is not None and batch.rows + rows > self.policy.max_size:
+            self._flush(batch)  # it would overflow: it leaves now, this request opens the next
+            batch = None
+        if batch is None:
+            batch = self._open[key] = _Batch(key)
+            schedule = self._schedule or asyncio.get_running_loop().call_later
+            batch.timer = schedule(self.policy.max_wait_ms / 1000, partial(self._flush, batch))
+        waiting = _Waiting(request, body, rows, asyncio.get_running_loop().create_future())
+        batch.waiting.append(waiting)
+        batch.rows += rows
+        self.waiting += 1
+        if batch.rows >= self.policy.max_size:
+            self._flush(batch)
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            # Its deadline passed or its caller left: it leaves the batch if still waiting.
+            if self._open.get(key) is batch and waiting in batch.waiting:
+                batch.waiting.remove(waiting)
+                batch.rows -= rows
+                self.waiting -= 1
+                if not batch.waiting:
+                    self._close(batch)
+            raise
+
+    def _close(self, batch: _Batch) -> None:
+        if self._open.get(batch.key) is batch:
+            del self._open[batch.key]
+        if batch.timer is not None:
+            batch.timer.cancel()
+
+    def _flush(self, batch: _Batch) -> None:
+        if self._open.get(batch.key) is not batch:
+            return  # already flushed (by size, then its timer fired)
+        self._close(batch)
+        self.waiting -= len(batch.waiting)
+        waiting = [w for w in batch.waiting if not w.future.done()]
+        if not waiting:
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(waiting))
+        self._running.spawn(self._run(waiting), "predict")
+
+    async def _run(self, waiting: Sequence[_Waiting]) -> None:
+        try:
+            outcomes = await self._execute([w.request for w in waiting], [w.body for w in waiting])
+        except Exception as exc:  # the executor itself failed (shutting down): every request's answer
+            outcomes = [exc] * len(waiting)
+        for w, outcome in zip(waiting, outcomes, strict=True):
+            if w.future.done():
+                continue  # cancelled after the flush: nobody waits for it
+            if isinstance(outcome, BaseException):
+                w.future.set_exception(outcome)
+            else:
+                w.future.set_result(outcome)
+
+    def flush_all(self) -> None:
+        """Flush every open batch now (tests; a copy going away)."""
+        for batch in list(self._open.values()):
+            self._flush(batch)
+
+
+__all__ = ["MAX_BODY", "BatchPolicy", "Batcher", "batchable_model", "signature"]

@@ -1,0 +1,328 @@
+"""Dynamic batching (mesh.runtime.batching, batch_predict): merge/split, compatibility, errors per
+request, deadlines and the max wait on a fake timer, the per-model setting. Real models of every
+built-in format check that batched answers equal unbatched ones."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mesh.errors import InvalidArgument, NotHere, ResourceExhausted
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.runtime.batch_predict import Outcome, predict_batch, split_rows
+from mesh.runtime.batching import Batcher, BatchPolicy, batchable_model, signature
+from mesh.runtime.loaders import get_loader
+from mesh.runtime.loaders.base import LoadedModel
+from mesh.tensors import TensorSpec, decode_response, encode_request, infer_bytes
+from tests.support.models import make_model
+
+
+class Echo(LoadedModel):
+    """Returns every input doubled (numbers) or as is (BYTES, BOOL) under ``out_<name>``; counts calls."""
+
+    def __init__(self, names: Sequence[str] = ("x",), fail: BaseException | None = None) -> None:
+        super().__init__(model_id="echo", type="test", device="ram",
+                         inputs=[TensorSpec(n, "FP32", (-1, -1)) for n in names],
+                         outputs=[TensorSpec(f"out_{n}", "FP32", (-1, -1)) for n in names])
+        self.calls: list[int] = []
+        self.fail = fail
+
+    def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        self.calls.append(len(next(iter(inputs.values()))))
+        if self.fail is not None:
+            raise self.fail
+        for value in inputs.values():
+            if value.dtype.kind == "f" and np.isnan(value).any():
+                raise InvalidArgument("NaN refused")
+        return {f"out_{k}": v if v.dtype.kind in "Ob" else v * 2 for k, v in inputs.items()}
+
+    def footprint_bytes(self) -> int:
+        return 0
+
+    def _release(self) -> None:
+        pass
+
+
+def request(inputs: Mapping[str, np.ndarray], raw: bool = True, rid: str = "", **kw: Any) -> pb.ModelInferRequest:
+    return encode_request(model_name="m", inputs=inputs, raw=raw, request_id=rid, **kw)
+
+
+def run(model: Any, requests: Sequence[pb.ModelInferRequest]) -> list[Outcome]:
+    return predict_batch(model, "m", requests, [r.SerializeToString() for r in requests])
+
+
+def alone(model: Any, req: pb.ModelInferRequest) -> bytes:
+    return infer_bytes(model, "m", req.SerializeToString())
+
+
+TYPED_ARRAYS: dict[str, Callable[[int], np.ndarray]] = {
+    "FP32": lambda n: np.arange(n * 3, dtype=np.float32).reshape(n, 3),
+    "FP64": lambda n: np.linspace(0, 1, n * 2).reshape(n, 2),
+    "FP16": lambda n: np.arange(n * 2, dtype=np.float16).reshape(n, 2),
+    "INT64": lambda n: np.arange(n * 4, dtype=np.int64).reshape(n, 4),
+    "INT32": lambda n: np.arange(n, dtype=np.int32).reshape(n, 1),
+    "UINT8": lambda n: np.arange(n * 2, dtype=np.uint8).reshape(n, 2),
+    "BOOL": lambda n: (np.arange(n * 2) % 2 == 0).reshape(n, 2),
+    "BYTES": lambda n: np.array([f"row{i}".encode() for i in range(n)], dtype=object).reshape(n, 1),
+}
+
+
+@pytest.mark.parametrize("datatype", sorted(TYPED_ARRAYS))
+@pytest.mark.parametrize("raw", [True, False])
+def test_merged_answers_equal_unbatched_for_every_tensor_type(datatype: str, raw: bool) -> None:
+    if datatype == "FP16" and not raw:
+        pytest.skip("FP16 travels raw only")
+    model = Echo()
+    requests = [request({"x": TYPED_ARRAYS[datatype](n)}, raw=raw, rid=f"r{n}") for n in (1, 3, 2)]
+    outcomes = run(model, requests)
+    assert model.calls == [6]  # one prediction for the three
+    for req, got in zip(requests, outcomes, strict=True):
+        assert got == alone(model, req)  # byte for byte: same outputs, id, name and form
+        assert pb.ModelInferResponse.FromString(got).id == req.id
+
+
+def test_several_inputs_merge_together_and_rows_split_back() -> None:
+    model = Echo(names=("a", "b"))
+    requests = [request({"a": np.full((n, 2), n, np.float32), "b": np.full((n, 1), -n, np.int64)}) for n in (2, 1)]
+    first, second = (decode_response(pb.ModelInferResponse.FromString(o)) for o in run(model, requests))  # type: ignore[arg-type]
+    assert first["out_a"].tolist() == [[4, 4], [4, 4]] and first["out_b"].tolist() == [[-4], [-4]]
+    assert second["out_a"].tolist() == [[2, 2]] and second["out_b"].tolist() == [[-2]]
+
+
+def test_split_refuses_outputs_that_lost_the_rows() -> None:
+    assert split_rows({"y": np.zeros((5, 2))}, [2, 3]) is not None
+    assert split_rows({"y": np.zeros(4)}, [2, 3]) is None
+    assert split_rows({"y": np.float64(1.0)}, [2, 3]) is None  # type: ignore[dict-item]
+
+
+def test_signature_says_what_may_merge() -> None:
+    base = signature(request({"x": np.zeros((2, 3), np.float32)}))
+    assert base is not None and base[0] == 2
+    assert signature(request({"x": np.zeros((5, 3), np.float32)}))[1] == base[1]  # type: ignore[index]
+    for other in (request({"x": np.zeros((2, 4), np.float32)}),  # another trailing shape
+                  request({"x": np.zeros((2, 3), np.float64)}),  # another datatype
+                  request({"y": np.zeros((2, 3), np.float32)}),  # another input name
+                  request({"x": np.zeros((2, 3), np.float32)}, outputs=["predict_proba"])):
+        assert signature(other)[1] != base[1]  # type: ignore[index]
+    with_params = request({"x": np.zeros((2, 3), np.float32)})
+    with_params.parameters["threshold"].double_param = 0.5
+    assert signature(with_params)[1] != base[1]  # type: ignore[index]
+    assert signature(request({"x": np.float32(1.0)})) is None  # no first dimension  # type: ignore[dict-item]
+    assert signature(request({"a": np.zeros((2, 1)), "b": np.zeros((3, 1))})) is None  # rows disagree
+
+
+def test_a_refused_request_gets_its_own_error_and_the_others_their_answers() -> None:
+    model = Echo()
+    good = [request({"x": np.ones((2, 2), np.float32)}), request({"x": np.zeros((1, 2), np.float32)})]
+    bad = request({"x": np.full((1, 2), np.nan, np.float32)})
+    malformed = request({"x": np.ones((1, 2), np.float32)})
+    malformed.raw_input_contents[0] = b"\0" * 3  # 3 bytes for 2 FP32
+    outcomes = run(model, [good[0], bad, malformed, good[1]])
+    assert isinstance(outcomes[1], InvalidArgument) and "NaN" in str(outcomes[1])
+    assert isinstance(outcomes[2], InvalidArgument) and "raw contents" in str(outcomes[2])
+    assert outcomes[0] == alone(model, good[0]) and outcomes[3] == alone(model, good[1])
+
+
+def test_a_model_error_is_the_answer_of_each_request_of_the_batch() -> None:
+    for error in (RuntimeError("library crashed"), NotHere("model 'm' was unloaded from this instance")):
+        model = Echo(fail=error)
+        outcomes = run(model, [request({"x": np.ones((1, 2), np.float32)}) for _ in range(3)])
+        assert outcomes == [error] * 3 and model.calls == [3]
+
+
+def test_an_unloaded_copy_answers_not_here_to_each() -> None:
+    model = Echo()
+    model.close()
+    outcomes = run(model, [request({"x": np.ones((1, 2), np.float32)}) for _ in range(2)])
+    assert all(isinstance(o, NotHere) for o in outcomes)
+
+
+def test_models_with_a_fixed_first_dimension_are_not_batched() -> None:
+    model = Echo()
+    assert batchable_model(model)
+    model.inputs = [TensorSpec("x", "FP32", (1, 3))]
+    assert not batchable_model(model)
+
+
+@pytest.mark.parametrize("kind", ["sklearn", "xgboost", "lightgbm", "onnx", "torchscript"])
+def test_real_models_answer_the_same_batched(kind: str, tmp_path: Path) -> None:
+    artifact = make_model(kind, tmp_path, seed=1)
+    model = get_loader(kind).load("m", artifact.path, {}, "ram")
+    assert batchable_model(model)
+    rows = np.asarray(artifact.sample, dtype=np.float32)
+    requests = [request({"input": rows[i:i + n]}, rid=str(i)) for i, n in ((0, 1), (1, 3), (4, 4))]
+    for req, got in zip(requests, run(model, requests), strict=True):
+        assert isinstance(got, bytes)
+        batched = decode_response(pb.ModelInferResponse.FromString(got))
+        unbatched = decode_response(pb.ModelInferResponse.FromString(alone(model, req)))
+        assert batched.keys() == unbatched.keys()
+        for name, value in unbatched.items():
+            if value.dtype.kind == "O":
+                assert batched[name].tolist() == value.tolist()
+            else:
+                np.testing.assert_allclose(batched[name], value, rtol=1e-5, atol=1e-6)
+    model.close()
+
+
+# --- the queue on the event loop --------------------------------------------------------------
+
+
+class FakeTimer:
+    """``schedule`` for the Batcher: records the delays; ``fire`` runs what is due."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, Callable[[], None], list[bool]]] = []
+
+    def __call__(self, delay: float, callback: Callable[[], None]) -> Any:
+        cancelled = [False]
+        self.calls.append((delay, callback, cancelled))
+
+        class Handle:
+            def cancel(self) -> None:
+                cancelled[0] = True
+
+        return Handle()
+
+    def fire(self) -> None:
+        for _, callback, cancelled in list(self.calls):
+            if not cancelled[0]:
+                cancelled[0] = True
+                callback()
+
+
+def batcher(model: Any, policy: BatchPolicy, timer: FakeTimer, sizes: list[int]) -> Batcher:
+    async def execute(requests: list[pb.ModelInferRequest], bodies: list[bytes]) -> list[Outcome]:
+        return predict_batch(model, "m", requests, bodies)
+
+    return Batcher(policy, execute, model_id="m", schedule=timer, on_batch=sizes.append)
+
+
+async def submit(b: Batcher, req: pb.ModelInferRequest) -> bytes:
+    admitted = b.admit(req.SerializeToString())
+    assert admitted is not None
+    return await b.submit(admitted[0], req.SerializeToString(), admitted[1], admitted[2])
+
+
+def test_a_batch_waits_for_max_wait_then_goes_with_what_it_has() -> None:
+    async def main() -> None:
+        model, timer, sizes = Echo(), FakeTimer(), []
+        b = batcher(model, BatchPolicy(max_size=8, max_wait_ms=5), timer, sizes)
+        tasks = [asyncio.create_task(submit(b, request({"x": np.ones((1, 2), np.float32)}))) for _ in range(3)]
+        await asyncio.sleep(0.01)  # real time passes; the fake timer has not fired
+        assert not any(t.done() for t in tasks) and model.calls == [] and b.waiting == 3
+        assert [delay for delay, _, _ in timer.calls] == [0.005]  # one timer, at the max wait
+        timer.fire()
+        await asyncio.gather(*tasks)
+        assert model.calls == [3] and sizes == [3] and b.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_a_full_batch_goes_at_once_and_an_overflowing_request_opens_the_next() -> None:
+    async def main() -> None:
+        model, timer, sizes = Echo(), FakeTimer(), []
+        b = batcher(model, BatchPolicy(max_size=4, max_wait_ms=5), timer, sizes)
+        first = [asyncio.create_task(submit(b, request({"x": np.ones((n, 2), np.float32)}))) for n in (2, 1)]
+        await asyncio.sleep(0)
+        third = asyncio.create_task(submit(b, request({"x": np.ones((2, 2), np.float32)})))  # 5 rows > 4
+        await asyncio.gather(*first)  # flushed by the overflow, without the timer
+        assert model.calls == [3]
+        fourth = asyncio.create_task(submit(b, request({"x": np.ones((2, 2), np.float32)})))  # 4 rows: full
+        await asyncio.gather(third, fourth)
+        assert model.calls == [3, 4] and sizes == [2, 2]
+
+    asyncio.run(main())
+
+
+def test_incompatible_requests_wait_in_batches_of_their_own() -> None:
+    async def main() -> None:
+        model, timer, sizes = Echo(), FakeTimer(), []
+        b = batcher(model, BatchPolicy(max_size=8, max_wait_ms=5), timer, sizes)
+        reqs = [request({"x": np.ones((1, 2), np.float32)}), request({"x": np.ones((1, 3), np.float32)}),
+                request({"x": np.ones((1, 2), np.float32)})]
+        tasks = [asyncio.create_task(submit(b, r)) for r in reqs]
+        await asyncio.sleep(0)
+        assert len(timer.calls) == 2
+        timer.fire()
+        answers = await asyncio.gather(*tasks)
+        assert sorted(model.calls) == [1, 2] and sorted(sizes) == [1, 2]
+        assert list(answers) == [alone(model, r) for r in reqs]
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_deadline_passes_while_waiting_leaves_its_batch() -> None:
+    async def main() -> None:
+        model, timer, sizes = Echo(), FakeTimer(), []
+        b = batcher(model, BatchPolicy(max_size=8, max_wait_ms=50), timer, sizes)
+        late = request({"x": np.ones((1, 2), np.float32)})
+        stays = asyncio.create_task(submit(b, request({"x": np.ones((2, 2), np.float32)})))
+
+        async def with_deadline() -> bytes:
+            async with asyncio.timeout(0.01):  # as the transports bound a request by its deadline
+                return await submit(b, late)
+
+        with pytest.raises(TimeoutError):
+            await with_deadline()
+        assert b.waiting == 1
+        timer.fire()
+        await stays
+        assert model.calls == [2] and sizes == [1]  # predicted without the one that left
+
+        lone = asyncio.create_task(with_deadline())  # alone in its batch: the batch goes with it
+        with pytest.raises(TimeoutError):
+            await lone
+        timer.fire()
+        await asyncio.sleep(0)
+        assert b.waiting == 0 and model.calls == [2] and timer.calls[-1][2][0]
+
+    asyncio.run(main())
+
+
+def test_the_queue_is_bounded() -> None:
+    async def main() -> None:
+        model, timer, sizes = Echo(), FakeTimer(), []
+        b = batcher(model, BatchPolicy(max_size=100, max_wait_ms=5, max_queue=2), timer, sizes)
+        tasks = [asyncio.create_task(submit(b, request({"x": np.ones((1, 2), np.float32)}))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(ResourceExhausted, match="batch_max_queue"):
+            await submit(b, request({"x": np.ones((1, 2), np.float32)}))
+        timer.fire()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_errors_reach_each_waiting_request() -> None:
+    async def main() -> None:
+        model, timer, sizes = Echo(), FakeTimer(), []
+        b = batcher(model, BatchPolicy(max_size=3, max_wait_ms=5), timer, sizes)
+        reqs = [request({"x": np.ones((1, 2), np.float32)}), request({"x": np.full((1, 2), np.nan, np.float32)}),
+                request({"x": np.zeros((1, 2), np.float32)})]
+        results = await asyncio.gather(*(submit(b, r) for r in reqs), return_exceptions=True)
+        assert isinstance(results[1], InvalidArgument)
+        assert results[0] == alone(model, reqs[0]) and results[2] == alone(model, reqs[2])
+
+    asyncio.run(main())
+
+
+def test_large_or_unreadable_bodies_are_not_batched() -> None:
+    assert Batcher.admit(b"\xff\xff not a request") is None
+    big = request({"x": np.ones((10_000, 4), np.float32)}).SerializeToString()
+    assert Batcher.admit(big) is None
+
+
+def test_the_per_model_setting_comes_from_the_registration_key() -> None:
+    defaults = BatchPolicy(max_size=0, max_wait_ms=2, max_queue=10)
+    assert not defaults.enabled
+    mine = defaults.for_model({"storage_key": "s3", "batch_max_size": 16, "batch_max_wait_ms": 1.5})
+    assert mine == BatchPolicy(max_size=16, max_wait_ms=1.5, max_queue=10) and mine.enabled
+    assert defaults.for_model({"batch_max_size": 1}).enabled is False  # a model may turn it off
+    for bad in ({"batch_max_size": "16"}, {"batch_max_size": 2.5}, {"batch_max_size": -1},
+                {"batch_max_wait_ms": 10_000}, {"batch_max_size": True}):
+        assert defaults.for_model(bad) == defaults  # ignored, with a warning
