@@ -41,9 +41,15 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 
 def _key(args: argparse.Namespace) -> str:
-    """--key, with --storage-key and --storage-param merged into it (modelmesh-serving's fields)."""
+    """--key, with --storage-key and --storage-param merged into it (modelmesh-serving's fields), and
+    --batch-max-size / --batch-max-wait-ms (mesh.runtime.batching reads them from the key)."""
     storage_key, params = getattr(args, "storage_key", None), getattr(args, "storage_param", None) or []
-    if not storage_key and not params:
+    batching = {name: value for name, value in (("batch_max_size", getattr(args, "batch_max_size", None)),
+                                                ("batch_max_wait_ms", getattr(args, "batch_max_wait_ms", None)))
+                if value is not None}
+    if any(value < 0 for value in batching.values()):
+        raise InvalidArgument("--batch-max-size and --batch-max-wait-ms must not be negative")
+    if not storage_key and not params and not batching:
         return args.key or ""
     try:
         key = json.loads(args.key) if args.key else {}
@@ -58,6 +64,7 @@ def _key(args: argparse.Namespace) -> str:
         if not sep or not name:
             raise InvalidArgument(f"--storage-param {item[:80]!r}: expected NAME=VALUE")
         key.setdefault("storage_params", {})[name] = value
+    key.update(batching)
     return json.dumps(key)
 
 

@@ -58,6 +58,11 @@ def _model_info_options(p: argparse.ArgumentParser, *, required: bool) -> None:
                    "storage.config_dir); --path is then the object or prefix in its bucket")
     p.add_argument("--storage-param", action="append", metavar="NAME=VALUE",
                    help="storage parameter overriding the key's field, e.g. bucket=models (repeatable)")
+    p.add_argument("--batch-max-size", type=int, metavar="ROWS",
+                   help="dynamic batching: the most rows merged into one prediction (1: off), written into "
+                        "the key as batch_max_size; default: the runtime's runtime.batch_max_size")
+    p.add_argument("--batch-max-wait-ms", type=float, metavar="MS",
+                   help="dynamic batching: the longest a batch waits for more requests (key batch_max_wait_ms)")
     p.add_argument("--size-hint", help="expected in-memory size (e.g. 200MiB); else predicted")
     p.add_argument("--min-copies", type=int, default=0)
     p.add_argument("--max-copies", type=int, default=0)

@@ -5,6 +5,7 @@ built-in format check that batched answers equal unbatched ones."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,15 @@ def test_the_per_model_setting_comes_from_the_registration_key() -> None:
     for bad in ({"batch_max_size": "16"}, {"batch_max_size": 2.5}, {"batch_max_size": -1},
                 {"batch_max_wait_ms": 10_000}, {"batch_max_size": True}):
         assert defaults.for_model(bad) == defaults  # ignored, with a warning
+
+
+def test_the_register_flags_write_the_key() -> None:
+    from mesh.cli.commands import _key
+    from mesh.cli.main import build_parser
+
+    args = build_parser().parse_args(["model", "register", "m", "--type", "onnx", "--path", "/m",
+                                      "--key", '{"storage_key": "s3"}', "--batch-max-size", "16",
+                                      "--batch-max-wait-ms", "2"])
+    key = json.loads(_key(args))
+    assert key == {"storage_key": "s3", "batch_max_size": 16, "batch_max_wait_ms": 2.0}
+    assert BatchPolicy().for_model(key) == BatchPolicy(max_size=16, max_wait_ms=2.0)
