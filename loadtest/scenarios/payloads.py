@@ -1,0 +1,200 @@
+"""Payload logging's cost (issue 17, target: logging every request to a sink on 127.0.0.1 lowers
+routed throughput by at most 10 %).
+
+``python -m loadtest.scenarios.payloads [--duration S] [--rounds R] [--warmup S] [--concurrency N]
+[--quick] [--json] [--out FILE]``
+
+Method. One private etcd, one runtime and two routers, each a separate process on 127.0.0.1 as
+``mesh serve`` starts them: router *off* without payload logging, router *on* with
+``router.payload_processors`` naming an HTTP sink (mode all: a request and a response record per
+inference, ``payload_sample`` 1). The sink is a third process (this module with ``--sink``: an
+aiohttp server that counts the CloudEvents it is posted and answers 200). Both routers forward to
+the same runtime and model (the hop scenario's LogisticRegression over 256 features, one FP32 row,
+1,059 request bytes), so the two paths differ only by the logging. A closed-loop grpc.aio client in
+this process drives each at a fixed concurrency (32), in ``--rounds`` interleaved rounds of
+alternating order (hop's method), reporting throughput and p50/p99 per path, the CPU per request
+of the router, runtime and sink, the records the sink received and the routers' counters.
+
+Caveats. Everything shares this machine's cores (two on the reference machine): the sink's CPU and
+the router's sending work compete with the runtime and the client, so the cost measured is the
+whole machine's, which is what the target asks. Numbers are from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+from loadtest.cluster import Cluster, Server, prepare_benchmark_process
+from loadtest.load import bytes_call
+from loadtest.management import register, wait_loaded
+from loadtest.models import TrainedModel, infer_body, train_logistic
+from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table, verdict
+from loadtest.scenarios.hop import INFER, Target, interleaved
+from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+
+MODEL_ID = "payload-lr-256"
+TARGET_DROP = 0.10
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- the sink process ---------------------------------------------------------------------------
+async def serve_sink(ready_file: Path | None) -> None:
+    from aiohttp import web
+
+    from loadtest._serving import wait_for_stop, write_ready
+
+    counts: dict[str, int] = {}
+
+    async def event(request: web.Request) -> web.Response:
+        await request.read()
+        kind = request.headers.get("ce-type", "")
+        counts[kind] = counts.get(kind, 0) + 1
+        return web.Response()
+
+    async def count(_: web.Request) -> web.Response:
+        return web.json_response(counts)
+
+    app = web.Application()
+    app.router.add_post("/events", event)
+    app.router.add_get("/count", count)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    write_ready(ready_file, f"127.0.0.1:{runner.addresses[0][1]}")
+    await wait_for_stop()
+    await runner.cleanup()
+
+
+def sink_count(sink: Server) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://{sink.endpoint}/count", timeout=10) as answer:
+        return dict(json.loads(answer.read()))
+
+
+def router_counters(router: Server) -> dict[str, float]:
+    """The router's mesh_payload_records_total by outcome (its metrics port is logged at start)."""
+    url = next((e["url"] for e in router.events("metrics serving")), None)
+    if url is None:
+        return {}
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {o: float(v) for o, v in re.findall(r'^mesh_payload_records_total\{outcome="(\w+)",[^}]*\} (\S+)$',
+                                                 text, re.M)}
+
+
+# --- the measurement ----------------------------------------------------------------------------
+async def run(args: argparse.Namespace, model: TrainedModel, servers: dict[str, Server]) -> dict[str, Any]:
+    body = infer_body(model)
+    md = (("mm-model-id", MODEL_ID),)
+    me = psutil.Process()
+    channels = {name: grpc.aio.insecure_channel(servers[name].endpoint) for name in ("off", "on")}
+    try:
+        mesh = mm_grpc.ModelMeshStub(channels["off"])
+        await register(mesh, MODEL_ID, str(model.path))
+        for name in ("off", "on"):
+            await bytes_call(channels[name], INFER)(body, metadata=md, timeout=60)
+            await wait_loaded(mm_grpc.ModelMeshStub(channels[name]), MODEL_ID)
+        procs = {"runtime": servers["runtime"].ps, "client": me, "sink": servers["sink"].ps}
+        targets = [Target(f"logging {name}", bytes_call(channels[name], INFER), md,
+                          {"proxy": servers[name].ps, **procs}) for name in ("off", "on")]
+        sent_before = sum(sink_count(servers["sink"]).values())
+        results = await interleaved(targets, body, args.concurrency, args)
+    finally:
+        for channel in channels.values():
+            await channel.close()
+    await asyncio.sleep(1.0)  # the last records in flight reach the sink
+    received = sink_count(servers["sink"])
+    off, on = results["logging off"], results["logging on"]
+    drop = 1 - on.throughput_rps / off.throughput_rps
+    # Requests to router "on", warm-ups included: each should give two records.
+    return {
+        "machine": machine(),
+        "settings": {"duration_s": args.duration, "rounds": args.rounds, "warmup_s": args.warmup,
+                     "concurrency": args.concurrency, "request_bytes": len(body), "mode": "all", "sample": 1.0},
+        "phases": {k: v.summary() for k, v in results.items()},
+        "sink": {"received": received, "received_during_run": sum(received.values()) - sent_before},
+        "router_counters": router_counters(servers["on"]),
+        "targets": {"throughput_drop": {"value": round(drop, 3), "target": f"<= {TARGET_DROP}",
+                                        "met": drop <= TARGET_DROP}},
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = [[s["name"], s["requests"], s["throughput_rps"], s["p50_ms"], s["p99_ms"],
+             s.get("proxy_cpu_ms_per_req", float("nan")), s.get("runtime_cpu_ms_per_req", float("nan")),
+             s.get("sink_cpu_ms_per_req", float("nan")), s.get("client_cpu_ms_per_req", float("nan"))]
+            for s in result["phases"].values()]
+    t = result["targets"]["throughput_drop"]
+    c = result["settings"]["concurrency"]
+    return "\n".join([
+        machine_line(result["machine"]), "",
+        table(["path", "requests", "req/s", "p50 ms", "p99 ms", "router CPU ms/req", "runtime CPU ms/req",
+               "sink CPU ms/req", "client CPU ms/req"], rows), "",
+        f"sink received: {result['sink']['received']} (during the measured and warm-up segments: "
+        f"{result['sink']['received_during_run']}); router counters: {result['router_counters']}", "",
+        table(["target", "value", "target", "verdict"],
+              [[f"throughput lost with logging on, c={c}", t["value"], t["target"], verdict(t["met"])]]),
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.scenarios.payloads",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0,
+                        help="measured seconds per path, over all rounds (default 8)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each segment")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop workers (default 32)")
+    parser.add_argument("--quick", action="store_true", help="a short run for tests (1 s, 1 round)")
+    parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)  # run as the sink process
+    parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
+    add_output_args(parser)
+    args = parser.parse_args(argv)
+    import uvloop
+
+    if args.sink:
+        uvloop.run(serve_sink(args.ready_file))
+        return 0
+    if args.quick:
+        args.duration, args.rounds, args.warmup, args.concurrency = 1.0, 1, 0.2, 8
+    prepare_benchmark_process()
+    foreign = ForeignLoad()
+    model_dir = Path(tempfile.mkdtemp(prefix="mesh-bench-models-"))
+    import shutil
+
+    try:
+        model = train_logistic(MODEL_ID, model_dir, n_features=256, seed=256)
+        with Cluster() as cluster:
+            log("starting the sink, a runtime and two routers (logging off, on)...")
+            # The sink is this module in another process, started as the cluster starts its servers.
+            servers = {"sink": cluster._spawn("sink", [sys.executable, "-m", "loadtest.scenarios.payloads",
+                                                       "--sink"], dict(cluster._env))}
+            servers["runtime"] = cluster.start_runtime(capacity_bytes=256 * 2**20)
+            servers["off"] = cluster.start_router("router-off")
+            servers["on"] = cluster.start_router("router-on", extra_env={
+                "MESH_ROUTER_PAYLOAD_PROCESSORS": f"http://{servers['sink'].endpoint}/events",
+                "MESH_ROUTER_PAYLOAD_MODE": "all"})
+            result = uvloop.run(run(args, model, servers))
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    result["machine"]["foreign_load"] = foreign.result()
+    emit(args, result, render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
