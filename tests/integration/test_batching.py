@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.tensors import decode_response, encode_request
 from tests.support.inprocess import InProcessMesh, memory_url
-from tests.support.models import make_model
+from tests.support.models import assert_outputs_match, make_model
 
 pytestmark = pytest.mark.integration
 
@@ -78,13 +78,7 @@ async def test_batched_answers_equal_unbatched_at_concurrency(
         batched = await asyncio.gather(*(m.infer("batched", r) for r in requests))
         for req, a, b in zip(requests, plain, batched, strict=True):
             assert a.id == b.id == req.id
-            left, right = decode_response(a), decode_response(b)
-            assert left.keys() == right.keys()
-            for name, value in left.items():
-                if value.dtype.kind == "O":
-                    assert right[name].tolist() == value.tolist()
-                else:
-                    np.testing.assert_allclose(right[name], value, rtol=1e-5, atol=1e-6)
+            assert_outputs_match(decode_response(b), decode_response(a))
     merged, batches = (x - y for x, y in zip(batch_histogram(port), before, strict=True))
     assert merged == 2 * CONCURRENCY  # every request of the batching model went through a batch ...
     assert batches < merged  # ... and some of them shared one

@@ -20,7 +20,7 @@ from mesh.runtime.batching import Batcher, BatchPolicy, batchable_model, signatu
 from mesh.runtime.loaders import get_loader
 from mesh.runtime.loaders.base import LoadedModel
 from mesh.tensors import TensorSpec, decode_response, encode_request, infer_bytes
-from tests.support.models import make_model
+from tests.support.models import assert_outputs_match, make_model
 
 
 class Echo(LoadedModel):
@@ -159,14 +159,8 @@ def test_real_models_answer_the_same_batched(kind: str, tmp_path: Path) -> None:
     requests = [request({"input": rows[i:i + n]}, rid=str(i)) for i, n in ((0, 1), (1, 3), (4, 4))]
     for req, got in zip(requests, run(model, requests), strict=True):
         assert isinstance(got, bytes)
-        batched = decode_response(pb.ModelInferResponse.FromString(got))
-        unbatched = decode_response(pb.ModelInferResponse.FromString(alone(model, req)))
-        assert batched.keys() == unbatched.keys()
-        for name, value in unbatched.items():
-            if value.dtype.kind == "O":
-                assert batched[name].tolist() == value.tolist()
-            else:
-                np.testing.assert_allclose(batched[name], value, rtol=1e-5, atol=1e-6)
+        assert_outputs_match(decode_response(pb.ModelInferResponse.FromString(got)),
+                             decode_response(pb.ModelInferResponse.FromString(alone(model, req))))
     model.close()
 
 
