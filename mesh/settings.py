@@ -302,16 +302,6 @@ class RuntimeSettings:
                                   "it per model (batch_max_wait_ms).", "ms")
     batch_max_queue: int = _f(1024, "Dynamic batching: requests waiting for a batch per copy, past which "
                               "requests are refused with RESOURCE_EXHAUSTED instead of queued.")
-    batch_max_size: int = _f(0, "Dynamic batching (mesh.runtime.batching): the most rows (first-dimension "
-                             "elements) merged into one prediction of an in-process copy; 0 or 1: off. "
-                             "Off by default: it trades up to batch_max_wait_ms of latency for throughput, "
-                             "which only pays under concurrent traffic to one model. A registration's key "
-                             "overrides it per model (batch_max_size).")
-    batch_max_wait_ms: float = _f(2.0, "Dynamic batching: the longest a batch waits for more requests after "
-                                  "its first; the latency a lone request pays. A registration's key overrides "
-                                  "it per model (batch_max_wait_ms).", "ms")
-    batch_max_queue: int = _f(1024, "Dynamic batching: requests waiting for a batch per copy, past which "
-                              "requests are refused with RESOURCE_EXHAUSTED instead of queued.")
     labels: tuple[str, ...] = _f((), "Labels this instance offers; models requiring labels go only to "
                                  "instances that carry them all.")
     zone: str = _f("", "Failure zone of this instance, published for placement.")

@@ -63,7 +63,6 @@ MS_BUCKETS = (0.5, 1, 2, 5, 10, 20, 50, 75, 100, 200, 500, 1000, 2000, 5000, 100
               120000, 300000)
 _S, _MIN, _H, _D = 1000, 60_000, 3_600_000, 86_400_000
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # requests per dynamic batch
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # requests per dynamic batch
 AGE_BUCKETS_MS = (30 * _S, 5 * _MIN, 15 * _MIN, _H, 4 * _H, 12 * _H, _D, 7 * _D, 30 * _D, 90 * _D)
 MODEL_SIZE_BUCKETS = tuple(256 * 1024 * 4**i for i in range(8))
 MESSAGE_SIZE_BUCKETS = tuple(128 * 4**i for i in range(8))
@@ -460,9 +459,6 @@ class RuntimeMetrics(_ComponentMetrics):
         self.batch_size = Histogram(
             "mesh_batch_requests", "Requests merged into each prediction by dynamic batching (1: a batch "
             "flushed at its max wait with one request)", buckets=BATCH_BUCKETS, registry=r)
-        self.batch_size = Histogram(
-            "mesh_batch_requests", "Requests merged into each prediction by dynamic batching (1: a batch "
-            "flushed at its max wait with one request)", buckets=BATCH_BUCKETS, registry=r)
         self._invoke: dict[str, Any] = {}  # code -> bound child
         self._hit = None if per_model else self.cache_requests.labels("hit", "")
         self._policies: dict[str, str] = {}  # device -> eviction policy name
@@ -495,9 +491,6 @@ class RuntimeMetrics(_ComponentMetrics):
         if child is None:
             child = self._invoke[code] = self.invoke.labels(INFER, code)
         child.observe(elapsed_ms)
-
-    def batched(self, requests: int) -> None:
-        self.batch_size.observe(requests)
 
     def batched(self, requests: int) -> None:
         self.batch_size.observe(requests)
