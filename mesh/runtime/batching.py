@@ -11,7 +11,11 @@ thread (``mesh.runtime.batch_predict``: merge, predict, split back; errors stay 
 What is not batched goes the unbatched way, unchanged: requests the event loop cannot cheaply read
 (over ``MAX_BODY``, malformed, an input with no first dimension, inputs disagreeing on it), copies
 in model workers or external servers (their bytes are forwarded as they are), models that declare
-a fixed first dimension (they take no batch), and everything when ``max_size`` is 0 or 1.
+a fixed first dimension (they take no batch), and everything when ``max_size`` is 0 or 1. The
+runtime-wide ``runtime.batch_max_size`` applies to :data:`ROW_WISE` types only (scikit-learn,
+XGBoost, LightGBM); an ONNX or TorchScript model batches only when its own key sets
+``batch_max_size``, since a graph may mix rows and a merged batch would then answer one client
+from another's inputs.
 
 Waiting is bounded three ways: ``max_wait_ms``; the request's own deadline (the transports cancel
 a request at its deadline and answer DEADLINE_EXCEEDED; a cancelled request leaves its open batch
@@ -38,6 +42,7 @@ Time is injected (``schedule``): the tests drive the max wait with a fake timer.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -56,6 +61,12 @@ log = structlog.get_logger(__name__)
 # Requests larger than this are not batched: the event loop parses a request to read its
 # signature, and a large one is a batch on its own anyway (the codec's inline limit, 64 KiB).
 MAX_BODY = 64 * 1024
+# Model types whose prediction of a row depends on that row alone, by construction (tree
+# ensembles, scikit-learn estimators): the runtime-wide runtime.batch_max_size applies to them.
+# A TorchScript or ONNX graph may mix rows (a batch statistic, attention across the batch), and
+# then a merged batch would give one client's answer from another's inputs: those batch only when
+# their registration's key sets batch_max_size, an explicit statement that rows are independent.
+ROW_WISE = frozenset({"sklearn", "xgboost", "lightgbm"})
 MAX_BATCH_SIZE = 4096
 MAX_WAIT_MS = 1000.0
 
@@ -73,18 +84,21 @@ class BatchPolicy:
     def enabled(self) -> bool:
         return self.max_size > 1
 
-    def for_model(self, key: Mapping[str, object], model_id: str = "") -> BatchPolicy:
+    def for_model(self, key: Mapping[str, object], model_id: str = "", model_type: str = "") -> BatchPolicy:
         """This policy with the registration key's ``batch_max_size`` / ``batch_max_wait_ms``
-        (module docstring); values out of range are ignored with a warning."""
+        (module docstring); values out of range are ignored with a warning. The runtime's own
+        ``max_size`` applies only to :data:`ROW_WISE` types; others batch only when their key asks."""
         changes: dict[str, Any] = {}
+        if model_type.lower() not in ROW_WISE and "batch_max_size" not in key:
+            return replace(self, max_size=0)
         for name, attr, limit in (("batch_max_size", "max_size", MAX_BATCH_SIZE),
                                   ("batch_max_wait_ms", "max_wait_ms", MAX_WAIT_MS)):
             if name not in key:
                 continue
             value = key[name]
             whole = attr == "max_size"
-            if (isinstance(value, bool) or not isinstance(value, int | float) or (whole and value != int(value))
-                    or not 0 <= value <= limit):
+            if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+                    or (whole and value != int(value)) or not 0 <= value <= limit):
                 log.warning("batching setting in the model key ignored", model_id=model_id, setting=name,
                             value=str(value)[:40], limit=limit)
                 continue
@@ -101,8 +115,8 @@ def signature(request: pb.ModelInferRequest) -> tuple[int, tuple[Any, ...]] | No
     inputs = []
     for tensor in request.inputs:
         shape = tuple(tensor.shape)
-        if not shape or (rows >= 0 and shape[0] != rows):
-            return None
+        if not shape or min(shape) < 0 or (rows >= 0 and shape[0] != rows):
+            return None  # (a negative dimension is the model's to refuse, alone: never a row count)
         rows = shape[0]
         inputs.append((tensor.name, tensor.datatype, shape[1:], _params(tensor.parameters)))
     outputs = tuple((o.name, _params(o.parameters)) for o in request.outputs)

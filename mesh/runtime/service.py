@@ -443,7 +443,7 @@ class RuntimeService:
         known = self._batchers.get(entry.model_id)
         if known is not None and known[0] is entry:
             return known[1]
-        policy = self.batching.for_model(_key_or_empty(entry.spec.key), entry.model_id)
+        policy = self.batching.for_model(_key_or_empty(entry.spec.key), entry.model_id, entry.spec.type)
         batcher = None
         if policy.enabled and batchable_model(entry.model):
             async def execute(requests: list[pb.ModelInferRequest], bodies: list[bytes]) -> list[Outcome]:

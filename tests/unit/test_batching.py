@@ -73,11 +73,9 @@ TYPED_ARRAYS: dict[str, Callable[[int], np.ndarray]] = {
 }
 
 
-@pytest.mark.parametrize("datatype", sorted(TYPED_ARRAYS))
-@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize(("datatype", "raw"), [(d, raw) for d in sorted(TYPED_ARRAYS) for raw in (True, False)
+                                                if raw or d != "FP16"])  # FP16 travels raw only
 def test_merged_answers_equal_unbatched_for_every_tensor_type(datatype: str, raw: bool) -> None:
-    if datatype == "FP16" and not raw:
-        pytest.skip("FP16 travels raw only")
     model = Echo()
     requests = [request({"x": TYPED_ARRAYS[datatype](n)}, raw=raw, rid=f"r{n}") for n in (1, 3, 2)]
     outcomes = run(model, requests)
@@ -333,3 +331,22 @@ def test_the_register_flags_write_the_key() -> None:
     key = json.loads(_key(args))
     assert key == {"storage_key": "s3", "batch_max_size": 16, "batch_max_wait_ms": 2.0}
     assert BatchPolicy().for_model(key) == BatchPolicy(max_size=16, max_wait_ms=2.0)
+
+
+def test_runtime_wide_batching_is_for_row_wise_types_and_keys_are_checked() -> None:
+    """A graph may mix rows: the runtime-wide setting batches scikit-learn, XGBoost and LightGBM
+    only; ONNX and TorchScript batch when their own key says so. A key's non-finite value is ignored."""
+    policy = BatchPolicy(max_size=32, max_wait_ms=2)
+    assert policy.for_model({}, "m", "sklearn").enabled and policy.for_model({}, "m", "lightgbm").enabled
+    assert not policy.for_model({}, "m", "onnx").enabled and not policy.for_model({}, "m", "torchscript").enabled
+    assert policy.for_model({"batch_max_size": 8}, "m", "onnx").max_size == 8
+    for bad in (float("inf"), float("nan"), -1, 10**9, "8", True):
+        assert policy.for_model({"batch_max_size": bad}, "m", "sklearn").max_size == 32, bad
+
+
+def test_a_negative_dimension_is_never_a_row_count() -> None:
+    """A request declaring a negative first dimension goes alone (the model refuses it), so it can
+    never push a batch past its size."""
+    req = request({"x": np.zeros((2, 3), dtype=np.float32)})
+    req.inputs[0].shape[0] = -100
+    assert signature(req) is None
