@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import re
 import time
 import uuid
 from collections import deque
@@ -111,7 +112,7 @@ def parse_processors(values: Iterable[str]) -> list[Processor]:
 
 def event_headers(entry: Entry, source: str, namespace: str, max_body_bytes: int) -> tuple[dict[str, str], bytes]:
     """The CloudEvent (binary content mode) of a queued record: headers and body."""
-    response, event_id, model_id, vmodel_id, body, at = entry
+    response, event_id, model_id, vmodel_id, body, at, omitted = entry
     headers = {
         "content-type": CONTENT_TYPES[response],
         "ce-specversion": "1.0",
@@ -127,25 +128,37 @@ def event_headers(entry: Entry, source: str, namespace: str, max_body_bytes: int
     }
     if vmodel_id:
         headers["ce-vmodelid"] = vmodel_id
-    if len(body) > max_body_bytes:
-        headers["ce-bodyomitted"] = str(len(body))  # a cut protobuf message would not parse
+    if omitted or len(body) > max_body_bytes:
+        headers["ce-bodyomitted"] = str(omitted or len(body))  # a cut protobuf message would not parse
         body = b""
     return headers, body
 
 
-# (is a response, ce-id, model ID, vModel ID or "", body, wall-clock time): what the hot path queues.
-Entry = tuple[bool, str, str, str, bytes, float]
+# (is a response, ce-id, model ID, vModel ID or "", body, wall-clock time): what the hot path offers.
+Record = tuple[bool, str, str, str, bytes, float]
+# What a sink queues: the record, its body dropped when over the bound (the size kept here).
+Entry = tuple[bool, str, str, str, bytes, float, int]
+# What a queued record costs beyond its body (headers, IDs, the tuple): the byte bound counts it,
+# so records without bodies are bounded by bytes too.
+ENTRY_OVERHEAD = 512
+_EVENT_ID = re.compile(r"^[!-~]{1,128}$")  # printable ASCII, no spaces: what goes into a header
 
 
 def event_id(metadata: Headers) -> str:
-    """The client's ``ce-id`` (KServe), else its ``x-request-id``, else a new UUID."""
+    """The client's ``ce-id`` (KServe), else its ``x-request-id``, else a new UUID. A client's
+    value goes into an outgoing header: one that is empty, over 128 characters or not printable
+    ASCII is not used."""
     found = ""
     for key, value in metadata:
-        if key == "ce-id" and isinstance(value, str):
+        if key == "ce-id" and isinstance(value, str) and _EVENT_ID.match(value):
             return value
-        if key == "x-request-id" and isinstance(value, str):
+        if key == "x-request-id" and isinstance(value, str) and _EVENT_ID.match(value):
             found = value
     return found or str(uuid.uuid4())
+
+
+def _cost(entry: Entry) -> int:
+    return len(entry[4]) + ENTRY_OVERHEAD
 
 
 class Sink:
@@ -169,9 +182,13 @@ class Sink:
         self._idle.set()
         self.closed = False
 
-    def offer(self, entry: Entry) -> None:
-        """Queue a record, or drop and count it: never waits."""
-        size = len(entry[4]) if len(entry[4]) <= self.max_body_bytes else 0
+    def offer(self, record: Record) -> None:
+        """Queue a record, or drop and count it: never waits. A body over the bound is not kept
+        (only its size, for ``ce-bodyomitted``): what the queue holds is what it counts."""
+        body = record[4]
+        omitted = len(body) if len(body) > self.max_body_bytes else 0
+        entry: Entry = (*record[:4], b"" if omitted else body, record[5], omitted)
+        size = _cost(entry)
         if self.closed or len(self._queue) >= self.queue_records or self._queued_bytes + size > self.queue_bytes:
             self.dropped += 1
             return
@@ -197,7 +214,7 @@ class Sink:
                 await self._wake.wait()
                 continue
             entry = queue.popleft()
-            self._queued_bytes -= len(entry[4]) if len(entry[4]) <= self.max_body_bytes else 0
+            self._queued_bytes -= _cost(entry)
             self._busy += 1
             try:
                 ok = await self._send(entry)

@@ -13,6 +13,7 @@ import pytest
 from mesh.errors import InvalidArgument
 from mesh.router.payload_http import payload_log
 from mesh.router.payloads import (
+    ENTRY_OVERHEAD,
     REQUEST_TYPE,
     RESPONSE_TYPE,
     PayloadLog,
@@ -86,14 +87,14 @@ def test_settings_assembly() -> None:
 
 
 def test_cloudevent_attributes() -> None:
-    headers, body = event_headers((True, "id-1", "fraud-v2", "fraud", b"\x01\x02", 0.0), "urn:test", "ns", 10)
+    headers, body = event_headers((True, "id-1", "fraud-v2", "fraud", b"\x01\x02", 0.0, 0), "urn:test", "ns", 10)
     assert headers == {
         "content-type": "application/x-protobuf; proto=inference.ModelInferResponse",
         "ce-specversion": "1.0", "ce-type": RESPONSE_TYPE, "ce-id": "id-1", "ce-source": "urn:test",
         "ce-time": "1970-01-01T00:00:00Z", "ce-inferenceservicename": "fraud", "ce-namespace": "ns",
         "ce-component": "predictor", "ce-endpoint": "fraud-v2", "ce-modelid": "fraud-v2", "ce-vmodelid": "fraud"}
     assert body == b"\x01\x02"
-    headers, body = event_headers((False, "id-1", "m", "", b"x" * 11, 0.0), "urn:test", "ns", 10)
+    headers, body = event_headers((False, "id-1", "m", "", b"", 0.0, 11), "urn:test", "ns", 10)
     assert headers["ce-type"] == REQUEST_TYPE and headers["ce-inferenceservicename"] == "m"
     assert "ce-vmodelid" not in headers
     assert (headers["ce-bodyomitted"], body) == ("11", b"")
@@ -139,11 +140,29 @@ async def test_sampling_with_a_fixed_seed() -> None:
 
 def test_full_queue_drops_and_counts() -> None:
     by_count = sink(Scripted(), queue_records=3)
-    by_bytes = sink(Scripted(), queue_bytes=25)
+    by_bytes = sink(Scripted(), queue_bytes=2 * (ENTRY_OVERHEAD + 10) + 5)  # room for two records
     log = PayloadLog([by_count, by_bytes], mode="request")
     for _ in range(5):
         log.log((), "m", "", b"0123456789", None)
     assert (by_count.dropped, by_bytes.dropped) == (2, 3)
+
+
+def test_a_body_over_the_bound_is_not_kept_and_still_costs_its_record() -> None:
+    """A body past payload_max_body_bytes is dropped when queued (only its size stays, for
+    ce-bodyomitted), so a slow sink holds at most the queue's bytes, never large bodies."""
+    slow = sink(Scripted(), queue_bytes=3 * ENTRY_OVERHEAD, max_body_bytes=10)
+    log = PayloadLog([slow], mode="request")
+    for _ in range(5):
+        log.log((), "m", "", b"x" * 1_000_000, None)
+    assert slow.dropped == 2 and all(entry[4] == b"" and entry[6] == 1_000_000 for entry in slow._queue)
+
+
+def test_a_client_id_is_used_only_when_it_is_a_plain_token() -> None:
+    assert event_id((("ce-id", "abc-123"),)) == "abc-123"
+    assert event_id((("x-request-id", "req-1"),)) == "req-1"
+    for bad in ("", "a b", "x" * 200, "line\r\nInjected: 1", "é"):
+        chosen = event_id((("ce-id", bad),))
+        assert chosen != bad and len(chosen) == 36  # a fresh UUID
 
 
 async def test_sink_errors_are_retried_then_counted_failed() -> None:
