@@ -117,18 +117,18 @@ async def test_a_namespace_runtime_overrides_and_an_invalid_one_is_named(env: En
     bad = cluster_runtime("broken", ["sklearn"])
     bad["spec"]["containers"][0]["readinessProbe"] = {"exec": {"command": ["true"]}}
     env.kube.put(bad, CLUSTER_SERVING_RUNTIMES)
-    await env.start_controller()
-    env.apply(isvc("uses-broken", {"model": {**model_form(sklearn)["model"], "runtime": "broken"}}))
-    await wait_for(lambda: failure(env, "uses-broken").get("reason") == "RuntimeNotRecognized", what="invalid runtime")
-    assert "readinessProbe is not allowed" in failure(env, "uses-broken")["message"]
-    assert await env.vmodel_gone("uses-broken")
-
     # A ServingRuntime of the namespace with a higher priority takes new sklearn models there; no pod
     # carries its label (rt:<namespace>/<name>), so the model waits for one, named in the status.
     own = cluster_runtime("team-runtime", [])
     own.update(kind="ServingRuntime", metadata={"name": "team-runtime", "namespace": NS})
     own["spec"]["supportedModelFormats"] = [{"name": "sklearn", "autoSelect": True, "priority": 5}]
     env.kube.put(own, SERVING_RUNTIMES)
+    await env.start_controller()
+    env.apply(isvc("uses-broken", {"model": {**model_form(sklearn)["model"], "runtime": "broken"}}))
+    await wait_for(lambda: failure(env, "uses-broken").get("reason") == "RuntimeNotRecognized", what="invalid runtime")
+    assert "readinessProbe is not allowed" in failure(env, "uses-broken")["message"]
+    assert await env.vmodel_gone("uses-broken")
+
     env.apply(isvc("team", model_form(sklearn)))
     await wait_for(lambda: f"rt:{NS}/team-runtime" in failure(env, "team").get("message", ""),
                    what="the namespace's runtime chosen")
