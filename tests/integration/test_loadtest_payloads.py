@@ -4,30 +4,18 @@ leaves no process behind. Timings are reported, never asserted."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_loadtest_rest import _ours
+from tests.support.scenarios import run_scenario
 
 pytestmark = pytest.mark.integration
 
 
 def test_payloads_quick_reports_both_paths_and_the_sinks_count(tmp_path: Path) -> None:
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    out = tmp_path / "payloads.json"
-    proc = subprocess.run([sys.executable, "-m", "loadtest.scenarios.payloads", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(temp)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    data = json.loads(out.read_text())
-    result, markdown = data["result"], data["markdown"]
-    print("\n" + markdown)
+    result, markdown = run_scenario("payloads", ["--quick"], tmp_path)
     assert set(result["phases"]) == {"logging off", "logging on"}
     for name, phase in result["phases"].items():
         assert phase["requests"] > 0 and phase["errors"] == {}, (name, phase)

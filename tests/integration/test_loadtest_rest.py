@@ -13,13 +13,12 @@ Timings are reported, never asserted: they are what the scenarios measure, and t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.support.scenarios import run_scenario
 
 pytestmark = pytest.mark.integration
 
@@ -64,18 +63,8 @@ def test_rest_codec_refuses_a_bad_size(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_rest_against_grpc_reports_every_way_and_leaves_nothing(tmp_path: Path) -> None:
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    out = tmp_path / "rest.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "loadtest.scenarios.rest", "--duration", "0.4", "--rounds", "2",
-         "--warmup", "0.1", "--concurrency", "4", "--out", str(out)],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(temp)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    data = json.loads(out.read_text())
-    result, markdown = data["result"], data["markdown"]
-    print("\n" + markdown)
+    result, markdown = run_scenario("rest", ["--duration", "0.4", "--rounds", "2", "--warmup", "0.1",
+                                             "--concurrency", "4"], tmp_path)
 
     assert set(result["phases"]) == {f"{way} c={c}" for way in ("gRPC", "REST JSON", "REST binary")
                                      for c in (1, 4)}
@@ -90,8 +79,8 @@ def test_rest_against_grpc_reports_every_way_and_leaves_nothing(tmp_path: Path) 
     # Stopped: no process of the run is left, and its temporary folders (the cluster's, the model's)
     # are gone. Left by design: the runtime's download cache (mesh-storage-<uid>, kept across runs)
     # and onnxruntime's ``.ses`` file.
-    assert _ours(str(temp)) == []
-    assert [p.name for p in temp.iterdir() if p.name.startswith("mesh-bench")] == []
+    assert _ours(str(tmp_path / "temp")) == []
+    assert [p.name for p in (tmp_path / "temp").iterdir() if p.name.startswith("mesh-bench")] == []
 
 
 @pytest.mark.slow
