@@ -324,6 +324,7 @@ class RouterMetrics(_ComponentMetrics):
         for reason in ("hot", "min_copies"):
             changes.add_metric(["added", reason], copies_asked.get(reason, 0))
         out.append(changes)
+        out.append(_split_requests(view))  # traffic splits (canaries)
         return out
 
     def attach_autoscaling(self, signals: Callable[[], Mapping[str, Signal]]) -> None:
@@ -345,6 +346,22 @@ class RouterMetrics(_ComponentMetrics):
             except Exception as exc:
                 log.warning("counting registered models failed; will retry", error=str(exc))
             await asyncio.sleep(interval_s)
+
+
+# --- traffic splits (mesh.router.split) -----------------------------------------------------------
+def _split_requests(view: ClusterView) -> Metric:
+    """Requests this router routed per target of each vModel with a traffic split, so that a
+    canary can be judged against its stable model. Always on, unlike the per-model labels: the
+    series exist only for vModels with a split (at most 8 targets + the active model each), so
+    their number is what operators configure, never what clients send; a split's series go when
+    the split does."""
+    family = CounterMetricFamily("mesh_vmodel_requests", "Requests routed to each target of a split vModel",
+                                 labels=["vmodel_id", "model_id"])
+    for vmodel_id, counts in view.split_requests.items():
+        for model_id, n in counts.items():
+            family.add_metric([vmodel_id, model_id], n)
+    return family
+# --- end traffic splits ---------------------------------------------------------------------------
 
 
 def _payload_records(counts: Iterable[tuple[str, int, int, int]]) -> list[Metric]:

@@ -57,6 +57,9 @@ def _field_value(cls: type, name: str, declared: str, value: Any) -> Any:
     elif declared == "tuple[DeviceUsage, ...]":
         ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
         value = tuple(_decode_fields(DeviceUsage, v) for v in value) if ok else value
+    elif declared == "tuple[SplitTarget, ...]":
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        value = tuple(_decode_fields(SplitTarget, v) for v in value) if ok else value
     else:  # a field type this decoder does not know: a programming error, caught by the tests
         raise TypeError(f"{cls.__name__}.{name}: undecodable field type {declared}")
     if not ok:
@@ -144,6 +147,13 @@ class VModelRecord:
     owner_token: str = ""  # with auth on: the token that created it (only it, or an unscoped token, may change it)
     failed: bool = False  # the target failed to load: the transition is blocked
     updated_ms: int = 0
+    # Traffic split (canary): requests are shared among these targets by weight (integers summing
+    # to 100) instead of all going to ``active``; ``active`` stays the stable model, which takes the
+    # share of a target whose load failed (``mesh.router.split``). Empty: no split, as before.
+    split: tuple[SplitTarget, ...] = ()
+    # A request header (lower-case) whose value is hashed onto the weights, so that one client
+    # stays on one target across requests, routers and restarts; "" = a random draw per request.
+    sticky_header: str = ""
 
     def to_json(self) -> bytes:
         return _encode(self)
@@ -151,6 +161,18 @@ class VModelRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> VModelRecord:
         return _decode(cls, raw)
+
+    def models(self) -> set[str]:
+        """Every model the vModel refers to (its refs in the registry): active, target, split."""
+        return {self.active_model_id, self.target_model_id, *(t.model_id for t in self.split)}
+
+
+@dataclass(frozen=True, slots=True)
+class SplitTarget:
+    """One target of a vModel's traffic split and its weight (percent of the requests)."""
+
+    model_id: str
+    weight: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +330,7 @@ __all__ = [
     "InstanceRecord",
     "ModelSpec",
     "PlacementRecord",
+    "SplitTarget",
     "VModelRecord",
     "gpu_tier",
     "quarantine",

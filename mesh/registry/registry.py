@@ -100,8 +100,8 @@ class Registry:
         (``previous``: the record it replaces, whose refs no longer needed are dropped), only if
         the models it refers to are registered: one transaction (module ``keys``)."""
         key = self.keys.vmodel(record.vmodel_id)
-        now = {record.active_model_id, record.target_model_id}
-        before = {previous.active_model_id, previous.target_model_id} if previous else set()
+        now = record.models()  # split targets are referrers too
+        before = previous.models() if previous else set()
         compares = [Compare("absent", key) if expected_revision is None
                     else Compare("mod_revision", key, expected_revision)]
         compares += [Compare("present", self.keys.model(m)) for m in sorted(now - before)]
@@ -114,7 +114,7 @@ class Registry:
         """Delete the vModel record and its refs, if it is still at ``expected_revision``."""
         ops = [Op("delete", self.keys.vmodel(record.vmodel_id))]
         ops += [Op("delete", self.keys.ref(m, record.vmodel_id))
-                for m in sorted({record.active_model_id, record.target_model_id})]
+                for m in sorted(record.models())]
         return await self.store.txn([Compare("mod_revision", self.keys.vmodel(record.vmodel_id), expected_revision)],
                                     ops)
 
@@ -123,7 +123,7 @@ class Registry:
         existed); how many were written."""
         written = 0
         for vmodel in await self.list_vmodels():
-            for m in {vmodel.active_model_id, vmodel.target_model_id}:
+            for m in vmodel.models():
                 if await self.store.create(self.keys.ref(m, vmodel.vmodel_id), b""):
                     written += 1
         return written

@@ -23,6 +23,7 @@ import re
 import ssl
 import time
 import zlib
+from collections.abc import Container
 from typing import Any
 
 from aiohttp import web
@@ -51,14 +52,15 @@ MAX_CONNECTIONS = 4096
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def forwarded_headers(request: web.Request) -> Headers:
-    """The headers the data plane sees: the forwarded ones, the first value of each, checked to be
+def forwarded_headers(request: web.Request, sticky: Container[str] = ()) -> Headers:
+    """The headers the data plane sees: the forwarded ones (and ``sticky``: the sticky headers of
+    vModels with a traffic split, ``mesh.router.split``), the first value of each, checked to be
     what gRPC metadata can carry (InvalidArgument naming the header otherwise)."""
     out: list[tuple[str, str | bytes]] = []
     seen: set[str] = set()
     for key, value in request.headers.items():
         low = key.lower()
-        if low in FORWARDED and low not in seen:
+        if (low in FORWARDED or low in sticky) and low not in seen:
             if len(value) > _MAX_HEADER_VALUE or not _PRINTABLE.match(value):
                 raise InvalidArgument(f"header {low}: the value must be printable ASCII of at most "
                                       f"{_MAX_HEADER_VALUE} characters")

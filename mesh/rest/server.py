@@ -273,7 +273,8 @@ class RestServer:
         connection = inflight.enter(weight, peer(request))
         try:
             name = self._name(request)
-            return await self.plane.relay(method, body, forwarded_headers(request), lambda: name, None)
+            return await self.plane.relay(method, body, forwarded_headers(request, self.plane.view.sticky_headers),
+                                          lambda: name, None)
         finally:
             inflight.leave(weight, connection)
 
@@ -306,7 +307,8 @@ class RestServer:
             body, outputs = codec.infer_request(raw, header_length, name, request.match_info.get("version", ""),
                                                 max_elements=self.max_elements)
             del raw
-            answer = await self.plane.relay(INFER, body, forwarded_headers(request), lambda: name, None)
+            answer = await self.plane.relay(INFER, body, forwarded_headers(request, self.plane.view.sticky_headers),
+                                            lambda: name, None)
             out, out_header = codec.infer_response(answer, outputs)
         finally:
             admission.leave()

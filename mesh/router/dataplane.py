@@ -48,6 +48,7 @@ from mesh.registry.specs import SpecCache
 from mesh.router.payloads import PayloadLog
 from mesh.router.replicas import CopyScaler
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
+from mesh.router.split import choose as choose_split
 from mesh.router.view import ClusterView
 from mesh.tracing import Tracer
 from mesh.transport.inflight import InflightLimit
@@ -112,17 +113,17 @@ class DataPlane:
         self.inflight = inflight or InflightLimit(max_bytes=1 << 30, max_requests=20_000)
 
     # --- model selection ----------------------------------------------------------------------
-    def resolve(self, requested: str, is_vmodel: bool, from_header: bool) -> str:
-        """The concrete model ID for a name (vModels resolved to their active model)."""
-        if is_vmodel:
-            active = self.view.resolve_vmodel(requested)
-            if active is None:
+    def resolve(self, requested: str, is_vmodel: bool, from_header: bool, metadata: Headers = ()) -> str:
+        """The concrete model ID for a name (vModels resolved to their active model, or for a
+        vModel with a traffic split, to the target ``mesh.router.split`` picks for this request,
+        by its sticky header in ``metadata`` if it has one)."""
+        if is_vmodel or not from_header:
+            record = self.view.vmodels.get(requested)
+            if record is not None:
+                return choose_split(record, self.view, metadata, self._rng) if record.split \
+                    else record.active_model_id
+            if is_vmodel:
                 raise ModelNotFound(requested, what="vModel")
-            return active
-        if not from_header:
-            active = self.view.resolve_vmodel(requested)
-            if active is not None:
-                return active
         return requested
 
     def select(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, Headers]:
@@ -137,7 +138,7 @@ class DataPlane:
         from_header = requested is not None
         if requested is None:
             requested = own_name()
-        return requested, self.resolve(check_model_id(requested), is_vmodel, from_header)
+        return requested, self.resolve(check_model_id(requested), is_vmodel, from_header, metadata)
 
     def labels(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, str]:
         """(model ID, vModel ID) of a request, for per-model metrics only (it resolves again)."""
@@ -145,7 +146,13 @@ class DataPlane:
         try:
             selected, is_vmodel, _ = model_selection(metadata)
             requested = selected if selected is not None else own_name()
-            model_id = self.resolve(requested, is_vmodel, selected is not None)
+            record = self.view.vmodels.get(requested) if is_vmodel or selected is None else None
+            if record is not None and record.split:
+                # The target this request went to: a second draw could differ, and would be counted.
+                ctx = current_request()
+                model_id = ctx.model_id if ctx is not None and ctx.model_id else requested
+            else:
+                model_id = self.resolve(requested, is_vmodel, selected is not None)
         except Exception:
             return requested, ""
         return model_id, (requested if requested != model_id else "")

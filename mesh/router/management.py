@@ -9,6 +9,13 @@ vModels are aliases: requests go to the active model; setting a new target keeps
 active one until the target has a loaded copy, then switches (compare-and-swap on the record).
 Transitions are driven by every router (``drive_transitions``), idempotently, so there is no
 leader to lose: whichever router sees the target loaded first makes the switch.
+
+Traffic splits (canaries, ``mesh.router.split``): ``set_vmodel_split`` shares a vModel's requests
+among weighted targets, the active model staying the stable one; ``promote_vmodel`` makes one
+target the vModel's sole target with the safe switch above and clears the split. A plain
+``set_vmodel`` on a split vModel clears the split too (ModelMesh's clients know no splits: what
+they set is what is served). Setting a split cancels a pending transition (the split says where
+traffic goes now); a split target is a referrer, like the active and the target model.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -47,7 +54,8 @@ from mesh.registry.records import (
 )
 from mesh.registry.registry import Registry
 from mesh.registry.specs import SpecCache
-from mesh.router.routing import MAX_LOAD_FAILURES, Target, pick_copy, pick_home
+from mesh.router.routing import Target, pick_copy, pick_home
+from mesh.router.split import check_split, check_sticky_header, load_failed, receiving
 from mesh.router.view import ClusterView
 from mesh.storage.location import locate
 from mesh.tasks import Background
@@ -93,6 +101,14 @@ class ModelStatus:
 
 
 @dataclass(frozen=True)
+class SplitTargetStatus:
+    model_id: str
+    weight: int
+    status: ModelStatus
+    receiving: bool  # False: its load failed, its share goes to the active model
+
+
+@dataclass(frozen=True)
 class VModelStatus:
     status: str  # NOT_FOUND, DEFINED, TRANSITIONING, TRANSITION_FAILED
     active_model_id: str = ""
@@ -100,6 +116,8 @@ class VModelStatus:
     active: ModelStatus | None = None
     target: ModelStatus | None = None
     owner: str = ""
+    split: list[SplitTargetStatus] = field(default_factory=list)  # empty: no traffic split
+    sticky_header: str = ""
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,7 @@ MAX_LABELS = 32
 MAX_LABEL_CHARS = 253  # a Kubernetes label's prefix + name
 MAX_COPIES = 64  # minCopies and maxCopies: copies of one model in one fleet
 MAX_OWNER_CHARS = 256
+MAX_SPLIT_CHECKED = 64  # targets whose IDs are checked before the count is (check_split bounds it at 8)
 
 
 def check_model_info(model_id: str, info: ModelInfoData) -> None:
@@ -387,7 +406,7 @@ class Management:
             if expected_target and expected_target != existing.target_model_id:
                 raise FailedPrecondition(f"vModel {vmodel_id!r} targets {existing.target_model_id!r}, "
                                          f"not the expected {expected_target!r}")
-            if existing.target_model_id == target_model_id and not force:
+            if existing.target_model_id == target_model_id and not force and not existing.split:
                 record = existing
                 break
             switch_now = force or existing.active_model_id == target_model_id or self._loaded(
@@ -397,6 +416,7 @@ class Management:
                              active_model_id=target_model_id if switch_now else existing.active_model_id,
                              failed=False, auto_delete=existing.auto_delete or (auto_delete and info is not None),
                              created_models=tuple(dict.fromkeys((*existing.created_models, *ours))),
+                             split=(), sticky_header="",  # a plain setVModel clears a traffic split
                              updated_ms=int(self.clock() * 1000))
             if await self.registry.put_vmodel(record, expected_revision=revision, previous=existing):
                 log.info("vModel retargeted", vmodel_id=vmodel_id, target=target_model_id,
@@ -434,8 +454,8 @@ class Management:
         Never a model the call found registered (another tenant's base model), and never one any
         other vModel still refers to: the registry deletes only if its refs are gone, in the same
         transaction (another router may be pointing a vModel at it this very moment)."""
-        keep = {after.active_model_id, after.target_model_id} if after else set()
-        for model_id in {before.active_model_id, before.target_model_id} & set(before.created_models) - keep:
+        keep = after.models() if after else set()
+        for model_id in before.models() & (set(before.created_models) - keep):
             try:
                 deleted = await self.registry.delete_model(model_id)
             except FailedPrecondition:
@@ -456,9 +476,88 @@ class Management:
         active = await self.model_status(record.active_model_id)
         target = (await self.model_status(record.target_model_id)
                   if record.target_model_id != record.active_model_id else None)
+        split: list[SplitTargetStatus] = []
+        if record.split:
+            gets = receiving(record, self.view)
+            for t in record.split:
+                split.append(SplitTargetStatus(t.model_id, t.weight, await self.model_status(t.model_id),
+                                               gets[t.model_id]))
         return VModelStatus(status=status, active_model_id=record.active_model_id,
                             target_model_id=record.target_model_id, active=active, target=target,
-                            owner=record.owner)
+                            owner=record.owner, split=split, sticky_header=record.sticky_header)
+
+    async def set_vmodel_split(self, vmodel_id: str, targets: Sequence[tuple[str, int]], *, owner: str = "",
+                               sticky_header: str = "", sync: bool = False) -> VModelStatus:
+        """Share the requests of an existing vModel among ``targets`` (model ID, weight), each a
+        registered model, weights summing to 100 (``mesh.router.split``). Same owner and token
+        rules as ``set_vmodel``; the vModel's active model stays the stable one. Loads of the
+        targets start at once; ``sync`` waits for them."""
+        check_model_id(vmodel_id)
+        for i, (model_id, _) in enumerate(targets[:MAX_SPLIT_CHECKED]):
+            try:
+                check_model_id(model_id)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"vModel {vmodel_id!r}: targets[{i}]: {exc.message}") from None
+        split = check_split(vmodel_id, targets)
+        header = check_sticky_header(vmodel_id, sticky_header)
+        if len(owner) > MAX_OWNER_CHARS:
+            raise InvalidArgument(f"vModel owner is {len(owner)} characters; the limit is {MAX_OWNER_CHARS}")
+        caller = current_caller()
+        if caller is not None:
+            for t in split:  # every target inside the caller's prefixes (with auth on)
+                caller.check_model(t.model_id, f"vModel {vmodel_id!r} split target model")
+        specs = []
+        for i, t in enumerate(split):
+            spec = await self.registry.get_model(t.model_id)
+            if spec is None:
+                raise ModelNotFound(t.model_id, what=f"vModel {vmodel_id!r} targets[{i}]: model")
+            specs.append(spec)
+        while True:  # compare-and-swap loop on the vModel record
+            current = await self.registry.get_vmodel(vmodel_id)
+            if current is None:
+                raise ModelNotFound(vmodel_id, what="vModel (set it with setVModel before splitting it)")
+            existing, revision = current
+            _check_owner(existing, owner, caller)
+            record = replace(existing, split=split, sticky_header=header, failed=False,
+                             target_model_id=existing.active_model_id,  # a pending transition is cancelled
+                             updated_ms=int(self.clock() * 1000))
+            if await self.registry.put_vmodel(record, expected_revision=revision, previous=existing):
+                log.info("vModel traffic split set", vmodel_id=vmodel_id, sticky_header=header,
+                         split={t.model_id: t.weight for t in split})
+                await self._drop_orphans(existing, record)
+                break
+            for t in split:  # lost the transaction: a target unregistered meanwhile is NOT_FOUND
+                await self._target_still_registered(t.model_id)
+        for spec in specs:
+            if not self._loaded(spec.model_id):
+                await self._ensure(spec, sync=sync, last_used_ms=int(self.clock() * 1000))
+        return await self.vmodel_status(vmodel_id)
+
+    async def promote_vmodel(self, vmodel_id: str, model_id: str = "", *, owner: str = "",
+                             sync: bool = False) -> VModelStatus:
+        """Make one target of a split vModel its sole target, with ``set_vmodel``'s safe switch
+        (the active model serves until the promoted one is loaded), and clear the split. Without
+        ``model_id``: the canary, i.e. the one target that is not the active model."""
+        check_model_id(vmodel_id)
+        current = await self.registry.get_vmodel(vmodel_id)
+        if current is None:
+            raise ModelNotFound(vmodel_id, what="vModel")
+        existing = current[0]
+        _check_owner(existing, owner, current_caller())
+        if not existing.split:
+            raise FailedPrecondition(f"vModel {vmodel_id!r} has no traffic split to promote a target of")
+        names = [t.model_id for t in existing.split]
+        if model_id:
+            if model_id not in names:
+                raise InvalidArgument(f"model {model_id[:100]!r} is not a target of vModel {vmodel_id!r}'s split "
+                                      f"({', '.join(names)})")
+        else:
+            canaries = [m for m in names if m != existing.active_model_id]
+            if len(canaries) > 1:
+                raise InvalidArgument(f"vModel {vmodel_id!r} splits among {len(canaries)} models besides its "
+                                      f"active one ({', '.join(canaries)}): name the one to promote")
+            model_id = canaries[0] if canaries else existing.active_model_id
+        return await self.set_vmodel(vmodel_id, model_id, owner=owner, sync=sync)
 
     async def delete_vmodel(self, vmodel_id: str, owner: str = "") -> None:
         current = await self.registry.get_vmodel(vmodel_id)
@@ -472,9 +571,13 @@ class Management:
             await self._drop_orphans(record, None)
 
     async def drive_transitions(self) -> None:
-        """Advance pending vModel transitions; run periodically by every router."""
+        """Advance pending vModel transitions, and keep split targets loaded; run periodically by
+        every router."""
         now = self.clock()
         for record in list(self.view.vmodels.values()):
+            for t in record.split:  # a canary evicted while idle is loaded again before its next share
+                if not self.view.copies(t.model_id) and not load_failed(self.view, t.model_id):
+                    await self._load_target(t.model_id, now)
             if record.active_model_id == record.target_model_id:
                 continue
             target = record.target_model_id
@@ -489,25 +592,29 @@ class Management:
                              model_id=target)
                     await self._drop_orphans(current[0], flipped)
                 continue
-            failures = self.view.failures.get(target, {})
-            if (quarantine(failures) is not None
-                    or len(failures) >= min(MAX_LOAD_FAILURES, max(len(self.view.instances), 1))):
+            if load_failed(self.view, target):
                 if not record.failed:
                     current = await self.registry.get_vmodel(record.vmodel_id)
                     if current is not None and current[0].target_model_id == target:
                         await self.registry.put_vmodel(replace(current[0], failed=True),
                                                        expected_revision=current[1], previous=current[0])
                 continue
-            if not self.view.copies(target) and now - self._last_ensure.get(target, 0) > 10:
-                if len(self._last_ensure) > 10_000:  # old targets: keep only the recent attempts
-                    self._last_ensure = {t: at for t, at in self._last_ensure.items() if now - at <= 10}
-                self._last_ensure[target] = now
-                spec = await self.registry.get_model(target)
-                if spec is not None:
-                    try:
-                        await self._ensure(spec, sync=False, last_used_ms=int(now * 1000))
-                    except Exception as exc:
-                        log.warning("cannot load vModel target", model_id=target, error=str(exc))
+            if not self.view.copies(target):
+                await self._load_target(target, now)
+
+    async def _load_target(self, target: str, now: float) -> None:
+        """Start a load of a vModel's target, at most every 10 s per target."""
+        if now - self._last_ensure.get(target, 0) <= 10:
+            return
+        if len(self._last_ensure) > 10_000:  # old targets: keep only the recent attempts
+            self._last_ensure = {t: at for t, at in self._last_ensure.items() if now - at <= 10}
+        self._last_ensure[target] = now
+        spec = await self.registry.get_model(target)
+        if spec is not None:
+            try:
+                await self._ensure(spec, sync=False, last_used_ms=int(now * 1000))
+            except Exception as exc:
+                log.warning("cannot load vModel target", model_id=target, error=str(exc))
 
     async def run_transitions(self, interval_s: float = 1.0) -> None:
         """Root task: drive transitions forever."""

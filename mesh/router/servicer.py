@@ -36,6 +36,10 @@ def vmodel_status_pb(status: VModelStatus) -> mm.VModelStatusInfo:
         out.activeModelStatus.CopyFrom(model_status_pb(status.active))
     if status.target is not None:
         out.targetModelStatus.CopyFrom(model_status_pb(status.target))
+    for t in status.split:
+        out.splitTargets.add(modelId=t.model_id, weight=t.weight, modelStatus=model_status_pb(t.status),
+                             receivingTraffic=t.receiving)
+    out.stickyHeader = status.sticky_header
     return out
 
 
@@ -77,6 +81,21 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
             info=_info(request.modelInfo) if request.HasField("modelInfo") else None,
             auto_delete=request.autoDeleteTargetModel, load_now=request.loadNow, force=request.force,
             sync=request.sync, expected_target=request.expectedTargetModelId)
+        return vmodel_status_pb(status)
+
+    @handled(ORIGIN)
+    async def setVModelSplit(
+            self, request: mm.SetVModelSplitRequest, context: grpc.aio.ServicerContext) -> mm.VModelStatusInfo:
+        status = await self._m.set_vmodel_split(
+            request.vModelId, [(t.modelId, t.weight) for t in request.targets], owner=request.owner,
+            sticky_header=request.stickyHeader, sync=request.sync)
+        return vmodel_status_pb(status)
+
+    @handled(ORIGIN)
+    async def promoteVModel(
+            self, request: mm.PromoteVModelRequest, context: grpc.aio.ServicerContext) -> mm.VModelStatusInfo:
+        status = await self._m.promote_vmodel(request.vModelId, request.modelId, owner=request.owner,
+                                              sync=request.sync)
         return vmodel_status_pb(status)
 
     @handled(ORIGIN)

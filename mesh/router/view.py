@@ -41,6 +41,12 @@ class ClusterView:
         # Called with the record of an instance that left (to close connections to it).
         self.on_instance_gone: list[Callable[[InstanceRecord], None]] = []
         self.duplicates: set[str] = set()  # instance IDs seen written by two processes (logged once)
+        # Traffic splits (``mesh.router.split``): requests routed per vModel with a split, per
+        # target (mesh_vmodel_requests_total), and the sticky headers those vModels read, with the
+        # number of vModels reading each (the REST edge forwards these headers). Both hold only
+        # vModels that have a split: pruned when the split goes.
+        self.split_requests: dict[str, dict[str, int]] = {}
+        self.sticky_headers: dict[str, int] = {}
 
     # --- feeding from mirrors -----------------------------------------------------------------
     def put_instance(self, kv: KeyValue) -> None:
@@ -88,12 +94,40 @@ class ClusterView:
 
     def put_vmodel(self, kv: KeyValue) -> None:
         record = VModelRecord.from_json(kv.value)
+        self._unsplit(self.vmodels.get(record.vmodel_id), record)
         self.vmodels[record.vmodel_id] = record
+        if record.sticky_header and record.split:
+            self.sticky_headers[record.sticky_header] = self.sticky_headers.get(record.sticky_header, 0) + 1
         self.version += 1
 
     def delete_vmodel(self, key: str) -> None:
-        self.vmodels.pop(Keys.model_id_of(key, self.keys.vmodels), None)
+        self._unsplit(self.vmodels.pop(Keys.model_id_of(key, self.keys.vmodels), None), None)
         self.version += 1
+
+    def _unsplit(self, old: VModelRecord | None, new: VModelRecord | None) -> None:
+        """Forget what a vModel's previous record added to the split state, keeping the request
+        counts of the targets the new record still routes to."""
+        if old is None:
+            return
+        if old.sticky_header and old.split:
+            left = self.sticky_headers.get(old.sticky_header, 0) - 1
+            if left > 0:
+                self.sticky_headers[old.sticky_header] = left
+            else:
+                self.sticky_headers.pop(old.sticky_header, None)
+        counts = self.split_requests.get(old.vmodel_id)
+        if counts is not None:
+            keep = new.models() if new is not None and new.split else set()
+            for model_id in [m for m in counts if m not in keep]:
+                del counts[model_id]
+            if not counts:
+                del self.split_requests[old.vmodel_id]
+
+    def count_split_request(self, vmodel_id: str, model_id: str) -> None:
+        counts = self.split_requests.get(vmodel_id)
+        if counts is None:
+            counts = self.split_requests[vmodel_id] = {}
+        counts[model_id] = counts.get(model_id, 0) + 1
 
 
     def put_failure(self, kv: KeyValue) -> None:
@@ -124,7 +158,9 @@ class ClusterView:
 
     def forget_vmodel(self, vmodel_id: str) -> None:
         """Drop a vModel this router just deleted (the watch will confirm)."""
-        if self.vmodels.pop(vmodel_id, None) is not None:
+        old = self.vmodels.pop(vmodel_id, None)
+        if old is not None:
+            self._unsplit(old, None)
             self.version += 1
 
     def mark_unreachable(self, instance_id: str) -> bool:
@@ -166,6 +202,5 @@ class ClusterView:
         return record.active_model_id if record else None
 
     def referrers(self, model_id: str) -> list[str]:
-        """vModels whose active or target model is ``model_id``."""
-        return [v.vmodel_id for v in self.vmodels.values()
-                if model_id in (v.active_model_id, v.target_model_id)]
+        """vModels whose active, target or split target is ``model_id``."""
+        return [v.vmodel_id for v in self.vmodels.values() if model_id in v.models()]

@@ -105,7 +105,7 @@ class EnsureLoadedRequest(_message.Message):
     def __init__(self, modelId: _Optional[str] = ..., lastUsedTime: _Optional[int] = ..., sync: _Optional[bool] = ...) -> None: ...
 
 class VModelStatusInfo(_message.Message):
-    __slots__ = ("status", "activeModelId", "targetModelId", "activeModelStatus", "targetModelStatus", "owner")
+    __slots__ = ("status", "activeModelId", "targetModelId", "activeModelStatus", "targetModelStatus", "owner", "splitTargets", "stickyHeader")
     class VModelStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NOT_FOUND: _ClassVar[VModelStatusInfo.VModelStatus]
@@ -118,19 +118,34 @@ class VModelStatusInfo(_message.Message):
     TRANSITIONING: VModelStatusInfo.VModelStatus
     TRANSITION_FAILED: VModelStatusInfo.VModelStatus
     UNKNOWN: VModelStatusInfo.VModelStatus
+    class SplitTargetStatus(_message.Message):
+        __slots__ = ("modelId", "weight", "modelStatus", "receivingTraffic")
+        MODELID_FIELD_NUMBER: _ClassVar[int]
+        WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        MODELSTATUS_FIELD_NUMBER: _ClassVar[int]
+        RECEIVINGTRAFFIC_FIELD_NUMBER: _ClassVar[int]
+        modelId: str
+        weight: int
+        modelStatus: ModelStatusInfo
+        receivingTraffic: bool
+        def __init__(self, modelId: _Optional[str] = ..., weight: _Optional[int] = ..., modelStatus: _Optional[_Union[ModelStatusInfo, _Mapping]] = ..., receivingTraffic: _Optional[bool] = ...) -> None: ...
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ACTIVEMODELID_FIELD_NUMBER: _ClassVar[int]
     TARGETMODELID_FIELD_NUMBER: _ClassVar[int]
     ACTIVEMODELSTATUS_FIELD_NUMBER: _ClassVar[int]
     TARGETMODELSTATUS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    SPLITTARGETS_FIELD_NUMBER: _ClassVar[int]
+    STICKYHEADER_FIELD_NUMBER: _ClassVar[int]
     status: VModelStatusInfo.VModelStatus
     activeModelId: str
     targetModelId: str
     activeModelStatus: ModelStatusInfo
     targetModelStatus: ModelStatusInfo
     owner: str
-    def __init__(self, status: _Optional[_Union[VModelStatusInfo.VModelStatus, str]] = ..., activeModelId: _Optional[str] = ..., targetModelId: _Optional[str] = ..., activeModelStatus: _Optional[_Union[ModelStatusInfo, _Mapping]] = ..., targetModelStatus: _Optional[_Union[ModelStatusInfo, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    splitTargets: _containers.RepeatedCompositeFieldContainer[VModelStatusInfo.SplitTargetStatus]
+    stickyHeader: str
+    def __init__(self, status: _Optional[_Union[VModelStatusInfo.VModelStatus, str]] = ..., activeModelId: _Optional[str] = ..., targetModelId: _Optional[str] = ..., activeModelStatus: _Optional[_Union[ModelStatusInfo, _Mapping]] = ..., targetModelStatus: _Optional[_Union[ModelStatusInfo, _Mapping]] = ..., owner: _Optional[str] = ..., splitTargets: _Optional[_Iterable[_Union[VModelStatusInfo.SplitTargetStatus, _Mapping]]] = ..., stickyHeader: _Optional[str] = ...) -> None: ...
 
 class DeleteVModelRequest(_message.Message):
     __slots__ = ("vModelId", "owner")
@@ -204,3 +219,37 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ListModelsResponse.Entry]
     nextPageToken: str
     def __init__(self, models: _Optional[_Iterable[_Union[ListModelsResponse.Entry, _Mapping]]] = ..., nextPageToken: _Optional[str] = ...) -> None: ...
+
+class SplitTarget(_message.Message):
+    __slots__ = ("modelId", "weight")
+    MODELID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    modelId: str
+    weight: int
+    def __init__(self, modelId: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+
+class SetVModelSplitRequest(_message.Message):
+    __slots__ = ("vModelId", "owner", "targets", "stickyHeader", "sync")
+    VMODELID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    STICKYHEADER_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    vModelId: str
+    owner: str
+    targets: _containers.RepeatedCompositeFieldContainer[SplitTarget]
+    stickyHeader: str
+    sync: bool
+    def __init__(self, vModelId: _Optional[str] = ..., owner: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[SplitTarget, _Mapping]]] = ..., stickyHeader: _Optional[str] = ..., sync: _Optional[bool] = ...) -> None: ...
+
+class PromoteVModelRequest(_message.Message):
+    __slots__ = ("vModelId", "owner", "modelId", "sync")
+    VMODELID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    MODELID_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    vModelId: str
+    owner: str
+    modelId: str
+    sync: bool
+    def __init__(self, vModelId: _Optional[str] = ..., owner: _Optional[str] = ..., modelId: _Optional[str] = ..., sync: _Optional[bool] = ...) -> None: ...

@@ -74,6 +74,16 @@ class ModelMeshStub:
                 request_serializer=mmesh_dot_model__mesh__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=mmesh_dot_model__mesh__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.setVModelSplit = channel.unary_unary(
+                '/mmesh.ModelMesh/setVModelSplit',
+                request_serializer=mmesh_dot_model__mesh__pb2.SetVModelSplitRequest.SerializeToString,
+                response_deserializer=mmesh_dot_model__mesh__pb2.VModelStatusInfo.FromString,
+                _registered_method=True)
+        self.promoteVModel = channel.unary_unary(
+                '/mmesh.ModelMesh/promoteVModel',
+                request_serializer=mmesh_dot_model__mesh__pb2.PromoteVModelRequest.SerializeToString,
+                response_deserializer=mmesh_dot_model__mesh__pb2.VModelStatusInfo.FromString,
+                _registered_method=True)
 
 
 class ModelMeshServicer:
@@ -135,6 +145,28 @@ class ModelMeshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def setVModelSplit(self, request, context):
+        """mesh-serving addition: shares an existing vModel's requests among weighted
+        targets (a canary: e.g. 90 to the active model, 10 to a new one), optionally
+        sticky per client by a request header. New RPCs rather than new fields of
+        setVModel: a server that knows no splits (ModelMesh) answers UNIMPLEMENTED,
+        where new setVModel fields would be dropped unread and the vModel silently
+        retargeted to targetModelId. A plain setVModel on a split vModel clears the
+        split. Same owner and token rules as setVModel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def promoteVModel(self, request, context):
+        """mesh-serving addition: makes one split target (by default the canary: the
+        one that is not the active model) the vModel's sole target, with setVModel's
+        safe switch (the active model serves until it is loaded), and clears the split.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelMeshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +209,16 @@ def add_ModelMeshServicer_to_server(servicer, server):
                     servicer.listModels,
                     request_deserializer=mmesh_dot_model__mesh__pb2.ListModelsRequest.FromString,
                     response_serializer=mmesh_dot_model__mesh__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'setVModelSplit': grpc.unary_unary_rpc_method_handler(
+                    servicer.setVModelSplit,
+                    request_deserializer=mmesh_dot_model__mesh__pb2.SetVModelSplitRequest.FromString,
+                    response_serializer=mmesh_dot_model__mesh__pb2.VModelStatusInfo.SerializeToString,
+            ),
+            'promoteVModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.promoteVModel,
+                    request_deserializer=mmesh_dot_model__mesh__pb2.PromoteVModelRequest.FromString,
+                    response_serializer=mmesh_dot_model__mesh__pb2.VModelStatusInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +437,60 @@ class ModelMesh:
             '/mmesh.ModelMesh/listModels',
             mmesh_dot_model__mesh__pb2.ListModelsRequest.SerializeToString,
             mmesh_dot_model__mesh__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def setVModelSplit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmesh.ModelMesh/setVModelSplit',
+            mmesh_dot_model__mesh__pb2.SetVModelSplitRequest.SerializeToString,
+            mmesh_dot_model__mesh__pb2.VModelStatusInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def promoteVModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmesh.ModelMesh/promoteVModel',
+            mmesh_dot_model__mesh__pb2.PromoteVModelRequest.SerializeToString,
+            mmesh_dot_model__mesh__pb2.VModelStatusInfo.FromString,
             options,
             channel_credentials,
             insecure,
