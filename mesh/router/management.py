@@ -34,6 +34,7 @@ from mesh.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    MeshError,
     ModelNotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -530,7 +531,11 @@ class Management:
                 await self._target_still_registered(t.model_id)
         for spec in specs:
             if not self._loaded(spec.model_id):
-                await self._ensure(spec, sync=sync, last_used_ms=int(self.clock() * 1000))
+                try:
+                    await self._ensure(spec, sync=sync, last_used_ms=int(self.clock() * 1000))
+                except MeshError as exc:  # the split is set: the status returned tells of the failure
+                    log.warning("cannot load split target", vmodel_id=vmodel_id, model_id=spec.model_id,
+                                error=str(exc))
         return await self.vmodel_status(vmodel_id)
 
     async def promote_vmodel(self, vmodel_id: str, model_id: str = "", *, owner: str = "",

@@ -1,0 +1,312 @@
+"""vModel traffic splits (canaries), end to end: a real router and runtime in one process over a
+memory:// registry, two small sklearn models trained by the test, inference over gRPC and REST.
+
+- Shares: over N requests without a sticky header, the canary's share is within 4 sigma of its
+  weight (binomial: N p, sqrt(N p (1-p))). The runtime names the model that answered
+  (``model_name`` of a response to a request that named none), so the shares are observed where
+  the work was done, and the router's ``mesh_vmodel_requests_total`` must agree with them.
+- Stickiness: one header value always reaches the same model, over gRPC and REST alike; many
+  values reach both models, in proportion to the weights (4 sigma again).
+- Promote switches to the canary once it is loaded and clears the split; a plain setVModel clears
+  a split too; a canary that fails to load gets no traffic (its share goes to the stable model).
+- Split targets are referrers (the registry refuses to unregister them), and auto-delete still
+  takes only what the vModel created, once nothing refers to it.
+- Bad input is refused with the place named; owner and token rules are setVModel's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+
+from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.tensors import encode_request
+from tests.integration.test_metrics import Samples, free_port, scrape
+from tests.support.inprocess import InProcessMesh, memory_url
+from tests.support.models import ModelArtifact, make_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+VS = mm.VModelStatusInfo
+ST = mm.ModelStatusInfo
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelArtifact, ModelArtifact]:
+    directory = tmp_path_factory.mktemp("models")
+    return make_model("sklearn", directory, seed=0), make_model("sklearn", directory, seed=3)  # both iris
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[tuple[InProcessMesh, int]]:
+    port = free_port()
+    m = await InProcessMesh(memory_url(), router_overrides={"metrics_port": port}).start(runtimes=1)
+    try:
+        yield m, port
+    finally:
+        await m.stop()
+
+
+def split(vmodel_id: str, *targets: tuple[str, int], sticky: str = "", owner: str = "",
+          sync: bool = True) -> mm.SetVModelSplitRequest:
+    return mm.SetVModelSplitRequest(vModelId=vmodel_id, owner=owner, stickyHeader=sticky, sync=sync,
+                                    targets=[mm.SplitTarget(modelId=m, weight=w) for m, w in targets])
+
+
+async def served_by(mesh: InProcessMesh, model: ModelArtifact, vmodel_id: str,
+                    headers: tuple[tuple[str, str], ...] = ()) -> str:
+    """The model that answered one request to the vModel (the runtime names it)."""
+    request = encode_request(model_name="", inputs={"input-0": model.sample})
+    response = await mesh.v2.ModelInfer(request, metadata=(("mm-vmodel-id", vmodel_id), *headers), timeout=30)
+    return response.model_name
+
+
+async def code_of(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def within_4_sigma(observed: int, n: int, p: float) -> bool:
+    return abs(observed - n * p) <= 4 * math.sqrt(n * p * (1 - p))
+
+
+async def stable_vmodel(mesh: InProcessMesh, models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    stable, canary = models
+    await mesh.register("stable", "sklearn", str(stable.path))
+    await mesh.register("canary", "sklearn", str(canary.path))
+    await mesh.mesh.setVModel(mm.SetVModelRequest(vModelId="v", targetModelId="stable", loadNow=True, sync=True),
+                              timeout=30)
+
+
+async def test_shares_follow_the_weights_and_promote_switches(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    m, port = mesh
+    await stable_vmodel(m, models)
+    status = await m.mesh.setVModelSplit(split("v", ("stable", 90), ("canary", 10)), timeout=60)
+    assert status.status == VS.DEFINED and status.activeModelId == "stable"
+    assert [(t.modelId, t.weight, t.modelStatus.status, t.receivingTraffic) for t in status.splitTargets] == [
+        ("stable", 90, ST.LOADED, True), ("canary", 10, ST.LOADED, True)]
+
+    n = 600
+    seen = Counter([await served_by(m, models[0], "v") for _ in range(n)])
+    assert set(seen) == {"stable", "canary"}
+    assert within_4_sigma(seen["canary"], n, 0.10), seen
+    # The router's own count agrees with what the runtime served.
+    samples: Samples = await scrape(port)
+    assert samples("mesh_vmodel_requests_total", vmodel_id="v", model_id="canary") == seen["canary"]
+    assert samples("mesh_vmodel_requests_total", vmodel_id="v", model_id="stable") == seen["stable"]
+    # A split target is a referrer: it cannot be unregistered.
+    assert (await code_of(m.mesh.unregisterModel(mm.UnregisterModelRequest(modelId="canary"), timeout=10)))[0] \
+        == grpc.StatusCode.FAILED_PRECONDITION
+
+    # Promote (the canary by default: the target that is not the active model). It is loaded, so
+    # the switch is immediate; the split is gone, every request goes to the canary.
+    status = await m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="v", sync=True), timeout=60)
+    assert (status.status, status.activeModelId, status.targetModelId) == (VS.DEFINED, "canary", "canary")
+    assert not status.splitTargets and not status.stickyHeader
+    assert {await served_by(m, models[0], "v") for _ in range(50)} == {"canary"}
+    samples = await scrape(port)
+    assert not samples.has("mesh_vmodel_requests_total", vmodel_id="v", model_id="stable")  # series gone
+    # Nothing refers to the old stable model now: it may be unregistered.
+    await m.mesh.unregisterModel(mm.UnregisterModelRequest(modelId="stable"), timeout=10)
+
+
+async def test_a_sticky_header_keeps_a_user_on_one_model_over_grpc_and_rest(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    m, port = mesh
+    await stable_vmodel(m, models)
+    status = await m.mesh.setVModelSplit(split("v", ("stable", 90), ("canary", 10), sticky="X-User"), timeout=60)
+    assert status.stickyHeader == "x-user"
+
+    # One user: always the same model, whatever the number of requests.
+    for user in ("alice", "bob", "carol"):
+        assert len({await served_by(m, models[0], "v", (("x-user", user),)) for _ in range(15)}) == 1
+    # Many users: both models, in proportion to the weights.
+    users = [f"user-{i}" for i in range(500)]
+    chosen = {u: await served_by(m, models[0], "v", (("x-user", u),)) for u in users}
+    on_canary = sum(1 for c in chosen.values() if c == "canary")
+    assert 0 < on_canary < len(users) and within_4_sigma(on_canary, len(users), 0.10), on_canary
+    # Without the header a request is drawn at random (both models still reachable).
+    assert {await served_by(m, models[0], "v") for _ in range(120)} == {"stable", "canary"}
+
+    # REST, a path naming the vModel: the same user reaches the same model as over gRPC. The
+    # router's per-target count says which model each request went to.
+    body = {"inputs": [{"name": "input-0", "shape": list(models[0].sample.shape), "datatype": "FP32",
+                        "data": models[0].sample.flatten().tolist()}]}
+    async with aiohttp.ClientSession() as session:
+        for user in users[:20]:
+            before = await scrape(port)
+            async with session.post(f"{m.rest_url}/v2/models/v/infer", json=body, headers={"X-User": user}) as r:
+                assert r.status == 200, await r.text()
+            after = await scrape(port)
+            went = [t for t in ("stable", "canary")
+                    if after("mesh_vmodel_requests_total", vmodel_id="v", model_id=t)
+                    > before("mesh_vmodel_requests_total", vmodel_id="v", model_id=t)]
+            assert went == [chosen[user]], (user, went)
+
+    # A plain setVModel (ModelMesh's call) clears the split.
+    status = await m.mesh.setVModel(mm.SetVModelRequest(vModelId="v", targetModelId="stable"), timeout=30)
+    assert not status.splitTargets and status.activeModelId == "stable"
+    assert {await served_by(m, models[0], "v") for _ in range(40)} == {"stable"}
+
+
+async def test_a_failed_canary_gets_no_traffic(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact],
+        tmp_path: Path) -> None:
+    m, _ = mesh
+    await stable_vmodel(m, models)
+    corrupt = tmp_path / "corrupt.joblib"
+    corrupt.write_bytes(b"this is not a pickle")
+    await m.register("broken", "sklearn", str(corrupt))
+    await m.mesh.setVModelSplit(split("v", ("stable", 50), ("broken", 50), sync=False), timeout=30)
+
+    async def judged_failed() -> bool:
+        s = await m.mesh.getVModelStatus(mm.GetVModelStatusRequest(vModelId="v"), timeout=10)
+        return [t.receivingTraffic for t in s.splitTargets] == [True, False]
+
+    await m.wait_for(judged_failed, timeout=30)
+    status = await m.mesh.getVModelStatus(mm.GetVModelStatusRequest(vModelId="v"), timeout=10)
+    assert status.splitTargets[1].modelStatus.status == ST.LOADING_FAILED
+    assert "corrupt.joblib" in status.splitTargets[1].modelStatus.errors[0]
+    # Its share goes to the stable (active) model: every request succeeds there.
+    assert {await served_by(m, models[0], "v") for _ in range(60)} == {"stable"}
+    # The vModel's owner can promote the stable model back (clearing the split).
+    status = await m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="v", modelId="stable"), timeout=30)
+    assert status.activeModelId == "stable" and not status.splitTargets
+
+
+async def test_promote_waits_for_the_load_and_auto_delete_still_holds(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    m, _ = mesh
+    stable, canary = models
+    # The vModel creates its stable model itself (auto-delete): it goes once nothing refers to it.
+    await m.mesh.setVModel(mm.SetVModelRequest(
+        vModelId="v", targetModelId="v-1", autoDeleteTargetModel=True, loadNow=True, sync=True,
+        modelInfo=mm.ModelInfo(type="sklearn", path=str(stable.path))), timeout=30)
+    await m.register("v-2", "sklearn", str(canary.path))
+    await m.mesh.setVModelSplit(split("v", ("v-1", 80), ("v-2", 20), sync=False), timeout=30)
+    status = await m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="v", sync=True), timeout=60)
+    assert (status.activeModelId, status.targetModelId, status.status) == ("v-2", "v-2", VS.DEFINED)
+    assert not status.splitTargets
+    assert {await served_by(m, stable, "v") for _ in range(20)} == {"v-2"}
+
+    async def v1_gone() -> bool:
+        s = await m.mesh.getModelStatus(mm.GetStatusRequest(modelId="v-1"), timeout=10)
+        return s.status == ST.NOT_FOUND
+
+    await m.wait_for(v1_gone, timeout=10)  # created by the vModel, referred to by nothing: deleted
+    s = await m.mesh.getModelStatus(mm.GetStatusRequest(modelId="v-2"), timeout=10)
+    assert s.status != ST.NOT_FOUND  # registered by someone else: never auto-deleted
+
+
+async def test_bad_input_is_refused_with_the_place_named(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    m, _ = mesh
+    await stable_vmodel(m, models)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    nine = [(f"m{i}", 10) for i in range(9)]
+    cases = [
+        (split("v", ("stable", 90), ("canary", 20)), bad, "sum to 110"),
+        (split("v", ("stable", 90)), bad, "sum to 90"),
+        (split("v", ("stable", 0), ("canary", 100)), bad, "targets[0] 'stable' has weight 0"),
+        (split("v", ("stable", 50), ("stable", 50)), bad, "targets[1] 'stable' is named twice"),
+        (split("v", *nine), bad, "at most 8 targets"),
+        (split("v"), bad, "at least one target"),
+        (split("v", ("stable", 90), ("", 10)), bad, "targets[1]"),
+        (split("v", ("stable", 90), ("canary", 10), sticky="bad header!"), bad, "stickyHeader"),
+        (split("v", ("stable", 90), ("canary", 10), sticky="mm-vmodel-id"), bad, "stickyHeader"),
+        (split("v", ("stable", 90), ("ghost", 10)), grpc.StatusCode.NOT_FOUND, "targets[1]: model 'ghost'"),
+        (split("nope", ("stable", 90), ("canary", 10)), grpc.StatusCode.NOT_FOUND, "'nope'"),
+        (split("v", ("stable", 90), ("canary", 10), owner="team-b"), grpc.StatusCode.ALREADY_EXISTS,
+         "without an owner"),
+    ]
+    for request, code, message in cases:
+        got, details = await code_of(m.mesh.setVModelSplit(request, timeout=10))
+        assert (got, message in details) == (code, True), (request, got, details)
+    # Nothing was changed by the refused calls.
+    status = await m.mesh.getVModelStatus(mm.GetVModelStatusRequest(vModelId="v"), timeout=10)
+    assert not status.splitTargets
+
+    got, details = await code_of(m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="v"), timeout=10))
+    assert got == grpc.StatusCode.FAILED_PRECONDITION and "no traffic split" in details
+    await m.register("third", "sklearn", str(models[1].path))
+    await m.mesh.setVModelSplit(split("v", ("stable", 80), ("canary", 10), ("third", 10), sync=False), timeout=30)
+    got, details = await code_of(m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="v"), timeout=10))
+    assert got == bad and "name the one to promote" in details
+    got, details = await code_of(m.mesh.promoteVModel(
+        mm.PromoteVModelRequest(vModelId="v", modelId="elsewhere"), timeout=10))
+    assert got == bad and "not a target" in details
+
+
+async def test_owner_and_token_rules_are_set_vmodels(models: tuple[ModelArtifact, ModelArtifact],
+                                                     tmp_path: Path) -> None:
+    tokens = {"a1": "team-a-one-0123456789", "a2": "team-a-two-0123456789"}
+    path = tmp_path / "tokens.toml"
+    path.write_text("".join(f'''
+[[token]]
+name = "{name}"
+role = "write"
+sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"
+prefixes = ["team-a"]
+''' for name, token in tokens.items()) + '''
+[[token]]
+name = "ops"
+role = "write"
+sha256 = "''' + hashlib.sha256(b"operator-0123456789xx").hexdigest() + '"\n')
+    m = await InProcessMesh(memory_url(), extra={"auth": {"tokens_file": str(path)}}).start(runtimes=1)
+
+    def auth(name: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {tokens.get(name, 'operator-0123456789xx')}"),)
+
+    try:
+        for model_id, artifact in (("team-a/s", models[0]), ("team-a/c", models[1]), ("team-b/x", models[1])):
+            await m.mesh.registerModel(mm.RegisterModelRequest(
+                modelId=model_id, modelInfo=mm.ModelInfo(type="sklearn", path=str(artifact.path))),
+                metadata=auth("ops" if model_id.startswith("team-b") else "a1"), timeout=10)
+        await m.mesh.setVModel(mm.SetVModelRequest(vModelId="team-a/v", targetModelId="team-a/s", owner="app"),
+                               metadata=auth("a1"), timeout=10)
+        # A target outside the caller's prefixes.
+        got, details = await code_of(m.mesh.setVModelSplit(
+            split("team-a/v", ("team-a/s", 90), ("team-b/x", 10), owner="app", sync=False),
+            metadata=auth("a1"), timeout=10))
+        assert got == grpc.StatusCode.PERMISSION_DENIED and "team-b/x" in details
+        # Another token of the same team: not the vModel's creator.
+        got, _ = await code_of(m.mesh.setVModelSplit(
+            split("team-a/v", ("team-a/s", 90), ("team-a/c", 10), owner="app", sync=False),
+            metadata=auth("a2"), timeout=10))
+        assert got == grpc.StatusCode.PERMISSION_DENIED
+        # No owner named: refused as setVModel refuses it.
+        got, _ = await code_of(m.mesh.setVModelSplit(
+            split("team-a/v", ("team-a/s", 90), ("team-a/c", 10), sync=False), metadata=auth("a1"), timeout=10))
+        assert got == grpc.StatusCode.ALREADY_EXISTS
+        status = await m.mesh.setVModelSplit(
+            split("team-a/v", ("team-a/s", 90), ("team-a/c", 10), owner="app", sync=False),
+            metadata=auth("a1"), timeout=10)
+        assert [t.modelId for t in status.splitTargets] == ["team-a/s", "team-a/c"]
+        got, _ = await code_of(m.mesh.promoteVModel(
+            mm.PromoteVModelRequest(vModelId="team-a/v", owner="app"), metadata=auth("a2"), timeout=10))
+        assert got == grpc.StatusCode.PERMISSION_DENIED
+        status = await m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="team-a/v", owner="app"),
+                                            metadata=auth("a1"), timeout=30)
+        assert status.targetModelId == "team-a/c" and not status.splitTargets
+    finally:
+        await m.stop()
+
+
+async def test_one_target_at_100_takes_all_traffic(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    """100/0 is not a split (weights are 1..100), but one target at 100 is: all to the canary,
+    with the stable model still the active one (it takes over if the canary fails)."""
+    m, _ = mesh
+    await stable_vmodel(m, models)
+    await m.mesh.setVModelSplit(split("v", ("canary", 100)), timeout=60)
+    assert {await served_by(m, models[0], "v") for _ in range(30)} == {"canary"}
