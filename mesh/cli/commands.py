@@ -135,7 +135,26 @@ def _vstatus_text(info: mm.VModelStatusInfo, vmodel_id: str) -> str:
     if info.targetModelId and info.targetModelId != info.activeModelId:
         lines.append("  target: " + _status_text(info.targetModelStatus, info.targetModelId)
                      .replace("\n", "\n  "))
+    if info.splitTargets:
+        sticky = f" (sticky by header {info.stickyHeader})" if info.stickyHeader else ""
+        lines.append(f"  split{sticky}:")
+        for t in info.splitTargets:
+            state = mm.ModelStatusInfo.ModelStatus.Name(t.modelStatus.status)
+            note = "" if t.receivingTraffic else "  NO TRAFFIC: its load failed; its share goes to the active model"
+            lines.append(f"    {t.weight:>3}%  {t.modelId}  {state}{note}")
     return "\n".join(lines)
+
+
+def split_targets(texts: list[str]) -> list[mm.SplitTarget]:
+    """``MODEL=WEIGHT`` arguments; a malformed one is a usage error (exit 2)."""
+    out = []
+    for text in texts:
+        model, sep, weight = text.rpartition("=")
+        if not sep or not model or not weight.strip().isdigit() or len(weight.strip()) > 3:
+            raise CliError(f"split target {text[:100]!r}: write MODEL=WEIGHT, WEIGHT a percent such as 10",
+                           exit_code=2)
+        out.append(mm.SplitTarget(modelId=model, weight=int(weight)))
+    return out
 
 
 def vmodel_command(args: argparse.Namespace, client: RouterClient) -> int:
@@ -153,6 +172,15 @@ def vmodel_command(args: argparse.Namespace, client: RouterClient) -> int:
                            mm.GetVModelStatusRequest(vModelId=args.vmodel_id, owner=args.owner or ""))
         _emit(args, _as_dict(info), _vstatus_text(info, args.vmodel_id))
         return 0 if info.status != mm.VModelStatusInfo.NOT_FOUND else 1
+    elif args.action == "split":
+        info = client.call(client.mesh.setVModelSplit, mm.SetVModelSplitRequest(
+            vModelId=args.vmodel_id, targets=split_targets(args.targets), stickyHeader=args.sticky_header,
+            owner=args.owner or "", sync=args.sync))
+        _emit(args, _as_dict(info), _vstatus_text(info, args.vmodel_id))
+    elif args.action == "promote":
+        info = client.call(client.mesh.promoteVModel, mm.PromoteVModelRequest(
+            vModelId=args.vmodel_id, modelId=args.model, owner=args.owner or "", sync=args.sync))
+        _emit(args, _as_dict(info), _vstatus_text(info, args.vmodel_id))
     elif args.action == "delete":
         client.call(client.mesh.deleteVModel,
                     mm.DeleteVModelRequest(vModelId=args.vmodel_id, owner=args.owner or ""))

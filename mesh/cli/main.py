@@ -145,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("vmodel_id")
         p.add_argument("--owner")
         _client_options(p)
+    # --- traffic splits (canaries) ---
+    p = vsub.add_parser("split", help="share a vModel's requests among models by weight (a canary)")
+    p.add_argument("vmodel_id")
+    p.add_argument("targets", nargs="+", metavar="MODEL=WEIGHT",
+                   help="registered models and their percent of the requests (summing to 100)")
+    p.add_argument("--sticky-header", default="",
+                   help="keep each client on one model by this request header's value (e.g. x-user-id)")
+    p.add_argument("--owner")
+    p.add_argument("--sync", action="store_true", help="wait until every target is loaded")
+    _client_options(p)
+    p = vsub.add_parser("promote", help="make one target of a split the vModel's sole model")
+    p.add_argument("vmodel_id")
+    p.add_argument("model", nargs="?", default="", help="the target to promote (default: the canary)")
+    p.add_argument("--owner")
+    p.add_argument("--sync", action="store_true", help="wait until the vModel has switched to it")
+    _client_options(p)
+    # --- end traffic splits ---
 
     p = sub.add_parser("infer", help="send one V2 inference request")
     p.add_argument("model", help="model ID (or vModel ID with --vmodel)")

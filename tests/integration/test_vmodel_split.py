@@ -16,8 +16,12 @@ memory:// registry, two small sklearn models trained by the test, inference over
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import math
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -310,3 +314,39 @@ async def test_one_target_at_100_takes_all_traffic(
     await stable_vmodel(m, models)
     await m.mesh.setVModelSplit(split("v", ("canary", 100)), timeout=60)
     assert {await served_by(m, models[0], "v") for _ in range(30)} == {"canary"}
+
+
+async def test_cli_split_status_promote_and_errors(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    m, _ = mesh
+    await stable_vmodel(m, models)
+    assert m.router is not None
+    endpoint = m.router.endpoint
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mesh", "vmodel", *args, "--router", endpoint],
+                              capture_output=True, text=True, timeout=60)
+
+    r = await asyncio.to_thread(cli, "split", "v", "stable=90", "canary=10", "--sticky-header", "x-user",
+                                "--sync")
+    assert r.returncode == 0, r.stderr
+    assert " 90%  stable  LOADED" in r.stdout and " 10%  canary  LOADED" in r.stdout
+    assert "sticky by header x-user" in r.stdout
+    r = await asyncio.to_thread(cli, "status", "v", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [(t["modelId"], t["weight"], t["receivingTraffic"]) for t in doc["splitTargets"]] == [
+        ("stable", 90, True), ("canary", 10, True)]
+    for args, code, words in [
+        (("split", "v", "stable=90", "canary"), 2, "MODEL=WEIGHT"),  # usage
+        (("split", "v", "stable=ninety"), 2, "MODEL=WEIGHT"),
+        (("split", "v", "stable=90", "canary=20"), 1, "sum to 110"),  # the router's answer
+        (("split", "v", "stable=90", "ghost=10"), 1, "ghost"),
+        (("promote", "v", "elsewhere"), 1, "not a target"),
+    ]:
+        r = await asyncio.to_thread(cli, *args)
+        assert r.returncode == code and words in r.stderr, (args, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = await asyncio.to_thread(cli, "promote", "v", "--sync")
+    assert r.returncode == 0 and "vmodel v: DEFINED" in r.stdout and "canary" in r.stdout, r.stderr
+    assert "split" not in r.stdout
