@@ -488,11 +488,13 @@ class Management:
                             owner=record.owner, split=split, sticky_header=record.sticky_header)
 
     async def set_vmodel_split(self, vmodel_id: str, targets: Sequence[tuple[str, int]], *, owner: str = "",
-                               sticky_header: str = "", sync: bool = False) -> VModelStatus:
+                               sticky_header: str = "", sync: bool = False, stable: str = "") -> VModelStatus:
         """Share the requests of an existing vModel among ``targets`` (model ID, weight), each a
         registered model, weights summing to 100 (``mesh.router.split``). Same owner and token
-        rules as ``set_vmodel``; the vModel's active model stays the stable one. Loads of the
-        targets start at once; ``sync`` waits for them."""
+        rules as ``set_vmodel``. The vModel's active model stays the stable one, unless ``stable``
+        (one of the targets) names another: it becomes the active model at once (it takes its
+        share of the traffic from now on anyway). Loads of the targets start at once; ``sync``
+        waits for them."""
         check_model_id(vmodel_id)
         for i, (model_id, _) in enumerate(targets[:MAX_SPLIT_CHECKED]):
             try:
@@ -501,6 +503,8 @@ class Management:
                 raise InvalidArgument(f"vModel {vmodel_id!r}: targets[{i}]: {exc.message}") from None
         split = check_split(vmodel_id, targets)
         header = check_sticky_header(vmodel_id, sticky_header)
+        if stable and stable not in {t.model_id for t in split}:
+            raise InvalidArgument(f"vModel {vmodel_id!r}: stableModelId {stable[:100]!r} is not one of the targets")
         if len(owner) > MAX_OWNER_CHARS:
             raise InvalidArgument(f"vModel owner is {len(owner)} characters; the limit is {MAX_OWNER_CHARS}")
         caller = current_caller()
@@ -519,8 +523,9 @@ class Management:
                 raise ModelNotFound(vmodel_id, what="vModel (set it with setVModel before splitting it)")
             existing, revision = current
             _check_owner(existing, owner, caller)
-            record = replace(existing, split=split, sticky_header=header, failed=False,
-                             target_model_id=existing.active_model_id,  # a pending transition is cancelled
+            active = stable or existing.active_model_id
+            record = replace(existing, split=split, sticky_header=header, failed=False, active_model_id=active,
+                             target_model_id=active,  # a pending transition is cancelled
                              updated_ms=int(self.clock() * 1000))
             if await self.registry.put_vmodel(record, expected_revision=revision, previous=existing):
                 log.info("vModel traffic split set", vmodel_id=vmodel_id, sticky_header=header,

@@ -11,7 +11,8 @@ to a canary. The choice is made per request on the hot path from the router's vi
   point falls in the part of the line that changed owner.
 * Without it (no sticky header set, or the request lacks it), a uniform random draw.
 
-A target whose load has failed (as the vModel transition judges it: ``load_failed``) gets no
+A target of weight 0 is kept loaded and referred to but gets no traffic (a "pinned" canary, as
+KServe's ``canaryTrafficPercent: 0``). A target whose load has failed (as the vModel transition judges it: ``load_failed``) gets no
 traffic: its share goes to the vModel's ``active`` model, the stable one, until the failure
 records expire or the split changes. A target that is merely not loaded yet does get its share
 (the first requests wait for its load, as for any model loaded on demand); setting a split starts
@@ -74,9 +75,9 @@ def check_split(vmodel_id: str, targets: Sequence[tuple[str, int]]) -> tuple[Spl
         if model_id in seen:
             raise InvalidArgument(f"vModel {vmodel_id!r}: targets[{i}] {model_id!r} is named twice")
         seen.add(model_id)
-        if not 0 < weight <= TOTAL_WEIGHT:
+        if not 0 <= weight <= TOTAL_WEIGHT:
             raise InvalidArgument(f"vModel {vmodel_id!r}: targets[{i}] {model_id!r} has weight {weight}; "
-                                  f"a weight is 1 to {TOTAL_WEIGHT}")
+                                  f"a weight is 0 to {TOTAL_WEIGHT}")
     total = sum(w for _, w in targets)
     if total != TOTAL_WEIGHT:
         raise InvalidArgument(f"vModel {vmodel_id!r}: the weights sum to {total}, not {TOTAL_WEIGHT}")

@@ -221,7 +221,7 @@ async def test_bad_input_is_refused_with_the_place_named(
     cases = [
         (split("v", ("stable", 90), ("canary", 20)), bad, "sum to 110"),
         (split("v", ("stable", 90)), bad, "sum to 90"),
-        (split("v", ("stable", 0), ("canary", 100)), bad, "targets[0] 'stable' has weight 0"),
+        (split("v", ("stable", 101)), bad, "targets[0] 'stable' has weight 101"),
         (split("v", ("stable", 50), ("stable", 50)), bad, "targets[1] 'stable' is named twice"),
         (split("v", *nine), bad, "at most 8 targets"),
         (split("v"), bad, "at least one target"),
@@ -306,14 +306,18 @@ sha256 = "''' + hashlib.sha256(b"operator-0123456789xx").hexdigest() + '"\n')
         await m.stop()
 
 
-async def test_one_target_at_100_takes_all_traffic(
+async def test_weights_of_100_and_0(
         mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
-    """100/0 is not a split (weights are 1..100), but one target at 100 is: all to the canary,
-    with the stable model still the active one (it takes over if the canary fails)."""
+    """One target at 100 takes all the traffic, the stable model still the active one (it takes
+    over if the canary fails); a target at 0 is loaded but gets nothing (a pinned canary)."""
     m, _ = mesh
     await stable_vmodel(m, models)
     await m.mesh.setVModelSplit(split("v", ("canary", 100)), timeout=60)
     assert {await served_by(m, models[0], "v") for _ in range(30)} == {"canary"}
+    status = await m.mesh.setVModelSplit(split("v", ("stable", 100), ("canary", 0)), timeout=60)
+    assert [(t.modelId, t.modelStatus.status) for t in status.splitTargets] == [
+        ("stable", ST.LOADED), ("canary", ST.LOADED)]
+    assert {await served_by(m, models[0], "v") for _ in range(30)} == {"stable"}
 
 
 async def test_cli_split_status_promote_and_errors(

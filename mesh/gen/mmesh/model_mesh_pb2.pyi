@@ -229,18 +229,20 @@ class SplitTarget(_message.Message):
     def __init__(self, modelId: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class SetVModelSplitRequest(_message.Message):
-    __slots__ = ("vModelId", "owner", "targets", "stickyHeader", "sync")
+    __slots__ = ("vModelId", "owner", "targets", "stickyHeader", "sync", "stableModelId")
     VMODELID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     STICKYHEADER_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
+    STABLEMODELID_FIELD_NUMBER: _ClassVar[int]
     vModelId: str
     owner: str
     targets: _containers.RepeatedCompositeFieldContainer[SplitTarget]
     stickyHeader: str
     sync: bool
-    def __init__(self, vModelId: _Optional[str] = ..., owner: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[SplitTarget, _Mapping]]] = ..., stickyHeader: _Optional[str] = ..., sync: _Optional[bool] = ...) -> None: ...
+    stableModelId: str
+    def __init__(self, vModelId: _Optional[str] = ..., owner: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[SplitTarget, _Mapping]]] = ..., stickyHeader: _Optional[str] = ..., sync: _Optional[bool] = ..., stableModelId: _Optional[str] = ...) -> None: ...
 
 class PromoteVModelRequest(_message.Message):
     __slots__ = ("vModelId", "owner", "modelId", "sync")
