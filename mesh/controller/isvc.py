@@ -30,6 +30,20 @@ Predictor mapping of :mod:`mesh.controller.predictor` (model types, storage, run
   ``transitionStatus: InvalidSpec`` with the reason in ``lastFailureInfo`` (modelmesh-serving
   writes nothing and retries forever); conditions keep their ``lastTransitionTime`` while their
   status stays the same, so recomputing a status never changes it by itself.
+- **Canary** (``spec.predictor.canaryTrafficPercent`` P, KServe's field): when the spec changes
+  (a new concrete model) while P is set below 100, the vModel splits its traffic: P percent to
+  the new model, 100 - P to the model rolled out before (the vModel's active model, which stays
+  the stable one: a canary whose load fails sends its share there). P = 0 keeps the new model
+  loaded without traffic (KServe's pinned canary); changing P moves the split; P = 100 or no P
+  rolls out as without a canary (the new model takes over once loaded, the split is cleared:
+  removing P after a canary promotes it). Without a previous model (a new InferenceService) there
+  is nothing to split: it rolls out. The status says it as KServe does, with our model IDs as the
+  revision names, in ``components.predictor``: ``traffic`` [{``tag`` latest/prev,
+  ``revisionName``, ``percent``, ``latestRevision``}] (one entry of 100 without a canary),
+  ``latestCreatedRevision`` (the spec's model), ``latestReadyRevision`` (it, once loaded),
+  ``latestRolledoutRevision`` (the model with all the traffic, or the stable one during a canary)
+  and ``previousRolledoutRevision`` (the one rolled out before it); written while the service is
+  available, as the URLs are.
 """
 
 from __future__ import annotations
@@ -38,7 +52,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from mesh.controller.predictor import InvalidPredictor, Registration, RuntimeSelector, registration
+from mesh.controller.predictor import InvalidPredictor, Registration, RuntimeSelector, VModelState, registration
 
 MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 MODELMESH = "ModelMesh"
@@ -140,6 +154,64 @@ def as_predictor(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {"metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")}, "spec": spec}
 
 
+# --- canaries ---------------------------------------------------------------------------------------
+def canary_percent(obj: Mapping[str, Any]) -> int | None:
+    """``spec.predictor.canaryTrafficPercent`` (None: not set); InvalidPredictor if not 0 to 100."""
+    spec = obj.get("spec")
+    predictor = spec.get("predictor") if isinstance(spec, Mapping) else None
+    value = predictor.get("canaryTrafficPercent") if isinstance(predictor, Mapping) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise InvalidPredictor(f"spec.predictor.canaryTrafficPercent must be an integer from 0 to 100, "
+                               f"not {str(value)[:40]}")
+    return value
+
+
+def canary_split(state: VModelState, latest: str, percent: int | None) -> tuple[str, list[tuple[str, int]]]:
+    """(stable model, split) the vModel should have for a canary of ``latest`` at ``percent``, or
+    ("", []) when there is none to have: no percent below 100, or no other model to keep."""
+    if percent is None or percent >= 100 or state.status == "NOT_FOUND":
+        return "", []
+    stable = state.active_model_id
+    if not stable or stable == latest:
+        return "", []
+    return stable, [(stable, 100 - percent), (latest, percent)]
+
+
+def traffic_status(state: VModelState | None, latest: str, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The revision fields of ``components.predictor`` (see the module docstring), from the vModel
+    state, the spec's model ID and the previous ``components.predictor``."""
+    if state is None or state.status == "NOT_FOUND" or not latest:
+        return {}
+    out: dict[str, Any] = {"latestCreatedRevision": latest}
+    if state.split:
+        traffic = [{"tag": "latest", "revisionName": t.model_id, "percent": t.weight, "latestRevision": True}
+                   if t.model_id == latest else
+                   {"tag": "prev", "revisionName": t.model_id, "percent": t.weight, "latestRevision": False}
+                   for t in state.split]
+        latest_ready = any(t.model_id == latest and t.model.status == "LOADED" for t in state.split)
+        rolled_out = state.active_model_id
+    else:
+        active = state.active_model_id
+        traffic = [{"revisionName": active, "percent": 100, "latestRevision": active == latest}]
+        latest_ready = active == latest and state.active is not None and state.active.status == "LOADED"
+        rolled_out = active if state.active_model_id == state.target_model_id else ""
+    out["traffic"] = traffic
+    ready = latest if latest_ready else previous.get("latestReadyRevision")
+    if ready:
+        out["latestReadyRevision"] = ready
+    before = previous.get("latestRolledoutRevision") or ""
+    rolled_out = rolled_out or before
+    if rolled_out:
+        out["latestRolledoutRevision"] = rolled_out
+    earlier = before if before and before != rolled_out else previous.get("previousRolledoutRevision")
+    if earlier:
+        out["previousRolledoutRevision"] = earlier
+    return out
+# --- end canaries -------------------------------------------------------------------------------------
+
+
 def isvc_model_id(model_id: str, name: str) -> str:
     """``<name>__isvc-<hash>`` from the Predictor mapping's ``<name>__<hash>``."""
     return f"{name}__{SOURCE}-{model_id[len(name) + 2:]}"
@@ -185,8 +257,9 @@ def _conditions(ready: bool, previous: Any, now: str) -> list[dict[str, Any]]:
 
 
 def isvc_status(predictor: Mapping[str, Any], *, previous: Mapping[str, Any] | None, grpc_url: str, rest_url: str,
-                now: str) -> dict[str, Any]:
-    """The InferenceService's status for the Predictor status the reconcile computed."""
+                now: str, state: VModelState | None = None, latest: str = "") -> dict[str, Any]:
+    """The InferenceService's status for the Predictor status the reconcile computed (and for the
+    revision fields, the vModel ``state`` and the spec's model ID ``latest``)."""
     previous = previous or {}
     states = {"activeModelState": predictor["activeModelState"]}
     if predictor.get("targetModelState"):
@@ -207,8 +280,10 @@ def isvc_status(predictor: Mapping[str, Any], *, previous: Mapping[str, Any] | N
     if predictor["available"]:
         status["url"] = grpc_url
         status["address"] = {"url": grpc_url}
+        before = _as_dict(_as_dict(previous.get("components")).get("predictor"))
         status["components"] = {"predictor": {"url": grpc_url, "grpcUrl": grpc_url,
-                                              **({"restUrl": rest_url} if rest_url else {})}}
+                                              **({"restUrl": rest_url} if rest_url else {}),
+                                              **traffic_status(state, latest, before)}}
     return status
 
 

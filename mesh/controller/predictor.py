@@ -368,6 +368,17 @@ class VModelState:
     active: ModelState | None = None
     target: ModelState | None = None
     owner: str = ""
+    split: tuple[SplitState, ...] = ()  # a traffic split (InferenceService canaries); () = none
+
+
+@dataclass(frozen=True)
+class SplitState:
+    """One target of a vModel's traffic split (VModelStatusInfo.splitTargets)."""
+
+    model_id: str
+    weight: int
+    model: ModelState
+    receiving: bool = True
 
 
 NOT_FOUND = VModelState(status="NOT_FOUND")

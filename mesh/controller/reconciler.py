@@ -82,6 +82,11 @@ SETTLE_S = 60.0
 class MeshApi(Protocol):
     async def set_vmodel(self, reg: Registration, *, owner: str, load_now: bool) -> VModelState: ...
 
+    async def set_vmodel_split(self, vmodel_id: str, targets: list[tuple[str, int]], *, owner: str,
+                               stable: str) -> VModelState: ...
+
+    async def ensure_loaded(self, model_id: str) -> None: ...
+
     async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState: ...
 
     async def delete_vmodel(self, vmodel_id: str, *, owner: str) -> None: ...
@@ -127,8 +132,14 @@ class Kind:
         """The object's status, as the Predictor status it was written from."""
         return dict(obj.get("status") or {})
 
-    def patch(self, obj: Mapping[str, Any], status: dict[str, Any], now_ms: int) -> dict[str, Any] | None:
-        """The status patch for the Predictor status ``status`` (None: nothing to write)."""
+    def canary(self, obj: Mapping[str, Any]) -> int | None:
+        """The canary traffic percent the object asks for (None: no canary; Predictors have none)."""
+        return None
+
+    def patch(self, obj: Mapping[str, Any], status: dict[str, Any], now_ms: int,
+              state: VModelState | None = None, latest: str = "") -> dict[str, Any] | None:
+        """The status patch for the Predictor status ``status`` (None: nothing to write);
+        ``state`` and ``latest`` (the spec's model ID) for kinds that report revisions."""
         return status_patch(obj.get("status"), status)
 
 
@@ -148,7 +159,11 @@ class InferenceServices(Kind):
                      select: RuntimeSelector | None = None) -> Registration | None:
         if not isvc.is_modelmesh(obj):
             return None
+        isvc.canary_percent(obj)  # a bad canaryTrafficPercent is an invalid spec
         return isvc.isvc_registration(obj, default_storage_key=default_storage_key, select=select)
+
+    def canary(self, obj: Mapping[str, Any]) -> int | None:
+        return isvc.canary_percent(obj)
 
     def model_id(self, namespace: str, name: str, obj: Mapping[str, Any]) -> str:
         try:
@@ -160,10 +175,11 @@ class InferenceServices(Kind):
     def previous(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         return isvc.predictor_view(obj.get("status"))
 
-    def patch(self, obj: Mapping[str, Any], status: dict[str, Any], now_ms: int) -> dict[str, Any] | None:
+    def patch(self, obj: Mapping[str, Any], status: dict[str, Any], now_ms: int,
+              state: VModelState | None = None, latest: str = "") -> dict[str, Any] | None:
         current = obj.get("status") or {}
         wanted = isvc.isvc_status(status, previous=current, grpc_url=self.grpc_url, rest_url=self.rest_url,
-                                  now=timestamp(now_ms))
+                                  now=timestamp(now_ms), state=state, latest=latest)
         return isvc.isvc_status_patch(current, wanted)
 
 
@@ -349,10 +365,25 @@ class PredictorController:
         status = self.kind.previous(obj)
 
         failure: Failure | None = None
+        percent = self.kind.canary(obj)
         try:
             if self.registered.get(key) != reg.model_id:
                 loading = load_now(status)
-                state = await self.mesh.set_vmodel(reg, owner=owner, load_now=loading)
+                stable = ""
+                current = (await self.mesh.vmodel_status(name, owner=owner)
+                           if percent is not None and percent < 100 else None)
+                if current is not None and reg.model_id in {t.model_id for t in current.split}:
+                    state = await self._keep_split(name, owner, current, reg, percent)  # a controller restart
+                else:
+                    if current is not None:
+                        stable, _ = isvc.canary_split(current, reg.model_id, percent)
+                    if stable:
+                        # Loaded before the switch: setVModel switches at once (and auto-deletes the
+                        # old model) when the active model has no copy; and it takes most of the traffic.
+                        await self._load_stable(stable)
+                    state = await self.mesh.set_vmodel(reg, owner=owner, load_now=loading or bool(stable))
+                    if stable:
+                        state = await self._split(name, owner, stable, reg.model_id, percent)
                 if loading:
                     self._settling[key] = self.clock() + SETTLE_S
                 if self.registered.get(key) is None:
@@ -363,7 +394,9 @@ class PredictorController:
                 self.registered[key] = reg.model_id
             else:
                 state = await self.mesh.vmodel_status(name, owner=owner)
-                if needs_registration(state, reg):
+                if state.split and reg.model_id in {t.model_id for t in state.split}:
+                    state = await self._keep_split(name, owner, state, reg, percent)
+                elif needs_registration(state, reg):
                     log.warning("registration missing in the mesh; restoring it", namespace=namespace,
                                 predictor=name, model_id=reg.model_id, vmodel_status=state.status)
                     state = await self.mesh.set_vmodel(reg, owner=owner, load_now=True)
@@ -379,7 +412,7 @@ class PredictorController:
             state = await self.mesh.vmodel_status(name, owner=owner)
         new = predictor_status(state, previous=status, failure=failure, now_ms=self._now_ms(),
                                grpc_endpoint=self.grpc_endpoint)
-        await self._write(key, obj, new)
+        await self._write(key, obj, new, state, reg.model_id)
         delay = requeue_after(new, poll_s=self.poll_s, runtime_wait_s=RUNTIME_WAIT_S)
         if delay is None and self.clock() < self._settling.get(key, 0.0) and (
                 new["activeModelState"] in (PENDING, STANDBY) or new["targetModelState"] in (PENDING, STANDBY)):
@@ -399,8 +432,43 @@ class PredictorController:
         self._warned[key] = seen
         await self.events.warn(obj, failure.reason, failure.message)
 
-    async def _write(self, key: Key, obj: dict[str, Any], status: dict[str, Any]) -> None:
-        patch = self.kind.patch(obj, status, self._now_ms())
+    # --- canaries (InferenceService canaryTrafficPercent; mesh.controller.isvc) ----------------------
+    async def _load_stable(self, model_id: str) -> None:
+        try:
+            await self.mesh.ensure_loaded(model_id)
+        except MeshError as exc:  # the split sends a failed target's share to it regardless
+            log.warning("cannot load the stable model of a canary", model_id=model_id, error=exc.message)
+
+    async def _split(self, name: str, owner: str, stable: str, latest: str, percent: int | None) -> VModelState:
+        _, targets = isvc.canary_split(VModelState(status="DEFINED", active_model_id=stable), latest, percent)
+        try:
+            state = await self.mesh.set_vmodel_split(name, targets, owner=owner, stable=stable)
+        except MeshError as exc:
+            if exc.code is not Code.NOT_FOUND:
+                raise
+            # The stable model went meanwhile (the vModel had switched to the new one already, and
+            # auto-deleted it): nothing left to split with, the new model is rolled out.
+            log.warning("canary: no previous model to split with; rolled out", vmodel_id=name, error=exc.message)
+            return await self.mesh.vmodel_status(name, owner=owner)
+        log.info("canary: traffic split", vmodel_id=name, split=dict(targets))
+        return state
+
+    async def _keep_split(self, name: str, owner: str, state: VModelState, reg: Registration,
+                          percent: int | None) -> VModelState:
+        """A canary under way: move the split to a new percent, or promote the spec's model (no
+        percent, or 100: a plain setVModel clears the split, with the safe switch)."""
+        if percent is None or percent >= 100:
+            log.info("canary promoted", vmodel_id=name, model_id=reg.model_id)
+            return await self.mesh.set_vmodel(reg, owner=owner, load_now=True)
+        stable, targets = isvc.canary_split(state, reg.model_id, percent)
+        if stable and sorted(targets) != sorted((t.model_id, t.weight) for t in state.split):
+            return await self._split(name, owner, stable, reg.model_id, percent)
+        return state
+    # --- end canaries -----------------------------------------------------------------------------
+
+    async def _write(self, key: Key, obj: dict[str, Any], status: dict[str, Any],
+                     state: VModelState | None = None, latest: str = "") -> None:
+        patch = self.kind.patch(obj, status, self._now_ms(), state, latest)
         if patch is None:
             return
         updated = await self.kube.patch_status(key[0], key[1], patch)

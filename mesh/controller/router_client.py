@@ -2,7 +2,8 @@
 
 Three calls, as modelmesh-serving's controller makes them: ``setVModel`` (with the model's info,
 ``autoDeleteTargetModel`` and ``loadNow``), ``getVModelStatus`` and ``deleteVModel``, each with the
-controller's owner string. Answers become the transport-neutral states of
+controller's owner string; and for InferenceService canaries, ``setVModelSplit`` and
+``ensureLoaded``. Answers become the transport-neutral states of
 :mod:`mesh.controller.predictor`; errors become :class:`RouterError` carrying the router's own
 code and message (its answers are marked with the ``mesh-origin`` trailer), or
 :class:`RouterUnreachable` when no router answered at all (retried by the reconciler, never fatal:
@@ -16,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from mesh.controller.predictor import CopyInfo, ModelState, Registration, VModelState
+from mesh.controller.predictor import CopyInfo, ModelState, Registration, SplitState, VModelState
 from mesh.errors import Code, InvalidArgument, MeshError, Unavailable
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
@@ -51,7 +52,8 @@ def vmodel_state(msg: mm.VModelStatusInfo) -> VModelState:
         status=_VMODEL.Name(msg.status), active_model_id=msg.activeModelId, target_model_id=msg.targetModelId,
         active=_model_state(msg.activeModelStatus) if msg.HasField("activeModelStatus") else None,
         target=_model_state(msg.targetModelStatus) if msg.HasField("targetModelStatus") else None,
-        owner=msg.owner)
+        owner=msg.owner, split=tuple(SplitState(t.modelId, t.weight, _model_state(t.modelStatus), t.receivingTraffic)
+                                     for t in msg.splitTargets))
 
 
 class RouterClient:
@@ -110,6 +112,18 @@ class RouterClient:
     async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState:
         request = mm.GetVModelStatusRequest(vModelId=vmodel_id, owner=owner)
         return vmodel_state(await self._call(self._stub.getVModelStatus, request))
+
+    # --- canaries (InferenceService canaryTrafficPercent) ---
+    async def set_vmodel_split(self, vmodel_id: str, targets: list[tuple[str, int]], *, owner: str,
+                               stable: str) -> VModelState:
+        request = mm.SetVModelSplitRequest(vModelId=vmodel_id, owner=owner, stableModelId=stable,
+                                           targets=[mm.SplitTarget(modelId=m, weight=w) for m, w in targets])
+        return vmodel_state(await self._call(self._stub.setVModelSplit, request))
+
+    async def ensure_loaded(self, model_id: str) -> None:
+        """Load now and wait (the stable model of a canary is about to take most of the traffic)."""
+        await self._call(self._stub.ensureLoaded, mm.EnsureLoadedRequest(modelId=model_id, sync=True))
+    # --- end canaries ---
 
     async def delete_vmodel(self, vmodel_id: str, *, owner: str) -> None:
         await self._call(self._stub.deleteVModel, mm.DeleteVModelRequest(vModelId=vmodel_id, owner=owner))

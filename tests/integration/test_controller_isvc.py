@@ -163,8 +163,12 @@ async def test_quickstart_isvc_becomes_ready_and_serves_by_name(env: Env, models
     status = env.status(NAME)
     # the status modelmesh-serving writes (docs/kserve-notes.md section 3), with our router's URLs
     assert status["url"] == env.grpc_url and status["address"] == {"url": env.grpc_url}
-    assert status["components"] == {"predictor": {"url": env.grpc_url, "grpcUrl": env.grpc_url,
-                                                  "restUrl": env.mesh.rest_url}}
+    model_id = (await env.vmodel(NAME)).activeModelId
+    assert status["components"] == {"predictor": {
+        "url": env.grpc_url, "grpcUrl": env.grpc_url, "restUrl": env.mesh.rest_url,
+        # KServe's revision fields, our model IDs as the revisions (test_controller_canary.py)
+        "traffic": [{"revisionName": model_id, "percent": 100, "latestRevision": True}],
+        "latestCreatedRevision": model_id, "latestReadyRevision": model_id, "latestRolledoutRevision": model_id}}
     assert status["modelStatus"]["copies"] == {"failedCopies": 0, "totalCopies": 1}
     assert "lastFailureInfo" not in status["modelStatus"]
     assert all(c.get("lastTransitionTime") for c in status["conditions"])
