@@ -13,11 +13,11 @@ to a canary. The choice is made per request on the hot path from the router's vi
 
 A target of weight 0 is kept loaded and referred to but gets no traffic (a "pinned" canary, as
 KServe's ``canaryTrafficPercent: 0``). A target whose load has failed (as the vModel transition
-judges it: ``load_failed``) gets no traffic: its share goes to the vModel's ``active`` model,
-the stable one, until the failure records expire or the split changes. A target that is merely not loaded yet does get its share
-(the first requests wait for its load, as for any model loaded on demand); setting a split starts
-the loads at once, and ``sync`` waits for them, so a split set with ``sync`` serves its first
-canary requests from a loaded copy.
+judges it: ``load_failed``) gets no traffic: its share goes to the vModel's ``active`` model, the
+stable one, until the failure records expire or the split changes. A target that is merely not
+loaded yet does get its share (the first requests wait for its load, as for any model loaded on
+demand); setting a split starts the loads at once, and ``sync`` waits for them, so a split set
+with ``sync`` serves its first canary requests from a loaded copy.
 
 Requests per (vModel, target) are counted in the view for ``mesh_vmodel_requests_total``: only
 vModels with a split are counted, at most ``MAX_SPLIT_TARGETS`` + 1 series each, so the label
