@@ -31,6 +31,7 @@ import grpc
 import pytest
 
 from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.registry.etcd_server import EtcdProcess
 from mesh.tensors import encode_request
 from tests.integration.test_metrics import Samples, free_port, scrape
 from tests.support.inprocess import InProcessMesh, memory_url
@@ -354,3 +355,22 @@ async def test_cli_split_status_promote_and_errors(
     r = await asyncio.to_thread(cli, "promote", "v", "--sync")
     assert r.returncode == 0 and "vmodel v: DEFINED" in r.stdout and "canary" in r.stdout, r.stderr
     assert "split" not in r.stdout
+
+
+async def test_split_targets_are_referrers_in_etcd(etcd: EtcdProcess,
+                                                   models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    """On a real etcd, the refs index counts split targets: unregistering one is refused in the
+    delete's own transaction; once the split is cleared (promote), the model left out may go."""
+    m = await InProcessMesh(etcd.url).start(runtimes=1)
+    try:
+        await stable_vmodel(m, models)
+        await m.mesh.setVModelSplit(split("v", ("stable", 70), ("canary", 30)), timeout=60)
+        got, details = await code_of(m.mesh.unregisterModel(mm.UnregisterModelRequest(modelId="canary"), timeout=10))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION and "vModel(s) v" in details
+        assert {await served_by(m, models[0], "v") for _ in range(80)} == {"stable", "canary"}
+        await m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="v", modelId="stable"), timeout=30)
+        await m.mesh.unregisterModel(mm.UnregisterModelRequest(modelId="canary"), timeout=10)
+        status = await m.mesh.getModelStatus(mm.GetStatusRequest(modelId="canary"), timeout=10)
+        assert status.status == ST.NOT_FOUND
+    finally:
+        await m.stop()
