@@ -19,7 +19,8 @@ loaded yet does get its share (the first requests wait for its load, as for any 
 demand); setting a split starts the loads at once, and ``sync`` waits for them, so a split set
 with ``sync`` serves its first canary requests from a loaded copy.
 
-Requests per (vModel, target) are counted in the view for ``mesh_vmodel_requests_total``: only
+Requests per (vModel, target) are counted in the view for ``mesh_vmodel_requests_total`` (every
+request resolved through the split: inference, metadata and readiness alike): only
 vModels with a split are counted, at most ``MAX_SPLIT_TARGETS`` + 1 series each, so the label
 cardinality is bounded by what operators configure, not by what clients send.
 """
