@@ -197,14 +197,14 @@ def _node(name: str, raw: Any) -> Node:
     for i, (step, s) in enumerate(zip(steps, raw_steps, strict=True), 1):
         if "name" in s:
             if step.name in explicit:
-                raise InvalidArgument(f"{at}, step {i}: the name {step.name!r} is used by an earlier step; "
+                raise InvalidArgument(f"{at}, step {i} ({step.name!r}): the name {step.name!r} is used by an earlier step; "
                                       f"step names are unique in a node")
             explicit.add(step.name)
     if router_type == "Ensemble":
         seen: set[str] = set()
         for i, step in enumerate(steps, 1):
             if step.name in seen:
-                raise InvalidArgument(f"{at}, step {i}: another step of this Ensemble is named {step.name!r} "
+                raise InvalidArgument(f"{at}, step {i} ({step.name!r}): another step of this Ensemble is named {step.name!r} "
                                       f"(a step's name defaults to its target); give the steps distinct "
                                       f"names, which prefix their outputs")
             seen.add(step.name)
@@ -217,7 +217,7 @@ def _node(name: str, raw: Any) -> Node:
 
 def _step(node_at: str, router_type: str, i: int, raw: Any) -> Step:
     label = (raw.get("name") or raw.get("serviceName") or raw.get("nodeName")) if isinstance(raw, Mapping) else None
-    at = f"{node_at}, step {i}" + (f" ({label!r})" if isinstance(label, str) and label else "")
+    at = f"{node_at}, step {i}" + (f" ({label[:60]!r})" if isinstance(label, str) and label else "")
     if not isinstance(raw, Mapping):
         raise InvalidArgument(f"{at}: must be an object, got {_show(raw)}")
     try:
