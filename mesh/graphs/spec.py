@@ -197,16 +197,16 @@ def _node(name: str, raw: Any) -> Node:
     for i, (step, s) in enumerate(zip(steps, raw_steps, strict=True), 1):
         if "name" in s:
             if step.name in explicit:
-                raise InvalidArgument(f"{at}, step {i} ({step.name!r}): the name {step.name!r} is used by an earlier step; "
-                                      f"step names are unique in a node")
+                raise InvalidArgument(f"{at}, step {i} ({step.name!r}): the name {step.name!r} is used by an "
+                                      f"earlier step; step names are unique in a node")
             explicit.add(step.name)
     if router_type == "Ensemble":
         seen: set[str] = set()
         for i, step in enumerate(steps, 1):
             if step.name in seen:
-                raise InvalidArgument(f"{at}, step {i} ({step.name!r}): another step of this Ensemble is named {step.name!r} "
-                                      f"(a step's name defaults to its target); give the steps distinct "
-                                      f"names, which prefix their outputs")
+                raise InvalidArgument(f"{at}, step {i} ({step.name!r}): another step of this Ensemble is named "
+                                      f"{step.name!r} (a step's name defaults to its target); give the steps "
+                                      f"distinct names, which prefix their outputs")
             seen.add(step.name)
     if router_type == "Splitter":
         total = sum(step.weight for step in steps)
