@@ -133,6 +133,10 @@ async def test_sequence_feeds_a_into_b_over_grpc_and_rest(mesh: InProcessMesh) -
             answer = await response.json()
         assert answer["model_name"] == "seq"
         np.testing.assert_allclose(np.asarray(answer["outputs"][0]["data"]), expected, rtol=1e-9, atol=1e-9)
+        # KServe V1: the rows become the graph's input, the first model's answer goes on to the next.
+        async with session.post(f"{mesh.rest_url}/v1/models/seq:predict", json={"instances": X.tolist()}) as response:
+            assert response.status == 200, await response.text()
+            np.testing.assert_allclose((await response.json())["predictions"], expected, rtol=1e-9, atol=1e-9)
         async with session.get(f"{mesh.rest_url}/v2/models/seq/ready") as response:
             assert response.status == 200  # both models were loaded by the requests above
         async with session.get(f"{mesh.rest_url}/v2/models/seq") as response:
@@ -248,6 +252,31 @@ async def test_bad_requests_to_the_api(mesh: InProcessMesh) -> None:
     ]:
         got, message = await error_of(stub.setGraph(req, timeout=10))
         assert (got, words in message) == (code, True), (req.graphId, got, message)
+
+
+async def test_one_access_line_and_one_payload_record_pair_per_graph_request(
+        models: dict[str, Path], logs: list[dict[str, Any]]) -> None:
+    from tests.integration.test_payloads import SinkServer, eventually
+
+    sink = await SinkServer().start()
+    m = await InProcessMesh(memory_url(), log_overrides={"access_log": True},
+                            router_overrides={"payload_processors": (sink.url,)}).start(runtimes=1)
+    try:
+        for name in ("a", "b"):
+            await m.register(name, "sklearn", str(models[name]))
+        await set_graph(m, "obs", seq({"serviceName": "a"}, {"serviceName": "b", "data": "$response"}))
+        await infer(m, "obs")
+        await eventually(lambda: len(sink.events) >= 2)
+    finally:
+        await m.stop()
+        await sink.stop()
+    routed = [e for e in logs if e["event"] == "request" and e.get("method") == "ModelInfer"]
+    assert [(e["model_id"], e["code"]) for e in routed] == [("obs", "OK")], routed
+    assert len([e for e in logs if e["event"] == "inference"]) == 2  # the runtime answered both steps
+    assert len(sink.events) == 2 and {h["ce-modelid"] for h, _ in sink.events} == {"obs"}, sink.events
+    answer = decode_response(pb.ModelInferResponse.FromString(next(
+        body for h, body in sink.events if "ModelInferResponse" in h["content-type"])))
+    np.testing.assert_allclose(answer["predict"], X @ W_A @ W_B, rtol=1e-9, atol=1e-9)
 
 
 # --- the hot path -------------------------------------------------------------------------------
