@@ -360,3 +360,31 @@ async def test_auth_covers_the_graph_and_every_model_it_names(models: dict[str, 
         assert code == grpc.StatusCode.PERMISSION_DENIED
     finally:
         await mesh.stop()
+
+
+# --- the controller's client --------------------------------------------------------------------
+async def test_the_controllers_router_client_sets_reads_and_deletes_graphs(mesh: InProcessMesh) -> None:
+    from mesh.controller.router_client import RouterClient, RouterError
+    from mesh.errors import Code
+
+    assert mesh.router is not None
+    client = RouterClient(mesh.router.endpoint)
+    try:
+        state = await client.set_graph("ig", seq({"serviceName": "a"}, {"serviceName": "b", "data": "$response"}),
+                                       owner="controller")
+        assert state.status in ("DEFINED", "READY") and state.owner == "controller"
+        assert [(m.model_id, m.status) for m in state.models] == [("a", "NOT_LOADED"), ("b", "NOT_LOADED")]
+        await infer(mesh, "ig")
+        state = await client.graph_status("ig")
+        assert state.status == "READY" and {m.status for m in state.models} == {"LOADED"}
+        with pytest.raises(RouterError) as refused:  # a step naming an unregistered model
+            await client.set_graph("ig", seq({"serviceName": "later"}), owner="controller")
+        assert refused.value.code is Code.NOT_FOUND and "step 1 ('later')" in refused.value.message
+        with pytest.raises(RouterError) as refused:  # owned: only calls naming the owner change it
+            await client.delete_graph("ig")
+        assert refused.value.code is Code.FAILED_PRECONDITION
+        await client.delete_graph("ig", owner="controller")
+        await client.delete_graph("ig", owner="controller")  # idempotent
+        assert (await client.graph_status("ig")).status == "NOT_FOUND"
+    finally:
+        await client.close()
