@@ -134,7 +134,7 @@ class _Run:
         if kind == "Ensemble":
             return await self.ensemble(node, request)
         if kind == "Switch":
-            doc = v2.request_view(request.body)
+            doc = v2.request_view(request)
             for step in node.steps:
                 assert step.condition is not None  # parse_graph requires one on every Switch step
                 if step.condition.matches(doc):
@@ -173,7 +173,7 @@ class _Run:
         final = len(node.steps) - 1
         for i, step in enumerate(node.steps):
             if step.condition is not None:
-                doc = v2.request_view(request.body) if last is None else self.view(node, last_step, last)
+                doc = v2.request_view(request) if last is None else self.view(node, last_step, last)
                 if not step.condition.matches(doc):
                     break
             if step.data == RESPONSE:

@@ -53,6 +53,8 @@ _MODEL_NAME, _MODEL_VERSION, _ID, _PARAMETERS, _TENSORS = 1, 2, 3, 4, 5
 _REQUESTED_OUTPUTS, _RAW_REQUEST = 6, 7
 _RAW_RESPONSE = 6
 _RAW_REQUEST_TAG = bytes([(_RAW_REQUEST << 3) | 2])
+_RAW_RESPONSE_TAG = bytes([(_RAW_RESPONSE << 3) | 2])
+_TENSORS_TAG = bytes([(_TENSORS << 3) | 2])
 _EMPTY_VERSION = bytes([(_MODEL_VERSION << 3) | 2, 0])
 _LENGTH = struct.Struct("<I")
 
@@ -71,24 +73,34 @@ def _string_field(field: int, text: str) -> bytes:
     return bytes([(field << 3) | 2]) + _varint(len(data)) + data
 
 
-def _fields(buf: bytes, what: str) -> list[tuple[int, int, int, int]]:
+Buffer = bytes | memoryview
+
+
+def _fields(buf: Buffer, what: str) -> list[tuple[int, int, int, int]]:
     """Top-level fields of a serialized message: (field, start of the tag, start of the value, end)."""
     out = []
     pos, end = 0, len(buf)
     while pos < end:
         start = pos
-        tag, pos = _read_varint(buf, pos, what)
+        tag = buf[pos]
+        if tag < 0x80:      # one-byte tags: every field of the V2 messages
+            pos += 1
+        else:
+            tag, pos = _read_varint(buf, pos, what)
         field, wire = tag >> 3, tag & 7
         if field == 0:
             raise InvalidArgument(f"{what} is malformed: field number 0")
-        if wire == 0:
+        if wire == 2:
+            if pos < end and buf[pos] < 0x80:
+                length, value = buf[pos], pos + 1
+            else:
+                length, value = _read_varint(buf, pos, what)
+            pos = value + length
+        elif wire == 0:
             _, pos = _read_varint(buf, pos, what)
             value = pos
         elif wire == 1:
             value, pos = pos, pos + 8
-        elif wire == 2:
-            length, value = _read_varint(buf, pos, what)
-            pos = value + length
         elif wire == 5:
             value, pos = pos, pos + 4
         else:
@@ -99,7 +111,7 @@ def _fields(buf: bytes, what: str) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _read_varint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
+def _read_varint(buf: Buffer, pos: int, what: str) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf):
@@ -114,19 +126,51 @@ def _read_varint(buf: bytes, pos: int, what: str) -> tuple[int, int]:
             raise InvalidArgument(f"{what} is malformed: a varint too long")
 
 
+def _kept(buf: Buffer, fields: Sequence[tuple[int, int, int, int]], drop: tuple[int, ...]) -> list[Buffer]:
+    """Zero-copy slices of ``buf`` holding its fields but those numbered in ``drop``; contiguous
+    fields share one slice."""
+    view = memoryview(buf)
+    out: list[Buffer] = []
+    run_start = run_end = -1
+    for f, s, _, e in fields:
+        if f in drop:
+            continue
+        if s == run_end:
+            run_end = e
+            continue
+        if run_start >= 0:
+            out.append(view[run_start:run_end])
+        run_start, run_end = s, e
+    if run_start >= 0:
+        out.append(view[run_start:run_end])
+    return out
+
+
+def _name_fields(model: str) -> bytes:
+    return _string_field(_MODEL_NAME, model) + _EMPTY_VERSION
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A node's input: a serialized ModelInferRequest without requested outputs (``body``), and
-    its ``id`` and ``parameters`` fields as serialized (``head``), which requests made from
-    responses keep."""
+    """A node's input, as zero-copy pieces of the bytes it came from: its fields but the model's
+    name and version, the requested outputs and the raw contents (``parts``: small), the raw
+    contents (``raw``: views), and its ``id`` and ``parameters`` fields as serialized (``head``),
+    which requests made from responses keep. Each step's request is one join of the pieces and the
+    step's model name: one copy of the tensors per step."""
 
-    body: bytes
+    parts: tuple[Buffer, ...]
+    raw: tuple[Buffer, ...]
     head: bytes
     id: str
 
     def to(self, model: str) -> bytes:
-        """The request for one step: this body addressed to ``model``."""
-        return self.body + _string_field(_MODEL_NAME, model) + _EMPTY_VERSION
+        """The request for one step: these fields addressed to ``model``."""
+        pieces: list[Buffer] = [*self.parts]
+        for r in self.raw:
+            pieces.append(_RAW_REQUEST_TAG + _varint(len(r)))
+            pieces.append(r)
+        pieces.append(_name_fields(model))
+        return b"".join(pieces)
 
     @classmethod
     def from_client(cls, body: bytes) -> tuple[Request, list[str]]:
@@ -134,34 +178,35 @@ class Request:
         fields = _fields(body, "the request")
         head = b"".join(body[s:e] for f, s, _, e in fields if f in (_ID, _PARAMETERS))
         id_ = _last_string(body, fields, _ID)
-        if not any(f == _REQUESTED_OUTPUTS for f, _, _, _ in fields):
-            return cls(body, head, id_), []
-        try:
-            requested = [o.name for o in pb.ModelInferRequest.FromString(body).outputs]
-        except DecodeError:
-            raise InvalidArgument("the request is not a ModelInferRequest") from None
-        kept = b"".join(body[s:e] for f, s, _, e in fields if f != _REQUESTED_OUTPUTS)
-        return cls(kept, head, id_), requested
+        requested = []
+        for f, _, v, e in fields:
+            if f == _REQUESTED_OUTPUTS:
+                try:
+                    requested.append(pb.ModelInferRequest.InferRequestedOutputTensor.FromString(body[v:e]).name)
+                except DecodeError:
+                    raise InvalidArgument("the request is malformed: a requested output does not parse") from None
+        view = memoryview(body)
+        parts = _kept(view, fields, (_MODEL_NAME, _MODEL_VERSION, _REQUESTED_OUTPUTS, _RAW_REQUEST))
+        raw = tuple(view[v:e] for f, _, v, e in fields if f == _RAW_REQUEST)
+        return cls(tuple(parts), raw, head, id_), requested
 
     @classmethod
     def from_response(cls, response: bytes, input_: Request) -> Request:
         """A request whose inputs are ``response``'s outputs (see the module docstring), with the
         ``id`` and ``parameters`` of ``input_``. Raises InvalidArgument if the bytes do not parse."""
-        parts = [input_.head]
-        for f, s, v, e in _fields(response, "the response"):
-            if f == _TENSORS:
-                parts.append(response[s:e])
-            elif f == _RAW_RESPONSE:
-                parts.append(_RAW_REQUEST_TAG + _varint(e - v) + response[v:e])
-        return cls(b"".join(parts), input_.head, input_.id)
+        view = memoryview(response)
+        fields = _fields(view, "the response")
+        parts: list[Buffer] = [input_.head, *_kept(view, [f for f in fields if f[0] == _TENSORS], ())]
+        raw = tuple(view[v:e] for f, _, v, e in fields if f == _RAW_RESPONSE)
+        return cls(tuple(parts), raw, input_.head, input_.id)
 
 
-def _last_string(buf: bytes, fields: Sequence[tuple[int, int, int, int]], field: int) -> str:
+def _last_string(buf: Buffer, fields: Sequence[tuple[int, int, int, int]], field: int) -> str:
     value = ""
     for f, _, v, e in fields:
         if f == field:
             try:
-                value = buf[v:e].decode("utf-8")
+                value = bytes(buf[v:e]).decode("utf-8")
             except UnicodeDecodeError:
                 raise InvalidArgument("the request's id is not valid UTF-8") from None
     return value
@@ -169,22 +214,34 @@ def _last_string(buf: bytes, fields: Sequence[tuple[int, int, int, int]], field:
 
 def finish(response: bytes, graph_id: str, requested: Sequence[str]) -> bytes:
     """The graph's answer: the last response, named after the graph, cut to the requested outputs."""
+    fields = _fields(response, "the graph's last answer")
     if not requested:
-        return response + _string_field(_MODEL_NAME, graph_id) + _EMPTY_VERSION
-    resp = _parse_response(response, "the graph's last step")
-    index = {o.name: i for i, o in enumerate(resp.outputs)}
-    missing = [n for n in requested if n not in index]
+        return b"".join((*_kept(response, fields, (_MODEL_NAME, _MODEL_VERSION)), _name_fields(graph_id)))
+    tensors = [(_tensor_name(response, v, e), s, e) for f, s, v, e in fields if f == _TENSORS]
+    raws = [(s, e) for f, s, _, e in fields if f == _RAW_RESPONSE]
+    first: dict[str, int] = {}
+    for i, (name, _, _) in enumerate(tensors):
+        first.setdefault(name, i)
+    missing = [n for n in requested if n not in first]
     if missing:
         raise InvalidArgument(f"graph {graph_id!r} has no output {missing[0]!r}; its outputs: "
-                              f"{', '.join(map(repr, index)) or 'none'}")
-    out = pb.ModelInferResponse(model_name=graph_id, id=resp.id)
-    out.parameters.MergeFrom(resp.parameters)
-    raw = len(resp.raw_output_contents) == len(resp.outputs) and len(resp.outputs) > 0
-    for name in dict.fromkeys(requested):
-        out.outputs.append(resp.outputs[index[name]])
-        if raw:
-            out.raw_output_contents.append(resp.raw_output_contents[index[name]])
-    return bytes(out.SerializeToString())
+                              f"{', '.join(map(repr, first)) or 'none'}")
+    if raws and len(raws) != len(tensors):
+        raise MeshError(f"the graph's last answer has {len(raws)} raw contents for {len(tensors)} outputs")
+    view = memoryview(response)
+    parts: list[Buffer] = [_name_fields(graph_id)]
+    parts.extend(view[s:e] for f, s, _, e in fields if f in (_ID, _PARAMETERS))
+    wanted = [first[n] for n in dict.fromkeys(requested)]
+    parts.extend(view[tensors[i][1]:tensors[i][2]] for i in wanted)
+    if raws:
+        parts.extend(view[raws[i][0]:raws[i][1]] for i in wanted)
+    return b"".join(parts)
+
+
+def _tensor_name(buf: Buffer, start: int, end: int) -> str:
+    """The name (field 1) of the tensor serialized at buf[start:end]."""
+    sub = memoryview(buf)[start:end]
+    return _last_string(sub, _fields(sub, "an output tensor"), 1)
 
 
 def _parse_response(body: bytes, what: str) -> pb.ModelInferResponse:
@@ -196,33 +253,55 @@ def _parse_response(body: bytes, what: str) -> pb.ModelInferResponse:
 
 
 def merge(parts: Sequence[tuple[str, bytes]], id_: str) -> bytes:
-    """One response with every part's outputs renamed ``<step>.<output>``, in order."""
-    responses = [(name, _parse_response(body, f"step {name!r}")) for name, body in parts]
-    for name, resp in responses:
-        if resp.raw_output_contents and len(resp.raw_output_contents) != len(resp.outputs):
-            raise MeshError(f"step {name!r} answered {len(resp.raw_output_contents)} raw contents for "
-                            f"{len(resp.outputs)} outputs")
-    any_raw = any(resp.raw_output_contents for _, resp in responses)
-    out = pb.ModelInferResponse(id=id_)
-    for name, resp in responses:
-        typed_arrays: dict[str, np.ndarray] | None = None
-        for i, tensor in enumerate(resp.outputs):
-            merged = out.outputs.add()
-            merged.CopyFrom(tensor)
-            merged.name = f"{name}.{tensor.name}"
-            if not any_raw:
-                continue
-            if resp.raw_output_contents:
-                out.raw_output_contents.append(resp.raw_output_contents[i])
-                continue
-            if typed_arrays is None:
-                try:
-                    typed_arrays = decode_response(resp)
-                except MeshError as e:
-                    raise MeshError(f"step {name!r} answered outputs that do not decode: {e.message}") from None
-            merged.ClearField("contents")
-            out.raw_output_contents.append(_raw(typed_arrays[tensor.name], tensor.datatype))
-    return bytes(out.SerializeToString())
+    """One response with every part's outputs renamed ``<step>.<output>``, in order (spliced:
+    only a typed answer among raw ones is decoded, to convert it)."""
+    answers = []
+    for name, body in parts:
+        fields = _fields(body, f"the answer of step {name!r}")
+        tensors = [(v, e) for f, _, v, e in fields if f == _TENSORS]
+        raws = [(v, e) for f, _, v, e in fields if f == _RAW_RESPONSE]
+        if raws and len(raws) != len(tensors):
+            raise MeshError(f"step {name!r} answered {len(raws)} raw contents for {len(tensors)} outputs")
+        answers.append((name, body, tensors, raws))
+    any_raw = any(raws for _, _, _, raws in answers)
+    out: list[Buffer] = [_string_field(_ID, id_)] if id_ else []
+    raw_out: list[Buffer] = []
+    for name, body, tensors, raws in answers:
+        view = memoryview(body)
+        if any_raw and tensors and not raws:
+            for tensor, raw in _typed_as_raw(name, body):
+                out.extend(_renamed(name, memoryview(tensor)))
+                raw_out.extend((_RAW_RESPONSE_TAG + _varint(len(raw)), raw))
+            continue
+        for v, e in tensors:
+            out.extend(_renamed(name, view[v:e]))
+        for v, e in raws:
+            raw_out.extend((_RAW_RESPONSE_TAG + _varint(e - v), view[v:e]))
+    return b"".join(out + raw_out)
+
+
+def _renamed(prefix: str, tensor: memoryview) -> list[Buffer]:
+    """An output field (tag, length, tensor) for ``tensor`` renamed ``<prefix>.<its name>``."""
+    fields = _fields(tensor, "an output tensor")
+    name = _string_field(1, f"{prefix}.{_last_string(tensor, fields, 1)}")
+    kept = _kept(tensor, fields, (1,))
+    size = len(name) + sum(len(k) for k in kept)
+    return [_TENSORS_TAG + _varint(size), name, *kept]
+
+
+def _typed_as_raw(name: str, body: bytes) -> list[tuple[bytes, bytes]]:
+    """Each output of a typed answer as (tensor without contents, raw contents)."""
+    resp = _parse_response(body, f"step {name!r}")
+    try:
+        arrays = decode_response(resp)
+    except MeshError as e:
+        raise MeshError(f"step {name!r} answered outputs that do not decode: {e.message}") from None
+    out = []
+    for tensor in resp.outputs:
+        raw = _raw(arrays[tensor.name], tensor.datatype)
+        tensor.ClearField("contents")
+        out.append((bytes(tensor.SerializeToString()), raw))
+    return out
 
 
 def _raw(arr: np.ndarray, datatype: str) -> bytes:
@@ -277,29 +356,41 @@ def _tensor_view(t: Any, arrays: Lazy) -> dict[str, Any]:
     return view
 
 
-def request_view(body: bytes) -> dict[str, Any]:
-    """The REST (JSON) form of a serialized ModelInferRequest, with lazily decoded data."""
+def request_view(request: Request) -> dict[str, Any]:
+    """The REST (JSON) form of a node's input request, with lazily decoded data (the raw contents
+    are not even copied unless a condition reaches a tensor's data)."""
+    raw = request.raw
     try:
-        req = pb.ModelInferRequest.FromString(body)
+        req = pb.ModelInferRequest.FromString(b"".join(request.parts))
     except DecodeError:
         raise InvalidArgument("the request is not a ModelInferRequest") from None
-    arrays = Lazy(lambda: decode_inputs(req))
+
+    def arrays() -> dict[str, np.ndarray]:
+        req.raw_input_contents.extend(bytes(r) for r in raw)
+        return decode_inputs(req)
+
+    lazy = Lazy(arrays)
     view: dict[str, Any] = {}
     if req.id:
         view["id"] = req.id
     if req.parameters:
         view["parameters"] = _params(req.parameters)
-    view["inputs"] = [_tensor_view(t, arrays) for t in req.inputs]
-    if req.outputs:
-        view["outputs"] = [{"name": o.name, **({"parameters": _params(o.parameters)} if o.parameters else {})}
-                           for o in req.outputs]
+    view["inputs"] = [_tensor_view(t, lazy) for t in req.inputs]
     return view
 
 
 def response_view(body: bytes) -> dict[str, Any]:
     """The REST (JSON) form of a serialized ModelInferResponse, with lazily decoded data."""
-    resp = _parse_response(body, "a step")
-    arrays = Lazy(lambda: decode_response(resp))
+    buf = memoryview(body)
+    fields = _fields(buf, "the response")
+    raw = [buf[v:e] for f, _, v, e in fields if f == _RAW_RESPONSE]
+    resp = _parse_response(b"".join(_kept(buf, fields, (_RAW_RESPONSE,))), "a step")
+
+    def arrays() -> dict[str, np.ndarray]:
+        resp.raw_output_contents.extend(bytes(r) for r in raw)
+        return decode_response(resp)
+
+    lazy = Lazy(arrays)
     view: dict[str, Any] = {"model_name": resp.model_name}
     if resp.model_version:
         view["model_version"] = resp.model_version
@@ -307,5 +398,5 @@ def response_view(body: bytes) -> dict[str, Any]:
         view["id"] = resp.id
     if resp.parameters:
         view["parameters"] = _params(resp.parameters)
-    view["outputs"] = [_tensor_view(t, arrays) for t in resp.outputs]
+    view["outputs"] = [_tensor_view(t, lazy) for t in resp.outputs]
     return view

@@ -64,6 +64,9 @@ class Models:
     async def __call__(self, model: str, body: bytes, headers: Headers, timeout: float | None) -> bytes:
         request = pb.ModelInferRequest.FromString(body)
         assert request.model_name == model and request.model_version == ""
+        # Canonical: the fields are spliced, never repeated (the client's model_name is replaced).
+        names = [f for f, _, _, _ in v2._fields(body, "request") if f in (1, 2)]
+        assert names == [1, 2]
         self.calls.append(Call(model, request, headers, timeout))
         hook = self.hooks.get(model)
         if hook is not None:
@@ -87,6 +90,11 @@ def request(x: np.ndarray = X, *, outputs: tuple[str, ...] = (), tenant: str = "
 
 
 def answer(body: bytes) -> tuple[pb.ModelInferResponse, dict[str, np.ndarray]]:
+    fields = v2._fields(body, "response")
+    assert [f for f, _, _, _ in fields if f == 1] == [1]   # one model_name: spliced, not appended
+    for f, _, v, e in fields:
+        if f == 5:   # one name per output tensor, renamed or not
+            assert [g for g, _, _, _ in v2._fields(body[v:e], "tensor") if g == 1] == [1]
     resp = pb.ModelInferResponse.FromString(body)
     return resp, decode_response(resp)
 
@@ -482,7 +490,7 @@ def test_a_response_becomes_a_request_field_by_field() -> None:
 
 
 def test_views_for_conditions() -> None:
-    view = v2.request_view(request())
+    view = v2.request_view(v2.Request.from_client(request())[0])
     assert view["id"] == "req-1" and view["parameters"] == {"tenant": "gold"}
     assert view["inputs"][0]["name"] == "x" and view["inputs"][0]["shape"] == [1, 3]
     assert view["inputs"][0]["data"].value() == [1.0, 2.0, 3.0]
