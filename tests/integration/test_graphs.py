@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
@@ -388,3 +389,62 @@ async def test_the_controllers_router_client_sets_reads_and_deletes_graphs(mesh:
         assert (await client.graph_status("ig")).status == "NOT_FOUND"
     finally:
         await client.close()
+
+
+# --- several routers ----------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["memory", "etcd"])
+async def test_a_graph_defined_on_one_router_runs_on_another(models: dict[str, Path], backend: str,
+                                                              request: pytest.FixtureRequest) -> None:
+    """The second router learns graphs from its watch on ``graphs/`` (the first primes its own view),
+    drops a deleted one, and skips a stored spec that does not parse (NOT_FOUND, not a crash)."""
+    from mesh.registry import open_store
+    from mesh.registry.records import GraphRecord
+    from mesh.registry.registry import Registry
+    from mesh.router.app import serve_router
+    from tests.support.inprocess import start
+
+    url = request.getfixturevalue("etcd").url if backend == "etcd" else memory_url()
+    m = await InProcessMesh(url).start(runtimes=1)
+    other = await start(serve_router, m.settings())
+    channel = grpc.aio.insecure_channel(other.endpoint)
+    store, prefix = open_store(url)
+    try:
+        for name in ("a", "b"):
+            await m.register(name, "sklearn", str(models[name]))
+        v2 = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+        async def answer(name: str) -> tuple[grpc.StatusCode, Any]:
+            try:
+                return grpc.StatusCode.OK, decode_response(await v2.ModelInfer(request_(name), timeout=30))
+            except grpc.aio.AioRpcError as err:
+                return err.code(), None
+
+        await set_graph(m, "shared", seq({"serviceName": "a"}, {"serviceName": "b", "data": "$response"}))
+        await m.wait_for(lambda: _ok(answer("shared")))
+        np.testing.assert_allclose((await answer("shared"))[1]["predict"], X @ W_A @ W_B, rtol=1e-9, atol=1e-9)
+
+        # A record no router would accept (written past the API): skipped, so NOT_FOUND.
+        await Registry(store, prefix).put_graph(GraphRecord("odd", {"nodes": {"x": {}}}), expected_revision=None)
+        await set_graph(m, "marker", seq({"serviceName": "a"}))  # written after it: seen means "odd" was seen
+        await m.wait_for(lambda: _ok(answer("marker")))
+        assert (await answer("odd"))[0] == grpc.StatusCode.NOT_FOUND
+
+        await graphs(m).deleteGraph(gp.DeleteGraphRequest(graphId="shared"), timeout=10)
+        await m.wait_for(lambda: _code(answer("shared"), grpc.StatusCode.NOT_FOUND))
+    finally:
+        await store.close()
+        await channel.close()
+        await other.stop()
+        await m.stop()
+
+
+def request_(name: str) -> pb.ModelInferRequest:
+    return request(name)  # for a test whose ``request`` is pytest's fixture
+
+
+async def _ok(call: Any) -> bool:
+    return bool((await call)[0] == grpc.StatusCode.OK)
+
+
+async def _code(call: Any, code: grpc.StatusCode) -> bool:
+    return bool((await call)[0] == code)
