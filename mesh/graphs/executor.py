@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -136,8 +136,7 @@ class _Run:
         if kind == "Switch":
             doc = v2.request_view(request)
             for step in node.steps:
-                assert step.condition is not None  # parse_graph requires one on every Switch step
-                if step.condition.matches(doc):
+                if self.matches(node, step, doc):
                     return await self.step(node, step, request)
             raise self.error(node, None, Code.NOT_FOUND, "no step's condition matched the request")
         # Splitter: parse_graph makes the weights sum to 100, so a step is always chosen.
@@ -174,7 +173,7 @@ class _Run:
         for i, step in enumerate(node.steps):
             if step.condition is not None:
                 doc = v2.request_view(request) if last is None else self.view(node, last_step, last)
-                if not step.condition.matches(doc):
+                if not self.matches(node, step, doc):
                     break
             if step.data == RESPONSE:
                 if previous is None:
@@ -198,7 +197,17 @@ class _Run:
             raise failure
         return last
 
-    def view(self, node: Node, step: Step | None, response: bytes) -> dict[str, object]:
+    def matches(self, node: Node, step: Step, doc: dict[str, Any]) -> bool:
+        """Whether the step's condition matches ``doc``; an error while evaluating it (a tensor
+        that does not decode, a pattern over its work bound) names the step and its condition."""
+        condition = step.condition
+        assert condition is not None  # parse_graph requires one on every Switch step
+        try:
+            return condition.matches(doc)
+        except MeshError as e:
+            raise self.error(node, step, e.code, f"condition {condition.text!r}: {e.message}") from e
+
+    def view(self, node: Node, step: Step | None, response: bytes) -> dict[str, Any]:
         try:
             return v2.response_view(response)
         except MeshError as e:

@@ -1,33 +1,35 @@
 """The V2 messages a graph passes between its steps, handled as bytes wherever possible.
 
 The executor's cost target is "two steps cost the two models plus 1 ms", so requests and responses
-stay serialized protobuf, and most conversions are splices of top-level fields, never a decode of
-the tensors:
+stay serialized protobuf and are spliced by top-level field from zero-copy slices
+(``memoryview``), never decoded down to the tensors: each step's request is one ``join`` (one
+copy of the tensors per step), and so is the graph's answer.
 
-- **A step's request from the node's input** (``$request``): the input's bytes with the step's
-  ``model_name`` (and an empty ``model_version``) appended. Protobuf keeps the last value of a
-  repeated scalar field, so no re-serialization is needed (the router's ``read_model_name`` and
-  every runtime follow that rule).
+- **A step's request from the node's input** (``$request``): the input's fields but
+  ``model_name``, ``model_version`` and the requested outputs, plus the step's ``model_name``.
 - **A step's request from a response** (``$response``): ``ModelInferResponse`` and
   ``ModelInferRequest`` share their field numbers and tensor layouts (name 1, datatype 2, shape 3,
   parameters 4, contents 5; ``outputs`` and ``inputs`` are both field 5) except the raw contents:
   ``raw_output_contents`` is field 6 and ``raw_input_contents`` field 7 (6 is the requested
   outputs). So each output becomes the input of the same name, datatype, shape, parameters and
-  contents (typed or raw) by copying its field as it is and renumbering the raw contents; the
-  response's ``model_name``, ``model_version``, ``id`` and ``parameters`` are dropped and the
-  node input's ``id`` and ``parameters`` put in their place (a response's parameters describe
-  the response, not the next request).
+  contents (typed or raw: ``raw_output_contents[i]`` becomes ``raw_input_contents[i]``) by copying
+  its field as it is; the response's ``model_name``, ``model_version``, ``id`` and ``parameters``
+  are dropped and the node input's ``id`` and ``parameters`` put in their place (a response's
+  parameters describe the response, not the next request).
 - **Requested outputs** (the client's ``outputs``) name outputs of the graph's answer, not of
   every step: steps get requests without them (each model answers all its outputs) and the graph's
-  final response is cut to them (INVALID_ARGUMENT naming one that is not there).
-- **Ensemble results** are the one place that decodes messages (protobuf, not the tensors): the
-  outputs of every step, renamed ``<step>.<output>``; if some steps answered raw contents and
-  others typed, the typed ones are converted to raw (a response has one form).
+  final response is cut to them (INVALID_ARGUMENT naming one that is not there). The answer's
+  ``model_name`` is the graph's ID, its ``model_version`` empty.
+- **Ensemble results**: the outputs of every step, renamed ``<step>.<output>`` (the tensor's name
+  field replaced, the rest spliced); if some steps answered raw contents and others typed, the typed
+  ones are decoded and converted to raw (a response has one form): the only decode of tensors here.
+  The merged answer carries the node input's ``id`` and no parameters.
 - **JSON views** for conditions (:func:`request_view`, :func:`response_view`) are the REST
   form of the message (``id`` and ``parameters`` only when set; tensors with ``name``,
   ``datatype``, ``shape``, flat row-major ``data`` and ``parameters`` when set; BYTES elements as
   UTF-8 text, or base64 when they are not UTF-8, as the REST front end sends them). A tensor's
-  ``data`` is decoded only if a condition reaches it.
+  ``data`` is decoded, and the raw contents copied, only if a condition reaches it. The request's
+  view has no ``model_name`` nor ``outputs`` (the graph's, not the node's).
 """
 
 from __future__ import annotations

@@ -499,3 +499,26 @@ def test_views_for_conditions() -> None:
     rview = v2.response_view(bytes(resp.SerializeToString()))
     assert rview["model_name"] == "m" and "id" not in rview
     assert rview["outputs"][0]["data"].value() == ["ok", "/w=="]   # not UTF-8: base64, as REST sends it
+
+
+async def test_switch_on_typed_request_data() -> None:
+    g = graph(root=switch({"serviceName": "double", "condition": "inputs.0.data.#(>2.5)"},
+                          {"serviceName": "add1", "condition": "@this"}))
+    models = Models()
+    np.testing.assert_array_equal(answer(await run(g, models, body=request(raw=False)))[1]["y"], X * 2)
+    models = Models()
+    np.testing.assert_array_equal(answer(await run(g, models, body=request(X / 2, raw=False)))[1]["y"], X / 2 + 1)
+
+
+async def test_a_condition_that_cannot_be_evaluated_names_the_step() -> None:
+    req = encode_request(model_name="g", inputs={"x": X}, request_id="req-1")
+    req.raw_input_contents[0] = b"\x00" * 8   # 8 bytes for 3 FP32 values
+    g = graph(root=switch({"serviceName": "double", "condition": "inputs.0.data.#(>1)", "name": "big"},
+                          {"serviceName": "add1", "condition": "@this"}))
+    models = Models()
+    with pytest.raises(GraphError) as info:
+        await run(g, models, body=bytes(req.SerializeToString()))
+    assert info.value.code is Code.INVALID_ARGUMENT
+    assert info.value.message.startswith("graph 'g', node 'root', step 'big' (model 'double'): condition "
+                                         "'inputs.0.data.#(>1)': input 'x': raw contents hold 8 bytes")
+    assert models.calls == []
