@@ -128,6 +128,16 @@ def _name(value: Any, what: str) -> str:
     return value
 
 
+def _optional_text(raw: Mapping[str, Any], key: str) -> str:
+    """A string field that may be absent, null or empty (""), else InvalidArgument."""
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{key} must be a string, got {_show(value)}")
+    return value
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -231,11 +241,14 @@ def _step_fields(router_type: str, i: int, raw: Mapping[str, Any]) -> Step:
     if unknown:
         raise InvalidArgument(f"unknown field(s) {', '.join(map(repr, unknown))}; a step has "
                               f"{', '.join(sorted(_STEP_FIELDS))}")
+    if raw.get("mapPredictionsToInstances") not in (None, False):
+        raise InvalidArgument("mapPredictionsToInstances is KServe V1 (predictions -> instances); graphs "
+                              "here speak V2, where data: $response passes outputs on as inputs")
     if raw.get("serviceUrl"):
         raise InvalidArgument("serviceUrl is not supported: the mesh calls only the models it serves, "
                               "never an arbitrary URL; name the model or vModel in serviceName")
-    model = raw.get("serviceName") or ""
-    node = raw.get("nodeName") or ""
+    model = _optional_text(raw, "serviceName")
+    node = _optional_text(raw, "nodeName")
     if model and node:
         raise InvalidArgument("names both serviceName and nodeName; a step has exactly one target")
     if not model and not node:
@@ -246,14 +259,11 @@ def _step_fields(router_type: str, i: int, raw: Mapping[str, Any]) -> Step:
     else:
         _name(node, "nodeName")
     name = _name(raw["name"], "the step name") if "name" in raw else (model or node)
-    data = raw.get("data") or REQUEST
+    data = _optional_text(raw, "data") or REQUEST
     if data not in (REQUEST, RESPONSE):
         raise InvalidArgument(f"data {_show(data)} is not supported: use '$request' or '$response' (V2 "
                               f"passes a response's outputs on as the next request's inputs)")
-    if raw.get("mapPredictionsToInstances"):
-        raise InvalidArgument("mapPredictionsToInstances is KServe V1 (predictions -> instances); graphs "
-                              "here speak V2, where data: $response passes outputs on as inputs")
-    dependency = raw.get("dependency") or "Soft"
+    dependency = _optional_text(raw, "dependency") or "Soft"
     if dependency not in ("Soft", "Hard"):
         raise InvalidArgument(f"dependency {_show(dependency)} is not 'Soft' or 'Hard'")
     weight = raw.get("weight")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.errors import InvalidArgument
 from mesh.graphs.condition import MAX_ARRAY_OPS, MAX_NESTING, MISSING, Glob, Lazy, compile_condition
@@ -201,3 +203,22 @@ def test_glob_pathological_patterns_stay_linear_or_fail_loudly() -> None:
     # (GJSON answers "no match" silently there).
     with pytest.raises(InvalidArgument, match="simplify it"):
         Glob("*" + "?a" * 400 + "b*").match("a" * 100_000)
+
+
+PATH_CHARS = st.text(alphabet='ab#().[]{}|@!=<>%~*?\\",0 1-', max_size=24)
+DOC_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True)
+                          | st.sampled_from(["a", "b", "1", "true", ""]),
+                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["a", "b", "0"]),
+                                                                                      inner, max_size=3),
+                          max_leaves=20)
+
+
+@settings(max_examples=500, deadline=None)
+@given(PATH_CHARS, DOC_VALUES)
+def test_any_text_compiles_or_is_refused_and_any_document_evaluates(text: str, doc: Any) -> None:
+    try:
+        condition = compile_condition(text)
+    except InvalidArgument as e:
+        assert e.message.startswith("column ") or e.message == "the condition is empty"
+        return
+    assert isinstance(condition.matches(doc), bool)

@@ -522,3 +522,11 @@ async def test_a_condition_that_cannot_be_evaluated_names_the_step() -> None:
     assert info.value.message.startswith("graph 'g', node 'root', step 'big' (model 'double'): condition "
                                          "'inputs.0.data.#(>1)': input 'x': raw contents hold 8 bytes")
     assert models.calls == []
+
+
+async def test_the_deepest_graph_allowed_runs() -> None:
+    chain: dict[str, Any] = {f"n{i}": seq({"nodeName": f"n{i + 1}"}) for i in range(62)}
+    chain["n62"] = seq({"serviceName": "double"}, {"serviceName": "add1", "data": "$response"})
+    chain["root"] = seq({"nodeName": "n0"})
+    _, outputs = answer(await run(graph(**chain), Models()))
+    np.testing.assert_array_equal(outputs["y"], X * 2 + 1)

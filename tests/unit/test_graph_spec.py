@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.errors import InvalidArgument
 from mesh.graphs.spec import (
@@ -205,3 +207,42 @@ def test_graph_ids_obey_the_model_id_rules() -> None:
         parse_graph("", nodes(root=seq({"serviceName": "m"})))
     with pytest.raises(InvalidArgument, match="NUL"):
         parse_graph("a\x00b", nodes(root=seq({"serviceName": "m"})))
+
+
+@pytest.mark.parametrize(("step", "fragment"), [
+    ({"serviceName": 5}, "serviceName must be a string"),
+    ({"serviceName": "m", "data": {}}, "data must be a string"),
+    ({"serviceName": "m", "dependency": 0}, "dependency must be a string"),
+    ({"nodeName": ["root"]}, "nodeName must be a string"),
+    ({"serviceName": "m", "name": 3}, "the step name must be a non-empty string"),
+    ({"serviceName": "m", "mapPredictionsToInstances": "no"}, "KServe V1"),
+])
+def test_field_types_are_checked(step: dict[str, Any], fragment: str) -> None:
+    refused(nodes(root=seq(step)), "node 'root', step 1", fragment)
+
+
+def test_empty_and_null_optional_fields_take_kserve_defaults() -> None:
+    spec = nodes(root=seq({"serviceName": "m", "data": "", "dependency": None, "nodeName": "", "serviceUrl": "",
+                           "mapPredictionsToInstances": False}))
+    step = parse_graph("g", spec).nodes[ROOT].steps[0]
+    assert (step.data, step.hard, step.node) == ("$request", False, "")
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8)
+                    | st.sampled_from(["root", "a", "m", "Sequence", "Switch", "Ensemble", "Splitter", "$response",
+                                       "Hard", "@this", "inputs.#(name==x)", "nodes", "steps", 50, 100]),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                        st.sampled_from(["nodes", "root", "a", "routerType", "steps", "serviceName", "nodeName",
+                                         "name", "data", "weight", "condition", "dependency", "x"]), inner, max_size=5),
+                    max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON)
+def test_any_json_is_a_graph_or_a_refusal(spec: Any) -> None:
+    try:
+        graph = parse_graph("g", spec)
+    except InvalidArgument as e:
+        assert e.message.startswith("graph 'g': ")
+    else:
+        assert ROOT in graph.nodes
