@@ -10,8 +10,9 @@ Semantics (KServe's ``cmd/router``, adapted to V2; the module docstring of
 - **Sequence**: steps in order. ``$request`` is the node's input, ``$response`` the previous
   step's response as a request (:mod:`mesh.graphs.v2`: outputs become inputs of the same name).
   A step with a condition (after the first) runs only if the condition matches the previous
-  response's JSON form; if not, the Sequence stops and answers that response (KServe's rule). The
-  node answers its last step's response.
+  response's JSON form (the last successful one; the node's input if no step has answered yet);
+  if not, the Sequence stops and answers that response (KServe's rule). The node answers its last
+  step's response.
 - **Switch**: the first step whose condition matches the node's input (JSON form) runs on it;
   none matching fails the node with NOT_FOUND ("no step's condition matched"), as KServe's router
   answers 404 (older KServe releases passed the input through, which hides a routing mistake).
@@ -43,6 +44,13 @@ with DEADLINE_EXCEEDED naming it (Soft or not: nothing after it could run either
 
 Requested outputs and the final ``model_name`` are handled by :func:`mesh.graphs.v2.finish`; the
 answer is named after the graph (``model_name`` = graph ID, empty ``model_version``).
+
+Headers: every step gets the client's headers as the data plane passes them (tracing, tenant
+headers); which model a step calls is the step's ``serviceName``, never a header.
+
+Cost: no per-request checks (the graph was checked at definition), requests spliced as bytes
+(:mod:`mesh.graphs.v2`), protobuf decoded only for a condition's JSON view (without the raw
+tensors unless the condition reads them) and for an Ensemble mixing raw and typed answers.
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ copy of the tensors per step), and so is the graph's answer.
   form of the message (``id`` and ``parameters`` only when set; tensors with ``name``,
   ``datatype``, ``shape``, flat row-major ``data`` and ``parameters`` when set; BYTES elements as
   UTF-8 text, or base64 when they are not UTF-8, as the REST front end sends them). A tensor's
-  ``data`` is decoded, and the raw contents copied, only if a condition reaches it. The request's
+  ``data`` is decoded, and the raw contents copied, only if a condition reaches it, and only for a
+  tensor of at most 1 Mi elements (INVALID_ARGUMENT beyond: a JSON list costs ~32 bytes an
+  element). The request's
   view has no ``model_name`` nor ``outputs`` (the graph's, not the node's).
 """
 
@@ -59,6 +61,7 @@ _RAW_RESPONSE_TAG = bytes([(_RAW_RESPONSE << 3) | 2])
 _TENSORS_TAG = bytes([(_TENSORS << 3) | 2])
 _EMPTY_VERSION = bytes([(_MODEL_VERSION << 3) | 2, 0])
 _LENGTH = struct.Struct("<I")
+MAX_VIEW_ELEMENTS = 1 << 20
 
 
 def _varint(value: int) -> bytes:
@@ -332,8 +335,12 @@ def _params(params: Any) -> dict[str, Any]:
     return {k: _param_value(v) for k, v in params.items()}
 
 
-def _json_data(arr: np.ndarray) -> list[Any]:
+def _json_data(arr: np.ndarray, what: str) -> list[Any]:
     flat = arr.reshape(-1)
+    if flat.size > MAX_VIEW_ELEMENTS:
+        # A Python list costs ~32 bytes an element: a condition may not turn a large tensor into one.
+        raise InvalidArgument(f"a condition reads the data of {what}, {flat.size} elements; conditions read "
+                              f"tensors of at most {MAX_VIEW_ELEMENTS} elements")
     if flat.dtype == object:
         out = []
         for item in flat:
@@ -352,7 +359,7 @@ def _json_data(arr: np.ndarray) -> list[Any]:
 def _tensor_view(t: Any, arrays: Lazy) -> dict[str, Any]:
     view: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
     name = t.name
-    view["data"] = Lazy(lambda: _json_data(arrays.value()[name]))
+    view["data"] = Lazy(lambda: _json_data(arrays.value()[name], f"tensor {name[:100]!r}"))
     if t.parameters:
         view["parameters"] = _params(t.parameters)
     return view

@@ -530,3 +530,14 @@ async def test_the_deepest_graph_allowed_runs() -> None:
     chain["root"] = seq({"nodeName": "n0"})
     _, outputs = answer(await run(graph(**chain), Models()))
     np.testing.assert_array_equal(outputs["y"], X * 2 + 1)
+
+
+async def test_a_condition_may_not_turn_a_huge_tensor_into_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(v2, "MAX_VIEW_ELEMENTS", 2)
+    g = graph(root=switch({"serviceName": "double", "condition": "inputs.0.data.#(>1)"},
+                          {"serviceName": "add1", "condition": "@this"}))
+    with pytest.raises(GraphError, match=r"step 'double'.*tensor 'x', 3 elements; conditions read tensors of at most"):
+        await run(g, Models())
+    # A condition that does not read the data costs nothing of the kind.
+    g = graph(root=switch({"serviceName": "double", "condition": 'inputs.#(name=="x")'}))
+    np.testing.assert_array_equal(answer(await run(g, Models()))[1]["y"], X * 2)
