@@ -13,7 +13,9 @@ Semantics (KServe's ``cmd/router``, adapted to V2; the module docstring of
   response's JSON form (the last successful one; the node's input if no step has answered yet);
   if not, the Sequence stops and answers that response (KServe's rule). The node answers its last
   step's response.
-- **Switch**: the first step whose condition matches the node's input (JSON form) runs on it;
+- **Switch**: the first step whose condition matches the node's input (JSON form) runs on it
+  (a Switch reached through a ``$response`` step sees that response as a request: its outputs are
+  under ``inputs``, as the step that follows will see them);
   none matching fails the node with NOT_FOUND ("no step's condition matched"), as KServe's router
   answers 404 (older KServe releases passed the input through, which hides a routing mistake).
 - **Ensemble**: every step runs concurrently on the node's input; the answer has every step's
