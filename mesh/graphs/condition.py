@@ -28,7 +28,8 @@ Supported (GJSON's meaning unless said otherwise):
 - ``@this`` (the current value), and ``[path, path]``, an array of the values of those paths that
   exist (KServe's samples use ``[@this].#(source==client)`` to query the whole document).
 
-Refused at definition, with the column: the other modifiers (``@reverse``, ``@keys``, ...),
+Refused at definition, with the column: GJSON's other modifiers (``@reverse``, ``@keys``, ...;
+``@name`` that is no GJSON modifier is a key, as in GJSON),
 object multipaths ``{...}``, pipes ``|``, literals ``!true``, JSON Lines ``..``, the old query
 syntax ``#[...]``, ``~`` values other than the four above, an empty key or value, unbalanced
 brackets or quotes.
@@ -58,6 +59,9 @@ MAX_NESTING = 8
 MAX_GLOB_WORK = 1_000_000
 _OPS = ("==", "!=", "<=", ">=", "!%", "=", "<", ">", "%")
 _TILDE = ("true", "false", "null", "*")
+# GJSON's built-in modifiers (tidwall/gjson ``modifiers``): refused but '@this'.
+_GJSON_MODIFIERS = frozenset({"pretty", "ugly", "reverse", "this", "flatten", "join", "valid", "keys", "values",
+                              "tostr", "fromstr", "group", "dig"})
 
 
 class _Missing:
@@ -289,12 +293,14 @@ class _Parser:
             stop = pos + 1
             while stop < end and text[stop] not in ".|:":
                 stop += 1
-            name = text[pos:stop]
-            if name != "@this":
-                raise self.fail(pos, f"the modifier {name!r} is not supported; only '@this' is")
-            if stop < end and text[stop] != ".":
-                raise self.fail(stop, f"unexpected {text[stop]!r} after '@this'")
-            return _This(), stop
+            name = text[pos + 1:stop]
+            # GJSON reads '@name' as a modifier only if it knows the name; else it is a key.
+            if name in _GJSON_MODIFIERS:
+                if name != "this":
+                    raise self.fail(pos, f"the modifier '@{name}' is not supported; only '@this' is")
+                if stop < end and text[stop] != ".":
+                    raise self.fail(stop, f"unexpected {text[stop]!r} after '@this'")
+                return _This(), stop
         if c == "[":
             self._count(pos)
             close = self.closing(pos, end, "[", "]")

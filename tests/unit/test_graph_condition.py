@@ -148,13 +148,48 @@ def test_lazy_values_are_computed_only_when_reached() -> None:
     ("[a,b]x", 6, "after ']'"),
     ("[a,]", 4, "empty path"),
     ("a\\", 2, "escapes nothing"),
-    ("@thisx", 1, "'@thisx'"),
+    ("@this:x", 6, "after '@this'"),
+    ("a.@valid", 3, "'@valid'"),
 ])
 def test_refusals_carry_the_column(text: str, column: int, fragment: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         compile_condition(text)
     assert info.value.message.startswith(f"column {column}: "), info.value.message
     assert fragment in info.value.message
+
+
+def test_an_unknown_modifier_name_is_a_key_as_in_gjson() -> None:
+    assert compile_condition("@key").get({"@key": "value"}) == "value"
+    assert compile_condition("\\@key").get({"@key": "value"}) == "value"
+    assert compile_condition("@thisx").get({"@thisx": 1}) == 1
+
+
+# GJSON's own tests (gjson_test.go TestTildeQueries, TestModifierDoubleQuotes).
+TILDE = {"vals": [{"a": 1, "b": "data"}, {"a": 2, "b": True}, {"a": 3, "b": False}, {"a": 4, "b": "0"},
+                  {"a": 5, "b": 0}, {"a": 6, "b": "1"}, {"a": 7, "b": 1}, {"a": 8, "b": "true"},
+                  {"a": 9, "b": False}, {"a": 10, "b": None}, {"a": 11}]}
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("vals.#(b==~true)#.a", [2, 6, 7, 8]),
+    ("vals.#(b!=~true)#.a", [1, 3, 4, 5, 9, 10, 11]),
+    ("vals.#(b==~false)#.a", [3, 4, 5, 9, 10, 11]),
+    ("vals.#(b!=~false)#.a", [1, 2, 6, 7, 8]),
+    ("vals.#(b==~null)#.a", [10, 11]),
+    ("vals.#(b!=~null)#.a", [1, 2, 3, 4, 5, 6, 7, 8, 9]),
+    ("vals.#(b==~*)#.a", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+    ("vals.#(b!=~*)#.a", [11]),
+])
+def test_gjson_tilde_queries(path: str, expected: list[int]) -> None:
+    assert get(path, TILDE) == expected
+
+
+def test_gjson_nested_query_with_spaces() -> None:
+    doc = {"topology": {"instances": [
+        {"service_version": "1.2.3", "service_roles": ["one", "two"]},
+        {"service_version": "1.2.4", "service_roles": ["three", "four"]},
+        {"service_version": "1.2.2", "service_roles": ["one"]}]}}
+    assert get('topology.instances.#( service_roles.#(=="one"))#.service_version', doc) == ["1.2.3", "1.2.2"]
 
 
 def test_an_empty_condition_is_refused() -> None:
