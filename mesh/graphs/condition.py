@@ -137,6 +137,13 @@ class Glob:
     def __repr__(self) -> str:
         return f"Glob({self._pattern!r})"
 
+    # Equal patterns are equal globs: two parses of one spec give equal graphs.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Glob) and other._pattern == self._pattern
+
+    def __hash__(self) -> int:
+        return hash(self._pattern)
+
     @staticmethod
     def _length(seg: tuple[str | None, ...]) -> int:
         return sum(1 if p is None else len(p) for p in seg)

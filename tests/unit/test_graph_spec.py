@@ -246,3 +246,14 @@ def test_any_json_is_a_graph_or_a_refusal(spec: Any) -> None:
         assert e.message.startswith("graph 'g': ")
     else:
         assert ROOT in graph.nodes
+
+
+def test_two_parses_of_one_spec_are_equal_graphs() -> None:
+    spec = nodes(root={"routerType": "Switch", "steps": [
+        {"serviceName": "a", "condition": 'inputs.#(name%"x*")'}, {"nodeName": "n", "condition": "k*y"}]},
+        n=seq({"serviceName": "b"}))
+    assert parse_graph("g", spec) == parse_graph("g", spec)
+    other = nodes(root={"routerType": "Switch", "steps": [
+        {"serviceName": "a", "condition": 'inputs.#(name%"y*")'}, {"nodeName": "n", "condition": "k*y"}]},
+        n=seq({"serviceName": "b"}))
+    assert parse_graph("g", spec) != parse_graph("g", other)
