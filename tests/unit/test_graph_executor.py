@@ -541,3 +541,13 @@ async def test_a_condition_may_not_turn_a_huge_tensor_into_json(monkeypatch: pyt
     # A condition that does not read the data costs nothing of the kind.
     g = graph(root=switch({"serviceName": "double", "condition": 'inputs.#(name=="x")'}))
     np.testing.assert_array_equal(answer(await run(g, Models()))[1]["y"], X * 2)
+
+
+@pytest.mark.parametrize("typed", [set(), {"add1"}, {"double", "add1"}])
+async def test_an_ensemble_answer_feeds_the_next_step(typed: set[str]) -> None:
+    models = Models(typed=typed)
+    g = graph(root=seq({"nodeName": "both"}, {"serviceName": "sum", "data": "$response"}),
+              both=ensemble({"serviceName": "double"}, {"serviceName": "add1"}))
+    _, outputs = answer(await run(g, models))
+    assert [i.name for i in models.calls[-1].request.inputs] == ["double.y", "add1.y"]
+    np.testing.assert_array_equal(outputs["y"], X * 3 + 1)
