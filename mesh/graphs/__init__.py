@@ -4,7 +4,8 @@ Pure logic and protobuf messages only (no grpc, no HTTP framework, no registry c
 data plane may import it:
 
 - :mod:`mesh.graphs.spec`: the definition, checked once (:func:`parse_graph`);
-- :mod:`mesh.graphs.condition`: Switch conditions, a documented subset of GJSON;
+- :mod:`mesh.graphs.condition`: Switch conditions, a documented subset of GJSON
+  (:mod:`mesh.graphs.glob`: its ``%`` patterns, matched without backtracking);
 - :mod:`mesh.graphs.v2`: the V2 messages between steps, spliced as bytes;
 - :mod:`mesh.graphs.executor`: :class:`GraphRunner`, one request through a graph.
 """
