@@ -77,7 +77,10 @@ def test_read_role_may_read_but_not_write(table: TokenTable) -> None:
 
 
 def test_write_methods_are_the_management_apis_mutations() -> None:
+    from mesh.gen.mmesh import graphs_pb2 as gp
+
     methods = {m.name for m in mm.DESCRIPTOR.services_by_name["ModelMesh"].methods}
+    methods |= {m.name for m in gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"].methods}  # inference graphs
     assert methods == READ_METHODS | WRITE_METHODS
 
 
