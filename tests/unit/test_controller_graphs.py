@@ -32,7 +32,8 @@ def _graph(nodes: dict[str, Any], annotations: dict[str, str] | None = MODE, gen
             "spec": {"nodes": nodes, "minReplicas": 2, "timeout": 30}}
 
 
-SEQUENCE = {"root": {"routerType": "Sequence", "steps": [{"serviceName": "a"}, {"serviceName": "b", "data": "$response"}]}}
+SEQUENCE = {"root": {"routerType": "Sequence",
+                     "steps": [{"serviceName": "a"}, {"serviceName": "b", "data": "$response"}]}}
 
 
 def test_only_annotated_graphs_are_the_meshs() -> None:
@@ -48,7 +49,8 @@ def test_only_the_nodes_are_sent() -> None:
 
 
 def test_a_defined_graph_is_ready_with_its_url() -> None:
-    status = graphs.graph_status(_graph(SEQUENCE), graphs.GraphState("DEFINED"), None, rest_url="http://r:8008", now=NOW)
+    status = graphs.graph_status(_graph(SEQUENCE), graphs.GraphState("DEFINED"), None, rest_url="http://r:8008",
+                                 now=NOW)
     assert status == {"url": "http://r:8008/v2/models/chain/infer", "observedGeneration": 3,
                       "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": NOW}]}
 
