@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -30,7 +30,6 @@ from mesh.controller.graphs import (
     INVALID_GRAPH_SPEC,
     SOURCE,
     GraphFailure,
-    GraphState,
     graph_spec,
     graph_status,
     served,
@@ -42,6 +41,9 @@ from mesh.controller.watched import ObjectController, generation
 from mesh.errors import Code, MeshError
 from mesh.settings import ControllerSettings
 
+if TYPE_CHECKING:
+    from mesh.controller.router_client import GraphState
+
 log = structlog.get_logger(__name__)
 
 RETRY_MISSING_S = 3.0
@@ -50,7 +52,7 @@ RETRY_MISSING_S = 3.0
 class GraphApi(Protocol):
     async def set_graph(self, graph_id: str, spec: Mapping[str, Any], *, owner: str) -> GraphState: ...
 
-    async def graph_status(self, graph_id: str, *, owner: str) -> GraphState: ...
+    async def graph_status(self, graph_id: str) -> GraphState: ...
 
     async def delete_graph(self, graph_id: str, *, owner: str) -> None: ...
 
@@ -112,10 +114,11 @@ class GraphController(ObjectController):
                 log.info("InferenceGraph defined in the mesh", namespace=namespace, graph=name)
                 self.defined[key] = spec
             else:
-                state = await self.mesh.graph_status(name, owner=owner)
+                state = await self.mesh.graph_status(name)
                 if state.status == "NOT_FOUND":
                     log.warning("graph missing in the mesh; restoring it", namespace=namespace, graph=name)
                     state = await self.mesh.set_graph(name, spec, owner=owner)
+            held = state.status
         except MeshError as exc:
             failure = refusal(exc)
             if failure is None:
@@ -125,18 +128,16 @@ class GraphController(ObjectController):
             if exc.code is Code.NOT_FOUND:
                 delay = RETRY_MISSING_S  # the models it names may be on their way
             await self._warn(key, obj, failure)
-            state = await self._status_or_absent(name, owner)
-        wanted = graph_status(obj, state, failure, rest_url=self.rest_url, now=timestamp(int(self.clock() * 1000)))
+            held = await self._held(name, owner)
+        wanted = graph_status(obj, held, failure, rest_url=self.rest_url, now=timestamp(int(self.clock() * 1000)))
         await self._write(key, obj, wanted)
         return delay
 
-    async def _status_or_absent(self, name: str, owner: str) -> GraphState:
-        try:
-            return await self.mesh.graph_status(name, owner=owner)
-        except MeshError as exc:
-            if exc.code in (Code.FAILED_PRECONDITION, Code.ALREADY_EXISTS, Code.PERMISSION_DENIED):
-                return GraphState("NOT_FOUND")  # another owner's: nothing of ours is held
-            raise
+    async def _held(self, name: str, owner: str) -> str:
+        """The status of what the mesh holds under this name for this object: NOT_FOUND when
+        it is another owner's (its URL is not this object's to show)."""
+        state = await self.mesh.graph_status(name)
+        return state.status if state.owner == owner else "NOT_FOUND"
 
     async def _delete(self, name: str, owner: str) -> None:
         try:

@@ -42,15 +42,6 @@ MAX_MESSAGE = 1024
 
 
 @dataclass(frozen=True)
-class GraphState:
-    """The mesh's answer about one graph: ``status`` NOT_FOUND, DEFINED (some model it names has
-    no loaded copy yet) or READY; ``spec`` the definition it holds (None if not found)."""
-
-    status: str
-    spec: Mapping[str, Any] | None = None
-
-
-@dataclass(frozen=True)
 class GraphFailure:
     reason: str
     message: str
@@ -81,20 +72,22 @@ def _condition(ready: bool, failure: GraphFailure | None, previous: Any, now: st
     return condition
 
 
-def graph_status(obj: Mapping[str, Any], state: GraphState, failure: GraphFailure | None, *,
+def graph_status(obj: Mapping[str, Any], held: str, failure: GraphFailure | None, *,
                  rest_url: str, now: str) -> dict[str, Any]:
-    """The InferenceGraph's status for the mesh's ``state`` and this reconcile's ``failure``."""
+    """The InferenceGraph's status for what the mesh holds of it (``held``: the graph's status,
+    NOT_FOUND, DEFINED (some model it names has no loaded copy yet) or READY) and this reconcile's
+    ``failure``."""
     current = obj.get("status")
     previous: Mapping[str, Any] = current if isinstance(current, Mapping) else {}
     meta = obj.get("metadata") or {}
     name = str(meta.get("name") or "")
-    ready = failure is None and state.status in ("DEFINED", "READY")
+    ready = failure is None and held in ("DEFINED", "READY")
     if failure is None and not ready:
         failure = GraphFailure("GraphNotDefined", "the mesh holds no graph of this name yet")
     status: dict[str, Any] = {"conditions": [_condition(ready, failure, previous.get("conditions"), now)]}
     if isinstance(meta.get("generation"), int):
         status["observedGeneration"] = meta["generation"]
-    if state.status in ("DEFINED", "READY") and rest_url:
+    if held in ("DEFINED", "READY") and rest_url:
         status["url"] = f"{rest_url}/v2/models/{name}/infer"
     return status
 

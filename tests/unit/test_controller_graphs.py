@@ -49,7 +49,7 @@ def test_only_the_nodes_are_sent() -> None:
 
 
 def test_a_defined_graph_is_ready_with_its_url() -> None:
-    status = graphs.graph_status(_graph(SEQUENCE), graphs.GraphState("DEFINED"), None, rest_url="http://r:8008",
+    status = graphs.graph_status(_graph(SEQUENCE), "DEFINED", None, rest_url="http://r:8008",
                                  now=NOW)
     assert status == {"url": "http://r:8008/v2/models/chain/infer", "observedGeneration": 3,
                       "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": NOW}]}
@@ -57,7 +57,7 @@ def test_a_defined_graph_is_ready_with_its_url() -> None:
 
 def test_a_refusal_is_ready_false_with_the_routers_message_and_no_url() -> None:
     failure = graphs.GraphFailure(graphs.INVALID_GRAPH_SPEC, "graph 'chain': node 'root' step 1: cycle")
-    status = graphs.graph_status(_graph(SEQUENCE), graphs.GraphState("NOT_FOUND"), failure, rest_url="http://r:8008",
+    status = graphs.graph_status(_graph(SEQUENCE), "NOT_FOUND", failure, rest_url="http://r:8008",
                                  now=NOW)
     assert status == {"observedGeneration": 3, "conditions": [
         {"type": "Ready", "status": "False", "lastTransitionTime": NOW, "reason": "InvalidGraphSpec",
@@ -66,7 +66,7 @@ def test_a_refusal_is_ready_false_with_the_routers_message_and_no_url() -> None:
 
 def test_a_refused_edit_keeps_the_url_of_what_the_mesh_still_serves() -> None:
     failure = graphs.GraphFailure(graphs.INVALID_GRAPH_SPEC, "bad")
-    status = graphs.graph_status(_graph(SEQUENCE), graphs.GraphState("READY"), failure, rest_url="http://r:8008",
+    status = graphs.graph_status(_graph(SEQUENCE), "READY", failure, rest_url="http://r:8008",
                                  now=NOW)
     assert status["url"] == "http://r:8008/v2/models/chain/infer"
     assert status["conditions"][0]["status"] == "False"
@@ -74,12 +74,12 @@ def test_a_refused_edit_keeps_the_url_of_what_the_mesh_still_serves() -> None:
 
 def test_the_transition_time_moves_only_when_readiness_changes() -> None:
     obj = _graph(SEQUENCE)
-    first = graphs.graph_status(obj, graphs.GraphState("DEFINED"), None, rest_url="http://r", now=NOW)
+    first = graphs.graph_status(obj, "DEFINED", None, rest_url="http://r", now=NOW)
     obj["status"] = first
-    again = graphs.graph_status(obj, graphs.GraphState("READY"), None, rest_url="http://r", now=LATER)
+    again = graphs.graph_status(obj, "READY", None, rest_url="http://r", now=LATER)
     assert again == first
     assert graphs.status_patch(obj, again) is None
-    lost = graphs.graph_status(obj, graphs.GraphState("NOT_FOUND"), None, rest_url="http://r", now=LATER)
+    lost = graphs.graph_status(obj, "NOT_FOUND", None, rest_url="http://r", now=LATER)
     assert lost["conditions"][0]["status"] == "False" and lost["conditions"][0]["lastTransitionTime"] == LATER
     patch = graphs.status_patch(obj, lost)
     assert patch is not None and patch["status"]["url"] is None  # removed by the merge patch
