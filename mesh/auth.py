@@ -68,8 +68,10 @@ log = structlog.get_logger("mesh.transport.auth")
 
 READ, WRITE = "read", "write"
 # Management methods a read token may call; every other method of mmesh.ModelMesh needs write.
-READ_METHODS = frozenset({"getModelStatus", "getVModelStatus", "listModels"})
-WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "setVModel", "deleteVModel"})
+READ_METHODS = frozenset({"getModelStatus", "getVModelStatus", "listModels",
+                          "getGraphStatus", "listGraphs"})  # mmesh.ModelMeshGraphs (inference graphs)
+WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "setVModel", "deleteVModel",
+                           "setGraph", "deleteGraph"})
 INVALID_TOKEN = "missing or invalid bearer token"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")

@@ -11,6 +11,7 @@ import numpy as np
 from mesh.errors import InvalidArgument
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.tensors import decode_response, encode_request
@@ -58,6 +59,7 @@ class RouterClient:
         # protoc's gRPC stubs are unannotated (mesh/gen is generated): the calls are untyped.
         self.mesh = mm_grpc.ModelMeshStub(self.channel)  # type: ignore[no-untyped-call]
         self.infer_stub = pb_grpc.GRPCInferenceServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self.graphs = gp_grpc.ModelMeshGraphsStub(self.channel)  # type: ignore[no-untyped-call]
 
     def call(self, method: Any, request: Any, metadata: tuple[tuple[str, str], ...] = ()) -> Any:
         try:
@@ -79,10 +81,11 @@ class RouterClient:
         self.channel.close()
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], *, vmodel: bool,
-              outputs: list[str]) -> tuple[pb.ModelInferResponse, dict[str, np.ndarray]]:
+              outputs: list[str], graph: bool = False) -> tuple[pb.ModelInferResponse, dict[str, np.ndarray]]:
         request = encode_request(model_name=model, inputs=inputs, raw=False, outputs=outputs)
-        header = "mm-vmodel-id" if vmodel else "mm-model-id"
-        response = self.call(self.infer_stub.ModelInfer, request, metadata=((header, model),))
+        # A graph is named by model_name alone: a header always names a model or a vModel.
+        header = () if graph else (("mm-vmodel-id" if vmodel else "mm-model-id", model),)
+        response = self.call(self.infer_stub.ModelInfer, request, metadata=header)
         return response, decode_response(response)
 
 

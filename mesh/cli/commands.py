@@ -170,7 +170,10 @@ def infer_command(args: argparse.Namespace, client: RouterClient) -> int:
             inputs[name.strip()] = parse_input(rest, args.datatype)
         else:
             inputs[f"input-{i}"] = parse_input(text, args.datatype)
-    response, outputs = client.infer(args.model, inputs, vmodel=args.vmodel, outputs=args.output or [])
+    if args.vmodel and getattr(args, "graph", False):
+        raise CliError("--vmodel and --graph exclude each other", exit_code=2)
+    response, outputs = client.infer(args.model, inputs, vmodel=args.vmodel, outputs=args.output or [],
+                                     graph=getattr(args, "graph", False))
     data: dict[str, Any] = {"model_name": response.model_name, "id": response.id,
                             "outputs": {name: {"datatype": t.datatype, "shape": list(t.shape),
                                                "data": _jsonable(outputs[name])}

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datatype", help="V2 datatype of the inputs (default FP64 / INT64 from the JSON)")
     p.add_argument("--output", action="append", help="output to return (repeatable; default: all)")
     p.add_argument("--vmodel", action="store_true", help="MODEL is a vModel ID")
+    # --- inference graphs (issue 17) ---
+    p.add_argument("--graph", action="store_true", help="MODEL is an inference graph ID (mesh graph set)")
+    # --- end inference graphs ---
     _client_options(p)
 
     p = sub.add_parser("settings", help="list every setting with its default, unit and meaning")
@@ -163,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sim_parser(sub)  # mesh sim gen|run: offline traces and the placement simulator
     add_config_parser(sub)  # mesh config from-modelmesh: model-serving-config -> mesh.toml
+    # --- inference graphs (issue 17) ---
+    from mesh.cli.graph_cmd import add_graph_parser
+
+    add_graph_parser(sub, _client_options)  # mesh graph set|status|delete|list
+    # --- end inference graphs ---
     return parser
 
 
@@ -200,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
                               credentials=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
                               server_name=args.tls_server_name)
         try:
-            handler = {"model": model_command, "vmodel": vmodel_command, "infer": infer_command}
+            from mesh.cli.graph_cmd import graph_command  # inference graphs (issue 17)
+
+            handler = {"model": model_command, "vmodel": vmodel_command, "infer": infer_command,
+                       "graph": graph_command}
             return handler[args.command](args, client)
         finally:
             client.close()

@@ -2,15 +2,18 @@
 
 Three calls, as modelmesh-serving's controller makes them: ``setVModel`` (with the model's info,
 ``autoDeleteTargetModel`` and ``loadNow``), ``getVModelStatus`` and ``deleteVModel``, each with the
-controller's owner string. Answers become the transport-neutral states of
-:mod:`mesh.controller.predictor`; errors become :class:`RouterError` carrying the router's own
-code and message (its answers are marked with the ``mesh-origin`` trailer), or
-:class:`RouterUnreachable` when no router answered at all (retried by the reconciler, never fatal:
-the controller may start before the routers do).
+controller's owner string; and three of ``mmesh.ModelMeshGraphs`` for InferenceGraph objects:
+``set_graph`` (the object's ``spec``), ``graph_status`` and ``delete_graph``. Answers become the
+transport-neutral states of :mod:`mesh.controller.predictor` (graphs: ``GraphState`` here);
+errors become :class:`RouterError` carrying the router's own code and message (its answers are
+marked with the ``mesh-origin`` trailer), or :class:`RouterUnreachable` when no router answered at
+all (retried by the reconciler, never fatal: the controller may start before the routers do).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import grpc
 
 from mesh.controller.predictor import CopyInfo, ModelState, Registration, VModelState
 from mesh.errors import Code, InvalidArgument, MeshError, Unavailable
+from mesh.gen.mmesh import graphs_pb2 as gp
+from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.settings import ControllerSettings
@@ -54,6 +59,33 @@ def vmodel_state(msg: mm.VModelStatusInfo) -> VModelState:
         owner=msg.owner)
 
 
+@dataclass(frozen=True)
+class GraphModelState:
+    model_id: str  # the serviceName as the graph names it
+    status: str  # ModelStatusInfo.ModelStatus name (of the vModel's active model for a vModel)
+    is_vmodel: bool = False
+    active_model_id: str = ""
+
+
+@dataclass(frozen=True)
+class GraphState:
+    """A graph as the router reports it: ``status`` NOT_FOUND, DEFINED (defined; not every model
+    has a loaded copy) or READY (every model it names has one)."""
+
+    status: str
+    models: tuple[GraphModelState, ...] = ()
+    spec_json: str = ""
+    owner: str = ""
+    updated_ms: int = 0
+
+
+def graph_state(msg: gp.GraphStatusInfo) -> GraphState:
+    return GraphState(status=gp.GraphStatusInfo.GraphStatus.Name(msg.status), spec_json=msg.specJson,
+                      owner=msg.owner, updated_ms=msg.updatedMs,
+                      models=tuple(GraphModelState(m.modelId, _MODEL.Name(m.status), m.isVModel, m.activeModelId)
+                                   for m in msg.models))
+
+
 class RouterClient:
     """``security``: TLS to the router (default plaintext); ``token``: the bearer token sent on every
     call to a router with ``auth.tokens_file`` set (never logged, not even in errors)."""
@@ -72,6 +104,7 @@ class RouterClient:
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         # protoc's gRPC stubs are unannotated (mesh/gen is generated): the call is untyped.
         self._stub = mm_grpc.ModelMeshStub(self._channel)  # type: ignore[no-untyped-call]
+        self._graphs = gp_grpc.ModelMeshGraphsStub(self._channel)  # type: ignore[no-untyped-call]
 
     @classmethod
     def from_settings(cls, cs: ControllerSettings) -> RouterClient:
@@ -113,6 +146,22 @@ class RouterClient:
 
     async def delete_vmodel(self, vmodel_id: str, *, owner: str) -> None:
         await self._call(self._stub.deleteVModel, mm.DeleteVModelRequest(vModelId=vmodel_id, owner=owner))
+
+    # --- inference graphs (mmesh.ModelMeshGraphs) ----------------------------------------------
+    async def set_graph(self, graph_id: str, spec: Any, *, owner: str = "") -> GraphState:
+        """Define or replace graph ``graph_id``; ``spec`` is the InferenceGraph's ``spec`` (a JSON
+        object). The router's refusal (INVALID_ARGUMENT naming node and step, NOT_FOUND for a
+        model that is not registered yet) comes back as ``RouterError`` with that code."""
+        request = gp.SetGraphRequest(graphId=graph_id, owner=owner,
+                                     specJson=json.dumps(spec, separators=(",", ":"), sort_keys=True))
+        return graph_state(await self._call(self._graphs.setGraph, request))
+
+    async def graph_status(self, graph_id: str) -> GraphState:
+        return graph_state(await self._call(self._graphs.getGraphStatus, gp.GetGraphStatusRequest(graphId=graph_id)))
+
+    async def delete_graph(self, graph_id: str, *, owner: str = "") -> None:
+        """Idempotent: deleting an undefined graph succeeds."""
+        await self._call(self._graphs.deleteGraph, gp.DeleteGraphRequest(graphId=graph_id, owner=owner))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -15,6 +15,11 @@ the same transaction as the vModel record. It is what makes deletion safe: a mod
 (unregistered, or auto-deleted) only in a transaction that requires ``refs/<model>/`` to be empty,
 so a vModel created or retargeted at the same moment, by any router, either sees the model or
 keeps it. Routers repair the index for vModels written before it existed (``Registry.repair_refs``).
+
+``graphs/<id>`` holds inference graphs (``GraphRecord``). Graphs take no refs: a graph names its
+models by ID and resolves them per request, so unregistering a model a graph uses is allowed (the
+graph's requests then fail at that step, and ``getGraphStatus`` shows the model NOT_FOUND), as a
+KServe InferenceGraph whose InferenceService is deleted.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Keys:
         self.failures = self.prefix + "failures/"
         self.pinned = self.prefix + "pinned/"
         self.refs = self.prefix + "refs/"
+        self.graphs = self.prefix + "graphs/"  # inference graphs (mesh.graphs), beside the vModels
 
     def model(self, model_id: str) -> str:
         return self.models + _enc(model_id)
@@ -51,6 +57,9 @@ class Keys:
 
     def vmodel(self, vmodel_id: str) -> str:
         return self.vmodels + _enc(vmodel_id)
+
+    def graph(self, graph_id: str) -> str:
+        return self.graphs + _enc(graph_id)
 
     def instance(self, instance_id: str) -> str:
         return self.instances + instance_id
@@ -69,7 +78,7 @@ class Keys:
 
     @staticmethod
     def model_id_of(key: str, table_prefix: str) -> str:
-        """The model ID of a ``models/<id>`` or ``vmodels/<id>`` key."""
+        """The model ID of a ``models/<id>``, ``vmodels/<id>`` (or ``graphs/<id>``) key."""
         return unquote(key[len(table_prefix):])
 
     @staticmethod

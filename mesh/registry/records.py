@@ -54,6 +54,8 @@ def _field_value(cls: type, name: str, declared: str, value: Any) -> Any:
     elif declared == "tuple[str, ...]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
+    elif declared == "dict[str, Any]":  # a JSON object kept as it is (a graph's KServe spec)
+        ok = isinstance(value, dict)
     elif declared == "tuple[DeviceUsage, ...]":
         ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
         value = tuple(_decode_fields(DeviceUsage, v) for v in value) if ok else value
@@ -150,6 +152,26 @@ class VModelRecord:
 
     @classmethod
     def from_json(cls, raw: bytes) -> VModelRecord:
+        return _decode(cls, raw)
+
+
+@dataclass(frozen=True, slots=True)
+class GraphRecord:
+    """An inference graph (``graphs/<id>``): KServe's InferenceGraph ``spec`` as written (checked by
+    ``mesh.graphs.spec.parse_graph`` before it is stored, and parsed again by each router's view
+    once per change). The record is immutable like the others; ``spec`` is a plain JSON object."""
+
+    graph_id: str
+    spec: dict[str, Any]
+    owner: str = ""
+    owner_token: str = ""  # with auth on: the token that defined it (module mesh.router.graph_management)
+    updated_ms: int = 0
+
+    def to_json(self) -> bytes:
+        return _encode(self)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> GraphRecord:
         return _decode(cls, raw)
 
 
@@ -305,6 +327,7 @@ __all__ = [
     "LOADING",
     "DeviceUsage",
     "FailureRecord",
+    "GraphRecord",
     "InstanceRecord",
     "ModelSpec",
     "PlacementRecord",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mesh.errors import AlreadyExists, FailedPrecondition
 from mesh.registry.base import Compare, KeyValue, KVStore, Lease, Op
 from mesh.registry.keys import Keys
-from mesh.registry.records import FailureRecord, ModelSpec, PlacementRecord, VModelRecord
+from mesh.registry.records import FailureRecord, GraphRecord, ModelSpec, PlacementRecord, VModelRecord
 
 
 class Registry:
@@ -131,6 +131,31 @@ class Registry:
     async def list_vmodels(self) -> list[VModelRecord]:
         kvs, _ = await self.store.get_prefix(self.keys.vmodels)
         return [VModelRecord.from_json(kv.value) for kv in kvs]
+
+    # --- inference graphs --------------------------------------------------------------------
+    async def get_graph(self, graph_id: str) -> tuple[GraphRecord, int] | None:
+        """The record and its mod_revision (for compare-and-swap)."""
+        kv = await self.store.get(self.keys.graph(graph_id))
+        return (GraphRecord.from_json(kv.value), kv.mod_revision) if kv else None
+
+    async def put_graph(self, record: GraphRecord, *, expected_revision: int | None) -> bool:
+        """Create (expected_revision None) or compare-and-swap the graph record."""
+        key = self.keys.graph(record.graph_id)
+        if expected_revision is None:
+            return await self.store.create(key, record.to_json())
+        return await self.store.replace(key, record.to_json(), expected_mod_revision=expected_revision)
+
+    async def delete_graph(self, graph_id: str, *, expected_revision: int | None = None) -> bool:
+        """Delete the graph record (conditionally); False if it was absent (or changed)."""
+        return await self.store.delete(self.keys.graph(graph_id), expected_mod_revision=expected_revision)
+
+    async def list_graphs(self, *, prefix: str = "", limit: int = 0, start_after: str = "") -> list[GraphRecord]:
+        from mesh.registry.keys import _enc
+
+        kvs, _ = await self.store.get_prefix(
+            self.keys.graphs + _enc(prefix), limit=limit,
+            start_after=self.keys.graph(start_after) if start_after else "")
+        return [GraphRecord.from_json(kv.value) for kv in kvs]
 
     # --- placements and failures --------------------------------------------------------------
     async def placements_of(self, model_id: str) -> list[PlacementRecord]:

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh.auth import TokenTable
 from mesh.errors import Unavailable
+from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.observability.metrics import RouterMetrics
 from mesh.registry import open_store
@@ -24,6 +25,8 @@ from mesh.rest.guards import ssl_context
 from mesh.rest.server import RestServer
 from mesh.router.autoscale import RuntimeAutoscaler, config_from
 from mesh.router.dataplane import DataPlane
+from mesh.router.graph_management import GraphManagement
+from mesh.router.graph_servicer import GraphsServicer
 from mesh.router.grpc_inference import InferenceServicer
 from mesh.router.management import Management
 from mesh.router.payload_http import payload_log
@@ -72,6 +75,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
         PrefixMirror(store, keys.placements, view.put_placement, view.delete_placement),
         PrefixMirror(store, keys.vmodels, view.put_vmodel, view.delete_vmodel),
         PrefixMirror(store, keys.failures, view.put_failure, view.delete_failure),
+        PrefixMirror(store, keys.graphs, view.put_graph, view.delete_graph),  # inference graphs
     ]
     specs = SpecCache(registry, max_entries=rs.spec_cache_entries)
     witness = CrashWitness(registry, settings.registry.crash_quarantine_s, on_record=view.add_failure,
@@ -117,6 +121,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     management = Management(registry=registry, view=view, runtimes=runtime_client,
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs,
                             model_roots=settings.runtime.model_roots)
+    graphs = GraphManagement(registry=registry, view=view, models=management)
 
     server = new_server(rs.max_message_bytes, [*peer_interceptors(settings.tls), *interceptors],
                         max_pending_requests=rs.max_pending_requests,
@@ -126,12 +131,14 @@ async def serve_router(settings: Settings, roots: RootTasks,
         InferenceServicer(plane, metrics).handler(),
         generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],
                         metrics.metered(ModelMeshServicer(management))),
+        generic_handler(gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"],
+                        metrics.metered(GraphsServicer(graphs))),
     ))
-    health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelMesh"))
+    health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs"))
     if rs.reflection:  # after the health service: it is listed too
         reflection.enable_server_reflection(
-            ("inference.GRPCInferenceService", "mmesh.ModelMesh", "grpc.health.v1.Health", reflection.SERVICE_NAME),
-            server)
+            ("inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs", "grpc.health.v1.Health",
+             reflection.SERVICE_NAME), server)
     port = bind(server, rs.host, rs.port, server_tls)
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "router")

@@ -10,7 +10,20 @@ log, spans and the request's log context are written once.
 
 Resolution: ``mm-model-id`` / ``mm-vmodel-id`` (or ``-bin``) name the model, else the request's own
 name (V2 ``model_name``, the REST path); without a header, a name that is a vModel is resolved as
-one (as modelmesh-serving's clients expect: they address a Predictor by name).
+one (as modelmesh-serving's clients expect: they address a Predictor by name), else a name that is
+an inference graph runs the graph, else it is a model ID. A header always names a model or vModel,
+never a graph, so ``mm-model-id: g`` still reaches a model that shares a graph's name.
+
+Inference graphs (``mesh.graphs``): the view holds them parsed, so finding one costs a dict lookup,
+done only while some graph is defined (no graph: one truthiness test per request). ModelInfer runs
+the graph (``GraphRunner``); each step's serviceName is resolved like a request's name without a
+header (vModel, else model: a step never names a graph, ``parse_graph`` leaves that to
+``nodeName``) and forwarded through ``forward`` with the client's headers and the request's one
+deadline, so steps get the same routing, retries and loads as a request. The access log, span and
+payload record of a graph request are one, under the graph's name. ModelReady of a graph: every
+model it names has a loaded copy (the same rule as ``getGraphStatus``'s READY). ModelMetadata of a
+graph: the name and platform ``inference-graph`` with no inputs or outputs, since a graph's
+signature depends on its route (a Switch, a Splitter) and is declared nowhere.
 
 Per attempt: choose a target (``routing``), forward with the concrete ID and, when the copy is
 believed loaded, "no load" (``mesh.transport.runtime_link`` carries it). A "not here" answer or a
@@ -40,6 +53,9 @@ import structlog
 
 from mesh import __version__
 from mesh.errors import Code, MeshError, ModelNotFound, RemoteError, RetryElsewhere, Unavailable
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.graphs.executor import GraphRunner
+from mesh.graphs.spec import Graph, graph_models
 from mesh.ids import check_model_id
 from mesh.logging import REQUEST_ID, bind_request, current_request, header, new_request_id
 from mesh.registry.crashes import CrashWitness
@@ -62,6 +78,7 @@ SERVICE = "inference.GRPCInferenceService"
 INFER = f"/{SERVICE}/ModelInfer"
 METADATA = f"/{SERVICE}/ModelMetadata"
 SERVER_NAME = "mesh-serving"
+GRAPH_PLATFORM = "inference-graph"  # ModelMetadata's platform for a graph (module docstring)
 # Headers not passed on: the model selection (replaced by the concrete ID), the load mode (ours to
 # set), the transports' own headers (set anew on the outgoing call), and the client's credentials
 # (checked here; a runtime has no use for them, and they must not reach a runtime's logs).
@@ -110,6 +127,7 @@ class DataPlane:
         # Told when a runtime dies under a request that made it load (mesh.registry.crashes).
         self.witness: CrashWitness | None = None
         self.inflight = inflight or InflightLimit(max_bytes=1 << 30, max_requests=20_000)
+        self.graph_runner = GraphRunner(self._step_call)
 
     # --- model selection ----------------------------------------------------------------------
     def resolve(self, requested: str, is_vmodel: bool, from_header: bool) -> str:
@@ -150,6 +168,16 @@ class DataPlane:
             return requested, ""
         return model_id, (requested if requested != model_id else "")
 
+    def graph_named(self, metadata: Headers, own_name: Callable[[], str]) -> Graph | None:
+        """The graph a request names (module docstring: no header, not a vModel), else None."""
+        graphs = self.view.graphs
+        if not graphs or model_selection(metadata)[0] is not None:
+            return None
+        name = own_name()
+        if name in self.view.vmodels:
+            return None
+        return graphs.get(name)
+
     # --- relaying -----------------------------------------------------------------------------
     async def relay(self, method: str, body: bytes, metadata: Headers, own_name: Callable[[], str],
                     timeout: float | None) -> bytes:
@@ -158,7 +186,23 @@ class DataPlane:
         so none is imposed downstream either."""
         model_id, onward = self.select(metadata, own_name)
         bind_request(model_id, onward)
+        if self.view.graphs:
+            graph = self.graph_named(metadata, own_name)
+            if graph is not None:
+                return await self.run_graph(method, graph, body, onward, timeout)
         return await self.forward(method, model_id, body, onward, timeout)
+
+    async def run_graph(self, method: str, graph: Graph, body: bytes, onward: Headers,
+                        timeout: float | None) -> bytes:
+        """A request naming a graph: ModelInfer runs it, ModelMetadata answers the graph's own."""
+        if method == METADATA:
+            answer: bytes = pb.ModelMetadataResponse(name=graph.graph_id, platform=GRAPH_PLATFORM).SerializeToString()
+            return answer
+        return await self.graph_runner.run(graph, body, onward, timeout)
+
+    async def _step_call(self, model: str, body: bytes, headers: Headers, timeout: float | None) -> bytes:
+        """One model step of a graph: resolved like a request's name without a header."""
+        return await self.forward(INFER, self.resolve(model, False, False), body, headers, timeout)
 
     async def _relay_observed(self, method: str, body: bytes, metadata: Headers,
                               own_name: Callable[[], str], timeout: float | None) -> bytes:
@@ -179,7 +223,11 @@ class DataPlane:
                 span = self.tracer.start(method, onward, model_id)
                 ctx.trace_id = self.tracer.trace_id(span)
                 onward = self.tracer.onward(onward, span)
-            response = await self.forward(method, model_id, body, onward, timeout)
+            graph = self.graph_named(metadata, own_name) if self.view.graphs else None
+            if graph is not None:
+                response = await self.run_graph(method, graph, body, onward, timeout)
+            else:
+                response = await self.forward(method, model_id, body, onward, timeout)
             return response
         except MeshError as exc:
             code, message = exc.code.name, exc.message
@@ -321,10 +369,17 @@ class DataPlane:
 
     # --- answered by the router itself --------------------------------------------------------
     async def model_ready(self, metadata: Headers, own_name: Callable[[], str]) -> bool:
-        """Whether the model has a loaded copy on a live instance; ModelNotFound if unregistered."""
+        """Whether the model has a loaded copy on a live instance; ModelNotFound if unregistered.
+        A graph: whether every model it names (vModels resolved) has one."""
+        graph = self.graph_named(metadata, own_name)
+        if graph is not None:
+            return all(self._loaded(self.resolve(m, False, False)) for m in graph_models(graph))
         model_id, _ = self.select(metadata, own_name)
         if await self.specs.get(model_id) is None:
             raise ModelNotFound(model_id)
+        return self._loaded(model_id)
+
+    def _loaded(self, model_id: str) -> bool:
         return any(p.state == LOADED and self.view.live_instance(i) is not None
                    for i, p in self.view.copies(model_id).items())
 

@@ -8,6 +8,12 @@ The hot path reads only this view: no registry call is made to route a request f
 model. The view may be a little stale; the data plane's retries absorb that (a copy evicted a moment
 ago answers "not here" and the next choice is tried).
 
+Inference graphs (``graphs/``) are mirrored too, each parsed once per change into a checked
+``mesh.graphs.spec.Graph``: a request naming a graph reads the parsed graph from here, with no
+registry read and no parsing per request. A stored spec that no longer parses (written by hand,
+or by an older version with other rules) is dropped from the view and logged: requests naming it
+answer NOT_FOUND as for an undefined graph, rather than running something half-checked.
+
 Local state that no other router needs: the number of requests this router has in flight to each
 instance, for least-loaded choices among copies.
 """
@@ -19,9 +25,11 @@ from collections.abc import Callable
 
 import structlog
 
+from mesh.errors import MeshError
+from mesh.graphs.spec import Graph, parse_graph
 from mesh.registry.base import KeyValue
 from mesh.registry.keys import Keys
-from mesh.registry.records import FailureRecord, InstanceRecord, PlacementRecord, VModelRecord
+from mesh.registry.records import FailureRecord, GraphRecord, InstanceRecord, PlacementRecord, VModelRecord
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +41,7 @@ class ClusterView:
         self.placements: dict[str, dict[str, PlacementRecord]] = {}
         self.vmodels: dict[str, VModelRecord] = {}
         self.failures: dict[str, dict[str, FailureRecord]] = {}
+        self.graphs: dict[str, Graph] = {}  # parsed once per change (module docstring)
         self.inflight: defaultdict[str, int] = defaultdict(int)
         # Instances that did not answer at the connection level, for every request until a probe
         # gets an answer or their lease expires (``mesh.router.reachability``).
@@ -94,6 +103,33 @@ class ClusterView:
     def delete_vmodel(self, key: str) -> None:
         self.vmodels.pop(Keys.model_id_of(key, self.keys.vmodels), None)
         self.version += 1
+
+
+    def put_graph(self, kv: KeyValue) -> None:
+        record = GraphRecord.from_json(kv.value)
+        try:
+            graph = parse_graph(record.graph_id, record.spec)
+        except MeshError as exc:
+            self.graphs.pop(record.graph_id, None)
+            log.error("stored inference graph does not parse; requests for it answer NOT_FOUND",
+                      graph_id=record.graph_id, error=exc.message)
+        else:
+            self.graphs[record.graph_id] = graph
+        self.version += 1
+
+    def delete_graph(self, key: str) -> None:
+        self.graphs.pop(Keys.model_id_of(key, self.keys.graphs), None)
+        self.version += 1
+
+    def set_graph(self, graph: Graph) -> None:
+        """A graph this router just defined (the watch will confirm): its own next request sees it."""
+        self.graphs[graph.graph_id] = graph
+        self.version += 1
+
+    def forget_graph(self, graph_id: str) -> None:
+        """Drop a graph this router just deleted (the watch will confirm)."""
+        if self.graphs.pop(graph_id, None) is not None:
+            self.version += 1
 
 
     def put_failure(self, kv: KeyValue) -> None:

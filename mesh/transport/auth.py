@@ -9,7 +9,8 @@ token") or PERMISSION_DENIED (naming the method or the model ID), through the on
 
 What is protected:
 
-* ``mmesh.ModelMesh``: every method, always (once a tokens file is configured).
+* ``mmesh.ModelMesh`` and ``mmesh.ModelMeshGraphs``: every method, always (once a tokens file is
+  configured).
 * ``inference.GRPCInferenceService``: with ``auth.data_plane``, every method but ServerLive and
   ServerReady (probes); the model is the one named by ``mm-model-id`` / ``mm-vmodel-id`` (or their
   ``-bin`` forms), else field 1 of the request (``model_name``, or ``name``), read as the router
@@ -35,6 +36,7 @@ from google.protobuf.message_factory import GetMessageClass
 from mesh.auth import Principal, Refusals, TokenTable, bearer_token, set_caller
 from mesh.errors import InvalidArgument, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.paths import confine
 from mesh.settings import AuthSettings
@@ -51,7 +53,7 @@ ORIGIN = "router"  # the interceptor runs at the router only (mesh.router.servic
 OPEN_DATA_PLANE = frozenset({"ServerLive", "ServerReady"})
 DATA_PLANE_WITH_MODEL = frozenset({"ModelInfer", "ModelMetadata", "ModelReady"})
 # Fields of management requests that name a model or a vModel, with what to call them in errors.
-_ID_FIELDS = (("modelId", "model"), ("vModelId", "vModel"), ("targetModelId", "model"))
+_ID_FIELDS = (("modelId", "model"), ("vModelId", "vModel"), ("targetModelId", "model"), ("graphId", "graph"))
 
 Check = Callable[[Principal, Any, Iterable[tuple[str, str | bytes]]], None]
 
@@ -66,7 +68,7 @@ def _token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
 def _management_check(method: str, request_cls: type[Message], roots: tuple[str, ...]) -> Check:
     fields = {f.name for f in request_cls.DESCRIPTOR.fields}
     id_fields = [(name, what) for name, what in _ID_FIELDS if name in fields]
-    is_list = method == "listModels"
+    is_list = method in ("listModels", "listGraphs")
     with_info = "modelInfo" in fields
 
     def check(principal: Principal, request: Any, _: Iterable[tuple[str, str | bytes]]) -> None:
@@ -121,10 +123,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         self._tokens = tokens
         self._refusals = Refusals()
         self._rules: dict[str, _Rule] = {}
-        service = mm.DESCRIPTOR.services_by_name["ModelMesh"]
-        for m in service.methods:
-            self._rules[f"/{service.full_name}/{m.name}"] = _Rule(
-                m.name, _management_check(m.name, GetMessageClass(m.input_type), model_roots))
+        # Inference graphs (mmesh.ModelMeshGraphs) like the rest of the management API: the graph ID
+        # against the prefixes here, the models a graph names in mesh.router.graph_management.
+        for service in (mm.DESCRIPTOR.services_by_name["ModelMesh"], gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"]):
+            for m in service.methods:
+                self._rules[f"/{service.full_name}/{m.name}"] = _Rule(
+                    m.name, _management_check(m.name, GetMessageClass(m.input_type), model_roots))
         if data_plane:
             service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
             for m in service.methods:

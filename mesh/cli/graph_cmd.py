@@ -1,0 +1,154 @@
+"""``mesh graph set|status|delete|list``: inference graphs through the router's management API
+(``mmesh.ModelMeshGraphs``).
+
+``mesh graph set NAME -f FILE`` reads YAML or JSON (JSON is YAML, so one safe YAML parser reads
+both): either a whole ``InferenceGraph`` manifest (``kind: InferenceGraph``, whose ``spec`` is
+taken; its ``metadata.name`` must then be NAME, so a file is not applied under the wrong name by
+accident) or only the spec (a mapping with ``nodes``). ``-f -`` reads standard input. The router
+checks the spec; its refusal (naming node and step) is printed as the one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no annotations; only safe_load is used
+
+from mesh.cli.client import CliError, RouterClient
+from mesh.gen.mmesh import graphs_pb2 as gp
+from mesh.graphs.spec import MAX_SPEC_BYTES
+
+MAX_FILE_BYTES = 4 * MAX_SPEC_BYTES  # YAML with comments is larger than its JSON; the router bounds the JSON
+
+
+def add_graph_parser(sub: Any, client_options: Any) -> None:
+    graph = sub.add_parser("graph", help="define, inspect and delete inference graphs (KServe InferenceGraph)")
+    gsub = graph.add_subparsers(dest="action", required=True)
+    p = gsub.add_parser("set", help="define a graph, or replace its definition")
+    p.add_argument("graph_id")
+    p.add_argument("-f", "--file", required=True,
+                   help="YAML or JSON: an InferenceGraph manifest or only its spec ('-': standard input)")
+    p.add_argument("--owner", help="owner: only calls naming it may change or delete the graph")
+    client_options(p)
+    p = gsub.add_parser("status", help="show a graph's definition and the status of its models")
+    p.add_argument("graph_id")
+    client_options(p)
+    p = gsub.add_parser("delete", help="delete a graph (its models stay)")
+    p.add_argument("graph_id")
+    p.add_argument("--owner")
+    client_options(p)
+    p = gsub.add_parser("list", help="list defined graphs")
+    p.add_argument("--prefix", help="only IDs starting with this")
+    p.add_argument("--limit", type=int, default=1000)
+    client_options(p)
+
+
+def read_spec(path: str, graph_id: str) -> dict[str, Any]:
+    """The spec in FILE (module docstring); CliError (exit 2) naming what is wrong."""
+    try:
+        raw = sys.stdin.buffer.read(MAX_FILE_BYTES + 1) if path == "-" else Path(path).read_bytes()
+    except OSError as exc:
+        raise CliError(f"-f: cannot read {path}: {exc.strerror or exc}", exit_code=2) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise CliError(f"-f: {path} is over {MAX_FILE_BYTES} bytes; a graph spec is at most {MAX_SPEC_BYTES} "
+                       "bytes of JSON", exit_code=2)
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CliError(f"-f: {path} is not valid YAML or JSON{where}: {problem}", exit_code=2) from None
+    if not isinstance(doc, dict):
+        raise CliError(f"-f: {path} must hold a mapping (an InferenceGraph or its spec), not "
+                       f"{type(doc).__name__}", exit_code=2)
+    if "kind" in doc or "apiVersion" in doc:
+        if doc.get("kind") != "InferenceGraph":
+            raise CliError(f"-f: {path} is a {doc.get('kind')!r} manifest; expected kind InferenceGraph", exit_code=2)
+        name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
+        if name and name != graph_id:
+            raise CliError(f"-f: {path} defines InferenceGraph {name!r}, not {graph_id!r}: name the graph as the "
+                           "manifest does, or drop metadata.name", exit_code=2)
+        spec = doc.get("spec")
+        if not isinstance(spec, dict):
+            raise CliError(f"-f: {path}: the InferenceGraph has no spec mapping", exit_code=2)
+        return spec
+    return doc
+
+
+def _spec_text(spec: dict[str, Any], path: str) -> str:
+    try:  # YAML may hold dates, sets or non-string keys that JSON has no form for
+        return json.dumps(spec, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"-f: {path}: the spec cannot be written as JSON: {exc}", exit_code=2) from None
+
+
+def _status_text(info: gp.GraphStatusInfo, graph_id: str) -> str:
+    from mesh.gen.mmesh import model_mesh_pb2 as mm
+
+    lines = [f"{graph_id}: {gp.GraphStatusInfo.GraphStatus.Name(info.status)}"]
+    for m in info.models:
+        alias = f" (vModel -> {m.activeModelId})" if m.isVModel else ""
+        lines.append(f"  model {m.modelId}{alias}: {mm.ModelStatusInfo.ModelStatus.Name(m.status)}")
+    return "\n".join(lines)
+
+
+def _status_dict(info: gp.GraphStatusInfo) -> dict[str, Any]:
+    from mesh.gen.mmesh import model_mesh_pb2 as mm
+
+    return {"status": gp.GraphStatusInfo.GraphStatus.Name(info.status),
+            "spec": json.loads(info.specJson) if info.specJson else None,
+            "owner": info.owner, "updated_ms": info.updatedMs,
+            "models": [{"model_id": m.modelId, "is_vmodel": m.isVModel, "active_model_id": m.activeModelId,
+                        "status": mm.ModelStatusInfo.ModelStatus.Name(m.status)} for m in info.models]}
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def graph_command(args: argparse.Namespace, client: RouterClient) -> int:
+    stub = client.graphs
+    if args.action == "set":
+        spec = read_spec(args.file, args.graph_id)
+        request = gp.SetGraphRequest(graphId=args.graph_id, specJson=_spec_text(spec, args.file),
+                                     owner=args.owner or "")
+        info = client.call(stub.setGraph, request)
+        _emit(args, _status_dict(info), _status_text(info, args.graph_id))
+    elif args.action == "status":
+        info = client.call(stub.getGraphStatus, gp.GetGraphStatusRequest(graphId=args.graph_id))
+        _emit(args, _status_dict(info), _status_text(info, args.graph_id))
+        return 0 if info.status != gp.GraphStatusInfo.NOT_FOUND else 1
+    elif args.action == "delete":
+        client.call(stub.deleteGraph, gp.DeleteGraphRequest(graphId=args.graph_id, owner=args.owner or ""))
+        _emit(args, {"deleted": args.graph_id}, f"deleted graph {args.graph_id}")
+    elif args.action == "list":
+        return _list(args, client)
+    return 0
+
+
+def _list(args: argparse.Namespace, client: RouterClient) -> int:
+    if args.limit <= 0:
+        raise CliError("--limit must be positive", exit_code=2)
+    entries: list[Any] = []
+    token = ""
+    while len(entries) < args.limit:
+        page = client.call(client.graphs.listGraphs, gp.ListGraphsRequest(
+            prefix=args.prefix or "", pageSize=min(500, args.limit - len(entries)), pageToken=token))
+        entries += page.graphs
+        token = page.nextPageToken
+        if not token:
+            break
+    entries = entries[:args.limit]
+    data = [{"graph_id": e.graphId, "nodes": e.nodes, "models": list(e.models), "updated_ms": e.updatedMs}
+            for e in entries]
+    text = "\n".join(f"{e.graphId}  nodes={e.nodes}  models={','.join(e.models)}" for e in entries) or "no graphs"
+    _emit(args, data, text)
+    return 0
+
+
+__all__ = ["add_graph_parser", "graph_command", "read_spec"]

@@ -1,0 +1,333 @@
+"""Inference graphs end to end in one process: a real router and runtime on 127.0.0.1 (``memory://``
+registry), real scikit-learn models trained here, graphs defined through ``mmesh.ModelMeshGraphs``
+and run over gRPC V2 and REST.
+
+The models are linear maps with known weights, so every answer is checked against numpy:
+
+- ``a``: 4 features -> 3 (a multi-output regressor: FP64 [n, 3], output ``predict``);
+- ``b``: 3 features -> 1 (FP64 [n]): fits ``a``'s output, for a Sequence a -> b;
+- ``c``: 4 features -> 1 (FP64 [n]);
+- ``bad``: a file that is not a model (its load fails), for failing steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import numpy as np
+import pytest
+
+from mesh.gen.inference import grpc_service_pb2 as pb
+from mesh.gen.mmesh import graphs_pb2 as gp
+from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
+from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.registry.memory import MemoryBackend
+from mesh.tensors import decode_response, encode_request
+from tests.support.inprocess import InProcessMesh, memory_url
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+W_A = np.array([[1.0, 0.5, -1.0], [2.0, 0.0, 1.0], [0.0, -1.5, 0.5], [1.0, 1.0, 1.0]])  # 4 -> 3
+W_B = np.array([0.5, -2.0, 1.0])  # 3 -> 1
+W_C = np.array([-1.0, 0.25, 3.0, 0.5])  # 4 -> 1
+X = np.array([[0.1, 0.2, 0.3, 0.4], [1.0, -1.0, 2.0, 0.5], [3.0, 0.0, -2.0, 1.0]])
+
+
+def _fit(directory: Path, name: str, weights: np.ndarray) -> Path:
+    """A LinearRegression trained on exact data y = x @ weights (so it reproduces the weights)."""
+    import joblib
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(len(name))
+    x = rng.normal(size=(64, weights.shape[0]))
+    model = LinearRegression(fit_intercept=False).fit(x, x @ weights)
+    path = directory / name
+    path.mkdir()
+    joblib.dump(model, path / "model.joblib")
+    return path
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.joblib").write_bytes(b"this is not a pickle")
+    return {"a": _fit(tmp_path, "a", W_A), "b": _fit(tmp_path, "b", W_B), "c": _fit(tmp_path, "c", W_C),
+            "bad": bad}
+
+
+@pytest.fixture
+async def mesh(models: dict[str, Path]) -> Any:
+    m = await InProcessMesh(memory_url()).start(runtimes=1)
+    try:
+        for name, path in models.items():
+            await m.register(name, "sklearn", str(path))
+        yield m
+    finally:
+        await m.stop()
+
+
+def graphs(m: InProcessMesh) -> gp_grpc.ModelMeshGraphsStub:
+    assert m.channel is not None
+    return gp_grpc.ModelMeshGraphsStub(m.channel)  # type: ignore[no-untyped-call]
+
+
+async def set_graph(m: InProcessMesh, graph_id: str, spec: dict[str, Any],
+                    metadata: tuple[tuple[str, str], ...] = ()) -> gp.GraphStatusInfo:
+    return await graphs(m).setGraph(gp.SetGraphRequest(graphId=graph_id, specJson=json.dumps(spec)),
+                                    metadata=metadata, timeout=10)
+
+
+def request(name: str, x: np.ndarray = X, **parameters: str) -> pb.ModelInferRequest:
+    req = encode_request(model_name=name, inputs={"x": x}, raw=False)
+    for key, value in parameters.items():
+        req.parameters[key].string_param = value
+    return req
+
+
+async def infer(m: InProcessMesh, name: str, x: np.ndarray = X, **parameters: str) -> dict[str, np.ndarray]:
+    """A request naming the graph by ``model_name`` alone (no header), as a V2 client sends it."""
+    response = await m.infer(name, request(name, x, **parameters), header="")
+    assert response.model_name == name
+    return decode_response(response)
+
+
+async def error_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def seq(*steps: dict[str, Any], router: str = "Sequence") -> dict[str, Any]:
+    return {"nodes": {"root": {"routerType": router, "steps": list(steps)}}}
+
+
+# --- semantics ----------------------------------------------------------------------------------
+async def test_sequence_feeds_a_into_b_over_grpc_and_rest(mesh: InProcessMesh) -> None:
+    # b is reached through a vModel: a step's serviceName resolves like a request's name.
+    await mesh.mesh.setVModel(mm.SetVModelRequest(vModelId="vb", targetModelId="b"), timeout=10)
+    status = await set_graph(mesh, "seq", seq({"serviceName": "a"}, {"serviceName": "vb", "data": "$response"}))
+    assert status.status in (gp.GraphStatusInfo.DEFINED, gp.GraphStatusInfo.READY)
+    assert {(e.modelId, e.isVModel, e.activeModelId) for e in status.models} == {("a", False, ""), ("vb", True, "b")}
+
+    expected = X @ W_A @ W_B
+    out = await infer(mesh, "seq")
+    assert list(out) == ["predict"]
+    np.testing.assert_allclose(out["predict"], expected, rtol=1e-9, atol=1e-9)
+
+    # REST: the same graph through POST /v2/models/{graph}/infer.
+    body = {"inputs": [{"name": "x", "shape": list(X.shape), "datatype": "FP64", "data": X.ravel().tolist()}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{mesh.rest_url}/v2/models/seq/infer", json=body,
+                                timeout=aiohttp.ClientTimeout(total=30)) as response:
+            assert response.status == 200, await response.text()
+            answer = await response.json()
+        assert answer["model_name"] == "seq"
+        np.testing.assert_allclose(np.asarray(answer["outputs"][0]["data"]), expected, rtol=1e-9, atol=1e-9)
+        async with session.get(f"{mesh.rest_url}/v2/models/seq/ready") as response:
+            assert response.status == 200  # both models were loaded by the requests above
+        async with session.get(f"{mesh.rest_url}/v2/models/seq") as response:
+            meta = await response.json()
+            assert (meta["name"], meta["platform"]) == ("seq", "inference-graph"), meta
+
+    # Ready once every model it names has a copy; getGraphStatus says so too.
+    assert (await mesh.v2.ModelReady(pb.ModelReadyRequest(name="seq"), timeout=10)).ready
+    status = await graphs(mesh).getGraphStatus(gp.GetGraphStatusRequest(graphId="seq"), timeout=10)
+    assert status.status == gp.GraphStatusInfo.READY
+    assert json.loads(status.specJson)["nodes"]["root"]["routerType"] == "Sequence"
+    listed = await graphs(mesh).listGraphs(gp.ListGraphsRequest(), timeout=10)
+    assert [(g.graphId, g.nodes, list(g.models)) for g in listed.graphs] == [("seq", 1, ["a", "vb"])]
+    # A header always names a model: mm-model-id "a" is model a, whatever graphs exist.
+    direct = decode_response(await mesh.infer("a", request("seq")))
+    np.testing.assert_allclose(direct["predict"], X @ W_A, rtol=1e-9, atol=1e-9)
+
+
+async def test_switch_routes_on_a_request_parameter_and_on_an_input_name(mesh: InProcessMesh) -> None:
+    await set_graph(mesh, "sw", seq(
+        {"serviceName": "a", "condition": '[@this].#(parameters.route=="wide")'},
+        {"serviceName": "c", "condition": "inputs.#(name==narrow)"},
+        router="Switch"))
+    out = await infer(mesh, "sw", route="wide")
+    np.testing.assert_allclose(out["predict"], X @ W_A, rtol=1e-9, atol=1e-9)
+    # No parameter: the first condition does not hold; the second looks at the input's name.
+    response = await mesh.infer("sw", encode_request(model_name="sw", inputs={"narrow": X}, raw=False), header="")
+    np.testing.assert_allclose(decode_response(response)["predict"], X @ W_C, rtol=1e-9, atol=1e-9)
+    # Neither: no step runs, and the client is told so (not handed its own request back).
+    code, message = await error_of(mesh.infer("sw", request("sw", route="other"), header=""))
+    assert code == grpc.StatusCode.NOT_FOUND and "'sw'" in message, message
+
+
+async def test_ensemble_combines_both_models_outputs(mesh: InProcessMesh) -> None:
+    await set_graph(mesh, "ens", seq({"serviceName": "a"}, {"serviceName": "c"}, router="Ensemble"))
+    out = await infer(mesh, "ens")
+    assert list(out) == ["a.predict", "c.predict"]
+    np.testing.assert_allclose(out["a.predict"], X @ W_A, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(out["c.predict"], X @ W_C, rtol=1e-9, atol=1e-9)
+
+
+async def test_splitter_shares_follow_the_weights(mesh: InProcessMesh) -> None:
+    await set_graph(mesh, "split", seq({"serviceName": "a", "weight": 30}, {"serviceName": "c", "weight": 70},
+                                       router="Splitter"))
+    n, share = 300, 0.3
+    to_a = 0
+    for _ in range(n):
+        out = await infer(mesh, "split", X[:1])
+        to_a += out["predict"].shape == (1, 3)  # a answers [1, 3], c answers [1]
+    sigma = math.sqrt(n * share * (1 - share))
+    assert abs(to_a - n * share) <= 4 * sigma, (to_a, n * share, sigma)
+
+
+async def test_hard_step_failure_names_the_step_and_a_soft_one_is_skipped(mesh: InProcessMesh) -> None:
+    await set_graph(mesh, "hard", seq({"serviceName": "bad", "name": "broken", "dependency": "Hard"},
+                                      {"serviceName": "c"}))
+    code, message = await error_of(mesh.infer("hard", request("hard"), header=""))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION, (code, message)
+    assert "graph 'hard', node 'root', step 'broken'" in message and "'bad'" in message, message
+
+    # Soft (KServe's default): skipped, the Sequence goes on with the node's input.
+    await set_graph(mesh, "soft", seq({"serviceName": "bad"}, {"serviceName": "c", "data": "$response"}))
+    np.testing.assert_allclose((await infer(mesh, "soft"))["predict"], X @ W_C, rtol=1e-9, atol=1e-9)
+    # ...and an Ensemble answers without it.
+    await set_graph(mesh, "soft-ens", seq({"serviceName": "a"}, {"serviceName": "bad"}, router="Ensemble"))
+    assert list(await infer(mesh, "soft-ens")) == ["a.predict"]
+
+
+async def test_deleted_graph_is_not_found(mesh: InProcessMesh) -> None:
+    await set_graph(mesh, "gone", seq({"serviceName": "c"}))
+    np.testing.assert_allclose((await infer(mesh, "gone"))["predict"], X @ W_C, rtol=1e-9, atol=1e-9)
+    await graphs(mesh).deleteGraph(gp.DeleteGraphRequest(graphId="gone"), timeout=10)
+    await graphs(mesh).deleteGraph(gp.DeleteGraphRequest(graphId="gone"), timeout=10)  # idempotent
+    code, _ = await error_of(mesh.infer("gone", request("gone"), header=""))
+    assert code == grpc.StatusCode.NOT_FOUND
+    status = await graphs(mesh).getGraphStatus(gp.GetGraphStatusRequest(graphId="gone"), timeout=10)
+    assert status.status == gp.GraphStatusInfo.NOT_FOUND
+
+
+@pytest.mark.parametrize(("spec", "code", "place"), [
+    ({"nodes": {"root": {"routerType": "Sequence", "steps": [{"nodeName": "x"}]},
+                "x": {"routerType": "Sequence", "steps": [{"nodeName": "root"}]}}},
+     grpc.StatusCode.INVALID_ARGUMENT, "root -> x -> root"),
+    (seq({"serviceName": "a"}, {"serviceName": "nope"}), grpc.StatusCode.NOT_FOUND,
+     "graph 'g': node 'root', step 2 ('nope')"),
+    (seq({"serviceName": "a", "condition": "#(bad"}, router="Switch"), grpc.StatusCode.INVALID_ARGUMENT,
+     "step 1"),
+    (seq({"serviceName": "a", "weight": 50}, {"serviceName": "c", "weight": 40}, router="Splitter"),
+     grpc.StatusCode.INVALID_ARGUMENT, "100"),
+    ({"nodes": {"other": {"routerType": "Sequence", "steps": [{"serviceName": "a"}]}}},
+     grpc.StatusCode.INVALID_ARGUMENT, "root"),
+])
+async def test_bad_definitions_are_refused_naming_the_place(mesh: InProcessMesh, spec: dict[str, Any],
+                                                            code: grpc.StatusCode, place: str) -> None:
+    got, message = await error_of(set_graph(mesh, "g", spec))
+    assert got == code, (got, message)
+    assert place in message, message
+    assert (await graphs(mesh).getGraphStatus(gp.GetGraphStatusRequest(graphId="g"), timeout=10)).status \
+        == gp.GraphStatusInfo.NOT_FOUND
+
+
+async def test_bad_requests_to_the_api(mesh: InProcessMesh) -> None:
+    stub = graphs(mesh)
+    for req, code, words in [
+        (gp.SetGraphRequest(graphId="g", specJson="{nodes"), grpc.StatusCode.INVALID_ARGUMENT, "not valid JSON"),
+        (gp.SetGraphRequest(graphId="g", specJson=""), grpc.StatusCode.INVALID_ARGUMENT, "no spec"),
+        (gp.SetGraphRequest(graphId="", specJson="{}"), grpc.StatusCode.INVALID_ARGUMENT, "graph"),
+        (gp.SetGraphRequest(graphId="g", specJson=json.dumps({"nodes": {"root": {"routerType": "Sequence", "steps": [
+            {"serviceName": "a", "name": "x" * 300_000}]}}})), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+        # A graph may not take a model's name: a request naming it could not tell which is meant.
+        (gp.SetGraphRequest(graphId="a", specJson=json.dumps(seq({"serviceName": "c"}))),
+         grpc.StatusCode.ALREADY_EXISTS, "'a'"),
+    ]:
+        got, message = await error_of(stub.setGraph(req, timeout=10))
+        assert (got, words in message) == (code, True), (req.graphId, got, message)
+
+
+# --- the hot path -------------------------------------------------------------------------------
+async def test_graph_requests_read_nothing_from_the_registry(mesh: InProcessMesh,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    await set_graph(mesh, "hot", seq({"serviceName": "a"}, {"serviceName": "b", "data": "$response"}))
+    await infer(mesh, "hot")  # loads both models (reads their registrations once)
+    reads: list[str] = []
+    original_get, original_range = MemoryBackend.get, MemoryBackend.range
+
+    def get(self: MemoryBackend, key: str) -> Any:
+        reads.append(key)
+        return original_get(self, key)
+
+    def range_(self: MemoryBackend, prefix: str, limit: int = 0, start_after: str = "") -> Any:
+        reads.append(prefix)
+        return original_range(self, prefix, limit, start_after)
+
+    monkeypatch.setattr(MemoryBackend, "get", get)
+    monkeypatch.setattr(MemoryBackend, "range", range_)
+    for _ in range(20):
+        await infer(mesh, "hot")
+    assert [k for k in reads if "/graphs/" in k or "/models/" in k or "/vmodels/" in k] == []
+    # The patch does see registry reads: a status call reads the graph's record.
+    await graphs(mesh).getGraphStatus(gp.GetGraphStatusRequest(graphId="hot"), timeout=10)
+    assert any("/graphs/" in k for k in reads), reads
+
+
+# --- auth ---------------------------------------------------------------------------------------
+TOKENS = {"team-a": ("write", '["team-a"]'), "reader": ("read", ""), "ops": ("write", "")}
+
+
+def _token(name: str) -> str:
+    return f"{name}-token-0123456789abcdef"
+
+
+def _auth(name: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {_token(name)}"),)
+
+
+@pytest.fixture
+def tokens_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "tokens.toml"
+    path.write_text("".join(f'''
+[[token]]
+name = "{name}"
+role = "{role}"
+sha256 = "{hashlib.sha256(_token(name).encode()).hexdigest()}"
+{f"prefixes = {prefixes}" if prefixes else ""}
+''' for name, (role, prefixes) in TOKENS.items()))
+    yield path
+
+
+async def test_auth_covers_the_graph_and_every_model_it_names(models: dict[str, Path], tokens_file: Path) -> None:
+    mesh = await InProcessMesh(memory_url(), extra={"auth": {"tokens_file": str(tokens_file)}}).start(runtimes=1)
+    try:
+        for name in ("team-a/a", "other/c"):
+            await mesh.mesh.registerModel(mm.RegisterModelRequest(modelId=name, modelInfo=mm.ModelInfo(
+                type="sklearn", path=str(models[name.rpartition("/")[2]]))), metadata=_auth("ops"), timeout=10)
+        # A step naming a model outside the token's prefixes: refused, naming the step.
+        code, message = await error_of(set_graph(
+            mesh, "team-a/g", seq({"serviceName": "team-a/a"}, {"serviceName": "other/c"}), _auth("team-a")))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "step 2" in message and "other/c" in message, message
+        # A graph ID outside its prefixes.
+        code, _ = await error_of(set_graph(mesh, "other/g", seq({"serviceName": "team-a/a"}), _auth("team-a")))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        # A read token may look, not define.
+        code, message = await error_of(set_graph(mesh, "team-a/g", seq({"serviceName": "team-a/a"}), _auth("reader")))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "setGraph" in message, message
+        code, _ = await error_of(set_graph(mesh, "team-a/g", seq({"serviceName": "team-a/a"})))  # no token
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        # Inside its prefixes: defined, readable by the read token, and it runs.
+        await set_graph(mesh, "team-a/g", seq({"serviceName": "team-a/a"}), _auth("team-a"))
+        status = await graphs(mesh).getGraphStatus(gp.GetGraphStatusRequest(graphId="team-a/g"),
+                                                   metadata=_auth("reader"), timeout=10)
+        assert status.status != gp.GraphStatusInfo.NOT_FOUND
+        out = decode_response(await mesh.v2.ModelInfer(request("team-a/g"), timeout=30))
+        np.testing.assert_allclose(out["predict"], X @ W_A, rtol=1e-9, atol=1e-9)
+        code, _ = await error_of(graphs(mesh).deleteGraph(gp.DeleteGraphRequest(graphId="team-a/g"),
+                                                          metadata=_auth("reader"), timeout=10))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await mesh.stop()
