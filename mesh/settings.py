@@ -340,6 +340,10 @@ class ControllerSettings:
                                   "serving.kserve.io/deploymentMode: ModelMesh, as modelmesh-serving does; "
                                   "others are left to KServe. Needs the InferenceService CRD (KServe's, or "
                                   "deploy/crd).")
+    inference_graphs: bool = _f(True, "Also serve InferenceGraphs (serving.kserve.io/v1alpha1) annotated "
+                                "serving.kserve.io/deploymentMode: ModelMesh as graphs the routers run "
+                                "(no pod per graph). Needs the InferenceGraph CRD (KServe's, or deploy/crd); "
+                                "without it the watch finds none.")
     rest_endpoint: str = _f("", "host:port of the routers' REST port, written into InferenceService "
                             "statuses (restUrl); empty: the router_endpoint host on port 8008.")
     owner: str = _f("mesh-controller", "Owner recorded on the vModels the controller creates (with the "

@@ -25,8 +25,10 @@ from typing import Any
 import structlog
 
 from mesh.controller.events import WatchEvent, involved_object, warning_event
+from mesh.controller.graph_reconciler import GraphController
 from mesh.controller.kube import (
     CSR_PLURAL,
+    IG_PLURAL,
     ISVC_PLURAL,
     ISVC_VERSION,
     SR_PLURAL,
@@ -41,6 +43,7 @@ from mesh.controller.predictor import Choice
 from mesh.controller.reconciler import InferenceServices, Kind, PredictorController
 from mesh.controller.router_client import RouterClient
 from mesh.controller.runtimes import RuntimeCatalog
+from mesh.controller.watched import ObjectController
 from mesh.controller.workloads import RuntimeUsage, run_workloads, workload_namespace
 from mesh.errors import MeshError
 from mesh.settings import ControllerSettings, Settings
@@ -96,7 +99,7 @@ def _runtime_watchers(cs: ControllerSettings, client: Any, catalog: RuntimeCatal
 
 
 def _namespace_watcher(cs: ControllerSettings, client: Any, namespaces: NamespaceFilter,
-                       controllers: list[PredictorController], loop: asyncio.AbstractEventLoop) -> PredictorWatcher:
+                       controllers: list[ObjectController], loop: asyncio.AbstractEventLoop) -> PredictorWatcher:
     """A watch of Namespaces into ``namespaces``; objects of a namespace that starts or stops being
     served are reconciled again."""
     def on_event(event: WatchEvent) -> None:  # on the event loop
@@ -150,6 +153,7 @@ async def serve_controller(settings: Settings, roots: RootTasks,
         kinds.append((InferenceServices(f"grpc://{cs.router_endpoint}", f"{scheme}://{rest}"),
                       PredictorApi(client, cs.namespace, version=ISVC_VERSION, plural=ISVC_PLURAL)))
     controllers: list[PredictorController] = []
+    everyone: list[ObjectController] = []  # the Predictor-like controllers and the InferenceGraphs'
     watchers: list[PredictorWatcher] = []
     events = _ThreadedEvents(EventApi(client))
     catalog = RuntimeCatalog(workload_namespace(cs) if cs.manage_runtimes else None)
@@ -168,7 +172,7 @@ async def serve_controller(settings: Settings, roots: RootTasks,
     namespaces: NamespaceFilter | None = None
     if cs.namespace_label and not cs.namespace:
         namespaces = NamespaceFilter(cs.namespace_label, home=os.environ.get("POD_NAMESPACE", ""))
-        watchers.append(_namespace_watcher(cs, client, namespaces, controllers, loop))
+        watchers.append(_namespace_watcher(cs, client, namespaces, everyone, loop))
         ready.append(namespaces.synced)
     for kind, api in kinds:
         controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
@@ -186,6 +190,26 @@ async def serve_controller(settings: Settings, roots: RootTasks,
         watchers.append(PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s,
                                          backoff_max_s=cs.backoff_max_s))
         roots.spawn(controller.run(), f"{kind.name.lower()}-reconcile")
+    everyone.extend(controllers)
+    if cs.inference_graphs:
+        # InferenceGraphs become graphs the routers run (mesh.controller.graphs); they wait for the
+        # namespaces, not for the runtimes (a graph loads nothing itself).
+        graph_api = PredictorApi(client, cs.namespace, plural=IG_PLURAL)
+        graphs = GraphController(cs, mesh=router, kube=_ThreadedStatusWriter(graph_api), rest_url=f"{scheme}://{rest}",
+                                 ready=[namespaces.synced] if namespaces else [],
+                                 served_namespace=namespaces.enabled if namespaces else None,
+                                 events=events)
+
+        def deliver_graph(event: WatchEvent) -> None:  # watch thread
+            try:
+                loop.call_soon_threadsafe(graphs.on_event, event)
+            except RuntimeError:
+                pass  # the loop is closed: we are shutting down
+
+        everyone.append(graphs)
+        watchers.append(PredictorWatcher(graph_api, deliver_graph, timeout_s=cs.watch_timeout_s,
+                                         backoff_max_s=cs.backoff_max_s))
+        roots.spawn(graphs.run(), "inferencegraph-reconcile")
     if cs.manage_runtimes:
         # Each runtime some model uses runs as a StatefulSet (mesh.controller.workloads), from the
         # first pass after the runtimes are listed and the objects queued.
@@ -199,7 +223,7 @@ async def serve_controller(settings: Settings, roots: RootTasks,
     scope = f"namespace {cs.namespace}" if cs.namespace else "all namespaces"
     try:
         async def all_synced() -> None:
-            for c in controllers:
+            for c in everyone:
                 await c.synced.wait()
 
         synced = asyncio.ensure_future(all_synced())
@@ -207,9 +231,9 @@ async def serve_controller(settings: Settings, roots: RootTasks,
         await asyncio.wait({synced, stopping}, return_when=asyncio.FIRST_COMPLETED)
         synced.cancel()
         stopping.cancel()
-        if all(c.synced.is_set() for c in controllers) and not roots.stopping.is_set():
+        if all(c.synced.is_set() for c in everyone) and not roots.stopping.is_set():
             log.info("controller running", api_server=client.configuration.host, scope=scope,
-                     router=cs.router_endpoint, **{c.kind.name: len(c.cache) for c in controllers})
+                     router=cs.router_endpoint, **{c.kind_name: len(c.cache) for c in everyone})
             if on_ready:
                 on_ready(str(client.configuration.host))
         await roots.wait()

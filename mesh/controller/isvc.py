@@ -291,9 +291,16 @@ def isvc_status_patch(current: Mapping[str, Any] | None, wanted: Mapping[str, An
     """The JSON merge patch taking ``current`` to ``wanted`` (managed fields only), None if nothing
     changes. Nested objects are diffed key by key, with null for a key that went away (a merge patch
     leaves absent keys as they were): a cleared ``lastFailureInfo`` must be removed, not kept."""
+    return merge_patch(current, wanted, MANAGED)
+
+
+def merge_patch(current: Mapping[str, Any] | None, wanted: Mapping[str, Any],
+                managed: tuple[str, ...]) -> dict[str, Any] | None:
+    """The JSON merge patch of ``.status`` taking ``current`` to ``wanted`` in the ``managed``
+    fields, None if nothing changes (see :func:`isvc_status_patch`)."""
     current = current or {}
     changes: dict[str, Any] = {}
-    for name in MANAGED:
+    for name in managed:
         diff = _diff(current.get(name), wanted.get(name))
         if diff is not _SAME:
             changes[name] = diff

@@ -44,6 +44,7 @@ ISVC_VERSION = "v1beta1"
 ISVC_PLURAL = "inferenceservices"
 SR_PLURAL = "servingruntimes"
 CSR_PLURAL = "clusterservingruntimes"
+IG_PLURAL = "inferencegraphs"
 _CALL_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds of one ordinary API call
 
 
@@ -412,5 +413,6 @@ class HpaApi:
                         name, self.namespace, body=options, _request_timeout=_CALL_TIMEOUT), missing_ok=True)
 
 
-__all__ = ["CSR_PLURAL", "GROUP", "PLURAL", "SR_PLURAL", "VERSION", "EventApi", "Gone", "HpaApi", "KubeConfigError",
-           "NamespaceApi", "PredictorApi", "PredictorWatcher", "Refused", "WatchEvent", "WorkloadApi", "api_client"]
+__all__ = ["CSR_PLURAL", "GROUP", "IG_PLURAL", "PLURAL", "SR_PLURAL", "VERSION", "EventApi", "Gone", "HpaApi",
+           "KubeConfigError", "NamespaceApi", "PredictorApi", "PredictorWatcher", "Refused", "WatchEvent",
+           "WorkloadApi", "api_client"]

@@ -41,7 +41,6 @@ from typing import Any, Protocol
 import structlog
 
 from mesh.controller import isvc
-from mesh.controller.events import WatchEvent
 from mesh.controller.predictor import (
     INVALID_PREDICTOR_SPEC,
     MODEL_LOAD_FAILED,
@@ -58,7 +57,6 @@ from mesh.controller.predictor import (
     RuntimeSelector,
     VModelState,
     concrete_model_id,
-    key_of,
     load_now,
     needs_registration,
     predictor_status,
@@ -67,7 +65,7 @@ from mesh.controller.predictor import (
     status_patch,
     timestamp,
 )
-from mesh.controller.queue import Backoff, WorkQueue
+from mesh.controller.watched import ObjectController, generation
 from mesh.errors import Code, MeshError
 from mesh.settings import ControllerSettings
 
@@ -205,30 +203,25 @@ def refusal(exc: MeshError, reg: Registration) -> Failure | None:
     return None
 
 
-class PredictorController:
+class PredictorController(ObjectController):
     def __init__(self, settings: ControllerSettings, *, mesh: MeshApi, kube: StatusWriter,
                  workers: int = 4, poll_s: float = 1.0, clock: Callable[[], float] = time.time,
                  kind: Kind | None = None, select: RuntimeSelector | None = None,
                  usage: Usage | None = None, ready: Sequence[asyncio.Event] = (),
                  served: Callable[[str], bool] | None = None, events: EventRecorder | None = None) -> None:
-        self.settings = settings
+        super().__init__(settings, workers=workers, ready=ready)
         self.kind = kind or Kind()
+        self.kind_name = self.kind.name
         self.select = select
         self.usage = usage
-        self.ready = ready  # reconciles start once these are set (the runtimes and namespaces are known)
         self.served = served  # whether a namespace is served (controller.namespace_label); None: all
         self.events = events
         self._warned: dict[Key, tuple[Any, str, str]] = {}  # the last Warning Event per object
         self.mesh = mesh
         self.kube = kube
-        self.workers = workers
         self.poll_s = poll_s
         self.clock = clock
-        self.cache: dict[Key, dict[str, Any]] = {}  # the latest object of every Predictor, from the watch
         self.registered: dict[Key, str] = {}  # model ID the controller last set for each Predictor
-        self.queue: WorkQueue[Key] = WorkQueue()
-        self.synced = asyncio.Event()  # set once the first list has been queued
-        self._backoff: dict[Key, Backoff] = {}
         self._settling: dict[Key, float] = {}  # key -> until when a requested load is polled
         # Objects the mesh does not serve (InferenceServices of KServe's own) whose vModel, if any,
         # was removed once: not asked again at every resync.
@@ -238,81 +231,9 @@ class PredictorController:
     def owner(self, namespace: str) -> str:
         return self.kind.owner(f"{self.settings.owner}/{namespace}")
 
-    # --- events (on the event loop; cheap: they only queue keys) --------------------------------
-    def on_event(self, event: WatchEvent) -> None:
-        if event.type == "SYNC":
-            listed = {key_of(o): o for o in event.objects}
-            for key in set(self.cache) - set(listed):
-                del self.cache[key]  # deleted while the watch was down
-                self.queue.add(key)
-            for key, obj in listed.items():
-                self._observe(key, obj)
-            self.synced.set()
-            return
-        if event.object is None:
-            return
-        key = key_of(event.object)
-        if event.type == "DELETED":
-            self.cache.pop(key, None)
-            self.queue.add(key)
-        else:
-            self._observe(key, event.object)
-
-    def _observe(self, key: Key, obj: dict[str, Any]) -> None:
-        before = self.cache.get(key)
-        self.cache[key] = obj
-        if before is None or _generation(before) != _generation(obj):
-            self.queue.add(key)
-
-    def requeue_all(self, namespaces: set[str] | None = None) -> None:
-        """Reconcile every object again (the cluster's runtimes changed: a model may now have one,
-        or another), or those of ``namespaces`` (they became served, or stopped being served)."""
-        for key in self.cache:
-            if namespaces is None or key[0] in namespaces:
-                self.queue.add(key)
-
     def _use(self, key: Key, ref: str | None) -> None:
         if self.usage is not None:
             self.usage.set((self.kind.name, *key), ref)
-
-    # --- work -----------------------------------------------------------------------------------
-    async def run(self) -> None:
-        """Root task: the workers and the periodic resync."""
-        for event in self.ready:
-            await event.wait()
-        try:
-            async with asyncio.TaskGroup() as group:
-                for i in range(self.workers):
-                    group.create_task(self._work(), name=f"predictor-worker-{i}")
-                group.create_task(self._resync(), name="predictor-resync")
-        finally:
-            self.queue.close()
-
-    async def _resync(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.resync_s)
-            for key in list(self.cache):
-                self.queue.add(key)
-
-    async def _work(self) -> None:
-        while True:
-            key = await self.queue.get()
-            try:
-                delay = await self.reconcile(key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                backoff = self._backoff.setdefault(key, Backoff(0.5, self.settings.backoff_max_s))
-                delay = backoff.next()
-                level = log.warning if isinstance(exc, MeshError) else log.error
-                level("reconcile failed; will retry", namespace=key[0], predictor=key[1], retry_in_s=delay,
-                      error=f"{type(exc).__name__}: {exc}", exc_info=not isinstance(exc, MeshError))
-            else:
-                self._backoff.pop(key, None)
-            finally:
-                self.queue.done(key)
-            if delay is not None:
-                self.queue.add(key, delay)
 
     async def reconcile(self, key: Key) -> float | None:
         """Bring the mesh and the status in line with the Predictor; when to look again (or None)."""
@@ -426,7 +347,7 @@ class PredictorController:
         (the status says it too; the Event reaches `kubectl describe` and `kubectl get events`)."""
         if self.events is None:
             return
-        seen = (_generation(obj), failure.reason, failure.message)
+        seen = (generation(obj), failure.reason, failure.message)
         if self._warned.get(key) == seen:
             return
         self._warned[key] = seen
@@ -484,12 +405,3 @@ class PredictorController:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-
-def _generation(obj: Mapping[str, Any]) -> Any:
-    """What, changed, needs a reconcile: the spec (its generation), a new object of the same name,
-    or the annotations (they do not move the generation, and an InferenceService's say whether the
-    mesh serves it and may name its runtime and storage key)."""
-    meta = obj.get("metadata") or {}
-    annotations = meta.get("annotations")
-    notes = tuple(sorted((str(k), str(v)) for k, v in annotations.items())) if isinstance(annotations, Mapping) else ()
-    return meta.get("generation"), meta.get("uid"), notes

@@ -126,6 +126,8 @@ SERVING_RUNTIMES = Resource("serving.kserve.io", "v1alpha1", "servingruntimes", 
 CLUSTER_SERVING_RUNTIMES = Resource("serving.kserve.io", "v1alpha1", "clusterservingruntimes",
                                     "ClusterServingRuntime", _CRD_DIR / "serving.kserve.io_clusterservingruntimes.yaml",
                                     namespaced=False, status_subresource=False)
+INFERENCE_GRAPHS = Resource("serving.kserve.io", "v1alpha1", "inferencegraphs", "InferenceGraph",
+                            _CRD_DIR / "serving.kserve.io_inferencegraphs.yaml")
 STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet", None)
 HPAS = Resource("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", None)
 EVENTS = Resource("", "v1", "events", "Event", None, status_subresource=False)
@@ -732,7 +734,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client went away
 
 
-__all__ = ["API_VERSION", "CLUSTER_SERVING_RUNTIMES", "CRD_FILE", "EVENTS", "GROUP", "HPAS", "INFERENCE_SERVICES",
-           "KIND", "NAMESPACES",
+__all__ = ["API_VERSION", "CLUSTER_SERVING_RUNTIMES", "CRD_FILE", "EVENTS", "GROUP", "HPAS", "INFERENCE_GRAPHS",
+           "INFERENCE_SERVICES", "KIND", "NAMESPACES",
            "PLURAL", "PREDICTORS", "SERVING_RUNTIMES", "STATEFULSETS", "VERSION", "FakeKubeApiServer", "Request",
            "Resource", "merge_patch"]

@@ -1,4 +1,4 @@
-"""KServe's own types for InferenceService, ServingRuntime and ClusterServingRuntime, to check test
+"""KServe's own types for InferenceService, ServingRuntime, ClusterServingRuntime and InferenceGraph, to check test
 objects, shipped manifests and our hand-written CRDs against (issue 16).
 
 Why the SDK: KServe's CRD files may not be copied into this repository (docs/kserve-notes.md
@@ -55,6 +55,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "InferenceService": (f"{GROUP}/v1beta1", "V1beta1InferenceService"),
     "ServingRuntime": (f"{GROUP}/v1alpha1", "V1alpha1ServingRuntime"),
     "ClusterServingRuntime": (f"{GROUP}/v1alpha1", "V1alpha1ClusterServingRuntime"),
+    "InferenceGraph": (f"{GROUP}/v1alpha1", "V1alpha1InferenceGraph"),
 }
 
 # JSON shapes, besides the generated ones. "quantity": a Kubernetes resource.Quantity, int or string.
@@ -249,8 +250,8 @@ def validator_for(kind: str) -> Callable[[dict[str, Any]], list[str]]:
 
 
 def validate(obj: dict[str, Any]) -> list[str]:
-    """The problems of an InferenceService, ServingRuntime or ClusterServingRuntime against KServe's
-    types (empty when it is well-formed); an object of another kind is one problem."""
+    """The problems of an InferenceService, ServingRuntime, ClusterServingRuntime or InferenceGraph
+    against KServe's types (empty when it is well-formed); an object of another kind is one problem."""
     kind = obj.get("kind") if isinstance(obj, dict) else None
     if kind not in KINDS:
         return [f"kind: {kind!r} is not one of KServe's {', '.join(KINDS)}"]

@@ -36,7 +36,9 @@ DEPLOY = ROOT / "deploy"
 CRD_FILE = DEPLOY / "crd" / "serving.kserve.io_predictors.yaml"
 # The example storage-config Secret sits beside the example Predictors.
 STORAGE_CONFIG = DEPLOY / "examples" / "storage-config.yaml"
-EXAMPLES = sorted(p for p in (DEPLOY / "examples").glob("*.yaml") if p != STORAGE_CONFIG)
+# So does an example InferenceGraph over two of them (tests/unit/test_controller_graphs.py checks it).
+GRAPH_EXAMPLE = DEPLOY / "examples" / "inference-graph.yaml"
+EXAMPLES = sorted(p for p in (DEPLOY / "examples").glob("*.yaml") if p not in (STORAGE_CONFIG, GRAPH_EXAMPLE))
 NAMESPACE = "mesh-serving"
 MESH_IMAGE = "ghcr.io/mesh-serving/mesh"
 
@@ -345,10 +347,12 @@ def test_base_deploys_every_part(base: list[Doc]) -> None:
 def test_controller_role_grants_only_reads_status_writes_and_events(base: list[Doc]) -> None:
     role = _one(base, "Role", "mesh-controller")
     assert role["rules"] == [
-        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors", "inferenceservices", "servingruntimes"],
+        {"apiGroups": ["serving.kserve.io"],
+         "resources": ["predictors", "inferenceservices", "servingruntimes", "inferencegraphs"],
          "verbs": ["get", "list", "watch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-        {"apiGroups": ["serving.kserve.io"], "resources": ["predictors/status", "inferenceservices/status"],
+        {"apiGroups": ["serving.kserve.io"],
+         "resources": ["predictors/status", "inferenceservices/status", "inferencegraphs/status"],
          "verbs": ["get", "patch", "update"]},
     ]
     assert not [d for d in base if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]

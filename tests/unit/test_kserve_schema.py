@@ -123,7 +123,8 @@ _RUNTIME = unit_runtimes.runtime("mesh-runtime", [unit_runtimes.fmt("sklearn")])
                  ["apiVersion: 'serving.kserve.io/v1beta1' expected, got 'serving.kserve.io/v1alpha1'"],
                  id="wrong-version"),
     pytest.param({**KNOWN_GOOD, "kind": "Predictor"},
-                 ["kind: 'Predictor' is not one of KServe's InferenceService, ServingRuntime, ClusterServingRuntime"],
+                 ["kind: 'Predictor' is not one of KServe's InferenceService, ServingRuntime, ClusterServingRuntime, "
+                      "InferenceGraph"],
                  id="unknown-kind"),
 ])
 def test_problems_are_reported_with_their_paths(obj: Doc, expected: list[str]) -> None:
