@@ -170,6 +170,17 @@ class RouterSettings:
                                     "record is dropped and counted, never waited for.")
     payload_queue_bytes: int = _f(64 * _MIB, "Body bytes waiting per sink; past it, dropped and counted.",
                                   "bytes")
+    payload_content_mode: str = _f("binary", "How records travel to an HTTP sink: binary, one POST per record, "
+                                   "attributes as ce-* headers, the protobuf message as the body (what KServe's "
+                                   "logger and ModelMesh send: any sink made for them takes it); batched, one "
+                                   "POST per batch, a JSON array of CloudEvents (application/cloudevents-"
+                                   "batch+json, bodies base64 in data_base64), far cheaper per record but the "
+                                   "sink must take that content type.")
+    payload_batch_records: int = _f(256, "Batched mode: most records per POST.")
+    payload_batch_bytes: int = _f(4 * _MIB, "Batched mode: most body bytes per POST (before base64; each record "
+                                  "counts 512 more for its attributes); a larger record goes alone.", "bytes")
+    payload_linger_s: float = _f(0.05, "Batched mode: how long a sender waits for a batch to fill before it "
+                                 "posts what is queued (0: post at once). Delays records, never inference.", "s")
     payload_inflight: int = _f(8, "Posts in flight per HTTP sink.")
     payload_timeout_s: float = _f(2.0, "Deadline of one post to a sink.", "s")
     payload_retries: int = _f(2, "Further attempts of a post that failed for a reason that may pass "
