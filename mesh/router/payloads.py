@@ -6,25 +6,31 @@ receives HTTP POSTs, ``logger://`` for the log. As in ModelMesh the URI's query 
 ID it observes (here a vModel ID also matches) and its fragment the method; ``*`` or nothing means
 all. Only ModelInfer is logged: a record is an inference request or response.
 
-What a sink receives is what KServe's logger sends, a CloudEvent in binary content mode: attributes
-as ``ce-*`` headers (``ce-specversion`` 1.0, ``ce-type`` ``org.kubeflow.serving.inference.request``
-or ``.response``, ``ce-id`` shared by a request and its response, ``ce-source``, ``ce-time``, and
-KServe's extensions ``ce-inferenceservicename``, ``ce-namespace``, ``ce-component``,
-``ce-endpoint``), the body as data. The body is the V2 protobuf message as the router holds it
-(``inference.ModelInferRequest`` / ``ModelInferResponse``, named in the content type), gRPC and REST
-requests alike: KServe's logger sends the bytes the predictor saw, and re-encoding them as JSON here
-would cost the router's CPU on every request. ``ce-inferenceservicename`` is the vModel when the
-request named one (the InferenceService of modelmesh-serving), else the model; ``ce-endpoint`` is
-the concrete model that answered (KServe: the revision, default or canary); ``ce-modelid`` and
-``ce-vmodelid`` say both plainly. The ``ce-id`` is the client's ``ce-id`` header (KServe's
-``getOrCreateID``), else its ``x-request-id``, else a new UUID.
+What a sink receives (``mesh.router.cloudevents``) is what KServe's logger sends, CloudEvents with
+``type`` ``org.kubeflow.serving.inference.request`` or ``.response``, KServe's extensions and ours,
+in the content mode ``router.payload_content_mode`` chooses: binary (a POST per record, ``ce-*``
+headers; KServe's and ModelMesh's shape, the default) or batched (a JSON array of structured events
+per POST). The body is the V2 protobuf message as the router holds it, gRPC and REST requests
+alike: KServe's logger sends the bytes the predictor saw, and re-encoding them as JSON here would
+cost the router's CPU on every request. The ``id`` is the client's ``ce-id`` (KServe's
+``getOrCreateID``; REST forwards the header as gRPC metadata carries it), else its
+``x-request-id``, else a new UUID. As KServe's logger, a request is logged whatever its answer (it
+logs before calling the predictor) and a response only when there is one.
+
+Why batching: a profile of binary mode (cProfile of the sender, 86 us of CPU per record) put
+nearly all of it in aiohttp's per-request work (building the request, headers, writing, reading the
+answer), the CloudEvent headers a few percent, the queue less; the sink pays its own HTTP exchange
+per record. Batched mode spreads one exchange over up to ``payload_batch_records`` records and
+costs about 5 us per record (orjson attributes, a base64 copy of the body), so no thread is
+needed: the sending stays on the event loop.
 
 The trade-off: a record never slows or fails the inference it describes. The data plane calls
 :meth:`PayloadLog.log` after the answer is known, which samples, filters and appends the bytes it
 already holds to each sink's queue (O(1) per sink; headers are built by the sender). A full queue
 (records or bytes) drops the record and counts it; a sink that is down or slow costs retries in the
-background and fills its own queue, nothing else. Counters per sink: sent, failed (gave up after the
-retries), dropped (queue full, or left at shutdown).
+background and fills its own queue, nothing else. Counters per sink, in records: sent, failed (gave
+up after the retries; a refused batch counts all its records), dropped (queue full, or left at
+shutdown).
 """
 
 from __future__ import annotations
