@@ -193,7 +193,8 @@ class Sink:
         self._idle.clear()
         if not self._wake.is_set():
             self._wake.set()
-        if self.batched and (len(queue) >= self.batch_records or self._queued_bytes >= self.batch_bytes):
+        if self.batched and not self._full.is_set() and (
+                len(queue) >= self.batch_records or self._queued_bytes >= self.batch_bytes):
             self._full.set()
 
     async def run(self) -> None:
