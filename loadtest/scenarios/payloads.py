@@ -14,7 +14,7 @@ server that counts the CloudEvents it is posted, parsing each batch's JSON array
 and answers 200). The routers forward to the same runtime and model (the hop scenario's
 LogisticRegression over 256 features, one FP32 row, 1,059 request bytes), so the paths differ only
 by the logging. A closed-loop grpc.aio client in this process drives each at a fixed concurrency
-(32), in ``--rounds`` interleaved rounds of alternating order (hop's method), reporting
+(32), in ``--rounds`` (8) interleaved rounds of alternating order (hop's method, 2 s segments), reporting
 throughput and p50/p99 per path, the CPU per request of the router, runtime and sink, the records
 the sink received per mode and the routers' counters; the target is judged per mode.
 
@@ -203,9 +203,10 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.scenarios.payloads",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=8.0,
-                        help="measured seconds per path, over all rounds (default 8)")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
+    # 2 s segments: finer interleaving than hop's spreads other processes' bursts over the paths.
+    parser.add_argument("--duration", type=float, default=16.0,
+                        help="measured seconds per path, over all rounds (default 16)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each segment")
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop workers (default 32)")
     parser.add_argument("--repeat", type=int, default=1,
