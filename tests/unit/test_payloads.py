@@ -264,7 +264,7 @@ async def test_batched_mode_lingers_for_a_batch_but_flush_does_not_wait() -> Non
     assert [len(orjson_loads(b)) for _, _, b in deliver.calls] == [3, 1] and lingering.sent == 4
 
 
-async def test_a_refused_batch_counts_all_its_records_failed(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_refused_batch_counts_all_its_records_failed() -> None:
     refusing = Scripted(SinkError("HTTP 415", retry=False))
     batched = sink(refusing, content_mode="batched", batch_records=10, batch_bytes=1 << 20, linger_s=0.0, inflight=1)
     log = PayloadLog([batched], mode="all")
