@@ -165,19 +165,33 @@ class RouterSettings:
     payload_sample: float = _f(1.0, "Fraction of inference requests logged, drawn per request (a request's "
                                "request and response records go together).")
     payload_max_body_bytes: int = _f(256 * 1024, "Largest body a record carries; a larger one is sent without "
-                                     "its body and with ce-bodyomitted naming its size.", "bytes")
+                                     "its body, its bodyomitted attribute (ce-bodyomitted) naming its size.",
+                                     "bytes")
     payload_queue_records: int = _f(1000, "Records waiting per sink; past it (or past payload_queue_bytes) a "
                                     "record is dropped and counted, never waited for.")
     payload_queue_bytes: int = _f(64 * _MIB, "Body bytes waiting per sink; past it, dropped and counted.",
                                   "bytes")
+    payload_content_mode: str = _f("binary", "How records travel to an HTTP sink: binary, one POST per record, "
+                                   "attributes as ce-* headers, the protobuf message as the body (what KServe's "
+                                   "logger and ModelMesh send: any sink made for them takes it); batched, one "
+                                   "POST per batch, a JSON array of CloudEvents (application/cloudevents-"
+                                   "batch+json, bodies base64 in data_base64), far cheaper per record but the "
+                                   "sink must take that content type.")
+    payload_batch_records: int = _f(256, "Batched mode: most records per POST.")
+    payload_batch_bytes: int = _f(512 * 1024, "Batched mode: most body bytes per POST, each record counting 512 "
+                                  "more for its attributes (the POST is at most about 4/3 of it: base64); a "
+                                  "larger record goes alone. The default keeps a POST under 1 MiB (aiohttp's "
+                                  "default body limit, for one).", "bytes")
+    payload_linger_s: float = _f(0.05, "Batched mode: how long a sender waits for a batch to fill before it "
+                                 "posts what is queued (0: post at once). Delays records, never inference.", "s")
     payload_inflight: int = _f(8, "Posts in flight per HTTP sink.")
     payload_timeout_s: float = _f(2.0, "Deadline of one post to a sink.", "s")
     payload_retries: int = _f(2, "Further attempts of a post that failed for a reason that may pass "
                               "(connection, timeout, 5xx, 429), after 0.1 s, then 0.2 s...")
     payload_flush_s: float = _f(2.0, "At shutdown, how long waiting records may take to go out; what is "
                                 "left then is dropped and counted.", "s")
-    payload_namespace: str = _f("", "ce-namespace of the records (KServe's InferenceService namespace; the "
-                                "controller's namespace in Kubernetes).")
+    payload_namespace: str = _f("", "The records' namespace attribute (ce-namespace; KServe's InferenceService "
+                                "namespace; the controller's namespace in Kubernetes).")
 
 
 @dataclass(frozen=True)

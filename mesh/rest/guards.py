@@ -36,8 +36,10 @@ from mesh.settings import TlsSettings
 from mesh.transport.inflight import InflightLimit
 from mesh.transport.metadata import MODEL_ID, VMODEL_ID
 
-# The only headers passed on to the data plane: the model selection, trace context, request id.
-FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id"})
+# The only headers passed on to the data plane: the model selection, trace context, request id,
+# and the CloudEvent id that payload records carry (KServe's logger keeps a client's ce-id; gRPC
+# metadata reaches the data plane whole, so REST passes it too).
+FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id", "ce-id"})
 # A forwarded header value: printable ASCII (what gRPC metadata takes), at most this long.
 _MAX_HEADER_VALUE = 1024
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")

@@ -24,7 +24,8 @@ tokens (``auth.tokens_file`` with ``auth.data_plane``; health endpoints stay ope
 TLS settings (certificate, client certificates, allowed peers); ``modelmesh_api_request_milliseconds``
 under the V2 method a call maps to (ModelInfer, ModelMetadata, ModelReady, ServerMetadata...), so a
 dashboard counts REST and gRPC together, as ModelMesh's REST proxy did; the access log and spans;
-``traceparent``, ``tracestate`` and ``x-request-id`` passed on to the runtime. No other HTTP header
+``traceparent``, ``tracestate``, ``x-request-id`` and ``ce-id`` (the id of payload records, as
+KServe's logger keeps it) passed on to the runtime, as gRPC metadata is. No other HTTP header
 reaches a runtime.
 
 Bounds (docs/security.md, "REST"): a body over ``router.max_message_bytes`` is refused with 413,

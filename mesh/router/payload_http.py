@@ -50,14 +50,17 @@ def payload_log(rs: RouterSettings, source: str) -> tuple[PayloadLog, HttpDelive
     processors = parse_processors(rs.payload_processors)
     if not processors:
         return None
-    for name in ("payload_queue_records", "payload_inflight", "payload_timeout_s"):
+    for name in ("payload_queue_records", "payload_inflight", "payload_timeout_s", "payload_batch_records",
+                 "payload_batch_bytes"):
         if getattr(rs, name) <= 0:
             raise InvalidArgument(f"setting router.{name}: must be more than 0")
     delivery = HttpDelivery(rs.payload_inflight)
     sinks = [Sink(p, None if p.scheme == "logger" else delivery, source=source, namespace=rs.payload_namespace,
                   max_body_bytes=rs.payload_max_body_bytes, queue_records=rs.payload_queue_records,
                   queue_bytes=rs.payload_queue_bytes, inflight=rs.payload_inflight,
-                  timeout_s=rs.payload_timeout_s, retries=max(0, rs.payload_retries))
+                  timeout_s=rs.payload_timeout_s, retries=max(0, rs.payload_retries),
+                  content_mode=rs.payload_content_mode, batch_records=rs.payload_batch_records,
+                  batch_bytes=rs.payload_batch_bytes, linger_s=max(0.0, rs.payload_linger_s))
              for p in processors]
     return PayloadLog(sinks, mode=rs.payload_mode, sample=rs.payload_sample), delivery
 

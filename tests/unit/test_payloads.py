@@ -5,24 +5,17 @@ tests/integration/test_payloads.py)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 from typing import Any
 
+import orjson
 import pytest
 
 from mesh.errors import InvalidArgument
+from mesh.router.cloudevents import REQUEST_TYPE, RESPONSE_TYPE, Encoder
 from mesh.router.payload_http import payload_log
-from mesh.router.payloads import (
-    ENTRY_OVERHEAD,
-    REQUEST_TYPE,
-    RESPONSE_TYPE,
-    PayloadLog,
-    Sink,
-    SinkError,
-    event_headers,
-    event_id,
-    parse_processors,
-)
+from mesh.router.payloads import ENTRY_OVERHEAD, PayloadLog, Sink, SinkError, event_id, parse_processors
 from mesh.settings import RouterSettings
 
 
@@ -87,14 +80,16 @@ def test_settings_assembly() -> None:
 
 
 def test_cloudevent_attributes() -> None:
-    headers, body = event_headers((True, "id-1", "fraud-v2", "fraud", b"\x01\x02", 0.0, 0), "urn:test", "ns", 10)
+    encoder = Encoder("urn:test", "ns")
+    headers, body = encoder.binary((True, "id-1", "fraud-v2", "fraud", b"\x01\x02", 0.0, 0))
     assert headers == {
         "content-type": "application/x-protobuf; proto=inference.ModelInferResponse",
         "ce-specversion": "1.0", "ce-type": RESPONSE_TYPE, "ce-id": "id-1", "ce-source": "urn:test",
-        "ce-time": "1970-01-01T00:00:00Z", "ce-inferenceservicename": "fraud", "ce-namespace": "ns",
+        "ce-time": "1970-01-01T00:00:00.000000Z", "ce-inferenceservicename": "fraud", "ce-namespace": "ns",
         "ce-component": "predictor", "ce-endpoint": "fraud-v2", "ce-modelid": "fraud-v2", "ce-vmodelid": "fraud"}
     assert body == b"\x01\x02"
-    headers, body = event_headers((False, "id-1", "m", "", b"", 0.0, 11), "urn:test", "ns", 10)
+    headers, body = encoder.binary((False, "id-1", "m", "", b"", 1.25, 11))
+    assert headers["ce-time"] == "1970-01-01T00:00:01.250000Z"
     assert headers["ce-type"] == REQUEST_TYPE and headers["ce-inferenceservicename"] == "m"
     assert "ce-vmodelid" not in headers
     assert (headers["ce-bodyomitted"], body) == ("11", b"")
@@ -207,3 +202,81 @@ async def test_logger_processor_writes_the_log(caplog: pytest.LogCaptureFixture)
     log.log((("ce-id", "abc"),), "m", "", b"r", None)
     await drain(log)
     assert log.counts() == [("logger://", 1, 0, 0)]
+
+
+def test_batch_encoding_is_a_json_array_of_structured_events() -> None:
+    encoder = Encoder("urn:test", "ns")
+    body = encoder.batch([(False, 'id "1"', "m", "v", b"\x00\xffreq", 1.5, 0),
+                          (True, 'id "1"', "m", "v", b"", 1.5, 99)])
+    request, response = orjson.loads(body)
+    assert request == {
+        "specversion": "1.0", "type": REQUEST_TYPE, "id": 'id "1"', "source": "urn:test",
+        "time": "1970-01-01T00:00:01.500000Z",
+        "datacontenttype": "application/x-protobuf; proto=inference.ModelInferRequest",
+        "inferenceservicename": "v", "namespace": "ns", "component": "predictor", "endpoint": "m",
+        "modelid": "m", "vmodelid": "v", "data_base64": base64.b64encode(b"\x00\xffreq").decode()}
+    assert response["type"] == RESPONSE_TYPE and response["bodyomitted"] == "99" and "data_base64" not in response
+
+
+async def test_batched_mode_respects_the_record_and_byte_bounds() -> None:
+    deliver = Scripted()
+    by_count = sink(deliver, content_mode="batched", batch_records=4, batch_bytes=1 << 20, linger_s=0.0, inflight=1)
+    log = PayloadLog([by_count], mode="request")
+    for _ in range(10):
+        log.log((), "m", "", b"r" * 10, None)
+    await drain(log)
+    assert [len(orjson_loads(b)) for _, _, b in deliver.calls] == [4, 4, 2]
+    assert all(h == {"content-type": "application/cloudevents-batch+json"} for _, h, _ in deliver.calls)
+    assert by_count.sent == 10
+
+    deliver = Scripted()
+    per_record = ENTRY_OVERHEAD + 100
+    by_bytes = sink(deliver, content_mode="batched", batch_records=100, batch_bytes=3 * per_record, linger_s=0.0,
+                    inflight=1, max_body_bytes=10_000)
+    log = PayloadLog([by_bytes], mode="request")
+    for _ in range(7):
+        log.log((), "m", "", b"r" * 100, None)
+    log.log((), "m", "", b"x" * 5000, None)  # over the byte bound alone: its own batch
+    await drain(log)
+    assert [len(orjson_loads(b)) for _, _, b in deliver.calls] == [3, 3, 1, 1]
+
+
+def orjson_loads(body: bytes) -> list[dict[str, Any]]:
+    return list(orjson.loads(body))
+
+
+async def test_batched_mode_lingers_for_a_batch_but_flush_does_not_wait() -> None:
+    deliver = Scripted()
+    lingering = sink(deliver, content_mode="batched", batch_records=3, batch_bytes=1 << 20, linger_s=30.0, inflight=1)
+    log = PayloadLog([lingering], mode="request")
+    task = asyncio.create_task(log.run())
+    log.log((), "m", "", b"r", None)
+    await asyncio.sleep(0.05)
+    assert deliver.calls == []  # waiting for two more
+    log.log((), "m", "", b"r", None)
+    log.log((), "m", "", b"r", None)  # a full batch goes at once
+    await asyncio.sleep(0.05)
+    assert [len(orjson_loads(b)) for _, _, b in deliver.calls] == [3]
+    log.log((), "m", "", b"r", None)
+    await asyncio.wait_for(log.flush(5.0), 2)  # shutdown: no lingering
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [len(orjson_loads(b)) for _, _, b in deliver.calls] == [3, 1] and lingering.sent == 4
+
+
+async def test_a_refused_batch_counts_all_its_records_failed() -> None:
+    refusing = Scripted(SinkError("HTTP 415", retry=False))
+    batched = sink(refusing, content_mode="batched", batch_records=10, batch_bytes=1 << 20, linger_s=0.0, inflight=1)
+    log = PayloadLog([batched], mode="all")
+    for _ in range(3):
+        log.log((), "m", "", b"r", b"r")
+    await drain(log)
+    assert (batched.sent, batched.failed, len(refusing.calls)) == (0, 6, 1)
+
+
+def test_content_mode_is_checked() -> None:
+    with pytest.raises(InvalidArgument, match=r"router\.payload_content_mode"):
+        payload_log(RouterSettings(payload_processors=("http://127.0.0.1:1/",), payload_content_mode="json"),
+                    "urn:test")
+    with pytest.raises(InvalidArgument, match=r"router\.payload_batch_records"):
+        payload_log(RouterSettings(payload_processors=("http://127.0.0.1:1/",), payload_batch_records=0), "urn:test")
