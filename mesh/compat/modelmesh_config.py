@@ -46,6 +46,7 @@ from mesh.compat.shapes import (
 )
 from mesh.controller.runtimes import SERVER_TYPES, UNSUPPORTED_SERVER_TYPES
 from mesh.errors import InvalidArgument
+from mesh.router.payloads import parse_processors
 from mesh.settings import Settings
 
 MAX_BYTES = 1024 * 1024
@@ -264,9 +265,12 @@ def _server_types(value: list[str], ctx: _Context) -> None:
 def _payload_processors(value: list[str], ctx: _Context) -> None:
     if not value:
         ctx.note(Outcome.INFO, "none, as here")
-    else:
-        ctx.note(Outcome.UNSUPPORTED, "model-mesh's payload processors have no counterpart: per-request logs "
-                 "(log.access_log), metrics and traces (log.tracing) are built in")
+        return
+    parse_processors(value)  # InvalidArgument naming the URI, as the router would at start
+    ctx.set("router.payload_processors", tuple(value))
+    ctx.note(Outcome.INFO, "the same URIs (http(s)://, logger://, ?model, #method); records are CloudEvents in "
+             "binary content mode as model-mesh sends them (router.payload_content_mode = batched sends many per "
+             "POST, for sinks that take CloudEvents batches)")
 
 
 _METRICS = ("router.metrics_port", "runtime.metrics_port")
@@ -352,7 +356,7 @@ RULES: tuple[Rule, ...] = (
     Rule("allowAnyPVC", "false", Outcome.DEPLOY, boolean,
          "runtimes read the claims deploy/storage-pvc/ mounts at /pvc_mounts/<claim>; list each claim "
          "there (a model naming a claim not mounted fails its load)"),
-    Rule("payloadProcessors", "[]", Outcome.UNSUPPORTED, string_list, _payload_processors),
+    Rule("payloadProcessors", "[]", Outcome.SETTING, string_list, _payload_processors, ("router.payload_processors",)),
     Rule("etcdSecretName", "model-serving-etcd (deprecated)", Outcome.DEPLOY, string,
          "the mesh runs its own etcd (deploy/base/etcd.yaml); for yours, set registry.url and its TLS "
          "or user settings (registry.ca_file, cert_file, key_file, username, password_file) from that Secret"),
