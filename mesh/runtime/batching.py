@@ -1,21 +1,40 @@
 """Dynamic batching: requests for one loaded copy, merged into one prediction (issue 17).
 
-A :class:`Batcher` per in-process copy (``RuntimeService`` keeps one per loaded entry) queues the
-requests that can be merged: same input names, datatypes and shapes except the first dimension,
-same requested outputs, same parameters (:func:`signature`). Requests of one signature form an
-open batch, which is flushed when its rows reach ``max_size`` or ``max_wait_ms`` after its first
-request, whichever comes first; several signatures have several open batches, so a request
-incompatible with one never waits behind it. The flushed batch is predicted once on an inference
-thread (``mesh.runtime.batch_predict``: merge, predict, split back; errors stay per request).
+A :class:`Batcher` per copy (``RuntimeService`` keeps one per loaded entry) queues the requests
+that can be merged: same input names, datatypes and shapes except the first dimension, same
+requested outputs, same parameters (:func:`signature`). Requests of one signature form an open
+batch, which is flushed when its rows reach ``max_size``, its bodies ``MAX_BATCH_BYTES``, or
+``max_wait_ms`` after its first request, whichever comes first; several signatures have several
+open batches, so a request incompatible with one never waits behind it. A flushed batch of two or
+more is predicted once (``mesh.runtime.batch_predict``: merge, predict, split back); a batch of
+one goes the unbatched way, exactly as without batching.
+
+Where the copy runs. In this process, the merged prediction runs on an inference thread. In a
+model worker (``runtime.workers``), the runtime merges the batch into one raw request on the event
+loop, forwards it as one (one round trip to the worker, one predict there) and splits the answer
+back: the worker runs any request unchanged, so nothing of batching lives in the worker and its
+protocol is untouched. External servers' copies are not batched (``ForwardingModel.mergeable``):
+they batch on their own (MLServer's adaptive batching, Triton's dynamic batcher).
+
+Errors stay per request. A merged prediction that fails (any error but NOT_HERE and a worker's
+DEADLINE_EXCEEDED, which are every request's answer) leaves each request of the batch to be
+answered alone, the unbatched way, concurrently (each on its own inference thread or worker
+connection, so a failed batch is never serialized behind one thread): each gets the answer or
+the error it would have had without batching, at the cost of one merged prediction more than
+unbatched. A copy whose merges fail while every request alone succeeds (a model that declares a
+batch dimension it cannot take), ``MAX_STRIKES`` batches in a row, or whose merged outputs do not
+keep the rows apart (once), stops batching, with a warning: from then on it costs nothing extra.
+A request that the copy's declared inputs refuse (another trailing shape or rank, an input name it
+does not have) is not batched at all: it would fail any batch it joined, and alone it gets its own
+error at the cost of one request.
 
 What is not batched goes the unbatched way, unchanged: requests the event loop cannot cheaply read
-(over ``MAX_BODY``, malformed, an input with no first dimension, inputs disagreeing on it), copies
-in model workers or external servers (their bytes are forwarded as they are), models that declare
-a fixed first dimension (they take no batch), and everything when ``max_size`` is 0 or 1. The
-runtime-wide ``runtime.batch_max_size`` applies to :data:`ROW_WISE` types only (scikit-learn,
-XGBoost, LightGBM); an ONNX or TorchScript model batches only when its own key sets
-``batch_max_size``, since a graph may mix rows and a merged batch would then answer one client
-from another's inputs.
+(over ``MAX_BODY``, malformed, an input with no first dimension, inputs disagreeing on it),
+requests the declared inputs refuse, external servers' copies, models that declare a fixed first
+dimension (they take no batch), and everything when ``max_size`` is 0 or 1. The runtime-wide
+``runtime.batch_max_size`` applies to :data:`ROW_WISE` types only (scikit-learn, XGBoost,
+LightGBM); an ONNX or TorchScript model batches only when its own key sets ``batch_max_size``,
+since a graph may mix rows and a merged batch would then answer one client from another's inputs.
 
 Waiting is bounded three ways: ``max_wait_ms``; the request's own deadline (the transports cancel
 a request at its deadline and answer DEADLINE_EXCEEDED; a cancelled request leaves its open batch

@@ -453,9 +453,9 @@ class RuntimeService:
             return known[1]
         policy = self.batching.for_model(_key_or_empty(entry.spec.key), entry.model_id, entry.spec.type)
         batcher = None
-        if policy.enabled and batchable_model(entry.model):
-            forwarded = isinstance(entry.model, ForwardingModel)
-
+        forwarded = isinstance(entry.model, ForwardingModel)
+        mergeable = not forwarded or getattr(entry.model, "mergeable", False)
+        if policy.enabled and mergeable and batchable_model(entry.model):
             async def execute(requests: list[pb.ModelInferRequest]) -> Merged:
                 if forwarded:
                     return await self._forward_batch(entry, requests)
