@@ -310,7 +310,8 @@ class Batcher:
         alone = []
         for w, outcome in zip(waiting, merged.outcomes, strict=True):
             if outcome is None:
-                alone.append(w)
+                if not w.future.done():  # (a request that left meanwhile is not predicted again)
+                    alone.append(w)
             elif not w.future.done():  # (done: cancelled after the flush, nobody waits for it)
                 if isinstance(outcome, BaseException):
                     w.future.set_exception(outcome)
