@@ -307,7 +307,8 @@ class RuntimeSettings:
                                   "models; behind a router it gave none, because answers computed at "
                                   "once stop sharing stream writes, so it is off by default.", "ms")
     batch_max_size: int = _f(0, "Dynamic batching (mesh.runtime.batching): the most rows (first-dimension "
-                             "elements) merged into one prediction of an in-process copy; 0 or 1: off. "
+                             "elements) merged into one prediction of a copy in this process or in a model worker; "
+                             "0 or 1: off. "
                              "Off by default: it trades up to batch_max_wait_ms of latency for throughput, "
                              "which only pays under concurrent traffic to one model. A registration's key "
                              "overrides it per model (batch_max_size).")

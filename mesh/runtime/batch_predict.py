@@ -1,39 +1,65 @@
 """One prediction for several requests: merge along the first dimension, predict once, split back.
 
-Runs on an inference thread (``mesh.runtime.batching`` hands it the requests of one batch, which
-share a signature: input names, datatypes and shapes past the first dimension, requested outputs
-and parameters). Each request is decoded on its own, so a malformed one gets its own
-INVALID_ARGUMENT and leaves the batch. The others' inputs are concatenated along dimension 0 and
-predicted in one call; every output must then have the merged row count as its first dimension,
-and is split back by each request's rows. Each answer is encoded with its own request's name, id
-and raw-or-typed form, as :func:`mesh.tensors.infer_bytes` does for one request.
+``mesh.runtime.batching`` hands over the requests of one batch, which share a signature (input
+names, datatypes and shapes past the first dimension, requested outputs and parameters). Each
+request is decoded on its own, so a malformed one gets its own INVALID_ARGUMENT and leaves the
+batch. The others' inputs are concatenated along dimension 0 and predicted in one call; every
+output must then have the merged row count as its first dimension, and is split back by each
+request's rows. Each answer is encoded with its own request's name, id and raw-or-typed form, as
+:func:`mesh.tensors.infer_bytes` does for one request.
 
-Errors stay per request: when the merged prediction raises INVALID_ARGUMENT (one request's
-contents the model refuses, such as a wrong feature count) or its outputs cannot be split (a model
-that does not keep rows apart), every request of the batch is predicted alone, so each gets the
-answer or the error it would have had without batching. Any other error (the model failed, the copy
-was unloaded: NOT_HERE, which the router retries elsewhere) is every request's answer, as it would
-have been for each of them alone.
+Two ways to predict the merged inputs, one result (:class:`Merged`):
+
+- :func:`predict_merged`, a copy in this process: on an inference thread, ``model.predict``.
+- :func:`merge_request` and :func:`split_answer`, a copy in a model worker (or any
+  ``ForwardingModel``): the merged inputs travel as one raw ``ModelInferRequest`` (the worker
+  decodes, predicts and encodes as for any request) and its answer is cut back per request. Both
+  run on the event loop: a batch is bounded in bytes (``batching.MAX_BATCH_BYTES``), so merging
+  costs less than the thread hand-off it would take to move it off the loop.
+
+Errors stay per request. When the merged prediction fails, whatever the error (a request's
+contents the model refuses, a model that raises on some rows, an answer over the message limit),
+or its outputs cannot be split (a model that does not keep rows apart), no request gets that
+error: each is marked to be answered alone (``None`` in ``outcomes``), and the batcher sends each
+the unbatched way, concurrently, so each gets the answer or the error it would have had without
+batching. The cost of a failed batch is bounded by one merged prediction on top of the unbatched
+cost, and the batcher stops batching a copy whose merges fail while its requests alone do not
+(``batching.Batcher``). The one error that is every request's answer is NOT_HERE (the copy was
+unloaded or its worker lost: the router retries elsewhere), plus DEADLINE_EXCEEDED from a worker's
+prediction timeout (the worker was ended; re-running a hanging model per request would only hang
+again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
-from mesh.errors import InvalidArgument
+from mesh.errors import DeadlineExceeded, InvalidArgument, NotHere
 from mesh.gen.inference import grpc_service_pb2 as pb
-from mesh.tensors import decode_inputs, encode_response, infer_bytes, requested_outputs
+from mesh.tensors import decode_inputs, decode_response, encode_request, encode_response, requested_outputs
 
 Outcome = bytes | BaseException
+# Fault of a merged prediction (``Merged.fault``): it raised, or its outputs could not be split.
+FAILED, ROWS = "failed", "rows"
 
 
-def predict_batch(model: Any, model_id: str, requests: Sequence[pb.ModelInferRequest],
-                  bodies: Sequence[bytes]) -> list[Outcome]:
-    """Each request's serialized response, or the exception that is its answer (module docstring);
-    ``bodies`` are the requests as they arrived (a request predicted alone is decoded from them)."""
+@dataclass
+class Merged:
+    """A batch's result: per request its serialized answer, the exception that is its answer, or
+    None (answer it alone, unbatched); ``fault`` says why requests were left to answer alone."""
+
+    outcomes: list[Outcome | None]
+    fault: str | None = None
+
+
+def decode_all(requests: Sequence[pb.ModelInferRequest]) -> tuple[list[Outcome | None],
+                                                                  list[tuple[int, dict[str, np.ndarray]]]]:
+    """Each request's inputs, decoded on its own; a malformed one gets its own INVALID_ARGUMENT."""
     outcomes: list[Outcome | None] = [None] * len(requests)
     decoded: list[tuple[int, dict[str, np.ndarray]]] = []
     for i, request in enumerate(requests):
@@ -41,54 +67,91 @@ def predict_batch(model: Any, model_id: str, requests: Sequence[pb.ModelInferReq
             decoded.append((i, decode_inputs(request)))
         except InvalidArgument as exc:
             outcomes[i] = exc
-    if len(decoded) == 1:
-        i = decoded[0][0]
-        outcomes[i] = _alone(model, model_id, bodies[i])
-    elif decoded:
-        _merged(model, model_id, requests, bodies, decoded, outcomes)
-    return [o if o is not None else InvalidArgument("request left unanswered") for o in outcomes]
+    return outcomes, decoded
 
 
-def _merged(model: Any, model_id: str, requests: Sequence[pb.ModelInferRequest], bodies: Sequence[bytes],
-            decoded: list[tuple[int, dict[str, np.ndarray]]], outcomes: list[Outcome | None]) -> None:
+def _concatenated(decoded: list[tuple[int, dict[str, np.ndarray]]]) -> tuple[dict[str, np.ndarray], list[int]]:
     names = list(decoded[0][1])
     rows = [len(next(iter(inputs.values()))) for _, inputs in decoded]
-    merged = {name: np.concatenate([inputs[name] for _, inputs in decoded]) for name in names}
+    return {name: np.concatenate([inputs[name] for _, inputs in decoded]) for name in names}, rows
+
+
+def predict_merged(model: Any, model_id: str, requests: Sequence[pb.ModelInferRequest]) -> Merged:
+    """The batch predicted in this process (module docstring); on an inference thread."""
+    outcomes, decoded = decode_all(requests)
+    if len(decoded) <= 1:
+        return Merged(outcomes)  # nothing to merge: the one left goes alone, as unbatched
+    merged, rows = _concatenated(decoded)
+    try:
+        outputs = model.predict(merged, requested_outputs(requests[decoded[0][0]]))
+    except NotHere as exc:
+        return Merged([exc if o is None else o for o in outcomes])
+    except Exception:
+        return Merged(outcomes, FAILED)
+    return _answers(model_id, requests, decoded, rows, outputs, outcomes)
+
+
+def merge_request(model_id: str, requests: Sequence[pb.ModelInferRequest]
+                  ) -> tuple[bytes | None, list[Outcome | None], list[tuple[int, dict[str, np.ndarray]]], list[int]]:
+    """The batch as one raw ``ModelInferRequest`` for a forwarded copy (None: fewer than two
+    requests decoded, nothing to merge), with each request's own outcome so far, the decoded
+    requests and their rows. The first request's parameters and requested outputs stand for all
+    (the signature makes them equal)."""
+    outcomes, decoded = decode_all(requests)
+    if len(decoded) <= 1:
+        return None, outcomes, decoded, []
+    merged, rows = _concatenated(decoded)
     first = requests[decoded[0][0]]
     try:
-        outputs = model.predict(merged, requested_outputs(first))
+        request = encode_request(model_name=model_id, inputs=merged, raw=True)
     except InvalidArgument:
-        outputs = None  # some request's contents were refused: find out whose, one by one
-    except Exception as exc:
-        for i, _ in decoded:
-            outcomes[i] = exc
-        return
-    parts = split_rows(outputs, rows) if outputs is not None else None
+        return None, [None] * len(requests), decoded, rows  # a datatype with no raw form: each alone
+    for tensor, source in zip(request.inputs, first.inputs, strict=True):
+        tensor.parameters.MergeFrom(source.parameters)
+    request.outputs.extend(first.outputs)
+    request.parameters.MergeFrom(first.parameters)
+    data: bytes = request.SerializeToString()
+    return data, outcomes, decoded, rows
+
+
+def split_answer(model_id: str, requests: Sequence[pb.ModelInferRequest], answer: bytes | BaseException,
+                 outcomes: list[Outcome | None], decoded: list[tuple[int, dict[str, np.ndarray]]],
+                 rows: list[int]) -> Merged:
+    """A forwarded merged request's answer (or error) cut back per request (module docstring)."""
+    if isinstance(answer, NotHere | DeadlineExceeded):
+        return Merged([answer if o is None else o for o in outcomes])
+    if isinstance(answer, BaseException):
+        return Merged(outcomes, FAILED)
+    try:
+        outputs = decode_response(pb.ModelInferResponse.FromString(answer))
+    except (DecodeError, RuntimeError, ValueError, InvalidArgument):
+        return Merged(outcomes, FAILED)  # not an answer the codec reads: the worker's fault, each alone
+    return _answers(model_id, requests, decoded, rows, outputs, outcomes)
+
+
+def _answers(model_id: str, requests: Sequence[pb.ModelInferRequest], decoded: list[tuple[int, dict[str, np.ndarray]]],
+             rows: list[int], outputs: Mapping[str, np.ndarray], outcomes: list[Outcome | None]) -> Merged:
+    parts = split_rows(outputs, rows)
     if parts is None:
-        for i, _ in decoded:
-            outcomes[i] = _alone(model, model_id, bodies[i])
-        return
+        return Merged(outcomes, ROWS)
     for (i, _), part in zip(decoded, parts, strict=True):
         outcomes[i] = _encoded(model_id, requests[i], part)
+    return Merged(outcomes)
 
 
 def split_rows(outputs: Mapping[str, np.ndarray], rows: Sequence[int]) -> list[dict[str, np.ndarray]] | None:
     """``outputs`` cut along dimension 0 into pieces of ``rows``; None when some output does not have
-    ``sum(rows)`` rows (it cannot be told apart per request)."""
+    ``sum(rows)`` rows (it cannot be told apart per request). The pieces are views, no copies."""
     total = sum(rows)
     arrays = {name: np.asarray(value) for name, value in outputs.items()}
     if any(a.ndim == 0 or a.shape[0] != total for a in arrays.values()):
         return None
-    cuts = np.cumsum(rows)[:-1]
-    pieces = {name: np.split(a, cuts) for name, a in arrays.items()}
-    return [{name: pieces[name][k] for name in arrays} for k in range(len(rows))]
-
-
-def _alone(model: Any, model_id: str, body: bytes) -> Outcome:
-    try:
-        return infer_bytes(model, model_id, body)
-    except Exception as exc:
-        return exc
+    parts: list[dict[str, np.ndarray]] = []
+    start = 0
+    for n in rows:
+        parts.append({name: a[start:start + n] for name, a in arrays.items()})
+        start += n
+    return parts
 
 
 def _encoded(model_id: str, request: pb.ModelInferRequest, outputs: Mapping[str, np.ndarray]) -> Outcome:
@@ -101,4 +164,5 @@ def _encoded(model_id: str, request: pb.ModelInferRequest, outputs: Mapping[str,
     return data
 
 
-__all__ = ["Outcome", "predict_batch", "split_rows"]
+__all__ = ["FAILED", "ROWS", "Merged", "Outcome", "decode_all", "merge_request", "predict_merged", "split_answer",
+           "split_rows"]

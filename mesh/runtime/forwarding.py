@@ -31,6 +31,11 @@ class CopyLost(NotHere):
 class ForwardingModel(LoadedModel):
     """A copy held by another process; the runtime forwards inference bytes to it."""
 
+    # Whether the runtime's dynamic batching (mesh.runtime.batching) may merge requests for it into
+    # one forwarded request: a model worker's copy, yes (it runs our loaders); an external
+    # server's, no (it has its own batching, and its model names and limits are its own).
+    mergeable = False
+
     @property
     def lost(self) -> bool:
         """The process holding the copy died (or went down) since the load: the copy is gone."""

@@ -36,7 +36,7 @@ from mesh.ids import check_model_id
 from mesh.observability.metrics import RuntimeMetrics, status_name
 from mesh.registry.records import GPU_REQUIRED, ModelSpec
 from mesh.registry.specs import SpecCache
-from mesh.runtime.batch_predict import Outcome, predict_batch
+from mesh.runtime.batch_predict import Merged, merge_request, predict_merged, split_answer
 from mesh.runtime.batching import Batcher, BatchPolicy, batchable_model
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.forwarding import CopyLost, ForwardingModel
@@ -387,7 +387,7 @@ class RuntimeService:
                 self.metrics.hit(model_id)
             if isinstance(entry.model, ForwardingModel):
                 try:
-                    return await self._forward(entry, body)
+                    return await self._forward_or_batch(entry, body)
                 except CopyLost as exc:
                     if not allow_load:
                         raise
@@ -397,7 +397,7 @@ class RuntimeService:
                         await self.cache.unload(model_id, reason=exc.message[:200])
                     entry = await self._miss(model_id, allow_load)
                     if isinstance(entry.model, ForwardingModel):
-                        return await self._forward(entry, body)
+                        return await self._forward_or_batch(entry, body)
             batcher = self._batcher(entry)
             admitted = batcher.admit(body) if batcher is not None else None
             if batcher is not None and admitted is not None:
@@ -438,6 +438,14 @@ class RuntimeService:
         finally:
             self.cache.end_use(entry)
 
+    async def _forward_or_batch(self, entry: Entry, body: bytes) -> bytes:
+        """A forwarded copy's request: through its batcher when it batches, else forwarded alone."""
+        batcher = self._batcher(entry)
+        admitted = batcher.admit(body) if batcher is not None else None
+        if batcher is not None and admitted is not None:
+            return await batcher.submit(body=body, request=admitted[0], rows=admitted[1], key=admitted[2])
+        return await self._forward(entry, body)
+
     # --- dynamic batching ---------------------------------------------------------------------
     def _batcher(self, entry: Entry) -> Batcher | None:
         known = self._batchers.get(entry.model_id)
@@ -445,23 +453,43 @@ class RuntimeService:
             return known[1]
         policy = self.batching.for_model(_key_or_empty(entry.spec.key), entry.model_id, entry.spec.type)
         batcher = None
-        if policy.enabled and batchable_model(entry.model):
-            async def execute(requests: list[pb.ModelInferRequest], bodies: list[bytes]) -> list[Outcome]:
-                return await self._predict_batch(entry, requests, bodies)
+        forwarded = isinstance(entry.model, ForwardingModel)
+        mergeable = not forwarded or getattr(entry.model, "mergeable", False)
+        if policy.enabled and mergeable and batchable_model(entry.model):
+            async def execute(requests: list[pb.ModelInferRequest]) -> Merged:
+                if forwarded:
+                    return await self._forward_batch(entry, requests)
+                return await self._predict_batch(entry, requests)
 
-            batcher = Batcher(policy, execute, model_id=entry.model_id, on_batch=self.metrics.batched)
+            async def alone(body: bytes) -> bytes:
+                return await (self._forward(entry, body) if forwarded else self._predict(entry, body))
+
+            batcher = Batcher(policy, execute, alone, model_id=entry.model_id,
+                              inputs=getattr(entry.model, "inputs", ()), on_batch=self.metrics.batched)
         self._batchers[entry.model_id] = (entry, batcher)
         return batcher
 
-    async def _predict_batch(self, entry: Entry, requests: list[pb.ModelInferRequest],
-                             bodies: list[bytes]) -> list[Outcome]:
+    async def _predict_batch(self, entry: Entry, requests: list[pb.ModelInferRequest]) -> Merged:
         self.cache.begin_use(entry)
         try:
             executor = self._executor if entry.device == "ram" else \
                 self._device_executors.get(entry.device, self._executor)
-            return await asyncio.get_running_loop().run_in_executor(executor, _run_batch, entry, requests, bodies)
+            return await asyncio.get_running_loop().run_in_executor(executor, _run_batch, entry, requests)
         finally:
             self.cache.end_use(entry)
+
+    async def _forward_batch(self, entry: Entry, requests: list[pb.ModelInferRequest]) -> Merged:
+        """A forwarded copy's batch (mesh.runtime.batch_predict): merged on the event loop into one
+        request, forwarded to its worker or server as one, and its answer split back here."""
+        body, outcomes, decoded, rows = merge_request(entry.model_id, requests)
+        if body is None:
+            return Merged(outcomes)
+        answer: bytes | BaseException
+        try:
+            answer = await self._forward(entry, body)
+        except Exception as exc:
+            answer = exc
+        return split_answer(entry.model_id, requests, answer, outcomes, decoded, rows)
 
     def on_change(self, entry: Entry, event: str) -> None:
         """A cache listener: a copy that goes takes its batcher along (requests still waiting in
@@ -557,17 +585,17 @@ def _run_inference(entry: Entry, body: bytes) -> bytes:
     return response
 
 
-def _run_batch(entry: Entry, requests: list[pb.ModelInferRequest], bodies: list[bytes]) -> list[Outcome]:
+def _run_batch(entry: Entry, requests: list[pb.ModelInferRequest]) -> Merged:
     """A batch's prediction (mesh.runtime.batch_predict) on an inference thread, timed like one."""
     started = time.perf_counter()
     model = entry.model
     if model is None:
-        return [NotHere(f"model {entry.model_id!r} was unloaded from this instance")] * len(requests)
-    outcomes = predict_batch(model, entry.model_id, requests, bodies)
+        return Merged([NotHere(f"model {entry.model_id!r} was unloaded from this instance")] * len(requests))
+    merged = predict_merged(model, entry.model_id, requests)
     elapsed_ms = (time.perf_counter() - started) * 1000
     previous = entry.predict_ms
     entry.predict_ms = elapsed_ms if previous < 0 else previous + _EWMA * (elapsed_ms - previous)
-    return outcomes
+    return merged
 
 
 def _key_or_empty(key: str) -> dict[str, object]:

@@ -272,6 +272,8 @@ class WorkerProcess:
 class RemoteModel(ForwardingModel):
     """A model loaded in a worker; the runtime forwards inference bytes to it (``forward``)."""
 
+    mergeable = True  # the runtime may batch its requests (mesh.runtime.batching)
+
     def __init__(self, worker: WorkerProcess, generation: int, copy: int, spec: ModelSpec, device: str,
                  meta: Mapping[str, object], *, predict_timeout_s: float, max_answer_bytes: int) -> None:
         """``meta``: the worker's answer to the load; ValueError, KeyError or TypeError when it is

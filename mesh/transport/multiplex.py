@@ -113,11 +113,15 @@ class CombiningWriter:
     """Writes frames to a stream: the first caller to find the stream idle writes directly (no
     task hop, which matters at concurrency 1); frames that arrive while a write is in flight are
     sent together by that writer, in batches of up to ``max_batch_bytes``, when it finishes
-    (which matters under load)."""
+    (which matters under load). With ``gather`` the first caller lets the event loop finish its
+    turn before writing, so that frames made ready together (the answers of one dynamic batch,
+    mesh.runtime.batching, all resolved in one turn) leave in one message instead of two."""
 
-    def __init__(self, write: Callable[[bytes], Awaitable[None]], max_batch_bytes: int) -> None:
+    def __init__(self, write: Callable[[bytes], Awaitable[None]], max_batch_bytes: int,
+                 gather: bool = False) -> None:
         self._write = write
         self._max_batch_bytes = max_batch_bytes
+        self._gather = gather
         self._pending: list[bytes] = []
         self._busy = False
 
@@ -127,6 +131,8 @@ class CombiningWriter:
             return
         self._busy = True
         try:
+            if self._gather:
+                await asyncio.sleep(0)  # one loop turn: the answers resolved with this one join it
             while self._pending:
                 pending, self._pending = self._pending, []
                 for batch in split_batches(pending, self._max_batch_bytes):
@@ -208,7 +214,7 @@ def stream_handler(handle: Handler, max_message_bytes: int) -> grpc.GenericRpcHa
     would break the stream and fail every request on it."""
 
     async def serve(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        writer = CombiningWriter(context.write, max_message_bytes)
+        writer = CombiningWriter(context.write, max_message_bytes, gather=True)
         tasks: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
 

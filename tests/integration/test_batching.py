@@ -101,3 +101,39 @@ async def test_a_bad_request_in_a_batch_gets_its_own_error(
     for ok in (results[0], results[2]):
         assert not isinstance(ok, BaseException)
         np.testing.assert_array_equal(decode_response(ok)["predict"], artifact.expected["predict"])
+
+
+async def test_copies_in_model_workers_batch_too(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With ``runtime.workers`` the runtime merges a batch into one request, its worker predicts it
+    once, and the runtime splits the answer back: the answers equal those of the same model served
+    unbatched (in the same worker), and a request the model refuses gets its own error."""
+    import grpc
+
+    port = free_port()
+    m = InProcessMesh(memory_url(), runtime_overrides={"metrics_port": port, "workers": 1})
+    await m.start(runtimes=1)
+    try:
+        artifact = make_model("sklearn", tmp_path_factory.mktemp("sk"), seed=3)
+        key = json.dumps({"batch_max_size": 64, "batch_max_wait_ms": 20})
+        for model_id, info in (("plain", {}), ("batched", {"key": key})):
+            await m.register(model_id, artifact.type, str(artifact.path), **info)
+        sample = np.asarray(artifact.sample, dtype=np.float32)
+        requests = [encode_request(model_name="", inputs={"input": np.take(sample, range(i, i + 1 + i % 2), axis=0,
+                                                                            mode="wrap")},
+                                   raw=i % 3 != 0, request_id=f"r{i}") for i in range(CONCURRENCY)]
+        bad = encode_request(model_name="", inputs={"input": np.zeros((1, artifact.n_features + 1), np.float32)})
+        await m.infer("plain", requests[0])
+        await m.infer("batched", requests[0])
+        before = batch_histogram(port)
+        plain = await asyncio.gather(*(m.infer("plain", r) for r in requests))
+        batched = await asyncio.gather(*(m.infer("batched", r) for r in [*requests, bad]), return_exceptions=True)
+        refused = batched.pop()
+        assert isinstance(refused, grpc.aio.AioRpcError) and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for req, a, b in zip(requests, plain, batched, strict=True):
+            assert not isinstance(b, BaseException)
+            assert a.id == b.id == req.id
+            assert_outputs_match(decode_response(b), decode_response(a))
+        merged, batches = (x - y for x, y in zip(batch_histogram(port), before, strict=True))
+        assert merged == CONCURRENCY and batches < merged  # merged in the runtime, for the worker
+    finally:
+        await m.stop()

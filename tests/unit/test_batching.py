@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mesh.errors import InvalidArgument, NotHere, ResourceExhausted
+from mesh.errors import DeadlineExceeded, InvalidArgument, MeshError, NotHere, ResourceExhausted
 from mesh.gen.inference import grpc_service_pb2 as pb
-from mesh.runtime.batch_predict import Outcome, predict_batch, split_rows
-from mesh.runtime.batching import Batcher, BatchPolicy, batchable_model, signature
+from mesh.runtime.batch_predict import FAILED, ROWS, Outcome, merge_request, predict_merged, split_answer, split_rows
+from mesh.runtime.batching import MAX_STRIKES, Batcher, BatchPolicy, batchable_model, signature
 from mesh.runtime.loaders import get_loader
 from mesh.runtime.loaders.base import LoadedModel
 from mesh.tensors import TensorSpec, decode_response, encode_request, infer_bytes
@@ -54,11 +54,21 @@ def request(inputs: Mapping[str, np.ndarray], raw: bool = True, rid: str = "", *
 
 
 def run(model: Any, requests: Sequence[pb.ModelInferRequest]) -> list[Outcome]:
-    return predict_batch(model, "m", requests, [r.SerializeToString() for r in requests])
+    """The merged prediction, then the requests it left to answer alone answered alone (what the
+    Batcher does, concurrently, on the event loop)."""
+    merged = predict_merged(model, "m", requests)
+    return [o if o is not None else answer_alone(model, r) for o, r in zip(merged.outcomes, requests, strict=True)]
 
 
 def alone(model: Any, req: pb.ModelInferRequest) -> bytes:
     return infer_bytes(model, "m", req.SerializeToString())
+
+
+def answer_alone(model: Any, req: pb.ModelInferRequest) -> Outcome:
+    try:
+        return alone(model, req)
+    except Exception as exc:
+        return exc
 
 
 TYPED_ARRAYS: dict[str, Callable[[int], np.ndarray]] = {
@@ -127,11 +137,14 @@ def test_a_refused_request_gets_its_own_error_and_the_others_their_answers() -> 
     assert outcomes[0] == alone(model, good[0]) and outcomes[3] == alone(model, good[1])
 
 
-def test_a_model_error_is_the_answer_of_each_request_of_the_batch() -> None:
-    for error in (RuntimeError("library crashed"), NotHere("model 'm' was unloaded from this instance")):
-        model = Echo(fail=error)
-        outcomes = run(model, [request({"x": np.ones((1, 2), np.float32)}) for _ in range(3)])
-        assert outcomes == [error] * 3 and model.calls == [3]
+def test_a_failed_merge_leaves_each_request_to_be_answered_alone_but_not_here_is_everyones() -> None:
+    requests = [request({"x": np.ones((1, 2), np.float32)}) for _ in range(3)]
+    model = Echo(fail=RuntimeError("library crashed"))
+    merged = predict_merged(model, "m", requests)
+    assert merged.outcomes == [None] * 3 and merged.fault == FAILED and model.calls == [3]
+    gone = NotHere("model 'm' was unloaded from this instance")
+    merged = predict_merged(Echo(fail=gone), "m", requests)
+    assert merged.outcomes == [gone] * 3 and merged.fault is None  # the router retries them elsewhere
 
 
 def test_an_unloaded_copy_answers_not_here_to_each() -> None:
@@ -188,11 +201,19 @@ class FakeTimer:
                 callback()
 
 
-def batcher(model: Any, policy: BatchPolicy, timer: FakeTimer, sizes: list[int]) -> Batcher:
-    async def execute(requests: list[pb.ModelInferRequest], bodies: list[bytes]) -> list[Outcome]:
-        return predict_batch(model, "m", requests, bodies)
+def batcher(model: Any, policy: BatchPolicy, timer: FakeTimer, sizes: list[int],
+            alone_calls: list[bytes] | None = None) -> Batcher:
+    async def execute(requests: list[pb.ModelInferRequest]) -> Any:
+        return predict_merged(model, "m", requests)
 
-    return Batcher(policy, execute, model_id="m", schedule=timer, on_batch=sizes.append)
+    async def alone(body: bytes) -> bytes:
+        if alone_calls is not None:
+            alone_calls.append(body)
+        await asyncio.sleep(0)
+        return infer_bytes(model, "m", body)
+
+    return Batcher(policy, execute, alone, model_id="m", inputs=model.inputs, schedule=timer,
+                   on_batch=sizes.append)
 
 
 async def submit(b: Batcher, req: pb.ModelInferRequest) -> bytes:
@@ -305,9 +326,10 @@ def test_errors_reach_each_waiting_request() -> None:
 
 
 def test_large_or_unreadable_bodies_are_not_batched() -> None:
-    assert Batcher.admit(b"\xff\xff not a request") is None
+    b = batcher(Echo(), BatchPolicy(max_size=8, max_wait_ms=5), FakeTimer(), [])
+    assert b.admit(b"\xff\xff not a request") is None
     big = request({"x": np.ones((10_000, 4), np.float32)}).SerializeToString()
-    assert Batcher.admit(big) is None
+    assert b.admit(big) is None
 
 
 def test_the_per_model_setting_comes_from_the_registration_key() -> None:
@@ -350,3 +372,162 @@ def test_a_negative_dimension_is_never_a_row_count() -> None:
     req = request({"x": np.zeros((2, 3), dtype=np.float32)})
     req.inputs[0].shape[0] = -100
     assert signature(req) is None
+
+
+# --- errors per request, refused requests, copies that do not batch (review of issue 17) --------
+
+
+class Picky(Echo):
+    """Raises a model error (not INVALID_ARGUMENT) on a row whose first value is negative, or on any
+    call of more than ``max_rows`` rows (a model that claims a batch dimension it cannot take);
+    with ``lose_rows`` its output has one row whatever the input (a model that mixes rows)."""
+
+    def __init__(self, max_rows: int = 1 << 30, lose_rows: bool = False) -> None:
+        super().__init__()
+        self.inputs = [TensorSpec("x", "FP32", (-1, 2))]
+        self.max_rows, self.lose_rows = max_rows, lose_rows
+
+    def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        x = inputs["x"]
+        self.calls.append(len(x))
+        if len(x) > self.max_rows:
+            raise MeshError("batch too large for this model")
+        if (x[:, 0] < 0).any():
+            raise RuntimeError("negative value crashed the library")
+        return {"out_x": x[:1] if self.lose_rows else x * 2}
+
+
+def rows_of(value: float, n: int = 1) -> pb.ModelInferRequest:
+    return request({"x": np.full((n, 2), value, np.float32)})
+
+
+async def through(b: Batcher, requests: Sequence[pb.ModelInferRequest], timer: FakeTimer) -> list[Any]:
+    tasks = [asyncio.create_task(submit(b, r)) for r in requests]
+    await asyncio.sleep(0)
+    timer.fire()
+    return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+
+def test_a_model_error_on_one_request_stays_that_requests() -> None:
+    """A model error other than INVALID_ARGUMENT on one request's rows fails the merged prediction;
+    each request is then answered alone: the poisoned one gets its error, the others their answers,
+    and the copy keeps batching (the request was at fault, not the merge)."""
+    async def main() -> None:
+        model, timer, sizes, calls = Picky(), FakeTimer(), [], []
+        b = batcher(model, BatchPolicy(max_size=8, max_wait_ms=5), timer, sizes, calls)
+        reqs = [rows_of(1.0), rows_of(-1.0), rows_of(2.0, 2)]
+        for _ in range(MAX_STRIKES + 1):
+            results = await through(b, reqs, timer)
+            assert isinstance(results[1], RuntimeError) and "negative" in str(results[1])
+            assert results[0] == alone(model, reqs[0]) and results[2] == alone(model, reqs[2])
+        assert b.enabled and b.strikes == 0 and len(calls) == 3 * (MAX_STRIKES + 1)
+
+    asyncio.run(main())
+
+
+def test_a_copy_whose_merges_fail_where_single_requests_do_not_stops_batching() -> None:
+    async def main() -> None:
+        model, timer, sizes, calls = Picky(max_rows=1), FakeTimer(), [], []
+        b = batcher(model, BatchPolicy(max_size=8, max_wait_ms=5), timer, sizes, calls)
+        reqs = [rows_of(float(i)) for i in range(3)]
+        for _ in range(MAX_STRIKES):
+            assert b.admit(reqs[0].SerializeToString()) is not None
+            results = await through(b, reqs, timer)
+            assert results == [alone(model, r) for r in reqs]  # every answer right all along
+        assert not b.enabled and b.admit(reqs[0].SerializeToString()) is None  # now the unbatched way
+        assert model.calls.count(3) == MAX_STRIKES  # one failed merge per batch, no more
+
+    asyncio.run(main())
+
+
+def test_a_copy_whose_outputs_lose_the_rows_stops_batching_at_once() -> None:
+    async def main() -> None:
+        model, timer, sizes = Picky(lose_rows=True), FakeTimer(), []
+        b = batcher(model, BatchPolicy(max_size=8, max_wait_ms=5), timer, sizes)
+        reqs = [rows_of(1.0), rows_of(2.0)]
+        assert await through(b, reqs, timer) == [alone(model, r) for r in reqs]
+        assert not b.enabled
+
+    asyncio.run(main())
+
+
+def test_requests_left_to_answer_alone_run_concurrently() -> None:
+    """A failed merge does not serialize its batch: its requests are answered alone at once,
+    each the unbatched way (its own inference thread or worker connection)."""
+    async def main() -> None:
+        model, timer = Picky(), FakeTimer()
+        started, gate = [], asyncio.Event()
+
+        async def execute(requests: list[pb.ModelInferRequest]) -> Any:
+            return predict_merged(model, "m", requests)
+
+        async def slow_alone(body: bytes) -> bytes:
+            started.append(body)
+            if len(started) == len(reqs):
+                gate.set()
+            await asyncio.wait_for(gate.wait(), 5)  # none finishes before all have started (serial: TimeoutError)
+            return infer_bytes(model, "m", body)
+
+        b = Batcher(BatchPolicy(max_size=8, max_wait_ms=5), execute, slow_alone, model_id="m",
+                    inputs=model.inputs, schedule=timer)
+        reqs = [rows_of(-1.0), rows_of(1.0), rows_of(2.0), rows_of(3.0)]
+        results = await through(b, reqs, timer)
+        assert isinstance(results[0], RuntimeError) and results[1:] == [alone(model, r) for r in reqs[1:]]
+
+    asyncio.run(main())
+
+
+def test_a_request_its_copys_declared_inputs_refuse_is_not_batched() -> None:
+    """Shapes past the first dimension that the declared inputs refuse would fail any batch they
+    joined: such a request goes the unbatched way and gets its own error there."""
+    b = batcher(Picky(), BatchPolicy(max_size=8, max_wait_ms=5), FakeTimer(), [])
+    assert b.admit(rows_of(1.0).SerializeToString()) is not None
+    assert b.admit(request({"x": np.ones((1, 3), np.float32)}).SerializeToString()) is None  # 3 features, not 2
+    assert b.admit(request({"x": np.ones((1, 2, 1), np.float32)}).SerializeToString()) is None  # rank
+    any_name = request({"other": np.ones((1, 2), np.float32)})
+    assert b.admit(any_name.SerializeToString()) is not None  # a one-input model: any name
+    two = batcher(Echo(names=("a", "b")), BatchPolicy(max_size=8, max_wait_ms=5), FakeTimer(), [])
+    assert two.admit(request({"a": np.ones((1, 2), np.float32), "c": np.ones((1, 2), np.float32)})
+                     .SerializeToString()) is None  # an input it does not have
+
+
+def forward_with(model: Any) -> Any:
+    """A forwarded copy's batch, with ``model`` standing for the worker (it decodes, predicts and
+    encodes the merged request as a worker does any request)."""
+    def execute(requests: list[pb.ModelInferRequest], fail: BaseException | None = None) -> Any:
+        body, outcomes, decoded, rows = merge_request("m", requests)
+        assert body is not None
+        answer: bytes | BaseException
+        try:
+            answer = fail if fail is not None else infer_bytes(model, "m", body)
+        except Exception as exc:
+            answer = exc
+        return split_answer("m", requests, answer, outcomes, decoded, rows)
+    return execute
+
+
+@pytest.mark.parametrize(("datatype", "raw"), [(d, raw) for d in sorted(TYPED_ARRAYS) for raw in (True, False)
+                                                if raw or d != "FP16"])
+def test_a_forwarded_batch_merges_into_one_request_and_splits_back(datatype: str, raw: bool) -> None:
+    model = Echo()
+    requests = [request({"x": TYPED_ARRAYS[datatype](n)}, raw=raw, rid=f"r{n}") for n in (1, 3, 2)]
+    for r in requests:
+        r.parameters["p"].string_param = "kept"  # (the signature makes them equal in a batch)
+    merged = forward_with(model)(requests)
+    assert model.calls == [6] and merged.fault is None
+    for req, got in zip(requests, merged.outcomes, strict=True):
+        assert got == alone(model, req)
+
+
+def test_a_forwarded_batch_keeps_errors_per_request() -> None:
+    model = Picky()
+    reqs = [rows_of(1.0), rows_of(-1.0)]
+    malformed = rows_of(1.0)
+    malformed.raw_input_contents[0] = b"\0" * 3
+    merged = forward_with(model)([*reqs, malformed])
+    assert merged.outcomes[:2] == [None, None] and merged.fault == FAILED  # each alone, by the batcher
+    assert isinstance(merged.outcomes[2], InvalidArgument)
+    assert forward_with(Picky(lose_rows=True))([rows_of(1.0), rows_of(2.0)]).fault == ROWS
+    for everyones in (NotHere("worker lost"), DeadlineExceeded("took too long; its worker was ended")):
+        assert forward_with(model)(reqs, fail=everyones).outcomes == [everyones, everyones]
+    assert forward_with(model)(reqs, fail=ResourceExhausted("answer over the limit")).outcomes == [None, None]
