@@ -28,14 +28,16 @@ import structlog
 from mesh.controller.graphs import (
     GRAPH_NAME_TAKEN,
     INVALID_GRAPH_SPEC,
+    MAX_SERVICES,
     SOURCE,
     GraphFailure,
     graph_spec,
     graph_status,
     served,
+    service_names,
     status_patch,
 )
-from mesh.controller.predictor import Key, timestamp
+from mesh.controller.predictor import Key, VModelState, timestamp
 from mesh.controller.reconciler import EventRecorder, StatusWriter
 from mesh.controller.watched import ObjectController, generation
 from mesh.errors import Code, MeshError
@@ -55,6 +57,8 @@ class GraphApi(Protocol):
     async def graph_status(self, graph_id: str) -> GraphState: ...
 
     async def delete_graph(self, graph_id: str, *, owner: str) -> None: ...
+
+    async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState: ...
 
 
 def refusal(exc: MeshError) -> GraphFailure | None:
@@ -109,7 +113,18 @@ class GraphController(ObjectController):
         failure: GraphFailure | None = None
         delay: float | None = None
         try:
-            if self.defined.get(key) != spec:
+            failure, missing = await self._check_services(namespace, spec)
+            if failure is not None:
+                # Never serve a step another namespace owns: what this object defined goes.
+                if not missing:
+                    await self._delete(name, owner)
+                self.defined.pop(key, None)
+                delay = RETRY_MISSING_S if missing else None
+                log.warning("InferenceGraph names services it may not use", namespace=namespace, graph=name,
+                            error=failure.message)
+                await self._warn(key, obj, failure)
+                held = await self._held(name, owner)
+            elif self.defined.get(key) != spec:
                 state = await self.mesh.set_graph(name, spec, owner=owner)
                 log.info("InferenceGraph defined in the mesh", namespace=namespace, graph=name)
                 self.defined[key] = spec
@@ -118,7 +133,8 @@ class GraphController(ObjectController):
                 if state.status == "NOT_FOUND":
                     log.warning("graph missing in the mesh; restoring it", namespace=namespace, graph=name)
                     state = await self.mesh.set_graph(name, spec, owner=owner)
-            held = state.status
+            if failure is None:
+                held = state.status
         except MeshError as exc:
             failure = refusal(exc)
             if failure is None:
@@ -132,6 +148,30 @@ class GraphController(ObjectController):
         wanted = graph_status(obj, held, failure, rest_url=self.rest_url, now=timestamp(int(self.clock() * 1000)))
         await self._write(key, obj, wanted)
         return delay
+
+    async def _check_services(self, namespace: str, spec: dict[str, Any]) -> tuple[GraphFailure | None, bool]:
+        """(a refusal, whether it is only that a service does not exist yet) for the services the
+        graph names: each must be an InferenceService or Predictor of ``namespace`` (module
+        docstring of mesh.controller.graphs)."""
+        names = service_names(spec)
+        if len(names) > MAX_SERVICES:
+            return GraphFailure(INVALID_GRAPH_SPEC, f"the graph names {len(names)} services; at most "
+                                f"{MAX_SERVICES} are allowed"), False
+        ours = (f"{self.settings.owner}/{namespace}", f"{self.settings.owner}/{namespace}/isvc")
+        absent = []
+        for service in names:
+            state = await self.mesh.vmodel_status(service, owner="")
+            if state.status == "NOT_FOUND":
+                absent.append(service)
+            elif state.owner not in ours:
+                return GraphFailure(INVALID_GRAPH_SPEC, f"serviceName {service!r} is not an InferenceService or "
+                                    f"Predictor of namespace {namespace!r}: a graph may name only its own "
+                                    "namespace's services"), False
+        if absent:
+            return GraphFailure(INVALID_GRAPH_SPEC, f"no InferenceService or Predictor named "
+                                f"{', '.join(repr(a) for a in absent[:5])} in namespace {namespace!r} "
+                                f"(yet: tried again every {RETRY_MISSING_S:g} s)"), True
+        return None, False
 
     async def _held(self, name: str, owner: str) -> str:
         """The status of what the mesh holds under this name for this object: NOT_FOUND when

@@ -10,8 +10,13 @@ the router's management API (``mmesh.ModelMeshGraphs``), like a Predictor become
   that loses the annotation has its graph removed, once.
 - **IDs**: the graph is the InferenceGraph's name: clients send ``model_name: <name>`` (or POST to
   ``/v2/models/<name>/infer``), as they name an InferenceService by its name. A step's
-  ``serviceName`` names an InferenceService or Predictor of the mesh, which is the vModel of that
-  name, so KServe's graphs apply unchanged. The graph's owner is ``<owner>/<namespace>/ig``: an
+  ``serviceName`` names an InferenceService or Predictor *of the graph's namespace*, as in KServe:
+  the vModel of that name, which the controller checks is its own for that namespace (owner
+  ``<owner>/<namespace>`` or ``<owner>/<namespace>/isvc``) before the graph is defined and at every
+  resync. The mesh's vModel names are one namespace, so without the check an InferenceGraph could
+  name, and expose under a new name, another namespace's InferenceService. A graph naming another
+  namespace's service is refused, and removed from the mesh if it was defined; one naming a service
+  that does not exist yet is retried. The graph's owner is ``<owner>/<namespace>/ig``: an
   InferenceGraph of the same name in another namespace is refused by the mesh and told so in its
   status (graph names, like vModel names, are one namespace in the mesh).
 - **Spec**: only ``nodes`` is sent; the rest of a KServe spec (resources, affinity, replicas and
@@ -57,6 +62,23 @@ def graph_spec(obj: Mapping[str, Any]) -> dict[str, Any]:
     spec = obj.get("spec")
     nodes = spec.get("nodes") if isinstance(spec, Mapping) else None
     return {"nodes": nodes if nodes is not None else {}}
+
+
+MAX_SERVICES = 256  # distinct serviceNames one InferenceGraph may name (each is looked up per reconcile)
+
+
+def service_names(spec: Mapping[str, Any]) -> list[str]:
+    """The distinct ``serviceName``s of a spec's steps, in order; malformed parts are skipped (the
+    mesh refuses them with the place named)."""
+    names: dict[str, None] = {}
+    nodes = spec.get("nodes")
+    for node in nodes.values() if isinstance(nodes, Mapping) else ():
+        steps = node.get("steps") if isinstance(node, Mapping) else None
+        for step in steps if isinstance(steps, list) else ():
+            name = step.get("serviceName") if isinstance(step, Mapping) else None
+            if isinstance(name, str) and name:
+                names[name] = None
+    return list(names)
 
 
 def _condition(ready: bool, failure: GraphFailure | None, previous: Any, now: str) -> dict[str, Any]:

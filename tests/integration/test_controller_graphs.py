@@ -167,8 +167,63 @@ async def test_one_name_one_namespace(env: Env, models: tuple[ModelArtifact, Mod
     await serve_two(env, models)
     env.apply(graph("shared", ENSEMBLE))
     await wait_for(graph_ready(env, "shared"), what="the first namespace's graph Ready")
-    env.apply(graph("shared", ENSEMBLE, namespace="other"))
+    third = isvc("third", model_form(models[0]))
+    third["metadata"]["namespace"] = "other"
+    env.apply(third)
+
+    async def third_registered() -> bool:
+        return not await env.vmodel_gone("third")
+
+    await wait_for(third_registered, what="the other namespace's InferenceService registered")
+    env.apply(graph("shared", {"root": {"routerType": "Sequence", "steps": [{"serviceName": "third"}]}},
+                    namespace="other"))
     await wait_for(graph_ready(env, "shared", "False", namespace="other"), what="the second refused")
     (condition,) = graph_status(env, "shared", "other")["conditions"]
     assert condition["reason"] == "GraphNameTaken"
     assert (await mesh_graph(env, "shared")).owner == f"{OWNER}/{NS}/ig"
+
+
+async def test_a_graph_may_name_only_its_own_namespaces_services(
+        env: Env, models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    """KServe resolves a serviceName in the graph's namespace; the mesh's vModel names are global, so
+    the controller checks: another namespace's InferenceService is refused, never exposed."""
+    await env.start_controller(namespace="")
+    await serve_two(env, models)
+    env.apply(graph("steal", ENSEMBLE, namespace="evil"))
+    await wait_for(graph_ready(env, "steal", "False", namespace="evil"), what="refused")
+    (condition,) = graph_status(env, "steal", "evil")["conditions"]
+    assert condition["reason"] == "InvalidGraphSpec"
+    assert "'first' is not an InferenceService or Predictor of namespace 'evil'" in condition["message"]
+    assert (await mesh_graph(env, "steal")).status == gp.GraphStatusInfo.NOT_FOUND
+
+
+async def test_a_graph_whose_service_changes_namespace_leaves_the_mesh(
+        env: Env, models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    """The check is made at every resync too: the service's name freed in this namespace and taken
+    in another no longer serves this graph."""
+    first, _ = models
+    await env.start_controller(namespace="")
+    await serve_two(env, models)
+    env.apply(graph("both", ENSEMBLE))
+    await wait_for(graph_ready(env, "both"), what="Ready")
+    env.kube.delete(NS, "first", INFERENCE_SERVICES)
+
+    async def vmodel_gone() -> bool:
+        return await env.vmodel_gone("first")
+
+    await wait_for(vmodel_gone, what="the InferenceService's vModel removed")
+    taken = isvc("first", model_form(first))
+    taken["metadata"]["namespace"] = "other"
+    env.apply(taken)
+
+    async def taken_by_other() -> bool:
+        return (await env.vmodel("first")).owner == f"{OWNER}/other/isvc"
+
+    await wait_for(taken_by_other, what="the name taken in another namespace")
+
+    async def absent() -> bool:
+        return (await mesh_graph(env, "both")).status == gp.GraphStatusInfo.NOT_FOUND
+
+    await wait_for(absent, what="the graph removed from the mesh")
+    await wait_for(graph_ready(env, "both", "False"), what="Ready False")
+    assert "not an InferenceService or Predictor of namespace" in graph_status(env, "both")["conditions"][0]["message"]
