@@ -95,8 +95,13 @@ def assert_quickstart_status(env: Env, name: str) -> None:
     assert model_status["copies"] == {"failedCopies": 0, "totalCopies": 1}, model_status  # one runtime here
     assert "lastFailureInfo" not in model_status, model_status
     assert status["url"] == env.grpc_url
-    assert status["components"]["predictor"] == {"url": env.grpc_url, "grpcUrl": env.grpc_url,
-                                                 "restUrl": env.mesh.rest_url}
+    predictor = status["components"]["predictor"]
+    assert {k: predictor[k] for k in ("url", "grpcUrl", "restUrl")} == {
+        "url": env.grpc_url, "grpcUrl": env.grpc_url, "restUrl": env.mesh.rest_url}
+    # KServe's revision fields, the model ID as the revision: all traffic to it (no canary here)
+    model_id = model_status.get("lastFailureInfo", {}).get("modelRevisionName") or predictor["latestReadyRevision"]
+    assert model_id.startswith(f"{name}__isvc-")
+    assert predictor["traffic"] == [{"tag": "latest", "revisionName": model_id, "percent": 100, "latestRevision": True}]
 
 
 async def infer_by_name(env: Env, name: str, input_name: str, model: ModelArtifact) -> None:

@@ -274,9 +274,9 @@ async def test_one_access_line_and_one_payload_record_pair_per_graph_request(
     routed = [e for e in logs if e["event"] == "request" and e.get("method") == "ModelInfer"]
     assert [(e["model_id"], e["code"]) for e in routed] == [("obs", "OK")], routed
     assert len([e for e in logs if e["event"] == "inference"]) == 2  # the runtime answered both steps
-    assert len(sink.events) == 2 and {h["ce-modelid"] for h, _ in sink.events} == {"obs"}, sink.events
+    assert len(sink.events) == 2 and {h["modelid"] for h, _ in sink.events} == {"obs"}, sink.events
     answer = decode_response(pb.ModelInferResponse.FromString(next(
-        body for h, body in sink.events if "ModelInferResponse" in h["content-type"])))
+        body for h, body in sink.events if "ModelInferResponse" in h["datacontenttype"])))
     np.testing.assert_allclose(answer["predict"], X @ W_A @ W_B, rtol=1e-9, atol=1e-9)
 
 
