@@ -88,6 +88,10 @@ def graph_state(msg: gp.GraphStatusInfo) -> GraphState:
                                    for m in msg.models))
 
 
+def _model_info(reg: Registration) -> mm.ModelInfo:
+    return mm.ModelInfo(type=reg.type, path=reg.path, key=reg.key, labels=list(reg.labels), gpu=reg.gpu)
+
+
 class RouterClient:
     """``security``: TLS to the router (default plaintext); ``token``: the bearer token sent on every
     call to a router with ``auth.tokens_file`` set (never logged, not even in errors)."""
@@ -138,8 +142,7 @@ class RouterClient:
     async def set_vmodel(self, reg: Registration, *, owner: str, load_now: bool) -> VModelState:
         request = mm.SetVModelRequest(
             vModelId=reg.vmodel_id, targetModelId=reg.model_id, owner=owner, autoDeleteTargetModel=True,
-            loadNow=load_now, modelInfo=mm.ModelInfo(type=reg.type, path=reg.path, key=reg.key,
-                                                     labels=list(reg.labels), gpu=reg.gpu))
+            loadNow=load_now, modelInfo=_model_info(reg))
         return vmodel_state(await self._call(self._stub.setVModel, request))
 
     async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState:
@@ -148,9 +151,14 @@ class RouterClient:
 
     # --- canaries (InferenceService canaryTrafficPercent) ---
     async def set_vmodel_split(self, vmodel_id: str, targets: list[tuple[str, int]], *, owner: str,
-                               stable: str) -> VModelState:
+                               stable: str, register: Registration | None = None) -> VModelState:
+        """``register``: the target to register in the same call if it is not (a canary: the
+        vModel's own, auto-deleted with it), never through a setVModel first."""
         request = mm.SetVModelSplitRequest(vModelId=vmodel_id, owner=owner, stableModelId=stable,
                                            targets=[mm.SplitTarget(modelId=m, weight=w) for m, w in targets])
+        for target in request.targets:
+            if register is not None and target.modelId == register.model_id:
+                target.modelInfo.CopyFrom(_model_info(register))
         return vmodel_state(await self._call(self._stub.setVModelSplit, request))
 
     async def ensure_loaded(self, model_id: str) -> None:
