@@ -72,14 +72,17 @@ def forwarded_headers(request: web.Request) -> Headers:
     return tuple(out)
 
 
-def sticky_header(request: web.Request, name: str, headers: Headers) -> Headers:
-    """``headers`` and the request's value of the sticky header ``name`` of the split vModel it
-    names ("": none), if the value is usable (``mesh.router.split.usable``); an unusable or
-    absent value adds nothing: the split draws at random, never refusing the request."""
-    if not name or any(k == name for k, _ in headers):
-        return headers
-    value = usable(request.headers.get(name))
-    return headers if value is None else (*headers, (name, value))
+def sticky_headers(request: web.Request, names: tuple[str, ...], headers: Headers) -> Headers:
+    """``headers`` and the request's values of ``names``, the sticky headers of the split vModels
+    it names (``DataPlane.sticky_headers``), each only if usable (``mesh.router.split.usable``):
+    an unusable or absent value adds nothing (the split draws at random, never refusing)."""
+    for name in names:
+        if any(k == name for k, _ in headers):
+            continue
+        value = usable(request.headers.get(name))
+        if value is not None:
+            headers = (*headers, (name, value))
+    return headers
 
 
 def peer(request: web.Request) -> str:

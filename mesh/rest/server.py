@@ -63,7 +63,7 @@ from mesh.rest.guards import (
     peer,
     peer_names,
     read_body,
-    sticky_header,
+    sticky_headers,
     weight,
 )
 from mesh.rest.status import error_body, http_error
@@ -259,9 +259,9 @@ class RestServer:
 
     def _headers(self, request: web.Request, name: str) -> Headers:
         """What the data plane sees of a request naming ``name`` (its path's name): the forwarded
-        headers, and the sticky header of the split vModel it names, if any."""
+        headers, and the sticky headers of the split vModels it names (itself, or a graph's steps)."""
         headers = forwarded_headers(request)
-        return sticky_header(request, self.plane.sticky_header(headers, lambda: name), headers)
+        return sticky_headers(request, self.plane.sticky_headers(headers, lambda: name), headers)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name = self._name(request)

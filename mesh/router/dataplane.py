@@ -160,16 +160,24 @@ class DataPlane:
             requested = own_name()
         return requested, self.resolve(check_model_id(requested), is_vmodel, from_header, metadata, count=count)
 
-    def sticky_header(self, metadata: Headers, own_name: Callable[[], str]) -> str:
-        """The sticky header of the split vModel a request names ("" if it names none): the one
-        header a front end that does not pass every header on (REST) must read for it."""
+    def sticky_headers(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, ...]:
+        """The sticky headers of the split vModels a request names: the vModel itself, or the steps
+        of the graph it names (each resolved with the request's headers); the only headers beyond
+        the forwarded ones a front end that does not pass every header on (REST) must read."""
         requested, is_vmodel, _ = model_selection(metadata)
         if requested is None:
             requested = own_name()
         elif not is_vmodel:
-            return ""  # mm-model-id names a model, never a vModel
-        record = self.view.vmodels.get(requested)
-        return record.sticky_header if record is not None and record.split else ""
+            return ()  # mm-model-id names a model, never a vModel
+        vmodels = self.view.vmodels
+        record = vmodels.get(requested)
+        if record is not None:
+            return (record.sticky_header,) if record.split and record.sticky_header else ()
+        graph = self.view.graphs.get(requested) if self.view.graphs and not is_vmodel else None
+        if graph is None:
+            return ()
+        found = (vmodels.get(m) for m in graph_models(graph))
+        return tuple(dict.fromkeys(r.sticky_header for r in found if r is not None and r.split and r.sticky_header))
 
     def labels(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, str]:
         """(model ID, vModel ID) of a request, for per-model metrics only (it resolves again)."""

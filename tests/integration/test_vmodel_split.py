@@ -391,10 +391,6 @@ async def test_a_sticky_header_is_read_only_for_its_own_vmodel_over_rest(
     is a random draw, never a 400; credentials and standard headers are refused as sticky headers."""
     m, port = mesh
     await stable_vmodel(m, models)
-    for name in ("Cookie", "authorization", "User-Agent", "content-type", "x-api-key", "host"):
-        code, details = await code_of(m.mesh.setVModelSplit(
-            split("v", ("stable", 90), ("canary", 10), sticky=name), timeout=10))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "stickyHeader" in details, (name, details)
     await m.mesh.setVModelSplit(split("v", ("stable", 50), ("canary", 50), sticky="x-user"), timeout=60)
     await m.mesh.ensureLoaded(mm.EnsureLoadedRequest(modelId="stable", sync=True), timeout=30)
     bad = {"X-User": "x" * 1500}  # too long for gRPC metadata as the REST edge checks it
@@ -411,6 +407,10 @@ async def test_a_sticky_header_is_read_only_for_its_own_vmodel_over_rest(
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{m.rest_url}/v2/models/v/ready", headers=bad) as r:
             assert r.status in (200, 400) and "ready" in await r.json()
+    for name in ("Cookie", "authorization", "User-Agent", "content-type", "x-api-key", "host"):
+        code, details = await code_of(m.mesh.setVModelSplit(
+            split("v", ("stable", 90), ("canary", 10), sticky=name), timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "stickyHeader" in details, (name, details)
 
 
 async def test_rest_ready_and_v1_follow_the_sticky_header_and_count_inference_once(
@@ -535,3 +535,26 @@ async def test_a_split_can_register_its_canary_as_the_vmodels_own(
     await m.mesh.setVModel(mm.SetVModelRequest(vModelId="v", targetModelId="s", owner="me"), timeout=30)
     await m.wait_for(lambda: _is(state("c"), ST.NOT_FOUND), timeout=10)
     assert await state("s") != ST.NOT_FOUND  # registered by hand: never auto-deleted
+
+
+async def test_a_graph_step_naming_a_sticky_split_vmodel_follows_the_header_over_rest(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    from mesh.gen.mmesh import graphs_pb2 as gp
+    from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
+    m, port = mesh
+    await stable_vmodel(m, models)
+    await m.mesh.setVModelSplit(split("v", ("stable", 50), ("canary", 50), sticky="x-user"), timeout=60)
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceName": "v"}]}}}
+    assert m.channel is not None
+    await gp_grpc.ModelMeshGraphsStub(m.channel).setGraph(  # type: ignore[no-untyped-call]
+        gp.SetGraphRequest(graphId="g", specJson=json.dumps(spec)), timeout=10)
+    user = next(u for u in (f"u{i}" for i in range(100)) if bucket(u) >= 50)  # sticky on "canary"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.post(f"{m.rest_url}/v2/models/g/infer", json=rest_body(models[0]),
+                              headers={"X-User": user}) as r:
+                assert r.status == 200, await r.text()
+    samples = await scrape(port)
+    assert samples("mesh_vmodel_requests_total", vmodel_id="v", model_id="canary") == 20
+    assert not samples.has("mesh_vmodel_requests_total", vmodel_id="v", model_id="stable") or \
+        samples("mesh_vmodel_requests_total", vmodel_id="v", model_id="stable") == 0

@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from mesh.cli.commands import split_targets
 from mesh.cli.client import CliError
+from mesh.cli.commands import split_targets
 from mesh.errors import BadRecord, InvalidArgument
 from mesh.registry.base import KeyValue
 from mesh.registry.keys import Keys
