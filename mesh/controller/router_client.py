@@ -2,7 +2,8 @@
 
 Three calls, as modelmesh-serving's controller makes them: ``setVModel`` (with the model's info,
 ``autoDeleteTargetModel`` and ``loadNow``), ``getVModelStatus`` and ``deleteVModel``, each with the
-controller's owner string; for InferenceService canaries, ``setVModelSplit`` and ``ensureLoaded``;
+controller's owner string; for InferenceService canaries, ``setVModelSplit`` (registering the new
+model in the same call: ``SplitTarget.modelInfo``) and ``ensureLoaded``;
 and three of ``mmesh.ModelMeshGraphs`` for InferenceGraph objects: ``set_graph`` (the object's
 ``spec``), ``graph_status`` and ``delete_graph``. Answers become the transport-neutral states of
 :mod:`mesh.controller.predictor` (graphs: ``GraphState`` here); errors become :class:`RouterError`

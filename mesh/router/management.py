@@ -15,7 +15,13 @@ among weighted targets, the active model staying the stable one; ``promote_vmode
 target the vModel's sole target with the safe switch above and clears the split. A plain
 ``set_vmodel`` on a split vModel clears the split too (ModelMesh's clients know no splits: what
 they set is what is served). Setting a split cancels a pending transition (the split says where
-traffic goes now); a split target is a referrer, like the active and the target model.
+traffic goes now); a split target is a referrer, like the active and the target model. A split
+call may register a target itself (``infos``: the controller's canary, registered and split in one
+call, so that no router sees a pending transition to it that it could complete at 100 %).
+
+Auto-delete: ``created_models`` lists only models the vModel created and still refers to; a model
+it stops referring to is deleted (if nothing else refers to it) and leaves the list, so the same
+ID registered again later, by anyone, is never the vModel's to delete.
 """
 
 from __future__ import annotations

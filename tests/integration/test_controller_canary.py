@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from mesh.errors import Code
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.tensors import encode_request
 from tests.integration import test_controller_isvc as isvc_tests
@@ -137,7 +138,9 @@ async def test_canary_of_100_rolls_out_and_a_bad_percent_is_an_invalid_spec(
 async def test_no_window_in_which_the_mesh_may_switch_away_from_the_stable_model(
         env: Env, models: tuple[ModelArtifact, ...], monkeypatch: pytest.MonkeyPatch) -> None:
     """A canary is one setVModelSplit (registering the new model), never a setVModel first: a slow
-    or failing split call leaves the stable model serving everything, never rolls the canary out."""
+    or failing split call leaves the stable model serving everything, never rolls the canary out
+    (the review's repro: a router's drive_transitions between the two calls switched to the new
+    model at 100 % and auto-deleted the stable one)."""
     from mesh.controller import router_client
     original_split = router_client.RouterClient.set_vmodel_split
     original_set = router_client.RouterClient.set_vmodel
@@ -149,7 +152,8 @@ async def test_no_window_in_which_the_mesh_may_switch_away_from_the_stable_model
         await asyncio.sleep(1.5)  # routers drive transitions every second meanwhile
         if not failed_once:
             failed_once = True
-            raise router_client.RouterUnreachable("router: UNAVAILABLE: a transient failure")
+            # A refusal, NOT_FOUND even, is reported and retried, never taken for a roll-out.
+            raise router_client.RouterError(Code.NOT_FOUND, "vModel not found (a transient failure)")
         return await original_split(self, *args, **kwargs)
 
     async def recorded_set(self, reg, **kwargs):  # type: ignore[no-untyped-def]
