@@ -78,7 +78,8 @@ class RouterSettings:
                            "for the scraper).")
     metrics_port: int = _f(2112, "HTTP port serving Prometheus metrics at /metrics (ModelMesh's port); 0 "
                            "picks a free port (logged), -1 turns metrics off.")
-    per_model_metrics: bool = _f(False, "Label request metrics with the model ID (and vModel ID): one "
+    per_model_metrics: bool = _f(False, "Label request metrics with the model ID (and vModel ID), and count "
+                                 "requests per split vModel target (mesh_vmodel_requests_total): one "
                                  "series per model, so off by default, as in ModelMesh (docs/metrics.md).")
     max_attempts: int = _f(4, "Forwarding attempts per request; each retry excludes the instance that "
                            "answered 'not here' or was gone. Inference is treated as idempotent.")

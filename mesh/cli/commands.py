@@ -150,7 +150,9 @@ def split_targets(texts: list[str]) -> list[mm.SplitTarget]:
     out = []
     for text in texts:
         model, sep, weight = text.rpartition("=")
-        if not sep or not model or not weight.strip().isdigit() or len(weight.strip()) > 3:
+        weight = weight.strip()
+        # ASCII decimal digits only: str.isdigit() also takes '²', which int() then refuses.
+        if not sep or not model or not (weight.isascii() and weight.isdecimal()) or len(weight) > 3:
             raise CliError(f"split target {text[:100]!r}: write MODEL=WEIGHT, WEIGHT a percent such as 10",
                            exit_code=2)
         out.append(mm.SplitTarget(modelId=model, weight=int(weight)))

@@ -81,7 +81,7 @@ class MeshApi(Protocol):
     async def set_vmodel(self, reg: Registration, *, owner: str, load_now: bool) -> VModelState: ...
 
     async def set_vmodel_split(self, vmodel_id: str, targets: list[tuple[str, int]], *, owner: str,
-                               stable: str) -> VModelState: ...
+                               stable: str, register: Registration | None = None) -> VModelState: ...
 
     async def ensure_loaded(self, model_id: str) -> None: ...
 
@@ -299,12 +299,14 @@ class PredictorController(ObjectController):
                     if current is not None:
                         stable, _ = isvc.canary_split(current, reg.model_id, percent)
                     if stable:
-                        # Loaded before the switch: setVModel switches at once (and auto-deletes the
-                        # old model) when the active model has no copy; and it takes most of the traffic.
+                        # One call registers the new model and splits (never a setVModel first: a
+                        # router seeing the new model loaded between two calls would switch to it
+                        # at 100 % and auto-delete the stable model). The stable model is loaded
+                        # first: it takes most of the traffic.
                         await self._load_stable(stable)
-                    state = await self.mesh.set_vmodel(reg, owner=owner, load_now=loading or bool(stable))
-                    if stable:
-                        state = await self._split(name, owner, stable, reg.model_id, percent)
+                        state = await self._split(name, owner, stable, reg, percent)
+                    else:
+                        state = await self.mesh.set_vmodel(reg, owner=owner, load_now=loading)
                 if loading:
                     self._settling[key] = self.clock() + SETTLE_S
                 if self.registered.get(key) is None:
@@ -360,30 +362,31 @@ class PredictorController(ObjectController):
         except MeshError as exc:  # the split sends a failed target's share to it regardless
             log.warning("cannot load the stable model of a canary", model_id=model_id, error=exc.message)
 
-    async def _split(self, name: str, owner: str, stable: str, latest: str, percent: int | None) -> VModelState:
-        _, targets = isvc.canary_split(VModelState(status="DEFINED", active_model_id=stable), latest, percent)
-        try:
-            state = await self.mesh.set_vmodel_split(name, targets, owner=owner, stable=stable)
-        except MeshError as exc:
-            if exc.code is not Code.NOT_FOUND:
-                raise
-            # The stable model went meanwhile (the vModel had switched to the new one already, and
-            # auto-deleted it): nothing left to split with, the new model is rolled out.
-            log.warning("canary: no previous model to split with; rolled out", vmodel_id=name, error=exc.message)
-            return await self.mesh.vmodel_status(name, owner=owner)
+    async def _split(self, name: str, owner: str, stable: str, reg: Registration, percent: int | None) -> VModelState:
+        """Split ``stable`` / the spec's model at ``percent``, registering the latter (as the vModel's
+        own, auto-deleted with the canary) in the same call. The mesh's refusal, NOT_FOUND included
+        (the stable model or the vModel went meanwhile), is raised: reported and retried, never
+        taken for a roll-out."""
+        _, targets = isvc.canary_split(VModelState(status="DEFINED", active_model_id=stable), reg.model_id, percent)
+        state = await self.mesh.set_vmodel_split(name, targets, owner=owner, stable=stable, register=reg)
         log.info("canary: traffic split", vmodel_id=name, split=dict(targets))
         return state
 
     async def _keep_split(self, name: str, owner: str, state: VModelState, reg: Registration,
                           percent: int | None) -> VModelState:
-        """A canary under way: move the split to a new percent, or promote the spec's model (no
-        percent, or 100: a plain setVModel clears the split, with the safe switch)."""
+        """A canary under way: move the split to a new percent, promote the spec's model (no
+        percent, or 100: a plain setVModel clears the split, with the safe switch), or roll back
+        (the spec names the stable model again: a plain setVModel of it clears the split, and the
+        canary, the vModel's own, is auto-deleted)."""
         if percent is None or percent >= 100:
             log.info("canary promoted", vmodel_id=name, model_id=reg.model_id)
             return await self.mesh.set_vmodel(reg, owner=owner, load_now=True)
+        if reg.model_id == state.active_model_id:
+            log.info("canary rolled back", vmodel_id=name, model_id=reg.model_id)
+            return await self.mesh.set_vmodel(reg, owner=owner, load_now=True)
         stable, targets = isvc.canary_split(state, reg.model_id, percent)
         if stable and sorted(targets) != sorted((t.model_id, t.weight) for t in state.split):
-            return await self._split(name, owner, stable, reg.model_id, percent)
+            return await self._split(name, owner, stable, reg, percent)
         return state
     # --- end canaries -----------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Three calls, as modelmesh-serving's controller makes them: ``setVModel`` (with the model's info,
 ``autoDeleteTargetModel`` and ``loadNow``), ``getVModelStatus`` and ``deleteVModel``, each with the
-controller's owner string; for InferenceService canaries, ``setVModelSplit`` and ``ensureLoaded``;
+controller's owner string; for InferenceService canaries, ``setVModelSplit`` (registering the new
+model in the same call: ``SplitTarget.modelInfo``) and ``ensureLoaded``;
 and three of ``mmesh.ModelMeshGraphs`` for InferenceGraph objects: ``set_graph`` (the object's
 ``spec``), ``graph_status`` and ``delete_graph``. Answers become the transport-neutral states of
 :mod:`mesh.controller.predictor` (graphs: ``GraphState`` here); errors become :class:`RouterError`
@@ -88,6 +89,10 @@ def graph_state(msg: gp.GraphStatusInfo) -> GraphState:
                                    for m in msg.models))
 
 
+def _model_info(reg: Registration) -> mm.ModelInfo:
+    return mm.ModelInfo(type=reg.type, path=reg.path, key=reg.key, labels=list(reg.labels), gpu=reg.gpu)
+
+
 class RouterClient:
     """``security``: TLS to the router (default plaintext); ``token``: the bearer token sent on every
     call to a router with ``auth.tokens_file`` set (never logged, not even in errors)."""
@@ -138,8 +143,7 @@ class RouterClient:
     async def set_vmodel(self, reg: Registration, *, owner: str, load_now: bool) -> VModelState:
         request = mm.SetVModelRequest(
             vModelId=reg.vmodel_id, targetModelId=reg.model_id, owner=owner, autoDeleteTargetModel=True,
-            loadNow=load_now, modelInfo=mm.ModelInfo(type=reg.type, path=reg.path, key=reg.key,
-                                                     labels=list(reg.labels), gpu=reg.gpu))
+            loadNow=load_now, modelInfo=_model_info(reg))
         return vmodel_state(await self._call(self._stub.setVModel, request))
 
     async def vmodel_status(self, vmodel_id: str, *, owner: str) -> VModelState:
@@ -148,9 +152,14 @@ class RouterClient:
 
     # --- canaries (InferenceService canaryTrafficPercent) ---
     async def set_vmodel_split(self, vmodel_id: str, targets: list[tuple[str, int]], *, owner: str,
-                               stable: str) -> VModelState:
+                               stable: str, register: Registration | None = None) -> VModelState:
+        """``register``: the target to register in the same call if it is not (a canary: the
+        vModel's own, auto-deleted with it), never through a setVModel first."""
         request = mm.SetVModelSplitRequest(vModelId=vmodel_id, owner=owner, stableModelId=stable,
                                            targets=[mm.SplitTarget(modelId=m, weight=w) for m, w in targets])
+        for target in request.targets:
+            if register is not None and target.modelId == register.model_id:
+                target.modelInfo.CopyFrom(_model_info(register))
         return vmodel_state(await self._call(self._stub.setVModelSplit, request))
 
     async def ensure_loaded(self, model_id: str) -> None:

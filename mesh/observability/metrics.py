@@ -324,7 +324,8 @@ class RouterMetrics(_ComponentMetrics):
         for reason in ("hot", "min_copies"):
             changes.add_metric(["added", reason], copies_asked.get(reason, 0))
         out.append(changes)
-        out.append(_split_requests(view))  # traffic splits (canaries)
+        if self.per_model:  # traffic splits (canaries): a per-model label, so opt-in
+            out.append(_split_requests(view))
         return out
 
     def attach_autoscaling(self, signals: Callable[[], Mapping[str, Signal]]) -> None:
@@ -351,10 +352,10 @@ class RouterMetrics(_ComponentMetrics):
 # --- traffic splits (mesh.router.split) -----------------------------------------------------------
 def _split_requests(view: ClusterView) -> Metric:
     """Requests this router routed per target of each vModel with a traffic split, so that a
-    canary can be judged against its stable model. Always on, unlike the per-model labels: the
-    series exist only for vModels with a split (at most 8 targets + the active model each), so
-    their number is what operators configure, never what clients send; a split's series go when
-    the split does."""
+    canary can be judged against its stable model. Only with ``per_model_metrics`` on, as every
+    per-model label: tenants choose how many vModels they split (at most 8 targets + the active
+    model each), so the series count is theirs to grow. Inference only (ModelInfer, V1 predict);
+    a split's series go when the split does."""
     family = CounterMetricFamily("mesh_vmodel_requests", "Requests routed to each target of a split vModel",
                                  labels=["vmodel_id", "model_id"])
     for vmodel_id, counts in view.split_requests.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -84,7 +85,10 @@ def _decode_fields(cls: type[T], data: Any) -> T:
 def _decode(cls: type[T], raw: bytes) -> T:
     global _bad_records
     try:
-        return _decode_fields(cls, json.loads(raw))
+        record = _decode_fields(cls, json.loads(raw))
+        if isinstance(record, VModelRecord) and (record.split or record.sticky_header):
+            _check_split(record)
+        return record
     except (ValueError, RecursionError, BadRecord) as exc:  # JSONDecodeError and UnicodeDecodeError too
         _bad_records += 1
         if isinstance(exc, BadRecord):
@@ -167,6 +171,35 @@ class VModelRecord:
     def models(self) -> set[str]:
         """Every model the vModel refers to (its refs in the registry): active, target, split."""
         return {self.active_model_id, self.target_model_id, *(t.model_id for t in self.split)}
+
+
+# --- traffic splits (canaries) -----------------------------------------------------------------------
+# What a stored split may be; ``mesh.router.split.check_split`` refuses the same at write time, with
+# the place named for the caller. Checked again on decoding, because anyone who can write etcd can
+# write anything there: a split of negative weights, or of 5000 targets, is skipped as the whole
+# record (as any undecodable record), never routed by.
+MAX_SPLIT_TARGETS = 8
+TOTAL_WEIGHT = 100
+MAX_STICKY_HEADER_CHARS = 64
+_STICKY_HEADER = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+def _check_split(record: VModelRecord) -> None:
+    """BadRecord unless ``record``'s split and sticky header are ones a write could have stored."""
+    split, where = record.split, f"VModelRecord {record.vmodel_id[:100]!r}"
+    if len(split) > MAX_SPLIT_TARGETS:
+        raise BadRecord(f"{where}: a split of {len(split)} targets (at most {MAX_SPLIT_TARGETS})")
+    if split:
+        if any(not t.model_id or not 0 <= t.weight <= TOTAL_WEIGHT for t in split):
+            raise BadRecord(f"{where}: a split target with no model ID or a weight outside 0 to {TOTAL_WEIGHT}")
+        if len({t.model_id for t in split}) != len(split):
+            raise BadRecord(f"{where}: a split naming one model twice")
+        if sum(t.weight for t in split) != TOTAL_WEIGHT:
+            raise BadRecord(f"{where}: split weights that do not sum to {TOTAL_WEIGHT}")
+    header = record.sticky_header
+    if header and (len(header) > MAX_STICKY_HEADER_CHARS or not _STICKY_HEADER.match(header)):
+        raise BadRecord(f"{where}: sticky header {header[:80]!r} is not a lower-case header name")
+# --- end traffic splits -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,6 @@ import re
 import ssl
 import time
 import zlib
-from collections.abc import Container
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +31,7 @@ from mesh.errors import InvalidArgument
 from mesh.pem import check_ca, check_cert_and_key
 from mesh.rest import codec
 from mesh.router.dataplane import Headers
+from mesh.router.split import usable
 from mesh.settings import TlsSettings
 from mesh.transport.inflight import InflightLimit
 from mesh.transport.metadata import MODEL_ID, VMODEL_ID
@@ -54,21 +54,35 @@ MAX_CONNECTIONS = 4096
 _ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def forwarded_headers(request: web.Request, sticky: Container[str] = ()) -> Headers:
-    """The headers the data plane sees: the forwarded ones (and ``sticky``: the sticky headers of
-    vModels with a traffic split, ``mesh.router.split``), the first value of each, checked to be
-    what gRPC metadata can carry (InvalidArgument naming the header otherwise)."""
+def forwarded_headers(request: web.Request) -> Headers:
+    """The headers the data plane sees: the forwarded ones, the first value of each, checked to be
+    what gRPC metadata can carry (InvalidArgument naming the header otherwise). A split vModel's
+    sticky header is not among them: the server reads it for that vModel's requests alone
+    (``sticky_header``), so that no tenant's split changes what other requests must send."""
     out: list[tuple[str, str | bytes]] = []
     seen: set[str] = set()
     for key, value in request.headers.items():
         low = key.lower()
-        if (low in FORWARDED or low in sticky) and low not in seen:
+        if low in FORWARDED and low not in seen:
             if len(value) > _MAX_HEADER_VALUE or not _PRINTABLE.match(value):
                 raise InvalidArgument(f"header {low}: the value must be printable ASCII of at most "
                                       f"{_MAX_HEADER_VALUE} characters")
             seen.add(low)
             out.append((low, value))
     return tuple(out)
+
+
+def sticky_headers(request: web.Request, names: tuple[str, ...], headers: Headers) -> Headers:
+    """``headers`` and the request's values of ``names``, the sticky headers of the split vModels
+    it names (``DataPlane.sticky_headers``), each only if usable (``mesh.router.split.usable``):
+    an unusable or absent value adds nothing (the split draws at random, never refusing)."""
+    for name in names:
+        if any(k == name for k, _ in headers):
+            continue
+        value = usable(request.headers.get(name))
+        if value is not None:
+            headers = (*headers, (name, value))
+    return headers
 
 
 def peer(request: web.Request) -> str:

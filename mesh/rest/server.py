@@ -63,10 +63,11 @@ from mesh.rest.guards import (
     peer,
     peer_names,
     read_body,
+    sticky_headers,
     weight,
 )
 from mesh.rest.status import error_body, http_error
-from mesh.router.dataplane import INFER, METADATA, DataPlane
+from mesh.router.dataplane import INFER, METADATA, DataPlane, Headers
 from mesh.transport.metadata import model_selection
 
 log = structlog.get_logger(__name__)
@@ -256,26 +257,35 @@ class RestServer:
             return _json(200, b'{"ready":true}')
         return _json(400, codec.dumps({"ready": False, "error": "the router is not ready"}))
 
+    def _headers(self, request: web.Request, name: str) -> Headers:
+        """What the data plane sees of a request naming ``name`` (its path's name): the forwarded
+        headers, and the sticky headers of the split vModels it names (itself, or a graph's steps)."""
+        headers = forwarded_headers(request)
+        return sticky_headers(request, self.plane.sticky_headers(headers, lambda: name), headers)
+
     async def model_ready(self, request: web.Request) -> web.Response:
         name = self._name(request)
-        ready = await self.plane.model_ready(forwarded_headers(request), lambda: name)
+        ready = await self.plane.model_ready(self._headers(request, name), lambda: name)
         body = codec.dumps({"name": name, "ready": ready} if ready else
                                   {"name": name, "ready": False, "error": f"model {name!r} has no loaded copy"})
         return _json(200 if ready else 400, body)
 
     async def v1_status(self, request: web.Request) -> web.Response:
         name = self._name(request)
-        ready = await self.plane.model_ready(forwarded_headers(request), lambda: name)
+        ready = await self.plane.model_ready(self._headers(request, name), lambda: name)
         return _json(200, codec.dumps({"name": name, "ready": ready}))
 
-    async def _relay(self, request: web.Request, method: str, body: bytes, weight: int) -> bytes:
-        """``DataPlane.relay`` within the in-flight bounds (mesh.transport.inflight)."""
+    async def _relay(self, request: web.Request, method: str, body: bytes, weight: int,
+                     resolved: tuple[Headers, tuple[str, str]] | None = None) -> bytes:
+        """``DataPlane.relay`` within the in-flight bounds (mesh.transport.inflight); ``resolved``:
+        the headers and (requested, model ID) of a request resolved already (V1 predict)."""
         inflight = self.plane.inflight
         connection = inflight.enter(weight, peer(request))
         try:
             name = self._name(request)
-            return await self.plane.relay(method, body, forwarded_headers(request, self.plane.view.sticky_headers),
-                                          lambda: name, None)
+            if resolved is not None:
+                return await self.plane.relay(method, body, resolved[0], lambda: name, None, resolved[1])
+            return await self.plane.relay(method, body, self._headers(request, name), lambda: name, None)
         finally:
             inflight.leave(weight, connection)
 
@@ -308,8 +318,7 @@ class RestServer:
             body, outputs = codec.infer_request(raw, header_length, name, request.match_info.get("version", ""),
                                                 max_elements=self.max_elements)
             del raw
-            answer = await self.plane.relay(INFER, body, forwarded_headers(request, self.plane.view.sticky_headers),
-                                            lambda: name, None)
+            answer = await self.plane.relay(INFER, body, self._headers(request, name), lambda: name, None)
             out, out_header = codec.infer_response(answer, outputs)
         finally:
             admission.leave()
@@ -318,17 +327,24 @@ class RestServer:
         return web.Response(status=200, body=out, content_type="application/octet-stream",
                             headers={"Inference-Header-Content-Length": str(out_header)})
 
-    async def _first_input(self, request: web.Request, *, refresh: bool = False) -> tuple[tuple[str, str] | None, bool]:
+    def _resolve(self, request: web.Request) -> tuple[Headers, tuple[str, str]]:
+        """A V1 predict's headers and (requested, model ID), resolved once (and counted once, as
+        one inference): its metadata read and its inference go to the one split target chosen."""
+        name = self._name(request)
+        headers = self._headers(request, name)
+        return headers, self.plane.named(headers, lambda: name)
+
+    async def _first_input(self, request: web.Request, resolved: tuple[Headers, tuple[str, str]], *,
+                           refresh: bool = False) -> tuple[tuple[str, str] | None, bool]:
         """The model's first input (name, datatype) for V1 requests, remembered per model, and
         whether it was remembered (``refresh``: forget it first, read the metadata again)."""
-        name = self._name(request)
-        model_id, _ = self.plane.select(forwarded_headers(request), lambda: name)
+        model_id = resolved[1][1]
         if refresh:
             self._v1_inputs.pop(model_id, None)
         elif model_id in self._v1_inputs:
             self._v1_inputs.move_to_end(model_id)
             return self._v1_inputs[model_id], True
-        answer = await self._relay(request, METADATA, codec.metadata_request(model_id), 0)
+        answer = await self._relay(request, METADATA, codec.metadata_request(model_id), 0, resolved)
         found = codec.first_input(answer)
         self._v1_inputs[model_id] = found
         if len(self._v1_inputs) > _V1_CACHE:
@@ -342,24 +358,26 @@ class RestServer:
         try:
             raw = await read_body(request, self.max_body_bytes)
             admission.resize(weight(len(raw), None))
-            first, remembered = await self._first_input(request)
+            resolved = self._resolve(request)
+            first, remembered = await self._first_input(request, resolved)
             try:
-                return await self._v1_infer(request, raw, first)
+                return await self._v1_infer(request, raw, first, resolved)
             except MeshError as exc:
                 # What was remembered may be stale: the ID registered again, for a model that takes
                 # another input. Read the metadata again and, if it changed, try once more with it.
                 if not remembered or exc.code is not Code.INVALID_ARGUMENT:
                     raise
-                fresh, _ = await self._first_input(request, refresh=True)
+                fresh, _ = await self._first_input(request, resolved, refresh=True)
                 if fresh == first:
                     raise
-                return await self._v1_infer(request, raw, fresh)
+                return await self._v1_infer(request, raw, fresh, resolved)
         finally:
             admission.leave()
 
-    async def _v1_infer(self, request: web.Request, raw: bytes, first: tuple[str, str] | None) -> web.Response:
+    async def _v1_infer(self, request: web.Request, raw: bytes, first: tuple[str, str] | None,
+                        resolved: tuple[Headers, tuple[str, str]]) -> web.Response:
         body = codec.v1_request(raw, self._name(request), first, max_elements=self.max_elements)
-        answer = await self._relay(request, INFER, body, 0)  # the body is counted by v1_predict
+        answer = await self._relay(request, INFER, body, 0, resolved)  # the body is counted by v1_predict
         return _json(200, codec.v1_response(answer))
 
 

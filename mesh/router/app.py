@@ -68,6 +68,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
                                security=etcd_security(settings.registry))
     registry = Registry(store, prefix)
     view = ClusterView(registry.keys)
+    view.count_splits = rs.per_model_metrics  # mesh_vmodel_requests_total: a per-model label
     keys = registry.keys
     mirrors = [
         # After a watch reset the mirrors replay the difference through these same callbacks.

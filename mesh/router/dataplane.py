@@ -131,32 +131,53 @@ class DataPlane:
         self.graph_runner = GraphRunner(self._step_call)
 
     # --- model selection ----------------------------------------------------------------------
-    def resolve(self, requested: str, is_vmodel: bool, from_header: bool, metadata: Headers = ()) -> str:
+    def resolve(self, requested: str, is_vmodel: bool, from_header: bool, metadata: Headers = (), *,
+                count: bool = True) -> str:
         """The concrete model ID for a name (vModels resolved to their active model, or for a
         vModel with a traffic split, to the target ``mesh.router.split`` picks for this request,
-        by its sticky header in ``metadata`` if it has one)."""
+        by its sticky header in ``metadata`` if it has one; ``count``: an inference, counted per
+        split target)."""
         if is_vmodel or not from_header:
             record = self.view.vmodels.get(requested)
             if record is not None:
-                return choose_split(record, self.view, metadata, self._rng) if record.split \
+                return choose_split(record, self.view, metadata, self._rng, count) if record.split \
                     else record.active_model_id
             if is_vmodel:
                 raise ModelNotFound(requested, what="vModel")
         return requested
 
-    def select(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, Headers]:
+    def select(self, metadata: Headers, own_name: Callable[[], str], *, count: bool = True) -> tuple[str, Headers]:
         """(model ID, headers to pass on) for a request; ``own_name()`` reads the name the request
         itself gives (the body's ``model_name``, the REST path), asked only without a header."""
-        _, model_id = self.named(metadata, own_name)
+        _, model_id = self.named(metadata, own_name, count=count)
         return model_id, passthrough(metadata)
 
-    def named(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, str]:
+    def named(self, metadata: Headers, own_name: Callable[[], str], *, count: bool = True) -> tuple[str, str]:
         """(the name the request gave, the concrete model ID it resolves to)."""
         requested, is_vmodel, _ = model_selection(metadata)
         from_header = requested is not None
         if requested is None:
             requested = own_name()
-        return requested, self.resolve(check_model_id(requested), is_vmodel, from_header, metadata)
+        return requested, self.resolve(check_model_id(requested), is_vmodel, from_header, metadata, count=count)
+
+    def sticky_headers(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, ...]:
+        """The sticky headers of the split vModels a request names: the vModel itself, or the steps
+        of the graph it names (each resolved with the request's headers); the only headers beyond
+        the forwarded ones a front end that does not pass every header on (REST) must read."""
+        requested, is_vmodel, _ = model_selection(metadata)
+        if requested is None:
+            requested = own_name()
+        elif not is_vmodel:
+            return ()  # mm-model-id names a model, never a vModel
+        vmodels = self.view.vmodels
+        record = vmodels.get(requested)
+        if record is not None:
+            return (record.sticky_header,) if record.split and record.sticky_header else ()
+        graph = self.view.graphs.get(requested) if self.view.graphs and not is_vmodel else None
+        if graph is None:
+            return ()
+        found = (vmodels.get(m) for m in graph_models(graph))
+        return tuple(dict.fromkeys(r.sticky_header for r in found if r is not None and r.split and r.sticky_header))
 
     def labels(self, metadata: Headers, own_name: Callable[[], str]) -> tuple[str, str]:
         """(model ID, vModel ID) of a request, for per-model metrics only (it resolves again)."""
@@ -170,7 +191,7 @@ class DataPlane:
                 ctx = current_request()
                 model_id = ctx.model_id if ctx is not None and ctx.model_id else requested
             else:
-                model_id = self.resolve(requested, is_vmodel, selected is not None)
+                model_id = self.resolve(requested, is_vmodel, selected is not None, count=False)
         except Exception:
             return requested, ""
         return model_id, (requested if requested != model_id else "")
@@ -187,11 +208,15 @@ class DataPlane:
 
     # --- relaying -----------------------------------------------------------------------------
     async def relay(self, method: str, body: bytes, metadata: Headers, own_name: Callable[[], str],
-                    timeout: float | None) -> bytes:
+                    timeout: float | None, resolved: tuple[str, str] | None = None) -> bytes:
         """Forward a V2 request naming a model (ModelInfer, ModelMetadata) and return the
         runtime's response bytes. Raises MeshError; ``timeout`` None: the client set no deadline,
-        so none is imposed downstream either."""
-        model_id, onward = self.select(metadata, own_name)
+        so none is imposed downstream either. ``resolved``: (requested, model ID) ``named`` gave
+        this request already (one request, one split choice: REST V1 predict's two calls)."""
+        if resolved is not None:
+            model_id, onward = resolved[1], passthrough(metadata)
+        else:
+            model_id, onward = self.select(metadata, own_name, count=method == INFER)
         bind_request(model_id, onward)
         if self.view.graphs:
             graph = self.graph_named(metadata, own_name)
@@ -212,14 +237,15 @@ class DataPlane:
         return await self.forward(INFER, self.resolve(model, False, False, headers), body, headers, timeout)
 
     async def _relay_observed(self, method: str, body: bytes, metadata: Headers,
-                              own_name: Callable[[], str], timeout: float | None) -> bytes:
+                              own_name: Callable[[], str], timeout: float | None,
+                              resolved: tuple[str, str] | None = None) -> bytes:
         """``relay`` with the access log line, the router's span and/or the payload records."""
         started = time.perf_counter()
         ctx = bind_request("", metadata)  # the client's ids, if it fails early
         code, message, response, span = "OK", "", b"", None
         requested = model_id = ""
         try:
-            requested, model_id = self.named(metadata, own_name)
+            requested, model_id = resolved or self.named(metadata, own_name, count=method == INFER)
             onward = passthrough(metadata)
             ctx.model_id, ctx.metadata = model_id, onward
             if self.access_log and header(onward, REQUEST_ID) is None:
@@ -380,8 +406,8 @@ class DataPlane:
         A graph: whether every model it names (vModels resolved) has one."""
         graph = self.graph_named(metadata, own_name)
         if graph is not None:
-            return all(self._loaded(self.resolve(m, False, False)) for m in graph_models(graph))
-        model_id, _ = self.select(metadata, own_name)
+            return all(self._loaded(self.resolve(m, False, False, count=False)) for m in graph_models(graph))
+        model_id, _ = self.select(metadata, own_name, count=False)
         if await self.specs.get(model_id) is None:
             raise ModelNotFound(model_id)
         return self._loaded(model_id)

@@ -15,15 +15,22 @@ among weighted targets, the active model staying the stable one; ``promote_vmode
 target the vModel's sole target with the safe switch above and clears the split. A plain
 ``set_vmodel`` on a split vModel clears the split too (ModelMesh's clients know no splits: what
 they set is what is served). Setting a split cancels a pending transition (the split says where
-traffic goes now); a split target is a referrer, like the active and the target model.
+traffic goes now); a split target is a referrer, like the active and the target model. A split
+call may register a target itself (``infos``: the controller's canary, registered and split in one
+call, so that no router sees a pending transition to it that it could complete at 100 %).
+
+Auto-delete: ``created_models`` lists only models the vModel created and still refers to; a model
+it stops referring to is deleted (if nothing else refers to it) and leaves the list, so the same
+ID registered again later, by anyone, is never the vModel's to delete.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -67,6 +74,15 @@ _rng = random.Random()
 HOUR_MS = 3_600_000
 DEFAULT_PAGE = 500
 MAX_PAGE = 5_000
+
+
+def _owned(record: VModelRecord) -> VModelRecord:
+    """``record`` with ``created_models`` cut to the models it still refers to: one it no longer
+    refers to is auto-deleted now (``_drop_orphans``) or kept for another vModel's sake, and in
+    either case is not this vModel's any more; if the ID is registered again later, by anyone, it
+    is a new model the vModel did not create and must never auto-delete."""
+    keep = record.models()
+    return replace(record, created_models=tuple(m for m in dict.fromkeys(record.created_models) if m in keep))
 
 
 class RuntimeLoader(Protocol):
@@ -413,12 +429,13 @@ class Management:
             switch_now = force or existing.active_model_id == target_model_id or self._loaded(
                 target_model_id) or not self.view.copies(existing.active_model_id)
             ours = (target_model_id,) if auto_delete and created else ()
-            record = replace(existing, target_model_id=target_model_id,
-                             active_model_id=target_model_id if switch_now else existing.active_model_id,
-                             failed=False, auto_delete=existing.auto_delete or (auto_delete and info is not None),
-                             created_models=tuple(dict.fromkeys((*existing.created_models, *ours))),
-                             split=(), sticky_header="",  # a plain setVModel clears a traffic split
-                             updated_ms=int(self.clock() * 1000))
+            record = _owned(replace(existing, target_model_id=target_model_id,
+                                    active_model_id=target_model_id if switch_now else existing.active_model_id,
+                                    failed=False,
+                                    auto_delete=existing.auto_delete or (auto_delete and info is not None),
+                                    created_models=(*existing.created_models, *ours),
+                                    split=(), sticky_header="",  # a plain setVModel clears a traffic split
+                                    updated_ms=int(self.clock() * 1000)))
             if await self.registry.put_vmodel(record, expected_revision=revision, previous=existing):
                 log.info("vModel retargeted", vmodel_id=vmodel_id, target=target_model_id,
                          switched=switch_now)
@@ -488,13 +505,20 @@ class Management:
                             owner=record.owner, split=split, sticky_header=record.sticky_header)
 
     async def set_vmodel_split(self, vmodel_id: str, targets: Sequence[tuple[str, int]], *, owner: str = "",
-                               sticky_header: str = "", sync: bool = False, stable: str = "") -> VModelStatus:
+                               sticky_header: str = "", sync: bool = False, stable: str = "",
+                               infos: Mapping[str, ModelInfoData] | None = None) -> VModelStatus:
         """Share the requests of an existing vModel among ``targets`` (model ID, weight), each a
         registered model, weights summing to 100 (``mesh.router.split``). Same owner and token
         rules as ``set_vmodel``. The vModel's active model stays the stable one, unless ``stable``
         (one of the targets) names another: it becomes the active model at once (it takes its
         share of the traffic from now on anyway). Loads of the targets start at once; ``sync``
-        waits for them."""
+        waits for them.
+
+        ``infos``: targets to register first if they are not (a canary and its split in one call,
+        so that no router can see a half-made change: a controller's canary never passes through
+        a transition away from the stable model). A target the call registers is the vModel's own,
+        as with setVModel's ``autoDeleteTargetModel``: auto-deleted once the vModel no longer
+        refers to it (the canary abandoned, or another target promoted)."""
         check_model_id(vmodel_id)
         for i, (model_id, _) in enumerate(targets[:MAX_SPLIT_CHECKED]):
             try:
@@ -511,29 +535,56 @@ class Management:
         if caller is not None:
             for t in split:  # every target inside the caller's prefixes (with auth on)
                 caller.check_model(t.model_id, f"vModel {vmodel_id!r} split target model")
-        specs = []
-        for i, t in enumerate(split):
-            spec = await self.registry.get_model(t.model_id)
-            if spec is None:
-                raise ModelNotFound(t.model_id, what=f"vModel {vmodel_id!r} targets[{i}]: model")
-            specs.append(spec)
-        while True:  # compare-and-swap loop on the vModel record
-            current = await self.registry.get_vmodel(vmodel_id)
-            if current is None:
-                raise ModelNotFound(vmodel_id, what="vModel (set it with setVModel before splitting it)")
-            existing, revision = current
-            _check_owner(existing, owner, caller)
-            active = stable or existing.active_model_id
-            record = replace(existing, split=split, sticky_header=header, failed=False, active_model_id=active,
-                             target_model_id=active,  # a pending transition is cancelled
-                             updated_ms=int(self.clock() * 1000))
-            if await self.registry.put_vmodel(record, expected_revision=revision, previous=existing):
-                log.info("vModel traffic split set", vmodel_id=vmodel_id, sticky_header=header,
-                         split={t.model_id: t.weight for t in split})
-                await self._drop_orphans(existing, record)
-                break
-            for t in split:  # lost the transaction: a target unregistered meanwhile is NOT_FOUND
-                await self._target_still_registered(t.model_id)
+        infos = infos or {}
+        unknown = set(infos) - {t.model_id for t in split}
+        if unknown:
+            raise InvalidArgument(f"vModel {vmodel_id!r}: model info for {sorted(unknown)[0][:100]!r}, "
+                                  "which is not one of the targets")
+        before = await self.registry.get_vmodel(vmodel_id)  # refused before registering anything
+        if before is None:
+            raise ModelNotFound(vmodel_id, what="vModel (set it with setVModel before splitting it)")
+        _check_owner(before[0], owner, caller)
+        specs: list[ModelSpec] = []
+        created: list[str] = []
+        try:
+            for i, t in enumerate(split):
+                info = infos.get(t.model_id)
+                if info is not None:
+                    spec, made = await self._register(
+                        self._spec(t.model_id, info, load_now=True, last_used_ms=0))
+                    if made:
+                        created.append(t.model_id)
+                else:
+                    found = await self.registry.get_model(t.model_id)
+                    if found is None:
+                        raise ModelNotFound(t.model_id, what=f"vModel {vmodel_id!r} targets[{i}]: model")
+                    spec = found
+                specs.append(spec)
+            while True:  # compare-and-swap loop on the vModel record
+                current = await self.registry.get_vmodel(vmodel_id)
+                if current is None:
+                    raise ModelNotFound(vmodel_id, what="vModel (set it with setVModel before splitting it)")
+                existing, revision = current
+                _check_owner(existing, owner, caller)
+                active = stable or existing.active_model_id
+                record = _owned(replace(existing, split=split, sticky_header=header, failed=False,
+                                        active_model_id=active,
+                                        target_model_id=active,  # a pending transition is cancelled
+                                        auto_delete=existing.auto_delete or bool(created),
+                                        created_models=(*existing.created_models, *created),
+                                        updated_ms=int(self.clock() * 1000)))
+                if await self.registry.put_vmodel(record, expected_revision=revision, previous=existing):
+                    log.info("vModel traffic split set", vmodel_id=vmodel_id, sticky_header=header,
+                             split={t.model_id: t.weight for t in split}, registered=created)
+                    await self._drop_orphans(existing, record)
+                    break
+                for t in split:  # lost the transaction: a target unregistered meanwhile is NOT_FOUND
+                    await self._target_still_registered(t.model_id)
+        except BaseException:
+            for model_id in created:  # registered for a split that was not set: not left behind
+                with contextlib.suppress(Exception):
+                    await self.registry.delete_model(model_id)
+            raise
         for spec in specs:
             if not self._loaded(spec.model_id):
                 try:
@@ -581,12 +632,14 @@ class Management:
             await self._drop_orphans(record, None)
 
     async def drive_transitions(self) -> None:
-        """Advance pending vModel transitions, and keep split targets loaded; run periodically by
-        every router."""
+        """Advance pending vModel transitions, and keep split targets that get traffic loaded; run
+        periodically by every router."""
         now = self.clock()
         for record in list(self.view.vmodels.values()):
             for t in record.split:  # a canary evicted while idle is loaded again before its next share
-                if not self.view.copies(t.model_id) and not load_failed(self.view, t.model_id):
+                # Not one of weight 0: it gets no share, and reloading it on every router would pin
+                # it outside the max_pinned_copies quota; a request naming it loads it on demand.
+                if t.weight and not self.view.copies(t.model_id) and not load_failed(self.view, t.model_id):
                     await self._load_target(t.model_id, now)
             if record.active_model_id == record.target_model_id:
                 continue
@@ -595,8 +648,8 @@ class Management:
                 current = await self.registry.get_vmodel(record.vmodel_id)
                 if current is None or current[0].target_model_id != target:
                     continue
-                flipped = replace(current[0], active_model_id=target, failed=False,
-                                  updated_ms=int(now * 1000))
+                flipped = _owned(replace(current[0], active_model_id=target, failed=False,
+                                         updated_ms=int(now * 1000)))
                 if await self.registry.put_vmodel(flipped, expected_revision=current[1], previous=current[0]):
                     log.info("vModel switched to its loaded target", vmodel_id=record.vmodel_id,
                              model_id=target)

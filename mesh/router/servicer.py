@@ -88,7 +88,8 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
             self, request: mm.SetVModelSplitRequest, context: grpc.aio.ServicerContext) -> mm.VModelStatusInfo:
         status = await self._m.set_vmodel_split(
             request.vModelId, [(t.modelId, t.weight) for t in request.targets], owner=request.owner,
-            sticky_header=request.stickyHeader, sync=request.sync, stable=request.stableModelId)
+            sticky_header=request.stickyHeader, sync=request.sync, stable=request.stableModelId,
+            infos={t.modelId: _info(t.modelInfo) for t in request.targets[:64] if t.HasField("modelInfo")})
         return vmodel_status_pb(status)
 
     @handled(ORIGIN)

@@ -50,12 +50,11 @@ class ClusterView:
         # Called with the record of an instance that left (to close connections to it).
         self.on_instance_gone: list[Callable[[InstanceRecord], None]] = []
         self.duplicates: set[str] = set()  # instance IDs seen written by two processes (logged once)
-        # Traffic splits (``mesh.router.split``): requests routed per vModel with a split, per
-        # target (mesh_vmodel_requests_total), and the sticky headers those vModels read, with the
-        # number of vModels reading each (the REST edge forwards these headers). Both hold only
-        # vModels that have a split: pruned when the split goes.
+        # Traffic splits (``mesh.router.split``): inference requests routed per vModel with a
+        # split, per target (mesh_vmodel_requests_total), counted only with ``count_splits`` (the
+        # router's per_model_metrics); only vModels that have a split: pruned when the split goes.
         self.split_requests: dict[str, dict[str, int]] = {}
-        self.sticky_headers: dict[str, int] = {}
+        self.count_splits = False
 
     # --- feeding from mirrors -----------------------------------------------------------------
     def put_instance(self, kv: KeyValue) -> None:
@@ -105,8 +104,6 @@ class ClusterView:
         record = VModelRecord.from_json(kv.value)
         self._unsplit(self.vmodels.get(record.vmodel_id), record)
         self.vmodels[record.vmodel_id] = record
-        if record.sticky_header and record.split:
-            self.sticky_headers[record.sticky_header] = self.sticky_headers.get(record.sticky_header, 0) + 1
         self.version += 1
 
     def delete_vmodel(self, key: str) -> None:
@@ -118,12 +115,6 @@ class ClusterView:
         counts of the targets the new record still routes to."""
         if old is None:
             return
-        if old.sticky_header and old.split:
-            left = self.sticky_headers.get(old.sticky_header, 0) - 1
-            if left > 0:
-                self.sticky_headers[old.sticky_header] = left
-            else:
-                self.sticky_headers.pop(old.sticky_header, None)
         counts = self.split_requests.get(old.vmodel_id)
         if counts is not None:
             keep = new.models() if new is not None and new.split else set()

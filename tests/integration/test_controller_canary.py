@@ -11,12 +11,14 @@ fields with our model IDs as the revision names.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import Counter
 from typing import Any
 
 import pytest
 
+from mesh.errors import Code
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.tensors import encode_request
 from tests.integration import test_controller_isvc as isvc_tests
@@ -130,3 +132,84 @@ async def test_canary_of_100_rolls_out_and_a_bad_percent_is_an_invalid_spec(
     await wait_for(invalid(env, NAME), timeout=15, what="InvalidSpec")
     failure = env.model_status(NAME).get("lastFailureInfo") or {}
     assert "canaryTrafficPercent" in failure.get("message", "")
+
+
+# --- the review's findings (canary-fix) ---------------------------------------------------------------
+async def test_no_window_in_which_the_mesh_may_switch_away_from_the_stable_model(
+        env: Env, models: tuple[ModelArtifact, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A canary is one setVModelSplit (registering the new model), never a setVModel first: a slow
+    or failing split call leaves the stable model serving everything, never rolls the canary out
+    (the review's repro: a router's drive_transitions between the two calls switched to the new
+    model at 100 % and auto-deleted the stable one)."""
+    from mesh.controller import router_client
+    original_split = router_client.RouterClient.set_vmodel_split
+    original_set = router_client.RouterClient.set_vmodel
+    calls: list[str] = []
+    failed_once = False
+
+    async def slow_split(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal failed_once
+        await asyncio.sleep(1.5)  # routers drive transitions every second meanwhile
+        if not failed_once:
+            failed_once = True
+            # A refusal, NOT_FOUND even, is reported and retried, never taken for a roll-out.
+            raise router_client.RouterError(Code.NOT_FOUND, "vModel not found (a transient failure)")
+        return await original_split(self, *args, **kwargs)
+
+    async def recorded_set(self, reg, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(reg.model_id)
+        return await original_set(self, reg, **kwargs)
+
+    monkeypatch.setattr(router_client.RouterClient, "set_vmodel_split", slow_split)
+    monkeypatch.setattr(router_client.RouterClient, "set_vmodel", recorded_set)
+    first, second = models
+    await env.start_controller()
+    env.apply(isvc(NAME, model_form(first)))
+    await wait_for(ready(env, NAME), what="Ready")
+    old = (await env.vmodel(NAME)).activeModelId
+    calls.clear()
+    env.apply(isvc(NAME, canary(second, 10)))
+
+    async def split_on() -> bool:
+        v = await env.vmodel(NAME)
+        assert v.activeModelId == old, "the vModel switched away from the stable model"
+        return len(v.splitTargets) == 2
+
+    await wait_for(split_on, timeout=20, what="split 90/10")
+    assert failed_once and calls == []  # no setVModel of the new model at any point
+    v = await env.vmodel(NAME)
+    assert {t.modelId: t.weight for t in v.splitTargets}[old] == 90
+    seen = Counter([await served_by(env, first) for _ in range(100)])
+    assert seen[old] > 50, seen
+
+
+async def test_rolling_the_spec_back_during_a_canary_ends_the_canary(
+        env: Env, models: tuple[ModelArtifact, ...]) -> None:
+    first, second = models
+    await env.start_controller()
+    env.apply(isvc(NAME, model_form(first)))
+    await wait_for(ready(env, NAME), what="Ready")
+    old = (await env.vmodel(NAME)).activeModelId
+    env.apply(isvc(NAME, canary(second, 20)))
+
+    async def split_on() -> bool:
+        return len((await env.vmodel(NAME)).splitTargets) == 2
+
+    await wait_for(split_on, timeout=15, what="split")
+    new = next(t.modelId for t in (await env.vmodel(NAME)).splitTargets if t.modelId != old)
+    env.apply(isvc(NAME, canary(first, 20)))  # the bad canary rolled back; canaryTrafficPercent kept
+
+    async def rolled_back() -> bool:
+        v = await env.vmodel(NAME)
+        return not v.splitTargets and v.activeModelId == old == v.targetModelId
+
+    await wait_for(rolled_back, timeout=15, what="the split cleared")
+    assert set(Counter([await served_by(env, first) for _ in range(50)])) == {old}
+
+    async def canary_gone() -> bool:
+        return (await env.mesh.mesh.getModelStatus(mm.GetStatusRequest(modelId=new), timeout=5)).status \
+            == mm.ModelStatusInfo.NOT_FOUND
+
+    await wait_for(canary_gone, timeout=10, what="the canary auto-deleted")
+    await wait_for(lambda: predictor(env).get("traffic") == [
+        {"revisionName": old, "percent": 100, "latestRevision": True}], what="status traffic of the stable model")

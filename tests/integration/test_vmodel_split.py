@@ -23,7 +23,7 @@ import math
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import aiohttp
@@ -32,6 +32,7 @@ import pytest
 
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.registry.etcd_server import EtcdProcess
+from mesh.router.split import bucket
 from mesh.tensors import encode_request
 from tests.integration.test_metrics import Samples, free_port, scrape
 from tests.support.inprocess import InProcessMesh, memory_url
@@ -51,7 +52,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelArtifact, Mod
 @pytest.fixture
 async def mesh() -> AsyncIterator[tuple[InProcessMesh, int]]:
     port = free_port()
-    m = await InProcessMesh(memory_url(), router_overrides={"metrics_port": port}).start(runtimes=1)
+    # per_model_metrics: mesh_vmodel_requests_total is a per-model label (opt-in, docs/metrics.md)
+    m = await InProcessMesh(memory_url(), router_overrides={"metrics_port": port, "per_model_metrics": True}
+                            ).start(runtimes=1)
     try:
         yield m, port
     finally:
@@ -374,3 +377,184 @@ async def test_split_targets_are_referrers_in_etcd(etcd: EtcdProcess,
         assert status.status == ST.NOT_FOUND
     finally:
         await m.stop()
+
+
+# --- the review's findings (canary-fix) ---------------------------------------------------------------
+def rest_body(model: ModelArtifact) -> dict[str, object]:
+    return {"inputs": [{"name": "input-0", "shape": list(model.sample.shape), "datatype": "FP32",
+                        "data": model.sample.flatten().tolist()}]}
+
+
+async def test_a_sticky_header_is_read_only_for_its_own_vmodel_over_rest(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    """One tenant's sticky header name changes nothing for other requests; an unusable value of it
+    is a random draw, never a 400; credentials and standard headers are refused as sticky headers."""
+    m, port = mesh
+    await stable_vmodel(m, models)
+    await m.mesh.setVModelSplit(split("v", ("stable", 50), ("canary", 50), sticky="x-user"), timeout=60)
+    await m.mesh.ensureLoaded(mm.EnsureLoadedRequest(modelId="stable", sync=True), timeout=30)
+    bad = {"X-User": "x" * 1500}  # too long for gRPC metadata as the REST edge checks it
+    async with aiohttp.ClientSession() as s:
+        # Another model's request carrying that header: not looked at.
+        async with s.post(f"{m.rest_url}/v2/models/stable/infer", json=rest_body(models[0]), headers=bad) as r:
+            assert r.status == 200, await r.text()
+        # The split vModel's own request with an unusable value: served, by a random draw.
+        for _ in range(40):
+            async with s.post(f"{m.rest_url}/v2/models/v/infer", json=rest_body(models[0]), headers=bad) as r:
+                assert r.status == 200, await r.text()
+    samples = await scrape(port)  # both targets drawn (a sticky value would have kept to one)
+    assert all(samples("mesh_vmodel_requests_total", vmodel_id="v", model_id=t) > 0 for t in ("stable", "canary"))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{m.rest_url}/v2/models/v/ready", headers=bad) as r:
+            assert r.status in (200, 400) and "ready" in await r.json()
+    for name in ("Cookie", "authorization", "User-Agent", "content-type", "x-api-key", "host"):
+        code, details = await code_of(m.mesh.setVModelSplit(
+            split("v", ("stable", 90), ("canary", 10), sticky=name), timeout=10))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "stickyHeader" in details, (name, details)
+
+
+async def test_rest_ready_and_v1_follow_the_sticky_header_and_count_inference_once(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    m, port = mesh
+    await stable_vmodel(m, models)
+    await m.mesh.setVModelSplit(split("v", ("stable", 50), ("canary", 50), sticky="x-user"), timeout=60)
+    user = next(u for u in (f"u{i}" for i in range(100)) if bucket(u) < 50)  # sticky on "stable"
+
+    async def counts() -> dict[str, float]:
+        samples = await scrape(port)
+        return {t: samples("mesh_vmodel_requests_total", vmodel_id="v", model_id=t)
+                if samples.has("mesh_vmodel_requests_total", vmodel_id="v", model_id=t) else 0.0
+                for t in ("stable", "canary")}
+
+    async with aiohttp.ClientSession() as s:
+        c0 = await counts()
+        for _ in range(30):
+            async with s.get(f"{m.rest_url}/v2/models/v/ready", headers={"X-User": user}) as r:
+                assert r.status == 200
+            async with s.get(f"{m.rest_url}/v1/models/v", headers={"X-User": user}) as r:
+                assert r.status == 200 and (await r.json())["ready"] is True
+        c1 = await counts()
+        assert c1 == c0  # readiness is no inference: not counted
+        for _ in range(30):
+            async with s.post(f"{m.rest_url}/v1/models/v:predict", json={"instances": models[0].sample[:1].tolist()},
+                              headers={"X-User": user}) as r:
+                assert r.status == 200, await r.text()
+        c2 = await counts()
+        # One V1 predict: one resolution, one count, on the user's own target (metadata and
+        # inference both went there).
+        assert {k: c2[k] - c1[k] for k in c2} == {"stable": 30, "canary": 0}
+
+
+async def test_a_weight_0_target_is_not_reloaded_by_the_routers(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    """Only targets with a weight are kept loaded: a weight-0 one evicted is left to on-demand
+    loading (no pin outside max_pinned_copies); one with a weight is loaded again."""
+    from mesh.gen.mmesh import model_runtime_pb2 as spi
+    from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
+    m, _ = mesh
+    await stable_vmodel(m, models)
+    await m.mesh.setVModelSplit(split("v", ("stable", 100), ("canary", 0)), timeout=60)
+    channel = grpc.aio.insecure_channel(m.runtimes[0].endpoint)
+    runtime = spi_grpc.ModelRuntimeStub(channel)  # type: ignore[no-untyped-call]
+
+    async def status(model_id: str) -> int:
+        return (await m.mesh.getModelStatus(mm.GetStatusRequest(modelId=model_id), timeout=5)).status
+
+    async def unloaded(model_id: str) -> bool:
+        return await status(model_id) != ST.LOADED
+
+    try:
+        assert await status("canary") == ST.LOADED  # loaded when the split was set
+        await runtime.unloadModel(spi.UnloadModelRequest(modelId="canary"), timeout=10)  # as an eviction
+        await m.wait_for(lambda: unloaded("canary"), timeout=10)
+        await asyncio.sleep(3.5)  # three rounds of drive_transitions (every 1 s)
+        assert await status("canary") != ST.LOADED
+        # Control: with a weight, the same eviction is repaired by the routers.
+        await m.mesh.setVModelSplit(split("v", ("stable", 50), ("canary", 50), sync=False), timeout=60)
+        await m.wait_for(lambda: _is(status("canary"), ST.LOADED), timeout=20)
+    finally:
+        await channel.close()
+
+
+async def _is(value: Awaitable[int], wanted: int) -> bool:
+    return await value == wanted
+
+
+async def test_a_model_registered_again_by_someone_else_is_not_auto_deleted(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    m, _ = mesh
+    a, b = models
+
+    async def state(model_id: str) -> int:
+        return (await m.mesh.getModelStatus(mm.GetStatusRequest(modelId=model_id), timeout=5)).status
+
+    for target, art in (("m1", a), ("m2", b)):
+        await m.mesh.setVModel(mm.SetVModelRequest(
+            vModelId="v", targetModelId=target, autoDeleteTargetModel=True, loadNow=True, sync=True,
+            modelInfo=mm.ModelInfo(type="sklearn", path=str(art.path))), timeout=30)
+    await m.wait_for(lambda: _is(state("m1"), ST.NOT_FOUND), timeout=10)  # the vModel's own: auto-deleted
+    await m.register("m1", "sklearn", str(a.path))  # someone's own model now, under the same ID
+    await m.mesh.setVModelSplit(split("v", ("m2", 90), ("m1", 10)), timeout=30)
+    await m.mesh.promoteVModel(mm.PromoteVModelRequest(vModelId="v", modelId="m2", sync=True), timeout=30)
+    await asyncio.sleep(0.5)
+    assert await state("m1") != ST.NOT_FOUND  # not the vModel's: kept
+    # And the vModel's own model still goes when the vModel does.
+    await m.mesh.deleteVModel(mm.DeleteVModelRequest(vModelId="v"), timeout=10)
+    await m.wait_for(lambda: _is(state("m2"), ST.NOT_FOUND), timeout=10)
+
+
+async def test_a_split_can_register_its_canary_as_the_vmodels_own(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    """SplitTarget.modelInfo: the canary registered and split in one call (no transition away from
+    the stable model ever), auto-deleted when the canary is abandoned; nothing registered when the
+    call is refused."""
+    m, _ = mesh
+    stable, canary = models
+
+    async def state(model_id: str) -> int:
+        return (await m.mesh.getModelStatus(mm.GetStatusRequest(modelId=model_id), timeout=5)).status
+
+    await m.register("s", "sklearn", str(stable.path))
+    await m.mesh.setVModel(mm.SetVModelRequest(vModelId="v", targetModelId="s", owner="me", loadNow=True, sync=True),
+                           timeout=30)
+    info = mm.ModelInfo(type="sklearn", path=str(canary.path))
+    request = mm.SetVModelSplitRequest(vModelId="v", owner="me", stableModelId="s", sync=True, targets=[
+        mm.SplitTarget(modelId="s", weight=80), mm.SplitTarget(modelId="c", weight=20, modelInfo=info)])
+    bad = mm.SetVModelSplitRequest()
+    bad.CopyFrom(request)
+    bad.owner = "someone-else"
+    assert (await code_of(m.mesh.setVModelSplit(bad, timeout=10)))[0] == grpc.StatusCode.ALREADY_EXISTS  # owner
+    assert await state("c") == ST.NOT_FOUND  # refused: nothing registered
+    status = await m.mesh.setVModelSplit(request, timeout=60)
+    assert status.activeModelId == "s" and status.targetModelId == "s"
+    assert [(t.modelId, t.weight, t.modelStatus.status) for t in status.splitTargets] == [
+        ("s", 80, ST.LOADED), ("c", 20, ST.LOADED)]
+    again = await m.mesh.setVModelSplit(request, timeout=60)  # idempotent: found registered, still its own
+    assert len(again.splitTargets) == 2
+    # Abandoned: a plain setVModel of the stable model clears the split; the canary goes.
+    await m.mesh.setVModel(mm.SetVModelRequest(vModelId="v", targetModelId="s", owner="me"), timeout=30)
+    await m.wait_for(lambda: _is(state("c"), ST.NOT_FOUND), timeout=10)
+    assert await state("s") != ST.NOT_FOUND  # registered by hand: never auto-deleted
+
+
+async def test_a_graph_step_naming_a_sticky_split_vmodel_follows_the_header_over_rest(
+        mesh: tuple[InProcessMesh, int], models: tuple[ModelArtifact, ModelArtifact]) -> None:
+    from mesh.gen.mmesh import graphs_pb2 as gp
+    from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
+    m, port = mesh
+    await stable_vmodel(m, models)
+    await m.mesh.setVModelSplit(split("v", ("stable", 50), ("canary", 50), sticky="x-user"), timeout=60)
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceName": "v"}]}}}
+    assert m.channel is not None
+    await gp_grpc.ModelMeshGraphsStub(m.channel).setGraph(  # type: ignore[no-untyped-call]
+        gp.SetGraphRequest(graphId="g", specJson=json.dumps(spec)), timeout=10)
+    user = next(u for u in (f"u{i}" for i in range(100)) if bucket(u) >= 50)  # sticky on "canary"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.post(f"{m.rest_url}/v2/models/g/infer", json=rest_body(models[0]),
+                              headers={"X-User": user}) as r:
+                assert r.status == 200, await r.text()
+    samples = await scrape(port)
+    assert samples("mesh_vmodel_requests_total", vmodel_id="v", model_id="canary") == 20
+    assert not samples.has("mesh_vmodel_requests_total", vmodel_id="v", model_id="stable") or \
+        samples("mesh_vmodel_requests_total", vmodel_id="v", model_id="stable") == 0

@@ -3,16 +3,19 @@ and what the router's view keeps for them (bounded, pruned when a split goes).""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
 import pytest
 
-from mesh.errors import InvalidArgument
+from mesh.cli.client import CliError
+from mesh.cli.commands import split_targets
+from mesh.errors import BadRecord, InvalidArgument
 from mesh.registry.base import KeyValue
 from mesh.registry.keys import Keys
 from mesh.registry.records import FailureRecord, InstanceRecord, SplitTarget, VModelRecord
-from mesh.router.split import bucket, check_split, check_sticky_header, choose, pick, receiving
+from mesh.router.split import bucket, check_split, check_sticky_header, choose, pick, receiving, usable
 from mesh.router.view import ClusterView
 
 
@@ -42,6 +45,7 @@ def test_pick_walks_the_cumulative_weights() -> None:
 
 def test_choose_is_sticky_by_header_and_random_without() -> None:
     view = ClusterView(Keys("/m/"))
+    view.count_splits = True
     rec = record(("a", 50), ("b", 50), sticky="x-user")
     put(view, rec)
     rng = random.Random(1)
@@ -65,17 +69,16 @@ def test_the_views_split_state_is_pruned_with_the_split() -> None:
     view = ClusterView(Keys("/m/"))
     rec = record(("a", 50), ("b", 50), sticky="x-user")
     put(view, rec)
-    assert view.sticky_headers == {"x-user": 1}
     view.count_split_request("v", "a")
     view.count_split_request("v", "b")
     put(view, record(("a", 50), ("c", 50), sticky="x-other"))  # b left the split: its count goes
-    assert view.split_requests == {"v": {"a": 1}} and view.sticky_headers == {"x-other": 1}
+    assert view.split_requests == {"v": {"a": 1}}
     put(view, VModelRecord("v", "a", "a"))  # no split: nothing kept
-    assert view.split_requests == {} and view.sticky_headers == {}
+    assert view.split_requests == {}
     put(view, rec)
     view.count_split_request("v", "a")
     view.delete_vmodel(view.keys.vmodel("v"))
-    assert view.split_requests == {} and view.sticky_headers == {}
+    assert view.split_requests == {}
     assert rec.models() == {"a", "b"} and "v" not in view.referrers("a")
 
 
@@ -106,3 +109,80 @@ def test_old_records_decode_without_a_split() -> None:
     old = b'{"vmodel_id":"v","active_model_id":"a","target_model_id":"b"}'
     rec = VModelRecord.from_json(old)
     assert rec.split == () and rec.sticky_header == "" and rec.models() == {"a", "b"}
+
+
+# --- the review's findings (canary-fix) ---------------------------------------------------------------
+@pytest.mark.parametrize("name", ["Cookie", "authorization", "Proxy-Authorization", "user-agent", "host",
+                                  "x-api-key", "x-auth-token", "content-type", "content-length", "te",
+                                  "connection", "referer", "mesh-load"])
+def test_credentials_and_standard_headers_are_no_sticky_header(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="credential"):
+        check_sticky_header("v", name)
+
+
+def test_every_header_the_data_plane_strips_is_refused_as_a_sticky_header() -> None:
+    from mesh.router.dataplane import STRIP
+    for name in STRIP:
+        with pytest.raises(InvalidArgument):
+            check_sticky_header("v", name)
+
+
+def test_an_unusable_sticky_value_is_a_random_draw_not_an_error() -> None:
+    view = ClusterView(Keys("/m/"))
+    rec = record(("a", 50), ("b", 50), sticky="x-user")
+    rng = random.Random(3)
+    for value in ("x" * 1025, "b\u00fcro", "tab\there", b"\xff\xfe"):
+        drawn = {choose(rec, view, (("x-user", value),), rng) for _ in range(200)}
+        assert drawn == {"a", "b"}  # not sticky (random), and no exception
+    assert usable("alice") == "alice" and usable(b"alice") == "alice" and usable(None) is None
+
+
+def test_choose_counts_only_inference_and_only_when_asked() -> None:
+    view = ClusterView(Keys("/m/"))
+    rec = record(("a", 50), ("b", 50))
+    choose(rec, view, (), random.Random(1))
+    assert view.split_requests == {}  # per-model metrics off (the default): nothing kept
+    view.count_splits = True
+    choose(rec, view, (), random.Random(1), count=False)  # readiness, metadata
+    assert view.split_requests == {}
+    choose(rec, view, (), random.Random(1))
+    assert sum(view.split_requests["v"].values()) == 1
+
+
+def test_split_requests_metric_is_per_model_opt_in() -> None:
+    from mesh.observability.metrics import RouterMetrics
+
+    def families(per_model: bool) -> set[str]:
+        view = ClusterView(Keys("/m/"))
+        view.count_splits = per_model
+        put(view, record(("a", 50), ("b", 50)))
+        choose(view.vmodels["v"], view, (), random.Random(1))
+        return {f.name for f in RouterMetrics(per_model=per_model)._cluster(view, {})}
+    assert "mesh_vmodel_requests" not in families(False)
+    assert "mesh_vmodel_requests" in families(True)
+
+
+@pytest.mark.parametrize("extra", [
+    {"split": [{"model_id": "a", "weight": -50}, {"model_id": "b", "weight": 150}]},
+    {"split": [{"model_id": "a", "weight": 0}]},
+    {"split": [{"model_id": "", "weight": 100}]},
+    {"split": [{"model_id": "a", "weight": 50}, {"model_id": "a", "weight": 50}]},
+    {"split": [{"model_id": "a", "weight": 10**40}]},
+    {"split": [{"model_id": f"m{i}", "weight": 0} for i in range(99)] + [{"model_id": "z", "weight": 100}]},
+    {"split": [{"model_id": "a", "weight": 100}], "sticky_header": "X User"},
+])
+def test_a_stored_split_that_no_write_could_make_is_a_bad_record(extra: dict[str, object]) -> None:
+    raw = json.dumps({"vmodel_id": "v", "active_model_id": "a", "target_model_id": "a", **extra}).encode()
+    with pytest.raises(BadRecord):
+        VModelRecord.from_json(raw)
+    view = ClusterView(Keys("/m/"))
+    with pytest.raises(BadRecord):  # the watch skips it, as any undecodable record
+        view.put_vmodel(KeyValue(view.keys.vmodel("v"), raw, 1, 1))
+    assert "v" not in view.vmodels
+
+
+@pytest.mark.parametrize("text", ["a=\u00b2", "a=\u0663", "a=\uff11\uff10", "a=1.5", "a=-1", "a=", "=10", "a=1000"])
+def test_cli_split_targets_refuse_what_is_not_ascii_digits(text: str) -> None:
+    with pytest.raises(CliError) as err:
+        split_targets([text])
+    assert err.value.exit_code == 2

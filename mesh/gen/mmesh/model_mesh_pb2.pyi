@@ -221,12 +221,14 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ListModelsResponse.Entry, _Mapping]]] = ..., nextPageToken: _Optional[str] = ...) -> None: ...
 
 class SplitTarget(_message.Message):
-    __slots__ = ("modelId", "weight")
+    __slots__ = ("modelId", "weight", "modelInfo")
     MODELID_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODELINFO_FIELD_NUMBER: _ClassVar[int]
     modelId: str
     weight: int
-    def __init__(self, modelId: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+    modelInfo: ModelInfo
+    def __init__(self, modelId: _Optional[str] = ..., weight: _Optional[int] = ..., modelInfo: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class SetVModelSplitRequest(_message.Message):
     __slots__ = ("vModelId", "owner", "targets", "stickyHeader", "sync", "stableModelId")
