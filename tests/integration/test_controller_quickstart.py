@@ -101,7 +101,7 @@ def assert_quickstart_status(env: Env, name: str) -> None:
     # KServe's revision fields, the model ID as the revision: all traffic to it (no canary here)
     model_id = model_status.get("lastFailureInfo", {}).get("modelRevisionName") or predictor["latestReadyRevision"]
     assert model_id.startswith(f"{name}__isvc-")
-    assert predictor["traffic"] == [{"tag": "latest", "revisionName": model_id, "percent": 100, "latestRevision": True}]
+    assert predictor["traffic"] == [{"revisionName": model_id, "percent": 100, "latestRevision": True}]
 
 
 async def infer_by_name(env: Env, name: str, input_name: str, model: ModelArtifact) -> None:
