@@ -52,6 +52,17 @@ from mesh.tasks import RootTasks, call_soon_safely
 log = structlog.get_logger(__name__)
 
 
+def _to_loop(loop: asyncio.AbstractEventLoop, handler: Callable[..., None], *args: Any) -> Callable[[WatchEvent], None]:
+    """A watch thread's delivery: ``handler(event, *args)`` on the event loop (dropped once the
+    loop is closed: we are shutting down)."""
+    def deliver(event: WatchEvent) -> None:  # watch thread
+        try:
+            loop.call_soon_threadsafe(handler, event, *args)
+        except RuntimeError:
+            pass
+    return deliver
+
+
 class _ThreadedStatusWriter:
     """The blocking Kubernetes client's status patch, off the event loop."""
 
@@ -88,13 +99,8 @@ def _runtime_watchers(cs: ControllerSettings, client: Any, catalog: RuntimeCatal
     watchers = []
     for plural, api in ((SR_PLURAL, PredictorApi(client, cs.namespace, plural=SR_PLURAL)),
                         (CSR_PLURAL, PredictorApi(client, plural=CSR_PLURAL, cluster=True))):
-        def deliver(event: WatchEvent, plural: str = plural) -> None:  # watch thread
-            try:
-                loop.call_soon_threadsafe(on_event, event, plural)
-            except RuntimeError:
-                pass  # the loop is closed: we are shutting down
-
-        watchers.append(PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s, backoff_max_s=cs.backoff_max_s))
+        watchers.append(PredictorWatcher(api, _to_loop(loop, on_event, plural), timeout_s=cs.watch_timeout_s,
+                                         backoff_max_s=cs.backoff_max_s))
     return watchers
 
 
@@ -113,13 +119,7 @@ def _namespace_watcher(cs: ControllerSettings, client: Any, namespaces: Namespac
             for controller in controllers:
                 controller.requeue_all(changed)
 
-    def deliver(event: WatchEvent) -> None:  # watch thread
-        try:
-            loop.call_soon_threadsafe(on_event, event)
-        except RuntimeError:
-            pass  # the loop is closed: we are shutting down
-
-    return PredictorWatcher(NamespaceApi(client), deliver, timeout_s=cs.watch_timeout_s,
+    return PredictorWatcher(NamespaceApi(client), _to_loop(loop, on_event), timeout_s=cs.watch_timeout_s,
                             backoff_max_s=cs.backoff_max_s)
 
 
@@ -179,15 +179,8 @@ async def serve_controller(settings: Settings, roots: RootTasks,
                                          poll_s=min(1.0, cs.resync_s), kind=kind, select=select,
                                          ready=ready, served=namespaces.enabled if namespaces else None,
                                          events=events)
-
-        def deliver(event: WatchEvent, controller: PredictorController = controller) -> None:  # watch thread
-            try:
-                loop.call_soon_threadsafe(controller.on_event, event)
-            except RuntimeError:
-                pass  # the loop is closed: we are shutting down
-
         controllers.append(controller)
-        watchers.append(PredictorWatcher(api, deliver, timeout_s=cs.watch_timeout_s,
+        watchers.append(PredictorWatcher(api, _to_loop(loop, controller.on_event), timeout_s=cs.watch_timeout_s,
                                          backoff_max_s=cs.backoff_max_s))
         roots.spawn(controller.run(), f"{kind.name.lower()}-reconcile")
     everyone.extend(controllers)
@@ -199,15 +192,8 @@ async def serve_controller(settings: Settings, roots: RootTasks,
                                  ready=[namespaces.synced] if namespaces else [],
                                  served_namespace=namespaces.enabled if namespaces else None,
                                  events=events)
-
-        def deliver_graph(event: WatchEvent) -> None:  # watch thread
-            try:
-                loop.call_soon_threadsafe(graphs.on_event, event)
-            except RuntimeError:
-                pass  # the loop is closed: we are shutting down
-
         everyone.append(graphs)
-        watchers.append(PredictorWatcher(graph_api, deliver_graph, timeout_s=cs.watch_timeout_s,
+        watchers.append(PredictorWatcher(graph_api, _to_loop(loop, graphs.on_event), timeout_s=cs.watch_timeout_s,
                                          backoff_max_s=cs.backoff_max_s))
         roots.spawn(graphs.run(), "inferencegraph-reconcile")
     if cs.manage_runtimes:

@@ -38,8 +38,8 @@ from mesh.controller.graphs import (
     status_patch,
 )
 from mesh.controller.predictor import Key, VModelState, timestamp
-from mesh.controller.reconciler import EventRecorder, StatusWriter
-from mesh.controller.watched import ObjectController, generation
+from mesh.controller.reconciler import StatusWriter
+from mesh.controller.watched import EventRecorder, ObjectController
 from mesh.errors import Code, MeshError
 from mesh.settings import ControllerSettings
 
@@ -77,16 +77,14 @@ class GraphController(ObjectController):
                  workers: int = 2, clock: Callable[[], float] = time.time, ready: Sequence[asyncio.Event] = (),
                  served_namespace: Callable[[str], bool] | None = None,
                  events: EventRecorder | None = None) -> None:
-        super().__init__(settings, workers=workers, ready=ready)
+        super().__init__(settings, workers=workers, ready=ready, events=events)
         self.mesh = mesh
         self.kube = kube
         self.rest_url = rest_url
         self.clock = clock
         self.served_namespace = served_namespace
-        self.events = events
         self.defined: dict[Key, Mapping[str, Any]] = {}  # the nodes last sent for each object
         self._cleared: set[Key] = set()  # objects not the mesh's whose graph was removed once
-        self._warned: dict[Key, tuple[Any, str, str]] = {}
 
     def owner(self, namespace: str) -> str:
         return f"{self.settings.owner}/{namespace}/{SOURCE}"
@@ -105,7 +103,7 @@ class GraphController(ObjectController):
                 self._cleared.add(key)
             else:
                 self._cleared.discard(key)
-                self._warned.pop(key, None)
+                self.forget_warnings(key)
             return None
         assert obj is not None
         self._cleared.discard(key)
@@ -122,7 +120,7 @@ class GraphController(ObjectController):
                 delay = RETRY_MISSING_S if missing else None
                 log.warning("InferenceGraph names services it may not use", namespace=namespace, graph=name,
                             error=failure.message)
-                await self._warn(key, obj, failure)
+                await self.warn(key, obj, failure.reason, failure.message)
                 held = await self._held(name, owner)
             elif self.defined.get(key) != spec:
                 state = await self.mesh.set_graph(name, spec, owner=owner)
@@ -143,7 +141,7 @@ class GraphController(ObjectController):
             log.warning("the mesh refused the InferenceGraph", namespace=namespace, graph=name, error=exc.message)
             if exc.code is Code.NOT_FOUND:
                 delay = RETRY_MISSING_S  # the models it names may be on their way
-            await self._warn(key, obj, failure)
+            await self.warn(key, obj, failure.reason, failure.message)
             held = await self._held(name, owner)
         wanted = graph_status(obj, held, failure, rest_url=self.rest_url, now=timestamp(int(self.clock() * 1000)))
         await self._write(key, obj, wanted)
@@ -187,14 +185,6 @@ class GraphController(ObjectController):
                 raise
             log.warning("graph not deleted: another owner has it", graph=name, error=exc.message)
 
-    async def _warn(self, key: Key, obj: Mapping[str, Any], failure: GraphFailure) -> None:
-        if self.events is None:
-            return
-        seen = (generation(obj), failure.reason, failure.message)
-        if self._warned.get(key) == seen:
-            return
-        self._warned[key] = seen
-        await self.events.warn(obj, failure.reason, failure.message)
 
     async def _write(self, key: Key, obj: dict[str, Any], wanted: dict[str, Any]) -> None:
         patch = status_patch(obj, wanted)

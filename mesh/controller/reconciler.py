@@ -65,7 +65,7 @@ from mesh.controller.predictor import (
     status_patch,
     timestamp,
 )
-from mesh.controller.watched import ObjectController, generation
+from mesh.controller.watched import EventRecorder, ObjectController
 from mesh.errors import Code, MeshError
 from mesh.settings import ControllerSettings
 
@@ -92,11 +92,6 @@ class MeshApi(Protocol):
 
 class StatusWriter(Protocol):
     async def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
-
-
-class EventRecorder(Protocol):
-    async def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
-        """Record a Warning Event about ``obj``; never raises (an Event is best effort)."""
 
 
 class Usage(Protocol):
@@ -209,14 +204,12 @@ class PredictorController(ObjectController):
                  kind: Kind | None = None, select: RuntimeSelector | None = None,
                  usage: Usage | None = None, ready: Sequence[asyncio.Event] = (),
                  served: Callable[[str], bool] | None = None, events: EventRecorder | None = None) -> None:
-        super().__init__(settings, workers=workers, ready=ready)
+        super().__init__(settings, workers=workers, ready=ready, events=events)
         self.kind = kind or Kind()
         self.kind_name = self.kind.name
         self.select = select
         self.usage = usage
         self.served = served  # whether a namespace is served (controller.namespace_label); None: all
-        self.events = events
-        self._warned: dict[Key, tuple[Any, str, str]] = {}  # the last Warning Event per object
         self.mesh = mesh
         self.kube = kube
         self.poll_s = poll_s
@@ -259,7 +252,7 @@ class PredictorController(ObjectController):
                 await self._write(key, obj, predictor_status(
                     state, previous=self.kind.previous(obj), failure=invalid, now_ms=self._now_ms(),
                     grpc_endpoint=self.grpc_endpoint))
-                await self._warn(key, obj, invalid)
+                await self.warn(key, obj, invalid.reason, invalid.message)
                 return None
         if reg is None and obj is not None and key in self._cleared:
             return None
@@ -276,7 +269,7 @@ class PredictorController(ObjectController):
                 self._cleared.add(key)
             else:
                 self._cleared.discard(key)
-                self._warned.pop(key, None)
+                self.forget_warnings(key)
             if self.registered.pop(key, None) is not None:
                 log.info(f"{self.kind.name} deleted or no longer served; vModel removed", namespace=namespace,
                          name=name)
@@ -331,7 +324,7 @@ class PredictorController(ObjectController):
             self.registered.pop(key, None)  # try setVModel again next time
             log.warning("the mesh refused the Predictor", namespace=namespace, predictor=name,
                         reason=failure.reason, error=exc.message)
-            await self._warn(key, obj, failure)
+            await self.warn(key, obj, failure.reason, failure.message)
             state = await self.mesh.vmodel_status(name, owner=owner)
         new = predictor_status(state, previous=status, failure=failure, now_ms=self._now_ms(),
                                grpc_endpoint=self.grpc_endpoint)
@@ -344,16 +337,6 @@ class PredictorController(ObjectController):
             self._settling.pop(key, None)
         return delay
 
-    async def _warn(self, key: Key, obj: Mapping[str, Any], failure: Failure) -> None:
-        """A Warning Event for a failure the controller found, once per generation and failure
-        (the status says it too; the Event reaches `kubectl describe` and `kubectl get events`)."""
-        if self.events is None:
-            return
-        seen = (generation(obj), failure.reason, failure.message)
-        if self._warned.get(key) == seen:
-            return
-        self._warned[key] = seen
-        await self.events.warn(obj, failure.reason, failure.message)
 
     # --- canaries (InferenceService canaryTrafficPercent; mesh.controller.isvc) ----------------------
     async def _load_stable(self, model_id: str) -> None:

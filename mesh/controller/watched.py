@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -24,6 +24,11 @@ from mesh.errors import MeshError
 from mesh.settings import ControllerSettings
 
 log = structlog.get_logger(__name__)
+
+
+class EventRecorder(Protocol):
+    async def warn(self, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        """Record a Warning Event about ``obj``; never raises (an Event is best effort)."""
 
 
 def generation(obj: Mapping[str, Any]) -> Any:
@@ -42,8 +47,10 @@ class ObjectController:
     kind_name = "object"
 
     def __init__(self, settings: ControllerSettings, *, workers: int = 4,
-                 ready: Sequence[asyncio.Event] = ()) -> None:
+                 ready: Sequence[asyncio.Event] = (), events: EventRecorder | None = None) -> None:
         self.settings = settings
+        self.events = events
+        self._warned: dict[Key, tuple[Any, str, str]] = {}  # the last Warning Event per object
         self.workers = workers
         self.ready = ready  # reconciles start once these are set (the runtimes and namespaces are known)
         self.cache: dict[Key, dict[str, Any]] = {}  # the latest object of every key, from the watch
@@ -87,6 +94,20 @@ class ObjectController:
         for key in self.cache:
             if namespaces is None or key[0] in namespaces:
                 self.queue.add(key)
+
+    async def warn(self, key: Key, obj: Mapping[str, Any], reason: str, message: str) -> None:
+        """A Warning Event for a failure the controller found, once per generation and failure
+        (the status says it too; the Event reaches `kubectl describe` and `kubectl get events`)."""
+        if self.events is None:
+            return
+        seen = (generation(obj), reason, message)
+        if self._warned.get(key) == seen:
+            return
+        self._warned[key] = seen
+        await self.events.warn(obj, reason, message)
+
+    def forget_warnings(self, key: Key) -> None:
+        self._warned.pop(key, None)
 
     # --- work -----------------------------------------------------------------------------------
     async def run(self) -> None:
