@@ -52,6 +52,8 @@ import structlog
 from mesh.errors import InvalidArgument
 from mesh.router.cloudevents import BATCH_CONTENT_TYPE, CONTENT_MODES, Encoder, Entry
 
+WARN_EVERY_S = 60.0  # a failing sink's warning, at most this often
+
 log = structlog.get_logger(__name__)
 payload_log = structlog.get_logger("mesh.payloads")
 
@@ -175,6 +177,10 @@ class Sink:
         self._idle.set()
         self._flushing = False
         self._refused = False  # a 4xx was logged as a warning once
+        # Other failures (a sink down, unreachable, failing): a warning at most once a minute, with
+        # the records failed since the last one, so a typo in the sink's host is not silent.
+        self._failure_said_at = -WARN_EVERY_S
+        self._failed_unsaid = 0
         self.closed = False
 
     def offer(self, record: Record) -> None:
@@ -285,8 +291,14 @@ class Sink:
                         error=str(exc), records=records,
                         content_type=BATCH_CONTENT_TYPE if self.batched else "binary mode (ce-* headers)",
                         hint="router.payload_content_mode chooses binary or batched")
-        else:
-            log.debug("payload records not sent", sink=self.processor.uri, error=str(exc), records=records)
+            return
+        self._failed_unsaid += records
+        now = time.monotonic()
+        if now - self._failure_said_at >= WARN_EVERY_S:
+            log.warning("payload records not sent; they count as failed", sink=self.processor.uri, error=str(exc),
+                        records=self._failed_unsaid, retries=self.retries,
+                        note=f"said at most once every {WARN_EVERY_S:g} s, with the records failed since")
+            self._failure_said_at, self._failed_unsaid = now, 0
 
     async def flush(self, grace_s: float) -> None:
         """Wait up to ``grace_s`` for the queue to empty (no lingering), then stop counting and

@@ -280,3 +280,39 @@ def test_content_mode_is_checked() -> None:
                     "urn:test")
     with pytest.raises(InvalidArgument, match=r"router\.payload_batch_records"):
         payload_log(RouterSettings(payload_processors=("http://127.0.0.1:1/",), payload_batch_records=0), "urn:test")
+
+
+async def test_a_failing_sink_is_said_once_a_minute_with_the_records_since() -> None:
+    """A sink that is down (a typo in its host) is not silent, and not a line per record either."""
+    from structlog.testing import capture_logs
+
+    down = Scripted(*[SinkError("connection refused")] * 30)
+    failing = sink(down, inflight=1, retries=0)
+    log = PayloadLog([failing], mode="request")
+    task = asyncio.create_task(log.run())
+
+    async def failed(n: int) -> None:
+        for _ in range(500):
+            if failing.failed >= n:
+                return
+            await asyncio.sleep(0.002)
+        raise AssertionError(f"{failing.failed} records failed, not {n}")
+
+    try:
+        with capture_logs() as logs:
+            for n in (1, 2, 3):
+                log.log((), "m", "", b"r", None)
+                await failed(n)
+        said = [e for e in logs if e["event"].startswith("payload records not sent")]
+        assert len(said) == 1, logs
+        assert said[0]["records"] == 1 and said[0]["sink"] == failing.processor.uri
+        assert said[0]["log_level"] == "warning"
+        failing._failure_said_at -= 60  # a minute later: said again, with what failed meanwhile
+        with capture_logs() as logs:
+            log.log((), "m", "", b"r", None)
+            await failed(4)
+        (again,) = [e for e in logs if e["event"].startswith("payload records not sent")]
+        assert again["records"] == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
