@@ -73,7 +73,7 @@ def read_spec(path: str, graph_id: str) -> dict[str, Any]:
         raise CliError(f"-f: {path} is over {MAX_FILE_BYTES} bytes; a graph spec is at most {MAX_SPEC_BYTES} "
                        "bytes of JSON", exit_code=2)
     try:
-        doc = yaml.load(raw, Loader=_NoAliasLoader)  # noqa: S506  # a SafeLoader, without aliases
+        doc = yaml.load(raw, Loader=_NoAliasLoader)  # a SafeLoader, without aliases
     except RecursionError:
         raise CliError(f"-f: {path} is nested too deeply to read", exit_code=2) from None
     except yaml.YAMLError as exc:

@@ -61,8 +61,9 @@ from mesh.errors import InvalidArgument, MeshError
 from mesh.graphs.condition import Condition, compile_condition
 from mesh.ids import check_model_id
 
-__all__ = ["MAX_CALLS", "MAX_COMPONENTS", "MAX_CONDITION", "MAX_NAME", "MAX_NODES", "MAX_SPEC_BYTES", "MAX_STEPS", "REQUEST", "RESPONSE",
-           "ROOT", "ROUTER_TYPES", "Graph", "Node", "Step", "graph_models", "parse_graph", "spec_json"]
+__all__ = ["MAX_CALLS", "MAX_COMPONENTS", "MAX_CONDITION", "MAX_NAME", "MAX_NODES", "MAX_SPEC_BYTES",
+           "MAX_STEPS", "REQUEST", "RESPONSE", "ROOT", "ROUTER_TYPES", "Graph", "Node", "Step", "graph_models",
+           "parse_graph", "spec_json"]
 
 ROOT = "root"
 ROUTER_TYPES = ("Sequence", "Switch", "Ensemble", "Splitter")

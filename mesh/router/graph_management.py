@@ -44,8 +44,15 @@ import orjson
 import structlog
 
 from mesh.auth import Principal, current_caller
-from mesh.errors import (AlreadyExists, Code, FailedPrecondition, InvalidArgument, MeshError, PermissionDenied,
-                         ResourceExhausted)
+from mesh.errors import (
+    AlreadyExists,
+    Code,
+    FailedPrecondition,
+    InvalidArgument,
+    MeshError,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from mesh.graphs.spec import MAX_SPEC_BYTES, Graph, graph_models, parse_graph, spec_json
 from mesh.ids import check_model_id
 from mesh.registry.records import GraphRecord
@@ -192,8 +199,8 @@ class GraphManagement:
             models.append(GraphModel(name, status, is_vmodel=active is not None, active_model_id=active or ""))
         ready = bool(models) and all(m.status.status == "LOADED" for m in models)
         shadowed = record.graph_id in self.view.vmodels or await self.registry.get_vmodel(record.graph_id) is not None
-        status = "SHADOWED" if shadowed else "READY" if ready else "DEFINED"
-        return GraphStatus(status=status, spec_json=spec_json(record.spec).decode(),
+        state = "SHADOWED" if shadowed else "READY" if ready else "DEFINED"
+        return GraphStatus(status=state, spec_json=spec_json(record.spec).decode(),
                            models=models, owner=record.owner, updated_ms=record.updated_ms)
 
     async def delete_graph(self, graph_id: str, *, owner: str = "") -> None:
