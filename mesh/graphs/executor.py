@@ -123,7 +123,7 @@ class GraphError(RemoteError):
 
 
 class GraphRunner:
-    def __init__(self, call: StepCall, rng: random.Random | None = None, *, max_bytes: int = 0,
+    def __init__(self, call: StepCall, rng: random.Random | None = None, *, max_bytes: int = 256 * _MIB,
                  default_timeout: float | None = None, clock: Callable[[], float] | None = None) -> None:
         self._call = call
         self._rng = rng if rng is not None else random.Random()
@@ -218,17 +218,18 @@ class _Run:
         remaining = self.time_left(node, step, "this step started")
         if step.node:
             return await self.node(self.graph.nodes[step.node], request)
-        body = request.to(step.model)
-        self.charge(node, step, len(body))
+        # Charged before the request is made (one copy of the tensors), so a request over its
+        # budget never makes it; the request is no local of this frame, so a failure's traceback
+        # (kept while the node runs: a Soft failure until the Ensemble ends) does not keep it.
+        self.charge(node, step, request.size)
         try:
-            answer = await self._call(step.model, body, self.headers, remaining)
+            answer = await self._call(step.model, request.to(step.model), self.headers, remaining)
         except GraphError:
             raise
         except StepRefused as e:
-            raise self.error(node, step, e.code, e.message, stops=True) from e
+            raise self.error(node, step, e.code, e.message, stops=True) from _bare(e)
         except MeshError as e:
-            raise self.error(node, step, e.code, e.message) from e
-        del body
+            raise self.error(node, step, e.code, e.message) from _bare(e)
         self.charge(node, step, len(answer))
         return answer
 
@@ -327,6 +328,18 @@ class _Run:
             return v2.merge(parts, request.id)
         except MeshError as e:
             raise self.error(node, None, Code.INTERNAL, e.message) from e
+
+
+def _bare(error: BaseException) -> BaseException:
+    """``error`` and the exceptions it chains without their tracebacks: their frames hold the
+    step's request (megabytes), and a graph keeps failures until its node answers."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return error
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -173,6 +173,11 @@ class Request:
     head: bytes
     id: str
 
+    @property
+    def size(self) -> int:
+        """About the bytes of a step's request made by :meth:`to` (its tags and model name aside)."""
+        return sum(len(p) for p in self.parts) + sum(len(r) + 6 for r in self.raw)
+
     def to(self, model: str) -> bytes:
         """The request for one step: these fields addressed to ``model``."""
         pieces: list[Buffer] = [*self.parts]

@@ -667,3 +667,19 @@ async def test_a_known_field_with_another_wire_type_is_an_unknown_field() -> Non
     np.testing.assert_array_equal(outputs["y"], X * 2)
     assert all(f > 0 for f, _, _, _ in v2._fields(bytes(req.SerializeToString()), "request"))
     assert [f for f, _, _, _ in v2._fields(body, "request")][-1] == -7
+
+
+async def test_a_failed_steps_error_keeps_no_frames_and_so_not_its_request() -> None:
+    # A failure is kept while its node runs (a Soft one until the Ensemble answers); the frames of
+    # its traceback hold the step's request, a copy of the client's tensors. They are dropped.
+    async def fails(model: str, body: bytes, headers: Headers, timeout: float | None) -> bytes:
+        try:
+            raise ValueError("deep inside")
+        except ValueError as inner:
+            raise RemoteError(Code.UNAVAILABLE, "runtime gone") from inner
+
+    with pytest.raises(GraphError) as info:
+        await GraphRunner(fails).run(graph(root=seq({"serviceName": "double"})), request(), HEADERS, 30.0)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteError) and cause.__traceback__ is None
+    assert isinstance(cause.__cause__, ValueError) and cause.__cause__.__traceback__ is None
