@@ -156,6 +156,20 @@ class RouterSettings:
                                            "without one), overriding autoscale_min/max_replicas.")
     autoscale_scale_to_zero: bool = _f(True, "A runtime group with no registered model asks for 0 replicas "
                                        "(modelmesh-serving's ScaleToZero); off: its minimum.")
+    # --- inference graph bounds (mesh.graphs; README "Inference graphs", docs/security.md) ---------
+    graph_default_timeout_s: float = _f(60.0, "Deadline of an inference graph request whose client set none "
+                                        "(a graph makes up to 256 model calls for one request: none may run "
+                                        "unbounded); 0: no deadline. A client's own deadline always applies.",
+                                        "s")
+    max_graph_request_bytes: int = _f(256 * _MIB, "Bytes the steps of one graph request may make: every step's "
+                                      "request, every answer and every merged Ensemble answer, counted as "
+                                      "made; past it the request fails with RESOURCE_EXHAUSTED. 256 MiB is "
+                                      "a 16 MiB request through 8 steps with answers of its size; 0: no bound.",
+                                      "bytes")
+    max_graphs: int = _f(1000, "Inference graphs the mesh may hold (setGraph of a new one past it: "
+                         "RESOURCE_EXHAUSTED). Every router holds every graph parsed, at most ~0.3 MiB each (64 KiB "
+                         "of JSON, 2048 condition components); 0: no bound.", "graphs")
+    # --- end of inference graph bounds ------------------------------------------------------------
     # Payload logging (mesh.router.payloads): inference records as KServe logger CloudEvents.
     payload_processors: tuple[str, ...] = _f((), "Where inference records go, ModelMesh's MM_PAYLOAD_PROCESSORS "
                                              "URIs (comma- or space-separated): http(s)://host:port/path posts "

@@ -6,6 +6,11 @@ both): either a whole ``InferenceGraph`` manifest (``kind: InferenceGraph``, who
 taken; its ``metadata.name`` must then be NAME, so a file is not applied under the wrong name by
 accident) or only the spec (a mapping with ``nodes``). ``-f -`` reads standard input. The router
 checks the spec; its refusal (naming node and step) is printed as the one-line error.
+
+The file is bounded before it reaches the router: at most 4x the spec's JSON limit in bytes, no YAML
+aliases (``*name``: a few lines of aliases expand to gigabytes, the "billion laughs"; a graph spec
+has no use for them), nesting Python can walk (a RecursionError is a one-line error), and the JSON
+produced at most ``MAX_SPEC_BYTES``. Each refusal is one line and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +28,17 @@ from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.graphs.spec import MAX_SPEC_BYTES
 
 MAX_FILE_BYTES = 4 * MAX_SPEC_BYTES  # YAML with comments is larger than its JSON; the router bounds the JSON
+
+
+class _NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML's classes are untyped
+    """PyYAML's safe loader refusing aliases (module docstring)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a graph spec",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def add_graph_parser(sub: Any, client_options: Any) -> None:
@@ -57,7 +73,9 @@ def read_spec(path: str, graph_id: str) -> dict[str, Any]:
         raise CliError(f"-f: {path} is over {MAX_FILE_BYTES} bytes; a graph spec is at most {MAX_SPEC_BYTES} "
                        "bytes of JSON", exit_code=2)
     try:
-        doc = yaml.safe_load(raw)
+        doc = yaml.load(raw, Loader=_NoAliasLoader)  # a SafeLoader, without aliases
+    except RecursionError:
+        raise CliError(f"-f: {path} is nested too deeply to read", exit_code=2) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -82,9 +100,15 @@ def read_spec(path: str, graph_id: str) -> dict[str, Any]:
 
 def _spec_text(spec: dict[str, Any], path: str) -> str:
     try:  # YAML may hold dates, sets or non-string keys that JSON has no form for
-        return json.dumps(spec, separators=(",", ":"), sort_keys=True, allow_nan=False)
+        text = json.dumps(spec, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except RecursionError:
+        raise CliError(f"-f: {path}: the spec is nested too deeply to write as JSON", exit_code=2) from None
     except (TypeError, ValueError) as exc:
         raise CliError(f"-f: {path}: the spec cannot be written as JSON: {exc}", exit_code=2) from None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_SPEC_BYTES:
+        raise CliError(f"-f: {path}: the spec is {size} bytes of JSON; the limit is {MAX_SPEC_BYTES}", exit_code=2)
+    return text
 
 
 def _status_text(info: gp.GraphStatusInfo, graph_id: str) -> str:

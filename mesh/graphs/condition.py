@@ -38,8 +38,18 @@ Safety: no ``eval``, no regular expression; a glob (:mod:`mesh.graphs.glob`) is 
 literal segments matched left to right (the leftmost match of each segment between two ``*`` is
 always a right choice, so nothing backtracks): a match costs O(text x pattern) at worst and fails
 loudly past a work bound.
-Paths have at most 32 array operations (``#``, queries, multipaths) and 8 levels of nesting, so
-evaluation recursion is bounded whatever the document.
+Paths have at most 32 array operations (``#``, queries, and each path of a multipath ``[...]``: a
+multipath of k paths counts k, since each path is walked) and 8 levels of nesting, so evaluation
+recursion is bounded whatever the document.
+
+Work: a bound on the text is no bound on the work (``#`` maps the rest of the path over every
+element, a multipath walks each of its paths, so ``[@this,@this].#.[@this,@this].#...`` doubles per
+level). So each evaluation (:meth:`Condition.matches`) has one work budget, :data:`MAX_WORK` units,
+shared by every path, multipath, query and glob match in it: a unit is a path component applied to a
+value, an element a ``#`` or a query visits, an element of a tensor's decoded data, or a glob
+check. Past it the evaluation fails loudly (InvalidArgument, which the graph names with its step),
+never silently "no match". A million units is some tenths of a second of one core at worst;
+the conditions KServe's samples use cost tens.
 """
 
 from __future__ import annotations
@@ -51,11 +61,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import InvalidArgument
-from mesh.graphs.glob import Glob
+from mesh.graphs.glob import Budget, Glob
 
-__all__ = ["Condition", "Glob", "Lazy", "compile_condition"]
+__all__ = ["MAX_WORK", "Budget", "Condition", "Glob", "Lazy", "compile_condition"]
 
 MAX_ARRAY_OPS = 32
+MAX_WORK = 1_000_000  # work units of one condition evaluation (module docstring, "Work")
 MAX_NESTING = 8
 _OPS = ("==", "!=", "<=", ">=", "!%", "=", "<", ">", "%")
 _TILDE = ("true", "false", "null", "*")
@@ -88,10 +99,6 @@ class Lazy:
             self._value = self._make()
             self._make = None
         return self._value
-
-
-def _resolve(v: Any) -> Any:
-    return v.value() if isinstance(v, Lazy) else v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +143,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.array_ops = 0
+        self.components = 0  # path components compiled: what a compiled condition costs in memory
 
     def fail(self, pos: int, what: str) -> InvalidArgument:
         return InvalidArgument(f"column {pos + 1}: {what}")
@@ -155,6 +163,7 @@ class _Parser:
         while True:
             comp, pos = self.component(pos, end, depth)
             comps.append(comp)
+            self.components += 1
             if pos == end:
                 return tuple(comps)
             # component() stops only at '.' or end
@@ -189,11 +198,11 @@ class _Parser:
                     raise self.fail(stop, f"unexpected {text[stop]!r} after '@this'")
                 return _This(), stop
         if c == "[":
-            self._count(pos)
             close = self.closing(pos, end, "[", "]")
             paths = []
             start = pos + 1
             for cut in [*self.splits(start, close), close]:
+                self._count(start)  # each path of a multipath is walked: each counts (module docstring)
                 paths.append(self.path(start, cut, depth + 1))
                 start = cut + 1
             stop = close + 1
@@ -372,19 +381,22 @@ def _trim(text: str, lo: int, hi: int) -> tuple[int, int]:
 # evaluation
 
 
-def _get(value: Any, comps: tuple[Any, ...], i: int) -> Any:
-    """The value at comps[i:] from ``value`` (already resolved), or MISSING."""
+def _get(value: Any, comps: tuple[Any, ...], i: int, budget: Budget) -> Any:
+    """The value at comps[i:] from ``value`` (already resolved), or MISSING; every component applied
+    and every element visited is charged to ``budget`` (module docstring, "Work")."""
     n = len(comps)
     while i < n:
         comp = comps[i]
         i += 1
-        value = _resolve(value)
+        value = _resolved(value, budget)
+        budget.spend(1)
         if isinstance(comp, _Key):
             if isinstance(value, dict):
                 if comp.glob is None:
                     value = value.get(comp.key, MISSING)
                 else:
-                    value = next((v for k, v in value.items() if comp.glob.match(k)), MISSING)
+                    budget.spend(len(value))
+                    value = next((v for k, v in value.items() if comp.glob.match(k, budget)), MISSING)
             elif isinstance(value, list) and comp.glob is None and comp.key.isdigit() and comp.key.isascii():
                 idx = int(comp.key)
                 value = value[idx] if idx < len(value) else MISSING
@@ -397,33 +409,45 @@ def _get(value: Any, comps: tuple[Any, ...], i: int) -> Any:
                 return MISSING
             if i == n:
                 return len(value)
+            budget.spend(len(value))
             out = []
             for elem in value:
-                got = _get(elem, comps, i)
+                got = _get(elem, comps, i, budget)
                 if got is not MISSING:
                     out.append(got)
             return out
         elif isinstance(comp, _Multi):
-            value = [got for got in (_get(value, p, 0) for p in comp.paths) if got is not MISSING]
+            value = [got for got in (_get(value, p, 0, budget) for p in comp.paths) if got is not MISSING]
         else:  # _Query
             if not isinstance(value, list):
                 return MISSING
+            budget.spend(len(value))
             if not comp.all:
-                hit = next((e for e in value if _query_matches(comp, e)), MISSING)
+                hit = next((e for e in value if _query_matches(comp, e, budget)), MISSING)
                 if hit is MISSING:
                     return MISSING
                 value = hit
                 continue
-            matched = [e for e in value if _query_matches(comp, e)]
+            matched = [e for e in value if _query_matches(comp, e, budget)]
             if i == n:
                 return matched
             out = []
             for elem in matched:
-                got = _get(elem, comps, i)
+                got = _get(elem, comps, i, budget)
                 if got is not MISSING:
                     out.append(got)
             return out
-    return _resolve(value)
+    return _resolved(value, budget)
+
+
+def _resolved(value: Any, budget: Budget) -> Any:
+    """``value`` with a :class:`Lazy` computed; a decoded list (a tensor's data) is charged by its
+    length, so the tensors one evaluation decodes are bounded together, not each alone."""
+    if isinstance(value, Lazy):
+        value = value.value()
+        if isinstance(value, list):
+            budget.spend(len(value))
+    return value
 
 
 def _truthy(value: Any, which: str) -> bool:
@@ -445,8 +469,8 @@ def _truthy(value: Any, which: str) -> bool:
     return False
 
 
-def _query_matches(q: _Query, elem: Any) -> bool:
-    value = _get(elem, q.path, 0) if q.path else _resolve(elem)
+def _query_matches(q: _Query, elem: Any, budget: Budget) -> bool:
+    value = _get(elem, q.path, 0, budget) if q.path else _resolved(elem, budget)
     if q.tilde:
         value = _truthy(value, q.tilde)
     if value is MISSING:
@@ -462,7 +486,7 @@ def _query_matches(q: _Query, elem: Any) -> bool:
     if isinstance(value, str):
         if op == "%" or op == "!%":
             assert q.glob is not None
-            return q.glob.match(value) == (op == "%")
+            return q.glob.match(value, budget) == (op == "%")
         return _compare(value, op, q.text)
     if isinstance(value, (int, float)):
         if q.number is None or op in ("%", "!%"):
@@ -491,15 +515,21 @@ class Condition:
 
     text: str
     path: tuple[Any, ...]
+    size: int = 1  # path components, nested ones included (spec.MAX_COMPONENTS bounds a graph's sum)
 
-    def get(self, doc: Any) -> Any:
+    def get(self, doc: Any, budget: Budget | None = None) -> Any:
         """The value the path selects (MISSING if none): for tests and diagnostics."""
-        return _get(doc, self.path, 0)
+        return _get(doc, self.path, 0, budget if budget is not None else self.budget())
 
-    def matches(self, doc: Any) -> bool:
+    def matches(self, doc: Any, budget: Budget | None = None) -> bool:
         """KServe's ``gjson.Get(doc, condition).Exists()`` on a JSON-like document (dicts, lists,
-        str, int, float, bool, None, :class:`Lazy`)."""
-        return _get(doc, self.path, 0) is not MISSING
+        str, int, float, bool, None, :class:`Lazy`), within one work budget (a fresh one of
+        :data:`MAX_WORK` units unless given): InvalidArgument past it."""
+        return _get(doc, self.path, 0, budget if budget is not None else self.budget()) is not MISSING
+
+    def budget(self, limit: int = MAX_WORK) -> Budget:
+        """A work budget for one evaluation, whose error names this condition's cost."""
+        return Budget(limit, "the condition")
 
 
 def compile_condition(text: str) -> Condition:
@@ -507,4 +537,5 @@ def compile_condition(text: str) -> Condition:
     if not isinstance(text, str) or not text:
         raise InvalidArgument("the condition is empty")
     parser = _Parser(text)
-    return Condition(text=text, path=parser.path(0, len(text), 0))
+    path = parser.path(0, len(text), 0)
+    return Condition(text=text, path=path, size=parser.components)

@@ -40,9 +40,26 @@ nested node keeps the innermost place, which names the model). Then:
   such a step's error to the caller (it never invents an answer), and a client never receives an
   echo of its own request as a model's answer.
 
-Deadline: the request's ``timeout`` (seconds, None for none) is one deadline for the whole graph;
-each call gets the time left, and a step that would start after the deadline fails the graph
-with DEADLINE_EXCEEDED naming it (Soft or not: nothing after it could run either).
+Deadline: the request's ``timeout`` (seconds; None takes the runner's ``default_timeout``, the
+router's ``router.graph_default_timeout_s``, so that no graph request runs unbounded) is one
+deadline for the whole graph; each call gets the time left, and a step that would start after the
+deadline fails the graph with DEADLINE_EXCEEDED naming it (Soft or not: nothing after it could run
+either). The deadline is checked as well before each condition is evaluated and before an Ensemble
+merges its answers, the two pieces of work a graph does itself.
+
+Bounds per request (all client-triggered work is bounded):
+
+- **calls**: at most :attr:`Graph.calls` (at most ``spec.MAX_CALLS``), checked at definition; the
+  step call (the router) counts each call against its in-flight limits too, and may refuse one
+  with :class:`StepRefused`: the graph then fails with RESOURCE_EXHAUSTED, whatever the step's
+  dependency (a Soft step skipped there would answer a partial result for an overloaded router);
+- **bytes**: every step's request, every answer and every merged answer is charged to one budget
+  of ``max_bytes`` (``router.max_graph_request_bytes``); past it the graph fails with
+  RESOURCE_EXHAUSTED naming the step. It counts what is made, not what is still held: an upper
+  bound on the memory one request holds (a 16 MiB request through 64 Ensemble steps would
+  otherwise hold 64 copies, 1 GiB);
+- **condition work**: one :class:`~mesh.graphs.condition.Budget` of ``condition.MAX_WORK`` units
+  for every condition the request evaluates (paths, elements, decoded data, glob checks).
 
 Requested outputs and the final ``model_name`` are handled by :func:`mesh.graphs.v2.finish`; the
 answer is named after the graph (``model_name`` = graph ID, empty ``model_version``).
@@ -59,15 +76,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
 
-from mesh.errors import Code, MeshError, RemoteError
+from mesh.errors import Code, MeshError, RemoteError, ResourceExhausted
 from mesh.graphs import v2
+from mesh.graphs.condition import MAX_WORK, Budget
 from mesh.graphs.spec import RESPONSE, ROOT, Graph, Node, Step
 
-__all__ = ["GraphError", "GraphRunner", "Headers", "StepCall"]
+__all__ = ["GraphError", "GraphRunner", "Headers", "StepCall", "StepRefused"]
+
+_MIB = 1 << 20
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +102,11 @@ class StepCall(Protocol):
         """Run ``body`` (a ModelInferRequest addressed to ``model``) on ``model`` (a model or vModel
         ID) within ``timeout`` seconds; the ModelInferResponse bytes, or a MeshError."""
         ...
+
+
+class StepRefused(ResourceExhausted):
+    """Raised by a StepCall that will not start the call at all (the router's own in-flight
+    limits): the graph stops with RESOURCE_EXHAUSTED, Soft step or not (module docstring)."""
 
 
 class GraphError(RemoteError):
@@ -97,16 +123,22 @@ class GraphError(RemoteError):
 
 
 class GraphRunner:
-    def __init__(self, call: StepCall, rng: random.Random | None = None) -> None:
+    def __init__(self, call: StepCall, rng: random.Random | None = None, *, max_bytes: int = 256 * _MIB,
+                 default_timeout: float | None = None, clock: Callable[[], float] | None = None) -> None:
         self._call = call
         self._rng = rng if rng is not None else random.Random()
+        self.max_bytes = max_bytes              # bytes made per request (module docstring); 0: no bound
+        self.default_timeout = default_timeout  # seconds, for requests without a deadline; None: none
+        self._clock = clock                     # the deadline's clock (tests); the loop's time by default
 
     async def run(self, graph: Graph, body: bytes, headers: Headers, timeout: float | None) -> bytes:
         """Run ``graph`` on the client's ModelInferRequest ``body``; its ModelInferResponse bytes
         (``model_name`` = the graph's ID), or a MeshError (GraphError naming the failed step)."""
-        loop = asyncio.get_running_loop()
+        clock = self._clock or asyncio.get_running_loop().time
         request, requested = v2.Request.from_client(body)
-        run = _Run(self, graph, headers, None if timeout is None else loop.time() + timeout, loop)
+        if timeout is None:
+            timeout = self.default_timeout
+        run = _Run(self, graph, headers, None if timeout is None else clock() + timeout, clock)
         response = await run.node(graph.nodes[ROOT], request)
         return v2.finish(response, graph.graph_id, requested)
 
@@ -114,16 +146,40 @@ class GraphRunner:
 class _Run:
     """One request's walk through a graph."""
 
-    __slots__ = ("_call", "_rng", "deadline", "graph", "headers", "loop")
+    __slots__ = ("_call", "_rng", "bytes_left", "clock", "deadline", "graph", "headers", "max_bytes", "work")
 
     def __init__(self, runner: GraphRunner, graph: Graph, headers: Headers, deadline: float | None,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 clock: Callable[[], float]) -> None:
         self._call = runner._call
         self._rng = runner._rng
         self.graph = graph
         self.headers = headers
         self.deadline = deadline
-        self.loop = loop
+        self.clock = clock
+        self.max_bytes = runner.max_bytes
+        self.bytes_left = runner.max_bytes
+        self.work = Budget(MAX_WORK, "this request's conditions")
+
+    def charge(self, node: Node, step: Step | None, size: int) -> None:
+        """Count ``size`` bytes made for this request (module docstring, "bytes")."""
+        if not self.max_bytes:
+            return
+        self.bytes_left -= size
+        if self.bytes_left < 0:
+            raise self.error(node, step, Code.RESOURCE_EXHAUSTED,
+                             f"the graph's steps made more than {self.max_bytes // _MIB} MiB of requests and answers "
+                             f"for this request (router.max_graph_request_bytes); send a smaller request",
+                             stops=True)
+
+    def time_left(self, node: Node, step: Step | None, what: str) -> float | None:
+        """Seconds to the deadline (None: none), or DEADLINE_EXCEEDED naming the place."""
+        if self.deadline is None:
+            return None
+        remaining = self.deadline - self.clock()
+        if remaining <= 0:
+            raise self.error(node, step, Code.DEADLINE_EXCEEDED,
+                             f"the request's deadline passed before {what}", stops=True)
+        return remaining
 
     def place(self, node: Node, step: Step | None) -> str:
         where = f"graph {self.graph.graph_id!r}, node {node.name!r}"
@@ -144,7 +200,7 @@ class _Run:
         if kind == "Ensemble":
             return await self.ensemble(node, request)
         if kind == "Switch":
-            doc = v2.request_view(request)
+            doc = self.request_doc(node, request)
             for step in node.steps:
                 if self.matches(node, step, doc):
                     return await self.step(node, step, request)
@@ -159,20 +215,23 @@ class _Run:
         raise AssertionError(f"the weights of {self.place(node, None)} do not sum to 100")
 
     async def step(self, node: Node, step: Step, request: v2.Request) -> bytes:
-        remaining = None
-        if self.deadline is not None:
-            remaining = self.deadline - self.loop.time()
-            if remaining <= 0:
-                raise self.error(node, step, Code.DEADLINE_EXCEEDED,
-                                 "the request's deadline passed before this step started", stops=True)
+        remaining = self.time_left(node, step, "this step started")
         if step.node:
             return await self.node(self.graph.nodes[step.node], request)
+        # Charged before the request is made (one copy of the tensors), so a request over its
+        # budget never makes it; the request is no local of this frame, so a failure's traceback
+        # (kept while the node runs: a Soft failure until the Ensemble ends) does not keep it.
+        self.charge(node, step, request.size)
         try:
-            return await self._call(step.model, request.to(step.model), self.headers, remaining)
+            answer = await self._call(step.model, request.to(step.model), self.headers, remaining)
         except GraphError:
             raise
+        except StepRefused as e:
+            raise self.error(node, step, e.code, e.message, stops=True) from _bare(e)
         except MeshError as e:
-            raise self.error(node, step, e.code, e.message) from e
+            raise self.error(node, step, e.code, e.message) from _bare(e)
+        self.charge(node, step, len(answer))
+        return answer
 
     async def sequence(self, node: Node, request: v2.Request) -> bytes:
         last: bytes | None = None        # the last successful response
@@ -182,7 +241,7 @@ class _Run:
         final = len(node.steps) - 1
         for i, step in enumerate(node.steps):
             if step.condition is not None:
-                doc = v2.request_view(request) if last is None else self.view(node, last_step, last)
+                doc = self.request_doc(node, request) if last is None else self.view(node, last_step, last)
                 if not self.matches(node, step, doc):
                     break
             if step.data == RESPONSE:
@@ -212,10 +271,16 @@ class _Run:
         that does not decode, a pattern over its work bound) names the step and its condition."""
         condition = step.condition
         assert condition is not None  # parse_graph requires one on every Switch step
+        self.time_left(node, step, "its condition was evaluated")
         try:
-            return condition.matches(doc)
+            return condition.matches(doc, self.work)
         except MeshError as e:
             raise self.error(node, step, e.code, f"condition {condition.text!r}: {e.message}") from e
+
+    def request_doc(self, node: Node, request: v2.Request) -> dict[str, Any]:
+        """The JSON view of a node's input for its conditions (its fields are copied: charged)."""
+        self.charge(node, None, sum(len(p) for p in request.parts))
+        return v2.request_view(request)
 
     def view(self, node: Node, step: Step | None, response: bytes) -> dict[str, Any]:
         try:
@@ -257,10 +322,24 @@ class _Run:
         parts = [(step.name, body) for step, body in zip(steps, results, strict=True) if body is not None]
         if not parts:
             raise next(f for f in failures if f is not None)
+        self.time_left(node, None, "the Ensemble's answers were merged")
+        self.charge(node, None, sum(len(body) for _, body in parts))
         try:
             return v2.merge(parts, request.id)
         except MeshError as e:
             raise self.error(node, None, Code.INTERNAL, e.message) from e
+
+
+def _bare(error: BaseException) -> BaseException:
+    """``error`` and the exceptions it chains without their tracebacks: their frames hold the
+    step's request (megabytes), and a graph keeps failures until its node answers."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    return error
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -7,6 +7,8 @@ previous one. The leftmost placement is always a right choice (any later match l
 for what follows), so nothing is ever retried: a match costs O(text x pattern) at worst, and
 segments without ``?`` are found with ``str.find``. Past :data:`MAX_GLOB_WORK` checks a match fails
 loudly (InvalidArgument) rather than silently (GJSON's matcher answers "no match" past its limit).
+A condition passes its own :class:`Budget` to every match it makes, so the bound holds for the
+whole evaluation, not for each string alone (many strings each under the bound add up).
 No regular expression is built from the user's pattern.
 """
 
@@ -14,10 +16,28 @@ from __future__ import annotations
 
 from mesh.errors import InvalidArgument
 
-__all__ = ["MAX_GLOB_WORK", "Glob"]
+__all__ = ["MAX_GLOB_WORK", "Budget", "Glob"]
 
 # A glob match's work (candidate positions x pattern pieces) before it gives up with an error.
 MAX_GLOB_WORK = 1_000_000
+
+
+class Budget:
+    """Units of work left to one evaluation (a condition's, or one glob match's); ``spend`` past
+    the limit raises InvalidArgument naming ``what`` and the limit."""
+
+    __slots__ = ("left", "limit", "what")
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.left = limit
+        self.what = what
+
+    def spend(self, units: int) -> None:
+        self.left -= units
+        if self.left < 0:
+            raise InvalidArgument(f"{self.what} took more than {self.limit:,} steps of work on this request "
+                                  "(long strings, large lists or a path that multiplies); simplify it")
 
 
 class Glob:
@@ -81,7 +101,7 @@ class Glob:
                 pos += len(p)
         return True
 
-    def _find(self, text: str, start: int, stop: int, seg: tuple[str | None, ...], budget: list[int]) -> int:
+    def _find(self, text: str, start: int, stop: int, seg: tuple[str | None, ...], budget: Budget) -> int:
         """The leftmost position in [start, stop] where ``seg`` matches, or -1."""
         n = self._length(seg)
         last = stop - n
@@ -106,16 +126,18 @@ class Glob:
                 if found < 0:
                     return -1
                 cand = found - offset
-            budget[0] += len(seg)
-            if budget[0] > MAX_GLOB_WORK:
-                raise InvalidArgument(f"the pattern {self._pattern[:60]!r} needs more than {MAX_GLOB_WORK} "
-                                      f"steps to match a {len(text)}-character string; simplify it")
+            budget.spend(len(seg))
             if self._at(text, cand, seg):
                 return cand
             pos = cand + 1
         return -1
 
-    def match(self, text: str) -> bool:
+    def match(self, text: str, budget: Budget | None = None) -> bool:
+        """Whether ``text`` matches; the work is charged to ``budget`` (a condition's, shared by all
+        its matches), else to a fresh one of :data:`MAX_GLOB_WORK` units."""
+        if budget is None:
+            budget = Budget(MAX_GLOB_WORK, f"the pattern {self._pattern[:60]!r}")
+        budget.spend(1)
         segs = self._segments
         first = segs[0]
         if not self._star:
@@ -127,7 +149,6 @@ class Glob:
         if not self._at(text, end, segs[-1]):
             return False
         pos = head
-        budget = [0]
         for seg in segs[1:-1]:
             found = self._find(text, pos, end, seg, budget)
             if found < 0:

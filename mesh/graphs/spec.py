@@ -38,7 +38,15 @@ does not fit a mesh:
   per node; every ``nodeName`` names a node; no cycle (the cycle is named, ``root -> a -> root``).
   Nodes that ``root`` does not reach are checked as well and never run.
 - **Bounds** (all client input is bounded): 64 nodes, 64 steps per node, names of 253
-  characters, conditions of 1024 characters, 256 KiB for the whole spec as canonical JSON.
+  characters, conditions of 1024 characters, 64 KiB for the whole spec as canonical JSON (a parsed
+  spec takes ~27x its JSON in every router), and 2048 path components in all the conditions of a
+  graph (:data:`MAX_COMPONENTS`: a compiled component is what a parsed graph spends its memory on).
+- **Calls per request** (:data:`MAX_CALLS`): the worst-case number of model calls one request can
+  make is computed here (:attr:`Graph.calls`): a model step costs 1, a ``nodeName`` step its node's
+  cost; a Sequence or an Ensemble costs the sum of its steps' costs (every step may run), a Switch
+  or a Splitter the largest (one step runs). A graph above 256 is refused with its cost named: nested
+  Ensembles would otherwise multiply (64 levels of 64 steps is 64^64 calls for one request). The
+  router counts each of those calls against its in-flight limits as well (mesh.router.dataplane).
 """
 
 from __future__ import annotations
@@ -53,8 +61,9 @@ from mesh.errors import InvalidArgument, MeshError
 from mesh.graphs.condition import Condition, compile_condition
 from mesh.ids import check_model_id
 
-__all__ = ["MAX_CONDITION", "MAX_NAME", "MAX_NODES", "MAX_SPEC_BYTES", "MAX_STEPS", "REQUEST", "RESPONSE",
-           "ROOT", "ROUTER_TYPES", "Graph", "Node", "Step", "graph_models", "parse_graph", "spec_json"]
+__all__ = ["MAX_CALLS", "MAX_COMPONENTS", "MAX_CONDITION", "MAX_NAME", "MAX_NODES", "MAX_SPEC_BYTES",
+           "MAX_STEPS", "REQUEST", "RESPONSE", "ROOT", "ROUTER_TYPES", "Graph", "Node", "Step", "graph_models",
+           "parse_graph", "spec_json"]
 
 ROOT = "root"
 ROUTER_TYPES = ("Sequence", "Switch", "Ensemble", "Splitter")
@@ -64,7 +73,9 @@ MAX_NODES = 64
 MAX_STEPS = 64
 MAX_NAME = 253  # a Kubernetes object name's limit: serviceNames and node names come from manifests
 MAX_CONDITION = 1024
-MAX_SPEC_BYTES = 256 * 1024
+MAX_SPEC_BYTES = 64 * 1024
+MAX_COMPONENTS = 2048  # path components of all a graph's conditions together (module docstring, "Bounds")
+MAX_CALLS = 256  # model calls one request may make at worst (module docstring, "Calls per request")
 
 # KServe's InferenceGraphSpec fields that configure its router pod: accepted, no effect here.
 IGNORED_SPEC_FIELDS = frozenset({
@@ -102,6 +113,7 @@ class Node:
 class Graph:
     graph_id: str
     nodes: Mapping[str, Node]  # contains ROOT
+    calls: int = 1             # the most model calls one request makes (module docstring)
 
 
 def spec_json(spec: Any) -> bytes:
@@ -183,7 +195,44 @@ def _parse(graph_id: str, where: str, spec: Any) -> Graph:
                 raise InvalidArgument(f"node {node.name!r}, step {i} ({step.name!r}): nodeName {step.node!r} "
                                       f"names no node of this graph (nodes: {', '.join(map(repr, nodes))})")
     _check_acyclic(nodes)
-    return Graph(graph_id=graph_id, nodes=nodes)
+    components = sum(s.condition.size for n in nodes.values() for s in n.steps if s.condition is not None)
+    if components > MAX_COMPONENTS:
+        raise InvalidArgument(f"the conditions have {components} path components in all; the limit is "
+                              f"{MAX_COMPONENTS} per graph")
+    calls = _calls(nodes)
+    if calls > MAX_CALLS:
+        raise InvalidArgument(f"one request may make up to {_count(calls)} model calls (a Sequence or an Ensemble "
+                              f"costs the sum of its steps, a Switch or a Splitter its costliest step, a nodeName "
+                              f"step its node's cost); the limit is {MAX_CALLS} calls per request")
+    return Graph(graph_id=graph_id, nodes=nodes, calls=calls)
+
+
+def _calls(nodes: Mapping[str, Node]) -> int:
+    """The worst-case model calls of one request: root's cost (module docstring). The graph is
+    acyclic, so costs are computed children first, each node once (no recursion, no blow-up:
+    the numbers may be huge, the work is linear in the steps)."""
+    cost: dict[str, int] = {}
+    for start in nodes:
+        stack = [start]
+        while stack:
+            name = stack[-1]
+            if name in cost:
+                stack.pop()
+                continue
+            pending = [s.node for s in nodes[name].steps if s.node and s.node not in cost]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            node = nodes[name]
+            each = [cost[s.node] if s.node else 1 for s in node.steps]
+            cost[name] = sum(each) if node.router_type in ("Sequence", "Ensemble") else max(each)
+    return cost[ROOT]
+
+
+def _count(n: int) -> str:
+    """A call count for a message: exact up to 10^12, else its order of magnitude."""
+    return f"{n:,}" if n < 10**12 else f"about 10^{len(str(n)) - 1}"
 
 
 def _node(name: str, raw: Any) -> Node:

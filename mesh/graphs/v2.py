@@ -82,7 +82,12 @@ Buffer = bytes | memoryview
 
 
 def _fields(buf: Buffer, what: str) -> list[tuple[int, int, int, int]]:
-    """Top-level fields of a serialized message: (field, start of the tag, start of the value, end)."""
+    """Top-level fields of a serialized message: (field, start of the tag, start of the value, end).
+
+    A field that is not length-delimited is reported with its number negated: every field this
+    module acts on by number is length-delimited, and protobuf parses a known field number with
+    another wire type as an unknown field, so it is kept as one (passed on as it is) rather than
+    taken for, say, an empty raw_input_contents."""
     out = []
     pos, end = 0, len(buf)
     while pos < end:
@@ -112,7 +117,7 @@ def _fields(buf: Buffer, what: str) -> list[tuple[int, int, int, int]]:
             raise InvalidArgument(f"{what} is malformed: wire type {wire}")
         if pos > end:
             raise InvalidArgument(f"{what} is malformed: a field runs past the end")
-        out.append((field, start, value, pos))
+        out.append((field if wire == 2 else -field, start, value, pos))
     return out
 
 
@@ -167,6 +172,11 @@ class Request:
     raw: tuple[Buffer, ...]
     head: bytes
     id: str
+
+    @property
+    def size(self) -> int:
+        """About the bytes of a step's request made by :meth:`to` (its tags and model name aside)."""
+        return sum(len(p) for p in self.parts) + sum(len(r) + 6 for r in self.raw)
 
     def to(self, model: str) -> bytes:
         """The request for one step: these fields addressed to ``model``."""

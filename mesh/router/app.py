@@ -107,7 +107,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
                                              max_requests=rs.max_inflight_requests,
                                              max_connection_bytes=rs.max_connection_inflight_bytes,
                                              on_burst=trim_soon()),
-                      payloads=payloads[0] if payloads else None)
+                      payloads=payloads[0] if payloads else None,
+                      graph_timeout_s=rs.graph_default_timeout_s, graph_max_bytes=rs.max_graph_request_bytes)
     reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=link.forget)
     plane.on_gone = reachability.mark
     plane.witness = witness
@@ -122,7 +123,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     management = Management(registry=registry, view=view, runtimes=runtime_client,
                             load_factor=rs.load_factor, load_timeout_s=rs.default_timeout_s, specs=specs,
                             model_roots=settings.runtime.model_roots)
-    graphs = GraphManagement(registry=registry, view=view, models=management)
+    graphs = GraphManagement(registry=registry, view=view, models=management, max_graphs=rs.max_graphs)
 
     server = new_server(rs.max_message_bytes, [*peer_interceptors(settings.tls), *interceptors],
                         max_pending_requests=rs.max_pending_requests,

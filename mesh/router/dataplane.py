@@ -19,7 +19,12 @@ done only while some graph is defined (no graph: one truthiness test per request
 the graph (``GraphRunner``); each step's serviceName is resolved like a request's name without a
 header (vModel, else model: a step never names a graph, ``parse_graph`` leaves that to
 ``nodeName``) and forwarded through ``forward`` with the client's headers and the request's one
-deadline, so steps get the same routing, retries and loads as a request. The access log, span and
+deadline (``router.graph_default_timeout_s`` when the client set none), so steps get the same
+routing, retries and loads as a request. Each step call is counted against the in-flight limits
+(``InflightLimit``: its request's bytes, and one call) as a client's call is, so one request can
+never take the router past them: a step over them fails the graph with RESOURCE_EXHAUSTED
+(``StepRefused``). The calls one request may make are bounded at definition (``spec.MAX_CALLS``)
+and the bytes its steps make by ``router.max_graph_request_bytes`` (``mesh.graphs.executor``). The access log, span and
 payload record of a graph request are one, under the graph's name. ModelReady of a graph: every
 model it names has a loaded copy (the same rule as ``getGraphStatus``'s READY). ModelMetadata of a
 graph: the name and platform ``inference-graph`` with no inputs or outputs, since a graph's
@@ -52,9 +57,9 @@ from typing import Protocol
 import structlog
 
 from mesh import __version__
-from mesh.errors import Code, MeshError, ModelNotFound, RemoteError, RetryElsewhere, Unavailable
+from mesh.errors import Code, MeshError, ModelNotFound, RemoteError, ResourceExhausted, RetryElsewhere, Unavailable
 from mesh.gen.inference import grpc_service_pb2 as pb
-from mesh.graphs.executor import GraphRunner
+from mesh.graphs.executor import GraphRunner, StepRefused
 from mesh.graphs.spec import Graph, graph_models
 from mesh.ids import check_model_id
 from mesh.logging import REQUEST_ID, bind_request, current_request, header, new_request_id
@@ -108,7 +113,8 @@ class DataPlane:
     def __init__(self, *, view: ClusterView, specs: SpecCache, link: Link, max_attempts: int,
                  load_factor: float, ready: Callable[[], bool], scaler: CopyScaler | None = None,
                  access_log: bool = False, tracer: Tracer | None = None,
-                 inflight: InflightLimit | None = None, payloads: PayloadLog | None = None) -> None:
+                 inflight: InflightLimit | None = None, payloads: PayloadLog | None = None,
+                 graph_timeout_s: float = 60.0, graph_max_bytes: int = 256 << 20) -> None:
         self.view = view
         self.specs = specs
         self.link = link
@@ -128,7 +134,9 @@ class DataPlane:
         # Told when a runtime dies under a request that made it load (mesh.registry.crashes).
         self.witness: CrashWitness | None = None
         self.inflight = inflight or InflightLimit(max_bytes=1 << 30, max_requests=20_000)
-        self.graph_runner = GraphRunner(self._step_call)
+        # router.graph_default_timeout_s (0: none) and router.max_graph_request_bytes (module docstring).
+        self.graph_runner = GraphRunner(self._step_call, max_bytes=graph_max_bytes,
+                                        default_timeout=graph_timeout_s or None)
 
     # --- model selection ----------------------------------------------------------------------
     def resolve(self, requested: str, is_vmodel: bool, from_header: bool, metadata: Headers = (), *,
@@ -233,8 +241,17 @@ class DataPlane:
         return await self.graph_runner.run(graph, body, onward, timeout)
 
     async def _step_call(self, model: str, body: bytes, headers: Headers, timeout: float | None) -> bytes:
-        """One model step of a graph: resolved like a request's name without a header."""
-        return await self.forward(INFER, self.resolve(model, False, False, headers), body, headers, timeout)
+        """One model step of a graph: resolved like a request's name without a header, and counted
+        in flight as a client's call is (module docstring)."""
+        size = len(body)
+        try:
+            connection = self.inflight.enter(size)
+        except ResourceExhausted as exc:
+            raise StepRefused(exc.message) from None
+        try:
+            return await self.forward(INFER, self.resolve(model, False, False, headers), body, headers, timeout)
+        finally:
+            self.inflight.leave(size, connection)
 
     async def _relay_observed(self, method: str, body: bytes, metadata: Headers,
                               own_name: Callable[[], str], timeout: float | None,

@@ -5,20 +5,29 @@ by every router (``mesh.router.dataplane``), which holds the parsed graphs in it
 one checks, in this order, and refuses with the place named:
 
 1. the graph ID (the model-ID rules, ``mesh.ids``), the owner's length and the spec's size
-   (256 KiB of JSON, counted on the text as sent, before it is parsed);
-2. the spec itself (``mesh.graphs.spec.parse_graph``: cycles, unknown nodes, conditions, weights);
+   (64 KiB of JSON, counted on the text as sent, before it is parsed);
+2. the spec itself (``mesh.graphs.spec.parse_graph``: cycles, unknown nodes, conditions, weights,
+   at most 256 model calls per request);
 3. with auth on, every model the graph names is inside the caller's model-ID prefixes (the graph
    ID itself is checked by the auth interceptor): a token may not build a graph over models it
    could not call itself;
 4. every serviceName is a registered model or a vModel (NOT_FOUND naming node and step): a typo
    is caught when the graph is defined, not by its first request;
 5. the ID is not a registered model's or a vModel's (ALREADY_EXISTS): a request naming it could
-   not tell which was meant (the data plane resolves vModel, then graph, then model).
+   not tell which was meant (the data plane resolves vModel, then graph, then model);
+6. a new graph fits ``router.max_graphs`` (RESOURCE_EXHAUSTED): every router holds every graph
+   parsed, so their number is bounded like any client input (a replaced graph always fits).
+
+The reverse clash is refused too: ``registerModel``, ``setVModel`` and ``setVModelSplit`` refuse an
+ID that is a graph's (``mesh.router.management``). Two routers racing (a graph defined on one while
+a vModel of the same ID is created on the other) can still both succeed; then the vModel wins
+every request, and the graph's status says SHADOWED instead of hiding it.
 
 What is not checked: a model unregistered after the graph was defined (graphs take no references,
 see ``mesh.registry.keys``); its step then fails at run time and the graph's status shows it
 NOT_FOUND. A graph's status is READY when every model it names has a loaded copy, else DEFINED;
-requests load what is missing, as for a model.
+requests load what is missing, as for a model. SHADOWED: a vModel has the graph's ID (see above),
+so requests naming it reach the vModel.
 
 Owners work as for vModels: a graph defined with an owner is changed or deleted only by calls
 naming it; with auth on, a graph defined by a token with prefixes is changed or deleted only by
@@ -35,7 +44,15 @@ import orjson
 import structlog
 
 from mesh.auth import Principal, current_caller
-from mesh.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, MeshError, PermissionDenied
+from mesh.errors import (
+    AlreadyExists,
+    Code,
+    FailedPrecondition,
+    InvalidArgument,
+    MeshError,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from mesh.graphs.spec import MAX_SPEC_BYTES, Graph, graph_models, parse_graph, spec_json
 from mesh.ids import check_model_id
 from mesh.registry.records import GraphRecord
@@ -62,7 +79,7 @@ class GraphModel:
 
 @dataclass(frozen=True)
 class GraphStatus:
-    status: str  # NOT_FOUND, DEFINED, READY
+    status: str  # NOT_FOUND, DEFINED, READY, SHADOWED
     spec_json: str = ""
     models: list[GraphModel] = field(default_factory=list)
     owner: str = ""
@@ -115,11 +132,12 @@ def parse_spec_text(graph_id: str, text: str) -> Graph:
 
 class GraphManagement:
     def __init__(self, *, registry: Registry, view: ClusterView, models: Management,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, max_graphs: int = 1000) -> None:
         self.registry = registry
         self.view = view
         self.models = models  # model status, as getModelStatus answers it
         self.clock = clock
+        self.max_graphs = max_graphs  # router.max_graphs (0: no bound)
 
     async def set_graph(self, graph_id: str, spec_text: str, *, owner: str = "") -> GraphStatus:
         if len(owner) > MAX_OWNER_CHARS:
@@ -146,6 +164,11 @@ class GraphManagement:
             current = await self.registry.get_graph(graph_id)
             if current is not None:
                 _check_owner(current[0], owner, caller, "change")
+            elif self.max_graphs:
+                count = await self.registry.store.count_prefix(self.registry.keys.graphs)
+                if count >= self.max_graphs:
+                    raise ResourceExhausted(f"graph {graph_id!r}: the mesh holds {count} graphs, its limit "
+                                            f"(router.max_graphs) is {self.max_graphs}; delete some first")
             # The token that first defined it stays its owner token across changes.
             owner_token = current[0].owner_token if current is not None else (caller.name if caller else "")
             record = GraphRecord(graph_id=graph_id, spec=spec, owner=owner, owner_token=owner_token,
@@ -175,7 +198,9 @@ class GraphManagement:
             status = await self.models.model_status(active if active is not None else name)
             models.append(GraphModel(name, status, is_vmodel=active is not None, active_model_id=active or ""))
         ready = bool(models) and all(m.status.status == "LOADED" for m in models)
-        return GraphStatus(status="READY" if ready else "DEFINED", spec_json=spec_json(record.spec).decode(),
+        shadowed = record.graph_id in self.view.vmodels or await self.registry.get_vmodel(record.graph_id) is not None
+        state = "SHADOWED" if shadowed else "READY" if ready else "DEFINED"
+        return GraphStatus(status=state, spec_json=spec_json(record.spec).decode(),
                            models=models, owner=record.owner, updated_ms=record.updated_ms)
 
     async def delete_graph(self, graph_id: str, *, owner: str = "") -> None:

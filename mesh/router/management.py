@@ -212,10 +212,20 @@ class Management:
         self._quota_locks: dict[str, asyncio.Lock] = {}  # by token name: the tokens file bounds it
         self._last_ensure: dict[str, float] = {}
 
+    # --- graph IDs (mesh.router.graph_management): a model or vModel never takes a graph's ID -----
+    async def _refuse_graph_id(self, id_: str, what: str) -> None:
+        """ALREADY_EXISTS if ``id_`` is an inference graph's: a vModel would take over every request
+        naming the graph, and a model would be reachable only by header. The view answers for the
+        graphs this router knows; the registry read covers one just defined on another router."""
+        if id_ in self.view.graphs or await self.registry.get_graph(id_) is not None:
+            raise AlreadyExists(f"{what} ID {id_!r} is already an inference graph's ID; a request naming it could "
+                                "not tell which is meant: choose another ID (or delete the graph)")
+
     # --- models -------------------------------------------------------------------------------
     async def register_model(self, model_id: str, info: ModelInfoData, *, load_now: bool = False,
                              sync: bool = False, last_used_ms: int = 0) -> ModelStatus:
         spec = self._spec(model_id, info, load_now=load_now, last_used_ms=last_used_ms)
+        await self._refuse_graph_id(model_id, "model")
         spec, created = await self._register(spec)
         if created:
             log.info("model registered", model_id=model_id, type=spec.type)
@@ -389,9 +399,11 @@ class Management:
         check_model_id(target_model_id)
         if len(owner) > MAX_OWNER_CHARS:
             raise InvalidArgument(f"vModel owner is {len(owner)} characters; the limit is {MAX_OWNER_CHARS}")
+        await self._refuse_graph_id(vmodel_id, "vModel")
         caller = current_caller()
         created = False
         if info is not None:
+            await self._refuse_graph_id(target_model_id, "model")
             spec, created = await self._register(
                 self._spec(target_model_id, info, load_now=load_now, last_used_ms=0))
         else:
@@ -531,6 +543,7 @@ class Management:
             raise InvalidArgument(f"vModel {vmodel_id!r}: stableModelId {stable[:100]!r} is not one of the targets")
         if len(owner) > MAX_OWNER_CHARS:
             raise InvalidArgument(f"vModel owner is {len(owner)} characters; the limit is {MAX_OWNER_CHARS}")
+        await self._refuse_graph_id(vmodel_id, "vModel")
         caller = current_caller()
         if caller is not None:
             for t in split:  # every target inside the caller's prefixes (with auth on)

@@ -448,3 +448,93 @@ async def _ok(call: Any) -> bool:
 
 async def _code(call: Any, code: grpc.StatusCode) -> bool:
     return bool((await call)[0] == code)
+
+
+# --- bounds (the attacker review's findings 1, 5 and 6) -----------------------------------------
+async def test_each_step_counts_against_the_routers_in_flight_limit(models: dict[str, Path]) -> None:
+    """One request may not take the router past ``max_inflight_requests``: each step call is counted
+    (the client's request holds one; 3 steps fit a limit of 4; the fourth is refused), and the graph
+    fails RESOURCE_EXHAUSTED instead of answering a partial Ensemble (Soft steps skipped). Counted,
+    not timed: the steps start in one loop turn, before any answer can come back."""
+    m = await InProcessMesh(memory_url(), router_overrides={"max_inflight_requests": 4}).start(runtimes=1)
+    try:
+        await m.register("a", "sklearn", str(models["a"]))
+        wide = {"nodes": {"root": {"routerType": "Ensemble",
+                                   "steps": [{"serviceName": "a", "name": f"s{i}"} for i in range(8)]}}}
+        await set_graph(m, "wide", wide)
+        await set_graph(m, "narrow", seq({"serviceName": "a"}))
+        np.testing.assert_allclose((await infer(m, "narrow"))["predict"], X @ W_A, rtol=1e-9, atol=1e-9)
+        code, message = await error_of(m.infer("wide", request("wide"), header=""))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, message)
+        assert message.startswith("graph 'wide', node 'root', step 's3' (model 'a'): this server has 4 requests")
+        # The counts were given back: the 3 admitted steps and the failed request left nothing held.
+        for _ in range(3):
+            np.testing.assert_allclose((await infer(m, "narrow"))["predict"], X @ W_A, rtol=1e-9, atol=1e-9)
+        # An Ensemble within the limit runs.
+        await set_graph(m, "fits", {"nodes": {"root": {"routerType": "Ensemble", "steps": [
+            {"serviceName": "a", "name": f"s{i}"} for i in range(3)]}}})
+        assert sorted(await infer(m, "fits")) == ["s0.predict", "s1.predict", "s2.predict"]
+    finally:
+        await m.stop()
+
+
+async def test_a_graph_over_the_call_bound_is_refused_with_its_cost(mesh: InProcessMesh) -> None:
+    levels = {f"n{i}": {"routerType": "Ensemble", "steps": [{"nodeName": f"n{i + 1}", "name": f"s{j}"}
+                                                           for j in range(4)]} for i in range(4)}
+    levels["n4"] = {"routerType": "Ensemble", "steps": [{"serviceName": "a", "name": f"s{j}"} for j in range(4)]}
+    levels["root"] = {"routerType": "Sequence", "steps": [{"nodeName": "n0"}]}
+    code, message = await error_of(set_graph(mesh, "bomb", {"nodes": levels}))  # 4^5 = 1024 calls
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "graph 'bomb': one request may make up to 1,024 model calls" in message
+    assert "the limit is 256 calls per request" in message
+
+
+async def test_a_model_or_vmodel_never_takes_a_graphs_id(mesh: InProcessMesh, models: dict[str, Path]) -> None:
+    from mesh.registry import open_store
+    from mesh.registry.records import GraphRecord
+    from mesh.registry.registry import Registry
+
+    await set_graph(mesh, "pipeline", seq({"serviceName": "a"}))
+    code, message = await error_of(mesh.mesh.setVModel(mm.SetVModelRequest(
+        vModelId="pipeline", targetModelId="c", owner="mesh-controller/other-ns/isvc"), timeout=10))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "vModel ID 'pipeline' is already an inference graph's" in message
+    code, message = await error_of(mesh.register("pipeline", "sklearn", str(models["c"])))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "model ID 'pipeline'" in message
+    code, _ = await error_of(mesh.mesh.setVModel(mm.SetVModelRequest(
+        vModelId="v", targetModelId="pipeline", modelInfo=mm.ModelInfo(type="sklearn", path=str(models["c"]))),
+        timeout=10))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    # The graph still answers.
+    np.testing.assert_allclose((await infer(mesh, "pipeline"))["predict"], X @ W_A, rtol=1e-9, atol=1e-9)
+
+    # Two routers racing can still make a vModel and a graph of one ID (written here past the API,
+    # as the other router would): the graph's status says SHADOWED, and a split is refused.
+    await mesh.mesh.setVModel(mm.SetVModelRequest(vModelId="raced", targetModelId="c"), timeout=10)
+    store, prefix = open_store(mesh.registry_url)
+    try:
+        await Registry(store, prefix).put_graph(GraphRecord("raced", seq({"serviceName": "a"})),
+                                                expected_revision=None)
+    finally:
+        await store.close()
+    status = await graphs(mesh).getGraphStatus(gp.GetGraphStatusRequest(graphId="raced"), timeout=10)
+    assert status.status == gp.GraphStatusInfo.SHADOWED
+    code, message = await error_of(mesh.mesh.setVModelSplit(mm.SetVModelSplitRequest(
+        vModelId="raced", targets=[mm.SplitTarget(modelId="c", weight=50), mm.SplitTarget(modelId="a", weight=50)]),
+        timeout=10))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "'raced' is already an inference graph's" in message
+
+
+async def test_the_number_of_graphs_is_bounded(models: dict[str, Path]) -> None:
+    m = await InProcessMesh(memory_url(), router_overrides={"max_graphs": 2}).start(runtimes=1)
+    try:
+        await m.register("a", "sklearn", str(models["a"]))
+        await set_graph(m, "g1", seq({"serviceName": "a"}))
+        await set_graph(m, "g2", seq({"serviceName": "a"}))
+        code, message = await error_of(set_graph(m, "g3", seq({"serviceName": "a"})))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "graph 'g3': the mesh holds 2 graphs, its limit (router.max_graphs) is 2" in message
+        await set_graph(m, "g1", seq({"serviceName": "a"}, {"serviceName": "a", "name": "again"}))  # a change fits
+        await graphs(m).deleteGraph(gp.DeleteGraphRequest(graphId="g2"), timeout=10)
+        await set_graph(m, "g3", seq({"serviceName": "a"}))
+    finally:
+        await m.stop()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mesh.cli.client import CliError
-from mesh.cli.graph_cmd import MAX_FILE_BYTES, read_spec
+from mesh.cli.graph_cmd import MAX_FILE_BYTES, _spec_text, read_spec
+from mesh.graphs.spec import MAX_SPEC_BYTES
 
 SPEC = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceName": "m"}]}}}
 MANIFEST = """\
@@ -62,3 +63,32 @@ def test_files_are_bounded(tmp_path: Path) -> None:
         read_spec(write(tmp_path, b"#" * (MAX_FILE_BYTES + 1)), "g")
     with pytest.raises(CliError, match="cannot read"):
         read_spec(str(tmp_path / "missing.yaml"), "g")
+
+
+def test_yaml_aliases_are_refused(tmp_path: Path) -> None:
+    # The "billion laughs": 6 lines expanding to 10^6 strings (10^9 with three more), a MemoryError
+    # traceback before. An anchor alone is harmless YAML and stays accepted.
+    bomb = 'a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 6)) + "nodes: *a5\n"
+    with pytest.raises(CliError) as refused:
+        read_spec(write(tmp_path, bomb), "g")
+    assert "aliases (*name) are not allowed" in str(refused.value) and "line 2" in str(refused.value)
+    assert refused.value.exit_code == 2
+    anchored = "nodes: &n\n  root: {routerType: Sequence, steps: [{serviceName: m}]}\n"
+    assert read_spec(write(tmp_path, anchored), "g") == SPEC
+
+
+def test_deep_nesting_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(CliError) as refused:
+        read_spec(write(tmp_path, "nodes: " + "[" * 5000 + "]" * 5000 + "\n"), "g")
+    assert "nested too deeply" in str(refused.value) and refused.value.exit_code == 2
+
+
+def test_the_json_sent_is_bounded(tmp_path: Path) -> None:
+    # YAML flow style is shorter than JSON with escapes: the JSON produced is checked too.
+    spec = {"nodes": {"root": {"routerType": "Sequence", "steps": [{"serviceName": "m"}]}},
+            "resources": {"pad": "\x01" * (MAX_SPEC_BYTES // 4)}}   # 1 byte in YAML, 6 in JSON
+    with pytest.raises(CliError, match=f"bytes of JSON; the limit is {MAX_SPEC_BYTES}") as refused:
+        _spec_text(spec, "f.yaml")
+    assert refused.value.exit_code == 2
+    assert json.loads(_spec_text(SPEC, "f.yaml")) == SPEC

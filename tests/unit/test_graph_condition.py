@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.errors import InvalidArgument
-from mesh.graphs.condition import MAX_ARRAY_OPS, MAX_NESTING, MISSING, Glob, Lazy, compile_condition
+from mesh.graphs.condition import (
+    MAX_ARRAY_OPS,
+    MAX_NESTING,
+    MAX_WORK,
+    MISSING,
+    Budget,
+    Glob,
+    Lazy,
+    compile_condition,
+)
 
 # GJSON's README document.
 DOC: dict[str, Any] = {
@@ -257,3 +266,88 @@ def test_any_text_compiles_or_is_refused_and_any_document_evaluates(text: str, d
         assert e.message.startswith("column ") or e.message == "the condition is empty"
         return
     assert isinstance(condition.matches(doc), bool)
+
+
+# --- work bounds (review findings 2 and 7) --------------------------------------------------------
+
+
+def test_each_path_of_a_multipath_counts_as_an_array_operation() -> None:
+    # '[@this,...k].#.' repeated L times costs k^L to evaluate; its paths count toward the bound, so
+    # the review's bomb (k=8, L=16, 834 characters) is refused at definition with the column.
+    bomb = "[" + ",".join(["@this"] * 8) + "].#."
+    with pytest.raises(InvalidArgument, match=f"more than {MAX_ARRAY_OPS} array operations"):
+        compile_condition(bomb * 16 + "id")
+    with pytest.raises(InvalidArgument, match=f"more than {MAX_ARRAY_OPS} array operations"):
+        compile_condition("[" + ",".join(["a"] * (MAX_ARRAY_OPS + 1)) + "]")
+    assert compile_condition("[" + ",".join(["a"] * MAX_ARRAY_OPS) + "]").get({"a": 1}) == [1] * MAX_ARRAY_OPS
+
+
+def test_one_work_budget_covers_every_path_of_an_evaluation() -> None:
+    # 2^10 paths (10 levels of a 2-path multipath, within the operation bound), each querying a list
+    # of 1,000 strings: 1,024,000 element visits, each under any per-string bound. One budget for
+    # the whole evaluation fails it loudly.
+    condition = compile_condition("[@this,@this].#." * 10 + 'data.#(=="nope")')
+    doc = {"data": ["x"] * 1000}
+    with pytest.raises(InvalidArgument, match=f"took more than {MAX_WORK:,} steps of work"):
+        condition.matches(doc)
+    # Work is counted, not timed: a budget of units, spent as the evaluation goes.
+    budget = Budget(10_000, "the condition")
+    assert compile_condition("[@this,@this].#.data.#(==x)").matches(doc, budget)
+    assert 0 < budget.limit - budget.left < 10_000
+    with pytest.raises(InvalidArgument, match="took more than 10 steps"):
+        compile_condition("data.#(==y)").matches(doc, Budget(10, "the condition"))
+
+
+def test_glob_matches_share_the_evaluations_budget() -> None:
+    # The review's repro: one pattern costing ~320k checks per 1,200-character string, each string
+    # under the per-match bound, 50 strings far past it together.
+    pattern = "*" + "?a" * 400 + "b*"
+    text = "a" * 1200
+    Glob(pattern).match(text)  # one string alone: within a match's own bound
+    condition = compile_condition('inputs.#.data.#(%"' + pattern + '")')
+    doc = {"inputs": [{"name": "x", "data": [text] * 50}]}
+    with pytest.raises(InvalidArgument, match="steps of work"):
+        condition.matches(doc)
+
+
+def test_decoded_tensor_data_counts_toward_the_budget() -> None:
+    # Each tensor's data is decoded only when reached, and its length is charged: many tensors,
+    # each under the per-tensor bound, cannot be decoded past one evaluation's budget.
+    made: list[int] = []
+
+    def tensor(n: int) -> Lazy:
+        def make() -> list[int]:
+            made.append(n)
+            return [0] * n
+        return Lazy(make)
+
+    doc = {"inputs": [{"data": tensor(400_000)} for _ in range(10)]}
+    with pytest.raises(InvalidArgument, match="steps of work"):
+        compile_condition("inputs.#.data.#").matches(doc)
+    assert len(made) < 10
+
+
+LONG_PATHS = st.lists(st.sampled_from(["a", "b", "#", "@this", "[@this,@this,@this]", "[a,b]", "#(a)#",
+                                       "#(%\"*a*\")#", "0", "*"]), min_size=1, max_size=40).map(".".join)
+WIDE_DOCS = st.recursive(st.sampled_from(["a", "ab", "b"]) | st.integers(0, 3),
+                         lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.sampled_from(["a", "b"]),
+                                                                                     inner, max_size=2),
+                         max_leaves=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(LONG_PATHS, WIDE_DOCS)
+def test_long_conditions_finish_within_their_budget_or_fail_loudly(text: str, doc: Any) -> None:
+    # Texts up to hundreds of characters with multipaths and maps: whatever compiles evaluates in
+    # at most its budget's units (counted, not timed), or raises.
+    try:
+        condition = compile_condition(text)
+    except InvalidArgument:
+        return
+    budget = Budget(20_000, "the condition")
+    try:
+        assert isinstance(condition.matches(doc, budget), bool)
+    except InvalidArgument as e:
+        assert "steps of work" in e.message
+        return
+    assert budget.left >= 0

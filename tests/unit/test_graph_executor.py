@@ -21,7 +21,8 @@ import structlog
 from mesh.errors import Code, DeadlineExceeded, InvalidArgument, RemoteError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.graphs import v2
-from mesh.graphs.executor import GraphError, GraphRunner, Headers
+from mesh.graphs.condition import MAX_WORK
+from mesh.graphs.executor import GraphError, GraphRunner, Headers, StepRefused
 from mesh.graphs.spec import Graph, parse_graph
 from mesh.tensors import decode_inputs, decode_response, encode_request, encode_response
 
@@ -551,3 +552,134 @@ async def test_an_ensemble_answer_feeds_the_next_step(typed: set[str]) -> None:
     _, outputs = answer(await run(g, models))
     assert [i.name for i in models.calls[-1].request.inputs] == ["double.y", "add1.y"]
     np.testing.assert_array_equal(outputs["y"], X * 3 + 1)
+
+
+# --- per-request bounds (review findings 1, 2, 3, 7 and the deadline note) ------------------------
+
+
+async def test_a_request_without_a_deadline_gets_the_runners_default() -> None:
+    models = Models()
+    g = graph(root=seq({"serviceName": "double"}, {"serviceName": "add1", "data": "$response"}))
+    await GraphRunner(models, default_timeout=5.0).run(g, request(), HEADERS, None)
+    assert all(c.timeout is not None and 0 < c.timeout <= 5.0 for c in models.calls)
+    models = Models()
+    await GraphRunner(models, default_timeout=5.0).run(g, request(), HEADERS, 2.0)   # the client's wins
+    assert all(c.timeout is not None and c.timeout <= 2.0 for c in models.calls)
+
+
+async def test_a_step_the_router_refuses_stops_the_graph_even_if_soft() -> None:
+    # The router's own in-flight limits (StepRefused): a Soft step skipped there would answer a
+    # partial result for an overloaded router (the review saw 4057 of 4096 calls dropped, answer OK).
+    models = Models(failing={"add1": StepRefused("this server has 50 requests in flight")})
+    g = graph(root=ensemble({"serviceName": "double"}, {"serviceName": "add1"}))
+    with pytest.raises(GraphError) as info:
+        await run(g, models)
+    assert info.value.code is Code.RESOURCE_EXHAUSTED and info.value.stops
+    assert info.value.message == ("graph 'g', node 'root', step 'add1' (model 'add1'): this server has 50 "
+                                  "requests in flight")
+    models = Models(failing={"double": StepRefused("full")})
+    with pytest.raises(GraphError, match=r"step 'double'.*full"):
+        await run(graph(root=seq({"serviceName": "double"}, {"serviceName": "add1"})), models)
+    assert models.models() == ["double"]   # nothing after it ran
+
+
+async def test_the_bytes_a_request_makes_are_bounded() -> None:
+    # A 64-step Ensemble copies the request for each step (the review's 16 MiB request: +992 MiB).
+    # Every step request, answer and merged answer is charged to one budget: counted, not timed.
+    x = np.arange(4096, dtype=np.float32).reshape(1, -1)   # 16 KiB of tensor
+    body = request(x)
+    g = graph(root=ensemble(*[{"serviceName": "double", "name": f"s{i}"} for i in range(64)]))
+    models = Models()
+    with pytest.raises(GraphError) as info:
+        await GraphRunner(models, max_bytes=8 * len(body)).run(g, body, HEADERS, 30.0)
+    assert info.value.code is Code.RESOURCE_EXHAUSTED and info.value.stops
+    assert "made more than" in info.value.message and "router.max_graph_request_bytes" in info.value.message
+    # It stops before the ninth step's request is even sent (each request ~ the body, each answer too).
+    assert len(models.calls) <= 8
+    # Within the budget: runs, the merged answer included.
+    models = Models()
+    out = await GraphRunner(models, max_bytes=200 * len(body)).run(g, body, HEADERS, 30.0)
+    assert len(answer(out)[0].outputs) == 64
+    # A merge is charged as well: two steps fit, their merged answer does not.
+    g2 = graph(root=ensemble({"serviceName": "double"}, {"serviceName": "add1"}))
+    with pytest.raises(GraphError, match=r"node 'root': the graph's steps made more than"):
+        await GraphRunner(Models(), max_bytes=int(4.5 * len(body))).run(g2, body, HEADERS, 30.0)
+
+
+async def test_the_conditions_of_one_request_share_one_work_budget() -> None:
+    # Each condition reads a 300,000-element tensor (~600,000 units: the data decoded, then
+    # queried): one alone is within the budget, two are not. Before, every evaluation had a
+    # fresh budget, and a Switch of 64 such steps did 64 times the work.
+    x = np.zeros((1, 300_000), dtype=np.float32)
+    cond = "inputs.0.data.#(==-1)"
+    g = graph(root=switch(*[{"serviceName": "double", "condition": cond, "name": f"s{i}"} for i in range(4)],
+                          {"serviceName": "add1", "condition": "@this"}))
+    models = Models()
+    with pytest.raises(GraphError) as info:
+        await run(g, models, body=request(x))
+    assert info.value.code is Code.INVALID_ARGUMENT
+    assert info.value.message.startswith(f"graph 'g', node 'root', step 's1' (model 'double'): condition {cond!r}: "
+                                         f"this request's conditions took more than {MAX_WORK:,} steps of work")
+    assert models.calls == []
+    one = graph(root=switch({"serviceName": "double", "condition": cond, "name": "s0"},
+                            {"serviceName": "add1", "condition": "@this"}))
+    assert answer(await run(one, Models(), body=request(x)))[0].model_name == "g"
+
+
+class Clock:
+    """A deadline clock the steps move forward: time passes only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_deadline_is_checked_before_a_condition_and_before_a_merge() -> None:
+    clock = Clock()
+
+    async def slow() -> None:
+        clock.now += 10.0   # the call took 10 s of a 5 s deadline (and answered anyway)
+
+    # A Sequence whose next step has a condition: that condition is not evaluated after the deadline.
+    g = graph(root=seq({"serviceName": "double"},
+                       {"serviceName": "add1", "condition": "outputs.#(name==nope)", "name": "then"}))
+    with pytest.raises(GraphError) as info:
+        await GraphRunner(Models(hooks={"double": slow}), clock=clock).run(g, request(), HEADERS, 5.0)
+    assert info.value.code is Code.DEADLINE_EXCEEDED
+    assert info.value.message == ("graph 'g', node 'root', step 'then' (model 'add1'): the request's deadline "
+                                  "passed before its condition was evaluated")
+    # An Ensemble does not merge its answers after the deadline.
+    g = graph(root=ensemble({"serviceName": "double"}))
+    with pytest.raises(GraphError, match="node 'root': the request's deadline passed before the Ensemble's answers"):
+        await GraphRunner(Models(hooks={"double": slow}), clock=clock).run(g, request(), HEADERS, 5.0)
+
+
+async def test_a_known_field_with_another_wire_type_is_an_unknown_field() -> None:
+    # Field 7 (raw_input_contents) as a varint: protobuf reads it as an unknown field; it used to
+    # become an extra, empty raw_input_contents in every step's request.
+    req = encode_request(model_name="g", inputs={"x": X}, request_id="req-1", raw=False)
+    body = bytes(req.SerializeToString()) + bytes([(7 << 3) | 0, 5])
+    models = Models()
+    _, outputs = answer(await run(graph(root=seq({"serviceName": "double"})), models, body=body))
+    assert list(models.calls[0].request.raw_input_contents) == []
+    np.testing.assert_array_equal(outputs["y"], X * 2)
+    assert all(f > 0 for f, _, _, _ in v2._fields(bytes(req.SerializeToString()), "request"))
+    assert [f for f, _, _, _ in v2._fields(body, "request")][-1] == -7
+
+
+async def test_a_failed_steps_error_keeps_no_frames_and_so_not_its_request() -> None:
+    # A failure is kept while its node runs (a Soft one until the Ensemble answers); the frames of
+    # its traceback hold the step's request, a copy of the client's tensors. They are dropped.
+    async def fails(model: str, body: bytes, headers: Headers, timeout: float | None) -> bytes:
+        try:
+            raise ValueError("deep inside")
+        except ValueError as inner:
+            raise RemoteError(Code.UNAVAILABLE, "runtime gone") from inner
+
+    with pytest.raises(GraphError) as info:
+        await GraphRunner(fails).run(graph(root=seq({"serviceName": "double"})), request(), HEADERS, 30.0)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteError) and cause.__traceback__ is None
+    assert isinstance(cause.__cause__, ValueError) and cause.__cause__.__traceback__ is None

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from mesh.errors import InvalidArgument
 from mesh.graphs.spec import (
+    MAX_CALLS,
+    MAX_COMPONENTS,
     MAX_CONDITION,
     MAX_NAME,
     MAX_NODES,
@@ -257,3 +259,65 @@ def test_two_parses_of_one_spec_are_equal_graphs() -> None:
         {"serviceName": "a", "condition": 'inputs.#(name%"y*")'}, {"nodeName": "n", "condition": "k*y"}]},
         n=seq({"serviceName": "b"}))
     assert parse_graph("g", spec) != parse_graph("g", other)
+
+
+# --- calls per request (review finding 1) and compiled size (finding 6) -------------------------
+
+
+def ens(*steps: Any) -> dict[str, Any]:
+    return {"routerType": "Ensemble", "steps": list(steps)}
+
+
+def test_the_worst_case_calls_per_request_are_computed_sum_for_sequence_and_ensemble_max_for_switch() -> None:
+    switch = {"routerType": "Switch", "steps": [{"serviceName": "a", "condition": "@this"},
+                                                {"nodeName": "e", "condition": "x"}]}
+    graph = parse_graph("g", nodes(
+        root=seq({"serviceName": "m"}, {"nodeName": "sw"}, {"nodeName": "e", "name": "again"}),
+        sw=switch,
+        e=ens({"serviceName": "a"}, {"serviceName": "b"}, {"nodeName": "leaf"}),
+        leaf=seq({"serviceName": "c"}, {"serviceName": "d"})))
+    # e = a + b + leaf(2) = 4; sw = max(1, e) = 4; root = 1 + 4 + 4 = 9
+    assert graph.calls == 9
+    splitter = {"routerType": "Splitter", "steps": [{"serviceName": "a", "weight": 50},
+                                                    {"nodeName": "e", "weight": 50}]}
+    assert parse_graph("g", nodes(root=splitter, e=ens({"serviceName": "a"}, {"serviceName": "b"}))).calls == 2
+    assert parse_graph("g", nodes(root=seq({"serviceName": "m"}))).calls == 1
+
+
+def test_a_graph_that_multiplies_calls_is_refused_with_its_cost() -> None:
+    # Nested Ensembles: 64 levels of 64 steps would be 64^64 calls for one request (the review's
+    # repro). Here 3 levels of 8: 8^3 = 512 calls, refused; its cost is named.
+    levels = 3
+    spec: dict[str, Any] = {}
+    for i in range(levels):
+        child = {"nodeName": f"n{i + 1}"} if i + 1 < levels else {"serviceName": "m"}
+        spec["root" if i == 0 else f"n{i}"] = ens(*[{**child, "name": f"s{j}"} for j in range(8)])
+    refused({"nodes": spec}, "up to 512 model calls", f"the limit is {MAX_CALLS} calls per request")
+    # The exponential case is answered at once, with an order of magnitude.
+    deep: dict[str, Any] = {}
+    for i in range(MAX_NODES):
+        child = {"nodeName": f"n{i + 1}"} if i + 1 < MAX_NODES else {"serviceName": "m"}
+        deep["root" if i == 0 else f"n{i}"] = ens(*[{**child, "name": f"s{j}"} for j in range(4)])
+    refused({"nodes": deep}, "up to about 10^38 model calls")
+    # At the bound exactly: accepted.
+    flat = {"root": ens(*[{"nodeName": "s", "name": f"s{j}"} for j in range(64)]),
+            "s": seq(*[{"serviceName": "m"}] * 4)}
+    assert parse_graph("g", {"nodes": flat}).calls == MAX_CALLS
+    flat["s"] = seq(*[{"serviceName": "m"}] * 5)
+    refused({"nodes": flat}, "up to 320 model calls")
+
+
+def test_the_conditions_of_a_graph_are_bounded_in_components() -> None:
+    cond = ".".join(["k"] * 500)  # 999 characters, 500 components
+    ok = nodes(root={"routerType": "Switch", "steps": [
+        {"serviceName": "m", "name": f"s{j}", "condition": cond} for j in range(4)]})
+    assert parse_graph("g", ok)
+    over = nodes(root={"routerType": "Switch", "steps": [
+        {"serviceName": "m", "name": f"s{j}", "condition": cond} for j in range(5)]})
+    refused(over, "2500 path components", f"the limit is {MAX_COMPONENTS} per graph")
+
+
+def test_the_spec_bound_is_64_kib() -> None:
+    assert MAX_SPEC_BYTES == 64 * 1024
+    pad = {"nodes": {"root": seq({"serviceName": "m"})}, "resources": {"pad": "x" * (MAX_SPEC_BYTES - 100)}}
+    assert parse_graph("g", pad)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mesh.gen.mmesh import model_mesh_pb2 as mmesh_dot_model__mesh__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mmesh/graphs.proto\x12\x05mmesh\x1a\x16mmesh/model_mesh.proto\"C\n\x0fSetGraphRequest\x12\x0f\n\x07graphId\x18\x01 \x01(\t\x12\x10\n\x08specJson\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"(\n\x15GetGraphStatusRequest\x12\x0f\n\x07graphId\x18\x01 \x01(\t\"\xde\x02\n\x0fGraphStatusInfo\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".mmesh.GraphStatusInfo.GraphStatus\x12\x10\n\x08specJson\x18\x02 \x01(\t\x12\x31\n\x06models\x18\x03 \x03(\x0b\x32!.mmesh.GraphStatusInfo.ModelEntry\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x11\n\tupdatedMs\x18\x05 \x01(\x04\x1az\n\nModelEntry\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12\x10\n\x08isVModel\x18\x02 \x01(\x08\x12\x15\n\ractiveModelId\x18\x03 \x01(\t\x12\x32\n\x06status\x18\x04 \x01(\x0e\x32\".mmesh.ModelStatusInfo.ModelStatus\"4\n\x0bGraphStatus\x12\r\n\tNOT_FOUND\x10\x00\x12\x0b\n\x07\x44\x45\x46INED\x10\x01\x12\t\n\x05READY\x10\x02\"4\n\x12\x44\x65leteGraphRequest\x12\x0f\n\x07graphId\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteGraphResponse\"H\n\x11ListGraphsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x10\n\x08pageSize\x18\x02 \x01(\r\x12\x11\n\tpageToken\x18\x03 \x01(\t\"\xa8\x01\n\x12ListGraphsResponse\x12/\n\x06graphs\x18\x01 \x03(\x0b\x32\x1f.mmesh.ListGraphsResponse.Entry\x12\x15\n\rnextPageToken\x18\x02 \x01(\t\x1aJ\n\x05\x45ntry\x12\x0f\n\x07graphId\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x11\n\tupdatedMs\x18\x04 \x01(\x04\x32\xa6\x02\n\x0fModelMeshGraphs\x12<\n\x08setGraph\x12\x16.mmesh.SetGraphRequest\x1a\x16.mmesh.GraphStatusInfo\"\x00\x12H\n\x0egetGraphStatus\x12\x1c.mmesh.GetGraphStatusRequest\x1a\x16.mmesh.GraphStatusInfo\"\x00\x12\x46\n\x0b\x64\x65leteGraph\x12\x19.mmesh.DeleteGraphRequest\x1a\x1a.mmesh.DeleteGraphResponse\"\x00\x12\x43\n\nlistGraphs\x12\x18.mmesh.ListGraphsRequest\x1a\x19.mmesh.ListGraphsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mmesh/graphs.proto\x12\x05mmesh\x1a\x16mmesh/model_mesh.proto\"C\n\x0fSetGraphRequest\x12\x0f\n\x07graphId\x18\x01 \x01(\t\x12\x10\n\x08specJson\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"(\n\x15GetGraphStatusRequest\x12\x0f\n\x07graphId\x18\x01 \x01(\t\"\xec\x02\n\x0fGraphStatusInfo\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".mmesh.GraphStatusInfo.GraphStatus\x12\x10\n\x08specJson\x18\x02 \x01(\t\x12\x31\n\x06models\x18\x03 \x03(\x0b\x32!.mmesh.GraphStatusInfo.ModelEntry\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x11\n\tupdatedMs\x18\x05 \x01(\x04\x1az\n\nModelEntry\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12\x10\n\x08isVModel\x18\x02 \x01(\x08\x12\x15\n\ractiveModelId\x18\x03 \x01(\t\x12\x32\n\x06status\x18\x04 \x01(\x0e\x32\".mmesh.ModelStatusInfo.ModelStatus\"B\n\x0bGraphStatus\x12\r\n\tNOT_FOUND\x10\x00\x12\x0b\n\x07\x44\x45\x46INED\x10\x01\x12\t\n\x05READY\x10\x02\x12\x0c\n\x08SHADOWED\x10\x03\"4\n\x12\x44\x65leteGraphRequest\x12\x0f\n\x07graphId\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\"\x15\n\x13\x44\x65leteGraphResponse\"H\n\x11ListGraphsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x10\n\x08pageSize\x18\x02 \x01(\r\x12\x11\n\tpageToken\x18\x03 \x01(\t\"\xa8\x01\n\x12ListGraphsResponse\x12/\n\x06graphs\x18\x01 \x03(\x0b\x32\x1f.mmesh.ListGraphsResponse.Entry\x12\x15\n\rnextPageToken\x18\x02 \x01(\t\x1aJ\n\x05\x45ntry\x12\x0f\n\x07graphId\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x11\n\tupdatedMs\x18\x04 \x01(\x04\x32\xa6\x02\n\x0fModelMeshGraphs\x12<\n\x08setGraph\x12\x16.mmesh.SetGraphRequest\x1a\x16.mmesh.GraphStatusInfo\"\x00\x12H\n\x0egetGraphStatus\x12\x1c.mmesh.GetGraphStatusRequest\x1a\x16.mmesh.GraphStatusInfo\"\x00\x12\x46\n\x0b\x64\x65leteGraph\x12\x19.mmesh.DeleteGraphRequest\x1a\x1a.mmesh.DeleteGraphResponse\"\x00\x12\x43\n\nlistGraphs\x12\x18.mmesh.ListGraphsRequest\x1a\x19.mmesh.ListGraphsResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETGRAPHSTATUSREQUEST']._serialized_start=122
   _globals['_GETGRAPHSTATUSREQUEST']._serialized_end=162
   _globals['_GRAPHSTATUSINFO']._serialized_start=165
-  _globals['_GRAPHSTATUSINFO']._serialized_end=515
+  _globals['_GRAPHSTATUSINFO']._serialized_end=529
   _globals['_GRAPHSTATUSINFO_MODELENTRY']._serialized_start=339
   _globals['_GRAPHSTATUSINFO_MODELENTRY']._serialized_end=461
   _globals['_GRAPHSTATUSINFO_GRAPHSTATUS']._serialized_start=463
-  _globals['_GRAPHSTATUSINFO_GRAPHSTATUS']._serialized_end=515
-  _globals['_DELETEGRAPHREQUEST']._serialized_start=517
-  _globals['_DELETEGRAPHREQUEST']._serialized_end=569
-  _globals['_DELETEGRAPHRESPONSE']._serialized_start=571
-  _globals['_DELETEGRAPHRESPONSE']._serialized_end=592
-  _globals['_LISTGRAPHSREQUEST']._serialized_start=594
-  _globals['_LISTGRAPHSREQUEST']._serialized_end=666
-  _globals['_LISTGRAPHSRESPONSE']._serialized_start=669
-  _globals['_LISTGRAPHSRESPONSE']._serialized_end=837
-  _globals['_LISTGRAPHSRESPONSE_ENTRY']._serialized_start=763
-  _globals['_LISTGRAPHSRESPONSE_ENTRY']._serialized_end=837
-  _globals['_MODELMESHGRAPHS']._serialized_start=840
-  _globals['_MODELMESHGRAPHS']._serialized_end=1134
+  _globals['_GRAPHSTATUSINFO_GRAPHSTATUS']._serialized_end=529
+  _globals['_DELETEGRAPHREQUEST']._serialized_start=531
+  _globals['_DELETEGRAPHREQUEST']._serialized_end=583
+  _globals['_DELETEGRAPHRESPONSE']._serialized_start=585
+  _globals['_DELETEGRAPHRESPONSE']._serialized_end=606
+  _globals['_LISTGRAPHSREQUEST']._serialized_start=608
+  _globals['_LISTGRAPHSREQUEST']._serialized_end=680
+  _globals['_LISTGRAPHSRESPONSE']._serialized_start=683
+  _globals['_LISTGRAPHSRESPONSE']._serialized_end=851
+  _globals['_LISTGRAPHSRESPONSE_ENTRY']._serialized_start=777
+  _globals['_LISTGRAPHSRESPONSE_ENTRY']._serialized_end=851
+  _globals['_MODELMESHGRAPHS']._serialized_start=854
+  _globals['_MODELMESHGRAPHS']._serialized_end=1148
 # @@protoc_insertion_point(module_scope)

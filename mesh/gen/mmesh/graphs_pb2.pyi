@@ -31,9 +31,11 @@ class GraphStatusInfo(_message.Message):
         NOT_FOUND: _ClassVar[GraphStatusInfo.GraphStatus]
         DEFINED: _ClassVar[GraphStatusInfo.GraphStatus]
         READY: _ClassVar[GraphStatusInfo.GraphStatus]
+        SHADOWED: _ClassVar[GraphStatusInfo.GraphStatus]
     NOT_FOUND: GraphStatusInfo.GraphStatus
     DEFINED: GraphStatusInfo.GraphStatus
     READY: GraphStatusInfo.GraphStatus
+    SHADOWED: GraphStatusInfo.GraphStatus
     class ModelEntry(_message.Message):
         __slots__ = ("modelId", "isVModel", "activeModelId", "status")
         MODELID_FIELD_NUMBER: _ClassVar[int]
