@@ -104,7 +104,10 @@ def graph_status(obj: Mapping[str, Any], held: str, failure: GraphFailure | None
     meta = obj.get("metadata") or {}
     name = str(meta.get("name") or "")
     ready = failure is None and held in ("DEFINED", "READY")
-    if failure is None and not ready:
+    if failure is None and held == "SHADOWED":
+        failure = GraphFailure("GraphShadowed", "a vModel of the same name (an InferenceService or Predictor) "
+                               "takes the requests sent to this name; rename one of them")
+    elif failure is None and not ready:
         failure = GraphFailure("GraphNotDefined", "the mesh holds no graph of this name yet")
     status: dict[str, Any] = {"conditions": [_condition(ready, failure, previous.get("conditions"), now)]}
     if isinstance(meta.get("generation"), int):

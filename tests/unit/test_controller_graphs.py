@@ -131,3 +131,9 @@ def test_the_crd_keeps_kserves_pod_fields() -> None:
         kube.put(doc)
         stored = kube.get("ns", "chain")
     assert stored is not None and stored["spec"]["resources"] == {"limits": {"cpu": "1"}}
+
+
+def test_a_shadowed_graph_is_not_ready_and_says_why() -> None:
+    status = graphs.graph_status(_graph(SEQUENCE), "SHADOWED", None, rest_url="http://r", now=NOW)
+    (condition,) = status["conditions"]
+    assert (condition["status"], condition["reason"]) == ("False", "GraphShadowed") and "url" not in status
