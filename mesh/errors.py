@@ -60,8 +60,8 @@ class InvalidArgument(MeshError):
 class ModelNotFound(MeshError):
     code = Code.NOT_FOUND
 
-    def __init__(self, model_id: str, what: str = "model") -> None:
-        super().__init__(f"{what} {model_id!r} not found")
+    def __init__(self, model_id: str, what: str = "model", hint: str = "") -> None:
+        super().__init__(f"{what} {model_id!r} not found" + (f": {hint}" if hint else ""))
         self.model_id = model_id
 
 

@@ -72,6 +72,7 @@ log = structlog.get_logger(__name__)
 _rng = random.Random()
 
 HOUR_MS = 3_600_000
+SPLIT_FIRST = "set it (setVModel, mesh vmodel set) before splitting it"
 DEFAULT_PAGE = 500
 MAX_PAGE = 5_000
 
@@ -555,7 +556,7 @@ class Management:
                                   "which is not one of the targets")
         before = await self.registry.get_vmodel(vmodel_id)  # refused before registering anything
         if before is None:
-            raise ModelNotFound(vmodel_id, what="vModel (set it with setVModel before splitting it)")
+            raise ModelNotFound(vmodel_id, what="vModel", hint=SPLIT_FIRST)
         _check_owner(before[0], owner, caller)
         specs: list[ModelSpec] = []
         created: list[str] = []
@@ -576,7 +577,7 @@ class Management:
             while True:  # compare-and-swap loop on the vModel record
                 current = await self.registry.get_vmodel(vmodel_id)
                 if current is None:
-                    raise ModelNotFound(vmodel_id, what="vModel (set it with setVModel before splitting it)")
+                    raise ModelNotFound(vmodel_id, what="vModel", hint=SPLIT_FIRST)
                 existing, revision = current
                 _check_owner(existing, owner, caller)
                 active = stable or existing.active_model_id
