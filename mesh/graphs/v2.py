@@ -49,6 +49,7 @@ from mesh.errors import InvalidArgument, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.graphs.condition import Lazy
 from mesh.tensors import decode_inputs, decode_response
+from mesh.transport.wire import read_varint
 
 __all__ = ["Request", "finish", "merge", "request_view", "response_view"]
 
@@ -96,7 +97,7 @@ def _fields(buf: Buffer, what: str) -> list[tuple[int, int, int, int]]:
         if tag < 0x80:      # one-byte tags: every field of the V2 messages
             pos += 1
         else:
-            tag, pos = _read_varint(buf, pos, what)
+            tag, pos = read_varint(buf, pos, what)
         field, wire = tag >> 3, tag & 7
         if field == 0:
             raise InvalidArgument(f"{what} is malformed: field number 0")
@@ -104,10 +105,10 @@ def _fields(buf: Buffer, what: str) -> list[tuple[int, int, int, int]]:
             if pos < end and buf[pos] < 0x80:
                 length, value = buf[pos], pos + 1
             else:
-                length, value = _read_varint(buf, pos, what)
+                length, value = read_varint(buf, pos, what)
             pos = value + length
         elif wire == 0:
-            _, pos = _read_varint(buf, pos, what)
+            _, pos = read_varint(buf, pos, what)
             value = pos
         elif wire == 1:
             value, pos = pos, pos + 8
@@ -119,21 +120,6 @@ def _fields(buf: Buffer, what: str) -> list[tuple[int, int, int, int]]:
             raise InvalidArgument(f"{what} is malformed: a field runs past the end")
         out.append((field if wire == 2 else -field, start, value, pos))
     return out
-
-
-def _read_varint(buf: Buffer, pos: int, what: str) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise InvalidArgument(f"{what} is malformed: a truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise InvalidArgument(f"{what} is malformed: a varint too long")
 
 
 def _kept(buf: Buffer, fields: Sequence[tuple[int, int, int, int]], drop: tuple[int, ...]) -> list[Buffer]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 from mesh.errors import InvalidArgument
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+def read_varint(buf: bytes | memoryview, pos: int, what: str = "request") -> tuple[int, int]:
+    """(value, next position) of the protobuf varint at ``pos``; InvalidArgument naming ``what``
+    when it is cut short or longer than 64 bits (the graph runner's splicing reads with it too)."""
     result = shift = 0
     while True:
         if pos >= len(buf):
-            raise InvalidArgument("malformed request: truncated varint")
+            raise InvalidArgument(f"{what} is malformed: a truncated varint")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -23,21 +25,21 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             return result, pos
         shift += 7
         if shift > 63:
-            raise InvalidArgument("malformed request: varint too long")
+            raise InvalidArgument(f"{what} is malformed: a varint too long")
 
 
 def read_model_name(buf: bytes) -> str:
     pos, end = 0, len(buf)
     name = ""
     while pos < end:
-        tag, pos = _varint(buf, pos)
+        tag, pos = read_varint(buf, pos)
         field, wire_type = tag >> 3, tag & 7
         if wire_type == 0:
-            _, pos = _varint(buf, pos)
+            _, pos = read_varint(buf, pos)
         elif wire_type == 1:
             pos += 8
         elif wire_type == 2:
-            length, pos = _varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             if pos + length > end:
                 raise InvalidArgument("malformed request: field longer than the message")
             if field == 1:

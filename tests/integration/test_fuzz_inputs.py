@@ -119,6 +119,16 @@ def generate(n_features: int, n: int) -> list[Case]:
         out.append(case)
 
     collect()
+    # Hypothesis also draws literal constants mined from the modules a run has imported, so which
+    # cases it writes depends on the modules loaded before (a file run alone differs from the whole
+    # suite). These two reach the bounds behind the cheap checks whatever it drew.
+    deep = pb.ModelInferRequest(model_name="m")
+    deep.inputs.add(name="x", datatype="FP32", shape=[1] * 65).contents.fp32_contents.append(1.0)
+    short = pb.ModelInferRequest(model_name="m")
+    short.inputs.add(name="x", datatype="BYTES", shape=[1000])
+    short.raw_input_contents.append(b"\x00")
+    out += [Case("65 dimensions model_name='m' ()", (), deep.SerializeToString()),
+            Case("BYTES raw too short model_name='m' ()", (), short.SerializeToString())]
     return out
 
 
