@@ -248,6 +248,7 @@ class ModelCache:
         self._entries: dict[str, Entry] = {}
         self._tasks = Background("cache")  # loads and unloads in progress
         self._unloading: set[Entry] = set()
+        self._topping_up: set[str] = set()  # loads waiting to reserve more than they predicted
         self._space_freed = asyncio.Condition()
         self._loads_running = 0
         self._load_epoch = 0  # bumped at each load start: tells whether loads overlapped
@@ -538,9 +539,28 @@ class ModelCache:
         """Count ``size`` more bytes for ``entry``, evicting and then waiting for space as needed.
 
         ``top_up``: the measured size of a loaded model exceeds its reservation. Then wait only for
-        copies that are unloading: waiting for loads in progress could deadlock two loads that
-        each wait for the other's reservation, so with none unloading the load fails at once."""
+        copies that are unloading, or for loads in progress that hold a reservation and are not
+        waiting in a top-up themselves (each such load ends: loaded, it can be evicted; failed, its
+        reservation is freed). Two loads that each wait for the other's reservation would
+        deadlock, so with neither kind the load fails at once. (Predictions below the measured size
+        are routine since issue 18 dropped the 64 KiB floor; failing every such top-up while a
+        concurrent load held the room failed loads, and their requests, under tight capacity.)"""
         deadline = asyncio.get_running_loop().time() + self._load_timeout_s
+        if top_up:
+            self._topping_up.add(entry.model_id)
+        try:
+            await self._reserve_locked(entry, budget, size, top_up, deadline)
+        finally:
+            self._topping_up.discard(entry.model_id)
+
+    def _may_wait_for_top_up(self, entry: Entry, device: str) -> bool:
+        if any(u.device == device for u in self._unloading):
+            return True
+        return any(e is not entry and e.state == LOADING and e.device == device and e.reserved_bytes > 0
+                   and e.model_id not in self._topping_up for e in self._entries.values())
+
+    async def _reserve_locked(self, entry: Entry, budget: DeviceBudget, size: int, top_up: bool,
+                              deadline: float) -> None:
         async with self._space_freed:
             while True:
                 need = budget.used_bytes + size - budget.capacity_bytes
@@ -553,7 +573,7 @@ class ModelCache:
                     continue
                 # Space is held by copies still loading or draining: wait for it to be freed.
                 remaining = deadline - asyncio.get_running_loop().time()
-                if top_up and not any(u.device == budget.device for u in self._unloading):
+                if top_up and not self._may_wait_for_top_up(entry, budget.device):
                     remaining = 0.0
                 if remaining <= 0:
                     raise ResourceExhausted(

@@ -142,3 +142,41 @@ async def test_a_load_measured_while_a_library_imports_is_charged_its_footprint(
     finally:
         await cache.close()
         pool.shutdown()
+
+
+async def test_a_load_measured_above_its_prediction_waits_for_a_concurrent_load_rather_than_fail() -> None:
+    """Capacity 700: ``a`` (predicted 300, measures 500) needs 200 more while ``b`` (predicted 300)
+    still loads and holds the room. ``a`` waits for ``b``, which measures 100, and both stay;
+    before, ``a`` failed with RESOURCE_EXHAUSTED at once (and its requests with it)."""
+    import asyncio
+    import threading
+
+    b_may_finish = threading.Event()
+    sizes, predicted = {"a": 500, "b": 100}, {"a": 300, "b": 300}
+
+    def load(spec: ModelSpec, device: str) -> LoadedModel:
+        if spec.model_id == "b":
+            b_may_finish.wait(10)
+        return _Model(spec.model_id, sizes[spec.model_id])
+
+    pool = ThreadPoolExecutor(2)
+    cache = ModelCache(budgets=[DeviceBudget("ram", 700, make_policy("lru"))], load_fn=load,
+                       predict_size=lambda s, d: predicted[s.model_id], observe_size=lambda s, d, n: None,
+                       choose_device=lambda s, b, p: "ram", executor=pool, max_concurrent_loads=2,
+                       load_timeout_s=10, rss=lambda: 0, size_floor_bytes=FLOOR)
+    try:
+        b = asyncio.create_task(cache.acquire(ModelSpec(model_id="b", type="fake")))
+        a = asyncio.create_task(cache.acquire(ModelSpec(model_id="a", type="fake")))
+        for _ in range(200):  # until a waits for room for its measured size
+            await asyncio.sleep(0.01)
+            if "a" in cache._topping_up:
+                break
+        assert "a" in cache._topping_up and not a.done()
+        b_may_finish.set()
+        entry_a, entry_b = await asyncio.wait_for(asyncio.gather(a, b), 10)
+        assert (entry_a.reserved_bytes, entry_b.reserved_bytes) == (500, 100)
+        assert cache.budgets()["ram"].used_bytes == 600
+    finally:
+        b_may_finish.set()
+        await cache.close()
+        pool.shutdown()
