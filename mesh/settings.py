@@ -276,19 +276,28 @@ class RuntimeSettings:
                         "that after a restart it can say which model killed it, in a folder per instance ID "
                         "(runtimes may share it; empty: <temp dir>/mesh-runtime). It must survive a "
                         "restart of the process, as an emptyDir survives a container restart.")
-    warm_imports_timeout_s: float = _f(60.0, "Bound on importing the loader libraries of the supported "
-                                       "types at start-up, before the instance reports ready, so that "
-                                       "a first load measures the model, not the library (torch takes "
-                                       "4-10 s on a busy 2-core pod); an import still running then "
-                                       "finishes in the background, a failed one disables its type.",
-                                       "s")
+    # --- issue 18: libraries imported when first used (mesh.runtime.libraries) ---
+    preload_types: tuple[str, ...] = _f((), "Model types whose libraries are imported at start-up, before "
+                                        "the instance reports ready (comma-separated in the environment), "
+                                        "so that their first request waits for no import; a failed import "
+                                        "disables its type. Empty: none; each other type's library is "
+                                        "imported at the first load of a model of that type (outside its "
+                                        "measured size), so a runtime pays only for the libraries its "
+                                        "models use (torch, onnxruntime, xgboost, lightgbm: about 250 MB).")
+    warm_imports_timeout_s: float = _f(60.0, "Bound on importing the libraries of runtime.preload_types at "
+                                       "start-up (torch takes 4-10 s on a busy 2-core pod); an import "
+                                       "still running then finishes in the background and the first load "
+                                       "waits for it, a failed one disables its type.", "s")
+    # --- end issue 18 ---
     eviction_policy: str = _f("s3fifo+tinylfu", "Eviction policy from placement/ (`mesh sim run` compares "
                               "them on your traffic). The default missed least across the simulator's "
                               "Zipf grid, churn, sweeps, bursts and Azure-like traffic, never more than "
                               "LRU; lru is ModelMesh's behaviour, lru+churnguard ModelMesh's cache.")
-    default_model_size_bytes: int = _f(64 * 1024, "Floor of a model's predicted size before its load "
-                                       "(guards empty or unreadable files); the prediction itself is "
-                                       "file size x the ratio learned for the type.", "bytes")
+    default_model_size_bytes: int = _f(64 * 1024, "A model's predicted size before its load when its size "
+                                       "on disk is unknown (an unreadable file, or a model in storage "
+                                       "not pulled yet whose key gives no disk_size_bytes). Known: the "
+                                       "prediction is that size x the ratio learned for the type, with "
+                                       "no floor (issue 18).", "bytes")
     size_ratio: float = _f(1.25, "Initial in-memory/on-disk size ratio per model type, refined after "
                            "each measured load (ModelMesh's adapters use a fixed 1.25).")
     inference_threads: int = _f(4, "Threads running model predict calls, so that one slow model does "

@@ -65,6 +65,8 @@ _S, _MIN, _H, _D = 1000, 60_000, 3_600_000, 86_400_000
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # requests per dynamic batch
 AGE_BUCKETS_MS = (30 * _S, 5 * _MIN, 15 * _MIN, _H, 4 * _H, 12 * _H, _D, 7 * _D, 30 * _D, 90 * _D)
 MODEL_SIZE_BUCKETS = tuple(256 * 1024 * 4**i for i in range(8))
+# predicted / measured size of a load (issue 18): 1 is exact
+PREDICTION_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0, 16.0)
 MESSAGE_SIZE_BUCKETS = tuple(128 * 4**i for i in range(8))
 
 MANAGED_COUNT_INTERVAL_S = 30.0
@@ -460,6 +462,15 @@ class RuntimeMetrics(_ComponentMetrics):
             "capacity", buckets=AGE_BUCKETS_MS, registry=r)
         self.loaded_size = Histogram("modelmesh_loaded_model_size_bytes", "Measured size of each loaded "
                                      "copy", per, buckets=MODEL_SIZE_BUCKETS, registry=r)
+        # --- issue 18: the size prediction's error, by model type ---
+        self.size_prediction = Histogram(
+            "mesh_size_prediction_ratio", "Each load's predicted size over its measured size, by model "
+            "type: 1 is exact; below 1 the load reserved the rest after it, above 1 it made room for "
+            "more than it took", ("type",), buckets=PREDICTION_BUCKETS, registry=r)
+        self.size_prediction_error = Counter(
+            "mesh_size_prediction_error_bytes", "Sum over loads of |predicted - measured| size, by model "
+            "type (divided by the ratio's count: the mean absolute error)", ("type",), registry=r)
+        # --- end issue 18 ---
         self.cache_requests = Counter(
             "mesh_cache_requests_total", "Inference requests by whether their model was loaded here, "
             "and why not", ("result", "reason", *per), registry=r)
@@ -481,6 +492,7 @@ class RuntimeMetrics(_ComponentMetrics):
         self._hit = None if per_model else self.cache_requests.labels("hit", "")
         self._policies: dict[str, str] = {}  # device -> eviction policy name
         self._gpus: GpuMemory | None = None
+        self._imports: Callable[[], Iterable[Any]] = tuple  # the model libraries' imports (attach)
         # Model IDs removed from this instance since it started, oldest first (insertion order):
         # a later miss on one of them is "evicted", on any other "cold".
         self._evicted: dict[str, None] = {}
@@ -538,6 +550,10 @@ class RuntimeMetrics(_ComponentMetrics):
         if event == "loaded":
             self._child(self.load_time, entry.model_id).observe(entry.load_ms)
             self._child(self.loaded_size, entry.model_id).observe(entry.reserved_bytes)
+            if entry.predicted_bytes > 0 and entry.reserved_bytes > 0:  # the reservation is the measured size now
+                model_type = entry.spec.type.lower()[:40]  # only types this runtime loads: a few
+                self.size_prediction.labels(model_type).observe(entry.predicted_bytes / entry.reserved_bytes)
+                self.size_prediction_error.labels(model_type).inc(abs(entry.predicted_bytes - entry.reserved_bytes))
         elif event == "failed":
             self._child(self.load_failure, entry.model_id).inc()
         elif event in ("evicted", "unloaded"):
@@ -559,10 +575,13 @@ class RuntimeMetrics(_ComponentMetrics):
             del evicted[next(iter(evicted))]  # forgotten: a later miss reads as cold
 
     # --- state --------------------------------------------------------------------------------
-    def attach(self, cache: ModelCache, gpus: GpuMemory | None = None) -> None:
+    def attach(self, cache: ModelCache, gpus: GpuMemory | None = None,
+               imports: Callable[[], Iterable[Any]] | None = None) -> None:
         """Listen to ``cache``'s events and read its accounting (on the running loop) when scraped;
-        with ``gpus``, also each GPU's memory as NVML last reported it."""
+        with ``gpus``, also each GPU's memory as NVML last reported it; with ``imports``, what the
+        model libraries imported so far cost (``mesh.runtime.libraries.IMPORTS.imported``)."""
         self._gpus = gpus
+        self._imports = imports or tuple
         self._policies = {device: b.policy.name for device, b in cache.budgets().items()}
         for name in set(self._policies.values()):
             for reason in EVICTION_REASONS:  # every series exists from the start, at 0
@@ -598,6 +617,7 @@ class RuntimeMetrics(_ComponentMetrics):
         # One policy setting for every device: the count is the cache's, across devices.
         refused.add_metric([next(iter(self._policies.values()), "")], stats.refused)
         return [
+            *_library_imports(self._imports()),
             _gauge("modelmesh_instance_capacity_bytes", "Model capacity of the instance, all devices",
                    sum(c for c, _ in stats.devices.values())),
             _gauge("modelmesh_instance_used_bytes", "Bytes held by models (loaded, loading, unloading), "
@@ -606,6 +626,23 @@ class RuntimeMetrics(_ComponentMetrics):
             _gauge("modelmesh_instance_models_total", "Models loaded on the instance", stats.loaded),
             capacity, used, models, physical, refused,
         ]
+
+
+def _library_imports(imported: Iterable[Any]) -> list[Metric]:
+    """What importing each model library cost this process (issue 18: a type's first load imports
+    it, or the start-up for runtime.preload_types), reported apart from the loads' own figures;
+    ``imported``: ``mesh.runtime.libraries.Imported`` records."""
+    seconds = GaugeMetricFamily("mesh_model_library_import_seconds", "Time this process took to import each "
+                                "model type's library, at start-up or at the type's first load (not in "
+                                "modelmesh_loadmodel_milliseconds)", labels=["type", "when"])
+    grown = GaugeMetricFamily("mesh_model_library_import_rss_bytes", "Resident memory this process grew by "
+                              "while importing each model type's library (charged to no model)",
+                              labels=["type", "when"])
+    for record in imported:
+        when = "start" if record.at_start else "first_load"
+        seconds.add_metric([record.model_type, when], record.seconds)
+        grown.add_metric([record.model_type, when], record.rss_bytes)
+    return [seconds, grown]
 
 
 __all__ = ["RouterMetrics", "RuntimeMetrics", "run_on_loop", "serve_metrics", "status_name"]

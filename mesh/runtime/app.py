@@ -31,7 +31,8 @@ from mesh.runtime.failures import RecentFailures, RememberingCache
 from mesh.runtime.forwarding import ForwardingModel
 from mesh.runtime.gpu import nvml_reader
 from mesh.runtime.journal import LoadJournal, journal_dir
-from mesh.runtime.loaders import supported_types, with_aliases
+from mesh.runtime.libraries import IMPORTS
+from mesh.runtime.loaders import canonical_type, supported_types, with_aliases
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy
 from mesh.runtime.publisher import Publisher
 from mesh.runtime.rehome import drain, rehome
@@ -155,8 +156,14 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         types = [t.lower() for t in (rs.server_types or KINDS[rs.server.strip().lower()].default_types)]
     else:
         types = [t.lower() for t in (rs.supported_types or tuple(supported_types()))]
-        # Before anything is published: a type whose library fails to import is not advertised.
-        types = with_aliases(await warm_imports(types, rs.warm_imports_timeout_s))
+        # Before anything is published: a type whose library is not installed (or, preloaded, fails
+        # to import) is not advertised. Other libraries are imported at their type's first load
+        # (mesh.runtime.libraries); with model workers, the workers import them, not this process.
+        try:
+            preload = [] if rs.workers else [canonical_type(t) for t in rs.preload_types]
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"setting runtime.preload_types: {exc.message}") from None
+        types = with_aliases(await warm_imports(types, rs.warm_imports_timeout_s, preload))
     # Then the GPUs: which types can use them, with the CUDA context created before the budgets
     # are read (it is nobody's model). A GPU no supported type can use gets no budget.
     gpus = gpus or GpuMemory(nvml_reader(), rs)
@@ -233,11 +240,13 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     cache = RememberingCache(budgets=budgets, load_fn=load_fn, predict_size=sizer.predict,
                              observe_size=sizer.observe, choose_device=choose_device, executor=load_pool,
                              max_concurrent_loads=rs.max_concurrent_loads, load_timeout_s=rs.load_timeout_s,
-                             prepare_fn=None if rs.server else prepare_load, estimate_fn=sizer.prepare,
+                             # with workers, the library is imported there, not here
+                             prepare_fn=None if rs.server or workers else prepare_load, estimate_fn=sizer.prepare,
                              max_stuck_loads=rs.max_stuck_loads, size_floor_bytes=rs.default_model_size_bytes,
                              failures=RecentFailures(settings.registry.failure_ttl_s), gpu_usage=gpus.usage,
                              device_executors=device_pools,
-                             before_load=lambda entry: publisher.announce(entry), fetch=puller)
+                             before_load=lambda entry: publisher.announce(entry), fetch=puller,
+                             process_activity=IMPORTS.activity)
     specs = SpecCache(registry, max_entries=10_000)
     metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
     puller.metrics = metrics
@@ -291,7 +300,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         publisher.takes_loads = lambda: not server_state.down
         external.on_state = publish_state
     cache.set_listener(publisher)
-    metrics.attach(cache, gpus if has_gpu else None)
+    metrics.attach(cache, gpus if has_gpu else None, IMPORTS.imported)
 
     def not_ready() -> str | None:
         """Readiness (health service): None when ready, else why not."""

@@ -34,7 +34,11 @@ only up to ``2 x basis + min(256 KiB, basis)``, where the basis is ``max(footpri
 and only when no other load overlapped it (otherwise the growth cannot be attributed at all):
 size = max(footprint, capped RSS growth). A prediction at the sizer's floor is no estimate of this
 model (it is what every unknown model gets), so then the basis is the footprint alone: otherwise a
-2.7 KB model was charged 266 KB (one allocator step) and refused by a small runtime.
+2.7 KB model was charged 266 KB (one allocator step) and refused by a small runtime. Nor is one
+below the floor (a small model's size on disk x its type's learned ratio, issue 18): that ratio is
+learned from these very measurements, and a basis that grew with it would let one allocator step
+raise the ratio, the next prediction, the next cap, and so on. Nor is the RSS growth believed when
+a model library was imported meanwhile (the first load of another type, issue 18).
 
 On a GPU the size is the device's growth across the load, read from NVML (``GpuMemory.usage``: the
 process's bytes on the device) before and after it, with one load at a time per GPU, so the growth
@@ -209,7 +213,11 @@ class ModelCache:
         device_executors: Mapping[str, Executor] | None = None,
         before_load: Callable[[Entry], Awaitable[None]] | None = None,
         fetch: Fetch | None = None,
+        process_activity: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
+        # (events, running) of process-wide memory work outside the loads (a model library's
+        # import: mesh.runtime.libraries.IMPORTS.activity); a load that overlaps any is not solo.
+        self._process_activity = process_activity or _no_activity
         # Awaited just before the loader runs: the runtime writes down that the load is starting
         # (Publisher.announce), so that if the loader kills the process its callers know why.
         self._before_load = before_load
@@ -240,6 +248,7 @@ class ModelCache:
         self._entries: dict[str, Entry] = {}
         self._tasks = Background("cache")  # loads and unloads in progress
         self._unloading: set[Entry] = set()
+        self._topping_up: set[str] = set()  # loads waiting to reserve more than they predicted
         self._space_freed = asyncio.Condition()
         self._loads_running = 0
         self._load_epoch = 0  # bumped at each load start: tells whether loads overlapped
@@ -436,7 +445,7 @@ class ModelCache:
             await self._before_load(entry)
         self._load_epoch += 1
         epoch, self._loads_running = self._load_epoch, self._loads_running + 1
-        rss_before = self._rss()
+        rss_before, activity = self._rss(), self._process_activity()
         gpu_before = gpu_usage(entry.device) if gpu_usage else 0
         started = time.perf_counter()
         try:
@@ -453,7 +462,8 @@ class ModelCache:
         if warm_executor is not None:
             await self._warm_up(model, warm_executor)
         entry.load_ms = entry.fetch_ms + (time.perf_counter() - started) * 1000
-        solo = self._loads_running == 0 and self._load_epoch == epoch
+        solo = self._loads_running == 0 and self._load_epoch == epoch and \
+            activity == self._process_activity() and activity[1] == 0
         rss_growth = self._rss() - rss_before if solo else 0
         gpu_growth = gpu_usage(entry.device) - gpu_before if gpu_usage else 0
         if entry.device == "ram":
@@ -529,9 +539,28 @@ class ModelCache:
         """Count ``size`` more bytes for ``entry``, evicting and then waiting for space as needed.
 
         ``top_up``: the measured size of a loaded model exceeds its reservation. Then wait only for
-        copies that are unloading: waiting for loads in progress could deadlock two loads that
-        each wait for the other's reservation, so with none unloading the load fails at once."""
+        copies that are unloading, or for loads in progress that hold a reservation and are not
+        waiting in a top-up themselves (each such load ends: loaded, it can be evicted; failed, its
+        reservation is freed). Two loads that each wait for the other's reservation would
+        deadlock, so with neither kind the load fails at once. (Predictions below the measured size
+        are routine since issue 18 dropped the 64 KiB floor; failing every such top-up while a
+        concurrent load held the room failed loads, and their requests, under tight capacity.)"""
         deadline = asyncio.get_running_loop().time() + self._load_timeout_s
+        if top_up:
+            self._topping_up.add(entry.model_id)
+        try:
+            await self._reserve_locked(entry, budget, size, top_up, deadline)
+        finally:
+            self._topping_up.discard(entry.model_id)
+
+    def _may_wait_for_top_up(self, entry: Entry, device: str) -> bool:
+        if any(u.device == device for u in self._unloading):
+            return True
+        return any(e is not entry and e.state == LOADING and e.device == device and e.reserved_bytes > 0
+                   and e.model_id not in self._topping_up for e in self._entries.values())
+
+    async def _reserve_locked(self, entry: Entry, budget: DeviceBudget, size: int, top_up: bool,
+                              deadline: float) -> None:
         async with self._space_freed:
             while True:
                 need = budget.used_bytes + size - budget.capacity_bytes
@@ -544,7 +573,7 @@ class ModelCache:
                     continue
                 # Space is held by copies still loading or draining: wait for it to be freed.
                 remaining = deadline - asyncio.get_running_loop().time()
-                if top_up and not any(u.device == budget.device for u in self._unloading):
+                if top_up and not self._may_wait_for_top_up(entry, budget.device):
                     remaining = 0.0
                 if remaining <= 0:
                     raise ResourceExhausted(
@@ -698,6 +727,10 @@ class ModelCache:
     def budgets(self) -> dict[str, DeviceBudget]:
         return self._budgets
 
+
+
+def _no_activity() -> tuple[int, int]:
+    return 0, 0
 
 
 def measured_size(footprint: int, rss_growth: int, predicted: int, floor: int) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -40,6 +41,7 @@ from mesh.runtime.batch_predict import Merged, merge_request, predict_merged, sp
 from mesh.runtime.batching import Batcher, BatchPolicy, batchable_model
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.forwarding import CopyLost, ForwardingModel
+from mesh.runtime.libraries import IMPORTS, installed
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
 from mesh.tasks import Background
@@ -74,14 +76,26 @@ def load_model(spec: ModelSpec, device: str, policy: LoadPolicy = UNCONFINED) ->
 
 
 class SizePredictor:
-    """Predicted size before a load: the registration's hint, else learned from measured loads.
+    """Predicted size before a load: the registration's hint, else its size on disk times what
+    measured loads taught us about its type.
 
-    In RAM: file size x a ratio learned per type (``placement.sizing``). On a GPU: file size plus
-    an *extra* learned per type (a moving average of measured minus file size). Weights sit on a GPU
-    about as they sit in the file, and what comes on top is mostly fixed per copy (a session's
-    cuBLAS/cuDNN workspace, the allocator's rounding), so a ratio would be far off for small models
-    (a 10 KB network with a 30 MB workspace) and too large for big ones. Until a type has been
-    measured on a GPU, its extra is the default ratio's (``file x (ratio - 1)``)."""
+    The size on disk, read by :meth:`prepare` in the load's thread: the model's files (a model in
+    object storage is pulled before its load is placed, so this is the storage objects' size), else
+    the ``disk_size_bytes`` of its ModelMesh key (a storage model asked about before its pull, as
+    ``predictModelSize`` is). Unknown (neither): ``runtime.default_model_size_bytes``.
+
+    In RAM: size on disk x a ratio learned per type (``placement.sizing``), with no floor once the
+    size is known (issue 18): a fixed 64 KiB floor reserved about ten 7 KB scikit-learn models per
+    load and evicted them for it, while a prediction that turns out low costs nothing unsafe (the
+    cache reserves the rest, evicting if it must, before it counts the measured size). On a GPU:
+    size on disk plus an *extra* learned per type (a moving average of measured minus file size).
+    Weights sit on a GPU about as they sit in the file, and what comes on top is mostly fixed per
+    copy (a session's cuBLAS/cuDNN workspace, the allocator's rounding), so a ratio would be far off
+    for small models (a 10 KB network with a 30 MB workspace) and too large for big ones. Until a
+    type has been measured on a GPU, its extra is the default ratio's (``file x (ratio - 1)``), and
+    the floor still holds there: a small model's file says nothing of the workspace that comes with
+    it, and a ``gpu: preferred`` copy predicted at a few KB would take a GPU and evict for its
+    workspace, where the floor sends it to RAM."""
 
     GPU_ALPHA = 0.2  # weight of a new observation in the extra's moving average
 
@@ -104,22 +118,25 @@ class SizePredictor:
             self._file_sizes.clear()
         self._file_sizes[spec.path] = size
 
-    def _file_size(self, spec: ModelSpec) -> int:
-        return self._file_sizes.get(spec.path, 0)  # 0 (unknown: the floor) until prepared
+    def disk_size(self, spec: ModelSpec) -> int:
+        """The model's bytes on disk as known now (class docstring); 0 when unknown."""
+        return self._file_sizes.get(spec.path, 0) or _key_disk_size(spec.key)
 
     def predict(self, spec: ModelSpec, device: str = "ram") -> int:
         if spec.size_hint_bytes:
             return spec.size_hint_bytes
-        model_type, size = spec.type.lower(), self._file_size(spec)
+        model_type, size = spec.type.lower(), self.disk_size(spec)
+        if size <= 0:
+            return self.estimator.floor_bytes  # nothing known of this model
         if device == "ram":
-            return self.estimator.predict(model_type, size)
+            return max(1, math.ceil(size * self.estimator.ratio(model_type)))
         extra = self._gpu_extra.get(model_type)
-        if extra is None:
-            return self.estimator.predict(f"{model_type}@gpu", size)  # the default ratio
-        return max(self.estimator.floor_bytes, int(size + extra))
+        if extra is None:  # the default ratio, and the floor: what a library adds per copy is unknown yet
+            return self.estimator.predict(f"{model_type}@gpu", size)
+        return max(1, int(size + extra))
 
     def observe(self, spec: ModelSpec, device: str, measured: int) -> None:
-        size = self._file_sizes.get(spec.path, 0)
+        size = self.disk_size(spec)
         if not size:
             return
         model_type = spec.type.lower()
@@ -131,25 +148,30 @@ class SizePredictor:
         self._gpu_extra[model_type] = extra if known is None else known + self.GPU_ALPHA * (extra - known)
 
 
-# Libraries imported before a model's load is measured, so that the first load of a type is not
-# charged with the library's own memory (tens of MB for scikit-learn's estimator modules).
-_WARM_IMPORTS = {
-    "sklearn": ("sklearn.linear_model", "sklearn.tree", "sklearn.ensemble", "sklearn.pipeline"),
-    "xgboost": ("xgboost",), "lightgbm": ("lightgbm",), "onnx": ("onnxruntime",),
-    "torchscript": ("torch",), "openvino": ("openvino",),
-}
+def _key_disk_size(key: str) -> int:
+    """``disk_size_bytes`` of a ModelMesh model key (``{"storage_key": ..., "disk_size_bytes": N}``);
+    0 when absent or not a non-negative integer (the key's own checks report a bad one at load)."""
+    if "disk_size_bytes" not in key:
+        return 0
+    try:
+        value = parse_key(key).get("disk_size_bytes")
+    except ModelLoadError:
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def prepare_load(spec: ModelSpec) -> None:
-    """Runs in a loader thread before the measured part of a load."""
-    import importlib
-
+    """Runs in a loader thread before the measured part of a load: the first load of a type
+    imports its library here (``mesh.runtime.libraries``), so that neither its memory nor its time
+    is charged to the model."""
     loader = get_loader(spec.type)
-    for module in _WARM_IMPORTS.get(loader.type, ()):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass  # the load itself reports the missing library with a clear reason
+    try:
+        IMPORTS.ensure(loader.type)
+    except ImportError:
+        pass  # the load itself reports the missing library with a clear reason
+    except Exception as exc:  # a broken library: the load fails with this reason
+        raise ModelLoadError(f"{loader.type}: its library does not import: {type(exc).__name__}: {exc}"[:1000]) \
+            from None
     if loader.type == "torchscript":
         import torch
 
@@ -161,10 +183,8 @@ def prepare_load(spec: ModelSpec) -> None:
 
 
 def _import_type(model_type: str) -> None:
-    import importlib
-
-    for module in _WARM_IMPORTS.get(model_type, ()):
-        importlib.import_module(module)
+    """Import ``model_type``'s library now (a model worker's start-up)."""
+    IMPORTS.ensure(model_type, at_start=True)
 
 
 def _gpu_ready(model_type: str, indices: list[int]) -> bool:
@@ -221,16 +241,25 @@ async def warm_gpus(types: list[str], indices: list[int]) -> list[str]:
     return usable
 
 
-async def warm_imports(types: list[str], timeout_s: float) -> list[str]:
-    """Import the loader libraries of ``types`` now (start-up, before the instance is ready), so
-    that a fresh runtime's first load neither makes every request wait for the import nor charges
-    the library's memory to the model. The types whose library fails to import are left out, with
-    a log line; a type still importing after ``timeout_s`` stays (its import goes on in its thread
-    and the first load waits for it, as before)."""
+async def warm_imports(types: list[str], timeout_s: float, preload: list[str] | None = None) -> list[str]:
+    """Of ``types``, those this runtime can load (start-up, before the instance is ready): a type
+    whose library is not installed is left out, with a log line, decided without importing it
+    (``mesh.runtime.libraries.installed``). The libraries of ``preload`` (None: every type; the
+    setting ``runtime.preload_types``) are imported now, so that their first load neither waits for
+    the import nor is charged the library's memory; a preloaded type whose library fails to import
+    is left out, and one still importing after ``timeout_s`` stays (its import goes on in its
+    thread and the first load waits for it). The others are imported at their first load."""
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
+    wanted = set(types if preload is None else preload)
     usable: list[str] = []
     for model_type in types:
+        if not installed(model_type):
+            log.warning("model type disabled: its library is not installed", model_type=model_type)
+            continue
+        if model_type not in wanted:
+            usable.append(model_type)
+            continue
         remaining = timeout_s - (time.perf_counter() - started)
         try:
             await asyncio.wait_for(loop.run_in_executor(None, _import_type, model_type), max(remaining, 0.001))

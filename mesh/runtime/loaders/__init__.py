@@ -4,8 +4,9 @@
 with the usual aliases ("scikit-learn" for sklearn, "pytorch" for torchscript, "openvino_ir" for
 openvino, the name KServe gives the format). Importing this package is cheap: each loader imports
 its library (torch, xgboost, lightgbm, onnxruntime, openvino, sklearn) inside ``load``, so a
-runtime pays for a library only when it first loads a model that needs it, and a missing optional
-library only fails the loads of its own type.
+runtime pays for a library only when it first loads a model that needs it (``mesh.runtime.libraries``
+imports it just before that load is measured), and a missing optional library only fails the loads
+of its own type.
 
 | type        | files            | inputs                        | outputs (default first)               |
 |-------------|------------------|-------------------------------|---------------------------------------|
@@ -95,6 +96,11 @@ def with_aliases(types: list[str]) -> list[str]:
     return types + sorted(alias for alias, canonical in _ALIASES.items() if canonical in types and alias not in types)
 
 
+def canonical_type(model_type: str) -> str:
+    """The canonical name of ``model_type`` (aliases resolved); InvalidArgument if unknown."""
+    return get_loader(model_type).type
+
+
 def gpu_types() -> list[str]:
     """The canonical types whose loader can place a model on a GPU, sorted."""
     return sorted(t for t, loader in loaders().items() if loader.supports_gpu)
@@ -113,5 +119,5 @@ def get_loader(model_type: str) -> Loader:
     return loader
 
 
-__all__ = ["ENTRY_POINTS", "LoadedModel", "Loader", "get_loader", "gpu_types", "loaders", "supported_types",
-           "with_aliases"]
+__all__ = ["ENTRY_POINTS", "LoadedModel", "Loader", "canonical_type", "get_loader", "gpu_types", "loaders",
+           "supported_types", "with_aliases"]
