@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from placement.generators import SizeModel
+    from placement.offline import OfflineReference
     from placement.request import Request
-    from placement.simulator import ClusterStats, OfflineReference, Stats
+    from placement.stats import ClusterStats, Stats
 
 USAGE_ERROR = 2
 
@@ -180,7 +181,7 @@ def _capacity(text: str, working_set: int) -> int:
 
 def _policies(asked: Sequence[str] | None, opt: bool) -> tuple[list[str], bool]:
     """The policies to run, and whether LRU was added as the baseline of the gap."""
-    from placement.policy import policy_names
+    from placement.registry import policy_names
 
     known = policy_names()
     names = list(dict.fromkeys(asked)) if asked else list(known)
@@ -194,15 +195,12 @@ def _policies(asked: Sequence[str] | None, opt: bool) -> tuple[list[str], bool]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from placement.cluster import home_partition, simulate_cluster
+    from placement.offline import offline_reference
+    from placement.registry import build_policy
+    from placement.replay import replay
     from placement.scaling import ScalingConfig
-    from placement.simulator import (
-        build_policy,
-        home_partition,
-        offline_reference,
-        replay,
-        simulate_cluster,
-        sum_stats,
-    )
+    from placement.stats import sum_stats
     from placement.traces import load_trace
 
     if args.instances < 1:

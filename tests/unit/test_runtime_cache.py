@@ -17,7 +17,7 @@ from mesh.errors import DeadlineExceeded, ModelLoadError, NotHere, ResourceExhau
 from mesh.registry.records import ModelSpec
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.loaders.base import LoadedModel
-from placement.policy import make_policy
+from placement.registry import make_policy
 
 
 class FakeModel(LoadedModel):
