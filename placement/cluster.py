@@ -327,9 +327,14 @@ class _Cluster:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def request(self, t: float, model: str, size: int, cost_ms: float, infer_ms: float) -> None:
+    def route(self, model: str) -> tuple[str, int] | None:
+        """The copy a request for ``model`` goes to and its state, by the router's rule; ``None``:
+        no copy, the request goes to the model's home."""
         copies = self.copies.get(model)
-        chosen = choose_copy(copies, self.by_name, _copy_state, self.inflight, self.rng) if copies else None
+        return choose_copy(copies, self.by_name, _copy_state, self.inflight, self.rng) if copies else None
+
+    def request(self, t: float, model: str, size: int, cost_ms: float, infer_ms: float) -> None:
+        chosen = self.route(model)
         if chosen is not None and chosen[1] == COPY_LOADED:
             node = self.by_name[chosen[0]]
             node.requests += 1

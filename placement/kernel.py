@@ -83,7 +83,15 @@ def least_busy(ids: list[str], inflight: Mapping[str, int], rng: Random) -> str:
         return ids[0]
     if len(ids) > FULL_SCAN_MAX:
         ids = rng.sample(ids, 2)
-    return min(ids, key=lambda i: inflight.get(i, 0))
+    # A loop rather than min(key=...): no closure per call, and two to four ids at most here.
+    get = inflight.get
+    best = ids[0]
+    low = get(best, 0)
+    for i in ids[1:]:
+        n = get(i, 0)
+        if n < low:
+            best, low = i, n
+    return best
 
 
 def choose_copy(

@@ -179,12 +179,13 @@ async def _register(target: str, items: list[tuple[str, str]]) -> None:
 
 async def _drive(protocol: str, address: str, targets: list[Any], sched: Any, proc: Any, *,
                  system: str, warmup_s: float, duration_s: float, concurrency: int,
-                 bodies: list[bytes], marks: fitmode.Marks | None = None) -> dict[str, Any]:
+                 bodies: list[bytes], marks: fitmode.Marks | None = None,
+                 recorder: fitmode.Recorder | None = None) -> dict[str, Any]:
     """Open loop (warm-up, measured) then closed loop, over ``protocol`` (grpc or rest)."""
     async with contextlib.AsyncExitStack() as stack:
         return await _phases(await _driver(protocol, stack, bodies, concurrency), address, targets,
                              sched, proc, system=system, warmup_s=warmup_s, duration_s=duration_s,
-                             concurrency=concurrency, marks=marks)
+                             concurrency=concurrency, marks=marks, recorder=recorder)
 
 
 async def _driver(protocol: str, stack: contextlib.AsyncExitStack, bodies: list[bytes],
@@ -201,9 +202,17 @@ async def _driver(protocol: str, stack: contextlib.AsyncExitStack, bodies: list[
 
 async def _phases(drive: Callable[..., Awaitable[Any]], address: str, targets: list[Any], sched: Any,
                   proc: Any, *, system: str, warmup_s: float, duration_s: float, concurrency: int,
-                  marks: fitmode.Marks | None) -> dict[str, Any]:
-    order = [int(i) for i in sched["order"]]
-    mark = marks.mark if marks is not None else None
+                  marks: fitmode.Marks | None, recorder: fitmode.Recorder | None = None) -> dict[str, Any]:
+    order: Any = [int(i) for i in sched["order"]]
+    mark: Callable[[], Awaitable[None]] | None = marks.mark if marks is not None else None
+    if recorder is not None and marks is not None:  # fit mode: the simulator replays these requests
+        order, counted = recorder.order(order), marks.mark
+
+        async def mark_and_record() -> None:
+            await counted()
+            recorder.mark()
+
+        mark = mark_and_record
     # Open loop: warm up on the warm-up times, then the measured times, each from order[0].
     if warmup_s > 0:
         await drive(address, targets, name=system, duration_s=warmup_s, warmup_s=0,
@@ -244,11 +253,20 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
     try:
         for proto in protocols_of(system, protocol):
             marks = fitmode.Marks(counter) if fitting else None
+            recorder = fitmode.Recorder() if fitting and system == "mesh" else None
             out = asyncio.run(_drive(proto, addresses[proto], targets, sched, proc, system=system,
                                      warmup_s=warmup_s, duration_s=duration_s,
-                                     concurrency=concurrency, bodies=bodies, marks=marks))
+                                     concurrency=concurrency, bodies=bodies, marks=marks,
+                                     recorder=recorder))
             if marks is not None:  # fit mode only: the default result keeps its shape
                 out["cache"] = marks.summary()
+            if recorder is not None and marks is not None:
+                # The simulator on the same requests (issue 18's target: loadtest.peers.fit). Read
+                # before the mesh stops: the sizes and load times are in its runtimes' logs.
+                p50 = [out["open"]["p50_ms"]] * 2 + [out["closed"]["p50_ms"]] * 3
+                out["simulated"] = fitmode.simulate_run(
+                    recorder, [t.model_id for t in targets], fitmode.logged_loads(work / "mesh-up.log"),
+                    capacity_bytes=int(mesh_capacity), infer_ms=p50, measured=out["cache"])
             runs[proto] = out
         n_procs = len(proc.tree())
     finally:
@@ -375,7 +393,23 @@ def render(out: dict[str, Any]) -> str:
         lines += ["", _rest_vs_grpc(out["systems"])]
     if fitting and "mlserver" not in {r["system"] for r in out["systems"].values()}:
         lines += ["", MLSERVER_ABSENT.format(n=s["models"])]
+    for name, r in out["systems"].items():
+        if r.get("simulated"):
+            lines += ["", _simulated(name, r["simulated"])]
     return "\n".join(lines)
+
+
+def _simulated(name: str, sim: dict[str, Any]) -> str:
+    """The simulator on the same requests against the measured counts (loadtest.peers.fit)."""
+    mesh = sim["mesh"]
+    rows = [["measured (" + name + ")", _or_na(mesh["hit_ratio"]), _or_na(mesh["loads"]),
+             _or_na(mesh["loads_per_request_counted"])],
+            ["simulated (placement.cluster)", _or_na(sim["hit_ratio"]), sim["loads"], _or_na(sim["loads_per_request"])]]
+    return (f"The cluster simulator on the same {sim['requests_measured']:,} measured requests "
+            f"({sim['instances']} instances x {sim['capacity_bytes_per_runtime']:,} B, {sim['policy']}, "
+            f"sizes and load times as the runtimes logged them): hit ratio "
+            f"{_or_na(sim['difference_points'])} points apart (target: within 5)\n\n"
+            + report.table(["", "hit ratio", "loads", "loads per request"], rows))
 
 
 def _rest_vs_grpc(systems: dict[str, Any]) -> str:
