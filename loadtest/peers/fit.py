@@ -98,6 +98,9 @@ class Reading:
     hits: float | None = None
     misses: float | None = None
     evictions: float | None = None
+    # Our mesh's misses by reason (cold, evicted, routed_elsewhere, load_failed), the refusals of its
+    # admission filter and the copies its router added: what tells its hit ratio from the simulator's.
+    detail: tuple[tuple[str, float], ...] = ()
 
 
 class Counter(Protocol):
@@ -137,8 +140,10 @@ class MeshCounter:
         from loadtest.scenarios.many_models import snapshot
 
         snap = await snapshot(self.runtime_urls, self.router_url)
+        detail = (*((f"miss_{reason}", value) for reason, value in snap.misses.items()),
+                  ("refused", snap.refused), ("copies_added", snap.copies_added))
         return Reading(loads=snap.loads, hits=snap.cache.hits, misses=snap.cache.misses,
-                       evictions=snap.evictions)
+                       evictions=snap.evictions, detail=detail)
 
 
 def _metrics_url(log_path: Path) -> str | None:
@@ -195,6 +200,13 @@ class Marks:
             out["hit_ratio"] = round(hits / (hits + misses), 4)
         if evictions is not None:
             out["evictions"] = int(evictions)
+        detail: dict[str, int] = {}
+        for a, b in pairs:
+            before = dict(a.detail)
+            for key, value in b.detail:
+                detail[key] = detail.get(key, 0) + int(value - before.get(key, 0))
+        if detail:
+            out["detail"] = detail
         return out
 
 
@@ -261,8 +273,10 @@ def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float]]]:
                 continue
             try:
                 event = json.loads(line)
+                # slot_ms: the time the load held its load slot, all of it (the runtime's load_ms
+                # is the loader's part only), which is what a load costs in the simulator.
                 loads.setdefault(str(event["model_id"]), []).append(
-                    (int(event["size_bytes"]), float(event["load_ms"])))
+                    (int(event["size_bytes"]), float(event.get("slot_ms", event["load_ms"]))))
             except (ValueError, KeyError, TypeError):
                 continue
     return loads
@@ -320,15 +334,21 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
                                 policy=run.eviction_policy, load_factor=rs.load_factor,
                                 scaling=scaling, load_slots=run.max_concurrent_loads)
 
-    hits = misses = joined = loads_total = 0
+    hits = misses = joined = loads_total = evictions = refused = copies_added = 0
     for a, b in zip(cut[0::2], cut[1::2], strict=True):
         before, after = upto(a), upto(b)
         hits += after.total.hits - before.total.hits
         misses += after.total.misses - before.total.misses
         joined += after.total.joined - before.total.joined
         loads_total += after.total.loads - before.total.loads
+        evictions += after.total.evictions - before.total.evictions
+        refused += after.refused - before.refused
+        copies_added += after.copies_added - before.copies_added
     requests = sum(b - a for a, b in zip(cut[0::2], cut[1::2], strict=True))
-    sim_ratio = hits / (hits + misses) if hits + misses else None
+    # Our runtimes count every request that finds its model not loaded as a miss, including one
+    # that joins a load in progress (and a request sent on to another instance counts at both), so
+    # the simulator's ratio in those terms counts its joined requests as misses.
+    sim_ratio = hits / (hits + misses + joined) if hits + misses + joined else None
     ours = measured.get("hit_ratio")
     sim: dict[str, Any] = {
         "policy": run.eviction_policy, "instances": RUNTIMES, "capacity_bytes_per_runtime": capacity_bytes,
@@ -337,14 +357,25 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
         "models_loaded": len(facts), "size_bytes_median": default_size, "load_ms_median": round(default_ms, 2),
         "infer_ms": [round(x, 3) for x in infer_ms],
         "hits": hits, "misses": misses, "joined": joined, "loads": loads_total,
+        "evictions": evictions, "refused": refused, "copies_added": copies_added,
         "hit_ratio": None if sim_ratio is None else round(sim_ratio, 4),
         "loads_per_request": round(loads_total / requests, 4) if requests else None,
     }
     mesh_requests = (measured.get("hits") or 0) + (measured.get("misses") or 0)
-    sim["mesh"] = {"hit_ratio": ours, "loads": measured.get("loads"),
+    # A request the router sent to a copy evicted meanwhile (its view is milliseconds late) is
+    # counted at both runtimes: "routed_elsewhere" at the first, then a hit or a miss at the next.
+    # Counted once, as the runtime that served it answered, it is what the simulator's figure is
+    # (the simulator's router sees the cluster at once, so it never sends a request astray).
+    twice = measured.get("detail", {}).get("miss_routed_elsewhere", 0)
+    once = mesh_requests - twice
+    per_request = round(measured["hits"] / once, 4) if once and measured.get("hits") is not None else None
+    sim["mesh"] = {"hit_ratio": ours, "hit_ratio_per_request": per_request, "loads": measured.get("loads"),
                    "loads_per_request_counted": round(measured["loads"] / requests, 4)
                    if requests and measured.get("loads") is not None else None,
-                   "hits_plus_misses": mesh_requests}
-    sim["difference_points"] = (round(100 * (ours - sim_ratio), 2)
-                                if ours is not None and sim_ratio is not None else None)
+                   "hits_plus_misses": mesh_requests, "evictions": measured.get("evictions"),
+                   **measured.get("detail", {})}
+    sim["difference_points"] = (round(100 * (per_request - sim_ratio), 2)
+                                if per_request is not None and sim_ratio is not None else None)
+    sim["difference_points_counted"] = (round(100 * (ours - sim_ratio), 2)
+                                        if ours is not None and sim_ratio is not None else None)
     return sim

@@ -402,14 +402,19 @@ def render(out: dict[str, Any]) -> str:
 def _simulated(name: str, sim: dict[str, Any]) -> str:
     """The simulator on the same requests against the measured counts (loadtest.peers.fit)."""
     mesh = sim["mesh"]
-    rows = [["measured (" + name + ")", _or_na(mesh["hit_ratio"]), _or_na(mesh["loads"]),
-             _or_na(mesh["loads_per_request_counted"])],
-            ["simulated (placement.cluster)", _or_na(sim["hit_ratio"]), sim["loads"], _or_na(sim["loads_per_request"])]]
+    rows = [["measured (" + name + ")", _or_na(mesh["hit_ratio"]), _or_na(mesh["hit_ratio_per_request"]),
+             _or_na(mesh["loads"]), _or_na(mesh["loads_per_request_counted"]), _or_na(mesh.get("evictions")),
+             mesh.get("miss_routed_elsewhere", "n/a")],
+            ["simulated (placement.cluster)", "", _or_na(sim["hit_ratio"]), sim["loads"],
+             _or_na(sim["loads_per_request"]), sim["evictions"], 0]]
     return (f"The cluster simulator on the same {sim['requests_measured']:,} measured requests "
             f"({sim['instances']} instances x {sim['capacity_bytes_per_runtime']:,} B, {sim['policy']}, "
-            f"sizes and load times as the runtimes logged them): hit ratio "
-            f"{_or_na(sim['difference_points'])} points apart (target: within 5)\n\n"
-            + report.table(["", "hit ratio", "loads", "loads per request"], rows))
+            f"sizes and load times as the runtimes logged them): hit ratio per request "
+            f"{_or_na(sim['difference_points'])} points from the simulator's (target: within 5; "
+            f"{_or_na(sim['difference_points_counted'])} as the runtimes count, where a request sent to "
+            "an evicted copy counts twice)\n\n"
+            + report.table(["", "hit ratio (runtimes' count)", "hit ratio per request", "loads",
+                            "loads per request", "evictions", "sent to an evicted copy"], rows))
 
 
 def _rest_vs_grpc(systems: dict[str, Any]) -> str:

@@ -140,6 +140,7 @@ class Entry:
     last_used: float = 0.0
     error: str = ""
     load_ms: float = 0.0
+    slot_at: float = 0.0  # perf_counter when the load got its load slot (its log line's slot_ms)
     predict_ms: float = -1.0  # recent inference time (decode + predict + encode), -1 until measured
     initial_last_used: float | None = None  # enters the eviction order at this time, if set
     # Set when the copy is removed: why (capacity, requested, unregistered, redefined, shutdown),
@@ -382,6 +383,7 @@ class ModelCache:
 
     async def _load_guarded(self, entry: Entry) -> LoadedModel:
         async with self._load_slots:
+            entry.slot_at = time.perf_counter()
             pulled = await self._pull(entry)
             try:
                 return await self._load_local(entry)
@@ -495,6 +497,9 @@ class ModelCache:
                              last_used=entry.initial_last_used, cost=entry.load_ms)
         log.info("model loaded", model_id=spec.model_id, reason=entry.load_reason, device=entry.device,
                  size_bytes=measured, predicted_bytes=entry.predicted_bytes, load_ms=round(entry.load_ms, 2),
+                 # The whole time the load has held its slot (reading the files, making room,
+                 # announcing it, loading): how long a load takes in the simulator's terms.
+                 slot_ms=round((time.perf_counter() - entry.slot_at) * 1000, 2),
                  **({"source": entry.source, "pull_ms": round(entry.fetch_ms, 2)} if entry.source else {}),
                  **({} if entry.admitted else {"admission": f"refused by {budget.policy.name}: first to go"}))
         self.loads += 1
