@@ -282,6 +282,27 @@ def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float]]]:
     return loads
 
 
+def logged_warnings(up_log: Path, limit: int = 12) -> dict[str, int]:
+    """The warnings and errors the router and runtimes of a ``mesh up`` logged, counted by process,
+    event and the start of their message: why requests failed, when any did."""
+    match = re.search(r"^logs: (.+)$", up_log.read_text(errors="replace"), re.MULTILINE)
+    if not match:
+        return {}
+    counts: dict[str, int] = {}
+    for path in sorted(Path(match.group(1).strip()).glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"level": "warning"' not in line and '"level": "error"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            detail = str(event.get("error") or event.get("reason") or event.get("message") or "")[:100]
+            key = f"{path.stem}: {event.get('event')}" + (f": {detail}" if detail else "")
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:limit])
+
+
 def _median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2

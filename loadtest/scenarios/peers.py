@@ -267,6 +267,7 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
                 out["simulated"] = fitmode.simulate_run(
                     recorder, [t.model_id for t in targets], fitmode.logged_loads(work / "mesh-up.log"),
                     capacity_bytes=int(mesh_capacity), infer_ms=p50, measured=out["cache"])
+                out["simulated"]["mesh_warnings"] = fitmode.logged_warnings(work / "mesh-up.log")
             runs[proto] = out
         n_procs = len(proc.tree())
     finally:
