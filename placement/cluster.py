@@ -44,8 +44,10 @@ Simplifications (what this simulator does not model of the deployed system):
   protected) holds no bytes while it runs.
 - When a load's room cannot be made (every resident model is protected), the load is a pass-through
   instead of waiting for space (``no_room``).
-- A model's size and load time are those of the request that triggers the load, and the size is
-  known before the load (the runtime reserves a prediction, then the measured size).
+- A model's size and load time are those of the request that triggers the load. A load reserves the
+  model's ``predicted`` size (default: that size) when it gets its slot and its measured size when
+  it completes, making room again if that is larger (the runtime's top-up; it would wait for room
+  held by other loads, where the simulator passes the load through, ``no_room``).
 - A held scale-out copy is protected from eviction while the scaling holds it (the runtime stamps it
   ``hold_s`` ahead in the eviction order instead, which protects it in practice).
 """
@@ -107,12 +109,14 @@ def home_partition(requests: Iterable[Request], instances: int) -> list[list[Req
 
 
 class _Load:
-    __slots__ = ("copy", "cost_ms", "keep", "last_used", "model", "node", "size", "waiters")
+    __slots__ = ("copy", "cost_ms", "keep", "last_used", "model", "node", "reserve", "size", "waiters")
 
-    def __init__(self, node: _Node, model: str, size: int, cost_ms: float, keep: bool, copy: bool) -> None:
+    def __init__(self, node: _Node, model: str, size: int, cost_ms: float, keep: bool, copy: bool,
+                 reserve: int | None = None) -> None:
         self.node = node
         self.model = model
-        self.size = size
+        self.size = size  # measured: what the model holds once loaded
+        self.reserve = size if reserve is None else reserve  # predicted: what it holds while loading
         self.cost_ms = cost_ms
         self.keep = keep  # False: a pass-through, the model does not stay
         self.copy = copy  # loaded by copy scaling, not by a request
@@ -194,7 +198,8 @@ class _Cluster:
     """The state of ``simulate_cluster``; one object so that the event handlers share it cheaply."""
 
     def __init__(self, nodes: list[_Node], *, load_slots: int, load_factor: float,
-                 scaling: ScalingPolicy | None, refused: Refused, seed: int) -> None:
+                 scaling: ScalingPolicy | None, refused: Refused, seed: int,
+                 predicted: Mapping[str, int] | None = None) -> None:
         self.nodes = nodes
         self.names = [n.name for n in nodes]
         self.by_name = {n.name: n for n in nodes}
@@ -202,6 +207,7 @@ class _Cluster:
         self.load_factor = load_factor
         self.scaling = scaling
         self.keep_refused = refused == "first-to-go"
+        self.predicted = predicted or {}
         self.rng = random.Random(seed)  # the router's power-of-two choices among many copies
         self.where: dict[str, list[_Node]] = {}  # loaded copies per model
         # Every copy per model, node name -> COPY_LOADED or COPY_LOADING: what the router's view
@@ -272,30 +278,41 @@ class _Cluster:
         policy = node.policy
         if load.keep and not load.copy:
             # The runtime asks the filter when the load has its slot (ModelCache._place).
-            admitted, load.last_used = admission(policy, load.model, load.size, now)
+            admitted, load.last_used = admission(policy, load.model, load.reserve, now)
             if not admitted:
                 self.refused += 1
                 if not self.keep_refused:
                     load.keep = False
                     node.bypassed += 1
         if load.keep:
-            room = make_room(policy, load.size, used=policy.total_size + node.reserved,
-                             capacity=node.capacity, now=now, protected=self.protection[node.index])
-            for victim in room.victims:
-                if victim in policy:
-                    policy.remove(victim)
-                    node.evictions += 1
-                    self.where[victim].remove(node)
-                    if not self.where[victim]:
-                        del self.where[victim]
-                    self._drop_copy(victim, node)
-            if policy.total_size + node.reserved + load.size > node.capacity:
-                load.keep = False
-                node.bypassed += 1
-                self.no_room += 1
+            if self.fits(load, load.reserve, now):
+                node.reserved += load.reserve
             else:
-                node.reserved += load.size
+                load.keep = False
         self.push(now + load.cost_ms / 1000.0, _LOAD_DONE, load)
+
+    def fits(self, load: _Load, size: int, now: float) -> bool:
+        """Make room for ``size`` more bytes of ``load`` on its node (``kernel.make_room``, evicting
+        its victims); whether they fit. When they do not, the load passes through (``no_room``)."""
+        node = load.node
+        policy = node.policy
+        if policy.total_size + node.reserved + size <= node.capacity:
+            return True
+        room = make_room(policy, size, used=policy.total_size + node.reserved, capacity=node.capacity,
+                         now=now, protected=self.protection[node.index])
+        for victim in room.victims:
+            if victim in policy:
+                policy.remove(victim)
+                node.evictions += 1
+                self.where[victim].remove(node)
+                if not self.where[victim]:
+                    del self.where[victim]
+                self._drop_copy(victim, node)
+        if policy.total_size + node.reserved + size <= node.capacity:
+            return True
+        node.bypassed += 1
+        self.no_room += 1
+        return False
 
     def finish_load(self, load: _Load, now: float) -> None:
         node, model = load.node, load.model
@@ -306,7 +323,11 @@ class _Cluster:
         if not loads:
             del self.loading[model]
         if load.keep:
-            node.reserved -= load.size
+            node.reserved -= load.reserve
+            # Measured above its prediction: the rest is made room for now, as the runtime's top-up.
+            if load.size > load.reserve and not self.fits(load, load.size, now):
+                load.keep = False
+        if load.keep:
             node.policy.insert(model, load.size, now, last_used=load.last_used, cost=load.cost_ms)
             self.where.setdefault(model, []).append(node)
             self._set_copy(model, node, COPY_LOADED)
@@ -352,7 +373,8 @@ class _Cluster:
                 node.joined += 1
             else:
                 node = self.home(model, size)
-                load = _Load(node, model, size, cost_ms, size <= node.capacity, copy=False)
+                load = _Load(node, model, size, cost_ms, size <= node.capacity, copy=False,
+                             reserve=self.predicted.get(model))
                 node.misses += 1
                 node.bytes_missed += size
                 node.cost_missed += cost_ms
@@ -404,7 +426,7 @@ class _Cluster:
         for name in added:
             node = self.by_name[name]
             node.copy_loads += 1
-            load = _Load(node, model, size, cost_ms, keep=True, copy=True)
+            load = _Load(node, model, size, cost_ms, keep=True, copy=True, reserve=self.predicted.get(model))
             load.last_used = t  # asked for ahead of traffic: not filtered (kernel.admission)
             self.enqueue(load, t)
         self.copies_added += len(added)
@@ -429,6 +451,7 @@ def simulate_cluster(
     load_slots: int = 2,
     refused: Refused = "first-to-go",
     seed: int = 0,
+    predicted: Mapping[str, int] | None = None,
 ) -> ClusterStats:
     """Simulate a router and ``instances`` runtime instances of ``capacity_bytes`` each on ``requests``.
 
@@ -436,8 +459,9 @@ def simulate_cluster(
     factory of fresh policy objects. ``scaling`` enables copy scaling with those rules (``None``: one
     copy per model, as with scaling off). ``refused``: what becomes of a model the admission filter
     refuses, ``"first-to-go"`` (the runtime's rule) or ``"pass-through"`` (``replay``'s). ``seed``
-    seeds the router's random choices (only used with more than four copies of a model). See the
-    module docstring for the model.
+    seeds the router's random choices (only used with more than four copies of a model).
+    ``predicted``: the bytes a load of each model reserves until it is measured (the runtime's
+    prediction; a model not in it reserves its request's size). See the module docstring.
     """
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
@@ -459,7 +483,7 @@ def simulate_cluster(
     nodes = [_Node(i, name, factory(), capacity_bytes) for i, name in enumerate(instance_names(instances))]
     cluster = _Cluster(nodes, load_slots=load_slots, load_factor=load_factor,
                        scaling=ScalingPolicy(scaling) if scaling is not None else None,
-                       refused=refused, seed=seed)
+                       refused=refused, seed=seed, predicted=predicted)
 
     sizes: dict[str, tuple[int, float]] = {}  # the last known size and load time, for sweeps
     first = last = math.nan

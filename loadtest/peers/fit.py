@@ -216,12 +216,13 @@ class Marks:
 # policy at that capacity. The mesh run's request sequence is recorded as the driver draws it (the
 # time each request is sent and its model), the measured parts are delimited by the counters' marks,
 # and each model's size and load time are those its runtime logged when it loaded it ("model
-# loaded": the measured size, the load's milliseconds; the median over its loads). The cluster
-# simulator (placement.cluster, deciding with placement.kernel as the router and the runtimes do) is
-# fed the whole sequence, warm-ups included, so that its cache is in the state ours was when each
-# measured part began; its hits and misses are counted inside the measured parts only, the way our
-# counters are read: the counts of the sequence up to a mark's request, subtracted (a request's
-# outcome is decided when it arrives, and depends only on the requests before it).
+# loaded": the measured size, the time the load held its slot, the size predicted before it; the
+# median over its loads). The cluster simulator (placement.cluster, deciding with placement.kernel
+# as the router and the runtimes do) is fed the whole sequence, warm-ups included, so that its cache
+# is in the state ours was when each measured part began; its hits and misses are counted inside the
+# measured parts only, the way our counters are read: the counts of the sequence up to a mark's
+# request, subtracted (a request's outcome is decided when it arrives, and depends only on the
+# requests before it).
 
 
 class RecordedOrder:
@@ -261,12 +262,13 @@ class Recorder:
         self.marks.append(self.clock())
 
 
-def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float]]]:
-    """``(measured size, load ms)`` of every load each runtime of a ``mesh up`` logged, per model."""
+def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float, int]]]:
+    """``(measured size, load ms, predicted size)`` of every load each runtime of a ``mesh up``
+    logged, per model."""
     match = re.search(r"^logs: (.+)$", up_log.read_text(errors="replace"), re.MULTILINE)
     if not match:
         return {}
-    loads: dict[str, list[tuple[int, float]]] = {}
+    loads: dict[str, list[tuple[int, float, int]]] = {}
     for path in sorted(Path(match.group(1).strip()).glob("runtime-*.log")):
         for line in path.read_text(errors="replace").splitlines():
             if '"model loaded"' not in line:
@@ -276,7 +278,8 @@ def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float]]]:
                 # slot_ms: the time the load held its load slot, all of it (the runtime's load_ms
                 # is the loader's part only), which is what a load costs in the simulator.
                 loads.setdefault(str(event["model_id"]), []).append(
-                    (int(event["size_bytes"]), float(event.get("slot_ms", event["load_ms"]))))
+                    (int(event["size_bytes"]), float(event.get("slot_ms", event["load_ms"])),
+                     int(event.get("predicted_bytes", event["size_bytes"]))))
             except (ValueError, KeyError, TypeError):
                 continue
     return loads
@@ -309,7 +312,7 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, list[tuple[int, float]]], *,
+def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, list[tuple[int, float, int]]], *,
                  capacity_bytes: int, infer_ms: Sequence[float], measured: dict[str, Any]) -> dict[str, Any]:
     """The cluster simulator on the recorded requests, against the mesh's measured counts.
 
@@ -331,9 +334,11 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
     all_loads = [x for per in loads.values() for x in per]
     if not all_loads:
         raise RuntimeError("the runtimes logged no load: no size or load time to simulate with")
-    default_size = int(_median([s for s, _ in all_loads]))
-    default_ms = _median([ms for _, ms in all_loads])
-    facts = {m: (int(_median([s for s, _ in per])), _median([ms for _, ms in per])) for m, per in loads.items()}
+    default_size = int(_median([s for s, _, _ in all_loads]))
+    default_ms = _median([ms for _, ms, _ in all_loads])
+    facts = {m: (int(_median([s for s, _, _ in per])), _median([ms for _, ms, _ in per])) for m, per in loads.items()}
+    # What a load reserves until it is measured: the runtime's prediction (issue 18 part 2).
+    predicted = {m: int(_median([p for _, _, p in per])) for m, per in loads.items()}
     start = recorder.sent[0][0]
     marks = recorder.marks
     trace: list[Request] = []
@@ -353,7 +358,7 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
     def upto(n: int) -> Any:
         return simulate_cluster(trace[:n], instances=RUNTIMES, capacity_bytes=capacity_bytes,
                                 policy=run.eviction_policy, load_factor=rs.load_factor,
-                                scaling=scaling, load_slots=run.max_concurrent_loads)
+                                scaling=scaling, load_slots=run.max_concurrent_loads, predicted=predicted)
 
     hits = misses = joined = loads_total = evictions = refused = copies_added = 0
     for a, b in zip(cut[0::2], cut[1::2], strict=True):

@@ -364,3 +364,17 @@ def test_cluster_never_exceeds_capacity_and_is_repeatable(
     assert total.requests == len(trace) == total.hits + total.misses + total.joined
     assert total.loads == total.misses + total.copy_loads
     assert all(w >= 0 for w in (total.wait_p50_ms, total.wait_p99_ms) if not math.isnan(w))
+
+
+def test_a_load_reserves_its_prediction_then_its_measured_size() -> None:
+    # As the runtime: room for the prediction when the load gets its slot, the measured size after.
+    trace = [R(0.0, "a", 10, 1.0), R(1.0, "b", 10, 1.0), R(2.0, "c", 10, 1.0), R(3.0, "a", 10, 1.0)]
+    exact = simulate_cluster(trace, instances=1, capacity_bytes=30, policy="lru")
+    assert (exact.total.evictions, exact.total.hits) == (0, 1)  # c fits beside a and b
+    over = simulate_cluster(trace, instances=1, capacity_bytes=30, policy="lru", predicted={"c": 20})
+    assert (over.total.evictions, over.total.hits) == (1, 0)  # c's prediction made a give way
+    # Predicted below its measured size: c starts without evicting (20 + 5 fit in 25), and the rest
+    # is made room for when it completes (a goes then); the cache never holds more than 25.
+    under = simulate_cluster(trace[:3], instances=1, capacity_bytes=25, predicted={"c": 5},
+                             policy=lambda: Checked(LRUPolicy(), 25))
+    assert (under.total.evictions, under.no_room, under.total.bypassed) == (1, 0, 0)
