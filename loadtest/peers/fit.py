@@ -34,6 +34,7 @@ lines in its loads file (``ray_app``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -360,7 +361,16 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
                                 policy=run.eviction_policy, load_factor=rs.load_factor,
                                 scaling=scaling, load_slots=run.max_concurrent_loads, predicted=predicted)
 
-    hits = misses = joined = loads_total = evictions = refused = copies_added = 0
+    dump = os.environ.get("MESH_PEERS_FIT_TRACE")
+    if dump:  # for a look at the simulation afterwards: the trace (mesh sim's CSV) and the rest of it
+        from placement.traces import write_trace
+
+        write_trace(dump, trace)
+        Path(dump + ".json").write_text(json.dumps({
+            "cuts": cut, "predicted": predicted, "capacity_bytes": capacity_bytes,
+            "policy": run.eviction_policy, "load_factor": rs.load_factor,
+            "load_slots": run.max_concurrent_loads}))
+    hits = misses = joined = loads_total = evictions = refused = copies_added = bypassed = no_room = 0
     for a, b in zip(cut[0::2], cut[1::2], strict=True):
         before, after = upto(a), upto(b)
         hits += after.total.hits - before.total.hits
@@ -370,6 +380,8 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
         evictions += after.total.evictions - before.total.evictions
         refused += after.refused - before.refused
         copies_added += after.copies_added - before.copies_added
+        bypassed += after.total.bypassed - before.total.bypassed
+        no_room += after.no_room - before.no_room
     requests = sum(b - a for a, b in zip(cut[0::2], cut[1::2], strict=True))
     # Our runtimes count every request that finds its model not loaded as a miss, including one
     # that joins a load in progress (and a request sent on to another instance counts at both), so
@@ -384,6 +396,7 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
         "infer_ms": [round(x, 3) for x in infer_ms],
         "hits": hits, "misses": misses, "joined": joined, "loads": loads_total,
         "evictions": evictions, "refused": refused, "copies_added": copies_added,
+        "passed_through": bypassed, "no_room": no_room,
         "hit_ratio": None if sim_ratio is None else round(sim_ratio, 4),
         "loads_per_request": round(loads_total / requests, 4) if requests else None,
     }
