@@ -28,10 +28,11 @@ ready, which is what the router's load figures and the queueing signal of copy s
 Copy scaling (``ScalingConfig``, the rules of ``placement.scaling``): each request is observed with
 the model's requests in flight; when a copy is due, it is loaded on the next instance of the model's
 rendezvous order that has none (``kernel.copy_targets``, as ``mesh.router.replicas``), through the
-same load slots; copies the scaling holds are protected from eviction (and pinned models everywhere),
-and an extra copy that is released falls back to the cache policy: nothing is unloaded, it just
-becomes evictable. Models holding extra copies are re-examined every ``SWEEP_S`` of trace time, so a
-model whose traffic stops still gives its copies back.
+same load slots, entering the eviction order ``hold_s`` ahead of its load, as the router asks the
+runtime to; pinned models (and models with ``min_copies``) are never evicted. Nothing is unloaded
+when scaling releases a copy: it ages in the eviction order like any other. Models holding extra
+copies are re-examined every ``SWEEP_S`` of trace time, so a model whose traffic stops still gives
+its copies back.
 
 Simplifications (what this simulator does not model of the deployed system):
 
@@ -48,8 +49,8 @@ Simplifications (what this simulator does not model of the deployed system):
   model's ``predicted`` size (default: that size) when it gets its slot and its measured size when
   it completes, making room again if that is larger (the runtime's top-up; it would wait for room
   held by other loads, where the simulator passes the load through, ``no_room``).
-- A held scale-out copy is protected from eviction while the scaling holds it (the runtime stamps it
-  ``hold_s`` ahead in the eviction order instead, which protects it in practice).
+- Copy scaling decides on every request (the router decides once a second) and sees every request
+  (each router sees its own share).
 """
 
 from __future__ import annotations
@@ -162,36 +163,13 @@ def _copy_state(state: int, node: _Node) -> int:
     return state
 
 
-class _Protection:
-    """``protected`` for one instance's victims: pinned models, and the copies scaling holds there.
-
-    When a model has more copies than scaling holds, the held ones are the first in its copy order.
-    """
-
-    __slots__ = ("_cluster", "_node")
-
-    def __init__(self, cluster: _Cluster, node: _Node) -> None:
-        self._cluster = cluster
-        self._node = node
-
-    def __bool__(self) -> bool:
-        """Whether any key can be protected (an empty protection is falsy, like an empty set)."""
-        scaling = self._cluster.scaling
-        return scaling is not None and bool(scaling.protected())
-
-    def __contains__(self, key: object) -> bool:
-        scaling = self._cluster.scaling
-        if scaling is None or not isinstance(key, str) or key not in scaling.protected():
-            return False
-        kept = scaling.kept(key)
-        if kept is None:
-            return True
-        holders = self._cluster.where.get(key, [])
-        if len(holders) <= kept:
-            return True
-        held = {n.name for n in holders}
-        first = [name for name in rendezvous_order(key, self._cluster.names) if name in held][:kept]
-        return self._node.name in first
+def _pinned(scaling: ScalingConfig | None) -> frozenset[str]:
+    """The models no instance evicts, as the runtime's cache protects them: pinned, or registered
+    with a minimum of copies (``min_copies > 0``). A copy that scaling merely holds is not among
+    them: it enters the eviction order ``hold_s`` ahead instead (see ``_Cluster.apply``)."""
+    if scaling is None:
+        return frozenset()
+    return frozenset(m for m, rule in scaling.models.items() if rule.pinned or rule.min_copies > 0)
 
 
 class _Cluster:
@@ -219,7 +197,7 @@ class _Cluster:
         self.events: list[tuple[float, int, int, Any]] = []
         self.seq = 0
         self.no_room = self.refused = self.copies_added = self.copies_removed = 0
-        self.protection = {n.index: _Protection(self, n) for n in nodes}
+        self.protection = _pinned(scaling.config if scaling is not None else None)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -299,7 +277,7 @@ class _Cluster:
         if policy.total_size + node.reserved + size <= node.capacity:
             return True
         room = make_room(policy, size, used=policy.total_size + node.reserved, capacity=node.capacity,
-                         now=now, protected=self.protection[node.index])
+                         now=now, protected=self.protection)
         for victim in room.victims:
             if victim in policy:
                 policy.remove(victim)
@@ -427,7 +405,9 @@ class _Cluster:
             node = self.by_name[name]
             node.copy_loads += 1
             load = _Load(node, model, size, cost_ms, keep=True, copy=True, reserve=self.predicted.get(model))
-            load.last_used = t  # asked for ahead of traffic: not filtered (kernel.admission)
+            # As the router asks the runtime (mesh.router.replicas): not filtered (kernel.admission),
+            # and entering the eviction order hold_s ahead, so that cold misses do not evict it first.
+            load.last_used = t + scaling.config.hold_s
             self.enqueue(load, t)
         self.copies_added += len(added)
 

@@ -291,21 +291,23 @@ def test_hot_model_gets_a_copy_on_its_next_instance_and_gives_it_back() -> None:
     assert c0.copies_added == 0 and c0.total.copy_loads == 0
 
 
-def test_held_copy_is_protected_until_released() -> None:
-    # A hot model with a copy on a one-model instance; cold misses homed there must not evict it while
-    # it is held; once the copy is released, the cache policy takes it back.
+def test_added_copy_enters_the_eviction_order_hold_s_ahead() -> None:
+    # As the router asks the runtime (mesh.router.replicas): a scale-out copy is stamped hold_s ahead,
+    # so on a two-model instance the cold misses homed there evict each other, not the copy.
     names = instance_names(2)
     order = rendezvous_order("hot", names)
-    cold = [m for m in (f"c{i}" for i in range(100)) if rendezvous_order(m, names)[0] == order[1]][:3]
+    cold = [m for m in (f"c{i}" for i in range(100)) if rendezvous_order(m, names)[0] == order[1]][:2]
     cfg = ScalingConfig(half_life_s=2.0, rps_threshold=10.0, hold_s=20.0, cooldown_s=1.0)
-    trace = [R(i / 50, "hot", 10, 10.0) for i in range(500)]  # 50 rps for 10 s
-    trace += [R(5.0 + 0.3 + i, cold[i], 10, 10.0) for i in range(3)]  # while hot: no room, pass-through
-    trace += [R(60.0 + i, cold[i], 10, 10.0) for i in range(3)]  # long after: normal misses
+    trace = [R(i / 50, "hot", 10, 10.0) for i in range(500)]  # 50 rps for 10 s: a copy on order[1]
+    trace += [R(0.0, cold[0], 10, 10.0), R(5.3, cold[1], 10, 10.0), R(5.6, cold[0], 10, 10.0),
+              R(5.9, cold[1], 10, 10.0)]
     trace.sort(key=lambda r: r.time_s)
-    c = simulate_cluster(trace, instances=2, capacity_bytes=10, policy="lru", scaling=cfg)
-    assert c.copies_added == 1 and c.copies_removed == 1
-    assert c.no_room == 3  # the held copy was not evicted for the three cold misses
-    assert c.instances[order[1]].evictions >= 1  # after release, it was
+    c = simulate_cluster(trace, instances=2, capacity_bytes=20, policy="lru", scaling=cfg)
+    second = c.instances[order[1]]
+    assert c.copies_added == 1 and second.copy_loads == 1 and c.no_room == 0
+    # Each cold request missed: the one before it was evicted for it, the copy never was.
+    assert (second.misses, second.hits, second.evictions) == (4, 0, 3)
+    # Stamped at its load instead, the copy would have been the victim at 5.6 and c1 a hit at 5.9.
 
 
 def test_pinned_model_is_never_evicted() -> None:
