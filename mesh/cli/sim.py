@@ -11,14 +11,15 @@
 
 - *cache*: each instance as an independent cache of ``--capacity`` fed its share of the trace (the
   requests of the models whose plain home it is: rendezvous hashing without load bounds or copies),
-  loads taking no time (``placement.simulator.replay``). This is the level the offline optimum is
+  loads taking no time (``placement.replay.replay``). This is the level the offline optimum is
   defined at, so it is where the miss ratio, byte and cost-weighted miss ratios and, with ``--opt``, the
   share of the LRU-to-OPT gap each policy closes are measured (LRU is run as the baseline when not
   asked for). OPT is exact Belady when every model has the same size; otherwise it is NP-hard and is
   bracketed by ``placement.belady``'s PFOO-L lower bound and Belady-Size heuristic, and the gap is
   shown as a range ``lo..hi``.
 - *cluster*: a router and ``--instances`` runtimes with load slots, queueing, single flight and
-  bounded-load routing (``simulate_cluster``; copy scaling with ``--scaling``): its miss ratio (the
+  bounded-load routing (``placement.cluster.simulate_cluster``, deciding with the router's and the
+  runtime's own code, ``placement.kernel``; copy scaling with ``--scaling``): its miss ratio (the
   runtime's counter: requests that started a load), the share of requests that waited for a load in
   progress, loads per second, and the added p50/p99 latency. When loads arrive faster than the load
   slots can serve them, queues (and so latency and joins) grow without bound: that is an undersized
