@@ -46,6 +46,12 @@ so the Zipf tail keeps missing and each system loads (and evicts) while it is me
   calibration's sizes are in the result's ``settings.mesh_room``.
 - MLServer cannot evict (it loads every model it is given at start-up), so it is not a system of
   the fit mode by default and the output says so; ``--system mlserver`` adds it, holding all models.
+- The simulator on the same requests (issue 18's target: our hit ratio within 5 points of its
+  prediction): our mesh's request sequence is recorded as it is sent, and the cluster simulator
+  (``placement.cluster``, deciding with the router's and runtime's own ``placement.kernel``) replays
+  it with the mesh's instances, capacity and default policy, the sizes and load times its runtimes
+  logged; both hit ratios, loads per request and the miss reasons are shown side by side
+  (``loadtest.peers.fit`` has the method; ``MESH_PEERS_FIT_TRACE=FILE`` keeps the trace).
 
 Each system then also reports the model loads during the two measured parts (read just before and
 just after each, so no warm-up's loads count) and, for our mesh, the cache hit ratio. Our mesh:
