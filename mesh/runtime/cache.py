@@ -21,9 +21,9 @@ requests finish.
 Admission. A demand load first asks the policy whether the model may enter (``admit``: TinyLFU,
 the churn guard). A refused model is still loaded and serves its requests (the cluster simulator
 does the same), but it enters the eviction order ``placement.kernel.REFUSED_AGE_S`` in the past,
-behind every model in use, so it is the first to give way unless it is used again: a run of refused newcomers takes
-turns in the room the first of them made instead of evicting the models the filter judged more
-valuable. Loads made ahead of any request (ensureLoaded: proactive loads, scale-out copies) were
+behind every model in use, so it is the first to give way unless it is used again: a run of
+refused newcomers takes turns in the room the first of them made instead of evicting the models
+the filter judged more valuable. Loads made ahead of any request (ensureLoaded: proactive loads, scale-out copies) were
 asked for and are not filtered.
 
 Measured size. A model's size is measured after its load from two readings: the loader's
