@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from mesh.cli.errors import CliError
 from mesh.errors import InvalidArgument
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -15,14 +16,6 @@ from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.tensors import decode_response, encode_request
-
-
-class CliError(Exception):
-    """A failure to report to the user as one line, with an exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _read(option: str, path: str) -> bytes:

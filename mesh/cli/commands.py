@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from mesh.cli.client import CliError, RouterClient, mm, parse_input
+from mesh.cli.errors import fail as fail  # re-exported: older callers import it from here
 from mesh.errors import InvalidArgument
 from mesh.settings import describe, parse_bytes
 
@@ -234,6 +234,3 @@ def settings_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def fail(message: str, code: int) -> int:
-    print(f"mesh: error: {message}", file=sys.stderr)
-    return code

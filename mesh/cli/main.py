@@ -14,7 +14,7 @@ DEFAULT_ROUTER = os.environ.get("MESH_ROUTER", "127.0.0.1:8033")
 
 
 def _token_file(path: str | None) -> str | None:
-    from mesh.cli.client import CliError
+    from mesh.cli.errors import CliError
 
     if not path:
         return None
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_parser(sub)  # mesh sim gen|run: offline traces and the placement simulator
     add_config_parser(sub)  # mesh config from-modelmesh: model-serving-config -> mesh.toml
     # --- inference graphs (issue 17) ---
-    from mesh.cli.graph_cmd import add_graph_parser
+    from mesh.cli.graph_args import add_graph_parser
 
     add_graph_parser(sub, _client_options)  # mesh graph set|status|delete|list
     # --- end inference graphs ---
@@ -197,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh.cli.client import CliError, RouterClient, channel_credentials
-    from mesh.cli.commands import fail, infer_command, model_command, settings_command, vmodel_command
+    # mesh.cli.client (gRPC, numpy) is imported only by the commands that talk to a router: `mesh up`
+    # stays running as the supervisor of the processes it starts, and what it imports is resident
+    # for as long as the mesh runs (about 25 MB of the 60 its process held when it imported them).
+    from mesh.cli.errors import CliError, fail
 
     try:
         if args.command == "serve":
@@ -207,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
             from mesh.embedded.up import run_up
 
             return run_up(args, example=args.command == "demo" or args.example)
+        from mesh.cli.client import RouterClient, channel_credentials
+        from mesh.cli.commands import infer_command, model_command, settings_command, vmodel_command
+
         if args.command == "settings":
             return settings_command(args)
         if args.command == "sim":
@@ -241,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mesh.cli.commands import fail
+    from mesh.cli.errors import fail
     from mesh.cli.serve import run_component
     from mesh.settings import load_settings
 
