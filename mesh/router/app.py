@@ -134,7 +134,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     started_ms = int(time.time() * 1000)
     window = FleetWindow(lambda: view.instances.values())
     fleet = Fleet(view=view, window=window, rate=scaler.policy.rate,
-                  model_inflight=lambda m: scaler.inflight.get(m, 0),
+                  model_inflight=lambda m: scaler.inflight.get(m, 0), last_request=scaler.policy.observed_at,
                   router=lambda: RouterView(version=__version__, started_ms=started_ms, not_ready=not_ready(),
                                             registry_connected=store.connected,
                                             inflight=sum(n for n in view.inflight.values() if n > 0)),

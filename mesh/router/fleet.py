@@ -105,11 +105,10 @@ class FleetWindow:
             before = old.get(record.instance_id)
             current = Counters.of(record)
             if before is None or before[0] != record.started_ms:
-                # New since the window's start (or restarted): all it counted is inside the window
-                # when it started inside it; an instance older than the window that the router
-                # only learned about since (a router just started) counts nothing.
-                started_inside = record.started_ms / 1000 >= time.time() - (now - then)
-                total += current if record.started_ms and started_inside else ZERO
+                # Joined (or restarted) since the window's start: what it counted, it counted since.
+                # (The first reading is taken once the view is loaded, so a router that just started
+                # does not count a long-running instance's history as the last minute's.)
+                total += current
             else:
                 total += current.since(before[1])
         return now - then, total
@@ -206,12 +205,14 @@ class Fleet:
 
     def __init__(self, *, view: ClusterView, window: FleetWindow, rate: Callable[[str, float], float],
                  model_inflight: Callable[[str], int], router: Callable[[], RouterView],
+                 last_request: Callable[[str], float | None] = lambda _: None,
                  failure_ttl_s: float, crash_quarantine_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.view = view
         self.window = window
         self._rate = rate
         self._model_inflight = model_inflight
+        self._last_request = last_request  # on ``clock``'s time line
         self._router = router
         self.failure_ttl_s = failure_ttl_s
         self.crash_quarantine_s = crash_quarantine_s
@@ -290,6 +291,13 @@ class Fleet:
                                 p.loaded_ms, p.last_used_ms, p.load_ms))
         failures = sorted(view.failures.get(model_id, {}).values(), key=lambda r: -r.time_ms)
         return out, [FailureView(r, self._expires(r, leases.get(r.instance_id, True))) for r in failures]
+
+    def last_request_ms(self, model_id: str) -> int:
+        """The last request this router forwarded for the model, ms since the epoch (0: none lately)."""
+        at = self._last_request(model_id)
+        if at is None:
+            return 0
+        return int((time.time() - max(0.0, self._clock() - at)) * 1000)
 
 
 __all__ = ["Counters", "Fleet", "FleetReport", "FleetWindow", "expires_ms"]

@@ -84,7 +84,8 @@ class StatusServicer(st_grpc.ModelMeshStatusServicer):
                 except BadRecord:  # the view skipped it too
                     continue
         copies, failures = self._fleet.copies(model_id, leases)
-        out = st.ModelCopies(modelId=model_id, timeMs=int(time.time() * 1000))
+        out = st.ModelCopies(modelId=model_id, timeMs=int(time.time() * 1000),
+                             lastRequestMs=self._fleet.last_request_ms(model_id))
         for c in copies:
             out.copies.add(instanceId=c.instance_id, endpoint=c.endpoint, state=c.state, device=c.device,
                            sizeBytes=c.size_bytes, stateMs=c.state_ms, lastUsedMs=c.last_used_ms,

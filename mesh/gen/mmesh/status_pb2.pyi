@@ -173,13 +173,15 @@ class ModelCopy(_message.Message):
     def __init__(self, instanceId: _Optional[str] = ..., endpoint: _Optional[str] = ..., state: _Optional[str] = ..., device: _Optional[str] = ..., sizeBytes: _Optional[int] = ..., stateMs: _Optional[int] = ..., lastUsedMs: _Optional[int] = ..., loadMs: _Optional[float] = ...) -> None: ...
 
 class ModelCopies(_message.Message):
-    __slots__ = ("modelId", "copies", "failures", "timeMs")
+    __slots__ = ("modelId", "copies", "failures", "timeMs", "lastRequestMs")
     MODELID_FIELD_NUMBER: _ClassVar[int]
     COPIES_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     TIMEMS_FIELD_NUMBER: _ClassVar[int]
+    LASTREQUESTMS_FIELD_NUMBER: _ClassVar[int]
     modelId: str
     copies: _containers.RepeatedCompositeFieldContainer[ModelCopy]
     failures: _containers.RepeatedCompositeFieldContainer[FailureInfo]
     timeMs: int
-    def __init__(self, modelId: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[ModelCopy, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[FailureInfo, _Mapping]]] = ..., timeMs: _Optional[int] = ...) -> None: ...
+    lastRequestMs: int
+    def __init__(self, modelId: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[ModelCopy, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[FailureInfo, _Mapping]]] = ..., timeMs: _Optional[int] = ..., lastRequestMs: _Optional[int] = ...) -> None: ...
