@@ -74,6 +74,11 @@ def _split(text: str) -> tuple[str | None, str]:
 def infer_inputs(args: argparse.Namespace, client: RouterClient) -> dict[str, np.ndarray]:
     """The request's inputs from ``--input`` options, named and typed as the module docstring says."""
     given = [_split(text) for text in args.input]
+    # Read every input first: a malformed one is reported before any call (which might load the model).
+    try:
+        parsed = [parse_input(text, args.datatype) for _, text in given]
+    except (ValueError, TypeError) as exc:  # numbers that do not fit --datatype
+        raise InvalidArgument(f"--input cannot be sent as {args.datatype}: {str(exc)[:200]}") from None
     declared: list[pb.ModelMetadataResponse.TensorMetadata] = []
     needs = any(name is None for name, _ in given) or not args.datatype
     if needs and not getattr(args, "graph", False):
@@ -87,13 +92,15 @@ def infer_inputs(args: argparse.Namespace, client: RouterClient) -> dict[str, np
     for i, (name, text) in enumerate(given):
         if name is None:
             name = declared[i].name if i < len(declared) else f"input-{i}"
-        datatype = args.datatype or types.get(name)
+        datatype = None if args.datatype else types.get(name)
+        if datatype is None:
+            inputs[name] = parsed[i]
+            continue
         try:
             inputs[name] = parse_input(text, datatype)
         except (ValueError, TypeError) as exc:  # numbers that do not fit the declared datatype
-            source = "--datatype" if args.datatype else "the model's declared datatype; override it with --datatype"
-            raise InvalidArgument(f"--input {name}: cannot be sent as {datatype} ({source}): "
-                                  f"{str(exc)[:200]}") from None
+            raise InvalidArgument(f"--input {name}: cannot be sent as {datatype} (the model's declared datatype; "
+                                  f"choose another with --datatype): {str(exc)[:200]}") from None
     return inputs
 
 
