@@ -35,9 +35,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 
+import structlog
+
 from mesh.auth import Principal
 from mesh.registry.records import CRASH, LOADED, LOADING, FailureRecord, InstanceRecord
 from mesh.router.view import ClusterView
+
+log = structlog.get_logger(__name__)
 
 DEFAULT_TOP = 10
 MAX_TOP = 100
@@ -114,9 +118,13 @@ class FleetWindow:
         return now - then, total
 
     async def run(self) -> None:
-        """Root task: a reading every ``sample_s``."""
+        """Root task: a reading every ``sample_s``. A failed reading is logged and skipped: the
+        status is an operator's view, never a reason to stop a router."""
         while True:
-            self.sample()
+            try:
+                self.sample()
+            except Exception:
+                log.exception("fleet status reading failed; the next one is in a few seconds")
             await asyncio.sleep(self.sample_s)
 
 

@@ -14,13 +14,13 @@ from mesh.auth import current_caller
 from mesh.errors import BadRecord, InvalidArgument
 from mesh.gen.mmesh import status_pb2 as st
 from mesh.gen.mmesh import status_pb2_grpc as st_grpc
+from mesh.ids import check_model_id
 from mesh.registry.records import FailureRecord
 from mesh.registry.registry import Registry
 from mesh.router.fleet import Counters, FailureView, Fleet
 from mesh.transport.status import handled
 
 ORIGIN = "router"
-MAX_MODEL_ID_CHARS = 1024
 
 
 def _counters(c: Counters) -> st.FleetCounters:
@@ -69,9 +69,9 @@ class StatusServicer(st_grpc.ModelMeshStatusServicer):
     @handled(ORIGIN)
     async def getModelCopies(self, request: st.ModelCopiesRequest,
                              context: grpc.aio.ServicerContext) -> st.ModelCopies:
-        model_id = request.modelId
-        if not model_id or len(model_id) > MAX_MODEL_ID_CHARS:
-            raise InvalidArgument(f"modelId must be 1 to {MAX_MODEL_ID_CHARS} characters")
+        if not request.modelId:
+            raise InvalidArgument("no modelId given")
+        model_id = check_model_id(request.modelId)
         # The interceptor checked modelId against the caller's prefixes. One registry read: which
         # failure records carry a lease (they expire) and which do not (a crash quarantine kept
         # until the model is unregistered); the view has the records but not their leases.

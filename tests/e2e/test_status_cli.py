@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -223,6 +225,23 @@ def test_top_refreshes_and_ends_cleanly_on_ctrl_c_and_on_a_closed_pipe(mesh: Mes
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=20)
     assert frames == 3 and proc.returncode == 0 and "Traceback" not in err, err
+    # On a terminal each frame clears the screen and redraws from the top.
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(command, stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=env)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 30
+    try:
+        while seen.count(b"\x1b[H\x1b[2Jmesh top: router") < 2 and time.monotonic() < deadline:
+            if select.select([master], [], [], 1.0)[0]:
+                seen += os.read(master, 65536)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        os.close(master)
+    assert seen.count(b"\x1b[H\x1b[2Jmesh top: router") >= 2, seen[-2000:]
+    assert proc.returncode == 0 and "Traceback" not in err, err
     # A reader that stops after one line (mesh top | head -1).
     shell = subprocess.run(f"{' '.join(command)} | head -1; exit ${{PIPESTATUS[0]}}", shell=True,
                            executable="/bin/bash", capture_output=True, text=True, env=env, timeout=60)
