@@ -86,7 +86,9 @@ def resolve_path(path_or_uri: str, roots: Sequence[str] = ()) -> Path:
                                  f"({', '.join(roots)}) through a symbolic link")
         path = real
     if not path.exists():
-        raise ModelLoadError(f"model path {shown(str(path))} does not exist")
+        where = "" if path.is_absolute() else \
+            f" (a relative path: resolved against this runtime's working directory, {shown(os.getcwd())})"
+        raise ModelLoadError(f"model path {shown(str(path))} does not exist{where}")
     return path
 
 
