@@ -55,8 +55,7 @@ class LogDir:
             except OSError as exc:  # a full disk must not stop the supervisor
                 events.append(f"logs: cannot rotate {log}: {exc.strerror or exc}")
                 continue
-            events.append(f"logs: {log.name} passed {self.max_bytes / 2**20:g} MiB, "
-                          f"rotated to {log.name}.1")
+            events.append(f"logs: {log.name} passed {_size(self.max_bytes)}, rotated to {log.name}.1")
         return events
 
 
@@ -82,6 +81,10 @@ def open_log_dir(explicit: Path | None, *, max_bytes: int = LOG_MAX_BYTES,
         shutil.rmtree(old, ignore_errors=True)
         notes.append(f"logs: removed the logs of an older run, {old} (the newest {keep_runs} are kept)")
     return LogDir(path, max_bytes=max_bytes), notes
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 1024:g} KiB"
 
 
 def _is_run_name(name: str) -> bool:

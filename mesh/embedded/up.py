@@ -149,11 +149,7 @@ class Mesh:
                 self.workdir, self.logs.path / f"runtime-{i}.log"))
 
     def _pick_port(self, wanted: int, what: str) -> int:
-        if _port_free(wanted):
-            return wanted
-        chosen = _free_port()
-        self.port_notes.append(f"port {wanted} is in use: {what} on port {chosen} instead")
-        return chosen
+        return pick_port(wanted, what, self.port_notes)
 
     def metrics_endpoints(self) -> list[tuple[str, str]]:
         """(component, URL or why there is none) for the router and every runtime."""
@@ -256,6 +252,15 @@ class Mesh:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def pick_port(wanted: int, what: str, notes: list[str]) -> int:
+    """``wanted`` if free, else a free port, with a line in ``notes`` saying so (for the console)."""
+    if _port_free(wanted):
+        return wanted
+    chosen = _free_port()
+    notes.append(f"port {wanted} is in use: {what} on port {chosen} instead")
+    return chosen
+
+
 class _LoggedEtcd(EtcdProcess):
     """Our etcd, its log in the run's log directory instead of its data directory (which is
     temporary unless ``--data-dir`` is given)."""
@@ -309,9 +314,13 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
     configure(LogSettings(level="warning", format="console"), component="up")
     try:
         capacity = parse_bytes(args.capacity) if args.capacity else None
+    except ValueError as exc:
+        print(f"mesh up: --capacity: {exc}", file=sys.stderr)
+        return 2
+    try:
         log_max = parse_bytes(args.log_max_size) if args.log_max_size else LOG_MAX_BYTES
     except ValueError as exc:
-        print(f"mesh up: {exc}", file=sys.stderr)
+        print(f"mesh up: --log-max-size: {exc}", file=sys.stderr)
         return 2
     if args.runtimes < 1:
         print("mesh up: --runtimes must be at least 1", file=sys.stderr)
