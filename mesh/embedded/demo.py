@@ -25,6 +25,7 @@ have several copies).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import time
@@ -261,7 +262,7 @@ def run_demo(mesh: Mesh, trained: list[DemoModel], *, duration_s: float, stop: d
 
 def runtime_counters(endpoints: list[str]) -> dict[str, int]:
     """Per-request cache counters, loads, evictions and copies, summed over the runtimes' metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from mesh.observability.metrics import scrape_samples
 
     totals = {"hits": 0, "misses": 0, "retried": 0, "loads": 0, "load_failures": 0, "evictions": 0,
               "copies_now": 0}
@@ -269,26 +270,26 @@ def runtime_counters(endpoints: list[str]) -> dict[str, int]:
         try:
             with urllib.request.urlopen(url, timeout=5) as answer:
                 text = answer.read().decode()
-        except OSError:
+            samples = list(scrape_samples(text))
+        except (OSError, http.client.HTTPException, ValueError):
             continue  # a runtime restarting: its figures are missing from this report
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                value = int(sample.value)
-                if sample.name == "mesh_cache_requests_total":
-                    if sample.labels.get("result") == "hit":
-                        totals["hits"] += value
-                    elif sample.labels.get("reason") == "routed_elsewhere":
-                        totals["retried"] += value
-                    else:
-                        totals["misses"] += value
-                elif sample.name == "modelmesh_loadmodel_milliseconds_count":
-                    totals["loads"] += value
-                elif sample.name == "modelmesh_loadmodel_failure_total":
-                    totals["load_failures"] += value
-                elif sample.name == "mesh_evictions_total" and sample.labels.get("reason") == "capacity":
-                    totals["evictions"] += value
-                elif sample.name == "modelmesh_instance_models_total":
-                    totals["copies_now"] += value
+        for name, labels, raw in samples:
+            value = int(raw)
+            if name == "mesh_cache_requests_total":
+                if labels.get("result") == "hit":
+                    totals["hits"] += value
+                elif labels.get("reason") == "routed_elsewhere":
+                    totals["retried"] += value
+                else:
+                    totals["misses"] += value
+            elif name == "modelmesh_loadmodel_milliseconds_count":
+                totals["loads"] += value
+            elif name == "modelmesh_loadmodel_failure_total":
+                totals["load_failures"] += value
+            elif name == "mesh_evictions_total" and labels.get("reason") == "capacity":
+                totals["evictions"] += value
+            elif name == "modelmesh_instance_models_total":
+                totals["copies_now"] += value
     return totals
 
 
