@@ -131,7 +131,7 @@ class Mesh:
         self.port_notes: list[str] = []
         self.metrics_port = env.get("MESH_ROUTER_METRICS_PORT") or str(
             self._pick_port(METRICS_PORT, "the router's metrics"))
-        runtime_metrics = [env.get("MESH_RUNTIME_METRICS_PORT") or str(
+        runtime_metrics = [_nth_port(env.get("MESH_RUNTIME_METRICS_PORT"), i) or str(
             self._pick_port(METRICS_PORT + 1 + i, f"runtime-{i}'s metrics")) for i in range(runtimes)]
         # REST on modelmesh-serving's port when it is free, else on a port chosen here (not by the
         # router: the URL is printed, and stays the same when the supervisor restarts the router).
@@ -250,6 +250,16 @@ class Mesh:
             if self.data_dir is None:
                 self.etcd.cleanup()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _nth_port(given: str | None, i: int) -> str | None:
+    """Runtime i's port from a port set in the environment for all of them: the i-th after it
+    (runtimes on one machine cannot share one); 0 (each picks its own) and -1 (off) as given."""
+    if not given:
+        return None
+    if given.strip().isdigit() and int(given) > 0:
+        return str(int(given) + i)
+    return given
 
 
 def pick_port(wanted: int, what: str, notes: list[str]) -> int:

@@ -100,3 +100,11 @@ def test_a_port_in_time_wait_is_free_and_a_listened_on_port_is_not() -> None:
         assert notes == [f"port {taken} is in use: the router's metrics on port {chosen} instead"]
     notes = []
     assert pick_port(port, "the router's metrics", notes) == port and notes == []
+
+
+def test_a_runtime_metrics_port_set_in_the_environment_is_spread_over_the_runtimes() -> None:
+    from mesh.embedded.up import _nth_port
+
+    assert [_nth_port("9100", i) for i in range(3)] == ["9100", "9101", "9102"]
+    assert _nth_port("0", 2) == "0" and _nth_port("-1", 1) == "-1"  # picked by each, or off
+    assert _nth_port(None, 0) is None and _nth_port("", 0) is None  # not set: mesh up chooses
