@@ -17,15 +17,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import psutil
 import pytest
 import yaml
 
+from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.tensors import encode_request
 from tests.e2e.test_dashboard_prometheus import Prometheus, free_port
 from tests.e2e.test_mesh_up import MeshUp
 
@@ -101,15 +106,18 @@ def test_alert_rules_fire_in_a_real_prometheus_on_staged_failures(tmp_path: Path
             time.sleep(0.2)
 
         # Staged failure 1: models that cannot load, requested.
-        for name in ("broken-a", "broken-b"):
-            bad = tmp_path / f"{name}.joblib"
-            bad.write_bytes(b"not a model")
-            r = subprocess.run([sys.executable, "-m", "mesh", "model", "register", name, "--type", "sklearn",
-                                "--path", str(bad), "--router", up.address], capture_output=True, text=True, timeout=60)
-            assert r.returncode == 0, r.stderr
-            r = subprocess.run([sys.executable, "-m", "mesh", "infer", name, "--input", "[[1, 2, 3, 4]]",
-                                "--router", up.address], capture_output=True, text=True, timeout=60)
-            assert r.returncode == 1, r.stdout + r.stderr
+        with grpc.insecure_channel(up.address) as channel:  # in-process calls: no CLI start-up to wait for
+            management = mm_grpc.ModelMeshStub(channel)  # type: ignore[no-untyped-call]
+            inference = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            for name in ("broken-a", "broken-b"):
+                bad = tmp_path / f"{name}.joblib"
+                bad.write_bytes(b"not a model")
+                management.registerModel(mm.RegisterModelRequest(
+                    modelId=name, modelInfo=mm.ModelInfo(type="sklearn", path=str(bad))), timeout=30)
+                request = encode_request(model_name=name, inputs={"input-0": np.ones((1, 4))})
+                with pytest.raises(grpc.RpcError) as refused:
+                    inference.ModelInfer(request, metadata=(("mm-model-id", name),), timeout=60)
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # the load failed
         (failing,) = _wait_firing(prometheus, "MeshModelLoadFailures")
         assert failing["labels"]["namespace"] == "mesh-test" and failing["labels"]["severity"] == "warning"
         assert "of model loads failed" in failing["annotations"]["summary"]
