@@ -117,7 +117,6 @@ class Mesh:
         self._next_log_check = 0.0
         self.registry = registry
         self.data_dir = data_dir
-        self.port = port
         env = dict(os.environ)
         env["MESH_PARENT_PID"] = str(os.getpid())
         env.setdefault("MESH_LOG_FORMAT", "json")
@@ -389,7 +388,7 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
 
             assert trained is not None
             return run_demo(mesh, trained, duration_s=args.duration, stop=stop)
-        for line in hints(mesh, _finish_example_writer(writer)):
+        for line in hints(mesh, _finish_example_writer(writer, stop)):
             print(line)
         print("Ctrl-C stops everything.", flush=True)
         while not stop["flag"]:
@@ -425,14 +424,16 @@ def _start_example_writer() -> subprocess.Popen[bytes] | None:
         return None
 
 
-def _finish_example_writer(writer: subprocess.Popen[bytes] | None) -> Path | None:
+def _finish_example_writer(writer: subprocess.Popen[bytes] | None, stop: dict[str, bool]) -> Path | None:
+    """The example model's path once written (a few seconds at most), or None; Ctrl-C meanwhile
+    is not held up."""
     from mesh.embedded.example import example_model_path
 
-    if writer is not None:
-        try:
-            writer.wait(60)
-        except subprocess.TimeoutExpired:
-            terminate(writer, 1.0)
+    deadline = time.monotonic() + 60
+    while writer is not None and writer.poll() is None and not stop["flag"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # a child process: no event to wait on together with the signal flag
+    if writer is not None and writer.poll() is None:
+        terminate(writer, 1.0)
     path = example_model_path()
     return path if path.exists() else None
 
@@ -445,13 +446,13 @@ def hints(mesh: Mesh, model: Path | None) -> list[str]:
     from mesh.embedded.example import EXAMPLE_ROW
 
     router = f"--router {mesh.router.endpoint}"
-    row = json_row = f"[{', '.join(str(v) for v in EXAMPLE_ROW)}]"
+    row = f"[{', '.join(str(v) for v in EXAMPLE_ROW)}]"
     path = shlex.quote(str(model)) if model else "/path/to/model.joblib"
     lines = [f"try:  mesh model register iris --type sklearn --path {path} {router}",
              f"      mesh infer iris --input '[{row}]' {router}",
              f"      mesh model list {router}"]
     if mesh.rest_port not in ("0", "-1"):
-        body = shlex.quote(f'{{"instances": [{json_row}]}}')
+        body = shlex.quote(f'{{"instances": [{row}]}}')
         lines.append(f"      curl -s http://127.0.0.1:{mesh.rest_port}/v1/models/iris:predict -d {body}")
     if mesh.metrics_port not in ("0", "-1"):
         lines.append(f"      curl -s http://127.0.0.1:{mesh.metrics_port}/metrics | grep '^mesh_router_instances'")
