@@ -28,8 +28,21 @@ def _block(text: str, first: str, last: str) -> list[str]:
 
 
 def test_mesh_up_keeps_its_logs_prints_its_metrics_and_hints_that_work_as_printed(tmp_path: Path) -> None:
+    # ModelMesh's metrics port held by someone else: `mesh up` must say where the router's went.
+    import socket
+
+    squatter = socket.socket()
+    try:
+        squatter.bind(("127.0.0.1", 2112))
+        squatter.listen()
+        held = True
+    except OSError:  # another process holds it already, which is the same situation
+        held = False
     # A fresh cache: the example model the hints name is written while the mesh starts.
-    up = MeshUp(tmp_path, "--runtimes", "2", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        up = MeshUp(tmp_path, "--runtimes", "2", env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    finally:
+        squatter.close()
     try:
         deadline_text = "Ctrl-C stops everything."
         import time
@@ -56,6 +69,12 @@ def test_mesh_up_keeps_its_logs_prints_its_metrics_and_hints_that_work_as_printe
             with urllib.request.urlopen(url, timeout=10) as answer:
                 assert expected[name] in answer.read().decode(), name
         assert len(set(endpoints.values())) == 3
+        router_port = int(endpoints["router"].rsplit(":", 1)[1].split("/")[0])
+        note = f"  note: port 2112 is in use: the router's metrics on port {router_port} instead"
+        if held:
+            assert router_port != 2112 and note in text.splitlines(), text
+        else:  # someone else's port: it may have been freed before `mesh up` looked
+            assert router_port == 2112 or note in text.splitlines(), text
 
         # The hints, run as printed by a shell whose MESH_ROUTER names no router.
         hints = [line.removeprefix("try:").strip() for line in _block(text, "try:", "Ctrl-C")]
