@@ -85,7 +85,7 @@ def train_models(count: int, directory: Path,
         path = directory / f"tenant-{i:04d}.joblib"
         if not path.exists():
             done += 1
-            if progress is not None and missing >= 10 and done % max(1, missing // 10) == 0:
+            if progress is not None and missing >= 10 and done % -(-missing // 10) == 0:
                 progress(f"  trained {done}/{missing}")
             x, y = data[i % 3]
             rng = np.random.default_rng(1000 + i)
