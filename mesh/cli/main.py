@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, help="where the private etcd keeps its data "
                        "(default: a temporary directory, removed at exit)")
         p.add_argument("--config", type=Path, help="settings file (TOML)")
+        # --- mesh up logs (issue 20, part 5) ---
+        p.add_argument("--logs", type=Path, metavar="DIR",
+                       help="keep this run's logs in DIR (default: a new directory under "
+                       "$XDG_STATE_HOME/mesh-serving/up, ~/.local/state/... by default; the newest 10 runs are kept)")
+        p.add_argument("--log-max-size", metavar="SIZE",
+                       help="rotate a component's log past this size, keeping one older file (default 10MiB)")
+        # --- end mesh up logs ---
 
     up = sub.add_parser("up", help="run a router and runtimes on this machine (embedded mode)")
     embedded(up)
