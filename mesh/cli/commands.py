@@ -14,6 +14,7 @@ from mesh.cli.client import CliError, RouterClient, mm
 from mesh.cli.errors import fail as fail  # re-exported: older callers import it from here
 from mesh.errors import InvalidArgument
 from mesh.settings import describe, parse_bytes
+from mesh.transport.metadata import RETRY_FAILED
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -83,16 +84,26 @@ def model_command(args: argparse.Namespace, client: RouterClient) -> int:
         info = client.call(client.mesh.registerModel, mm.RegisterModelRequest(
             modelId=args.model_id, modelInfo=_model_info(args), loadNow=args.load_now, sync=args.sync))
         _emit(args, _as_dict(info), "registered " + _status_text(info, args.model_id))
+        if info.errors and info.status != mm.ModelStatusInfo.LOADED:
+            return 1  # registered, but the router knows it cannot load as things stand (its errors say why)
     elif args.action == "status":
         info = client.call(client.mesh.getModelStatus, mm.GetStatusRequest(modelId=args.model_id))
         _emit(args, _as_dict(info), _status_text(info, args.model_id))
         return 0 if info.status != mm.ModelStatusInfo.NOT_FOUND else 1
     elif args.action == "unregister":
+        # unregisterModel succeeds for a model that does not exist (ModelMesh's contract: it is
+        # idempotent); the CLI asks first, so that a mistyped ID is not reported as done.
+        info = client.call(client.mesh.getModelStatus, mm.GetStatusRequest(modelId=args.model_id))
+        if info.status == mm.ModelStatusInfo.NOT_FOUND:
+            raise CliError(f"model '{args.model_id}' is not registered (nothing to unregister; "
+                           "`mesh model list` shows the registered ones)")
         client.call(client.mesh.unregisterModel, mm.UnregisterModelRequest(modelId=args.model_id))
         _emit(args, {"unregistered": args.model_id}, f"unregistered {args.model_id}")
     elif args.action == "load":
-        info = client.call(client.mesh.ensureLoaded, mm.EnsureLoadedRequest(modelId=args.model_id,
-                                                                            sync=args.sync))
+        retry = ((RETRY_FAILED, "1"),) if args.retry else ()
+        info = client.call(client.mesh.ensureLoaded,
+                           mm.EnsureLoadedRequest(modelId=args.model_id, sync=args.sync or args.retry),
+                           metadata=retry)
         _emit(args, _as_dict(info), _status_text(info, args.model_id))
     elif args.action == "list":
         return _list(args, client)

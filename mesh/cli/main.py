@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, help="where the private etcd keeps its data "
                        "(default: a temporary directory, removed at exit)")
         p.add_argument("--config", type=Path, help="settings file (TOML)")
+        # --- mesh up logs (issue 20, part 5) ---
+        p.add_argument("--logs", type=Path, metavar="DIR",
+                       help="keep this run's logs in DIR (default: a new directory under "
+                       "$XDG_STATE_HOME/mesh-serving/up, ~/.local/state/... by default; the newest 10 runs are kept)")
+        p.add_argument("--log-max-size", metavar="SIZE",
+                       help="rotate a component's log past this size, keeping one older file (default 10MiB)")
+        # --- end mesh up logs ---
 
     up = sub.add_parser("up", help="run a router and runtimes on this machine (embedded mode)")
     embedded(up)
@@ -124,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model_id")
         if action == "load":
             p.add_argument("--sync", action="store_true", help="wait for the load")
+            p.add_argument("--retry", action="store_true",
+                           help="try again now a model whose load failed (after fixing its file): its "
+                           "failures are otherwise remembered for registry.failure_ttl_s; implies --sync")
         _client_options(p)
 
     vmodel = sub.add_parser("vmodel", help="manage vModels (aliases that switch models safely)")
@@ -169,9 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON array, optionally NAME=JSON; repeat for several inputs")
     p.add_argument("--datatype", help="V2 datatype of the inputs (default FP64 / INT64 from the JSON)")
     p.add_argument("--output", action="append", help="output to return (repeatable; default: all)")
-    p.add_argument("--vmodel", action="store_true", help="MODEL is a vModel ID")
+    p.add_argument("--vmodel", action="store_true",
+                   help="MODEL must be a vModel ID (sent as mm-vmodel-id); without it, MODEL is sent as "
+                   "model_name, which the router resolves as a vModel, a graph or a model, in that order")
     # --- inference graphs (issue 17) ---
-    p.add_argument("--graph", action="store_true", help="MODEL is an inference graph ID (mesh graph set)")
+    p.add_argument("--graph", action="store_true",
+                   help="MODEL is an inference graph ID (mesh graph set); a graph's ID also resolves without it")
     # --- end inference graphs ---
     _client_options(p)
 
@@ -198,8 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # gRPC core logs handshake failures to stderr on its own; the CLI says what went wrong in one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = build_parser().parse_args(argv)
-    sys.exit(run(args))
+    try:
+        code = run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`mesh model list | head`): what it read is what it wanted. Python
+        # would print a traceback, and another error at exit while flushing stdout; point stdout at
+        # /dev/null so that the exit flush finds nothing to write.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 def run(args: argparse.Namespace) -> int:

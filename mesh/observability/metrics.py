@@ -653,3 +653,15 @@ def _library_imports(imported: Iterable[Any]) -> list[Metric]:
 
 
 __all__ = ["RouterMetrics", "RuntimeMetrics", "run_on_loop", "serve_metrics", "status_name"]
+
+
+# --- reading a scrape (issue 20: `mesh demo` reports the runtimes' counters) ---
+def scrape_samples(text: str) -> Iterable[tuple[str, dict[str, str], float]]:
+    """(sample name, labels, value) of every sample in a Prometheus text exposition: for a tool of
+    ours that reads another process's ``/metrics`` (prometheus_client stays in this module)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name, dict(sample.labels), float(sample.value)
+# --- end reading a scrape ---
