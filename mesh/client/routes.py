@@ -12,8 +12,10 @@ Doubt sends a request to the router, never to a guess:
 - nothing heard for ``stale_after_s`` (three of the router's heartbeats unless the client says
   otherwise): the stream may be stuck behind a partition while the cluster moves on;
 - the model has no copy here (cold, or a vModel: the client keeps no vModel targets);
-- a copy that answered "not here" is dropped until the next update names it again
-  (:meth:`not_here`); an endpoint that failed at the transport level is skipped for
+- a model whose copy answered "not here" goes to the router for ``stale_model_s``
+  (:meth:`not_here`): the router's update removing the copy arrives within that time if the copy
+  is gone, and a copy loaded again meanwhile (an update that changed nothing) is used again after
+  it; an endpoint that failed at the transport level is skipped for
   ``suspect_s`` (:meth:`failed`), so a dead runtime costs each request at most one wasted try
   until its lease expires and the router's update removes it.
 """
@@ -27,7 +29,8 @@ Copy = tuple[str, str]  # (instance ID, endpoint)
 
 
 class Routes:
-    def __init__(self, *, stale_after_s: float | None = None, suspect_s: float = 5.0) -> None:
+    def __init__(self, *, stale_after_s: float | None = None, suspect_s: float = 5.0,
+                 stale_model_s: float = 1.0) -> None:
         self.copies: dict[str, tuple[Copy, ...]] = {}
         self.synced = False
         self.direct = False
@@ -37,6 +40,8 @@ class Routes:
         self.stale_after_s = stale_after_s if stale_after_s is not None else 3.0
         self.suspect_s = suspect_s
         self.suspects: dict[str, float] = {}  # endpoint -> skipped until (monotonic)
+        self.stale_model_s = stale_model_s
+        self.stale_models: dict[str, float] = {}  # model ID -> through the router until (monotonic)
         self._turn = 0
 
     # --- fed by the stream ------------------------------------------------------------------------
@@ -78,6 +83,8 @@ class Routes:
         routes = self.copies.get(model_id)
         if routes is None:
             return None
+        if self.stale_models and self._held(self.stale_models, model_id, now):
+            return None
         if self.suspects:
             routes = tuple(c for c in routes if not self._suspected(c[1], now))
             if not routes:
@@ -86,25 +93,32 @@ class Routes:
         return routes[self._turn % len(routes)]
 
     def _suspected(self, endpoint: str, now: float) -> bool:
-        until = self.suspects.get(endpoint)
+        return self._held(self.suspects, endpoint, now)
+
+    @staticmethod
+    def _held(until_by_key: dict[str, float], key: str, now: float) -> bool:
+        until = until_by_key.get(key)
         if until is None:
             return False
         if now >= until:
-            del self.suspects[endpoint]
+            del until_by_key[key]
             return False
         return True
 
+    def prune(self, now: float) -> None:
+        """Forget expired marks and those of endpoints and models no route names (bounded state)."""
+        endpoints = self.endpoints()
+        for endpoint, until in list(self.suspects.items()):
+            if until <= now or endpoint not in endpoints:
+                del self.suspects[endpoint]
+        for model_id, until in list(self.stale_models.items()):
+            if until <= now or model_id not in self.copies:
+                del self.stale_models[model_id]
+
     # --- told by the requests -----------------------------------------------------------------------
-    def not_here(self, model_id: str, instance_id: str) -> None:
-        """The runtime answered that the copy is gone: stop sending there until an update says it is back."""
-        routes = self.copies.get(model_id)
-        if routes is None:
-            return
-        left = tuple(c for c in routes if c[0] != instance_id)
-        if left:
-            self.copies[model_id] = left
-        else:
-            del self.copies[model_id]
+    def not_here(self, model_id: str, now: float) -> None:
+        """A runtime answered that the model's copy is gone: the model's routes are in doubt."""
+        self.stale_models[model_id] = now + self.stale_model_s
 
     def failed(self, endpoint: str, now: float) -> None:
         """No answer from ``endpoint`` (connection refused or reset, deadline): skip it a while."""

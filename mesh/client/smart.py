@@ -18,8 +18,8 @@ How a request goes (the routes and what counts as doubt: ``mesh.client.routes``)
    only in the body (a name may be a vModel or an inference graph: the router decides), cold
    models (the router picks the home, which loads), and everything while the routes are in doubt.
 3. A direct try that fails is sent once more, through the router, with what is left of the
-   deadline: on "not here" (the copy was evicted meanwhile; the copy is dropped from the routes
-   until an update names it again) and on any status the runtime did not answer itself
+   deadline: on "not here" (the copy was evicted meanwhile; the model then goes to the router
+   for a second, while the router's update catches up) and on any status the runtime did not answer itself
    (connection refused or reset, UNAVAILABLE, a missed deadline with time left, a runtime killed
    under the request: its endpoint is then skipped for a few seconds). This assumes inference is
    idempotent, as the router's own retries do (DESIGN.md, routing step 4): a request a dying
@@ -178,7 +178,7 @@ class SmartClient:
 
     async def _direct(self, copy: Copy, model_id: str, body: bytes, metadata: Metadata, timeout: float | None,
                       started: float) -> bytes:
-        instance_id, endpoint = copy
+        endpoint = copy[1]
         call = self._calls.get(endpoint)
         if call is None:
             call = self._open(endpoint)
@@ -195,7 +195,7 @@ class SmartClient:
             trailers = err.trailing_metadata() or ()
             if any(k == NOT_HERE_KEY for k, _ in trailers):
                 self.counts["not_here"] += 1
-                self.routes.not_here(model_id, instance_id)
+                self.routes.not_here(model_id, time.monotonic())
             elif any(k == ORIGIN_KEY for k, _ in trailers):
                 raise  # the runtime's own answer about this request: the router would return it too
             else:
@@ -233,8 +233,7 @@ class SmartClient:
             channel = self._channels.pop(endpoint)
             self._calls.pop(endpoint, None)
             asyncio.get_running_loop().create_task(channel.close(), name=f"smart-client-close:{endpoint}")
-        for endpoint in [e for e in self.routes.suspects if e not in keep]:
-            del self.routes.suspects[endpoint]
+        self.routes.prune(now)
 
     # --- the route stream -------------------------------------------------------------------------
     async def _watch(self) -> None:
