@@ -151,8 +151,11 @@ class SmartClient:
         return True
 
     # --- requests ---------------------------------------------------------------------------------
-    async def __call__(self, body: bytes, metadata: Metadata = (), timeout: float | None = None) -> bytes:
-        """One ModelInfer: serialized request in, serialized response out (module docstring)."""
+    async def __call__(self, body: bytes, timeout: float | None = None, metadata: Metadata | None = None) -> bytes:
+        """One ModelInfer: serialized request in, serialized response out (module docstring); the
+        arguments as a grpc.aio multicallable takes them."""
+        if metadata is None:
+            metadata = ()
         model_id = _model_of(metadata)
         if model_id is not None:
             now = time.monotonic()

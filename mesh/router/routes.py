@@ -128,6 +128,7 @@ class RouteHub:
         self._version = -1  # the view's version self.table was built from
         self.streams: set[Subscription] = set()
         self.closed = False
+        self._opened = asyncio.Event()  # set while a stream is open: an idle router does not poll
 
     def close(self) -> None:
         """At shutdown: every stream ends (their writers see ``closed``) so the server drains."""
@@ -144,10 +145,13 @@ class RouteHub:
         self.refresh()  # the snapshot this stream starts from is current, and so is what follows it
         sub = Subscription(visible, self.max_queue)
         self.streams.add(sub)
+        self._opened.set()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self.streams.discard(sub)
+        if not self.streams:
+            self._opened.clear()
 
     def snapshot(self, visible: Visible) -> list[tuple[str, tuple[Copy, ...]]]:
         return [(m, c) for m, c in self.table.items() if visible(m)]
@@ -167,6 +171,7 @@ class RouteHub:
     async def run(self) -> None:
         """Follow the view while streams are open (a root task of the router)."""
         while True:
+            await self._opened.wait()
             await asyncio.sleep(self.interval_s)
             if self.streams:
                 self.refresh()
