@@ -12,6 +12,8 @@ What is proved, each by what a user could observe:
 - with ``auth.data_plane``, token prefixes hold on the route stream (it shows only the token's
   models, refuses a prefix outside them, and refuses a missing token) and on the runtime's port (a
   direct call outside the token's prefixes, or without a token, is refused by the runtime);
+- with TLS, the client verifies runtimes with the CA and goes direct; runtimes that require client
+  certificates (the router presents one) get no direct traffic: the stream says so;
 - the router serves at most ``router.routes_max_streams`` streams.
 """
 
@@ -337,5 +339,54 @@ async def test_max_streams(models: dict[str, TrainedModel]) -> None:
         async with SmartClient(mesh.router.endpoint) as fourth:
             assert await fourth.wait_synced(10)
         await clients[1].close()
+    finally:
+        cluster.close()
+
+
+async def test_tls_direct_to_runtimes_and_router_only_when_runtimes_require_client_certificates(
+        tmp_path: Path, models: dict[str, TrainedModel]) -> None:
+    """Runtimes serving TLS that any client may call: the client verifies them with the CA and goes
+    direct. Runtimes requiring client certificates (the router presents one): no direct routing."""
+    from tests.support.certs import CertAuthority
+
+    ca = CertAuthority(tmp_path, "mesh")
+    server, router_client = ca.issue("server"), ca.issue("router")
+    tls = {"MESH_TLS_CERT_FILE": str(server.cert), "MESH_TLS_KEY_FILE": str(server.key),
+           "MESH_TLS_RUNTIME_CA_FILE": str(ca.ca_file)}
+    a = models["lr-a"]
+    ca_pem = ca.ca_file.read_bytes()
+
+    async def register_over_tls(mesh: Mesh) -> None:
+        async with grpc.aio.secure_channel(mesh.router.endpoint, grpc.ssl_channel_credentials(ca_pem)) as channel:
+            await mm_grpc.ModelMeshStub(channel).registerModel(mm.RegisterModelRequest(
+                modelId="lr-a", modelInfo=mm.ModelInfo(type="sklearn", path=str(a.path))), timeout=30)
+
+    cluster, mesh = start_mesh(1, tls)
+    try:
+        await register_over_tls(mesh)
+        async with SmartClient(mesh.router.endpoint, root_certificates=ca_pem) as client:
+            check(await client(infer_body(a), metadata=md("lr-a"), timeout=30), a)
+            assert await client.wait_route("lr-a", 10)
+            check(await client(infer_body(a), metadata=md("lr-a"), timeout=10), a)
+            assert client.counts["direct"] == 1 and client.counts["direct_failed"] == 0
+    finally:
+        cluster.close()
+
+    mtls = {**tls, "MESH_TLS_CLIENT_CA_FILE": str(ca.ca_file), "MESH_TLS_CLIENT_AUTH": "require",
+            "MESH_TLS_RUNTIME_CERT_FILE": str(router_client.cert), "MESH_TLS_RUNTIME_KEY_FILE": str(router_client.key)}
+    cluster, mesh = start_mesh(1, mtls)
+    try:
+        creds = {"root_certificates": ca_pem, "private_key": router_client.key.read_bytes(),
+                 "certificate_chain": router_client.cert.read_bytes()}
+        async with grpc.aio.secure_channel(mesh.router.endpoint, grpc.ssl_channel_credentials(**creds)) as channel:
+            await mm_grpc.ModelMeshStub(channel).registerModel(mm.RegisterModelRequest(
+                modelId="lr-a", modelInfo=mm.ModelInfo(type="sklearn", path=str(a.path))), timeout=30)
+        async with SmartClient(mesh.router.endpoint, **creds) as client:
+            check(await client(infer_body(a), metadata=md("lr-a"), timeout=30), a)
+            assert await client.wait_for(lambda: client.routes.synced and "lr-a" in client.routes.copies, 10)
+            assert not client.routes.direct  # the router offers no direct routing to such runtimes
+            for _ in range(3):
+                check(await client(infer_body(a), metadata=md("lr-a"), timeout=10), a)
+            assert client.counts["direct"] == 0 and client.counts["routed"] == 4
     finally:
         cluster.close()
