@@ -15,10 +15,10 @@ paths to the same loaded copy:
 
 First ``--pairs`` (4,000) c=1 pairs: a direct request, then a smart one (the order alternating),
 so that the machine's drift hits both paths at the scale of one request; their p50s and the median
-of the pairs' differences; the target's added p50 is from these pairs (segments of a few seconds
-drift apart by more than 0.05 ms on a shared machine). Then two blocks, ``--rounds`` (4) interleaved rounds in alternating
-order (hop's ``interleaved``): c=1 (p50, p99; added p50 = smart p50 - direct p50) and c=N (32:
-throughput; ratio smart / direct).
+of the pairs' differences. The target's added p50 is judged on these pairs: segments of a few
+seconds drift apart by more than 0.05 ms on a shared machine. Then two blocks, ``--rounds`` (4)
+interleaved rounds in alternating order (hop's ``interleaved``): c=1 (p50, p99; added p50 = smart
+p50 - direct p50) and c=N (32: throughput; ratio smart / direct).
 CPU per request of the client process, the runtime and the router are reported per path.
 
 Then the failure case: a second runtime is started, and the smart client runs a closed loop at c=N
