@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from mesh.cli.client import CliError, RouterClient, mm, parse_input
+from mesh.cli.client import CliError, RouterClient, mm
 from mesh.cli.errors import fail as fail  # re-exported: older callers import it from here
 from mesh.errors import InvalidArgument
 from mesh.settings import describe, parse_bytes
@@ -204,15 +204,11 @@ def vmodel_command(args: argparse.Namespace, client: RouterClient) -> int:
 def infer_command(args: argparse.Namespace, client: RouterClient) -> int:
     if not args.input:
         raise CliError("give at least one --input, e.g. --input '[[5.1, 3.5, 1.4, 0.2]]'", exit_code=2)
-    inputs: dict[str, np.ndarray] = {}
-    for i, text in enumerate(args.input):
-        name, sep, rest = text.partition("=")
-        if sep and not name.lstrip().startswith(("[", "{", '"')) and name.strip():
-            inputs[name.strip()] = parse_input(rest, args.datatype)
-        else:
-            inputs[f"input-{i}"] = parse_input(text, args.datatype)
     if args.vmodel and getattr(args, "graph", False):
         raise CliError("--vmodel and --graph exclude each other", exit_code=2)
+    from mesh.cli.metadata_cmd import infer_inputs  # names and datatypes from the model's metadata (issue 20)
+
+    inputs = infer_inputs(args, client)
     response, outputs = client.infer(args.model, inputs, vmodel=args.vmodel, outputs=args.output or [],
                                      graph=getattr(args, "graph", False))
     data: dict[str, Any] = {"model_name": response.model_name, "id": response.id,

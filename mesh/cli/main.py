@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     # --- end inference graphs ---
     _client_options(p)
 
+    # --- fleet status and model metadata (issue 20): mesh status, mesh top, mesh model metadata ---
+    from mesh.cli.status_args import add_status_parsers
+
+    add_status_parsers(sub, msub, _client_options)
+    # --- end fleet status ---
+
     p = sub.add_parser("settings", help="list every setting with its default, unit and meaning")
     p.add_argument("--json", action="store_true")
 
@@ -257,6 +263,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             from mesh.cli.graph_cmd import graph_command  # inference graphs (issue 17)
 
+            # --- fleet status and model metadata (issue 20) ---
+            from mesh.cli.status_args import status_handler
+
+            special = status_handler(args)
+            if special is not None:
+                return special(args, client)
+            # --- end fleet status ---
             handler = {"model": model_command, "vmodel": vmodel_command, "infer": infer_command,
                        "graph": graph_command}
             return handler[args.command](args, client)

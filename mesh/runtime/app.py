@@ -292,7 +292,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     session = RegistrySession(store, settings.registry.lease_ttl_s)
     publisher = Publisher(registry=registry, session=session, instance=base, cache_ref=lambda: cache,
                           requests=lambda: service.requests, publish_interval_s=rs.publish_interval_s,
-                          failure_ttl_s=settings.registry.failure_ttl_s)
+                          failure_ttl_s=settings.registry.failure_ttl_s,
+                          cache_requests=lambda: (metrics.hit_count, metrics.miss_count))  # mesh status
     publisher.max_stuck_loads = rs.max_stuck_loads
     if external is not None:  # a server that went down takes no loads: routers load elsewhere
         server_state = external

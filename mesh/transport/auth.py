@@ -9,8 +9,8 @@ token") or PERMISSION_DENIED (naming the method or the model ID), through the on
 
 What is protected:
 
-* ``mmesh.ModelMesh`` and ``mmesh.ModelMeshGraphs``: every method, always (once a tokens file is
-  configured).
+* ``mmesh.ModelMesh``, ``mmesh.ModelMeshGraphs`` and ``mmesh.ModelMeshStatus``: every method,
+  always (once a tokens file is configured).
 * ``inference.GRPCInferenceService``: with ``auth.data_plane``, every method but ServerLive and
   ServerReady (probes); the model is the one named by ``mm-model-id`` / ``mm-vmodel-id`` (or their
   ``-bin`` forms), else field 1 of the request (``model_name``, or ``name``), read as the router
@@ -38,6 +38,7 @@ from mesh.errors import InvalidArgument, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.gen.mmesh import status_pb2 as st
 from mesh.paths import confine
 from mesh.settings import AuthSettings
 from mesh.storage.location import locate
@@ -127,7 +128,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         self._origin = origin
         # Inference graphs (mmesh.ModelMeshGraphs) like the rest of the management API: the graph ID
         # against the prefixes here, the models a graph names in mesh.router.graph_management.
-        for service in (mm.DESCRIPTOR.services_by_name["ModelMesh"], gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"]):
+        # The fleet status (mmesh.ModelMeshStatus, issue 20) too: read methods, whose handlers show a
+        # token limited to prefixes only its models (mesh.router.fleet).
+        for service in (mm.DESCRIPTOR.services_by_name["ModelMesh"], gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"],
+                        st.DESCRIPTOR.services_by_name["ModelMeshStatus"]):
             if not management:  # a runtime's port (runtime_interceptors) serves no management API
                 break
             for m in service.methods:
