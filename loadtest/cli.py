@@ -1,6 +1,7 @@
 """``mesh-loadtest``: open- or closed-loop load against any KServe V2 gRPC endpoint.
 
-``mesh-loadtest --target HOST:PORT (--rate R [--arrivals poisson|bursty:CV|trace] | --concurrency C)
+``mesh-loadtest --target HOST:PORT [--client plain|smart]
+(--rate R [--arrivals poisson|bursty:CV|trace] | --concurrency C)
 [--models N --model-prefix P | --register PATH --type sklearn] [--popularity zipf:S|uniform|trace:FILE]
 [--duration S] [--warmup S] [--processes P] [--metrics URL ...] [--json] [--plot FILE.png]``
 
@@ -36,7 +37,7 @@ from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.tensors import encode_request, numpy_dtype
 
 HEADERS = ("mm-model-id", "mm-vmodel-id", "none")
-JSON_KEYS = ("target", "mode", "settings", "requests", "ok", "dropped", "errors", "throughput_rps",
+JSON_KEYS = ("target", "mode", "client", "settings", "requests", "ok", "dropped", "errors", "throughput_rps",
              "latency_ms", "cache", "timeline")
 
 
@@ -52,6 +53,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mesh-loadtest", description="Load generator for KServe V2 gRPC endpoints.")
     p.add_argument("--target", required=True, help="host:port of a V2 GRPCInferenceService")
+    p.add_argument("--client", default="plain", choices=("plain", "smart"),
+                   help="plain: every request to --target; smart: mesh.client.SmartClient, --target being a router "
+                        "(loaded models straight to a runtime holding them, the router for the rest)")
     p.add_argument("--header", default="mm-model-id", choices=HEADERS,
                    help="how the model is chosen (none: ModelInferRequest.model_name only)")
     p.add_argument("--models", type=int, default=1, help="number of models (default 1)")
@@ -214,7 +218,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = WorkerConfig(target=args.target, bodies=bodies, metadata=metadata, popularity=popularity,
                        duration_s=args.duration, warmup_s=args.warmup, rate=args.rate, arrivals=kind, cv=cv,
                        concurrency=args.concurrency, trace=trace, max_inflight=args.max_inflight,
-                       timeout_s=args.timeout, seed=args.seed, processes=args.processes)
+                       timeout_s=args.timeout, seed=args.seed, processes=args.processes, client=args.client)
     tty = sys.stderr.isatty()
     timeline = Timeline(progress=args.progress or tty, tty=tty)
     timeline.start_wall = start_wall = time.time() + start_delay_s(args.processes)
@@ -253,6 +257,7 @@ def summarize(args: argparse.Namespace, result: WorkerResult, timeline: Timeline
     return {
         "target": args.target,
         "mode": "open" if args.rate > 0 else "closed",
+        "client": {"kind": args.client, "paths": dict(sorted(result.paths.items()))},
         "settings": {"rate": args.rate, "arrivals": args.arrivals, "concurrency": args.concurrency,
                      "duration_s": args.duration, "warmup_s": args.warmup, "processes": args.processes,
                      "popularity": args.popularity, "header": args.header, "models": args.models,
@@ -276,6 +281,9 @@ def render(summary: dict[str, Any]) -> str:
         *([f"latency {k} (ms)", float(lat[k])] for k in ("p50", "p90", "p99", "p99.9", "max")),
         ["cache hit ratio", "n/a" if ratio is None or ratio != ratio else f"{ratio:.3f}"],
     ]
+    paths = summary.get("client", {}).get("paths")
+    if paths:  # --client smart: how its requests went
+        rows.append(["smart client requests", ", ".join(f"{k} {v:,}" for k, v in paths.items())])
     errors = summary["errors"]
     out = [table(["figure", "value"], rows)]
     if errors:

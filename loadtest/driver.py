@@ -58,6 +58,9 @@ class WorkerConfig:
     timeout_s: float = 30.0
     seed: int = 0
     processes: int = 1
+    # plain: a raw multicallable on a channel to the target; smart: mesh.client.SmartClient (the target
+    # is a router; loaded models are sent straight to a runtime holding them).
+    client: str = "plain"
 
 
 @dataclass
@@ -86,12 +89,15 @@ class WorkerResult:
     ok: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
+    paths: dict[str, int] = field(default_factory=dict)  # smart client: requests by path (SmartClient.counts)
 
     def add(self, other: WorkerResult) -> None:
         self.hist.merge(other.hist)
         self.sent += other.sent
         self.ok += other.ok
         self.dropped += other.dropped
+        for path, n in other.paths.items():
+            self.paths[path] = self.paths.get(path, 0) + n
         for code, n in other.errors.items():
             self.errors[code] = self.errors.get(code, 0) + n
 
@@ -195,8 +201,16 @@ async def run_worker(cfg: WorkerConfig, worker: int, start_wall: float, report: 
     """Run one worker's share; ``start_wall`` (time.time()) is the shared start of second 0."""
     start = time.perf_counter() + (start_wall - time.time())
     rec = _Recorder(start, start + cfg.warmup_s, report)
-    async with grpc.aio.insecure_channel(cfg.target) as channel:
-        call = bytes_call(channel, INFER)
+    async with contextlib.AsyncExitStack() as stack:
+        if cfg.client == "smart":
+            from mesh.client import SmartClient
+
+            smart = await stack.enter_async_context(SmartClient(cfg.target))
+            await smart.wait_synced(5.0)  # until then it sends everything to the router: no error either way
+            call: Any = smart
+        else:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(cfg.target))
+            call = bytes_call(channel, INFER)
         await asyncio.sleep(max(start - time.perf_counter(), 0))
         ticker = asyncio.create_task(rec.tick(), name=f"loadtest-ticker-{worker}")
         try:
@@ -209,6 +223,8 @@ async def run_worker(cfg: WorkerConfig, worker: int, start_wall: float, report: 
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
         rec.flush()
+        if cfg.client == "smart":
+            rec.result.paths = dict(smart.counts)
     return rec.result
 
 

@@ -69,7 +69,8 @@ log = structlog.get_logger("mesh.transport.auth")
 READ, WRITE = "read", "write"
 # Management methods a read token may call; every other method of mmesh.ModelMesh needs write.
 READ_METHODS = frozenset({"getModelStatus", "getVModelStatus", "listModels",
-                          "getGraphStatus", "listGraphs"})  # mmesh.ModelMeshGraphs (inference graphs)
+                          "getGraphStatus", "listGraphs",  # mmesh.ModelMeshGraphs (inference graphs)
+                          "getFleetStatus", "getModelCopies"})  # mmesh.ModelMeshStatus (fleet status)
 WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "setVModel", "deleteVModel",
                            "setVModelSplit", "promoteVModel", "setGraph", "deleteGraph"})
 INVALID_TOKEN = "missing or invalid bearer token"

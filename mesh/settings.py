@@ -207,6 +207,24 @@ class RouterSettings:
                                 "left then is dropped and counted.", "s")
     payload_namespace: str = _f("", "The records' namespace attribute (ce-namespace; KServe's InferenceService "
                                 "namespace; the controller's namespace in Kubernetes).")
+    # --- route stream for smart clients (mesh.router.routes, mesh.client; docs/client.md) -------------
+    routes_direct: bool = _f(True, "Offer direct routing on the route stream (mmesh.ModelMeshRoutes): smart "
+                             "clients then send inference for loaded models straight to a runtime. Offered "
+                             "only while the runtimes admit clients: never when the router dials them with "
+                             "a client certificate (tls.runtime_cert_file: runtimes with client_auth = "
+                             "require keep clients off).")
+    routes_max_streams: int = _f(1000, "Route streams one router serves at once; the next answers "
+                                 "RESOURCE_EXHAUSTED.", "streams")
+    routes_queue: int = _f(64, "Updates waiting per route stream; a stream that falls further behind drops "
+                           "them and gets a fresh snapshot instead (memory per stream stays bounded).",
+                           "messages")
+    routes_write_timeout_s: float = _f(10.0, "How long one update may wait for a route stream's client to "
+                                       "read; past it the stream is cut off (RESOURCE_EXHAUSTED).", "s")
+    routes_heartbeat_s: float = _f(1.0, "A route stream gets a message at least this often; clients treat "
+                                   "their routes as stale after a few silent heartbeats.", "s")
+    routes_interval_s: float = _f(0.05, "How often the route table is compared with the router's view (only "
+                                  "when the view changed and a stream is open): the delay of an update.", "s")
+    # --- end of route stream --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

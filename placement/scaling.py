@@ -211,6 +211,12 @@ class ScalingPolicy:
             return state.rate
         return state.rate * math.exp(-self._decay * (now - state.rate_at))
 
+    def observed_at(self, model_id: str) -> float | None:
+        """When ``model_id``'s last request was observed (the ``now`` it was given), None if never
+        or pruned since (``mesh status`` shows it as the model's last request through the router)."""
+        state = self._states.get(model_id)
+        return None if state is None or state.rate_at == -math.inf else state.rate_at
+
     # -- decisions ----------------------------------------------------------------------------
 
     def rule(self, model_id: str) -> ModelRule:

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from mesh.cli.errors import CliError
 from mesh.errors import InvalidArgument
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -15,14 +16,6 @@ from mesh.gen.mmesh import graphs_pb2_grpc as gp_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.tensors import decode_response, encode_request
-
-
-class CliError(Exception):
-    """A failure to report to the user as one line, with an exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def _read(option: str, path: str) -> bytes:
@@ -44,11 +37,37 @@ def channel_credentials(ca: str | None, cert: str | None, key: str | None) -> gr
                                         certificate_chain=_read("--tls-cert", cert) if cert else None)
 
 
+def connection_hint(details: str, address: str, *, tls: bool) -> str | None:
+    """One line saying why a connection to the router failed and what to do, from gRPC's UNAVAILABLE
+    details (their wording is gRPC core's, matched loosely); None: not a connection failure (the router
+    answered UNAVAILABLE itself, e.g. no runtime could take the request)."""
+    lowered = details.lower()
+    if "hostname verification" in lowered or "peer name" in lowered:
+        return (f"the router's certificate does not name {address.rsplit(':', 1)[0]}: pass the name it "
+                "carries with --tls-server-name (or connect with --router to a name it carries)")
+    if "certificate_verify_failed" in lowered or "unable to get local issuer" in lowered:
+        return (f"the router's certificate at {address} is not signed by the CA given with --tls-ca "
+                "(or by the system's CAs without it): pass the CA that signed it")
+    if tls and ("wrong_version_number" in lowered or "tls handshake" in lowered or "ssl" in lowered):
+        return (f"TLS with the router at {address} failed: it may serve plaintext (drop the --tls-* "
+                f"options), or check --tls-ca, --tls-cert and --tls-key ({details})")
+    if not tls and "socket closed" in lowered:
+        return (f"the router at {address} closed the connection: it may require TLS (pass --tls-ca with "
+                "the CA that signed its certificate)")
+    if "connection refused" in lowered or "failed to connect to remote host" in lowered \
+            or "name resolution" in lowered or "dns resolution" in lowered:
+        return f"cannot reach the router at {address}: is it running? (start one with `mesh up`)"
+    if "failed to connect" in lowered or "connections to all backends failing" in lowered:
+        return f"cannot connect to the router at {address} ({details})"
+    return None
+
+
 class RouterClient:
     def __init__(self, address: str, timeout_s: float, *, token: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None, server_name: str | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.tls = credentials is not None
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -66,15 +85,11 @@ class RouterClient:
             return method(request, timeout=self.timeout_s, metadata=self._auth + metadata)
         except grpc.RpcError as err:
             code = err.code()
-            details = err.details()
-            lowered = (details or "").lower()
-            if code == grpc.StatusCode.UNAVAILABLE and any(w in lowered for w in ("ssl", "handshake", "certificate")):
-                raise CliError(f"TLS with the router at {self.address} failed (check --tls-ca, --tls-cert, "
-                               f"--tls-key): {details}", exit_code=2) from None
-            if code == grpc.StatusCode.UNAVAILABLE and ("connect" in (details or "").lower()
-                                                        or "failed to" in (details or "").lower()):
-                raise CliError(f"cannot reach the router at {self.address}: is it running? "
-                               "(start one with `mesh up`)", exit_code=2) from None
+            details = err.details() or ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                hint = connection_hint(details, self.address, tls=self.tls)
+                if hint is not None:
+                    raise CliError(hint, exit_code=2) from None
             raise CliError(f"{code.name}: {details}") from None
 
     def close(self) -> None:
@@ -83,8 +98,10 @@ class RouterClient:
     def infer(self, model: str, inputs: dict[str, np.ndarray], *, vmodel: bool,
               outputs: list[str], graph: bool = False) -> tuple[pb.ModelInferResponse, dict[str, np.ndarray]]:
         request = encode_request(model_name=model, inputs=inputs, raw=False, outputs=outputs)
-        # A graph is named by model_name alone: a header always names a model or a vModel.
-        header = () if graph else (("mm-vmodel-id" if vmodel else "mm-model-id", model),)
+        # model_name alone is resolved by the router as a vModel, else a graph, else a model (what a
+        # V2 client that sets no header gets, as the README says); mm-vmodel-id insists on a vModel.
+        # A graph is never named by a header: a header always names a model or a vModel.
+        header = (("mm-vmodel-id", model),) if vmodel and not graph else ()
         response = self.call(self.infer_stub.ModelInfer, request, metadata=header)
         return response, decode_response(response)
 
@@ -96,14 +113,21 @@ def parse_input(text: str, datatype: str | None) -> np.ndarray:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"--input is not valid JSON: {exc}") from None
-    array = np.asarray(value)
-    if array.dtype == object:
-        raise InvalidArgument("--input must be a rectangular JSON array of numbers or strings")
+    try:
+        array: np.ndarray | None = np.asarray(value)
+    except ValueError:  # ragged: numpy refuses nested lists of unequal lengths
+        array = None
+    if array is None or array.dtype == object:
+        raise InvalidArgument("--input must be a rectangular JSON array of numbers or strings "
+                              "(every row of the same length), e.g. '[[1.0, 2.0], [3.0, 4.0]]'")
     if datatype:
         from mesh.tensors import numpy_dtype
 
-        array = array.astype(numpy_dtype(datatype))
-    elif array.dtype.kind == "i":
+        try:
+            return array.astype(numpy_dtype(datatype))
+        except ValueError as exc:
+            raise InvalidArgument(f"--input does not convert to {datatype}: {exc}") from None
+    if array.dtype.kind == "i":
         array = array.astype(np.int64)
     elif array.dtype.kind == "f":
         array = array.astype(np.float64)

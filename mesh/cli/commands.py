@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from mesh.cli.client import CliError, RouterClient, mm, parse_input
+from mesh.cli.client import CliError, RouterClient, mm
+from mesh.cli.errors import fail as fail  # re-exported: older callers import it from here
 from mesh.errors import InvalidArgument
 from mesh.settings import describe, parse_bytes
+from mesh.transport.metadata import RETRY_FAILED
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -83,16 +84,26 @@ def model_command(args: argparse.Namespace, client: RouterClient) -> int:
         info = client.call(client.mesh.registerModel, mm.RegisterModelRequest(
             modelId=args.model_id, modelInfo=_model_info(args), loadNow=args.load_now, sync=args.sync))
         _emit(args, _as_dict(info), "registered " + _status_text(info, args.model_id))
+        if info.errors and info.status != mm.ModelStatusInfo.LOADED:
+            return 1  # registered, but the router knows it cannot load as things stand (its errors say why)
     elif args.action == "status":
         info = client.call(client.mesh.getModelStatus, mm.GetStatusRequest(modelId=args.model_id))
         _emit(args, _as_dict(info), _status_text(info, args.model_id))
         return 0 if info.status != mm.ModelStatusInfo.NOT_FOUND else 1
     elif args.action == "unregister":
+        # unregisterModel succeeds for a model that does not exist (ModelMesh's contract: it is
+        # idempotent); the CLI asks first, so that a mistyped ID is not reported as done.
+        info = client.call(client.mesh.getModelStatus, mm.GetStatusRequest(modelId=args.model_id))
+        if info.status == mm.ModelStatusInfo.NOT_FOUND:
+            raise CliError(f"model '{args.model_id}' is not registered (nothing to unregister; "
+                           "`mesh model list` shows the registered ones)")
         client.call(client.mesh.unregisterModel, mm.UnregisterModelRequest(modelId=args.model_id))
         _emit(args, {"unregistered": args.model_id}, f"unregistered {args.model_id}")
     elif args.action == "load":
-        info = client.call(client.mesh.ensureLoaded, mm.EnsureLoadedRequest(modelId=args.model_id,
-                                                                            sync=args.sync))
+        retry = ((RETRY_FAILED, "1"),) if args.retry else ()
+        info = client.call(client.mesh.ensureLoaded,
+                           mm.EnsureLoadedRequest(modelId=args.model_id, sync=args.sync or args.retry),
+                           metadata=retry)
         _emit(args, _as_dict(info), _status_text(info, args.model_id))
     elif args.action == "list":
         return _list(args, client)
@@ -193,15 +204,11 @@ def vmodel_command(args: argparse.Namespace, client: RouterClient) -> int:
 def infer_command(args: argparse.Namespace, client: RouterClient) -> int:
     if not args.input:
         raise CliError("give at least one --input, e.g. --input '[[5.1, 3.5, 1.4, 0.2]]'", exit_code=2)
-    inputs: dict[str, np.ndarray] = {}
-    for i, text in enumerate(args.input):
-        name, sep, rest = text.partition("=")
-        if sep and not name.lstrip().startswith(("[", "{", '"')) and name.strip():
-            inputs[name.strip()] = parse_input(rest, args.datatype)
-        else:
-            inputs[f"input-{i}"] = parse_input(text, args.datatype)
     if args.vmodel and getattr(args, "graph", False):
         raise CliError("--vmodel and --graph exclude each other", exit_code=2)
+    from mesh.cli.metadata_cmd import infer_inputs  # names and datatypes from the model's metadata (issue 20)
+
+    inputs = infer_inputs(args, client)
     response, outputs = client.infer(args.model, inputs, vmodel=args.vmodel, outputs=args.output or [],
                                      graph=getattr(args, "graph", False))
     data: dict[str, Any] = {"model_name": response.model_name, "id": response.id,
@@ -234,6 +241,3 @@ def settings_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def fail(message: str, code: int) -> int:
-    print(f"mesh: error: {message}", file=sys.stderr)
-    return code

@@ -19,13 +19,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no annotations; only safe_load is used
 
-from mesh.cli.client import CliError, RouterClient
+from mesh.cli.errors import CliError
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.graphs.spec import MAX_SPEC_BYTES
+
+if TYPE_CHECKING:  # the client imports gRPC: not needed to build the parser (`mesh up` builds it)
+    from mesh.cli.client import RouterClient
 
 MAX_FILE_BYTES = 4 * MAX_SPEC_BYTES  # YAML with comments is larger than its JSON; the router bounds the JSON
 
@@ -39,28 +42,6 @@ class _NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML's classes
             raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a graph spec",
                                               event.start_mark)
         return super().compose_node(parent, index)
-
-
-def add_graph_parser(sub: Any, client_options: Any) -> None:
-    graph = sub.add_parser("graph", help="define, inspect and delete inference graphs (KServe InferenceGraph)")
-    gsub = graph.add_subparsers(dest="action", required=True)
-    p = gsub.add_parser("set", help="define a graph, or replace its definition")
-    p.add_argument("graph_id")
-    p.add_argument("-f", "--file", required=True,
-                   help="YAML or JSON: an InferenceGraph manifest or only its spec ('-': standard input)")
-    p.add_argument("--owner", help="owner: only calls naming it may change or delete the graph")
-    client_options(p)
-    p = gsub.add_parser("status", help="show a graph's definition and the status of its models")
-    p.add_argument("graph_id")
-    client_options(p)
-    p = gsub.add_parser("delete", help="delete a graph (its models stay)")
-    p.add_argument("graph_id")
-    p.add_argument("--owner")
-    client_options(p)
-    p = gsub.add_parser("list", help="list defined graphs")
-    p.add_argument("--prefix", help="only IDs starting with this")
-    p.add_argument("--limit", type=int, default=1000)
-    client_options(p)
 
 
 def read_spec(path: str, graph_id: str) -> dict[str, Any]:
@@ -175,4 +156,4 @@ def _list(args: argparse.Namespace, client: RouterClient) -> int:
     return 0
 
 
-__all__ = ["add_graph_parser", "graph_command", "read_spec"]
+__all__ = ["graph_command", "read_spec"]

@@ -14,7 +14,7 @@ DEFAULT_ROUTER = os.environ.get("MESH_ROUTER", "127.0.0.1:8033")
 
 
 def _token_file(path: str | None) -> str | None:
-    from mesh.cli.client import CliError
+    from mesh.cli.errors import CliError
 
     if not path:
         return None
@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, help="where the private etcd keeps its data "
                        "(default: a temporary directory, removed at exit)")
         p.add_argument("--config", type=Path, help="settings file (TOML)")
+        # --- mesh up logs (issue 20, part 5) ---
+        p.add_argument("--logs", type=Path, metavar="DIR",
+                       help="keep this run's logs in DIR (default: a new directory under "
+                       "$XDG_STATE_HOME/mesh-serving/up, ~/.local/state/... by default; the newest 10 runs are kept)")
+        p.add_argument("--log-max-size", metavar="SIZE",
+                       help="rotate a component's log past this size, keeping one older file (default 10MiB)")
+        # --- end mesh up logs ---
 
     up = sub.add_parser("up", help="run a router and runtimes on this machine (embedded mode)")
     embedded(up)
@@ -124,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model_id")
         if action == "load":
             p.add_argument("--sync", action="store_true", help="wait for the load")
+            p.add_argument("--retry", action="store_true",
+                           help="try again now a model whose load failed (after fixing its file): its "
+                           "failures are otherwise remembered for registry.failure_ttl_s; implies --sync")
         _client_options(p)
 
     vmodel = sub.add_parser("vmodel", help="manage vModels (aliases that switch models safely)")
@@ -169,11 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON array, optionally NAME=JSON; repeat for several inputs")
     p.add_argument("--datatype", help="V2 datatype of the inputs (default FP64 / INT64 from the JSON)")
     p.add_argument("--output", action="append", help="output to return (repeatable; default: all)")
-    p.add_argument("--vmodel", action="store_true", help="MODEL is a vModel ID")
+    p.add_argument("--vmodel", action="store_true",
+                   help="MODEL must be a vModel ID (sent as mm-vmodel-id); without it, MODEL is sent as "
+                   "model_name, which the router resolves as a vModel, a graph or a model, in that order")
     # --- inference graphs (issue 17) ---
-    p.add_argument("--graph", action="store_true", help="MODEL is an inference graph ID (mesh graph set)")
+    p.add_argument("--graph", action="store_true",
+                   help="MODEL is an inference graph ID (mesh graph set); a graph's ID also resolves without it")
     # --- end inference graphs ---
     _client_options(p)
+
+    # --- fleet status and model metadata (issue 20): mesh status, mesh top, mesh model metadata ---
+    from mesh.cli.status_args import add_status_parsers
+
+    add_status_parsers(sub, msub, _client_options)
+    # --- end fleet status ---
 
     p = sub.add_parser("settings", help="list every setting with its default, unit and meaning")
     p.add_argument("--json", action="store_true")
@@ -184,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_parser(sub)  # mesh sim gen|run: offline traces and the placement simulator
     add_config_parser(sub)  # mesh config from-modelmesh: model-serving-config -> mesh.toml
     # --- inference graphs (issue 17) ---
-    from mesh.cli.graph_cmd import add_graph_parser
+    from mesh.cli.graph_args import add_graph_parser
 
     add_graph_parser(sub, _client_options)  # mesh graph set|status|delete|list
     # --- end inference graphs ---
@@ -192,13 +211,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # gRPC core logs handshake failures to stderr on its own; the CLI says what went wrong in one line.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = build_parser().parse_args(argv)
-    sys.exit(run(args))
+    try:
+        code = run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader stopped early (`mesh model list | head`): what it read is what it wanted. Python
+        # would print a traceback, and another error at exit while flushing stdout; point stdout at
+        # /dev/null so that the exit flush finds nothing to write.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    sys.exit(code)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh.cli.client import CliError, RouterClient, channel_credentials
-    from mesh.cli.commands import fail, infer_command, model_command, settings_command, vmodel_command
+    # mesh.cli.client (gRPC, numpy) is imported only by the commands that talk to a router: `mesh up`
+    # stays running as the supervisor of the processes it starts, and what it imports is resident
+    # for as long as the mesh runs (about 25 MB of the 60 its process held when it imported them).
+    from mesh.cli.errors import CliError, fail
 
     try:
         if args.command == "serve":
@@ -207,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
             from mesh.embedded.up import run_up
 
             return run_up(args, example=args.command == "demo" or args.example)
+        from mesh.cli.client import RouterClient, channel_credentials
+        from mesh.cli.commands import infer_command, model_command, settings_command, vmodel_command
+
         if args.command == "settings":
             return settings_command(args)
         if args.command == "sim":
@@ -227,6 +263,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             from mesh.cli.graph_cmd import graph_command  # inference graphs (issue 17)
 
+            # --- fleet status and model metadata (issue 20) ---
+            from mesh.cli.status_args import status_handler
+
+            special = status_handler(args)
+            if special is not None:
+                return special(args, client)
+            # --- end fleet status ---
             handler = {"model": model_command, "vmodel": vmodel_command, "infer": infer_command,
                        "graph": graph_command}
             return handler[args.command](args, client)
@@ -241,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mesh.cli.commands import fail
+    from mesh.cli.errors import fail
     from mesh.cli.serve import run_component
     from mesh.settings import load_settings
 

@@ -6,14 +6,31 @@ traffic at them through the router for a while, checks every answer against the 
 ``predict``, and prints throughput, latency percentiles and the runtimes' cache hits, misses and
 evictions. Unless ``--capacity`` is given the runtimes get room for about half of the models, so
 that loads and evictions happen.
+
+No silent wait: each phase says what it does before it starts (training shows a count as it
+goes), and the traffic lasts the promised duration; the report ends with how long each phase
+took. The requests are prepared as a small pool per model (``POOL``), each model's expected
+answers computed by one ``predict`` over its pool, then replayed in Zipf order: preparing 30,000
+requests one ``predict`` each took about 16 s, silent, before any traffic.
+
+The cache figures count *requests*, as the runtimes' ``mesh_cache_requests_total`` does, read from
+their metrics endpoints before and after the traffic: a hit is a request whose model was loaded
+where it arrived, a miss one that waited for a load (or whose load failed). A request the router
+sent to a copy evicted meanwhile arrives twice (``routed_elsewhere`` at the first runtime, then a
+hit or miss at the next): it is reported as retried, not counted twice, so hits plus misses never
+exceed the requests sent. Loaded copies and distinct models are reported apart (a hot model may
+have several copies).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +41,7 @@ if TYPE_CHECKING:
     from mesh.embedded.up import Mesh
 
 CACHE_VERSION = "v2"
+POOL = 8  # distinct requests prepared per model (3 rows each), replayed in Zipf order
 
 
 @dataclass
@@ -41,8 +59,11 @@ def _datasets() -> list[tuple[np.ndarray, np.ndarray]]:
     return [(d.data, d.target) for d in (load_iris(), load_wine(), load_breast_cancer())]
 
 
-def train_models(count: int, directory: Path) -> list[DemoModel]:
-    """Model i: tenant i's classifier on dataset i % 3, of a kind and size that vary with i."""
+def train_models(count: int, directory: Path,
+                 progress: Callable[[str], None] | None = None) -> list[DemoModel]:
+    """Model i: tenant i's classifier on dataset i % 3, of a kind and size that vary with i.
+
+    ``progress`` gets a line before the work, and one per tenth done when models are trained."""
     import joblib
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -55,9 +76,17 @@ def train_models(count: int, directory: Path) -> list[DemoModel]:
     directory.mkdir(parents=True, exist_ok=True)
     data = _datasets()
     models = []
+    missing = sum(not (directory / f"tenant-{i:04d}.joblib").exists() for i in range(count))
+    if progress is not None:
+        progress(f"training {missing} of {count} per-tenant classifiers (cached in {directory})..."
+                 if missing else f"reading {count} per-tenant classifiers (cached in {directory})...")
+    done = 0
     for i in range(count):
         path = directory / f"tenant-{i:04d}.joblib"
         if not path.exists():
+            done += 1
+            if progress is not None and missing >= 10 and done % -(-missing // 10) == 0:
+                progress(f"  trained {done}/{missing}")
             x, y = data[i % 3]
             rng = np.random.default_rng(1000 + i)
             rows = rng.choice(len(x), size=min(len(x), 120), replace=False)
@@ -87,34 +116,37 @@ def demo_directory() -> Path:
 
 @dataclass
 class Workload:
-    bodies: list[bytes]
+    bodies: list[bytes]  # POOL per model, model k's at [k * POOL, (k + 1) * POOL)
     model_ids: list[str]
     expected: list[np.ndarray]
+    order: list[int]  # indices into bodies, in Zipf order of the models
 
 
 def build_workload(models: list[DemoModel], n: int, alpha: float = 1.0, seed: int = 7) -> Workload:
-    """``n`` pre-encoded requests, models drawn with Zipf popularity, 3 rows each."""
+    """``n`` requests, models drawn with Zipf popularity, 3 rows each, from ``POOL`` pre-encoded
+    requests per model whose expected answers take one ``predict`` per model."""
     import joblib
 
     from mesh.tensors import encode_request
 
     data = _datasets()
     rng = np.random.default_rng(seed)
+    bodies, ids, expected = [], [], []
+    for m in models:
+        x, _ = data[m.dataset]
+        rows = x[rng.choice(len(x), size=3 * POOL)]
+        answers = np.asarray(joblib.load(m.path).predict(rows))
+        for p in range(POOL):
+            chunk = rows[3 * p:3 * p + 3]
+            request = encode_request(model_name=m.model_id, inputs={"input-0": chunk.astype(np.float64)})
+            bodies.append(request.SerializeToString())
+            ids.append(m.model_id)
+            expected.append(answers[3 * p:3 * p + 3])
     weights = 1.0 / np.arange(1, len(models) + 1) ** alpha
     picks = rng.choice(len(models), size=n, p=weights / weights.sum())
-    loaded: dict[int, Any] = {}
-    bodies, ids, expected = [], [], []
-    for k in picks:
-        m = models[k]
-        x, _ = data[m.dataset]
-        rows = x[rng.choice(len(x), size=3)]
-        if k not in loaded:
-            loaded[k] = joblib.load(m.path)
-        expected.append(np.asarray(loaded[k].predict(rows)))
-        request = encode_request(model_name=m.model_id, inputs={"input-0": rows.astype(np.float64)})
-        bodies.append(request.SerializeToString())
-        ids.append(m.model_id)
-    return Workload(bodies, ids, expected)
+    variants = rng.integers(0, POOL, size=n)
+    order = (picks * POOL + variants).tolist()
+    return Workload(bodies, ids, expected, order)
 
 
 async def drive(router: str, workload: Workload, *, duration_s: float, concurrency: int,
@@ -136,7 +168,7 @@ async def drive(router: str, workload: Workload, *, duration_s: float, concurren
     async def worker() -> None:
         nonlocal cursor, wrong
         while time.monotonic() < end and not stop["flag"]:
-            i = cursor % len(workload.bodies)
+            i = workload.order[cursor % len(workload.order)]
             cursor += 1
             started = time.perf_counter()
             try:
@@ -199,28 +231,98 @@ async def cache_counters(registry_url: str) -> dict[str, int]:
 
 
 def run_demo(mesh: Mesh, trained: list[DemoModel], *, duration_s: float, stop: dict[str, bool]) -> int:
-    workload = build_workload(trained, n=30_000)
     router = mesh.router.endpoint
+    phases: dict[str, float] = {}
+    started = time.monotonic()
+    print(f"preparing requests: {POOL} per model, each model's expected answers from its own "
+          f"predict...", flush=True)
+    workload = build_workload(trained, n=30_000)
+    phases["preparing"] = time.monotonic() - started
+    started = time.monotonic()
     asyncio.run(_register(router, trained))
+    phases["registering"] = time.monotonic() - started
     total = sum(m.size for m in trained)
+    endpoints = [url for name, url in mesh.metrics_endpoints()
+                 if name.startswith("runtime") and url.startswith("http")]
+    before = runtime_counters(endpoints)
     print(f"registered {len(trained)} models ({total / 2**20:.1f} MiB on disk); sending Zipf "
-          f"traffic for {duration_s:g} s...", flush=True)
+          f"traffic for {duration_s:g} s (16 concurrent requests)...", flush=True)
+    started = time.monotonic()
     result = asyncio.run(drive(router, workload, duration_s=duration_s, concurrency=16, stop=stop))
-    time.sleep(2.5)  # let the runtimes publish their final counters
-    counters = asyncio.run(cache_counters(mesh.registry or ""))
-    print(json.dumps({"traffic": result, "cache": counters}, indent=2) if os.environ.get("MESH_DEMO_JSON")
-          else _report(result, counters))
+    phases["traffic"] = time.monotonic() - started
+    after = runtime_counters(endpoints)
+    counters = {k: max(0, after.get(k, 0) - before.get(k, 0)) for k in after}
+    counters["copies_now"] = after.get("copies_now", 0)
+    counters["models_now"] = asyncio.run(loaded_models(mesh.registry or ""))
+    counters["reported"] = int(len(endpoints) == len(mesh.runtimes))
+    print(json.dumps({"traffic": result, "cache": counters, "phases_s": phases}, indent=2)
+          if os.environ.get("MESH_DEMO_JSON") else _report(result, counters, phases))
     return 0 if not result["errors"] and not result["wrong_answers"] else 1
 
 
-def _report(result: dict[str, Any], counters: dict[str, int]) -> str:
+def runtime_counters(endpoints: list[str]) -> dict[str, int]:
+    """Per-request cache counters, loads, evictions and copies, summed over the runtimes' metrics."""
+    from mesh.observability.metrics import scrape_samples
+
+    totals = {"hits": 0, "misses": 0, "retried": 0, "loads": 0, "load_failures": 0, "evictions": 0,
+              "copies_now": 0}
+    for url in endpoints:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                text = answer.read().decode()
+            samples = list(scrape_samples(text))
+        except (OSError, http.client.HTTPException, ValueError):
+            continue  # a runtime restarting: its figures are missing from this report
+        for name, labels, raw in samples:
+            value = int(raw)
+            if name == "mesh_cache_requests_total":
+                if labels.get("result") == "hit":
+                    totals["hits"] += value
+                elif labels.get("reason") == "routed_elsewhere":
+                    totals["retried"] += value
+                else:
+                    totals["misses"] += value
+            elif name == "modelmesh_loadmodel_milliseconds_count":
+                totals["loads"] += value
+            elif name == "modelmesh_loadmodel_failure_total":
+                totals["load_failures"] += value
+            elif name == "mesh_evictions_total" and labels.get("reason") == "capacity":
+                totals["evictions"] += value
+            elif name == "modelmesh_instance_models_total":
+                totals["copies_now"] += value
+    return totals
+
+
+async def loaded_models(registry_url: str) -> int:
+    """Distinct models with a loaded copy, from the placements in the registry."""
+    from mesh.registry import open_store
+    from mesh.registry.keys import Keys
+    from mesh.registry.records import LOADED, PlacementRecord
+
+    store, prefix = open_store(registry_url)
+    try:
+        kvs, _ = await store.get_prefix(Keys(prefix).placements)
+    finally:
+        await store.close()
+    records = [PlacementRecord.from_json(kv.value) for kv in kvs]
+    return len({r.model_id for r in records if r.state == LOADED})
+
+
+def _report(result: dict[str, Any], counters: dict[str, int], phases: dict[str, float]) -> str:
     looked_up = counters["hits"] + counters["misses"]
     hit_ratio = counters["hits"] / looked_up if looked_up else 0.0
     errors = ", ".join(f"{k} {v}" for k, v in result["errors"].items()) or "none"
+    cache = (f"cache:       {counters['hits']} hits, {counters['misses']} misses (hit ratio {hit_ratio:.1%}); "
+             f"{counters['retried']} retried on another runtime after an eviction\n"
+             f"models:      {counters['loads']} loads, {counters['load_failures']} failed, "
+             f"{counters['evictions']} evictions; now {counters['copies_now']} copies loaded, "
+             f"of {counters['models_now']} distinct models")
+    if not counters.get("reported"):
+        cache += " (some runtimes' metrics could not be read: partial figures)"
+    took = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items())
     return (f"\nrequests:    {result['requests']} in {result['seconds']} s = "
             f"{result['throughput_rps']} req/s (16 concurrent)\n"
             f"latency:     p50 {result['p50_ms']} ms, p90 {result['p90_ms']} ms, p99 {result['p99_ms']} ms\n"
             f"answers:     {result['wrong_answers']} wrong, errors: {errors}\n"
-            f"cache:       {counters['hits']} hits, {counters['misses']} misses "
-            f"(hit ratio {hit_ratio:.1%}), {counters['loads']} loads, {counters['evictions']} evictions, "
-            f"{counters['loaded_now']} models loaded now")
+            f"{cache}\n"
+            f"took:        {took}")

@@ -13,12 +13,21 @@ remains for components that share one process (tests).
 The supervisor restarts a runtime or router that dies (with backoff, like a Deployment would);
 children exit by themselves if the supervisor is killed. Ctrl-C stops everything in order: the
 router stops accepting, the runtimes drain and revoke their leases, then etcd stops.
+
+Logs are kept (``mesh.embedded.logdir``): one directory per run, printed before anything starts,
+so that a component that failed can be read about after the mesh is gone. Ports are decided here,
+not by the children, and printed: the router's metrics on ModelMesh's 2112 and the runtimes' on
+2113, 2114, ... when those are free, else on free ports *and the console says so*; a port a
+restarted child comes back on is the same one, so a Prometheus or a shell pointed at it keeps
+working. The hints printed at start are commands that work as printed (the router's address
+included, whatever the user's ``MESH_ROUTER``), and the tests run them as printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.embedded.logdir import LOG_MAX_BYTES, LogDir, open_log_dir
 from mesh.logging import configure
 from mesh.procs import die_with_parent
 from mesh.registry.etcd_server import EtcdProcess, EtcdStartError
@@ -36,7 +46,7 @@ from mesh.runtime.capacity import memory_limit_bytes
 from mesh.settings import LogSettings, parse_bytes
 
 STOP_GRACE_S = 10.0
-METRICS_PORT = 2112  # ModelMesh's, the router's default
+METRICS_PORT = 2112  # ModelMesh's, the router's default; the runtimes of `mesh up` take the next ones
 REST_PORT = 8008  # modelmesh-serving's REST port, the router's default
 READY_TIMEOUT_S = 60.0
 
@@ -60,7 +70,7 @@ class Child:
 
     def start(self) -> None:
         self.ready_file.unlink(missing_ok=True)
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # append: a restarted child's log follows the one before
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", "serve", self.component, "--ready-file", str(self.ready_file)],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -99,10 +109,12 @@ class Mesh:
     """The supervised set of processes of one `mesh up`."""
 
     def __init__(self, *, runtimes: int, port: int, registry: str | None, capacity: int | None,
-                 data_dir: Path | None, config: Path | None) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="mesh-up-"))
+                 data_dir: Path | None, config: Path | None, logs: LogDir | None = None) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="mesh-up-"))  # ready files only: removed at exit
+        self.logs = logs or LogDir(self.workdir, kept=False)
         self.etcd: EtcdProcess | None = None
         self._etcd_restart_at = 0.0  # when a dead etcd is started again (0: none pending)
+        self._next_log_check = 0.0
         self.registry = registry
         self.data_dir = data_dir
         env = dict(os.environ)
@@ -112,27 +124,45 @@ class Mesh:
             env["MESH_CONFIG"] = str(config)
         per_runtime = capacity or int(memory_limit_bytes() * 0.4 / max(runtimes, 1))
         self.capacity = per_runtime
-        # Prometheus metrics: the router on ModelMesh's port when it is free, else on a free port;
-        # the runtimes (several on one machine) on free ports. Each logs where; a port set in the
-        # environment wins.
+        # Prometheus metrics: the router on ModelMesh's port, the runtimes on the ones after it,
+        # when free; else on free ports chosen here, noted for the console (never a silent move).
+        # A port set in the environment wins.
+        self.port_notes: list[str] = []
         self.metrics_port = env.get("MESH_ROUTER_METRICS_PORT") or str(
-            METRICS_PORT if _port_free(METRICS_PORT) else 0)
-        runtime_metrics = env.get("MESH_RUNTIME_METRICS_PORT") or "0"
+            self._pick_port(METRICS_PORT, "the router's metrics"))
+        runtime_metrics = [_nth_port(env.get("MESH_RUNTIME_METRICS_PORT"), i) or str(
+            self._pick_port(METRICS_PORT + 1 + i, f"runtime-{i}'s metrics")) for i in range(runtimes)]
         # REST on modelmesh-serving's port when it is free, else on a port chosen here (not by the
         # router: the URL is printed, and stays the same when the supervisor restarts the router).
-        self.rest_port = env.get("MESH_ROUTER_REST_PORT") or str(
-            REST_PORT if _port_free(REST_PORT) else _free_port())
+        self.rest_port = env.get("MESH_ROUTER_REST_PORT") or str(self._pick_port(REST_PORT, "REST"))
         self.children = [Child("router", "router", {**env, "MESH_ROUTER_PORT": str(port),
                                                     "MESH_ROUTER_METRICS_PORT": self.metrics_port,
                                                     "MESH_ROUTER_REST_PORT": self.rest_port},
-                               self.workdir, self.workdir / "router.log")]
+                               self.workdir, self.logs.path / "router.log")]
         for i in range(runtimes):
             self.children.append(Child(
                 f"runtime-{i}", "runtime",
                 {**env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_CAPACITY_BYTES": str(per_runtime),
-                 "MESH_RUNTIME_METRICS_PORT": runtime_metrics,
+                 "MESH_RUNTIME_METRICS_PORT": runtime_metrics[i],
                  "MESH_RUNTIME_INSTANCE_ID": f"runtime-{i}-{os.getpid()}"},
-                self.workdir, self.workdir / f"runtime-{i}.log"))
+                self.workdir, self.logs.path / f"runtime-{i}.log"))
+
+    def _pick_port(self, wanted: int, what: str) -> int:
+        return pick_port(wanted, what, self.port_notes)
+
+    def metrics_endpoints(self) -> list[tuple[str, str]]:
+        """(component, URL or why there is none) for the router and every runtime."""
+        out = []
+        for child in self.children:
+            port = child.env.get("MESH_ROUTER_METRICS_PORT" if child.component == "router"
+                                 else "MESH_RUNTIME_METRICS_PORT", "")
+            if port == "-1":
+                out.append((child.name, "off (metrics_port = -1)"))
+            elif port == "0":
+                out.append((child.name, "a free port the process picks: see its log"))
+            else:
+                out.append((child.name, f"http://127.0.0.1:{port}/metrics"))
+        return out
 
     @property
     def router(self) -> Child:
@@ -144,7 +174,8 @@ class Mesh:
 
     def start(self) -> None:
         if self.registry is None:
-            self.etcd = EtcdProcess(self.data_dir, die_with_parent=True)
+            self.etcd = _LoggedEtcd(self.data_dir, die_with_parent=True,
+                                    log_path=self.logs.path / "etcd.log")
             self.etcd.start()
             self.registry = self.etcd.url
         for child in self.children:
@@ -172,6 +203,9 @@ class Mesh:
         """Restart children (and our etcd) that died; returns what happened, for the console."""
         events = []
         now = time.monotonic()
+        if now >= self._next_log_check:  # a size check every few seconds is plenty at 10 MiB
+            self._next_log_check = now + 5.0
+            events.extend(self.logs.rotate())
         if self.etcd is not None and not self.etcd.running:
             # Same data directory and ports: the registry comes back with everything it held, and
             # the components' watches and leases resume by themselves (they retry etcd).
@@ -217,8 +251,46 @@ class Mesh:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _nth_port(given: str | None, i: int) -> str | None:
+    """Runtime i's port from a port set in the environment for all of them: the i-th after it
+    (runtimes on one machine cannot share one); 0 (each picks its own) and -1 (off) as given."""
+    if not given:
+        return None
+    if given.strip().isdigit() and int(given) > 0:
+        return str(int(given) + i)
+    return given
+
+
+def pick_port(wanted: int, what: str, notes: list[str]) -> int:
+    """``wanted`` if free, else a free port, with a line in ``notes`` saying so (for the console)."""
+    if _port_free(wanted):
+        return wanted
+    chosen = _free_port()
+    notes.append(f"port {wanted} is in use: {what} on port {chosen} instead")
+    return chosen
+
+
+class _LoggedEtcd(EtcdProcess):
+    """Our etcd, its log in the run's log directory instead of its data directory (which is
+    temporary unless ``--data-dir`` is given)."""
+
+    def __init__(self, data_dir: Path | None, *, die_with_parent: bool, log_path: Path) -> None:
+        super().__init__(data_dir, die_with_parent=die_with_parent)
+        self._log_path = log_path
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path
+
+
 def _port_free(port: int) -> bool:
+    """Whether a server of ours could bind ``port`` on 127.0.0.1 now.
+
+    SO_REUSEADDR as the servers set it (gRPC, the metrics' http.server, aiohttp): a port whose
+    last connections linger in TIME_WAIT (a `mesh up` just stopped) is free for them, and must be
+    for this probe too; a port another socket *listens* on is refused even so (Linux)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -254,59 +326,136 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
     except ValueError as exc:
         print(f"mesh up: --capacity: {exc}", file=sys.stderr)
         return 2
+    try:
+        log_max = parse_bytes(args.log_max_size) if args.log_max_size else LOG_MAX_BYTES
+    except ValueError as exc:
+        print(f"mesh up: --log-max-size: {exc}", file=sys.stderr)
+        return 2
     if args.runtimes < 1:
         print("mesh up: --runtimes must be at least 1", file=sys.stderr)
         return 2
+    if log_max < 4096:
+        print("mesh up: --log-max-size must be at least 4KiB", file=sys.stderr)
+        return 2
+    try:
+        logs, notes = open_log_dir(args.logs, max_bytes=log_max)
+    except OSError as exc:
+        print(f"mesh up: cannot create the log directory: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(note)
+    print(f"logs: {logs.path} (kept after exit; --logs DIR to choose)", flush=True)
+    began = time.monotonic()
     trained = None
     if example:
         from mesh.embedded.demo import demo_directory, train_models
 
         directory = demo_directory()
-        print(f"training {args.models} per-tenant classifiers (cached in {directory})...", flush=True)
-        trained = train_models(args.models, directory)
+        trained = train_models(args.models, directory, progress=_progress)
         if capacity is None:
             # Room for about half of the models: enough for the hot ones, so that the cold
             # ones are loaded and evicted as traffic moves.
             capacity = max(512 * 1024, sum(m.footprint for m in trained) // 2 // args.runtimes)
     mesh = Mesh(runtimes=args.runtimes, port=args.port, registry=args.registry, capacity=capacity,
-                data_dir=args.data_dir, config=args.config)
+                data_dir=args.data_dir, config=args.config, logs=logs)
     stop = {"flag": False}
 
     def on_signal(signum: int, frame: object) -> None:
         stop["flag"] = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    writer = None if example else _start_example_writer()
     try:
+        print(f"starting {'a private etcd, ' if args.registry is None else ''}{len(mesh.runtimes)} "
+              "runtime(s) and a router...", flush=True)
         try:
             mesh.start()
         except Exception as exc:
-            print(f"mesh up: {exc}", file=sys.stderr)
+            print(f"mesh up: {exc} (logs: {logs.path})", file=sys.stderr)
             return 1
         print(f"mesh is up: router {mesh.router.endpoint}, {len(mesh.runtimes)} runtime(s) with "
-              f"{mesh.capacity / 2**20:.0f} MiB of model memory each, registry {mesh.registry}")
+              f"{mesh.capacity / 2**20:.0f} MiB of model memory each, registry {mesh.registry} "
+              f"(started in {time.monotonic() - began:.1f} s)")
         if mesh.rest_port not in ("0", "-1"):
             print(f"REST: http://127.0.0.1:{mesh.rest_port} (Open Inference Protocol /v2, KServe /v1)")
-        print(f"logs: {mesh.workdir}")
-        if mesh.metrics_port not in ("0", "-1"):
-            print(f"metrics: http://127.0.0.1:{mesh.metrics_port}/metrics (router; runtimes: see their logs)")
+        print("metrics (Prometheus):")
+        for name, where in mesh.metrics_endpoints():
+            print(f"  {name:<11} {where}")
+        for note in mesh.port_notes:
+            print(f"  note: {note}")
         if example:
             from mesh.embedded.demo import run_demo
 
             assert trained is not None
             return run_demo(mesh, trained, duration_s=args.duration, stop=stop)
-        print("try:  mesh model register my-model --type sklearn --path /path/to/model.joblib\n"
-              "      mesh infer my-model --input '[[5.1, 3.5, 1.4, 0.2]]'")
-        if mesh.rest_port not in ("0", "-1"):
-            print(f"      curl -s http://127.0.0.1:{mesh.rest_port}/v1/models/my-model:predict "
-                  "-d '{\"instances\": [[5.1, 3.5, 1.4, 0.2]]}'")
-        print("Ctrl-C stops everything.")
+        for line in hints(mesh, _finish_example_writer(writer, stop)):
+            print(line)
+        print("Ctrl-C stops everything.", flush=True)
         while not stop["flag"]:
             for event in mesh.supervise_once():
                 print(event, flush=True)
             time.sleep(0.2)
         return 0
     finally:
+        if writer is not None and writer.poll() is None:
+            terminate(writer, 1.0)
         print("stopping...", flush=True)
         mesh.stop()
+        print(f"stopped; logs kept in {logs.path}" if logs.kept else "stopped", flush=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _progress(line: str) -> None:
+    print(line, flush=True)
+
+
+def _start_example_writer() -> subprocess.Popen[bytes] | None:
+    """Train the hints' example model in a child while the mesh starts (see mesh.embedded.example)."""
+    from mesh.embedded.example import example_model_path
+
+    if example_model_path().exists():
+        return None
+    try:
+        return subprocess.Popen([sys.executable, "-m", "mesh.embedded.example"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=die_with_parent())
+    except OSError:
+        return None
+
+
+def _finish_example_writer(writer: subprocess.Popen[bytes] | None, stop: dict[str, bool]) -> Path | None:
+    """The example model's path once written (a few seconds at most), or None; Ctrl-C meanwhile
+    is not held up."""
+    from mesh.embedded.example import example_model_path
+
+    deadline = time.monotonic() + 60
+    while writer is not None and writer.poll() is None and not stop["flag"] and time.monotonic() < deadline:
+        time.sleep(0.1)  # a child process: no event to wait on together with the signal flag
+    if writer is not None and writer.poll() is None:
+        terminate(writer, 1.0)
+    path = example_model_path()
+    return path if path.exists() else None
+
+
+def hints(mesh: Mesh, model: Path | None) -> list[str]:
+    """Commands to try, each one working when pasted into a shell as printed (a test runs them).
+
+    ``--router`` is always given: the CLI's default (8033, or ``MESH_ROUTER`` in the user's shell)
+    need not be this mesh's address."""
+    from mesh.embedded.example import EXAMPLE_ROW
+
+    router = f"--router {mesh.router.endpoint}"
+    row = f"[{', '.join(str(v) for v in EXAMPLE_ROW)}]"
+    path = shlex.quote(str(model)) if model else "/path/to/model.joblib"
+    lines = [f"try:  mesh model register iris --type sklearn --path {path} {router}",
+             f"      mesh infer iris --input '[{row}]' {router}",
+             f"      mesh model list {router}"]
+    if mesh.rest_port not in ("0", "-1"):
+        body = shlex.quote(f'{{"instances": [{row}]}}')
+        lines.append(f"      curl -s http://127.0.0.1:{mesh.rest_port}/v1/models/iris:predict -d {body}")
+    if mesh.metrics_port not in ("0", "-1"):
+        lines.append(f"      curl -s http://127.0.0.1:{mesh.metrics_port}/metrics | grep '^mesh_router_instances'")
+    if model is None:
+        lines.append("      (no example model could be written: put your own model's path in the first line)")
+    return lines

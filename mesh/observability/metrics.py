@@ -496,6 +496,11 @@ class RuntimeMetrics(_ComponentMetrics):
         # Model IDs removed from this instance since it started, oldest first (insertion order):
         # a later miss on one of them is "evicted", on any other "cold".
         self._evicted: dict[str, None] = {}
+        # --- fleet status (issue 20): mesh_cache_requests_total's hits and misses as plain ints, which
+        # the publisher copies into the instance record (reading a Counter's value needs a collect) ---
+        self.hit_count = 0
+        self.miss_count = 0
+        # --- end fleet status ---
 
     # --- object storage (mesh.storage.puller) -------------------------------------------------
     def storage_pulled(self, pulled: Any) -> None:
@@ -526,6 +531,7 @@ class RuntimeMetrics(_ComponentMetrics):
         self.batch_size.observe(requests)
 
     def hit(self, model_id: str) -> None:
+        self.hit_count += 1  # fleet status (issue 20)
         if self._hit is not None:
             self._hit.inc()
         else:
@@ -534,6 +540,7 @@ class RuntimeMetrics(_ComponentMetrics):
     def miss(self, model_id: str, reason: str, waited_since: float | None = None) -> None:
         """A miss; ``waited_since``: when the request began waiting for the load that served it."""
         per = (model_id,) if self.per_model else ()
+        self.miss_count += 1  # fleet status (issue 20)
         self.cache_requests.labels("miss", reason, *per).inc()
         if waited_since is not None:
             self._child(self.cache_miss, model_id).observe((time.perf_counter() - waited_since) * 1000)
@@ -646,3 +653,15 @@ def _library_imports(imported: Iterable[Any]) -> list[Metric]:
 
 
 __all__ = ["RouterMetrics", "RuntimeMetrics", "run_on_loop", "serve_metrics", "status_name"]
+
+
+# --- reading a scrape (issue 20: `mesh demo` reports the runtimes' counters) ---
+def scrape_samples(text: str) -> Iterable[tuple[str, dict[str, str], float]]:
+    """(sample name, labels, value) of every sample in a Prometheus text exposition: for a tool of
+    ours that reads another process's ``/metrics`` (prometheus_client stays in this module)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name, dict(sample.labels), float(sample.value)
+# --- end reading a scrape ---

@@ -258,11 +258,19 @@ class InstanceRecord:
     shutting_down: bool = False
     accepts_loads: bool = True  # False: its loads are stuck (it serves what it holds, loads nothing)
     started_ms: int = 0
-    # Cache counters since the instance started (for dashboards and `mesh demo`).
+    # Counters since the instance started, for `mesh status` / `mesh top` (rates from two readings)
+    # and `mesh demo`; each equals a runtime metric: ``requests`` the inferences that arrived
+    # (modelmesh_invoke_model_milliseconds' count), ``hits`` / ``misses`` those whose model was /
+    # was not loaded at their arrival (mesh_cache_requests_total; records of older runtimes count a
+    # load joined by several requests as one miss), ``loads`` / ``load_failures`` the loads done /
+    # failed (modelmesh_loadmodel_milliseconds' count / modelmesh_loadmodel_failure), ``evictions``
+    # the copies removed for room (mesh_evictions_total{reason="capacity"}).
     hits: int = 0
     misses: int = 0
     loads: int = 0
     evictions: int = 0
+    requests: int = 0
+    load_failures: int = 0
 
     def to_json(self) -> bytes:
         return _encode(self)

@@ -39,7 +39,9 @@ from mesh.transport.metadata import MODEL_ID, VMODEL_ID
 # The only headers passed on to the data plane: the model selection, trace context, request id,
 # and the CloudEvent id that payload records carry (KServe's logger keeps a client's ce-id; gRPC
 # metadata reaches the data plane whole, so REST passes it too).
-FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id", "ce-id"})
+# The token too: the data plane strips it, unless runtimes check tokens as well (auth.data_plane:
+# DataPlane(forward_token=True), for smart clients' direct calls), when REST's calls need it there.
+FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id", "ce-id", "authorization"})
 # A forwarded header value: printable ASCII (what gRPC metadata takes), at most this long.
 _MAX_HEADER_VALUE = 1024
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")

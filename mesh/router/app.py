@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable
 
 import structlog
 from grpc_reflection.v1alpha import reflection
 
+from mesh import __version__
 from mesh.auth import TokenTable
 from mesh.errors import Unavailable
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.gen.mmesh import status_pb2 as st
 from mesh.observability.metrics import RouterMetrics
 from mesh.registry import open_store
 from mesh.registry.crashes import CrashWitness
@@ -25,6 +28,7 @@ from mesh.rest.guards import ssl_context
 from mesh.rest.server import RestServer
 from mesh.router.autoscale import RuntimeAutoscaler, config_from
 from mesh.router.dataplane import DataPlane
+from mesh.router.fleet import Fleet, FleetWindow, RouterView
 from mesh.router.graph_management import GraphManagement
 from mesh.router.graph_servicer import GraphsServicer
 from mesh.router.grpc_inference import InferenceServicer
@@ -32,7 +36,10 @@ from mesh.router.management import Management
 from mesh.router.payload_http import payload_log
 from mesh.router.reachability import Reachability
 from mesh.router.replicas import CopyScaler
+from mesh.router.routes import RouteHub
+from mesh.router.routes_servicer import RoutesServicer
 from mesh.router.servicer import ModelMeshServicer
+from mesh.router.status_servicer import StatusServicer
 from mesh.router.view import ClusterView
 from mesh.settings import Settings
 from mesh.tasks import Background, RootTasks, call_soon_safely
@@ -108,7 +115,9 @@ async def serve_router(settings: Settings, roots: RootTasks,
                                              max_connection_bytes=rs.max_connection_inflight_bytes,
                                              on_burst=trim_soon()),
                       payloads=payloads[0] if payloads else None,
-                      graph_timeout_s=rs.graph_default_timeout_s, graph_max_bytes=rs.max_graph_request_bytes)
+                      graph_timeout_s=rs.graph_default_timeout_s, graph_max_bytes=rs.max_graph_request_bytes,
+                      # runtimes check tokens then too (smart clients: mesh.transport.auth.runtime_interceptors)
+                      forward_token=bool(settings.auth.tokens_file) and settings.auth.data_plane)
     reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=link.forget)
     plane.on_gone = reachability.mark
     plane.witness = witness
@@ -125,22 +134,49 @@ async def serve_router(settings: Settings, roots: RootTasks,
                             model_roots=settings.runtime.model_roots)
     graphs = GraphManagement(registry=registry, view=view, models=management, max_graphs=rs.max_graphs)
 
+    # --- fleet status (issue 20): mesh status / mesh top / mesh model status read the view ---
+    started_ms = int(time.time() * 1000)
+    window = FleetWindow(lambda: view.instances.values())
+    fleet = Fleet(view=view, window=window, rate=scaler.policy.rate,
+                  model_inflight=lambda m: scaler.inflight.get(m, 0), last_request=scaler.policy.observed_at,
+                  router=lambda: RouterView(version=__version__, started_ms=started_ms, not_ready=not_ready(),
+                                            registry_connected=store.connected,
+                                            inflight=sum(n for n in view.inflight.values() if n > 0)),
+                  failure_ttl_s=settings.registry.failure_ttl_s,
+                  crash_quarantine_s=settings.registry.crash_quarantine_s, clock=scaler.clock)
+    # --- end fleet status ---
+
     server = new_server(rs.max_message_bytes, [*peer_interceptors(settings.tls), *interceptors],
                         max_pending_requests=rs.max_pending_requests,
                         max_streams_per_connection=rs.max_streams_per_connection,
                         max_calls=rs.max_inflight_requests)
+    # --- route stream for smart clients (mesh.router.routes; docs/client.md) ---------------------
+    routes = RouteHub(view, max_streams=rs.routes_max_streams, max_queue=rs.routes_queue,
+                      interval_s=rs.routes_interval_s)
+    # Runtimes that require a client certificate (the router presents one) keep clients off.
+    offers_direct = rs.routes_direct and not settings.tls.runtime_cert_file
+    routes_servicer = RoutesServicer(
+        routes, tokens=TokenTable.load(settings.auth.tokens_file) if settings.auth.tokens_file else None,
+        direct=lambda: offers_direct and not_ready() is None, heartbeat_s=rs.routes_heartbeat_s,
+        write_timeout_s=rs.routes_write_timeout_s, runtime_tls=bool(settings.tls.runtime_ca_file),
+        runtime_server_name=settings.tls.runtime_server_name)
+    # --- end of route stream ------------------------------------------------------------------
     server.add_generic_rpc_handlers((
+        routes_servicer.handler(),
         InferenceServicer(plane, metrics).handler(),
         generic_handler(mm.DESCRIPTOR.services_by_name["ModelMesh"],
                         metrics.metered(ModelMeshServicer(management))),
         generic_handler(gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"],
                         metrics.metered(GraphsServicer(graphs))),
+        generic_handler(st.DESCRIPTOR.services_by_name["ModelMeshStatus"],  # fleet status (issue 20)
+                        metrics.metered(StatusServicer(fleet, registry))),
     ))
-    health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs"))
+    health = HealthReporter(server, ("inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs",
+                                     "mmesh.ModelMeshStatus"))
     if rs.reflection:  # after the health service: it is listed too
         reflection.enable_server_reflection(
-            ("inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs", "grpc.health.v1.Health",
-             reflection.SERVICE_NAME), server)
+            ("inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs", "mmesh.ModelMeshRoutes",
+             "mmesh.ModelMeshStatus", "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
     port = bind(server, rs.host, rs.port, server_tls)
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "router")
@@ -169,6 +205,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
     roots.spawn(management.run_transitions(), "vmodel-transitions")
     roots.spawn(scaler.run(), "copy-scaling")
     roots.spawn(reachability.run(), "unreachable-probe")
+    roots.spawn(routes.run(), "route-stream-table")  # smart clients' routes (mesh.router.routes)
+    roots.spawn(window.run(), "fleet-status-readings")  # fleet status (issue 20)
     if payloads is not None:
         roots.spawn(payloads[0].run(), "payload-sinks")
         metrics.attach_payloads(payloads[0].counts)
@@ -201,6 +239,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
         # Ordered shutdown: stop accepting and drain in-flight requests (they may be waiting on
         # a cold load), then stop watching and close the connections.
         await health.leave()
+        routes.close()  # route streams end now rather than hold the drain for its whole grace
         if rest is not None:
             await asyncio.gather(server.stop(grace=5.0), rest.stop(grace_s=5.0))
         else:

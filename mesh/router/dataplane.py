@@ -109,13 +109,25 @@ def passthrough(metadata: Headers) -> Headers:
     return tuple((k, v) for k, v in metadata if k not in STRIP)
 
 
+# With auth.data_plane, runtimes check the client's token on their V2 methods too (smart clients
+# send there directly: mesh.transport.auth.runtime_interceptors), so the router passes it on.
+_STRIP_KEEPING_TOKEN = STRIP - {"authorization"}
+
+
+def passthrough_with_token(metadata: Headers) -> Headers:
+    """``passthrough`` keeping ``authorization`` (``DataPlane(forward_token=True)``)."""
+    return tuple((k, v) for k, v in metadata if k not in _STRIP_KEEPING_TOKEN)
+
+
 class DataPlane:
     def __init__(self, *, view: ClusterView, specs: SpecCache, link: Link, max_attempts: int,
                  load_factor: float, ready: Callable[[], bool], scaler: CopyScaler | None = None,
                  access_log: bool = False, tracer: Tracer | None = None,
                  inflight: InflightLimit | None = None, payloads: PayloadLog | None = None,
-                 graph_timeout_s: float = 60.0, graph_max_bytes: int = 256 << 20) -> None:
+                 graph_timeout_s: float = 60.0, graph_max_bytes: int = 256 << 20,
+                 forward_token: bool = False) -> None:
         self.view = view
+        self._passthrough = passthrough_with_token if forward_token else passthrough
         self.specs = specs
         self.link = link
         self.max_attempts = max_attempts
@@ -158,7 +170,7 @@ class DataPlane:
         """(model ID, headers to pass on) for a request; ``own_name()`` reads the name the request
         itself gives (the body's ``model_name``, the REST path), asked only without a header."""
         _, model_id = self.named(metadata, own_name, count=count)
-        return model_id, passthrough(metadata)
+        return model_id, self._passthrough(metadata)
 
     def named(self, metadata: Headers, own_name: Callable[[], str], *, count: bool = True) -> tuple[str, str]:
         """(the name the request gave, the concrete model ID it resolves to)."""
@@ -222,7 +234,7 @@ class DataPlane:
         so none is imposed downstream either. ``resolved``: (requested, model ID) ``named`` gave
         this request already (one request, one split choice: REST V1 predict's two calls)."""
         if resolved is not None:
-            model_id, onward = resolved[1], passthrough(metadata)
+            model_id, onward = resolved[1], self._passthrough(metadata)
         else:
             model_id, onward = self.select(metadata, own_name, count=method == INFER)
         bind_request(model_id, onward)
@@ -263,7 +275,7 @@ class DataPlane:
         requested = model_id = ""
         try:
             requested, model_id = resolved or self.named(metadata, own_name, count=method == INFER)
-            onward = passthrough(metadata)
+            onward = self._passthrough(metadata)
             ctx.model_id, ctx.metadata = model_id, onward
             if self.access_log and header(onward, REQUEST_ID) is None:
                 # Made here rather than on first use so that the runtime logs the same id.

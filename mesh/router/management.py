@@ -47,6 +47,7 @@ from mesh.errors import (
     ResourceExhausted,
 )
 from mesh.ids import check_model_id
+from mesh.model_libraries import install_hint
 from mesh.paths import confine
 from mesh.registry.records import (
     FAILED,
@@ -87,7 +88,8 @@ def _owned(record: VModelRecord) -> VModelRecord:
 
 
 class RuntimeLoader(Protocol):
-    async def load(self, target: Target, spec: ModelSpec, last_used_ms: int, timeout_s: float) -> None: ...
+    async def load(self, target: Target, spec: ModelSpec, last_used_ms: int, timeout_s: float, *,
+                   retry_failed: bool = False) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,28 @@ class Management:
         # The registration exists (we just wrote it or found the same one), so the status comes
         # from the view alone: ``model_status`` would read ``models/<id>`` back from the registry,
         # a second etcd round trip per registration for an answer we already have.
-        return self._status_from_view(model_id)
+        status = self._status_from_view(model_id)
+        unservable = self._unservable(spec)
+        if unservable:  # registered all the same (ModelMesh's contract; a runtime may come later)
+            status.errors.append(unservable)
+        return status
+
+    def _unservable(self, spec: ModelSpec) -> str:
+        """Why no runtime registered now could ever load ``spec`` ('' when one could, or when none is
+        registered: runtimes may be starting). Read from the view alone: it costs a registration
+        nothing. A model that cannot load is still registered, with this in its status's errors."""
+        live = [r for r in self.view.instances.values() if not r.shutting_down]
+        if not live or any(r.can_serve(spec) for r in live):
+            return ""
+        types = sorted({t for r in live for t in r.supported_types})
+        labels = f" with labels {sorted(spec.labels)}" if spec.labels else ""
+        if any(spec.type.lower() in r.supported_types for r in live):
+            return (f"no runtime serves type {spec.type!r}{labels} (the runtimes that load the type lack the "
+                    "labels or the GPU the model requires)")
+        hint = install_hint(spec.type)
+        return (f"no runtime loads type {spec.type!r} (they load: {', '.join(types) or 'nothing'})"
+                + (f"; {hint}" if hint else "; is it a type of a model server (runtime.model_server) or "
+                   "a loader plug-in not running here?"))
 
     async def _register(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
         """Register ``spec`` within the caller's quotas (mesh.auth: max_models, max_pinned_copies)."""
@@ -341,19 +364,35 @@ class Management:
             return ModelStatus(status="NOT_FOUND")
         return self._status_from_view(model_id)
 
-    async def ensure_loaded(self, model_id: str, *, sync: bool = False, last_used_ms: int = 0) -> ModelStatus:
+    async def ensure_loaded(self, model_id: str, *, sync: bool = False, last_used_ms: int = 0,
+                            retry_failed: bool = False) -> ModelStatus:
+        """``retry_failed`` (`mesh model load --retry`): the model's load failures are forgotten first,
+        by the routers (its ``failures/`` records, a crash quarantine included) and by the runtime
+        that loads it, so a model whose file was fixed loads now instead of after the failures' TTL."""
         spec = await self.registry.get_model(check_model_id(model_id))
         if spec is None:
             raise ModelNotFound(model_id)
-        await self._ensure(spec, sync=sync, last_used_ms=last_used_ms or int(self.clock() * 1000))
+        if retry_failed:
+            await self.registry.clear_failures(model_id)
+            await self._failures_gone(model_id)
+        await self._ensure(spec, sync=sync, last_used_ms=last_used_ms or int(self.clock() * 1000),
+                           retry_failed=retry_failed)
         return self._status_from_view(model_id)
 
-    async def _ensure(self, spec: ModelSpec, *, sync: bool, last_used_ms: int) -> None:
+    async def _failures_gone(self, model_id: str, timeout_s: float = 5.0) -> None:
+        """Wait (briefly) until this router's view has seen the failure records deleted."""
+        deadline = self.clock() + timeout_s
+        while self.clock() < deadline:
+            if not self.view.failures.get(model_id):
+                return
+            await asyncio.sleep(0.01)
+
+    async def _ensure(self, spec: ModelSpec, *, sync: bool, last_used_ms: int, retry_failed: bool = False) -> None:
         if any(p.state == LOADED for p in self.view.copies(spec.model_id).values()):
             return
         target = pick_copy(self.view, spec.model_id, (), _rng) or pick_home(
             self.view, spec, (), load_factor=self.load_factor)
-        load = self.runtimes.load(target, spec, last_used_ms, self.load_timeout_s)
+        load = self.runtimes.load(target, spec, last_used_ms, self.load_timeout_s, retry_failed=retry_failed)
         if sync:
             await load
             await self._settle(spec.model_id, target.instance_id)

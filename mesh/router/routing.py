@@ -32,6 +32,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 
 from mesh.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from mesh.model_libraries import install_hint
 from mesh.registry.records import (
     GPU_REQUIRED,
     LOADED,
@@ -109,13 +110,17 @@ def pick_home(view: ClusterView, spec: ModelSpec, exclude: Container[str], *,
             raise FailedPrecondition(f"no instance can serve model {spec.model_id!r}: it requires a GPU, "
                                      f"and no instance can load type {spec.type!r} on a GPU")
         labels = f" and labels {sorted(spec.labels)}" if spec.labels else ""
+        hint = install_hint(spec.type) if not any(spec.type.lower() in r.supported_types
+                                                  for r in view.instances.values()) else ""
         raise FailedPrecondition(
-            f"no instance can serve model {spec.model_id!r}: none supports type {spec.type!r}{labels}")
+            f"no instance can serve model {spec.model_id!r}: none supports type {spec.type!r}{labels}"
+            + (f" ({hint})" if hint else ""))
     failures = view.failures.get(spec.model_id, {})
     if len(failures) >= min(MAX_LOAD_FAILURES, len(instances)):
         reason = next(iter(failures.values())).reason
         raise FailedPrecondition(f"model {spec.model_id!r} failed to load on {len(failures)} "
-                                 f"instance(s): {reason}")
+                                 f"instance(s): {reason} (failures are remembered for registry.failure_ttl_s; "
+                                 f"once fixed, `mesh model load {spec.model_id} --retry` tries again now)")
     candidates = [
         Candidate(node=r.instance_id, capacity_bytes=r.capacity_for(spec),
                   load=float(r.loading_count + view.inflight[r.instance_id]))

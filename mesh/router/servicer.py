@@ -7,6 +7,7 @@ import grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.router.management import Management, ModelInfoData, ModelStatus, VModelStatus
+from mesh.transport.metadata import RETRY_FAILED
 from mesh.transport.status import handled
 
 ORIGIN = "router"
@@ -69,8 +70,9 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
     @handled(ORIGIN)
     async def ensureLoaded(
             self, request: mm.EnsureLoadedRequest, context: grpc.aio.ServicerContext) -> mm.ModelStatusInfo:
+        retry = (RETRY_FAILED, "1") in tuple(context.invocation_metadata() or ())  # mesh model load --retry
         status = await self._m.ensure_loaded(request.modelId, sync=request.sync,
-                                             last_used_ms=request.lastUsedTime)
+                                             last_used_ms=request.lastUsedTime, retry_failed=retry)
         return model_status_pb(status)
 
     @handled(ORIGIN)

@@ -51,6 +51,7 @@ from mesh.settings import Settings
 from mesh.storage.puller import Puller
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
+from mesh.transport.auth import runtime_interceptors
 from mesh.transport.health import HealthReporter
 from mesh.transport.inflight import InflightLimit, trim_soon
 from mesh.transport.runtime_client import RuntimeClient
@@ -141,7 +142,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     instance_id = rs.instance_id or new_instance_id()
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
     # Security settings first: a missing or bad file stops the start here, before anything listens.
-    # (Runtimes check no tokens: routers strip them; tls.client_auth = require keeps others out.)
+    # (Runtimes check tokens only with auth.data_plane, on V2 calls: mesh.transport.auth.runtime_interceptors.)
     server_tls = server_credentials(settings.tls)
     store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
                                security=etcd_security(settings.registry))
@@ -262,7 +263,9 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     # Only the mesh's routers (and re-homing runtimes) may call the runtime port, when their
     # certificate names are configured; then their frames' registrations are trusted too.
     peers = peer_interceptors(settings.tls)
-    server = new_server(settings.router.max_message_bytes + FRAME_HEADROOM, peers,
+    # With auth.data_plane, V2 calls straight from clients (mesh.client) need the router's token rules.
+    tokens = runtime_interceptors(settings.auth)
+    server = new_server(settings.router.max_message_bytes + FRAME_HEADROOM, [*peers, *tokens],
                         max_pending_requests=settings.router.max_pending_requests,
                         max_streams_per_connection=settings.router.max_streams_per_connection,
                         max_calls=settings.router.max_inflight_requests)
@@ -289,7 +292,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     session = RegistrySession(store, settings.registry.lease_ttl_s)
     publisher = Publisher(registry=registry, session=session, instance=base, cache_ref=lambda: cache,
                           requests=lambda: service.requests, publish_interval_s=rs.publish_interval_s,
-                          failure_ttl_s=settings.registry.failure_ttl_s)
+                          failure_ttl_s=settings.registry.failure_ttl_s,
+                          cache_requests=lambda: (metrics.hit_count, metrics.miss_count))  # mesh status
     publisher.max_stuck_loads = rs.max_stuck_loads
     if external is not None:  # a server that went down takes no loads: routers load elsewhere
         server_state = external

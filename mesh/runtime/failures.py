@@ -68,7 +68,8 @@ class RecentFailures:
             del self._failures[spec.model_id]
             return
         raise type(failure.error)(f"{failure.error.message} (failed here {age:.1f} s ago; not retried "
-                                  f"on this instance for {self.ttl_s - age:.1f} s more)")
+                                  f"on this instance for {self.ttl_s - age:.1f} s more, unless asked: "
+                                  f"`mesh model load {spec.model_id} --retry`)")
 
     def forget(self, model_id: str) -> None:
         self._failures.pop(model_id, None)

@@ -42,17 +42,9 @@ from dataclasses import dataclass
 import psutil
 import structlog
 
+from mesh.model_libraries import LIBRARIES
+
 log = structlog.get_logger(__name__)
-
-# The modules a loader's first load imports, by canonical type. For sklearn, the estimator
-# modules that pickled models name (tens of MB): importing them before the measured part keeps
-# them out of the first model's size.
-LIBRARIES: dict[str, tuple[str, ...]] = {
-    "sklearn": ("sklearn.linear_model", "sklearn.tree", "sklearn.ensemble", "sklearn.pipeline"),
-    "xgboost": ("xgboost",), "lightgbm": ("lightgbm",), "onnx": ("onnxruntime",),
-    "torchscript": ("torch",), "openvino": ("openvino",),
-}
-
 
 def installed(model_type: str) -> bool:
     """Whether ``model_type``'s library is installed, without importing it (a type with no library

@@ -47,6 +47,7 @@ class Publisher:
         requests: Callable[[], int],
         publish_interval_s: float,
         failure_ttl_s: int,
+        cache_requests: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self._registry = registry
         self._keys: Keys = registry.keys
@@ -54,6 +55,10 @@ class Publisher:
         self._base = instance
         self._cache_ref = cache_ref
         self._requests = requests
+        # (hits, misses) counted per request as the metrics count them; None: the cache's own
+        # figures (a load joined by several requests is one miss there).
+        self._cache_requests = cache_requests
+        self.load_failures = 0
         self._interval = publish_interval_s
         self._failure_ttl_s = failure_ttl_s
         self._pending: dict[str, PlacementRecord | None] = {}
@@ -84,6 +89,7 @@ class Publisher:
         else:
             self._pending[entry.model_id] = None
             if event == FAILED:
+                self.load_failures += 1
                 self._failures.append(FailureRecord(model_id=entry.model_id,
                                                     instance_id=self._base.instance_id,
                                                     reason=entry.error, time_ms=now_ms))
@@ -119,6 +125,7 @@ class Publisher:
         elapsed = max(now - self._last_time, 1e-6)
         rate = (served - self._last_requests) / elapsed
         self._last_requests, self._last_time = served, now
+        hits, misses = self._cache_requests() if self._cache_requests is not None else (stats.hits, stats.misses)
         return InstanceRecord(
             instance_id=self._base.instance_id, endpoint=self._base.endpoint,
             devices=tuple(DeviceUsage(d, cap, used) for d, (cap, used) in stats.devices.items()),
@@ -129,7 +136,8 @@ class Publisher:
             version=self._base.version,
             shutting_down=self.shutting_down, started_ms=self._base.started_ms,
             accepts_loads=self._accepts_loads(),
-            hits=stats.hits, misses=stats.misses, loads=stats.loads, evictions=stats.evictions)
+            hits=hits, misses=misses, loads=stats.loads, evictions=stats.evictions,
+            requests=served, load_failures=self.load_failures)
 
     async def publish_instance(self, *, force: bool = False) -> None:
         record = self.instance_record()
@@ -195,7 +203,8 @@ def _similar(a: InstanceRecord, b: InstanceRecord) -> bool:
         return False
     if abs(a.rate_rps - b.rate_rps) > max(1.0, 0.1 * b.rate_rps):
         return False
-    if (a.hits, a.misses, a.loads, a.evictions) != (b.hits, b.misses, b.loads, b.evictions):
+    if (a.hits, a.misses, a.loads, a.evictions, a.requests, a.load_failures) != (
+            b.hits, b.misses, b.loads, b.evictions, b.requests, b.load_failures):
         return False  # at most one refresh per publish interval while traffic flows
     for da, db in zip(a.devices, b.devices, strict=False):
         if da.capacity_bytes != db.capacity_bytes:  # a GPU's budget moved (rare; routers size homes by it)

@@ -40,6 +40,7 @@ from mesh.registry.specs import SpecCache
 from mesh.runtime.batch_predict import Merged, merge_request, predict_merged, split_answer
 from mesh.runtime.batching import Batcher, BatchPolicy, batchable_model
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
+from mesh.runtime.failures import RememberingCache
 from mesh.runtime.forwarding import CopyLost, ForwardingModel
 from mesh.runtime.libraries import IMPORTS, installed
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
@@ -566,6 +567,12 @@ class RuntimeService:
 
     async def unload(self, model_id: str) -> bool:
         return await self.cache.unload(model_id, reason="unloadModel")
+
+    def forget_failure(self, model_id: str) -> None:
+        """Try the model's next load here again, even within its remembered failure's TTL (the
+        cache remembers failures when it is a ``RememberingCache``: ``mesh.runtime.failures``)."""
+        if isinstance(self.cache, RememberingCache):
+            self.cache.failures.forget(model_id)
 
     async def predict_size(self, spec: ModelSpec) -> int:
         await asyncio.to_thread(self.sizer.prepare, spec)  # reads files: off the event loop

@@ -9,8 +9,8 @@ token") or PERMISSION_DENIED (naming the method or the model ID), through the on
 
 What is protected:
 
-* ``mmesh.ModelMesh`` and ``mmesh.ModelMeshGraphs``: every method, always (once a tokens file is
-  configured).
+* ``mmesh.ModelMesh``, ``mmesh.ModelMeshGraphs`` and ``mmesh.ModelMeshStatus``: every method,
+  always (once a tokens file is configured).
 * ``inference.GRPCInferenceService``: with ``auth.data_plane``, every method but ServerLive and
   ServerReady (probes); the model is the one named by ``mm-model-id`` / ``mm-vmodel-id`` (or their
   ``-bin`` forms), else field 1 of the request (``model_name``, or ``name``), read as the router
@@ -38,6 +38,7 @@ from mesh.errors import InvalidArgument, MeshError
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
+from mesh.gen.mmesh import status_pb2 as st
 from mesh.paths import confine
 from mesh.settings import AuthSettings
 from mesh.storage.location import locate
@@ -119,13 +120,20 @@ class _Rule:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
-    def __init__(self, tokens: TokenTable, *, data_plane: bool, model_roots: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokens: TokenTable, *, data_plane: bool, model_roots: tuple[str, ...] = (),
+                 management: bool = True, origin: str = ORIGIN) -> None:
         self._tokens = tokens
         self._refusals = Refusals()
         self._rules: dict[str, _Rule] = {}
+        self._origin = origin
         # Inference graphs (mmesh.ModelMeshGraphs) like the rest of the management API: the graph ID
         # against the prefixes here, the models a graph names in mesh.router.graph_management.
-        for service in (mm.DESCRIPTOR.services_by_name["ModelMesh"], gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"]):
+        # The fleet status (mmesh.ModelMeshStatus, issue 20) too: read methods, whose handlers show a
+        # token limited to prefixes only its models (mesh.router.fleet).
+        for service in (mm.DESCRIPTOR.services_by_name["ModelMesh"], gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"],
+                        st.DESCRIPTOR.services_by_name["ModelMeshStatus"]):
+            if not management:  # a runtime's port (runtime_interceptors) serves no management API
+                break
             for m in service.methods:
                 self._rules[f"/{service.full_name}/{m.name}"] = _Rule(
                     m.name, _management_check(m.name, GetMessageClass(m.input_type), model_roots))
@@ -166,7 +174,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                 self._refusals.note(exc, rule.method, principal, context.peer())
                 # Marked as the router's own answer (mesh-origin), like every other refusal of
                 # the router: clients (the controller) tell it from an unreachable router by that.
-                await abort(context, exc, origin=ORIGIN)
+                await abort(context, exc, origin=self._origin)
             set_caller(principal)  # this call's task only: the handler checks ownership with it
             return await inner(request, context)
 
@@ -185,4 +193,19 @@ def interceptors_for(auth: AuthSettings, model_roots: tuple[str, ...] = ()) -> l
     return [AuthInterceptor(TokenTable.load(auth.tokens_file), data_plane=auth.data_plane, model_roots=model_roots)]
 
 
-__all__ = ["AUTHORIZATION", "AuthInterceptor", "interceptors_for"]
+# --- the runtime's token check, for smart clients sending straight to it (docs/client.md) ---------
+def runtime_interceptors(auth: AuthSettings) -> list[grpc.aio.ServerInterceptor]:
+    """A runtime's token check: with ``auth.data_plane`` (and its tokens file), the runtime's V2
+    methods that name a model (ModelInfer, ModelMetadata, ModelReady) need a token, checked by the
+    very rules the router applies to its own data plane, so a client that sends straight to a
+    runtime (``mesh.client``) gets what the router would give it and no more. Routers pass the
+    client's token on to runtimes then (``DataPlane(forward_token=True)``). Refusals carry the
+    runtime's origin mark: a smart client returns them as they are. The multiplexed stream, the
+    routers' own path, is not covered: ``tls.allowed_peers`` keeps clients off it (docs/client.md)."""
+    if not auth.tokens_file or not auth.data_plane:
+        return []
+    return [AuthInterceptor(TokenTable.load(auth.tokens_file), data_plane=True, management=False, origin="runtime")]
+# --- end of the runtime's token check ------------------------------------------------------------
+
+
+__all__ = ["AUTHORIZATION", "AuthInterceptor", "interceptors_for", "runtime_interceptors"]

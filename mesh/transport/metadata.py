@@ -17,6 +17,9 @@ LOAD_MODE = "mesh-load"
 # On SPI loadModel calls from a router: where the copy enters the runtime's eviction order (ms since
 # the epoch), so that loads made ahead of traffic do not push out models in use.
 LAST_USED = "mesh-last-used-ms"
+# On SPI loadModel calls from a router, and on ensureLoaded calls to a router (`mesh model load
+# --retry`): "1" asks to try the load again now, forgetting a remembered load failure of the model.
+RETRY_FAILED = "mesh-retry-failed"
 
 _HEADERS = {MODEL_ID: (False, False), MODEL_ID + "-bin": (False, True),
             VMODEL_ID: (True, False), VMODEL_ID + "-bin": (True, True)}

@@ -16,7 +16,7 @@ from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
 from mesh.registry.crashes import CrashWitness
 from mesh.registry.records import ModelSpec
-from mesh.transport.metadata import LAST_USED
+from mesh.transport.metadata import LAST_USED, RETRY_FAILED
 from mesh.transport.server import ChannelPool
 from mesh.transport.status import MESH_CODES, lost_peer
 
@@ -38,15 +38,18 @@ class RuntimeClient:
         self._channels = channels
         self._witness = witness  # told when a load loses its runtime (mesh.registry.crashes)
 
-    async def load(self, target: Instance, spec: ModelSpec, last_used_ms: int, timeout_s: float) -> None:
+    async def load(self, target: Instance, spec: ModelSpec, last_used_ms: int, timeout_s: float, *,
+                   retry_failed: bool = False) -> None:
         """Load ``spec`` on ``target`` (returns once loaded); a failure is a MeshError with the
-        runtime's status code and message."""
+        runtime's status code and message. ``retry_failed``: the runtime forgets a remembered load
+        failure of the model first (``mesh.runtime.failures``)."""
         stub = spi_grpc.ModelRuntimeStub(self._channels.get(target.endpoint))  # type: ignore[no-untyped-call]
         request = spi.LoadModelRequest(modelId=spec.model_id, modelType=spec.type,
                                        modelPath=spec.path, modelKey=spec.key)
         try:
             await stub.loadModel(request, timeout=max(timeout_s, 0.1),
-                                 metadata=((LAST_USED, str(last_used_ms)),))
+                                 metadata=((LAST_USED, str(last_used_ms)),)
+                                 + (((RETRY_FAILED, "1"),) if retry_failed else ()))
         except grpc.aio.AioRpcError as err:
             if self._witness is not None and lost_peer(err):
                 crash = await self._witness.lost(spec.model_id, target.instance_id, target.endpoint)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_demo_trains_registers_serves_and_reports(tmp_path: Path) -> None:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "XDG_STATE_HOME": str(tmp_path / "state")}
     result = subprocess.run(
         [sys.executable, "-m", "mesh", "demo", "--port", str(free_port()), "--models", "12",
          "--duration", "3"], capture_output=True, text=True, timeout=300, env=env)
@@ -32,6 +33,19 @@ def test_demo_trains_registers_serves_and_reports(tmp_path: Path) -> None:
     assert "answers:     0 wrong, errors: none" in out
     assert "hits" in out and "loads" in out and "stopping" in out
     assert "Traceback" not in result.stderr
+    # No silent phase: each says what it does before it starts, in order (issue 20).
+    order = ["logs: ", "training 12 of 12 per-tenant classifiers", "starting a private etcd",
+             "mesh is up", "metrics (Prometheus):", "preparing requests", "registered 12 models",
+             "\nrequests:", "took:", "stopped; logs kept in"]
+    positions = [out.find(marker) for marker in order]
+    assert -1 not in positions and positions == sorted(positions), (positions, out)
+    # Hits and misses count requests: together never more than the requests sent (retries apart).
+    requests = int(re.search(r"requests:\s+(\d+) in", out).group(1))  # type: ignore[union-attr]
+    hits, misses = map(int, re.search(r"cache:\s+(\d+) hits, (\d+) misses", out).groups())  # type: ignore[union-attr]
+    assert 0 < hits + misses <= requests, out
+    assert re.search(r"now \d+ copies loaded, of \d+ distinct models", out), out
+    took = re.search(r"traffic ([\d.]+) s", out)
+    assert took and float(took.group(1)) >= 3.0, out  # traffic for the promised duration
 
 
 def test_mesh_up_with_an_existing_etcd_keeps_registrations(tmp_path: Path) -> None:

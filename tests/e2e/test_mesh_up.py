@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 class MeshUp:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.rest_port = free_port()
@@ -45,9 +45,12 @@ class MeshUp:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mesh", "up", "--port", str(self.port), *args],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "MESH_LOG_LEVEL": "info", "MESH_ROUTER_REST_PORT": str(self.rest_port)})
+            env={**os.environ, "MESH_LOG_LEVEL": "info", "MESH_ROUTER_REST_PORT": str(self.rest_port),
+                 "XDG_STATE_HOME": str(tmp / "state"), **(env or {})})  # kept logs: not in $HOME
         deadline = time.monotonic() + 90
-        while "mesh is up" not in self.text():
+        # The last line `mesh up` prints at start: its hints' example model is written by then (a
+        # child process that would otherwise count among its children).
+        while "Ctrl-C stops everything." not in self.text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"mesh up did not start:\n{self.text()}")
             time.sleep(0.1)
@@ -197,7 +200,7 @@ def test_cli_register_infer_status_and_errors(mesh_up: MeshUp, fleet: list[Model
     assert r.returncode == 0 and "LOADED" in r.stdout
     # REST on the port `mesh up` printed: KServe V1 as its printed curl line sends it, and V2 JSON.
     rest = f"http://127.0.0.1:{mesh_up.rest_port}"
-    assert f"REST: {rest}" in mesh_up.text() and f"curl -s {rest}/v1/models/my-model:predict" in mesh_up.text()
+    assert f"REST: {rest}" in mesh_up.text() and f"curl -s {rest}/v1/models/iris:predict" in mesh_up.text()
     import urllib.request
 
     def post(path: str, doc: object) -> dict[str, object]:

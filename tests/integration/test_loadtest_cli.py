@@ -120,3 +120,21 @@ def test_bad_target_or_option_is_one_line_and_exit_2(argv: list[str]) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mesh-loadtest: error:"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_smart_client_mode_sends_loaded_models_straight_to_the_runtime(
+        mesh: tuple[InProcessMesh, list[str]], model: ModelArtifact) -> None:
+    """``--client smart``: the router takes each model's first (cold) request, which loads it; the
+    rest go straight to the runtime, and every request is answered."""
+    m, _ = mesh
+    assert m.router is not None
+    args = cli.parse_args(["--target", m.router.endpoint, "--client", "smart", "--register", str(model.file),
+                           "--models", "2", "--model-prefix", "sc-", "--concurrency", "4", "--duration", "2",
+                           "--warmup", "1", "--popularity", "uniform"])
+    summary = await cli.run(args)
+    assert summary["errors"] == {} and summary["ok"] == summary["requests"] > 0
+    paths = summary["client"]["paths"]
+    assert summary["client"]["kind"] == "smart"
+    assert paths["direct"] > 0.9 * (paths["direct"] + paths["routed"])  # beyond the cold ones, all direct
+    assert paths["direct_failed"] == 0
+    assert "smart client requests" in cli.render(summary)

@@ -78,10 +78,13 @@ def test_read_role_may_read_but_not_write(table: TokenTable) -> None:
 
 def test_write_methods_are_the_management_apis_mutations() -> None:
     from mesh.gen.mmesh import graphs_pb2 as gp
+    from mesh.gen.mmesh import status_pb2 as st
 
     methods = {m.name for m in mm.DESCRIPTOR.services_by_name["ModelMesh"].methods}
     methods |= {m.name for m in gp.DESCRIPTOR.services_by_name["ModelMeshGraphs"].methods}  # inference graphs
+    methods |= {m.name for m in st.DESCRIPTOR.services_by_name["ModelMeshStatus"].methods}  # fleet status
     assert methods == READ_METHODS | WRITE_METHODS
+    assert {m.name for m in st.DESCRIPTOR.services_by_name["ModelMeshStatus"].methods} <= READ_METHODS
 
 
 def test_prefixes_bound_the_model_ids(table: TokenTable) -> None:

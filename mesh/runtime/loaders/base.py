@@ -86,7 +86,9 @@ def resolve_path(path_or_uri: str, roots: Sequence[str] = ()) -> Path:
                                  f"({', '.join(roots)}) through a symbolic link")
         path = real
     if not path.exists():
-        raise ModelLoadError(f"model path {shown(str(path))} does not exist")
+        where = "" if path.is_absolute() else \
+            f" (a relative path: resolved against this runtime's working directory, {shown(os.getcwd())})"
+        raise ModelLoadError(f"model path {shown(str(path))} does not exist{where}")
     return path
 
 
@@ -179,14 +181,31 @@ def gpu_index(device: str) -> int | None:
 
 
 def reason(exc: BaseException) -> str:
-    """An exception as one readable status line: its text, or its type when it has none."""
+    """An exception as one readable status line: its text, or its type when it has none.
+
+    A text of several lines is a traceback of the model's own code (TorchScript's interpreter puts
+    its whole stack in the message, the error last): the line kept is the last one that is not a
+    frame or a source line, which is what went wrong; the whole text is left to the runtime's log
+    (the exception stays chained to the error the caller raises)."""
     text = str(exc).strip() or type(exc).__name__
     if not any(c.isalpha() for c in text):  # KeyError(0) from a garbage pickle reads "0"
         text = f"{type(exc).__name__}: {text}"
     text = text.split("\nStack trace:", 1)[0].strip()  # xgboost's C++ trace helps no operator
+    if "\n" in text:
+        text = last_meaningful_line(text)
     if len(text) > _MAX_REASON:
         text = text[:_MAX_REASON] + "..."
     return text
+
+
+def last_meaningful_line(text: str) -> str:
+    """The line of a multi-line error that says what went wrong: the last one that is neither blank,
+    nor indented (a traceback's frames and source lines), nor a traceback header."""
+    for line in reversed(text.splitlines()):
+        if line.strip() and not line[0].isspace() and not line.startswith("Traceback ") \
+                and not line.rstrip().endswith(":") and line.strip() not in ("~~~~", "^"):
+            return line.strip()
+    return text.strip().splitlines()[-1].strip()
 
 
 class LoadedModel(abc.ABC):

@@ -1,0 +1,177 @@
+"""The route table a router streams to smart clients (``mmesh.ModelMeshRoutes``, ``mesh.client``).
+
+A route is a loaded copy a client may send inference to: a ``loaded`` placement on an instance that
+is live (in the view, not shutting down) and not marked unreachable. Loading copies, copies on
+instances that are shutting down (they serve only until their re-homed copy is loaded) and
+vModels are left out: a client sends those requests to the router, which resolves and loads.
+
+Design, and its trade-off. The view (``mesh.router.view``) is fed by registry watches and bumps a
+version on every change, but tells no one which model changed. Rather than hook every mutation of
+the view (the data plane's module, whose hot path must stay as it is), :class:`RouteHub` compares
+the table it last sent with one built from the view, at most every ``router.routes_interval_s``
+and only when the version moved and a stream is open. Building the table is O(loaded copies):
+the view holds only loaded models, so this grows with what is loaded, never with what is
+registered; an update reaches clients within that interval. A stale route costs a client nothing
+but one extra hop: the runtime answers "not here" and the client asks the router.
+
+Bounds (a client is untrusted, and a slow one must not grow the router):
+
+- at most ``router.routes_max_streams`` streams (the next is RESOURCE_EXHAUSTED);
+- per stream at most ``router.routes_queue`` pending change sets; past it the stream drops them
+  and is sent a fresh snapshot instead (:attr:`Subscription.resync`), built when it is written,
+  so a slow reader holds at most one table's worth of messages;
+- a write that waits longer than ``router.routes_write_timeout_s`` for the client to read cuts
+  the stream off (the edge, ``mesh.router.routes_servicer``).
+
+Each stream sees only the model IDs its filter lets through (the request's prefix, the token's
+prefixes): a change set is filtered per stream before it is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import structlog
+
+from mesh.errors import ResourceExhausted, Unavailable
+from mesh.registry.records import LOADED
+from mesh.router.view import ClusterView
+
+log = structlog.get_logger(__name__)
+
+Copy = tuple[str, str]  # (instance ID, endpoint)
+Table = dict[str, tuple[Copy, ...]]
+Changes = dict[str, tuple[Copy, ...]]  # model ID -> its copies now (empty: none)
+Visible = Callable[[str], bool]
+
+MODELS_PER_MESSAGE = 1000  # a snapshot or a large change set goes out in messages of this many models
+
+
+def route_table(view: ClusterView) -> Table:
+    """Every model's routable copies (module docstring), in instance-ID order."""
+    instances = view.instances
+    unreachable = view.unreachable
+    table: Table = {}
+    for model_id, copies in view.placements.items():
+        routes = []
+        for instance_id, placement in copies.items():
+            if placement.state != LOADED or instance_id in unreachable:
+                continue
+            record = instances.get(instance_id)
+            if record is not None and not record.shutting_down:
+                routes.append((instance_id, record.endpoint))
+        if routes:
+            routes.sort()
+            table[model_id] = tuple(routes)
+    return table
+
+
+def diff(old: Table, new: Table) -> Changes:
+    """The models whose routes differ between ``old`` and ``new`` (gone ones map to ``()``)."""
+    changes: Changes = {m: c for m, c in new.items() if old.get(m) != c}
+    changes.update((m, ()) for m in old if m not in new)
+    return changes
+
+
+def chunks(items: list[tuple[str, tuple[Copy, ...]]], size: int = MODELS_PER_MESSAGE
+           ) -> Iterator[list[tuple[str, tuple[Copy, ...]]]]:
+    """``items`` in pieces of at most ``size`` (at least one piece, maybe empty)."""
+    if not items:
+        yield []
+        return
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class Subscription:
+    """One stream's filter and its bounded queue of change sets."""
+
+    def __init__(self, visible: Visible, max_queue: int) -> None:
+        self.visible = visible
+        self.max_queue = max_queue
+        self.queue: deque[Changes] = deque()
+        # The queue overflowed: what it held is dropped, the stream's next write is a snapshot.
+        self.resync = False
+        self.wake = asyncio.Event()
+
+    def offer(self, changes: Changes) -> None:
+        visible = self.visible
+        mine = {m: c for m, c in changes.items() if visible(m)}
+        if not mine or self.resync:
+            return
+        if len(self.queue) >= self.max_queue:
+            self.queue.clear()
+            self.resync = True
+        else:
+            self.queue.append(mine)
+        self.wake.set()
+
+    def take(self) -> Changes:
+        """The queued change sets merged into one (later sets win), emptying the queue."""
+        merged: Changes = {}
+        while self.queue:
+            merged.update(self.queue.popleft())
+        return merged
+
+
+class RouteHub:
+    """The router's route table and the streams that follow it (module docstring)."""
+
+    def __init__(self, view: ClusterView, *, max_streams: int, max_queue: int, interval_s: float) -> None:
+        self.view = view
+        self.max_streams = max_streams
+        self.max_queue = max_queue
+        self.interval_s = interval_s
+        self.table: Table = {}
+        self._version = -1  # the view's version self.table was built from
+        self.streams: set[Subscription] = set()
+        self.closed = False
+        self._opened = asyncio.Event()  # set while a stream is open: an idle router does not poll
+
+    def close(self) -> None:
+        """At shutdown: every stream ends (their writers see ``closed``) so the server drains."""
+        self.closed = True
+        for sub in self.streams:
+            sub.wake.set()
+
+    def subscribe(self, visible: Visible) -> Subscription:
+        if self.closed:
+            raise Unavailable("the router is shutting down; connect to another router")
+        if len(self.streams) >= self.max_streams:
+            raise ResourceExhausted(f"this router serves its maximum of {self.max_streams} route streams "
+                                    "(router.routes_max_streams); send inference to the router meanwhile")
+        self.refresh()  # the snapshot this stream starts from is current, and so is what follows it
+        sub = Subscription(visible, self.max_queue)
+        self.streams.add(sub)
+        self._opened.set()
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self.streams.discard(sub)
+        if not self.streams:
+            self._opened.clear()
+
+    def snapshot(self, visible: Visible) -> list[tuple[str, tuple[Copy, ...]]]:
+        return [(m, c) for m, c in self.table.items() if visible(m)]
+
+    def refresh(self) -> None:
+        """Rebuild the table if the view changed, and queue the differences to every stream."""
+        version = self.view.version
+        if version == self._version:
+            return
+        new = route_table(self.view)
+        changes = diff(self.table, new)
+        self.table, self._version = new, version
+        if changes:
+            for sub in self.streams:
+                sub.offer(changes)
+
+    async def run(self) -> None:
+        """Follow the view while streams are open (a root task of the router)."""
+        while True:
+            await self._opened.wait()
+            await asyncio.sleep(self.interval_s)
+            if self.streams:
+                self.refresh()

@@ -1,0 +1,219 @@
+"""The route stream's table and bounds (``mesh.router.routes``, ``mesh.router.routes_servicer``) and
+the smart client's routes (``mesh.client.routes``), without a network.
+
+The servicer is driven with a stand-in for grpc's servicer context whose ``write`` blocks as a
+client that stopped reading makes it block (flow control): no real client can be made slow on
+purpose within a test's time, because grpc buffers what a small update weighs many thousand times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from mesh.client.routes import Routes
+from mesh.errors import ResourceExhausted, Unavailable
+from mesh.gen.mmesh import routes_pb2 as rp
+from mesh.registry.base import KeyValue
+from mesh.registry.keys import Keys
+from mesh.registry.records import LOADED, LOADING, InstanceRecord, PlacementRecord
+from mesh.router.routes import RouteHub, Subscription, chunks, diff, route_table
+from mesh.router.routes_servicer import RoutesServicer
+from mesh.router.view import ClusterView
+
+
+def _view() -> ClusterView:
+    return ClusterView(Keys("/mesh/"))
+
+
+def _instance(view: ClusterView, iid: str, *, shutting_down: bool = False) -> None:
+    record = InstanceRecord(instance_id=iid, endpoint=f"{iid}:1", shutting_down=shutting_down)
+    view.put_instance(KeyValue(view.keys.instance(iid), record.to_json(), 1))
+
+
+def _copy(view: ClusterView, model: str, iid: str, state: str = LOADED) -> None:
+    record = PlacementRecord(model_id=model, instance_id=iid, state=state)
+    view.put_placement(KeyValue(view.keys.placement(model, iid), record.to_json(), 1))
+
+
+def test_route_table_holds_loaded_copies_on_live_reachable_instances_only() -> None:
+    view = _view()
+    for iid in ("a", "b", "c", "d"):
+        _instance(view, iid, shutting_down=iid == "c")
+    view.mark_unreachable("d")
+    _copy(view, "m", "a")
+    _copy(view, "m", "b", LOADING)  # loading: the router joins the load, not a client
+    _copy(view, "m", "c")  # shutting down: serves only until its re-homed copy is loaded
+    _copy(view, "m", "d")  # unreachable
+    _copy(view, "m", "gone")  # an instance not in the view
+    _copy(view, "n", "b", LOADING)
+    assert route_table(view) == {"m": (("a", "a:1"),)}
+
+
+def test_diff_names_changed_and_gone_models() -> None:
+    old = {"m": (("a", "a:1"),), "n": (("b", "b:1"),), "same": (("a", "a:1"),)}
+    new = {"m": (("a", "a:1"), ("b", "b:1")), "o": (("a", "a:1"),), "same": (("a", "a:1"),)}
+    assert diff(old, new) == {"m": (("a", "a:1"), ("b", "b:1")), "o": (("a", "a:1"),), "n": ()}
+    assert [len(c) for c in chunks([("m", ())] * 2500)] == [1000, 1000, 500]
+    assert list(chunks([])) == [[]]
+
+
+def test_hub_sends_each_stream_its_own_models_and_bounds_its_queue() -> None:
+    view = _view()
+    _instance(view, "a")
+    hub = RouteHub(view, max_streams=2, max_queue=3, interval_s=0.01)
+    team = hub.subscribe(lambda m: m.startswith("team-a/"))
+    everyone = hub.subscribe(lambda m: True)
+    with pytest.raises(ResourceExhausted, match="routes_max_streams"):
+        hub.subscribe(lambda m: True)
+
+    _copy(view, "team-a/x", "a")
+    _copy(view, "team-b/y", "a")
+    hub.refresh()
+    assert team.take() == {"team-a/x": (("a", "a:1"),)}
+    assert everyone.take() == {"team-a/x": (("a", "a:1"),), "team-b/y": (("a", "a:1"),)}
+    hub.refresh()  # nothing changed: nothing queued
+    assert not everyone.queue
+
+    # A stream that does not read: past max_queue its queue is dropped and it is due a snapshot.
+    for i in range(5):
+        _copy(view, f"m{i}", "a")
+        hub.refresh()
+    assert everyone.resync and not everyone.queue
+    assert hub.snapshot(team.visible) == [("team-a/x", (("a", "a:1"),))]
+    assert len(team.queue) == 0  # none of those changes were visible to it
+
+    hub.unsubscribe(team)
+    hub.subscribe(lambda m: True)  # room again
+    hub.close()
+    with pytest.raises(Unavailable):
+        hub.subscribe(lambda m: True)
+
+
+class _Context:
+    """What the servicer uses of grpc.aio.ServicerContext; ``write`` blocks once ``blocked``."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.written: list[rp.RoutesUpdate] = []
+        self.blocked = False
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.metadata = metadata
+        self.trailers: tuple[tuple[str, str], ...] = ()
+
+    async def write(self, message: rp.RoutesUpdate) -> None:
+        if self.blocked:
+            await asyncio.Event().wait()  # a client that stopped reading
+        self.written.append(message)
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
+        self.trailers = trailers
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def _servicer(hub: RouteHub, **kw: Any) -> RoutesServicer:
+    return RoutesServicer(hub, tokens=None, direct=lambda: True, heartbeat_s=kw.get("heartbeat_s", 0.05),
+                          write_timeout_s=kw.get("write_timeout_s", 0.2), runtime_tls=False, runtime_server_name="")
+
+
+async def test_stream_snapshot_deltas_heartbeats_and_slow_reader_cut_off() -> None:
+    view = _view()
+    _instance(view, "a")
+    _copy(view, "m", "a")
+    hub = RouteHub(view, max_streams=10, max_queue=2, interval_s=0.01)
+    ctx = _Context()
+    task = asyncio.create_task(_servicer(hub).watch(rp.WatchRoutesRequest(), ctx))
+    await asyncio.sleep(0.02)
+    first = ctx.written[0]
+    assert first.reset and first.synced and first.direct and [m.modelId for m in first.models] == ["m"]
+
+    _copy(view, "n", "a")
+    hub.refresh()
+    await asyncio.sleep(0.02)
+    delta = ctx.written[-1]
+    assert not delta.reset and delta.synced and [(m.modelId, len(m.copies)) for m in delta.models] == [("n", 1)]
+
+    count = len(ctx.written)
+    await asyncio.sleep(0.12)  # nothing changes: heartbeats
+    assert len(ctx.written) > count and all(not m.models and m.synced for m in ctx.written[count:])
+
+    # The client stops reading: changes pile up past the queue bound (then a snapshot is due, not
+    # more memory), and the blocked write cuts the stream off within the write timeout.
+    ctx.blocked = True
+    for i in range(10):
+        _copy(view, f"x{i}", "a")
+        hub.refresh()
+    subs = list(hub.streams)
+    assert len(subs) == 1 and len(subs[0].queue) <= 2
+    with pytest.raises(grpc.aio.AbortError):  # what context.abort raises in grpc too
+        await asyncio.wait_for(task, 2)
+    assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "routes_write_timeout_s" in ctx.aborted[1]
+    assert not hub.streams  # the stream's state is gone with it
+
+
+async def test_overflowed_stream_gets_a_fresh_snapshot() -> None:
+    view = _view()
+    _instance(view, "a")
+    hub = RouteHub(view, max_streams=10, max_queue=1, interval_s=0.01)
+    ctx = _Context()
+    gate = asyncio.Event()
+    original = ctx.write
+
+    async def slow_write(message: rp.RoutesUpdate) -> None:
+        await gate.wait()
+        await original(message)
+
+    ctx.write = slow_write  # type: ignore[method-assign]
+    task = asyncio.create_task(_servicer(hub, write_timeout_s=5).watch(rp.WatchRoutesRequest(), ctx))
+    await asyncio.sleep(0.01)
+    for i in range(3):  # three change sets against a queue of one: overflow
+        _copy(view, f"m{i}", "a")
+        hub.refresh()
+    sub: Subscription = next(iter(hub.streams))
+    assert sub.resync
+    gate.set()
+    await asyncio.sleep(0.1)
+    resets = [m for m in ctx.written if m.reset]
+    assert len(resets) == 2  # the first snapshot, and the fresh one after the overflow
+    assert sorted(m.modelId for m in resets[1].models) == ["m0", "m1", "m2"]
+    hub.close()
+    await asyncio.wait_for(task, 2)  # a closing router ends its streams
+
+
+def test_client_routes_doubt_goes_to_the_router() -> None:
+    r = Routes(suspect_s=5.0, stale_model_s=1.0)
+    copies = (("a", "a:1"), ("b", "b:1"))
+    assert r.pick("m", 0.0) is None  # nothing synced yet
+    r.apply(reset=True, models=[("m", copies)], synced=False, direct=True, heartbeat_ms=1000, now=0.0)
+    assert r.pick("m", 0.0) is None  # half a snapshot
+    r.apply(reset=False, models=[], synced=True, direct=True, heartbeat_ms=1000, now=0.0)
+    assert {r.pick("m", 0.1) for _ in range(4)} == set(copies)  # round robin over the copies
+    assert r.pick("cold", 0.1) is None
+    assert r.pick("m", 3.1) is None  # three heartbeats of silence: stale
+    r.apply(reset=False, models=[], synced=True, direct=False, heartbeat_ms=1000, now=4.0)
+    assert r.pick("m", 4.0) is None  # the router offers no direct routing now
+    r.apply(reset=False, models=[], synced=True, direct=True, heartbeat_ms=1000, now=4.0)
+    r.failed("a:1", 4.0)
+    assert {r.pick("m", 4.1) for _ in range(4)} == {("b", "b:1")}  # a failed endpoint is skipped
+    r.not_here("m", 4.2)
+    assert r.pick("m", 4.3) is None  # in doubt: the router, for a second
+    r.apply(reset=False, models=[], synced=True, direct=True, heartbeat_ms=1000, now=5.5)
+    assert r.pick("m", 5.5) == ("b", "b:1")
+    r.apply(reset=False, models=[("m", ())], synced=True, direct=True, heartbeat_ms=1000, now=5.5)
+    assert r.pick("m", 5.5) is None and "m" not in r.copies
+    r.prune(10.0)
+    assert not r.suspects and not r.stale_models
+    r.lost()
+    assert not r.usable(5.5)
