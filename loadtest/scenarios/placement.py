@@ -15,7 +15,7 @@ regimes drawn on the same request sequence:
   policy), and the gap closed in *cost-weighted* misses (``load_ms`` of the misses) is given against
   both: ``lo`` (against PFOO-L, conservative) .. ``hi`` (against the heuristic).
 
-Each point replays the whole trace through one cache (``placement.simulator.replay``, loads taking no
+Each point replays the whole trace through one cache (``placement.replay.replay``, loads taking no
 time, the level at which the optimum is defined) for LRU, the candidate default (``--default``) and
 every other registered policy, admission filters included. The points run in ``--jobs`` worker
 processes (default 2, this machine's core count). Replay speed is requests per second of CPU time of
