@@ -3,14 +3,15 @@
 An eviction policy chooses what leaves; an admission filter chooses whether a newcomer is worth what
 would leave for it. Both filters here wrap any ``EvictionPolicy`` (``TinyLFUAdmission(GDSFPolicy(),
 capacity=...)``) and are registered by name as ``<policy>+<filter>`` (``"gdsf+tinylfu"``,
-``"lru+churnguard"``; see ``placement.policy``). They delegate everything to the wrapped policy except
+``"lru+churnguard"``; see ``placement.registry``). They delegate everything to the wrapped policy except
 ``admit`` (and ``touch``, which TinyLFU also counts).
 
-**What a refusal means.** ``admit`` is asked before a load. A refused model is not cached, but the
-request is still served: the runtime loads the model, serves the request and drops it again (the
-simulator counts such a miss as a *pass-through*, ``Stats.bypassed``), like ModelMesh's fall-through
-for a model that cannot be placed. So a refusal does not save the miss or its load time; it saves the
-models that would have been evicted, and the misses *they* would have caused next.
+**What a refusal means.** ``admit`` is asked before a load. The request is served all the same: the
+one-cache simulator (``placement.replay``) loads the model, serves the request and drops it again (a
+*pass-through*, ``Stats.bypassed``), like ModelMesh's fall-through for a model that cannot be placed;
+the runtime and the cluster simulator keep it as the first model to go (``placement.kernel.admission``),
+so refused newcomers take turns in one model's room. So a refusal does not save the miss or its load
+time; it saves the models that would have been evicted, and the misses *they* would have caused next.
 
 **TinyLFU** (``TinyLFUAdmission``; Einziger, Friedman, Manes, "TinyLFU: A Highly Efficient Cache
 Admission Policy", ACM ToS 2017). Every request is counted in a small frequency sketch: a hit through

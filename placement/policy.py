@@ -1,4 +1,4 @@
-"""The eviction policy interface, and the registry that builds a policy from its name in the settings.
+"""The eviction policy interface: what a cache of models asks the policy that decides for it.
 
 A runtime instance keeps its loaded models in a cache of fixed capacity (bytes of RAM or of one GPU).
 The cache owns the bytes and the model objects; the *policy* only decides: whether a model may enter
@@ -18,46 +18,27 @@ Design choices, made so that one interface fits LRU, GreedyDual-Size-Frequency, 
 - ``protected`` keys (pinned, serving a request, still loading) are skipped, not reordered, so they keep
   their place for when they become evictable again.
 - ``admit`` is the admission-control hook (a churn guard, TinyLFU, S3-FIFO's ghost queue); LRU admits
-  everything. It is asked before a load. A refused model is not cached, but its request is still
-  served: it is loaded, served and dropped (a pass-through, what the simulator counts as ``bypassed``),
-  so a refusal does not save that load; it saves the models the newcomer would have evicted.
+  everything. It is asked before a load. A refused model's request is still served, so a refusal
+  does not save that load; it saves the models the newcomer would have evicted. What happens to the
+  refused model is the caller's: the one-cache ``replay`` drops it (a pass-through, ``bypassed``);
+  the runtime and the cluster simulator keep it as the first to go (``placement.kernel.admission``).
 - ``cost`` (seconds to load, or any positive figure) is what cost-aware policies weigh against size;
   policies that do not use it ignore it.
 - Unknown keys are ignored by ``touch``, ``resize`` and ``remove``: a request may finish after its
   model was evicted, and removal is idempotent like the runtime SPI's ``unloadModel``.
 - Policies are not thread-safe; the runtime calls them from its one event loop.
 
-Names in the registry (``make_policy(name, **params)``; ``policy_names()`` lists them):
-
-- eviction policies: ``lru`` (ModelMesh's, by last-used timestamps; no parameters), ``gdsf``
-  (GreedyDual-Size-Frequency weighing load cost against bytes: ``size_exponent=1.0``,
-  ``cost_floor=1.0``, ``freq_halflife=None``), ``s3fifo`` (small + main FIFO + ghost: ``capacity=None``,
-  ``small_ratio=0.1``, ``ghost_ratio=0.9``, ``move_to_main_threshold=2``), ``sieve`` (no parameters);
-- ``<policy>+<filter>``: an eviction policy behind an admission filter, which takes the policy's
-  parameters and its own, and requires ``capacity`` (the cache's bytes, given to the policy too when
-  it takes one): ``+tinylfu`` (a frequency sketch admits a newcomer only if it is requested more than
-  every model it displaces: ``expected_entries=None``, ``sample_factor=4``, ``doorkeeper=True``,
-  ``seed=0``) and ``+churnguard`` (ModelMesh's: a full cache whose oldest model is younger than
-  ``min_churn_age=300.0`` seconds refuses new loads). E.g. ``lru+churnguard`` is ModelMesh's cache,
-  ``gdsf+tinylfu`` a cost-aware cache with frequency admission. A refused model is served and not
-  kept (a pass-through; see ``placement.admission``).
+The registry that builds a policy from its name in the settings is ``placement.registry``.
 
 Each module's docstring gives the algorithm, its source, the deviations and the complexity.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Container
+from collections.abc import Container
 from typing import Protocol, runtime_checkable
 
-from placement.admission import AdmissionFactory, ChurnGuard, TinyLFUAdmission
-from placement.gdsf import GDSFPolicy
-from placement.lru import LRUPolicy
-from placement.s3fifo import S3FIFOPolicy
-from placement.sieve import SievePolicy
-
-__all__ = ["EvictionPolicy", "make_policy", "policy_names"]
+__all__ = ["EvictionPolicy"]
 
 
 @runtime_checkable
@@ -66,7 +47,7 @@ class EvictionPolicy(Protocol):
 
     @property
     def name(self) -> str:
-        """The name the policy is registered under (``make_policy(name)`` builds it)."""
+        """The name the policy is registered under (``placement.registry.make_policy(name)`` builds it)."""
         ...
 
     @property
@@ -80,7 +61,7 @@ class EvictionPolicy(Protocol):
 
     def admit(self, key: str, size: int, now: float) -> bool:
         """Whether ``key`` may stay in the cache once loaded; asked before the load. A refused model is
-        served by a load that does not stay (a pass-through), and nothing is evicted for it."""
+        served all the same (see the module docstring for what becomes of it)."""
         ...
 
     def insert(
@@ -126,42 +107,3 @@ class EvictionPolicy(Protocol):
         least recently used model is oldest gives up the least by evicting it.
         """
         ...
-
-
-# One line per eviction policy; the name is the one operators write in the settings. Typing the table
-# as factories of EvictionPolicy makes mypy check each class against the Protocol.
-_EVICTION: dict[str, Callable[..., EvictionPolicy]] = {
-    LRUPolicy.name: LRUPolicy,
-    GDSFPolicy.name: GDSFPolicy,
-    S3FIFOPolicy.name: S3FIFOPolicy,
-    SievePolicy.name: SievePolicy,
-}
-# Every eviction policy also comes behind each admission filter, as "<policy>+<filter>".
-_ADMISSION = (TinyLFUAdmission, ChurnGuard)
-_FACTORIES: dict[str, Callable[..., EvictionPolicy]] = {
-    **_EVICTION,
-    **{f"{name}+{wrapper.suffix}": AdmissionFactory(wrapper, factory)
-       for name, factory in _EVICTION.items() for wrapper in _ADMISSION},
-}
-
-
-def policy_names() -> tuple[str, ...]:
-    """The names ``make_policy`` accepts, sorted."""
-    return tuple(sorted(_FACTORIES))
-
-
-def make_policy(name: str, **params: object) -> EvictionPolicy:
-    """Build the policy registered as ``name`` with its keyword ``params``.
-
-    Raises ``ValueError`` for an unknown name (listing the known ones) or for parameters the policy
-    does not take, so that a typo in the settings fails at start-up with a message that says what is
-    allowed, not with a ``TypeError`` from deep inside.
-    """
-    factory = _FACTORIES.get(name)
-    if factory is None:
-        raise ValueError(f"unknown eviction policy {name!r}; known policies: {', '.join(policy_names())}")
-    try:
-        inspect.signature(factory).bind(**params)
-    except TypeError as exc:
-        raise ValueError(f"bad parameters for eviction policy {name!r}: {exc}") from None
-    return factory(**params)

@@ -34,6 +34,7 @@ lines in its loads file (``ray_app``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,9 @@ class Reading:
     hits: float | None = None
     misses: float | None = None
     evictions: float | None = None
+    # Our mesh's misses by reason (cold, evicted, routed_elsewhere, load_failed), the refusals of its
+    # admission filter and the copies its router added: what tells its hit ratio from the simulator's.
+    detail: tuple[tuple[str, float], ...] = ()
 
 
 class Counter(Protocol):
@@ -137,8 +141,10 @@ class MeshCounter:
         from loadtest.scenarios.many_models import snapshot
 
         snap = await snapshot(self.runtime_urls, self.router_url)
+        detail = (*((f"miss_{reason}", value) for reason, value in snap.misses.items()),
+                  ("refused", snap.refused), ("copies_added", snap.copies_added))
         return Reading(loads=snap.loads, hits=snap.cache.hits, misses=snap.cache.misses,
-                       evictions=snap.evictions)
+                       evictions=snap.evictions, detail=detail)
 
 
 def _metrics_url(log_path: Path) -> str | None:
@@ -195,4 +201,225 @@ class Marks:
             out["hit_ratio"] = round(hits / (hits + misses), 4)
         if evictions is not None:
             out["evictions"] = int(evictions)
+        detail: dict[str, int] = {}
+        for a, b in pairs:
+            before = dict(a.detail)
+            for key, value in b.detail:
+                detail[key] = detail.get(key, 0) + int(value - before.get(key, 0))
+        if detail:
+            out["detail"] = detail
         return out
+
+
+# -- the simulator on the same requests ---------------------------------------------------------
+#
+# Issue 18's target: our hit ratio within 5 points of the simulator's prediction for the default
+# policy at that capacity. The mesh run's request sequence is recorded as the driver draws it (the
+# time each request is sent and its model), the measured parts are delimited by the counters' marks,
+# and each model's size and load time are those its runtime logged when it loaded it ("model
+# loaded": the measured size, the time the load held its slot, the size predicted before it; the
+# median over its loads, the mean for the time). The cluster simulator (placement.cluster, deciding
+# with placement.kernel as the router and the runtimes do) is fed the whole sequence, warm-ups
+# included, so that its cache is in the state ours was when each measured part began; its hits and
+# misses are counted inside the measured parts only, the way our counters are read: the counts of
+# the sequence up to a mark's request, subtracted (a request's outcome is decided when it arrives,
+# and depends only on the requests before it).
+
+
+class RecordedOrder:
+    """``order``, recording ``(clock(), index)`` each time the driver draws the next model: the send
+    time of each request (``loadtest.peers.drive`` draws just before it sends). The driver cycles
+    through ``order``; only its first pass is recorded (200,000 draws, more than any phase sends)."""
+
+    def __init__(self, order: Sequence[int], sent: list[tuple[float, int]], clock: Any) -> None:
+        self._order = order
+        self._sent = sent
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Any:
+        sent, clock = self._sent, self._clock
+        for index in self._order:
+            sent.append((clock(), index))
+            yield index
+
+
+class Recorder:
+    """The requests of one mesh run, and the times of the counters' marks, on one clock."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.perf_counter
+        self.sent: list[tuple[float, int]] = []
+        self.marks: list[float] = []
+
+    def order(self, order: Sequence[int]) -> RecordedOrder:
+        return RecordedOrder(order, self.sent, self.clock)
+
+    def mark(self) -> None:
+        self.marks.append(self.clock())
+
+
+def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float, int]]]:
+    """``(measured size, load ms, predicted size)`` of every load each runtime of a ``mesh up``
+    logged, per model."""
+    match = re.search(r"^logs: (.+)$", up_log.read_text(errors="replace"), re.MULTILINE)
+    if not match:
+        return {}
+    loads: dict[str, list[tuple[int, float, int]]] = {}
+    for path in sorted(Path(match.group(1).strip()).glob("runtime-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"model loaded"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+                # slot_ms: the time the load held its load slot, all of it (the runtime's load_ms
+                # is the loader's part only), which is what a load costs in the simulator.
+                loads.setdefault(str(event["model_id"]), []).append(
+                    (int(event["size_bytes"]), float(event.get("slot_ms", event["load_ms"])),
+                     int(event.get("predicted_bytes", event["size_bytes"]))))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return loads
+
+
+def logged_warnings(up_log: Path, limit: int = 12) -> dict[str, int]:
+    """The warnings and errors the router and runtimes of a ``mesh up`` logged, counted by process,
+    event and the start of their message: why requests failed, when any did."""
+    match = re.search(r"^logs: (.+)$", up_log.read_text(errors="replace"), re.MULTILINE)
+    if not match:
+        return {}
+    counts: dict[str, int] = {}
+    for path in sorted(Path(match.group(1).strip()).glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"level": "warning"' not in line and '"level": "error"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            detail = str(event.get("error") or event.get("reason") or event.get("message") or "")[:100]
+            key = f"{path.stem}: {event.get('event')}" + (f": {detail}" if detail else "")
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:limit])
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, list[tuple[int, float, int]]], *,
+                 capacity_bytes: int, infer_ms: Sequence[float], measured: dict[str, Any]) -> dict[str, Any]:
+    """The cluster simulator on the recorded requests, against the mesh's measured counts.
+
+    ``infer_ms``: the time a request stays in flight in each part between marks (the run's p50
+    latency of that part: hits dominate it), which the router's load figures and copy scaling see.
+    ``measured``: the mesh's ``Marks.summary()``. Instances, capacity, policy, load slots, the
+    bounded-load factor and copy scaling are the mesh's (``mesh.settings`` defaults, the run's
+    capacity); see the block comment above for the method.
+    """
+    from mesh.settings import Settings
+    from placement.cluster import simulate_cluster
+    from placement.request import Request
+    from placement.scaling import ScalingConfig
+
+    settings = Settings()
+    rs, run = settings.router, settings.runtime
+    if not recorder.sent or len(recorder.marks) % 2:
+        raise RuntimeError(f"nothing to simulate: {len(recorder.sent)} requests, {len(recorder.marks)} marks")
+    all_loads = [x for per in loads.values() for x in per]
+    if not all_loads:
+        raise RuntimeError("the runtimes logged no load: no size or load time to simulate with")
+    default_size = int(_median([s for s, _, _ in all_loads]))
+    # A load's time is its mean, not its median: how often a request finds its model loading (and
+    # joins the load rather than starting one) grows with the loads' total time, which the few
+    # slow loads of a busy machine dominate.
+    default_ms = sum(ms for _, ms, _ in all_loads) / len(all_loads)
+    facts = {m: (int(_median([s for s, _, _ in per])), sum(ms for _, ms, _ in per) / len(per))
+             for m, per in loads.items()}
+    # What a load reserves until it is measured: the runtime's prediction (issue 18 part 2).
+    predicted = {m: int(_median([p for _, _, p in per])) for m, per in loads.items()}
+    start = recorder.sent[0][0]
+    marks = recorder.marks
+    trace: list[Request] = []
+    cut: list[int] = []  # the number of requests sent before each mark
+    part = 0
+    for when, index in recorder.sent:
+        while part < len(marks) and when >= marks[part]:
+            cut.append(len(trace))
+            part += 1
+        model = model_ids[index]
+        size, load_ms = facts.get(model, (default_size, default_ms))
+        trace.append(Request(when - start, model, size, load_ms, infer_ms[min(part, len(infer_ms) - 1)]))
+    cut.extend([len(trace)] * (len(marks) - len(cut)))
+    scaling = ScalingConfig(rps_threshold=rs.scale_rps_threshold, queue_threshold=rs.scale_queue_threshold,
+                            max_copies=rs.scale_max_copies, hold_s=rs.scale_hold_s)
+
+    def upto(n: int) -> Any:
+        return simulate_cluster(trace[:n], instances=RUNTIMES, capacity_bytes=capacity_bytes,
+                                policy=run.eviction_policy, load_factor=rs.load_factor,
+                                scaling=scaling, load_slots=run.max_concurrent_loads, predicted=predicted)
+
+    dump = os.environ.get("MESH_PEERS_FIT_TRACE")
+    if dump:  # for a look at the simulation afterwards: the trace (mesh sim's CSV) and the rest of it
+        from placement.traces import write_trace
+
+        write_trace(dump, trace)
+        Path(dump + ".json").write_text(json.dumps({
+            "cuts": cut, "predicted": predicted, "capacity_bytes": capacity_bytes, "loads": loads,
+            "policy": run.eviction_policy, "load_factor": rs.load_factor,
+            "load_slots": run.max_concurrent_loads}))
+    hits = misses = joined = loads_total = evictions = refused = copies_added = bypassed = no_room = 0
+    for a, b in zip(cut[0::2], cut[1::2], strict=True):
+        before, after = upto(a), upto(b)
+        hits += after.total.hits - before.total.hits
+        misses += after.total.misses - before.total.misses
+        joined += after.total.joined - before.total.joined
+        loads_total += after.total.loads - before.total.loads
+        evictions += after.total.evictions - before.total.evictions
+        refused += after.refused - before.refused
+        copies_added += after.copies_added - before.copies_added
+        bypassed += after.total.bypassed - before.total.bypassed
+        no_room += after.no_room - before.no_room
+    requests = sum(b - a for a, b in zip(cut[0::2], cut[1::2], strict=True))
+    # Our runtimes count every request that finds its model not loaded as a miss, including one
+    # that joins a load in progress (and a request sent on to another instance counts at both), so
+    # the simulator's ratio in those terms counts its joined requests as misses.
+    sim_ratio = hits / (hits + misses + joined) if hits + misses + joined else None
+    ours = measured.get("hit_ratio")
+    sim: dict[str, Any] = {
+        "policy": run.eviction_policy, "instances": RUNTIMES, "capacity_bytes_per_runtime": capacity_bytes,
+        "load_slots": run.max_concurrent_loads, "load_factor": rs.load_factor,
+        "requests_recorded": len(trace), "requests_measured": requests,
+        "models_loaded": len(facts), "size_bytes_median": default_size, "load_ms_mean": round(default_ms, 2),
+        "load_ms_median": round(_median([ms for _, ms, _ in all_loads]), 2),
+        "infer_ms": [round(x, 3) for x in infer_ms],
+        "hits": hits, "misses": misses, "joined": joined, "loads": loads_total,
+        "evictions": evictions, "refused": refused, "copies_added": copies_added,
+        "passed_through": bypassed, "no_room": no_room,
+        "hit_ratio": None if sim_ratio is None else round(sim_ratio, 4),
+        "loads_per_request": round(loads_total / requests, 4) if requests else None,
+    }
+    mesh_requests = (measured.get("hits") or 0) + (measured.get("misses") or 0)
+    # A request the router sent to a copy evicted meanwhile (its view is milliseconds late) is
+    # counted at both runtimes: "routed_elsewhere" at the first, then a hit or a miss at the next.
+    # Counted once, as the runtime that served it answered, it is what the simulator's figure is
+    # (the simulator's router sees the cluster at once, so it never sends a request astray).
+    twice = measured.get("detail", {}).get("miss_routed_elsewhere", 0)
+    once = mesh_requests - twice
+    per_request = round(measured["hits"] / once, 4) if once and measured.get("hits") is not None else None
+    sim["mesh"] = {"hit_ratio": ours, "hit_ratio_per_request": per_request, "loads": measured.get("loads"),
+                   "loads_per_request_counted": round(measured["loads"] / requests, 4)
+                   if requests and measured.get("loads") is not None else None,
+                   "hits_plus_misses": mesh_requests, "evictions": measured.get("evictions"),
+                   **measured.get("detail", {})}
+    sim["difference_points"] = (round(100 * (per_request - sim_ratio), 2)
+                                if per_request is not None and sim_ratio is not None else None)
+    sim["difference_points_counted"] = (round(100 * (ours - sim_ratio), 2)
+                                        if ours is not None and sim_ratio is not None else None)
+    return sim

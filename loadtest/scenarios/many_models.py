@@ -95,7 +95,7 @@ from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.gen.mmesh import model_runtime_pb2 as rt_pb
 from mesh.gen.mmesh import model_runtime_pb2_grpc as rt_grpc
 from mesh.settings import RuntimeSettings
-from placement.policy import policy_names
+from placement.registry import policy_names
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 DEFAULT_POLICY = RuntimeSettings().eviction_policy  # s3fifo+tinylfu

@@ -46,6 +46,12 @@ so the Zipf tail keeps missing and each system loads (and evicts) while it is me
   calibration's sizes are in the result's ``settings.mesh_room``.
 - MLServer cannot evict (it loads every model it is given at start-up), so it is not a system of
   the fit mode by default and the output says so; ``--system mlserver`` adds it, holding all models.
+- The simulator on the same requests (issue 18's target: our hit ratio within 5 points of its
+  prediction): our mesh's request sequence is recorded as it is sent, and the cluster simulator
+  (``placement.cluster``, deciding with the router's and runtime's own ``placement.kernel``) replays
+  it with the mesh's instances, capacity and default policy, the sizes and load times its runtimes
+  logged; both hit ratios, loads per request and the miss reasons are shown side by side
+  (``loadtest.peers.fit`` has the method; ``MESH_PEERS_FIT_TRACE=FILE`` keeps the trace).
 
 Each system then also reports the model loads during the two measured parts (read just before and
 just after each, so no warm-up's loads count) and, for our mesh, the cache hit ratio. Our mesh:
@@ -179,12 +185,13 @@ async def _register(target: str, items: list[tuple[str, str]]) -> None:
 
 async def _drive(protocol: str, address: str, targets: list[Any], sched: Any, proc: Any, *,
                  system: str, warmup_s: float, duration_s: float, concurrency: int,
-                 bodies: list[bytes], marks: fitmode.Marks | None = None) -> dict[str, Any]:
+                 bodies: list[bytes], marks: fitmode.Marks | None = None,
+                 recorder: fitmode.Recorder | None = None) -> dict[str, Any]:
     """Open loop (warm-up, measured) then closed loop, over ``protocol`` (grpc or rest)."""
     async with contextlib.AsyncExitStack() as stack:
         return await _phases(await _driver(protocol, stack, bodies, concurrency), address, targets,
                              sched, proc, system=system, warmup_s=warmup_s, duration_s=duration_s,
-                             concurrency=concurrency, marks=marks)
+                             concurrency=concurrency, marks=marks, recorder=recorder)
 
 
 async def _driver(protocol: str, stack: contextlib.AsyncExitStack, bodies: list[bytes],
@@ -201,9 +208,17 @@ async def _driver(protocol: str, stack: contextlib.AsyncExitStack, bodies: list[
 
 async def _phases(drive: Callable[..., Awaitable[Any]], address: str, targets: list[Any], sched: Any,
                   proc: Any, *, system: str, warmup_s: float, duration_s: float, concurrency: int,
-                  marks: fitmode.Marks | None) -> dict[str, Any]:
-    order = [int(i) for i in sched["order"]]
-    mark = marks.mark if marks is not None else None
+                  marks: fitmode.Marks | None, recorder: fitmode.Recorder | None = None) -> dict[str, Any]:
+    order: Any = [int(i) for i in sched["order"]]
+    mark: Callable[[], Awaitable[None]] | None = marks.mark if marks is not None else None
+    if recorder is not None and marks is not None:  # fit mode: the simulator replays these requests
+        order, counted = recorder.order(order), marks.mark
+
+        async def mark_and_record() -> None:
+            await counted()
+            recorder.mark()
+
+        mark = mark_and_record
     # Open loop: warm up on the warm-up times, then the measured times, each from order[0].
     if warmup_s > 0:
         await drive(address, targets, name=system, duration_s=warmup_s, warmup_s=0,
@@ -244,11 +259,21 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
     try:
         for proto in protocols_of(system, protocol):
             marks = fitmode.Marks(counter) if fitting else None
+            recorder = fitmode.Recorder() if fitting and system == "mesh" else None
             out = asyncio.run(_drive(proto, addresses[proto], targets, sched, proc, system=system,
                                      warmup_s=warmup_s, duration_s=duration_s,
-                                     concurrency=concurrency, bodies=bodies, marks=marks))
+                                     concurrency=concurrency, bodies=bodies, marks=marks,
+                                     recorder=recorder))
             if marks is not None:  # fit mode only: the default result keeps its shape
                 out["cache"] = marks.summary()
+            if recorder is not None and marks is not None:
+                # The simulator on the same requests (issue 18's target: loadtest.peers.fit). Read
+                # before the mesh stops: the sizes and load times are in its runtimes' logs.
+                p50 = [out["open"]["p50_ms"]] * 2 + [out["closed"]["p50_ms"]] * 3
+                out["simulated"] = fitmode.simulate_run(
+                    recorder, [t.model_id for t in targets], fitmode.logged_loads(work / "mesh-up.log"),
+                    capacity_bytes=int(mesh_capacity), infer_ms=p50, measured=out["cache"])
+                out["simulated"]["mesh_warnings"] = fitmode.logged_warnings(work / "mesh-up.log")
             runs[proto] = out
         n_procs = len(proc.tree())
     finally:
@@ -375,7 +400,28 @@ def render(out: dict[str, Any]) -> str:
         lines += ["", _rest_vs_grpc(out["systems"])]
     if fitting and "mlserver" not in {r["system"] for r in out["systems"].values()}:
         lines += ["", MLSERVER_ABSENT.format(n=s["models"])]
+    for name, r in out["systems"].items():
+        if r.get("simulated"):
+            lines += ["", _simulated(name, r["simulated"])]
     return "\n".join(lines)
+
+
+def _simulated(name: str, sim: dict[str, Any]) -> str:
+    """The simulator on the same requests against the measured counts (loadtest.peers.fit)."""
+    mesh = sim["mesh"]
+    rows = [["measured (" + name + ")", _or_na(mesh["hit_ratio"]), _or_na(mesh["hit_ratio_per_request"]),
+             _or_na(mesh["loads"]), _or_na(mesh["loads_per_request_counted"]), _or_na(mesh.get("evictions")),
+             mesh.get("miss_routed_elsewhere", "n/a")],
+            ["simulated (placement.cluster)", "", _or_na(sim["hit_ratio"]), sim["loads"],
+             _or_na(sim["loads_per_request"]), sim["evictions"], 0]]
+    return (f"The cluster simulator on the same {sim['requests_measured']:,} measured requests "
+            f"({sim['instances']} instances x {sim['capacity_bytes_per_runtime']:,} B, {sim['policy']}, "
+            f"sizes and load times as the runtimes logged them): hit ratio per request "
+            f"{_or_na(sim['difference_points'])} points from the simulator's (target: within 5; "
+            f"{_or_na(sim['difference_points_counted'])} as the runtimes count, where a request sent to "
+            "an evicted copy counts twice)\n\n"
+            + report.table(["", "hit ratio (runtimes' count)", "hit ratio per request", "loads",
+                            "loads per request", "evictions", "sent to an evicted copy"], rows))
 
 
 def _rest_vs_grpc(systems: dict[str, Any]) -> str:

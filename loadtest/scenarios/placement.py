@@ -15,7 +15,7 @@ regimes drawn on the same request sequence:
   policy), and the gap closed in *cost-weighted* misses (``load_ms`` of the misses) is given against
   both: ``lo`` (against PFOO-L, conservative) .. ``hi`` (against the heuristic).
 
-Each point replays the whole trace through one cache (``placement.simulator.replay``, loads taking no
+Each point replays the whole trace through one cache (``placement.replay.replay``, loads taking no
 time, the level at which the optimum is defined) for LRU, the candidate default (``--default``) and
 every other registered policy, admission filters included. The points run in ``--jobs`` worker
 processes (default 2, this machine's core count). Replay speed is requests per second of CPU time of
@@ -52,11 +52,13 @@ from itertools import islice
 from typing import Any
 
 from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table, verdict
+from placement.cluster import simulate_cluster
 from placement.generators import SizeModel, azure_trace, synthetic_azure_counts, zipf_trace
-from placement.policy import policy_names
+from placement.offline import offline_reference
+from placement.registry import build_policy, policy_names
+from placement.replay import replay
 from placement.request import Request
 from placement.scaling import ScalingConfig
-from placement.simulator import build_policy, offline_reference, replay, simulate_cluster
 
 N_MODELS = 10_000
 ALPHAS = (0.8, 1.0, 1.2)

@@ -11,14 +11,15 @@
 
 - *cache*: each instance as an independent cache of ``--capacity`` fed its share of the trace (the
   requests of the models whose plain home it is: rendezvous hashing without load bounds or copies),
-  loads taking no time (``placement.simulator.replay``). This is the level the offline optimum is
+  loads taking no time (``placement.replay.replay``). This is the level the offline optimum is
   defined at, so it is where the miss ratio, byte and cost-weighted miss ratios and, with ``--opt``, the
   share of the LRU-to-OPT gap each policy closes are measured (LRU is run as the baseline when not
   asked for). OPT is exact Belady when every model has the same size; otherwise it is NP-hard and is
   bracketed by ``placement.belady``'s PFOO-L lower bound and Belady-Size heuristic, and the gap is
   shown as a range ``lo..hi``.
 - *cluster*: a router and ``--instances`` runtimes with load slots, queueing, single flight and
-  bounded-load routing (``simulate_cluster``; copy scaling with ``--scaling``): its miss ratio (the
+  bounded-load routing (``placement.cluster.simulate_cluster``, deciding with the router's and the
+  runtime's own code, ``placement.kernel``; copy scaling with ``--scaling``): its miss ratio (the
   runtime's counter: requests that started a load), the share of requests that waited for a load in
   progress, loads per second, and the added p50/p99 latency. When loads arrive faster than the load
   slots can serve them, queues (and so latency and joins) grow without bound: that is an undersized
@@ -41,8 +42,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from placement.generators import SizeModel
+    from placement.offline import OfflineReference
     from placement.request import Request
-    from placement.simulator import ClusterStats, OfflineReference, Stats
+    from placement.stats import ClusterStats, Stats
 
 USAGE_ERROR = 2
 
@@ -180,7 +182,7 @@ def _capacity(text: str, working_set: int) -> int:
 
 def _policies(asked: Sequence[str] | None, opt: bool) -> tuple[list[str], bool]:
     """The policies to run, and whether LRU was added as the baseline of the gap."""
-    from placement.policy import policy_names
+    from placement.registry import policy_names
 
     known = policy_names()
     names = list(dict.fromkeys(asked)) if asked else list(known)
@@ -194,15 +196,12 @@ def _policies(asked: Sequence[str] | None, opt: bool) -> tuple[list[str], bool]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from placement.cluster import home_partition, simulate_cluster
+    from placement.offline import offline_reference
+    from placement.registry import build_policy
+    from placement.replay import replay
     from placement.scaling import ScalingConfig
-    from placement.simulator import (
-        build_policy,
-        home_partition,
-        offline_reference,
-        replay,
-        simulate_cluster,
-        sum_stats,
-    )
+    from placement.stats import sum_stats
     from placement.traces import load_trace
 
     if args.instances < 1:

@@ -2,12 +2,12 @@
 
 Every forwarded request is observed (its model's rate EWMA and requests in flight); once a second
 a root task asks the scaling policy about each model seen since, or held, and loads the copies it
-wants on the next instances of the model's rendezvous order (``copy_order``), so that replicas, like
-homes, land where every router would put them. A copy the scaling adds enters the runtime's
-eviction order ``hold_s`` in the future (ModelMesh does the same with +20 s), so a burst of cold
-misses on that instance cannot evict it before it takes its share of the traffic; when the model
-cools down, that advance runs out and the copy gives way through the runtime's policy like any
-other. Nothing is unloaded explicitly.
+wants on the next instances of the model's rendezvous order (``placement.kernel.copy_targets``, the
+rule the simulator runs too), so that replicas, like homes, land where every router would put them.
+A copy the scaling adds enters the runtime's eviction order ``hold_s`` in the future (ModelMesh
+does the same with +20 s), so a burst of cold misses on that instance cannot evict it before it
+takes its share of the traffic; when the model cools down, that advance runs out and the copy gives
+way through the runtime's policy like any other. Nothing is unloaded explicitly.
 
 Models registered with ``min_copies > 0`` are kept at that many loaded copies whether or not they
 get traffic: every ``pin_check_s`` the scaler reads the registry's ``pinned/`` index and loads the
@@ -35,7 +35,7 @@ from mesh.router.management import RuntimeLoader
 from mesh.router.routing import MAX_LOAD_FAILURES, Target, eligible
 from mesh.router.view import ClusterView
 from mesh.tasks import Background
-from placement.hashing import copy_order
+from placement.kernel import copy_targets
 from placement.scaling import ScalingConfig, ScalingPolicy
 
 log = structlog.get_logger(__name__)
@@ -104,8 +104,8 @@ class CopyScaler:
                 continue
             per_copy = self.policy.rate(model_id, now) / len(holders)
             reason = "hot: rate" if per_copy > self.policy.config.rps_threshold else "hot: queue"
-            order = copy_order(model_id, candidates, exclude=set(holders) | failures.keys())
-            for instance_id in order[:decision.add]:
+            busy = set(holders) | failures.keys()
+            for instance_id in copy_targets(model_id, candidates, decision.add, busy=busy):
                 if (model_id, instance_id) in self._loading:
                     continue
                 self._add_copy(spec, instance_id, reason=reason)
@@ -131,7 +131,7 @@ class CopyScaler:
             if len(failures) >= min(MAX_LOAD_FAILURES, len(candidates)):
                 continue  # it fails to load: the failure records say why, until they expire
             busy = set(holders) | {i for m, i in self._loading if m == model_id} | failures.keys()
-            for instance_id in copy_order(model_id, candidates, exclude=busy)[:wanted - len(holders) - pending]:
+            for instance_id in copy_targets(model_id, candidates, wanted - len(holders) - pending, busy=busy):
                 self._add_copy(spec, instance_id, reason="min_copies")
                 started += 1
         return started

@@ -9,6 +9,10 @@
    same home, with no coordination, so concurrent first requests arriving at different routers
    still cause one load.
 
+Each decision is ``placement.kernel``'s (copy choice, home choice), the code the simulator runs
+too; this module adapts the router's view (placement and instance records, in-flight counts) to
+the kernel's inputs and turns its answer into a ``Target``.
+
 Instances marked unreachable (``mesh.router.reachability``) are skipped while any other instance
 can serve; a loaded copy on an instance that is shutting down serves only while no other loaded
 copy exists (its re-homing).
@@ -35,11 +39,12 @@ from mesh.registry.records import (
     LOADING,
     InstanceRecord,
     ModelSpec,
+    PlacementRecord,
     gpu_tier,
     quarantine,
 )
 from mesh.router.view import ClusterView
-from placement.hashing import Candidate, choose_home
+from placement.kernel import COPY_LEAVING, COPY_LOADED, COPY_LOADING, Candidate, choose_copy, choose_home
 
 MAX_LOAD_FAILURES = 3
 
@@ -51,44 +56,29 @@ class Target:
     allow_load: bool  # False: the copy is believed loaded; a miss there answers "not here"
 
 
-def _least_busy(view: ClusterView, ids: list[str], rng: random.Random) -> str:
-    if len(ids) > 4:
-        ids = rng.sample(ids, 2)
-    return min(ids, key=lambda i: view.inflight[i])
+def _copy_state(placement: PlacementRecord, record: InstanceRecord) -> int | None:
+    """A copy's rank for ``placement.kernel.choose_copy`` (module docstring, steps 1 and 2)."""
+    if placement.state == LOADED:
+        return COPY_LEAVING if record.shutting_down else COPY_LOADED
+    if placement.state == LOADING and not record.shutting_down:
+        return COPY_LOADING
+    return None
 
 
 def pick_copy(view: ClusterView, model_id: str, exclude: Container[str],
               rng: random.Random) -> Target | None:
-    """Steps 1 and 2: a loaded copy, else a loading one; None when there is neither."""
+    """Steps 1 and 2: a loaded copy, else a loading one; None when there is neither (the rule is
+    ``placement.kernel.choose_copy``'s, shared with the simulator)."""
     copies = view.placements.get(model_id)
     if not copies:
         return None
-    loaded: list[str] = []
-    leaving: list[str] = []
-    loading: list[str] = []
-    unreachable = view.unreachable
-    for instance_id, placement in copies.items():
-        if instance_id in exclude or instance_id in unreachable:
-            continue
-        record = view.instances.get(instance_id)
-        if record is None:
-            continue
-        if placement.state == LOADED:
-            (leaving if record.shutting_down else loaded).append(instance_id)
-        elif placement.state == LOADING and not record.shutting_down:
-            loading.append(instance_id)
-    if loaded:
-        chosen = _least_busy(view, loaded, rng)
-        return Target(chosen, view.instances[chosen].endpoint, allow_load=False)
-    if leaving:
-        # A copy on an instance that is shutting down still serves (hit-only) until the copy it
-        # re-homes elsewhere is loaded: its clients see no cold miss (mesh.runtime.rehome).
-        chosen = _least_busy(view, leaving, rng)
-        return Target(chosen, view.instances[chosen].endpoint, allow_load=False)
-    if loading:
-        chosen = _least_busy(view, loading, rng)
-        return Target(chosen, view.instances[chosen].endpoint, allow_load=True)
-    return None
+    instances = view.instances
+    chosen = choose_copy(copies, instances, _copy_state, view.inflight, rng,
+                         exclude=exclude, unreachable=view.unreachable)
+    if chosen is None:
+        return None
+    instance_id, state = chosen
+    return Target(instance_id, instances[instance_id].endpoint, allow_load=state == COPY_LOADING)
 
 
 def eligible(view: ClusterView, spec: ModelSpec) -> list[InstanceRecord]:

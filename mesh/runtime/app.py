@@ -58,7 +58,7 @@ from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.server import FRAME_HEADROOM, ChannelPool, bind, new_server
 from mesh.transport.tls import peer_interceptors, runtime_channel_security, server_credentials
 from placement.policy import EvictionPolicy
-from placement.simulator import build_policy
+from placement.registry import build_policy
 from placement.sizing import SizeEstimator
 
 log = structlog.get_logger(__name__)

@@ -11,16 +11,19 @@ Single flight. The first request for a cold model creates its entry synchronousl
 between), so every concurrent request finds the entry and awaits the same future: 100 concurrent
 first requests cause one load.
 
-Eviction. Which copies give way is the policy's decision (``placement``); this module only asks
-for victims when a load needs room, skipping copies that are still loading. Victims stop taking
-new requests at once; their bytes are freed once their in-flight requests finish.
+Eviction. Which copies give way is the policy's decision (``placement``), asked through the
+decision kernel the simulator runs too (``placement.kernel.make_room``, ``admission``); this
+module only asks for victims when a load needs room, skipping copies that are still loading, and
+counts the bytes of copies already draining as on their way out (a load waiting for them evicts
+no more). Victims stop taking new requests at once; their bytes are freed once their in-flight
+requests finish.
 
 Admission. A demand load first asks the policy whether the model may enter (``admit``: TinyLFU,
-the churn guard). A refused model is still loaded and serves its requests, as in the simulator's
-pass-through, but it enters the eviction order ``REFUSED_AGE_S`` in the past, behind every model in
-use, so it is the first to give way unless it is used again: a run of refused newcomers takes
-turns in the room the first of them made instead of evicting the models the filter judged more
-valuable. Loads made ahead of any request (ensureLoaded: proactive loads, scale-out copies) were
+the churn guard). A refused model is still loaded and serves its requests (the cluster simulator
+does the same), but it enters the eviction order ``placement.kernel.REFUSED_AGE_S`` in the past,
+behind every model in use, so it is the first to give way unless it is used again: a run of
+refused newcomers takes turns in the room the first of them made instead of evicting the models
+the filter judged more valuable. Loads made ahead of any request (ensureLoaded: proactive loads, scale-out copies) were
 asked for and are not filtered.
 
 Measured size. A model's size is measured after its load from two readings: the loader's
@@ -82,6 +85,7 @@ from mesh.errors import (
 from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec
 from mesh.runtime.loaders.base import LoadedModel
 from mesh.tasks import Background
+from placement.kernel import admission, make_room
 from placement.policy import EvictionPolicy
 
 log = structlog.get_logger(__name__)
@@ -91,9 +95,6 @@ RSS_SLACK_BYTES = 256 * 1024
 # A GPU copy may legitimately take this much beyond twice its weights: its library's workspaces
 # (cuBLAS, cuDNN) and the allocator's rounding.
 GPU_SLACK_BYTES = 256 * 1024 * 1024
-# A refused model enters the eviction order this far in the past: older than ModelMesh's
-# registration offsets (1 h, 6 h), so it goes before models that were loaded ahead of traffic.
-REFUSED_AGE_S = 24 * 3600.0
 
 # (spec, device) -> loaded model; runs in a worker thread.
 LoadFn = Callable[[ModelSpec, str], LoadedModel]
@@ -139,6 +140,7 @@ class Entry:
     last_used: float = 0.0
     error: str = ""
     load_ms: float = 0.0
+    slot_at: float = 0.0  # perf_counter when the load got its load slot (its log line's slot_ms)
     predict_ms: float = -1.0  # recent inference time (decode + predict + encode), -1 until measured
     initial_last_used: float | None = None  # enters the eviction order at this time, if set
     # Set when the copy is removed: why (capacity, requested, unregistered, redefined, shutdown),
@@ -340,9 +342,11 @@ class ModelCache:
                 f"model {spec.model_id!r} needs about {predicted} bytes but this instance's {device} "
                 f"capacity is {budget.capacity_bytes} bytes")
         entry.device, entry.predicted_bytes = device, predicted
-        if entry.initial_last_used is None and not budget.policy.admit(spec.model_id, predicted, now):
-            # Served, then first to go (see "Admission" above); said in the load's one log line.
-            entry.initial_last_used = now - REFUSED_AGE_S
+        # The kernel's rule (placement.kernel.admission): a refused model is served, then first to
+        # go (see "Admission" above); said in the load's one log line.
+        admitted, entry.initial_last_used = admission(budget.policy, spec.model_id, predicted, now,
+                                                      entry.initial_last_used)
+        if not admitted:
             entry.admitted = False
             self.refused += 1
         self._notify(entry, LOADING)
@@ -379,6 +383,7 @@ class ModelCache:
 
     async def _load_guarded(self, entry: Entry) -> LoadedModel:
         async with self._load_slots:
+            entry.slot_at = time.perf_counter()
             pulled = await self._pull(entry)
             try:
                 return await self._load_local(entry)
@@ -492,6 +497,9 @@ class ModelCache:
                              last_used=entry.initial_last_used, cost=entry.load_ms)
         log.info("model loaded", model_id=spec.model_id, reason=entry.load_reason, device=entry.device,
                  size_bytes=measured, predicted_bytes=entry.predicted_bytes, load_ms=round(entry.load_ms, 2),
+                 # The whole time the load has held its slot (reading the files, making room,
+                 # announcing it, loading): how long a load takes in the simulator's terms.
+                 slot_ms=round((time.perf_counter() - entry.slot_at) * 1000, 2),
                  **({"source": entry.source, "pull_ms": round(entry.fetch_ms, 2)} if entry.source else {}),
                  **({} if entry.admitted else {"admission": f"refused by {budget.policy.name}: first to go"}))
         self.loads += 1
@@ -568,7 +576,7 @@ class ModelCache:
                     budget.used_bytes += size
                     entry.reserved_bytes += size
                     return
-                self._evict_for(budget, need, exclude=entry.model_id)
+                self._evict_for(budget, size, exclude=entry.model_id)
                 if budget.used_bytes + size <= budget.capacity_bytes:
                     continue
                 # Space is held by copies still loading or draining: wait for it to be freed.
@@ -585,19 +593,27 @@ class ModelCache:
                 except TimeoutError:
                     continue
 
-    def _evict_for(self, budget: DeviceBudget, need: int, *, exclude: str) -> None:
-        if need <= 0:
-            return
+    def _evict_for(self, budget: DeviceBudget, size: int, *, exclude: str) -> None:
+        """Evict what ``placement.kernel.make_room`` names so that ``size`` more bytes fit on
+        ``budget``'s device once the copies already draining there are released (counting those as
+        free: evicting again for room that is on its way would evict models for nothing)."""
         # Never proposed as victims: copies still loading, and pinned models (registered with
         # minCopies > 0: the operator asked for them to stay loaded).
         protected = {mid for mid, e in self._entries.items()
                      if e.state != LOADED or e.spec.min_copies > 0} | {exclude}
-        for victim_id in budget.policy.victims(need, self._clock(), protected=protected):
+        room = make_room(budget.policy, size, used=budget.used_bytes, capacity=budget.capacity_bytes,
+                         now=self._clock(), protected=protected, freeing=self._freeing(budget.device))
+        for victim_id in room.victims:
             victim = self._entries.get(victim_id)
             if victim is None or victim.state != LOADED:
                 budget.policy.remove(victim_id)
                 continue
             self._evict(victim, reason="capacity")
+
+    def _freeing(self, device: str) -> int:
+        """Bytes on ``device`` held by evicted or unloaded copies whose release is under way (not
+        those of abandoned, stuck loads: their threads may never return)."""
+        return sum(e.reserved_bytes for e in self._unloading if e.device == device and id(e) not in self._stuck)
 
     def _evict(self, entry: Entry, *, reason: str) -> None:
         """Stop serving ``entry`` now; free its bytes when its in-flight requests are done."""
@@ -699,9 +715,8 @@ class ModelCache:
         use finish their requests first, and pinned or loading ones stay (logged)."""
         budget = self._budgets[device]
         budget.capacity_bytes = capacity_bytes
-        need = budget.used_bytes - capacity_bytes
-        if need > 0:
-            self._evict_for(budget, need, exclude="")
+        if budget.used_bytes > capacity_bytes:
+            self._evict_for(budget, 0, exclude="")
             # Evicted copies count until their memory is released; what stays is what could not go.
             staying = budget.used_bytes - sum(e.reserved_bytes for e in self._unloading if e.device == device)
             if staying > capacity_bytes:

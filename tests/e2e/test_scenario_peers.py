@@ -61,10 +61,21 @@ def test_fit_mode_loads_while_measured_and_leaves_no_process() -> None:
     for phase in ("open", "closed"):  # evicting and reloading, our mesh still answers everything
         assert mesh[phase]["errors"] == {}, f"mesh {phase} errors: {mesh[phase]['errors']}"
     assert ray["cache"]["hit_ratio"] is None  # not counted: shown as n/a, never estimated
+    # The cluster simulator replayed our mesh's recorded requests with its capacity and policy, from
+    # the sizes and load times its runtimes logged (issue 18: the two hit ratios compared).
+    sim = mesh["simulated"]
+    assert sim["capacity_bytes_per_runtime"] == room["capacity_bytes_per_runtime"] and sim["instances"] == 2
+    assert sim["requests_recorded"] >= sim["requests_measured"] > 0 and sim["models_loaded"] > 0
+    assert sim["hits"] + sim["misses"] + sim["joined"] == sim["requests_measured"]
+    assert 0 < sim["hit_ratio"] < 1 and sim["loads"] > k
+    assert sim["mesh"]["hit_ratio"] == mesh["cache"]["hit_ratio"]
+    assert sim["difference_points"] == round(100 * (sim["mesh"]["hit_ratio_per_request"] - sim["hit_ratio"]), 2)
+    assert "simulated" not in ray
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
     text = render(out)
     assert f"fit {fit:g}: room for K = {k} models" in text
     assert "MLServer is not in this run" in text
+    assert f"The cluster simulator on the same {sim['requests_measured']:,} measured requests" in text
 
 
 @pytest.mark.parametrize("fit", ["0", "-0.5", "1.5", "nan"])

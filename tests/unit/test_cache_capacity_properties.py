@@ -23,7 +23,7 @@ from mesh.errors import MeshError
 from mesh.registry.records import ModelSpec
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache, measured_size
 from mesh.runtime.loaders.base import LoadedModel
-from placement.policy import make_policy
+from placement.registry import make_policy
 
 CAPACITY = 1000
 MODELS = [f"m{i}" for i in range(8)]

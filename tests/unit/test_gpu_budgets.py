@@ -25,7 +25,7 @@ from mesh.runtime.loaders.base import LoadedModel
 from mesh.runtime.service import choose_device
 from mesh.settings import load_settings
 from placement.hashing import Candidate, choose_home
-from placement.policy import make_policy
+from placement.registry import make_policy
 from tests.support.fake_gpu import GIB, MIB, FakeGpus
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from placement.belady import belady, belady_size, encode_keys, next_use, pfoo_lower_bound
 from placement.lru import LRUPolicy
-from placement.policy import EvictionPolicy, make_policy, policy_names
+from placement.policy import EvictionPolicy
+from placement.registry import make_policy, policy_names
 
 # -- references written for these tests, deliberately naive ---------------------------------------
 

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from placement.lru import LRUPolicy
-from placement.policy import EvictionPolicy, make_policy, policy_names
+from placement.policy import EvictionPolicy
+from placement.registry import make_policy, policy_names
 
 HOUR = 3600.0
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from placement.admission import ChurnGuard, FrequencySketch, TinyLFUAdmission
 from placement.gdsf import GDSFPolicy
 from placement.lru import LRUPolicy
-from placement.policy import EvictionPolicy, make_policy, policy_names
+from placement.policy import EvictionPolicy
+from placement.registry import make_policy, policy_names
 from placement.s3fifo import S3FIFOPolicy
 from placement.sieve import SievePolicy
 

@@ -10,22 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from placement.cluster import home_partition, instance_names, simulate_cluster
 from placement.hashing import Candidate, choose_home, rendezvous_order
 from placement.lru import LRUPolicy
-from placement.policy import EvictionPolicy, policy_names
+from placement.offline import offline_reference
+from placement.policy import EvictionPolicy
+from placement.registry import build_policy, policy_names
+from placement.replay import replay
 from placement.request import Request
 from placement.scaling import ModelRule, ScalingConfig
-from placement.simulator import (
-    Stats,
-    build_policy,
-    gap_closed,
-    home_partition,
-    instance_names,
-    offline_reference,
-    replay,
-    simulate_cluster,
-    sum_stats,
-)
+from placement.stats import Stats, gap_closed, sum_stats
 
 R = Request
 POLICIES = policy_names()
@@ -238,7 +232,8 @@ def test_cluster_routing_agrees_with_choose_home() -> None:
 @pytest.mark.parametrize("name", POLICIES)
 def test_cluster_with_instant_loads_is_the_replay_of_each_home_share(name: str) -> None:
     # With loads that take no time and no load bound, the cluster is N independent caches, each fed its
-    # home share: the two simulators must agree exactly, policy by policy.
+    # home share: the two simulators must agree exactly, policy by policy (with replay's rule for a
+    # model the admission filter refuses: it passes through).
     import random
 
     rnd = random.Random(5)
@@ -248,7 +243,8 @@ def test_cluster_with_instant_loads_is_the_replay_of_each_home_share(name: str) 
     trace = [R(i * 0.01, m, sizes[m], 0.0) for i, m in enumerate(rnd.choices(models, weights, k=3000))]
     parts = home_partition(trace, 3)
     per_share = [replay(part, build_policy(name, 200), 200) for part in parts]
-    c = simulate_cluster(trace, instances=3, capacity_bytes=200, policy=name, load_factor=1e9)
+    c = simulate_cluster(trace, instances=3, capacity_bytes=200, policy=name, load_factor=1e9,
+                         refused="pass-through")
     for share, stats in zip(per_share, c.instances.values(), strict=True):
         assert (stats.hits, stats.misses, stats.evictions, stats.bypassed, stats.bytes_missed) == (
             share.hits, share.misses, share.evictions, share.bypassed, share.bytes_missed)
@@ -267,11 +263,11 @@ def test_home_partition_splits_by_plain_home() -> None:
 # -- a cluster: copy scaling and pinning ----------------------------------------------------------
 
 
-def hot_then_cold(hot_rps: float = 40.0) -> list[Request]:
+def hot_then_cold(hot_rps: float = 40.0, infer_ms: float = 0.0) -> list[Request]:
     """A hot model for 60 s, then background traffic only, for 400 s."""
     trace: list[Request] = []
     for i in range(int(60 * hot_rps)):
-        trace.append(R(i / hot_rps, "hot", 10, 50.0))
+        trace.append(R(i / hot_rps, "hot", 10, 50.0, infer_ms))
     for i in range(400):
         trace.append(R(60.0 + i, f"bg{i % 5}", 10, 50.0))
     trace.sort(key=lambda r: r.time_s)
@@ -280,7 +276,10 @@ def hot_then_cold(hot_rps: float = 40.0) -> list[Request]:
 
 def test_hot_model_gets_a_copy_on_its_next_instance_and_gives_it_back() -> None:
     cfg = ScalingConfig(half_life_s=5.0, rps_threshold=25.0, hold_s=60.0, cooldown_s=5.0)
-    c = simulate_cluster(hot_then_cold(), instances=3, capacity_bytes=1000, policy="lru", scaling=cfg)
+    # Requests in flight (30 ms each at 40 rps) are what spreads them over copies: the router's rule
+    # sends a request to the copy with the fewest in flight, the first on a tie.
+    c = simulate_cluster(hot_then_cold(infer_ms=30.0), instances=3, capacity_bytes=1000, policy="lru",
+                         scaling=cfg)
     names = instance_names(3)
     order = rendezvous_order("hot", names)
     assert c.copies_added == 1 and c.copies_removed == 1
@@ -292,21 +291,23 @@ def test_hot_model_gets_a_copy_on_its_next_instance_and_gives_it_back() -> None:
     assert c0.copies_added == 0 and c0.total.copy_loads == 0
 
 
-def test_held_copy_is_protected_until_released() -> None:
-    # A hot model with a copy on a one-model instance; cold misses homed there must not evict it while
-    # it is held; once the copy is released, the cache policy takes it back.
+def test_added_copy_enters_the_eviction_order_hold_s_ahead() -> None:
+    # As the router asks the runtime (mesh.router.replicas): a scale-out copy is stamped hold_s ahead,
+    # so on a two-model instance the cold misses homed there evict each other, not the copy.
     names = instance_names(2)
     order = rendezvous_order("hot", names)
-    cold = [m for m in (f"c{i}" for i in range(100)) if rendezvous_order(m, names)[0] == order[1]][:3]
+    cold = [m for m in (f"c{i}" for i in range(100)) if rendezvous_order(m, names)[0] == order[1]][:2]
     cfg = ScalingConfig(half_life_s=2.0, rps_threshold=10.0, hold_s=20.0, cooldown_s=1.0)
-    trace = [R(i / 50, "hot", 10, 10.0) for i in range(500)]  # 50 rps for 10 s
-    trace += [R(5.0 + 0.3 + i, cold[i], 10, 10.0) for i in range(3)]  # while hot: no room, pass-through
-    trace += [R(60.0 + i, cold[i], 10, 10.0) for i in range(3)]  # long after: normal misses
+    trace = [R(i / 50, "hot", 10, 10.0) for i in range(500)]  # 50 rps for 10 s: a copy on order[1]
+    trace += [R(0.0, cold[0], 10, 10.0), R(5.3, cold[1], 10, 10.0), R(5.6, cold[0], 10, 10.0),
+              R(5.9, cold[1], 10, 10.0)]
     trace.sort(key=lambda r: r.time_s)
-    c = simulate_cluster(trace, instances=2, capacity_bytes=10, policy="lru", scaling=cfg)
-    assert c.copies_added == 1 and c.copies_removed == 1
-    assert c.no_room == 3  # the held copy was not evicted for the three cold misses
-    assert c.instances[order[1]].evictions >= 1  # after release, it was
+    c = simulate_cluster(trace, instances=2, capacity_bytes=20, policy="lru", scaling=cfg)
+    second = c.instances[order[1]]
+    assert c.copies_added == 1 and second.copy_loads == 1 and c.no_room == 0
+    # Each cold request missed: the one before it was evicted for it, the copy never was.
+    assert (second.misses, second.hits, second.evictions) == (4, 0, 3)
+    # Stamped at its load instead, the copy would have been the victim at 5.6 and c1 a hit at 5.9.
 
 
 def test_pinned_model_is_never_evicted() -> None:
@@ -365,3 +366,17 @@ def test_cluster_never_exceeds_capacity_and_is_repeatable(
     assert total.requests == len(trace) == total.hits + total.misses + total.joined
     assert total.loads == total.misses + total.copy_loads
     assert all(w >= 0 for w in (total.wait_p50_ms, total.wait_p99_ms) if not math.isnan(w))
+
+
+def test_a_load_reserves_its_prediction_then_its_measured_size() -> None:
+    # As the runtime: room for the prediction when the load gets its slot, the measured size after.
+    trace = [R(0.0, "a", 10, 1.0), R(1.0, "b", 10, 1.0), R(2.0, "c", 10, 1.0), R(3.0, "a", 10, 1.0)]
+    exact = simulate_cluster(trace, instances=1, capacity_bytes=30, policy="lru")
+    assert (exact.total.evictions, exact.total.hits) == (0, 1)  # c fits beside a and b
+    over = simulate_cluster(trace, instances=1, capacity_bytes=30, policy="lru", predicted={"c": 20})
+    assert (over.total.evictions, over.total.hits) == (1, 0)  # c's prediction made a give way
+    # Predicted below its measured size: c starts without evicting (20 + 5 fit in 25), and the rest
+    # is made room for when it completes (a goes then); the cache never holds more than 25.
+    under = simulate_cluster(trace[:3], instances=1, capacity_bytes=25, predicted={"c": 5},
+                             policy=lambda: Checked(LRUPolicy(), 25))
+    assert (under.total.evictions, under.no_room, under.total.bypassed) == (1, 0, 0)

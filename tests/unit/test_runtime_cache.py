@@ -17,7 +17,7 @@ from mesh.errors import DeadlineExceeded, ModelLoadError, NotHere, ResourceExhau
 from mesh.registry.records import ModelSpec
 from mesh.runtime.cache import DeviceBudget, Entry, ModelCache
 from mesh.runtime.loaders.base import LoadedModel
-from placement.policy import make_policy
+from placement.registry import make_policy
 
 
 class FakeModel(LoadedModel):
@@ -131,6 +131,25 @@ async def test_evicted_copy_in_use_stays_counted_until_its_requests_finish() -> 
     h.cache.end_use(a)
     await asyncio.wait_for(load_c, 2)
     assert h.max_used <= 200
+
+
+async def test_a_load_waiting_for_a_draining_victim_evicts_nothing_more_when_woken() -> None:
+    # c's room is on its way (a, evicted, drains its request). Another load ending wakes c's wait;
+    # counting a's bytes as freeing (placement.kernel.make_room), c must not evict b for the same
+    # room: that once evicted an extra model per wake-up under churn.
+    h = Harness(200, sizes={"a": 100, "b": 100, "c": 100})
+    a = await h.get("a")
+    await h.get("b")
+    h.cache.begin_use(a)
+    load_c = asyncio.create_task(h.get("c"))
+    await asyncio.sleep(0.1)
+    assert h.cache.get("a") is None and not load_c.done()
+    await h.cache._wake_space_waiters()  # what a load finishing elsewhere does
+    await asyncio.sleep(0.05)
+    assert h.cache.get("b") is not None and ("b", "evicted") not in h.events
+    h.cache.end_use(a)
+    await asyncio.wait_for(load_c, 2)
+    assert {e.model_id for e in h.cache.entries()} == {"b", "c"} and h.max_used <= 200
 
 
 async def test_model_larger_than_capacity_is_refused() -> None:

@@ -12,7 +12,7 @@ from mesh.errors import DeadlineExceeded, ModelLoadError, ResourceExhausted
 from mesh.registry.records import ModelSpec
 from mesh.runtime.cache import DeviceBudget
 from mesh.runtime.failures import RecentFailures, RememberingCache
-from placement.policy import make_policy
+from placement.registry import make_policy
 
 SPEC = ModelSpec(model_id="m", type="sklearn", path="/models/m", registered_ms=1)
 

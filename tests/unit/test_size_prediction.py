@@ -17,7 +17,7 @@ from mesh.registry.records import ModelSpec
 from mesh.runtime.cache import DeviceBudget, ModelCache
 from mesh.runtime.loaders.base import LoadedModel
 from mesh.runtime.service import SizePredictor
-from placement.policy import make_policy
+from placement.registry import make_policy
 from placement.sizing import SizeEstimator
 
 FLOOR = 64 * 1024
