@@ -6,18 +6,25 @@
 Our mesh counts bytes, so K models of room has to be turned into a capacity, and by measurement:
 the runtimes charge a loaded model its *measured* size ``s`` (the larger of the loader's accounting
 and the process's memory growth during the load) and, while it loads, its *predicted* size ``P``
-(``runtime.default_model_size_bytes``, 64 KiB, is the floor of the prediction: several times what
-these sklearn models measure). ``loadtest.scenarios.many_models.calibrate`` measures both on a
-cluster of its own (24 loads, one at a time, sizes read from the placement records, ``s`` the mean
-without the largest eighth). A load first makes room for ``P`` (evicting until ``used + P <= C``),
-then its reservation shrinks to ``s``; so between loads a runtime holds ``n`` models with
+(its file's size x the ratio learned for its type, issue 18; before, at least
+``runtime.default_model_size_bytes``, 64 KiB, several times what these sklearn models measure).
+``loadtest.scenarios.many_models.calibrate`` measures both on a cluster of its own (24 loads, one
+at a time, sizes read from the placement records, ``s`` the mean without the largest eighth). A
+load first makes room for ``P`` (evicting until ``used + P <= C``), then its reservation shrinks to
+``s``; so between loads a runtime holds ``n`` models with
 ``(n - 1) x s <= C - P``, that is ``n = floor((C - P) / s) + 1``. Each runtime therefore gets
 
     C = P + (K - 1) / 2 x s
 
 which makes ``n = floor((K - 1) / 2) + 1``: the two runtimes together hold K models between loads
 (K + 1 when K is odd; one fewer on a runtime while it loads). Sizes differ from model to model
-(about 4 to 33 KB here), so what is held is "about K", not exactly K. For a small K, C < 2 P: a
+(about 4 to 33 KB here), so what is held is "about K", not exactly K. And every model must fit a
+runtime at all: since the prediction has no 64 KiB floor (issue 18), ``P`` is a few KB and for a
+small K the formula gave less room than the largest of these models measures (17 KB against 33 KB
+for K = 5), which is not a cache that holds "about K" but one that refuses some models outright.
+So C is at least the largest calibrated size (plus the rounding of a top-up, one page):
+
+    C = max(P + (K - 1) / 2 x s, largest size + 4 KiB) For a small K, C < 2 P: a
 runtime's second concurrent load waits for the first one's reservation to shrink, so loads run one
 at a time per runtime, as Ray's do per replica (its model-cache lock). ``calibrate``'s own capacity
 (``many_models``: ``fit x N / R x s + load slots x P``) is not used: it guarantees the share while
@@ -66,14 +73,15 @@ class MeshRoom:
         return {"capacity_bytes_per_runtime": self.capacity_bytes, "runtimes": RUNTIMES,
                 "size_bytes": self.size_bytes, "predicted_bytes": self.predicted_bytes,
                 "calibration_sizes": self.sizes,
-                "formula": "P + (K - 1) / 2 x s per runtime",
+                "formula": "max(P + (K - 1) / 2 x s, largest size + 4 KiB) per runtime",
                 "method": "loadtest.scenarios.many_models.calibrate: 24 loads on a private runtime, "
                           "s = trimmed mean of their measured sizes, P = the runtime's predicted size"}
 
 
-def room_for(k: int, size_bytes: int, predicted_bytes: int) -> int:
-    """Capacity per runtime so that the runtimes hold about ``k`` models between loads."""
-    return predicted_bytes + round((k - 1) / 2 * size_bytes)
+def room_for(k: int, size_bytes: int, predicted_bytes: int, largest_bytes: int = 0) -> int:
+    """Capacity per runtime so that the runtimes hold about ``k`` models between loads, and at
+    least room for the largest model (module docstring)."""
+    return max(predicted_bytes + round((k - 1) / 2 * size_bytes), largest_bytes + 4096 if largest_bytes else 0)
 
 
 def measure_room(models: Sequence[tuple[Target, Path]], k: int) -> MeshRoom:
@@ -84,7 +92,7 @@ def measure_room(models: Sequence[tuple[Target, Path]], k: int) -> MeshRoom:
     files = [TrainedModel(t.model_id, f, t.sample.shape[1], t.sample) for t, f in models]
     # The Settings only size calibrate's own capacity, which is not used (module docstring).
     cal = calibrate(Settings(models=len(models), runtimes=RUNTIMES, fit=k / len(models)), files)
-    return MeshRoom(k=k, capacity_bytes=room_for(k, cal.size_bytes, cal.predicted_bytes),
+    return MeshRoom(k=k, capacity_bytes=room_for(k, cal.size_bytes, cal.predicted_bytes, max(cal.sizes, default=0)),
                     size_bytes=cal.size_bytes, predicted_bytes=cal.predicted_bytes,
                     sizes=list(cal.sizes))
 
@@ -125,10 +133,9 @@ class MeshCounter:
         wait_until(lambda: self._find(up_log), timeout_s=timeout_s, what="mesh metrics URLs")
 
     def _find(self, up_log: Path) -> bool:
-        match = re.search(r"^logs: (.+)$", up_log.read_text(errors="replace"), re.MULTILINE)
-        if not match:
+        workdir = logs_dir(up_log)
+        if workdir is None:
             return False
-        workdir = Path(match.group(1).strip())
         runtimes = sorted(workdir.glob("runtime-*.log"))
         urls = [_metrics_url(p) for p in runtimes]
         router = _metrics_url(workdir / "router.log")
@@ -145,6 +152,13 @@ class MeshCounter:
                   ("refused", snap.refused), ("copies_added", snap.copies_added))
         return Reading(loads=snap.loads, hits=snap.cache.hits, misses=snap.cache.misses,
                        evictions=snap.evictions, detail=detail)
+
+
+def logs_dir(up_log: Path) -> Path | None:
+    """The folder of the processes' logs that ``mesh up`` announced on its first line (``logs: DIR
+    (kept after exit; ...)``, ``mesh.embedded.up``), None until it has."""
+    match = re.search(r"^logs: (.+?)(?: \(kept after exit[^)]*\))?$", up_log.read_text(errors="replace"), re.MULTILINE)
+    return Path(match.group(1).strip()) if match else None
 
 
 def _metrics_url(log_path: Path) -> str | None:
@@ -266,11 +280,11 @@ class Recorder:
 def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float, int]]]:
     """``(measured size, load ms, predicted size)`` of every load each runtime of a ``mesh up``
     logged, per model."""
-    match = re.search(r"^logs: (.+)$", up_log.read_text(errors="replace"), re.MULTILINE)
-    if not match:
+    workdir = logs_dir(up_log)
+    if workdir is None:
         return {}
     loads: dict[str, list[tuple[int, float, int]]] = {}
-    for path in sorted(Path(match.group(1).strip()).glob("runtime-*.log")):
+    for path in sorted(workdir.glob("runtime-*.log")):
         for line in path.read_text(errors="replace").splitlines():
             if '"model loaded"' not in line:
                 continue
@@ -289,11 +303,11 @@ def logged_loads(up_log: Path) -> dict[str, list[tuple[int, float, int]]]:
 def logged_warnings(up_log: Path, limit: int = 12) -> dict[str, int]:
     """The warnings and errors the router and runtimes of a ``mesh up`` logged, counted by process,
     event and the start of their message: why requests failed, when any did."""
-    match = re.search(r"^logs: (.+)$", up_log.read_text(errors="replace"), re.MULTILINE)
-    if not match:
+    workdir = logs_dir(up_log)
+    if workdir is None:
         return {}
     counts: dict[str, int] = {}
-    for path in sorted(Path(match.group(1).strip()).glob("*.log")):
+    for path in sorted(workdir.glob("*.log")):
         for line in path.read_text(errors="replace").splitlines():
             if '"level": "warning"' not in line and '"level": "error"' not in line:
                 continue

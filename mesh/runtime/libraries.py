@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -84,8 +85,11 @@ class Imports:
 
     def activity(self) -> tuple[int, int]:
         """(imports started or ended so far, imports running now): a load measured while this
-        moved, or while one ran, cannot tell its memory from the library's (``ModelCache``)."""
-        return self._events, self._running
+        moved, or while one ran, cannot tell its memory from the library's (``ModelCache``).
+        Modules any thread imported count too (``sys.modules`` only grows): unpickling a model
+        imports the estimator's own module when ``LIBRARIES`` does not name it (an SVC's
+        ``sklearn.svm``), and that module's memory is the process's, not the model's."""
+        return self._events + len(sys.modules), self._running
 
     def _type_lock(self, model_type: str) -> threading.Lock:
         with self._lock:

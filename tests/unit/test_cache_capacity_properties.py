@@ -170,3 +170,7 @@ def test_a_tiny_model_is_charged_about_its_size_not_an_allocator_step() -> None:
     assert measured_size(100_000, 50_000_000, 400_000, floor) == 2 * 400_000 + 256 * 1024
     # Without a footprint the prediction is all there is.
     assert measured_size(0, 10_000, floor, floor) == 10_000
+    # Growth within 256 KiB of the footprint is noise: the footprint, whatever the prediction.
+    assert measured_size(4_000, 33_000, 5_000, floor) == 4_000
+    assert measured_size(18_000, 56_000, 67_000, floor) == 18_000
+    assert measured_size(18_000, 18_000 + 256 * 1024 + 1, 300_000, floor) == 18_000 + 256 * 1024 + 1

@@ -64,3 +64,16 @@ def test_a_failed_import_is_not_recorded_and_is_tried_again(lib_dir: Path,
         with pytest.raises(ImportError, match=r"libfoo\.so"):
             imports.ensure("broken", at_start=True)
     assert imports.imported() == []
+
+
+def test_any_module_imported_moves_the_activity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's unpickling imports its estimator's module when LIBRARIES does not name it (an
+    SVC's sklearn.svm): the load that did it cannot tell that module's memory from the model's, so
+    its RSS growth must not be believed (issue 18: a 19 KB model was charged 57 KB and refused)."""
+    (tmp_path / "mesh_fresh_module_for_activity.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imports = Imports()
+    before = imports.activity()
+    import mesh_fresh_module_for_activity  # noqa: F401  # a module no test imported before
+
+    assert imports.activity() != before and imports.activity()[1] == 0

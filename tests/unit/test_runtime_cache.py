@@ -159,6 +159,16 @@ async def test_model_larger_than_capacity_is_refused() -> None:
     assert h.calls == []
 
 
+async def test_an_estimate_a_little_over_capacity_is_tried_and_its_measured_size_decides() -> None:
+    """A learned prediction up to twice the room (issue 18: file size x a ratio other models
+    skewed) is loaded in all of the room; the model, measured at 90 bytes, stays."""
+    h = Harness(100, sizes={"a": 30, "odd": 90}, predictions={"a": 30, "odd": 150})
+    await h.get("a")
+    entry = await h.get("odd")
+    assert entry.reserved_bytes == 90 and h.max_used <= 100
+    assert h.cache.get("a") is None  # the room was made for the whole capacity first
+
+
 async def test_model_measuring_larger_than_capacity_after_load_is_refused_and_released() -> None:
     h = Harness(100, sizes={"big": 500})
     h.cache._predict_size = lambda s, d: 10  # type: ignore[method-assign]
