@@ -215,6 +215,22 @@ def test_xgboost_logitraw_is_served_as_logistic_would_be(tmp_path: Path) -> None
     assert set(got["predict"].tolist()) == {0, 1}
 
 
+def test_xgboost_multi_label_serves_one_label_per_target(tmp_path: Path) -> None:
+    import xgboost
+    from sklearn.datasets import make_multilabel_classification
+
+    x, y = make_multilabel_classification(n_samples=200, n_classes=3, random_state=0)
+    x = x.astype(np.float32)
+    xgboost.XGBClassifier(n_estimators=4, max_depth=2, tree_method="hist", n_jobs=1).fit(x, y).save_model(
+        tmp_path / "labels.json")
+    model = get_loader("xgboost").load("m", tmp_path / "labels.json", {}, "ram")
+    assert _outputs(model) == [("predict", "INT64", (-1, 3)), ("predict_proba", "FP32", (-1, 3))]
+    wrapper = _xgb_classifier(tmp_path / "labels.json")
+    got = serve(model, {"x": x[:20]}, True, ["predict", "predict_proba"])
+    np.testing.assert_array_equal(got["predict"], wrapper.predict(x[:20]))
+    np.testing.assert_array_equal(got["predict_proba"], _xgb_old_output(tmp_path / "labels.json", x[:20]))
+
+
 def test_xgboost_hinge_serves_labels_without_probabilities(tmp_path: Path) -> None:
     file, x = _xgb_booster(tmp_path, "binary:hinge", "breast_cancer")
     model = get_loader("xgboost").load("m", file, {}, "ram")
