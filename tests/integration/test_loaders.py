@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -102,14 +103,17 @@ def test_metadata_describes_the_model(models_dir: Path, kind: str) -> None:
         assert spec.to_pb().name == spec.name
 
 
-def test_sklearn_predict_proba_only_when_requested(models_dir: Path) -> None:
-    a = artifact(models_dir, "sklearn", 0)
+@pytest.mark.parametrize("kind", ["sklearn", "xgboost", "lightgbm"])
+@pytest.mark.parametrize("seed", [0, 2])  # iris (3 classes), breast_cancer (binary)
+def test_predict_proba_only_when_requested(models_dir: Path, kind: str, seed: int) -> None:
+    a = artifact(models_dir, kind, seed)
     model = load(a)
     assert list(serve(model, {"x": a.sample}, True)) == ["predict"]
     both = serve(model, {"x": a.sample}, True, ["predict_proba", "predict"])
     assert list(both) == ["predict_proba", "predict"]
     assert_outputs_match({"predict_proba": both["predict_proba"]}, a.on_request)
     assert_outputs_match({"predict": both["predict"]}, a.expected)
+    assert both["predict_proba"].shape[1] == (2 if seed == 2 else 3)
 
 
 def test_sklearn_string_labels_are_bytes(models_dir: Path) -> None:
@@ -128,6 +132,170 @@ def test_sklearn_regressor_has_no_predict_proba(models_dir: Path) -> None:
     assert model.outputs[0].datatype == "FP64"
     with pytest.raises(InvalidArgument, match="unknown output 'predict_proba'"):
         model.predict({"x": a.sample}, ["predict_proba"])
+
+
+# --- XGBoost and LightGBM: what each objective serves -------------------------------------------
+# Per objective, a Booster trained with it and saved as a user would: ``predict`` must be the
+# labels the library's scikit-learn wrapper gives for that file, ``predict_proba`` what the
+# Booster itself returns (the output once served as ``predict``), and regression unchanged.
+
+
+def _xgb_booster(tmp_path: Path, objective: str, dataset: str, **params: object) -> tuple[Path, np.ndarray]:
+    import xgboost
+    from sklearn import datasets
+
+    x, y = getattr(datasets, f"load_{dataset}")(return_X_y=True)
+    x = x.astype(np.float32)
+    if objective.startswith("reg:"):
+        y = x[:, 0]
+    all_params = {"objective": objective, "max_depth": 2, "nthread": 1, "seed": 0, **params}
+    booster = xgboost.train(all_params, xgboost.DMatrix(x, y), num_boost_round=4)
+    file = tmp_path / f"{objective.replace(':', '-')}.json"
+    booster.save_model(str(file))
+    return file, x[::7]  # rows of every class
+
+
+def _xgb_classifier(file: Path) -> Any:
+    import xgboost
+
+    wrapper = xgboost.XGBClassifier()
+    wrapper.load_model(str(file))
+    return wrapper
+
+
+def _xgb_old_output(file: Path, x: np.ndarray, **kwargs: object) -> np.ndarray:
+    import xgboost
+
+    return np.asarray(xgboost.Booster(model_file=str(file)).inplace_predict(x, **kwargs))
+
+
+def _outputs(model: LoadedModel) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(o.name, o.datatype, tuple(o.shape)) for o in model.outputs]
+
+
+@pytest.mark.parametrize(("objective", "dataset", "classes"),
+                         [("binary:logistic", "breast_cancer", 2), ("multi:softprob", "iris", 3),
+                          ("multi:softmax", "iris", 3)])
+def test_xgboost_classifier_serves_labels_and_probabilities(tmp_path: Path, objective: str, dataset: str,
+                                                            classes: int) -> None:
+    extra = {"num_class": classes} if objective.startswith("multi:") else {}
+    file, x = _xgb_booster(tmp_path, objective, dataset, **extra)
+    model = get_loader("xgboost").load("m", file, {}, "ram")
+    assert _outputs(model) == [("predict", "INT64", (-1,)), ("predict_proba", "FP32", (-1, classes))]
+    assert model.default_outputs == ["predict"]
+    wrapper = _xgb_classifier(file)
+    labels = wrapper.predict(x)
+    assert len(set(labels.tolist())) == classes  # the rows cover every class: the test can fail
+    got = serve(model, {"x": x}, False, ["predict", "predict_proba"])
+    assert got["predict"].dtype == np.int64 and got["predict_proba"].dtype == np.float32
+    np.testing.assert_array_equal(got["predict"], labels)
+    np.testing.assert_allclose(got["predict_proba"], wrapper.predict_proba(x), rtol=1e-6, atol=1e-6)
+    old = _xgb_old_output(file, x)
+    if objective == "binary:logistic":
+        np.testing.assert_array_equal(got["predict_proba"][:, 1], old)  # the old `predict`, as column 1
+        np.testing.assert_allclose(got["predict_proba"].sum(axis=1), 1, rtol=1e-6)
+    elif objective == "multi:softprob":
+        np.testing.assert_array_equal(got["predict_proba"], old)
+    else:
+        np.testing.assert_array_equal(got["predict"], old)  # softmax's index, now an integer
+    assert list(serve(model, {"x": x}, True)) == ["predict"]
+
+
+def test_xgboost_logitraw_is_served_as_logistic_would_be(tmp_path: Path) -> None:
+    """A logitraw margin goes through the logistic function: ``predict`` is 1 where the margin is
+    > 0. (XGBClassifier compares the margin itself with 0.5, which this asserts we do not copy.)"""
+    file, x = _xgb_booster(tmp_path, "binary:logitraw", "breast_cancer")
+    model = get_loader("xgboost").load("m", file, {}, "ram")
+    assert _outputs(model) == [("predict", "INT64", (-1,)), ("predict_proba", "FP32", (-1, 2))]
+    margin = _xgb_old_output(file, x)
+    got = serve(model, {"x": x}, True, ["predict", "predict_proba"])
+    np.testing.assert_allclose(got["predict_proba"][:, 1], 1 / (1 + np.exp(-margin.astype(np.float64))), rtol=1e-6)
+    np.testing.assert_array_equal(got["predict"], (margin > 0).astype(np.int64))
+    assert ((margin > 0) & (margin <= 0.5)).any()  # rows where the wrapper's threshold would differ
+    assert set(got["predict"].tolist()) == {0, 1}
+
+
+def test_xgboost_multi_label_serves_one_label_per_target(tmp_path: Path) -> None:
+    import xgboost
+    from sklearn.datasets import make_multilabel_classification
+
+    x, y = make_multilabel_classification(n_samples=200, n_classes=3, random_state=0)
+    x = x.astype(np.float32)
+    xgboost.XGBClassifier(n_estimators=4, max_depth=2, tree_method="hist", n_jobs=1).fit(x, y).save_model(
+        tmp_path / "labels.json")
+    model = get_loader("xgboost").load("m", tmp_path / "labels.json", {}, "ram")
+    assert _outputs(model) == [("predict", "INT64", (-1, 3)), ("predict_proba", "FP32", (-1, 3))]
+    wrapper = _xgb_classifier(tmp_path / "labels.json")
+    got = serve(model, {"x": x[:20]}, True, ["predict", "predict_proba"])
+    np.testing.assert_array_equal(got["predict"], wrapper.predict(x[:20]))
+    np.testing.assert_array_equal(got["predict_proba"], _xgb_old_output(tmp_path / "labels.json", x[:20]))
+
+
+def test_xgboost_hinge_serves_labels_without_probabilities(tmp_path: Path) -> None:
+    file, x = _xgb_booster(tmp_path, "binary:hinge", "breast_cancer")
+    model = get_loader("xgboost").load("m", file, {}, "ram")
+    assert _outputs(model) == [("predict", "INT64", (-1,))]
+    got = serve(model, {"x": x}, True)
+    np.testing.assert_array_equal(got["predict"], _xgb_classifier(file).predict(x))
+    with pytest.raises(InvalidArgument, match="unknown output 'predict_proba'"):
+        model.predict({"x": x}, ["predict_proba"])
+
+
+def test_xgboost_regression_is_unchanged(tmp_path: Path) -> None:
+    file, x = _xgb_booster(tmp_path, "reg:squarederror", "iris")
+    model = get_loader("xgboost").load("m", file, {}, "ram")
+    assert _outputs(model) == [("predict", "FP32", (-1,))]
+    got = serve(model, {"x": x}, True)
+    assert list(got) == ["predict"] and got["predict"].dtype == np.float32
+    np.testing.assert_array_equal(got["predict"], _xgb_old_output(file, x))
+    with pytest.raises(InvalidArgument, match="unknown output 'predict_proba'"):
+        model.predict({"x": x}, ["predict_proba"])
+
+
+@pytest.mark.parametrize(("objective", "dataset", "classes"),
+                         [("binary", "breast_cancer", 2), ("multiclass", "iris", 3), ("multiclassova", "iris", 3)])
+def test_lightgbm_classifier_serves_labels_and_probabilities(tmp_path: Path, objective: str, dataset: str,
+                                                             classes: int) -> None:
+    import lightgbm
+    from sklearn import datasets
+
+    x, y = getattr(datasets, f"load_{dataset}")(return_X_y=True)
+    wrapper = lightgbm.LGBMClassifier(objective=objective, n_estimators=4, num_leaves=4, random_state=0,
+                                      deterministic=True, n_jobs=1, verbose=-1).fit(x, y)
+    file = tmp_path / f"{objective}.txt"
+    wrapper.booster_.save_model(str(file))
+    sample = x[::7]
+    model = get_loader("lightgbm").load("m", file, {}, "ram")
+    assert _outputs(model) == [("predict", "INT64", (-1,)), ("predict_proba", "FP64", (-1, classes))]
+    assert model.default_outputs == ["predict"]
+    labels = wrapper.predict(sample)
+    assert len(set(labels.tolist())) == classes  # the rows cover every class: the test can fail
+    got = serve(model, {"x": sample}, False, ["predict", "predict_proba"])
+    assert got["predict"].dtype == np.int64 and got["predict_proba"].dtype == np.float64
+    np.testing.assert_array_equal(got["predict"], labels)
+    np.testing.assert_allclose(got["predict_proba"], wrapper.predict_proba(sample), rtol=1e-12)
+    old = lightgbm.Booster(model_file=str(file)).predict(sample)  # the old `predict`
+    np.testing.assert_allclose(got["predict_proba"][:, 1] if objective == "binary" else got["predict_proba"], old,
+                               rtol=1e-12)
+    assert list(serve(model, {"x": sample}, True)) == ["predict"]
+
+
+def test_lightgbm_regression_is_unchanged(tmp_path: Path) -> None:
+    import lightgbm
+    from sklearn import datasets
+
+    x, _ = datasets.load_iris(return_X_y=True)
+    booster = lightgbm.train({"objective": "regression", "num_leaves": 4, "verbose": -1, "num_threads": 1},
+                             lightgbm.Dataset(x[:, 1:], x[:, 0]), num_boost_round=4)
+    file = tmp_path / "regression.txt"
+    booster.save_model(str(file))
+    model = get_loader("lightgbm").load("m", file, {}, "ram")
+    assert _outputs(model) == [("predict", "FP64", (-1,))]
+    got = serve(model, {"x": x[:, 1:]}, True)
+    assert list(got) == ["predict"]
+    np.testing.assert_allclose(got["predict"], booster.predict(x[:, 1:]), rtol=1e-12)
+    with pytest.raises(InvalidArgument, match="unknown output 'predict_proba'"):
+        model.predict({"x": x[:, 1:]}, ["predict_proba"])
 
 
 @pytest.mark.parametrize("kind", ["sklearn", "xgboost", "lightgbm"])
@@ -270,7 +438,7 @@ def _ir(model: object, path: Path, compress_to_fp16: bool = False) -> Path:
 
 
 def _named(node: object, name: str) -> object:
-    node.output(0).get_tensor().set_names({name})  # type: ignore[attr-defined]
+    node.output(0).get_tensor().set_names({name})
     return node
 
 
@@ -407,7 +575,7 @@ def test_openvino_fp16_compressed_weights(models_dir: Path, tmp_path: Path) -> N
 def test_openvino_compiles_for_many_models_on_one_cpu(models_dir: Path) -> None:
     """The compile properties the loader's docstring argues for, as OpenVINO reports them."""
     model = load(artifact(models_dir, "openvino", 0))
-    compiled = model._compiled  # type: ignore[attr-defined]
+    compiled = model._compiled
     assert str(compiled.get_property("EXECUTION_MODE_HINT")) == "ExecutionMode.ACCURACY"
     assert int(compiled.get_property("NUM_STREAMS")) == 1
     assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1

@@ -15,7 +15,8 @@ OpenVINO IR is ``model.xml`` with ``model.bin`` beside it, or for odd seeds ``1/
 and ``1/classifier.bin`` (OpenVINO Model Server's version folder).
 
 ``expected`` holds exactly the outputs a request that names no outputs gets back; ``on_request``
-the outputs served only when named (scikit-learn's ``predict_proba``). Compare with
+the outputs served only when named (``predict_proba`` of the scikit-learn, XGBoost and LightGBM
+classifiers). Compare with
 :func:`assert_outputs_match`, which knows that BYTES come back as ``bytes`` and floats need a
 tolerance.
 """
@@ -192,16 +193,16 @@ def _xgboost(model_dir: Path, seed: int) -> ModelArtifact:
     file = model_dir / ("model.json" if seed % 2 == 0 else "model.ubj")
     model.save_model(file)
     sample = _sample_rows(x, seed)
-    # The served output is the Booster's inplace prediction: P(class 1) for binary:logistic,
-    # class probabilities for multi:softprob.
-    expected = np.asarray(model.get_booster().inplace_predict(sample))
+    # Served as XGBClassifier serves it (MLServer's runtime too): ``predict`` the class index,
+    # ``predict_proba`` (when named) the [rows, classes] probabilities, [1 - p, p] for binary.
     return ModelArtifact(
         type="xgboost",
         path=model_dir,
         file=file,
         sample=sample,
-        expected={"predict": expected},
+        expected={"predict": np.asarray(model.predict(sample), dtype=np.int64)},
         n_features=x.shape[1],
+        on_request={"predict_proba": np.asarray(model.predict_proba(sample))},
         description=f"XGBClassifier on {name}",
     )
 
@@ -211,31 +212,33 @@ def _lightgbm(model_dir: Path, seed: int) -> ModelArtifact:
 
     name, x, y, target_names = _data(seed)
     n_classes = len(target_names)
-    params: dict[str, Any] = {
-        "objective": "binary" if n_classes == 2 else "multiclass",
-        "num_leaves": 4,
-        "min_data_in_leaf": 5,
-        "learning_rate": 0.3,
-        "seed": seed,
-        "deterministic": True,
-        "force_col_wise": True,
-        "num_threads": 1,
-        "verbose": -1,
-    }
-    if n_classes > 2:
-        params["num_class"] = n_classes
-    booster = lightgbm.train(params, lightgbm.Dataset(x, y), num_boost_round=3 + seed % 4)
+    objective = "binary" if n_classes == 2 else "multiclass"
+    model = lightgbm.LGBMClassifier(
+        objective=objective,
+        n_estimators=3 + seed % 4,
+        num_leaves=4,
+        min_child_samples=5,
+        learning_rate=0.3,
+        random_state=seed,
+        deterministic=True,
+        force_col_wise=True,
+        n_jobs=1,
+        verbose=-1,
+    )
+    model.fit(x, y)
     file = model_dir / "model.txt"
-    booster.save_model(str(file))
+    model.booster_.save_model(str(file))  # the Booster file a user serves, without the wrapper
     sample = _sample_rows(x, seed)
+    # The labels are 0..classes-1, so the wrapper's labels are the served class indices.
     return ModelArtifact(
         type="lightgbm",
         path=model_dir,
         file=file,
         sample=sample,
-        expected={"predict": np.asarray(booster.predict(sample), dtype=np.float64)},
+        expected={"predict": np.asarray(model.predict(sample), dtype=np.int64)},
         n_features=x.shape[1],
-        description=f"lightgbm {params['objective']} on {name}",
+        on_request={"predict_proba": np.asarray(model.predict_proba(sample), dtype=np.float64)},
+        description=f"LGBMClassifier {objective} on {name}",
     )
 
 

@@ -11,11 +11,14 @@ of its own type.
 | type        | files            | inputs                        | outputs (default first)               |
 |-------------|------------------|-------------------------------|---------------------------------------|
 | sklearn     | .joblib .pkl     | one 2-D numeric, any name     | predict; predict_proba when requested |
-| xgboost     | .json .ubj       | one 2-D numeric, any name     | predict (FP32)                        |
-| lightgbm    | .txt             | one 2-D numeric, any name     | predict (FP64)                        |
+| xgboost     | .json .ubj       | one 2-D numeric, any name     | predict; predict_proba when requested |
+| lightgbm    | .txt             | one 2-D numeric, any name     | predict; predict_proba when requested |
 | onnx        | .onnx            | by name (any if just one)     | every session output, by its name     |
 | openvino    | .xml (+ .bin)    | by name (any if just one)     | every model output, by its name       |
 | torchscript | .pt .pth         | positional, in request order  | output__0, output__1, ...             |
+
+(xgboost and lightgbm: ``predict_proba`` for classification objectives only, where ``predict`` is
+the class index; a regressor's ``predict`` is its value. Each loader's docstring has the rules.)
 
 Plug-ins: a package adds model types by declaring ``Loader`` subclasses in the entry point group
 ``mesh_serving.loaders`` (name: the model type; value: ``module:Class``), e.g. in its
