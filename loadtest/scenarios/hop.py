@@ -29,7 +29,8 @@ nothing in flight. The router's CPU per forwarded request and the echo server's 
 request both come from block 2 (c=N). The naive proxy's figures are a reference measured in the
 same run: the targets were set against a naive proxy measured earlier on this machine.
 
-Then, unless ``--profile-seconds 0``, the router is profiled with py-spy (native frames, which
+Then, unless ``--profile-seconds 0``, the router (or what ``--profile-process`` names: router,
+runtime, each in turn) is profiled with py-spy (native frames, which
 pauses it at each sample) under routed c=N load, in an extra phase that is not part of the measured
 numbers (``loadtest.profile`` explains the summary).
 
@@ -149,11 +150,11 @@ async def interleaved(targets: list[Target], body: bytes, concurrency: int,
     return results
 
 
-async def _profile(target: Target, body: bytes, router: Server, concurrency: int, seconds: float,
-                   workdir: Path) -> dict[str, Any]:
-    path = workdir / "router-native.raw"
-    log(f"profiling the router with py-spy (native frames, {seconds:g} s under routed c={concurrency})")
-    spy = prof.start_record(router.pid, path, duration_s=seconds, native=True)
+async def _profile(target: Target, body: bytes, server: Server, concurrency: int, seconds: float,
+                   workdir: Path, name: str = "router") -> dict[str, Any]:
+    path = workdir / f"{name}-native.raw"
+    log(f"profiling the {name} with py-spy (native frames, {seconds:g} s under routed c={concurrency})")
+    spy = prof.start_record(server.pid, path, duration_s=seconds, native=True)
     await asyncio.sleep(1.0)  # let py-spy attach before the load starts
     await closed_loop(target.call, body, target.metadata, name="profile", concurrency=concurrency,
                       duration_s=seconds, warmup_s=0)
@@ -206,10 +207,13 @@ async def run(args: argparse.Namespace, cluster: Cluster, model: TrainedModel,
         profile: dict[str, Any] = {}
         if args.profile_seconds > 0:
             if prof.available():
-                profile = await _profile(targets[-1], body, router, c, args.profile_seconds,
-                                         cluster.workdir)
+                # One process at a time: native sampling pauses the process it samples.
+                for name in args.profile_process:
+                    profile[name] = await _profile(targets[-1], body, servers[name], c, args.profile_seconds,
+                                                   cluster.workdir, name)
             else:
-                profile = {"error": "py-spy is not installed (pip install py-spy)"}
+                profile = {name: {"error": "py-spy is not installed (pip install py-spy)"}
+                           for name in args.profile_process}
     finally:
         for channel in channels.values():
             await channel.close()
@@ -275,11 +279,11 @@ def render(result: dict[str, Any]) -> str:
     if "proxy_sys_ms_per_req" in routed:
         out.append(f"router CPU per forwarded request at c={c}: {routed['proxy_cpu_ms_per_req']:.3f} ms, "
                    f"of which {routed['proxy_sys_ms_per_req']:.3f} ms in the kernel (system time)")
-    profile = result.get("profile") or {}
-    if "text" in profile:
-        out += ["", f"router profile (py-spy, native frames, routed c={c}):", profile["text"]]
-    elif profile:
-        out += ["", f"router profile: {profile}"]
+    for name, profile in (result.get("profile") or {}).items():
+        if "text" in profile:
+            out += ["", f"{name} profile (py-spy, native frames, routed c={c}):", profile["text"]]
+        else:
+            out += ["", f"{name} profile: {profile}"]
     return "\n".join(out)
 
 
@@ -292,10 +296,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="unmeasured seconds before each segment (default 0.5)")
     parser.add_argument("--concurrency", type=int, default=32, help="workers in the throughput phase")
     parser.add_argument("--profile-seconds", type=float, default=6.0,
-                        help="seconds of py-spy on the router after the measurements (0: none)")
+                        help="seconds of py-spy on each profiled process after the measurements (0: none)")
+    parser.add_argument("--profile-process", action="append", choices=("router", "runtime"),
+                        help="which process to profile under routed load (repeatable; default: the router)")
     parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy reference")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    args.profile_process = args.profile_process or ["router"]
     prepare_benchmark_process()
     foreign = ForeignLoad()
     log("training the model...")
@@ -318,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(model_dir, ignore_errors=True)
     result["machine"]["foreign_load"] = foreign.result()
     markdown = render(result)
-    result["profile"].pop("text", None)
+    for profile in result["profile"].values():
+        profile.pop("text", None)
     emit(args, result, markdown)
     return 0
 
