@@ -8,15 +8,16 @@ Why (issue 18, part 4). Under closed-loop load a runtime spent about 9 % of its 
   the metadata tuples), so with 32 requests in flight the young generation crosses 700 every few
   dozen requests, and each collection walks every object in flight, none of which is garbage:
   they are freed by reference counting as their requests finish.
-* Every tenth young collection is a second-generation one, and the oldest generation holds what
-  start-up imported (grpc, protobuf descriptors, numpy, scikit-learn: several hundred thousand
-  objects in a runtime); a full collection walks all of it, a pause of tens of milliseconds
-  that lands on whichever requests are in flight.
+* The oldest generation holds what start-up and the model libraries imported (grpc, protobuf
+  descriptors, numpy, scikit-learn: about 135,000 objects in a runtime); a full collection walks
+  all of it with the GIL held, 20 to 140 ms here (the more the machine is loaded, the longer), a
+  pause that lands on every request in flight.
 
 What. Once the process is serving, :func:`tune` moves everything alive into the permanent
-generation (``gc.freeze()``: never scanned again; objects start-up made are rarely garbage later)
-and raises the young generation's threshold to :data:`GEN0_THRESHOLD`, so that requests in flight
-are mostly freed by reference counting before a collection would visit them.
+generation (``gc.freeze()``: never scanned again; objects start-up made are rarely garbage later),
+again after each model library imported later (:func:`refreeze`), and raises the young
+generation's threshold to :data:`GEN0_THRESHOLD`, so that requests in flight are mostly freed by
+reference counting before a collection would visit them.
 
 Trade-off. Garbage that *is* cyclic (an exception caught with its traceback, which keeps the
 handler's frame) lives until the next collection, which now comes after more allocations: with
@@ -34,16 +35,31 @@ import gc
 GEN0_THRESHOLD = 10_000  # young objects between collections; CPython's default is 700
 # Older generations keep CPython's default ratios (10 young collections per middle one, etc.).
 
+_tuned = False
+
 
 def tune(gen0_threshold: int = GEN0_THRESHOLD) -> None:
     """Freeze the objects alive now and raise the young generation's threshold (0 leaves the
     collector as CPython configures it). Call once, when start-up is done."""
+    global _tuned
     if gen0_threshold <= 0:
         return
     gc.collect()  # what start-up left as garbage goes now, not into the permanent generation
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(gen0_threshold, gen1, gen2)
+    _tuned = True
 
 
-__all__ = ["GEN0_THRESHOLD", "tune"]
+def refreeze() -> None:
+    """After a large import while serving (a model library imported at the first load of its
+    type, ``mesh.runtime.libraries``: scikit-learn alone brings some 100,000 objects): collect,
+    then freeze again, so that full collections do not walk the library from then on. Once per
+    library, on a loader thread, in a load that takes a second or more anyway. A no-op in a
+    process that :func:`tune` did not set up (tests calling the loaders directly)."""
+    if _tuned:
+        gc.collect()
+        gc.freeze()
+
+
+__all__ = ["GEN0_THRESHOLD", "refreeze", "tune"]
