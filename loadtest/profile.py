@@ -119,11 +119,18 @@ def available() -> bool:
 
 
 def start_record(pid: int, output: Path, *, duration_s: float, rate: int = 250,
-                 native: bool = True) -> subprocess.Popen[bytes]:
-    """Start ``py-spy record`` on ``pid`` in the background; wait on the returned process."""
+                 native: bool = True, gil: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``py-spy record`` on ``pid`` in the background; wait on the returned process.
+    ``gil``: Python frames of the thread holding the GIL only (no native frames, the process not
+    paused): where the interpreter's time goes across the event loop and the inference threads,
+    which native sampling of a runtime under-counts (its inference threads' samples mostly
+    unwind to waits)."""
     argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(output),
             "--duration", str(max(1, round(duration_s))), "--rate", str(rate), "--full-filenames"]
-    argv += ["--native"] if native else ["--nonblocking"]
+    if gil:
+        argv += ["--gil", "--nonblocking"]
+    else:
+        argv += ["--native"] if native else ["--nonblocking"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -196,10 +196,11 @@ async def interleaved(targets: list[Target], body: bytes, concurrency: int,
 
 
 async def _profile(target: Target, body: bytes, server: Server, concurrency: int, seconds: float,
-                   workdir: Path, name: str = "router") -> dict[str, Any]:
+                   workdir: Path, name: str = "router", gil: bool = False) -> dict[str, Any]:
     path = workdir / f"{name}-native.raw"
-    log(f"profiling the {name} with py-spy (native frames, {seconds:g} s under routed c={concurrency})")
-    spy = prof.start_record(server.pid, path, duration_s=seconds, native=True)
+    mode = "GIL holder's Python frames" if gil else "native frames"
+    log(f"profiling the {name} with py-spy ({mode}, {seconds:g} s under routed c={concurrency})")
+    spy = prof.start_record(server.pid, path, duration_s=seconds, native=not gil, gil=gil)
     await asyncio.sleep(1.0)  # let py-spy attach before the load starts
     await closed_loop(target.call, body, target.metadata, name="profile", concurrency=concurrency,
                       duration_s=seconds, warmup_s=0)
@@ -269,7 +270,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, model: TrainedModel,
                 routed_target = next(t for t in targets if t.name == "routed")
                 for name in args.profile_process:
                     profile[name] = await _profile(routed_target, body, servers[name], c, args.profile_seconds,
-                                                   cluster.workdir, name)
+                                                   cluster.workdir, name, args.profile_gil)
             else:
                 profile = {name: {"error": "py-spy is not installed (pip install py-spy)"}
                            for name in args.profile_process}
@@ -381,7 +382,7 @@ def render(result: dict[str, Any]) -> str:
                 f"{kind} {ms:.3f} ms/req" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
     for name, profile in (result.get("profile") or {}).items():
         if "text" in profile:
-            out += ["", f"{name} profile (py-spy, native frames, routed c={c}):", profile["text"]]
+            out += ["", f"{name} profile (py-spy, routed c={c}):", profile["text"]]
         else:
             out += ["", f"{name} profile: {profile}"]
     return "\n".join(out)
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-process", action="append", choices=("router", "runtime"),
                         help="which process to profile under routed load (repeatable; default: the router)")
     parser.add_argument("--no-naive", action="store_true", help="leave out the naive proxy reference")
+    parser.add_argument("--profile-gil", action="store_true",
+                        help="profile the thread holding the GIL (Python frames only) instead of native frames")
     parser.add_argument("--before-tree", type=Path, metavar="DIR",
                         help="also measure a runtime and a router running this source tree's code (e.g. a "
                              "checkout of the commit before a change), interleaved with ours, in a cluster "
