@@ -53,12 +53,13 @@ def tune(gen0_threshold: int = GEN0_THRESHOLD) -> None:
 
 def refreeze() -> None:
     """After a large import while serving (a model library imported at the first load of its
-    type, ``mesh.runtime.libraries``: scikit-learn alone brings some 100,000 objects): collect,
-    then freeze again, so that full collections do not walk the library from then on. Once per
-    library, on a loader thread, in a load that takes a second or more anyway. A no-op in a
-    process that :func:`tune` did not set up (tests calling the loaders directly)."""
+    type, ``mesh.runtime.libraries``: scikit-learn alone brings some 100,000 objects): freeze
+    again, so that full collections do not walk the library from then on. No collection first:
+    one found nothing to collect after scikit-learn's import and held the GIL 48-183 ms, a pause
+    for every request in flight; what an import leaves is module state, not garbage. Once per
+    library. A no-op in a process that :func:`tune` did not set up (tests calling the loaders
+    directly)."""
     if _tuned:
-        gc.collect()
         gc.freeze()
 
 
