@@ -28,7 +28,8 @@ if _LOG:
         generation = info["generation"]
         if generation == 2 or ms > 5:
             with open(_LOG, "a") as log:  # type: ignore[arg-type]
-                log.write(f"{time.time():.3f} {os.getpid()} {' '.join(sys.argv[-3:])[-60:]!r} gen{generation} {ms:.1f} ms "
+                who = " ".join(sys.argv[-3:])[-60:]
+                log.write(f"{time.time():.3f} {os.getpid()} {who!r} gen{generation} {ms:.1f} ms "
                           f"collected={info['collected']}\n")
 
     gc.callbacks.append(_watch)
