@@ -28,10 +28,13 @@ and after measured in one run, under the same drift.
 2. c=N (32): throughput of all four; ratio = routed / direct.
 
 CPU per request is a process's user+system CPU time (psutil, all threads) over the measured
-segments divided by the requests answered in them; each measured segment begins and ends with
-nothing in flight. The router's CPU per forwarded request and the echo server's CPU per echoed
-request both come from block 2 (c=N). The naive proxy's figures are a reference measured in the
-same run: the targets were set against a naive proxy measured earlier on this machine.
+segments divided by the requests answered in them (for the runtime also by kind of thread: event
+loop, grpc's threads, the others, which are its inference threads; and for each process the time
+its threads were ready to run but waited for a core, from ``/proc/PID/task/TID/schedstat``);
+each measured segment begins and ends with nothing in flight. The router's CPU per forwarded
+request and the echo server's CPU per echoed request both come from block 2 (c=N). The naive
+proxy's figures are a reference measured in the same run: the targets were set against a naive
+proxy measured earlier on this machine.
 
 Then, unless ``--profile-seconds 0``, the router (or what ``--profile-process`` names: router,
 runtime, each in turn) is profiled with py-spy (native frames, which
@@ -120,6 +123,21 @@ class CpuMeter:
         self.system: dict[str, float] = dict.fromkeys(procs, 0.0)
         self.threads: dict[str, float] = {}  # the runtime's CPU seconds by thread kind
         self._threads_before: dict[int, float] = {}
+        # Seconds the processes' threads were ready to run but waited for a core (schedstat).
+        self.waited: dict[str, float] = dict.fromkeys(procs, 0.0)
+        self._waited_before: dict[str, float] = {}
+
+    @staticmethod
+    def _waiting(p: psutil.Process) -> float:
+        """Run-queue wait of all of ``p``'s threads so far, in seconds (``/proc/PID/task/TID/schedstat``:
+        time on a core, time waiting for one, timeslices); 0 where the kernel does not keep it."""
+        total = 0
+        for task in Path(f"/proc/{p.pid}/task").glob("*/schedstat"):
+            try:
+                total += int(task.read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+        return total / 1e9
 
     def _thread_cpu(self) -> dict[int, float]:
         p = self.procs.get("runtime")
@@ -138,12 +156,14 @@ class CpuMeter:
     def start(self) -> None:
         self._before = {k: self._cpu(p) for k, p in self.procs.items()}
         self._threads_before = self._thread_cpu()
+        self._waited_before = {k: self._waiting(p) for k, p in self.procs.items()}
 
     def stop(self) -> None:
         for k, p in self.procs.items():
             user, system = self._cpu(p)
             self.user[k] += user - self._before[k][0]
             self.system[k] += system - self._before[k][1]
+            self.waited[k] += self._waiting(p) - self._waited_before[k]
         if "runtime" in self.procs:
             pid = self.procs["runtime"].pid
             for tid, cpu in self._thread_cpu().items():
@@ -188,6 +208,7 @@ async def interleaved(targets: list[Target], body: bytes, concurrency: int,
             for k in meter.procs:
                 res.extra[f"{k}_cpu_ms_per_req"] = (meter.user[k] + meter.system[k]) / res.requests * 1000
                 res.extra[f"{k}_sys_ms_per_req"] = meter.system[k] / res.requests * 1000
+                res.extra[f"{k}_runqueue_ms_per_req"] = meter.waited[k] / res.requests * 1000
             for kind, cpu in meter.threads.items():
                 res.extra[f"runtime_ms_per_req/{kind}"] = cpu / res.requests * 1000
         if res.errors:
@@ -380,6 +401,13 @@ def render(result: dict[str, Any]) -> str:
         if kinds:
             out.append(f"runtime CPU by thread, {name}: " + ", ".join(
                 f"{kind} {ms:.3f} ms/req" for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    for name in (f"routed c={c}", f"routed (before) c={c}", f"direct c={c}"):
+        phase = result["phases"].get(name, {})
+        if "proxy_runqueue_ms_per_req" in phase or "runtime_runqueue_ms_per_req" in phase:
+            out.append(f"waiting for a core (run queue, all threads) per request, {name}: " + ", ".join(
+                f"{who} {phase[f'{key}_runqueue_ms_per_req']:.3f} ms" for who, key in
+                (("router", "proxy"), ("runtime", "runtime"), ("client", "client"))
+                if f"{key}_runqueue_ms_per_req" in phase))
     for name, profile in (result.get("profile") or {}).items():
         if "text" in profile:
             out += ["", f"{name} profile (py-spy, routed c={c}):", profile["text"]]
