@@ -10,8 +10,8 @@ Why (issue 18, part 4). Under closed-loop load a runtime spent about 9 % of its 
   they are freed by reference counting as their requests finish.
 * The oldest generation holds what start-up and the model libraries imported (grpc, protobuf
   descriptors, numpy, scikit-learn: about 135,000 objects in a runtime); a full collection walks
-  all of it with the GIL held, 20 to 140 ms here (the more the machine is loaded, the longer), a
-  pause that lands on every request in flight.
+  all of it with the GIL held: 15-45 ms at start-up on the 2-core reference machine, 37-192 ms
+  while serving under load (BENCHMARKS.md, section 19), a pause for every request in flight.
 
 What. Once the process is serving, :func:`tune` moves everything alive into the permanent
 generation (``gc.freeze()``: never scanned again; objects start-up made are rarely garbage later),
