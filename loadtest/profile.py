@@ -7,7 +7,8 @@ spends most of its time below Python, and a Python-only profile charges all of t
 Python frame is outermost (``Runner.run``), which says nothing.
 
 py-spy reports every sample in native mode, including threads blocked in ``epoll_wait``; the
-summary drops samples whose innermost frame is a blocking wait (:data:`IDLE_LEAVES`) and gives
+summary drops samples whose innermost frame is a blocking wait (:data:`IDLE_LEAVES`, or unnamed
+libc frames under a lock or GIL wait: a runtime's idle inference threads) and gives
 percentages of the remaining, *busy* samples. It then groups them three ways:
 
 * by thread: the event loop (main thread) and grpc's poller thread (grpc.aio runs a thread that
@@ -118,12 +119,39 @@ def available() -> bool:
 
 
 def start_record(pid: int, output: Path, *, duration_s: float, rate: int = 250,
-                 native: bool = True) -> subprocess.Popen[bytes]:
-    """Start ``py-spy record`` on ``pid`` in the background; wait on the returned process."""
+                 native: bool = True, gil: bool = False) -> subprocess.Popen[bytes]:
+    """Start ``py-spy record`` on ``pid`` in the background; wait on the returned process.
+    ``gil``: Python frames of the thread holding the GIL only (no native frames, the process not
+    paused): where the interpreter's time goes across the event loop and the inference threads,
+    which native sampling of a runtime under-counts (its inference threads' samples mostly
+    unwind to waits)."""
     argv = ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(output),
             "--duration", str(max(1, round(duration_s))), "--rate", str(rate), "--full-filenames"]
-    argv += ["--native"] if native else ["--nonblocking"]
+    if gil:
+        argv += ["--gil", "--nonblocking"]
+    else:
+        argv += ["--native"] if native else ["--nonblocking"]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+# Waits whose innermost libc frames py-spy leaves unnamed (``0x7f... (libc.so.6)``): a thread
+# blocked on a lock or condition below these CPython frames is idle (an inference thread waiting for
+# work in ``SimpleQueue.get``; a thread waiting for the GIL).
+_IDLE_CALLERS = frozenset({"PyThread_acquire_lock_timed", "take_gil", "PyCOND_TIMEDWAIT", *IDLE_LEAVES})
+
+
+def _idle(frames: list[str]) -> bool:
+    """Whether a stack is a blocking wait: its innermost frame is one, or the innermost frames are
+    unnamed libc addresses under one."""
+    if _function(frames[-1]) in IDLE_LEAVES:
+        return True
+    for frame in reversed(frames[-4:]):
+        name = _function(frame)
+        if name in _IDLE_CALLERS:
+            return True
+        if not name.startswith("0x"):
+            return False
+    return False
 
 
 def parse_raw(text: str) -> Profile:
@@ -138,7 +166,7 @@ def parse_raw(text: str) -> Profile:
             continue
         prof.samples += count
         leaf = frames[-1]
-        if _function(leaf) in IDLE_LEAVES:
+        if _idle(frames):
             prof.idle += count
             continue
         thread = ("grpc poller / other thread" if any(f.startswith("Thread.run (") for f in frames)

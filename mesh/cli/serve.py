@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from mesh import gctune
 from mesh.errors import InvalidArgument, MeshError
 from mesh.logging import configure
 from mesh.malloc import limit_arenas
@@ -37,6 +38,7 @@ async def _main(serve: Serve, settings: Settings, ready_file: Path | None) -> in
         roots.spawn(_watch_parent(int(parent)), "parent-watch")
 
     def on_ready(endpoint: str) -> None:
+        gctune.tune()  # start-up is done: freeze its objects, collect less often (mesh.gctune)
         if ready_file is not None:
             tmp = ready_file.with_suffix(".tmp")
             tmp.write_text(endpoint)

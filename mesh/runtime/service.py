@@ -23,6 +23,7 @@ from concurrent.futures import Executor
 
 import structlog
 
+from mesh import gctune
 from mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -167,7 +168,8 @@ def prepare_load(spec: ModelSpec) -> None:
     is charged to the model."""
     loader = get_loader(spec.type)
     try:
-        IMPORTS.ensure(loader.type)
+        if IMPORTS.ensure(loader.type) is not None:
+            gctune.refreeze()  # the library's objects join start-up's, never scanned again (mesh.gctune)
     except ImportError:
         pass  # the load itself reports the missing library with a clear reason
     except Exception as exc:  # a broken library: the load fails with this reason

@@ -13,6 +13,7 @@ import pytest
 
 from mesh.errors import InvalidArgument, NotHere
 from mesh.transport.multiplex import (
+    METHOD,
     MultiplexPool,
     RequestFrame,
     StreamError,
@@ -172,3 +173,46 @@ async def test_a_stream_discarded_while_it_opens_fails_its_request_as_gone() -> 
         pool.close()
         await channel.close()
         listener.close()
+
+
+async def test_the_runtime_answers_deadline_exceeded_past_a_frame_timeout() -> None:
+    """A frame's own timeout (the router's remaining time) ends its handler on the runtime with
+    DEADLINE_EXCEEDED, not early, while frames that finish in time under the same deadlines are
+    answered and never cancelled afterwards."""
+    cancelled: list[str] = []
+
+    async def handle(frame: RequestFrame) -> bytes:
+        try:
+            await asyncio.sleep(5 if frame.model_id == "slow" else 0)
+        except asyncio.CancelledError:
+            cancelled.append(frame.model_id)
+            raise
+        return frame.model_id.encode()
+
+    server, endpoint = await _serve(handle)
+    channel = grpc.aio.insecure_channel(endpoint)
+    try:
+        call = channel.stream_stream(METHOD)()
+        started = asyncio.get_running_loop().time()
+        frames = [encode_request(i, f"m{i}", True, 150, (), b"") for i in range(1, 21)]
+        frames.insert(10, encode_request(99, "slow", True, 150, (), b""))
+        await call.write(pack_batch(frames))
+        answers: dict[int, tuple[int, str, bytes]] = {}
+        async for message in call:
+            for raw in unpack_batch(message):
+                request_id, code, _, text, body = decode_response(raw)
+                answers[request_id] = (code, text, body)
+            if len(answers) == 21:
+                break
+        elapsed = asyncio.get_running_loop().time() - started
+        code, text, _ = answers.pop(99)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert text == "model 'slow': deadline of 150 ms exceeded in the runtime"
+        assert 0.15 <= elapsed < 2
+        assert answers == {i: (0, "", b"m%d" % i) for i in range(1, 21)}
+        await asyncio.sleep(0.2)  # past the others' deadlines: finished, so not cancelled
+        assert cancelled == ["slow"]
+        await call.done_writing()
+    finally:
+        await channel.close()
+        await server.stop(None)
