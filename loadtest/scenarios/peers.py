@@ -14,6 +14,10 @@ requests" needs, and it keeps the client-side cost identical for our mesh and ML
 pre-serialized V2 gRPC bodies, model chosen by ``model_name``, no header). Ray Serve is driven over
 its HTTP V2 JSON endpoint, the one it has; that difference is the protocol's, not the driver's.
 
+Our mesh runs as ``mesh up --runtimes 2`` (a router, two runtimes, etcd and the ``mesh up``
+supervisor: its peak RSS is every one of those processes); ``--mesh-runtimes 1`` runs it with one
+runtime, the shape that fits a 2-core host (each runtime imports its own copy of scikit-learn).
+
 REST mode (``--protocol rest``; ``--protocol both`` runs gRPC and then REST on each system it
 starts): our mesh over its router's REST front end (``POST /v2/models/{m}/infer``, the port set in
 ``MESH_ROUTER_REST_PORT``) and MLServer over its REST endpoint, with the V2 JSON bodies Ray gets.
@@ -139,7 +143,8 @@ def protocols_of(system: str, protocol: str) -> tuple[str, ...]:
 # -- child: one system -------------------------------------------------------------------------
 
 def _start(system: str, work: Path, models: list[Any], *, max_models: int,
-           mesh_capacity: str, count: bool) -> tuple[Any, dict[str, str], fitmode.Counter | None]:
+           mesh_capacity: str, count: bool, mesh_runtimes: int = fitmode.RUNTIMES,
+           ) -> tuple[Any, dict[str, str], fitmode.Counter | None]:
     """Start ``system``; returns (PeerProcess, {protocol: address}, its load counter when ``count``
     and the system has one). Addresses: ``host:port`` for gRPC, a base URL for REST."""
     from loadtest.peers import mlserver_app, ray_app
@@ -156,7 +161,7 @@ def _start(system: str, work: Path, models: list[Any], *, max_models: int,
     # Unbuffered: the readiness line and the logs directory are read from this file while it runs.
     # REST is on in every mode (so the router runs alike whichever protocol drives it), on a port
     # chosen here so that its URL is known.
-    proc = PeerProcess("mesh", [sys.executable, "-m", "mesh", "up", "--runtimes", "2", "--port",
+    proc = PeerProcess("mesh", [sys.executable, "-m", "mesh", "up", "--runtimes", str(mesh_runtimes), "--port",
                                 str(port), "--capacity", mesh_capacity],
                        env={"MESH_ROUTER_METRICS_PORT": "0", "MESH_ROUTER_REST_PORT": str(rest_port),
                             "PYTHONUNBUFFERED": "1"}, cwd=ROOT, log_path=log)
@@ -242,7 +247,7 @@ async def _phases(drive: Callable[..., Awaitable[Any]], address: str, targets: l
 
 def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: float,
               concurrency: int, fit: float = 1.0, mesh_capacity: str = MESH_CAPACITY,
-              protocol: str = "grpc") -> dict[str, Any]:
+              protocol: str = "grpc", mesh_runtimes: int = fitmode.RUNTIMES) -> dict[str, Any]:
     """Start ``system``, drive it over each of its protocols in turn, stop it. ``runs``: one result
     per protocol; the rest is the system's (start-up, processes, survivors)."""
     models = make_models(work / "models", n)  # deterministic: the same files as the parent's
@@ -253,7 +258,7 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
     k = fitmode.k_models(fit, n) if fitting else n
     t0 = time.monotonic()
     proc, addresses, counter = _start(system, work, models, max_models=k,
-                                      mesh_capacity=mesh_capacity, count=fitting)
+                                      mesh_capacity=mesh_capacity, count=fitting, mesh_runtimes=mesh_runtimes)
     startup_s = time.monotonic() - t0
     runs: dict[str, Any] = {}
     try:
@@ -302,7 +307,7 @@ def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, An
     """The system's child; its result as rows: ``{row name: result}``, one row per protocol."""
     flags = ["--work", str(work), "--models", str(args.models), "--warmup", str(args.warmup),
              "--duration", str(args.duration), "--concurrency", str(args.concurrency),
-             "--protocol", args.protocol]
+             "--protocol", args.protocol, "--mesh-runtimes", str(args.mesh_runtimes)]
     if args.fit < 1.0:
         flags += ["--fit", repr(args.fit), "--mesh-capacity", args.mesh_capacity]
     protocols = protocols_of(system, args.protocol)
@@ -318,16 +323,20 @@ def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, An
 
 def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup: float,
           seed: int = 0, systems: tuple[str, ...] | None = None,
-          allow_wildcard: bool = False, fit: float = 1.0, protocol: str = "grpc") -> dict[str, Any]:
+          allow_wildcard: bool = False, fit: float = 1.0, protocol: str = "grpc",
+          mesh_runtimes: int = fitmode.RUNTIMES) -> dict[str, Any]:
     """Run ``systems`` (default: all three, or our mesh and Ray with ``fit`` < 1) one by one, our
-    mesh and MLServer over ``protocol`` (grpc, rest or both)."""
+    mesh and MLServer over ``protocol`` (grpc, rest or both). ``mesh_runtimes``: the runtimes of
+    our mesh (``mesh up --runtimes``); the fit mode sizes two."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if fit < 1.0 and mesh_runtimes != fitmode.RUNTIMES:
+        raise ValueError(f"the fit mode sizes {fitmode.RUNTIMES} runtimes; --mesh-runtimes applies to the default mode")
     fitting = fit < 1.0
     systems = systems or (FIT_SYSTEMS if fitting else SYSTEMS)
     args = argparse.Namespace(models=models, warmup=warmup, duration=duration,
                               concurrency=concurrency, allow_wildcard=allow_wildcard, fit=fit,
-                              mesh_capacity=MESH_CAPACITY, protocol=protocol)
+                              mesh_capacity=MESH_CAPACITY, protocol=protocol, mesh_runtimes=mesh_runtimes)
     setup.ensure_all([s for s in systems if s != "mesh"])
     facts = report.machine()
     foreign = report.ForeignLoad()
@@ -358,6 +367,7 @@ def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup
     return {"machine": facts, "settings": {"models": models, "rate": rate, "zipf": 1.0,
                                            "concurrency": concurrency, "duration_s": duration,
                                            "warmup_s": warmup, "seed": seed, "protocol": protocol,
+                                           "mesh_runtimes": mesh_runtimes,
                                            "mesh_capacity_per_runtime": args.mesh_capacity,
                                            **extra},
             "systems": results}
@@ -383,6 +393,8 @@ def render(out: dict[str, Any]) -> str:
     title = (f"{s['models']} sklearn models, Zipf {s['zipf']}, open loop Poisson {s['rate']} req/s, "
              f"closed loop c={s['concurrency']}, {s['duration_s']} s each after {s['warmup_s']} s "
              f"warm-up")
+    if s.get("mesh_runtimes", fitmode.RUNTIMES) != fitmode.RUNTIMES:
+        title += f"; our mesh with {s['mesh_runtimes']} runtime(s)"
     protocol = s.get("protocol", "grpc")
     if protocol != "grpc":  # the default mode's title stays as it was
         title += ("; our mesh and MLServer over V2 REST JSON" if protocol == "rest" else
@@ -461,6 +473,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="how our mesh and MLServer are driven: V2 gRPC (default), V2 REST JSON "
                              "(the bodies Ray gets), or both, one after the other on each start; Ray "
                              "is always driven over HTTP")
+    parser.add_argument("--mesh-runtimes", type=int, default=fitmode.RUNTIMES, metavar="N",
+                        help="our mesh's runtimes (mesh up --runtimes N; default 2). One runtime and "
+                             "its router fit a 2-core host; two buy a second copy of every library "
+                             "in memory. The fit mode sizes two")
     parser.add_argument("--allow-wildcard", action="store_true",
                         help="run Ray even where no loopback-only network namespace is possible")
     report.add_output_args(parser)
@@ -470,6 +486,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0 < args.fit <= 1:  # also false for NaN
         parser.error(f"--fit must be in (0, 1], got {args.fit:g}")
+    if not 1 <= args.mesh_runtimes <= 16:
+        parser.error(f"--mesh-runtimes must be 1 to 16, got {args.mesh_runtimes}")
+    if args.fit < 1 and args.mesh_runtimes != fitmode.RUNTIMES:
+        parser.error(f"the fit mode sizes {fitmode.RUNTIMES} runtimes; --mesh-runtimes applies to the default mode")
     if args.fit < 1 and not args.phase:
         # The calibration starts servers here: SIGTERM must run their cleanup, and the mesh
         # library's start-up logs go to stderr (warnings only), not into the printed results.
@@ -479,14 +499,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase:
         out = run_phase(args.phase, args.work, args.models, warmup_s=args.warmup,
                         duration_s=args.duration, concurrency=args.concurrency, fit=args.fit,
-                        mesh_capacity=args.mesh_capacity, protocol=args.protocol)
+                        mesh_capacity=args.mesh_capacity, protocol=args.protocol,
+                        mesh_runtimes=args.mesh_runtimes)
         print("RESULT " + json.dumps(out), flush=True)
         return
     try:
         result = bench(models=args.models, rate=args.rate, concurrency=args.concurrency,
                        duration=args.duration, warmup=args.warmup, seed=args.seed,
                        systems=tuple(args.system) if args.system else None,
-                       allow_wildcard=args.allow_wildcard, fit=args.fit, protocol=args.protocol)
+                       allow_wildcard=args.allow_wildcard, fit=args.fit, protocol=args.protocol,
+                       mesh_runtimes=args.mesh_runtimes)
     except (setup.SetupError, RuntimeError, subprocess.TimeoutExpired) as err:
         sys.exit(f"error: {err}")
     report.emit(args, result, render(result))

@@ -78,6 +78,20 @@ def test_fit_mode_loads_while_measured_and_leaves_no_process() -> None:
     assert f"The cluster simulator on the same {sim['requests_measured']:,} measured requests" in text
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh-runtimes", "0"], "--mesh-runtimes must be 1 to 16"),
+    (["--fit", "0.2", "--mesh-runtimes", "1"], "the fit mode sizes 2 runtimes"),
+])
+def test_mesh_runtimes_out_of_range_is_a_usage_error(argv: list[str], message: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.scenarios.peers import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("fit", ["0", "-0.5", "1.5", "nan"])
 def test_fit_out_of_range_is_a_usage_error(fit: str, capsys: pytest.CaptureFixture[str]) -> None:
     from loadtest.scenarios.peers import main
