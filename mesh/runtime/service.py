@@ -27,6 +27,7 @@ from mesh import gctune
 from mesh.errors import (
     FailedPrecondition,
     InvalidArgument,
+    MeshError,
     ModelLoadError,
     ModelNotFound,
     NotHere,
@@ -35,6 +36,7 @@ from mesh.errors import (
 )
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.ids import check_model_id
+from mesh.logging import current_request, new_request_id
 from mesh.observability.metrics import RuntimeMetrics, status_name
 from mesh.registry.records import GPU_REQUIRED, ModelSpec
 from mesh.registry.specs import SpecCache
@@ -441,6 +443,9 @@ class RuntimeService:
             return await self._predict(entry, body)
         except BaseException as exc:
             code = status_name(exc)
+            if isinstance(exc, MeshError) and isinstance(exc.__cause__, Exception) \
+                    and "\n" in str(exc.__cause__).strip():
+                _log_model_traceback(exc)
             raise
         finally:
             self.inflight -= 1
@@ -609,9 +614,21 @@ class RuntimeService:
         self._background.spawn(recheck(), "recheck-registrations")
 
 
+MAX_LOGGED_TRACEBACK = 16 * 1024  # a model's own error text, logged whole up to this
 INLINE_MAX_BODY = 64 * 1024  # larger requests always go to a thread: decoding them takes time
 _EWMA = 0.2
 
+
+
+def _log_model_traceback(exc: MeshError) -> None:
+    """The model's own error was several lines (TorchScript's interpreter stack): the client got its
+    last line (``mesh.runtime.loaders.base.reason``); the whole text goes to this runtime's log,
+    under the request's ID, and the client's message says which ID to look for."""
+    request = current_request()
+    request_id = request.request_id if request is not None else new_request_id()
+    log.warning("model error", request_id=request_id, error=str(exc.__cause__)[:MAX_LOGGED_TRACEBACK])
+    exc.message = f"{exc.message} (the whole error is in the runtime's log, request id {request_id})"
+    exc.args = (exc.message,)
 
 def _run_inference(entry: Entry, body: bytes) -> bytes:
     """Decode, predict, encode; usually on an inference thread (see ``infer``)."""

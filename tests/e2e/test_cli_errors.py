@@ -6,7 +6,9 @@ operation), never a traceback; and a model whose file was fixed loads at once wi
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -173,3 +175,23 @@ def test_nothing_listening_says_is_it_running() -> None:
         port = s.getsockname()[1]
     line = one_line(mesh(f"127.0.0.1:{port}", "model", "list"), 2)
     assert "is it running?" in line
+
+
+def test_a_model_traceback_is_one_line_for_the_client_and_whole_in_the_runtime_log(
+        up: MeshUp, tmp_path: Path) -> None:
+    """TorchScript puts its interpreter's whole stack in the error; the client gets the last line
+    and a request ID, and the runtime's kept log has the whole text under that ID."""
+    import torch
+
+    path = tmp_path / "mlp.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))).save(
+        str(path))
+    assert mesh(up.address, "model", "register", "mlp", "--type", "torchscript", "--path", str(path)).returncode == 0
+    line = one_line(mesh(up.address, "infer", "mlp", "--input", "[[0.1, 0.2, 0.3]]", "--datatype", "FP32"), 1)
+    assert "mat1 and mat2 shapes cannot be multiplied (1x3 and 4x8)" in line and "Traceback" not in line
+    match = re.search(r"request id ([0-9a-f]+)\)", line)
+    assert match, line
+    logs = Path(re.search(r"^logs: (\S+)", up.text(), re.MULTILINE).group(1))  # type: ignore[union-attr]
+    logged = [json.loads(raw) for log in logs.glob("runtime-*.log") for raw in log.read_text().splitlines()
+              if match.group(1) in raw and '"model error"' in raw]
+    assert len(logged) == 1 and "Traceback of TorchScript" in logged[0]["error"]
