@@ -14,7 +14,7 @@ from mesh.cli.client import CliError, RouterClient, mm
 from mesh.cli.errors import fail as fail  # re-exported: older callers import it from here
 from mesh.errors import InvalidArgument
 from mesh.settings import describe, parse_bytes
-from mesh.transport.metadata import RETRY_FAILED
+from mesh.transport.metadata import CHECK_SOURCE, RETRY_FAILED
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -82,7 +82,8 @@ def _model_info(args: argparse.Namespace) -> mm.ModelInfo:
 def model_command(args: argparse.Namespace, client: RouterClient) -> int:
     if args.action == "register":
         info = client.call(client.mesh.registerModel, mm.RegisterModelRequest(
-            modelId=args.model_id, modelInfo=_model_info(args), loadNow=args.load_now, sync=args.sync))
+            modelId=args.model_id, modelInfo=_model_info(args), loadNow=args.load_now, sync=args.sync),
+            metadata=() if args.no_check else ((CHECK_SOURCE, "1"),))
         _emit(args, _as_dict(info), "registered " + _status_text(info, args.model_id))
         if info.errors and info.status != mm.ModelStatusInfo.LOADED:
             return 1  # registered, but the router knows it cannot load as things stand (its errors say why)

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_id")
     _model_info_options(p, required=True)
     p.add_argument("--load-now", action="store_true", help="load it now instead of on first use")
+    p.add_argument("--no-check", action="store_true",
+                   help="do not ask the runtime that would load it whether its file or storage key exists")
     p.add_argument("--sync", action="store_true", help="with --load-now: wait for the load")
     _client_options(p)
     p = msub.add_parser("list", help="list registered models")

@@ -39,6 +39,7 @@ import structlog
 from mesh.auth import Principal, current_caller
 from mesh.errors import (
     AlreadyExists,
+    Code,
     FailedPrecondition,
     InvalidArgument,
     MeshError,
@@ -70,6 +71,7 @@ from mesh.storage.location import locate
 from mesh.tasks import Background
 
 log = structlog.get_logger(__name__)
+CHECK_SOURCE_TIMEOUT_S = 5.0  # a registration's source check (mesh model register) waits at most this
 _rng = random.Random()
 
 HOUR_MS = 3_600_000
@@ -90,6 +92,8 @@ def _owned(record: VModelRecord) -> VModelRecord:
 class RuntimeLoader(Protocol):
     async def load(self, target: Target, spec: ModelSpec, last_used_ms: int, timeout_s: float, *,
                    retry_failed: bool = False) -> None: ...
+
+    async def check_source(self, target: Target, spec: ModelSpec, timeout_s: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,10 @@ class Management:
 
     # --- models -------------------------------------------------------------------------------
     async def register_model(self, model_id: str, info: ModelInfoData, *, load_now: bool = False,
-                             sync: bool = False, last_used_ms: int = 0) -> ModelStatus:
+                             sync: bool = False, last_used_ms: int = 0, check_source: bool = False) -> ModelStatus:
+        """``check_source`` (`mesh model register` asks it): the runtime the model would be loaded
+        on checks its file or storage key exists, without loading it; what it finds is in the
+        returned status's errors (the model is registered either way, ModelMesh's contract)."""
         spec = self._spec(model_id, info, load_now=load_now, last_used_ms=last_used_ms)
         await self._refuse_graph_id(model_id, "model")
         spec, created = await self._register(spec)
@@ -243,7 +250,29 @@ class Management:
         unservable = self._unservable(spec)
         if unservable:  # registered all the same (ModelMesh's contract; a runtime may come later)
             status.errors.append(unservable)
+        elif check_source and status.status != "LOADED":
+            problem = await self._source_problem(spec)
+            if problem:
+                status.errors.append(problem)
         return status
+
+    async def _source_problem(self, spec: ModelSpec) -> str:
+        """What the model's home runtime says of its file or storage key ('' when it can read them,
+        or when no runtime can be asked now: nothing is known then, and nothing is claimed)."""
+        if self.runtimes is None:
+            return ""
+        try:
+            target = pick_copy(self.view, spec.model_id, (), _rng) or pick_home(
+                self.view, spec, (), load_factor=self.load_factor)
+        except MeshError:
+            return ""  # no runtime can take it now: said by _unservable, or a capacity matter
+        try:
+            await self.runtimes.check_source(target, spec, CHECK_SOURCE_TIMEOUT_S)
+        except MeshError as exc:
+            if exc.code in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.UNIMPLEMENTED):
+                return ""  # the runtime could not answer (an SPI server without the check)
+            return exc.message
+        return ""
 
     def _unservable(self, spec: ModelSpec) -> str:
         """Why no runtime registered now could ever load ``spec`` ('' when one could, or when none is

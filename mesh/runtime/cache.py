@@ -559,6 +559,11 @@ class ModelCache:
         future.add_done_callback(finished)
 
     @property
+    def fetch(self) -> Any:
+        """What pulls models from object storage before their load (``mesh.storage.puller``), if any."""
+        return self._fetch
+
+    @property
     def stuck_loads(self) -> list[str]:
         """Models whose abandoned load threads have not returned yet."""
         return sorted(self._stuck.values())

@@ -48,6 +48,7 @@ from mesh.runtime.forwarding import CopyLost, ForwardingModel
 from mesh.runtime.libraries import IMPORTS, installed
 from mesh.runtime.loaders import get_loader, gpu_types, supported_types
 from mesh.runtime.loaders.base import LoadedModel, LoadPolicy, file_size, resolve_path
+from mesh.storage.location import locate
 from mesh.tasks import Background
 from mesh.tensors import infer_bytes
 from mesh.transport.inflight import InflightLimit
@@ -574,6 +575,23 @@ class RuntimeService:
 
     async def unload(self, model_id: str) -> bool:
         return await self.cache.unload(model_id, reason="unloadModel")
+
+    async def check_source(self, spec: ModelSpec) -> None:
+        """That the model could be read here, without loading it (`mesh model register` asks it
+        through the router): its type is loaded here, its local file exists inside the model roots,
+        or its storage key is configured. ModelLoadError (InvalidArgument for a type) saying why."""
+        if spec.type.lower() not in self.types:
+            raise InvalidArgument(f"model type {spec.type!r} is not supported here "
+                                  f"(supported: {', '.join(self.types)})")
+        fetch = self.cache.fetch
+
+        def check() -> None:
+            if fetch is not None:
+                fetch.check(spec)  # a storage key, or a local path that is not in storage's folders
+            if locate(spec.path, spec.key) is None:
+                resolve_path(spec.path, self.sizer.roots)
+
+        await asyncio.to_thread(check)
 
     def forget_failure(self, model_id: str) -> None:
         """Try the model's next load here again, even within its remembered failure's TTL (the

@@ -26,7 +26,7 @@ from mesh.registry.records import ModelSpec
 from mesh.runtime.service import RuntimeService
 from mesh.tracing import Tracer
 from mesh.transport.handlers import generic_handler
-from mesh.transport.metadata import LAST_USED, RETRY_FAILED, model_selection
+from mesh.transport.metadata import CHECK_SOURCE, LAST_USED, RETRY_FAILED, model_selection
 from mesh.transport.multiplex import RequestFrame, stream_handler
 from mesh.transport.status import code_of, handled
 from mesh.transport.wire import read_model_name
@@ -146,6 +146,8 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
                                context: grpc.aio.ServicerContext) -> spi.PredictModelSizeResponse:
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
+        if (CHECK_SOURCE, "1") in tuple(context.invocation_metadata() or ()):  # mesh model register
+            await self._service.check_source(spec)
         return spi.PredictModelSizeResponse(sizeInBytes=await self._service.predict_size(spec))
 
     @handled(ORIGIN)

@@ -136,6 +136,16 @@ class Puller:
                                  f"({', '.join(self.roots())}); register the model by its storage, not by this path")
         _check_links(Path(local), refuse, f"model path {shown(path)} holds a link into the runtime's storage folders")
 
+    def check(self, spec: ModelSpec) -> None:
+        """What can be told of a registration's source without reading it: a storage location's key
+        is configured here and applies (``mesh.storage.config.resolve``); ModelLoadError otherwise.
+        A local path is the loader's to check (``resolve_path``), after ``check_local``."""
+        location = locate(spec.path, spec.key)
+        if location is None:
+            self.check_local(spec.path)
+        else:
+            self._resolve(location)
+
     async def pull(self, spec: ModelSpec) -> Pulled | None:
         """The model's local path (module docstring); None for a local registration."""
         try:

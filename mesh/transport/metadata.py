@@ -20,6 +20,10 @@ LAST_USED = "mesh-last-used-ms"
 # On SPI loadModel calls from a router, and on ensureLoaded calls to a router (`mesh model load
 # --retry`): "1" asks to try the load again now, forgetting a remembered load failure of the model.
 RETRY_FAILED = "mesh-retry-failed"
+# On registerModel calls to a router (`mesh model register` sends it) and its SPI predictModelSize
+# call to a runtime: "1" asks to check that the model's file or storage key exists there, without
+# loading it.
+CHECK_SOURCE = "mesh-check-source"
 
 _HEADERS = {MODEL_ID: (False, False), MODEL_ID + "-bin": (False, True),
             VMODEL_ID: (True, False), VMODEL_ID + "-bin": (True, True)}

@@ -16,7 +16,7 @@ from mesh.gen.mmesh import model_runtime_pb2 as spi
 from mesh.gen.mmesh import model_runtime_pb2_grpc as spi_grpc
 from mesh.registry.crashes import CrashWitness
 from mesh.registry.records import ModelSpec
-from mesh.transport.metadata import LAST_USED, RETRY_FAILED
+from mesh.transport.metadata import CHECK_SOURCE, LAST_USED, RETRY_FAILED
 from mesh.transport.server import ChannelPool
 from mesh.transport.status import MESH_CODES, lost_peer
 
@@ -56,6 +56,19 @@ class RuntimeClient:
                 if crash is not None:
                     raise FailedPrecondition(f"model {spec.model_id!r} is quarantined: {crash.reason}") from None
             error = MeshError(f"loading {spec.model_id!r} on {target.instance_id}: {err.details()}")
+            error.code = MESH_CODES.get(err.code(), error.code)
+            raise error from None
+
+    async def check_source(self, target: Instance, spec: ModelSpec, timeout_s: float) -> None:
+        """Whether ``target`` could read ``spec``'s file or storage key, without loading it (SPI
+        predictModelSize with ``mesh-check-source``); a MeshError saying why not."""
+        stub = spi_grpc.ModelRuntimeStub(self._channels.get(target.endpoint))  # type: ignore[no-untyped-call]
+        request = spi.PredictModelSizeRequest(modelId=spec.model_id, modelType=spec.type,
+                                              modelPath=spec.path, modelKey=spec.key)
+        try:
+            await stub.predictModelSize(request, timeout=timeout_s, metadata=((CHECK_SOURCE, "1"),))
+        except grpc.aio.AioRpcError as err:
+            error = MeshError(f"{err.details()} (checked on {target.instance_id})")
             error.code = MESH_CODES.get(err.code(), error.code)
             raise error from None
 

@@ -115,7 +115,7 @@ def test_registering_a_type_no_runtime_loads_exits_1_saying_why(up: MeshUp, mode
 def test_fixed_model_loads_at_once_with_retry(up: MeshUp, tmp_path: Path, model_file: Path) -> None:
     path = tmp_path / "fixed-later.joblib"
     registered = mesh(up.address, "model", "register", "fixed-later", "--type", "sklearn", "--path", str(path))
-    assert registered.returncode == 0
+    assert registered.returncode == 1 and "does not exist" in registered.stdout  # registered, and told
     line = one_line(mesh(up.address, "infer", "fixed-later", "--input", "[[0.1, 0.2, 0.3, 0.4]]"), 1)
     assert "does not exist" in line
     path.write_bytes(model_file.read_bytes())
@@ -129,8 +129,9 @@ def test_fixed_model_loads_at_once_with_retry(up: MeshUp, tmp_path: Path, model_
 
 
 def test_relative_path_error_names_the_directory(up: MeshUp) -> None:
-    assert mesh(up.address, "model", "register", "relative", "--type", "sklearn",
-                "--path", "no-such-dir/model.joblib").returncode == 0
+    registered = mesh(up.address, "model", "register", "relative", "--type", "sklearn",
+                      "--path", "no-such-dir/model.joblib", "--no-check")
+    assert registered.returncode == 0  # not checked: registered as ModelMesh would, silently
     line = one_line(mesh(up.address, "infer", "relative", "--input", "[[0.1, 0.2, 0.3, 0.4]]"), 1)
     assert "relative path: resolved against this runtime's working directory" in line
     assert os.getcwd() in line  # `mesh up` ran its runtime in the test's working directory
@@ -195,3 +196,19 @@ def test_a_model_traceback_is_one_line_for_the_client_and_whole_in_the_runtime_l
     logged = [json.loads(raw) for log in logs.glob("runtime-*.log") for raw in log.read_text().splitlines()
               if match.group(1) in raw and '"model error"' in raw]
     assert len(logged) == 1 and "Traceback of TorchScript" in logged[0]["error"]
+
+
+def test_registration_checks_the_file_and_the_storage_key_on_the_runtime(up: MeshUp, model_file: Path) -> None:
+    """Checked without loading, on the runtime that would load it; registered either way."""
+    missing = mesh(up.address, "model", "register", "checked-missing", "--type", "sklearn",
+                   "--path", "no-such-dir/model.joblib")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "model path 'no-such-dir/model.joblib' does not exist (a relative path: resolved against this " \
+           "runtime's working directory" in missing.stdout and "(checked on runtime-0-" in missing.stdout
+    keyless = mesh(up.address, "model", "register", "checked-key", "--type", "sklearn",
+                   "--path", "models/x.joblib", "--storage-key", "no-such-key")
+    assert keyless.returncode == 1 and "storage key 'no-such-key' is not configured" in keyless.stdout
+    fine = mesh(up.address, "model", "register", "checked-fine", "--type", "sklearn", "--path", str(model_file))
+    assert fine.returncode == 0 and "error" not in fine.stdout, fine.stdout
+    listed = mesh(up.address, "model", "list").stdout
+    assert "checked-missing" in listed and "checked-key" in listed

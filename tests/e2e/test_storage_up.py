@@ -109,7 +109,8 @@ def test_mesh_up_pulls_from_s3_and_survives_a_kill_mid_download(
             assert json.loads(r.stdout)["outputs"]["predict"]["data"] == model.expected["predict"][:2].tolist()
             r = cli("model", "register", "denied", "--type", "sklearn", "--storage-key", "nope",
                     "--path", "sklearn/iris.joblib")
-            assert r.returncode == 0, r.stderr
+            # Registered, and the runtime's check says at once what the load would fail on.
+            assert r.returncode == 1 and "storage key 'nope' is not configured" in r.stdout, r.stdout
             r = cli("infer", "denied", "--input", str(rows), "--datatype", "FP32")
             assert r.returncode == 1 and "storage key 'nope' is not configured" in r.stderr, r.stderr
 
