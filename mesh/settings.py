@@ -238,6 +238,14 @@ class RuntimeSettings:
     health_port: int = _f(0, "Plaintext port serving grpc.health.v1 only, for probes that cannot speak "
                           "TLS (Kubernetes' gRPC probe) when the gRPC port requires client certificates; "
                           "0: off (health is always on the gRPC port too).")
+    # --- direct port for smart clients (docs/client.md) ------------------------------------------
+    direct_port: int = _f(-1, "Client-facing gRPC port for smart clients' direct inference (mesh.client): "
+                          "only the V2 ModelInfer, ModelMetadata, ModelReady, ServerLive and ServerReady, with "
+                          "the router's token rules (auth.data_plane), this process's TLS certificate but no "
+                          "client certificate required, and never a load (a miss answers \"not here\"). "
+                          "Published in the instance record; routers offer direct routing only to runtimes "
+                          "that have one. -1: off (no direct routing to this runtime); 0 picks a free port.")
+    # --- end direct port ---------------------------------------------------------------------------
     per_model_metrics: bool = _f(False, "Label inference, cache and load metrics with the model ID: one "
                                  "series per model, so off by default, as in ModelMesh (docs/metrics.md).")
     advertise_host: str = _f("", "Host published in the instance record for routers to dial; empty "

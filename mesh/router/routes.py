@@ -49,8 +49,11 @@ Visible = Callable[[str], bool]
 MODELS_PER_MESSAGE = 1000  # a snapshot or a large change set goes out in messages of this many models
 
 
-def route_table(view: ClusterView) -> Table:
-    """Every model's routable copies (module docstring), in instance-ID order."""
+def route_table(view: ClusterView, runtime_tls: bool = False) -> Table:
+    """Every model's routable copies (module docstring), in instance-ID order. The endpoint is the
+    runtime's direct port (``runtime.direct_port``), never its internal one: an instance without a
+    direct port (off, or a record of an older runtime), or whose direct port's TLS is not what the
+    stream announces (``runtime_tls``), has no routes."""
     instances = view.instances
     unreachable = view.unreachable
     table: Table = {}
@@ -60,8 +63,9 @@ def route_table(view: ClusterView) -> Table:
             if placement.state != LOADED or instance_id in unreachable:
                 continue
             record = instances.get(instance_id)
-            if record is not None and not record.shutting_down:
-                routes.append((instance_id, record.endpoint))
+            if (record is not None and not record.shutting_down and record.direct_endpoint
+                    and record.direct_tls == runtime_tls):
+                routes.append((instance_id, record.direct_endpoint))
         if routes:
             routes.sort()
             table[model_id] = tuple(routes)
@@ -119,8 +123,10 @@ class Subscription:
 class RouteHub:
     """The router's route table and the streams that follow it (module docstring)."""
 
-    def __init__(self, view: ClusterView, *, max_streams: int, max_queue: int, interval_s: float) -> None:
+    def __init__(self, view: ClusterView, *, max_streams: int, max_queue: int, interval_s: float,
+                 runtime_tls: bool = False) -> None:
         self.view = view
+        self.runtime_tls = runtime_tls  # which direct ports are routes (route_table)
         self.max_streams = max_streams
         self.max_queue = max_queue
         self.interval_s = interval_s
@@ -161,7 +167,7 @@ class RouteHub:
         version = self.view.version
         if version == self._version:
             return
-        new = route_table(self.view)
+        new = route_table(self.view, self.runtime_tls)
         changes = diff(self.table, new)
         self.table, self._version = new, version
         if changes:

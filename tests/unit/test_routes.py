@@ -9,6 +9,7 @@ purpose within a test's time, because grpc buffers what a small update weighs ma
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import grpc
@@ -29,8 +30,11 @@ def _view() -> ClusterView:
     return ClusterView(Keys("/mesh/"))
 
 
-def _instance(view: ClusterView, iid: str, *, shutting_down: bool = False) -> None:
-    record = InstanceRecord(instance_id=iid, endpoint=f"{iid}:1", shutting_down=shutting_down)
+def _instance(view: ClusterView, iid: str, *, shutting_down: bool = False, direct: bool = True,
+              direct_tls: bool = False) -> None:
+    # The internal port (:9) is never a route; the direct port (:1) is, when the runtime has one.
+    record = InstanceRecord(instance_id=iid, endpoint=f"{iid}:9", shutting_down=shutting_down,
+                            direct_endpoint=f"{iid}:1" if direct else "", direct_tls=direct_tls)
     view.put_instance(KeyValue(view.keys.instance(iid), record.to_json(), 1))
 
 
@@ -51,6 +55,28 @@ def test_route_table_holds_loaded_copies_on_live_reachable_instances_only() -> N
     _copy(view, "m", "gone")  # an instance not in the view
     _copy(view, "n", "b", LOADING)
     assert route_table(view) == {"m": (("a", "a:1"),)}
+
+
+def test_routes_name_direct_ports_only_never_the_internal_port() -> None:
+    """A runtime without a direct port (off, or an older runtime's record) has no routes, and a
+    route is the direct port's endpoint; a direct port whose TLS differs from what the stream
+    announces is left out (the client would dial it wrongly)."""
+    view = _view()
+    _instance(view, "a")
+    _instance(view, "old", direct=False)
+    _instance(view, "t", direct_tls=True)
+    older = json.loads(InstanceRecord(instance_id="older", endpoint="older:9").to_json())
+    del older["direct_endpoint"], older["direct_tls"]  # a record written before the direct port existed
+    view.put_instance(KeyValue(view.keys.instance("older"), json.dumps(older).encode(), 1))
+    assert view.instances["older"].direct_endpoint == ""
+    for iid in ("a", "old", "t", "older"):
+        _copy(view, "m", iid)
+    assert route_table(view) == {"m": (("a", "a:1"),)}
+    assert route_table(view, runtime_tls=True) == {"m": (("t", "t:1"),)}
+    hub = RouteHub(view, max_streams=2, max_queue=3, interval_s=0.01, runtime_tls=True)
+    hub.refresh()
+    assert hub.table == {"m": (("t", "t:1"),)}
+    assert all(endpoint.endswith(":1") for copies in hub.table.values() for _, endpoint in copies)
 
 
 def test_diff_names_changed_and_gone_models() -> None:
@@ -217,3 +243,22 @@ def test_client_routes_doubt_goes_to_the_router() -> None:
     assert not r.suspects and not r.stale_models
     r.lost()
     assert not r.usable(5.5)
+
+
+def test_client_over_tls_never_goes_direct_in_plaintext() -> None:
+    """A client speaking TLS to the router uses runtimes' direct ports only over TLS (verified with
+    a CA), unless it opts in to plaintext runtimes; a plaintext client follows the router's word."""
+    from mesh.client import SmartClient
+
+    update = rp.RoutesUpdate(reset=True, synced=True, direct=True, heartbeatMs=1000,
+                             models=[rp.ModelRoutes(modelId="m",
+                                                    copies=[rp.RouteCopy(instanceId="a", endpoint="a:1")])])
+    ca = b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n"  # never dialled here
+    cases = [({}, False, True), ({"root_certificates": ca}, False, False),
+             ({"root_certificates": ca, "allow_plaintext_runtimes": True}, False, True),
+             ({"root_certificates": ca}, True, True), ({}, True, False)]
+    for kwargs, runtime_tls, direct in cases:
+        client = SmartClient("router:1", **kwargs)  # type: ignore[arg-type]
+        update.runtimeTls = runtime_tls
+        client._apply(update)
+        assert client.routes.direct is direct, (kwargs, runtime_tls)
