@@ -244,20 +244,32 @@ class SmartClient:
     # --- the route stream -------------------------------------------------------------------------
     async def _watch(self) -> None:
         assert self._router_channel is not None
-        watch = self._router_channel.unary_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
-                                                  response_deserializer=rp.RoutesUpdate.FromString)
+        watch = self._router_channel.stream_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
+                                                   response_deserializer=rp.RoutesUpdate.FromString)
         request = rp.WatchRoutesRequest(modelIdPrefix=self.prefix)
         backoff = 0.1
         while True:
+            call = watch(metadata=self._auth or None)
             try:
-                async for update in watch(request, metadata=self._auth or None):
+                await call.write(request)
+                while True:
+                    update = await call.read()
+                    if update is grpc.aio.EOF:
+                        break
                     self._apply(update)
+                    # The router sends a few updates ahead of what is acknowledged, no more.
+                    await call.write(rp.WatchRoutesRequest(ack=update.sequence))
                     backoff = 0.1
                 reason = "the router ended the stream"
-            except grpc.aio.AioRpcError as err:
-                reason = f"{err.code().name}: {err.details()}"
-                if err.code() in _REFUSED:
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
+                # InvalidStateError: an acknowledgement written after the router ended the call.
+                code, details = ((err.code(), err.details()) if isinstance(err, grpc.aio.AioRpcError)
+                                 else (await call.code(), await call.details()))
+                reason = f"{code.name}: {details}"
+                if code in _REFUSED:
                     backoff = 30.0  # this router will not serve this client routes: it uses the router
+            finally:
+                call.cancel()
             self.routes.lost()
             self._updated.set()
             log.info("route stream lost; sending through the router until it resyncs", router=self.router,

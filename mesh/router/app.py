@@ -154,7 +154,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
     # knows from its own channel settings (tls.runtime_ca_file).
     runtime_tls = bool(settings.tls.runtime_ca_file)
     routes = RouteHub(view, max_streams=rs.routes_max_streams, max_queue=rs.routes_queue,
-                      interval_s=rs.routes_interval_s, runtime_tls=runtime_tls)
+                      interval_s=rs.routes_interval_s, runtime_tls=runtime_tls,
+                      max_streams_per_peer=rs.routes_max_streams_per_peer)
     offers_direct = rs.routes_direct
     if rs.routes_direct and server_tls is not None and not runtime_tls:
         # A client that speaks TLS to this router must not be sent to runtimes in plaintext.

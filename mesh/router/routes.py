@@ -20,8 +20,9 @@ Bounds (a client is untrusted, and a slow one must not grow the router):
 - per stream at most ``router.routes_queue`` pending change sets; past it the stream drops them
   and is sent a fresh snapshot instead (:attr:`Subscription.resync`), built when it is written,
   so a slow reader holds at most one table's worth of messages;
-- a write that waits longer than ``router.routes_write_timeout_s`` for the client to read cuts
-  the stream off (the edge, ``mesh.router.routes_servicer``).
+- at most ``router.routes_max_streams_per_peer`` streams per client address;
+- a stream whose client acknowledges nothing for ``router.routes_write_timeout_s`` is cut off,
+  with at most a few messages sent unacknowledged (the edge, ``mesh.router.routes_servicer.Flow``).
 
 Each stream sees only the model IDs its filter lets through (the request's prefix, the token's
 prefixes): a change set is filtered per stream before it is queued.
@@ -47,6 +48,7 @@ Changes = dict[str, tuple[Copy, ...]]  # model ID -> its copies now (empty: none
 Visible = Callable[[str], bool]
 
 MODELS_PER_MESSAGE = 1000  # a snapshot or a large change set goes out in messages of this many models
+SLICE = 10_000  # models handled between two yields to the event loop (snapshots)
 
 
 def route_table(view: ClusterView, runtime_tls: bool = False) -> Table:
@@ -92,8 +94,9 @@ def chunks(items: list[tuple[str, tuple[Copy, ...]]], size: int = MODELS_PER_MES
 class Subscription:
     """One stream's filter and its bounded queue of change sets."""
 
-    def __init__(self, visible: Visible, max_queue: int) -> None:
+    def __init__(self, visible: Visible, max_queue: int, peer: str = "") -> None:
         self.visible = visible
+        self.peer = peer  # the client's address (without its port): streams per peer are bounded
         self.max_queue = max_queue
         self.queue: deque[Changes] = deque()
         # The queue overflowed: what it held is dropped, the stream's next write is a snapshot.
@@ -124,8 +127,10 @@ class RouteHub:
     """The router's route table and the streams that follow it (module docstring)."""
 
     def __init__(self, view: ClusterView, *, max_streams: int, max_queue: int, interval_s: float,
-                 runtime_tls: bool = False) -> None:
+                 runtime_tls: bool = False, max_streams_per_peer: int = 0) -> None:
         self.view = view
+        self.max_streams_per_peer = max_streams_per_peer  # 0: no bound per peer
+        self._per_peer: dict[str, int] = {}
         self.runtime_tls = runtime_tls  # which direct ports are routes (route_table)
         self.max_streams = max_streams
         self.max_queue = max_queue
@@ -142,25 +147,49 @@ class RouteHub:
         for sub in self.streams:
             sub.wake.set()
 
-    def subscribe(self, visible: Visible) -> Subscription:
+    def subscribe(self, visible: Visible, peer: str = "") -> Subscription:
         if self.closed:
             raise Unavailable("the router is shutting down; connect to another router")
         if len(self.streams) >= self.max_streams:
             raise ResourceExhausted(f"this router serves its maximum of {self.max_streams} route streams "
                                     "(router.routes_max_streams); send inference to the router meanwhile")
+        held = self._per_peer.get(peer, 0)
+        if self.max_streams_per_peer and held >= self.max_streams_per_peer:
+            raise ResourceExhausted(f"this client address holds {held} route streams already, the maximum "
+                                    "(router.routes_max_streams_per_peer); send inference to the router meanwhile")
         self.refresh()  # the snapshot this stream starts from is current, and so is what follows it
-        sub = Subscription(visible, self.max_queue)
+        sub = Subscription(visible, self.max_queue, peer)
         self.streams.add(sub)
+        self._per_peer[peer] = held + 1
         self._opened.set()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
+        if sub not in self.streams:
+            return
         self.streams.discard(sub)
+        left = self._per_peer.get(sub.peer, 1) - 1
+        if left > 0:
+            self._per_peer[sub.peer] = left
+        else:
+            self._per_peer.pop(sub.peer, None)
         if not self.streams:
             self._opened.clear()
 
     def snapshot(self, visible: Visible) -> list[tuple[str, tuple[Copy, ...]]]:
         return [(m, c) for m, c in self.table.items() if visible(m)]
+
+    async def snapshot_sliced(self, visible: Visible, size: int = SLICE) -> list[tuple[str, tuple[Copy, ...]]]:
+        """``snapshot``, built ``size`` models at a time with the event loop let go between slices
+        (it serves inference too). The table is replaced, never changed in place, so the slices are
+        all of the one table taken at the start."""
+        items = list(self.table.items())
+        out: list[tuple[str, tuple[Copy, ...]]] = []
+        for start in range(0, len(items), size):
+            if start:
+                await asyncio.sleep(0)
+            out.extend((m, c) for m, c in items[start:start + size] if visible(m))
+        return out
 
     def refresh(self) -> None:
         """Rebuild the table if the view changed, and queue the differences to every stream."""

@@ -262,9 +262,9 @@ def _write_tokens(tmp_path: Path) -> Path:
 
 async def _stream_error(endpoint: str, request: rp.WatchRoutesRequest, token: str | None) -> grpc.StatusCode:
     async with grpc.aio.insecure_channel(endpoint) as channel:
-        watch = channel.unary_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
-                                     response_deserializer=rp.RoutesUpdate.FromString)
-        call = watch(request, metadata=(("authorization", f"Bearer {token}"),) if token else None, timeout=10)
+        watch = channel.stream_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
+                                      response_deserializer=rp.RoutesUpdate.FromString)
+        call = watch(iter([request]), metadata=(("authorization", f"Bearer {token}"),) if token else None, timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in call:
                 pass

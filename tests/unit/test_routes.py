@@ -22,7 +22,7 @@ from mesh.registry.base import KeyValue
 from mesh.registry.keys import Keys
 from mesh.registry.records import LOADED, LOADING, InstanceRecord, PlacementRecord
 from mesh.router.routes import RouteHub, Subscription, chunks, diff, route_table
-from mesh.router.routes_servicer import RoutesServicer
+from mesh.router.routes_servicer import WINDOW, RoutesServicer, peer_address
 from mesh.router.view import ClusterView
 
 
@@ -120,9 +120,18 @@ def test_hub_sends_each_stream_its_own_models_and_bounds_its_queue() -> None:
 
 
 class _Context:
-    """What the servicer uses of grpc.aio.ServicerContext; ``write`` blocks once ``blocked``."""
+    """What the servicer uses of grpc.aio.ServicerContext. ``read`` gives the client's request, then
+    its acknowledgements: one per update written while ``acking`` (a client that stops reading stops
+    acknowledging; its writes still complete, as grpc's do once the message is queued). ``write``
+    blocks once ``blocked``."""
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = (),
+                 request: rp.WatchRoutesRequest | bytes | None = None) -> None:
+        self.incoming: asyncio.Queue[bytes] = asyncio.Queue()
+        if request is None:
+            request = rp.WatchRoutesRequest()
+        self.incoming.put_nowait(request if isinstance(request, bytes) else request.SerializeToString())
+        self.acking = True
         self.written: list[rp.RoutesUpdate] = []
         self.blocked = False
         self.aborted: tuple[grpc.StatusCode, str] | None = None
@@ -131,8 +140,13 @@ class _Context:
 
     async def write(self, message: rp.RoutesUpdate) -> None:
         if self.blocked:
-            await asyncio.Event().wait()  # a client that stopped reading
+            await asyncio.Event().wait()  # a send grpc never completes
         self.written.append(message)
+        if self.acking:
+            self.incoming.put_nowait(rp.WatchRoutesRequest(ack=message.sequence).SerializeToString())
+
+    async def read(self) -> bytes:
+        return await self.incoming.get()
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted = (code, details)
@@ -159,7 +173,7 @@ async def test_stream_snapshot_deltas_heartbeats_and_slow_reader_cut_off() -> No
     _copy(view, "m", "a")
     hub = RouteHub(view, max_streams=10, max_queue=2, interval_s=0.01)
     ctx = _Context()
-    task = asyncio.create_task(_servicer(hub).watch(rp.WatchRoutesRequest(), ctx))
+    task = asyncio.create_task(_servicer(hub).watch(ctx))
     await asyncio.sleep(0.02)
     first = ctx.written[0]
     assert first.reset and first.synced and first.direct and [m.modelId for m in first.models] == ["m"]
@@ -174,18 +188,22 @@ async def test_stream_snapshot_deltas_heartbeats_and_slow_reader_cut_off() -> No
     await asyncio.sleep(0.12)  # nothing changes: heartbeats
     assert len(ctx.written) > count and all(not m.models and m.synced for m in ctx.written[count:])
 
-    # The client stops reading: changes pile up past the queue bound (then a snapshot is due, not
-    # more memory), and the blocked write cuts the stream off within the write timeout.
-    ctx.blocked = True
+    # The client stops reading (so acknowledging): at most WINDOW updates go out unacknowledged,
+    # changes pile up past the queue bound (then a snapshot is due, not more memory), and the
+    # stream is cut off within the write timeout.
+    ctx.acking = False
+    sent = len(ctx.written)
     for i in range(10):
         _copy(view, f"x{i}", "a")
         hub.refresh()
+        await asyncio.sleep(0.005)
     subs = list(hub.streams)
     assert len(subs) == 1 and len(subs[0].queue) <= 2
     with pytest.raises(grpc.aio.AbortError):  # what context.abort raises in grpc too
         await asyncio.wait_for(task, 2)
     assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "routes_write_timeout_s" in ctx.aborted[1]
+    assert len(ctx.written) - sent <= WINDOW
     assert not hub.streams  # the stream's state is gone with it
 
 
@@ -202,7 +220,7 @@ async def test_overflowed_stream_gets_a_fresh_snapshot() -> None:
         await original(message)
 
     ctx.write = slow_write  # type: ignore[method-assign]
-    task = asyncio.create_task(_servicer(hub, write_timeout_s=5).watch(rp.WatchRoutesRequest(), ctx))
+    task = asyncio.create_task(_servicer(hub, write_timeout_s=5).watch(ctx))
     await asyncio.sleep(0.01)
     for i in range(3):  # three change sets against a queue of one: overflow
         _copy(view, f"m{i}", "a")
@@ -216,6 +234,78 @@ async def test_overflowed_stream_gets_a_fresh_snapshot() -> None:
     assert sorted(m.modelId for m in resets[1].models) == ["m0", "m1", "m2"]
     hub.close()
     await asyncio.wait_for(task, 2)  # a closing router ends its streams
+
+
+async def test_a_client_that_reads_nothing_holds_at_most_a_window_of_the_snapshot() -> None:
+    """The attacker review: streams that never read held a whole snapshot (31 MB at 100,000 models)
+    in the router, as grpc's write completes once the message is queued. Now at most WINDOW
+    messages of it are sent unacknowledged, and the stream is cut off; a client that acknowledges
+    gets all of it, in sequence."""
+    view = _view()
+    _instance(view, "a")
+    for i in range(5500):  # six messages of at most 1,000 models
+        _copy(view, f"m{i:05d}", "a")
+    hub = RouteHub(view, max_streams=10, max_queue=2, interval_s=0.01)
+    silent = _Context()
+    silent.acking = False
+    with pytest.raises(grpc.aio.AbortError):
+        await asyncio.wait_for(_servicer(hub).watch(silent), 2)
+    assert len(silent.written) == WINDOW
+    assert silent.aborted is not None and silent.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    reader = _Context()
+    task = asyncio.create_task(_servicer(hub).watch(reader))
+    await asyncio.sleep(0.2)
+    assert [m.sequence for m in reader.written[:6]] == [1, 2, 3, 4, 5, 6]
+    assert sum(len(m.models) for m in reader.written[:6]) == 5500 and reader.written[5].synced
+    hub.close()
+    await asyncio.wait_for(task, 2)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"\xff\xff\xff", "malformed request"),
+    (rp.WatchRoutesRequest(ack=99).SerializeToString(), "past the last update sent"),
+])
+async def test_bad_acknowledgements_end_the_stream(body: bytes, words: str) -> None:
+    view = _view()
+    hub = RouteHub(view, max_streams=10, max_queue=2, interval_s=0.01)
+    ctx = _Context()
+    ctx.acking = False
+    _instance(view, "a")
+    task = asyncio.create_task(_servicer(hub, write_timeout_s=5).watch(ctx))
+    await asyncio.sleep(0.02)
+    ctx.incoming.put_nowait(body)
+    for i in range(WINDOW + 1):  # the next send past the window sees the error
+        _copy(view, f"m{i}", "a")
+        hub.refresh()
+        await asyncio.sleep(0.02)
+    with pytest.raises(grpc.aio.AbortError):
+        await asyncio.wait_for(task, 2)
+    assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in ctx.aborted[1]
+    assert not hub.streams
+
+
+async def test_a_malformed_first_request_is_invalid_argument() -> None:
+    hub = RouteHub(_view(), max_streams=10, max_queue=2, interval_s=0.01)
+    ctx = _Context(request=b"\xff\xff\xff")
+    with pytest.raises(grpc.aio.AbortError):
+        await asyncio.wait_for(_servicer(hub).watch(ctx), 2)
+    assert ctx.aborted is not None and ctx.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert not ctx.written and not hub.streams
+
+
+def test_streams_per_peer_are_bounded() -> None:
+    hub = RouteHub(_view(), max_streams=10, max_queue=2, interval_s=0.01, max_streams_per_peer=2)
+    first, _ = hub.subscribe(lambda m: True, "ipv4:10.0.0.1"), hub.subscribe(lambda m: True, "ipv4:10.0.0.1")
+    with pytest.raises(ResourceExhausted, match="routes_max_streams_per_peer"):
+        hub.subscribe(lambda m: True, "ipv4:10.0.0.1")
+    hub.subscribe(lambda m: True, "ipv4:10.0.0.2")  # another address has its own share
+    hub.unsubscribe(first)
+    hub.unsubscribe(first)  # twice changes nothing
+    hub.subscribe(lambda m: True, "ipv4:10.0.0.1")
+    assert peer_address("ipv4:10.0.0.1:5555") == "ipv4:10.0.0.1"
+    assert peer_address("ipv6:[::1]:5555") == "ipv6:[::1]"
+    assert peer_address("unix:/tmp/sock") == "unix:/tmp/sock"
 
 
 def test_client_routes_doubt_goes_to_the_router() -> None:
