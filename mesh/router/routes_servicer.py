@@ -28,7 +28,7 @@ covers the time between writes; streams are bounded in all and per client addres
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 
 import grpc
 import structlog
@@ -65,8 +65,10 @@ class RoutesServicer:
         self._runtime_server_name = runtime_server_name
         self._refusals = Refusals()
 
-    def _visible(self, request: rp.WatchRoutesRequest, context: grpc.aio.ServicerContext) -> Visible:
-        """The stream's filter; raises Unauthenticated / PermissionDenied / InvalidArgument."""
+    def _visible(self, request: rp.WatchRoutesRequest, context: grpc.aio.ServicerContext
+                 ) -> tuple[Visible, Hashable]:
+        """The stream's filter and its key (streams with equal keys see the same models); raises
+        Unauthenticated / PermissionDenied / InvalidArgument."""
         prefix = request.modelIdPrefix
         if len(prefix) > MAX_PREFIX:
             raise InvalidArgument(f"modelIdPrefix is {len(prefix)} characters; the limit is {MAX_PREFIX}")
@@ -85,8 +87,9 @@ class RoutesServicer:
                 raise
         if principal is not None and principal.prefixes:
             allows = principal.allows
-            return (lambda m: m.startswith(prefix) and allows(m)) if prefix else allows
-        return (lambda m: m.startswith(prefix)) if prefix else (lambda m: True)
+            key = (prefix, tuple(sorted(principal.prefixes)))
+            return ((lambda m: m.startswith(prefix) and allows(m)) if prefix else allows), key
+        return ((lambda m: m.startswith(prefix)) if prefix else (lambda m: True)), (prefix, None)
 
     def _message(self, models: list[tuple[str, tuple[Copy, ...]]], *, reset: bool, synced: bool
                  ) -> rp.RoutesUpdate:
@@ -117,8 +120,8 @@ class RoutesServicer:
         flow: Flow | None = None
         try:
             request = await self._first_request(context)
-            visible = self._visible(request, context)
-            sub = self.hub.subscribe(visible, peer_address(context.peer()))
+            visible, key = self._visible(request, context)
+            sub = self.hub.subscribe(visible, peer_address(context.peer()), key)
             flow = Flow(context, self.window, self.write_timeout_s)
             pending = self._lazy(await self.hub.snapshot_sliced(visible), reset=True)
             while True:
