@@ -247,7 +247,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
         # Ordered shutdown: stop accepting and drain in-flight requests (they may be waiting on
         # a cold load), then stop watching and close the connections.
         await health.leave()
-        routes.close()  # route streams end now rather than hold the drain for its whole grace
+        routes_servicer.close()  # route streams end now rather than hold the drain for its whole grace
         if rest is not None:
             await asyncio.gather(server.stop(grace=5.0), rest.stop(grace_s=5.0))
         else:

@@ -6,13 +6,14 @@ instances that are shutting down (they serve only until their re-homed copy is l
 vModels are left out: a client sends those requests to the router, which resolves and loads.
 
 Design, and its trade-off. The view (``mesh.router.view``) is fed by registry watches and bumps a
-version on every change, but tells no one which model changed. Rather than hook every mutation of
-the view (the data plane's module, whose hot path must stay as it is), :class:`RouteHub` compares
-the table it last sent with one built from the view, at most every ``router.routes_interval_s``
-and only when the version moved and a stream is open. Building the table is O(loaded copies):
-the view holds only loaded models, so this grows with what is loaded, never with what is
-registered; an update reaches clients within that interval. A stale route costs a client nothing
-but one extra hop: the runtime answers "not here" and the client asks the router.
+version on every change; while a stream is open it also records which models' placements changed
+and which instances changed a routing field (``changed_models``, ``changed_instances``: one
+``set.add`` per change, the data plane's hot path otherwise as it was). :class:`RouteHub`
+recomputes only those models, at most every ``router.routes_interval_s`` and only when the version
+moved; an instance's change costs one pass over the placements (rare: a runtime starting,
+draining, leaving or unreachable). The whole table is built only when the first stream opens
+after none. A stale route costs a client nothing but one extra hop: the runtime answers "not
+here" and the client asks the router.
 
 Bounds (a client is untrusted, and a slow one must not grow the router):
 

@@ -64,6 +64,13 @@ class RoutesServicer:
         self._runtime_tls = runtime_tls
         self._runtime_server_name = runtime_server_name
         self._refusals = Refusals()
+        self._flows: set[Flow] = set()
+
+    def close(self) -> None:
+        """At shutdown: every stream ends, those waiting for acknowledgements too."""
+        self.hub.close()
+        for flow in self._flows:
+            flow.stop()
 
     def _visible(self, request: rp.WatchRoutesRequest, context: grpc.aio.ServicerContext
                  ) -> tuple[Visible, Hashable]:
@@ -123,10 +130,12 @@ class RoutesServicer:
             visible, key = self._visible(request, context)
             sub = self.hub.subscribe(visible, peer_address(context.peer()), key)
             flow = Flow(context, self.window, self.write_timeout_s)
+            self._flows.add(flow)
             pending = self._lazy(await self.hub.snapshot_sliced(visible), reset=True)
             while True:
                 for message in pending:
-                    await flow.send(message)
+                    if not await flow.send(message):
+                        return  # the router is stopping
                 try:
                     await asyncio.wait_for(sub.wake.wait(), self.heartbeat_s)
                 except TimeoutError:
@@ -148,6 +157,7 @@ class RoutesServicer:
         finally:
             if flow is not None:
                 flow.close()
+                self._flows.discard(flow)
             if sub is not None:
                 self.hub.unsubscribe(sub)
 
@@ -202,6 +212,7 @@ class Flow:
         self.sent = 0
         self.acked = 0
         self.error: MeshError | None = None
+        self.stopped = False
         self._acks = asyncio.Event()
         self._reader = asyncio.get_running_loop().create_task(self._read(), name="route-stream-acks")
 
@@ -222,11 +233,17 @@ class Flow:
                 self.acked = ack
                 self._acks.set()
 
-    async def send(self, message: rp.RoutesUpdate) -> None:
+    def stop(self) -> None:
+        """The router is stopping: a send waiting for acknowledgements gives up (returns False)."""
+        self.stopped = True
+        self._acks.set()
+
+    async def send(self, message: rp.RoutesUpdate) -> bool:
+        """False when the router is stopping (nothing sent)."""
         self.sent += 1
         message.sequence = self.sent
         deadline = asyncio.get_running_loop().time() + self.timeout_s
-        while self.sent - self.acked > self.window and self.error is None:
+        while self.sent - self.acked > self.window and self.error is None and not self.stopped:
             self._acks.clear()
             left = deadline - asyncio.get_running_loop().time()
             try:
@@ -238,11 +255,14 @@ class Flow:
                                         f"{self.timeout_s:g} s (router.routes_write_timeout_s); reconnect") from None
         if self.error is not None:
             raise self.error
+        if self.stopped:
+            return False
         try:
             await asyncio.wait_for(self.context.write(message), self.timeout_s)
         except TimeoutError:
             raise ResourceExhausted(f"route stream fell behind: an update waited more than {self.timeout_s:g} s "
                                     "to be sent (router.routes_write_timeout_s); reconnect") from None
+        return True
 
     def close(self) -> None:
         self._reader.cancel()

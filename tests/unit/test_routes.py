@@ -261,6 +261,23 @@ async def test_a_client_that_reads_nothing_holds_at_most_a_window_of_the_snapsho
     await asyncio.wait_for(task, 2)
 
 
+async def test_a_stopping_router_ends_streams_waiting_for_acknowledgements() -> None:
+    view = _view()
+    _instance(view, "a")
+    for i in range(5500):
+        _copy(view, f"m{i:05d}", "a")
+    hub = RouteHub(view, max_streams=10, max_queue=2, interval_s=0.01)
+    servicer = _servicer(hub, write_timeout_s=30)
+    silent = _Context()
+    silent.acking = False
+    task = asyncio.create_task(servicer.watch(silent))
+    await asyncio.sleep(0.1)
+    assert len(silent.written) == WINDOW and not task.done()
+    servicer.close()
+    await asyncio.wait_for(task, 1)  # ends at once, not after the 30 s wait for acknowledgements
+    assert silent.aborted is None and not hub.streams
+
+
 @pytest.mark.parametrize("body, words", [
     (b"\xff\xff\xff", "malformed request"),
     (rp.WatchRoutesRequest(ack=99).SerializeToString(), "past the last update sent"),
