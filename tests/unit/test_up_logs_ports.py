@@ -7,8 +7,8 @@ import errno
 import os
 import socket
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
