@@ -209,17 +209,22 @@ class RouterSettings:
                                 "namespace; the controller's namespace in Kubernetes).")
     # --- route stream for smart clients (mesh.router.routes, mesh.client; docs/client.md) -------------
     routes_direct: bool = _f(True, "Offer direct routing on the route stream (mmesh.ModelMeshRoutes): smart "
-                             "clients then send inference for loaded models straight to a runtime. Offered "
-                             "only while the runtimes admit clients: never when the router dials them with "
-                             "a client certificate (tls.runtime_cert_file: runtimes with client_auth = "
-                             "require keep clients off).")
-    routes_max_streams: int = _f(1000, "Route streams one router serves at once; the next answers "
+                             "clients then send inference for loaded models straight to a runtime's direct "
+                             "port (runtime.direct_port; runtimes without one get no direct traffic). Never "
+                             "when this router serves TLS but dials runtimes in plaintext (no "
+                             "tls.runtime_ca_file): clients would go to runtimes unencrypted.")
+    routes_max_streams: int = _f(64, "Route streams one router serves at once; the next answers "
                                  "RESOURCE_EXHAUSTED.", "streams")
+    routes_max_streams_per_peer: int = _f(8, "Route streams one client address may hold open at once (clients "
+                                          "behind one NAT or proxy share it); the next answers "
+                                          "RESOURCE_EXHAUSTED.", "streams")
     routes_queue: int = _f(64, "Updates waiting per route stream; a stream that falls further behind drops "
                            "them and gets a fresh snapshot instead (memory per stream stays bounded).",
                            "messages")
-    routes_write_timeout_s: float = _f(10.0, "How long one update may wait for a route stream's client to "
-                                       "read; past it the stream is cut off (RESOURCE_EXHAUSTED).", "s")
+    routes_write_timeout_s: float = _f(10.0, "How long a route stream may wait for its client to acknowledge "
+                                       "an update (the router sends at most a few unacknowledged) or to send "
+                                       "its first request; past it the stream is cut off (RESOURCE_EXHAUSTED).",
+                                       "s")
     routes_heartbeat_s: float = _f(1.0, "A route stream gets a message at least this often; clients treat "
                                    "their routes as stale after a few silent heartbeats.", "s")
     routes_interval_s: float = _f(0.05, "How often the route table is compared with the router's view (only "
@@ -238,6 +243,14 @@ class RuntimeSettings:
     health_port: int = _f(0, "Plaintext port serving grpc.health.v1 only, for probes that cannot speak "
                           "TLS (Kubernetes' gRPC probe) when the gRPC port requires client certificates; "
                           "0: off (health is always on the gRPC port too).")
+    # --- direct port for smart clients (docs/client.md) ------------------------------------------
+    direct_port: int = _f(-1, "Client-facing gRPC port for smart clients' direct inference (mesh.client): "
+                          "only the V2 ModelInfer, ModelMetadata, ModelReady, ServerLive and ServerReady, with "
+                          "the router's token rules (auth.data_plane), this process's TLS certificate but no "
+                          "client certificate required, and never a load (a miss answers \"not here\"). "
+                          "Published in the instance record; routers offer direct routing only to runtimes "
+                          "that have one. -1: off (no direct routing to this runtime); 0 picks a free port.")
+    # --- end direct port ---------------------------------------------------------------------------
     per_model_metrics: bool = _f(False, "Label inference, cache and load metrics with the model ID: one "
                                  "series per model, so off by default, as in ModelMesh (docs/metrics.md).")
     advertise_host: str = _f("", "Host published in the instance record for routers to dial; empty "

@@ -63,6 +63,7 @@ MODEL_ID = "client-lr-256"
 TARGET_ADDED_P50_MS = 0.05
 TARGET_THROUGHPUT_RATIO = 1.0
 TARGET_KILL_FAILURES = 0
+DIRECT_PORT = {"MESH_RUNTIME_DIRECT_PORT": "0"}  # smart clients go to the runtimes' direct ports
 
 
 def _expected(model: TrainedModel) -> np.ndarray:
@@ -78,7 +79,7 @@ def _right(raw: bytes, expected: np.ndarray) -> bool:
 
 async def _kill_under_load(args: argparse.Namespace, cluster: Cluster, client: SmartClient, body: bytes,
                            md: tuple[tuple[str, str], ...], expected: np.ndarray, runtime: Server) -> dict[str, Any]:
-    survivor = cluster.start_runtime("runtime-1", capacity_bytes=256 * 2**20)
+    survivor = cluster.start_runtime("runtime-1", capacity_bytes=256 * 2**20, extra_env=DIRECT_PORT)
     log(f"kill under load: smart client c={args.concurrency} for {args.kill_duration:g} s, SIGKILL of the "
         f"runtime holding the only copy at {args.kill_at:g} s (survivor {survivor.endpoint})")
     wrong = 0
@@ -134,8 +135,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, model: TrainedModel, r
     body = infer_body(model)
     md = (("mm-model-id", MODEL_ID),)
     me = psutil.Process()
-    channels = {"runtime": grpc.aio.insecure_channel(runtime.endpoint),
-                "router": grpc.aio.insecure_channel(router.endpoint)}
+    channels = {"router": grpc.aio.insecure_channel(router.endpoint)}
     client = SmartClient(router.endpoint)
     await client.start()
     try:
@@ -146,6 +146,8 @@ async def run(args: argparse.Namespace, cluster: Cluster, model: TrainedModel, r
         await wait_loaded(mesh, MODEL_ID)
         if not await client.wait_route(MODEL_ID, 10):
             raise RuntimeError("the smart client got no route for the loaded model")
+        # "direct" is the runtime's direct port (runtime.direct_port), where the smart client sends too.
+        channels["runtime"] = grpc.aio.insecure_channel(client.routes.copies[MODEL_ID][0][1])
         expected = _expected(model)
         direct = bytes_call(channels["runtime"], INFER)
         for raw in (await routed(body, metadata=md, timeout=10), await direct(body, metadata=md, timeout=10),
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = train_logistic(MODEL_ID, model_dir, n_features=256, seed=256)
         with Cluster() as cluster:
-            runtime = cluster.start_runtime(capacity_bytes=256 * 2**20)
+            runtime = cluster.start_runtime(capacity_bytes=256 * 2**20, extra_env=DIRECT_PORT)
             router = cluster.start_router()
             result = uvloop.run(run(args, cluster, model, runtime, router))
     finally:

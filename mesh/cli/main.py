@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-max-size", metavar="SIZE",
                        help="rotate a component's log past this size, keeping one older file (default 10MiB)")
         # --- end mesh up logs ---
+        p.add_argument("--direct-ports", action="store_true",  # smart clients (docs/client.md)
+                       help="give every runtime a direct port (runtime.direct_port) for smart clients")
 
     up = sub.add_parser("up", help="run a router and runtimes on this machine (embedded mode)")
     embedded(up)

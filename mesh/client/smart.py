@@ -31,10 +31,11 @@ Auth and TLS as the router's: ``token`` goes as ``authorization: Bearer`` on the
 calls and on direct calls; a runtime with ``auth.data_plane`` checks it with the router's rules
 (``mesh.transport.auth.runtime_interceptors``). With ``root_certificates`` the client speaks TLS
 to the router (``private_key``/``certificate_chain`` for a router that requires client
-certificates), and to runtimes when the router says it dials them over TLS, verified with
+certificates), and to runtimes' direct ports when the router says they use TLS, verified with
 ``runtime_root_certificates`` (default: the router's CA) under the name the router announces
-(``tls.runtime_server_name``). Without a CA for runtimes that use TLS, or when the router offers no
-direct routing (runtimes that admit routers only), every request goes through the router.
+(``tls.runtime_server_name``). A client that speaks TLS to the router never goes direct in
+plaintext (unless ``allow_plaintext_runtimes=True``). Without a CA for runtimes that use TLS, or
+when the router offers no direct routing, every request goes through the router.
 
 Resources: one channel to the router and one per runtime endpoint in the routes (closed when the
 endpoint leaves them); headers prepared per distinct header tuple, in a bounded cache.
@@ -76,7 +77,7 @@ class SmartClient:
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
                  certificate_chain: bytes | None = None, runtime_root_certificates: bytes | None = None,
                  direct: bool = True, stale_after_s: float | None = None, suspect_s: float = 5.0,
-                 max_message_bytes: int = 16 << 20) -> None:
+                 max_message_bytes: int = 16 << 20, allow_plaintext_runtimes: bool = False) -> None:
         self.router = router
         self.prefix = model_id_prefix
         self.direct_enabled = direct
@@ -87,6 +88,8 @@ class SmartClient:
                               if root_certificates is not None else None)
         self._runtime_ca = runtime_root_certificates or root_certificates
         self._runtime_key = (private_key, certificate_chain)
+        # TLS to the router never becomes plaintext to a runtime, unless the caller says so.
+        self._plaintext_ok = root_certificates is None or allow_plaintext_runtimes
         self.routes = Routes(stale_after_s=stale_after_s, suspect_s=suspect_s)
         self._runtime_tls = False
         self._runtime_name = ""
@@ -241,20 +244,32 @@ class SmartClient:
     # --- the route stream -------------------------------------------------------------------------
     async def _watch(self) -> None:
         assert self._router_channel is not None
-        watch = self._router_channel.unary_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
-                                                  response_deserializer=rp.RoutesUpdate.FromString)
+        watch = self._router_channel.stream_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
+                                                   response_deserializer=rp.RoutesUpdate.FromString)
         request = rp.WatchRoutesRequest(modelIdPrefix=self.prefix)
         backoff = 0.1
         while True:
+            call = watch(metadata=self._auth or None)
             try:
-                async for update in watch(request, metadata=self._auth or None):
+                await call.write(request)
+                while True:
+                    update = await call.read()
+                    if update is grpc.aio.EOF:
+                        break
                     self._apply(update)
+                    # The router sends a few updates ahead of what is acknowledged, no more.
+                    await call.write(rp.WatchRoutesRequest(ack=update.sequence))
                     backoff = 0.1
                 reason = "the router ended the stream"
-            except grpc.aio.AioRpcError as err:
-                reason = f"{err.code().name}: {err.details()}"
-                if err.code() in _REFUSED:
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
+                # InvalidStateError: an acknowledgement written after the router ended the call.
+                code, details = ((err.code(), err.details()) if isinstance(err, grpc.aio.AioRpcError)
+                                 else (await call.code(), await call.details()))
+                reason = f"{code.name}: {details}"
+                if code in _REFUSED:
                     backoff = 30.0  # this router will not serve this client routes: it uses the router
+            finally:
+                call.cancel()
             self.routes.lost()
             self._updated.set()
             log.info("route stream lost; sending through the router until it resyncs", router=self.router,
@@ -271,8 +286,13 @@ class SmartClient:
                 asyncio.get_running_loop().create_task(channel.close())
             self._channels.clear()
             self._calls.clear()
-        # Runtimes over TLS need a CA to verify them with; without one, the router carries everything.
-        direct = update.direct and (self._runtime_ca is not None or not update.runtimeTls)
+        # Runtimes over TLS need a CA to verify them with; runtimes in plaintext are used only by a
+        # client that speaks plaintext to the router too (or allow_plaintext_runtimes). Otherwise the
+        # router carries everything.
+        if update.runtimeTls:
+            direct = update.direct and self._runtime_ca is not None
+        else:
+            direct = update.direct and self._plaintext_ok
         self.routes.apply(reset=update.reset, synced=update.synced, direct=direct, heartbeat_ms=update.heartbeatMs,
                           models=((m.modelId, tuple((c.instanceId, c.endpoint) for c in m.copies))
                                   for m in update.models), now=now)

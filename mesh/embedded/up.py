@@ -109,7 +109,8 @@ class Mesh:
     """The supervised set of processes of one `mesh up`."""
 
     def __init__(self, *, runtimes: int, port: int, registry: str | None, capacity: int | None,
-                 data_dir: Path | None, config: Path | None, logs: LogDir | None = None) -> None:
+                 data_dir: Path | None, config: Path | None, logs: LogDir | None = None,
+                 direct_ports: bool = False) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="mesh-up-"))  # ready files only: removed at exit
         self.logs = logs or LogDir(self.workdir, kept=False)
         self.etcd: EtcdProcess | None = None
@@ -144,7 +145,11 @@ class Mesh:
                 f"runtime-{i}", "runtime",
                 {**env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_CAPACITY_BYTES": str(per_runtime),
                  "MESH_RUNTIME_METRICS_PORT": runtime_metrics[i],
-                 "MESH_RUNTIME_INSTANCE_ID": f"runtime-{i}-{os.getpid()}"},
+                 "MESH_RUNTIME_INSTANCE_ID": f"runtime-{i}-{os.getpid()}",
+                 # smart clients' direct ports (docs/client.md): a free one each with --direct-ports;
+                 # a port set in the environment for all of them: the i-th after it
+                 **({"MESH_RUNTIME_DIRECT_PORT": _nth_port(env.get("MESH_RUNTIME_DIRECT_PORT"), i) or "0"}
+                    if direct_ports or env.get("MESH_RUNTIME_DIRECT_PORT") else {})},
                 self.workdir, self.logs.path / f"runtime-{i}.log"))
 
     def _pick_port(self, wanted: int, what: str) -> int:
@@ -357,7 +362,8 @@ def run_up(args: argparse.Namespace, *, example: bool) -> int:
             # ones are loaded and evicted as traffic moves.
             capacity = max(512 * 1024, sum(m.footprint for m in trained) // 2 // args.runtimes)
     mesh = Mesh(runtimes=args.runtimes, port=args.port, registry=args.registry, capacity=capacity,
-                data_dir=args.data_dir, config=args.config, logs=logs)
+                data_dir=args.data_dir, config=args.config, logs=logs,
+                direct_ports=getattr(args, "direct_ports", False))
     stop = {"flag": False}
 
     def on_signal(signum: int, frame: object) -> None:

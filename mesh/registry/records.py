@@ -258,6 +258,10 @@ class InstanceRecord:
     shutting_down: bool = False
     accepts_loads: bool = True  # False: its loads are stuck (it serves what it holds, loads nothing)
     started_ms: int = 0
+    # The client-facing port for smart clients (runtime.direct_port; docs/client.md): host:port, and
+    # whether it speaks TLS. Empty (records of older runtimes, or the port off): no direct routing here.
+    direct_endpoint: str = ""
+    direct_tls: bool = False
     # Counters since the instance started, for `mesh status` / `mesh top` (rates from two readings)
     # and `mesh demo`; each equals a runtime metric: ``requests`` the inferences that arrived
     # (modelmesh_invoke_model_milliseconds' count), ``hits`` / ``misses`` those whose model was /

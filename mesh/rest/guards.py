@@ -39,9 +39,10 @@ from mesh.transport.metadata import MODEL_ID, VMODEL_ID
 # The only headers passed on to the data plane: the model selection, trace context, request id,
 # and the CloudEvent id that payload records carry (KServe's logger keeps a client's ce-id; gRPC
 # metadata reaches the data plane whole, so REST passes it too).
-# The token too: the data plane strips it, unless runtimes check tokens as well (auth.data_plane:
-# DataPlane(forward_token=True), for smart clients' direct calls), when REST's calls need it there.
-FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id", "ce-id", "authorization"})
+# Not the token: the REST server checks it itself, and runtimes never see a client's token from a
+# router (mesh.router.dataplane.STRIP), so Authorization is neither forwarded nor bounded here (a
+# gateway's long JWT on an open mesh is simply ignored).
+FORWARDED = frozenset({MODEL_ID, VMODEL_ID, "traceparent", "tracestate", "x-request-id", "ce-id"})
 # A forwarded header value: printable ASCII (what gRPC metadata takes), at most this long.
 _MAX_HEADER_VALUE = 1024
 _PRINTABLE = re.compile(r"^[\x20-\x7e]*$")

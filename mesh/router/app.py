@@ -115,9 +115,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
                                              max_connection_bytes=rs.max_connection_inflight_bytes,
                                              on_burst=trim_soon()),
                       payloads=payloads[0] if payloads else None,
-                      graph_timeout_s=rs.graph_default_timeout_s, graph_max_bytes=rs.max_graph_request_bytes,
-                      # runtimes check tokens then too (smart clients: mesh.transport.auth.runtime_interceptors)
-                      forward_token=bool(settings.auth.tokens_file) and settings.auth.data_plane)
+                      graph_timeout_s=rs.graph_default_timeout_s, graph_max_bytes=rs.max_graph_request_bytes)
     reachability = Reachability(view, runtime_client, rs.unreachable_probe_s, on_unreachable=link.forget)
     plane.on_gone = reachability.mark
     plane.witness = witness
@@ -151,14 +149,24 @@ async def serve_router(settings: Settings, roots: RootTasks,
                         max_streams_per_connection=rs.max_streams_per_connection,
                         max_calls=rs.max_inflight_requests)
     # --- route stream for smart clients (mesh.router.routes; docs/client.md) ---------------------
+    # Routes name runtimes' direct ports (runtime.direct_port), never their internal ones; the
+    # direct ports speak TLS when the runtimes' ports do (the same certificate), which the router
+    # knows from its own channel settings (tls.runtime_ca_file).
+    runtime_tls = bool(settings.tls.runtime_ca_file)
     routes = RouteHub(view, max_streams=rs.routes_max_streams, max_queue=rs.routes_queue,
-                      interval_s=rs.routes_interval_s)
-    # Runtimes that require a client certificate (the router presents one) keep clients off.
-    offers_direct = rs.routes_direct and not settings.tls.runtime_cert_file
+                      interval_s=rs.routes_interval_s, runtime_tls=runtime_tls,
+                      max_streams_per_peer=rs.routes_max_streams_per_peer)
+    offers_direct = rs.routes_direct
+    if rs.routes_direct and server_tls is not None and not runtime_tls:
+        # A client that speaks TLS to this router must not be sent to runtimes in plaintext.
+        offers_direct = False
+        log.warning("direct routing is off: this router serves TLS but dials runtimes in plaintext "
+                    "(no tls.runtime_ca_file), so smart clients would send tokens and data to runtimes "
+                    "unencrypted; give runtimes TLS, or set router.routes_direct = false to say so")
     routes_servicer = RoutesServicer(
         routes, tokens=TokenTable.load(settings.auth.tokens_file) if settings.auth.tokens_file else None,
         direct=lambda: offers_direct and not_ready() is None, heartbeat_s=rs.routes_heartbeat_s,
-        write_timeout_s=rs.routes_write_timeout_s, runtime_tls=bool(settings.tls.runtime_ca_file),
+        write_timeout_s=rs.routes_write_timeout_s, runtime_tls=runtime_tls,
         runtime_server_name=settings.tls.runtime_server_name)
     # --- end of route stream ------------------------------------------------------------------
     server.add_generic_rpc_handlers((
@@ -239,7 +247,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
         # Ordered shutdown: stop accepting and drain in-flight requests (they may be waiting on
         # a cold load), then stop watching and close the connections.
         await health.leave()
-        routes.close()  # route streams end now rather than hold the drain for its whole grace
+        routes_servicer.close()  # route streams end now rather than hold the drain for its whole grace
         if rest is not None:
             await asyncio.gather(server.stop(grace=5.0), rest.stop(grace_s=5.0))
         else:

@@ -109,25 +109,14 @@ def passthrough(metadata: Headers) -> Headers:
     return tuple((k, v) for k, v in metadata if k not in STRIP)
 
 
-# With auth.data_plane, runtimes check the client's token on their V2 methods too (smart clients
-# send there directly: mesh.transport.auth.runtime_interceptors), so the router passes it on.
-_STRIP_KEEPING_TOKEN = STRIP - {"authorization"}
-
-
-def passthrough_with_token(metadata: Headers) -> Headers:
-    """``passthrough`` keeping ``authorization`` (``DataPlane(forward_token=True)``)."""
-    return tuple((k, v) for k, v in metadata if k not in _STRIP_KEEPING_TOKEN)
-
-
 class DataPlane:
     def __init__(self, *, view: ClusterView, specs: SpecCache, link: Link, max_attempts: int,
                  load_factor: float, ready: Callable[[], bool], scaler: CopyScaler | None = None,
                  access_log: bool = False, tracer: Tracer | None = None,
                  inflight: InflightLimit | None = None, payloads: PayloadLog | None = None,
-                 graph_timeout_s: float = 60.0, graph_max_bytes: int = 256 << 20,
-                 forward_token: bool = False) -> None:
+                 graph_timeout_s: float = 60.0, graph_max_bytes: int = 256 << 20) -> None:
         self.view = view
-        self._passthrough = passthrough_with_token if forward_token else passthrough
+        self._passthrough = passthrough
         self.specs = specs
         self.link = link
         self.max_attempts = max_attempts

@@ -55,6 +55,13 @@ class ClusterView:
         # router's per_model_metrics); only vModels that have a split: pruned when the split goes.
         self.split_requests: dict[str, dict[str, int]] = {}
         self.count_splits = False
+        # What changed for the route stream (mesh.router.routes.RouteHub), only while it tracks
+        # (a stream is open): models whose placements changed, instances whose routing fields
+        # (direct port, shutting down, reachability, presence) changed. A set.add per change; the
+        # hub takes and empties them when it refreshes.
+        self.track_routes = False
+        self.changed_models: set[str] = set()
+        self.changed_instances: set[str] = set()
 
     # --- feeding from mirrors -----------------------------------------------------------------
     def put_instance(self, kv: KeyValue) -> None:
@@ -70,6 +77,9 @@ class ClusterView:
                       instance_id=record.instance_id, endpoints=sorted({old.endpoint, record.endpoint}))
         self.instances[record.instance_id] = record
         self.version += 1
+        if self.track_routes and (old is None or (old.direct_endpoint, old.direct_tls, old.shutting_down)
+                                  != (record.direct_endpoint, record.direct_tls, record.shutting_down)):
+            self.changed_instances.add(record.instance_id)
 
     def delete_instance(self, key: str) -> None:
         instance_id = key[len(self.keys.instances):]
@@ -77,6 +87,8 @@ class ClusterView:
         self.inflight.pop(instance_id, None)
         self.unreachable.discard(instance_id)
         self.version += 1
+        if self.track_routes:
+            self.changed_instances.add(instance_id)
         if record is not None and not any(r.endpoint == record.endpoint for r in self.instances.values()):
             for callback in self.on_instance_gone:
                 try:
@@ -89,6 +101,8 @@ class ClusterView:
         record = PlacementRecord.from_json(kv.value)
         self.placements.setdefault(record.model_id, {})[record.instance_id] = record
         self.version += 1
+        if self.track_routes:
+            self.changed_models.add(record.model_id)
 
     def delete_placement(self, key: str) -> None:
         model_id, instance_id = Keys.split_pair(key, self.keys.placements)
@@ -98,6 +112,8 @@ class ClusterView:
             if not copies:
                 del self.placements[model_id]
         self.version += 1
+        if self.track_routes:
+            self.changed_models.add(model_id)
 
 
     def put_vmodel(self, kv: KeyValue) -> None:
@@ -182,6 +198,8 @@ class ClusterView:
             if not copies:
                 del self.placements[model_id]
             self.version += 1
+            if self.track_routes:
+                self.changed_models.add(model_id)
 
     def forget_vmodel(self, vmodel_id: str) -> None:
         """Drop a vModel this router just deleted (the watch will confirm)."""
@@ -197,12 +215,16 @@ class ClusterView:
             return False
         self.unreachable.add(instance_id)
         self.version += 1
+        if self.track_routes:
+            self.changed_instances.add(instance_id)
         return True
 
     def mark_reachable(self, instance_id: str) -> None:
         if instance_id in self.unreachable:
             self.unreachable.discard(instance_id)
             self.version += 1
+            if self.track_routes:
+                self.changed_instances.add(instance_id)
 
     # --- this router's requests in flight (least-loaded choices) ------------------------------
     def begin_request(self, instance_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import faulthandler
 import functools
 import os
@@ -45,7 +46,7 @@ from mesh.runtime.service import (
     prepare_load,
     warm_imports,
 )
-from mesh.runtime.servicer import add_to_server
+from mesh.runtime.servicer import add_direct_to_server, add_to_server
 from mesh.runtime.workers import MAX_WORKERS, WorkerPool, set_dumpable
 from mesh.settings import Settings
 from mesh.storage.puller import Puller
@@ -142,8 +143,19 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     instance_id = rs.instance_id or new_instance_id()
     structlog.contextvars.bind_contextvars(instance_id=instance_id)
     # Security settings first: a missing or bad file stops the start here, before anything listens.
-    # (Runtimes check tokens only with auth.data_plane, on V2 calls: mesh.transport.auth.runtime_interceptors.)
     server_tls = server_credentials(settings.tls)
+    # The direct port (smart clients, docs/client.md): the same certificate, no client certificate
+    # asked (clients have none; the internal port keeps its own rule), tokens as the router checks them.
+    if not -1 <= rs.direct_port <= 65535:
+        raise InvalidArgument(f"setting runtime.direct_port: {rs.direct_port} is not a port (-1: off, 0: a free one)")
+    direct_tls = (server_credentials(dataclasses.replace(settings.tls, client_auth="none", client_ca_file="",
+                                                         allowed_peers=()))
+                  if rs.direct_port >= 0 else None)
+    direct_tokens = runtime_interceptors(settings.auth) if rs.direct_port >= 0 else []
+    if settings.auth.data_plane and not settings.tls.allowed_peers:
+        log.warning("the runtime's internal port (ModelRuntime SPI, the routers' multiplexed stream) checks no "
+                    "tokens: keep clients off it with tls.allowed_peers or a network policy; smart clients use "
+                    "runtime.direct_port (docs/security.md)")
     store, prefix = open_store(settings.registry.url, timeout_s=settings.registry.timeout_s,
                                security=etcd_security(settings.registry))
     registry = Registry(store, prefix)
@@ -263,9 +275,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     # Only the mesh's routers (and re-homing runtimes) may call the runtime port, when their
     # certificate names are configured; then their frames' registrations are trusted too.
     peers = peer_interceptors(settings.tls)
-    # With auth.data_plane, V2 calls straight from clients (mesh.client) need the router's token rules.
-    tokens = runtime_interceptors(settings.auth)
-    server = new_server(settings.router.max_message_bytes + FRAME_HEADROOM, [*peers, *tokens],
+    server = new_server(settings.router.max_message_bytes + FRAME_HEADROOM, peers,
                         max_pending_requests=settings.router.max_pending_requests,
                         max_streams_per_connection=settings.router.max_streams_per_connection,
                         max_calls=settings.router.max_inflight_requests)
@@ -282,12 +292,23 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "runtime")
     endpoint = f"{rs.advertise_host or rs.host}:{port}"
+    direct_server = (new_server(settings.router.max_message_bytes, direct_tokens,
+                                max_pending_requests=settings.router.max_pending_requests,
+                                max_streams_per_connection=settings.router.max_streams_per_connection,
+                                max_calls=settings.router.max_inflight_requests)
+                     if rs.direct_port >= 0 else None)
+    direct_endpoint = ""
+    if direct_server is not None:
+        add_direct_to_server(direct_server, service, max_message_bytes=settings.router.max_message_bytes,
+                             access_log=settings.log.access_log, tracer=tracer_for(settings.log, "runtime"))
+        direct_endpoint = f"{rs.advertise_host or rs.host}:{bind(direct_server, rs.host, rs.direct_port, direct_tls)}"
     has_gpu = len(capacities) > 1
     labels = tuple(rs.labels) + ((GPU_LABEL,) if has_gpu and GPU_LABEL not in rs.labels else ())
     base = InstanceRecord(instance_id=instance_id, endpoint=endpoint, labels=labels, zone=rs.zone,
                           supported_types=tuple(types), gpu_types=tuple(gpu_types if has_gpu else ()),
                           version=__version__,
-                          started_ms=int(time.time() * 1000))
+                          started_ms=int(time.time() * 1000),
+                          direct_endpoint=direct_endpoint, direct_tls=direct_tls is not None)
 
     session = RegistrySession(store, settings.registry.lease_ttl_s)
     publisher = Publisher(registry=registry, session=session, instance=base, cache_ref=lambda: cache,
@@ -355,10 +376,12 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
     await health.start()
     health_server = await health.serve_plaintext(rs.host, rs.health_port)
     await server.start()
+    if direct_server is not None:
+        await direct_server.start()
     await publisher.publish_instance(force=True)
     service.ready = True
     roots.spawn(health.follow(not_ready), "readiness")
-    log.info("runtime serving", endpoint=endpoint,
+    log.info("runtime serving", endpoint=endpoint, direct_endpoint=direct_endpoint or None,
              capacity={d: c for d, c in capacities.items()}, types=types, gpu_types=list(base.gpu_types))
     if on_ready:
         on_ready(endpoint)
@@ -382,6 +405,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await call_soon_safely(publisher.withdraw, "withdraw placements")
         left = await drain(lambda: service.inflight, lambda: service.last_started, rs.drain_timeout_s)
         log.info("drained", in_flight_left=left)
+        if direct_server is not None:  # its clients had no route here since the shutting-down record
+            await direct_server.stop(grace=STOP_GRACE_S)
         await server.stop(grace=STOP_GRACE_S)
         if health_server is not None:
             await health_server.stop(grace=None)

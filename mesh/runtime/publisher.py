@@ -136,6 +136,7 @@ class Publisher:
             version=self._base.version,
             shutting_down=self.shutting_down, started_ms=self._base.started_ms,
             accepts_loads=self._accepts_loads(),
+            direct_endpoint=self._base.direct_endpoint, direct_tls=self._base.direct_tls,  # smart clients
             hits=hits, misses=misses, loads=stats.loads, evictions=stats.evictions,
             requests=served, load_failures=self.load_failures)
 

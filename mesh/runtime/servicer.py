@@ -74,9 +74,12 @@ class ObservedInference:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: RuntimeService, observed: ObservedInference | None = None,
-                 max_message_bytes: int | None = None) -> None:
+                 max_message_bytes: int | None = None, *, loads: bool = True) -> None:
         self._service = service
         self._observed = observed
+        # False on the direct port (add_direct_to_server): a miss answers "not here", whatever the
+        # caller's mesh-load header says; only the routers' placement logic decides loads.
+        self._loads = loads
         # The port takes FRAME_HEADROOM more than this (for multiplexed frames); a direct call
         # keeps the router's limit.
         self._max_body = max_message_bytes
@@ -103,7 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         model_id, _, allow = model_selection(context.invocation_metadata())
-        return await self._service.model_metadata(model_id or request.name, allow_load=allow)
+        return await self._service.model_metadata(model_id or request.name, allow_load=allow and self._loads)
 
     @handled(ORIGIN)
     async def model_infer_raw(self, body: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -112,6 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                     "(router.max_message_bytes)")
         metadata = context.invocation_metadata() or ()
         model_id, _, allow = model_selection(metadata)
+        allow = allow and self._loads
         model_id = model_id or read_model_name(body)
         if self._observed is not None:
             return await self._observed.infer(model_id, body, allow, metadata)
@@ -208,3 +212,31 @@ def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict
         stream_handler(multiplexed, max_message_bytes),
         generic_handler(spi.DESCRIPTOR.services_by_name["ModelRuntime"], RuntimeSpiServicer(service, status)),
     ))
+
+
+# --- the direct port, for smart clients (runtime.direct_port; docs/client.md) ----------------------
+# What a client may call on it: inference and the V2 reads a client needs, nothing else. The SPI
+# (loadModel, unloadModel, ...) and the routers' multiplexed stream stay on the internal port,
+# which tls.allowed_peers / mTLS keeps to the routers.
+DIRECT_METHODS = ("ModelInfer", "ModelMetadata", "ModelReady", "ServerLive", "ServerReady")
+
+
+def add_direct_to_server(server: grpc.aio.Server, service: RuntimeService, *, max_message_bytes: int,
+                         access_log: bool = False, tracer: Tracer | None = None) -> None:
+    """The direct port's only service: ``DIRECT_METHODS`` of the V2 GRPCInferenceService, which
+    never load (a miss answers "not here": loads stay the routers' decision). Any other method,
+    the SPI's and the multiplexed stream's included, is UNIMPLEMENTED there."""
+    observed = (ObservedInference(service, access_log=access_log, tracer=tracer)
+                if access_log or tracer is not None else None)
+    inference = InferenceServicer(service, observed, max_message_bytes, loads=False)
+    everything = generic_handler(pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], inference, raw={
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(inference.model_infer_raw)})
+    prefix = "/inference.GRPCInferenceService/"
+    allowed = frozenset(prefix + name for name in DIRECT_METHODS)
+
+    class Direct(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc has no type stubs
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            return everything.service(details) if details.method in allowed else None
+
+    server.add_generic_rpc_handlers((Direct(),))
+# --- end of the direct port ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The one place where bearer tokens are checked: a grpc.aio server interceptor at the router.
+"""The one place where bearer tokens are checked: a grpc.aio server interceptor at the router (and
+on a runtime's direct port for smart clients, ``runtime_interceptors``).
 
 For each protected method the interceptor wraps the handler grpc found: before the method runs,
 the ``authorization: Bearer <token>`` header is authenticated (``mesh.auth.TokenTable``), the
@@ -19,7 +20,8 @@ What is protected:
 
 Where the model ID lives in the body, the wrapper parses the body itself (management requests are
 small; inference bodies are only scanned for field 1, never decoded). The router never passes the
-``authorization`` header on to runtimes, and nothing here logs it.
+``authorization`` header on to runtimes (``mesh.router.dataplane.STRIP``): a token reaches a
+runtime only when its client sends it there itself, on the direct port. Nothing here logs it.
 """
 
 from __future__ import annotations
@@ -195,13 +197,14 @@ def interceptors_for(auth: AuthSettings, model_roots: tuple[str, ...] = ()) -> l
 
 # --- the runtime's token check, for smart clients sending straight to it (docs/client.md) ---------
 def runtime_interceptors(auth: AuthSettings) -> list[grpc.aio.ServerInterceptor]:
-    """A runtime's token check: with ``auth.data_plane`` (and its tokens file), the runtime's V2
-    methods that name a model (ModelInfer, ModelMetadata, ModelReady) need a token, checked by the
-    very rules the router applies to its own data plane, so a client that sends straight to a
-    runtime (``mesh.client``) gets what the router would give it and no more. Routers pass the
-    client's token on to runtimes then (``DataPlane(forward_token=True)``). Refusals carry the
-    runtime's origin mark: a smart client returns them as they are. The multiplexed stream, the
-    routers' own path, is not covered: ``tls.allowed_peers`` keeps clients off it (docs/client.md)."""
+    """The token check of a runtime's direct port (``runtime.direct_port``, the only port smart
+    clients are sent to): with ``auth.data_plane`` (and its tokens file), the V2 methods that name
+    a model (ModelInfer, ModelMetadata, ModelReady) need a token, checked by the very rules the
+    router applies to its own data plane, so a client that sends straight to a runtime
+    (``mesh.client``) gets what the router would give it and no more. Refusals carry the
+    runtime's origin mark: a smart client returns them as they are. The internal port (the SPI,
+    the routers' multiplexed stream) has no token check: routers send no tokens there, and
+    ``tls.allowed_peers`` (or a network policy) keeps clients off it."""
     if not auth.tokens_file or not auth.data_plane:
         return []
     return [AuthInterceptor(TokenTable.load(auth.tokens_file), data_plane=True, management=False, origin="runtime")]

@@ -95,14 +95,18 @@ class Mesh:
         return sum(metric_count(p, "modelmesh_invoke_model_milliseconds") for p in self.runtime_metrics)
 
 
-def start_mesh(runtimes: int, env: dict[str, str] | None = None, router_env: dict[str, str] | None = None
-               ) -> tuple[Cluster, Mesh]:
+def start_mesh(runtimes: int, env: dict[str, str] | None = None, router_env: dict[str, str] | None = None,
+               runtime_env: dict[str, str] | None = None) -> tuple[Cluster, Mesh]:
+    """Runtimes with a direct port (runtime.direct_port = 0: a free one) unless ``runtime_env`` says
+    otherwise; ``env`` goes to every process."""
     cluster = Cluster()
     cluster.__enter__()
     try:
         ports = [free_port() for _ in range(runtimes)]
         started = [cluster.start_runtime(f"runtime-{i}", capacity_bytes=128 * 2**20,
-                                         extra_env={"MESH_RUNTIME_METRICS_PORT": str(p), **(env or {})})
+                                         extra_env={"MESH_RUNTIME_METRICS_PORT": str(p),
+                                                    "MESH_RUNTIME_DIRECT_PORT": "0",
+                                                    **(env or {}), **(runtime_env or {})})
                    for i, p in enumerate(ports)]
         router_port = free_port()
         router = cluster.start_router(extra_env={"MESH_ROUTER_METRICS_PORT": str(router_port), **(env or {}),
@@ -216,8 +220,8 @@ async def test_runtime_sigkilled_under_load_fails_no_request(models: dict[str, T
                 check(await client(infer_body(model), metadata=md(name), timeout=30), model)
             for name in models:
                 assert await client.wait_route(name, 10)
-            endpoints = {client.routes.copies[name][0][1] for name in models}
-            victim = next(r for r in mesh.runtimes if r.endpoint in endpoints)
+            holders = {client.routes.copies[name][0][0] for name in models}  # instance IDs: <name>-<our pid>
+            victim = next(r for r in mesh.runtimes if f"{r.name}-{os.getpid()}" in holders)
             names = list(models)
             answered: list[int] = []
             failures: list[str] = []
@@ -258,9 +262,9 @@ def _write_tokens(tmp_path: Path) -> Path:
 
 async def _stream_error(endpoint: str, request: rp.WatchRoutesRequest, token: str | None) -> grpc.StatusCode:
     async with grpc.aio.insecure_channel(endpoint) as channel:
-        watch = channel.unary_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
-                                     response_deserializer=rp.RoutesUpdate.FromString)
-        call = watch(request, metadata=(("authorization", f"Bearer {token}"),) if token else None, timeout=10)
+        watch = channel.stream_stream(WATCH, request_serializer=rp.WatchRoutesRequest.SerializeToString,
+                                      response_deserializer=rp.RoutesUpdate.FromString)
+        call = watch(iter([request]), metadata=(("authorization", f"Bearer {token}"),) if token else None, timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in call:
                 pass
@@ -292,8 +296,10 @@ async def test_token_prefixes_hold_on_the_stream_and_on_the_runtime(
                 await client(infer_body(b), metadata=md("team-b/m"), timeout=10)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
-        # Straight to the runtime's port: the router's rules, applied by the runtime.
-        runtime = mesh.runtimes[0].endpoint
+        # Straight to the runtime's direct port (the endpoint the stream gives): the router's rules,
+        # applied by the runtime.
+        runtime = client.routes.copies["team-a/m"][0][1]
+        assert runtime != mesh.runtimes[0].endpoint  # never the internal port
         async with grpc.aio.insecure_channel(runtime) as channel:
             call = channel.unary_unary(INFER)
             team_a = (("authorization", f"Bearer {TEAM_A}"),)
@@ -316,6 +322,88 @@ async def test_token_prefixes_hold_on_the_stream_and_on_the_runtime(
         # A read token may watch (role read suffices).
         async with SmartClient(endpoint, token=READER) as reader:
             assert await reader.wait_route("team-b/m", 10)
+    finally:
+        cluster.close()
+
+
+async def test_direct_port_serves_inference_only_and_the_stream_never_names_the_internal_port(
+        tmp_path: Path, models: dict[str, TrainedModel]) -> None:
+    """The attacker review's first finding: a tenant learned the runtime's address from its route
+    stream and unloaded, loaded and inferred other tenants' models there without a token (the SPI
+    and the multiplexed stream). Now the stream names the direct port, which serves V2 inference
+    only, checks tokens, and never loads; a runtime without a direct port gets no direct traffic."""
+    from mesh.transport.multiplex import MultiplexPool
+
+    tokens = _write_tokens(tmp_path)
+    env = {"MESH_AUTH_TOKENS_FILE": str(tokens), "MESH_AUTH_DATA_PLANE": "true"}
+    cluster, mesh = start_mesh(1, env)
+    try:
+        a, b, c = models["lr-a"], models["lr-b"], models["lr-c"]
+        await _register(mesh, {"lr-a": a, "lr-b": b, "lr-c": c}, token=WRITER,
+                        ids={"lr-a": "team-a/m", "lr-b": "team-b/secret", "lr-c": "team-b/cold"})
+        writer = (("authorization", f"Bearer {WRITER}"),)
+        async with grpc.aio.insecure_channel(mesh.router.endpoint) as channel:
+            for model_id, model in (("team-a/m", a), ("team-b/secret", b)):
+                check(await channel.unary_unary(INFER)(infer_body(model), metadata=(*md(model_id), *writer),
+                                                       timeout=30), model)
+        async with SmartClient(mesh.router.endpoint, token=TEAM_A) as client:
+            assert await client.wait_route("team-a/m", 10)
+            endpoint = client.routes.copies["team-a/m"][0][1]
+        internal = mesh.runtimes[0].endpoint
+        assert endpoint != internal
+
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            # The SPI is not served on the direct port, whatever the token.
+            stub = spi_grpc.ModelRuntimeStub(channel)
+            for call, request in ((stub.unloadModel, spi.UnloadModelRequest(modelId="team-b/secret")),
+                                  (stub.loadModel, spi.LoadModelRequest(modelId="team-b/cold")),
+                                  (stub.runtimeStatus, spi.RuntimeStatusRequest())):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call(request, metadata=writer, timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # Nor is the routers' multiplexed stream.
+            pool = MultiplexPool(1, 16 << 20)
+            try:
+                with pytest.raises(Exception):  # noqa: B017  # the stream is refused: any failure, never an answer
+                    await pool.call(endpoint, channel, "team-b/secret", True, (), infer_body(b), 10)
+            finally:
+                pool.close()
+            infer = channel.unary_unary(INFER)
+            # V2 without a token, or outside the token's prefixes: refused.
+            for metadata, code in [(md("team-b/secret"), grpc.StatusCode.UNAUTHENTICATED),
+                                   ((*md("team-b/secret"), ("authorization", f"Bearer {TEAM_A}")),
+                                    grpc.StatusCode.PERMISSION_DENIED)]:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await infer(infer_body(b), metadata=metadata, timeout=10)
+                assert info.value.code() == code, info.value.details()
+            # A cold model is never loaded from the direct port, even when the caller asks to load.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await infer(infer_body(c), metadata=(*md("team-b/cold"), ("mesh-load", "allow"), *writer), timeout=10)
+            assert any(k == "mesh-not-here" for k, _ in info.value.trailing_metadata() or ()), info.value.details()
+            # The probes stay open; a permitted inference answers.
+            live = await channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(
+                pb.ServerLiveRequest().SerializeToString(), timeout=10)
+            assert pb.ServerLiveResponse.FromString(live).live
+            check(await infer(infer_body(b), metadata=(*md("team-b/secret"), *writer), timeout=10), b)
+        async with grpc.aio.insecure_channel(mesh.router.endpoint) as channel:
+            status = await mm_grpc.ModelMeshStub(channel).getModelStatus(
+                mm.GetStatusRequest(modelId="team-b/cold"), metadata=writer, timeout=10)
+            assert status.status == mm.ModelStatusInfo.NOT_LOADED
+    finally:
+        cluster.close()
+
+
+async def test_runtimes_without_a_direct_port_get_no_direct_traffic(models: dict[str, TrainedModel]) -> None:
+    cluster, mesh = start_mesh(1, runtime_env={"MESH_RUNTIME_DIRECT_PORT": "-1"})
+    try:
+        a = models["lr-a"]
+        await _register(mesh, {"lr-a": a})
+        async with SmartClient(mesh.router.endpoint) as client:
+            assert await client.wait_synced(10)
+            for _ in range(3):
+                check(await client(infer_body(a), metadata=md("lr-a"), timeout=30), a)
+            await asyncio.sleep(0.5)  # time for a route to show up, were there one
+            assert client.routes.copies == {} and client.counts["direct"] == 0
     finally:
         cluster.close()
 
@@ -343,27 +431,26 @@ async def test_max_streams(models: dict[str, TrainedModel]) -> None:
         cluster.close()
 
 
-async def test_tls_direct_to_runtimes_and_router_only_when_runtimes_require_client_certificates(
+async def test_tls_direct_to_runtimes_also_when_their_internal_port_requires_client_certificates(
         tmp_path: Path, models: dict[str, TrainedModel]) -> None:
-    """Runtimes serving TLS that any client may call: the client verifies them with the CA and goes
-    direct. Runtimes requiring client certificates (the router presents one): no direct routing."""
+    """Runtimes serving TLS: the client verifies their direct port with the CA and goes direct. When
+    their internal port requires client certificates and admits the routers only (mTLS with
+    tls.allowed_peers), the direct port still serves clients without a certificate, and the
+    internal port still refuses them."""
     from tests.support.certs import CertAuthority
 
     ca = CertAuthority(tmp_path, "mesh")
-    server, router_client = ca.issue("server"), ca.issue("router")
+    server, router_client, outsider = ca.issue("server"), ca.issue("router"), ca.issue("outsider")
     tls = {"MESH_TLS_CERT_FILE": str(server.cert), "MESH_TLS_KEY_FILE": str(server.key),
            "MESH_TLS_RUNTIME_CA_FILE": str(ca.ca_file)}
     a = models["lr-a"]
     ca_pem = ca.ca_file.read_bytes()
 
-    async def register_over_tls(mesh: Mesh) -> None:
+    cluster, mesh = start_mesh(1, tls)
+    try:
         async with grpc.aio.secure_channel(mesh.router.endpoint, grpc.ssl_channel_credentials(ca_pem)) as channel:
             await mm_grpc.ModelMeshStub(channel).registerModel(mm.RegisterModelRequest(
                 modelId="lr-a", modelInfo=mm.ModelInfo(type="sklearn", path=str(a.path))), timeout=30)
-
-    cluster, mesh = start_mesh(1, tls)
-    try:
-        await register_over_tls(mesh)
         async with SmartClient(mesh.router.endpoint, root_certificates=ca_pem) as client:
             check(await client(infer_body(a), metadata=md("lr-a"), timeout=30), a)
             assert await client.wait_route("lr-a", 10)
@@ -374,7 +461,7 @@ async def test_tls_direct_to_runtimes_and_router_only_when_runtimes_require_clie
 
     mtls = {**tls, "MESH_TLS_CLIENT_CA_FILE": str(ca.ca_file), "MESH_TLS_CLIENT_AUTH": "require",
             "MESH_TLS_RUNTIME_CERT_FILE": str(router_client.cert), "MESH_TLS_RUNTIME_KEY_FILE": str(router_client.key)}
-    cluster, mesh = start_mesh(1, mtls)
+    cluster, mesh = start_mesh(1, mtls, runtime_env={"MESH_TLS_ALLOWED_PEERS": "router"})
     try:
         creds = {"root_certificates": ca_pem, "private_key": router_client.key.read_bytes(),
                  "certificate_chain": router_client.cert.read_bytes()}
@@ -383,10 +470,48 @@ async def test_tls_direct_to_runtimes_and_router_only_when_runtimes_require_clie
                 modelId="lr-a", modelInfo=mm.ModelInfo(type="sklearn", path=str(a.path))), timeout=30)
         async with SmartClient(mesh.router.endpoint, **creds) as client:
             check(await client(infer_body(a), metadata=md("lr-a"), timeout=30), a)
-            assert await client.wait_for(lambda: client.routes.synced and "lr-a" in client.routes.copies, 10)
-            assert not client.routes.direct  # the router offers no direct routing to such runtimes
+            assert await client.wait_route("lr-a", 10)
+            assert client.routes.direct
             for _ in range(3):
                 check(await client(infer_body(a), metadata=md("lr-a"), timeout=10), a)
-            assert client.counts["direct"] == 0 and client.counts["routed"] == 4
+            assert client.counts["direct"] == 3 and client.counts["routed"] == 1
+            direct_endpoint = client.routes.copies["lr-a"][0][1]
+        # The direct port needs no client certificate ...
+        async with grpc.aio.secure_channel(direct_endpoint, grpc.ssl_channel_credentials(ca_pem),
+                                           options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+            check(await channel.unary_unary(INFER)(infer_body(a), metadata=md("lr-a"), timeout=10), a)
+        # ... while the internal port admits the routers only: another certificate of the same CA is refused.
+        outsider_creds = grpc.ssl_channel_credentials(ca_pem, outsider.key.read_bytes(), outsider.cert.read_bytes())
+        async with grpc.aio.secure_channel(mesh.runtimes[0].endpoint, outsider_creds,
+                                           options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await spi_grpc.ModelRuntimeStub(channel).unloadModel(spi.UnloadModelRequest(modelId="lr-a"), timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        cluster.close()
+
+
+async def test_a_client_speaking_tls_to_the_router_never_goes_direct_in_plaintext(
+        tmp_path: Path, models: dict[str, TrainedModel]) -> None:
+    """The attacker review's TLS downgrade: the router serves TLS, runtimes plaintext. The router
+    offers no direct routing (its clients' tokens and data would cross the network in clear)."""
+    from tests.support.certs import CertAuthority
+
+    ca = CertAuthority(tmp_path, "mesh")
+    server = ca.issue("server")
+    ca_pem = ca.ca_file.read_bytes()
+    a = models["lr-a"]
+    cluster, mesh = start_mesh(1, router_env={"MESH_TLS_CERT_FILE": str(server.cert),
+                                              "MESH_TLS_KEY_FILE": str(server.key)})
+    try:
+        async with grpc.aio.secure_channel(mesh.router.endpoint, grpc.ssl_channel_credentials(ca_pem)) as channel:
+            await mm_grpc.ModelMeshStub(channel).registerModel(mm.RegisterModelRequest(
+                modelId="lr-a", modelInfo=mm.ModelInfo(type="sklearn", path=str(a.path))), timeout=30)
+        async with SmartClient(mesh.router.endpoint, root_certificates=ca_pem, allow_plaintext_runtimes=True) as client:
+            check(await client(infer_body(a), metadata=md("lr-a"), timeout=30), a)
+            assert await client.wait_for(lambda: client.routes.synced and "lr-a" in client.routes.copies, 10)
+            assert not client.routes.direct  # the router says no, whatever the client would allow
+            check(await client(infer_body(a), metadata=md("lr-a"), timeout=10), a)
+            assert client.counts["direct"] == 0 and client.counts["routed"] == 2
     finally:
         cluster.close()

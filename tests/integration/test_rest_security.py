@@ -145,6 +145,23 @@ async def test_data_plane_tokens_over_rest(auth_mesh: InProcessMesh, model: Mode
     assert status == 200 and body["name"] == "mesh-serving"
 
 
+async def test_authorization_is_ignored_on_an_open_mesh_however_long(model: Model) -> None:
+    """An API gateway in front of an open mesh (no tokens) attaches its own long JWT: the router
+    neither checks nor forwards it (no client credential reaches a runtime), so it is no reason to
+    refuse the request (the attacker review found 400s past 1 KiB)."""
+    m = await InProcessMesh(memory_url()).start(runtimes=1)
+    try:
+        await m.mesh.registerModel(mm.RegisterModelRequest(
+            modelId="iris", modelInfo=mm.ModelInfo(type="sklearn", path=str(model.path))), timeout=10)
+        url = f"{m.rest_url}/v2/models/iris/infer"
+        for authorization in ("Bearer " + "eyJ" + "x" * 1497, "Bearer " + "a" * 8000, "Bearer \t tab"):
+            status, body = await request(url, "POST", infer_body(), {"Authorization": authorization})
+            assert status == 200, (len(authorization), body)
+            assert body["outputs"][0]["data"] == model.predict
+    finally:
+        await m.stop()
+
+
 # --- TLS -----------------------------------------------------------------------------------------
 def client_tls(pki: Pki, cert: Pem | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(pki.ca.ca_file))

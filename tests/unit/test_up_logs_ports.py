@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -108,3 +109,24 @@ def test_a_runtime_metrics_port_set_in_the_environment_is_spread_over_the_runtim
     assert [_nth_port("9100", i) for i in range(3)] == ["9100", "9101", "9102"]
     assert _nth_port("0", 2) == "0" and _nth_port("-1", 1) == "-1"  # picked by each, or off
     assert _nth_port(None, 0) is None and _nth_port("", 0) is None  # not set: mesh up chooses
+
+
+def test_mesh_up_gives_runtimes_direct_ports_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Smart clients need runtimes' direct ports: off unless asked (--direct-ports: a free one each;
+    a port set in the environment: spread over the runtimes, as the metrics ports)."""
+    import shutil
+
+    from mesh.embedded.up import Mesh
+
+    def direct_ports(**kw: Any) -> list[str | None]:
+        mesh = Mesh(runtimes=2, port=0, registry=None, capacity=1 << 20, data_dir=None, config=None, **kw)
+        try:
+            return [c.env.get("MESH_RUNTIME_DIRECT_PORT") for c in mesh.children if c.component == "runtime"]
+        finally:
+            shutil.rmtree(mesh.workdir, ignore_errors=True)
+
+    monkeypatch.delenv("MESH_RUNTIME_DIRECT_PORT", raising=False)
+    assert direct_ports() == [None, None]  # the setting's default: off
+    assert direct_ports(direct_ports=True) == ["0", "0"]
+    monkeypatch.setenv("MESH_RUNTIME_DIRECT_PORT", "9300")
+    assert direct_ports() == ["9300", "9301"]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mmesh/routes.proto\x12\x05mmesh\"+\n\x12WatchRoutesRequest\x12\x15\n\rmodelIdPrefix\x18\x01 \x01(\t\"1\n\tRouteCopy\x12\x12\n\ninstanceId\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\"@\n\x0bModelRoutes\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12 \n\x06\x63opies\x18\x02 \x03(\x0b\x32\x10.mmesh.RouteCopy\"\xa5\x01\n\x0cRoutesUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.mmesh.ModelRoutes\x12\x0e\n\x06synced\x18\x03 \x01(\x08\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\x13\n\x0bheartbeatMs\x18\x05 \x01(\r\x12\x19\n\x11runtimeServerName\x18\x06 \x01(\t\x12\x12\n\nruntimeTls\x18\x07 \x01(\x08\x32T\n\x0fModelMeshRoutes\x12\x41\n\x0bwatchRoutes\x12\x19.mmesh.WatchRoutesRequest\x1a\x13.mmesh.RoutesUpdate\"\x00\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mmesh/routes.proto\x12\x05mmesh\"8\n\x12WatchRoutesRequest\x12\x15\n\rmodelIdPrefix\x18\x01 \x01(\t\x12\x0b\n\x03\x61\x63k\x18\x02 \x01(\x04\"1\n\tRouteCopy\x12\x12\n\ninstanceId\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\"@\n\x0bModelRoutes\x12\x0f\n\x07modelId\x18\x01 \x01(\t\x12 \n\x06\x63opies\x18\x02 \x03(\x0b\x32\x10.mmesh.RouteCopy\"\xb7\x01\n\x0cRoutesUpdate\x12\r\n\x05reset\x18\x01 \x01(\x08\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.mmesh.ModelRoutes\x12\x0e\n\x06synced\x18\x03 \x01(\x08\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\x13\n\x0bheartbeatMs\x18\x05 \x01(\r\x12\x19\n\x11runtimeServerName\x18\x06 \x01(\t\x12\x12\n\nruntimeTls\x18\x07 \x01(\x08\x12\x10\n\x08sequence\x18\x08 \x01(\x04\x32V\n\x0fModelMeshRoutes\x12\x43\n\x0bwatchRoutes\x12\x19.mmesh.WatchRoutesRequest\x1a\x13.mmesh.RoutesUpdate\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mmesh.routes_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WATCHROUTESREQUEST']._serialized_start=29
-  _globals['_WATCHROUTESREQUEST']._serialized_end=72
-  _globals['_ROUTECOPY']._serialized_start=74
-  _globals['_ROUTECOPY']._serialized_end=123
-  _globals['_MODELROUTES']._serialized_start=125
-  _globals['_MODELROUTES']._serialized_end=189
-  _globals['_ROUTESUPDATE']._serialized_start=192
-  _globals['_ROUTESUPDATE']._serialized_end=357
-  _globals['_MODELMESHROUTES']._serialized_start=359
-  _globals['_MODELMESHROUTES']._serialized_end=443
+  _globals['_WATCHROUTESREQUEST']._serialized_end=85
+  _globals['_ROUTECOPY']._serialized_start=87
+  _globals['_ROUTECOPY']._serialized_end=136
+  _globals['_MODELROUTES']._serialized_start=138
+  _globals['_MODELROUTES']._serialized_end=202
+  _globals['_ROUTESUPDATE']._serialized_start=205
+  _globals['_ROUTESUPDATE']._serialized_end=388
+  _globals['_MODELMESHROUTES']._serialized_start=390
+  _globals['_MODELMESHROUTES']._serialized_end=476
 # @@protoc_insertion_point(module_scope)

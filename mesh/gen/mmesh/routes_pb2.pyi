@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WatchRoutesRequest(_message.Message):
-    __slots__ = ("modelIdPrefix",)
+    __slots__ = ("modelIdPrefix", "ack")
     MODELIDPREFIX_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     modelIdPrefix: str
-    def __init__(self, modelIdPrefix: _Optional[str] = ...) -> None: ...
+    ack: int
+    def __init__(self, modelIdPrefix: _Optional[str] = ..., ack: _Optional[int] = ...) -> None: ...
 
 class RouteCopy(_message.Message):
     __slots__ = ("instanceId", "endpoint")
@@ -29,7 +31,7 @@ class ModelRoutes(_message.Message):
     def __init__(self, modelId: _Optional[str] = ..., copies: _Optional[_Iterable[_Union[RouteCopy, _Mapping]]] = ...) -> None: ...
 
 class RoutesUpdate(_message.Message):
-    __slots__ = ("reset", "models", "synced", "direct", "heartbeatMs", "runtimeServerName", "runtimeTls")
+    __slots__ = ("reset", "models", "synced", "direct", "heartbeatMs", "runtimeServerName", "runtimeTls", "sequence")
     RESET_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SYNCED_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +39,7 @@ class RoutesUpdate(_message.Message):
     HEARTBEATMS_FIELD_NUMBER: _ClassVar[int]
     RUNTIMESERVERNAME_FIELD_NUMBER: _ClassVar[int]
     RUNTIMETLS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     reset: bool
     models: _containers.RepeatedCompositeFieldContainer[ModelRoutes]
     synced: bool
@@ -44,4 +47,5 @@ class RoutesUpdate(_message.Message):
     heartbeatMs: int
     runtimeServerName: str
     runtimeTls: bool
-    def __init__(self, reset: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelRoutes, _Mapping]]] = ..., synced: _Optional[bool] = ..., direct: _Optional[bool] = ..., heartbeatMs: _Optional[int] = ..., runtimeServerName: _Optional[str] = ..., runtimeTls: _Optional[bool] = ...) -> None: ...
+    sequence: int
+    def __init__(self, reset: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelRoutes, _Mapping]]] = ..., synced: _Optional[bool] = ..., direct: _Optional[bool] = ..., heartbeatMs: _Optional[int] = ..., runtimeServerName: _Optional[str] = ..., runtimeTls: _Optional[bool] = ..., sequence: _Optional[int] = ...) -> None: ...

@@ -34,7 +34,7 @@ class ModelMeshRoutesStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.watchRoutes = channel.unary_stream(
+        self.watchRoutes = channel.stream_stream(
                 '/mmesh.ModelMeshRoutes/watchRoutes',
                 request_serializer=mmesh_dot_routes__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=mmesh_dot_routes__pb2.RoutesUpdate.FromString,
@@ -44,12 +44,16 @@ class ModelMeshRoutesStub:
 class ModelMeshRoutesServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def watchRoutes(self, request, context):
+    def watchRoutes(self, request_iterator, context):
         """A snapshot of the loaded copies of the models the caller may see, then changes as they
         happen, and a heartbeat at least every heartbeatMs while nothing changes. With a tokens file
         on the router the call needs a token (role read suffices) and sees only the IDs inside its
-        prefixes. RESOURCE_EXHAUSTED: the router serves its maximum of streams, or this stream fell
-        too far behind (reconnect).
+        prefixes. Flow control of the application's own: the client sends one request first (its
+        prefix), then an acknowledgement (ack = an update's sequence) after each update it has applied;
+        the router keeps at most a few updates unacknowledged and waits for the client before sending
+        more. RESOURCE_EXHAUSTED: the router serves its maximum of streams (in all, or from this
+        client's address), or this stream acknowledged nothing for router.routes_write_timeout_s
+        (reconnect).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,7 +62,7 @@ class ModelMeshRoutesServicer:
 
 def add_ModelMeshRoutesServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'watchRoutes': grpc.unary_stream_rpc_method_handler(
+            'watchRoutes': grpc.stream_stream_rpc_method_handler(
                     servicer.watchRoutes,
                     request_deserializer=mmesh_dot_routes__pb2.WatchRoutesRequest.FromString,
                     response_serializer=mmesh_dot_routes__pb2.RoutesUpdate.SerializeToString,
@@ -75,7 +79,7 @@ class ModelMeshRoutes:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def watchRoutes(request,
+    def watchRoutes(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -85,8 +89,8 @@ class ModelMeshRoutes:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/mmesh.ModelMeshRoutes/watchRoutes',
             mmesh_dot_routes__pb2.WatchRoutesRequest.SerializeToString,
