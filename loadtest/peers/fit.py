@@ -157,7 +157,8 @@ class MeshCounter:
 def logs_dir(up_log: Path) -> Path | None:
     """The folder of the processes' logs that ``mesh up`` announced on its first line (``logs: DIR
     (kept after exit; ...)``, ``mesh.embedded.up``), None until it has."""
-    match = re.search(r"^logs: (.+?)(?: \(kept after exit[^)]*\))?$", up_log.read_text(errors="replace"), re.MULTILINE)
+    text = up_log.read_text(errors="replace")
+    match = re.search(r"^logs: (?!removed )(.+?)(?: \(kept after exit[^)]*\))?$", text, re.MULTILINE)
     return Path(match.group(1).strip()) if match else None
 
 

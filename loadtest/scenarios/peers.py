@@ -160,9 +160,11 @@ def _start(system: str, work: Path, models: list[Any], *, max_models: int,
     log = work / "mesh-up.log"
     # Unbuffered: the readiness line and the logs directory are read from this file while it runs.
     # REST is on in every mode (so the router runs alike whichever protocol drives it), on a port
-    # chosen here so that its URL is known.
-    proc = PeerProcess("mesh", [sys.executable, "-m", "mesh", "up", "--runtimes", str(mesh_runtimes), "--port",
-                                str(port), "--capacity", mesh_capacity],
+    # chosen here so that its URL is known. The processes' logs go to the run's own folder (not
+    # mesh up's default, which keeps the last ten runs of the user).
+    proc = PeerProcess("mesh", [sys.executable, "-m", "mesh", "up", "--runtimes", str(mesh_runtimes),
+                                "--logs", str(work / "mesh-logs"), "--port", str(port),
+                                "--capacity", mesh_capacity],
                        env={"MESH_ROUTER_METRICS_PORT": "0", "MESH_ROUTER_REST_PORT": str(rest_port),
                             "PYTHONUNBUFFERED": "1"}, cwd=ROOT, log_path=log)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from loadtest.load import PhaseResult, percentile_ms
 from loadtest.profile import REPO_ROOT, layer, parse_raw
@@ -72,3 +73,15 @@ def test_json_output_is_strict_json() -> None:
 
     assert json.loads(dump_json({"a": float("nan"), "b": [1.5, float("nan")], "c": (1, 2)})) == {
         "a": None, "b": [1.5, None], "c": [1, 2]}
+
+
+def test_peers_finds_mesh_ups_logs_folder_after_a_pruning_line(tmp_path: Path) -> None:
+    """`mesh up` may first say which older run's logs it removed; the folder is the line after."""
+    from loadtest.peers.fit import logs_dir
+
+    out = tmp_path / "mesh-up.log"
+    out.write_text("logs: removed the logs of an older run, /s/up/1 (the newest 10 are kept)\n"
+                   "logs: /s/up/2 (kept after exit; --logs DIR to choose)\nstarting...\n")
+    assert logs_dir(out) == Path("/s/up/2")
+    out.write_text("starting...\n")
+    assert logs_dir(out) is None
