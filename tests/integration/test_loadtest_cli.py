@@ -39,7 +39,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
 async def mesh() -> AsyncIterator[tuple[InProcessMesh, list[str]]]:
     ports = {"router": free_port(), "runtime": free_port()}
     m = await InProcessMesh(memory_url(), router_overrides={"metrics_port": ports["router"]},
-                            runtime_overrides={"metrics_port": ports["runtime"]}).start(runtimes=1)
+                            runtime_overrides={"metrics_port": ports["runtime"],
+                                               "direct_port": 0}).start(runtimes=1)  # smart clients' port
     try:
         assert m.router is not None
         yield m, [f"http://127.0.0.1:{p}/metrics" for p in ports.values()]

@@ -46,7 +46,8 @@ async def test_a_client_with_no_protos_lists_and_calls_the_router(tmp_path: Path
         services, predictions = await asyncio.to_thread(_reflect_and_infer, mesh.router.endpoint,  # type: ignore[union-attr]
                                                         "iris", rows)
         assert services == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                            "inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs"]
+                            "inference.GRPCInferenceService", "mmesh.ModelMesh", "mmesh.ModelMeshGraphs",
+                            "mmesh.ModelMeshRoutes", "mmesh.ModelMeshStatus"]
         assert predictions == model.expected["predict"][:3].tolist()
     finally:
         await mesh.stop()
