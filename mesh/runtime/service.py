@@ -100,15 +100,23 @@ class SizePredictor:
     type has been measured on a GPU, its extra is the default ratio's (``file x (ratio - 1)``), and
     the floor still holds there: a small model's file says nothing of the workspace that comes with
     it, and a ``gpu: preferred`` copy predicted at a few KB would take a GPU and evict for its
-    workspace, where the floor sends it to RAM."""
+    workspace, where the floor sends it to RAM.
+
+    A model loaded here before is predicted at the smallest size it measured (same model, file and
+    device), as ModelMesh keeps a model's size once known: in an evicting cache most loads are
+    re-loads, and a type's ratio is an average that a model of another shape misses by 2-3x either
+    way. The smallest, because what makes one measurement differ from another is memory other
+    threads allocated during the load, which only ever adds."""
 
     GPU_ALPHA = 0.2  # weight of a new observation in the extra's moving average
+    MAX_KNOWN = 100_000  # models whose measured size is remembered (the oldest forgotten first)
 
     def __init__(self, estimator: SizeEstimator, roots: tuple[str, ...] = ()) -> None:
         self.estimator = estimator
         self.roots = roots  # runtime.model_roots: files outside them are not even measured
         self._file_sizes: dict[str, int] = {}
         self._gpu_extra: dict[str, float] = {}  # per model type: few keys
+        self._known: dict[tuple[str, str, int, str], int] = {}  # (model, path, disk size, device): bytes
 
     def prepare(self, spec: ModelSpec) -> None:
         """Read the size of the model's files (filesystem work: in the load's thread, never on the
@@ -133,6 +141,9 @@ class SizePredictor:
         model_type, size = spec.type.lower(), self.disk_size(spec)
         if size <= 0:
             return self.estimator.floor_bytes  # nothing known of this model
+        known = self._known.get((spec.model_id, spec.path, size, device))
+        if known is not None:
+            return known
         if device == "ram":
             return max(1, math.ceil(size * self.estimator.ratio(model_type)))
         extra = self._gpu_extra.get(model_type)
@@ -144,6 +155,11 @@ class SizePredictor:
         size = self.disk_size(spec)
         if not size:
             return
+        key = (spec.model_id, spec.path, size, device)
+        before = self._known.pop(key, None)  # re-inserted last: the dict's order is the age
+        self._known[key] = measured if before is None else min(before, measured)
+        if len(self._known) > self.MAX_KNOWN:
+            del self._known[next(iter(self._known))]
         model_type = spec.type.lower()
         if device == "ram":
             self.estimator.observe(model_type, size, measured)

@@ -50,7 +50,9 @@ def test_the_ratio_is_learned_per_type_from_measured_loads(tmp_path: Path) -> No
     sizer.prepare(small)
     for _ in range(20):
         sizer.observe(small, "ram", 8_000)  # these models take 0.8 x their file in memory
-    assert sizer.predict(small) == pytest.approx(8_000, rel=0.02)
+    unseen = ModelSpec(model_id="n", type="sklearn", path=str(model_file(tmp_path, 20_000, "n.joblib")))
+    sizer.prepare(unseen)
+    assert sizer.predict(unseen) == pytest.approx(16_000, rel=0.02)  # the type's ratio
     other = spec(str(model_file(tmp_path, 10_000, "model.json")), model_type="xgboost")
     sizer.prepare(other)
     assert sizer.predict(other) == 12_500  # another type keeps the default ratio
@@ -180,3 +182,30 @@ async def test_a_load_measured_above_its_prediction_waits_for_a_concurrent_load_
         b_may_finish.set()
         await cache.close()
         pool.shutdown()
+
+
+def test_a_model_loaded_before_is_predicted_at_its_smallest_measured_size(tmp_path: Path) -> None:
+    """Re-loads (most loads of an evicting cache) reserve what the model measured, not its type's
+    average: the smallest measurement, since other threads' allocations only ever add."""
+    sizer = predictor()
+    odd = spec(str(model_file(tmp_path, 10_000)))
+    sizer.prepare(odd)
+    assert sizer.predict(odd) == 12_500  # never loaded: the type's (default) ratio
+    sizer.observe(odd, "ram", 30_000)
+    sizer.observe(odd, "ram", 19_000)
+    sizer.observe(odd, "ram", 25_000)
+    assert sizer.predict(odd) == 19_000
+    assert sizer.predict(odd, "gpu0") != 19_000  # per device
+    other = ModelSpec(model_id="other", type="sklearn", path=odd.path)
+    assert sizer.predict(other) != 19_000  # per model: another registration of the file is not known
+
+
+def test_remembered_sizes_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SizePredictor, "MAX_KNOWN", 3)
+    sizer = predictor()
+    path = str(model_file(tmp_path, 1_000))
+    models = [ModelSpec(model_id=f"m{i}", type="sklearn", path=path) for i in range(5)]
+    for i, m in enumerate(models):
+        sizer.prepare(m)
+        sizer.observe(m, "ram", 2_000 + 7 * i)
+    assert [sizer.predict(m) == 2_000 + 7 * i for i, m in enumerate(models)] == [False, False, True, True, True]
