@@ -169,6 +169,16 @@ async def test_an_estimate_a_little_over_capacity_is_tried_and_its_measured_size
     assert h.cache.get("a") is None  # the room was made for the whole capacity first
 
 
+async def test_rss_growth_past_the_whole_capacity_is_not_charged_to_a_model_that_fits() -> None:
+    """Memory other threads allocated during the load (requests served meanwhile) made a 20 KB model
+    measure 61 KB on a 35 KB runtime: it is charged its footprint, not failed."""
+    h = Harness(100, sizes={"m": 40})
+    readings = iter([0, 300_000])  # before and after the load: 300 KB of growth, capped at 3 x 40
+    h.cache._rss = lambda: next(readings, 300_000)  # type: ignore[method-assign]
+    entry = await h.get("m")
+    assert entry.reserved_bytes == 40 and h.max_used <= 100
+
+
 async def test_model_measuring_larger_than_capacity_after_load_is_refused_and_released() -> None:
     h = Harness(100, sizes={"big": 500})
     h.cache._predict_size = lambda s, d: 10  # type: ignore[method-assign]
