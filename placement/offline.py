@@ -15,13 +15,13 @@ from typing import Any
 
 from placement import belady as ref
 from placement.request import Request
-from placement.stats import Stats, gap_closed
+from placement.stats import MissRatios, Stats, gap_closed
 
 __all__ = ["OfflineReference", "offline_reference"]
 
 
 @dataclass(frozen=True, slots=True)
-class OfflineReference:
+class OfflineReference(MissRatios):
     """The offline optimum of a trace, or a bracket around it, in the three miss measures.
 
     Uniform sizes: Belady's MIN, exact for the miss count (and for the cost when costs are uniform too);
@@ -44,17 +44,6 @@ class OfflineReference:
     cost_missed_ms: float
     cost_missed_lower_ms: float
 
-    @property
-    def miss_ratio(self) -> float:
-        return self.misses / self.requests if self.requests else math.nan
-
-    @property
-    def byte_miss_ratio(self) -> float:
-        return self.bytes_missed / self.bytes_requested if self.bytes_requested else math.nan
-
-    @property
-    def cost_miss_ratio(self) -> float:
-        return self.cost_missed_ms / self.cost_requested_ms if self.cost_requested_ms else math.nan
 
     def gap(self, lru: Stats, policy: Stats, measure: str = "misses") -> tuple[float | None, float | None]:
         """``(lo, hi)`` share of the LRU-to-OPT gap ``policy`` closes on ``measure`` ("misses", "bytes"

@@ -18,8 +18,33 @@ from typing import Any
 __all__ = ["ClusterStats", "Stats", "gap_closed", "out_of_order", "sum_stats", "with_waits"]
 
 
+class MissRatios:
+    """The three miss measures as ratios, for a record of these counts: a replay's (``Stats``) or the
+    offline optimum's (``placement.offline.OfflineReference``)."""
+
+    __slots__ = ()
+    requests: int
+    misses: float
+    bytes_requested: int
+    bytes_missed: float
+    cost_requested_ms: float
+    cost_missed_ms: float
+
+    @property
+    def miss_ratio(self) -> float:
+        return self.misses / self.requests if self.requests else math.nan
+
+    @property
+    def byte_miss_ratio(self) -> float:
+        return self.bytes_missed / self.bytes_requested if self.bytes_requested else math.nan
+
+    @property
+    def cost_miss_ratio(self) -> float:
+        return self.cost_missed_ms / self.cost_requested_ms if self.cost_requested_ms else math.nan
+
+
 @dataclass(frozen=True, slots=True)
-class Stats:
+class Stats(MissRatios):
     """The outcome of a replay, for one cache or summed over a cluster.
 
     Every request is a hit (a loaded copy served it), a miss (it found no copy loaded or loading and
@@ -49,17 +74,6 @@ class Stats:
     wait_p99_ms: float = math.nan
     wait_max_ms: float = math.nan
 
-    @property
-    def miss_ratio(self) -> float:
-        return self.misses / self.requests if self.requests else math.nan
-
-    @property
-    def byte_miss_ratio(self) -> float:
-        return self.bytes_missed / self.bytes_requested if self.bytes_requested else math.nan
-
-    @property
-    def cost_miss_ratio(self) -> float:
-        return self.cost_missed_ms / self.cost_requested_ms if self.cost_requested_ms else math.nan
 
     @property
     def duration_s(self) -> float:
