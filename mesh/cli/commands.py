@@ -12,6 +12,7 @@ from google.protobuf.json_format import MessageToDict
 
 from mesh.cli.client import CliError, RouterClient, mm
 from mesh.cli.errors import fail as fail  # re-exported: older callers import it from here
+from mesh.cli.errors import printable
 from mesh.errors import InvalidArgument
 from mesh.settings import describe, parse_bytes
 from mesh.transport.metadata import CHECK_SOURCE, RETRY_FAILED
@@ -21,7 +22,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
-        print(text)
+        print(printable(text))
 
 
 def _status_text(info: mm.ModelStatusInfo, model_id: str) -> str:
@@ -131,8 +132,8 @@ def _list(args: argparse.Namespace, client: RouterClient) -> int:
     print(f"{'MODEL':<{width}}  {'TYPE':<12} {'STATUS':<15} COPIES  PATH")
     for r in rows:
         status = mm.ModelStatusInfo.ModelStatus.Name(r.status)
-        print(f"{r.modelId:<{width}}  {r.modelInfo.type:<12} {status:<15} {r.loadedCopies:<7} "
-              f"{r.modelInfo.path}")
+        print(printable(f"{r.modelId:<{width}}  {r.modelInfo.type:<12} {status:<15} {r.loadedCopies:<7} "
+                        f"{r.modelInfo.path}"))
     if token:
         print(f"(first {len(rows)} shown; use --limit for more)")
     return 0

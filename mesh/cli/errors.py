@@ -6,7 +6,11 @@ a router, ``mesh up`` above all, can report errors without importing what they d
 
 from __future__ import annotations
 
+import re
 import sys
+
+# C0 controls but newline and tab, DEL, and C1 controls: what a terminal acts on instead of showing.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class CliError(Exception):
@@ -17,6 +21,14 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
+def printable(text: str) -> str:
+    """``text`` as a terminal shows it, not as it acts on it: control characters (escape sequences
+    that clear the screen, set the title or the clipboard) written as ``\\xNN``. What the CLI prints
+    in text mode comes from the router, and model IDs, paths, failure reasons and tensor names are
+    other tenants' and model files' choosing (JSON output escapes them by itself)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def fail(message: str, code: int) -> int:
-    print(f"mesh: error: {message}", file=sys.stderr)
+    print(f"mesh: error: {printable(message)}", file=sys.stderr)
     return code

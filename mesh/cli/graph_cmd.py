@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML ships no annotations; only safe_load is used
 
-from mesh.cli.errors import CliError
+from mesh.cli.errors import CliError, printable
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.graphs.spec import MAX_SPEC_BYTES
 
@@ -113,7 +113,7 @@ def _status_dict(info: gp.GraphStatusInfo) -> dict[str, Any]:
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else printable(text))
 
 
 def graph_command(args: argparse.Namespace, client: RouterClient) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 
 from mesh.cli.client import CliError, RouterClient, parse_input
+from mesh.cli.errors import printable
 from mesh.errors import InvalidArgument
 from mesh.gen.inference import grpc_service_pb2 as pb
 
@@ -64,7 +65,7 @@ def metadata_command(args: argparse.Namespace, client: RouterClient) -> int:
     if args.json:
         print(json.dumps(MessageToDict(meta, always_print_fields_with_no_presence=True), indent=2, sort_keys=True))
     else:
-        print(metadata_text(meta, args.model_id))
+        print(printable(metadata_text(meta, args.model_id)))
     return 0
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from mesh.cli.client import CliError, RouterClient, mm
+from mesh.cli.errors import printable
 from mesh.cli.status_args import MAX_TOP
 from mesh.gen.mmesh import status_pb2 as st
 from mesh.gen.mmesh import status_pb2_grpc as st_grpc
@@ -161,7 +162,7 @@ def status_text(s: st.FleetStatus, address: str) -> str:
 def status_command(args: argparse.Namespace, client: RouterClient) -> int:
     status = fleet_status(client, _check_top(args.top))
     return _write(lambda: print(json.dumps(_as_dict(status), indent=2, sort_keys=True) if args.json
-                                else status_text(status, client.address), flush=True))
+                                else printable(status_text(status, client.address)), flush=True))
 
 
 # 64-bit fields, which protobuf's JSON mapping writes as strings: numbers in our JSON.
@@ -269,8 +270,8 @@ def top_command(args: argparse.Namespace, client: RouterClient) -> int:
     # The first frame: the router's last-minute window (in all only: per instance, each one's own
     # average rate); afterwards, the increase between two of our own readings.
     try:
-        frame = top_frame(status, client.address, seconds=status.windowS, total=_counters(status.window),
-                          per_instance=None, interval=None if args.once else args.interval)
+        frame = printable(top_frame(status, client.address, seconds=status.windowS, total=_counters(status.window),
+                                    per_instance=None, interval=None if args.once else args.interval))
         if args.once:
             return _write(lambda: print(frame, flush=True))
         _draw(frame, tty)
@@ -282,8 +283,8 @@ def top_command(args: argparse.Namespace, client: RouterClient) -> int:
             readings = _readings(status)
             per_instance = _increase(readings, before)
             total = {n: sum(c[n] for c in per_instance.values()) for n in COUNTERS}
-            frame = top_frame(status, client.address, seconds=now - at, total=total, per_instance=per_instance,
-                              interval=args.interval)
+            frame = printable(top_frame(status, client.address, seconds=now - at, total=total,
+                                        per_instance=per_instance, interval=args.interval))
             before, at = readings, now
             _draw(frame, tty)
     except KeyboardInterrupt:
@@ -318,7 +319,7 @@ def model_status_command(args: argparse.Namespace, client: RouterClient) -> int:
             data["copies"], data["failures"] = details["copies"], details["failures"]
         text = json.dumps(data, indent=2, sort_keys=True)
     else:
-        text = model_status_text(info, copies, args.model_id)
+        text = printable(model_status_text(info, copies, args.model_id))
     _write(lambda: print(text, flush=True))
     return 0 if found else 1
 

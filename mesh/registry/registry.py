@@ -10,7 +10,7 @@ from __future__ import annotations
 from mesh.errors import AlreadyExists, FailedPrecondition
 from mesh.registry.base import Compare, KeyValue, KVStore, Lease, Op
 from mesh.registry.keys import Keys
-from mesh.registry.records import FailureRecord, GraphRecord, ModelSpec, PlacementRecord, VModelRecord
+from mesh.registry.records import CRASH, FailureRecord, GraphRecord, ModelSpec, PlacementRecord, VModelRecord
 
 
 class Registry:
@@ -170,8 +170,15 @@ class Registry:
         await self.store.put(self.keys.failure(record.model_id, record.instance_id),
                              record.to_json(), lease=lease)
 
-    async def clear_failures(self, model_id: str) -> None:
-        await self.store.delete_prefix(self.keys.failures_of(model_id))
+    async def clear_failures(self, model_id: str, *, keep_crashes: bool = False) -> None:
+        """Delete the model's load-failure records; ``keep_crashes``: not those of a runtime that
+        died loading it (``CRASH``, the quarantine)."""
+        if not keep_crashes:
+            await self.store.delete_prefix(self.keys.failures_of(model_id))
+            return
+        for record in await self.failures_of(model_id):
+            if record.kind != CRASH:
+                await self.store.delete(self.keys.failure(model_id, record.instance_id))
 
 
 def decode_spec(kv: KeyValue) -> ModelSpec:

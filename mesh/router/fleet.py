@@ -33,7 +33,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import structlog
 
@@ -42,6 +42,7 @@ from mesh.registry.records import CRASH, LOADED, LOADING, FailureRecord, Instanc
 from mesh.router.view import ClusterView
 
 log = structlog.get_logger(__name__)
+SCOPED_BYTES = 1 << 20  # memory use shown to a caller scoped to some tenants' prefixes: whole MiB
 
 DEFAULT_TOP = 10
 MAX_TOP = 100
@@ -242,7 +243,10 @@ class Fleet:
         copies_by: dict[tuple[str, str], int] = {}  # (instance, device) -> loaded copies
         loaded_on: dict[str, int] = {}
         loading_on: dict[str, int] = {}
-        report = FleetReport(router=self._router(), scoped=scoped, time_ms=int(time.time() * 1000))
+        router = self._router()
+        if scoped:  # the router's requests in flight are every tenant's
+            router = replace(router, inflight=0)
+        report = FleetReport(router=router, scoped=scoped, time_ms=int(time.time() * 1000))
         loaded_models: dict[str, int] = {}
         for model_id, copies in view.placements.items():
             if not visible(model_id):
@@ -265,13 +269,17 @@ class Fleet:
             state = ("shutting_down" if record.shutting_down else
                      "unreachable" if not view.reachable(record.instance_id) else
                      "not_loading" if not record.accepts_loads else "ready")
-            devices = [DeviceView(d.device, d.capacity_bytes, d.used_bytes,
+            # A scoped caller sees memory use to the MiB only, and no requests in flight: exact
+            # figures would show when other tenants load models, how large they are, and their traffic.
+            devices = [DeviceView(d.device, d.capacity_bytes,
+                                  d.used_bytes // SCOPED_BYTES * SCOPED_BYTES if scoped else d.used_bytes,
                                   copies_by.get((record.instance_id, d.device), 0)) for d in record.devices]
             counters = ZERO if scoped else Counters.of(record)
             iid = record.instance_id
+            inflight = 0 if scoped else max(0, view.inflight.get(iid, 0))
             report.instances.append(InstanceView(
                 record=record, state=state, devices=devices, loaded=loaded_on.get(iid, 0),
-                loading=loading_on.get(iid, 0), inflight=max(0, view.inflight.get(iid, 0)), counters=counters))
+                loading=loading_on.get(iid, 0), inflight=inflight, counters=counters))
             report.total += counters
         if not scoped:
             report.window_s, report.window = self.window.increase()

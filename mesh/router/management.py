@@ -51,6 +51,7 @@ from mesh.ids import check_model_id
 from mesh.model_libraries import install_hint
 from mesh.paths import confine
 from mesh.registry.records import (
+    CRASH,
     FAILED,
     GPU_LABEL,
     GPU_MODES,
@@ -250,7 +251,7 @@ class Management:
         unservable = self._unservable(spec)
         if unservable:  # registered all the same (ModelMesh's contract; a runtime may come later)
             status.errors.append(unservable)
-        elif check_source and status.status != "LOADED":
+        elif check_source and created and status.status != "LOADED":  # a repeated registration: checked already
             problem = await self._source_problem(spec)
             if problem:
                 status.errors.append(problem)
@@ -396,23 +397,29 @@ class Management:
     async def ensure_loaded(self, model_id: str, *, sync: bool = False, last_used_ms: int = 0,
                             retry_failed: bool = False) -> ModelStatus:
         """``retry_failed`` (`mesh model load --retry`): the model's load failures are forgotten first,
-        by the routers (its ``failures/`` records, a crash quarantine included) and by the runtime
-        that loads it, so a model whose file was fixed loads now instead of after the failures' TTL."""
+        by the routers (its ``failures/`` records) and by the runtime that loads it, so a model whose
+        file was fixed loads now instead of after the failures' TTL. A crash quarantine (a runtime
+        died loading it: every model on that runtime failed meanwhile) is lifted only by a caller
+        with no prefixes, the mesh's operator: a tenant could otherwise kill a shared runtime again
+        and again with one call each (registering the model anew still lifts it, as before)."""
         spec = await self.registry.get_model(check_model_id(model_id))
         if spec is None:
             raise ModelNotFound(model_id)
         if retry_failed:
-            await self.registry.clear_failures(model_id)
-            await self._failures_gone(model_id)
+            caller = current_caller()
+            keep_crashes = caller is not None and bool(caller.prefixes)
+            await self.registry.clear_failures(model_id, keep_crashes=keep_crashes)
+            await self._failures_gone(model_id, keep_crashes=keep_crashes)
         await self._ensure(spec, sync=sync, last_used_ms=last_used_ms or int(self.clock() * 1000),
                            retry_failed=retry_failed)
         return self._status_from_view(model_id)
 
-    async def _failures_gone(self, model_id: str, timeout_s: float = 5.0) -> None:
+    async def _failures_gone(self, model_id: str, *, keep_crashes: bool = False, timeout_s: float = 5.0) -> None:
         """Wait (briefly) until this router's view has seen the failure records deleted."""
         deadline = self.clock() + timeout_s
         while self.clock() < deadline:
-            if not self.view.failures.get(model_id):
+            left = self.view.failures.get(model_id, {}).values()
+            if not any(f.kind != CRASH or not keep_crashes for f in left):
                 return
             await asyncio.sleep(0.01)
 

@@ -157,3 +157,21 @@ def test_mesh_top_counts_a_new_or_restarted_instance_from_zero() -> None:
     out = _increase(now, before)
     assert out[("a", 1)]["requests"] == 5 and out[("a", 1)]["hits"] == 4
     assert out[("a", 2)]["requests"] == 3 and out[("b", 1)]["requests"] == 4
+
+
+def test_a_scoped_token_sees_no_requests_in_flight_and_memory_to_the_mib() -> None:
+    """Exact in-flight counts and bytes used would show another tenant's traffic and model sizes
+    (the attacker review of issue 20)."""
+    view, clock = populated(), Clock()
+    put(view, InstanceRecord(instance_id="c", endpoint="127.0.0.1:9100",
+                             devices=(DeviceUsage("ram", 64 << 20, (3 << 20) + 5_700),)))
+    view.inflight["c"] = 6
+    fl = Fleet(view=view, window=FleetWindow(lambda: view.instances.values(), clock=clock), rate=lambda m, now: 0.0,
+               model_inflight=lambda m: 0, router=lambda: RouterView("1", 0, None, True, 6), failure_ttl_s=300,
+               crash_quarantine_s=60, clock=clock)
+    tenant = fl.report(Principal(name="team-a", role="read", prefixes=("team-a/",)))
+    c = next(i for i in tenant.instances if i.record.instance_id == "c")
+    assert (tenant.router.inflight, c.inflight, c.devices[0].used_bytes) == (0, 0, 3 << 20)
+    operator = fl.report(None)
+    c = next(i for i in operator.instances if i.record.instance_id == "c")
+    assert (operator.router.inflight, c.inflight, c.devices[0].used_bytes) == (6, 6, (3 << 20) + 5_700)
