@@ -7,7 +7,7 @@ import grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.router.management import Management, ModelInfoData, ModelStatus, VModelStatus
-from mesh.transport.metadata import CHECK_SOURCE, RETRY_FAILED
+from mesh.transport.metadata import CHECK_SOURCE, RETRY_FAILED, flagged
 from mesh.transport.status import handled
 
 ORIGIN = "router"
@@ -51,7 +51,7 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
     @handled(ORIGIN)
     async def registerModel(
             self, request: mm.RegisterModelRequest, context: grpc.aio.ServicerContext) -> mm.ModelStatusInfo:
-        check = (CHECK_SOURCE, "1") in tuple(context.invocation_metadata() or ())  # mesh model register
+        check = flagged(context.invocation_metadata(), CHECK_SOURCE)  # mesh model register
         status = await self._m.register_model(request.modelId, _info(request.modelInfo),
                                               load_now=request.loadNow, sync=request.sync,
                                               last_used_ms=request.lastUsedTime, check_source=check)
@@ -71,7 +71,7 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
     @handled(ORIGIN)
     async def ensureLoaded(
             self, request: mm.EnsureLoadedRequest, context: grpc.aio.ServicerContext) -> mm.ModelStatusInfo:
-        retry = (RETRY_FAILED, "1") in tuple(context.invocation_metadata() or ())  # mesh model load --retry
+        retry = flagged(context.invocation_metadata(), RETRY_FAILED)  # mesh model load --retry
         status = await self._m.ensure_loaded(request.modelId, sync=request.sync,
                                              last_used_ms=request.lastUsedTime, retry_failed=retry)
         return model_status_pb(status)

@@ -26,7 +26,7 @@ from mesh.registry.records import ModelSpec
 from mesh.runtime.service import RuntimeService
 from mesh.tracing import Tracer
 from mesh.transport.handlers import generic_handler
-from mesh.transport.metadata import CHECK_SOURCE, LAST_USED, RETRY_FAILED, model_selection
+from mesh.transport.metadata import CHECK_SOURCE, LAST_USED, RETRY_FAILED, flagged, model_selection
 from mesh.transport.multiplex import RequestFrame, stream_handler
 from mesh.transport.status import code_of, handled
 from mesh.transport.wire import read_model_name
@@ -134,7 +134,7 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
         last_used = _last_used_from(context)
-        if (RETRY_FAILED, "1") in tuple(context.invocation_metadata() or ()):  # `mesh model load --retry`
+        if flagged(context.invocation_metadata(), RETRY_FAILED):  # `mesh model load --retry`
             self._service.forget_failure(spec.model_id)
         entry = await self._service.load(spec, last_used=last_used)
         return spi.LoadModelResponse(sizeInBytes=entry.reserved_bytes)
@@ -150,7 +150,7 @@ class RuntimeSpiServicer(spi_grpc.ModelRuntimeServicer):
                                context: grpc.aio.ServicerContext) -> spi.PredictModelSizeResponse:
         spec = await self._service.spec_for(request.modelId, request.modelType, request.modelPath,
                                             request.modelKey)
-        if (CHECK_SOURCE, "1") in tuple(context.invocation_metadata() or ()):  # mesh model register
+        if flagged(context.invocation_metadata(), CHECK_SOURCE):  # mesh model register
             await self._service.check_source(spec)
         return spi.PredictModelSizeResponse(sizeInBytes=await self._service.predict_size(spec))
 

@@ -25,6 +25,11 @@ RETRY_FAILED = "mesh-retry-failed"
 # loading it.
 CHECK_SOURCE = "mesh-check-source"
 
+def flagged(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> bool:
+    """Whether a request carries ``key: 1`` (``RETRY_FAILED``, ``CHECK_SOURCE``)."""
+    return (key, "1") in tuple(metadata or ())
+
+
 _HEADERS = {MODEL_ID: (False, False), MODEL_ID + "-bin": (False, True),
             VMODEL_ID: (True, False), VMODEL_ID + "-bin": (True, True)}
 
