@@ -722,7 +722,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.close_connection = True  # one watch per connection, as simple as it gets
+        # the connection stays open after a watch that ended cleanly, as a real API server's does:
+        # a client pools it, and closing it here made the next request on it (a POST, which is not
+        # retried) meet a closed socket
         try:
             for event in events:
                 line = json.dumps(event).encode() + b"\n"
