@@ -144,11 +144,12 @@ class KVStore(Protocol):
         ...
 
     def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncIterator[WatchEvent | WatchReset]:
         """Events from ``start_revision`` on; after a compaction a WatchReset with the prefix's
         items (read in pages), or with none when ``snapshot_on_reset`` is False (a consumer that
-        only drops what it derived: no need to read a million keys)."""
+        only drops what it derived: no need to read a million keys). ``deletes_only``: PUT events
+        are filtered out by the store (etcd's NOPUT filter: they never reach this process)."""
         ...
 
     async def close(self) -> None: ...

@@ -544,7 +544,7 @@ class EtcdStore:
         return [], revision
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         key, end = _prefix_range(prefix)
         next_rev = start_revision
@@ -564,7 +564,8 @@ class EtcdStore:
                 # etcd says where the watch stands even when nothing changes.
                 call = rpc.WatchStub(client.channel).Watch(metadata=(*(client.metadata or ()), _REQUIRE_LEADER))
                 create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=next_rev,
-                                                progress_notify=True)
+                                                progress_notify=True,
+                                                filters=[rpc.WatchCreateRequest.NOPUT] if deletes_only else [])
                 async with asyncio.timeout(self.timeout_s):
                     await call.write(rpc.WatchRequest(create_request=create))
                     first = await call.read()

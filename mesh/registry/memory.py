@@ -385,12 +385,14 @@ class MemoryStore:
         self._check_open().compact(revision)
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         # Like EtcdStore: a watch on a closed store ends (its owner is shutting down), never raises.
         async for item in self.backend.watch(prefix, start_revision, lambda: self._closed):
             if isinstance(item, WatchReset) and not snapshot_on_reset:
                 item = WatchReset([], item.revision)
+            elif deletes_only and isinstance(item, WatchEvent) and item.type is EventType.PUT:
+                continue
             yield item
 
     async def close(self) -> None:

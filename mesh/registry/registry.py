@@ -23,19 +23,33 @@ class Registry:
         kv = await self.store.get(self.keys.model(model_id))
         return ModelSpec.from_json(kv.value) if kv else None
 
-    async def register_model(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
+    async def register_model(self, spec: ModelSpec, *, graph_free: bool = False) -> tuple[ModelSpec, bool]:
         """Create the registration; (existing, False) if the same definition is already there.
 
-        Raises AlreadyExists when the ID is taken by a different definition (ModelMesh's rule).
+        One transaction: the model's key absent (and with ``graph_free``, no inference graph of the
+        same ID: the check rides along instead of costing a read of its own), then the registration
+        and its pin index written together.
+
+        Raises AlreadyExists when the ID is taken by a different definition (ModelMesh's rule), or
+        (``graph_free``) by an inference graph.
         """
         key = self.keys.model(spec.model_id)
+        compares = [Compare("absent", key)]
+        if graph_free:
+            compares.append(Compare("absent", self.keys.graph(spec.model_id)))
+        ops = [Op("put", key, spec.to_json())]
+        if spec.min_copies > 0:
+            ops.append(Op("put", self.keys.pin(spec.model_id), str(spec.min_copies).encode()))
         while True:
-            if await self.store.create(key, spec.to_json()):
-                await self._index_pin(spec)
+            if await self.store.txn(compares, ops):
                 return spec, True
             kv = await self.store.get(key)
             if kv is None:
-                continue  # deleted between our create and get: try again
+                if graph_free and await self.get_graph(spec.model_id) is not None:
+                    raise AlreadyExists(
+                        f"model ID {spec.model_id!r} is already an inference graph's ID; a request naming it "
+                        "could not tell which is meant: choose another ID (or delete the graph)")
+                continue  # deleted between our transaction and the read: try again
             existing = ModelSpec.from_json(kv.value)
             if existing.same_definition(spec):
                 await self._index_pin(existing)  # repairs an index write lost to a crash
