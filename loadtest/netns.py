@@ -140,6 +140,11 @@ class Hosts:
         return f"mhb{self.tag}"
 
     @property
+    def relay_pid(self) -> int | None:
+        """The delay relay's PID (method ``relay``), to meter its CPU."""
+        return self._relay.pid if self._relay is not None else None
+
+    @property
     def gateway(self) -> str:
         """This process's address on the bridge (the root namespace)."""
         return f"{SUBNET}.{self.tag}.254"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -243,3 +245,32 @@ def test_hosts_hold_each_frame_and_leave_nothing_behind() -> None:
     assert not set(namespaces) & set(ip("netns", "list").split())
     # The bridge, and the TAPs or veth ends on it: all gone.
     assert re.search(rf"\bmh(b{tag}|{tag}[io]\d)", ip("-o", "link", "show")) is None
+
+
+def test_hop_across_hosts_reports_each_delay(tmp_path: Path) -> None:
+    """``hop --netns-delays`` end to end, short: a row per delay, real delays, nothing left behind."""
+    out = tmp_path / "hop.json"
+    before = set(ip("netns", "list").split())
+    done = subprocess.run([sys.executable, "-m", "loadtest.scenarios.hop", "--netns-delays", "0,0.5", "--duration", "1",
+                           "--rounds", "1", "--warmup", "0.1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    result = json.loads(out.read_text())["result"]
+    assert list(result["delays"]) == ["0", "0.5"]
+    for row in result["delays"].values():
+        for path in ("direct", "routed"):
+            assert row[path]["requests"] > 0 and row[path]["errors"] == {}, row
+    # Two links (0.5 ms each way) in a handshake: never under 1 ms.
+    assert result["delays"]["0.5"]["handshake_ms"]["min"] >= 1.0
+    assert "| delay per link (ms) |" in json.loads(out.read_text())["markdown"]
+    assert not {n for n in set(ip("netns", "list").split()) - before if n.startswith("mesh-h")}
+
+
+@pytest.mark.parametrize("value", ["0,x", "0,500", ""])
+def test_hop_bad_delays_are_one_line(value: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "loadtest.scenarios.hop", "--netns-delays", value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "--netns-delays" in done.stderr.strip().splitlines()[-1]
