@@ -75,7 +75,7 @@ class Link:
 
 
 def _drain(fd: int) -> list[bytes]:
-    frames = []
+    frames: list[bytes] = []
     while True:
         try:
             frame = os.read(fd, MAX_FRAME)

@@ -125,7 +125,7 @@ def client_main(argv: list[str]) -> int:
 async def _prepare(router: str, runtime: str, model_path: Path, body: bytes, expected: np.ndarray) -> None:
     md = (("mm-model-id", MODEL_ID),)
     async with grpc.aio.insecure_channel(router) as to_router, grpc.aio.insecure_channel(runtime) as to_runtime:
-        mesh = mm_grpc.ModelMeshStub(to_router)
+        mesh = mm_grpc.ModelMeshStub(to_router)  # type: ignore[no-untyped-call]
         await register(mesh, MODEL_ID, str(model_path))
         await bytes_call(to_router, INFER)(body, metadata=md, timeout=60)  # loads it on the runtime
         await wait_loaded(mesh, MODEL_ID)
