@@ -17,7 +17,9 @@ frame a host sends is held D on its link (netem where the kernel has it; here a 
   round trip the links really give at that setting, delay and relay included;
 * *direct* (client -> runtime) and *routed* (client -> router -> runtime) latency, interleaved in
   ``--rounds`` rounds (``hop.interleaved``: a warm-up, then duration/rounds seconds each), with the
-  router's and the runtime's CPU per request.
+  router's, the runtime's and the relay's CPU per request;
+* then, over 200 more requests on each path, the frames the hosts sent per request (each host's
+  ``eth0`` counters): a request that costs more packets costs every process on its path more.
 
 A direct request crosses two links (2D), a routed one four (4D), so the hop's cost at delay D is
 the routed minus the direct latency, of which one client-to-runtime round trip (the handshake p50,
@@ -86,6 +88,27 @@ def _handshakes_ms(endpoint: str) -> dict[str, float]:
     return {"min": round(min(took), 3), "p50": round(statistics.median(took), 3)}
 
 
+def _sent_frames(pids: dict[str, int]) -> dict[str, int]:
+    """Frames each host has sent on its link so far (``eth0``'s tx packets in ``/proc/PID/net/dev``,
+    which shows the namespace of process PID)."""
+    sent = {}
+    for host, pid in pids.items():
+        for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines():
+            name, _, counters = line.partition(":")
+            if name.strip() == "eth0":
+                sent[host] = int(counters.split()[9])
+    return sent
+
+
+async def _frames_per_request(target: Target, body: bytes, pids: dict[str, int], n: int = 200) -> dict[str, float]:
+    """Frames each host sends per request on ``target``'s path, over ``n`` requests one at a time."""
+    before = _sent_frames(pids)
+    for _ in range(n):
+        await target.call(body, metadata=target.metadata, timeout=10)
+    after = _sent_frames(pids)
+    return {host: round((after[host] - before[host]) / n, 2) for host in pids}
+
+
 async def _measure(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
     md = (("mm-model-id", MODEL_ID),)
     me = psutil.Process()
@@ -100,7 +123,10 @@ async def _measure(args: argparse.Namespace, body: bytes) -> dict[str, Any]:
         for t in targets:  # a connection per path before the clock starts
             await t.call(body, metadata=md, timeout=10)
         low = await interleaved(targets, body, 1, args)
-    return {"handshake_ms": rtt, "phases": {name: r.summary() for name, r in low.items()}}
+        pids = {"client": os.getpid(), "router": args.router_pid, "runtime": args.runtime_pid}
+        frames = {t.name: await _frames_per_request(t, body, pids) for t in targets}
+    return {"handshake_ms": rtt, "frames_per_request": frames,
+            "phases": {name: r.summary() for name, r in low.items()}}
 
 
 def client_main(argv: list[str]) -> int:
@@ -181,7 +207,7 @@ def run(args: argparse.Namespace, delays: list[float]) -> dict[str, Any]:
 def _summarise(delay: float, row: dict[str, Any]) -> dict[str, Any]:
     direct, routed = row["phases"]["direct"], row["phases"]["routed"]
     added50 = routed["p50_ms"] - direct["p50_ms"]
-    return {"delay_ms": delay, "handshake_ms": row["handshake_ms"],
+    return {"delay_ms": delay, "handshake_ms": row["handshake_ms"], "frames_per_request": row["frames_per_request"],
             "direct": direct, "routed": routed,
             "added_p50_ms": round(added50, 3), "added_p99_ms": round(routed["p99_ms"] - direct["p99_ms"], 3),
             "router_own_p50_ms": round(added50 - row["handshake_ms"]["p50"], 3)}
@@ -196,11 +222,13 @@ def render(result: dict[str, Any]) -> str:
                      d["routed"].get("proxy_cpu_ms_per_req", float("nan")),
                      d["direct"].get("relay_cpu_ms_per_req", float("nan")),
                      d["routed"].get("relay_cpu_ms_per_req", float("nan")),
+                     sum(d["frames_per_request"]["direct"].values()), sum(d["frames_per_request"]["routed"].values()),
                      d["direct"]["requests"], d["routed"]["requests"]])
     head = ["delay per link (ms)", "client-runtime handshake min (ms)", "handshake p50 (ms)",
             "direct p50 (ms)", "direct p99 (ms)", "routed p50 (ms)", "routed p99 (ms)", "hop p50 (ms)",
             "hop p99 (ms)", "hop p50 - handshake p50 (ms)", "router CPU ms/req", "relay CPU ms/req direct",
-            "relay CPU ms/req routed", "direct requests", "routed requests"]
+            "relay CPU ms/req routed", "frames/req direct", "frames/req routed", "direct requests",
+            "routed requests"]
     hosts = f"hosts: client, router, runtime, etcd, each a network namespace; delay by {result['method']}; c=1"
     return "\n".join([machine_line(result["machine"]), hosts, "", table(head, rows)])
 
