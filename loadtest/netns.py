@@ -133,7 +133,10 @@ class Hosts:
         self._relay: subprocess.Popen[str] | None = None
 
     def __getitem__(self, name: str) -> Host:
-        return next(h for h in self.hosts if h.name == name)
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(f"no host {name!r} (hosts: {', '.join(self.names)})")
 
     @property
     def bridge(self) -> str:
