@@ -93,10 +93,13 @@ class Server:
 class Cluster:
     """A work directory, a private etcd, and the servers started in it."""
 
-    def __init__(self, *, log_level: str = "info", etcd_host: Host | None = None) -> None:
+    def __init__(self, *, log_level: str = "info", etcd_host: Host | None = None,
+                 etcd_quota_bytes: int = 0) -> None:
+        """``etcd_quota_bytes``: the etcd's ``--quota-backend-bytes`` (0: etcd's default, 2 GiB)."""
         self.workdir = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-        self.etcd = (EtcdProcess(self.workdir / "etcd") if etcd_host is None else
-                     EtcdProcess(self.workdir / "etcd", host=etcd_host.address, netns=etcd_host.netns))
+        self.etcd = (EtcdProcess(self.workdir / "etcd", quota_bytes=etcd_quota_bytes) if etcd_host is None else
+                     EtcdProcess(self.workdir / "etcd", host=etcd_host.address, netns=etcd_host.netns,
+                                 quota_bytes=etcd_quota_bytes))
         self.servers: list[Server] = []
         self._env = dict(os.environ)
         self._env.update({"MESH_PARENT_PID": str(os.getpid()), "MESH_LOG_FORMAT": "json",

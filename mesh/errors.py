@@ -94,6 +94,13 @@ class ResourceExhausted(MeshError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class RegistryFull(ResourceExhausted):
+    """The registry refuses writes for want of space (etcd's NOSPACE alarm: its database reached
+    ``--quota-backend-bytes``). Reads, watches, deletes and lease keep-alives still work, so
+    inference on loaded and registered models goes on; registrations and every other write fail
+    with this until an operator compacts, defragments and disarms the alarm (docs/operations.md)."""
+
+
 class Unavailable(MeshError):
     code = Code.UNAVAILABLE
 

@@ -34,6 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -114,15 +115,23 @@ class EtcdProcess:
         die_with_parent: bool = False,
         host: str = "127.0.0.1",
         netns: str | None = None,
+        quota_bytes: int = 0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """``die_with_parent``: etcd gets SIGTERM when this process dies (``mesh.procs``): for a
         supervisor whose etcd must not outlive it (``mesh up``). ``host``: the address every URL
         binds. ``netns``: run etcd inside that network namespace (``ip netns exec``, which execs, so
         the PID is etcd's), bound to ``host``, an address of the namespace this process can reach
-        (``loadtest.netns``); the namespace's ports are its own, so any free port here is free there."""
+        (``loadtest.netns``); the namespace's ports are its own, so any free port here is free there.
+        ``quota_bytes``: etcd's ``--quota-backend-bytes`` (0: etcd's default, 2 GiB); past it etcd
+        refuses writes until an operator compacts, defragments and disarms its NOSPACE alarm
+        (docs/operations.md). ``extra_args``: more etcd flags, after ours (a later flag wins:
+        ``--max-txn-ops``, say)."""
         self.tls = tls
         self.host = host
         self.netns = netns
+        self.quota_bytes = quota_bytes
+        self.extra_args = tuple(extra_args)
         self.die_with_parent = die_with_parent
         self._owns_dir = data_dir is None
         self.data_dir = (
@@ -266,6 +275,8 @@ class EtcdProcess:
             # etcd keeps every revision until told otherwise: without compaction a long-lived
             # `mesh up` grows its database with each placement and instance refresh, forever.
             *AUTO_COMPACTION,
+            *(("--quota-backend-bytes", str(self.quota_bytes)) if self.quota_bytes else ()),
+            *self.extra_args,
         ]  # fmt: skip
 
     def _launch(self) -> None:

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh import __version__
 from mesh.auth import TokenTable
-from mesh.errors import Unavailable
+from mesh.errors import MeshError
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import status_pb2 as st
@@ -196,7 +196,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
     # write per missing ref): deletions check the index, not this router's view.
     try:
         repaired = await registry.repair_refs()
-    except Unavailable as exc:  # the registry is down: the next start repairs; serving goes on
+    except MeshError as exc:  # the registry is down or full: the next start repairs; serving goes on
         log.warning("vModel refs not repaired", error=exc.message)
     else:
         if repaired:
