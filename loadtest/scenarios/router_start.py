@@ -76,8 +76,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def fill(store: EtcdStore, keys: Keys, *, models: int, copies: int, instances: int) -> dict[str, Any]:
-    """Write the registrations, the instances and the copies; returns counts and timings."""
+async def fill(store: EtcdStore, keys: Keys, *, models: int, copies: int, instances: int,
+               lease_ttl_s: int = 10, txn_ops: int = TXN_OPS) -> dict[str, Any]:
+    """Write the registrations, the instances and the copies; returns counts and timings. The
+    instances' leases are kept alive by ``store`` until it is closed (tests import this too:
+    ``txn_ops`` 128 for an etcd with the default ``--max-txn-ops``)."""
     now_ms = int(time.time() * 1000)
     semaphore = asyncio.Semaphore(IN_FLIGHT)
 
@@ -86,7 +89,7 @@ async def fill(store: EtcdStore, keys: Keys, *, models: int, copies: int, instan
             async with semaphore:
                 await store.txn([], chunk)
 
-        await asyncio.gather(*(one(ops[i:i + TXN_OPS]) for i in range(0, len(ops), TXN_OPS)))
+        await asyncio.gather(*(one(ops[i:i + txn_ops]) for i in range(0, len(ops), txn_ops)))
 
     t0 = time.perf_counter()
     for start in range(0, models, 100_000):  # ops built 100,000 at a time: bounded memory here
@@ -95,12 +98,13 @@ async def fill(store: EtcdStore, keys: Keys, *, models: int, copies: int, instan
                             registered_ms=now_ms, last_used_ms=now_ms - 3_600_000).to_json())
                for i in range(start, min(models, start + 100_000))]
         await put_all(ops)
-        log(f"  {min(models, start + 100_000):,} registrations written")
+        if models > 100_000:
+            log(f"  {min(models, start + 100_000):,} registrations written")
     registered_s = time.perf_counter() - t0
 
     leases: list[Lease] = []
     for n in range(instances):  # one lease per instance, kept alive by this process as a runtime does
-        lease = await store.grant_lease(10)
+        lease = await store.grant_lease(lease_ttl_s)
         leases.append(lease)
         record = InstanceRecord(
             instance_id=f"bench-{n}", endpoint=f"127.0.0.1:{free_port()}",
@@ -130,7 +134,7 @@ async def time_router(registry_url: str, workdir: Path, name: str) -> dict[str, 
     """Start a router and time it to its first health answer and to SERVING."""
     port = free_port()
     env = {**os.environ, "MESH_REGISTRY_URL": registry_url, "MESH_ROUTER_PORT": str(port),
-           "MESH_ROUTER_HOST": "127.0.0.1", "MESH_ROUTER_METRICS_PORT": "-1", "MESH_ROUTER_REST_PORT": "-1",
+           "MESH_ROUTER_HOST": "127.0.0.1", "MESH_ROUTER_METRICS_PORT": "0", "MESH_ROUTER_REST_PORT": "-1",
            "MESH_PARENT_PID": str(os.getpid()), "MESH_LOG_FORMAT": "json", "MESH_LOG_LEVEL": "info"}
     log_path = workdir / f"{name}.log"
     address = f"127.0.0.1:{port}"
