@@ -16,8 +16,8 @@ publisher would otherwise have to get right on its own:
 
 ``put``/``delete`` raise :class:`~mesh.errors.RegistryUnavailable` when the registry cannot be reached,
 or :class:`~mesh.errors.RegistryFull` when etcd refuses writes for want of space (its NOSPACE alarm),
-so callers know; the change is still remembered and retried, with the same backoff. A ``put`` that meets a lost lease does not
-raise: re-publishing under a new lease is exactly this class's job.
+so callers know; the change is still remembered and retried, with the same backoff. A ``put`` that
+meets a lost lease does not raise: re-publishing under a new lease is exactly this class's job.
 """
 
 from __future__ import annotations

@@ -253,6 +253,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
         rest_url = f"{'https' if rest_tls else 'http'}://{rs.host}:{rest_port}"
         log.info("router REST serving", url=rest_url)
     gate.open()
+    await health.update(not_ready())  # now, not at the readiness loop's next tick (0.5 s)
     endpoint = f"{rs.host}:{port}"
     log.info("router serving", endpoint=endpoint, registry=settings.registry.url,
              instances=len(view.instances), tls=server_tls is not None, client_auth=settings.tls.client_auth,

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -140,7 +139,7 @@ async def test_a_full_etcd_refuses_writes_with_resource_exhausted_and_inference_
             with contextlib.suppress(RegistryFull):  # bolt's page overhead varies: full early is fine
                 for _ in range((QUOTA - HEADROOM) // len(CHURN_VALUE)):
                     await store.put("/scratch/churn", CHURN_VALUE)
-            registered, refusal = await fill_until_refused(mesh, loaded.path)
+            _, refusal = await fill_until_refused(mesh, loaded.path)
             assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal
             details = refusal.details() or ""
             assert re.match(r"etcd database space exceeded \(database at its quota: 1[67]\.\d MiB\)", details), details
@@ -148,10 +147,10 @@ async def test_a_full_etcd_refuses_writes_with_resource_exhausted_and_inference_
             assert "NOSPACE" in etcdctl(cluster.etcd.endpoint, "alarm", "list")
 
             # The CLI: one line, exit status 1 (an error from the mesh), the same message.
-            cli = subprocess.run(
-                [sys.executable, "-m", "mesh", "model", "register", "by-cli", "--type", "sklearn",
-                 "--path", str(loaded.path), "--router", router.endpoint],
-                capture_output=True, text=True, timeout=60, env={**os.environ, "MESH_TOKEN": ""})
+            argv = [sys.executable, "-m", "mesh", "model", "register", "by-cli", "--type", "sklearn",
+                    "--path", str(loaded.path), "--router", router.endpoint]
+            cli = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=60,
+                                          env={**os.environ, "MESH_TOKEN": ""})
             assert cli.returncode == 1, (cli.stdout, cli.stderr)
             lines = cli.stderr.strip().splitlines()
             assert lines == [f"mesh: error: RESOURCE_EXHAUSTED: {details}"], cli.stderr

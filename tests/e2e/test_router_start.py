@@ -16,8 +16,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.cluster import Cluster
-from loadtest.scenarios.router_start import fill
+from loadtest.scenarios.router_start import fill, spawn_router
 from mesh.embedded.up import terminate
 from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
@@ -78,9 +76,7 @@ async def test_a_router_says_not_serving_until_its_view_is_built_then_routes_at_
             os.kill(cluster.etcd.pid or 0, signal.SIGSTOP)
             thawed = False
             log_path = tmp_path / "router.log"
-            with open(log_path, "ab") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "mesh", "serve", "router"], env=env, stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = spawn_router(env, log_path)
             try:
                 async with grpc.aio.insecure_channel(address) as channel:
                     health = health_pb2_grpc.HealthStub(channel)
