@@ -100,6 +100,13 @@ class KVStore(Protocol):
         and the store revision they were read at."""
         ...
 
+    async def current_revision(self, key: str) -> int:
+        """The store's revision now (where a watch "from now" starts), read by looking up the one
+        key ``key`` (any key the caller may read: etcd users are limited to prefixes). Not a ranged
+        read: etcd counts every key in a range, even with a limit (250-400 ms at a million
+        registrations, measured; BENCHMARKS.md, "Router start-up at scale")."""
+        ...
+
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         """Write unconditionally; returns the new revision."""
         ...

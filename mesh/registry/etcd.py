@@ -418,6 +418,15 @@ class EtcdStore:
         response = await self._call(f"list {prefix}*", op)
         return [_kv(kv) for kv in response.kvs], response.header.revision
 
+    async def current_revision(self, key: str) -> int:
+        request = rpc.RangeRequest(key=key.encode(), keys_only=True)  # one key: no range to count
+
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.kvstub.Range(request, timeout=self.timeout_s, metadata=c.metadata)
+
+        return int((await self._call(f"read the revision ({key})", op)).header.revision)
+
     async def count_prefix(self, prefix: str) -> int:
         start, end = _prefix_range(prefix)
         request = rpc.RangeRequest(key=start, range_end=end, count_only=True)
@@ -591,8 +600,7 @@ class EtcdStore:
         return items, revision
 
     async def _revision_only(self, prefix: str) -> tuple[list[KeyValue], int]:
-        _, revision = await self.get_prefix(prefix, limit=1)
-        return [], revision
+        return [], await self.current_revision(prefix)
 
     async def watch_prefix(
         self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
@@ -606,7 +614,7 @@ class EtcdStore:
             call: Any = None
             try:
                 if next_rev <= 0:  # "from now": pin it, so that a resume cannot skip anything
-                    _, now = await self.get_prefix(prefix, limit=1)
+                    now = await self.current_revision(prefix)
                     next_rev = now + 1
                 client = self._clients[index]
                 await client.connect()

@@ -292,6 +292,9 @@ class MemoryStore:
     async def get(self, key: str) -> KeyValue | None:
         return self._check_open().get(key)
 
+    async def current_revision(self, key: str) -> int:
+        return self._check_open().revision
+
     async def get_prefix(
         self, prefix: str, *, limit: int = 0, start_after: str = ""
     ) -> tuple[list[KeyValue], int]:

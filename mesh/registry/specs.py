@@ -64,8 +64,8 @@ class SpecCache:
 
     async def start(self) -> None:
         """Fix the revision the watch starts from; call before the first ``get``."""
-        _, revision = await self._store.get_prefix(self._keys.models, limit=1)
-        self._start_revision = revision + 1
+        # Not get_prefix(models, limit=1): etcd would count every registration to answer it.
+        self._start_revision = await self._store.current_revision(self._keys.models) + 1
 
     async def run(self) -> None:
         """The watch loop: a root task of its process (it ends only by cancellation)."""
