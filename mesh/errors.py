@@ -98,7 +98,11 @@ class RegistryFull(ResourceExhausted):
     """The registry refuses writes for want of space (etcd's NOSPACE alarm: its database reached
     ``--quota-backend-bytes``). Reads, watches, deletes and lease keep-alives still work, so
     inference on loaded and registered models goes on; registrations and every other write fail
-    with this until an operator compacts, defragments and disarms the alarm (docs/operations.md)."""
+    with this until an operator compacts, defragments and disarms the alarm (docs/operations.md).
+    Its message begins with ``CAUSE``, by which a client (the controller) tells it from the other
+    RESOURCE_EXHAUSTED answers: it is retried, not reported as the model's failure."""
+
+    CAUSE = "etcd database space exceeded"
 
 
 class Unavailable(MeshError):

@@ -358,7 +358,7 @@ class EtcdStore:
         # The size, not the quota itself (no RPC tells it): at the alarm they differ by the writes
         # in flight when it rose, a fraction of a MiB.
         size = f" (database at its quota: {self._db_size[0] / 2**20:.1f} MiB)" if self._db_size[0] else ""
-        return RegistryFull(f"etcd database space exceeded{size}: compact and defragment it and disarm its "
+        return RegistryFull(f"{RegistryFull.CAUSE}{size}: compact and defragment it and disarm its "
                             "NOSPACE alarm, or raise --quota-backend-bytes (docs/operations.md, "
                             "\"etcd at its quota\")")
 
