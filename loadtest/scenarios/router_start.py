@@ -252,7 +252,7 @@ def render(result: dict[str, Any]) -> str:
                "view built in (log, s)", "health seen", "instances in view", "copies in view",
                "RSS MB (3 s after)", "router CPU s"], rows), "",
         "(times from the spawn of the process; \"listening\": the router's log line when its port serves, "
-        "after the interpreter and its imports; \"view built in\": from that line to \"router serving\")",
+        "after the interpreter and its imports; \"view built in\": from that line to \"router serving\")", "",
         table(["target", "measured (slowest run)", "target", "verdict"], [
             ["router ready with the full registry", t["value_s"], t["target"], verdict(t["met"])]]),
     ])
