@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 
@@ -83,7 +83,7 @@ def _field_types(cls: type) -> dict[str, str]:
 def _decode_fields(cls: type[T], data: Any) -> T:
     if not isinstance(data, dict):
         raise BadRecord(f"{cls.__name__} should be a JSON object, not {type(data).__name__}")
-    fields = _field_types(cls)
+    fields = _field_types(cast(type, cls))  # a class is hashable; mypy cannot tell of a type[T]
     kwargs = {name: _field_value(cls, name, fields[name], value) for name, value in data.items() if name in fields}
     try:
         return cls(**kwargs)
