@@ -32,6 +32,7 @@ import asyncio
 import datetime
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -275,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvloop
 
     workdir = Path(tempfile.mkdtemp(prefix="mesh-router-start-"))
-    # A large quota: a million registrations are about 350 MB, and the fill's history doubles it
-    # until compaction (5 minutes); big transactions make the fill take seconds.
-    with EtcdProcess(workdir / "etcd", quota_bytes=8 * 2**30, extra_args=("--max-txn-ops", str(TXN_OPS))) as etcd:
-        result = uvloop.run(run(args, etcd, workdir))
+    # A large quota (a million registrations are about 420 MB here); big transactions for the fill.
+    try:
+        with EtcdProcess(workdir / "etcd", quota_bytes=8 * 2**30,
+                         extra_args=("--max-txn-ops", str(TXN_OPS))) as etcd:
+            result = uvloop.run(run(args, etcd, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)  # the etcd data: 400 MB at a million
     result["machine"]["foreign_load"] = foreign.result()
     emit(args, result, render(result))
     return 0
