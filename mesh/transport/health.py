@@ -44,6 +44,7 @@ class HealthReporter:
         self.servicer = add_health(server)
         self._names = ("", *services)
         self.ready: bool | None = None
+        self._why: str | None = None  # the reason last logged for not serving
         self._leaving = False
 
     async def serve_plaintext(self, host: str, port: int) -> grpc.aio.Server | None:
@@ -67,11 +68,13 @@ class HealthReporter:
 
     async def update(self, why_not: str | None) -> None:
         ready = why_not is None and not self._leaving
-        if ready == self.ready:
-            return
-        self.ready = ready
-        for name in self._names:
-            await self.servicer.set(name, _SERVING if ready else _NOT_SERVING)
+        if ready == self.ready and (ready or self._leaving or why_not == self._why):
+            return  # no change (a new reason for not serving is logged: "starting" gives way to another)
+        self._why = why_not
+        changed, self.ready = ready != self.ready, ready
+        if changed:
+            for name in self._names:
+                await self.servicer.set(name, _SERVING if ready else _NOT_SERVING)
         if ready:
             log.info("readiness: serving")
         elif self._leaving:
