@@ -262,3 +262,29 @@ async def test_vmodel_items_set_the_vmodel_as_setvmodel_does(mesh: InProcessMesh
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mesh.mesh.registerModels(mm.RegisterModelsRequest(items=items, allOrNothing=True), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("backend", ["etcd", "memory"])
+async def test_a_resent_group_finds_its_own_writes_and_counts_them_created(etcd: EtcdProcess, backend: str) -> None:
+    """What the etcd store does when a group's answer was lost: it sends the same creates again. The
+    items the first send wrote are found with this call's own bytes: created, once, not conflicts."""
+    from mesh.registry.records import ModelSpec
+    from mesh.registry.registry import Registry
+
+    store, prefix = open_store(etcd.url if backend == "etcd" else memory_url())
+    registry = Registry(store, prefix)
+    try:
+        specs = [ModelSpec(model_id=f"resend-{i}", type="sklearn", path="/m/x", registered_ms=1, min_copies=i % 2)
+                 for i in range(300)]
+        first = await registry.register_models(specs)
+        second = await registry.register_models(specs)  # the same bytes: a re-sent group
+        assert all(r.created and r.error is None for r in first + second)
+        later = [ModelSpec(model_id=s.model_id, type="sklearn", path="/m/x", registered_ms=2, min_copies=s.min_copies)
+                 for s in specs]
+        third = await registry.register_models(later)  # another call, same definition: not created
+        assert not any(r.created for r in third) and all(r.error is None for r in third)
+        kvs = await store.get_many([registry.keys.model(s.model_id) for s in specs])
+        assert all(kv is not None and kv.mod_revision == kv.create_revision for kv in kvs)
+        assert await registry.pinned_models() == {s.model_id: 1 for s in specs if s.min_copies}
+    finally:
+        await store.close()
