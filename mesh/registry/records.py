@@ -118,7 +118,9 @@ class ModelSpec:
     gpu: str = ""
 
     def to_json(self) -> bytes:
-        return _encode(self)
+        # The same bytes as _encode, without dataclasses.asdict's deep copy of every field: it
+        # was two thirds of the router's CPU per item of a bulk registration.
+        return json.dumps({name: getattr(self, name) for name in _SPEC_FIELDS}, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> ModelSpec:
@@ -135,6 +137,9 @@ class ModelSpec:
                 self.max_copies, tuple(self.labels), self.gpu_mode) == (
             other.type, other.path, other.key, other.size_hint_bytes, other.min_copies,
             other.max_copies, tuple(other.labels), other.gpu_mode)
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
 
 
 @dataclass(frozen=True, slots=True)

@@ -206,9 +206,9 @@ class BulkRegistration:
             specs.clear()
             _abort(results)
             return
+        # Unlike registerModel, the router's spec cache is not primed: a batch of a thousand would
+        # push out the specs of the models in use (their next request would read etcd again).
         for i, spec in specs.items():
-            if self.m.specs is not None:
-                self.m.specs.prime(spec)
             unservable = self.m._unservable(spec)
             if unservable:  # registered all the same, as registerModel does
                 results[i].message = unservable
