@@ -56,6 +56,7 @@ from aetcd import rpc, watcher
 
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryUnavailable
 from mesh.registry.base import Compare, Create, Created, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
+from mesh.registry.etcd_wire import TXN_METHOD, create_txn
 from mesh.registry.security import EtcdSecurity
 from mesh.tasks import cancel_and_wait, spawn
 
@@ -158,20 +159,6 @@ def _reason(exc: BaseException) -> str:
 def _never_sent(exc: BaseException) -> bool:
     """gRPC failed before sending: no connection could be made (the channel's pick failed)."""
     return _status_code(exc) is grpc.StatusCode.UNAVAILABLE and "failed to connect" in _reason(exc)
-
-
-def _create_op(item: Create) -> Any:
-    """One item of ``create_many`` as a nested transaction (etcd >= 3.3): its key and guard keys
-    absent (create_revision 0), then put it and its companions; else read the key (the existing
-    definition, in the same round trip) and the guards (which one exists)."""
-    keys = [item.key.encode(), *(k.encode() for k in item.absent)]
-    return rpc.RequestOp(request_txn=rpc.TxnRequest(
-        compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=k, create_revision=0)
-                 for k in keys],
-        success=[rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=v))
-                 for k, v in ((item.key, item.value), *item.also)],
-        failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=keys[0])),
-                 *(rpc.RequestOp(request_range=rpc.RangeRequest(key=k, keys_only=True)) for k in keys[1:])]))
 
 
 def _item_bytes(item: Create) -> int:
@@ -487,7 +474,7 @@ class EtcdStore:
         return bool(response.succeeded)
 
     async def create_many(self, items: Sequence[Create]) -> list[Created]:
-        """Groups of nested create-if-absent transactions (``_create_op``), sent concurrently.
+        """Groups of nested create-if-absent transactions (``etcd_wire.create_op``), sent concurrently.
 
         A group is sent as ``idempotent``: on a connection failure it goes to the next member, and
         a group that failed without an answer (it may have been applied) is sent once more. Both are
@@ -497,11 +484,12 @@ class EtcdStore:
         results: list[Created | None] = [None] * len(items)
 
         async def group(indexes: range) -> None:
-            request = rpc.TxnRequest(success=[_create_op(items[i]) for i in indexes])
+            request = create_txn([items[i] for i in indexes])  # the TxnRequest's bytes (etcd_wire)
 
             async def op(c: aetcd.Client) -> Any:
                 await c.connect()
-                return await c.kvstub.Txn(request, timeout=self.timeout_s, metadata=c.metadata)
+                txn = c.channel.unary_unary(TXN_METHOD, response_deserializer=rpc.TxnResponse.FromString)
+                return await txn(request, timeout=self.timeout_s, metadata=c.metadata)
 
             what = f"create {len(indexes)} keys from {items[indexes[0]].key}"
             try:
