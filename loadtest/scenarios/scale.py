@@ -310,7 +310,9 @@ class Scale:
     async def step(self, total: int) -> dict[str, Any]:
         out: dict[str, Any] = {"models": total}
         if total > self.registered:
-            log(f"registering {total - self.registered:,} more ({self.args.in_flight} in flight)...")
+            how = (f"registerModels, {self.args.bulk:,} a call, {self.args.bulk_in_flight} calls" if self.args.bulk
+                   else f"registerModel, {self.args.in_flight} calls")
+            log(f"registering {total - self.registered:,} more ({how} in flight)...")
             out["register"] = await self.register_to(total)
             r = out["register"]
             log(f"  {r['registered']:,} in {r['seconds']} s = {r['per_second']:,.0f}/s, errors {r['errors']}")
