@@ -62,7 +62,8 @@ import structlog
 
 from mesh.errors import InvalidArgument, MeshError, PermissionDenied, Unauthenticated
 from mesh.logging import LogLimit
-from mesh.paths import as_directory, shown, under_prefix
+from mesh.paths import as_directory, confine, shown, under_prefix
+from mesh.storage.location import locate
 
 log = structlog.get_logger("mesh.transport.auth")
 
@@ -194,9 +195,6 @@ class Principal:
         registration (``registerModels``) each of its items."""
         if not path or not self.restricted:
             return
-        from mesh.paths import confine
-        from mesh.storage.location import locate
-
         location = locate(path, key)
         if location is not None:
             self.check_storage(location.key_name, location.type_hint, location.params.get("name", ""))
