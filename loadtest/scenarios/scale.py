@@ -68,6 +68,7 @@ import grpc
 import psutil
 
 from loadtest.cluster import Cluster, Server, prepare_benchmark_process
+from loadtest.echo_server import METHOD as ECHO_METHOD
 from loadtest.load import bytes_call, percentile_ms
 from loadtest.management import register_bulk, register_many
 from loadtest.models import TrainedModel, infer_body, train_logistic
@@ -78,6 +79,7 @@ from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.registry import open_store
+from mesh.registry.base import Compare, Op
 from mesh.registry.keys import Keys
 from mesh.registry.records import ModelSpec
 
@@ -89,6 +91,9 @@ DEFAULT_STEPS = (100_000, 1_000_000)
 LIST_PAGE = 5_000
 WARM_UNCOUNTED = 100
 SETTLE_S = 2.0
+YARDSTICK_CALLS = 20_000  # raw etcd creates and echo calls per step (fewer when the step adds fewer)
+TARGET_ETCD_SHARE = 0.3  # issue 22: registrations/s at least this share of etcd's own create rate
+TARGET_ECHO_RATIO = 2.0  # issue 22: router CPU per registration at most this many echo requests' CPU
 NOT_LOADED = mm.ModelStatusInfo.ModelStatus.Value("NOT_LOADED")
 
 
@@ -189,8 +194,12 @@ class Scale:
     """The run: a cluster that is up, the stubs, and what has been registered and looked up."""
 
     def __init__(self, args: argparse.Namespace, cluster: Cluster, router: Server, runtime: Server,
-                 channel: grpc.aio.Channel, warm: list[TrainedModel]) -> None:
+                 channel: grpc.aio.Channel, warm: list[TrainedModel], echo: Server | None = None,
+                 echo_channel: grpc.aio.Channel | None = None) -> None:
         self.args = args
+        self.echo = echo
+        self.echoed = bytes_call(echo_channel, ECHO_METHOD) if echo_channel is not None else None
+        self.raw_done = 0
         self.cluster = cluster
         self.router = router
         self.runtime = runtime
@@ -246,6 +255,69 @@ class Scale:
                 "last_tenth_per_second": round((count - last_from) / last_s, 1) if done else 0.0,
                 "cpu_ms_per_registration": {k: round((cpu1[k] - cpu0[k]) * 1000 / max(done, 1), 3)
                                             for k in cpu0}}
+
+    async def _spread(self, n: int, call: Callable[[int], Awaitable[Any]]) -> float:
+        """``n`` calls, ``--in-flight`` at a time (as registrations are sent); seconds taken."""
+        next_i = iter(range(n))
+
+        async def worker() -> None:
+            for i in next_i:
+                await call(i)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.args.in_flight)))
+        return time.perf_counter() - t0
+
+    async def raw_etcd_creates(self, n: int) -> dict[str, Any]:
+        """etcd's own rate for the registrations' writes: the same create-if-absent transaction
+        (key absent -> put), the same client library (``EtcdStore.txn`` over aetcd's channel), the
+        same concurrency and a value of a registration's size, from this process, on keys of the
+        same length outside the registry (``/raw-bench/mesh/models/...``: no process watches them)."""
+        store, prefix = open_store(self.cluster.registry_url)
+        base = self.raw_done
+        value = ModelSpec(model_id(0), "sklearn", path=f"/scale/{model_id(0)}/model.joblib",
+                          registered_ms=int(time.time() * 1000), last_used_ms=int(time.time() * 1000)).to_json()
+        failed = 0
+
+        async def create(i: int) -> None:
+            nonlocal failed
+            key = f"/raw-bench{prefix}models/{model_id(base + i)}"  # outside the registry: nobody watches it
+            if not await store.txn([Compare("absent", key)], [Op("put", key, value)]):
+                failed += 1
+        try:
+            cpu0 = self._cpu()
+            seconds = await self._spread(n, create)
+            cpu1 = self._cpu()
+        finally:
+            await store.close()
+        self.raw_done += n
+        return {"creates": n, "failed": failed, "seconds": round(seconds, 2), "per_second": round(n / seconds, 1),
+                "etcd_cpu_ms": round((cpu1["etcd"] - cpu0["etcd"]) * 1000 / n, 3),
+                "client_cpu_ms": round((cpu1["client"] - cpu0["client"]) * 1000 / n, 3)}
+
+    async def echo_floor(self, n: int) -> dict[str, Any]:
+        """The bare grpc.aio echo server's CPU per request (``loadtest.echo_server``), for a request
+        of a registration's size at the same concurrency: the floor a Python gRPC server pays."""
+        assert self.echo is not None and self.echoed is not None
+        body = mm.RegisterModelRequest(modelId=model_id(0), modelInfo=mm.ModelInfo(
+            type="sklearn", path=f"/scale/{model_id(0)}/model.joblib")).SerializeToString()
+        echoed = self.echoed
+        cpu0 = self.echo.cpu_seconds()
+        seconds = await self._spread(n, lambda _: echoed(body, timeout=30))
+        return {"calls": n, "per_second": round(n / seconds, 1),
+                "cpu_ms_per_request": round((self.echo.cpu_seconds() - cpu0) * 1000 / n, 4)}
+
+    async def yardsticks(self, added: int, register: dict[str, Any]) -> dict[str, Any]:
+        n = min(added, YARDSTICK_CALLS)
+        raw = await self.raw_etcd_creates(n)
+        out: dict[str, Any] = {"raw_etcd": raw,
+                               "share_of_etcd": round(register["per_second"] / raw["per_second"], 3)}
+        if self.echo is not None:
+            echo = await self.echo_floor(n)
+            out["echo"] = echo
+            out["router_cpu_vs_echo"] = round(register["cpu_ms_per_registration"]["router"]
+                                              / max(echo["cpu_ms_per_request"], 1e-6), 2)
+        return out
 
     async def memory(self) -> dict[str, Any]:
         metrics = await asyncio.to_thread(_etcd_metrics, self.cluster.etcd.metrics_port)
@@ -316,6 +388,10 @@ class Scale:
             out["register"] = await self.register_to(total)
             r = out["register"]
             log(f"  {r['registered']:,} in {r['seconds']} s = {r['per_second']:,.0f}/s, errors {r['errors']}")
+            out["yardsticks"] = y = await self.yardsticks(r["added"], r)
+            log(f"  etcd's own create-if-absent rate {y['raw_etcd']['per_second']:,.0f}/s "
+                f"(registrations {y['share_of_etcd']}x of it)"
+                + (f"; router CPU {y['router_cpu_vs_echo']}x the echo server's" if "echo" in y else ""))
         await asyncio.sleep(SETTLE_S)
         out["memory"] = await self.memory()
         log(f"  router {out['memory']['router']}, etcd DB {out['memory']['etcd_db_mb']} MB; measuring latency...")
@@ -327,11 +403,12 @@ class Scale:
 
 
 async def run(args: argparse.Namespace, cluster: Cluster, router: Server, runtime: Server,
-              warm: list[TrainedModel]) -> dict[str, Any]:
+              warm: list[TrainedModel], echo: Server) -> dict[str, Any]:
     options = [("grpc.max_receive_message_length", 64 * 2**20)]
     async with asyncio.timeout(args.time_limit), grpc.aio.insecure_channel(router.endpoint,
-                                                                           options=options) as channel:
-        scale = Scale(args, cluster, router, runtime, channel, warm)
+                                                                           options=options) as channel, \
+            grpc.aio.insecure_channel(echo.endpoint) as echo_channel:
+        scale = Scale(args, cluster, router, runtime, channel, warm, echo, echo_channel)
         log(f"loading {len(warm)} warm models...")
         await scale.load_warm()
         steps = [await scale.step(0)]
@@ -347,7 +424,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, router: Server, runtim
                          "bulk": args.bulk, "bulk_in_flight": args.bulk_in_flight, "raw": args.raw,
                          "warm_requests": args.warm_requests, "lookups": args.lookups,
                          "spec_cache": args.spec_cache, "list": not args.no_list},
-            "pids": {"router": router.pid, "runtime": runtime.pid, "etcd": cluster.etcd.pid},
+            "pids": {"router": router.pid, "runtime": runtime.pid, "etcd": cluster.etcd.pid, "echo": echo.pid},
             "steps": steps}
 
 
@@ -386,6 +463,18 @@ def render(result: dict[str, Any]) -> str:
         reg_rows.append([f"{s['models'] - r['added']:,} -> {s['models']:,}", r["seconds"], r["per_second"],
                          r["last_tenth_per_second"], sum(r["errors"].values()), cpu["router"], cpu["etcd"],
                          cpu["runtime"], cpu["client"]])
+    yard_rows = []
+    for s in steps:
+        if "yardsticks" not in s:
+            continue
+        y, r = s["yardsticks"], s["register"]
+        share, ratio = y["share_of_etcd"], y.get("router_cpu_vs_echo")
+        echo_cpu = y["echo"]["cpu_ms_per_request"] if "echo" in y else "-"
+        versus_echo = f"{ratio} ({'met' if ratio <= TARGET_ECHO_RATIO else 'missed'})" if ratio is not None else "-"
+        yard_rows.append([f"{s['models']:,}", r["per_second"], y["raw_etcd"]["per_second"],
+                          f"{share} ({'met' if share >= TARGET_ETCD_SHARE else 'missed'})",
+                          r["cpu_ms_per_registration"]["router"], echo_cpu, versus_echo,
+                          r["cpu_ms_per_registration"]["runtime"]])
     mem_rows = [[s["models"], s["memory"]["router"]["rss_mb"], s["memory"]["router"]["uss_mb"],
                  s["memory"]["router"]["hwm_mb"], s["memory"]["etcd"]["rss_mb"], s["memory"]["etcd_db_mb"],
                  s["memory"]["etcd_db_in_use_mb"]] for s in steps]
@@ -403,6 +492,12 @@ def render(result: dict[str, Any]) -> str:
         + "from one client; CPU per registration in ms of each process:", "",
         table(["registered", "seconds", "reg/s", "reg/s, last tenth", "errors", "router CPU ms", "etcd CPU ms",
                "runtime CPU ms", "client CPU ms"], reg_rows), "",
+        f"Against the same run's yardsticks: etcd's own create-if-absent transactions (same client "
+        f"library, concurrency and value size; target: registrations >= {TARGET_ETCD_SHARE}x) and a bare "
+        f"grpc.aio echo server's CPU per request (target: router <= {TARGET_ECHO_RATIO}x); runtime CPU per "
+        "registration of a model it does not hold (target ~0):", "",
+        table(["registered", "reg/s", "etcd creates/s", "share of etcd", "router CPU ms", "echo CPU ms",
+               "router / echo", "runtime CPU ms"], yard_rows), "",
         table(["registered", "router RSS MB", "router USS MB", "router RSS high-water MB", "etcd RSS MB",
                "etcd DB MB", "etcd DB in use MB"], mem_rows), "",
         f"Latency p50 / p99 in ms, one call at a time: ModelInfer on {settings['warm_models']} loaded models "
@@ -500,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             log("starting runtime and router...")
             runtime = cluster.start_runtime(capacity_bytes=256 * 2**20)
             router = cluster.start_router(extra_env={"MESH_ROUTER_SPEC_CACHE_ENTRIES": str(args.spec_cache)})
-            result = uvloop.run(run(args, cluster, router, runtime, warm))
+            echo = cluster.start_echo()
+            result = uvloop.run(run(args, cluster, router, runtime, warm, echo))
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

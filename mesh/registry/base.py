@@ -126,6 +126,13 @@ class KVStore(Protocol):
         and the store revision they were read at."""
         ...
 
+    async def current_revision(self, key: str) -> int:
+        """The store's revision now (where a watch "from now" starts), read by looking up the one
+        key ``key`` (any key the caller may read: etcd users are limited to prefixes). Not a ranged
+        read: etcd counts every key in a range, even with a limit (250-400 ms at a million
+        registrations, measured; BENCHMARKS.md, "Router start-up at scale")."""
+        ...
+
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
         """Write unconditionally; returns the new revision."""
         ...
@@ -183,11 +190,12 @@ class KVStore(Protocol):
         ...
 
     def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncIterator[WatchEvent | WatchReset]:
         """Events from ``start_revision`` on; after a compaction a WatchReset with the prefix's
         items (read in pages), or with none when ``snapshot_on_reset`` is False (a consumer that
-        only drops what it derived: no need to read a million keys)."""
+        only drops what it derived: no need to read a million keys). ``deletes_only``: PUT events
+        are filtered out by the store (etcd's NOPUT filter: they never reach this process)."""
         ...
 
     async def close(self) -> None: ...

@@ -34,6 +34,14 @@ Design decisions:
   tokens expire (``--auth-token-ttl``, 5 min by default) and aetcd never renews them: a call
   answered "invalid auth token" re-authenticates and is sent once more. The password and the
   token are never logged; wrong credentials are an ``InvalidArgument`` naming the user.
+* **A full registry** (etcd's NOSPACE alarm: its database reached ``--quota-backend-bytes``) is an
+  answer, not an outage: etcd then refuses every write that adds data (puts, transactions with
+  puts, lease grants) with RESOURCE_EXHAUSTED "mvcc: database space exceeded", and still serves
+  reads, watches, deletes and lease keep-alives. Such a write raises
+  :class:`~mesh.errors.RegistryFull` (RESOURCE_EXHAUSTED, a message that names the cause and the
+  remedy) at once, without trying the other members (they share the alarm), and ``connected``
+  stays true: readiness must not drop, and inference go with it, because registrations cannot be
+  written. Other RESOURCE_EXHAUSTED answers ("too many requests") stay transient: next member.
 * **Channel options**: reconnect backoff capped at 1 s (gRPC's default grows to 120 s, which would
   keep us away from a restarted etcd), keepalive pings to notice a silently dead connection, and a
   large receive limit because one watch response carries a whole revision (a range delete of 100k
@@ -54,7 +62,7 @@ import grpc
 import structlog
 from aetcd import rpc, watcher
 
-from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryUnavailable
+from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryFull, RegistryUnavailable
 from mesh.registry.base import Compare, Create, Created, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
 from mesh.registry.etcd_wire import TXN_METHOD, create_txn
 from mesh.registry.security import EtcdSecurity
@@ -84,6 +92,7 @@ _UNREACHABLE = {
 }
 _TRANSPORT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
 _KEEPALIVE_RETRY_S = 0.5
+_SIZE_EVERY_S = 5.0  # how often a full registry's size is read again for RegistryFull's message
 _REQUIRE_LEADER = ("hasleader", "true")  # etcd's rpctypes.MetadataRequireLeaderKey
 RELIST_PAGE = 10_000  # keys per page when a watch relists after compaction
 # Grouped writes (create_many, get_many): etcd refuses a transaction with more than --max-txn-ops
@@ -148,6 +157,12 @@ def _too_large(exc: BaseException) -> bool:
     RESOURCE_EXHAUSTED "received message larger than max" before etcd saw it."""
     text = _reason(exc)
     return "request is too large" in text or "larger than max" in text
+
+
+def _no_space(exc: BaseException) -> bool:
+    """etcd's answer to a write while its NOSPACE alarm is raised (the database reached
+    ``--quota-backend-bytes``): RESOURCE_EXHAUSTED "etcdserver: mvcc: database space exceeded"."""
+    return "database space exceeded" in _reason(exc)
 
 
 def _reason(exc: BaseException) -> str:
@@ -273,6 +288,8 @@ class EtcdStore:
         self._closed = False
         self._closed_event = asyncio.Event()  # wakes watches sleeping in their backoff
         self._connected = True
+        self._db_size: tuple[int, float] | None = None  # (bytes or 0, when read): RegistryFull's message
+        self._db_size_lock = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -331,6 +348,9 @@ class EtcdStore:
                             self._set_connected(True)
                             raise InvalidArgument(f"registry {self.url} refused {what}: larger than etcd "
                                                   "accepts in one request (--max-request-bytes)") from None
+                        if _no_space(exc):  # etcd answered: it is up, and full (module docstring)
+                            self._set_connected(True)
+                            raise await self._registry_full(what) from None
                         if code is not None and code not in _UNREACHABLE:
                             self._set_connected(True)  # etcd answered, with an error
                             raise self._translate(exc, code, what, lease) from None
@@ -347,6 +367,37 @@ class EtcdStore:
             self._rotate(index)
         self._set_connected(False, failures[-1] if failures else what)
         raise RegistryUnavailable(f"registry {self.url} unavailable: {what}: {'; '.join(failures)}")
+
+    async def _registry_full(self, what: str) -> RegistryFull:
+        """The error for a write etcd refused for want of space, with the database's size (its
+        quota, give or take one request: etcd refuses the write that would pass it). The size is
+        read, and the refusal logged, at most every ``_SIZE_EVERY_S``: a storm of refused writes
+        is not a storm of Status calls or log lines. No size if it cannot be read within 1 s."""
+        async with self._db_size_lock:  # concurrent refusals wait for one read
+            now = self._clock()
+            if self._db_size is None or now - self._db_size[1] > _SIZE_EVERY_S:
+                try:
+                    async with asyncio.timeout(1.0):
+                        self._db_size = (await self.db_size(), now)
+                except (MeshError, TimeoutError):
+                    self._db_size = (0, now)  # unknown: said without it, read again after _SIZE_EVERY_S
+                log.warning("registry full: etcd refuses writes until it is compacted, defragmented and its "
+                            "NOSPACE alarm disarmed", registry=self.url, call=what[:200], db_size=self._db_size[0])
+        # The size, not the quota itself (no RPC tells it): at the alarm they differ by the writes
+        # in flight when it rose, a fraction of a MiB.
+        size = f" (database at its quota: {self._db_size[0] / 2**20:.1f} MiB)" if self._db_size[0] else ""
+        return RegistryFull(f"{RegistryFull.CAUSE}{size}: compact and defragment it and disarm its "
+                            "NOSPACE alarm, or raise --quota-backend-bytes (docs/operations.md, "
+                            "\"etcd at its quota\")")
+
+    async def db_size(self) -> int:
+        """The database file's size in bytes on the member that answers (etcd's Status RPC, the
+        DB SIZE column of ``etcdctl endpoint status``): what ``--quota-backend-bytes`` bounds."""
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.maintenancestub.Status(rpc.StatusRequest(), timeout=self.timeout_s, metadata=c.metadata)
+
+        return int((await self._call("read the database size", op)).dbSize)
 
     def _rotate(self, failed: int) -> None:
         if self._current == failed:
@@ -394,6 +445,15 @@ class EtcdStore:
 
         response = await self._call(f"list {prefix}*", op)
         return [_kv(kv) for kv in response.kvs], response.header.revision
+
+    async def current_revision(self, key: str) -> int:
+        request = rpc.RangeRequest(key=key.encode(), keys_only=True)  # one key: no range to count
+
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.kvstub.Range(request, timeout=self.timeout_s, metadata=c.metadata)
+
+        return int((await self._call(f"read the revision ({key})", op)).header.revision)
 
     async def count_prefix(self, prefix: str) -> int:
         start, end = _prefix_range(prefix)
@@ -628,11 +688,10 @@ class EtcdStore:
         return items, revision
 
     async def _revision_only(self, prefix: str) -> tuple[list[KeyValue], int]:
-        _, revision = await self.get_prefix(prefix, limit=1)
-        return [], revision
+        return [], await self.current_revision(prefix)
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         key, end = _prefix_range(prefix)
         next_rev = start_revision
@@ -643,7 +702,7 @@ class EtcdStore:
             call: Any = None
             try:
                 if next_rev <= 0:  # "from now": pin it, so that a resume cannot skip anything
-                    _, now = await self.get_prefix(prefix, limit=1)
+                    now = await self.current_revision(prefix)
                     next_rev = now + 1
                 client = self._clients[index]
                 await client.connect()
@@ -652,7 +711,8 @@ class EtcdStore:
                 # etcd says where the watch stands even when nothing changes.
                 call = rpc.WatchStub(client.channel).Watch(metadata=(*(client.metadata or ()), _REQUIRE_LEADER))
                 create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=next_rev,
-                                                progress_notify=True)
+                                                progress_notify=True,
+                                                filters=[rpc.WatchCreateRequest.NOPUT] if deletes_only else [])
                 async with asyncio.timeout(self.timeout_s):
                     await call.write(rpc.WatchRequest(create_request=create))
                     first = await call.read()

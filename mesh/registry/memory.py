@@ -292,6 +292,9 @@ class MemoryStore:
     async def get(self, key: str) -> KeyValue | None:
         return self._check_open().get(key)
 
+    async def current_revision(self, key: str) -> int:
+        return self._check_open().revision
+
     async def get_prefix(
         self, prefix: str, *, limit: int = 0, start_after: str = ""
     ) -> tuple[list[KeyValue], int]:
@@ -405,12 +408,14 @@ class MemoryStore:
         self._check_open().compact(revision)
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         # Like EtcdStore: a watch on a closed store ends (its owner is shutting down), never raises.
         async for item in self.backend.watch(prefix, start_revision, lambda: self._closed):
             if isinstance(item, WatchReset) and not snapshot_on_reset:
                 item = WatchReset([], item.revision)
+            elif deletes_only and isinstance(item, WatchEvent) and item.type is EventType.PUT:
+                continue
             yield item
 
     async def close(self) -> None:

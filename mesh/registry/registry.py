@@ -48,19 +48,33 @@ class Registry:
         kv = await self.store.get(self.keys.model(model_id))
         return ModelSpec.from_json(kv.value) if kv else None
 
-    async def register_model(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
+    async def register_model(self, spec: ModelSpec, *, graph_free: bool = False) -> tuple[ModelSpec, bool]:
         """Create the registration; (existing, False) if the same definition is already there.
 
-        Raises AlreadyExists when the ID is taken by a different definition (ModelMesh's rule).
+        One transaction: the model's key absent (and with ``graph_free``, no inference graph of the
+        same ID: the check rides along instead of costing a read of its own), then the registration
+        and its pin index written together.
+
+        Raises AlreadyExists when the ID is taken by a different definition (ModelMesh's rule), or
+        (``graph_free``) by an inference graph.
         """
         key = self.keys.model(spec.model_id)
+        compares = [Compare("absent", key)]
+        if graph_free:
+            compares.append(Compare("absent", self.keys.graph(spec.model_id)))
+        ops = [Op("put", key, spec.to_json())]
+        if spec.min_copies > 0:
+            ops.append(Op("put", self.keys.pin(spec.model_id), str(spec.min_copies).encode()))
         while True:
-            if await self.store.create(key, spec.to_json()):
-                await self._index_pin(spec)
+            if await self.store.txn(compares, ops):
                 return spec, True
             kv = await self.store.get(key)
             if kv is None:
-                continue  # deleted between our create and get: try again
+                if graph_free and await self.get_graph(spec.model_id) is not None:
+                    raise AlreadyExists(
+                        f"model ID {spec.model_id!r} is already an inference graph's ID; a request naming it "
+                        "could not tell which is meant: choose another ID (or delete the graph)")
+                continue  # deleted between our transaction and the read: try again
             existing = ModelSpec.from_json(kv.value)
             if existing.same_definition(spec):
                 await self._index_pin(existing)  # repairs an index write lost to a crash
@@ -187,11 +201,15 @@ class Registry:
 
     async def repair_refs(self) -> int:
         """Write the refs of every vModel whose refs are missing (written before the index
-        existed); how many were written."""
+        existed); how many were written. Every router runs it at start, before it serves: the
+        refs are listed once and only the missing ones written, so that a start with 10,000
+        vModels costs two listings, not 10,000 etcd round trips."""
+        present = {kv.key for kv in (await self.store.get_prefix(self.keys.refs))[0]}
         written = 0
         for vmodel in await self.list_vmodels():
             for m in vmodel.models():
-                if await self.store.create(self.keys.ref(m, vmodel.vmodel_id), b""):
+                key = self.keys.ref(m, vmodel.vmodel_id)
+                if key not in present and await self.store.create(key, b""):
                     written += 1
         return written
 

@@ -288,3 +288,29 @@ async def test_a_resent_group_finds_its_own_writes_and_counts_them_created(etcd:
         assert await registry.pinned_models() == {s.model_id: 1 for s in specs if s.min_copies}
     finally:
         await store.close()
+
+
+async def test_a_full_etcd_answers_resource_exhausted_per_item(tmp_path: Path) -> None:
+    """etcd at its space quota (16 MiB): the call succeeds, its items answer RESOURCE_EXHAUSTED with
+    the cause (RegistryFull), as registerModel would, and the controller's retry rule recognises it."""
+    from mesh.errors import RegistryFull
+
+    server = EtcdProcess(tmp_path / "etcd", quota_bytes=16 * 2**20)
+    server.start()
+    mesh = await InProcessMesh(server.url).start(runtimes=0)
+    try:
+        codes_seen: set[str] = set()
+        message = ""
+        for n in range(40):  # 250 items of 15 kB a call: the quota is passed within a few calls
+            items = [item(f"full-{n:02d}-{i:03d}", key=BIG_KEY) for i in range(250)]
+            response = await mesh.mesh.registerModels(mm.RegisterModelsRequest(items=items), timeout=60)
+            codes_seen |= set(codes(response))
+            refused = [r for r in response.results if r.code == "RESOURCE_EXHAUSTED"]
+            if refused:
+                message = refused[0].message
+                break
+        assert message.startswith(RegistryFull.CAUSE), (codes_seen, message)
+        assert codes_seen <= {"OK", "RESOURCE_EXHAUSTED"}
+    finally:
+        await mesh.stop()
+        server.stop()
