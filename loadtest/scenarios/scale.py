@@ -1,7 +1,13 @@
 """Scale: registration throughput, router and etcd memory, and routing latency as the registry grows.
 
 ``python -m loadtest.scenarios.scale [--models 100000,1000000] [--in-flight K] [--warm-models W]
-[--warm-requests R] [--lookups L] [--no-list] [--json] [--out FILE]``
+[--warm-requests R] [--lookups L] [--no-list] [--bulk N [--bulk-in-flight C]] [--raw N] [--json] [--out FILE]``
+
+Bulk mode (issue 22): ``--bulk N`` registers through ``registerModels``, N items a call, C (4)
+calls in flight, and then (``--raw``, 100,000 by default with ``--bulk``) runs
+``raw_etcd_creates``: single-key create-if-absent transactions straight to the same etcd with the
+router's client library (``EtcdStore.create``), ``K`` in flight, the router's values; the report
+puts the registration rate beside that raw rate, same run.
 
 The standard suite runs one step of 100,000 (``SUITE_ARGS``, about 2 minutes on two cores). The
 million-registration run is a command of its own, ``python -m loadtest.scenarios.scale --models
@@ -64,7 +70,7 @@ import psutil
 from loadtest.cluster import Cluster, Server, prepare_benchmark_process
 from loadtest.echo_server import METHOD as ECHO_METHOD
 from loadtest.load import bytes_call, percentile_ms
-from loadtest.management import register_many
+from loadtest.management import register_bulk, register_many
 from loadtest.models import TrainedModel, infer_body, train_logistic
 from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table
 from loadtest.scenarios.router_memory import MB, log, memory
@@ -124,6 +130,51 @@ async def _sequential(calls: list[Callable[[], Awaitable[Any]]],
         else:
             latencies.append(elapsed)
     return _quantiles(latencies, errors)
+
+
+def _raw_value(i: int, now_ms: int) -> bytes:
+    """What the router writes for registration ``i`` (the same ID, type and path), byte for byte in size."""
+    return ModelSpec(model_id=model_id(i), type="sklearn", path=f"/scale/{model_id(i)}/model.joblib",
+                     registered_ms=now_ms, last_used_ms=now_ms - 6 * 3_600_000).to_json()
+
+
+async def raw_etcd_creates(registry_url: str, count: int, in_flight: int, etcd: psutil.Process) -> dict[str, Any]:
+    """etcd's own rate for the write a registration makes, as the floor bulk registration is held to
+    (issue 22): ``count`` single-key create-if-absent transactions through ``EtcdStore.create`` (the
+    aetcd client and channel options the router uses), ``in_flight`` at a time from one client, with
+    the values the router writes, under a prefix of their own (``/raw-bench/``, deleted after)."""
+    store, _ = open_store(registry_url)
+    keys = Keys("/raw-bench/")
+    now_ms = int(time.time() * 1000)
+    pending = iter(range(count))
+    created = 0
+    errors: dict[str, int] = {}
+
+    async def worker() -> None:
+        nonlocal created
+        for i in pending:
+            try:
+                if await store.create(keys.model(model_id(i)), _raw_value(i, now_ms)):
+                    created += 1
+                else:
+                    errors["exists"] = errors.get("exists", 0) + 1
+            except Exception as err:  # counted, not fatal: the rate is what is measured
+                errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+
+    try:
+        cpu0 = etcd.cpu_times()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        seconds = time.perf_counter() - t0
+        cpu1 = etcd.cpu_times()
+        await store.delete_prefix("/raw-bench/")
+    finally:
+        await store.close()
+    etcd_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return {"creates": count, "created": created, "errors": errors, "in_flight": in_flight,
+            "value_bytes": len(_raw_value(0, now_ms)), "seconds": round(seconds, 2),
+            "per_second": round(created / seconds, 1) if created else 0.0,
+            "etcd_cpu_ms_per_create": round(etcd_cpu * 1000 / max(created, 1), 3)}
 
 
 def _etcd_metrics(port: int) -> dict[str, float]:
@@ -189,7 +240,11 @@ class Scale:
 
         cpu0 = self._cpu()
         t0 = time.perf_counter()
-        done, errors = await register_many(self.mesh, items(), in_flight=self.args.in_flight)
+        if self.args.bulk:  # registerModels, --bulk items a call
+            done, errors = await register_bulk(self.mesh, items(), batch=self.args.bulk,
+                                               in_flight=self.args.bulk_in_flight)
+        else:
+            done, errors = await register_many(self.mesh, items(), in_flight=self.args.in_flight)
         t1 = time.perf_counter()
         cpu1 = self._cpu()
         self.registered = total
@@ -327,7 +382,9 @@ class Scale:
     async def step(self, total: int) -> dict[str, Any]:
         out: dict[str, Any] = {"models": total}
         if total > self.registered:
-            log(f"registering {total - self.registered:,} more ({self.args.in_flight} in flight)...")
+            how = (f"registerModels, {self.args.bulk:,} a call, {self.args.bulk_in_flight} calls" if self.args.bulk
+                   else f"registerModel, {self.args.in_flight} calls")
+            log(f"registering {total - self.registered:,} more ({how} in flight)...")
             out["register"] = await self.register_to(total)
             r = out["register"]
             log(f"  {r['registered']:,} in {r['seconds']} s = {r['per_second']:,.0f}/s, errors {r['errors']}")
@@ -357,8 +414,14 @@ async def run(args: argparse.Namespace, cluster: Cluster, router: Server, runtim
         steps = [await scale.step(0)]
         for total in args.models:
             steps.append(await scale.step(total))
-    return {"machine": machine(),
+        raw = None
+        if args.raw:
+            log(f"raw etcd: {args.raw:,} single-key create-if-absent transactions, {args.in_flight} in flight...")
+            raw = await raw_etcd_creates(cluster.registry_url, args.raw, args.in_flight, scale.etcd)
+            log(f"  {raw['created']:,} in {raw['seconds']} s = {raw['per_second']:,.0f}/s, errors {raw['errors']}")
+    return {"machine": machine(), "raw_etcd": raw,
             "settings": {"steps": args.models, "in_flight": args.in_flight, "warm_models": len(warm),
+                         "bulk": args.bulk, "bulk_in_flight": args.bulk_in_flight, "raw": args.raw,
                          "warm_requests": args.warm_requests, "lookups": args.lookups,
                          "spec_cache": args.spec_cache, "list": not args.no_list},
             "pids": {"router": router.pid, "runtime": runtime.pid, "etcd": cluster.etcd.pid, "echo": echo.pid},
@@ -424,8 +487,9 @@ def render(result: dict[str, Any]) -> str:
     settings = result["settings"]
     return "\n".join([
         machine_line(result["machine"]), "",
-        f"registerModel, {settings['in_flight']} in flight from one client; CPU per registration "
-        "in ms of each process:", "",
+        (f"registerModels, {settings['bulk']:,} items a call, {settings['bulk_in_flight']} calls in flight "
+         if settings.get("bulk") else f"registerModel, {settings['in_flight']} in flight ")
+        + "from one client; CPU per registration in ms of each process:", "",
         table(["registered", "seconds", "reg/s", "reg/s, last tenth", "errors", "router CPU ms", "etcd CPU ms",
                "runtime CPU ms", "client CPU ms"], reg_rows), "",
         f"Against the same run's yardsticks: etcd's own create-if-absent transactions (same client "
@@ -444,7 +508,21 @@ def render(result: dict[str, Any]) -> str:
         f"etcd backend quota {quota:,.0f} MB; database {db:,.1f} MB at {last['models']:,} registrations "
         f"(about {per_model * 1e6:,.0f} MB per million registrations; {db / max(quota, 1) * 100:.1f} % of "
         "the quota used).",
+        *_raw_lines(result),
     ])
+
+
+def _raw_lines(result: dict[str, Any]) -> list[str]:
+    """etcd's own single-key create rate, and how the registrations of the run compare with it."""
+    raw = result.get("raw_etcd")
+    if not raw:
+        return []
+    rates = [s["register"]["per_second"] for s in result["steps"] if "register" in s]
+    best = max(rates, default=0.0)
+    return ["", f"raw etcd, same run: {raw['created']:,} single-key create-if-absent transactions "
+            f"({raw['value_bytes']} B values, {raw['in_flight']} in flight, one aetcd client): "
+            f"{raw['per_second']:,.0f}/s, etcd CPU {raw['etcd_cpu_ms_per_create']} ms each; registrations "
+            f"above reached {best:,.0f}/s = {best / max(raw['per_second'], 1):.2f}x of it."]
 
 
 def _alive(pid: int) -> bool:
@@ -473,6 +551,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="registry sizes to grow to, in order (repeatable or a comma list; "
                              "default 100000,1000000)")
     parser.add_argument("--in-flight", type=int, default=256, help="registrations in flight (default 256)")
+    parser.add_argument("--bulk", type=int, default=0, metavar="N",
+                        help="register through registerModels, N items a call (default 0: registerModel, one a call)")
+    parser.add_argument("--bulk-in-flight", type=int, default=4,
+                        help="with --bulk: registerModels calls in flight (default 4)")
+    parser.add_argument("--raw", type=int, default=None, metavar="N",
+                        help="after the steps, N single-key create-if-absent transactions straight to etcd at "
+                             "--in-flight, for comparison (default: 100,000 with --bulk, else 0)")
     parser.add_argument("--warm-models", type=int, default=20, help="loaded models for the warm path (default 20)")
     parser.add_argument("--warm-requests", type=int, default=2_000,
                         help="sequential ModelInfer calls per step (default 2,000)")
@@ -489,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         args.models = _steps(args.models)
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
+    if args.raw is None:
+        args.raw = 100_000 if args.bulk else 0
+    if args.bulk < 0 or args.bulk_in_flight < 1 or args.raw < 0:
+        parser.error("--bulk and --raw must not be negative, --bulk-in-flight at least 1")
     if args.warm_models < 1 or args.in_flight < 1:
         parser.error("--warm-models and --in-flight must be at least 1")
     prepare_benchmark_process()

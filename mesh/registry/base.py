@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mesh.errors import MeshError
+
 
 @dataclass(frozen=True, slots=True)
 class KeyValue:
@@ -73,6 +75,30 @@ class Op:
     kind: str  # put | delete | delete_prefix
     key: str
     value: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """One item of :meth:`KVStore.create_many`: write ``value`` at ``key`` (and the ``also`` puts,
+    in the same transaction) only if ``key`` and every key of ``absent`` are absent."""
+
+    key: str
+    value: bytes
+    absent: tuple[str, ...] = ()  # other keys that must not exist (a graph of the same ID)
+    also: tuple[tuple[str, bytes], ...] = ()  # written with it (the pin index)
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """What :meth:`KVStore.create_many` did with one item: ``created`` at ``revision``, or not,
+    with ``existing`` (the key's current value, None if absent) and ``blocker`` (the first key of
+    ``absent`` that exists, "" if none); or ``error`` when the store could not say."""
+
+    created: bool
+    revision: int = 0
+    existing: KeyValue | None = None
+    blocker: str = ""
+    error: MeshError | None = None  # the round trip failed: the item may or may not be written
 
 
 @dataclass(eq=False)
@@ -129,6 +155,19 @@ class KVStore(Protocol):
 
     async def txn(self, compares: Sequence[Compare], ops: Sequence[Op]) -> bool:
         """Apply every op atomically if every compare holds; False (nothing written) otherwise."""
+        ...
+
+    async def create_many(self, items: Sequence[Create]) -> list[Created]:
+        """Create-if-absent for each item, in as few round trips as the store allows (etcd: nested
+        transactions, one per item, grouped up to ``--max-txn-ops`` and the request size limit).
+        Not atomic across items: each is created or not on its own, and the answer is per item, in
+        order. Keys must be distinct. A round trip that may have been applied is sent again only as
+        the same create-if-absent, so an item is never written twice: a retried write that finds its
+        own value reports it ``existing`` (the caller compares the bytes)."""
+        ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        """The current value of each key (None if absent), grouped into few round trips."""
         ...
 
     async def count_prefix(self, prefix: str) -> int:

@@ -63,7 +63,8 @@ import structlog
 from aetcd import rpc, watcher
 
 from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryFull, RegistryUnavailable
-from mesh.registry.base import Compare, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
+from mesh.registry.base import Compare, Create, Created, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
+from mesh.registry.etcd_wire import TXN_METHOD, create_txn
 from mesh.registry.security import EtcdSecurity
 from mesh.tasks import cancel_and_wait, spawn
 
@@ -94,6 +95,12 @@ _KEEPALIVE_RETRY_S = 0.5
 _SIZE_EVERY_S = 5.0  # how often a full registry's size is read again for RegistryFull's message
 _REQUIRE_LEADER = ("hasleader", "true")  # etcd's rpctypes.MetadataRequireLeaderKey
 RELIST_PAGE = 10_000  # keys per page when a watch relists after compaction
+# Grouped writes (create_many, get_many): etcd refuses a transaction with more than --max-txn-ops
+# operations at any one level (default 128) and a request over --max-request-bytes (default
+# 1.5 MiB); a group stays under both, leaving room for the request's framing.
+MAX_TXN_OPS = 128
+MAX_TXN_BYTES = 1024 * 1024
+_ITEM_OVERHEAD = 48  # bytes of protobuf framing per item (nested txn, compares, ops), generously
 
 
 def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
@@ -169,6 +176,25 @@ def _never_sent(exc: BaseException) -> bool:
     return _status_code(exc) is grpc.StatusCode.UNAVAILABLE and "failed to connect" in _reason(exc)
 
 
+def _item_bytes(item: Create) -> int:
+    return (2 * len(item.key) + len(item.value) + sum(2 * len(k) for k in item.absent)
+            + sum(len(k) + len(v) for k, v in item.also) + _ITEM_OVERHEAD)
+
+
+def _groups(sizes: Sequence[int], max_ops: int, max_bytes: int) -> list[range]:
+    """Consecutive index ranges of at most ``max_ops`` items and ``max_bytes`` (an item over it alone)."""
+    out: list[range] = []
+    start, size = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= max_ops or size + n > max_bytes):
+            out.append(range(start, i))
+            start, size = i, 0
+        size += n
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
 def _kv(kv: Any) -> KeyValue:
     return KeyValue(kv.key.decode(), kv.value, kv.mod_revision, kv.create_revision, kv.lease)
 
@@ -242,6 +268,7 @@ class EtcdStore:
         watch_backoff_s: tuple[float, float] = (0.1, 2.0),
         clock: Callable[[], float] = time.monotonic,
         security: EtcdSecurity | None = None,
+        max_txn_ops: int = MAX_TXN_OPS,
     ) -> None:
         if not endpoints:
             raise InvalidArgument("EtcdStore needs at least one endpoint")
@@ -252,6 +279,7 @@ class EtcdStore:
                                                           certificate_chain=security.cert)
                              if security is not None and security.tls else None)
         self.timeout_s = timeout_s
+        self.max_txn_ops = max_txn_ops  # etcd's --max-txn-ops: items per grouped transaction
         self._backoff_initial, self._backoff_max = watch_backoff_s
         self._clock = clock
         self._clients = [self._client(e) for e in self.endpoints]
@@ -504,6 +532,66 @@ class EtcdStore:
         what = f"transaction on {ops[0].key if ops else compares[0].key}"
         response = await self._call(what, op, idempotent=False)
         return bool(response.succeeded)
+
+    async def create_many(self, items: Sequence[Create]) -> list[Created]:
+        """Groups of nested create-if-absent transactions (``etcd_wire.create_op``), sent concurrently.
+
+        A group is sent as ``idempotent``: on a connection failure it goes to the next member, and
+        a group that failed without an answer (it may have been applied) is sent once more. Both are
+        safe because every item is create-if-absent: an item the first send wrote is found, with
+        its own bytes, by the second (``Registry.register_models`` counts it as created), never
+        written twice. A group that still fails gives its items ``error``."""
+        results: list[Created | None] = [None] * len(items)
+
+        async def group(indexes: range) -> None:
+            request = create_txn([items[i] for i in indexes])  # the TxnRequest's bytes (etcd_wire)
+
+            async def op(c: aetcd.Client) -> Any:
+                await c.connect()
+                txn = c.channel.unary_unary(TXN_METHOD, response_deserializer=rpc.TxnResponse.FromString)
+                return await txn(request, timeout=self.timeout_s, metadata=c.metadata)
+
+            what = f"create {len(indexes)} keys from {items[indexes[0]].key}"
+            try:
+                try:
+                    response = await self._call(what, op)
+                except RegistryUnavailable:
+                    response = await self._call(what, op)  # the same creates again: idempotent
+            except MeshError as exc:
+                for i in indexes:
+                    results[i] = Created(False, error=exc)
+                return
+            revision = int(response.header.revision)
+            for i, answer in zip(indexes, response.responses, strict=True):
+                inner = answer.response_txn
+                if inner.succeeded:
+                    results[i] = Created(True, revision=revision)
+                    continue
+                found = inner.responses[0].response_range.kvs
+                blocker = next((items[i].absent[j] for j, r in enumerate(inner.responses[1:])
+                                if r.response_range.kvs), "")
+                results[i] = Created(False, existing=_kv(found[0]) if found else None, blocker=blocker)
+
+        # etcd gives a nested transaction what is left of --max-txn-ops after its parent's own
+        # operations (v3rpc checkTxnRequest): a group holds max_txn_ops minus the widest item.
+        width = max((1 + max(len(item.absent), len(item.also)) for item in items), default=1)
+        groups = _groups([_item_bytes(item) for item in items], max(self.max_txn_ops - width, 1), MAX_TXN_BYTES)
+        await asyncio.gather(*(group(g) for g in groups))
+        return [r if r is not None else Created(False, error=RegistryUnavailable("not sent")) for r in results]
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        out: list[KeyValue | None] = []
+        for indexes in _groups([len(k) + _ITEM_OVERHEAD for k in keys], self.max_txn_ops, MAX_TXN_BYTES):
+            request = rpc.TxnRequest(success=[rpc.RequestOp(request_range=rpc.RangeRequest(key=keys[i].encode()))
+                                              for i in indexes])
+
+            async def op(c: aetcd.Client, request: Any = request) -> Any:
+                await c.connect()
+                return await c.kvstub.Txn(request, timeout=self.timeout_s, metadata=c.metadata)
+
+            response = await self._call(f"get {len(indexes)} keys from {keys[indexes[0]]}", op)
+            out.extend(_kv(r.response_range.kvs[0]) if r.response_range.kvs else None for r in response.responses)
+        return out
 
     async def compact(self, revision: int) -> None:
         """Forget history before ``revision`` (etcd compaction); older watches get a WatchReset."""

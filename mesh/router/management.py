@@ -472,7 +472,10 @@ class Management:
     async def set_vmodel(self, vmodel_id: str, target_model_id: str, *, owner: str = "",
                          update_only: bool = False, info: ModelInfoData | None = None,
                          auto_delete: bool = False, load_now: bool = False, force: bool = False,
-                         sync: bool = False, expected_target: str = "") -> VModelStatus:
+                         sync: bool = False, expected_target: str = "",
+                         registered: tuple[ModelSpec, bool] | None = None) -> VModelStatus:
+        """``registered``: the target was registered already by the caller with ``info`` (the bulk
+        registration, mesh.router.bulk: the spec and whether that call created it)."""
         check_model_id(vmodel_id)
         check_model_id(target_model_id)
         if len(owner) > MAX_OWNER_CHARS:
@@ -480,7 +483,9 @@ class Management:
         await self._refuse_graph_id(vmodel_id, "vModel")
         caller = current_caller()
         created = False
-        if info is not None:
+        if registered is not None:
+            spec, created = registered
+        elif info is not None:
             await self._refuse_graph_id(target_model_id, "model")
             spec, created = await self._register(
                 self._spec(target_model_id, info, load_now=load_now, last_used_ms=0))
