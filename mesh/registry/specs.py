@@ -16,8 +16,11 @@ of a model that was unregistered or redefined can be unloaded.
 A runtime needs only the deletions (``deletes_only``): a registration is created once and never
 rewritten in place (redefining one is unregistering it and registering it again), so the store
 filters creations out (etcd's NOPUT) and a registration of a model the runtime does not hold
-costs it nothing. Without creations in the watch, a model found missing would stay missing in the
-cache after it is registered; such an answer is kept for ``NEGATIVE_TTL_S`` only.
+costs it nothing. Without creations in the watch, nothing would correct a cached "not registered",
+so a runtime's ``get`` never answers from one: it reads the registry again (a router sends a
+runtime only models it found registered, so this is the rare path). What it keeps, for
+``NEGATIVE_TTL_S``, is that a model was just deleted, so that a router with a stale cache cannot
+hand it the old registration (``prime``) in that moment.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from mesh.registry.registry import Registry
 log = structlog.get_logger(__name__)
 
 _MISSING = object()
-NEGATIVE_TTL_S = 1.0  # deletes_only: how long "not registered" is believed without a read
+NEGATIVE_TTL_S = 1.0  # deletes_only: how long a deletion keeps a handed-over registration out
 
 
 class SpecCache:
@@ -99,8 +102,8 @@ class SpecCache:
 
     async def get(self, model_id: str) -> ModelSpec | None:
         value = self._cache.get(model_id, _MISSING)
-        if isinstance(value, float) and value < time.monotonic():
-            value = _MISSING  # deletes_only: a "not registered" answer past its time
+        if isinstance(value, float):
+            value = _MISSING  # deletes_only: "not registered" is never answered from the cache
         if value is not _MISSING:
             return value if isinstance(value, ModelSpec) else None
         pending = self._inflight.get(model_id)
