@@ -71,9 +71,7 @@ class Registry:
             kv = await self.store.get(key)
             if kv is None:
                 if graph_free and await self.get_graph(spec.model_id) is not None:
-                    raise AlreadyExists(
-                        f"model ID {spec.model_id!r} is already an inference graph's ID; a request naming it "
-                        "could not tell which is meant: choose another ID (or delete the graph)")
+                    raise graph_clash(spec.model_id, "model")
                 continue  # deleted between our transaction and the read: try again
             existing = ModelSpec.from_json(kv.value)
             if existing.same_definition(spec):

@@ -50,6 +50,7 @@ from mesh.errors import (
 from mesh.ids import check_model_id
 from mesh.model_libraries import install_hint
 from mesh.paths import confine
+from mesh.registry.coalescer import RegistrationCoalescer
 from mesh.registry.records import (
     CRASH,
     FAILED,
@@ -219,6 +220,7 @@ class Management:
         self._background = Background("management")
         self._quota_locks: dict[str, asyncio.Lock] = {}  # by token name: the tokens file bounds it
         self._last_ensure: dict[str, float] = {}
+        self._coalescer = RegistrationCoalescer(registry)
 
     # --- graph IDs (mesh.router.graph_management): a model or vModel never takes a graph's ID -----
     async def _refuse_graph_id(self, id_: str, what: str) -> None:
@@ -298,6 +300,8 @@ class Management:
         ``graph_free``: refuse it in the same transaction if a graph has its ID."""
         caller = current_caller()
         if caller is None or not (caller.max_models or caller.max_pinned_copies):
+            if graph_free:  # registerModel: concurrent calls share a transaction (mesh.registry.coalescer)
+                return await self._coalescer.register(spec)
             return await self.registry.register_model(spec, graph_free=graph_free)
         # One check-and-write at a time per token on this router: a burst of concurrent calls
         # cannot all read the same count and all pass (across routers, one each may: docs/security.md).
