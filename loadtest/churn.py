@@ -62,6 +62,7 @@ Change = list[Any]  # [model, "load" | "evict", instance, due, sent, acked]
 class Instance:
     """One simulated runtime: its lease, record, copies, and the pending map its flush loop writes."""
 
+    index: int
     record: InstanceRecord
     lease: Lease
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -79,7 +80,9 @@ class Churn:
         self.runtimes = runtimes
         self.load_s = load_ms / 1000
         self.instances: list[Instance] = []
-        self.loaded: deque[tuple[str, int]] = deque()  # (model, instance index), oldest first
+        # Copies whose LOADED placement etcd holds, oldest first: (model, instance index). Only these
+        # are evicted, so an eviction never overtakes its own load when the writer runs behind.
+        self.loaded: deque[tuple[str, int]] = deque()
         self.changes: list[Change] = []
         self.writes = {"placement_put": 0, "placement_delete": 0, "instance_put": 0}
         self.write_s: list[float] = []  # round trips of route-changing writes
@@ -95,7 +98,7 @@ class Churn:
                 instance_id=iid, endpoint=f"127.0.0.1:{20000 + i}", direct_endpoint=f"127.0.0.1:{30000 + i}",
                 devices=(DeviceUsage("ram", CAPACITY_BYTES, 0),), supported_types=("sklearn",),
                 version=__version__, started_ms=started)
-            instance = Instance(record, await self.store.grant_lease(LEASE_TTL_S))
+            instance = Instance(i, record, await self.store.grant_lease(LEASE_TTL_S))
             self.instances.append(instance)
             await self._put_instance(instance)
         for k in range(preload):  # preloaded copies: LOADED at once, not timed
@@ -148,6 +151,8 @@ class Churn:
                         await self.store.put(key, placement.to_json(), lease=instance.lease)
                         self.writes["placement_put"] += 1
                     acked = time.monotonic()
+                    if placement is not None:
+                        self.loaded.append((model, instance.index))
                     self.write_s.append(acked - sent)
                     self.changes.append([model, "evict" if placement is None else "load",
                                          instance.record.instance_id, due, sent, acked])
@@ -199,7 +204,6 @@ class Churn:
                     model = f"{tag}-{k:07d}"
                     index = next_instance
                     next_instance = (next_instance + 1) % self.runtimes
-                    self.loaded.append((model, index))
                     task = asyncio.create_task(self._load(model, index, due))
                     self._loads.add(task)
                     task.add_done_callback(self._loads.discard)
@@ -211,7 +215,7 @@ class Churn:
         while self._loads or any(inst.pending or inst.lock.locked() for inst in self.instances):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         return {"events": total, "scheduled_s": round(scheduled_s, 3), "max_lag_ms": round(max_lag * 1000, 1),
-                "writes": self.writes, "changes": self.changes,
+                "writes": self.writes, "changes": self.changes, "loaded": [m for m, _ in self.loaded],
                 "write_ms": sorted(round(s * 1000, 3) for s in self.write_s)}
 
     async def close(self) -> None:
@@ -251,7 +255,7 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.churn", description=__doc__.splitlines()[0])
     parser.add_argument("--registry", required=True, help="etcd://HOST:PORT[/prefix]")
-    parser.add_argument("--runtimes", type=int, default=20, help="simulated runtime instances (default 20)")
+    parser.add_argument("--runtimes", type=int, default=100, help="simulated runtime instances (default 100)")
     parser.add_argument("--preload", type=int, default=2_000, help="copies loaded before churn (default 2,000)")
     parser.add_argument("--load-ms", type=float, default=20.0, help="LOADING to LOADED, in ms (default 20)")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@
 
 Method. One private etcd and ``--routers`` router processes (8), started as ``mesh up`` starts them
 (``loadtest.cluster``). Placement churn comes from ``loadtest.churn``, a process of its own that
-writes what ``R`` (20) runtimes publish when copies load and go, through one etcd request per
+writes what ``R`` (100) runtimes publish when copies load and go, through one etcd request per
 record as a runtime does (its docstring says why it is synthetic: 500 real loads a second do not
 fit two cores; routers see the same keys, values, order and grouping). ``P`` (2,000) copies are
 loaded first; then for each rate in ``--rates`` (churn events a second, an event being a load or
@@ -131,22 +131,32 @@ class Fanout:
         self.writer = writer
         self.etcd = psutil.Process(cluster.etcd.pid)
         self.probes: list[RouteProbe] = []
-        self.preloaded: set[str] = set()
+        self.loaded: set[str] = set()  # the copies etcd holds (the writer's word), when no step runs
+        self.idle_cores: dict[str, float] = {}
 
     async def open_probes(self) -> None:
         self.probes = [RouteProbe(r.name, r.endpoint) for r in self.routers]
         for probe in self.probes:
             probe.start()
         deadline = time.monotonic() + SYNC_TIMEOUT_S
-        while not all(p.synced.is_set() and p.loaded() == self.preloaded for p in self.probes):
+        while not all(p.synced.is_set() and p.loaded() == self.loaded for p in self.probes):
             broken = [f"{p.name}: {p.error}" for p in self.probes if p.error]
             if broken:
                 raise ScenarioError(f"a route stream ended: {broken[0]}")
             if time.monotonic() > deadline:
                 counts = {p.name: len(p.loaded()) for p in self.probes}
-                raise ScenarioError(f"route streams do not show the {len(self.preloaded):,} preloaded copies "
+                raise ScenarioError(f"route streams do not show the {len(self.loaded):,} loaded copies "
                                     f"after {SYNC_TIMEOUT_S:g} s: {counts}")
             await asyncio.sleep(0.05)
+
+    async def idle(self, seconds: float) -> dict[str, float]:
+        """Cores each kind of process uses with no churn (streams open, heartbeats, lease renewals)."""
+        cpu0 = self._cpu()
+        t0 = time.monotonic()
+        await asyncio.sleep(seconds)
+        elapsed = time.monotonic() - t0
+        cpu1 = self._cpu()
+        return {k: round((cpu1[k] - cpu0[k]) / elapsed, 4) for k in cpu0}
 
     async def close_probes(self) -> None:
         for probe in self.probes:
@@ -172,6 +182,7 @@ class Fanout:
         reply = (await self.writer.read(args.seconds * 4 + 60))["step"]
         churn_s = time.monotonic() - t0
         changes: list[list[Any]] = reply["changes"]
+        self.loaded = set(reply["loaded"])
         # Until every change reached every stream (the last ones first: cheap to check). Arrival
         # times were noted by the probes as updates came; this poll only decides when to stop.
         deadline = time.monotonic() + args.settle
@@ -184,6 +195,8 @@ class Fanout:
         busy1 = psutil.cpu_times()
         counters1 = await asyncio.to_thread(_etcd_counters, self.cluster.etcd.metrics_port)
 
+        # After settling, every stream should show exactly the copies etcd holds.
+        differ = [p.name for p in self.probes if p.loaded() != self.loaded]
         to_all, to_one, missing = [], [], 0
         for change in changes:
             arrivals = self._arrivals(change)
@@ -213,8 +226,12 @@ class Fanout:
                       "machine": round(busy / window_s, 3)},
             "etcd_us_per_event": round(cpu["etcd"] * 1e6 / per_event, 2),
             "router_us_per_event": round(cpu["routers"] * 1e6 / per_event, 2),
+            # the same above what they use idle (measured before the steps, for this many routers)
+            "etcd_us_per_event_net": round((cpu["etcd"] - self.idle_cores["etcd"] * window_s) * 1e6 / per_event, 2),
+            "router_us_per_event_net": round((cpu["routers"] - self.idle_cores["routers"] * window_s) * 1e6
+                                             / per_event, 2),
             "etcd_us_per_write": round(cpu["etcd"] * 1e6 / max(writes, 1), 2),
-            "to_all": _q(to_all), "to_one": _q(to_one), "missing": missing,
+            "to_all": _q(to_all), "to_one": _q(to_one), "missing": missing, "routes_differ": differ,
             "write_rtt": _q([ms / 1000 for ms in reply["write_ms"]]),
             "stream_errors": [f"{p.name}: {p.error}" for p in self.probes if p.error],
             "stream_resets": sum(p.resets for p in self.probes) - len(self.probes),
@@ -237,8 +254,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, routers: list[Server],
     async with asyncio.timeout(args.time_limit):
         ready = (await writer.read(120))["ready"]
         fan = Fanout(args, cluster, routers, writer)
-        fan.preloaded = set(ready["preloaded"])
-        steps = []
+        fan.loaded = set(ready["preloaded"])
+        steps: list[dict[str, Any]] = []
+        idle: list[dict[str, Any]] = []
         try:
             for n_index, count in enumerate(args.routers):
                 if n_index:
@@ -246,6 +264,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, routers: list[Server],
                     await fan.shrink(count)
                 else:
                     await fan.open_probes()
+                fan.idle_cores = await fan.idle(args.idle)
+                idle.append({"routers": count, "cores": fan.idle_cores})
+                log(f"  idle: {fan.idle_cores}")
                 for r_index, rate in enumerate(args.rates):
                     steps.append(await fan.step(rate, f"r{count}x{r_index}"))
         finally:
@@ -253,9 +274,9 @@ async def run(args: argparse.Namespace, cluster: Cluster, routers: list[Server],
     return {"machine": machine(),
             "settings": {"routers": args.routers, "rates": args.rates, "seconds": args.seconds,
                          "runtimes": args.runtimes, "preload": args.preload, "load_ms": args.load_ms,
-                         "routes_interval_s": args.routes_interval, "settle_s": args.settle},
+                         "routes_interval_s": args.routes_interval, "settle_s": args.settle, "idle_s": args.idle},
             "pids": {"routers": [r.pid for r in routers], "etcd": cluster.etcd.pid, "writer": writer.server.pid},
-            "steps": steps}
+            "idle": idle, "steps": steps}
 
 
 def problems(result: dict[str, Any]) -> list[str]:
@@ -264,6 +285,8 @@ def problems(result: dict[str, Any]) -> list[str]:
         where = f"{s['routers']} routers at {s['rate']:g}/s"
         if s["missing"]:
             out.append(f"{where}: {s['missing']} route changes did not reach every router")
+        if s["routes_differ"]:
+            out.append(f"{where}: routes differ from the registry's copies on {s['routes_differ']}")
         if s["stream_errors"]:
             out.append(f"{where}: route streams ended: {s['stream_errors']}")
     if result.get("survivors"):
@@ -275,23 +298,28 @@ def render(result: dict[str, Any]) -> str:
     rows, lat = [], []
     for s in result["steps"]:
         rows.append([s["routers"], f"{s['rate']:g}", s["churn_per_s"], s["writes_per_s"], s["delivered_per_s"],
-                     f"{s['delivered']:,} / {s['expected_delivered']:,}", s["etcd_us_per_event"],
-                     s["etcd_us_per_write"], s["router_us_per_event"], s["cores"]["etcd"], s["cores"]["routers"],
-                     s["cores"]["writer"], s["cores"]["machine"]])
+                     f"{s['delivered']:,} / {s['expected_delivered']:,}",
+                     f"{s['etcd_us_per_event']:.1f} ({s['etcd_us_per_event_net']:.1f})", s["etcd_us_per_write"],
+                     f"{s['router_us_per_event']:.1f} ({s['router_us_per_event_net']:.1f})",
+                     s["cores"]["etcd"], s["cores"]["routers"], s["cores"]["writer"], s["cores"]["machine"]])
         lat.append([s["routers"], f"{s['rate']:g}", s["route_changes"],
                     f"{s['to_all']['p50_ms']:.1f} / {s['to_all']['p99_ms']:.1f} / {s['to_all']['max_ms']:.1f}",
                     f"{s['to_one']['p50_ms']:.1f} / {s['to_one']['p99_ms']:.1f}",
                     f"{s['write_rtt']['p50_ms']:.2f} / {s['write_rtt']['p99_ms']:.2f}",
                     s["writer_max_lag_ms"], s["missing"], s["stream_resets"], int(s["slow_watchers"])])
     settings = result["settings"]
+    idle = "; ".join(f"{i['routers']} routers: etcd {i['cores']['etcd']:.3f}, routers {i['cores']['routers']:.3f}"
+                     for i in result["idle"])
     lines = [machine_line(result["machine"]), "",
              f"{settings['runtimes']} simulated runtimes, {settings['preload']:,} loaded copies, "
-             f"{settings['seconds']:g} s per step; churn event = a load (LOADING, then LOADED "
-             f"{settings['load_ms']:g} ms later) or an eviction; CPU per watch event etcd delivered, in µs:", "",
+             f"{settings['seconds']:g} s per step; a churn event is a load (LOADING, then LOADED "
+             f"{settings['load_ms']:g} ms later) or an eviction. CPU per watch event etcd delivered, in µs "
+             "(in brackets: above the idle use); cores over the step and its settling:", "",
              table(["routers", "churn/s asked", "churn/s", "writes/s", "events delivered/s",
                     "delivered / writes x routers", "etcd µs/event", "etcd µs/write", "router µs/event",
                     "etcd cores", "routers cores", "writer cores", "machine cores"], rows), "",
-             "Route change (a copy appearing or going) from the write sent to etcd to the route streams, ms:", "",
+             f"Idle, cores ({settings['idle_s']:g} s before the steps, streams open): {idle}.", "",
+             "A route change (a copy appearing or going), from the write sent to etcd to the route streams, ms:", "",
              table(["routers", "churn/s", "changes", "to every router p50 / p99 / max", "to one router p50 / p99",
                     "etcd write p50 / p99", "writer lag max ms", "missing", "stream resyncs", "etcd slow watchers"],
                    lat)]
@@ -301,7 +329,6 @@ def render(result: dict[str, Any]) -> str:
         lines += ["", f"Target: p99 to all of {TARGET_ROUTERS} routers under {TARGET_P99_MS:g} ms at {TARGET_RATE} "
                   f"churn events/s: {p99:.1f} ms, {'met' if p99 < TARGET_P99_MS else 'MISSED'}."]
     return "\n".join(lines)
-
 
 
 def _numbers(text: str, kind: type) -> list[Any]:
@@ -325,13 +352,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", type=lambda t: _numbers(t, float), default=[100.0, 500.0, 1000.0],
                         help="churn events per second, one step each (default 100,500,1000)")
     parser.add_argument("--seconds", type=float, default=15.0, help="churn per step, seconds (default 15)")
-    parser.add_argument("--runtimes", type=int, default=20, help="simulated runtime instances (default 20)")
+    parser.add_argument("--runtimes", type=int, default=100, help="simulated runtime instances (default 100)")
     parser.add_argument("--preload", type=int, default=2_000, help="copies loaded before the churn (default 2,000)")
     parser.add_argument("--load-ms", type=float, default=20.0, help="LOADING to LOADED per load, ms (default 20)")
     parser.add_argument("--routes-interval", type=float, default=None,
                         help="router.routes_interval_s on the routers (default: theirs, 0.05)")
     parser.add_argument("--settle", type=float, default=5.0,
                         help="after a step, how long changes may take to reach every router (default 5 s)")
+    parser.add_argument("--idle", type=float, default=3.0,
+                        help="seconds without churn, measured before the steps (default 3)")
     parser.add_argument("--time-limit", type=float, default=900.0, help="give up after this many seconds (default 900)")
     add_output_args(parser)
     args = parser.parse_args(argv)
