@@ -241,9 +241,12 @@ async def serve(args: argparse.Namespace) -> None:
         await churn.start(args.preload)
         _say({"ready": {"instances": [i.record.instance_id for i in churn.instances],
                         "preloaded": [m for m, _ in churn.loaded]}})
-        loop = asyncio.get_running_loop()
+        # stdin through the event loop, not a thread: a thread blocked in readline would hold up
+        # the exit on SIGTERM until the parent's SIGKILL.
+        stdin = asyncio.StreamReader(limit=2**20)
+        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
         while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
+            line = await stdin.readline()
             if not line:
                 return
             command = json.loads(line)

@@ -111,6 +111,20 @@ class Writer:
         message: dict[str, Any] = json.loads(line)
         return message
 
+    def stop(self) -> None:
+        """EOF on its stdin: it revokes its leases (its copies and instances leave the registry)
+        and exits; SIGTERM, then SIGKILL, if it does not within the grace period."""
+        proc = self.server.proc
+        if proc.stdin is not None and not proc.stdin.closed:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.server.stop()
+
     def send(self, command: dict[str, Any]) -> None:
         proc = self.server.proc
         assert proc.stdin is not None
@@ -387,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             routers = [cluster.start_router(f"router-{i}", extra_env=env) for i in range(args.routers[0])]
             log(f"starting the churn writer ({args.runtimes} runtimes, {args.preload:,} copies)...")
             writer = Writer(cluster, args)
-            result = uvloop.run(run(args, cluster, routers, writer))
+            try:
+                result = uvloop.run(run(args, cluster, routers, writer))
+            finally:
+                writer.stop()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
