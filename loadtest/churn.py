@@ -74,8 +74,9 @@ class Instance:
 
 
 class Churn:
-    def __init__(self, store: KVStore, keys: Keys, runtimes: int, load_ms: float) -> None:
+    def __init__(self, store: KVStore, keys: Keys, runtimes: int, load_ms: float, grouped: bool = False) -> None:
         self.store = store
+        self.grouped = grouped
         self.keys = keys
         self.runtimes = runtimes
         self.load_s = load_ms / 1000
@@ -122,11 +123,15 @@ class Churn:
                                size_bytes=MODEL_BYTES, loaded_ms=now_ms, last_used_ms=now_ms,
                                load_ms=self.load_s * 1000 if state == LOADED else 0.0)
 
+    @staticmethod
+    def _counted(instance: Instance) -> InstanceRecord:
+        """The instance record with its figures now (what ``Publisher.instance_record`` refreshes)."""
+        return replace(instance.record, model_count=len(instance.copies), loads=instance.loads,
+                       evictions=instance.evictions,
+                       devices=(DeviceUsage("ram", CAPACITY_BYTES, MODEL_BYTES * len(instance.copies)),))
+
     async def _put_instance(self, instance: Instance) -> None:
-        instance.record = replace(
-            instance.record, model_count=len(instance.copies), loads=instance.loads,
-            evictions=instance.evictions, devices=(DeviceUsage("ram", CAPACITY_BYTES,
-                                                               MODEL_BYTES * len(instance.copies)),))
+        instance.record = self._counted(instance)
         await self.store.put(self.keys.instance(instance.record.instance_id), instance.record.to_json(),
                              lease=instance.lease)
         self.writes["instance_put"] += 1
@@ -138,6 +143,9 @@ class Churn:
         while True:
             await instance.wake.wait()
             instance.wake.clear()
+            if self.grouped:
+                await self._flush_grouped(instance)
+                continue
             async with instance.lock:
                 wrote = False
                 for model, entry in list(instance.pending.items()):
@@ -161,6 +169,50 @@ class Churn:
                     wrote = True
                 if wrote:
                     await self._put_instance(instance)
+
+    async def _flush_grouped(self, instance: Instance) -> None:
+        """``--grouped``: what a publisher that wrote a flush as one etcd transaction would write
+        (every pending placement and then the instance record, one revision: one watch message per
+        router instead of one per key). Not what runtimes do today; measured to size that change."""
+        from aetcd import rpc  # only here: the mesh's own store has no leased transaction
+
+        async with instance.lock:
+            taken = list(instance.pending.items())
+            if not taken:
+                return
+            ops = []
+            for model, (placement, _) in taken:
+                key = self.keys.placement(model, instance.record.instance_id).encode()
+                if placement is None:
+                    ops.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)))
+                    self.writes["placement_delete"] += 1
+                else:
+                    ops.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=placement.to_json(),
+                                                                        lease=instance.lease.id)))
+                    self.writes["placement_put"] += 1
+            instance.record = self._counted(instance)
+            ops.append(rpc.RequestOp(request_put=rpc.PutRequest(
+                key=self.keys.instance(instance.record.instance_id).encode(), value=instance.record.to_json(),
+                lease=instance.lease.id)))
+            self.writes["instance_put"] += 1
+            request = rpc.TxnRequest(success=ops)
+
+            async def txn(c: Any) -> Any:
+                await c.connect()
+                return await c.kvstub.Txn(request, timeout=10, metadata=c.metadata)
+
+            sent = time.monotonic()
+            await self.store._call("grouped flush", txn, idempotent=False)  # type: ignore[attr-defined]
+            acked = time.monotonic()
+            self.write_s.append(acked - sent)
+            for model, entry in taken:
+                placement, due = entry
+                if placement is not None:
+                    self.loaded.append((model, instance.index))
+                self.changes.append([model, "evict" if placement is None else "load",
+                                     instance.record.instance_id, due, sent, acked])
+                if instance.pending.get(model) is entry:
+                    del instance.pending[model]
 
     async def _load(self, model: str, index: int, due: float) -> None:
         instance = self.instances[index]
@@ -236,7 +288,7 @@ def _say(message: dict[str, Any]) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     store, prefix = open_store(args.registry)
-    churn = Churn(store, Keys(prefix), args.runtimes, args.load_ms)
+    churn = Churn(store, Keys(prefix), args.runtimes, args.load_ms, args.grouped)
     try:
         await churn.start(args.preload)
         _say({"ready": {"instances": [i.record.instance_id for i in churn.instances],
@@ -261,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtimes", type=int, default=100, help="simulated runtime instances (default 100)")
     parser.add_argument("--preload", type=int, default=2_000, help="copies loaded before churn (default 2,000)")
     parser.add_argument("--load-ms", type=float, default=20.0, help="LOADING to LOADED, in ms (default 20)")
+    parser.add_argument("--grouped", action="store_true",
+                        help="write each flush as one transaction (not what runtimes do today; see _flush_grouped)")
     args = parser.parse_args(argv)
     if args.runtimes < 1 or args.preload < 1 or args.load_ms < 0:
         parser.error("--runtimes and --preload must be at least 1, --load-ms not negative")

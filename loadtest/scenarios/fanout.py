@@ -96,7 +96,8 @@ class Writer:
         with open(log_path, "ab") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "loadtest.churn", "--registry", cluster.registry_url,
-                 "--runtimes", str(args.runtimes), "--preload", str(args.preload), "--load-ms", str(args.load_ms)],
+                 "--runtimes", str(args.runtimes), "--preload", str(args.preload), "--load-ms", str(args.load_ms),
+                 *(["--grouped"] if args.grouped else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
                 preexec_fn=die_with_parent())
         self.server = Server("churn", proc, log_path)
@@ -245,6 +246,9 @@ class Fanout:
             "router_us_per_event_net": round((cpu["routers"] - self.idle_cores["routers"] * window_s) * 1e6
                                              / per_event, 2),
             "etcd_us_per_write": round(cpu["etcd"] * 1e6 / max(writes, 1), 2),
+            # per route change (a churn event): etcd's, and one router's (the routers' together / N)
+            "etcd_us_per_churn": round(cpu["etcd"] * 1e6 / max(len(changes), 1), 1),
+            "router_us_per_churn": round(cpu["routers"] * 1e6 / max(len(changes), 1) / len(self.routers), 1),
             "to_all": _q(to_all), "to_one": _q(to_one), "missing": missing, "routes_differ": differ,
             "write_rtt": _q([ms / 1000 for ms in reply["write_ms"]]),
             "stream_errors": [f"{p.name}: {p.error}" for p in self.probes if p.error],
@@ -288,6 +292,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, routers: list[Server],
     return {"machine": machine(),
             "settings": {"routers": args.routers, "rates": args.rates, "seconds": args.seconds,
                          "runtimes": args.runtimes, "preload": args.preload, "load_ms": args.load_ms,
+                         "grouped": args.grouped,
                          "routes_interval_s": args.routes_interval, "settle_s": args.settle, "idle_s": args.idle},
             "pids": {"routers": [r.pid for r in routers], "etcd": cluster.etcd.pid, "writer": writer.server.pid},
             "idle": idle, "steps": steps}
@@ -373,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="router.routes_interval_s on the routers (default: theirs, 0.05)")
     parser.add_argument("--settle", type=float, default=5.0,
                         help="after a step, how long changes may take to reach every router (default 5 s)")
+    parser.add_argument("--grouped", action="store_true",
+                        help="the writer writes each runtime flush as one etcd transaction (a proposed "
+                             "publisher change; runtimes today write one key per request)")
     parser.add_argument("--idle", type=float, default=3.0,
                         help="seconds without churn, measured before the steps (default 3)")
     parser.add_argument("--time-limit", type=float, default=900.0, help="give up after this many seconds (default 900)")
