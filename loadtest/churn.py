@@ -23,7 +23,8 @@ instances:
 Every write is one etcd request, as a runtime's. A churn event is a load or an eviction; events
 alternate (load, evict, load, ...) so the number of loaded copies stays at ``--preload``. Loads
 go round robin over the instances, each to a model ID never used before; evictions take the
-oldest loaded copy. So each model's route changes at most twice (appears, then goes), seconds
+oldest copy whose ``LOADED`` placement etcd holds (one due while there is none, the writer running
+behind, is made when the next copy is published). So each model's route changes at most twice (appears, then goes), seconds
 apart, and a route stream's updates can be matched to the write that caused them without doubt.
 
 Protocol. On start: the instances and ``P`` loaded copies are written, then one line
@@ -84,6 +85,9 @@ class Churn:
         # Copies whose LOADED placement etcd holds, oldest first: (model, instance index). Only these
         # are evicted, so an eviction never overtakes its own load when the writer runs behind.
         self.loaded: deque[tuple[str, int]] = deque()
+        # Evictions due while no copy was published yet (the writer behind): made as copies publish,
+        # so that loads and evictions stay one for one and the number of copies stays put.
+        self.owed: deque[float] = deque()
         self.changes: list[Change] = []
         self.writes = {"placement_put": 0, "placement_delete": 0, "instance_put": 0}
         self.write_s: list[float] = []  # round trips of route-changing writes
@@ -161,6 +165,8 @@ class Churn:
                     acked = time.monotonic()
                     if placement is not None:
                         self.loaded.append((model, instance.index))
+                        if self.owed:
+                            self._evict(self.owed.popleft())
                     self.write_s.append(acked - sent)
                     self.changes.append([model, "evict" if placement is None else "load",
                                          instance.record.instance_id, due, sent, acked])
@@ -209,6 +215,8 @@ class Churn:
                 placement, due = entry
                 if placement is not None:
                     self.loaded.append((model, instance.index))
+                    if self.owed:
+                        self._evict(self.owed.popleft())
                 self.changes.append([model, "evict" if placement is None else "load",
                                      instance.record.instance_id, due, sent, acked])
                 if instance.pending.get(model) is entry:
@@ -227,6 +235,9 @@ class Churn:
         instance.wake.set()
 
     def _evict(self, due: float) -> None:
+        if not self.loaded:
+            self.owed.append(due)
+            return
         model, index = self.loaded.popleft()
         instance = self.instances[index]
         instance.copies.discard(model)
@@ -252,7 +263,7 @@ class Churn:
             max_lag = max(max_lag, now - due)
             while k < total and start + k / rate <= now:  # catch up on everything due
                 due = start + k / rate
-                if k % 2 == 0 or not self.loaded:
+                if k % 2 == 0:
                     model = f"{tag}-{k:07d}"
                     index = next_instance
                     next_instance = (next_instance + 1) % self.runtimes
@@ -264,7 +275,8 @@ class Churn:
                 k += 1
         scheduled_s = time.monotonic() - start
         # Until every write of the step has returned (once per step: a poll costs nothing here).
-        while self._loads or any(inst.pending or inst.lock.locked() for inst in self.instances):  # noqa: ASYNC110
+        while self._loads or self.owed or any(inst.pending or inst.lock.locked()  # noqa: ASYNC110
+                                              for inst in self.instances):
             await asyncio.sleep(0.01)
         return {"events": total, "scheduled_s": round(scheduled_s, 3), "max_lag_ms": round(max_lag * 1000, 1),
                 "writes": self.writes, "changes": self.changes, "loaded": [m for m, _ in self.loaded],
