@@ -24,8 +24,9 @@ Every write is one etcd request, as a runtime's. A churn event is a load or an e
 alternate (load, evict, load, ...) so the number of loaded copies stays at ``--preload``. Loads
 go round robin over the instances, each to a model ID never used before; evictions take the
 oldest copy whose ``LOADED`` placement etcd holds (one due while there is none, the writer running
-behind, is made when the next copy is published). So each model's route changes at most twice (appears, then goes), seconds
-apart, and a route stream's updates can be matched to the write that caused them without doubt.
+behind, is made when the next copy is published). So each model's route changes at most twice
+(appears, then goes), seconds apart, and a route stream's updates can be matched to the write that
+caused them without doubt.
 
 Protocol. On start: the instances and ``P`` loaded copies are written, then one line
 ``{"ready": {...}}``. Then for each line ``{"rate": E, "seconds": D, "tag": T}`` read: ``E x D``

@@ -1,7 +1,8 @@
 """Fan-out: many routers watching one etcd while placements churn (issue 22, part 3).
 
 ``python -m loadtest.scenarios.fanout [--routers 8[,N...]] [--rates 100,500,1000] [--seconds S]
-[--runtimes R] [--preload P] [--load-ms L] [--routes-interval S] [--json] [--out FILE]``
+[--runtimes R] [--preload P] [--load-ms L] [--routes-interval S] [--proxy] [--grouped] [--idle S]
+[--settle S] [--json] [--out FILE]``
 
 Method. One private etcd and ``--routers`` router processes (8), started as ``mesh up`` starts them
 (``loadtest.cluster``). Placement churn comes from ``loadtest.churn``, a process of its own that
@@ -19,16 +20,19 @@ every stream must show exactly the preloaded copies. Per step:
 * *delivered*: the watch events etcd sent (``etcd_debugging_mvcc_events_total``; every router
   watches all of ``placements/`` and ``instances/``, so it should be the writes times the routers,
   shown beside it), per second of the step;
-* *CPU per delivered event* of etcd and of the routers (together), from their CPU times
-  (``psutil``) over the step and its settling, in microseconds; etcd's per write too;
+* *CPU per event*: etcd's per event it delivered and per write, the routers' (together) per event
+  they received, from their CPU times (``psutil``) over the step and its settling, in
+  microseconds; and per churn event (etcd's, one router's);
 * *time to every router*: for each route change, the last router's stream arrival minus the time
   the writer sent the write to etcd (so it includes etcd's commit), p50 / p99 / max; the same for
   one router (every router's arrivals pooled); and the writes' own round trip. A change not seen
   by every router within ``--settle`` seconds after the step is *missing* (the run fails).
 
-``--routers 8,1`` runs the rates with 8 routers, then stops all but one and runs them again: two
-router counts separate etcd's cost per write from its cost per delivered event (BENCHMARKS.md
-section 21 fits them).
+``--proxy`` puts etcd's gRPC proxy (``etcd grpc-proxy start``) between the routers and etcd: it
+coalesces their identical watches into one (etcd then delivers each event once), at the cost of
+the proxy's own CPU (shown). ``--routers 8,1`` runs the rates with 8 routers, then stops all but
+one and runs them again: two router counts separate etcd's cost per write from its cost per
+delivered event (BENCHMARKS.md, section 21).
 
 Caveats. Everything shares the machine's cores (two here): etcd, the routers, the writer and this
 process. What other processes used is reported; a busy machine shows in the latencies first. The
@@ -42,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -56,6 +61,7 @@ from loadtest.report import ForeignLoad, add_output_args, emit, error_line, mach
 from loadtest.route_probe import RouteProbe
 from loadtest.scenarios.router_memory import log
 from mesh.procs import die_with_parent
+from mesh.registry.etcd_server import _free_ports, find_etcd_binary
 
 SUITE_ARGS: list[str] = ["--routers", "8", "--rates", "500", "--seconds", "10"]
 SUITE_SECONDS: int = 60
@@ -133,6 +139,31 @@ class Writer:
         proc.stdin.flush()
 
 
+def start_grpc_proxy(cluster: Cluster) -> str:
+    """``--proxy``: etcd's gRPC proxy (``etcd grpc-proxy start``, the same binary) in front of the
+    cluster's etcd; returns its address. It coalesces watches of one key range from many clients
+    into one watch on etcd (etcd's op-guide, "gRPC proxy"): the routers then cost etcd one watcher."""
+    port = _free_ports(1)[0]
+    log_path = cluster.workdir / "grpc-proxy.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [str(find_etcd_binary()), "grpc-proxy", "start", "--endpoints", cluster.etcd.endpoint,
+             "--listen-addr", f"127.0.0.1:{port}"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent())
+    server = Server("grpc-proxy", proc, log_path, endpoint=f"127.0.0.1:{port}")
+    cluster.servers.append(server)  # stopped with the others, before etcd
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server.endpoint
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ScenarioError(f"etcd's grpc-proxy did not start: {server.log_tail(3)}") from None
+            time.sleep(0.05)  # polling a child's port: there is no event to wait on
+
+
 def _q(values_s: list[float]) -> dict[str, float]:
     return {"p50_ms": round(percentile_ms(values_s, 50), 2), "p99_ms": round(percentile_ms(values_s, 99), 2),
             "max_ms": round(max(values_s) * 1000, 2) if values_s else float("nan")}
@@ -179,8 +210,12 @@ class Fanout:
         self.probes = []
 
     def _cpu(self) -> dict[str, float]:
-        return {"etcd": _cpu(self.etcd), "routers": sum(r.cpu_seconds() for r in self.routers),
-                "writer": self.writer.server.cpu_seconds(), "probe": _cpu(psutil.Process())}
+        cpu = {"etcd": _cpu(self.etcd), "routers": sum(r.cpu_seconds() for r in self.routers),
+               "writer": self.writer.server.cpu_seconds(), "probe": _cpu(psutil.Process())}
+        proxy = next((s for s in self.cluster.servers if s.name == "grpc-proxy"), None)
+        if proxy is not None:
+            cpu["grpc_proxy"] = proxy.cpu_seconds()
+        return cpu
 
     def _arrivals(self, change: list[Any]) -> list[float | None]:
         model, kind = change[0], change[1]
@@ -227,24 +262,25 @@ class Fanout:
         cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
         busy = sum(getattr(busy1, f) - getattr(busy0, f) for f in ("user", "nice", "system", "irq", "softirq"))
         per_event = max(delivered, 1)
+        received = writes * len(self.routers)  # what the routers' watches brought: every write, each
         result = {
             "routers": len(self.routers), "rate": rate, "tag": tag,
             "events": reply["events"], "route_changes": len(changes),
             "churn_per_s": round(reply["events"] / churn_s, 1), "seconds": round(churn_s, 2),
             "window_s": round(window_s, 2), "writer_max_lag_ms": reply["max_lag_ms"],
             "writes": reply["writes"], "writes_per_s": round(writes / churn_s, 1),
-            "delivered": int(delivered), "expected_delivered": writes * len(self.routers),
+            "delivered": int(delivered), "expected_delivered": received,
             "delivered_per_s": round(delivered / churn_s, 1),
             "slow_watchers": counters1[ETCD_COUNTERS[1]],
             "cpu_s": {k: round(v, 3) for k, v in cpu.items()},
             "cores": {**{k: round(v / window_s, 3) for k, v in cpu.items()},
                       "machine": round(busy / window_s, 3)},
             "etcd_us_per_event": round(cpu["etcd"] * 1e6 / per_event, 2),
-            "router_us_per_event": round(cpu["routers"] * 1e6 / per_event, 2),
+            "router_us_per_event": round(cpu["routers"] * 1e6 / max(received, 1), 2),
             # the same above what they use idle (measured before the steps, for this many routers)
             "etcd_us_per_event_net": round((cpu["etcd"] - self.idle_cores["etcd"] * window_s) * 1e6 / per_event, 2),
             "router_us_per_event_net": round((cpu["routers"] - self.idle_cores["routers"] * window_s) * 1e6
-                                             / per_event, 2),
+                                             / max(received, 1), 2),
             "etcd_us_per_write": round(cpu["etcd"] * 1e6 / max(writes, 1), 2),
             # per route change (a churn event): etcd's, and one router's (the routers' together / N)
             "etcd_us_per_churn": round(cpu["etcd"] * 1e6 / max(len(changes), 1), 1),
@@ -292,7 +328,7 @@ async def run(args: argparse.Namespace, cluster: Cluster, routers: list[Server],
     return {"machine": machine(),
             "settings": {"routers": args.routers, "rates": args.rates, "seconds": args.seconds,
                          "runtimes": args.runtimes, "preload": args.preload, "load_ms": args.load_ms,
-                         "grouped": args.grouped,
+                         "grouped": args.grouped, "proxy": args.proxy,
                          "routes_interval_s": args.routes_interval, "settle_s": args.settle, "idle_s": args.idle},
             "pids": {"routers": [r.pid for r in routers], "etcd": cluster.etcd.pid, "writer": writer.server.pid},
             "idle": idle, "steps": steps}
@@ -320,7 +356,8 @@ def render(result: dict[str, Any]) -> str:
                      f"{s['delivered']:,} / {s['expected_delivered']:,}",
                      f"{s['etcd_us_per_event']:.1f} ({s['etcd_us_per_event_net']:.1f})", s["etcd_us_per_write"],
                      f"{s['router_us_per_event']:.1f} ({s['router_us_per_event_net']:.1f})",
-                     s["cores"]["etcd"], s["cores"]["routers"], s["cores"]["writer"], s["cores"]["machine"]])
+                     s["cores"]["etcd"], s["cores"]["routers"], s["cores"].get("grpc_proxy", "-"),
+                     s["cores"]["writer"], s["cores"]["machine"]])
         lat.append([s["routers"], f"{s['rate']:g}", s["route_changes"],
                     f"{s['to_all']['p50_ms']:.1f} / {s['to_all']['p99_ms']:.1f} / {s['to_all']['max_ms']:.1f}",
                     f"{s['to_one']['p50_ms']:.1f} / {s['to_one']['p99_ms']:.1f}",
@@ -332,11 +369,13 @@ def render(result: dict[str, Any]) -> str:
     lines = [machine_line(result["machine"]), "",
              f"{settings['runtimes']} simulated runtimes, {settings['preload']:,} loaded copies, "
              f"{settings['seconds']:g} s per step; a churn event is a load (LOADING, then LOADED "
-             f"{settings['load_ms']:g} ms later) or an eviction. CPU per watch event etcd delivered, in µs "
-             "(in brackets: above the idle use); cores over the step and its settling:", "",
+             f"{settings['load_ms']:g} ms later) or an eviction. CPU in µs per watch event etcd delivered (etcd) "
+             "and per event the routers received (routers; in brackets: above the idle use); cores over the "
+             "step and its settling" + (", etcd's grpc-proxy's among the machine's" if settings["proxy"] else "")
+             + ":", "",
              table(["routers", "churn/s asked", "churn/s", "writes/s", "events delivered/s",
                     "delivered / writes x routers", "etcd µs/event", "etcd µs/write", "router µs/event",
-                    "etcd cores", "routers cores", "writer cores", "machine cores"], rows), "",
+                    "etcd cores", "routers cores", "grpc-proxy cores", "writer cores", "machine cores"], rows), "",
              f"Idle, cores ({settings['idle_s']:g} s before the steps, streams open): {idle}.", "",
              "A route change (a copy appearing or going), from the write sent to etcd to the route streams, ms:", "",
              table(["routers", "churn/s", "changes", "to every router p50 / p99 / max", "to one router p50 / p99",
@@ -381,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grouped", action="store_true",
                         help="the writer writes each runtime flush as one etcd transaction (a proposed "
                              "publisher change; runtimes today write one key per request)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="routers reach etcd through etcd's gRPC proxy (it coalesces their watches); "
+                             "the writer writes to etcd directly")
     parser.add_argument("--idle", type=float, default=3.0,
                         help="seconds without churn, measured before the steps (default 3)")
     parser.add_argument("--time-limit", type=float, default=900.0, help="give up after this many seconds (default 900)")
@@ -405,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         cluster = Cluster()
         with cluster:
             env = {} if args.routes_interval is None else {"MESH_ROUTER_ROUTES_INTERVAL_S": str(args.routes_interval)}
+            if args.proxy:
+                env["MESH_REGISTRY_URL"] = f"etcd://{start_grpc_proxy(cluster)}"
+                log(f"routers watch through etcd's grpc-proxy at {env['MESH_REGISTRY_URL']}")
             log(f"starting {args.routers[0]} routers...")
             routers = [cluster.start_router(f"router-{i}", extra_env=env) for i in range(args.routers[0])]
             log(f"starting the churn writer ({args.runtimes} runtimes, {args.preload:,} copies)...")
