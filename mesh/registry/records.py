@@ -13,7 +13,6 @@ must cost the one model or instance it describes, never a process (the watches s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -74,14 +73,20 @@ def _field_value(cls: type, name: str, declared: str, value: Any) -> Any:
 _EXACT = {"str": str, "bool": bool, "int": int, "float": float}
 
 
-@functools.cache
+_FIELD_TYPES: dict[type, dict[str, tuple[str, type | None]]] = {}
+
+
 def _field_types(cls: type) -> dict[str, tuple[str, type | None]]:
     """Each field's declared type, as the text ``_field_value`` dispatches on, and the Python type
     a JSON value of it has when it needs neither checking nor conversion; once per class.
     Routers decode every placement and instance record their watches bring (thousands a second
     under churn: BENCHMARKS.md section 21): listing the dataclass's fields per record, then
     walking the type chain for each field, took two thirds of an instance record's decoding."""
-    return {f.name: (str(f.type), _EXACT.get(str(f.type))) for f in dataclasses.fields(cls)}
+    types = _FIELD_TYPES.get(cls)
+    if types is None:
+        fields = dataclasses.fields(cls)
+        types = _FIELD_TYPES[cls] = {f.name: (str(f.type), _EXACT.get(str(f.type))) for f in fields}
+    return types
 
 
 def _decode_fields(cls: type[T], data: Any) -> T:
