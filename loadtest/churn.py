@@ -1,6 +1,7 @@
 """A synthetic placement writer: the records runtimes publish when copies load and go, at a set rate.
 
-``python -m loadtest.churn --registry etcd://HOST:PORT [--runtimes R] [--preload P] [--load-ms L]``
+``python -m loadtest.churn --registry etcd://HOST:PORT [--runtimes R] [--preload P] [--load-ms L]
+[--grouped]``
 (started by ``loadtest.scenarios.fanout``; it speaks JSON lines on stdin and stdout).
 
 Why synthetic. Loading and evicting 500 real copies a second needs runtimes that load that fast and
@@ -20,7 +21,10 @@ instances:
   one write per model and one instance write. One lock per instance serialises its writes
   (``RegistrySession``).
 
-Every write is one etcd request, as a runtime's. A churn event is a load or an eviction; events
+Every write is one etcd request, as a runtime's (``--grouped``: a flush as one transaction, a
+publisher change measured in BENCHMARKS.md section 21, not what runtimes do). Not simulated: the
+refresh a runtime serving traffic makes of its instance record every ``publish_interval_s``; no
+inference is sent here, and a real idle runtime makes none either. A churn event is a load or an eviction; events
 alternate (load, evict, load, ...) so the number of loaded copies stays at ``--preload``. Loads
 go round robin over the instances, each to a model ID never used before; evictions take the
 oldest copy whose ``LOADED`` placement etcd holds (one due while there is none, the writer running
