@@ -49,6 +49,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from typing import Any
@@ -61,7 +62,7 @@ from loadtest.report import ForeignLoad, add_output_args, emit, error_line, mach
 from loadtest.route_probe import RouteProbe
 from loadtest.scenarios.router_memory import log
 from mesh.procs import die_with_parent
-from mesh.registry.etcd_server import _free_ports, find_etcd_binary
+from mesh.registry.etcd_server import find_etcd_binary
 
 SUITE_ARGS: list[str] = ["--routers", "8", "--rates", "500", "--seconds", "10"]
 SUITE_SECONDS: int = 60
@@ -107,16 +108,34 @@ class Writer:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
                 preexec_fn=die_with_parent())
         self.server = Server("churn", proc, log_path)
+        self._lines: asyncio.Queue[bytes] | None = None
         cluster.servers.append(self.server)  # stopped (SIGTERM, then SIGKILL) with the others, before etcd
 
     async def read(self, timeout_s: float) -> dict[str, Any]:
-        proc = self.server.proc
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout_s)
+        if self._lines is None:
+            # A daemon thread reads the pipe: a read cut off by the timeout must not leave a thread
+            # of the event loop's executor blocked (the loop waits for those when it closes).
+            self._lines = asyncio.Queue()
+            threading.Thread(target=self._pump, args=(asyncio.get_running_loop(), self._lines),
+                             daemon=True, name="churn-stdout").start()
+        line = await asyncio.wait_for(self._lines.get(), timeout_s)
         if not line:
+            proc = self.server.proc
             raise ScenarioError(f"the churn writer exited (code {proc.poll()}): {self.server.log_tail(5)}")
         message: dict[str, Any] = json.loads(line)
         return message
+
+    def _pump(self, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[bytes]) -> None:
+        stdout = self.server.proc.stdout
+        assert stdout is not None
+        while True:
+            line = stdout.readline()  # b"" at EOF: passed on too (the writer has exited)
+            try:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            except RuntimeError:  # the loop is closed: nobody reads any more
+                return
+            if not line:
+                return
 
     def stop(self) -> None:
         """EOF on its stdin: it revokes its leases (its copies and instances leave the registry)
@@ -143,7 +162,9 @@ def start_grpc_proxy(cluster: Cluster) -> str:
     """``--proxy``: etcd's gRPC proxy (``etcd grpc-proxy start``, the same binary) in front of the
     cluster's etcd; returns its address. It coalesces watches of one key range from many clients
     into one watch on etcd (etcd's op-guide, "gRPC proxy"): the routers then cost etcd one watcher."""
-    port = _free_ports(1)[0]
+    with socket.socket() as probe:  # a port free a moment ago (the proxy fails at once if it was taken)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     log_path = cluster.workdir / "grpc-proxy.log"
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
