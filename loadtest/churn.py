@@ -22,7 +22,7 @@ instances:
   (``RegistrySession``).
 
 Every write is one etcd request, as a runtime's (``--grouped``: a flush as one transaction, a
-publisher change measured in BENCHMARKS.md section 21, not what runtimes do). Not simulated: the
+publisher change measured in BENCHMARKS.md section 23, not what runtimes do). Not simulated: the
 refresh a runtime serving traffic makes of its instance record every ``publish_interval_s``; no
 inference is sent here, and a real idle runtime makes none either. A churn event is a load or an eviction; events
 alternate (load, evict, load, ...) so the number of loaded copies stays at ``--preload``. Loads

@@ -5,6 +5,12 @@ Every component is started the way ``mesh up`` starts it (``python -m mesh serve
 own process and session, with its output in a log file under a temporary work directory. The
 benchmark (the load generator) is the parent process and never runs inside a server.
 
+Hosts: given a ``loadtest.netns.Host`` (``Cluster(etcd_host=...)``, ``start_router(host=...)``,
+``start_runtime(host=...)``, ``start_echo(host=...)``), a process runs inside that host's network
+namespace (``ip netns exec``, which execs: the PID is still the server's) and binds the host's
+address, gRPC and metrics ports alike, so that routers, runtimes and etcd talk over the hosts'
+delayed links and this process reaches them over the bridge.
+
 Stopping: :meth:`Cluster.close` stops what it started, by PID, in the order ``mesh up`` uses
 (router, then runtimes and other servers, then etcd): SIGTERM, then SIGKILL after a grace period,
 always reaped. Use the cluster as a context manager so that this happens on any exit; if the
@@ -29,6 +35,7 @@ from typing import Any
 
 import psutil
 
+from loadtest.netns import Host
 from mesh.embedded.up import terminate
 from mesh.registry.etcd_server import EtcdProcess
 
@@ -86,9 +93,13 @@ class Server:
 class Cluster:
     """A work directory, a private etcd, and the servers started in it."""
 
-    def __init__(self, *, log_level: str = "info") -> None:
+    def __init__(self, *, log_level: str = "info", etcd_host: Host | None = None,
+                 etcd_quota_bytes: int = 0) -> None:
+        """``etcd_quota_bytes``: the etcd's ``--quota-backend-bytes`` (0: etcd's default, 2 GiB)."""
         self.workdir = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
-        self.etcd = EtcdProcess(self.workdir / "etcd")
+        self.etcd = (EtcdProcess(self.workdir / "etcd", quota_bytes=etcd_quota_bytes) if etcd_host is None else
+                     EtcdProcess(self.workdir / "etcd", host=etcd_host.address, netns=etcd_host.netns,
+                                 quota_bytes=etcd_quota_bytes))
         self.servers: list[Server] = []
         self._env = dict(os.environ)
         self._env.update({"MESH_PARENT_PID": str(os.getpid()), "MESH_LOG_FORMAT": "json",
@@ -108,9 +119,11 @@ class Cluster:
         self.close()
 
     # --- starting -----------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Server:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], host: Host | None = None) -> Server:
         ready = self.workdir / f"{name}.ready"
         log_path = self.workdir / f"{name}.log"
+        if host is not None:
+            argv = host.argv(argv)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen([*argv, "--ready-file", str(ready)], env=env, stdout=log,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -129,20 +142,23 @@ class Cluster:
         return server
 
     def start_runtime(self, name: str = "runtime-0", *, capacity_bytes: int = 512 * 2**20,
-                      extra_env: dict[str, str] | None = None) -> Server:
+                      extra_env: dict[str, str] | None = None, host: Host | None = None) -> Server:
         env = {**self._env, "MESH_RUNTIME_PORT": "0", "MESH_RUNTIME_METRICS_PORT": "0",
                "MESH_RUNTIME_CAPACITY_BYTES": str(capacity_bytes),
                "MESH_RUNTIME_INSTANCE_ID": f"{name}-{os.getpid()}",
-               "MESH_RUNTIME_STATE_DIR": str(self.workdir / f"{name}.state"), **(extra_env or {})}
-        return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "runtime"], env)
+               "MESH_RUNTIME_STATE_DIR": str(self.workdir / f"{name}.state"),
+               **_bind(host, "RUNTIME"), **(extra_env or {})}
+        return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "runtime"], env, host)
 
-    def start_router(self, name: str = "router", *, extra_env: dict[str, str] | None = None) -> Server:
+    def start_router(self, name: str = "router", *, extra_env: dict[str, str] | None = None,
+                     host: Host | None = None) -> Server:
         env = {**self._env, "MESH_ROUTER_PORT": "0", "MESH_ROUTER_METRICS_PORT": "0",
-               "MESH_ROUTER_REST_PORT": "-1", **(extra_env or {})}
-        return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "router"], env)
+               "MESH_ROUTER_REST_PORT": "-1", **_bind(host, "ROUTER"), **(extra_env or {})}
+        return self._spawn(name, [sys.executable, "-m", "mesh", "serve", "router"], env, host)
 
-    def start_echo(self, name: str = "echo") -> Server:
-        return self._spawn(name, [sys.executable, "-m", "loadtest.echo_server"], dict(self._env))
+    def start_echo(self, name: str = "echo", *, host: Host | None = None) -> Server:
+        where = ["--host", host.address] if host is not None else []
+        return self._spawn(name, [sys.executable, "-m", "loadtest.echo_server", *where], dict(self._env), host)
 
     def start_naive_proxy(self, backend: str, name: str = "naive-proxy") -> Server:
         return self._spawn(name, [sys.executable, "-m", "loadtest.naive_proxy", "--backend", backend],
@@ -162,6 +178,13 @@ class Cluster:
                 s.stop()
         self.etcd.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _bind(host: Host | None, group: str) -> dict[str, str]:
+    """A component's bind addresses on ``host`` (gRPC, REST and metrics alike), none without one."""
+    if host is None:
+        return {}
+    return {f"MESH_{group}_HOST": host.address, f"MESH_{group}_METRICS_HOST": host.address}
 
 
 def prepare_benchmark_process() -> None:

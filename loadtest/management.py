@@ -43,6 +43,48 @@ async def register_many(stub: mm_grpc.ModelMeshStub, items: Iterable[tuple[str, 
     return done, errors
 
 
+async def register_bulk(stub: mm_grpc.ModelMeshStub, items: Iterable[tuple[str, str]], *, batch: int,
+                        in_flight: int, model_type: str = "sklearn") -> tuple[int, dict[str, int]]:
+    """Register (model_id, path) pairs through ``registerModels``, ``batch`` items a call and at
+    most ``in_flight`` calls outstanding; returns (registered, errors by status code: a whole call's
+    gRPC code, or an item's code)."""
+    iterator = iter(items)
+    lock = asyncio.Lock()
+    done = 0
+    errors: dict[str, int] = {}
+
+    def take() -> list[tuple[str, str]]:
+        out = []
+        for pair in iterator:
+            out.append(pair)
+            if len(out) == batch:
+                break
+        return out
+
+    async def worker() -> None:
+        nonlocal done
+        while True:
+            async with lock:  # one generator, several workers
+                chunk = take()
+            if not chunk:
+                return
+            request = mm.RegisterModelsRequest(items=[
+                mm.RegisterModelsItem(modelId=m, modelInfo=mm.ModelInfo(type=model_type, path=p)) for m, p in chunk])
+            try:
+                response = await stub.registerModels(request, timeout=120)
+            except grpc.aio.AioRpcError as err:
+                errors[err.code().name] = errors.get(err.code().name, 0) + len(chunk)
+                continue
+            for r in response.results:
+                if r.code == "OK":
+                    done += 1
+                else:
+                    errors[r.code] = errors.get(r.code, 0) + 1
+
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return done, errors
+
+
 async def wait_loaded(stub: mm_grpc.ModelMeshStub, model_id: str, timeout_s: float = 30.0) -> None:
     """Until the router's view shows a loaded copy of the model."""
     deadline = time.monotonic() + timeout_s

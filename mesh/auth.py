@@ -62,7 +62,8 @@ import structlog
 
 from mesh.errors import InvalidArgument, MeshError, PermissionDenied, Unauthenticated
 from mesh.logging import LogLimit
-from mesh.paths import as_directory, shown, under_prefix
+from mesh.paths import as_directory, confine, shown, under_prefix
+from mesh.storage.location import locate
 
 log = structlog.get_logger("mesh.transport.auth")
 
@@ -71,8 +72,8 @@ READ, WRITE = "read", "write"
 READ_METHODS = frozenset({"getModelStatus", "getVModelStatus", "listModels",
                           "getGraphStatus", "listGraphs",  # mmesh.ModelMeshGraphs (inference graphs)
                           "getFleetStatus", "getModelCopies"})  # mmesh.ModelMeshStatus (fleet status)
-WRITE_METHODS = frozenset({"registerModel", "unregisterModel", "ensureLoaded", "setVModel", "deleteVModel",
-                           "setVModelSplit", "promoteVModel", "setGraph", "deleteGraph"})
+WRITE_METHODS = frozenset({"registerModel", "registerModels", "unregisterModel", "ensureLoaded", "setVModel",
+                           "deleteVModel", "setVModelSplit", "promoteVModel", "setGraph", "deleteGraph"})
 INVALID_TOKEN = "missing or invalid bearer token"
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -186,6 +187,19 @@ class Principal:
         if not self.allows(model_id):
             raise PermissionDenied(f"token {self.name!r} may not access {what} {model_id!r}: outside its "
                                    f"model-ID prefixes ({', '.join(self.prefixes)})")
+
+    def check_source(self, path: str, key: str, roots: tuple[str, ...]) -> None:
+        """A registration's ``modelInfo.path`` and ``key``: its storage key (object storage), else
+        its file under the token's paths (made absolute under the model roots). INVALID_ARGUMENT
+        for a malformed location. The interceptor checks ``registerModel`` with this, and the bulk
+        registration (``registerModels``) each of its items."""
+        if not path or not self.restricted:
+            return
+        location = locate(path, key)
+        if location is not None:
+            self.check_storage(location.key_name, location.type_hint, location.params.get("name", ""))
+        elif self.paths:
+            self.check_path(confine(path, roots))
 
     def check_list_prefix(self, prefix: str) -> None:
         """listModels: the requested prefix must lie inside one of the token's prefixes."""

@@ -94,6 +94,17 @@ class ResourceExhausted(MeshError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class RegistryFull(ResourceExhausted):
+    """The registry refuses writes for want of space (etcd's NOSPACE alarm: its database reached
+    ``--quota-backend-bytes``). Reads, watches, deletes and lease keep-alives still work, so
+    inference on loaded and registered models goes on; registrations and every other write fail
+    with this until an operator compacts, defragments and disarms the alarm (docs/operations.md).
+    Its message begins with ``CAUSE``, by which a client (the controller) tells it from the other
+    RESOURCE_EXHAUSTED answers: it is retried, not reported as the model's failure."""
+
+    CAUSE = "etcd database space exceeded"
+
+
 class Unavailable(MeshError):
     code = Code.UNAVAILABLE
 

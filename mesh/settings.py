@@ -404,6 +404,9 @@ class ControllerSettings:
                          "KUBERNETES_SERVICE_HOST is set, else ~/.kube/config (or KUBECONFIG).")
     api_server: str = _f("", "Plain http(s) URL of a Kubernetes API server used without "
                          "authentication (tests and local development); overrides kubeconfig.")
+    workers: int = _f(16, "Objects of each kind (Predictors, InferenceServices) reconciled at once. Their "
+                      "registrations issued within a few ms go to the router in one registerModels call "
+                      "(up to 1,000), so a re-apply of many objects costs the router few calls.")
     resync_s: float = _f(30.0, "How often every Predictor's status is refreshed from the mesh and "
                          "lost registrations are restored (a wiped registry heals within this).", "s")
     inference_services: bool = _f(True, "Also serve InferenceServices (serving.kserve.io/v1beta1) annotated "

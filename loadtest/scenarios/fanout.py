@@ -32,7 +32,7 @@ every stream must show exactly the preloaded copies. Per step:
 coalesces their identical watches into one (etcd then delivers each event once), at the cost of
 the proxy's own CPU (shown). ``--routers 8,1`` runs the rates with 8 routers, then stops all but
 one and runs them again: two router counts separate etcd's cost per write from its cost per
-delivered event (BENCHMARKS.md, section 21).
+delivered event (BENCHMARKS.md, section 23).
 
 Caveats. Everything shares the machine's cores (two here): etcd, the routers, the writer and this
 process. What other processes used is reported; a busy machine shows in the latencies first. The

@@ -3,6 +3,11 @@
 ``python -m loadtest.scenarios.hop [--duration S] [--rounds R] [--warmup S] [--concurrency N]
 [--profile-seconds S] [--profile-process router|runtime] [--no-naive] [--before-tree DIR] [--json]``
 
+``--netns-delays 0,0.2,0.5,1`` measures instead the hop across hosts: client, router and runtime in
+network namespaces of their own with that delay (ms) on every link, one delay after another
+(``loadtest.scenarios.hop_netns`` has the method; ``--duration``, ``--rounds``, ``--warmup`` and
+the output options apply, c=1 only).
+
 Method. One private etcd, one runtime, one router, a bare grpc.aio echo server
 (``loadtest.echo_server``) and the naive proxy of the issue (``loadtest.naive_proxy``, forwarding
 to the same runtime), each a separate process on 127.0.0.1; the mesh components are started as
@@ -435,8 +440,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure a runtime and a router running this source tree's code (e.g. a "
                              "checkout of the commit before a change), interleaved with ours, in a cluster "
                              "of their own")
+    parser.add_argument("--netns-delays", metavar="MS,MS,...",
+                        help="measure across hosts (network namespaces) at each of these delays per link, "
+                             "e.g. 0,0.2,0.5,1 (needs root; see loadtest.scenarios.hop_netns)")
+    parser.add_argument("--netns-method", choices=("auto", "netem", "relay"), default="auto",
+                        help="how --netns-delays holds frames: tc netem, a TAP relay, or netem where the kernel "
+                             "has it (default)")
     add_output_args(parser)
     args = parser.parse_args(argv)
+    if args.netns_delays is not None:
+        from loadtest.scenarios import hop_netns
+
+        try:
+            delays = hop_netns.parse_delays(args.netns_delays)
+        except ValueError as exc:
+            parser.error(f"--netns-delays {exc}")
+        return hop_netns.scenario_main(args, delays)
     args.profile_process = args.profile_process or ["router"]
     if args.before_tree is not None and not (args.before_tree / "mesh" / "__init__.py").is_file():
         parser.error(f"--before-tree {args.before_tree}: no mesh package there")

@@ -1,7 +1,13 @@
 """Scale: registration throughput, router and etcd memory, and routing latency as the registry grows.
 
 ``python -m loadtest.scenarios.scale [--models 100000,1000000] [--in-flight K] [--warm-models W]
-[--warm-requests R] [--lookups L] [--no-list] [--json] [--out FILE]``
+[--warm-requests R] [--lookups L] [--no-list] [--bulk N [--bulk-in-flight C]] [--raw N] [--json] [--out FILE]``
+
+Bulk mode (issue 22): ``--bulk N`` registers through ``registerModels``, N items a call, C (4)
+calls in flight, and then (``--raw``, 100,000 by default with ``--bulk``) runs
+``raw_etcd_creates``: single-key create-if-absent transactions straight to the same etcd with the
+router's client library (``EtcdStore.create``), ``K`` in flight, the router's values; the report
+puts the registration rate beside that raw rate, same run.
 
 The standard suite runs one step of 100,000 (``SUITE_ARGS``, about 2 minutes on two cores). The
 million-registration run is a command of its own, ``python -m loadtest.scenarios.scale --models
@@ -62,8 +68,9 @@ import grpc
 import psutil
 
 from loadtest.cluster import Cluster, Server, prepare_benchmark_process
+from loadtest.echo_server import METHOD as ECHO_METHOD
 from loadtest.load import bytes_call, percentile_ms
-from loadtest.management import register_many
+from loadtest.management import register_bulk, register_many
 from loadtest.models import TrainedModel, infer_body, train_logistic
 from loadtest.report import ForeignLoad, add_output_args, emit, machine, machine_line, table
 from loadtest.scenarios.router_memory import MB, log, memory
@@ -72,7 +79,9 @@ from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.registry import open_store
+from mesh.registry.base import Compare, Op
 from mesh.registry.keys import Keys
+from mesh.registry.records import ModelSpec
 
 SUITE_ARGS: list[str] = ["--models", "100000"]
 SUITE_SECONDS: int = 120
@@ -82,6 +91,9 @@ DEFAULT_STEPS = (100_000, 1_000_000)
 LIST_PAGE = 5_000
 WARM_UNCOUNTED = 100
 SETTLE_S = 2.0
+YARDSTICK_CALLS = 20_000  # raw etcd creates and echo calls per step (fewer when the step adds fewer)
+TARGET_ETCD_SHARE = 0.3  # issue 22: registrations/s at least this share of etcd's own create rate
+TARGET_ECHO_RATIO = 2.0  # issue 22: router CPU per registration at most this many echo requests' CPU
 NOT_LOADED = mm.ModelStatusInfo.ModelStatus.Value("NOT_LOADED")
 
 
@@ -120,6 +132,51 @@ async def _sequential(calls: list[Callable[[], Awaitable[Any]]],
     return _quantiles(latencies, errors)
 
 
+def _raw_value(i: int, now_ms: int) -> bytes:
+    """What the router writes for registration ``i`` (the same ID, type and path), byte for byte in size."""
+    return ModelSpec(model_id=model_id(i), type="sklearn", path=f"/scale/{model_id(i)}/model.joblib",
+                     registered_ms=now_ms, last_used_ms=now_ms - 6 * 3_600_000).to_json()
+
+
+async def raw_etcd_creates(registry_url: str, count: int, in_flight: int, etcd: psutil.Process) -> dict[str, Any]:
+    """etcd's own rate for the write a registration makes, as the floor bulk registration is held to
+    (issue 22): ``count`` single-key create-if-absent transactions through ``EtcdStore.create`` (the
+    aetcd client and channel options the router uses), ``in_flight`` at a time from one client, with
+    the values the router writes, under a prefix of their own (``/raw-bench/``, deleted after)."""
+    store, _ = open_store(registry_url)
+    keys = Keys("/raw-bench/")
+    now_ms = int(time.time() * 1000)
+    pending = iter(range(count))
+    created = 0
+    errors: dict[str, int] = {}
+
+    async def worker() -> None:
+        nonlocal created
+        for i in pending:
+            try:
+                if await store.create(keys.model(model_id(i)), _raw_value(i, now_ms)):
+                    created += 1
+                else:
+                    errors["exists"] = errors.get("exists", 0) + 1
+            except Exception as err:  # counted, not fatal: the rate is what is measured
+                errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
+
+    try:
+        cpu0 = etcd.cpu_times()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        seconds = time.perf_counter() - t0
+        cpu1 = etcd.cpu_times()
+        await store.delete_prefix("/raw-bench/")
+    finally:
+        await store.close()
+    etcd_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return {"creates": count, "created": created, "errors": errors, "in_flight": in_flight,
+            "value_bytes": len(_raw_value(0, now_ms)), "seconds": round(seconds, 2),
+            "per_second": round(created / seconds, 1) if created else 0.0,
+            "etcd_cpu_ms_per_create": round(etcd_cpu * 1000 / max(created, 1), 3)}
+
+
 def _etcd_metrics(port: int) -> dict[str, float]:
     wanted = ("etcd_mvcc_db_total_size_in_bytes", "etcd_mvcc_db_total_size_in_use_in_bytes",
               "etcd_server_quota_backend_bytes")
@@ -137,8 +194,12 @@ class Scale:
     """The run: a cluster that is up, the stubs, and what has been registered and looked up."""
 
     def __init__(self, args: argparse.Namespace, cluster: Cluster, router: Server, runtime: Server,
-                 channel: grpc.aio.Channel, warm: list[TrainedModel]) -> None:
+                 channel: grpc.aio.Channel, warm: list[TrainedModel], echo: Server | None = None,
+                 echo_channel: grpc.aio.Channel | None = None) -> None:
         self.args = args
+        self.echo = echo
+        self.echoed = bytes_call(echo_channel, ECHO_METHOD) if echo_channel is not None else None
+        self.raw_done = 0
         self.cluster = cluster
         self.router = router
         self.runtime = runtime
@@ -179,7 +240,11 @@ class Scale:
 
         cpu0 = self._cpu()
         t0 = time.perf_counter()
-        done, errors = await register_many(self.mesh, items(), in_flight=self.args.in_flight)
+        if self.args.bulk:  # registerModels, --bulk items a call
+            done, errors = await register_bulk(self.mesh, items(), batch=self.args.bulk,
+                                               in_flight=self.args.bulk_in_flight)
+        else:
+            done, errors = await register_many(self.mesh, items(), in_flight=self.args.in_flight)
         t1 = time.perf_counter()
         cpu1 = self._cpu()
         self.registered = total
@@ -190,6 +255,69 @@ class Scale:
                 "last_tenth_per_second": round((count - last_from) / last_s, 1) if done else 0.0,
                 "cpu_ms_per_registration": {k: round((cpu1[k] - cpu0[k]) * 1000 / max(done, 1), 3)
                                             for k in cpu0}}
+
+    async def _spread(self, n: int, call: Callable[[int], Awaitable[Any]]) -> float:
+        """``n`` calls, ``--in-flight`` at a time (as registrations are sent); seconds taken."""
+        next_i = iter(range(n))
+
+        async def worker() -> None:
+            for i in next_i:
+                await call(i)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.args.in_flight)))
+        return time.perf_counter() - t0
+
+    async def raw_etcd_creates(self, n: int) -> dict[str, Any]:
+        """etcd's own rate for the registrations' writes: the same create-if-absent transaction
+        (key absent -> put), the same client library (``EtcdStore.txn`` over aetcd's channel), the
+        same concurrency and a value of a registration's size, from this process, on keys of the
+        same length outside the registry (``/raw-bench/mesh/models/...``: no process watches them)."""
+        store, prefix = open_store(self.cluster.registry_url)
+        base = self.raw_done
+        value = ModelSpec(model_id(0), "sklearn", path=f"/scale/{model_id(0)}/model.joblib",
+                          registered_ms=int(time.time() * 1000), last_used_ms=int(time.time() * 1000)).to_json()
+        failed = 0
+
+        async def create(i: int) -> None:
+            nonlocal failed
+            key = f"/raw-bench{prefix}models/{model_id(base + i)}"  # outside the registry: nobody watches it
+            if not await store.txn([Compare("absent", key)], [Op("put", key, value)]):
+                failed += 1
+        try:
+            cpu0 = self._cpu()
+            seconds = await self._spread(n, create)
+            cpu1 = self._cpu()
+        finally:
+            await store.close()
+        self.raw_done += n
+        return {"creates": n, "failed": failed, "seconds": round(seconds, 2), "per_second": round(n / seconds, 1),
+                "etcd_cpu_ms": round((cpu1["etcd"] - cpu0["etcd"]) * 1000 / n, 3),
+                "client_cpu_ms": round((cpu1["client"] - cpu0["client"]) * 1000 / n, 3)}
+
+    async def echo_floor(self, n: int) -> dict[str, Any]:
+        """The bare grpc.aio echo server's CPU per request (``loadtest.echo_server``), for a request
+        of a registration's size at the same concurrency: the floor a Python gRPC server pays."""
+        assert self.echo is not None and self.echoed is not None
+        body = mm.RegisterModelRequest(modelId=model_id(0), modelInfo=mm.ModelInfo(
+            type="sklearn", path=f"/scale/{model_id(0)}/model.joblib")).SerializeToString()
+        echoed = self.echoed
+        cpu0 = self.echo.cpu_seconds()
+        seconds = await self._spread(n, lambda _: echoed(body, timeout=30))
+        return {"calls": n, "per_second": round(n / seconds, 1),
+                "cpu_ms_per_request": round((self.echo.cpu_seconds() - cpu0) * 1000 / n, 4)}
+
+    async def yardsticks(self, added: int, register: dict[str, Any]) -> dict[str, Any]:
+        n = min(added, YARDSTICK_CALLS)
+        raw = await self.raw_etcd_creates(n)
+        out: dict[str, Any] = {"raw_etcd": raw,
+                               "share_of_etcd": round(register["per_second"] / raw["per_second"], 3)}
+        if self.echo is not None:
+            echo = await self.echo_floor(n)
+            out["echo"] = echo
+            out["router_cpu_vs_echo"] = round(register["cpu_ms_per_registration"]["router"]
+                                              / max(echo["cpu_ms_per_request"], 1e-6), 2)
+        return out
 
     async def memory(self) -> dict[str, Any]:
         metrics = await asyncio.to_thread(_etcd_metrics, self.cluster.etcd.metrics_port)
@@ -254,10 +382,16 @@ class Scale:
     async def step(self, total: int) -> dict[str, Any]:
         out: dict[str, Any] = {"models": total}
         if total > self.registered:
-            log(f"registering {total - self.registered:,} more ({self.args.in_flight} in flight)...")
+            how = (f"registerModels, {self.args.bulk:,} a call, {self.args.bulk_in_flight} calls" if self.args.bulk
+                   else f"registerModel, {self.args.in_flight} calls")
+            log(f"registering {total - self.registered:,} more ({how} in flight)...")
             out["register"] = await self.register_to(total)
             r = out["register"]
             log(f"  {r['registered']:,} in {r['seconds']} s = {r['per_second']:,.0f}/s, errors {r['errors']}")
+            out["yardsticks"] = y = await self.yardsticks(r["added"], r)
+            log(f"  etcd's own create-if-absent rate {y['raw_etcd']['per_second']:,.0f}/s "
+                f"(registrations {y['share_of_etcd']}x of it)"
+                + (f"; router CPU {y['router_cpu_vs_echo']}x the echo server's" if "echo" in y else ""))
         await asyncio.sleep(SETTLE_S)
         out["memory"] = await self.memory()
         log(f"  router {out['memory']['router']}, etcd DB {out['memory']['etcd_db_mb']} MB; measuring latency...")
@@ -269,21 +403,28 @@ class Scale:
 
 
 async def run(args: argparse.Namespace, cluster: Cluster, router: Server, runtime: Server,
-              warm: list[TrainedModel]) -> dict[str, Any]:
+              warm: list[TrainedModel], echo: Server) -> dict[str, Any]:
     options = [("grpc.max_receive_message_length", 64 * 2**20)]
     async with asyncio.timeout(args.time_limit), grpc.aio.insecure_channel(router.endpoint,
-                                                                           options=options) as channel:
-        scale = Scale(args, cluster, router, runtime, channel, warm)
+                                                                           options=options) as channel, \
+            grpc.aio.insecure_channel(echo.endpoint) as echo_channel:
+        scale = Scale(args, cluster, router, runtime, channel, warm, echo, echo_channel)
         log(f"loading {len(warm)} warm models...")
         await scale.load_warm()
         steps = [await scale.step(0)]
         for total in args.models:
             steps.append(await scale.step(total))
-    return {"machine": machine(),
+        raw = None
+        if args.raw:
+            log(f"raw etcd: {args.raw:,} single-key create-if-absent transactions, {args.in_flight} in flight...")
+            raw = await raw_etcd_creates(cluster.registry_url, args.raw, args.in_flight, scale.etcd)
+            log(f"  {raw['created']:,} in {raw['seconds']} s = {raw['per_second']:,.0f}/s, errors {raw['errors']}")
+    return {"machine": machine(), "raw_etcd": raw,
             "settings": {"steps": args.models, "in_flight": args.in_flight, "warm_models": len(warm),
+                         "bulk": args.bulk, "bulk_in_flight": args.bulk_in_flight, "raw": args.raw,
                          "warm_requests": args.warm_requests, "lookups": args.lookups,
                          "spec_cache": args.spec_cache, "list": not args.no_list},
-            "pids": {"router": router.pid, "runtime": runtime.pid, "etcd": cluster.etcd.pid},
+            "pids": {"router": router.pid, "runtime": runtime.pid, "etcd": cluster.etcd.pid, "echo": echo.pid},
             "steps": steps}
 
 
@@ -322,6 +463,18 @@ def render(result: dict[str, Any]) -> str:
         reg_rows.append([f"{s['models'] - r['added']:,} -> {s['models']:,}", r["seconds"], r["per_second"],
                          r["last_tenth_per_second"], sum(r["errors"].values()), cpu["router"], cpu["etcd"],
                          cpu["runtime"], cpu["client"]])
+    yard_rows = []
+    for s in steps:
+        if "yardsticks" not in s:
+            continue
+        y, r = s["yardsticks"], s["register"]
+        share, ratio = y["share_of_etcd"], y.get("router_cpu_vs_echo")
+        echo_cpu = y["echo"]["cpu_ms_per_request"] if "echo" in y else "-"
+        versus_echo = f"{ratio} ({'met' if ratio <= TARGET_ECHO_RATIO else 'missed'})" if ratio is not None else "-"
+        yard_rows.append([f"{s['models']:,}", r["per_second"], y["raw_etcd"]["per_second"],
+                          f"{share} ({'met' if share >= TARGET_ETCD_SHARE else 'missed'})",
+                          r["cpu_ms_per_registration"]["router"], echo_cpu, versus_echo,
+                          r["cpu_ms_per_registration"]["runtime"]])
     mem_rows = [[s["models"], s["memory"]["router"]["rss_mb"], s["memory"]["router"]["uss_mb"],
                  s["memory"]["router"]["hwm_mb"], s["memory"]["etcd"]["rss_mb"], s["memory"]["etcd_db_mb"],
                  s["memory"]["etcd_db_in_use_mb"]] for s in steps]
@@ -334,10 +487,17 @@ def render(result: dict[str, Any]) -> str:
     settings = result["settings"]
     return "\n".join([
         machine_line(result["machine"]), "",
-        f"registerModel, {settings['in_flight']} in flight from one client; CPU per registration "
-        "in ms of each process:", "",
+        (f"registerModels, {settings['bulk']:,} items a call, {settings['bulk_in_flight']} calls in flight "
+         if settings.get("bulk") else f"registerModel, {settings['in_flight']} in flight ")
+        + "from one client; CPU per registration in ms of each process:", "",
         table(["registered", "seconds", "reg/s", "reg/s, last tenth", "errors", "router CPU ms", "etcd CPU ms",
                "runtime CPU ms", "client CPU ms"], reg_rows), "",
+        f"Against the same run's yardsticks: etcd's own create-if-absent transactions (same client "
+        f"library, concurrency and value size; target: registrations >= {TARGET_ETCD_SHARE}x) and a bare "
+        f"grpc.aio echo server's CPU per request (target: router <= {TARGET_ECHO_RATIO}x); runtime CPU per "
+        "registration of a model it does not hold (target ~0):", "",
+        table(["registered", "reg/s", "etcd creates/s", "share of etcd", "router CPU ms", "echo CPU ms",
+               "router / echo", "runtime CPU ms"], yard_rows), "",
         table(["registered", "router RSS MB", "router USS MB", "router RSS high-water MB", "etcd RSS MB",
                "etcd DB MB", "etcd DB in use MB"], mem_rows), "",
         f"Latency p50 / p99 in ms, one call at a time: ModelInfer on {settings['warm_models']} loaded models "
@@ -348,7 +508,21 @@ def render(result: dict[str, Any]) -> str:
         f"etcd backend quota {quota:,.0f} MB; database {db:,.1f} MB at {last['models']:,} registrations "
         f"(about {per_model * 1e6:,.0f} MB per million registrations; {db / max(quota, 1) * 100:.1f} % of "
         "the quota used).",
+        *_raw_lines(result),
     ])
+
+
+def _raw_lines(result: dict[str, Any]) -> list[str]:
+    """etcd's own single-key create rate, and how the registrations of the run compare with it."""
+    raw = result.get("raw_etcd")
+    if not raw:
+        return []
+    rates = [s["register"]["per_second"] for s in result["steps"] if "register" in s]
+    best = max(rates, default=0.0)
+    return ["", f"raw etcd, same run: {raw['created']:,} single-key create-if-absent transactions "
+            f"({raw['value_bytes']} B values, {raw['in_flight']} in flight, one aetcd client): "
+            f"{raw['per_second']:,.0f}/s, etcd CPU {raw['etcd_cpu_ms_per_create']} ms each; registrations "
+            f"above reached {best:,.0f}/s = {best / max(raw['per_second'], 1):.2f}x of it."]
 
 
 def _alive(pid: int) -> bool:
@@ -377,6 +551,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="registry sizes to grow to, in order (repeatable or a comma list; "
                              "default 100000,1000000)")
     parser.add_argument("--in-flight", type=int, default=256, help="registrations in flight (default 256)")
+    parser.add_argument("--bulk", type=int, default=0, metavar="N",
+                        help="register through registerModels, N items a call (default 0: registerModel, one a call)")
+    parser.add_argument("--bulk-in-flight", type=int, default=4,
+                        help="with --bulk: registerModels calls in flight (default 4)")
+    parser.add_argument("--raw", type=int, default=None, metavar="N",
+                        help="after the steps, N single-key create-if-absent transactions straight to etcd at "
+                             "--in-flight, for comparison (default: 100,000 with --bulk, else 0)")
     parser.add_argument("--warm-models", type=int, default=20, help="loaded models for the warm path (default 20)")
     parser.add_argument("--warm-requests", type=int, default=2_000,
                         help="sequential ModelInfer calls per step (default 2,000)")
@@ -393,6 +574,10 @@ def main(argv: list[str] | None = None) -> int:
         args.models = _steps(args.models)
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
+    if args.raw is None:
+        args.raw = 100_000 if args.bulk else 0
+    if args.bulk < 0 or args.bulk_in_flight < 1 or args.raw < 0:
+        parser.error("--bulk and --raw must not be negative, --bulk-in-flight at least 1")
     if args.warm_models < 1 or args.in_flight < 1:
         parser.error("--warm-models and --in-flight must be at least 1")
     prepare_benchmark_process()
@@ -410,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             log("starting runtime and router...")
             runtime = cluster.start_runtime(capacity_bytes=256 * 2**20)
             router = cluster.start_router(extra_env={"MESH_ROUTER_SPEC_CACHE_ENTRIES": str(args.spec_cache)})
-            result = uvloop.run(run(args, cluster, router, runtime, warm))
+            echo = cluster.start_echo()
+            result = uvloop.run(run(args, cluster, router, runtime, warm, echo))
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -82,6 +82,14 @@ def _model_info(args: argparse.Namespace) -> mm.ModelInfo:
 
 def model_command(args: argparse.Namespace, client: RouterClient) -> int:
     if args.action == "register":
+        if getattr(args, "from_file", None):
+            if args.model_id or args.type:
+                raise CliError("--from FILE takes the models from the file: give no MODEL_ID or --type", exit_code=2)
+            from mesh.cli.bulk_cmd import register_from
+
+            return register_from(args, client)
+        if not args.model_id or not args.type:
+            raise CliError("mesh model register: give MODEL_ID and --type (or --from FILE)", exit_code=2)
         info = client.call(client.mesh.registerModel, mm.RegisterModelRequest(
             modelId=args.model_id, modelInfo=_model_info(args), loadNow=args.load_now, sync=args.sync),
             metadata=() if args.no_check else ((CHECK_SOURCE, "1"),))

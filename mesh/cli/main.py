@@ -116,9 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="register, list, inspect and unregister models")
     msub = model.add_subparsers(dest="action", required=True)
-    p = msub.add_parser("register", help="register a model (metadata only; it loads on first use)")
-    p.add_argument("model_id")
-    _model_info_options(p, required=True)
+    p = msub.add_parser("register", help="register a model (metadata only; it loads on first use), or many "
+                        "with --from")
+    p.add_argument("model_id", nargs="?")
+    _model_info_options(p, required=False)
+    p.add_argument("--from", dest="from_file", metavar="FILE",
+                   help="register the models of FILE (JSON lines or CSV with a header; fields as these options: "
+                        "id, type, path, key, storage_key, storage_params, size_hint, min_copies, max_copies, "
+                        "labels, gpu, load_now; '-' reads stdin) through registerModels, in batches")
+    p.add_argument("--batch-size", type=int, default=1000, help="with --from: models a call (at most 1,000)")
+    p.add_argument("--all-or-nothing", action="store_true",
+                   help="with --from: register every model or none (the file must fit one batch)")
     p.add_argument("--load-now", action="store_true", help="load it now instead of on first use")
     p.add_argument("--no-check", action="store_true",
                    help="do not ask the runtime that would load it whether its file or storage key exists")

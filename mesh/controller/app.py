@@ -176,7 +176,8 @@ async def serve_controller(settings: Settings, roots: RootTasks,
         ready.append(namespaces.synced)
     for kind, api in kinds:
         controller = PredictorController(cs, mesh=router, kube=_ThreadedStatusWriter(api),
-                                         poll_s=min(1.0, cs.resync_s), kind=kind, select=select,
+                                         workers=max(cs.workers, 1), poll_s=min(1.0, cs.resync_s), kind=kind,
+                                         select=select,
                                          ready=ready, served=namespaces.enabled if namespaces else None,
                                          events=events)
         controllers.append(controller)

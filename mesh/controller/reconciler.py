@@ -66,7 +66,7 @@ from mesh.controller.predictor import (
     timestamp,
 )
 from mesh.controller.watched import EventRecorder, ObjectController
-from mesh.errors import Code, MeshError
+from mesh.errors import Code, MeshError, RegistryFull
 from mesh.settings import ControllerSettings
 
 log = structlog.get_logger(__name__)
@@ -188,6 +188,8 @@ def refusal(exc: MeshError, reg: Registration) -> Failure | None:
             return Failure(RUNTIME_NOT_RECOGNIZED, f"No runtime instance is labelled rt:{runtime}: {message}",
                            reg.model_id)
         return Failure(NO_SUPPORTING_RUNTIME, f"No runtime instance supports the model: {message}", reg.model_id)
+    if exc.code is Code.RESOURCE_EXHAUSTED and message.startswith(RegistryFull.CAUSE):
+        return None  # etcd at its quota: an operator's fix, then the same call succeeds (retried with back-off)
     if exc.code in (Code.FAILED_PRECONDITION, Code.RESOURCE_EXHAUSTED):
         # failed on every instance it may go to (until the failure records expire), or fits on none
         return Failure(MODEL_LOAD_FAILED, message, reg.model_id)

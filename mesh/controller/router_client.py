@@ -2,7 +2,8 @@
 
 Three calls, as modelmesh-serving's controller makes them: ``setVModel`` (with the model's info,
 ``autoDeleteTargetModel`` and ``loadNow``), ``getVModelStatus`` and ``deleteVModel``, each with the
-controller's owner string; for InferenceService canaries, ``setVModelSplit`` (registering the new
+controller's owner string (``set_vmodel`` goes through the bulk ``registerModels`` when the router
+has it: :class:`Coalescer`); for InferenceService canaries, ``setVModelSplit`` (registering the new
 model in the same call: ``SplitTarget.modelInfo``) and ``ensureLoaded``;
 and three of ``mmesh.ModelMeshGraphs`` for InferenceGraph objects: ``set_graph`` (the object's
 ``spec``), ``graph_status`` and ``delete_graph``. Answers become the transport-neutral states of
@@ -14,8 +15,9 @@ never fatal: the controller may start before the routers do).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,90 @@ def _model_info(reg: Registration) -> mm.ModelInfo:
     return mm.ModelInfo(type=reg.type, path=reg.path, key=reg.key, labels=list(reg.labels), gpu=reg.gpu)
 
 
+LINGER_S = 0.005  # how long a registration waits for others to share its registerModels call
+MAX_BATCH = 1_000  # the router's bound on one call (mesh.router.bulk.MAX_ITEMS)
+
+
+@dataclass
+class _Pending:
+    item: mm.RegisterModelsItem
+    done: asyncio.Future[mm.RegisterModelsResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Coalescer:
+    """The ``setVModel`` calls (with a model info) that the reconcile workers make within
+    ``LINGER_S`` of each other go to the router as one ``registerModels`` call of vModel items (up
+    to ``MAX_BATCH``): when many objects arrive at once (a re-apply, a controller restart) the
+    router serves a few calls instead of one per object, and its registry writes are grouped.
+    Each caller gets its own item's result, so each object's status is written from its own
+    answer, as before. A router without the RPC (UNIMPLEMENTED) is sent one setVModel per object
+    from then on."""
+
+    def __init__(self, send: Any, linger_s: float = LINGER_S, max_batch: int = MAX_BATCH) -> None:
+        self._send = send  # async (RegisterModelsRequest) -> RegisterModelsResponse
+        self.linger_s = linger_s
+        self.max_batch = max_batch
+        self._pending: list[_Pending] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: mm.RegisterModelsItem) -> mm.RegisterModelsResult:
+        pending = _Pending(item)
+        self._pending.append(pending)
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._flush)
+        return await pending.done
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        # An ID named twice in one call is refused by the router: a second registration of the same
+        # vModel or model waits for the next call.
+        seen: set[str] = set()
+        now: list[_Pending] = []
+        for p in batch:
+            ids = {p.item.modelId, "v:" + p.item.vModelId}
+            if ids & seen:
+                self._pending.append(p)
+            else:
+                seen |= ids
+                now.append(p)
+        if self._pending:
+            self._timer = asyncio.get_running_loop().call_later(self.linger_s, self._flush)
+        task = asyncio.get_running_loop().create_task(self._call(now), name="controller-register-models")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, batch: list[_Pending]) -> None:
+        try:
+            response = await self._send(mm.RegisterModelsRequest(items=[p.item for p in batch]))
+        except BaseException as exc:  # each caller gets the call's error (RouterError, RouterUnreachable...)
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for p, result in zip(batch, response.results, strict=False):
+            if not p.done.done():
+                p.done.set_result(result)
+        for p in batch[len(response.results):]:  # a router that answered fewer results than items
+            if not p.done.done():
+                p.done.set_exception(RouterError(Code.INTERNAL, "registerModels answered no result for the item"))
+
+    async def close(self) -> None:
+        self._flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
 class RouterClient:
     """``security``: TLS to the router (default plaintext); ``token``: the bearer token sent on every
     call to a router with ``auth.tokens_file`` set (never logged, not even in errors)."""
@@ -112,6 +198,7 @@ class RouterClient:
         # protoc's gRPC stubs are unannotated (mesh/gen is generated): the call is untyped.
         self._stub = mm_grpc.ModelMeshStub(self._channel)  # type: ignore[no-untyped-call]
         self._graphs = gp_grpc.ModelMeshGraphsStub(self._channel)  # type: ignore[no-untyped-call]
+        self._bulk: Coalescer | None = Coalescer(lambda request: self._call(self._stub.registerModels, request))
 
     @classmethod
     def from_settings(cls, cs: ControllerSettings) -> RouterClient:
@@ -141,6 +228,20 @@ class RouterClient:
             raise RouterError(MESH_CODES.get(err.code(), Code.INTERNAL), details) from None
 
     async def set_vmodel(self, reg: Registration, *, owner: str, load_now: bool) -> VModelState:
+        if self._bulk is not None:
+            item = mm.RegisterModelsItem(modelId=reg.model_id, modelInfo=_model_info(reg), loadNow=load_now,
+                                         vModelId=reg.vmodel_id, owner=owner, autoDeleteTargetModel=True)
+            try:
+                result = await self._bulk.submit(item)
+            except RouterUnreachable as exc:
+                if "UNIMPLEMENTED" not in str(exc):
+                    raise
+                self._bulk = None  # a router without registerModels: one setVModel per object
+            else:
+                if result.code != "OK":
+                    code = Code.__members__.get(result.code, Code.INTERNAL)
+                    raise RouterError(code, result.message)
+                return vmodel_state(result.vModelStatus)
         request = mm.SetVModelRequest(
             vModelId=reg.vmodel_id, targetModelId=reg.model_id, owner=owner, autoDeleteTargetModel=True,
             loadNow=load_now, modelInfo=_model_info(reg))
@@ -187,4 +288,6 @@ class RouterClient:
         await self._call(self._graphs.deleteGraph, gp.DeleteGraphRequest(graphId=graph_id, owner=owner))
 
     async def close(self) -> None:
+        if self._bulk is not None:
+            await self._bulk.close()
         await self._channel.close()

@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mesh.errors import MeshError
+
 
 @dataclass(frozen=True, slots=True)
 class KeyValue:
@@ -75,6 +77,30 @@ class Op:
     value: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class Create:
+    """One item of :meth:`KVStore.create_many`: write ``value`` at ``key`` (and the ``also`` puts,
+    in the same transaction) only if ``key`` and every key of ``absent`` are absent."""
+
+    key: str
+    value: bytes
+    absent: tuple[str, ...] = ()  # other keys that must not exist (a graph of the same ID)
+    also: tuple[tuple[str, bytes], ...] = ()  # written with it (the pin index)
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """What :meth:`KVStore.create_many` did with one item: ``created`` at ``revision``, or not,
+    with ``existing`` (the key's current value, None if absent) and ``blocker`` (the first key of
+    ``absent`` that exists, "" if none); or ``error`` when the store could not say."""
+
+    created: bool
+    revision: int = 0
+    existing: KeyValue | None = None
+    blocker: str = ""
+    error: MeshError | None = None  # the round trip failed: the item may or may not be written
+
+
 @dataclass(eq=False)
 class Lease:
     """A granted lease. ``lost`` is set once the store reports it expired or revoked."""
@@ -98,6 +124,13 @@ class KVStore(Protocol):
     ) -> tuple[list[KeyValue], int]:
         """Items under ``prefix`` sorted by key (after ``start_after``, at most ``limit`` if > 0),
         and the store revision they were read at."""
+        ...
+
+    async def current_revision(self, key: str) -> int:
+        """The store's revision now (where a watch "from now" starts), read by looking up the one
+        key ``key`` (any key the caller may read: etcd users are limited to prefixes). Not a ranged
+        read: etcd counts every key in a range, even with a limit (250-400 ms at a million
+        registrations, measured; BENCHMARKS.md, "Router start-up at scale")."""
         ...
 
     async def put(self, key: str, value: bytes, *, lease: Lease | None = None) -> int:
@@ -124,6 +157,19 @@ class KVStore(Protocol):
         """Apply every op atomically if every compare holds; False (nothing written) otherwise."""
         ...
 
+    async def create_many(self, items: Sequence[Create]) -> list[Created]:
+        """Create-if-absent for each item, in as few round trips as the store allows (etcd: nested
+        transactions, one per item, grouped up to ``--max-txn-ops`` and the request size limit).
+        Not atomic across items: each is created or not on its own, and the answer is per item, in
+        order. Keys must be distinct. A round trip that may have been applied is sent again only as
+        the same create-if-absent, so an item is never written twice: a retried write that finds its
+        own value reports it ``existing`` (the caller compares the bytes)."""
+        ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        """The current value of each key (None if absent), grouped into few round trips."""
+        ...
+
     async def count_prefix(self, prefix: str) -> int:
         """How many keys are under ``prefix``, without reading them (etcd's ``count_only`` range:
         the count of a million registrations is one small answer, not a million values)."""
@@ -144,11 +190,12 @@ class KVStore(Protocol):
         ...
 
     def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncIterator[WatchEvent | WatchReset]:
         """Events from ``start_revision`` on; after a compaction a WatchReset with the prefix's
         items (read in pages), or with none when ``snapshot_on_reset`` is False (a consumer that
-        only drops what it derived: no need to read a million keys)."""
+        only drops what it derived: no need to read a million keys). ``deletes_only``: PUT events
+        are filtered out by the store (etcd's NOPUT filter: they never reach this process)."""
         ...
 
     async def close(self) -> None: ...

@@ -12,7 +12,7 @@ Design decisions:
   so the next call starts at a member that answered. Each store starts at a member picked at random
   (``first`` fixes it): a member serves the watches of the clients connected to it, so the routers of
   a fleet, all given the same list, spread their watch fan-out over the members instead of all
-  watching the first one listed (BENCHMARKS.md, section 21). Conditional writes (``create``, ``replace``,
+  watching the first one listed (BENCHMARKS.md, section 23). Conditional writes (``create``, ``replace``,
   ``delete``) move on only when the request was never sent (gRPC could not connect): after a timeout or
   a dropped stream the write may have been applied, and a replayed ``create`` would wrongly answer
   False. A deadline is never retried elsewhere, whatever the call.
@@ -37,6 +37,14 @@ Design decisions:
   tokens expire (``--auth-token-ttl``, 5 min by default) and aetcd never renews them: a call
   answered "invalid auth token" re-authenticates and is sent once more. The password and the
   token are never logged; wrong credentials are an ``InvalidArgument`` naming the user.
+* **A full registry** (etcd's NOSPACE alarm: its database reached ``--quota-backend-bytes``) is an
+  answer, not an outage: etcd then refuses every write that adds data (puts, transactions with
+  puts, lease grants) with RESOURCE_EXHAUSTED "mvcc: database space exceeded", and still serves
+  reads, watches, deletes and lease keep-alives. Such a write raises
+  :class:`~mesh.errors.RegistryFull` (RESOURCE_EXHAUSTED, a message that names the cause and the
+  remedy) at once, without trying the other members (they share the alarm), and ``connected``
+  stays true: readiness must not drop, and inference go with it, because registrations cannot be
+  written. Other RESOURCE_EXHAUSTED answers ("too many requests") stay transient: next member.
 * **Channel options**: reconnect backoff capped at 1 s (gRPC's default grows to 120 s, which would
   keep us away from a restarted etcd), keepalive pings to notice a silently dead connection, and a
   large receive limit because one watch response carries a whole revision (a range delete of 100k
@@ -58,8 +66,9 @@ import grpc
 import structlog
 from aetcd import rpc, watcher
 
-from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryUnavailable
-from mesh.registry.base import Compare, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
+from mesh.errors import FailedPrecondition, InvalidArgument, MeshError, RegistryFull, RegistryUnavailable
+from mesh.registry.base import Compare, Create, Created, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
+from mesh.registry.etcd_wire import TXN_METHOD, create_txn
 from mesh.registry.security import EtcdSecurity
 from mesh.tasks import cancel_and_wait, spawn
 
@@ -87,8 +96,15 @@ _UNREACHABLE = {
 }
 _TRANSPORT_ERRORS = (aetcd.exceptions.ClientError, grpc.RpcError, OSError)
 _KEEPALIVE_RETRY_S = 0.5
+_SIZE_EVERY_S = 5.0  # how often a full registry's size is read again for RegistryFull's message
 _REQUIRE_LEADER = ("hasleader", "true")  # etcd's rpctypes.MetadataRequireLeaderKey
 RELIST_PAGE = 10_000  # keys per page when a watch relists after compaction
+# Grouped writes (create_many, get_many): etcd refuses a transaction with more than --max-txn-ops
+# operations at any one level (default 128) and a request over --max-request-bytes (default
+# 1.5 MiB); a group stays under both, leaving room for the request's framing.
+MAX_TXN_OPS = 128
+MAX_TXN_BYTES = 1024 * 1024
+_ITEM_OVERHEAD = 48  # bytes of protobuf framing per item (nested txn, compares, ops), generously
 
 
 def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
@@ -147,6 +163,12 @@ def _too_large(exc: BaseException) -> bool:
     return "request is too large" in text or "larger than max" in text
 
 
+def _no_space(exc: BaseException) -> bool:
+    """etcd's answer to a write while its NOSPACE alarm is raised (the database reached
+    ``--quota-backend-bytes``): RESOURCE_EXHAUSTED "etcdserver: mvcc: database space exceeded"."""
+    return "database space exceeded" in _reason(exc)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
@@ -156,6 +178,25 @@ def _reason(exc: BaseException) -> str:
 def _never_sent(exc: BaseException) -> bool:
     """gRPC failed before sending: no connection could be made (the channel's pick failed)."""
     return _status_code(exc) is grpc.StatusCode.UNAVAILABLE and "failed to connect" in _reason(exc)
+
+
+def _item_bytes(item: Create) -> int:
+    return (2 * len(item.key) + len(item.value) + sum(2 * len(k) for k in item.absent)
+            + sum(len(k) + len(v) for k, v in item.also) + _ITEM_OVERHEAD)
+
+
+def _groups(sizes: Sequence[int], max_ops: int, max_bytes: int) -> list[range]:
+    """Consecutive index ranges of at most ``max_ops`` items and ``max_bytes`` (an item over it alone)."""
+    out: list[range] = []
+    start, size = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= max_ops or size + n > max_bytes):
+            out.append(range(start, i))
+            start, size = i, 0
+        size += n
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
 
 
 def _kv(kv: Any) -> KeyValue:
@@ -231,6 +272,7 @@ class EtcdStore:
         watch_backoff_s: tuple[float, float] = (0.1, 2.0),
         clock: Callable[[], float] = time.monotonic,
         security: EtcdSecurity | None = None,
+        max_txn_ops: int = MAX_TXN_OPS,
         first: int | None = None,
     ) -> None:
         if not endpoints:
@@ -242,6 +284,7 @@ class EtcdStore:
                                                           certificate_chain=security.cert)
                              if security is not None and security.tls else None)
         self.timeout_s = timeout_s
+        self.max_txn_ops = max_txn_ops  # etcd's --max-txn-ops: items per grouped transaction
         self._backoff_initial, self._backoff_max = watch_backoff_s
         self._clock = clock
         self._clients = [self._client(e) for e in self.endpoints]
@@ -250,6 +293,8 @@ class EtcdStore:
         self._closed = False
         self._closed_event = asyncio.Event()  # wakes watches sleeping in their backoff
         self._connected = True
+        self._db_size: tuple[int, float] | None = None  # (bytes or 0, when read): RegistryFull's message
+        self._db_size_lock = asyncio.Lock()
 
     @property
     def connected(self) -> bool:
@@ -308,6 +353,9 @@ class EtcdStore:
                             self._set_connected(True)
                             raise InvalidArgument(f"registry {self.url} refused {what}: larger than etcd "
                                                   "accepts in one request (--max-request-bytes)") from None
+                        if _no_space(exc):  # etcd answered: it is up, and full (module docstring)
+                            self._set_connected(True)
+                            raise await self._registry_full(what) from None
                         if code is not None and code not in _UNREACHABLE:
                             self._set_connected(True)  # etcd answered, with an error
                             raise self._translate(exc, code, what, lease) from None
@@ -324,6 +372,37 @@ class EtcdStore:
             self._rotate(index)
         self._set_connected(False, failures[-1] if failures else what)
         raise RegistryUnavailable(f"registry {self.url} unavailable: {what}: {'; '.join(failures)}")
+
+    async def _registry_full(self, what: str) -> RegistryFull:
+        """The error for a write etcd refused for want of space, with the database's size (its
+        quota, give or take one request: etcd refuses the write that would pass it). The size is
+        read, and the refusal logged, at most every ``_SIZE_EVERY_S``: a storm of refused writes
+        is not a storm of Status calls or log lines. No size if it cannot be read within 1 s."""
+        async with self._db_size_lock:  # concurrent refusals wait for one read
+            now = self._clock()
+            if self._db_size is None or now - self._db_size[1] > _SIZE_EVERY_S:
+                try:
+                    async with asyncio.timeout(1.0):
+                        self._db_size = (await self.db_size(), now)
+                except (MeshError, TimeoutError):
+                    self._db_size = (0, now)  # unknown: said without it, read again after _SIZE_EVERY_S
+                log.warning("registry full: etcd refuses writes until it is compacted, defragmented and its "
+                            "NOSPACE alarm disarmed", registry=self.url, call=what[:200], db_size=self._db_size[0])
+        # The size, not the quota itself (no RPC tells it): at the alarm they differ by the writes
+        # in flight when it rose, a fraction of a MiB.
+        size = f" (database at its quota: {self._db_size[0] / 2**20:.1f} MiB)" if self._db_size[0] else ""
+        return RegistryFull(f"{RegistryFull.CAUSE}{size}: compact and defragment it and disarm its "
+                            "NOSPACE alarm, or raise --quota-backend-bytes (docs/operations.md, "
+                            "\"etcd at its quota\")")
+
+    async def db_size(self) -> int:
+        """The database file's size in bytes on the member that answers (etcd's Status RPC, the
+        DB SIZE column of ``etcdctl endpoint status``): what ``--quota-backend-bytes`` bounds."""
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.maintenancestub.Status(rpc.StatusRequest(), timeout=self.timeout_s, metadata=c.metadata)
+
+        return int((await self._call("read the database size", op)).dbSize)
 
     def _rotate(self, failed: int) -> None:
         if self._current == failed:
@@ -371,6 +450,15 @@ class EtcdStore:
 
         response = await self._call(f"list {prefix}*", op)
         return [_kv(kv) for kv in response.kvs], response.header.revision
+
+    async def current_revision(self, key: str) -> int:
+        request = rpc.RangeRequest(key=key.encode(), keys_only=True)  # one key: no range to count
+
+        async def op(c: aetcd.Client) -> Any:
+            await c.connect()
+            return await c.kvstub.Range(request, timeout=self.timeout_s, metadata=c.metadata)
+
+        return int((await self._call(f"read the revision ({key})", op)).header.revision)
 
     async def count_prefix(self, prefix: str) -> int:
         start, end = _prefix_range(prefix)
@@ -449,6 +537,66 @@ class EtcdStore:
         what = f"transaction on {ops[0].key if ops else compares[0].key}"
         response = await self._call(what, op, idempotent=False)
         return bool(response.succeeded)
+
+    async def create_many(self, items: Sequence[Create]) -> list[Created]:
+        """Groups of nested create-if-absent transactions (``etcd_wire.create_op``), sent concurrently.
+
+        A group is sent as ``idempotent``: on a connection failure it goes to the next member, and
+        a group that failed without an answer (it may have been applied) is sent once more. Both are
+        safe because every item is create-if-absent: an item the first send wrote is found, with
+        its own bytes, by the second (``Registry.register_models`` counts it as created), never
+        written twice. A group that still fails gives its items ``error``."""
+        results: list[Created | None] = [None] * len(items)
+
+        async def group(indexes: range) -> None:
+            request = create_txn([items[i] for i in indexes])  # the TxnRequest's bytes (etcd_wire)
+
+            async def op(c: aetcd.Client) -> Any:
+                await c.connect()
+                txn = c.channel.unary_unary(TXN_METHOD, response_deserializer=rpc.TxnResponse.FromString)
+                return await txn(request, timeout=self.timeout_s, metadata=c.metadata)
+
+            what = f"create {len(indexes)} keys from {items[indexes[0]].key}"
+            try:
+                try:
+                    response = await self._call(what, op)
+                except RegistryUnavailable:
+                    response = await self._call(what, op)  # the same creates again: idempotent
+            except MeshError as exc:
+                for i in indexes:
+                    results[i] = Created(False, error=exc)
+                return
+            revision = int(response.header.revision)
+            for i, answer in zip(indexes, response.responses, strict=True):
+                inner = answer.response_txn
+                if inner.succeeded:
+                    results[i] = Created(True, revision=revision)
+                    continue
+                found = inner.responses[0].response_range.kvs
+                blocker = next((items[i].absent[j] for j, r in enumerate(inner.responses[1:])
+                                if r.response_range.kvs), "")
+                results[i] = Created(False, existing=_kv(found[0]) if found else None, blocker=blocker)
+
+        # etcd gives a nested transaction what is left of --max-txn-ops after its parent's own
+        # operations (v3rpc checkTxnRequest): a group holds max_txn_ops minus the widest item.
+        width = max((1 + max(len(item.absent), len(item.also)) for item in items), default=1)
+        groups = _groups([_item_bytes(item) for item in items], max(self.max_txn_ops - width, 1), MAX_TXN_BYTES)
+        await asyncio.gather(*(group(g) for g in groups))
+        return [r if r is not None else Created(False, error=RegistryUnavailable("not sent")) for r in results]
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        out: list[KeyValue | None] = []
+        for indexes in _groups([len(k) + _ITEM_OVERHEAD for k in keys], self.max_txn_ops, MAX_TXN_BYTES):
+            request = rpc.TxnRequest(success=[rpc.RequestOp(request_range=rpc.RangeRequest(key=keys[i].encode()))
+                                              for i in indexes])
+
+            async def op(c: aetcd.Client, request: Any = request) -> Any:
+                await c.connect()
+                return await c.kvstub.Txn(request, timeout=self.timeout_s, metadata=c.metadata)
+
+            response = await self._call(f"get {len(indexes)} keys from {keys[indexes[0]]}", op)
+            out.extend(_kv(r.response_range.kvs[0]) if r.response_range.kvs else None for r in response.responses)
+        return out
 
     async def compact(self, revision: int) -> None:
         """Forget history before ``revision`` (etcd compaction); older watches get a WatchReset."""
@@ -545,11 +693,10 @@ class EtcdStore:
         return items, revision
 
     async def _revision_only(self, prefix: str) -> tuple[list[KeyValue], int]:
-        _, revision = await self.get_prefix(prefix, limit=1)
-        return [], revision
+        return [], await self.current_revision(prefix)
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         key, end = _prefix_range(prefix)
         next_rev = start_revision
@@ -560,7 +707,7 @@ class EtcdStore:
             call: Any = None
             try:
                 if next_rev <= 0:  # "from now": pin it, so that a resume cannot skip anything
-                    _, now = await self.get_prefix(prefix, limit=1)
+                    now = await self.current_revision(prefix)
                     next_rev = now + 1
                 client = self._clients[index]
                 await client.connect()
@@ -569,7 +716,8 @@ class EtcdStore:
                 # etcd says where the watch stands even when nothing changes.
                 call = rpc.WatchStub(client.channel).Watch(metadata=(*(client.metadata or ()), _REQUIRE_LEADER))
                 create = rpc.WatchCreateRequest(key=key, range_end=end, start_revision=next_rev,
-                                                progress_notify=True)
+                                                progress_notify=True,
+                                                filters=[rpc.WatchCreateRequest.NOPUT] if deletes_only else [])
                 async with asyncio.timeout(self.timeout_s):
                     await call.write(rpc.WatchRequest(create_request=create))
                     first = await call.read()

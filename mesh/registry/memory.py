@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from mesh.errors import FailedPrecondition, InvalidArgument, RegistryUnavailable
-from mesh.registry.base import Compare, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
+from mesh.registry.base import Compare, Create, Created, EventType, KeyValue, Lease, Op, WatchEvent, WatchReset
 from mesh.tasks import spawn
 
 log = structlog.get_logger(__name__)
@@ -292,6 +292,9 @@ class MemoryStore:
     async def get(self, key: str) -> KeyValue | None:
         return self._check_open().get(key)
 
+    async def current_revision(self, key: str) -> int:
+        return self._check_open().revision
+
     async def get_prefix(
         self, prefix: str, *, limit: int = 0, start_after: str = ""
     ) -> tuple[list[KeyValue], int]:
@@ -329,6 +332,26 @@ class MemoryStore:
 
     async def count_prefix(self, prefix: str) -> int:
         return self._check_open().count(prefix)
+
+    async def create_many(self, items: Sequence[Create]) -> list[Created]:
+        # No await inside: each item's check and writes are one step, as in etcd's transaction.
+        backend = self._check_open()
+        out: list[Created] = []
+        for item in items:
+            existing = backend.get(item.key)
+            blocker = next((k for k in item.absent if backend.get(k) is not None), "")
+            if existing is not None or blocker:
+                out.append(Created(False, existing=existing, blocker=blocker))
+                continue
+            revision = backend.put(item.key, item.value, None)
+            for key, value in item.also:
+                backend.put(key, value, None)
+            out.append(Created(True, revision=revision))
+        return out
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        backend = self._check_open()
+        return [backend.get(k) for k in keys]
 
     async def delete_prefix(self, prefix: str) -> int:
         backend = self._check_open()
@@ -385,12 +408,14 @@ class MemoryStore:
         self._check_open().compact(revision)
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True
+        self, prefix: str, *, start_revision: int, snapshot_on_reset: bool = True, deletes_only: bool = False
     ) -> AsyncGenerator[WatchEvent | WatchReset, None]:
         # Like EtcdStore: a watch on a closed store ends (its owner is shutting down), never raises.
         async for item in self.backend.watch(prefix, start_revision, lambda: self._closed):
             if isinstance(item, WatchReset) and not snapshot_on_reset:
                 item = WatchReset([], item.revision)
+            elif deletes_only and isinstance(item, WatchEvent) and item.type is EventType.PUT:
+                continue
             yield item
 
     async def close(self) -> None:

@@ -91,7 +91,7 @@ class PrefixMirror:
             listed, self.revision = await self._list()
             self._replace(listed)
         else:
-            _, self.revision = await self.store.get_prefix(self.prefix, limit=1)
+            self.revision = await self.store.current_revision(self.prefix)  # not a listing: a million keys
         self._ready = True
         self._notify()
         self._task = spawn(self._run(), name=f"mirror {self.prefix}")

@@ -13,11 +13,14 @@ must cost the one model or instance it describes, never a process (the watches s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+
+import orjson
 
 from mesh.errors import BadRecord
 
@@ -70,37 +73,18 @@ def _field_value(cls: type, name: str, declared: str, value: Any) -> Any:
     return value
 
 
-_EXACT = {"str": str, "bool": bool, "int": int, "float": float}
-
-
-_FIELD_TYPES: dict[type, dict[str, tuple[str, type | None]]] = {}
-
-
-def _field_types(cls: type) -> dict[str, tuple[str, type | None]]:
-    """Each field's declared type, as the text ``_field_value`` dispatches on, and the Python type
-    a JSON value of it has when it needs neither checking nor conversion; once per class.
-    Routers decode every placement and instance record their watches bring (thousands a second
-    under churn: BENCHMARKS.md section 21): listing the dataclass's fields per record, then
-    walking the type chain for each field, took two thirds of an instance record's decoding."""
-    types = _FIELD_TYPES.get(cls)
-    if types is None:
-        fields = dataclasses.fields(cls)
-        types = _FIELD_TYPES[cls] = {f.name: (str(f.type), _EXACT.get(str(f.type))) for f in fields}
-    return types
+@functools.cache
+def _field_types(cls: type) -> dict[str, str]:
+    """A record class's fields and their declared types, read once per class: a router decodes
+    every placement at start (10,000 and more), and ``dataclasses.fields`` each time cost a third."""
+    return {f.name: str(f.type) for f in dataclasses.fields(cls)}
 
 
 def _decode_fields(cls: type[T], data: Any) -> T:
     if not isinstance(data, dict):
         raise BadRecord(f"{cls.__name__} should be a JSON object, not {type(data).__name__}")
-    types = _field_types(cls)
-    kwargs = {}
-    for name, value in data.items():
-        spec = types.get(name)
-        if spec is None:
-            continue  # a field of a newer writer
-        declared, exact = spec
-        # type() is, not isinstance: a bool is not an int here, and an int for a float is converted
-        kwargs[name] = value if type(value) is exact else _field_value(cls, name, declared, value)
+    fields = _field_types(cast(type, cls))  # a class is hashable; mypy cannot tell of a type[T]
+    kwargs = {name: _field_value(cls, name, fields[name], value) for name, value in data.items() if name in fields}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
@@ -110,7 +94,7 @@ def _decode_fields(cls: type[T], data: Any) -> T:
 def _decode(cls: type[T], raw: bytes) -> T:
     global _bad_records
     try:
-        record = _decode_fields(cls, json.loads(raw))
+        record = _decode_fields(cls, orjson.loads(raw))  # 2-3x json's speed; its errors are ValueErrors
         if isinstance(record, VModelRecord) and (record.split or record.sticky_header):
             _check_split(record)
         return record
@@ -143,7 +127,9 @@ class ModelSpec:
     gpu: str = ""
 
     def to_json(self) -> bytes:
-        return _encode(self)
+        # What _encode writes, without dataclasses.asdict's deep copy: every field is flat (a
+        # registration is encoded once per registerModel, on the router's event loop).
+        return json.dumps({name: getattr(self, name) for name in _SPEC_FIELDS}, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> ModelSpec:
@@ -160,6 +146,9 @@ class ModelSpec:
                 self.max_copies, tuple(self.labels), self.gpu_mode) == (
             other.type, other.path, other.key, other.size_hint_bytes, other.min_copies,
             other.max_copies, tuple(other.labels), other.gpu_mode)
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec))
 
 
 @dataclass(frozen=True, slots=True)

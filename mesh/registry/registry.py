@@ -7,10 +7,35 @@ Compare-and-swap loops live with their callers, which know what a conflict means
 
 from __future__ import annotations
 
-from mesh.errors import AlreadyExists, FailedPrecondition
-from mesh.registry.base import Compare, KeyValue, KVStore, Lease, Op
+from dataclasses import dataclass
+
+from mesh.errors import AlreadyExists, FailedPrecondition, MeshError, Unavailable
+from mesh.registry.base import Compare, Create, KeyValue, KVStore, Lease, Op
 from mesh.registry.keys import Keys
 from mesh.registry.records import CRASH, FailureRecord, GraphRecord, ModelSpec, PlacementRecord, VModelRecord
+
+
+@dataclass(frozen=True)
+class Registered:
+    """One item of :meth:`Registry.register_models`: the registration now in the registry (ours, or
+    the same definition found there) and whether this call ``created`` it at ``revision``; or
+    ``error`` (ALREADY_EXISTS, or the registry could not say whether it was written)."""
+
+    spec: ModelSpec | None
+    created: bool = False
+    revision: int = 0
+    error: MeshError | None = None
+
+
+def _taken(spec: ModelSpec, existing: ModelSpec) -> AlreadyExists:
+    return AlreadyExists(
+        f"model {spec.model_id!r} is already registered with a different definition "
+        f"(type={existing.type!r}, path={existing.path!r}); unregister it first or use a new ID")
+
+
+def graph_clash(id_: str, what: str) -> AlreadyExists:
+    return AlreadyExists(f"{what} ID {id_!r} is already an inference graph's ID; a request naming it could "
+                         "not tell which is meant: choose another ID (or delete the graph)")
 
 
 class Registry:
@@ -23,26 +48,82 @@ class Registry:
         kv = await self.store.get(self.keys.model(model_id))
         return ModelSpec.from_json(kv.value) if kv else None
 
-    async def register_model(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
+    async def register_model(self, spec: ModelSpec, *, graph_free: bool = False) -> tuple[ModelSpec, bool]:
         """Create the registration; (existing, False) if the same definition is already there.
 
-        Raises AlreadyExists when the ID is taken by a different definition (ModelMesh's rule).
+        One transaction: the model's key absent (and with ``graph_free``, no inference graph of the
+        same ID: the check rides along instead of costing a read of its own), then the registration
+        and its pin index written together.
+
+        Raises AlreadyExists when the ID is taken by a different definition (ModelMesh's rule), or
+        (``graph_free``) by an inference graph.
         """
         key = self.keys.model(spec.model_id)
+        compares = [Compare("absent", key)]
+        if graph_free:
+            compares.append(Compare("absent", self.keys.graph(spec.model_id)))
+        ops = [Op("put", key, spec.to_json())]
+        if spec.min_copies > 0:
+            ops.append(Op("put", self.keys.pin(spec.model_id), str(spec.min_copies).encode()))
         while True:
-            if await self.store.create(key, spec.to_json()):
-                await self._index_pin(spec)
+            if await self.store.txn(compares, ops):
                 return spec, True
             kv = await self.store.get(key)
             if kv is None:
-                continue  # deleted between our create and get: try again
+                if graph_free and await self.get_graph(spec.model_id) is not None:
+                    raise AlreadyExists(
+                        f"model ID {spec.model_id!r} is already an inference graph's ID; a request naming it "
+                        "could not tell which is meant: choose another ID (or delete the graph)")
+                continue  # deleted between our transaction and the read: try again
             existing = ModelSpec.from_json(kv.value)
             if existing.same_definition(spec):
                 await self._index_pin(existing)  # repairs an index write lost to a crash
                 return existing, False
-            raise AlreadyExists(
-                f"model {spec.model_id!r} is already registered with a different definition "
-                f"(type={existing.type!r}, path={existing.path!r}); unregister it first or use a new ID")
+            raise _taken(spec, existing)
+
+    async def register_models(self, specs: list[ModelSpec]) -> list[Registered]:
+        """Register many models (distinct IDs), grouped into few store round trips
+        (``KVStore.create_many``), with ``register_model``'s rules per item, and one more: an ID
+        that is an inference graph's is refused (ALREADY_EXISTS) in the same transaction as the
+        write, where one-by-one registration checks it just before. The pin index is written in
+        the same transaction as the registration. Not atomic across items (``undo`` removes what
+        a call created).
+
+        An item found with exactly the bytes this call wrote (a round trip sent again after a lost
+        answer: ``create_many``) counts as created: the bytes hold the registration time to the
+        millisecond, so they are this call's own."""
+        items = [Create(self.keys.model(s.model_id), s.to_json(), absent=(self.keys.graph(s.model_id),),
+                        also=((self.keys.pin(s.model_id), str(s.min_copies).encode()),) if s.min_copies > 0 else ())
+                 for s in specs]
+        answers = await self.store.create_many(items)
+        out: list[Registered] = []
+        for spec, item, answer in zip(specs, items, answers, strict=True):
+            if answer.error is not None:
+                out.append(Registered(None, error=answer.error))
+            elif answer.created:
+                out.append(Registered(spec, True, answer.revision))
+            elif answer.existing is not None and answer.existing.value == item.value:
+                out.append(Registered(spec, True, answer.existing.mod_revision))
+            elif answer.existing is not None:
+                existing = ModelSpec.from_json(answer.existing.value)
+                if existing.same_definition(spec):
+                    await self._index_pin(existing)  # repairs an index write lost to a crash
+                    out.append(Registered(existing))
+                else:
+                    out.append(Registered(None, error=_taken(spec, existing)))
+            elif answer.blocker:
+                out.append(Registered(None, error=graph_clash(spec.model_id, "model")))
+            else:  # not written, yet nothing in the way: unregistered and re-registered meanwhile?
+                out.append(Registered(None, error=Unavailable(f"model {spec.model_id!r}: the registry did not "
+                                                              "write it and gave no reason; register it again")))
+        return out
+
+    async def undo(self, spec: ModelSpec, revision: int) -> bool:
+        """Delete a registration this call created at ``revision`` (and its pin), unless it changed
+        since: an all-or-nothing batch that could not be written whole."""
+        key = self.keys.model(spec.model_id)
+        return await self.store.txn([Compare("mod_revision", key, revision)],
+                                    [Op("delete", self.keys.pin(spec.model_id)), Op("delete", key)])
 
     async def delete_model(self, model_id: str) -> bool:
         """Delete the registration unless a vModel refers to it (FailedPrecondition naming them),
@@ -120,11 +201,15 @@ class Registry:
 
     async def repair_refs(self) -> int:
         """Write the refs of every vModel whose refs are missing (written before the index
-        existed); how many were written."""
+        existed); how many were written. Every router runs it at start, before it serves: the
+        refs are listed once and only the missing ones written, so that a start with 10,000
+        vModels costs two listings, not 10,000 etcd round trips."""
+        present = {kv.key for kv in (await self.store.get_prefix(self.keys.refs))[0]}
         written = 0
         for vmodel in await self.list_vmodels():
             for m in vmodel.models():
-                if await self.store.create(self.keys.ref(m, vmodel.vmodel_id), b""):
+                key = self.keys.ref(m, vmodel.vmodel_id)
+                if key not in present and await self.store.create(key, b""):
                     written += 1
         return written
 

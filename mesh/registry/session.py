@@ -15,8 +15,9 @@ publisher would otherwise have to get right on its own:
   old value can never land after a newer ``put`` of the same key.
 
 ``put``/``delete`` raise :class:`~mesh.errors.RegistryUnavailable` when the registry cannot be reached,
-so callers know; the change is still remembered and retried. A ``put`` that meets a lost lease does not
-raise: re-publishing under a new lease is exactly this class's job.
+or :class:`~mesh.errors.RegistryFull` when etcd refuses writes for want of space (its NOSPACE alarm),
+so callers know; the change is still remembered and retried, with the same backoff. A ``put`` that
+meets a lost lease does not raise: re-publishing under a new lease is exactly this class's job.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from types import MappingProxyType
 
 import structlog
 
-from mesh.errors import FailedPrecondition, MeshError, RegistryUnavailable
+from mesh.errors import FailedPrecondition, MeshError
 from mesh.registry.base import KVStore, Lease
 from mesh.tasks import cancel_and_wait, spawn
 
@@ -223,7 +224,7 @@ class RegistrySession:
                         await self._store.delete(key)
                     else:
                         await self._store.put(key, value, lease=self._lease)
-                except (RegistryUnavailable, FailedPrecondition) as exc:
+                except MeshError as exc:  # unreachable, a lost lease, or full (RegistryFull): retried
                     self._log.info("registry write failed; will retry", key=key, error=str(exc))
                     return False
                 self._pending.discard(key)

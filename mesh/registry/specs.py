@@ -12,11 +12,18 @@ it, so the first request for a new model needs no registry read.
 
 Subscribers (the runtime) are told about every change to a registration, so that a loaded copy
 of a model that was unregistered or redefined can be unloaded.
+
+A runtime needs only the deletions (``deletes_only``): a registration is created once and never
+rewritten in place (redefining one is unregistering it and registering it again), so the store
+filters creations out (etcd's NOPUT) and a registration of a model the runtime does not hold
+costs it nothing. Without creations in the watch, a model found missing would stay missing in the
+cache after it is registered; such an answer is kept for ``NEGATIVE_TTL_S`` only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import cachetools
@@ -31,10 +38,11 @@ from mesh.registry.registry import Registry
 log = structlog.get_logger(__name__)
 
 _MISSING = object()
+NEGATIVE_TTL_S = 1.0  # deletes_only: how long "not registered" is believed without a read
 
 
 class SpecCache:
-    def __init__(self, registry: Registry, max_entries: int = 10_000) -> None:
+    def __init__(self, registry: Registry, max_entries: int = 10_000, *, deletes_only: bool = False) -> None:
         self._registry = registry
         self._store: KVStore = registry.store
         self._keys: Keys = registry.keys
@@ -44,6 +52,7 @@ class SpecCache:
         self._reset_listeners: list[Callable[[], None]] = []
         self._start_revision = 0
         self._generation = 0  # bumped on every change, so a lookup racing a change is not cached
+        self._deletes_only = deletes_only
 
     def subscribe(self, on_change: Callable[[str, ModelSpec | None], None],
                   on_reset: Callable[[], None] | None = None) -> None:
@@ -55,14 +64,14 @@ class SpecCache:
 
     async def start(self) -> None:
         """Fix the revision the watch starts from; call before the first ``get``."""
-        _, revision = await self._store.get_prefix(self._keys.models, limit=1)
-        self._start_revision = revision + 1
+        # Not get_prefix(models, limit=1): etcd would count every registration to answer it.
+        self._start_revision = await self._store.current_revision(self._keys.models) + 1
 
     async def run(self) -> None:
         """The watch loop: a root task of its process (it ends only by cancellation)."""
         # After a compaction only the cache is dropped: no relist of every registration.
         async for event in self._store.watch_prefix(self._keys.models, start_revision=self._start_revision,
-                                                      snapshot_on_reset=False):
+                                                      snapshot_on_reset=False, deletes_only=self._deletes_only):
             if isinstance(event, WatchReset):
                 self._generation += 1
                 self._cache.clear()
@@ -84,8 +93,14 @@ class SpecCache:
         value = self._cache.get(model_id, _MISSING)
         return value if isinstance(value, ModelSpec) else None
 
+    def _absent(self) -> object:
+        """What the cache holds for a model not registered: None, or (deletes_only) until when."""
+        return time.monotonic() + NEGATIVE_TTL_S if self._deletes_only else None
+
     async def get(self, model_id: str) -> ModelSpec | None:
         value = self._cache.get(model_id, _MISSING)
+        if isinstance(value, float) and value < time.monotonic():
+            value = _MISSING  # deletes_only: a "not registered" answer past its time
         if value is not _MISSING:
             return value if isinstance(value, ModelSpec) else None
         pending = self._inflight.get(model_id)
@@ -103,21 +118,24 @@ class SpecCache:
         finally:
             self._inflight.pop(model_id, None)
         if generation == self._generation:
-            self._cache[model_id] = spec if spec is not None else None
+            self._cache[model_id] = spec if spec is not None else self._absent()
         future.set_result(spec)
         return spec
 
     def prime(self, spec: ModelSpec, *, replace: bool = True) -> None:
         """Cache a registration this process just wrote or was handed (no registry read)."""
-        if replace or spec.model_id not in self._cache:
+        held = self._cache.get(spec.model_id, _MISSING)
+        if replace or held is _MISSING or (isinstance(held, float) and held < time.monotonic()):
             self._cache[spec.model_id] = spec
 
     def _invalidate(self, model_id: str, spec: ModelSpec | None) -> None:
         self._generation += 1
         # The event carries the new value: keep a cached entry current instead of dropping it, so
         # that a model in use is not read again (and a primed entry survives its own write's event).
-        if model_id in self._cache:
-            self._cache[model_id] = spec
+        # A runtime's (deletes_only) remembers a deletion even of a model it had not looked up, for
+        # a while: a router with a stale cache may hand it the old registration just after.
+        if model_id in self._cache or (spec is None and self._deletes_only):
+            self._cache[model_id] = spec if spec is not None else self._absent()
         for listener in self._listeners:
             try:
                 listener(model_id, spec)

@@ -1,4 +1,14 @@
-"""Assembles and runs one router process (``mesh serve router``)."""
+"""Assembles and runs one router process (``mesh serve router``).
+
+Start-up order. The gRPC port is served as soon as the servers are assembled, with health
+NOT_SERVING and every other call answered UNAVAILABLE (``StartGate``); then the view is built
+(the mirrors list instances, placements, vModels, failures and graphs; registrations are not
+listed: ``SpecCache`` reads them on demand), the background tasks start, the gate opens and
+readiness follows the view. So a probe sees NOT_SERVING, not a refused connection, while a router
+lists 10,000 placements (BENCHMARKS.md, "Router start-up at scale"), and no call is answered from
+a half-built view. A registry that cannot be reached at start is waited for (the same NOT_SERVING,
+a warning per attempt), as it is once serving, rather than ending the process: an orchestrator
+restarting routers would not bring etcd back."""
 
 from __future__ import annotations
 
@@ -12,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh import __version__
 from mesh.auth import TokenTable
-from mesh.errors import Unavailable
+from mesh.errors import MeshError, RegistryUnavailable
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import status_pb2 as st
@@ -46,7 +56,7 @@ from mesh.tasks import Background, RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
 from mesh.transport.auth import interceptors_for
 from mesh.transport.handlers import generic_handler
-from mesh.transport.health import HealthReporter
+from mesh.transport.health import HealthReporter, StartGate
 from mesh.transport.inflight import InflightLimit, trim_soon
 from mesh.transport.runtime_client import RuntimeClient
 from mesh.transport.runtime_link import RuntimeLink
@@ -95,8 +105,14 @@ async def serve_router(settings: Settings, roots: RootTasks,
                                              queue_threshold=rs.scale_queue_threshold,
                                              max_copies=rs.scale_max_copies, hold_s=rs.scale_hold_s))
 
+    # Start-up (module docstring): the port serves health at once, everything else once the view is built.
+    gate = StartGate("the router is starting: its view of the registry is not built yet; retry shortly "
+                     "(its gRPC health says NOT_SERVING until it is)")
+
     def not_ready() -> str | None:
         """Readiness (health service and V2 ServerReady): None when ready, else why not."""
+        if not gate.is_open:
+            return "starting: building the view of the registry"
         if not all(m.ready for m in mirrors):
             return "registry not mirrored yet"
         if not store.connected:
@@ -144,7 +160,7 @@ async def serve_router(settings: Settings, roots: RootTasks,
                   crash_quarantine_s=settings.registry.crash_quarantine_s, clock=scaler.clock)
     # --- end fleet status ---
 
-    server = new_server(rs.max_message_bytes, [*peer_interceptors(settings.tls), *interceptors],
+    server = new_server(rs.max_message_bytes, [gate, *peer_interceptors(settings.tls), *interceptors],
                         max_pending_requests=rs.max_pending_requests,
                         max_streams_per_connection=rs.max_streams_per_connection,
                         max_calls=rs.max_inflight_requests)
@@ -189,14 +205,20 @@ async def serve_router(settings: Settings, roots: RootTasks,
     # Like the gRPC port, a metrics port in use stops the start-up here, before anything serves.
     stop_metrics = metrics.serve(rs.metrics_host, rs.metrics_port, "router")
 
-    for mirror in mirrors:
-        await mirror.start()
-    await specs.start()
+    await health.start()  # NOT_SERVING (liveness SERVING) until the view is built and the gate opens
+    await server.start()
+    roots.spawn(health.follow(not_ready), "readiness")
+    log.info("router listening; building its view of the registry", endpoint=f"{rs.host}:{port}")
+    try:
+        await _build_view(mirrors, specs)
+    except BaseException:
+        await server.stop(grace=None)
+        raise
     # vModels written before the refs index existed get their refs now (idempotent, one registry
     # write per missing ref): deletions check the index, not this router's view.
     try:
         repaired = await registry.repair_refs()
-    except Unavailable as exc:  # the registry is down: the next start repairs; serving goes on
+    except MeshError as exc:  # the registry is down or full: the next start repairs; serving goes on
         log.warning("vModel refs not repaired", error=exc.message)
     else:
         if repaired:
@@ -221,7 +243,6 @@ async def serve_router(settings: Settings, roots: RootTasks,
     if rs.metrics_port >= 0:  # state gauges, and a registry read every 30 s: only when scraped
         metrics.attach(view, scaler.copies_asked)
         roots.spawn(metrics.count_managed(registry.count_models), "count-registered-models")
-    await health.start()
     rest: RestServer | None = None
     if rs.rest_port >= 0:
         rest = RestServer(plane, metrics, max_body_bytes=rs.max_message_bytes,
@@ -231,8 +252,8 @@ async def serve_router(settings: Settings, roots: RootTasks,
         rest_port = await rest.start(rs.host, rs.rest_port, rest_tls)
         rest_url = f"{'https' if rest_tls else 'http'}://{rs.host}:{rest_port}"
         log.info("router REST serving", url=rest_url)
-    await server.start()
-    roots.spawn(health.follow(not_ready), "readiness")
+    gate.open()
+    await health.update(not_ready())  # now, not at the readiness loop's next tick (0.5 s)
     endpoint = f"{rs.host}:{port}"
     log.info("router serving", endpoint=endpoint, registry=settings.registry.url,
              instances=len(view.instances), tls=server_tls is not None, client_auth=settings.tls.client_auth,
@@ -265,3 +286,21 @@ async def serve_router(settings: Settings, roots: RootTasks,
         if stop_metrics is not None:  # last, so that metrics can be read until the end
             await asyncio.to_thread(stop_metrics)
         log.info("router stopped")
+
+
+async def _build_view(mirrors: list[PrefixMirror], specs: SpecCache,
+                      backoff_s: tuple[float, float] = (0.5, 5.0)) -> None:
+    """List every mirrored prefix and fix the spec cache's watch revision, retrying while the
+    registry cannot be reached (a mirror that listed stays listed: ``start`` is idempotent)."""
+    backoff = backoff_s[0]
+    while True:
+        try:
+            for mirror in mirrors:
+                await mirror.start()
+            await specs.start()
+            return
+        except RegistryUnavailable as exc:
+            log.warning("registry unreachable at start; the router stays NOT_SERVING and retries",
+                        error=exc.message, retry_in_s=backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, backoff_s[1])

@@ -236,10 +236,11 @@ class Management:
         on checks its file or storage key exists, without loading it; what it finds is in the
         returned status's errors (the model is registered either way, ModelMesh's contract)."""
         spec = self._spec(model_id, info, load_now=load_now, last_used_ms=last_used_ms)
-        await self._refuse_graph_id(model_id, "model")
-        spec, created = await self._register(spec)
-        if created:
-            log.info("model registered", model_id=model_id, type=spec.type)
+        if model_id in self.view.graphs:  # a graph defined elsewhere: the registration's transaction checks
+            await self._refuse_graph_id(model_id, "model")
+        spec, created = await self._register(spec, graph_free=True)
+        if created:  # debug: a bulk load of a million registrations is not a million log lines
+            log.debug("model registered", model_id=model_id, type=spec.type)
         if self.specs is not None:
             self.specs.prime(spec)  # its first request needs no registry read on this router
         if load_now:
@@ -292,17 +293,18 @@ class Management:
                 + (f"; {hint}" if hint else "; is it a type of a model server (runtime.model_server) or "
                    "a loader plug-in not running here?"))
 
-    async def _register(self, spec: ModelSpec) -> tuple[ModelSpec, bool]:
-        """Register ``spec`` within the caller's quotas (mesh.auth: max_models, max_pinned_copies)."""
+    async def _register(self, spec: ModelSpec, *, graph_free: bool = False) -> tuple[ModelSpec, bool]:
+        """Register ``spec`` within the caller's quotas (mesh.auth: max_models, max_pinned_copies);
+        ``graph_free``: refuse it in the same transaction if a graph has its ID."""
         caller = current_caller()
         if caller is None or not (caller.max_models or caller.max_pinned_copies):
-            return await self.registry.register_model(spec)
+            return await self.registry.register_model(spec, graph_free=graph_free)
         # One check-and-write at a time per token on this router: a burst of concurrent calls
         # cannot all read the same count and all pass (across routers, one each may: docs/security.md).
         async with self._quota_locks.setdefault(caller.name, asyncio.Lock()):
             if await self.registry.get_model(spec.model_id) is None:  # an ID taken is free, or ALREADY_EXISTS
                 await self._check_quota(caller, spec)
-            return await self.registry.register_model(spec)
+            return await self.registry.register_model(spec, graph_free=graph_free)
 
     async def _count_under(self, prefix: str) -> int:
         """Models whose ID is ``prefix`` or starts with it at a boundary (mesh.paths.under_prefix)."""
@@ -470,7 +472,10 @@ class Management:
     async def set_vmodel(self, vmodel_id: str, target_model_id: str, *, owner: str = "",
                          update_only: bool = False, info: ModelInfoData | None = None,
                          auto_delete: bool = False, load_now: bool = False, force: bool = False,
-                         sync: bool = False, expected_target: str = "") -> VModelStatus:
+                         sync: bool = False, expected_target: str = "",
+                         registered: tuple[ModelSpec, bool] | None = None) -> VModelStatus:
+        """``registered``: the target was registered already by the caller with ``info`` (the bulk
+        registration, mesh.router.bulk: the spec and whether that call created it)."""
         check_model_id(vmodel_id)
         check_model_id(target_model_id)
         if len(owner) > MAX_OWNER_CHARS:
@@ -478,7 +483,9 @@ class Management:
         await self._refuse_graph_id(vmodel_id, "vModel")
         caller = current_caller()
         created = False
-        if info is not None:
+        if registered is not None:
+            spec, created = registered
+        elif info is not None:
             await self._refuse_graph_id(target_model_id, "model")
             spec, created = await self._register(
                 self._spec(target_model_id, info, load_now=load_now, last_used_ms=0))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from mesh.errors import InvalidArgument
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
+from mesh.router.bulk import MAX_BYTES, MAX_ITEMS, BulkItem, BulkRegistration
 from mesh.router.management import Management, ModelInfoData, ModelStatus, VModelStatus
 from mesh.transport.metadata import CHECK_SOURCE, RETRY_FAILED, flagged
 from mesh.transport.status import handled
@@ -47,6 +49,7 @@ def vmodel_status_pb(status: VModelStatus) -> mm.VModelStatusInfo:
 class ModelMeshServicer(mm_grpc.ModelMeshServicer):
     def __init__(self, management: Management) -> None:
         self._m = management
+        self._bulk = BulkRegistration(management)
 
     @handled(ORIGIN)
     async def registerModel(
@@ -56,6 +59,27 @@ class ModelMeshServicer(mm_grpc.ModelMeshServicer):
                                               load_now=request.loadNow, sync=request.sync,
                                               last_used_ms=request.lastUsedTime, check_source=check)
         return model_status_pb(status)
+
+    @handled(ORIGIN)
+    async def registerModels(
+            self, request: mm.RegisterModelsRequest, context: grpc.aio.ServicerContext) -> mm.RegisterModelsResponse:
+        # The bounds first, before anything is decoded further, read or written.
+        if len(request.items) > MAX_ITEMS:
+            raise InvalidArgument(f"registerModels got {len(request.items):,} items; the limit is {MAX_ITEMS:,} "
+                                  "a call (send several calls)")
+        size = request.ByteSize()
+        if size > MAX_BYTES:
+            raise InvalidArgument(f"registerModels got {size:,} bytes; the limit is {MAX_BYTES:,} a call "
+                                  "(send several calls)")
+        items = [BulkItem(model_id=it.modelId, info=_info(it.modelInfo), load_now=it.loadNow, vmodel_id=it.vModelId,
+                          owner=it.owner, auto_delete=it.autoDeleteTargetModel) for it in request.items]
+        out = mm.RegisterModelsResponse()
+        for r in await self._bulk.register(items, all_or_nothing=request.allOrNothing):
+            result = out.results.add(index=r.index, modelId=r.model_id, code=r.code, message=r.message,
+                                     created=r.created)
+            if r.vmodel is not None:
+                result.vModelStatus.CopyFrom(vmodel_status_pb(r.vmodel))
+        return out
 
     @handled(ORIGIN)
     async def unregisterModel(

@@ -260,7 +260,7 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
                              device_executors=device_pools,
                              before_load=lambda entry: publisher.announce(entry), fetch=puller,
                              process_activity=IMPORTS.activity)
-    specs = SpecCache(registry, max_entries=10_000)
+    specs = SpecCache(registry, max_entries=10_000, deletes_only=True)  # it needs deletions only
     metrics = RuntimeMetrics(per_model=rs.per_model_metrics)
     puller.metrics = metrics
     service = RuntimeService(instance_id=instance_id, cache=cache, specs=specs,

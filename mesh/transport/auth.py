@@ -41,9 +41,7 @@ from mesh.gen.inference import grpc_service_pb2 as pb
 from mesh.gen.mmesh import graphs_pb2 as gp
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import status_pb2 as st
-from mesh.paths import confine
 from mesh.settings import AuthSettings
-from mesh.storage.location import locate
 from mesh.transport.metadata import model_selection
 from mesh.transport.status import abort
 from mesh.transport.wire import read_model_name
@@ -89,13 +87,10 @@ def _management_check(method: str, request_cls: type[Message], roots: tuple[str,
             value = getattr(request, name)
             if value:  # an empty ID is the handler's INVALID_ARGUMENT, not a permission question
                 principal.check_model(value, what)
-        if with_info and request.HasField("modelInfo") and request.modelInfo.path:
-            info = request.modelInfo
-            location = locate(info.path, info.key)  # INVALID_ARGUMENT for a malformed one
-            if location is not None:
-                principal.check_storage(location.key_name, location.type_hint, location.params.get("name", ""))
-            elif principal.paths:
-                principal.check_path(confine(info.path, roots))
+        if with_info and request.HasField("modelInfo"):
+            principal.check_source(request.modelInfo.path, request.modelInfo.key, roots)
+        # registerModels (bulk): its items are checked one by one by the handler
+        # (mesh.router.bulk), which reports a refused item and writes none of it.
 
     return check
 

@@ -20,7 +20,8 @@ service. Each change is logged once, with the reason when not ready.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 import structlog
@@ -43,6 +44,7 @@ class HealthReporter:
         self.servicer = add_health(server)
         self._names = ("", *services)
         self.ready: bool | None = None
+        self._why: str | None = None  # the reason last logged for not serving
         self._leaving = False
 
     async def serve_plaintext(self, host: str, port: int) -> grpc.aio.Server | None:
@@ -66,11 +68,13 @@ class HealthReporter:
 
     async def update(self, why_not: str | None) -> None:
         ready = why_not is None and not self._leaving
-        if ready == self.ready:
-            return
-        self.ready = ready
-        for name in self._names:
-            await self.servicer.set(name, _SERVING if ready else _NOT_SERVING)
+        if ready == self.ready and (ready or self._leaving or why_not == self._why):
+            return  # no change (a new reason for not serving is logged: "starting" gives way to another)
+        self._why = why_not
+        changed, self.ready = ready != self.ready, ready
+        if changed:
+            for name in self._names:
+                await self.servicer.set(name, _SERVING if ready else _NOT_SERVING)
         if ready:
             log.info("readiness: serving")
         elif self._leaving:
@@ -88,3 +92,49 @@ class HealthReporter:
         """Start of shutdown: NOT_SERVING for good (liveness stays until the server stops)."""
         self._leaving = True
         await self.update("shutting down")
+
+
+class StartGate(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type stubs
+    """Answers every call but health, V2 ServerLive / ServerReady (and reflection) UNAVAILABLE
+    until ``open()``.
+
+    A router serves its port from the moment it can, so that probes get an honest NOT_SERVING
+    while it builds its view of the registry (seconds, with many placements), instead of a refused
+    connection. Calls that arrive meanwhile must not be answered from a half-built view (a loaded
+    model would look unloaded, a vModel unknown): they get UNAVAILABLE, which clients retry.
+    Once open, a call costs one attribute read here."""
+
+    # The V2 liveness and readiness calls answer for themselves (live: true; ready: false).
+    ALWAYS = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/inference.GRPCInferenceService/ServerLive",
+              "/inference.GRPCInferenceService/ServerReady")
+
+    def __init__(self, message: str) -> None:
+        self.is_open = False
+        self._message = message
+
+    def open(self) -> None:
+        self.is_open = True
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if self.is_open or handler is None or handler_call_details.method.startswith(self.ALWAYS):
+            return handler
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._message)
+
+        # A handler of the same shape, so that gRPC reads the request as the method expects.
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(refuse, handler.request_deserializer,
+                                                        handler.response_serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(refuse, handler.request_deserializer,
+                                                     handler.response_serializer)

@@ -507,6 +507,24 @@ async def test_a_model_or_vmodel_never_takes_a_graphs_id(mesh: InProcessMesh, mo
     # The graph still answers.
     np.testing.assert_allclose((await infer(mesh, "pipeline"))["predict"], X @ W_A, rtol=1e-9, atol=1e-9)
 
+    # A graph this router has not seen yet (written past the API, as another router would, just
+    # now): the registration's own transaction finds it, and writes nothing.
+    store, prefix = open_store(mesh.registry_url)
+    try:
+        registry = Registry(store, prefix)
+        await registry.put_graph(GraphRecord("elsewhere", seq({"serviceName": "a"})), expected_revision=None)
+        code, message = await error_of(mesh.register("elsewhere", "sklearn", str(models["c"])))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+        assert "model ID 'elsewhere' is already an inference graph's" in message
+        assert await registry.get_model("elsewhere") is None
+        from mesh.errors import AlreadyExists
+        from mesh.registry.records import ModelSpec
+        with pytest.raises(AlreadyExists, match="already an inference graph's ID"):  # the transaction's check itself
+            await registry.register_model(ModelSpec("elsewhere", "sklearn", path="/m"), graph_free=True)
+        assert await registry.get_model("elsewhere") is None
+    finally:
+        await store.close()
+
     # Two routers racing can still make a vModel and a graph of one ID (written here past the API,
     # as the other router would): the graph's status says SHADOWED, and a split is refused.
     await mesh.mesh.setVModel(mm.SetVModelRequest(vModelId="raced", targetModelId="c"), timeout=10)

@@ -400,3 +400,6 @@ def test_router_refusals_become_failure_reasons() -> None:
     # anything else is retried, not reported
     assert refusal(Unavailable("router 127.0.0.1:1: UNAVAILABLE: failed to connect"), reg) is None
     assert refusal(Unavailable("registry unavailable"), reg) is None
+    # etcd at its quota (RegistryFull, via the router): retried until an operator makes room
+    assert refusal(ResourceExhausted("etcd database space exceeded (database at its quota: 16.0 MiB): ..."),
+                   reg) is None

@@ -235,6 +235,27 @@ async def test_watch_replays_history_in_order_then_follows(h: Harness) -> None:
     assert [e for e in await second] == got[2:]
 
 
+async def test_a_deletes_only_watch_never_sees_a_put(h: Harness) -> None:
+    # What a runtime's registration watch is (mesh.registry.specs): etcd's NOPUT filter, so that
+    # registrations of models a runtime does not hold never reach it.
+    s = h.store
+    start = await revision(s) + 1
+    await s.put("/d/a", b"1")
+    await s.put("/d/b", b"2")
+    await s.delete("/d/a")
+    await s.put("/d/a", b"3")
+    await s.delete("/d/b")
+    got: list[Item] = []
+    async with aclosing(s.watch_prefix("/d/", start_revision=start, deletes_only=True)) as items:
+        async with asyncio.timeout(WAIT_S):
+            async for item in items:
+                got.append(item)
+                if len(got) == 2:
+                    break
+    assert [(e.type, e.key) for e in got if isinstance(e, WatchEvent)] == [
+        (EventType.DELETE, "/d/a"), (EventType.DELETE, "/d/b")]
+
+
 async def test_compaction_gives_a_reset_with_the_snapshot(h: Harness) -> None:
     s = h.store
     start = await revision(s) + 1

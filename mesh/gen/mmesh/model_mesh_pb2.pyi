@@ -7,6 +7,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RegisterModelsItem(_message.Message):
+    __slots__ = ("modelId", "modelInfo", "loadNow", "vModelId", "owner", "autoDeleteTargetModel")
+    MODELID_FIELD_NUMBER: _ClassVar[int]
+    MODELINFO_FIELD_NUMBER: _ClassVar[int]
+    LOADNOW_FIELD_NUMBER: _ClassVar[int]
+    VMODELID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    AUTODELETETARGETMODEL_FIELD_NUMBER: _ClassVar[int]
+    modelId: str
+    modelInfo: ModelInfo
+    loadNow: bool
+    vModelId: str
+    owner: str
+    autoDeleteTargetModel: bool
+    def __init__(self, modelId: _Optional[str] = ..., modelInfo: _Optional[_Union[ModelInfo, _Mapping]] = ..., loadNow: _Optional[bool] = ..., vModelId: _Optional[str] = ..., owner: _Optional[str] = ..., autoDeleteTargetModel: _Optional[bool] = ...) -> None: ...
+
+class RegisterModelsRequest(_message.Message):
+    __slots__ = ("items", "allOrNothing")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ALLORNOTHING_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RegisterModelsItem]
+    allOrNothing: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[RegisterModelsItem, _Mapping]]] = ..., allOrNothing: _Optional[bool] = ...) -> None: ...
+
+class RegisterModelsResult(_message.Message):
+    __slots__ = ("index", "modelId", "code", "message", "created", "vModelStatus")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    MODELID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    VMODELSTATUS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    modelId: str
+    code: str
+    message: str
+    created: bool
+    vModelStatus: VModelStatusInfo
+    def __init__(self, index: _Optional[int] = ..., modelId: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., created: _Optional[bool] = ..., vModelStatus: _Optional[_Union[VModelStatusInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterModelsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[RegisterModelsResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[RegisterModelsResult, _Mapping]]] = ...) -> None: ...
+
 class RegisterModelRequest(_message.Message):
     __slots__ = ("modelId", "modelInfo", "loadNow", "sync", "lastUsedTime")
     MODELID_FIELD_NUMBER: _ClassVar[int]

@@ -84,6 +84,11 @@ class ModelMeshStub:
                 request_serializer=mmesh_dot_model__mesh__pb2.PromoteVModelRequest.SerializeToString,
                 response_deserializer=mmesh_dot_model__mesh__pb2.VModelStatusInfo.FromString,
                 _registered_method=True)
+        self.registerModels = channel.unary_unary(
+                '/mmesh.ModelMesh/registerModels',
+                request_serializer=mmesh_dot_model__mesh__pb2.RegisterModelsRequest.SerializeToString,
+                response_deserializer=mmesh_dot_model__mesh__pb2.RegisterModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ModelMeshServicer:
@@ -167,6 +172,18 @@ class ModelMeshServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def registerModels(self, request, context):
+        """mesh-serving addition: registers many models in one call (at most 1,000
+        items and 4 MiB; a call over either is refused with INVALID_ARGUMENT before
+        anything is written). Each item is checked, authorized and counted against
+        the token's quotas as registerModel would, and gets its own result; the call
+        itself succeeds even when items fail. A new RPC, so that ModelMesh's own
+        clients and servers are untouched (one that knows it not answers UNIMPLEMENTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelMeshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +236,11 @@ def add_ModelMeshServicer_to_server(servicer, server):
                     servicer.promoteVModel,
                     request_deserializer=mmesh_dot_model__mesh__pb2.PromoteVModelRequest.FromString,
                     response_serializer=mmesh_dot_model__mesh__pb2.VModelStatusInfo.SerializeToString,
+            ),
+            'registerModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.registerModels,
+                    request_deserializer=mmesh_dot_model__mesh__pb2.RegisterModelsRequest.FromString,
+                    response_serializer=mmesh_dot_model__mesh__pb2.RegisterModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -491,6 +513,33 @@ class ModelMesh:
             '/mmesh.ModelMesh/promoteVModel',
             mmesh_dot_model__mesh__pb2.PromoteVModelRequest.SerializeToString,
             mmesh_dot_model__mesh__pb2.VModelStatusInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def registerModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mmesh.ModelMesh/registerModels',
+            mmesh_dot_model__mesh__pb2.RegisterModelsRequest.SerializeToString,
+            mmesh_dot_model__mesh__pb2.RegisterModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
