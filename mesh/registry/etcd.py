@@ -9,7 +9,10 @@ Design decisions:
 
 * **Endpoints.** One aetcd client (one gRPC channel) per endpoint. Calls go to the current one; on a
   connection failure the next endpoint is tried within the same deadline, and the current one moves on,
-  so the next call starts at a member that answered. Conditional writes (``create``, ``replace``,
+  so the next call starts at a member that answered. Each store starts at a member picked at random
+  (``first`` fixes it): a member serves the watches of the clients connected to it, so the routers of
+  a fleet, all given the same list, spread their watch fan-out over the members instead of all
+  watching the first one listed (BENCHMARKS.md, section 23). Conditional writes (``create``, ``replace``,
   ``delete``) move on only when the request was never sent (gRPC could not connect): after a timeout or
   a dropped stream the write may have been applied, and a replayed ``create`` would wrongly answer
   False. A deadline is never retried elsewhere, whatever the call.
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -269,6 +273,7 @@ class EtcdStore:
         clock: Callable[[], float] = time.monotonic,
         security: EtcdSecurity | None = None,
         max_txn_ops: int = MAX_TXN_OPS,
+        first: int | None = None,
     ) -> None:
         if not endpoints:
             raise InvalidArgument("EtcdStore needs at least one endpoint")
@@ -283,7 +288,7 @@ class EtcdStore:
         self._backoff_initial, self._backoff_max = watch_backoff_s
         self._clock = clock
         self._clients = [self._client(e) for e in self.endpoints]
-        self._current = 0
+        self._current = random.randrange(len(self._clients)) if first is None else first % len(self._clients)
         self._keepalives: dict[int, asyncio.Task[None]] = {}
         self._closed = False
         self._closed_event = asyncio.Event()  # wakes watches sleeping in their backoff

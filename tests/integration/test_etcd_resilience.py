@@ -256,7 +256,7 @@ async def test_fails_over_to_the_next_endpoint(etcd: EtcdProcess, silent_endpoin
         await store.close()
     # A silent member uses up the call's deadline (a write may have landed: never replayed
     # elsewhere), but the next call starts at the following member.
-    store2 = EtcdStore([silent_endpoint, etcd.endpoint], timeout_s=0.5)
+    store2 = EtcdStore([silent_endpoint, etcd.endpoint], timeout_s=0.5, first=0)
     try:
         with pytest.raises(RegistryUnavailable, match=silent_endpoint):
             await store2.get("/app/k")

@@ -678,3 +678,18 @@ async def test_transactions_write_all_or_nothing_on_their_conditions(h: Harness)
     assert await s.txn([Compare("mod_revision", "/t/a", a.mod_revision), Compare("absent", "/t/c")],
                        [Op("put", "/t/c", b"3"), Op("delete_prefix", "/t/refs/")])
     assert (await s.get("/t/c")) is not None and (await s.get_prefix("/t/refs/"))[0] == []
+
+
+async def test_stores_given_the_same_members_start_at_different_ones() -> None:
+    """A member serves the watches of its own clients: a fleet's routers, all given one list,
+    spread their watches over the members instead of all starting at the first listed."""
+    endpoints = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]  # never dialled: nothing is called
+    starts = set()
+    for _ in range(60):  # all three picked: 1 - 3 x (2/3)^60, certain in practice
+        store = EtcdStore(endpoints)
+        starts.add(store.endpoints[store._current])
+        await store.close()
+    assert starts == set(endpoints)
+    fixed = EtcdStore(endpoints, first=1)
+    assert fixed.endpoints[fixed._current] == endpoints[1]
+    await fixed.close()
