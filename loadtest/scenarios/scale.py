@@ -79,7 +79,6 @@ from mesh.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from mesh.gen.mmesh import model_mesh_pb2 as mm
 from mesh.gen.mmesh import model_mesh_pb2_grpc as mm_grpc
 from mesh.registry import open_store
-from mesh.registry.base import Compare, Op
 from mesh.registry.keys import Keys
 from mesh.registry.records import ModelSpec
 
@@ -199,7 +198,6 @@ class Scale:
         self.args = args
         self.echo = echo
         self.echoed = bytes_call(echo_channel, ECHO_METHOD) if echo_channel is not None else None
-        self.raw_done = 0
         self.cluster = cluster
         self.router = router
         self.runtime = runtime
@@ -268,33 +266,6 @@ class Scale:
         await asyncio.gather(*(worker() for _ in range(self.args.in_flight)))
         return time.perf_counter() - t0
 
-    async def raw_etcd_creates(self, n: int) -> dict[str, Any]:
-        """etcd's own rate for the registrations' writes: the same create-if-absent transaction
-        (key absent -> put), the same client library (``EtcdStore.txn`` over aetcd's channel), the
-        same concurrency and a value of a registration's size, from this process, on keys of the
-        same length outside the registry (``/raw-bench/mesh/models/...``: no process watches them)."""
-        store, prefix = open_store(self.cluster.registry_url)
-        base = self.raw_done
-        value = ModelSpec(model_id(0), "sklearn", path=f"/scale/{model_id(0)}/model.joblib",
-                          registered_ms=int(time.time() * 1000), last_used_ms=int(time.time() * 1000)).to_json()
-        failed = 0
-
-        async def create(i: int) -> None:
-            nonlocal failed
-            key = f"/raw-bench{prefix}models/{model_id(base + i)}"  # outside the registry: nobody watches it
-            if not await store.txn([Compare("absent", key)], [Op("put", key, value)]):
-                failed += 1
-        try:
-            cpu0 = self._cpu()
-            seconds = await self._spread(n, create)
-            cpu1 = self._cpu()
-        finally:
-            await store.close()
-        self.raw_done += n
-        return {"creates": n, "failed": failed, "seconds": round(seconds, 2), "per_second": round(n / seconds, 1),
-                "etcd_cpu_ms": round((cpu1["etcd"] - cpu0["etcd"]) * 1000 / n, 3),
-                "client_cpu_ms": round((cpu1["client"] - cpu0["client"]) * 1000 / n, 3)}
-
     async def echo_floor(self, n: int) -> dict[str, Any]:
         """The bare grpc.aio echo server's CPU per request (``loadtest.echo_server``), for a request
         of a registration's size at the same concurrency: the floor a Python gRPC server pays."""
@@ -309,7 +280,7 @@ class Scale:
 
     async def yardsticks(self, added: int, register: dict[str, Any]) -> dict[str, Any]:
         n = min(added, YARDSTICK_CALLS)
-        raw = await self.raw_etcd_creates(n)
+        raw = await raw_etcd_creates(self.cluster.registry_url, n, self.args.in_flight, self.etcd)
         out: dict[str, Any] = {"raw_etcd": raw,
                                "share_of_etcd": round(register["per_second"] / raw["per_second"], 3)}
         if self.echo is not None:
