@@ -92,6 +92,7 @@ WARM_UNCOUNTED = 100
 SETTLE_S = 2.0
 YARDSTICK_CALLS = 20_000  # raw etcd creates and echo calls per step (fewer when the step adds fewer)
 TARGET_ETCD_SHARE = 0.3  # issue 22: registrations/s at least this share of etcd's own create rate
+TARGET_BULK_SHARE = 1.0  # issue 22, registerModels: at least etcd's own single-key rate (grouping beats it)
 TARGET_ECHO_RATIO = 2.0  # issue 22: router CPU per registration at most this many echo requests' CPU
 NOT_LOADED = mm.ModelStatusInfo.ModelStatus.Value("NOT_LOADED")
 
@@ -434,6 +435,7 @@ def render(result: dict[str, Any]) -> str:
         reg_rows.append([f"{s['models'] - r['added']:,} -> {s['models']:,}", r["seconds"], r["per_second"],
                          r["last_tenth_per_second"], sum(r["errors"].values()), cpu["router"], cpu["etcd"],
                          cpu["runtime"], cpu["client"]])
+    target_share = TARGET_BULK_SHARE if result["settings"].get("bulk") else TARGET_ETCD_SHARE
     yard_rows = []
     for s in steps:
         if "yardsticks" not in s:
@@ -443,7 +445,7 @@ def render(result: dict[str, Any]) -> str:
         echo_cpu = y["echo"]["cpu_ms_per_request"] if "echo" in y else "-"
         versus_echo = f"{ratio} ({'met' if ratio <= TARGET_ECHO_RATIO else 'missed'})" if ratio is not None else "-"
         yard_rows.append([f"{s['models']:,}", r["per_second"], y["raw_etcd"]["per_second"],
-                          f"{share} ({'met' if share >= TARGET_ETCD_SHARE else 'missed'})",
+                          f"{share} ({'met' if share >= target_share else 'missed'})",
                           r["cpu_ms_per_registration"]["router"], echo_cpu, versus_echo,
                           r["cpu_ms_per_registration"]["runtime"]])
     mem_rows = [[s["models"], s["memory"]["router"]["rss_mb"], s["memory"]["router"]["uss_mb"],
@@ -464,7 +466,7 @@ def render(result: dict[str, Any]) -> str:
         table(["registered", "seconds", "reg/s", "reg/s, last tenth", "errors", "router CPU ms", "etcd CPU ms",
                "runtime CPU ms", "client CPU ms"], reg_rows), "",
         f"Against the same run's yardsticks: etcd's own create-if-absent transactions (same client "
-        f"library, concurrency and value size; target: registrations >= {TARGET_ETCD_SHARE}x) and a bare "
+        f"library, concurrency and value size; target: registrations >= {target_share}x) and a bare "
         f"grpc.aio echo server's CPU per request (target: router <= {TARGET_ECHO_RATIO}x); runtime CPU per "
         "registration of a model it does not hold (target ~0):", "",
         table(["registered", "reg/s", "etcd creates/s", "share of etcd", "router CPU ms", "echo CPU ms",
