@@ -11,9 +11,17 @@ puts the registration rate beside that raw rate, same run.
 
 The standard suite runs one step of 100,000 (``SUITE_ARGS``, about 2 minutes on two cores). The
 million-registration run is a command of its own, ``python -m loadtest.scenarios.scale --models
-100000,1000000 --json`` (the default steps): the router needs about 0.63 ms of CPU per
-registration, so one router registers at most about 1,500/s and the run takes 12 to 15 minutes
-on two quiet cores (etcd's database then holds about 350 MB, well inside its default 2 GiB quota).
+100000,1000000 --json`` (the default steps): one call per registration, the router needs about
+0.7 ms of CPU each and one router registers about 1,150/s on two cores shared with etcd and this
+client (the run takes about 15 minutes); with ``--bulk 1000`` the million takes about 75 s. etcd's
+database then holds about 350-430 MB, inside its default 2 GiB quota.
+
+Yardsticks, same run: after each step's registrations, etcd's own single-key create-if-absent
+rate (``raw_etcd_creates``, up to 20,000 transactions at the step's concurrency) and a bare
+grpc.aio echo server's CPU per request of a registration's size (``loadtest.echo_server``), so that
+the report can say registrations/s as a share of etcd's rate (issue 22: at least 0.3x one call at
+a time, 1.0x in bulk) and the router's CPU per registration as a multiple of the echo server's
+(at most 2x).
 
 Method. One private etcd, one runtime and one router, separate processes on 127.0.0.1
 (``loadtest.cluster``). ``W`` (20) small scikit-learn models are trained, registered and loaded
