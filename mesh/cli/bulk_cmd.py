@@ -150,17 +150,21 @@ def read_items(stream: TextIO, name: str) -> list[Line]:
             lines.append(Line(number, item_of(record)))
         except ValueError as exc:
             raise Malformed(f"{name}:{number}", str(exc)) from None
+        except RecursionError:  # a key nested past what json reads
+            raise Malformed(f"{name}:{number}", "a field is nested too deeply") from None
     return lines
 
 
 def _json_lines(text: str, name: str) -> Iterator[tuple[int, Any]]:
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a JSON string
         if not raw.strip():
             continue
         try:
             record = json.loads(raw)
         except ValueError as exc:
             raise Malformed(f"{name}:{number}", f"not JSON: {exc}") from None
+        except RecursionError:
+            raise Malformed(f"{name}:{number}", "not JSON this command reads: nested too deeply") from None
         if not isinstance(record, dict):
             raise Malformed(f"{name}:{number}", "a line must be a JSON object")
         yield number, record
@@ -263,8 +267,10 @@ def register_from(args: argparse.Namespace, client: RouterClient) -> int:
                 progress.update(len(outcome), failed)
 
     run(lines)
-    retry = [line for line in lines if outcome[line.number].code == "UNAVAILABLE"]
-    if retry:  # not known whether they were written: the same registration again is safe
+    # Not known whether they were written: the same registration again is safe, except in an
+    # all-or-nothing call (the router undid what it could; sending a part again would register a part).
+    retry = [] if args.all_or_nothing else [line for line in lines if outcome[line.number].code == "UNAVAILABLE"]
+    if retry:
         run(retry)
     seconds = time.monotonic() - t0
     failures = [(line, outcome[line.number]) for line in lines if outcome[line.number].code != "OK"]

@@ -16,7 +16,6 @@ would give: (the registration, whether this call created it), or its error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from mesh.registry.records import ModelSpec
 from mesh.registry.registry import Registry
@@ -39,8 +38,8 @@ class RegistrationCoalescer:
         while (queued := self._pending.get(spec.model_id)) is not None:
             # The same ID is queued already (a client's retry, or two callers racing): one batch
             # may not hold a key twice, so this one goes after that one's answer, into a later batch.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(queued[1])
+            # asyncio.wait: that answer's outcome (an error, or its caller gone) is not this call's.
+            await asyncio.wait([queued[1]])
         answer: Answer = asyncio.get_running_loop().create_future()
         self._pending[spec.model_id] = (spec, answer)
         self._schedule()

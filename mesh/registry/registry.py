@@ -103,12 +103,15 @@ class Registry:
             elif answer.existing is not None and answer.existing.value == item.value:
                 out.append(Registered(spec, True, answer.existing.mod_revision))
             elif answer.existing is not None:
-                existing = ModelSpec.from_json(answer.existing.value)
-                if existing.same_definition(spec):
-                    await self._index_pin(existing)  # repairs an index write lost to a crash
-                    out.append(Registered(existing))
-                else:
-                    out.append(Registered(None, error=_taken(spec, existing)))
+                try:  # one item's trouble (a malformed record, a pin not written) is its own answer
+                    existing = ModelSpec.from_json(answer.existing.value)
+                    if existing.same_definition(spec):
+                        await self._index_pin(existing)  # repairs an index write lost to a crash
+                        out.append(Registered(existing))
+                    else:
+                        out.append(Registered(None, error=_taken(spec, existing)))
+                except MeshError as exc:
+                    out.append(Registered(None, error=exc))
             elif answer.blocker:
                 out.append(Registered(None, error=graph_clash(spec.model_id, "model")))
             else:  # not written, yet nothing in the way: unregistered and re-registered meanwhile?
@@ -122,6 +125,14 @@ class Registry:
         key = self.keys.model(spec.model_id)
         return await self.store.txn([Compare("mod_revision", key, revision)],
                                     [Op("delete", self.keys.pin(spec.model_id)), Op("delete", key)])
+
+    async def undo_if_written(self, spec: ModelSpec) -> bool:
+        """Undo a registration whose write went unanswered (it may have been applied): delete it if
+        the registry holds exactly this call's bytes (they carry its registration time to the ms)."""
+        kv = await self.store.get(self.keys.model(spec.model_id))
+        if kv is None or kv.value != spec.to_json():
+            return False
+        return await self.undo(spec, kv.mod_revision)
 
     async def delete_model(self, model_id: str) -> bool:
         """Delete the registration unless a vModel refers to it (FailedPrecondition naming them),

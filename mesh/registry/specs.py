@@ -41,7 +41,9 @@ from mesh.registry.registry import Registry
 log = structlog.get_logger(__name__)
 
 _MISSING = object()
-NEGATIVE_TTL_S = 1.0  # deletes_only: how long a deletion keeps a handed-over registration out
+# deletes_only: how long a deletion keeps a handed-over registration out (a router's watch may lag
+# that long behind an unregistration and a new registration of the same ID; its readiness goes first)
+NEGATIVE_TTL_S = 60.0
 
 
 class SpecCache:

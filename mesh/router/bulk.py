@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import structlog
 
 from mesh.auth import Principal, current_caller
-from mesh.errors import Code, InvalidArgument, MeshError, ResourceExhausted
+from mesh.errors import Code, InvalidArgument, MeshError, ResourceExhausted, Unavailable
 from mesh.ids import check_model_id
 from mesh.registry.records import ModelSpec
 from mesh.registry.registry import graph_clash
@@ -186,7 +186,8 @@ class BulkRegistration:
     async def _write(self, specs: dict[int, ModelSpec], results: list[BulkResult], all_or_nothing: bool) -> None:
         """Step 3; with ``all_or_nothing``, a write that fails undoes the call's own."""
         order = sorted(specs)
-        answers = await self.m.registry.register_models([specs[i] for i in order])
+        asked = [specs[i] for i in order]
+        answers = await self.m.registry.register_models(asked)
         for i, answer in zip(order, answers, strict=True):
             if answer.error is not None or answer.spec is None:
                 results[i].fail(answer.error or InvalidArgument("not registered"))
@@ -195,14 +196,16 @@ class BulkRegistration:
                 specs[i] = answer.spec
                 results[i].created = answer.created
         if all_or_nothing and len(specs) < len(order):
-            for i, answer in zip(order, answers, strict=True):
-                if answer.created and answer.spec is not None:
-                    try:
+            for i, mine, answer in zip(order, asked, answers, strict=True):
+                try:
+                    if answer.created and answer.spec is not None:
                         await self.m.registry.undo(answer.spec, answer.revision)
-                    except MeshError as exc:
-                        log.warning("could not undo a registration of a failed all-or-nothing batch",
-                                    model_id=answer.spec.model_id, error=exc.message)
-                    results[i].created = False
+                    elif isinstance(answer.error, Unavailable):  # unanswered: it may have been written
+                        await self.m.registry.undo_if_written(mine)
+                except MeshError as exc:
+                    log.warning("could not undo a registration of a failed all-or-nothing batch",
+                                model_id=mine.model_id, error=exc.message)
+                results[i].created = False
             specs.clear()
             _abort(results)
             return

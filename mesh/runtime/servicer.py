@@ -193,7 +193,8 @@ def add_to_server(server: grpc.aio.Server, service: RuntimeService, status: dict
     async def multiplexed(frame: RequestFrame) -> bytes:
         if frame.spec and trust_frame_specs:
             # The router's copy of the registration, for this very model only: used if ours is not
-            # cached; our registry watch keeps what we cache current either way.
+            # cached and the model was not deleted lately (mesh.registry.specs: our watch carries
+            # deletions only, so a deletion is remembered for NEGATIVE_TTL_S against stale copies).
             try:
                 spec = ModelSpec.from_json(frame.spec)
             except BadRecord:

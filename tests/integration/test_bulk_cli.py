@@ -95,6 +95,10 @@ async def test_csv_and_stdin(mesh: InProcessMesh, tmp_path: Path) -> None:
     stdin = b'{"id": "stdin-1", "type": "sklearn", "path": "/m/s.joblib"}\n'
     code, out, err = await cli(mesh, "model", "register", "--from", "-", stdin=stdin)
     assert code == 0 and "registered 1 of 1 models from -" in out, (out, err)
+    # a line separator (U+2028) inside a JSON string is part of the line, not the end of one
+    stdin = '{"id": "stdin-2", "type": "sklearn", "path": "/m/a\u2028b.joblib"}\n'.encode()
+    code, out, err = await cli(mesh, "model", "register", "--from", "-", stdin=stdin)
+    assert code == 0 and "registered 1 of 1 models from -" in out, (out, err)
 
 
 @pytest.mark.parametrize(("content", "where", "why"), [
@@ -106,6 +110,8 @@ async def test_csv_and_stdin(mesh: InProcessMesh, tmp_path: Path) -> None:
     ("id,type\na,sklearn\nb,sklearn,extra\n", ":3:", "3 cells; the header has 2"),
     ("id,type,colour\na,sklearn,red\n", ":1:", "unknown column(s) colour"),
     ("", "", "holds no models"),
+    pytest.param('{"id": "a", "type": "sklearn"}\n' + "[" * 200_000 + "]" * 200_000 + "\n", ":2:",
+                 "nested too deeply", id="a-line-nested-deep"),
 ])
 async def test_a_malformed_file_is_exit_2_with_its_line_and_nothing_sent(
         mesh: InProcessMesh, tmp_path: Path, content: str, where: str, why: str) -> None:

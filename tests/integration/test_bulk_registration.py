@@ -314,3 +314,32 @@ async def test_a_full_etcd_answers_resource_exhausted_per_item(tmp_path: Path) -
     finally:
         await mesh.stop()
         server.stop()
+
+
+async def test_all_or_nothing_undoes_an_item_whose_write_went_unanswered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's case: etcd applied a group but the answer for one item was lost (UNAVAILABLE,
+    "may have been written"); an all-or-nothing call must not leave that item behind. A memory
+    registry stands in for the lost answer (the store writes, then reports the last item unanswered)."""
+    from mesh.errors import RegistryUnavailable
+    from mesh.registry.base import Created
+    from mesh.registry.memory import MemoryStore
+
+    real = MemoryStore.create_many
+
+    async def lossy(self: MemoryStore, items: list) -> list[Created]:  # type: ignore[type-arg]
+        answers = await real(self, items)
+        if len(items) > 1:
+            answers[-1] = Created(False, error=RegistryUnavailable("registry unavailable: answer lost (test)"))
+        return answers
+
+    mesh = await InProcessMesh(memory_url()).start(runtimes=1)
+    try:
+        monkeypatch.setattr(MemoryStore, "create_many", lossy)
+        response = await mesh.mesh.registerModels(mm.RegisterModelsRequest(
+            items=[item("aon-0"), item("aon-1"), item("aon-2")], allOrNothing=True), timeout=10)
+        assert codes(response)[-1] == "UNAVAILABLE" and not any(r.created for r in response.results)
+        monkeypatch.setattr(MemoryStore, "create_many", real)
+        listed = await mesh.mesh.listModels(mm.ListModelsRequest(prefix="aon-"), timeout=10)
+        assert [m.modelId for m in listed.models] == []  # the unanswered one was written, then undone
+    finally:
+        await mesh.stop()

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from mesh.errors import AlreadyExists, RegistryUnavailable
+from mesh.errors import AlreadyExists, BadRecord, RegistryUnavailable
 from mesh.registry.coalescer import RegistrationCoalescer
 from mesh.registry.memory import MemoryStore
 from mesh.registry.records import GraphRecord, ModelSpec
@@ -81,3 +81,30 @@ async def test_a_caller_gone_before_the_send_writes_nothing() -> None:
     kept = asyncio.ensure_future(coalescer.register(spec("kept")))
     assert await busy == (spec("first"), True) and await kept == (spec("kept"), True)
     assert await registry.get_model("gone") is None
+
+
+async def test_a_queued_callers_cancellation_is_not_anothers_failure() -> None:
+    # A client's deadline passes while its registration waits behind the send out; its retry for the
+    # same ID must not inherit that cancellation (review finding).
+    registry = Registry(MemoryStore())
+    coalescer = RegistrationCoalescer(registry)
+    out = asyncio.ensure_future(coalescer.register(spec("first")))
+    await asyncio.sleep(0)  # its send is out: what follows is queued
+    waiting = asyncio.ensure_future(coalescer.register(spec("x")))
+    await asyncio.sleep(0)
+    retry = asyncio.ensure_future(coalescer.register(spec("x", registered_ms=1)))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    assert await out == (spec("first"), True)
+    assert await retry == (spec("x", registered_ms=1), True)
+
+
+async def test_a_malformed_record_fails_its_own_item_only() -> None:
+    store = MemoryStore()
+    registry = Registry(store)
+    await store.put(registry.keys.model("corrupt"), b"{not json")
+    coalescer = RegistrationCoalescer(registry)
+    good, corrupt = await asyncio.gather(coalescer.register(spec("good")), coalescer.register(spec("corrupt")),
+                                         return_exceptions=True)
+    assert good == (spec("good"), True)
+    assert isinstance(corrupt, BadRecord) and "not valid JSON" in corrupt.message
