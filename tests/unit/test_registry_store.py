@@ -88,9 +88,9 @@ async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     await harness.store.close()
 
 
-async def collect(store: Any, prefix: str, start_revision: int, count: int) -> list[Item]:
+async def collect(store: Any, prefix: str, start_revision: int, count: int, **watch: Any) -> list[Item]:
     out: list[Item] = []
-    async with aclosing(store.watch_prefix(prefix, start_revision=start_revision)) as items:
+    async with aclosing(store.watch_prefix(prefix, start_revision=start_revision, **watch)) as items:
         async with asyncio.timeout(WAIT_S):
             async for item in items:
                 out.append(item)
@@ -245,13 +245,7 @@ async def test_a_deletes_only_watch_never_sees_a_put(h: Harness) -> None:
     await s.delete("/d/a")
     await s.put("/d/a", b"3")
     await s.delete("/d/b")
-    got: list[Item] = []
-    async with aclosing(s.watch_prefix("/d/", start_revision=start, deletes_only=True)) as items:
-        async with asyncio.timeout(WAIT_S):
-            async for item in items:
-                got.append(item)
-                if len(got) == 2:
-                    break
+    got = await collect(s, "/d/", start, 2, deletes_only=True)
     assert [(e.type, e.key) for e in got if isinstance(e, WatchEvent)] == [
         (EventType.DELETE, "/d/a"), (EventType.DELETE, "/d/b")]
 
