@@ -339,6 +339,11 @@ def _unpack_tar(unpacker: _Unpacker, archive: Path, *, gzipped: bool) -> None:
                     tarfile.data_filter(member, str(unpacker.dest))  # the second layer (module docstring)
                 except tarfile.FilterError as exc:
                     raise unpacker.refuse(f"is refused by tarfile's data filter ({type(exc).__name__})") from None
+                except OSError:
+                    # Python 3.13's filter resolves the path strictly: an entry under a file fails with
+                    # ENOTDIR. place() names that precisely; anything else is refused all the same.
+                    unpacker.place(parts, kind)
+                    raise unpacker.refuse("is refused by tarfile's data filter (its path cannot be resolved)") from None
                 path = unpacker.place(parts, kind)
                 if path is not None:
                     source = tar.extractfile(member)
