@@ -28,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -88,6 +90,18 @@ class Server:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         terminate(self.proc, grace_s)
+
+
+def etcd_metrics(port: int, names: Iterable[str]) -> dict[str, float]:
+    """The named samples of an etcd's ``/metrics`` (0.0 for any it does not export)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in out:
+            out[name] = float(value)
+    return out
 
 
 class Cluster:

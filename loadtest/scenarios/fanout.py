@@ -51,12 +51,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from typing import Any
 
 import psutil
 
-from loadtest.cluster import Cluster, Server, prepare_benchmark_process
+from loadtest.cluster import Cluster, Server, etcd_metrics, prepare_benchmark_process
 from loadtest.load import percentile_ms
 from loadtest.report import ForeignLoad, add_output_args, emit, error_line, machine, machine_line, table
 from loadtest.route_probe import RouteProbe
@@ -79,15 +78,6 @@ class ScenarioError(RuntimeError):
     """The measurement cannot go on (the message is the one line printed)."""
 
 
-def _etcd_counters(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out = dict.fromkeys(ETCD_COUNTERS, 0.0)
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in out:
-            out[name] = float(value)
-    return out
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -247,7 +237,7 @@ class Fanout:
     async def step(self, rate: float, tag: str) -> dict[str, Any]:
         args = self.args
         log(f"{len(self.routers)} routers, {rate:g} churn events/s for {args.seconds:g} s...")
-        counters0 = await asyncio.to_thread(_etcd_counters, self.cluster.etcd.metrics_port)
+        counters0 = await asyncio.to_thread(etcd_metrics, self.cluster.etcd.metrics_port, ETCD_COUNTERS)
         cpu0 = self._cpu()
         busy0 = psutil.cpu_times()
         t0 = time.monotonic()
@@ -266,7 +256,7 @@ class Fanout:
         window_s = time.monotonic() - t0
         cpu1 = self._cpu()
         busy1 = psutil.cpu_times()
-        counters1 = await asyncio.to_thread(_etcd_counters, self.cluster.etcd.metrics_port)
+        counters1 = await asyncio.to_thread(etcd_metrics, self.cluster.etcd.metrics_port, ETCD_COUNTERS)
 
         # After settling, every stream should show exactly the copies etcd holds.
         differ = [p.name for p in self.probes if p.loaded() != self.loaded]

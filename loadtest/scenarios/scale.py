@@ -67,7 +67,6 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ from typing import Any
 import grpc
 import psutil
 
-from loadtest.cluster import Cluster, Server, prepare_benchmark_process
+from loadtest.cluster import Cluster, Server, etcd_metrics, prepare_benchmark_process
 from loadtest.echo_server import METHOD as ECHO_METHOD
 from loadtest.load import bytes_call, percentile_ms
 from loadtest.management import register_bulk, register_many
@@ -185,17 +184,8 @@ async def raw_etcd_creates(registry_url: str, count: int, in_flight: int, etcd: 
             "etcd_cpu_ms_per_create": round(etcd_cpu * 1000 / max(created, 1), 3)}
 
 
-def _etcd_metrics(port: int) -> dict[str, float]:
-    wanted = ("etcd_mvcc_db_total_size_in_bytes", "etcd_mvcc_db_total_size_in_use_in_bytes",
+ETCD_SIZES = ("etcd_mvcc_db_total_size_in_bytes", "etcd_mvcc_db_total_size_in_use_in_bytes",
               "etcd_server_quota_backend_bytes")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in wanted:
-            out[name] = float(value)
-    return out
 
 
 class Scale:
@@ -300,7 +290,7 @@ class Scale:
         return out
 
     async def memory(self) -> dict[str, Any]:
-        metrics = await asyncio.to_thread(_etcd_metrics, self.cluster.etcd.metrics_port)
+        metrics = await asyncio.to_thread(etcd_metrics, self.cluster.etcd.metrics_port, ETCD_SIZES)
         store, prefix = open_store(self.cluster.registry_url)
         try:
             in_etcd = await store.count_prefix(Keys(prefix).models)
