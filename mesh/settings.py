@@ -258,6 +258,12 @@ class RuntimeSettings:
     instance_id: str = _f("", "Stable instance ID; empty means <hostname>-<pid>-<random>.")
     capacity_bytes: int = _f(0, "RAM budget for loaded models; 0 derives it from capacity_fraction.",
                              "bytes")
+    passthrough_bytes: int = _f(0, "Part of the RAM capacity held back for models the admission filter "
+                                "refuses (the pass-through room): such a model is loaded there instead of "
+                                "evicting an admitted one, and serves until a later refused model needs "
+                                "the room. Admitted models get the rest. 0: off (a refused model enters "
+                                "the main room as the first to go). Worth about the largest model of a "
+                                "long tail of rarely used ones (BENCHMARKS.md section 25).", "bytes")
     capacity_fraction: float = _f(0.5, "Share of the memory limit (cgroup limit, else total RAM) given to "
                                   "models when capacity_bytes is 0; the rest is the runtime's own "
                                   "working memory and inference buffers.")

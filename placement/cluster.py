@@ -19,7 +19,12 @@ the admission filter is asked (``kernel.admission``) and room is made (``kernel.
 bytes are reserved from then, the victims are evicted then, and the model enters the policy when the
 load completes (so a loading model is never a victim). A model the filter refuses is loaded and
 stays as the first to go, entering the eviction order ``REFUSED_AGE_S`` in the past, as in the
-runtime (``refused="pass-through"`` drops it instead, as the one-cache ``replay`` does). A miss's
+runtime (``refused="pass-through"`` drops it instead, as the one-cache ``replay`` does). With
+``passthrough_bytes``, each instance holds that much of its capacity back as the runtime's
+pass-through room: a refused model that the main room cannot take without evicting goes there
+instead (``kernel.pool_room`` drops the room's least recently used copies), serves hits while it
+stays, waits (holding its load slot) while the room is held by another load into it, and goes to
+the main room as the first to go only when the room cannot hold it at all. A miss's
 *added latency* is the time from its arrival until its load completes (queueing for a slot, then
 ``load_ms``); a request that joins a load waits for the rest of it; a hit adds nothing.
 ``infer_ms`` (when the trace has it) keeps a request in flight for that long after its model is
@@ -72,6 +77,7 @@ from placement.kernel import (
     choose_home,
     copy_targets,
     make_room,
+    pool_room,
 )
 from placement.policy import EvictionPolicy
 from placement.registry import build_policy
@@ -110,7 +116,7 @@ def home_partition(requests: Iterable[Request], instances: int) -> list[list[Req
 
 
 class _Load:
-    __slots__ = ("copy", "cost_ms", "keep", "last_used", "model", "node", "reserve", "size", "waiters")
+    __slots__ = ("copy", "cost_ms", "keep", "last_used", "model", "node", "pooled", "reserve", "size", "waiters")
 
     def __init__(self, node: _Node, model: str, size: int, cost_ms: float, keep: bool, copy: bool,
                  reserve: int | None = None) -> None:
@@ -121,6 +127,7 @@ class _Load:
         self.cost_ms = cost_ms
         self.keep = keep  # False: a pass-through, the model does not stay
         self.copy = copy  # loaded by copy scaling, not by a request
+        self.pooled = False  # held in its node's pass-through room
         self.last_used: float | None = None  # where it enters the eviction order (None: when loaded)
         self.waiters: list[tuple[float, float]] = []  # (arrival time, infer_ms) of waiting requests
 
@@ -128,13 +135,18 @@ class _Load:
 class _Node:
     __slots__ = ("bypassed", "bytes_missed", "bytes_requested", "capacity", "copy_loads", "cost_missed",
                  "cost_requested", "evictions", "hits", "index", "joined", "loading", "misses",
-                 "name", "policy", "queue", "requests", "reserved", "running", "waits")
+                 "name", "policy", "pool", "pool_capacity", "pool_used", "pool_waiting", "queue", "requests",
+                 "reserved", "running", "waits")
 
-    def __init__(self, index: int, name: str, policy: EvictionPolicy, capacity: int) -> None:
+    def __init__(self, index: int, name: str, policy: EvictionPolicy, capacity: int, pool_capacity: int = 0) -> None:
         self.index = index
         self.name = name
         self.policy = policy
-        self.capacity = capacity
+        self.capacity = capacity  # the main room's (the pass-through room's is apart)
+        self.pool_capacity = pool_capacity
+        self.pool_used = 0  # bytes of the pass-through room's copies and of loads into it
+        self.pool: dict[str, int] = {}  # its loaded copies and their sizes, least recently used first
+        self.pool_waiting: deque[_Load] = deque()  # loads (holding their slots) waiting for that room
         self.reserved = 0  # bytes of loads running that will stay
         self.running = 0  # loads holding a slot
         self.queue: deque[_Load] = deque()  # loads waiting for a slot
@@ -196,7 +208,7 @@ class _Cluster:
         self.model_inflight: dict[str, int] = {}
         self.events: list[tuple[float, int, int, Any]] = []
         self.seq = 0
-        self.no_room = self.refused = self.copies_added = self.copies_removed = 0
+        self.no_room = self.refused = self.copies_added = self.copies_removed = self.pooled = 0
         self.protection = _pinned(scaling.config if scaling is not None else None)
 
     # -- events -------------------------------------------------------------------------------
@@ -262,9 +274,19 @@ class _Cluster:
                 if not self.keep_refused:
                     load.keep = False
                     node.bypassed += 1
-        if load.keep:
+                elif (0 < load.reserve <= node.pool_capacity
+                      and policy.total_size + node.reserved + load.reserve > node.capacity):
+                    load.pooled = self.pool_fits(load, load.reserve)
+                    if not load.pooled and node.pool_used > sum(node.pool.values()):
+                        node.pool_waiting.append(load)  # the room is held by a load into it: wait
+                        return
+        self.begin_load(load, now)
+
+    def begin_load(self, load: _Load, now: float) -> None:
+        """The load's bytes reserved (unless it is in the pass-through room already), it runs."""
+        if load.keep and not load.pooled:
             if self.fits(load, load.reserve, now):
-                node.reserved += load.reserve
+                load.node.reserved += load.reserve
             else:
                 load.keep = False
         self.push(now + load.cost_ms / 1000.0, _LOAD_DONE, load)
@@ -292,6 +314,23 @@ class _Cluster:
         self.no_room += 1
         return False
 
+    def pool_fits(self, load: _Load, size: int) -> bool:
+        """Make room for ``size`` more bytes of ``load`` in its node's pass-through room
+        (``kernel.pool_room``, dropping its victims) and count them; whether they fit."""
+        node = load.node
+        room = pool_room(node.pool, node.pool, size, used=node.pool_used, capacity=node.pool_capacity)
+        if not room.enough:
+            return False
+        for victim in room.victims:
+            node.pool_used -= node.pool.pop(victim)
+            node.evictions += 1
+            self.where[victim].remove(node)
+            if not self.where[victim]:
+                del self.where[victim]
+            self._drop_copy(victim, node)
+        node.pool_used += size
+        return True
+
     def finish_load(self, load: _Load, now: float) -> None:
         node, model = load.node, load.model
         node.running -= 1
@@ -300,17 +339,35 @@ class _Cluster:
         loads.remove(load)
         if not loads:
             del self.loading[model]
-        if load.keep:
+        if load.pooled:
+            extra = load.size - load.reserve
+            if extra > 0 and not self.pool_fits(load, extra):
+                # Larger than the room can hold: into the main room as the first to go, as the runtime.
+                node.pool_used -= load.reserve
+                load.pooled = False
+                load.keep = self.fits(load, load.size, now)
+            elif extra < 0:
+                node.pool_used += extra
+        elif load.keep:
             node.reserved -= load.reserve
             # Measured above its prediction: the rest is made room for now, as the runtime's top-up.
             if load.size > load.reserve and not self.fits(load, load.size, now):
                 load.keep = False
-        if load.keep:
+        if load.pooled:
+            node.pool[model] = load.size
+            self.pooled += 1
+            self.where.setdefault(model, []).append(node)
+            self._set_copy(model, node, COPY_LOADED)
+        elif load.keep:
             node.policy.insert(model, load.size, now, last_used=load.last_used, cost=load.cost_ms)
             self.where.setdefault(model, []).append(node)
             self._set_copy(model, node, COPY_LOADED)
         else:
             self._drop_copy(model, node)
+        if load.pooled and node.pool_waiting:  # the next load waiting for the room (its waiters are served)
+            waiting = node.pool_waiting.popleft()
+            waiting.pooled = self.pool_fits(waiting, waiting.reserve)
+            self.begin_load(waiting, now)
         if load.waiters:
             inferring = 0
             for arrived, infer_ms in load.waiters:
@@ -341,6 +398,8 @@ class _Cluster:
             node.bytes_requested += size
             node.cost_requested += cost_ms
             node.policy.touch(model, t)
+            if model in node.pool:  # its use moves it in the pass-through room's order
+                node.pool[model] = node.pool.pop(model)
             if infer_ms > 0:
                 self.hold(node, model)
                 self.push(t + infer_ms / 1000.0, _INFER_DONE, (node, model, 1))
@@ -432,6 +491,7 @@ def simulate_cluster(
     refused: Refused = "first-to-go",
     seed: int = 0,
     predicted: Mapping[str, int] | None = None,
+    passthrough_bytes: int = 0,
 ) -> ClusterStats:
     """Simulate a router and ``instances`` runtime instances of ``capacity_bytes`` each on ``requests``.
 
@@ -441,7 +501,9 @@ def simulate_cluster(
     refuses, ``"first-to-go"`` (the runtime's rule) or ``"pass-through"`` (``replay``'s). ``seed``
     seeds the router's random choices (only used with more than four copies of a model).
     ``predicted``: the bytes a load of each model reserves until it is measured (the runtime's
-    prediction; a model not in it reserves its request's size). See the module docstring.
+    prediction; a model not in it reserves its request's size). ``passthrough_bytes``: the part of
+    each instance's capacity held back as its pass-through room (the runtime's
+    ``runtime.passthrough_bytes``). See the module docstring.
     """
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
@@ -453,14 +515,18 @@ def simulate_cluster(
         raise ValueError(f"load_factor must be >= 1, got {load_factor!r}")
     if refused not in ("first-to-go", "pass-through"):
         raise ValueError(f"refused must be 'first-to-go' or 'pass-through', got {refused!r}")
+    if not 0 <= passthrough_bytes <= capacity_bytes // 2:
+        raise ValueError(f"passthrough_bytes must be 0 to half the capacity, got {passthrough_bytes}")
+    main_bytes = capacity_bytes - passthrough_bytes
     if isinstance(policy, str):
         name, params = policy, dict(policy_params or {})
 
         def factory() -> EvictionPolicy:
-            return build_policy(name, capacity_bytes, params)
+            return build_policy(name, main_bytes, params)
     else:
         factory = policy
-    nodes = [_Node(i, name, factory(), capacity_bytes) for i, name in enumerate(instance_names(instances))]
+    nodes = [_Node(i, name, factory(), main_bytes, passthrough_bytes)
+             for i, name in enumerate(instance_names(instances))]
     cluster = _Cluster(nodes, load_slots=load_slots, load_factor=load_factor,
                        scaling=ScalingPolicy(scaling) if scaling is not None else None,
                        refused=refused, seed=seed, predicted=predicted)
@@ -494,4 +560,5 @@ def simulate_cluster(
     waits = [w for n in nodes for w in n.waits]
     total = with_waits(replace(sum_stats(list(per_node.values())), start_s=first, end_s=last), waits)
     return ClusterStats(total=total, instances=per_node, no_room=cluster.no_room, refused=cluster.refused,
-                        copies_added=cluster.copies_added, copies_removed=cluster.copies_removed)
+                        copies_added=cluster.copies_added, copies_removed=cluster.copies_removed,
+                        pooled=cluster.pooled)

@@ -24,6 +24,10 @@ placement benchmark measures the rules that are deployed, not a copy of them.
   scale-out copy) carries its own ``last_used`` and is not filtered. ``make_room`` counts the bytes
   already on their way out (``freeing``: evicted copies still draining) as free, so a load that
   waits for them does not evict more models for the same room.
+- **The pass-through room** (``pool_room``): where a refused model goes instead, when an instance
+  holds part of its capacity back for them (``runtime.passthrough_bytes``): it is loaded there,
+  evicting none of the admitted models, and serves until a later refused model needs that room; the
+  oldest-used of the room's copies not in use give way first.
 
 Why one function per decision rather than a ``Placement`` object with state: each caller keeps its
 state in its own shape (the router's view mirrors the registry, the runtime's cache owns model
@@ -35,7 +39,7 @@ candidate lists the rule itself needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from random import Random
 from typing import NamedTuple, TypeVar
 
@@ -55,6 +59,7 @@ __all__ = [
     "copy_targets",
     "least_busy",
     "make_room",
+    "pool_room",
 ]
 
 # The states of a copy, as ``choose_copy`` ranks them (plain ints: compared on every request).
@@ -196,3 +201,27 @@ def make_room(policy: EvictionPolicy, size: int, *, used: int, capacity: int, no
     for victim in victims:
         freed += policy.size_of(victim) or 0
     return Room(victims, freed >= need)
+
+
+def pool_room(order: Iterable[str], sizes: Mapping[str, int], size: int, *, used: int, capacity: int,
+              protected: Container[str] = ()) -> Room:
+    """The copies of the pass-through room to drop so that a refused model of ``size`` bytes fits
+    in it (``capacity`` bytes, ``used`` of them counted): the room's copies in ``order`` (least
+    recently used first), skipping ``protected`` ones (in use, loading), until enough is freed.
+    ``Room.enough`` False (and no victims: nothing is dropped for nothing): it does not fit even then,
+    and the model goes to the main room instead (as the first to go: ``admission``)."""
+    if size > capacity:
+        return Room([], False)
+    need = used + size - capacity
+    if need <= 0:
+        return Room([], True)
+    victims: list[str] = []
+    freed = 0
+    for key in order:
+        if freed >= need:
+            break
+        if key in protected:
+            continue
+        victims.append(key)
+        freed += sizes.get(key, 0)
+    return Room(victims, True) if freed >= need else Room([], False)

@@ -105,7 +105,8 @@ class ClusterStats:
 
     ``no_room``: loads that became pass-throughs because every resident model was protected.
     ``refused``: demand loads the admission filter refused (served; kept as the first to go, or
-    passed through, as ``simulate_cluster`` was asked). ``copies_added``: copies loaded by scaling;
+    passed through, as ``simulate_cluster`` was asked); ``pooled``: those of them held in an
+    instance's pass-through room (``passthrough_bytes``). ``copies_added``: copies loaded by scaling;
     ``copies_removed``: extra copies released back to the cache policy.
     """
 
@@ -115,9 +116,11 @@ class ClusterStats:
     refused: int = 0
     copies_added: int = 0
     copies_removed: int = 0
+    pooled: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"total": self.total.as_dict(), "no_room": self.no_room, "refused": self.refused,
+                "pooled": self.pooled,
                 "copies_added": self.copies_added, "copies_removed": self.copies_removed,
                 "instances": {name: s.as_dict() for name, s in self.instances.items()}}
 

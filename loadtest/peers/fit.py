@@ -68,6 +68,9 @@ class MeshRoom:
     size_bytes: int  # s: the calibrated (trimmed mean) measured size of one model
     predicted_bytes: int  # P: what a runtime reserves for a model while it loads
     sizes: list[int]  # the calibration loads' measured sizes
+    # Of capacity_bytes, the runtime's pass-through room (runtime.passthrough_bytes): the largest
+    # calibrated model + 4 KiB, at most half the capacity (what the runtime accepts).
+    passthrough_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"capacity_bytes_per_runtime": self.capacity_bytes, "runtimes": RUNTIMES,
@@ -92,9 +95,9 @@ def measure_room(models: Sequence[tuple[Target, Path]], k: int) -> MeshRoom:
     files = [TrainedModel(t.model_id, f, t.sample.shape[1], t.sample) for t, f in models]
     # The Settings only size calibrate's own capacity, which is not used (module docstring).
     cal = calibrate(Settings(models=len(models), runtimes=RUNTIMES, fit=k / len(models)), files)
-    return MeshRoom(k=k, capacity_bytes=room_for(k, cal.size_bytes, cal.predicted_bytes, max(cal.sizes, default=0)),
-                    size_bytes=cal.size_bytes, predicted_bytes=cal.predicted_bytes,
-                    sizes=list(cal.sizes))
+    capacity = room_for(k, cal.size_bytes, cal.predicted_bytes, max(cal.sizes, default=0))
+    return MeshRoom(k=k, capacity_bytes=capacity, size_bytes=cal.size_bytes, predicted_bytes=cal.predicted_bytes,
+                    sizes=list(cal.sizes), passthrough_bytes=min(max(cal.sizes, default=0) + 4096, capacity // 2))
 
 
 # -- counters ----------------------------------------------------------------------------------
@@ -149,7 +152,8 @@ class MeshCounter:
 
         snap = await snapshot(self.runtime_urls, self.router_url)
         detail = (*((f"miss_{reason}", value) for reason, value in snap.misses.items()),
-                  ("refused", snap.refused), ("copies_added", snap.copies_added))
+                  ("refused", snap.refused), ("passed_through", snap.passed_through),
+                  ("copies_added", snap.copies_added))
         return Reading(loads=snap.loads, hits=snap.cache.hits, misses=snap.cache.misses,
                        evictions=snap.evictions, detail=detail)
 
@@ -329,7 +333,8 @@ def _median(values: Sequence[float]) -> float:
 
 
 def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, list[tuple[int, float, int]]], *,
-                 capacity_bytes: int, infer_ms: Sequence[float], measured: dict[str, Any]) -> dict[str, Any]:
+                 capacity_bytes: int, infer_ms: Sequence[float], measured: dict[str, Any],
+                 passthrough_bytes: int = 0) -> dict[str, Any]:
     """The cluster simulator on the recorded requests, against the mesh's measured counts.
 
     ``infer_ms``: the time a request stays in flight in each part between marks (the run's p50
@@ -378,7 +383,8 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
     def upto(n: int) -> Any:
         return simulate_cluster(trace[:n], instances=RUNTIMES, capacity_bytes=capacity_bytes,
                                 policy=run.eviction_policy, load_factor=rs.load_factor,
-                                scaling=scaling, load_slots=run.max_concurrent_loads, predicted=predicted)
+                                scaling=scaling, load_slots=run.max_concurrent_loads, predicted=predicted,
+                                passthrough_bytes=passthrough_bytes)
 
     dump = os.environ.get("MESH_PEERS_FIT_TRACE")
     if dump:  # for a look at the simulation afterwards: the trace (mesh sim's CSV) and the rest of it
@@ -388,8 +394,8 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
         Path(dump + ".json").write_text(json.dumps({
             "cuts": cut, "predicted": predicted, "capacity_bytes": capacity_bytes, "loads": loads,
             "policy": run.eviction_policy, "load_factor": rs.load_factor,
-            "load_slots": run.max_concurrent_loads}))
-    hits = misses = joined = loads_total = evictions = refused = copies_added = bypassed = no_room = 0
+            "load_slots": run.max_concurrent_loads, "passthrough_bytes": passthrough_bytes}))
+    hits = misses = joined = loads_total = evictions = refused = copies_added = bypassed = no_room = pooled = 0
     for a, b in zip(cut[0::2], cut[1::2], strict=True):
         before, after = upto(a), upto(b)
         hits += after.total.hits - before.total.hits
@@ -398,6 +404,7 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
         loads_total += after.total.loads - before.total.loads
         evictions += after.total.evictions - before.total.evictions
         refused += after.refused - before.refused
+        pooled += after.pooled - before.pooled
         copies_added += after.copies_added - before.copies_added
         bypassed += after.total.bypassed - before.total.bypassed
         no_room += after.no_room - before.no_room
@@ -415,8 +422,8 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
         "load_ms_median": round(_median([ms for _, ms, _ in all_loads]), 2),
         "infer_ms": [round(x, 3) for x in infer_ms],
         "hits": hits, "misses": misses, "joined": joined, "loads": loads_total,
-        "evictions": evictions, "refused": refused, "copies_added": copies_added,
-        "passed_through": bypassed, "no_room": no_room,
+        "evictions": evictions, "refused": refused, "pooled": pooled, "copies_added": copies_added,
+        "passed_through": bypassed, "no_room": no_room, "passthrough_bytes": passthrough_bytes,
         "hit_ratio": None if sim_ratio is None else round(sim_ratio, 4),
         "loads_per_request": round(loads_total / requests, 4) if requests else None,
     }

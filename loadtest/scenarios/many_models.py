@@ -214,6 +214,7 @@ class Snapshot:
     used_bytes: float
     models_loaded: float  # distinct models with a loaded copy (router's view)
     copies_added: float  # copies the router asked for (hot models)
+    passed_through: float = 0.0  # refused loads held in the pass-through room
 
 
 async def snapshot(runtime_urls: Sequence[str], router_url: str) -> Snapshot:
@@ -236,7 +237,8 @@ async def snapshot(runtime_urls: Sequence[str], router_url: str) -> Snapshot:
         copies=_total(runtime, "modelmesh_instance_models_total"),
         used_bytes=_total(runtime, "modelmesh_instance_used_bytes"),
         models_loaded=_total(router, "modelmesh_models_loaded_total"),
-        copies_added=_total(router, "mesh_copy_changes_total"))
+        copies_added=_total(router, "mesh_copy_changes_total"),
+        passed_through=_total(runtime, "mesh_admission_passed_through_total"))
 
 
 def metrics_url(server: Server) -> str:

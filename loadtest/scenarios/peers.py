@@ -144,7 +144,7 @@ def protocols_of(system: str, protocol: str) -> tuple[str, ...]:
 
 def _start(system: str, work: Path, models: list[Any], *, max_models: int,
            mesh_capacity: str, count: bool, mesh_runtimes: int = fitmode.RUNTIMES,
-           ) -> tuple[Any, dict[str, str], fitmode.Counter | None]:
+           mesh_passthrough: int = 0) -> tuple[Any, dict[str, str], fitmode.Counter | None]:
     """Start ``system``; returns (PeerProcess, {protocol: address}, its load counter when ``count``
     and the system has one). Addresses: ``host:port`` for gRPC, a base URL for REST."""
     from loadtest.peers import mlserver_app, ray_app
@@ -166,6 +166,7 @@ def _start(system: str, work: Path, models: list[Any], *, max_models: int,
                                 "--logs", str(work / "mesh-logs"), "--port", str(port),
                                 "--capacity", mesh_capacity],
                        env={"MESH_ROUTER_METRICS_PORT": "0", "MESH_ROUTER_REST_PORT": str(rest_port),
+                            "MESH_RUNTIME_PASSTHROUGH_BYTES": str(mesh_passthrough),
                             "PYTHONUNBUFFERED": "1"}, cwd=ROOT, log_path=log)
     try:
         wait_until(lambda: "mesh is up" in log.read_text(errors="replace"), timeout_s=90,
@@ -249,7 +250,8 @@ async def _phases(drive: Callable[..., Awaitable[Any]], address: str, targets: l
 
 def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: float,
               concurrency: int, fit: float = 1.0, mesh_capacity: str = MESH_CAPACITY,
-              protocol: str = "grpc", mesh_runtimes: int = fitmode.RUNTIMES) -> dict[str, Any]:
+              protocol: str = "grpc", mesh_runtimes: int = fitmode.RUNTIMES,
+              mesh_passthrough: int = 0) -> dict[str, Any]:
     """Start ``system``, drive it over each of its protocols in turn, stop it. ``runs``: one result
     per protocol; the rest is the system's (start-up, processes, survivors)."""
     models = make_models(work / "models", n)  # deterministic: the same files as the parent's
@@ -260,7 +262,8 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
     k = fitmode.k_models(fit, n) if fitting else n
     t0 = time.monotonic()
     proc, addresses, counter = _start(system, work, models, max_models=k,
-                                      mesh_capacity=mesh_capacity, count=fitting, mesh_runtimes=mesh_runtimes)
+                                      mesh_capacity=mesh_capacity, count=fitting, mesh_runtimes=mesh_runtimes,
+                                      mesh_passthrough=mesh_passthrough)
     startup_s = time.monotonic() - t0
     runs: dict[str, Any] = {}
     try:
@@ -279,7 +282,8 @@ def run_phase(system: str, work: Path, n: int, *, warmup_s: float, duration_s: f
                 p50 = [out["open"]["p50_ms"]] * 2 + [out["closed"]["p50_ms"]] * 3
                 out["simulated"] = fitmode.simulate_run(
                     recorder, [t.model_id for t in targets], fitmode.logged_loads(work / "mesh-up.log"),
-                    capacity_bytes=int(mesh_capacity), infer_ms=p50, measured=out["cache"])
+                    capacity_bytes=int(mesh_capacity), infer_ms=p50, measured=out["cache"],
+                    passthrough_bytes=mesh_passthrough)
                 out["simulated"]["mesh_warnings"] = fitmode.logged_warnings(work / "mesh-up.log")
             runs[proto] = out
         n_procs = len(proc.tree())
@@ -311,7 +315,8 @@ def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, An
              "--duration", str(args.duration), "--concurrency", str(args.concurrency),
              "--protocol", args.protocol, "--mesh-runtimes", str(args.mesh_runtimes)]
     if args.fit < 1.0:
-        flags += ["--fit", repr(args.fit), "--mesh-capacity", args.mesh_capacity]
+        flags += ["--fit", repr(args.fit), "--mesh-capacity", args.mesh_capacity,
+                  "--passthrough", str(args.passthrough)]
     protocols = protocols_of(system, args.protocol)
     out = run_isolated("loadtest.scenarios.peers", system, flags,
                        limit_s=240 + 3 * len(protocols) * (args.warmup + args.duration),
@@ -326,10 +331,11 @@ def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, An
 def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup: float,
           seed: int = 0, systems: tuple[str, ...] | None = None,
           allow_wildcard: bool = False, fit: float = 1.0, protocol: str = "grpc",
-          mesh_runtimes: int = fitmode.RUNTIMES) -> dict[str, Any]:
+          mesh_runtimes: int = fitmode.RUNTIMES, passthrough: str = "auto") -> dict[str, Any]:
     """Run ``systems`` (default: all three, or our mesh and Ray with ``fit`` < 1) one by one, our
     mesh and MLServer over ``protocol`` (grpc, rest or both). ``mesh_runtimes``: the runtimes of
-    our mesh (``mesh up --runtimes``); the fit mode sizes two."""
+    our mesh (``mesh up --runtimes``); the fit mode sizes two. ``passthrough``: the fit mode's
+    pass-through room per runtime, out of its capacity (``auto``: ``fitmode.room_for``'s; or bytes)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if fit < 1.0 and mesh_runtimes != fitmode.RUNTIMES:
@@ -338,7 +344,8 @@ def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup
     systems = systems or (FIT_SYSTEMS if fitting else SYSTEMS)
     args = argparse.Namespace(models=models, warmup=warmup, duration=duration,
                               concurrency=concurrency, allow_wildcard=allow_wildcard, fit=fit,
-                              mesh_capacity=MESH_CAPACITY, protocol=protocol, mesh_runtimes=mesh_runtimes)
+                              mesh_capacity=MESH_CAPACITY, protocol=protocol, mesh_runtimes=mesh_runtimes,
+                              passthrough=0)
     setup.ensure_all([s for s in systems if s != "mesh"])
     facts = report.machine()
     foreign = report.ForeignLoad()
@@ -359,7 +366,8 @@ def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup
                       file=sys.stderr, flush=True)
                 room = fitmode.measure_room(files, k)
                 args.mesh_capacity = str(room.capacity_bytes)
-                extra["mesh_room"] = room.to_dict()
+                args.passthrough = room.passthrough_bytes if passthrough == "auto" else int(passthrough)
+                extra["mesh_room"] = room.to_dict() | {"passthrough_bytes": args.passthrough}
             extra["mlserver"] = ("holds all models (cannot evict)" if "mlserver" in systems
                                  else "absent: cannot evict")
         for system in systems:
@@ -485,7 +493,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mesh-capacity", default=MESH_CAPACITY, help=argparse.SUPPRESS)
+    parser.add_argument("--passthrough", default="auto", metavar="auto|BYTES",
+                        help="fit mode: our runtimes' pass-through room (runtime.passthrough_bytes), "
+                             "taken out of the same capacity: auto (room for the largest calibrated "
+                             "model), or bytes, 0 for none")
     args = parser.parse_args(argv)
+    if args.passthrough != "auto" and not args.passthrough.isdigit():
+        parser.error(f"--passthrough must be auto or a number of bytes, got {args.passthrough!r}")
     if not 0 < args.fit <= 1:  # also false for NaN
         parser.error(f"--fit must be in (0, 1], got {args.fit:g}")
     if not 1 <= args.mesh_runtimes <= 16:
@@ -502,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         out = run_phase(args.phase, args.work, args.models, warmup_s=args.warmup,
                         duration_s=args.duration, concurrency=args.concurrency, fit=args.fit,
                         mesh_capacity=args.mesh_capacity, protocol=args.protocol,
-                        mesh_runtimes=args.mesh_runtimes)
+                        mesh_runtimes=args.mesh_runtimes, mesh_passthrough=int(args.passthrough))
         print("RESULT " + json.dumps(out), flush=True)
         return
     try:
@@ -510,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                        duration=args.duration, warmup=args.warmup, seed=args.seed,
                        systems=tuple(args.system) if args.system else None,
                        allow_wildcard=args.allow_wildcard, fit=args.fit, protocol=args.protocol,
-                       mesh_runtimes=args.mesh_runtimes)
+                       mesh_runtimes=args.mesh_runtimes, passthrough=args.passthrough)
     except (setup.SetupError, RuntimeError, subprocess.TimeoutExpired) as err:
         sys.exit(f"error: {err}")
     report.emit(args, result, render(result))

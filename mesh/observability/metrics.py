@@ -620,9 +620,14 @@ class RuntimeMetrics(_ComponentMetrics):
             physical.add_metric([device, "total"], info.total_bytes)
             physical.add_metric([device, "used"], info.used_bytes)
         refused = CounterMetricFamily("mesh_admission_refused", "Demand loads the admission filter "
-                                      "refused (served, then first to go)", labels=["policy"])
-        # One policy setting for every device: the count is the cache's, across devices.
-        refused.add_metric([next(iter(self._policies.values()), "")], stats.refused)
+                                      "refused (served, then first to go or in the pass-through room)",
+                                      labels=["policy"])
+        passed = CounterMetricFamily("mesh_admission_passed_through", "Refused demand loads held in the "
+                                     "pass-through room (runtime.passthrough_bytes)", labels=["policy"])
+        # One policy setting for every device: the counts are the cache's, across devices.
+        policy_name = next(iter(self._policies.values()), "")
+        refused.add_metric([policy_name], stats.refused)
+        passed.add_metric([policy_name], stats.passed_through)
         return [
             *_library_imports(self._imports()),
             _gauge("modelmesh_instance_capacity_bytes", "Model capacity of the instance, all devices",
@@ -631,7 +636,7 @@ class RuntimeMetrics(_ComponentMetrics):
                    "all devices", sum(u for _, u in stats.devices.values())),
             lru, lru_age,
             _gauge("modelmesh_instance_models_total", "Models loaded on the instance", stats.loaded),
-            capacity, used, models, physical, refused,
+            capacity, used, models, physical, refused, passed,
         ]
 
 

@@ -48,7 +48,7 @@ from mesh.runtime.service import (
 )
 from mesh.runtime.servicer import add_direct_to_server, add_to_server
 from mesh.runtime.workers import MAX_WORKERS, WorkerPool, set_dumpable
-from mesh.settings import Settings
+from mesh.settings import RuntimeSettings, Settings
 from mesh.storage.puller import Puller
 from mesh.tasks import RootTasks, call_soon_safely
 from mesh.tracing import tracer_for
@@ -190,7 +190,8 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         await asyncio.get_running_loop().run_in_executor(pool, gpus.warm_thread, device, gpu_types)
 
     capacities = device_capacities(rs, gpus) if gpu_types else {"ram": ram_capacity(rs)}
-    budgets = [DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
+    budgets = [ram_budget(rs, c) if d == "ram" else
+               DeviceBudget(device=d, capacity_bytes=c, policy=device_policy(rs.eviction_policy, c))
                for d, c in capacities.items()]
     # Models in object storage are pulled into the disk cache first (mesh.storage.puller); the
     # loaders may read there and in the claims' mounts besides the model roots.
@@ -433,3 +434,15 @@ async def serve_runtime(settings: Settings, roots: RootTasks,
         if stop_metrics is not None:
             await asyncio.to_thread(stop_metrics)
         log.info("runtime stopped")
+
+
+def ram_budget(rs: RuntimeSettings, capacity: int) -> DeviceBudget:
+    """The RAM budget: ``capacity`` less the pass-through room (``runtime.passthrough_bytes``,
+    mesh.runtime.cache), which must leave the main room at least as much as it holds itself."""
+    pool = rs.passthrough_bytes
+    if pool < 0 or pool > capacity // 2:
+        raise InvalidArgument(f"runtime.passthrough_bytes is {pool}: it must be 0 to half the RAM capacity "
+                              f"({capacity // 2} of {capacity} bytes), since admitted models get the rest")
+    main = capacity - pool
+    return DeviceBudget(device="ram", capacity_bytes=main, policy=device_policy(rs.eviction_policy, main),
+                        pool_capacity_bytes=pool)

@@ -26,6 +26,17 @@ refused newcomers takes turns in the room the first of them made instead of evic
 the filter judged more valuable. Loads made ahead of any request (ensureLoaded: proactive loads, scale-out copies) were
 asked for and are not filtered.
 
+The pass-through room (``runtime.passthrough_bytes``, RAM only; issue 18). The first refused
+newcomer of a run still evicts an admitted model to make its room. With a pass-through room, part
+of the capacity is held back for refused models: one is loaded there instead, evicting none of the
+admitted ones, and serves (hits included: each one counts for the filter, which may admit it at its
+next load) until a later refused model needs the room. Then the room's least recently used copies
+give way (``placement.kernel.pool_room``; one in use drains first, one whose waiters have not yet
+taken it is kept), and a load finding the room held by another load into it waits for that one. A
+refused model larger than the room, or still without room at its load's deadline, goes to the main
+room as the first to go. The main room's capacity is the rest, so both together never pass the
+device's capacity.
+
 Measured size. A model's size is measured after its load from two readings: the loader's
 accounting of the objects it built (``footprint_bytes``: arrays, trees, parameters, initializers)
 and the growth of the process's resident memory across the load. RSS growth catches native memory
@@ -97,7 +108,7 @@ from mesh.errors import (
 from mesh.registry.records import FAILED, LOADED, LOADING, ModelSpec
 from mesh.runtime.loaders.base import LoadedModel
 from mesh.tasks import Background
-from placement.kernel import admission, make_room
+from placement.kernel import admission, make_room, pool_room
 from placement.policy import EvictionPolicy
 
 log = structlog.get_logger(__name__)
@@ -152,6 +163,7 @@ class Entry:
     predicted_bytes: int = 0
     model: LoadedModel | None = None
     in_use: int = 0
+    waiting: int = 0  # requests waiting for this copy's load to finish (acquire)
     created: float = 0.0
     loaded_at: float = 0.0
     last_used: float = 0.0
@@ -168,6 +180,7 @@ class Entry:
     unload_failed: bool = False
     load_reason: str = ""  # why it was loaded: "request" (a miss) or "loadModel" (asked ahead of traffic)
     admitted: bool = True  # False: the admission filter refused it (served, then first to go)
+    pooled: bool = False  # held in the pass-through room (its bytes counted there, not in the policy)
     # Pulled from object storage (mesh.storage.puller): the registration with the local path the
     # loader reads, and where it came from (the load's log line).
     local: ModelSpec | None = None
@@ -190,9 +203,14 @@ class Entry:
 @dataclass
 class DeviceBudget:
     device: str
-    capacity_bytes: int
+    capacity_bytes: int  # the main room: admitted models (the policy's)
     policy: EvictionPolicy
     used_bytes: int = 0
+    # The pass-through room (module docstring), beside the main one: its bytes, those counted in it,
+    # and its loaded copies, least recently used first.
+    pool_capacity_bytes: int = 0
+    pool_used_bytes: int = 0
+    pool: dict[str, None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -207,6 +225,7 @@ class CacheStats:
     misses: int
     refused: int = 0
     loaded_by_device: dict[str, int] = field(default_factory=dict)
+    passed_through: int = 0  # refused models loaded into the pass-through room
 
 
 class ModelCache:
@@ -271,7 +290,7 @@ class ModelCache:
         self._space_freed = asyncio.Condition()
         self._loads_running = 0
         self._load_epoch = 0  # bumped at each load start: tells whether loads overlapped
-        self.loads = self.evictions = self.hits = self.misses = self.refused = 0
+        self.loads = self.evictions = self.hits = self.misses = self.refused = self.passed_through = 0
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A load or unload (the coroutines handle their own errors; mesh.tasks.Background)."""
@@ -294,7 +313,12 @@ class ModelCache:
             return None
         now = self._clock()
         entry.last_used = now
-        self._budgets[entry.device].policy.touch(model_id, now)
+        budget = self._budgets[entry.device]
+        # For a copy in the pass-through room the policy only counts the use (its admission filter
+        # may admit the model at its next load); its place in that room's order moves.
+        budget.policy.touch(model_id, now)
+        if entry.pooled:
+            budget.pool[model_id] = budget.pool.pop(model_id, None)
         self.hits += 1
         return entry
 
@@ -324,7 +348,13 @@ class ModelCache:
                 self.misses += last_used is None
                 entry = self._start_load(spec, last_used, reason)
             # shield: one cancelled waiter must not cancel the load the others wait for
-            await asyncio.shield(entry.ready)
+            entry.waiting += 1
+            try:
+                await asyncio.shield(entry.ready)
+            finally:
+                entry.waiting -= 1
+                if entry.pooled and not entry.waiting:  # a load waiting for the room may drop it now
+                    self._spawn(self._wake_space_waiters(), f"waited:{entry.model_id}")
             if entry.state == LOADED:
                 entry.last_used = self._clock()
                 return entry
@@ -371,6 +401,8 @@ class ModelCache:
         if not admitted:
             entry.admitted = False
             self.refused += 1
+            # Into the pass-through room if it can ever fit there (_reserve_pooled decides at once).
+            entry.pooled = 0 < predicted <= budget.pool_capacity_bytes
         self._notify(entry, LOADING)
 
     async def _load(self, entry: Entry) -> None:
@@ -467,7 +499,11 @@ class ModelCache:
     async def _load_measured(self, entry: Entry) -> LoadedModel:
         spec, budget = entry.load_spec, self._budgets[entry.device]
         gpu_usage = self._gpu_usage if entry.device != "ram" else None
-        await self._reserve(entry, budget, entry.predicted_bytes)
+        if entry.pooled and budget.used_bytes + entry.predicted_bytes <= budget.capacity_bytes:
+            entry.pooled = False  # the main room has it free: first to go there evicts nobody
+        if not (entry.pooled and await self._reserve_pooled(entry, budget, entry.predicted_bytes)):
+            entry.pooled = False
+            await self._reserve(entry, budget, entry.predicted_bytes)
         if self._before_load is not None:
             await self._before_load(entry)
         self._load_epoch += 1
@@ -507,7 +543,16 @@ class ModelCache:
         # Re-weigh with the measured size; reserve more (evicting, or waiting for copies that are
         # draining) if the prediction was too low, so that the sum never passes the capacity.
         delta = measured - entry.reserved_bytes
-        if delta > 0:
+        if entry.pooled and delta > 0 and not await self._reserve_pooled(entry, budget, delta, wait=False):
+            # Larger than the pass-through room can hold now: into the main room, as the first to go.
+            self._release(entry)
+            entry.pooled = False
+            delta = measured
+        if entry.pooled:
+            budget.pool_used_bytes += measured - entry.reserved_bytes  # a smaller copy gives back the rest
+            entry.reserved_bytes = measured
+            budget.pool[spec.model_id] = None
+        elif delta > 0:
             try:
                 if measured > budget.capacity_bytes:
                     raise ResourceExhausted(
@@ -520,15 +565,19 @@ class ModelCache:
         else:
             budget.used_bytes += delta
             entry.reserved_bytes = measured
-        budget.policy.insert(spec.model_id, measured, self._clock(),
-                             last_used=entry.initial_last_used, cost=entry.load_ms)
+        if not entry.pooled:
+            budget.policy.insert(spec.model_id, measured, self._clock(),
+                                 last_used=entry.initial_last_used, cost=entry.load_ms)
+        else:
+            self.passed_through += 1
         log.info("model loaded", model_id=spec.model_id, reason=entry.load_reason, device=entry.device,
                  size_bytes=measured, predicted_bytes=entry.predicted_bytes, load_ms=round(entry.load_ms, 2),
                  # The whole time the load has held its slot (reading the files, making room,
                  # announcing it, loading): how long a load takes in the simulator's terms.
                  slot_ms=round((time.perf_counter() - entry.slot_at) * 1000, 2),
                  **({"source": entry.source, "pull_ms": round(entry.fetch_ms, 2)} if entry.source else {}),
-                 **({} if entry.admitted else {"admission": f"refused by {budget.policy.name}: first to go"}))
+                 **({} if entry.admitted else {"admission": f"refused by {budget.policy.name}: " + (
+                     "in the pass-through room" if entry.pooled else "first to go")}))
         self.loads += 1
         return model
 
@@ -545,7 +594,7 @@ class ModelCache:
         """A timed-out step of a load keeps running in its thread: the load is stuck until it
         ends, and its bytes stay counted until then."""
         zombie = Entry(spec=entry.spec, device=entry.device, state=UNLOADING,
-                       reserved_bytes=entry.reserved_bytes, ready=entry.ready)
+                       reserved_bytes=entry.reserved_bytes, ready=entry.ready, pooled=entry.pooled)
         entry.reserved_bytes = 0
         self._unloading.add(zombie)
         self._stuck[id(zombie)] = entry.model_id
@@ -592,6 +641,45 @@ class ModelCache:
             await self._reserve_locked(entry, budget, size, top_up, deadline)
         finally:
             self._topping_up.discard(entry.model_id)
+
+    async def _reserve_pooled(self, entry: Entry, budget: DeviceBudget, size: int, *, wait: bool = True) -> bool:
+        """Count ``size`` more bytes for ``entry`` in the pass-through room, dropping the room's copies
+        that ``placement.kernel.pool_room`` names and waiting for their release; while the room is
+        held by loads into it, or by copies whose waiters have not taken them yet, wait for those
+        (``wait``; a top-up does not wait: two loads could wait for each other). False, with
+        nothing dropped, if the room cannot hold it (module docstring)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._load_timeout_s
+        async with self._space_freed:
+            while True:
+                if budget.pool_used_bytes + size <= budget.pool_capacity_bytes:
+                    budget.pool_used_bytes += size
+                    entry.reserved_bytes += size
+                    return True
+                leaving = self._freeing(budget.device, pooled=True)
+                pooled = [self._entries[m] for m in budget.pool]
+                room = pool_room(budget.pool, {e.model_id: e.reserved_bytes for e in pooled}, size,
+                                 used=budget.pool_used_bytes - leaving, capacity=budget.pool_capacity_bytes,
+                                 protected={e.model_id for e in pooled if e.waiting})
+                for victim_id in room.victims:
+                    self._evict(self._entries[victim_id], reason="capacity")
+                if budget.pool_used_bytes + size <= budget.pool_capacity_bytes:
+                    continue
+                remaining = deadline - loop.time()
+                if not wait or remaining <= 0 or not (room.enough or self._pool_moving(budget.device, entry)):
+                    return False
+                try:  # for the dropped copies' close, a load into the room, or waiters taking a copy
+                    await asyncio.wait_for(self._space_freed.wait(), remaining)
+                except TimeoutError:
+                    continue
+
+    def _pool_moving(self, device: str, entry: Entry) -> bool:
+        """Whether room in ``device``'s pass-through room will be freed without another eviction:
+        copies leaving it, loads into it (they end), copies whose waiters will take them."""
+        if self._freeing(device, pooled=True):
+            return True
+        return any(e is not entry and e.device == device and e.pooled and (e.waiting or e.state == LOADING)
+                   and e.reserved_bytes > 0 for e in self._entries.values())
 
     def _may_wait_for_top_up(self, entry: Entry, device: str) -> bool:
         if any(u.device == device for u in self._unloading):
@@ -642,15 +730,21 @@ class ModelCache:
                 continue
             self._evict(victim, reason="capacity")
 
-    def _freeing(self, device: str) -> int:
-        """Bytes on ``device`` held by evicted or unloaded copies whose release is under way (not
-        those of abandoned, stuck loads: their threads may never return)."""
-        return sum(e.reserved_bytes for e in self._unloading if e.device == device and id(e) not in self._stuck)
+    def _freeing(self, device: str, *, pooled: bool = False) -> int:
+        """Bytes on ``device``'s main room (``pooled``: its pass-through room) held by evicted or
+        unloaded copies whose release is under way (not those of abandoned, stuck loads: their
+        threads may never return)."""
+        return sum(e.reserved_bytes for e in self._unloading
+                   if e.device == device and e.pooled == pooled and id(e) not in self._stuck)
 
     def _evict(self, entry: Entry, *, reason: str) -> None:
         """Stop serving ``entry`` now; free its bytes when its in-flight requests are done."""
         del self._entries[entry.model_id]
-        self._budgets[entry.device].policy.remove(entry.model_id)
+        budget = self._budgets[entry.device]
+        if entry.pooled:
+            budget.pool.pop(entry.model_id, None)
+        else:
+            budget.policy.remove(entry.model_id)
         entry.state = UNLOADING
         self._unloading.add(entry)
         self.evictions += reason == "capacity"
@@ -685,7 +779,11 @@ class ModelCache:
 
     def _release(self, entry: Entry) -> None:
         if entry.reserved_bytes:
-            self._budgets[entry.device].used_bytes -= entry.reserved_bytes
+            budget = self._budgets[entry.device]
+            if entry.pooled:
+                budget.pool_used_bytes -= entry.reserved_bytes
+            else:
+                budget.used_bytes -= entry.reserved_bytes
             entry.reserved_bytes = 0
 
     async def _wake_space_waiters(self) -> None:
@@ -769,7 +867,7 @@ class ModelCache:
             loaded=loaded, loading=len(self._entries) - loaded,
             lru_time=min(lru_times) if lru_times else None,
             loads=self.loads, evictions=self.evictions, hits=self.hits, misses=self.misses,
-            refused=self.refused, loaded_by_device=by_device)
+            refused=self.refused, loaded_by_device=by_device, passed_through=self.passed_through)
 
     def budgets(self) -> dict[str, DeviceBudget]:
         return self._budgets

@@ -28,6 +28,7 @@ from placement.kernel import (
     copy_targets,
     least_busy,
     make_room,
+    pool_room,
 )
 from placement.lru import LRUPolicy
 
@@ -126,6 +127,16 @@ def test_make_room_names_the_policys_victims_and_says_whether_they_suffice() -> 
     assert len(policy) == 3  # proposes only: the caller removes
 
 
+def test_pool_room_drops_the_least_recently_used_unprotected_copies_or_nothing() -> None:
+    sizes = {"a": 40, "b": 30, "c": 30}
+    assert pool_room(sizes, sizes, 20, used=60, capacity=100) == ([], True)  # fits as it is
+    assert pool_room(sizes, sizes, 50, used=100, capacity=100) == (["a", "b"], True)
+    assert pool_room(sizes, sizes, 50, used=100, capacity=100, protected={"a"}) == (["b", "c"], True)
+    # Not enough even with every unprotected copy gone: nothing is dropped for nothing.
+    assert pool_room(sizes, sizes, 90, used=100, capacity=100, protected={"a"}) == ([], False)
+    assert pool_room({}, {}, 101, used=0, capacity=100) == ([], False)  # larger than the room
+
+
 # -- the router, the runtime and the simulator decide with the kernel -------------------------------
 
 
@@ -135,6 +146,7 @@ def test_every_caller_uses_the_kernels_functions() -> None:
     assert replicas.copy_targets is kernel.copy_targets is cluster.copy_targets
     assert cache.make_room is kernel.make_room is cluster.make_room
     assert cache.admission is kernel.admission is cluster.admission
+    assert cache.pool_room is kernel.pool_room is cluster.pool_room
 
 
 def _view(names: list[str], capacity: int) -> ClusterView:

@@ -142,6 +142,24 @@ def test_empty_trace_and_bad_input() -> None:
         simulate_cluster([], instances=1, capacity_bytes=10, policy="nope")
 
 
+def test_a_pass_through_room_keeps_refused_models_from_evicting_admitted_ones() -> None:
+    """Churn guard on one instance whose models are all in recent use: every newcomer is refused.
+    Without a room each refused newcomer goes first from the main room (the first one evicting an
+    admitted model); with one, they take turns in the room and the admitted models all stay."""
+    guard = {"capacity": 300, "min_churn_age": 600.0}
+    trace = [R(float(t), m, 100, 1.0) for t, m in enumerate("abcxyzabc")]
+    plain = simulate_cluster(trace, instances=1, capacity_bytes=300, policy="lru+churnguard",
+                             policy_params=guard)
+    room = simulate_cluster(trace, instances=1, capacity_bytes=400, policy="lru+churnguard",
+                            policy_params=guard, passthrough_bytes=100)
+    # a was evicted for x, and its return set off a cascade: no request of the last three hit.
+    assert (plain.refused, plain.pooled, plain.total.hits, plain.total.evictions) == (3, 0, 0, 6)
+    assert (room.refused, room.pooled, room.total.hits) == (3, 3, 3)
+    assert room.total.evictions == 2  # x and y, from the room
+    with pytest.raises(ValueError, match="passthrough_bytes"):
+        simulate_cluster([], instances=1, capacity_bytes=100, policy="lru", passthrough_bytes=51)
+
+
 def test_replay_accepts_a_one_shot_iterator() -> None:
     trace = [R(1.0, "a", 1, 1.0), R(3.0, "a", 1, 1.0)]
     assert same(replay(iter(trace), LRUPolicy(), 10), replay(trace, LRUPolicy(), 10))

@@ -40,7 +40,7 @@ class Harness:
     def __init__(self, capacity: int, *, sizes: dict[str, int] | None = None, delay_s: float = 0.0,
                  timeout_s: float = 5.0, concurrent: int = 2, policy: str = "lru",
                  policy_params: Mapping[str, object] | None = None,
-                 predictions: dict[str, int] | None = None) -> None:
+                 predictions: dict[str, int] | None = None, pool: int = 0) -> None:
         self.sizes = sizes or {}
         predicted = predictions or self.sizes
         self.delay_s = delay_s
@@ -49,7 +49,9 @@ class Harness:
         self.events: list[tuple[str, str]] = []
         self.now = 1000.0
         self.max_used = 0
-        self.budget = DeviceBudget("ram", capacity, make_policy(policy, **(policy_params or {})))
+        self.budget = DeviceBudget("ram", capacity, make_policy(policy, **(policy_params or {})),
+                                   pool_capacity_bytes=pool)
+        self.max_pool_used = 0
         self.pool = ThreadPoolExecutor(4)
         self.cache = ModelCache(
             budgets=[self.budget], load_fn=self.load, predict_size=lambda s, d: predicted.get(s.model_id, 100),
@@ -68,6 +70,7 @@ class Harness:
     def on_change(self, entry: Entry, event: str) -> None:
         self.events.append((entry.model_id, event))
         self.max_used = max(self.max_used, self.budget.used_bytes)
+        self.max_pool_used = max(self.max_pool_used, self.budget.pool_used_bytes)
 
     async def get(self, model_id: str, **kw: object) -> Entry:
         self.now += 1
@@ -323,6 +326,128 @@ async def test_a_refused_newcomer_is_served_and_then_goes_first() -> None:
     assert h.max_used <= 300
 
 
+def churn_guarded(capacity: int, pool: int, models: str, size: int = 100, **kw: object) -> Harness:
+    """A cache whose admission filter refuses every newcomer while its models are in recent use."""
+    return Harness(capacity, sizes={m: size for m in models}, policy="lru+churnguard",
+                   policy_params={"capacity": capacity, "min_churn_age": 600.0}, pool=pool, **kw)  # type: ignore[arg-type]
+
+
+def evicted(h: Harness) -> list[str]:
+    return [m for m, event in h.events if event == "evicted"]
+
+
+async def test_refused_newcomers_take_turns_in_the_pass_through_room_and_evict_no_admitted_model() -> None:
+    h = churn_guarded(300, 100, "abcxyz")
+    for m in "abc":
+        await h.get(m)
+    for m in "xyz":
+        assert (await h.get(m)).model_id == m  # refused, yet served
+    await asyncio.sleep(0.05)
+    assert evicted(h) == ["x", "y"]  # the room's earlier copies, never an admitted model
+    assert {e.model_id for e in h.cache.entries()} == {"a", "b", "c", "z"}
+    assert h.cache.get("z").pooled and not h.cache.get("a").pooled  # type: ignore[union-attr]
+    stats = h.cache.stats()
+    assert (stats.refused, stats.passed_through) == (3, 3)
+    assert h.max_used <= 300 and h.max_pool_used <= 100
+    assert (h.budget.used_bytes, h.budget.pool_used_bytes) == (300, 100)
+
+
+async def test_a_copy_in_the_pass_through_room_serves_hits_while_it_stays() -> None:
+    h = churn_guarded(200, 100, "abx")
+    for m in "abx":
+        await h.get(m)
+    before = h.cache.stats().hits
+    assert (await h.get("x")).pooled
+    assert h.calls == ["a", "b", "x"]
+    assert h.cache.stats().hits == before + 1
+    assert list(h.budget.pool) == ["x"]
+
+
+async def test_without_a_room_a_refused_newcomer_still_goes_first_from_the_main_room() -> None:
+    h = churn_guarded(300, 0, "abcx")
+    for m in "abcx":
+        await h.get(m)
+    await asyncio.sleep(0.05)
+    assert evicted(h) == ["a"]
+    assert not h.cache.get("x").pooled  # type: ignore[union-attr]
+    assert h.cache.stats().passed_through == 0
+
+
+async def test_a_refused_model_larger_than_the_room_goes_to_the_main_room_as_first_to_go() -> None:
+    h = churn_guarded(300, 100, "abcx")
+    h.sizes["x"] = 150
+    for m in "abcx":
+        await h.get(m)
+    await asyncio.sleep(0.05)
+    assert evicted(h) == ["a", "b"]
+    assert not h.cache.get("x").pooled  # type: ignore[union-attr]
+    assert h.max_used <= 300 and h.max_pool_used == 0
+
+
+async def test_a_refused_model_measuring_more_than_the_room_moves_to_the_main_room() -> None:
+    h = churn_guarded(300, 100, "abcx", predictions={m: 100 for m in "abc"} | {"x": 50})
+    h.sizes["x"] = 150  # predicted 50 (fits the room), measures 150 (does not)
+    for m in "abcx":
+        await h.get(m)
+    await asyncio.sleep(0.05)
+    entry = h.cache.get("x")
+    assert entry is not None and not entry.pooled and entry.reserved_bytes == 150
+    assert h.budget.pool_used_bytes == 0 and not h.budget.pool
+    assert h.max_used <= 300 and h.max_pool_used <= 100
+
+
+async def test_concurrent_refused_loads_wait_for_the_room_and_every_request_is_served() -> None:
+    """Two slots, one room: the second refused load waits for the first (and for its waiters to take
+    it) instead of evicting an admitted model; every request gets its copy, each model loads once."""
+    h = churn_guarded(300, 100, "abcxyz", delay_s=0.05)
+    for m in "abc":
+        await h.get(m)
+    h.delay_s = 0.05
+    got = await asyncio.wait_for(asyncio.gather(*(h.get(m) for m in "xyzxyz")), 10)
+    assert [e.model_id for e in got] == list("xyzxyz")
+    assert sorted(h.calls[3:]) == ["x", "y", "z"]
+    await asyncio.sleep(0.05)
+    assert {"a", "b", "c"} <= {e.model_id for e in h.cache.entries()}
+    assert not {"a", "b", "c"} & set(evicted(h))
+    assert h.max_used <= 300 and h.max_pool_used <= 100
+
+
+async def test_a_displaced_copy_in_use_stays_counted_in_the_room_until_its_requests_finish() -> None:
+    h = churn_guarded(200, 100, "abxy")
+    for m in "abx":
+        await h.get(m)
+    x = h.cache.get("x")
+    assert x is not None
+    h.cache.begin_use(x)
+    load_y = asyncio.create_task(h.get("y"))
+    await asyncio.sleep(0.1)
+    assert not load_y.done()  # y waits: x is leaving but still holds the room
+    assert h.budget.pool_used_bytes == 100 and h.cache.get("x") is None
+    h.cache.end_use(x)
+    assert (await asyncio.wait_for(load_y, 5)).pooled
+    assert x.model is None and h.max_pool_used <= 100
+
+
+async def test_the_runtime_and_the_simulator_agree_on_the_pass_through_room() -> None:
+    """The same requests, one at a time, through the runtime's cache and the cluster simulator (one
+    instance, the same room): the same refusals, pass-throughs, evictions and hits."""
+    from placement.cluster import simulate_cluster
+    from placement.request import Request
+
+    order = "abcxyzabcxxqa"
+    h = churn_guarded(300, 100, "abcxyzq")
+    for m in order:
+        await h.get(m)
+    await asyncio.sleep(0.05)
+    trace = [Request(float(t), m, 100, 1.0) for t, m in enumerate(order)]
+    sim = simulate_cluster(trace, instances=1, capacity_bytes=400, policy="lru+churnguard",
+                           policy_params={"capacity": 300, "min_churn_age": 600.0}, passthrough_bytes=100)
+    ours = h.cache.stats()
+    assert (ours.refused, ours.passed_through, ours.evictions, ours.hits) == \
+        (sim.refused, sim.pooled, sim.total.evictions, sim.total.hits)
+    assert ours.hits > 0 and ours.passed_through > 0
+
+
 async def test_loads_asked_for_ahead_of_traffic_skip_admission() -> None:
     h = Harness(200, sizes={m: 100 for m in "abc"}, policy="lru+churnguard",
                 policy_params={"capacity": 200, "min_churn_age": 600.0})
@@ -331,3 +456,16 @@ async def test_loads_asked_for_ahead_of_traffic_skip_admission() -> None:
     await h.get("c", last_used=h.now + 20)  # a scale-out copy, stamped ahead
     assert h.cache.stats().refused == 0
     assert h.cache.get("c") is not None
+
+
+def test_the_pass_through_room_comes_out_of_the_ram_capacity_and_leaves_the_main_room_the_most() -> None:
+    from mesh.errors import InvalidArgument
+    from mesh.runtime.app import ram_budget
+    from mesh.settings import RuntimeSettings
+
+    budget = ram_budget(RuntimeSettings(passthrough_bytes=1000), 10_000)
+    assert (budget.capacity_bytes, budget.pool_capacity_bytes) == (9000, 1000)
+    assert ram_budget(RuntimeSettings(), 10_000).pool_capacity_bytes == 0
+    for bad in (5001, -1):
+        with pytest.raises(InvalidArgument, match=r"runtime.passthrough_bytes is .*0 to half the RAM capacity"):
+            ram_budget(RuntimeSettings(passthrough_bytes=bad), 10_000)
