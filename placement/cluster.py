@@ -268,7 +268,7 @@ class _Cluster:
         policy = node.policy
         if load.keep and not load.copy:
             # The runtime asks the filter when the load has its slot (ModelCache._place).
-            admitted, load.last_used = admission(policy, load.model, load.reserve, now)
+            admitted, load.last_used = admission(policy, load.model, load.reserve, now, held=node.reserved)
             if not admitted:
                 self.refused += 1
                 if not self.keep_refused:

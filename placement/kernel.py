@@ -158,8 +158,14 @@ def copy_targets(key: str, candidates: Sequence[str], count: int, *, busy: Conta
 
 
 def admission(policy: EvictionPolicy, key: str, size: int, now: float,
-              last_used: float | None = None) -> tuple[bool, float | None]:
+              last_used: float | None = None, *, held: int = 0) -> tuple[bool, float | None]:
     """``(admitted, last_used)`` for a load of ``key`` (``size`` bytes, predicted) at ``now``.
+
+    ``held``: bytes the device holds outside the policy and not on their way out, i.e. the
+    reservations of other loads in progress. The filter is asked about ``size + held`` so that it
+    judges the newcomer against the models that will really give way for it: without them a load
+    that starts while another is loading saw the other's room as free and was admitted unasked,
+    so under concurrent loads the filter judged about half the newcomers.
 
     A load that carries its own ``last_used`` (asked for ahead of traffic) is not filtered: it keeps
     its stamp. Otherwise the policy's ``admit`` is asked; a refused model is still loaded and served
@@ -168,7 +174,7 @@ def admission(policy: EvictionPolicy, key: str, size: int, now: float,
     """
     if last_used is not None:
         return True, last_used
-    if policy.admit(key, size, now):
+    if policy.admit(key, size + max(0, held), now):
         return True, None
     return False, now - REFUSED_AGE_S
 

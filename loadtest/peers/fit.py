@@ -68,8 +68,8 @@ class MeshRoom:
     size_bytes: int  # s: the calibrated (trimmed mean) measured size of one model
     predicted_bytes: int  # P: what a runtime reserves for a model while it loads
     sizes: list[int]  # the calibration loads' measured sizes
-    # Of capacity_bytes, the runtime's pass-through room (runtime.passthrough_bytes): the largest
-    # calibrated model + 4 KiB, at most half the capacity (what the runtime accepts).
+    # Of capacity_bytes, a pass-through room (runtime.passthrough_bytes) that peers --passthrough
+    # auto gives the runtimes: ``passthrough_room``.
     passthrough_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,9 +95,18 @@ def measure_room(models: Sequence[tuple[Target, Path]], k: int) -> MeshRoom:
     files = [TrainedModel(t.model_id, f, t.sample.shape[1], t.sample) for t, f in models]
     # The Settings only size calibrate's own capacity, which is not used (module docstring).
     cal = calibrate(Settings(models=len(models), runtimes=RUNTIMES, fit=k / len(models)), files)
-    capacity = room_for(k, cal.size_bytes, cal.predicted_bytes, max(cal.sizes, default=0))
+    largest = max(cal.sizes, default=0)
+    capacity = room_for(k, cal.size_bytes, cal.predicted_bytes, largest)
     return MeshRoom(k=k, capacity_bytes=capacity, size_bytes=cal.size_bytes, predicted_bytes=cal.predicted_bytes,
-                    sizes=list(cal.sizes), passthrough_bytes=min(max(cal.sizes, default=0) + 4096, capacity // 2))
+                    sizes=list(cal.sizes), passthrough_bytes=passthrough_room(capacity, largest, cal.predicted_bytes))
+
+
+def passthrough_room(capacity: int, largest: int, predicted: int) -> int:
+    """A pass-through room out of ``capacity``: room for the largest model (+ 4 KiB), but never so
+    much that the main room cannot hold the largest model itself (it would refuse it), and none
+    when what is left is less than a typical model's prediction (it would hold nothing)."""
+    room = min(largest + 4096, capacity - (largest + 4096), capacity // 2)
+    return room if room >= predicted else 0
 
 
 # -- counters ----------------------------------------------------------------------------------

@@ -331,11 +331,12 @@ def run_child(system: str, work: Path, args: argparse.Namespace) -> dict[str, An
 def bench(*, models: int, rate: float, concurrency: int, duration: float, warmup: float,
           seed: int = 0, systems: tuple[str, ...] | None = None,
           allow_wildcard: bool = False, fit: float = 1.0, protocol: str = "grpc",
-          mesh_runtimes: int = fitmode.RUNTIMES, passthrough: str = "auto") -> dict[str, Any]:
+          mesh_runtimes: int = fitmode.RUNTIMES, passthrough: str = "0") -> dict[str, Any]:
     """Run ``systems`` (default: all three, or our mesh and Ray with ``fit`` < 1) one by one, our
     mesh and MLServer over ``protocol`` (grpc, rest or both). ``mesh_runtimes``: the runtimes of
     our mesh (``mesh up --runtimes``); the fit mode sizes two. ``passthrough``: the fit mode's
-    pass-through room per runtime, out of its capacity (``auto``: ``fitmode.room_for``'s; or bytes)."""
+    pass-through room per runtime, out of its capacity (``auto``: ``fitmode.passthrough_room``'s;
+    or bytes; ``0``, the runtime's default: none)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if fit < 1.0 and mesh_runtimes != fitmode.RUNTIMES:
@@ -493,10 +494,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mesh-capacity", default=MESH_CAPACITY, help=argparse.SUPPRESS)
-    parser.add_argument("--passthrough", default="auto", metavar="auto|BYTES",
+    parser.add_argument("--passthrough", default="0", metavar="auto|BYTES",
                         help="fit mode: our runtimes' pass-through room (runtime.passthrough_bytes), "
                              "taken out of the same capacity: auto (room for the largest calibrated "
-                             "model), or bytes, 0 for none")
+                             "model, if the rest still holds it), or bytes; default 0, none, as the "
+                             "runtime's default")
     args = parser.parse_args(argv)
     if args.passthrough != "auto" and not args.passthrough.isdigit():
         parser.error(f"--passthrough must be auto or a number of bytes, got {args.passthrough!r}")

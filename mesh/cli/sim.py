@@ -5,7 +5,7 @@
     mesh sim gen azure (--counts FILE | --synthetic N) [--models N] [--cv 1.0] [--sizes ...]
                        [--start-minute M --end-minute M] --seed 1 --out trace.csv
     mesh sim run --trace trace.csv --capacity 2GiB|10% [--instances 4] --policy NAME [--policy NAME ...]
-                 [--opt] [--scaling] [--load-slots 2] [--json]
+                 [--opt] [--scaling] [--load-slots 2] [--passthrough SIZE] [--json]
 
 ``run`` judges each policy at the two levels of the reference method (peers notes, section 5.3):
 
@@ -21,7 +21,9 @@
   bounded-load routing (``placement.cluster.simulate_cluster``, deciding with the router's and the
   runtime's own code, ``placement.kernel``; copy scaling with ``--scaling``): its miss ratio (the
   runtime's counter: requests that started a load), the share of requests that waited for a load in
-  progress, loads per second, and the added p50/p99 latency. When loads arrive faster than the load
+  progress, loads per second, and the added p50/p99 latency; with ``--passthrough``, each runtime
+  holds that much of its capacity as the pass-through room of ``runtime.passthrough_bytes`` (the
+  cache level has no such room). When loads arrive faster than the load
   slots can serve them, queues (and so latency and joins) grow without bound: that is an undersized
   cluster, not a simulator error.
 
@@ -105,6 +107,10 @@ def add_sim_parser(sub: Any) -> None:
     run.add_argument("--scale-rps", type=float, metavar="R",
                      help="copy scaling with this threshold in requests/s per copy (implies --scaling)")
     run.add_argument("--load-slots", type=int, default=2, help="concurrent loads per instance")
+    run.add_argument("--passthrough", default="0", metavar="SIZE",
+                     help="cluster level: the pass-through room out of each instance's capacity "
+                          "(runtime.passthrough_bytes: refused models evict no admitted one), up to half "
+                          "of it; default none")
     run.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -180,6 +186,18 @@ def _capacity(text: str, working_set: int) -> int:
         raise _BadInput(f"--capacity: {exc}") from None
 
 
+def _passthrough(text: str, capacity: int) -> int:
+    from mesh.settings import parse_bytes
+
+    try:
+        room = parse_bytes(text.strip())
+    except ValueError as exc:
+        raise _BadInput(f"--passthrough: {exc}") from None
+    if not 0 <= room <= capacity // 2:
+        raise _BadInput(f"--passthrough: {room} bytes is more than half the capacity ({capacity} bytes)")
+    return room
+
+
 def _policies(asked: Sequence[str] | None, opt: bool) -> tuple[list[str], bool]:
     """The policies to run, and whether LRU was added as the baseline of the gap."""
     from placement.registry import policy_names
@@ -218,6 +236,7 @@ def _run(args: argparse.Namespace) -> int:
         raise _BadInput(f"{args.trace}: the trace has no requests")
     facts = _trace_facts(requests)
     capacity = _capacity(args.capacity, facts["working_set_bytes"])
+    passthrough = _passthrough(args.passthrough, capacity)
     shares = home_partition(requests, args.instances) if args.instances > 1 else [requests]
 
     caches: dict[str, Stats] = {}
@@ -226,12 +245,13 @@ def _run(args: argparse.Namespace) -> int:
         caches[name] = sum_stats([replay(share, build_policy(name, capacity), capacity) for share in shares])
         clusters[name] = simulate_cluster(requests, instances=args.instances, capacity_bytes=capacity,
                                           policy=name, scaling=scaling,
-                                          load_slots=args.load_slots)
+                                          load_slots=args.load_slots, passthrough_bytes=passthrough)
     opt = offline_reference(shares, capacity) if args.opt else None
 
     report: dict[str, Any] = {
         "trace": {"path": str(args.trace), **facts},
         "capacity_bytes": capacity, "instances": args.instances, "load_slots": args.load_slots,
+        "passthrough_bytes": passthrough,
         "scaling": None if scaling is None else {"rps_threshold": scaling.rps_threshold,
                                                  "queue_threshold": scaling.queue_threshold},
         "opt": opt.as_dict() if opt is not None else None,

@@ -396,8 +396,12 @@ class ModelCache:
         entry.device, entry.predicted_bytes = device, predicted
         # The kernel's rule (placement.kernel.admission): a refused model is served, then first to
         # go (see "Admission" above); said in the load's one log line.
+        # The room other loads in progress take (reserved, or waiting to reserve): the policy does
+        # not see it (kernel.admission's ``held``).
+        held = sum(max(e.reserved_bytes, e.predicted_bytes) for e in self._entries.values()
+                   if e.state == LOADING and e.device == device and not e.pooled and e is not entry)
         admitted, entry.initial_last_used = admission(budget.policy, spec.model_id, predicted, now,
-                                                      entry.initial_last_used)
+                                                      entry.initial_last_used, held=held)
         if not admitted:
             entry.admitted = False
             self.refused += 1

@@ -51,6 +51,8 @@ def test_fit_mode_loads_while_measured_and_leaves_no_process() -> None:
     room = s["mesh_room"]
     assert int(s["mesh_capacity_per_runtime"]) == room["capacity_bytes_per_runtime"]
     assert room["capacity_bytes_per_runtime"] > room["predicted_bytes"] > 0 and room["size_bytes"] > 0
+    # No pass-through room unless asked for (--passthrough), as the runtime's default (issue 18).
+    assert room["passthrough_bytes"] == 0
     for name, r in out["systems"].items():
         for phase in ("open", "closed"):
             assert r[phase]["requests"] > 0, f"{name} {phase} served nothing: {r[phase]}"
@@ -65,6 +67,8 @@ def test_fit_mode_loads_while_measured_and_leaves_no_process() -> None:
     # the sizes and load times its runtimes logged (issue 18: the two hit ratios compared).
     sim = mesh["simulated"]
     assert sim["capacity_bytes_per_runtime"] == room["capacity_bytes_per_runtime"] and sim["instances"] == 2
+    assert sim["passthrough_bytes"] == room["passthrough_bytes"]
+    assert sim["pooled"] == 0 and sim["mesh"]["passed_through"] == 0
     assert sim["requests_recorded"] >= sim["requests_measured"] > 0 and sim["models_loaded"] > 0
     assert sim["hits"] + sim["misses"] + sim["joined"] == sim["requests_measured"]
     assert 0 < sim["hit_ratio"] < 1 and sim["loads"] > k
@@ -90,6 +94,15 @@ def test_mesh_runtimes_out_of_range_is_a_usage_error(argv: list[str], message: s
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_passthrough_must_be_auto_or_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest.scenarios.peers import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--fit", "0.2", "--passthrough", "lots"])
+    assert exit_info.value.code == 2
+    assert "--passthrough must be auto or a number of bytes, got 'lots'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fit", ["0", "-0.5", "1.5", "nan"])

@@ -49,6 +49,25 @@ def test_gen_then_run_with_opt_as_json(zipf_trace: Path) -> None:
     assert gap["lo"] == gap["hi"] and gap["lo"] is not None and -1.0 < gap["lo"] < 1.0
 
 
+def test_a_pass_through_room_is_simulated_at_the_cluster_level(tmp_path: Path) -> None:
+    trace = tmp_path / "skewed.csv"  # sizes that vary: the admission filter refuses some newcomers
+    assert mesh("sim", "gen", "zipf", "--models", "300", "--requests", "6000", "--sizes", "skewed", "--cv", "2",
+                "--seed", "3", "--out", trace).returncode == 0
+
+    def run(*extra: str) -> dict[str, object]:
+        r = mesh("sim", "run", "--trace", trace, "--capacity", "10%", "--policy", "s3fifo+tinylfu",
+                 "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+    plain = run()
+    room = int(plain["capacity_bytes"]) // 10  # type: ignore[call-overload]
+    pooled = run("--passthrough", str(room))
+    assert (plain["passthrough_bytes"], pooled["passthrough_bytes"]) == (0, room)
+    without, with_room = (r["policies"][0]["cluster"] for r in (plain, pooled))  # type: ignore[index]
+    assert without["pooled"] == 0 and 0 < with_room["pooled"] <= with_room["refused"]
+
+
 def test_run_prints_a_table(zipf_trace: Path) -> None:
     r = mesh("sim", "run", "--trace", zipf_trace, "--capacity", "500MB", "--policy", "lru", "--scaling")
     assert r.returncode == 0, r.stderr
@@ -83,6 +102,8 @@ def test_skewed_sizes_and_azure_traces(tmp_path: Path) -> None:
     (["--trace", "{good}", "--capacity", "150%"], "bad share"),
     (["--trace", "{good}", "--capacity", "1GiB", "--instances", "x"], "invalid int value"),
     (["--trace", "{good}"], "required: --capacity"),
+    (["--trace", "{good}", "--capacity", "1MiB", "--passthrough", "600KiB"], "more than half the capacity"),
+    (["--trace", "{good}", "--capacity", "1MiB", "--passthrough", "lots"], "--passthrough:"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, zipf_trace: Path, args: list[str], expected: str) -> None:
     bad = tmp_path / "bad.csv"

@@ -112,6 +112,16 @@ def test_admission_refused_model_enters_first_to_go() -> None:
     assert admission(LRUPolicy(), "x", 1, 0.0) == (True, None)
 
 
+def test_admission_counts_the_room_other_loads_hold() -> None:
+    """A load that starts while another one is loading: the other's reservation is not in the policy,
+    and the filter must not take it for free room (it did: half the newcomers went unjudged)."""
+    policy = ChurnGuard(LRUPolicy(), capacity=30, min_churn_age=300.0)
+    policy.insert("old", 10, 0.0)  # 10 of 30 in the policy; another load holds 10 more
+    assert admission(policy, "new", 10, 10.0) == (True, None)  # as the policy alone sees it, it fits
+    assert admission(policy, "new", 10, 10.0, held=10) == (True, None)  # 30 of 30: still fits
+    assert admission(policy, "new", 15, 10.0, held=10) == (False, 10.0 - REFUSED_AGE_S)  # needs "old" out
+
+
 def test_make_room_names_the_policys_victims_and_says_whether_they_suffice() -> None:
     policy = LRUPolicy()
     for i, key in enumerate("abc"):

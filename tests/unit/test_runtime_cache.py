@@ -428,6 +428,17 @@ async def test_a_displaced_copy_in_use_stays_counted_in_the_room_until_its_reque
     assert x.model is None and h.max_pool_used <= 100
 
 
+async def test_a_load_starting_while_another_loads_is_judged_by_the_admission_filter() -> None:
+    """Two newcomers at once on a full cache whose models are in recent use: both are refused. The
+    second used to be admitted unjudged: the first one's reservation looked like free room."""
+    h = churn_guarded(300, 0, "abcxy", delay_s=0.05)
+    for m in "abc":
+        await h.get(m)
+    await asyncio.wait_for(asyncio.gather(h.get("x"), h.get("y")), 10)
+    assert h.cache.stats().refused == 2
+    assert h.max_used <= 300
+
+
 async def test_the_runtime_and_the_simulator_agree_on_the_pass_through_room() -> None:
     """The same requests, one at a time, through the runtime's cache and the cluster simulator (one
     instance, the same room): the same refusals, pass-throughs, evictions and hits."""
