@@ -17,12 +17,18 @@ Outputs, following MLServer's sklearn runtime:
 A ``ValueError`` from the estimator (NaN in the input, a wrong dtype for a pipeline step) is the
 request's fault in practice and becomes InvalidArgument with scikit-learn's message.
 
+scikit-learn's dense linear models (LogisticRegression, Ridge, SGDClassifier, LinearSVC, ...,
+exactly those types) are predicted by :mod:`~mesh.runtime.loaders.sklearn_linear` with numpy from
+copies of their fitted arrays, skipping scikit-learn's per-call validation of an input already
+checked here; the answers are the estimator's bit for bit, verified at load, and whatever that
+module does not answer (NaN, an unverified dtype, an unverified model) goes to the estimator.
+
 Thread safety: ``predict`` and ``predict_proba`` of fitted estimators only read the fitted state,
-so concurrent calls need no lock.
+and the linear fast path only its read-only copies, so concurrent calls need no lock.
 
 Footprint: :func:`~mesh.runtime.loaders.sizing.deep_nbytes` over the unpickled estimator, i.e. a
 deep walk summing its numpy arrays' bytes and its containers' ``sys.getsizeof`` (pipelines, nested
-estimators and Cython trees included).
+estimators and Cython trees included), plus the linear fast path's copies when there is one.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 from mesh.errors import InvalidArgument, ModelLoadError
 from mesh.runtime.loaders.base import LoadedModel, Loader, LoadPolicy, held, reason, tabular_input
 from mesh.runtime.loaders.sizing import deep_nbytes
+from mesh.runtime.loaders.sklearn_linear import LinearFastPath, linear_fast_path
 from mesh.tensors import TensorSpec, datatype_for
 
 
@@ -71,17 +78,22 @@ class SklearnModel(LoadedModel):
             default_outputs=["predict"],
         )
         self._estimator: Any = estimator
-        self._footprint = deep_nbytes(estimator)
+        self._fast: LinearFastPath | None = linear_fast_path(estimator, model_id)
+        self._footprint = deep_nbytes(estimator) + (deep_nbytes(self._fast) if self._fast else 0)
 
     def _predict(self, inputs: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         estimator = held(self._estimator, self.model_id)
         x = tabular_input(inputs, self._n_features, "sklearn")
+        fast = self._fast
+        if fast is not None and not fast.takes(x):
+            fast = None
         out: dict[str, np.ndarray] = {}
         try:
             if "predict" in names:
-                out["predict"] = np.asarray(estimator.predict(x))
+                out["predict"] = fast.predict(x) if fast else np.asarray(estimator.predict(x))
             if "predict_proba" in names:
-                out["predict_proba"] = np.asarray(estimator.predict_proba(x), dtype=np.float64)
+                proba = fast.predict_proba(x) if fast and fast.has_proba else estimator.predict_proba(x)
+                out["predict_proba"] = np.asarray(proba, dtype=np.float64)
         except ValueError as exc:
             raise InvalidArgument(f"sklearn: the model refused the input: {reason(exc)}") from exc
         return out
@@ -91,6 +103,7 @@ class SklearnModel(LoadedModel):
 
     def _release(self) -> None:
         self._estimator = None
+        self._fast = None
 
 
 def _predict_spec(estimator: Any) -> TensorSpec:
