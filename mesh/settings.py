@@ -262,8 +262,9 @@ class RuntimeSettings:
                                 "refuses (the pass-through room): such a model is loaded there instead of "
                                 "evicting an admitted one, and serves until a later refused model needs "
                                 "the room. Admitted models get the rest. 0: off (a refused model enters "
-                                "the main room as the first to go). Worth about the largest model of a "
-                                "long tail of rarely used ones (BENCHMARKS.md section 25).", "bytes")
+                                "the main room as the first to go). It helps where loads have time to "
+                                "spare, not where the load slots are saturated: try it on a trace with "
+                                "`mesh sim run --passthrough` (BENCHMARKS.md section 25).", "bytes")
     capacity_fraction: float = _f(0.5, "Share of the memory limit (cgroup limit, else total RAM) given to "
                                   "models when capacity_bytes is 0; the rest is the runtime's own "
                                   "working memory and inference buffers.")

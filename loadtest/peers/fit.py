@@ -352,12 +352,14 @@ def simulate_run(recorder: Recorder, model_ids: Sequence[str], loads: dict[str, 
     bounded-load factor and copy scaling are the mesh's (``mesh.settings`` defaults, the run's
     capacity); see the block comment above for the method.
     """
-    from mesh.settings import Settings
+    from mesh.settings import load_settings
     from placement.cluster import simulate_cluster
     from placement.request import Request
     from placement.scaling import ScalingConfig
 
-    settings = Settings()
+    # The settings the run's mesh had: the defaults, and MESH_* variables inherited from this process
+    # (mesh up passes its environment on), e.g. MESH_RUNTIME_MAX_CONCURRENT_LOADS=1.
+    settings = load_settings()
     rs, run = settings.router, settings.runtime
     if not recorder.sent or len(recorder.marks) % 2:
         raise RuntimeError(f"nothing to simulate: {len(recorder.sent)} requests, {len(recorder.marks)} marks")
