@@ -331,8 +331,22 @@ class _Cluster:
         node.pool_used += size
         return True
 
+    def wake_pool_waiters(self, node: _Node, now: float) -> None:
+        """The loads waiting for ``node``'s pass-through room, in turn: into it where it has room now;
+        else the rest wait on while another load into it holds it, or go to the main room when none
+        does (as the runtime's, whose waiting loads the end of any load into the room wakes, one that
+        moved to the main room included)."""
+        while node.pool_waiting:
+            waiting = node.pool_waiting[0]
+            waiting.pooled = self.pool_fits(waiting, waiting.reserve)
+            if not waiting.pooled and node.pool_used > sum(node.pool.values()):
+                return
+            node.pool_waiting.popleft()
+            self.begin_load(waiting, now)
+
     def finish_load(self, load: _Load, now: float) -> None:
         node, model = load.node, load.model
+        into_pool = load.pooled  # its bytes held the room, whether it stays there or not
         node.running -= 1
         del node.loading[model]
         loads = self.loading[model]
@@ -364,10 +378,8 @@ class _Cluster:
             self._set_copy(model, node, COPY_LOADED)
         else:
             self._drop_copy(model, node)
-        if load.pooled and node.pool_waiting:  # the next load waiting for the room (its waiters are served)
-            waiting = node.pool_waiting.popleft()
-            waiting.pooled = self.pool_fits(waiting, waiting.reserve)
-            self.begin_load(waiting, now)
+        if into_pool:  # the loads waiting for the room go on (its waiters are served)
+            self.wake_pool_waiters(node, now)
         if load.waiters:
             inferring = 0
             for arrived, infer_ms in load.waiters:

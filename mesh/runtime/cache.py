@@ -650,8 +650,10 @@ class ModelCache:
         """Count ``size`` more bytes for ``entry`` in the pass-through room, dropping the room's copies
         that ``placement.kernel.pool_room`` names and waiting for their release; while the room is
         held by loads into it, or by copies whose waiters have not taken them yet, wait for those
-        (``wait``; a top-up does not wait: two loads could wait for each other). False, with
-        nothing dropped, if the room cannot hold it (module docstring)."""
+        (``wait``). A top-up (not ``wait``) waits only for copies leaving the room, those it drops
+        among them (their bytes are freed when their close ends), never for loads into it: two
+        loads could wait for each other. False, with nothing dropped, if the room cannot hold it
+        (module docstring)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._load_timeout_s
         async with self._space_freed:
@@ -670,7 +672,8 @@ class ModelCache:
                 if budget.pool_used_bytes + size <= budget.pool_capacity_bytes:
                     continue
                 remaining = deadline - loop.time()
-                if not wait or remaining <= 0 or not (room.enough or self._pool_moving(budget.device, entry)):
+                # room.enough: only copies leaving the room hold it; a top-up waits for no other
+                if remaining <= 0 or not (room.enough or (wait and self._pool_moving(budget.device, entry))):
                     return False
                 try:  # for the dropped copies' close, a load into the room, or waiters taking a copy
                     await asyncio.wait_for(self._space_freed.wait(), remaining)

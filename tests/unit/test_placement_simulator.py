@@ -413,3 +413,16 @@ def test_a_load_reserves_its_prediction_then_its_measured_size() -> None:
     under = simulate_cluster(trace[:3], instances=1, capacity_bytes=25, predicted={"c": 5},
                              policy=lambda: Checked(LRUPolicy(), 25))
     assert (under.total.evictions, under.no_room, under.total.bypassed) == (1, 0, 0)
+
+
+def test_a_load_waiting_for_the_room_goes_on_when_the_load_holding_it_moves_to_the_main_room() -> None:
+    """x reserves 50 of the room and measures 150, more than the room: it moves to the main room.
+    y, which waited for the room x held, used to be woken only by a copy staying in the room, so it
+    waited for ever, holding its slot, and every later request for y joined it unanswered."""
+    guard = {"capacity": 300, "min_churn_age": 600.0}
+    trace = [R(0.0, "a", 100, 1.0), R(1.0, "b", 100, 1.0), R(2.0, "c", 100, 1.0), R(3.0, "x", 150, 10_000.0),
+             R(3.5, "y", 100, 1.0), R(30.0, "y", 100, 1.0), R(31.0, "y", 100, 1.0)]
+    s = simulate_cluster(trace, instances=1, capacity_bytes=400, policy="lru+churnguard", policy_params=guard,
+                         passthrough_bytes=100, predicted={"x": 50})
+    assert (s.refused, s.pooled) == (2, 1)  # y, in the room once x left it
+    assert (s.total.misses, s.total.hits) == (5, 2)

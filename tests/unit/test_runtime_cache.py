@@ -480,3 +480,19 @@ def test_the_pass_through_room_comes_out_of_the_ram_capacity_and_leaves_the_main
     for bad in (5001, -1):
         with pytest.raises(InvalidArgument, match=r"runtime.passthrough_bytes is .*0 to half the RAM capacity"):
             ram_budget(RuntimeSettings(passthrough_bytes=bad), 10_000)
+
+
+async def test_a_copy_measuring_over_its_prediction_in_the_room_tops_up_there_and_evicts_no_admitted_model() -> None:
+    """y, predicted 30, measures 50: the room's top-up drops x (its least recently used copy) and waits
+    for x's close. It used to give up as soon as x was dropped (x's bytes are freed only when its close
+    ends), so x went for nothing and y took the main room, evicting the admitted a."""
+    h = churn_guarded(200, 100, "abxy", predictions={"a": 100, "b": 100, "x": 60, "y": 30})
+    h.sizes.update(x=60, y=50)
+    for m in "abxy":
+        await h.get(m)
+    await asyncio.sleep(0.05)
+    assert evicted(h) == ["x"]
+    y = h.cache.get("y")
+    assert y is not None and y.pooled and y.reserved_bytes == 50
+    assert (h.budget.used_bytes, h.budget.pool_used_bytes, list(h.budget.pool)) == (200, 50, ["y"])
+    assert h.max_used <= 200 and h.max_pool_used <= 100

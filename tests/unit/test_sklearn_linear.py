@@ -250,3 +250,29 @@ def test_concurrent_predictions_agree() -> None:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(answer, range(8 * 32 * 10)))  # an assertion failing in a thread is raised here
     assert predict.calls == 0
+
+
+def test_a_model_with_many_features_is_verified_on_probes_of_its_own_order_of_size() -> None:
+    """A binary model of 2^18 features (coef_ 2 MB): 64-row probes took 128 MB each (the peak of the
+    load past 250 MB, outside the memory budget); now its probes have few rows, and it is still served
+    by the fast path, answering a batch of more rows than any probe as the estimator does."""
+    import tracemalloc
+
+    n_features = 1 << 18
+    rng = np.random.default_rng(7)
+    estimator = lm.LogisticRegression()
+    estimator.coef_ = rng.standard_normal((1, n_features)) / 100
+    estimator.intercept_ = np.array([0.25])
+    estimator.classes_ = np.array([0, 1])
+    estimator.n_features_in_ = n_features
+    tracemalloc.start()
+    try:
+        model, predict, proba = served(estimator)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * estimator.coef_.nbytes
+    x = rows(1, 64, n_features, "float32")
+    want = own_outputs(estimator, x)
+    assert_identical(model.predict({"input": x}, ["predict", "predict_proba"]), want)
+    assert predict.calls == 1 and proba is not None and proba.calls == 1  # own_outputs' calls only

@@ -25,7 +25,8 @@ fast path is kept only if every output is identical, dtype and shape included, a
 dtypes whose probes matched. A model it does not fit (a RidgeClassifier fitted on multilabel
 targets, a sparse ``coef_`` after ``sparsify()``, a scikit-learn release whose arithmetic changed)
 uses the estimator; the reason is logged at debug level. The probes cost a few milliseconds of the
-load (about 20 estimator calls).
+load (about 20 estimator calls), and a model with very many features or classes is probed on
+fewer rows (:data:`_PROBE_CELLS`), so that the probes never take much more memory than it does.
 
 Inputs it does not answer, left to the estimator so that the answer (or the error, word for word)
 is scikit-learn's: a float input with NaN or infinity (one ``np.isfinite(x).all()`` scan; the
@@ -71,6 +72,10 @@ def _kinds() -> dict[type, str]:
 _PROBE_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.float64, np.int64, np.int32, np.bool_))
 _FLOAT_ROWS = (1, 3, 64)  # row counts probed for the float dtypes (one row: what a request sends)
 _OTHER_ROWS = (5,)
+# At most this many numbers (inputs and outputs) per probe row count: a model of a million
+# features (coef_ 8 MB) would otherwise make 64-row probes of 512 MB each, dozens of times its own
+# size, at every load and outside the memory budget. Wider models are probed on fewer rows.
+_PROBE_CELLS = 1 << 20
 
 
 class LinearFastPath:
@@ -90,6 +95,11 @@ class LinearFastPath:
     @property
     def n_features(self) -> int:
         return int(self._coef.shape[-1])
+
+    @property
+    def n_outputs(self) -> int:
+        """Numbers in a row of the decision (classes or targets; 1 for a 1-D ``coef_``)."""
+        return int(self._coef.shape[0]) if self._coef.ndim == 2 else 1
 
     @property
     def has_proba(self) -> bool:
@@ -206,9 +216,11 @@ def _verify(fast: LinearFastPath, estimator: Any, model_id: str) -> tuple[list[n
     mismatch when it did not (then no dtype is kept: the arithmetic is not what we read)."""
     rng = np.random.default_rng(0)
     n_features = fast.n_features
+    width = n_features + fast.n_outputs
     passed: list[np.dtype] = []
     for dtype in _PROBE_DTYPES:
-        for rows in _FLOAT_ROWS if dtype.kind == "f" else _OTHER_ROWS:
+        counts = _FLOAT_ROWS if dtype.kind == "f" else _OTHER_ROWS
+        for rows in sorted({max(1, min(n, _PROBE_CELLS // width)) for n in counts}):
             x = _probe(rng, dtype, rows, n_features)
             try:
                 expected = [np.asarray(estimator.predict(x))]
