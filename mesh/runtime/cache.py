@@ -405,8 +405,9 @@ class ModelCache:
         if not admitted:
             entry.admitted = False
             self.refused += 1
-            # Into the pass-through room if it can ever fit there (_reserve_pooled decides at once).
-            entry.pooled = 0 < predicted <= budget.pool_capacity_bytes
+            # Into the pass-through room if it can ever fit there (_reserve_pooled decides at once);
+            # never a pinned model: the room drops its copies, the main room keeps pinned ones.
+            entry.pooled = 0 < predicted <= budget.pool_capacity_bytes and spec.min_copies <= 0
         self._notify(entry, LOADING)
 
     async def _load(self, entry: Entry) -> None:

@@ -352,6 +352,18 @@ async def test_refused_newcomers_take_turns_in_the_pass_through_room_and_evict_n
     assert (h.budget.used_bytes, h.budget.pool_used_bytes) == (300, 100)
 
 
+async def test_a_refused_pinned_model_goes_to_the_main_room_where_it_is_never_evicted() -> None:
+    h = churn_guarded(300, 100, "abcpx")
+    for m in "abc":
+        await h.get(m)
+    pinned = await h.cache.acquire(ModelSpec(model_id="p", type="fake", min_copies=1))
+    assert not pinned.admitted and not pinned.pooled
+    await h.get("x")  # a newcomer after it: the pinned model, first in the order, still stays
+    await asyncio.sleep(0.05)
+    assert h.cache.get("p") is not None and h.cache.get("x") is not None
+    assert h.max_used <= 300 and h.max_pool_used <= 100
+
+
 async def test_a_copy_in_the_pass_through_room_serves_hits_while_it_stays() -> None:
     h = churn_guarded(200, 100, "abx")
     for m in "abx":
