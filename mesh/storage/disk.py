@@ -173,6 +173,11 @@ class DiskCache:
             pinned = sum(e.size for e in self._entries.values() if e.pins)
             return max(0, self.max_bytes - pinned - self._reserved)
 
+    def reserved_bytes(self) -> int:
+        """Bytes reserved by pulls in progress."""
+        with self._lock:
+            return self._reserved
+
     def release(self, size: int) -> None:
         with self._lock:
             self._reserved = max(0, self._reserved - size)

@@ -67,6 +67,8 @@ log = structlog.get_logger(__name__)
 _CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a Kubernetes object name
 OBJECT_PARALLELISM = 4  # objects of one model downloaded at once
 MAX_REMEMBERED = 1000  # checksum results kept for loads still to ask (mismatches only, in practice)
+# How long the oldest of several downloads of unknown sizes waits for the others' room (_grow).
+UNSIZED_WAIT_S = 30.0
 PULL_THREADS = 8  # pulls at once (a runtime runs runtime.max_concurrent_loads loads at once: 2 by default)
 
 
@@ -102,6 +104,11 @@ class Puller:
         # Checksums compared while the model loads (providers.Check), by digest.
         self._verify_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pull-verify")
         self._verifications: dict[str, Future[None]] = {}
+        # Downloads of sizes their store did not give, in the order they started (_download_all):
+        # when they outgrow the bound together, the oldest waits for the others to give way.
+        self._unsized: list[int] = []
+        self._unsized_lock = threading.Lock()
+        self._unsized_seq = 0
 
     def start(self) -> None:
         self.disk.start()
@@ -340,9 +347,15 @@ class Puller:
                       checks: list[tuple[str, Check]], cancel: threading.Event) -> int:
         """Download every object into ``partial``; ``held[0]`` is what the disk cache has reserved
         for this pull, grown here as bytes the store gave no size for arrive (so that concurrent
-        pulls of unknown sizes share the one bound)."""
+        pulls of unknown sizes share the one bound). When such pulls together outgrow the bound,
+        each holding part of it, the younger ones fail (the disk cache is full) and the oldest waits
+        for their room instead of failing too: before, all of them could fail at once."""
         counted = [0]
         lock = threading.Lock()
+        with self._unsized_lock:
+            self._unsized_seq += 1
+            seq = self._unsized_seq
+            self._unsized.append(seq)
 
         def progress(n: int) -> None:
             with lock:
@@ -350,7 +363,7 @@ class Puller:
                 if counted[0] > held[0]:
                     step = min(8 * 1024 * 1024, max(1, self.disk.max_bytes // 16))  # in steps, not per chunk
                     grow = max(counted[0] - held[0], step)
-                    self.disk.reserve(grow, "a download of a size its store did not give")
+                    self._grow(grow, held[0], seq, cancel)
                     held[0] += grow
 
         def one(obj: StoredObject) -> None:
@@ -362,12 +375,34 @@ class Puller:
                 with lock:
                     checks.append((obj.relative, check))
 
-        if len(objects) == 1:
-            one(objects[0])
-        else:
-            for future in [self._pool.submit(one, obj) for obj in objects]:
-                future.result()
+        try:
+            if len(objects) == 1:
+                one(objects[0])
+            else:
+                for future in [self._pool.submit(one, obj) for obj in objects]:
+                    future.result()
+        finally:
+            with self._unsized_lock:
+                self._unsized.remove(seq)
         return counted[0]
+
+    def _grow(self, size: int, held: int, seq: int, cancel: threading.Event) -> None:
+        """Reserve ``size`` more bytes for the download ``seq`` (holding ``held``); see
+        ``_download_all``. The oldest download waits, polling, while other pulls hold reservations
+        (they end: done or failed), within UNSIZED_WAIT_S; anything else fails at once."""
+        what = "a download of a size its store did not give"
+        deadline = time.monotonic() + UNSIZED_WAIT_S
+        while True:
+            try:
+                self.disk.reserve(size, what)
+                return
+            except ModelLoadError:
+                with self._unsized_lock:
+                    oldest = bool(self._unsized) and self._unsized[0] == seq
+                others = self.disk.reserved_bytes() > held
+                if not (oldest and others) or cancel.is_set() or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
 
 class _NoKeys(StorageKeys):
