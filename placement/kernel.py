@@ -27,7 +27,8 @@ placement benchmark measures the rules that are deployed, not a copy of them.
 - **The pass-through room** (``pool_room``): where a refused model goes instead, when an instance
   holds part of its capacity back for them (``runtime.passthrough_bytes``): it is loaded there,
   evicting none of the admitted models, and serves until a later refused model needs that room; the
-  oldest-used of the room's copies not in use give way first.
+  room's least recently used copies give way first (the caller names those that may not: the
+  runtime keeps a copy whose waiters have not taken it yet).
 
 Why one function per decision rather than a ``Placement`` object with state: each caller keeps its
 state in its own shape (the router's view mirrors the registry, the runtime's cache owns model
@@ -213,7 +214,8 @@ def pool_room(order: Iterable[str], sizes: Mapping[str, int], size: int, *, used
               protected: Container[str] = ()) -> Room:
     """The copies of the pass-through room to drop so that a refused model of ``size`` bytes fits
     in it (``capacity`` bytes, ``used`` of them counted): the room's copies in ``order`` (least
-    recently used first), skipping ``protected`` ones (in use, loading), until enough is freed.
+    recently used first), skipping ``protected`` ones (the caller's: the runtime's copies whose
+    waiters have not taken them yet), until enough is freed.
     ``Room.enough`` False (and no victims: nothing is dropped for nothing): it does not fit even then,
     and the model goes to the main room instead (as the first to go: ``admission``)."""
     if size > capacity:
